@@ -1,0 +1,71 @@
+"""The networks the runtime calls, behind one small interface; `TorchNetworks` is the reference backend.
+
+Every call takes and returns float32 tensors on the runtime's device; a backend casts to its own precision
+inside. The UNet takes the CFG batch as given and returns eps.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from megafusion.export.dilation import set_mid_dilation
+from megafusion.export.loading import ModelBundle
+
+
+class Networks(Protocol):
+    """What the stage loop needs from a backend."""
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+             text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None, dilation: int) -> torch.Tensor:
+        """eps for `sample` (B, 4, h, w) at integer `timestep` (0-dim int64), mid-block dilation `dilation`."""
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] (roughly) from unscaled latents (B, 4, h, w)."""
+
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the posterior (unscaled) for images (B, 3, H, W)."""
+
+    def encode_text(self, index: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text encoder `index`: (hidden states the UNet reads, pooled projection or None)."""
+
+
+class TorchNetworks:
+    """The PyTorch modules themselves."""
+
+    def __init__(self, bundle: ModelBundle, vae_dtype: torch.dtype | None = None):
+        self.bundle = bundle
+        self.unet_dtype = bundle.unet.dtype
+        if vae_dtype is not None and vae_dtype != bundle.vae.dtype:
+            bundle.vae.to(dtype=vae_dtype)
+        self.vae_dtype = bundle.vae.dtype
+        self.text_dtype = bundle.text_encoders[0].dtype
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+        set_mid_dilation(self.bundle.unet, dilation)  # weights untouched; restored on the next call
+        added = None
+        if text_embeds is not None:
+            added = {"text_embeds": text_embeds.to(self.unet_dtype), "time_ids": time_ids.to(self.unet_dtype)}
+        out = self.bundle.unet(
+            sample.to(self.unet_dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.unet_dtype),
+            added_cond_kwargs=added, return_dict=False,
+        )[0]
+        return out.float()
+
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        return self.bundle.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0].float()
+
+    @torch.inference_mode()
+    def vae_encode(self, images):
+        return self.bundle.vae.encode(images.to(self.vae_dtype)).latent_dist.mean.float()
+
+    @torch.inference_mode()
+    def encode_text(self, index, input_ids):
+        enc = self.bundle.text_encoders[index]
+        if not self.bundle.family.is_xl:
+            return enc(input_ids)[0].float(), None  # SD1.5: last hidden state
+        out = enc(input_ids, output_hidden_states=True)
+        pooled = out[0].float() if out[0].ndim == 2 else None  # the projection model's text_embeds
+        return out.hidden_states[-2].float(), pooled  # SDXL: penultimate layer

@@ -1,0 +1,1 @@
+"""The MegaFusion runtime: schedule, stage loop, truncate and relay, `mf-generate`."""

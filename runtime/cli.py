@@ -1,0 +1,144 @@
+"""`mf-generate`: one MegaFusion image from the command line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mf-generate",
+        description="Generate one image with MegaFusion (truncate and relay, coarse to fine).",
+    )
+    p.add_argument("--model", default="tiny-sdxl", help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default tiny-sdxl)")
+    p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
+    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--size", help="output WIDTHxHEIGHT (default: the paper's plan, 2x native per side)")
+    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
+    p.add_argument("--steps", type=int, help="total steps of the default plan (default 50)")
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-dilation", action="store_true", help="no dilated mid block at the larger stages")
+    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--no-reschedule", action="store_true", help="no noise re-scheduling")
+    p.add_argument("--relay", choices=("pixel", "latent"), default="pixel")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--vae-dtype", choices=sorted(DTYPES),
+                   help="VAE precision (default: fp32 where the VAE overflows in fp16, else --dtype)")
+    p.add_argument("--output", default="megafusion.png", help="PNG file to write")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
+    return dev
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from megafusion.export.loading import load_model
+    from megafusion.export.models import get_family
+    from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
+
+    from .pipeline import GenerationOptions, MegaFusionPipeline
+
+    family = get_family(args.model)
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError(f"--steps {args.steps}: needs at least 1 step")
+    size = parse_size(args.size) if args.size else None
+    if args.stages:
+        if args.steps is not None:
+            raise UsageError("--steps and --stages exclude each other (give steps per stage in --stages)")
+        w, h = size if size else (None, None)
+        plan = validate_plan(family, parse_stages(args.stages), w, h)
+    else:
+        w, h = size if size else (None, None)
+        plan = default_plan(family, w, h, args.steps)
+    dilation = 1 if args.no_dilation else args.dilation
+    try:
+        opts = GenerationOptions(args.prompt, args.negative_prompt, args.guidance, args.seed,
+                                 not args.no_reschedule, dilation, args.relay)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.output)
+    if not out.parent.exists():
+        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+
+    device = _resolve_device(args.device)
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+    if args.vae_dtype:
+        vae_dtype = getattr(torch, DTYPES[args.vae_dtype])
+    else:
+        upcast = dtype == torch.float16 and bundle.vae.config.get("force_upcast", False)
+        vae_dtype = torch.float32 if upcast else dtype
+    from megafusion.engine.networks import TorchNetworks
+
+    pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle, vae_dtype), device)
+
+    print(f"model {family.name} ({bundle.source}) on {device}, {str(dtype).removeprefix('torch.')}, "
+          f"VAE {str(vae_dtype).removeprefix('torch.')}")
+    print(f"plan: {plan.describe()}")
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
+    try:
+        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for name, seconds in result.timings:
+        print(f"  {name:<40} {seconds * 1000:10.1f} ms")
+    print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
+    if result.peak_memory_bytes is not None:
+        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        result.to_pil().save(tmp, format="PNG")
+        os.replace(tmp, out)  # never leave a half-written PNG under the requested name
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megafusion.export.loading import WeightsError
+    from megafusion.export.models import UnknownModelError
+    from megafusion.export.plan import PlanError
+
+    try:
+        return run(args)
+    except (UsageError, PlanError, WeightsError, UnknownModelError) as e:
+        print(f"mf-generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

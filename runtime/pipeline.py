@@ -1,0 +1,173 @@
+"""The MegaFusion stage loop (SPEC sections 2 to 4), in the spec's notation.
+
+z is the latent, eps the guided noise prediction, x0 the predicted clean latent; a_t = sqrt(abar'_t),
+b_t = sqrt(1 - abar'_t), likewise a_s, b_s for the next timestep s. All coefficients are device tensors
+indexed by step, so the loop never waits on the host.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megafusion.engine.networks import Networks, TorchNetworks
+from megafusion.export.loading import ModelBundle
+from megafusion.export.plan import StagePlan
+
+from .conditioning import Conditioning, encode
+from .relay import RELAY_MODES, relay
+from .schedule import StageCoefficients, plan_schedule
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What one generation asks for, besides the stage plan."""
+
+    prompt: str
+    """Text prompt."""
+    negative_prompt: str = ""
+    """Negative prompt; empty gives zero embeddings on SDXL, the empty-string encoding on SD1.5."""
+    guidance: float = 7.0
+    """Classifier-free guidance weight w; CFG is off at w <= 1."""
+    seed: int = 0
+    """Seed of the one generator that draws every noise tensor."""
+    reschedule: bool = True
+    """Noise re-scheduling (SNR / gamma_k) at stages after the first."""
+    dilation: int = 2
+    """Mid-block dilation delta at stages after the first (1 turns dilation off)."""
+    relay: str = "pixel"
+    """`pixel` (VAE decode, bicubic, encode) or `latent` (bicubic on the latent)."""
+
+    def __post_init__(self):
+        if self.relay not in RELAY_MODES:
+            raise ValueError(f"unknown relay mode {self.relay!r}; choose one of {', '.join(RELAY_MODES)}")
+        if self.dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {self.dilation}")
+
+
+@dataclass
+class GenerationResult:
+    """The image and what it took."""
+
+    image: np.ndarray
+    """(H, W, 3) uint8 at exactly the plan's output size."""
+    plan: StagePlan
+    """The plan that ran."""
+    timings: list[tuple[str, float]] = field(default_factory=list)
+    """(segment, seconds): text encoding, each stage, each relay, decode."""
+    peak_memory_bytes: int | None = None
+    """Peak device memory allocated during the generation (CUDA only)."""
+    latent: torch.Tensor | None = None
+    """The final latent z (before decoding), float32."""
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.fromarray(self.image)
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+    """Noise as diffusers' `randn_tensor` draws it with a CPU generator: on the CPU in `dtype`, then moved."""
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device).float()
+
+
+def guided_eps(nets: Networks, z: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+               time_ids: torch.Tensor | None, dilation: int, w: float) -> torch.Tensor:
+    """eps = eps_u + w (eps_c - eps_u) over the batch [uncond, cond]."""
+    sample = torch.cat([z, z]) if cond.cfg else z
+    eps = nets.unet(sample, t, cond.hidden_states, cond.pooled, time_ids, dilation)
+    if not cond.cfg:
+        return eps
+    eps_u, eps_c = eps.chunk(2)
+    return eps_u + w * (eps_c - eps_u)
+
+
+def ddim_x0(z: torch.Tensor, eps: torch.Tensor, c: StageCoefficients, i: int) -> torch.Tensor:
+    """x0 = (z - sqrt(1 - abar'_t) eps) / sqrt(abar'_t)  (paper Eq. 2 when used for truncation)."""
+    return (z - c.sqrt_one_minus_abar_t[i] * eps) / c.sqrt_abar_t[i]
+
+
+def ddim_update(x0: torch.Tensor, eps: torch.Tensor, c: StageCoefficients, i: int) -> torch.Tensor:
+    """z = sqrt(abar'_s) x0 + sqrt(1 - abar'_s) eps  (DDIM, eta = 0)."""
+    return c.sqrt_abar_s[i] * x0 + c.sqrt_one_minus_abar_s[i] * eps
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] image (1, 3, H, W) -> (H, W, 3) uint8, rounded as diffusers' image processor rounds."""
+    return ((image[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+class MegaFusionPipeline:
+    """Runs a stage plan on a model's networks (the torch modules unless another backend is given)."""
+
+    def __init__(self, bundle: ModelBundle, networks: Networks | None = None, device=None):
+        self.bundle = bundle
+        self.family = bundle.family
+        self.nets = networks if networks is not None else TorchNetworks(bundle)
+        self.device = torch.device(device) if device is not None else bundle.unet.device
+        self.noise_dtype = bundle.unet.dtype  # diffusers draws latents in the UNet's dtype
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def generate(self, plan: StagePlan, opts: GenerationOptions,
+                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        dev, fam = self.device, self.family
+        scaling = float(self.bundle.vae.config.scaling_factor)
+        vs = fam.vae_scale
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        timings: list[tuple[str, float]] = []
+        t0 = time.perf_counter()
+
+        def mark(name: str):
+            nonlocal t0
+            self._sync()
+            now = time.perf_counter()
+            timings.append((name, now - t0))
+            t0 = now
+
+        cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
+        schedules = plan_schedule(plan, fam.scheduler, opts.reschedule)
+        generator = torch.Generator("cpu").manual_seed(opts.seed)
+        mark("text encoders")
+
+        z = x0 = None
+        last_k = len(plan.stages) - 1
+        for k, stage in enumerate(plan.stages):
+            c = schedules[k].coefficients(dev)
+            h, w = stage.height // vs, stage.width // vs
+            if k == 0:
+                z = draw_noise((1, 4, h, w), generator, self.noise_dtype, dev)
+            else:
+                # Relay the truncated x0 to this stage's size, then re-noise it to this stage's first
+                # timestep t' with this stage's (re-scheduled) schedule.
+                x0_up = relay(self.nets, x0, stage.height, stage.width, scaling, vs, opts.relay)
+                noise = draw_noise((1, 4, h, w), generator, self.noise_dtype, dev)
+                z = c.sqrt_abar_t[0] * x0_up + c.sqrt_one_minus_abar_t[0] * noise
+                mark(f"relay {k}->{k + 1}")
+            delta = 1 if k == 0 else opts.dilation  # no dilation at the native size
+            time_ids = cond.time_ids(stage.height, stage.width)
+            for i in range(stage.steps):
+                eps = guided_eps(self.nets, z, c.timesteps[i], cond, time_ids, delta, opts.guidance)
+                x0 = ddim_x0(z, eps, c, i)
+                if on_step is not None:
+                    on_step(k, i)
+                if k < last_k and i == stage.steps - 1:
+                    break  # truncate: x0 from the pre-update latent; this step's update is not needed
+                z = ddim_update(x0, eps, c, i)
+            mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
+
+        image = self.nets.vae_decode(z / scaling)
+        pixels = to_uint8(image)
+        top = (pixels.shape[0] - plan.output_height) // 2
+        left = (pixels.shape[1] - plan.output_width) // 2
+        pixels = pixels[top:top + plan.output_height, left:left + plan.output_width]
+        out = pixels.cpu().numpy()
+        mark("decode")
+        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z)
