@@ -95,8 +95,8 @@ _COMPONENTS_SD15 = ("unet", "vae", "text_encoder", "tokenizer")
 _COMPONENTS_SDXL = _COMPONENTS_SD15 + ("text_encoder_2", "tokenizer_2")
 
 
-def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> bool:
-    """Validates a diffusers folder; returns whether it holds safetensors weights."""
+def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> None:
+    """Validates a diffusers folder; refuses pickle-only components unless allowed."""
     index = root / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{root} is not a diffusers model folder: {index} is missing")
@@ -129,7 +129,6 @@ def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> bool:
             f"{root} holds pickle checkpoints without safetensors; pickle files can run code when loaded. "
             "Convert them to safetensors, or pass --allow-pickle if you trust the source"
         )
-    return not has_pickle
 
 
 def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=torch.float32,
@@ -140,16 +139,17 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
 
     root = Path(path_or_id).expanduser()
     if root.exists():
-        use_st = _check_folder(family, root, allow_pickle)
+        _check_folder(family, root, allow_pickle)
         src: str = str(root)
     elif _HUB_ID_RE.match(path_or_id) and not path_or_id.startswith((".", "/")):
-        use_st, src = True, path_or_id
+        src = path_or_id
     else:
         raise WeightsError(
             f"model path {path_or_id!r} does not exist; pass --model-path DIR (a local diffusers folder) "
             "or --random-weights"
         )
-    kw: dict[str, Any] = {"use_safetensors": use_st}
+    # Safetensors only, unless pickle is allowed: then each component takes whichever it has.
+    kw: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
