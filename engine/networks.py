@@ -40,6 +40,16 @@ class TorchNetworks:
             bundle.vae.to(dtype=vae_dtype)
         self.vae_dtype = bundle.vae.dtype
         self.text_dtype = bundle.text_encoders[0].dtype
+        # The callables a faster subclass may replace (compiled versions of the same modules).
+        self.unet_fn = bundle.unet
+        self.decode_fn = self._decode
+        self.encode_fn = self._encode
+
+    def _decode(self, latents):
+        return self.bundle.vae.decode(latents, return_dict=False)[0]
+
+    def _encode(self, images):
+        return self.bundle.vae.encode(images).latent_dist.mean
 
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
@@ -47,7 +57,7 @@ class TorchNetworks:
         added = None
         if text_embeds is not None:
             added = {"text_embeds": text_embeds.to(self.unet_dtype), "time_ids": time_ids.to(self.unet_dtype)}
-        out = self.bundle.unet(
+        out = self.unet_fn(
             sample.to(self.unet_dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.unet_dtype),
             added_cond_kwargs=added, return_dict=False,
         )[0]
@@ -55,11 +65,11 @@ class TorchNetworks:
 
     @torch.inference_mode()
     def vae_decode(self, latents):
-        return self.bundle.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0].float()
+        return self.decode_fn(latents.to(self.vae_dtype)).float()
 
     @torch.inference_mode()
     def vae_encode(self, images):
-        return self.bundle.vae.encode(images.to(self.vae_dtype)).latent_dist.mean.float()
+        return self.encode_fn(images.to(self.vae_dtype)).float()
 
     @torch.inference_mode()
     def encode_text(self, index, input_ids):

@@ -18,6 +18,7 @@ from megafusion.export.loading import ModelBundle
 from megafusion.export.plan import StagePlan
 
 from .conditioning import Conditioning, encode
+from .graphs import GraphedDenoiser
 from .relay import RELAY_MODES, relay
 from .schedule import StageCoefficients, plan_schedule
 
@@ -103,12 +104,22 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 class MegaFusionPipeline:
     """Runs a stage plan on a model's networks (the torch modules unless another backend is given)."""
 
-    def __init__(self, bundle: ModelBundle, networks: Networks | None = None, device=None):
+    def __init__(self, bundle: ModelBundle, networks: Networks | None = None, device=None,
+                 graphs: GraphedDenoiser | None = None):
         self.bundle = bundle
         self.family = bundle.family
         self.nets = networks if networks is not None else TorchNetworks(bundle)
         self.device = torch.device(device) if device is not None else bundle.unet.device
         self.noise_dtype = bundle.unet.dtype  # diffusers draws latents in the UNet's dtype
+        self.graphs = graphs
+        """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
+
+    @classmethod
+    def fast(cls, bundle: ModelBundle, networks: Networks | None = None, device=None) -> MegaFusionPipeline:
+        """The low-latency path: CUDA-graphed stages on CUDA, the same buffered step eagerly elsewhere."""
+        nets = networks if networks is not None else TorchNetworks(bundle)
+        dev = torch.device(device) if device is not None else bundle.unet.device
+        return cls(bundle, nets, dev, GraphedDenoiser(nets, dev, capture=dev.type == "cuda"))
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -152,6 +163,13 @@ class MegaFusionPipeline:
                 mark(f"relay {k}->{k + 1}")
             delta = 1 if k == 0 else opts.dilation  # no dilation at the native size
             time_ids = cond.time_ids(stage.height, stage.width)
+            if self.graphs is not None:
+                # Same step, replayed; on a non-final stage the x0 of the last step is the truncation x0.
+                z, x0 = self.graphs.run_stage(z, c, cond, time_ids, delta, opts.guidance, stage.steps)
+                for i in range(stage.steps if on_step is not None else 0):
+                    on_step(k, i)
+                mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
+                continue
             for i in range(stage.steps):
                 eps = guided_eps(self.nets, z, c.timesteps[i], cond, time_ids, delta, opts.guidance)
                 x0 = ddim_x0(z, eps, c, i)
