@@ -7,6 +7,7 @@ Buffers live in `StepBuffers`, allocated once per key outside the graph wrapper;
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -106,9 +107,15 @@ class GraphedDenoiser:
     """Graphs captured so far."""
     replays: int = 0
     """Graph replays so far."""
+    enqueue_seconds: float = 0.0
+    """Host time spent issuing replays (the graphed loop's host overhead; the GPU runs behind it)."""
     graphs: dict[GraphKey, torch.cuda.CUDAGraph] = field(default_factory=dict)
     buffers: dict[GraphKey, StepBuffers] = field(default_factory=dict)
     pool: object = None
+
+    @property
+    def enqueue_seconds_per_step(self) -> float:
+        return self.enqueue_seconds / max(1, self.replays)
 
     def _capture(self, key: GraphKey, b: StepBuffers) -> torch.cuda.CUDAGraph:
         cfg = key.batch == 2
@@ -144,8 +151,10 @@ class GraphedDenoiser:
         if graph is None:
             graph = self.graphs[key] = self._capture(key, b)
             self._load(b, z, c, cond, time_ids, guidance, steps)  # warm-up moved z and the counter
+        t0 = time.perf_counter()
         for _ in range(steps):
             graph.replay()
+        self.enqueue_seconds += time.perf_counter() - t0
         self.replays += steps
         return b.z.clone(), b.x0.clone()
 
