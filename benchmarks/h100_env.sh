@@ -1,0 +1,8 @@
+# Source on the lent H100 from the repository root: installs the carried wheels (.whl) and this tree
+# into /tmp/site without touching the machine's torch, then points PYTHONPATH there.
+set -e
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARNING || true
+rm -rf build
+export PYTHONPATH=/tmp/site TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
+set +e
