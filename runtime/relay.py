@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megafusion.engine.networks import Networks
+from megafusion.runtime.fused_relay import relay_resize
 
 RELAY_MODES = ("pixel", "latent")
 
@@ -28,7 +29,9 @@ def relay(nets: Networks, x0: torch.Tensor, height: int, width: int, scaling: fl
     """x0 latent of stage k -> x0 latent at stage k+1's pixel size (height, width)."""
     if mode == "pixel":
         image = nets.vae_decode(x0 / scaling)
-        return nets.vae_encode(resize_clamped(image, height, width)) * scaling
+        # Fused clamp/resize/clamp/cast on CUDA (torch's resize_clamped elsewhere), straight to the encoder's dtype.
+        encoder_dtype = getattr(nets, "vae_dtype", image.dtype)
+        return nets.vae_encode(relay_resize(image, height, width, encoder_dtype)) * scaling
     if mode == "latent":
         return bicubic_resize(x0, height // vae_scale, width // vae_scale)
     raise ValueError(f"unknown relay mode {mode!r}; choose one of {', '.join(RELAY_MODES)}")
