@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE precision (default: fp32 where the VAE overflows in fp16, else --dtype)")
     p.add_argument("--output", default="megafusion.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--engines", help="run from the engines mf-build-engines built in this folder")
     return p
 
 
@@ -89,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
-    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+    if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle)
+    else:
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
     if args.vae_dtype:
         vae_dtype = getattr(torch, DTYPES[args.vae_dtype])
     else:
@@ -97,7 +101,18 @@ def run(args: argparse.Namespace) -> int:
         vae_dtype = torch.float32 if upcast else dtype
     from megafusion.engine.networks import TorchNetworks
 
-    pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle, vae_dtype), device)
+    if args.engines:
+        from megafusion.engine.cache import EngineError
+        from megafusion.engine.load import open_engines
+
+        try:
+            nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
+        print(f"engines: {desc}")
+        pipe = MegaFusionPipeline(bundle, nets, device)
+    else:
+        pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle, vae_dtype), device)
 
     print(f"model {family.name} ({bundle.source}) on {device}, {str(dtype).removeprefix('torch.')}, "
           f"VAE {str(vae_dtype).removeprefix('torch.')}")

@@ -1,0 +1,130 @@
+"""Build what a stage plan needs into an engine cache: export each network once, build it for a backend,
+commit it atomically. Entries already built and valid are skipped; invalid ones are rebuilt.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megafusion.export.loading import ModelBundle
+from megafusion.export.onnx_export import export_onnx, source_module
+from megafusion.export.plan import StagePlan
+from megafusion.export.specs import PRECISIONS, Requirement, plan_requirements, profile_sizes
+
+from . import onnxruntime_backend, tensorrt_backend
+from .cache import EngineCache, EngineKey, Entry, weights_fingerprint
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+def backend_version(backend: str) -> str:
+    if backend == "onnxruntime":
+        return onnxruntime_backend.version()
+    if backend == "tensorrt":
+        return tensorrt_backend.version()
+    if backend == "torch":
+        return torch.__version__
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def device_name(device: torch.device | str) -> str:
+    """What the cache key records: 'cpu' or the GPU's marketing name."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What `mf-build-engines` asks for."""
+
+    plan: StagePlan
+    """The stage plan whose shapes the engines must serve."""
+    backend: str
+    """`onnxruntime`, `tensorrt` or `torch`."""
+    precision: str
+    """`fp32` or `fp16` for the UNet and text encoders."""
+    output: Path
+    """The engine folder (created if missing)."""
+    vae_precision: str | None = None
+    """VAE precision; None picks fp32 where the VAE overflows in fp16."""
+    dilation: int = 2
+    """Mid-block dilation of stages after the first; 1 builds no dilated UNet."""
+    device: str = "cpu"
+    """Device the engines are for (and exported on)."""
+    force: bool = False
+    """Rebuild even entries that are present and valid."""
+
+
+@dataclass
+class BuildReport:
+    """What a build did, entry by entry."""
+
+    built: list[tuple[Entry, float]] = field(default_factory=list)
+    """Entries built, with seconds taken (export plus backend build)."""
+    skipped: list[Entry] = field(default_factory=list)
+    """Entries already present and valid."""
+
+
+def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
+               fingerprint: str) -> EngineKey:
+    s = r.spec
+    return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision,
+                     r.profiles, backend, version, device)
+
+
+def build_engines(bundle: ModelBundle, req: BuildRequest,
+                  log: Callable[[str], None] = lambda msg: None) -> BuildReport:
+    """Exports and builds every network `req.plan` runs; returns what was built and what was skipped."""
+    if req.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {req.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if req.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {req.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    cache = EngineCache(req.output)
+    cache.entries()  # a corrupt manifest stops the build before any work
+    cache.remove_stale_staging()
+    version, device = backend_version(req.backend), device_name(req.device)
+    reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation, req.vae_precision)
+    report, fingerprints = BuildReport(), {}
+    for n, r in enumerate(reqs, 1):
+        module = source_module(bundle, r.spec)
+        if id(module) not in fingerprints:
+            fingerprints[id(module)] = weights_fingerprint(module)
+        key = engine_key(bundle, r, req.backend, version, device, fingerprints[id(module)])
+        sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
+        tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
+        entry = None if req.force else cache.lookup(key)
+        if entry is not None:
+            report.skipped.append(entry)
+            log(f"{tag}: up to date, skipped")
+            continue
+        log(f"{tag}: building for {req.backend} {version} on {device} ...")
+        t0 = time.perf_counter()
+        with cache.staging(key) as tmp:
+            _build_into(tmp, bundle, r, req, log)
+            entry = cache.commit(key, tmp)
+        seconds = time.perf_counter() - t0
+        report.built.append((entry, seconds))
+        size = sum(f.size for f in entry.files)
+        log(f"{tag}: done in {seconds:.1f} s, {size / 2**20:.1f} MiB")
+    return report
+
+
+def _build_into(tmp: Path, bundle: ModelBundle, r: Requirement, req: BuildRequest,
+                log: Callable[[str], None]) -> None:
+    if req.backend == "torch":
+        return  # the reference backend runs the modules; the entry records weights and coverage only
+    onnx_path = tmp / "model.onnx"
+    res = export_onnx(bundle, r.spec, onnx_path, device=req.device)
+    log(f"    exported ONNX in {res.seconds:.1f} s, {res.bytes / 2**20:.1f} MiB")
+    if req.backend == "onnxruntime":
+        onnxruntime_backend.OrtRunner(onnx_path, r.spec, bundle.family.vae_scale)  # loads: a usable model
+        return
+    timing_cache = Path(req.output) / f"timing-{device_name(req.device).replace(' ', '_')}.cache"
+    plan = tensorrt_backend.build_engine(onnx_path, r.spec, r.profiles, r.spec.precision == "fp16", timing_cache)
+    (tmp / "engine.plan").write_bytes(plan)
+    for f in res.files:  # the engine is self-contained; the ONNX (GBs for SDXL) is not kept
+        f.unlink()

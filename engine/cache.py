@@ -1,0 +1,283 @@
+"""Content-addressed engine cache: a folder of engine entries plus `manifest.json`.
+
+An entry's key is a sha256 over everything that makes an engine valid for a run: model id and weights
+fingerprint, network, variant (and its dilation), precision, shape profiles, backend and its version, and
+the device ('cpu' or the GPU's name). Every write is atomic: files are staged in a temp folder inside the
+cache, fsynced, moved into place with os.replace, and only then listed in the manifest (itself replaced
+atomically). A build killed at any point leaves at most an unlisted folder, which nothing accepts.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megafusion.export.specs import ShapeProfile
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+"""Manifest format version; another version is refused rather than guessed at."""
+_STAGING_PREFIX = ".staging-"
+
+
+class EngineError(RuntimeError):
+    """Engines cannot be used as asked; the message names the file or value and what to do."""
+
+
+class CorruptManifestError(EngineError):
+    """The manifest is not valid JSON of the expected form (truncated, edited, another version)."""
+
+
+class CorruptEngineError(EngineError):
+    """An engine file is missing, or its size or sha256 differs from the manifest's record."""
+
+
+class StaleEngineError(EngineError):
+    """An entry exists but was built for other weights, another backend version or another device."""
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine's validity depends on; its sha256 is the entry's address."""
+
+    model: str
+    """Model family name (`sdxl`, `tiny-sd15`, ...)."""
+    weights: str
+    """sha256 fingerprint of the network's weights (see `weights_fingerprint`)."""
+    network: str
+    """`unet`, `vae_encoder`, `vae_decoder`, `text_encoder`, `text_encoder_2`."""
+    variant: str
+    """`standard` or `dilated`."""
+    dilation: int
+    """Mid-block dilation baked in (1 unless dilated)."""
+    precision: str
+    """`fp32` or `fp16`."""
+    profiles: tuple[ShapeProfile, ...]
+    """Shape profiles the engine serves, one per plan stage that runs it."""
+    backend: str
+    """`onnxruntime`, `tensorrt` or `torch`."""
+    backend_version: str
+    """Version of the backend library that built it."""
+    device: str
+    """'cpu' or the GPU's name: TensorRT engines only run on the GPU they were built for."""
+
+    def to_json(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["profiles"] = [p.to_json() for p in self.profiles]
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "EngineKey":
+        fields = dict(d)
+        fields["profiles"] = tuple(ShapeProfile.from_json(p) for p in d["profiles"])
+        fields["dilation"] = int(d["dilation"])
+        return EngineKey(**fields)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def describe(self) -> str:
+        mid = f" ({self.variant})" if self.network == "unet" else ""
+        return f"{self.network}{mid} {self.precision} {self.backend}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of an entry, as verified on load."""
+
+    path: str
+    """Relative to the cache folder."""
+    sha256: str
+    """Hex digest of the whole file."""
+    size: int
+    """Bytes."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One built engine as the manifest lists it."""
+
+    digest: str
+    """sha256 of the key: the entry's address."""
+    key: EngineKey
+    """What it was built for."""
+    files: tuple[FileRecord, ...]
+    """Its files, model first (empty for the torch backend, which runs the modules themselves)."""
+    created: float
+    """Unix time the entry was committed."""
+
+    def to_json(self) -> dict:
+        return {"digest": self.digest, "key": self.key.to_json(), "created": self.created,
+                "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files]}
+
+    @staticmethod
+    def from_json(d: dict) -> "Entry":
+        files = tuple(FileRecord(str(f["path"]), str(f["sha256"]), int(f["size"])) for f in d["files"])
+        return Entry(str(d["digest"]), EngineKey.from_json(d["key"]), files, float(d["created"]))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), independent of the device."""
+    h = hashlib.sha256()
+    for name, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+class EngineCache:
+    """The engine folder: read the manifest, verify entries, stage and commit new ones."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.manifest_path = self.root / MANIFEST
+
+    def entries(self) -> dict[str, Entry]:
+        """The manifest's entries by digest ({} when there is no manifest yet)."""
+        if not self.manifest_path.exists():
+            return {}
+        p = self.manifest_path
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptManifestError(
+                f"engine manifest {p} is corrupt or truncated ({e}); delete it and rebuild with "
+                "mf-build-engines") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CorruptManifestError(f"engine manifest {p} is not a format-{FORMAT} megafusion manifest")
+        try:
+            out = {d["digest"]: Entry.from_json(d) for d in data["entries"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptManifestError(f"engine manifest {p} has a malformed entry ({e!r})") from None
+        for digest, e in out.items():
+            if e.key.digest() != digest:  # an edited key would otherwise pass for another build
+                raise CorruptManifestError(f"engine manifest {p}: entry {digest[:16]} does not match its key")
+        return out
+
+    def verify(self, entry: Entry) -> None:
+        """Raises CorruptEngineError naming the first file that is missing or differs from its record."""
+        for rec in entry.files:
+            p = self.root / rec.path
+            if not p.is_file():
+                raise CorruptEngineError(f"engine file {p} is missing ({entry.key.describe()})")
+            size = p.stat().st_size
+            if size != rec.size:
+                raise CorruptEngineError(
+                    f"engine file {p} is {size} bytes, the manifest says {rec.size} (truncated or replaced)")
+            if sha256_file(p) != rec.sha256:
+                raise CorruptEngineError(f"engine file {p} does not match its sha256 in {self.manifest_path}")
+
+    def lookup(self, key: EngineKey) -> Entry | None:
+        """The verified entry for exactly this key; None if absent or invalid (build then rebuilds it)."""
+        entry = self.entries().get(key.digest())
+        if entry is None:
+            return None
+        try:
+            self.verify(entry)
+        except CorruptEngineError:
+            return None
+        return entry
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Several builders may share one folder: serialise manifest read-modify-write.
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write_manifest(self, entries: dict[str, Entry]) -> None:
+        data = {"format": FORMAT, "entries": [entries[d].to_json() for d in sorted(entries)]}
+        tmp = self.root / f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.manifest_path)
+            _fsync_dir(self.root)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def staging(self, key: EngineKey) -> Iterator[Path]:
+        """A fresh temp folder inside the cache to build into; removed if the block raises."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{_STAGING_PREFIX}{key.digest()[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after commit it has been moved away already
+
+    def entry_dir(self, key: EngineKey) -> Path:
+        return self.root / f"{key.network}-{key.variant}-{key.precision}-{key.backend}-{key.digest()[:16]}"
+
+    def commit(self, key: EngineKey, staged: Path) -> Entry:
+        """Moves a fully written staging folder into place and lists it; returns the new entry."""
+        digest, final = key.digest(), self.entry_dir(key)
+        _fsync_tree(staged)
+        records = tuple(
+            FileRecord(f"{final.name}/{p.relative_to(staged).as_posix()}", sha256_file(p), p.stat().st_size)
+            for p in sorted(staged.rglob("*")) if p.is_file())
+        with self._locked():
+            entries = self.entries()
+            if entries.pop(digest, None) is not None:
+                self._write_manifest(entries)  # unlist the invalid entry before its folder changes
+            if final.exists():
+                trash = self.root / f"{_STAGING_PREFIX}trash-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(staged, final)
+            _fsync_dir(self.root)
+            entry = Entry(digest, key, records, time.time())
+            entries[digest] = entry
+            self._write_manifest(entries)
+        return entry
+
+    def remove_stale_staging(self, older_than_s: float = 3600.0) -> int:
+        """Deletes staging folders left by killed builds (old enough not to be another live build's)."""
+        n = 0
+        for p in self.root.glob(f"{_STAGING_PREFIX}*"):
+            if p.is_dir() and time.time() - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+        return n

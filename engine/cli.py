@@ -1,0 +1,117 @@
+"""`mf-build-engines`: export and build the engines a MegaFusion stage plan needs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mf-build-engines",
+        description="Export a model's networks to ONNX and build engines for every shape of a stage plan.",
+    )
+    p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-path", help="a local diffusers folder")
+    src.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    p.add_argument("--size", help="output WIDTHxHEIGHT of the default plan (default: 2x native per side)")
+    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="onnxruntime")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--vae-precision", choices=("fp32", "fp16"),
+                   help="default: fp32 where the VAE overflows in fp16 (SDXL), else --precision")
+    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--no-dilation", action="store_true", help="build no dilated UNet")
+    p.add_argument("--device", default="auto", help="cpu or cuda[:N]: what the engines are for (default: cuda if present)")
+    p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
+    p.add_argument("--output", required=True, help="engine folder (created if missing)")
+    return p
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return str(dev)
+
+
+def _check_backend(backend: str, device: str) -> None:
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise UsageError("--backend tensorrt: the tensorrt package is not installed "
+                             "(pip install 'megafusion[tensorrt]' on a CUDA machine)") from None
+        if not device.startswith("cuda"):
+            raise UsageError("--backend tensorrt needs a CUDA device")
+    if backend == "onnxruntime" and device.startswith("cuda"):
+        from .onnxruntime_backend import cuda_available
+
+        if not cuda_available():
+            raise UsageError("--device cuda with --backend onnxruntime needs onnxruntime-gpu; "
+                             "pass --device cpu or install onnxruntime-gpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megafusion.export.loading import load_model
+    from megafusion.export.models import get_family
+    from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
+
+    from .build import BuildRequest, build_engines
+
+    family = get_family(args.model)
+    if args.dilation < 1:
+        raise UsageError(f"--dilation {args.dilation}: must be at least 1")
+    w, h = parse_size(args.size) if args.size else (None, None)
+    plan = validate_plan(family, parse_stages(args.stages), w, h) if args.stages else default_plan(family, w, h)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {str(out)!r} exists and is not a folder")
+    device = _device(args.device)
+    _check_backend(args.backend, device)
+    print(f"plan: {plan.describe()}")
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
+    req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
+                       1 if args.no_dilation else args.dilation, device, args.force)
+    report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
+    print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megafusion.export.loading import WeightsError
+    from megafusion.export.models import UnknownModelError
+    from megafusion.export.onnx_export import ExportError
+    from megafusion.export.plan import PlanError
+
+    from .cache import EngineError
+
+    try:
+        return run(args)
+    except (UsageError, PlanError, WeightsError, UnknownModelError) as e:
+        print(f"mf-build-engines: error: {e}", file=sys.stderr)
+        return 2
+    except (EngineError, ExportError) as e:
+        print(f"mf-build-engines: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""One interface over built engines: a `Runner` takes and returns named tensors; `EngineNetworks` turns a
+set of runners into the `Networks` the stage loop calls.
+
+Runners receive tensors already in their spec's dtypes, on their device; they allocate outputs from the
+spec (the same spec export read), so buffer shapes never drift from the exported graph.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from megafusion.export.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec, text_encoder_name
+
+
+class Runner(Protocol):
+    """A built network: named inputs in, named outputs out."""
+
+    spec: NetworkSpec
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs by name, in the spec's dtypes, on the runner's device."""
+
+
+def infer_axes(spec: NetworkSpec, inputs: dict[str, torch.Tensor], vae_scale: int) -> dict[str, int]:
+    """Values of the dynamic axes, read off the inputs (pixel axes derived from latent ones and back)."""
+    axes: dict[str, int] = {}
+    for t in spec.inputs:
+        shape = tuple(inputs[t.name].shape)
+        if len(shape) != len(t.shape):
+            raise ValueError(f"{spec.name}: input {t.name} has shape {shape}, expected rank {len(t.shape)}")
+        for d, n in zip(t.shape, shape):
+            if isinstance(d, str):
+                if axes.setdefault(d, n) != n:
+                    raise ValueError(f"{spec.name}: axis {d} is {axes[d]} and {n} in one call")
+            elif d != n:
+                raise ValueError(f"{spec.name}: input {t.name} has shape {shape}, expected {t.shape}")
+    for lat, img in (("height", "image_height"), ("width", "image_width")):
+        if lat in axes:
+            axes.setdefault(img, axes[lat] * vae_scale)
+        elif img in axes:
+            axes[lat] = axes[img] // vae_scale
+    return axes
+
+
+class EngineNetworks:
+    """`Networks` over runners keyed by (network name, dilation); float32 in and out, as the protocol says."""
+
+    def __init__(self, runners: dict[tuple[str, int], Runner], device: torch.device):
+        self.runners = runners
+        self.device = torch.device(device)
+
+    def _call(self, network: str, dilation: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        runner = self.runners.get((network, dilation))
+        if runner is None:
+            built = sorted(f"{n} (dilation {d})" for n, d in self.runners)
+            raise KeyError(f"no engine for {network} at dilation {dilation}; built: {', '.join(built)}")
+        feeds = {t.name: inputs[t.name].to(self.device, t.torch_dtype).contiguous() for t in runner.spec.inputs}
+        return runner.run(feeds)
+
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+        extra = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        out = self._call(UNET, dilation, sample=sample, timestep=timestep.reshape(1).float(),
+                         encoder_hidden_states=encoder_hidden_states, **extra)
+        return out["eps"].float()
+
+    def vae_decode(self, latents):
+        return self._call(VAE_DECODER, 1, latent=latents)["image"].float()
+
+    def vae_encode(self, images):
+        return self._call(VAE_ENCODER, 1, image=images)["latent"].float()
+
+    def encode_text(self, index, input_ids):
+        out = self._call(text_encoder_name(index), 1, input_ids=input_ids)
+        pooled = out.get("pooled")
+        return out["hidden_states"].float(), None if pooled is None else pooled.float()

@@ -1,0 +1,212 @@
+"""ONNX export of one network spec: flat-tensor wrapper modules, dynamic axes, graph clean-up, fp16.
+
+The TorchScript exporter (`dynamo=False`) traces the wrapper once at a sample shape; batch and spatial
+axes stay symbolic. The dilated UNet is the same weights with the mid-block dilation set during export.
+Clean-up: torch's constant folding, onnxscript's constant folding and dead-node removal, ONNX shape
+inference. Models over 2 GB (the protobuf limit) keep their weights in one external `.data` file.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dilation import mid_dilation
+from .loading import ModelBundle
+from .specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
+
+PROTOBUF_LIMIT = 2 * 1024**3
+"""Serialized ONNX models must stay under this; larger weights go to external data."""
+
+OPSET = 17
+"""ONNX opset: LayerNormalization is native from 17; TensorRT 10 and ORT 1.20+ read it."""
+
+
+class ExportError(RuntimeError):
+    """An export failed; the message names the network."""
+
+
+class UNetWrapper(torch.nn.Module):
+    """eps from flat tensors; SDXL's added conditioning as two more inputs."""
+
+    def __init__(self, unet: torch.nn.Module, xl: bool):
+        super().__init__()
+        self.unet, self.xl = unet, xl
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.xl else None
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs=added, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(torch.nn.Module):
+    """Posterior mean (unscaled latent) of an image in [-1, 1]."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean
+
+
+class VaeDecoderWrapper(torch.nn.Module):
+    """Image from an unscaled latent."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class TextEncoderWrapper(torch.nn.Module):
+    """Hidden states the UNet reads (last layer for SD1.5, penultimate for SDXL), plus pooled if projected."""
+
+    def __init__(self, encoder: torch.nn.Module, xl: bool, pooled: bool):
+        super().__init__()
+        self.encoder, self.xl, self.pooled = encoder, xl, pooled
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids.long(), output_hidden_states=self.xl)
+        hidden = out.hidden_states[-2] if self.xl else out[0]
+        return (hidden, out[0]) if self.pooled else hidden
+
+
+def source_module(bundle: ModelBundle, spec: NetworkSpec) -> torch.nn.Module:
+    """The bundle's module that `spec` exports (the whole VAE for either half)."""
+    if spec.network == UNET:
+        return bundle.unet
+    if spec.network in (VAE_ENCODER, VAE_DECODER):
+        return bundle.vae
+    index = 0 if spec.network == "text_encoder" else int(spec.network.rsplit("_", 1)[1]) - 1
+    return bundle.text_encoders[index]
+
+
+def wrap(module: torch.nn.Module, spec: NetworkSpec, xl: bool) -> torch.nn.Module:
+    if spec.network == UNET:
+        return UNetWrapper(module, xl)
+    if spec.network == VAE_ENCODER:
+        return VaeEncoderWrapper(module)
+    if spec.network == VAE_DECODER:
+        return VaeDecoderWrapper(module)
+    return TextEncoderWrapper(module, xl, len(spec.outputs) == 2)
+
+
+def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy in `dtype` that never holds a second full-precision copy (peak: original + cast weights)."""
+    memo: dict[int, object] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        cast = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+        memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cast
+    return copy.deepcopy(module, memo)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export wrote."""
+
+    files: tuple[Path, ...]
+    """The model file first, then its external data file if any."""
+    seconds: float
+    """Wall time of trace, clean-up and save."""
+    bytes: int
+    """Total size of the files."""
+
+
+def export_onnx(bundle: ModelBundle, spec: NetworkSpec, path: str | os.PathLike, *, device: str = "cpu",
+                sample_latent: tuple[int, int] | None = None, external_threshold: int = PROTOBUF_LIMIT,
+                clean: bool = True) -> ExportResult:
+    """Exports `spec`'s network from `bundle` to `path` (an `.onnx` file; `<path>.data` if external).
+
+    sample_latent: (h, w) latent size traced at (default: the native size); external_threshold: bytes of
+    weights above which they go to external data (lower it in tests to exercise that path).
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    fam = bundle.family
+    module = source_module(bundle, spec)
+    dtype = spec.outputs[0].torch_dtype
+    h, w = sample_latent or (fam.native_height // fam.vae_scale, fam.native_width // fam.vae_scale)
+    axes = spec.axes(spec.batch_range[1], h, w, fam.vae_scale)
+    args = tuple(a.to(device) for a in spec.sample_inputs(axes))
+    owned = dtype != module.dtype or torch.device(device) != module.device
+    if owned:  # export from a cast copy; the bundle keeps its weights
+        module = cast_copy(module, dtype).to(device)
+    try:
+        wrapper = wrap(module, spec, fam.is_xl).eval()
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{spec.name}-") as tmp:
+            raw = Path(tmp) / "raw.onnx"
+            _trace(wrapper, module, spec, args, raw)
+            del wrapper, args
+            if owned:
+                del module
+            gc.collect()
+            files = _finish(raw, path, clean, external_threshold)
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
+        raise ExportError(f"exporting {spec.name} failed: {type(e).__name__}: {e}") from e
+    return ExportResult(files, time.perf_counter() - t0, sum(f.stat().st_size for f in files))
+
+
+def _trace(wrapper, module, spec: NetworkSpec, args, raw: Path) -> None:
+    names_in = [t.name for t in spec.inputs]
+    names_out = [t.name for t in spec.outputs]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else _eager_attention(module)
+        with ctx:
+            torch.onnx.export(wrapper, args, str(raw), input_names=names_in, output_names=names_out,
+                              dynamic_axes=spec.dynamic_axes(), opset_version=OPSET, do_constant_folding=True,
+                              dynamo=False)
+
+
+@contextlib.contextmanager
+def _eager_attention(module: torch.nn.Module):
+    """transformers' eager attention while tracing: the exporter's SDPA causal mask is float32 even in fp16."""
+    set_impl = getattr(module, "set_attn_implementation", None)
+    before = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if set_impl is None or before is None:
+        yield
+        return
+    set_impl("eager")
+    try:
+        yield
+    finally:
+        set_impl(before)
+
+
+def _finish(raw: Path, path: Path, clean: bool, external_threshold: int) -> tuple[Path, ...]:
+    import onnx
+    import onnx_ir as ir
+    import onnx_ir.passes.common as passes
+    from onnxscript import optimizer
+
+    model = ir.load(raw)  # reads any external data the exporter wrote
+    if clean:
+        # The full onnxscript optimizer's rewrite rules take minutes on a UNet; folding plus dead-code
+        # removal gets the shape-arithmetic clean-up that matters to TensorRT and ORT.
+        optimizer.fold_constants(model, onnx_shape_inference=False)
+        passes.IdentityEliminationPass()(model)
+        passes.RemoveUnusedNodesPass()(model)
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if weights > external_threshold:
+        ir.save(model, path, external_data=data.name)
+    else:
+        ir.save(model, path)
+    del model
+    if clean:
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))  # path-based: works past 2 GB
+    return (path, data) if data.exists() else (path,)

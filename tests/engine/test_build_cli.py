@@ -1,0 +1,134 @@
+"""`mf-build-engines` and `mf-generate --engines` from the command line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megafusion.engine import cli as build_cli
+from megafusion.engine.cache import EngineCache
+from megafusion.runtime import cli as gen_cli
+
+from .conftest import STAGES
+
+SDXL_ARGS = ["--model", "tiny-sdxl", "--stages", STAGES, "--device", "cpu"]
+
+
+def test_second_build_skips_everything(sdxl_copy, capsys):
+    before = EngineCache(sdxl_copy).manifest_path.read_bytes()
+    assert build_cli.main([*SDXL_ARGS, "--output", str(sdxl_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "0 built, 6 up to date" in out and out.count("up to date, skipped") == 6
+    assert EngineCache(sdxl_copy).manifest_path.read_bytes() == before
+
+
+def test_corrupt_engine_is_rebuilt_by_the_cli(sdxl_copy, capsys):
+    cache = EngineCache(sdxl_copy)
+    entry = next(e for e in cache.entries().values() if e.key.network == "text_encoder_2")
+    (sdxl_copy / entry.files[0].path).write_bytes(b"\0" * 10)
+    assert build_cli.main([*SDXL_ARGS, "--output", str(sdxl_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "1 built, 5 up to date" in out and "text_encoder_2-fp32 (fixed shape): building" in out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--model", "nope"], "'nope'"),
+    (["--model", "tiny-sdxl", "--stages", "100x100:2"], "100"),
+    (["--model", "tiny-sdxl", "--stages", "128x128:two"], "'two'"),
+    (["--model", "tiny-sdxl", "--size", "12x"], "'12x'"),
+    (["--model", "tiny-sdxl", "--dilation", "0"], "--dilation 0"),
+    (["--model", "tiny-sdxl", "--backend", "tensorrt"], "tensorrt"),
+    (["--model", "tiny-sdxl", "--device", "cuda"], "'cuda'"),
+    (["--model", "sdxl", "--model-path", "/no/such/dir"], "/no/such/dir"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, named, tmp_path, capsys):
+    assert build_cli.main([*argv, "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mf-build-engines: error:") and named in err
+    assert "Traceback" not in err
+
+
+def test_argparse_rejects_unknown_backend(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_cli.main(["--model", "tiny-sdxl", "--backend", "openvino", "--output", "x"])
+    assert e.value.code == 2 and "openvino" in capsys.readouterr().err
+
+
+def test_corrupt_manifest_stops_the_build_naming_it(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"format": 1, "entries": [')
+    assert build_cli.main([*SDXL_ARGS, "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "manifest.json") in err and err.count("\n") == 1
+
+
+def test_generate_from_engines_matches_torch_cli(sdxl_engines, tmp_path, capsys):
+    gen = ["--model", "tiny-sdxl", "--stages", STAGES, "--prompt", "a cat", "--no-progress", "--seed", "5"]
+    assert gen_cli.main([*gen, "--engines", str(sdxl_engines), "--output", str(tmp_path / "ort.png")]) == 0
+    assert "engines: onnxruntime engines (fp32)" in capsys.readouterr().out
+    assert gen_cli.main([*gen, "--output", str(tmp_path / "torch.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "ort.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "torch.png")).astype(int)
+    assert a.shape == b.shape == (256, 256, 3) and np.abs(a - b).max() <= 1
+
+
+def test_generate_uncovered_size_names_range_and_command(sdxl_engines, tmp_path, capsys):
+    argv = ["--model", "tiny-sdxl", "--stages", "128x128:2,384x320:2", "--prompt", "x", "--no-progress",
+            "--engines", str(sdxl_engines), "--output", str(tmp_path / "o.png")]
+    assert gen_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "384x320" in err and "they cover 256x256" in err
+    assert f"mf-build-engines --model tiny-sdxl --stages 128x128:2,384x320:2 --backend onnxruntime " \
+           f"--precision fp32 --output {sdxl_engines}" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_generate_without_manifest(tmp_path, capsys):
+    argv = ["--model", "tiny-sd15", "--size", "256x256", "--steps", "4", "--prompt", "x", "--no-progress",
+            "--engines", str(tmp_path), "--output", str(tmp_path / "o.png")]
+    assert gen_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no tiny-sd15 engines" in err and "mf-build-engines --model tiny-sd15" in err
+
+
+def test_torch_backend_records_coverage_and_runs(tmp_path, capsys):
+    stages = "128x128:1,256x256:1"
+    assert build_cli.main(["--model", "tiny-sd15", "--stages", stages, "--backend", "torch", "--device", "cpu",
+                           "--output", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {e["key"]["backend"] for e in manifest["entries"]} == {"torch"}
+    assert all(e["files"] == [] for e in manifest["entries"]) and len(manifest["entries"]) == 5
+    assert gen_cli.main(["--model", "tiny-sd15", "--stages", stages, "--prompt", "x", "--no-progress",
+                         "--engines", str(tmp_path), "--output", str(tmp_path / "o.png")]) == 0
+    assert "torch engines (fp32)" in capsys.readouterr().out and (tmp_path / "o.png").is_file()
+
+
+def test_engine_precision_is_read_from_the_unet_entries():
+    import torch
+
+    from megafusion.engine.load import _choose_backend
+
+    from .test_cache import base_key
+
+    def entry(**kw):
+        from megafusion.engine.cache import Entry
+
+        key = base_key(**kw)
+        return Entry(key.digest(), key, (), 0.0)
+
+    # fp16 UNet beside the fp32 VAE that SDXL keeps: the run is fp16, even on a CPU that prefers fp32.
+    entries = [entry(precision="fp16"), entry(network="vae_decoder", precision="fp32")]
+    assert _choose_backend(entries, torch.device("cpu"), None, None) == ("onnxruntime", "fp16")
+    assert _choose_backend(entries, torch.device("cpu"), None, "fp32") is None
+    both = entries + [entry(precision="fp32"), entry(backend="torch")]
+    assert _choose_backend(both, torch.device("cpu"), None, None) == ("onnxruntime", "fp32")
+    assert _choose_backend(both, torch.device("cpu"), "torch", None) == ("torch", "fp32")
+
+
+def test_generate_with_a_precision_not_built(sdxl_engines, tmp_path, capsys):
+    argv = ["--model", "tiny-sdxl", "--stages", STAGES, "--prompt", "x", "--no-progress", "--dtype", "fp16",
+            "--engines", str(sdxl_engines), "--output", str(tmp_path / "o.png")]
+    assert gen_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no tiny-sdxl fp16 engines" in err and "--precision fp16" in err and err.count("\n") == 1
