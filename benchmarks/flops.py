@@ -1,0 +1,272 @@
+"""Cost accounting (SPEC section 5), counted on the `meta` device: no weights, no arithmetic, any size.
+
+Two conventions, side by side:
+- the paper's "GFLOPs": multiply-accumulates of `nn.Conv2d` and `nn.Linear` only (forward hooks), UNet only,
+  CFG counted as batch 2. Attention matmuls, norms and the VAE are left out. This reproduces Table 1's
+  SD1.5 rows (135.0K direct, 48.2K MegaFusion at 1024);
+- true FLOPs: `torch.utils.flop_counter.FlopCounterMode` (2 per MAC, attention matmuls included), for the
+  UNet, the VAE decode/encode of every relay and the final decode; text encoders listed separately.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from megafusion.export.dilation import set_mid_dilation
+from megafusion.export.models import SD15, ModelFamily
+from megafusion.export.plan import StagePlan
+
+PAPER_TABLE1_GMACS = {
+    "sd15 1024 direct": 135.0e3,
+    "sd15 1024 megafusion": 48.2e3,
+    "sdxl 2048 direct": 540.2e3,
+    "sdxl 2048 megafusion": 216.1e3,
+}
+"""Table 1's "GFlops" column (G-MACs), as printed."""
+
+SDXL_NOTE = (
+    "The paper's SDXL GFLOPs (540.2K direct, 216.1K MegaFusion at 2048) are its SD1.5 per-step figure at "
+    "1024 scaled by pixel count, not SDXL's UNet; the true SDXL figures are given here."
+)
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """What one forward of one network costs."""
+
+    macs: int
+    """Multiply-accumulates of Conv2d and Linear layers (the paper's convention)."""
+    flops: int
+    """All FLOPs FlopCounterMode sees: 2 per MAC, attention matmuls included."""
+    attention_flops: int
+    """The part of `flops` in attention matmuls (bmm / scaled-dot-product ops)."""
+
+    def __add__(self, other: ForwardCost) -> ForwardCost:
+        return ForwardCost(self.macs + other.macs, self.flops + other.flops,
+                           self.attention_flops + other.attention_flops)
+
+    def __mul__(self, n: int) -> ForwardCost:
+        return ForwardCost(self.macs * n, self.flops * n, self.attention_flops * n)
+
+
+ZERO = ForwardCost(0, 0, 0)
+
+
+def _layer_macs(module: torch.nn.Module, output: torch.Tensor) -> int:
+    if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    return output.numel() * module.in_features  # Linear: one MAC per input feature per output element
+
+
+def _is_attention_op(name: str) -> bool:
+    return "bmm" in name or "scaled_dot_product" in name
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *_args, out_shape=None, **_kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _extra_formulas() -> dict:
+    # FlopCounterMode has no formula for the CPU flash kernel: real CPU tensors would count SDPA as 0.
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: _sdpa_cpu} if op is not None else {}
+
+
+def count_forward(module: torch.nn.Module, call: Callable[[], object]) -> ForwardCost:
+    """Runs `call()` (a forward of `module`) once, counting MACs by hooks and FLOPs by FlopCounterMode."""
+    macs = [0]
+
+    def hook(m, _inputs, output):
+        macs[0] += _layer_macs(m, output)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as counter, torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    per_op = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for k, v in per_op.items() if _is_attention_op(str(k)))
+    return ForwardCost(macs[0], int(counter.get_total_flops()), int(attention))
+
+
+class MetaCostCounter:
+    """A family's networks built on the meta device once; forwards counted on meta tensors, memoised."""
+
+    def __init__(self, family: ModelFamily):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        self.family = family
+        with torch.device("meta"):
+            self.unet_module = UNet2DConditionModel(**family.unet)
+            self.vae_module = AutoencoderKL(**family.vae)
+        self._memo: dict[tuple, ForwardCost] = {}
+        self._text_modules: list[torch.nn.Module] | None = None
+
+    def _cached(self, key: tuple, make: Callable[[], ForwardCost]) -> ForwardCost:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def unet(self, height: int, width: int, batch: int = 2, dilation: int = 1) -> ForwardCost:
+        """One UNet forward at pixel size (height, width); batch 2 is one CFG step."""
+        return self._cached(("unet", height, width, batch, dilation),
+                            lambda: self._count_unet(height, width, batch, dilation))
+
+    def _count_unet(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
+        cfg, vs = self.family.unet, self.family.vae_scale
+        with torch.device("meta"):
+            sample = torch.empty(batch, cfg["in_channels"], height // vs, width // vs)
+            states = torch.empty(batch, 77, cfg["cross_attention_dim"])
+            added = None
+            if cfg.get("addition_embed_type") == "text_time":
+                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+                added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+            t = torch.tensor(981)
+        set_mid_dilation(self.unet_module, dilation)
+        try:
+            return count_forward(self.unet_module, lambda: self.unet_module(
+                sample, t, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False))
+        finally:
+            set_mid_dilation(self.unet_module, 1)
+
+    def vae_decode(self, height: int, width: int) -> ForwardCost:
+        """Decoding one latent to a (height, width) image."""
+        vs = self.family.vae_scale
+
+        def make():
+            with torch.device("meta"):
+                z = torch.empty(1, self.family.vae["latent_channels"], height // vs, width // vs)
+            return count_forward(self.vae_module, lambda: self.vae_module.decode(z, return_dict=False))
+        return self._cached(("decode", height, width), make)
+
+    def vae_encode(self, height: int, width: int) -> ForwardCost:
+        """Encoding one (height, width) image to its posterior mean."""
+        def make():
+            with torch.device("meta"):
+                x = torch.empty(1, 3, height, width)
+            return count_forward(self.vae_module, lambda: self.vae_module.encode(x).latent_dist.mean)
+        return self._cached(("encode", height, width), make)
+
+    def text_encoders(self) -> ForwardCost:
+        """Encoding one prompt (77 tokens) with every text encoder of the family."""
+        return self._cached(("text",), self._count_text)
+
+    def _count_text(self) -> ForwardCost:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        vocab = self.family.vocab_size or 514  # tiny models: the built-in tokenizer's size
+        total = ZERO
+        for te in self.family.text_encoders:
+            cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
+            with torch.device("meta"):
+                enc = cls(CLIPTextConfig(**te.transformers_config(vocab)))
+                ids = torch.zeros(1, 77, dtype=torch.long)
+            total = total + count_forward(enc, lambda: enc(ids, output_hidden_states=True))
+        return total
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """Cost of one timed segment of a generation, in the pipeline's order of segments."""
+
+    name: str
+    """The segment, named as `GenerationResult.timings` names it."""
+    kind: str
+    """`text`, `stage`, `relay` or `decode`."""
+    paper_gmacs: float
+    """The paper's convention: UNet conv/linear G-MACs, CFG as batch 2 (0 outside stages)."""
+    true_tflop: float
+    """True TFLOP: 2 per MAC, attention included (UNet steps, or the VAE decode/encode)."""
+    attention_tflop: float
+    """The part of `true_tflop` in attention matmuls."""
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Cost of one plan, per segment and in total."""
+
+    model: str
+    """Family name."""
+    plan: str
+    """The plan, described."""
+    cfg: bool
+    """Whether the UNet ran with the CFG batch of 2."""
+    segments: tuple[SegmentCost, ...]
+    """Text encoders, stage 1, relay 1->2, stage 2, ..., final decode."""
+
+    @property
+    def paper_gmacs(self) -> float:
+        return sum(s.paper_gmacs for s in self.segments)
+
+    @property
+    def true_tflop(self) -> float:
+        """UNet + relays + final decode; text encoders are listed separately."""
+        return sum(s.true_tflop for s in self.segments if s.kind != "text")
+
+    @property
+    def text_tflop(self) -> float:
+        return sum(s.true_tflop for s in self.segments if s.kind == "text")
+
+    @property
+    def unet_tflop(self) -> float:
+        return sum(s.true_tflop for s in self.segments if s.kind == "stage")
+
+
+def _tera(c: ForwardCost) -> tuple[float, float]:
+    return c.flops / 1e12, c.attention_flops / 1e12
+
+
+def plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool = True, relay: str = "pixel",
+              dilation: int = 2) -> PlanCost:
+    """Per-segment costs of `plan`, as the engine runs it (truncation still runs the last UNet step)."""
+    fam = counter.family
+    text_passes = 1 + (cfg and not fam.is_xl)  # SDXL's empty negative prompt is zeros, not encoded
+    text = counter.text_encoders() * text_passes
+    segs = [SegmentCost("text encoders", "text", 0.0, *_tera(text))]
+    batch = 2 if cfg else 1
+    for k, st in enumerate(plan.stages):
+        if k > 0:
+            prev = plan.stages[k - 1]
+            vae = ZERO
+            if relay == "pixel":
+                vae = counter.vae_decode(prev.height, prev.width) + counter.vae_encode(st.height, st.width)
+            segs.append(SegmentCost(f"relay {k}->{k + 1}", "relay", 0.0, *_tera(vae)))
+        step = counter.unet(st.height, st.width, batch, 1 if k == 0 else dilation) * st.steps
+        segs.append(SegmentCost(f"stage {k + 1} ({st.width}x{st.height}, {st.steps} steps)", "stage",
+                                step.macs / 1e9, *_tera(step)))
+    last = plan.stages[-1]
+    segs.append(SegmentCost("decode", "decode", 0.0, *_tera(counter.vae_decode(last.height, last.width))))
+    return PlanCost(fam.name, plan.describe(), cfg, tuple(segs))
+
+
+def paper_scaled_gmacs(sd15_counter: MetaCostCounter, plan: StagePlan) -> float:
+    """How the paper got its SDXL figures: SD1.5's per-step G-MACs at 1024 times pixels / 1024^2."""
+    if sd15_counter.family.name != SD15.name:
+        raise ValueError("the paper scales the real SD1.5 UNet's figures; pass a counter for sd15")
+    per_step = sd15_counter.unet(1024, 1024).macs / 1e9
+    return sum(per_step * st.pixels / 1024**2 * st.steps for st in plan.stages)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """A measured time held against a FLOP count and a peak."""
+
+    tflop_per_s: float
+    """Achieved TFLOP/s."""
+    fraction_of_peak: float | None
+    """Achieved over peak TFLOP/s (None without a peak)."""
+
+
+def achieved(tflop: float, seconds: float, peak_tflop_per_s: float | None = None) -> Throughput:
+    """TFLOP done in `seconds` -> achieved TFLOP/s and its fraction of `peak_tflop_per_s`."""
+    if seconds <= 0:
+        raise ValueError(f"time must be positive, got {seconds}")
+    rate = tflop / seconds
+    return Throughput(rate, rate / peak_tflop_per_s if peak_tflop_per_s else None)

@@ -1,0 +1,154 @@
+"""Timing and the machine's description: CUDA events on a GPU, perf_counter with synchronize elsewhere."""
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+R = TypeVar("R")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], R], device: torch.device) -> tuple[float, R]:
+    """Seconds `fn()` takes on `device` (all its queued work included), and what it returned."""
+    synchronize(device)  # nothing queued before the call is charged to it
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+@dataclass
+class Measurement:
+    """Repeated timed calls of one thing, after warm-up."""
+
+    totals_s: list[float] = field(default_factory=list)
+    """Total seconds of each timed repeat."""
+    segments_s: list[list[tuple[str, float]]] = field(default_factory=list)
+    """Each repeat's (segment, seconds) breakdown, as the generator reported it."""
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.totals_s)
+
+    def segment_medians(self) -> list[tuple[str, float]]:
+        """Median seconds per segment position (names from the first repeat)."""
+        if not self.segments_s:
+            return []
+        names = [n for n, _ in self.segments_s[0]]
+        n = min(len(r) for r in self.segments_s)
+        return [(names[i], statistics.median(r[i][1] for r in self.segments_s)) for i in range(n)]
+
+
+def measure(fn: Callable[[], list[tuple[str, float]]], device: torch.device, repeats: int,
+            warmup: int) -> Measurement:
+    """Runs `fn` `warmup` times untimed, then `repeats` times timed; `fn` returns its segment times."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        fn()
+    m = Measurement()
+    for _ in range(repeats):
+        seconds, segments = time_call(fn, device)
+        m.totals_s.append(seconds)
+        m.segments_s.append(list(segments))
+    return m
+
+
+def peak_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20,
+                       dtype: torch.dtype = torch.float16) -> float:
+    """Achieved TFLOP/s of an n^3 matmul on a GPU: the practical peak to hold results against."""
+    if device.type != "cuda":
+        raise ValueError("the matmul peak is measured on a CUDA device only")
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):  # clocks and cuBLAS heuristics settle
+        a @ b
+    seconds, _ = time_call(lambda: [a @ b for _ in range(iters)], device)
+    return 2.0 * n**3 * iters / seconds / 1e12
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where and with what a benchmark ran."""
+
+    date_utc: str
+    """ISO 8601 time of the run."""
+    device: str
+    """The torch device the benchmark ran on."""
+    device_name: str
+    """GPU name (torch.cuda.get_device_name), or the CPU's description."""
+    driver: str | None
+    """NVIDIA driver version from nvidia-smi, where available."""
+    cuda: str | None
+    """CUDA version torch was built with."""
+    torch: str
+    """torch version."""
+    diffusers: str
+    """diffusers version."""
+    transformers: str
+    """transformers version."""
+    python: str
+    """Python version."""
+    platform: str
+    """OS and architecture."""
+
+
+def nvidia_driver() -> str | None:
+    """Driver version via nvidia-smi; None where there is no nvidia-smi or it fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    return lines[0] if lines else None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device) -> Environment:
+    import diffusers
+    import transformers
+
+    if device.type == "cuda":
+        name, driver = torch.cuda.get_device_name(device), nvidia_driver()
+    else:
+        name, driver = cpu_name(), None
+    return Environment(
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=str(device), device_name=name, driver=driver, cuda=torch.version.cuda,
+        torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
+        python=platform.python_version(), platform=platform.platform(),
+    )
