@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from megafusion.export.dilation import set_mid_dilation
+from megafusion.export.dilation import mid_dilation
 from megafusion.export.loading import ModelBundle
 
 
@@ -53,7 +53,10 @@ class TorchNetworks:
 
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
-        set_mid_dilation(self.bundle.unet, dilation)  # weights untouched; restored on the next call
+        with mid_dilation(self.bundle.unet, dilation):  # weights untouched; restored after the call
+            return self._unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+
+    def _unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         added = None
         if text_embeds is not None:
             added = {"text_embeds": text_embeds.to(self.unet_dtype), "time_ids": time_ids.to(self.unet_dtype)}

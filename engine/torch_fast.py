@@ -30,6 +30,12 @@ class FastOptions:
     """torch.compile the VAE decode and encode."""
     compile_mode: str = "default"
     """Inductor mode; `max-autotune` ran past 9 minutes on the real SDXL UNet, so it is not the default."""
+    inductor_options: tuple[tuple[str, object], ...] = ()
+    """Per-compile Inductor settings (e.g. ("conv_1x1_as_mm", True)); replaces `compile_mode` when given."""
+    attention: str = "auto"
+    """SDPA backend: `auto` (torch's choice), `cudnn`, `flash` or `efficient`; fixed at trace/capture time."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its convolution algorithms per shape (process-wide flag, set when the backend is built)."""
 
 
 class FastTorchNetworks(TorchNetworks):
@@ -45,8 +51,34 @@ class FastTorchNetworks(TorchNetworks):
         if options.channels_last:
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
+        if options.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         if options.compile_unet:
-            self.unet_fn = torch.compile(unet, mode=options.compile_mode, fullgraph=True, dynamic=False)
+            self.unet_fn = self._compile(unet)
         if options.compile_vae:
-            self.decode_fn = torch.compile(self._decode, mode=options.compile_mode, fullgraph=True, dynamic=False)
-            self.encode_fn = torch.compile(self._encode, mode=options.compile_mode, fullgraph=True, dynamic=False)
+            self.decode_fn = self._compile(self._decode)
+            self.encode_fn = self._compile(self._encode)
+        if options.attention != "auto":
+            self.unet_fn = _with_sdpa_backend(self.unet_fn, options.attention)
+
+    def _compile(self, fn):
+        o = self.options
+        if o.inductor_options:
+            return torch.compile(fn, options=dict(o.inductor_options), fullgraph=True, dynamic=False)
+        return torch.compile(fn, mode=o.compile_mode, fullgraph=True, dynamic=False)
+
+
+def _with_sdpa_backend(fn, name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(backends)}")
+    backend = backends[name]
+
+    def call(*args, **kwargs):
+        with sdpa_kernel([backend]):
+            return fn(*args, **kwargs)
+
+    return call
