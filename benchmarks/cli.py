@@ -5,11 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from megafusion.export.cli_common import UsageError, run_main
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,36 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
-    return dev
-
-
-def _plan(args, family):
-    from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
-
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps {args.steps}: needs at least 1 step")
-    w, h = parse_size(args.size) if args.size else (None, None)
-    if args.stages:
-        if args.steps is not None:
-            raise UsageError("--steps and --stages exclude each other (give steps per stage in --stages)")
-        return validate_plan(family, parse_stages(args.stages), w, h)
-    return default_plan(family, w, h, args.steps)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from megafusion.export.cli_common import default_vae_dtype, plan_from_args, resolve_device
     from megafusion.export.models import SD15, SDXL, get_family
 
     from .bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
@@ -84,13 +56,13 @@ def run(args: argparse.Namespace) -> int:
     from .timing import environment
 
     family = get_family(args.model)
-    plan = _plan(args, family)
+    plan = plan_from_args(family, args.size, args.stages, args.steps)
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
     if args.dilation < 1:
         raise UsageError(f"--dilation {args.dilation}: must be at least 1")
     out_dir = Path(args.output)
-    device = _device("cpu" if args.cost_only else args.device)
+    device = resolve_device("cpu" if args.cost_only else args.device)
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     print(f"plan: {plan.describe()}")
     counter = MetaCostCounter(family)
@@ -105,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         from .variants import default_variants
 
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
-        upcast = dtype == torch.float16 and bundle.vae.config.get("force_upcast", False)
-        vae_dtype = getattr(torch, DTYPES[args.vae_dtype]) if args.vae_dtype else (torch.float32 if upcast else dtype)
+        vae_dtype = (getattr(torch, DTYPES[args.vae_dtype]) if args.vae_dtype
+                     else default_vae_dtype(family, bundle.vae.config, dtype))
         if bundle.vae.dtype != vae_dtype:  # every variant shares the modules, so the same VAE precision
             bundle.vae.to(dtype=vae_dtype)
         print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae_dtype}")
@@ -145,15 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megafusion.export.loading import WeightsError
-    from megafusion.export.models import UnknownModelError
-    from megafusion.export.plan import PlanError
-
-    try:
-        return run(args)
-    except (UsageError, PlanError, WeightsError, UnknownModelError) as e:
-        print(f"mf-bench: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("mf-bench", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
+from megafusion.export.cli_common import UsageError, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,22 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    return str(dev)
-
-
 def _check_backend(backend: str, device: str) -> None:
     if backend == "tensorrt":
         try:
@@ -69,21 +51,20 @@ def _check_backend(backend: str, device: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megafusion.export.cli_common import plan_from_args, resolve_device
     from megafusion.export.loading import load_model
     from megafusion.export.models import get_family
-    from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
 
     from .build import BuildRequest, build_engines
 
     family = get_family(args.model)
     if args.dilation < 1:
         raise UsageError(f"--dilation {args.dilation}: must be at least 1")
-    w, h = parse_size(args.size) if args.size else (None, None)
-    plan = validate_plan(family, parse_stages(args.stages), w, h) if args.stages else default_plan(family, w, h)
+    plan = plan_from_args(family, args.size, args.stages)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {str(out)!r} exists and is not a folder")
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     _check_backend(args.backend, device)
     print(f"plan: {plan.describe()}")
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
@@ -96,21 +77,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megafusion.export.loading import WeightsError
-    from megafusion.export.models import UnknownModelError
     from megafusion.export.onnx_export import ExportError
-    from megafusion.export.plan import PlanError
 
     from .cache import EngineError
 
-    try:
-        return run(args)
-    except (UsageError, PlanError, WeightsError, UnknownModelError) as e:
-        print(f"mf-build-engines: error: {e}", file=sys.stderr)
-        return 2
-    except (EngineError, ExportError) as e:
-        print(f"mf-build-engines: error: {e}", file=sys.stderr)
-        return 1
+    return run_main("mf-build-engines", lambda: run(args), fatal=(EngineError, ExportError))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@ import os
 import sys
 from pathlib import Path
 
+from megafusion.export.cli_common import UsageError, run_main
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,45 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE precision (default: fp32 where the VAE overflows in fp16, else --dtype)")
     p.add_argument("--output", default="megafusion.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mode", choices=("eager", "graphs", "compiled"),
+                   help="eager loop; one CUDA graph per stage shape (default on CUDA); or graphs around "
+                        "torch.compile'd modules (fastest, compiles for minutes at first use)")
     p.add_argument("--engines", help="run from the engines mf-build-engines built in this folder")
     return p
-
-
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
-    return dev
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from megafusion.engine.networks import TorchNetworks
+    from megafusion.export.cli_common import default_vae_dtype, plan_from_args, resolve_device
     from megafusion.export.loading import load_model
     from megafusion.export.models import get_family
-    from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
 
     from .pipeline import GenerationOptions, MegaFusionPipeline
 
     family = get_family(args.model)
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps {args.steps}: needs at least 1 step")
-    size = parse_size(args.size) if args.size else None
-    if args.stages:
-        if args.steps is not None:
-            raise UsageError("--steps and --stages exclude each other (give steps per stage in --stages)")
-        w, h = size if size else (None, None)
-        plan = validate_plan(family, parse_stages(args.stages), w, h)
-    else:
-        w, h = size if size else (None, None)
-        plan = default_plan(family, w, h, args.steps)
+    plan = plan_from_args(family, args.size, args.stages, args.steps)
     dilation = 1 if args.no_dilation else args.dilation
     try:
         opts = GenerationOptions(args.prompt, args.negative_prompt, args.guidance, args.seed,
@@ -88,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
+    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")
+    if mode != "eager" and device.type != "cuda":
+        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle)
@@ -97,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.vae_dtype:
         vae_dtype = getattr(torch, DTYPES[args.vae_dtype])
     else:
-        upcast = dtype == torch.float16 and bundle.vae.config.get("force_upcast", False)
-        vae_dtype = torch.float32 if upcast else dtype
-    from megafusion.engine.networks import TorchNetworks
+        vae_dtype = default_vae_dtype(family, bundle.vae.config, dtype)
 
     if args.engines:
         from megafusion.engine.cache import EngineError
@@ -110,9 +89,17 @@ def run(args: argparse.Namespace) -> int:
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc}")
+    elif mode == "compiled":
+        from megafusion.engine.torch_fast import FastTorchNetworks
+
+        nets = FastTorchNetworks(bundle, vae_dtype=vae_dtype)
+    else:
+        nets = TorchNetworks(bundle, vae_dtype)
+    if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
-        pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle, vae_dtype), device)
+        pipe = MegaFusionPipeline.fast(bundle, nets, device)
+    print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
 
     print(f"model {family.name} ({bundle.source}) on {device}, {str(dtype).removeprefix('torch.')}, "
           f"VAE {str(vae_dtype).removeprefix('torch.')}")
@@ -144,15 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megafusion.export.loading import WeightsError
-    from megafusion.export.models import UnknownModelError
-    from megafusion.export.plan import PlanError
-
-    try:
-        return run(args)
-    except (UsageError, PlanError, WeightsError, UnknownModelError) as e:
-        print(f"mf-generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("mf-generate", lambda: run(args))
 
 
 if __name__ == "__main__":
