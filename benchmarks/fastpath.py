@@ -21,6 +21,7 @@ from megafusion.engine.networks import TorchNetworks
 from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 from megafusion.export.loading import load_model
 from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
+from megafusion.runtime.graphs import GraphKey
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 
@@ -77,7 +78,17 @@ def run(args) -> dict:
         }
         if pipe.graphs is not None:
             entry["captures"], entry["replays"] = pipe.graphs.captures, pipe.graphs.replays
-            entry["host_enqueue_ms_per_step"] = pipe.graphs.enqueue_seconds_per_step * 1000
+            # Host overhead of the graphed loop: stage time per step minus one replay's GPU time.
+            per_key = {}
+            stage_names = [n for n in seg if n.startswith("stage")]
+            vs, batch = bundle.family.vae_scale, 2 if opts.guidance > 1 else 1
+            for k, (name, st) in enumerate(zip(stage_names, plan.stages)):
+                key = GraphKey(batch, st.height // vs, st.width // vs, 1 if k == 0 else opts.dilation)
+                gpu_ms, launch_ms = pipe.graphs.replay_timing(key)
+                step_ms = 1000 * seg[name] / st.steps
+                per_key[name] = {"replay_gpu_ms": gpu_ms, "launch_host_ms": launch_ms, "step_wall_ms": step_ms,
+                                 "overhead_ms_per_step": step_ms - gpu_ms}
+            entry["graph_overhead"] = per_key
         if ref_image is None:
             ref_image, ref_latent = res.image, res.latent
         else:
@@ -85,6 +96,9 @@ def run(args) -> dict:
             entry["mean_abs_uint8_diff_vs_first"] = float(np.abs(res.image.astype(int) - ref_image.astype(int)).mean())
             entry["latent_relerr_vs_first"] = float((res.latent - ref_latent).norm() / ref_latent.norm())
         report["modes"][mode] = entry
+        for name, o in entry.get("graph_overhead", {}).items():
+            print(f"    {name}: replay {o['replay_gpu_ms']:.2f} ms GPU, launch {o['launch_host_ms'] * 1000:.0f} us host, "
+                  f"step {o['step_wall_ms']:.2f} ms wall, overhead {o['overhead_ms_per_step']:.3f} ms/step", flush=True)
         print(f"[{mode}] total {med * 1000:.1f} ms (first run {warm:.1f} s), peak {entry['peak_memory_gib']:.2f} GiB",
               flush=True)
         for name, s in seg.items():

@@ -108,7 +108,7 @@ class GraphedDenoiser:
     replays: int = 0
     """Graph replays so far."""
     enqueue_seconds: float = 0.0
-    """Host time spent issuing replays (the graphed loop's host overhead; the GPU runs behind it)."""
+    """Host time spent in the replay loops (includes waiting: a graph launch queues behind its previous one)."""
     graphs: dict[GraphKey, torch.cuda.CUDAGraph] = field(default_factory=dict)
     buffers: dict[GraphKey, StepBuffers] = field(default_factory=dict)
     pool: object = None
@@ -116,6 +116,27 @@ class GraphedDenoiser:
     @property
     def enqueue_seconds_per_step(self) -> float:
         return self.enqueue_seconds / max(1, self.replays)
+
+    def replay_timing(self, key: GraphKey, repeats: int = 10) -> tuple[float, float]:
+        """(median GPU ms of one replay, host ms to launch one replay on an idle GPU), for overhead reports.
+
+        Replays run on the key's buffers after a generation, so they leave its latent changed.
+        """
+        graph = self.graphs[key]
+        b = self.buffers[key]
+        gpu, host = [], []
+        for _ in range(repeats):
+            b.step.zero_()
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            graph.replay()
+            host.append(time.perf_counter() - t0)
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+        return sorted(gpu)[len(gpu) // 2], 1000 * sorted(host)[len(host) // 2]
 
     def _capture(self, key: GraphKey, b: StepBuffers) -> torch.cuda.CUDAGraph:
         cfg = key.batch == 2
