@@ -17,8 +17,8 @@ MAX_SIDE = 16384
 MIN_STAGE_AREA_FRACTION = 0.75
 """A stage below this fraction of the native pixel count counts as smaller than native."""
 
-MAX_TOTAL_STEPS = 1000
-"""DDIM over 1000 training steps cannot take more steps than that."""
+MAX_TOTAL_STEPS = 999
+"""DDIM over 1000 training steps with steps_offset 1: 1000 steps would ask for timestep 1000."""
 
 
 class PlanError(ValueError):

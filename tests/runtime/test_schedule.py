@@ -55,3 +55,15 @@ def test_coefficients_on_device_tensors():
     c = s.coefficients("cpu")
     assert c.timesteps.dtype == torch.int64 and c.sqrt_abar_t.shape == (5,)
     torch.testing.assert_close(c.sqrt_abar_t ** 2 + c.sqrt_one_minus_abar_t ** 2, torch.ones(5))
+
+
+def test_most_steps_the_schedule_allows():
+    from megafusion.export.plan import PlanError, Stage, validate_plan
+
+    plan = validate_plan(SDXL, [Stage(1024, 1024, 999)])
+    (s,) = plan_schedule(plan, SDXL.scheduler)
+    assert s.timesteps[0] == 999 and s.timesteps[-1] == 1
+    import pytest
+
+    with pytest.raises(PlanError, match="1000 steps in all; at most 999"):
+        validate_plan(SDXL, [Stage(1024, 1024, 1000)])
