@@ -3,6 +3,7 @@ commit it atomically. Entries already built and valid are skipped; invalid ones 
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,15 +11,16 @@ from pathlib import Path
 
 import torch
 
+from megafusion.export.aoti_export import export_aoti, range_profile
 from megafusion.export.loading import ModelBundle
-from megafusion.export.onnx_export import export_onnx, source_module
+from megafusion.export.onnx_export import ExportResult, export_onnx, source_module
 from megafusion.export.plan import StagePlan
 from megafusion.export.specs import PRECISIONS, Requirement, plan_requirements, profile_sizes
 
 from . import onnxruntime_backend, tensorrt_backend
 from .cache import EngineCache, EngineKey, Entry, weights_fingerprint
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "aoti")
 
 
 def backend_version(backend: str) -> str:
@@ -26,7 +28,7 @@ def backend_version(backend: str) -> str:
         return onnxruntime_backend.version()
     if backend == "tensorrt":
         return tensorrt_backend.version()
-    if backend == "torch":
+    if backend in ("torch", "aoti"):  # AOTInductor packages are tied to the torch that compiled them
         return torch.__version__
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
@@ -57,6 +59,14 @@ class BuildRequest:
     """Device the engines are for (and exported on)."""
     force: bool = False
     """Rebuild even entries that are present and valid."""
+    check_load: bool = True
+    """onnxruntime: open each exported model once on `device` before committing it. Off saves a session
+    creation per network (tens of seconds for a real-size UNet on the CUDA EP) where the caller opens them next."""
+    release_weights: bool = False
+    """Let the build cast the bundle's modules in place to the precision they are exported at and free each
+    one (to the meta device) after its last network: the bundle is unusable afterwards. This is what keeps a
+    real-size SDXL fp16 export within 24 GB of RAM (no fp32 bundle beside the fp16 copy and the exporter's own
+    copy of the weights). `mf-build-engines` sets it; callers that reuse the bundle leave it off."""
 
 
 @dataclass
@@ -67,6 +77,8 @@ class BuildReport:
     """Entries built, with seconds taken (export plus backend build)."""
     skipped: list[Entry] = field(default_factory=list)
     """Entries already present and valid."""
+    exports: dict[str, ExportResult] = field(default_factory=dict)
+    """The ONNX export of each built entry, by entry digest (its time apart from the backend build)."""
 
 
 def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
@@ -88,11 +100,18 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
     cache.remove_stale_staging()
     version, device = backend_version(req.backend), device_name(req.device)
     reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation, req.vae_precision)
+    if req.backend == "aoti":  # one package per network serves the plan's whole range of sides
+        reqs = tuple(Requirement(r.spec, (range_profile(bundle.family, r.spec, req.plan),)) for r in reqs)
     report, fingerprints = BuildReport(), {}
-    for n, r in enumerate(reqs, 1):
+    for r in reqs:  # hashed as loaded (what `open_engines` hashes), before any in-place cast below
         module = source_module(bundle, r.spec)
         if id(module) not in fingerprints:
             fingerprints[id(module)] = weights_fingerprint(module)
+    last_use = {id(source_module(bundle, r.spec)): n for n, r in enumerate(reqs, 1)}
+    if req.release_weights:
+        _cast_in_place(bundle, reqs)
+    for n, r in enumerate(reqs, 1):
+        module = source_module(bundle, r.spec)
         key = engine_key(bundle, r, req.backend, version, device, fingerprints[id(module)])
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
         tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
@@ -100,31 +119,63 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         if entry is not None:
             report.skipped.append(entry)
             log(f"{tag}: up to date, skipped")
+            _release(module, req, last_use[id(module)] == n)
             continue
         log(f"{tag}: building for {req.backend} {version} on {device} ...")
         t0 = time.perf_counter()
         with cache.staging(key) as tmp:
-            _build_into(tmp, bundle, r, req, log)
+            exported = _build_into(tmp, bundle, r, req, log)
             entry = cache.commit(key, tmp)
         seconds = time.perf_counter() - t0
         report.built.append((entry, seconds))
+        if exported is not None:
+            report.exports[entry.digest] = exported
         size = sum(f.size for f in entry.files)
         log(f"{tag}: done in {seconds:.1f} s, {size / 2**20:.1f} MiB")
+        _release(module, req, last_use[id(module)] == n)
     return report
 
 
+def _cast_in_place(bundle: ModelBundle, reqs: tuple[Requirement, ...]) -> None:
+    """`release_weights`: each module that all its networks export at one dtype is cast to it in place, tensor
+    by tensor, so export needs no cast copy (SDXL fp16: about 7 GB of weights in RAM instead of 14 + 5)."""
+    dtypes: dict[int, set[torch.dtype]] = {}
+    for r in reqs:
+        dtypes.setdefault(id(source_module(bundle, r.spec)), set()).add(r.spec.outputs[0].torch_dtype)
+    for r in reqs:
+        module, want = source_module(bundle, r.spec), dtypes[id(source_module(bundle, r.spec))]
+        if len(want) == 1 and module.dtype not in want:  # every floating tensor, as `cast_copy` casts them
+            torch.nn.Module.to(module, dtype=next(iter(want)))  # (diffusers' own .to warns about fp32 modules)
+
+
+def _release(module: torch.nn.Module, req: BuildRequest, last: bool) -> None:
+    """`release_weights`: after a module's last network, its tensors go to the meta device (memory freed)."""
+    if req.release_weights and last:
+        module.to(device="meta")
+        gc.collect()
+
+
 def _build_into(tmp: Path, bundle: ModelBundle, r: Requirement, req: BuildRequest,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None]) -> ExportResult | None:
     if req.backend == "torch":
-        return  # the reference backend runs the modules; the entry records weights and coverage only
+        return None  # the reference backend runs the modules; the entry records weights and coverage only
+    if req.backend == "aoti":
+        res = export_aoti(bundle, r.spec, r.profiles[0], tmp / "model.pt2", device=req.device)
+        log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
+        return res
     onnx_path = tmp / "model.onnx"
     res = export_onnx(bundle, r.spec, onnx_path, device=req.device)
     log(f"    exported ONNX in {res.seconds:.1f} s, {res.bytes / 2**20:.1f} MiB")
     if req.backend == "onnxruntime":
-        onnxruntime_backend.OrtRunner(onnx_path, r.spec, bundle.family.vae_scale)  # loads: a usable model
-        return
+        if req.check_load:  # on the engines' device: a CPU load of an fp16 SDXL UNet proves little and is slow
+            # On CPU the check opens with basic optimizations: `all` would hold ~3.7x an fp16 model in RAM (about
+            # 19 GB for the SDXL UNet, beside the bundle), past a 24 GB machine; sessions that run use `all`.
+            level = "basic" if torch.device(req.device).type == "cpu" else "all"
+            onnxruntime_backend.OrtRunner(onnx_path, r.spec, bundle.family.vae_scale, req.device, optimization=level)
+        return res
     timing_cache = Path(req.output) / f"timing-{device_name(req.device).replace(' ', '_')}.cache"
     plan = tensorrt_backend.build_engine(onnx_path, r.spec, r.profiles, r.spec.precision == "fp16", timing_cache)
     (tmp / "engine.plan").write_bytes(plan)
     for f in res.files:  # the engine is self-contained; the ONNX (GBs for SDXL) is not kept
         f.unlink()
+    return res

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
     p.add_argument("--size", help="output WIDTHxHEIGHT of the default plan (default: 2x native per side)")
     p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
-    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch"), default="onnxruntime")
+    p.add_argument("--backend", choices=("onnxruntime", "tensorrt", "torch", "aoti"), default="onnxruntime")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--vae-precision", choices=("fp32", "fp16"),
                    help="default: fp32 where the VAE overflows in fp16 (SDXL), else --precision")
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"plan: {plan.describe()}")
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
-                       1 if args.no_dilation else args.dilation, device, args.force)
+                       1 if args.no_dilation else args.dilation, device, args.force,
+                       release_weights=True)  # the bundle is not used after the build: let it shrink as it goes
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

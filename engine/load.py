@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 
+from megafusion.export.aoti_export import describe_range
 from megafusion.export.loading import ModelBundle
+from megafusion.export.models import get_family
 from megafusion.export.onnx_export import source_module
 from megafusion.export.plan import StagePlan
-from megafusion.export.specs import (VAE_DECODER, VAE_ENCODER, Requirement, network_spec, plan_requirements,
-                                     profile_sizes)
+from megafusion.export.specs import (VAE_DECODER, VAE_ENCODER, NetworkSpec, Requirement, network_spec,
+                                     plan_requirements, profile_sizes)
 
 from .build import backend_version, device_name
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, weights_fingerprint
@@ -54,7 +56,8 @@ def _choose_backend(entries: list[Entry], device: torch.device, backend: str | N
         pairs = {p for p in pairs if p[1] == precision}
     if not pairs:
         return None
-    order = ["tensorrt", "onnxruntime", "torch"] if device.type == "cuda" else ["onnxruntime", "torch", "tensorrt"]
+    order = (["tensorrt", "onnxruntime", "aoti", "torch"] if device.type == "cuda"
+             else ["onnxruntime", "aoti", "torch", "tensorrt"])
     want_prec = "fp16" if device.type == "cuda" else "fp32"
     return min(pairs, key=lambda p: (order.index(p[0]) if p[0] in order else 9, p[1] != want_prec))
 
@@ -85,7 +88,7 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
                 and (e.key.precision == precision or s.network in (VAE_DECODER, VAE_ENCODER))]
         fits = sorted((e for e in same if _covers(e, r)), key=lambda e: -e.created)
         if not fits:
-            have = sorted({px for e in same for px in profile_sizes(e.key.network, e.key.profiles, fam.vae_scale)})
+            have = sorted({px for e in same for px in _served_sizes(e, s)})
             need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in r.profiles))
             what = f"{s.network} ({s.variant}, {s.precision})"
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
@@ -117,15 +120,27 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     return EngineNetworks(runners, device), desc
 
 
-def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device):
-    from megafusion.export.models import get_family
+def _served_sizes(e: Entry, spec: NetworkSpec) -> list[str]:
+    """Pixel sizes an entry serves: one per profile, or the range of an AOTInductor package."""
+    fam = get_family(e.key.model)
+    if e.key.backend == "aoti":
+        return [d for p in e.key.profiles if (d := describe_range(fam, spec, p))]  # none for fixed shapes
+    return profile_sizes(e.key.network, e.key.profiles, fam.vae_scale)
 
+
+def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device):
     spec = network_spec(get_family(e.key.model), e.key.network, e.key.precision, e.key.dilation)
     path = engine_dir / e.files[0].path
+    if e.key.backend == "aoti":
+        from .aoti_backend import AotiRunner
+
+        return AotiRunner(path, spec, e.key.profiles[0], e.key.model, device)
     if e.key.backend == "onnxruntime":
         from .onnxruntime_backend import OrtRunner
 
-        return OrtRunner(path, spec, vae_scale, device)
+        # The VAE runs a few times per generation with transients of tens of GB at 2048 px (fp32 mid-block
+        # attention); each session's arena would keep its peak, so encoder and decoder give theirs back.
+        return OrtRunner(path, spec, vae_scale, device, shrink_arena=e.key.network in (VAE_DECODER, VAE_ENCODER))
     from .tensorrt_backend import TrtRunner
 
     return TrtRunner(path, spec, e.key.profiles, device)

@@ -1,0 +1,131 @@
+"""AOTInductor export of one network spec: `torch.export` with dynamic latent sides, compiled into a `.pt2`
+package that Python (`torch._inductor.aoti_load_package`) and C++ (`torch::inductor::AOTIModelPackageLoader`)
+load without compiling.
+
+One package serves a range of sizes, not one profile per stage: the spatial axes are dynamic over the plan's
+whole range of sides (smallest to largest side of any stage, for both axes), in steps of the UNet's size
+multiple, so the package also serves other plans and aspect ratios within that range. Its engine key records
+this as one `ShapeProfile` whose min/max are the range (see `range_profile`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .dilation import mid_dilation
+from .loading import ModelBundle
+from .models import ModelFamily
+from .onnx_export import ExportError, ExportResult, cast_copy, source_module, wrap
+from .plan import StagePlan
+from .specs import UNET, NetworkSpec, ShapeProfile
+
+SPATIAL_AXES = ("height", "width", "image_height", "image_width")
+
+
+def latent_range(family: ModelFamily, plan: StagePlan) -> tuple[int, int]:
+    """(smallest, largest) latent side over every stage of `plan`, both axes."""
+    sides = [side // family.vae_scale for s in plan.stages for side in (s.height, s.width)]
+    return min(sides), max(sides)
+
+
+def range_profile(family: ModelFamily, spec: NetworkSpec, plan: StagePlan) -> ShapeProfile:
+    """One profile whose min/max are what the package accepts: batch over the spec's range, sides over the plan's."""
+    lo, hi = latent_range(family, plan)
+    s1 = plan.stages[0]
+    shapes = []
+    for t in spec.inputs:
+        # opt: stage 1's size (what the runtime runs most), at the spec's usual batch.
+        dims = [spec.axes(b, h, w, family.vae_scale) for b, h, w in
+                ((spec.batch_range[0], lo, lo), (spec.batch_range[1], s1.height // family.vae_scale,
+                                                  s1.width // family.vae_scale), (spec.batch_range[2], hi, hi))]
+        shapes.append((t.name, *(t.concrete(d) for d in dims)))
+    return ShapeProfile(0, tuple(shapes))
+
+
+def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
+                   profile: ShapeProfile) -> dict[str, dict[int, object] | None]:
+    """`torch.export` dynamic shapes: sides as multiples of the UNet's size multiple (latent: multiple / vae
+    scale), one Dim per axis name shared across inputs; an axis whose range is one value stays static."""
+    from torch.export import Dim
+
+    q_lat = family.pixel_multiple // family.vae_scale  # latent sides must be multiples of 2^(UNet downsamples)
+    ranges = {n: (lo, hi) for n, lo, _, hi in profile.shapes}
+    dims: dict[str, object] = {}
+    out: dict[str, dict[int, object] | None] = {}
+    for t in spec.inputs:
+        lo, hi = ranges[t.name]
+        axes: dict[int, object] = {}
+        for i, d in enumerate(t.shape):
+            if isinstance(d, int) or lo[i] == hi[i]:
+                continue
+            if d == "batch":
+                axes[i] = dims.setdefault("batch", Dim("batch", min=lo[i], max=hi[i]))
+                continue
+            if d not in SPATIAL_AXES:
+                raise ExportError(f"{spec.name}: no export rule for dynamic axis {d!r}")
+            side = "h" if d in ("height", "image_height") else "w"
+            step = q_lat if d in ("height", "width") else q_lat * family.vae_scale
+            # One Dim per side, in units of the UNet multiple; latent and image axes are multiples of it.
+            base = dims.setdefault(side, Dim(f"{side}_units", min=lo[i] // step, max=hi[i] // step))
+            axes[i] = step * base
+        out[t.name] = axes or None
+    return out
+
+
+def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, path: str | os.PathLike, *,
+                device: str = "cpu") -> ExportResult:
+    """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`)."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    fam = bundle.family
+    module = source_module(bundle, spec)
+    dtype = spec.outputs[0].torch_dtype
+    # Trace at the largest batch (a batch of 1 would be specialised) and stage 1's size.
+    opt = profile.shapes[0][2]
+    lat_h, lat_w = _latent_of(spec, opt, fam.vae_scale)
+    axes = spec.axes(spec.batch_range[2], lat_h, lat_w, fam.vae_scale)
+    args = tuple(a.to(device) for a in spec.sample_inputs(axes))
+    owned = dtype != module.dtype or torch.device(device).type != module.device.type
+    if owned:
+        module = cast_copy(module, dtype).to(device)
+    try:
+        wrapper = wrap(module, spec, fam.is_xl).eval()
+        names = [t.name for t in spec.inputs]
+        ds = dynamic_shapes(fam, spec, profile)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else contextlib.nullcontext()
+            with ctx:
+                ep = torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[n] for n in names), strict=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
+        raise ExportError(f"AOTInductor export of {spec.name} failed: {type(e).__name__}: {e}") from e
+    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+
+
+def _latent_of(spec: NetworkSpec, shape: tuple[int, ...], vae_scale: int) -> tuple[int, int]:
+    """Latent (h, w) of the first input's shape (image inputs are vae_scale times larger)."""
+    first = spec.inputs[0]
+    if len(shape) != 4:
+        return 1, 1  # text encoders: no spatial axes
+    s = vae_scale if first.shape[2] == "image_height" else 1
+    return shape[2] // s, shape[3] // s
+
+
+
+def describe_range(family: ModelFamily, spec: NetworkSpec, profile: ShapeProfile) -> str:
+    """The pixel sizes a package accepts, e.g. '128x128 to 256x256 (sides in steps of 64)'; '' for fixed shapes."""
+    for t, (_, lo, _, hi) in zip(spec.inputs, profile.shapes):
+        if len(t.shape) == 4 and t.shape[2] in SPATIAL_AXES:
+            s = 1 if t.shape[2] == "image_height" else family.vae_scale
+            return (f"{lo[3] * s}x{lo[2] * s} to {hi[3] * s}x{hi[2] * s} "
+                    f"(sides in steps of {family.pixel_multiple})")
+    return ""

@@ -1,0 +1,29 @@
+"""`BuildRequest.release_weights` (what `mf-build-engines` sets): the bundle is cast in place and freed as the
+build goes, yet the entries' keys are those of the weights as loaded, so `open_engines` on a freshly loaded
+bundle accepts them."""
+from __future__ import annotations
+
+import torch
+
+from megafusion.engine.cache import EngineCache, weights_fingerprint
+from megafusion.engine.load import open_engines
+from megafusion.export.loading import load_model
+from megafusion.export.plan import parse_stages, validate_plan
+
+from .conftest import STAGES, build
+
+
+def test_release_weights_frees_the_bundle_and_keeps_the_keys(tmp_path):
+    bundle = load_model("tiny-sd15")  # private: the build empties it
+    fresh = load_model("tiny-sd15")
+    report = build(bundle, tmp_path, precision="fp16", release_weights=True)
+    assert len(report.built) == 5
+    for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
+        assert all(t.device.type == "meta" for t in (*m.parameters(), *m.buffers()))  # freed
+    want = {"unet": weights_fingerprint(fresh.unet), "vae_decoder": weights_fingerprint(fresh.vae),
+            "vae_encoder": weights_fingerprint(fresh.vae), "text_encoder": weights_fingerprint(fresh.text_encoders[0])}
+    got = {e.key.network: e.key.weights for e in EngineCache(tmp_path).entries().values()}
+    assert got == want  # hashed before the in-place fp16 cast
+    plan = validate_plan(fresh.family, parse_stages(STAGES))
+    networks, _ = open_engines(tmp_path, fresh, plan, precision="fp16")  # not refused as stale
+    assert fresh.unet.dtype == torch.float32 and networks is not None
