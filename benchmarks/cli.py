@@ -5,9 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megafusion.export.cli_common import UsageError, run_main
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from megafusion.export.cli_common import (UsageError, add_device_arguments, add_model_arguments,
+                                          add_plan_arguments, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,18 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mf-bench",
         description="Time MegaFusion against direct generation and an eager diffusers baseline; count its cost.",
     )
-    p.add_argument("--model", default="sdxl", help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default sdxl)")
-    p.add_argument("--model-path", help="a local diffusers folder")
-    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
-    p.add_argument("--size", help="output WIDTHxHEIGHT (default: the paper's plan, 2x native per side)")
-    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
-    p.add_argument("--steps", type=int, help="total steps of the default plan (default 50)")
+    add_model_arguments(p, "sdxl")
+    add_plan_arguments(p)
     p.add_argument("--output", required=True, help="folder for results.json, report.md and chart.png")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--vae-dtype", choices=sorted(DTYPES),
-                   help="VAE precision (default: fp32 where the VAE overflows in fp16, else --dtype)")
+    add_device_arguments(p)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
@@ -44,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from megafusion.export.cli_common import default_vae_dtype, plan_from_args, resolve_device
+    from megafusion.export.cli_common import model_dtype, plan_from_args, resolve_device, vae_dtype
     from megafusion.export.models import SD15, SDXL, get_family
 
     from .bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
@@ -63,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--dilation {args.dilation}: must be at least 1")
     out_dir = Path(args.output)
     device = resolve_device("cpu" if args.cost_only else args.device)
-    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    dtype = model_dtype(device, args.dtype)
     print(f"plan: {plan.describe()}")
     counter = MetaCostCounter(family)
-    vae_dtype = None
+    vae = None
     if args.cost_only:
         peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
         variants = cost_variants(family, plan)
@@ -77,11 +66,10 @@ def run(args: argparse.Namespace) -> int:
         from .variants import default_variants
 
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
-        vae_dtype = (getattr(torch, DTYPES[args.vae_dtype]) if args.vae_dtype
-                     else default_vae_dtype(family, bundle.vae.config, dtype))
-        if bundle.vae.dtype != vae_dtype:  # every variant shares the modules, so the same VAE precision
-            bundle.vae.to(dtype=vae_dtype)
-        print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae_dtype}")
+        vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)
+        if bundle.vae.dtype != vae:  # every variant shares the modules, so the same VAE precision
+            bundle.vae.to(dtype=vae)
+        print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae}")
         peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
         opts = GenerationOptions(args.prompt, args.negative_prompt, args.guidance, args.seed,
                                  not args.no_reschedule, args.dilation)
@@ -99,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "output": f"{plan.output_width}x{plan.output_height}", "plan": plan.describe(),
         "dtype": str(dtype).removeprefix("torch."),
-        "vae_dtype": str(vae_dtype).removeprefix("torch.") if vae_dtype else None,
+        "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
         "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
         "negative_prompt": args.negative_prompt, "guidance": args.guidance, "seed": args.seed,
         "dilation": args.dilation, "reschedule": not args.no_reschedule, "relay": "pixel",

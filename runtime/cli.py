@@ -6,9 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from megafusion.export.cli_common import UsageError, run_main
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from megafusion.export.cli_common import (UsageError, add_device_arguments, add_model_arguments,
+                                          add_plan_arguments, run_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,25 +15,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mf-generate",
         description="Generate one image with MegaFusion (truncate and relay, coarse to fine).",
     )
-    p.add_argument("--model", default="tiny-sdxl", help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default tiny-sdxl)")
-    p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
-    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+    add_model_arguments(p, "tiny-sdxl")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--size", help="output WIDTHxHEIGHT (default: the paper's plan, 2x native per side)")
-    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
-    p.add_argument("--steps", type=int, help="total steps of the default plan (default 50)")
+    add_plan_arguments(p)
     p.add_argument("--guidance", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dilation", action="store_true", help="no dilated mid block at the larger stages")
     p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
     p.add_argument("--no-reschedule", action="store_true", help="no noise re-scheduling")
     p.add_argument("--relay", choices=("pixel", "latent"), default="pixel")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--vae-dtype", choices=sorted(DTYPES),
-                   help="VAE precision (default: fp32 where the VAE overflows in fp16, else --dtype)")
+    add_device_arguments(p)
     p.add_argument("--output", default="megafusion.png", help="PNG file to write")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--mode", choices=("eager", "graphs", "compiled"),
@@ -45,10 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from megafusion.engine.networks import TorchNetworks
-    from megafusion.export.cli_common import default_vae_dtype, plan_from_args, resolve_device
+    from megafusion.export.cli_common import model_dtype, plan_from_args, resolve_device, vae_dtype
     from megafusion.export.loading import load_model
     from megafusion.export.models import get_family
 
@@ -70,15 +59,12 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("graphs" if device.type == "cuda" else "eager")
     if mode != "eager" and device.type != "cuda":
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
-    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    dtype = model_dtype(device, args.dtype)
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle)
     else:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
-    if args.vae_dtype:
-        vae_dtype = getattr(torch, DTYPES[args.vae_dtype])
-    else:
-        vae_dtype = default_vae_dtype(family, bundle.vae.config, dtype)
+    vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)  # a loaded folder's VAE config decides
 
     if args.engines:
         from megafusion.engine.cache import EngineError
@@ -92,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     elif mode == "compiled":
         from megafusion.engine.torch_fast import FastTorchNetworks
 
-        nets = FastTorchNetworks(bundle, vae_dtype=vae_dtype)
+        nets = FastTorchNetworks(bundle, vae_dtype=vae)
     else:
-        nets = TorchNetworks(bundle, vae_dtype)
+        nets = TorchNetworks(bundle, vae)
     if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
@@ -102,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
 
     print(f"model {family.name} ({bundle.source}) on {device}, {str(dtype).removeprefix('torch.')}, "
-          f"VAE {str(vae_dtype).removeprefix('torch.')}")
+          f"VAE {str(vae).removeprefix('torch.')}")
     print(f"plan: {plan.describe()}")
     bar = None
     if not args.no_progress:
