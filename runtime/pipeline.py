@@ -125,6 +125,18 @@ class MegaFusionPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _eager_stage(self, z, c: StageCoefficients, cond: Conditioning, time_ids, delta: int, w: float,
+                     steps: int, truncate: bool, on_step: Callable[[int], None]):
+        """The stage's steps one by one; returns (z, x0 of the last step)."""
+        for i in range(steps):
+            eps = guided_eps(self.nets, z, c.timesteps[i], cond, time_ids, delta, w)
+            x0 = ddim_x0(z, eps, c, i)
+            on_step(i)
+            if truncate and i == steps - 1:
+                break  # truncate: x0 from the pre-update latent; this step's update is not needed
+            z = ddim_update(x0, eps, c, i)
+        return z, x0
+
     def generate(self, plan: StagePlan, opts: GenerationOptions,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
         dev, fam = self.device, self.family
@@ -168,16 +180,9 @@ class MegaFusionPipeline:
                 z, x0 = self.graphs.run_stage(z, c, cond, time_ids, delta, opts.guidance, stage.steps)
                 for i in range(stage.steps if on_step is not None else 0):
                     on_step(k, i)
-                mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
-                continue
-            for i in range(stage.steps):
-                eps = guided_eps(self.nets, z, c.timesteps[i], cond, time_ids, delta, opts.guidance)
-                x0 = ddim_x0(z, eps, c, i)
-                if on_step is not None:
-                    on_step(k, i)
-                if k < last_k and i == stage.steps - 1:
-                    break  # truncate: x0 from the pre-update latent; this step's update is not needed
-                z = ddim_update(x0, eps, c, i)
+            else:
+                z, x0 = self._eager_stage(z, c, cond, time_ids, delta, opts.guidance, stage.steps,
+                                          k < last_k, lambda i, k=k: on_step and on_step(k, i))
             mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
 
         image = self.nets.vae_decode(z / scaling)
