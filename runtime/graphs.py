@@ -107,15 +107,9 @@ class GraphedDenoiser:
     """Graphs captured so far."""
     replays: int = 0
     """Graph replays so far."""
-    enqueue_seconds: float = 0.0
-    """Host time spent in the replay loops (includes waiting: a graph launch queues behind its previous one)."""
     graphs: dict[GraphKey, torch.cuda.CUDAGraph] = field(default_factory=dict)
     buffers: dict[GraphKey, StepBuffers] = field(default_factory=dict)
     pool: object = None
-
-    @property
-    def enqueue_seconds_per_step(self) -> float:
-        return self.enqueue_seconds / max(1, self.replays)
 
     def replay_timing(self, key: GraphKey, repeats: int = 10) -> tuple[float, float]:
         """(median GPU ms of one replay, host ms to launch one replay on an idle GPU), for overhead reports.
@@ -172,10 +166,8 @@ class GraphedDenoiser:
         if graph is None:
             graph = self.graphs[key] = self._capture(key, b)
             self._load(b, z, c, cond, time_ids, guidance, steps)  # warm-up moved z and the counter
-        t0 = time.perf_counter()
         for _ in range(steps):
             graph.replay()
-        self.enqueue_seconds += time.perf_counter() - t0
         self.replays += steps
         return b.z.clone(), b.x0.clone()
 
