@@ -6,7 +6,6 @@ Tolerance as the ONNX Runtime test: final latents within 1e-3 absolute (fp32 end
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,16 +13,13 @@ from megafusion.engine.aoti_backend import AotiRunner
 from megafusion.engine.cache import EngineCache
 from megafusion.engine.cli import main as build_main
 from megafusion.engine.load import CoverageError, open_engines
-from megafusion.engine.networks import TorchNetworks
 from megafusion.engine.runners import EngineNetworks
 from megafusion.export.plan import parse_stages, validate_plan
-from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from megafusion.runtime.pipeline import GenerationOptions
 
-from .conftest import STAGES
+from .conftest import STAGES, assert_generation_matches_torch
 
 pytestmark = pytest.mark.slow
-
-LATENT_ATOL = 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +48,7 @@ def test_generation_matches_torch(tiny_sd15, sd15_aoti, relay):
     nets, desc = open_engines(sd15_aoti, tiny_sd15, plan, relay=relay)
     assert isinstance(nets, EngineNetworks) and desc.startswith("aoti")
     assert all(isinstance(r, AotiRunner) for r in nets.runners.values())
-    got = MegaFusionPipeline(tiny_sd15, nets, "cpu").generate(plan, opts)
-    ref = MegaFusionPipeline(tiny_sd15, TorchNetworks(tiny_sd15), "cpu").generate(plan, opts)
-    diff = (got.latent - ref.latent).abs().max().item()
-    assert got.latent.shape == ref.latent.shape == (1, 4, 32, 32)
-    assert diff <= LATENT_ATOL, f"latents differ by {diff}"
-    assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
-    assert ref.latent.abs().max() > 0.1
+    assert_generation_matches_torch(tiny_sd15, nets, plan, opts)
 
 
 def test_other_plans_inside_the_range_open(tiny_sd15, sd15_aoti):

@@ -5,7 +5,6 @@ within 1 level. Both runs draw the same noise from the same seed, so any larger 
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,9 +16,8 @@ from megafusion.export.plan import parse_stages, validate_plan
 from megafusion.export.specs import unet_spec
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
-from .conftest import STAGES
+from .conftest import LATENT_ATOL, STAGES, assert_generation_matches_torch
 
-LATENT_ATOL = 1e-3
 
 
 @pytest.mark.parametrize("family", ["tiny-sdxl", "tiny-sd15"])
@@ -32,13 +30,7 @@ def test_generation_matches_torch(request, family, relay):
     opts = GenerationOptions("a red cube", negative_prompt="blurry", seed=3, relay=relay)
     nets, desc = open_engines(engines, bundle, plan, relay=relay)
     assert isinstance(nets, EngineNetworks) and desc.startswith("onnxruntime")
-    got = MegaFusionPipeline(bundle, nets, "cpu").generate(plan, opts)
-    ref = MegaFusionPipeline(bundle, TorchNetworks(bundle), "cpu").generate(plan, opts)
-    diff = (got.latent - ref.latent).abs().max().item()
-    assert got.latent.shape == ref.latent.shape == (1, 4, 32, 32)
-    assert diff <= LATENT_ATOL, f"{family}: latents differ by {diff}"
-    assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
-    assert ref.latent.abs().max() > 0.1  # a real image, not a degenerate all-zero comparison
+    assert_generation_matches_torch(bundle, nets, plan, opts, f"{family}: ")
 
 
 def test_sdxl_empty_negative_prompt_and_no_guidance(tiny_sdxl, sdxl_engines):
