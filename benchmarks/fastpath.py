@@ -34,10 +34,11 @@ def _pipeline(mode: str, bundle, vae_dtype):
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(), vae_dtype))
     if mode == "compiled-unet":
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(compile_vae=False), vae_dtype))
-    if mode.startswith("compiled-"):  # compiled-<attention>[-tuned]: SDPA backend, optional Inductor tuning
+    if mode.startswith("compiled-"):  # compiled-<unet attention>-<vae attention>[-tuned] (engine/attention.py)
         parts = mode.split("-")
         tuned = (("conv_1x1_as_mm", True), ("coordinate_descent_tuning", True), ("epilogue_fusion", False))
-        opts = FastOptions(attention=parts[1], inductor_options=tuned if "tuned" in parts else ())
+        opts = FastOptions(unet_attention=parts[1], vae_attention=parts[2],
+                           inductor_options=tuned if "tuned" in parts else ())
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, opts, vae_dtype))
     raise ValueError(f"unknown mode {mode!r}")
 
