@@ -63,8 +63,10 @@ def export(bundle, plan, engine_dir: Path, args, st: dict[str, Any], report: Rep
         st["log"].append(msg)
         report.save()
 
+    fuse = args.ort_optimize or ("cuda" if DEV.type == "cuda" else "none")
+    st["ort_optimize"] = fuse
     req = BuildRequest(plan, "onnxruntime", "fp16", engine_dir, args.vae_precision, 2, str(DEV), args.force,
-                       check_load=args.check_load)
+                       check_load=args.check_load, ort_optimize=fuse)
     built = build_engines(bundle, req, log=log)
     st["rows"] = export_rows(built, bundle.family.vae_scale)
 

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-precision", choices=("fp32", "fp16"),
                    help="VAE engines' precision (default: the plan's, fp32 for SDXL)")
     p.add_argument("--force", action="store_true", help="rebuild engines even if present and valid")
+    p.add_argument("--ort-optimize", choices=("none", "cpu", "cuda"),
+                   help="ORT transformer-optimizer fusion of the exported graphs (default: cuda on a GPU, else none)")
     p.add_argument("--check-load", action="store_true",
                    help="open every exported model on the CUDA EP inside the build too (one more session each)")
     p.add_argument("--skip-export", action="store_true", help="use the engines already in --engine-dir")
@@ -131,6 +133,8 @@ def export_rows(build_report, vae_scale: int) -> list[dict[str, Any]]:
     for entry, seconds in build_report.built:
         exp = build_report.exports.get(entry.digest)
         rows.append(_row(entry, vae_scale, "built", exp.seconds if exp else None, seconds))
+        if entry.digest in getattr(build_report, "fused", {}):
+            rows[-1]["fused_ops"] = build_report.fused[entry.digest]
     for entry in build_report.skipped:
         rows.append(_row(entry, vae_scale, "skipped (already built)", None, None))
     return rows

@@ -2,7 +2,8 @@
 
 An entry's key is a sha256 over everything that makes an engine valid for a run: model id and weights
 fingerprint, network, variant (and its dilation), precision, shape profiles, backend and its version, and
-the device ('cpu' or the GPU's name). Every write is atomic: files are staged in a temp folder inside the
+the device ('cpu' or the GPU's name), and, where asked for, the execution provider ONNX Runtime's graph
+optimizer fused the model for. Every write is atomic: files are staged in a temp folder inside the
 cache, fsynced, moved into place with os.replace, and only then listed in the manifest (itself replaced
 atomically). A build killed at any point leaves at most an unlisted folder, which nothing accepts.
 """
@@ -70,10 +71,16 @@ class EngineKey:
     """Version of the backend library that built it."""
     device: str
     """'cpu' or the GPU's name: TensorRT engines only run on the GPU they were built for."""
+    ort_optimize: str = "none"
+    """Execution provider ONNX Runtime's transformer optimizer fused the model for (`cpu`, `cuda`), or `none`.
+    Left out of the JSON (and so of the digest) when `none`: keys written before this field existed load as
+    `none` and keep their digests, and an optimized entry never has a plain entry's address."""
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["profiles"] = [p.to_json() for p in self.profiles]
+        if self.ort_optimize == "none":
+            del d["ort_optimize"]
         return d
 
     @staticmethod
@@ -81,6 +88,7 @@ class EngineKey:
         fields = dict(d)
         fields["profiles"] = tuple(ShapeProfile.from_json(p) for p in d["profiles"])
         fields["dilation"] = int(d["dilation"])
+        fields["ort_optimize"] = str(d.get("ort_optimize", "none"))  # absent in manifests before the field
         return EngineKey(**fields)
 
     def digest(self) -> str:
@@ -88,7 +96,8 @@ class EngineKey:
 
     def describe(self) -> str:
         mid = f" ({self.variant})" if self.network == "unet" else ""
-        return f"{self.network}{mid} {self.precision} {self.backend}"
+        fused = f" (ORT-fused for {self.ort_optimize})" if self.ort_optimize != "none" else ""
+        return f"{self.network}{mid} {self.precision} {self.backend}{fused}"
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
     p.add_argument("--no-dilation", action="store_true", help="build no dilated UNet")
     p.add_argument("--device", default="auto", help="cpu or cuda[:N]: what the engines are for (default: cuda if present)")
+    p.add_argument("--ort-optimize", choices=("none", "cpu", "cuda"),
+                   help="onnxruntime: fuse attention (and, for cuda, GroupNorm, NhwcConv, ...) with ONNX Runtime's "
+                        "transformer optimizer for this execution provider; needed for 2048 px on the CUDA EP "
+                        "(default: cuda with a CUDA --device, else none)")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
     p.add_argument("--output", required=True, help="engine folder (created if missing)")
     return p
@@ -50,6 +54,19 @@ def _check_backend(backend: str, device: str) -> None:
                              "pass --device cpu or install onnxruntime-gpu")
 
 
+def ort_optimize_level(asked: str | None, backend: str, device: str) -> str:
+    """The `--ort-optimize` value to build with: as asked (checked against backend and device), else `cuda` for
+    onnxruntime engines on a CUDA device and `none` otherwise."""
+    if asked is None:
+        return "cuda" if backend == "onnxruntime" and device.startswith("cuda") else "none"
+    if asked != "none" and backend != "onnxruntime":
+        raise UsageError(f"--ort-optimize {asked}: only for --backend onnxruntime (not {backend})")
+    if asked == "cuda" and not device.startswith("cuda"):
+        raise UsageError(f"--ort-optimize cuda: its fused ops (GroupNorm, NhwcConv, ...) run only on the CUDA EP, "
+                         f"and --device is {device}; use --ort-optimize cpu or none")
+    return asked
+
+
 def run(args: argparse.Namespace) -> int:
     from megafusion.export.cli_common import plan_from_args, resolve_device
     from megafusion.export.loading import load_model
@@ -66,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output {str(out)!r} exists and is not a folder")
     device = str(resolve_device(args.device))
     _check_backend(args.backend, device)
+    ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
     print(f"plan: {plan.describe()}")
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        1 if args.no_dilation else args.dilation, device, args.force,
-                       release_weights=True)  # the bundle is not used after the build: let it shrink as it goes
+                       release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
+                       ort_optimize=ort_optimize)
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

@@ -42,6 +42,8 @@ def test_corrupt_engine_is_rebuilt_by_the_cli(sdxl_copy, capsys):
     (["--model", "tiny-sdxl", "--backend", "tensorrt"], "tensorrt"),
     (["--model", "tiny-sdxl", "--device", "cuda"], "'cuda'"),
     (["--model", "sdxl", "--model-path", "/no/such/dir"], "/no/such/dir"),
+    (["--model", "tiny-sdxl", "--device", "cpu", "--ort-optimize", "cuda"], "--ort-optimize cuda"),
+    (["--model", "tiny-sdxl", "--device", "cpu", "--backend", "torch", "--ort-optimize", "cpu"], "--ort-optimize cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, named, tmp_path, capsys):
     assert build_cli.main([*argv, "--output", str(tmp_path / "e")]) == 2
@@ -132,3 +134,49 @@ def test_generate_with_a_precision_not_built(sdxl_engines, tmp_path, capsys):
     assert gen_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "no tiny-sdxl fp16 engines" in err and "--precision fp16" in err and err.count("\n") == 1
+
+
+def test_ort_optimize_defaults_follow_backend_and_device():
+    from megafusion.engine.cli import ort_optimize_level
+
+    assert ort_optimize_level(None, "onnxruntime", "cuda:0") == "cuda"
+    assert ort_optimize_level(None, "onnxruntime", "cpu") == "none"  # the CPU default is the plain export
+    assert ort_optimize_level(None, "tensorrt", "cuda:0") == "none"
+    assert ort_optimize_level("cpu", "onnxruntime", "cuda:0") == "cpu"
+    assert ort_optimize_level("none", "aoti", "cpu") == "none"
+
+
+def test_ort_optimized_build_never_aliases_plain_and_generates_like_torch(tiny_sd15, sd15_engines, tmp_path,
+                                                                         capsys):
+    """`--ort-optimize cpu` into a folder of plain engines: the text encoder and VAE entries, whose keys differ
+    from the plain ones only in `ort_optimize`, are built anew rather than taken as up to date; every network is
+    fused (and opened on the CPU EP by the build's load check); a generation from the fused engines (the newest,
+    which `open_engines` prefers) matches the torch backend."""
+    import shutil
+
+    from megafusion.engine.load import open_engines
+    from megafusion.export.plan import parse_stages, validate_plan
+    from megafusion.runtime.pipeline import GenerationOptions
+
+    from .conftest import assert_generation_matches_torch
+
+    out = tmp_path / "engines"
+    shutil.copytree(sd15_engines, out)
+    plain = EngineCache(out).entries()
+    argv = ["--model", "tiny-sd15", "--stages", STAGES, "--no-dilation", "--device", "cpu", "--output", str(out),
+            "--ort-optimize", "cpu"]
+    assert build_cli.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "4 built, 0 up to date" in log and log.count("ORT-optimized for cpu") == 4
+    assert "vae_decoder-fp32 (128x128, 256x256): building for onnxruntime" in log
+    entries = EngineCache(out).entries()
+    fused = {d: e for d, e in entries.items() if d not in plain}
+    assert len(entries) == len(plain) + 4 and {e.key.ort_optimize for e in fused.values()} == {"cpu"}
+    assert {e.key.network for e in fused.values()} == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert all(len(e.files) == 1 and e.files[0].path.endswith("/model.onnx") for e in fused.values())  # no plain copy
+    plan = validate_plan(tiny_sd15.family, parse_stages(STAGES))
+    nets, _ = open_engines(out, tiny_sd15, plan, dilation=1)
+    opts = GenerationOptions("a red cube", seed=3, dilation=1)
+    assert_generation_matches_torch(tiny_sd15, nets, plan, opts, "ort-fused: ")
+    assert build_cli.main(argv) == 0
+    assert "0 built, 4 up to date" in capsys.readouterr().out

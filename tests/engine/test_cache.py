@@ -44,6 +44,25 @@ def test_key_is_stable_and_changes_with_every_field():
     assert EngineKey.from_json(json.loads(json.dumps(k.to_json()))) == k
 
 
+def test_ort_optimize_is_in_the_key_and_old_keys_keep_their_digest(tmp_path):
+    import hashlib
+
+    plain, cpu, cuda = base_key(), base_key(ort_optimize="cpu"), base_key(ort_optimize="cuda")
+    assert len({plain.digest(), cpu.digest(), cuda.digest()}) == 3
+    assert EngineKey.from_json(json.loads(json.dumps(cuda.to_json()))) == cuda
+    old = plain.to_json()  # a key as written before the field existed: no "ort_optimize" at all
+    assert "ort_optimize" not in old
+    old_digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+    assert EngineKey.from_json(old).ort_optimize == "none" and EngineKey.from_json(old).digest() == old_digest
+    cache = EngineCache(tmp_path)
+    entry = _commit(cache, plain)
+    cache.manifest_path.write_text(json.dumps({"format": 1, "entries": [
+        {"digest": old_digest, "key": old, "created": entry.created,
+         "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in entry.files]}]}))
+    assert cache.lookup(plain) == entry and cache.lookup(cpu) is None  # loads; an optimized build misses it
+    assert "ORT-fused for cuda" in cuda.describe() and "ORT" not in plain.describe()
+
+
 def test_weights_fingerprint_sees_one_changed_weight(tiny_sd15):
     vae = tiny_sd15.vae
     before = weights_fingerprint(vae)

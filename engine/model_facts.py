@@ -1,0 +1,62 @@
+"""`models.json` beside the manifest: what a runtime without the model's Python objects needs to run the
+engines (the C++ library, cpp/src/lib): the VAE scaling factor, each text encoder's vocabulary size, and the
+weights fingerprint of each network's latest build, which picks the entries when several builds share a folder.
+
+    {"format": 1, "models": {"sdxl": {"vae_scaling_factor": 0.13025, "vocab_sizes": [49408, 49408],
+                                      "weights": {"unet": "<sha256>", ...}, "source": "random weights"}}}
+
+Written atomically under the cache's lock after a build; a model's networks not built this time keep their
+earlier fingerprints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from megafusion.export.loading import ModelBundle
+
+from .cache import CorruptManifestError, EngineCache, _fsync_dir
+
+MODELS = "models.json"
+FORMAT = 1
+"""Format version, checked by readers (the C++ library refuses another)."""
+
+
+def read_models(root: str | os.PathLike) -> dict[str, dict]:
+    """The models recorded in `root` ({} if there is no file); CorruptManifestError naming a bad file."""
+    path = Path(root) / MODELS
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or not isinstance(data.get("models"), dict):
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
+        return data["models"]
+    except (ValueError, AttributeError) as e:
+        raise CorruptManifestError(f"model facts file {path} is corrupt ({e}); delete it and rebuild") from None
+
+
+def record_model(cache: EngineCache, bundle: ModelBundle, weights: dict[str, str]) -> dict:
+    """Merges this build's facts for `bundle`'s model into `models.json`; returns the model's record."""
+    fam = bundle.family
+    with cache._locked():
+        models = read_models(cache.root)
+        rec = dict(models.get(fam.name, {}))
+        rec["vae_scaling_factor"] = float(bundle.vae.config.scaling_factor)
+        rec["vocab_sizes"] = [int(te.config.vocab_size) for te in bundle.text_encoders]
+        rec["weights"] = {**rec.get("weights", {}), **weights}
+        rec["source"] = str(bundle.source)
+        models[fam.name] = rec
+        tmp = cache.root / f".{MODELS}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"format": FORMAT, "models": models}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, cache.root / MODELS)
+            _fsync_dir(cache.root)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return rec
