@@ -30,3 +30,18 @@ def tiny_sdxl():
     from megafusion.export.loading import load_model
 
     return load_model("tiny-sdxl")
+
+
+AOTI_STAGES = "128x128:2,256x256:2"
+"""The plan the AOTInductor packages are built for (one package per network serves 128 to 256 px sides)."""
+
+
+@pytest.fixture(scope="session")
+def sd15_aoti(tmp_path_factory):
+    """tiny-sd15 engines from `mf-build-engines --backend aoti` (engine and C++ library tests share them)."""
+    from megafusion.engine.cli import main as build_main
+
+    out = tmp_path_factory.mktemp("engines-aoti")
+    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
+                       "--output", str(out)]) == 0
+    return out

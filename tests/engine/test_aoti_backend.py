@@ -1,6 +1,6 @@
-"""AOTInductor backend: `mf-build-engines --backend aoti` packages for tiny-sd15 (built once per session, about
-a minute per network on CPU), a full MegaFusion generation from them against the torch backend, and sizes
-outside the compiled range refused with that range.
+"""AOTInductor backend: `mf-build-engines --backend aoti` packages for tiny-sd15 (the session fixture
+`sd15_aoti` of tests/conftest.py, about a minute per network on CPU), a full MegaFusion generation from them
+against the torch backend, and sizes outside the compiled range refused with that range.
 
 Tolerance as the ONNX Runtime test: final latents within 1e-3 absolute (fp32 end to end), images within 1 level.
 """
@@ -11,7 +11,6 @@ import torch
 
 from megafusion.engine.aoti_backend import AotiRunner
 from megafusion.engine.cache import EngineCache
-from megafusion.engine.cli import main as build_main
 from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.runners import EngineNetworks
 from megafusion.export.plan import parse_stages, validate_plan
@@ -20,14 +19,6 @@ from megafusion.runtime.pipeline import GenerationOptions
 from .conftest import STAGES, assert_generation_matches_torch
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def sd15_aoti(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines-aoti")
-    assert build_main(["--model", "tiny-sd15", "--stages", STAGES, "--backend", "aoti", "--device", "cpu",
-                       "--output", str(out)]) == 0
-    return out
 
 
 def test_manifest_records_packages(sd15_aoti):

@@ -1,8 +1,9 @@
-// A minimal JSON reader for the test vectors (objects, arrays, numbers, strings, booleans, null).
+// A minimal JSON reader (test vectors, engine manifests) (objects, arrays, numbers, strings, booleans, null).
 // Numbers are parsed with strtod, which rounds correctly, so Python's repr of a float comes back exactly.
-#ifndef MEGAFUSION_TESTS_JSON_HPP_
-#define MEGAFUSION_TESTS_JSON_HPP_
+#ifndef MEGAFUSION_SRC_JSON_HPP_
+#define MEGAFUSION_SRC_JSON_HPP_
 
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -143,4 +144,4 @@ inline Value parse(const std::string& text) { return Parser(text).parse(); }
 
 }  // namespace mfjson
 
-#endif  // MEGAFUSION_TESTS_JSON_HPP_
+#endif  // MEGAFUSION_SRC_JSON_HPP_

@@ -1,0 +1,87 @@
+/* libmegafusion: MegaFusion generation from built engines, for C and C++ callers, no Python interpreter.
+ *
+ * The engines are the AOTInductor packages `mf-build-engines --backend aoti` writes (engine folder with
+ * manifest.json and models.json). Prompts come in as token ids, one array of MF_TOKEN_LENGTH ids per text
+ * encoder (`python -m megafusion.runtime.tokens` prints them). The stage plan, DDIM schedule, noise
+ * re-scheduling, CFG, truncate-and-relay and noise draws are the Python runtime's: same engines, same ids and
+ * same seed give the same image.
+ *
+ * Errors: every function returns an mf_status; on failure mf_last_error() returns a message naming the
+ * problem (the thread's last failed call). Nothing throws or aborts across this boundary.
+ * Threads: a context may be used by one thread at a time; distinct contexts are independent.
+ */
+#ifndef MEGAFUSION_MEGAFUSION_H_
+#define MEGAFUSION_MEGAFUSION_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MF_TOKEN_LENGTH 77
+#define MF_MAX_TEXT_ENCODERS 2
+
+typedef enum mf_status {
+  MF_OK = 0,
+  MF_ERROR_INVALID_ARGUMENT = 1, /* a null pointer, an unknown name, a value out of its domain */
+  MF_ERROR_UNSUPPORTED_SIZE = 2, /* a size or plan the model or the built engines do not serve */
+  MF_ERROR_ENGINE = 3,           /* engine folder missing, manifest corrupt, engine missing, stale or corrupt */
+  MF_ERROR_BUFFER_TOO_SMALL = 4, /* the caller's RGB buffer is smaller than width * height * 3 */
+  MF_ERROR_RUNTIME = 5           /* a failure while running the networks */
+} mf_status;
+
+typedef struct mf_context mf_context;
+
+typedef struct mf_context_options {
+  const char* engine_dir; /* required: the folder mf-build-engines --backend aoti wrote */
+  const char* model;      /* required: model family the engines were built for ("sdxl", "sd15", "tiny-sd15", ...) */
+  const char* device;     /* "cpu" (also when NULL), "cuda" or "cuda:N" */
+  int verify_hashes;      /* nonzero: check every engine file's sha256 at create (sizes are always checked) */
+} mf_context_options;
+
+typedef struct mf_generate_params {
+  /* prompt_ids[i]: MF_TOKEN_LENGTH ids for text encoder i (required for each of the model's encoders). */
+  const int32_t* prompt_ids[MF_MAX_TEXT_ENCODERS];
+  /* negative_ids[i]: the negative prompt's ids, or all NULL for an empty negative prompt. SDXL then uses zero
+   * embeddings (force_zeros_for_empty_prompt); SD1.5 needs the empty prompt's ids, so NULL is refused there. */
+  const int32_t* negative_ids[MF_MAX_TEXT_ENCODERS];
+  int width;         /* output size; 0 and 0: the last stage's size, or the model's default plan */
+  int height;
+  const char* stages; /* NULL or "": the default plan for the size; else "WxH:steps,WxH:steps,..." */
+  int total_steps;    /* default plan's total steps; 0: the model's default (50) */
+  uint64_t seed;      /* seeds the one generator every noise tensor is drawn from */
+  float guidance;     /* classifier-free guidance weight; CFG is off at <= 1 */
+  int reschedule;     /* noise re-scheduling at stages after the first (nonzero: on) */
+  int dilation;       /* mid-block dilation at stages after the first (1: off) */
+  const char* relay;  /* "pixel" (default, also when NULL) or "latent" */
+} mf_generate_params;
+
+/* Fills the defaults: guidance 7, reschedule on, dilation 2, pixel relay, seed 0, default plan and size. */
+void mf_generate_params_init(mf_generate_params* params);
+
+/* Opens the engine folder: picks the model's AOTInductor entries for this device and torch version, checks
+ * their files and loads them. On failure *out is set to NULL. */
+mf_status mf_context_create(const mf_context_options* options, mf_context** out);
+
+/* Frees the context and its engines; NULL is allowed. */
+void mf_context_destroy(mf_context* ctx);
+
+/* Number of text encoders of the context's model (1 for SD1.5, 2 for SDXL); 0 for NULL. */
+int mf_num_text_encoders(const mf_context* ctx);
+
+/* The output size `params` asks for (after plan validation), without generating. */
+mf_status mf_output_size(mf_context* ctx, const mf_generate_params* params, int* width, int* height);
+
+/* Generates one image into `rgb` (height rows of width * 3 bytes, RGB8), `rgb_bytes` its capacity. */
+mf_status mf_generate(mf_context* ctx, const mf_generate_params* params, uint8_t* rgb, size_t rgb_bytes);
+
+/* The message of this thread's last failed call ("" if none); valid until the thread's next call. */
+const char* mf_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MEGAFUSION_MEGAFUSION_H_ */

@@ -1,0 +1,363 @@
+#include "context.hpp"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "megafusion/bicubic.hpp"
+#include "megafusion/schedule.hpp"
+
+#ifdef MEGAFUSION_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "relay_bicubic.h"
+#endif
+
+#ifndef MEGAFUSION_TORCH_VERSION
+#error "MEGAFUSION_TORCH_VERSION must name the torch the library is built against (CMake sets it)"
+#endif
+
+namespace megafusion::lib {
+
+namespace {
+
+at::ScalarType dtype_of(const std::string& precision) { return precision == "fp16" ? at::kHalf : at::kFloat; }
+
+std::string shape_str(const std::vector<long long>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + ")";
+}
+
+at::Device parse_device(const char* text) {
+  const std::string d = text && *text ? text : "cpu";
+  try {
+    at::Device dev(d);
+    if (dev.is_cpu() || dev.is_cuda()) return dev;
+  } catch (const std::exception&) {
+  }
+  throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown device '" + d + "'; use cpu, cuda or cuda:N");
+}
+
+std::string device_name(const at::Device& d) {
+  if (d.is_cpu()) return "cpu";
+#ifdef MEGAFUSION_WITH_CUDA
+  cudaDeviceProp prop{};
+  const int index = d.has_index() ? d.index() : 0;
+  if (cudaGetDeviceProperties(&prop, index) != cudaSuccess)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "no CUDA device " + std::to_string(index));
+  return prop.name;
+#else
+  throw Failure(MF_ERROR_INVALID_ARGUMENT, "this libmegafusion was built without CUDA; use device cpu");
+#endif
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------ Network
+
+Network::Network(const std::string& root, Entry entry, const at::Device& device) : entry_(std::move(entry)) {
+  const std::string path = root + "/" + entry_.files.front().path;
+  try {
+    loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        path, "model", false, 1, device.is_cuda() ? (device.has_index() ? device.index() : 0) : -1);
+  } catch (const std::exception& e) {
+    throw Failure(MF_ERROR_ENGINE, "cannot load engine " + path + " (" + entry_.describe() + "): " + e.what());
+  }
+}
+
+Network::~Network() = default;
+
+bool Network::covers(size_t index, const std::vector<long long>& shape) const {
+  const TensorRange& r = entry_.range.at(index);
+  if (shape.size() != r.min.size()) return false;
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] < r.min[i] || shape[i] > r.max[i]) return false;
+  return true;
+}
+
+std::vector<at::Tensor> Network::run(const std::vector<at::Tensor>& inputs) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::vector<long long> s(inputs[i].sizes().begin(), inputs[i].sizes().end());
+    if (!covers(i, s))
+      throw Failure(MF_ERROR_UNSUPPORTED_SIZE, entry_.describe() + ": input " + entry_.range.at(i).name +
+                                                   " of shape " + shape_str(s) + " is outside the compiled range " +
+                                                   shape_str(entry_.range[i].min) + " to " +
+                                                   shape_str(entry_.range[i].max));
+  }
+  try {
+    return loader_->run(inputs);
+  } catch (const std::exception& e) {
+    throw Failure(MF_ERROR_RUNTIME, entry_.describe() + " failed: " + e.what());
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ Context
+
+Context::Context(const mf_context_options& o) : device_(at::kCPU) {
+  if (!o.engine_dir) throw Failure(MF_ERROR_INVALID_ARGUMENT, "options->engine_dir is NULL");
+  if (!o.model) throw Failure(MF_ERROR_INVALID_ARGUMENT, "options->model is NULL");
+  family_ = find_family(o.model);
+  if (!family_) {
+    std::string known;
+    for (const Family& f : families()) known += (known.empty() ? "" : ", ") + f.name;
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown model '" + std::string(o.model) + "'; choose one of " + known);
+  }
+  device_ = parse_device(o.device);
+  device_name_ = device_name(device_);
+  verify_hashes_ = o.verify_hashes != 0;
+  folder_ = read_engine_folder(o.engine_dir);
+  auto facts = folder_.models.find(family_->name);
+  if (facts != folder_.models.end()) {
+    scaling_ = facts->second.vae_scaling_factor;
+    vocab_sizes_ = facts->second.vocab_sizes;
+  }
+  // UNet precision: fp16 on a GPU, fp32 on the CPU, else whichever the folder has.
+  const std::string want = device_.is_cuda() ? "fp16" : "fp32";
+  for (const std::string& prec : {want, std::string(want == "fp16" ? "fp32" : "fp16")}) {
+    for (const Entry& e : folder_.entries)
+      if (e.model == family_->name && e.backend == "aoti" && e.network == "unet" && e.precision == prec &&
+          e.device == device_name_ && precision_.empty())
+        precision_ = prec;
+  }
+  if (precision_.empty()) precision_ = want;  // select_entries then names what is missing
+  // Load what every generation needs now, so a broken folder fails here rather than mid-request.
+  for (int i = 0; i < num_text_encoders(); ++i) net(i == 0 ? "text_encoder" : "text_encoder_2");
+  net("unet", 1);
+  net("vae_decoder");
+  net("vae_encoder");
+}
+
+Context::~Context() = default;
+
+Network& Context::net(const std::string& network, int dilation) {
+  auto key = std::make_pair(network, dilation);
+  auto it = nets_.find(key);
+  if (it != nets_.end()) return *it->second;
+  auto chosen = select_entries(folder_, family_->name, {key}, precision_, device_name_, MEGAFUSION_TORCH_VERSION);
+  const Entry& e = chosen.at(key);
+  verify_files(folder_.root, e, verify_hashes_);
+  auto n = std::make_unique<Network>(folder_.root, e, device_);
+  return *nets_.emplace(key, std::move(n)).first->second;
+}
+
+StagePlan Context::plan_of(const mf_generate_params& p) const {
+  if ((p.width > 0) != (p.height > 0))
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "give both width and height or neither (got " +
+                                                 std::to_string(p.width) + "x" + std::to_string(p.height) + ")");
+  if (p.width < 0 || p.height < 0)
+    throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "negative size " + std::to_string(p.width) + "x" +
+                                                 std::to_string(p.height));
+  std::optional<int> w, h;
+  if (p.width > 0) w = p.width, h = p.height;
+  try {
+    if (p.stages && *p.stages) return validate_plan(*family_, parse_stages(p.stages), w, h);
+    std::optional<int> total;
+    if (p.total_steps != 0) total = p.total_steps;
+    return default_plan(*family_, w, h, total);
+  } catch (const PlanError& e) {
+    throw Failure(MF_ERROR_UNSUPPORTED_SIZE, e.what());
+  }
+}
+
+void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay) {
+  const int vs = family_->vae_scale;
+  std::string stages;
+  for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
+  auto need = [&](Network& n, const StageSize& s, bool image) {
+    const long long h = image ? s.height : s.height / vs, w = image ? s.width : s.width / vs;
+    const std::vector<long long> shape = {n.entry().range.at(0).min.at(0), image ? 3 : 4, h, w};
+    if (n.covers(0, shape)) return;
+    const TensorRange& r = n.entry().range.at(0);
+    const long long k = image ? 1 : vs;
+    throw Failure(MF_ERROR_UNSUPPORTED_SIZE,
+                  "the engines in " + folder_.root + " do not cover " + n.entry().describe() + " at " +
+                      std::to_string(s.width) + "x" + std::to_string(s.height) + "; they cover " +
+                      std::to_string(r.min[3] * k) + "x" + std::to_string(r.min[2] * k) + " to " +
+                      std::to_string(r.max[3] * k) + "x" + std::to_string(r.max[2] * k) +
+                      ". Build them with: mf-build-engines --model " + family_->name + " --stages " + stages +
+                      " --backend aoti --output " + folder_.root);
+  };
+  const size_t last = plan.stages.size() - 1;
+  for (size_t k = 0; k <= last; ++k) {
+    const StageSize& s = plan.stages[k];
+    need(net("unet", k == 0 ? 1 : dilation), s, false);
+    if (k == last || pixel_relay) need(net("vae_decoder"), s, false);
+    if (k > 0 && pixel_relay) need(net("vae_encoder"), s, true);
+  }
+}
+
+std::pair<at::Tensor, at::Tensor> Context::encode_prompt(const int32_t* const* ids) {
+  std::vector<at::Tensor> states;
+  at::Tensor pooled;
+  for (int i = 0; i < num_text_encoders(); ++i) {
+    const long long vocab = i < static_cast<int>(vocab_sizes_.size()) ? vocab_sizes_[i] : 0;
+    for (int j = 0; j < MF_TOKEN_LENGTH; ++j)
+      if (ids[i][j] < 0 || (vocab > 0 && ids[i][j] >= vocab))
+        throw Failure(MF_ERROR_INVALID_ARGUMENT, "token id " + std::to_string(ids[i][j]) + " at position " +
+                                                     std::to_string(j) + " of text encoder " + std::to_string(i) +
+                                                     " is outside its vocabulary of " + std::to_string(vocab));
+    at::Tensor t = at::from_blob(const_cast<int32_t*>(ids[i]), {1, MF_TOKEN_LENGTH}, at::kInt).clone().to(device_);
+    auto out = net(i == 0 ? "text_encoder" : "text_encoder_2").run({t});
+    states.push_back(out.at(0).to(at::kFloat));
+    if (out.size() > 1) pooled = out[1].to(at::kFloat);
+  }
+  return {at::cat(states, -1), pooled};
+}
+
+at::Tensor Context::unet(const at::Tensor& sample, int64_t t, const at::Tensor& hidden, const at::Tensor& pooled,
+                         const at::Tensor& time_ids, int dilation) {
+  const auto f = dtype_of(precision_);
+  std::vector<at::Tensor> in = {sample.to(f).contiguous(),
+                                at::full({1}, static_cast<double>(t), at::TensorOptions().dtype(at::kFloat).device(device_)),
+                                hidden.to(f).contiguous()};
+  if (family_->is_xl) {
+    in.push_back(pooled.to(f).contiguous());
+    in.push_back(time_ids.contiguous());
+  }
+  return net("unet", dilation).run(in).at(0).to(at::kFloat);
+}
+
+at::Tensor Context::decode(const at::Tensor& latent) {
+  Network& n = net("vae_decoder");
+  return n.run({latent.to(dtype_of(n.entry().precision)).contiguous()}).at(0).to(at::kFloat);
+}
+
+at::Tensor Context::encode(const at::Tensor& image) {
+  Network& n = net("vae_encoder");
+  return n.run({image.to(dtype_of(n.entry().precision)).contiguous()}).at(0).to(at::kFloat);
+}
+
+at::Tensor Context::relay_resize(const at::Tensor& image, int height, int width, at::ScalarType out) {
+  const auto n = image.size(0), c = image.size(1), in_h = image.size(2), in_w = image.size(3);
+  if (image.is_cpu()) {  // the C++ core's clamp/bicubic/clamp (ctest: within 1e-5 of torch)
+    at::Tensor src = image.to(at::kFloat).contiguous();
+    at::Tensor dst = at::empty({n, c, height, width}, src.options());
+    resize_clamped(src.data_ptr<float>(), dst.data_ptr<float>(), n * c, static_cast<int>(in_h),
+                   static_cast<int>(in_w), height, width);
+    return dst.to(out);
+  }
+#ifdef MEGAFUSION_WITH_CUDA
+  if (image.scalar_type() == at::kFloat || image.scalar_type() == at::kHalf) {
+    at::Tensor src = image.contiguous();
+    at::Tensor dst = at::empty({n, c, height, width}, src.options().dtype(out));
+    auto code = [](at::ScalarType t) { return t == at::kHalf ? MF_RELAY_F16 : t == at::kBFloat16 ? MF_RELAY_BF16 : MF_RELAY_F32; };
+    const int err = mf_relay_bicubic(src.data_ptr(), code(src.scalar_type()), dst.data_ptr(), code(out),
+                                     static_cast<int>(n), static_cast<int>(c), static_cast<int>(in_h),
+                                     static_cast<int>(in_w), height, width,
+                                     c10::cuda::getCurrentCUDAStream(image.device().index()).stream());
+    if (err != 0) throw Failure(MF_ERROR_RUNTIME, "relay kernel launch failed: CUDA error " + std::to_string(err));
+    return dst;
+  }
+#endif
+  at::Tensor up = at::upsample_bicubic2d(image.clamp(-1.0, 1.0), {height, width}, false, std::nullopt, std::nullopt);
+  return up.clamp(-1.0, 1.0).to(out);
+}
+
+void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_bytes) {
+  const StagePlan plan = plan_of(p);
+  const std::string relay = p.relay && *p.relay ? p.relay : "pixel";
+  if (relay != "pixel" && relay != "latent")
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown relay mode '" + relay + "'; choose pixel or latent");
+  if (p.dilation < 1) throw Failure(MF_ERROR_INVALID_ARGUMENT, "dilation must be >= 1, got " + std::to_string(p.dilation));
+  if (!std::isfinite(p.guidance)) throw Failure(MF_ERROR_INVALID_ARGUMENT, "guidance is not a finite number");
+  if (!rgb) throw Failure(MF_ERROR_INVALID_ARGUMENT, "rgb buffer is NULL");
+  const size_t need = static_cast<size_t>(plan.output_width) * plan.output_height * 3;
+  if (rgb_bytes < need)
+    throw Failure(MF_ERROR_BUFFER_TOO_SMALL, "rgb buffer holds " + std::to_string(rgb_bytes) + " bytes; " +
+                                                 std::to_string(plan.output_width) + "x" +
+                                                 std::to_string(plan.output_height) + " RGB8 needs " +
+                                                 std::to_string(need));
+  const int encoders = num_text_encoders();
+  int negatives = 0;
+  for (int i = 0; i < encoders; ++i) {
+    if (!p.prompt_ids[i])
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "prompt_ids[" + std::to_string(i) + "] is NULL; " + family_->name +
+                                                   " has " + std::to_string(encoders) + " text encoder(s)");
+    negatives += p.negative_ids[i] != nullptr;
+  }
+  const bool cfg = p.guidance > 1.0f;
+  if (negatives != 0 && negatives != encoders)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "negative_ids: give all " + std::to_string(encoders) +
+                                                 " arrays or none (empty negative prompt)");
+  if (cfg && negatives == 0 && !family_->is_xl)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "negative_ids are NULL: " + family_->name +
+                                                 " encodes the empty negative prompt, so pass its token ids");
+  if (scaling_ <= 0) throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " has no VAE scaling factor");
+  check_coverage(plan, p.dilation, relay == "pixel");
+
+  c10::InferenceMode guard;
+  // Conditioning, CFG batch [uncond, cond] (runtime/conditioning.py).
+  auto [hidden, pooled] = encode_prompt(p.prompt_ids);
+  if (cfg) {
+    at::Tensor neg_h, neg_p;
+    if (negatives == 0) {  // SDXL force_zeros_for_empty_prompt
+      neg_h = at::zeros_like(hidden);
+      neg_p = at::zeros_like(pooled);
+    } else {
+      std::tie(neg_h, neg_p) = encode_prompt(p.negative_ids);
+    }
+    hidden = at::cat({neg_h, hidden});
+    if (family_->is_xl) pooled = at::cat({neg_p, pooled});
+  }
+  const int64_t batch = hidden.size(0);
+  const std::vector<StageSchedule> schedules = plan_schedule(plan, family_->scheduler, p.reschedule != 0);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(p.seed);
+  // Noise as diffusers draws it with a CPU generator: on the CPU, then moved.
+  auto draw_noise = [&](int64_t h, int64_t w) { return at::randn({1, 4, h, w}, gen, at::kFloat).to(device_); };
+  const int vs = family_->vae_scale;
+  const double w = p.guidance;
+
+  at::Tensor z, x0;
+  const size_t last = plan.stages.size() - 1;
+  for (size_t k = 0; k <= last; ++k) {
+    const StageSize& st = plan.stages[k];
+    const StageSchedule& c = schedules[k];
+    // Coefficients rounded to float32 as the Python runtime's device tensors are.
+    auto a = [](double abar) { return static_cast<float>(std::sqrt(abar)); };
+    auto b = [](double abar) { return static_cast<float>(std::sqrt(1.0 - abar)); };
+    const int64_t h = st.height / vs, wd = st.width / vs;
+    if (k == 0) {
+      z = draw_noise(h, wd);
+    } else {  // relay the truncated x0 to this stage's size, re-noise to its first timestep t'
+      at::Tensor x0_up;
+      if (relay == "pixel") {
+        at::Tensor image = decode(x0 / scaling_);
+        const auto enc_dtype = dtype_of(net("vae_encoder").entry().precision);
+        x0_up = encode(relay_resize(image, st.height, st.width, enc_dtype)) * scaling_;
+      } else {
+        x0_up = at::upsample_bicubic2d(x0, {h, wd}, false, std::nullopt, std::nullopt);
+      }
+      at::Tensor noise = draw_noise(h, wd);
+      z = x0_up * a(c.abar_t[0]) + noise * b(c.abar_t[0]);
+    }
+    const int delta = k == 0 ? 1 : p.dilation;  // no dilation at the native size
+    at::Tensor time_ids;
+    if (family_->is_xl) {
+      const float row[6] = {float(st.height), float(st.width), 0.f, 0.f, float(st.height), float(st.width)};
+      time_ids = at::from_blob(const_cast<float*>(row), {1, 6}, at::kFloat).clone().to(device_).expand({batch, 6});
+    }
+    const size_t steps = c.timesteps.size();
+    for (size_t i = 0; i < steps; ++i) {
+      at::Tensor eps = unet(cfg ? at::cat({z, z}) : z, c.timesteps[i], hidden, pooled, time_ids, delta);
+      if (cfg) {
+        auto parts = eps.chunk(2);
+        eps = parts[0] + (parts[1] - parts[0]) * w;
+      }
+      x0 = (z - eps * b(c.abar_t[i])) / a(c.abar_t[i]);
+      if (k < last && i == steps - 1) break;  // truncate: x0 from the pre-update latent
+      z = x0 * a(c.abar_s[i]) + eps * b(c.abar_s[i]);
+    }
+  }
+  at::Tensor image = decode(z / scaling_);
+  at::Tensor px = ((image[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(at::kByte).permute({1, 2, 0});
+  const int64_t top = (px.size(0) - plan.output_height) / 2, left = (px.size(1) - plan.output_width) / 2;
+  px = px.slice(0, top, top + plan.output_height).slice(1, left, left + plan.output_width).contiguous().cpu();
+  std::memcpy(rgb, px.data_ptr<uint8_t>(), need);
+}
+
+}  // namespace megafusion::lib

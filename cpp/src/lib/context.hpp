@@ -1,0 +1,72 @@
+// The C API's context: the engine folder's AOTInductor packages for one model on one device, and the
+// generation that runs the stage plan on them (the Python runtime's MegaFusionPipeline.generate).
+#ifndef MEGAFUSION_LIB_CONTEXT_HPP_
+#define MEGAFUSION_LIB_CONTEXT_HPP_
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "manifest.hpp"
+#include "megafusion/family.hpp"
+#include "megafusion/megafusion.h"
+#include "megafusion/plan.hpp"
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}
+
+namespace megafusion::lib {
+
+// One loaded package with its entry: inputs in the spec's order, range-checked before each run.
+class Network {
+ public:
+  Network(const std::string& root, Entry entry, const at::Device& device);
+  ~Network();
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs);
+  const Entry& entry() const { return entry_; }
+  // Whether `shape` of input `index` lies inside the package's compiled range.
+  bool covers(size_t index, const std::vector<long long>& shape) const;
+
+ private:
+  Entry entry_;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+};
+
+class Context {
+ public:
+  explicit Context(const mf_context_options& options);
+  ~Context();
+
+  int num_text_encoders() const { return family_->is_xl ? 2 : 1; }
+  StagePlan plan_of(const mf_generate_params& p) const;
+  void generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_bytes);
+
+ private:
+  const Family* family_;
+  at::Device device_;
+  std::string device_name_;
+  EngineFolder folder_;
+  double scaling_ = 0;
+  std::vector<long long> vocab_sizes_;
+  std::string precision_;
+  bool verify_hashes_ = false;
+  std::map<std::pair<std::string, int>, std::unique_ptr<Network>> nets_;
+
+  Network& net(const std::string& network, int dilation = 1);
+  void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay);
+  std::pair<at::Tensor, at::Tensor> encode_prompt(const int32_t* const* ids);
+  at::Tensor unet(const at::Tensor& sample, int64_t t, const at::Tensor& hidden, const at::Tensor& pooled,
+                  const at::Tensor& time_ids, int dilation);
+  at::Tensor decode(const at::Tensor& latent);
+  at::Tensor encode(const at::Tensor& image);
+  at::Tensor relay_resize(const at::Tensor& image, int height, int width, at::ScalarType out);
+};
+
+}  // namespace megafusion::lib
+
+#endif  // MEGAFUSION_LIB_CONTEXT_HPP_

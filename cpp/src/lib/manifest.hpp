@@ -1,0 +1,76 @@
+// The engine folder as the C++ library reads it (engine/cache.py writes it): manifest.json lists the
+// content-addressed entries, models.json the facts of each model's latest build (VAE scaling factor, the
+// weights fingerprint of each network). Plain C++: no libtorch, so ctest checks it quickly.
+#ifndef MEGAFUSION_LIB_MANIFEST_HPP_
+#define MEGAFUSION_LIB_MANIFEST_HPP_
+
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "megafusion/megafusion.h"
+
+namespace megafusion::lib {
+
+// An error with the C API's status code; what() names the bad value.
+class Failure : public std::runtime_error {
+ public:
+  Failure(mf_status code, const std::string& message) : std::runtime_error(message), code(code) {}
+  mf_status code;
+};
+
+struct TensorRange {
+  std::string name;
+  std::vector<long long> min, opt, max;
+};
+
+struct FileRecord {
+  std::string path;  // relative to the engine folder
+  std::string sha256;
+  long long size = 0;
+};
+
+struct Entry {
+  std::string digest, model, weights, network, variant, precision, backend, backend_version, device;
+  int dilation = 1;
+  std::vector<TensorRange> range;  // the first profile (an AOTInductor package has exactly one: its range)
+  std::vector<FileRecord> files;
+  double created = 0;
+
+  std::string describe() const;  // e.g. "unet (dilated) fp32 aoti"
+};
+
+struct ModelFacts {
+  double vae_scaling_factor = 0;
+  std::map<std::string, std::string> weights;  // network -> fingerprint of its latest build
+  std::vector<long long> vocab_sizes;          // per text encoder, to refuse out-of-range token ids
+};
+
+// Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
+// missing, not JSON, or of another format.
+struct EngineFolder {
+  std::string root;
+  std::vector<Entry> entries;
+  std::map<std::string, ModelFacts> models;
+};
+EngineFolder read_engine_folder(const std::string& dir);
+
+// The entries a run on `device` (its name as the manifest records it: "cpu" or the GPU's name) with torch
+// `torch_version` needs for `model`: one per (network, dilation) in `wanted`, built from the weights
+// models.json records, precision `precision` (VAE: any). Failure(MF_ERROR_ENGINE) names what is missing or
+// stale and the command that builds it.
+std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& folder, const std::string& model,
+                                                            const std::vector<std::pair<std::string, int>>& wanted,
+                                                            const std::string& precision, const std::string& device,
+                                                            const std::string& torch_version);
+
+// Checks each file's existence and size, and its sha256 when `hashes`; Failure(MF_ERROR_ENGINE) names the file.
+void verify_files(const std::string& root, const Entry& e, bool hashes);
+
+// "2.13.0+cpu" -> "2.13.0": packages are tied to the torch release, the local suffix names the wheel.
+std::string base_version(const std::string& v);
+
+}  // namespace megafusion::lib
+
+#endif  // MEGAFUSION_LIB_MANIFEST_HPP_

@@ -1,0 +1,17 @@
+// SHA-256 of a file (FIPS 180-4), to verify engine files against the manifest without OpenSSL.
+#ifndef MEGAFUSION_LIB_SHA256_HPP_
+#define MEGAFUSION_LIB_SHA256_HPP_
+
+#include <string>
+
+namespace megafusion::lib {
+
+// Lower-case hex digest; throws std::runtime_error if the file cannot be read.
+std::string sha256_file(const std::string& path);
+
+// Of a byte string (tests).
+std::string sha256_bytes(const std::string& data);
+
+}  // namespace megafusion::lib
+
+#endif  // MEGAFUSION_LIB_SHA256_HPP_

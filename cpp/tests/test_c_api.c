@@ -1,0 +1,101 @@
+/* Bad calls through libmegafusion's C API return a status code and a message naming the problem; nothing
+ * aborts. Written in C so the header is checked as C. Usage: megafusion_c_api_test ENGINE_DIR MODEL
+ * (engines from mf-build-engines --backend aoti covering 128x128 to 256x256, as the Python tests build). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "megafusion/megafusion.h"
+
+static int failures = 0;
+
+static void expect(const char* what, mf_status got, mf_status want, const char* needle) {
+  const char* msg = mf_last_error();
+  if (got != want || (needle && !strstr(msg, needle))) {
+    fprintf(stderr, "FAIL %s: status %d (want %d), message '%s' (want it to contain '%s')\n", what, (int)got,
+            (int)want, msg, needle ? needle : "");
+    ++failures;
+  } else {
+    printf("ok   %s: %s\n", what, msg);
+  }
+}
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: %s ENGINE_DIR MODEL\n", argv[0]);
+    return 2;
+  }
+  const char* dir = argv[1];
+  const char* model = argv[2];
+  mf_context* ctx = (mf_context*)1;
+  mf_context_options o = {dir, model, "cpu", 0};
+
+  expect("null options", mf_context_create(NULL, &ctx), MF_ERROR_INVALID_ARGUMENT, "options is NULL");
+  if (ctx != NULL) {
+    fprintf(stderr, "FAIL null options: *out not reset\n");
+    ++failures;
+  }
+  expect("null out", mf_context_create(&o, NULL), MF_ERROR_INVALID_ARGUMENT, "out");
+  mf_context_options missing = {"/nonexistent/engines", model, "cpu", 0};
+  expect("missing engine folder", mf_context_create(&missing, &ctx), MF_ERROR_ENGINE, "/nonexistent/engines");
+  mf_context_options unknown = {dir, "sd9", "cpu", 0};
+  expect("unknown model", mf_context_create(&unknown, &ctx), MF_ERROR_INVALID_ARGUMENT, "'sd9'");
+  mf_context_options bad_device = {dir, model, "tpu", 0};
+  expect("unknown device", mf_context_create(&bad_device, &ctx), MF_ERROR_INVALID_ARGUMENT, "'tpu'");
+  mf_context_options null_dir = {NULL, model, "cpu", 0};
+  expect("null engine_dir", mf_context_create(&null_dir, &ctx), MF_ERROR_INVALID_ARGUMENT, "engine_dir");
+
+  expect("create", mf_context_create(&o, &ctx), MF_OK, NULL);
+  if (!ctx) return 1;
+  const int encoders = mf_num_text_encoders(ctx);
+
+  int32_t ids[MF_TOKEN_LENGTH] = {0};
+  mf_generate_params p;
+  mf_generate_params_init(&p);
+  for (int i = 0; i < encoders; ++i) p.prompt_ids[i] = ids, p.negative_ids[i] = ids;
+  p.stages = "128x128:2,256x256:1";
+  size_t bytes = 256 * 256 * 3, big = 512 * 512 * 3;
+  uint8_t* rgb = (uint8_t*)malloc(big);
+
+  expect("null ctx", mf_generate(NULL, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+  expect("null params", mf_generate(ctx, NULL, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "params is NULL");
+  expect("null rgb", mf_generate(ctx, &p, NULL, bytes), MF_ERROR_INVALID_ARGUMENT, "rgb buffer is NULL");
+  expect("small buffer", mf_generate(ctx, &p, rgb, bytes - 1), MF_ERROR_BUFFER_TOO_SMALL, "256x256 RGB8 needs 196608");
+
+  p.stages = "128x128:2,512x512:1";
+  expect("size outside the engines", mf_generate(ctx, &p, rgb, big), MF_ERROR_UNSUPPORTED_SIZE,
+         "128x128 to 256x256");
+  p.stages = "128x128:2,250x250:1";
+  expect("size the model refuses", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_UNSUPPORTED_SIZE, "250");
+  p.stages = "banana";
+  expect("malformed stages", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_UNSUPPORTED_SIZE, "banana");
+  p.stages = "128x128:2,256x256:1";
+  p.width = 256;
+  expect("width without height", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "256x0");
+  p.width = 0;
+  p.relay = "telepathy";
+  expect("unknown relay", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "'telepathy'");
+  p.relay = "pixel";
+  p.dilation = 0;
+  expect("dilation 0", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "dilation");
+  p.dilation = 2;
+  p.prompt_ids[0] = NULL;
+  expect("null prompt ids", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT, "prompt_ids[0] is NULL");
+  p.prompt_ids[0] = ids;
+  ids[5] = 1 << 30;
+  expect("token id outside the vocabulary", mf_generate(ctx, &p, rgb, bytes), MF_ERROR_INVALID_ARGUMENT,
+         "token id 1073741824");
+  ids[5] = 0;
+  int w = 0, h = 0;
+  expect("output size", mf_output_size(ctx, &p, &w, &h), MF_OK, NULL);
+  if (w != 256 || h != 256) {
+    fprintf(stderr, "FAIL output size: %dx%d\n", w, h);
+    ++failures;
+  }
+  expect("output size, null pointers", mf_output_size(ctx, &p, NULL, &h), MF_ERROR_INVALID_ARGUMENT, "NULL");
+  free(rgb);
+  mf_context_destroy(ctx);
+  mf_context_destroy(NULL);
+  printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
