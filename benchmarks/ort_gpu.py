@@ -71,11 +71,12 @@ def export(bundle, plan, engine_dir: Path, args, st: dict[str, Any], report: Rep
     st["rows"] = export_rows(built, bundle.family.vae_scale)
 
 
-def open_ort(bundle, plan, engine_dir: Path, st: dict[str, Any]):
+def open_ort(bundle, plan, engine_dir: Path, st: dict[str, Any], args=None):
     from megafusion.engine.load import open_engines
 
     t0 = time.perf_counter()
-    nets, desc = open_engines(engine_dir, bundle, plan, 2, "pixel", DEV, "onnxruntime", "fp16")
+    nets, desc = open_engines(engine_dir, bundle, plan, 2, "pixel", DEV, "onnxruntime", "fp16",
+                              getattr(args, "conv_algo_search", "EXHAUSTIVE"))
     st["open_s"] = round(time.perf_counter() - t0, 2)  # sha256 of every file + one CUDA-EP session each
     st["description"] = desc
     st["providers"] = {f"{n}/{d}": r.session.get_providers() for (n, d), r in nets.runners.items()}
@@ -228,7 +229,7 @@ def run(args, report: Report) -> None:
             export(bundle, plan, engine_root / m, args, st, report)
     if bundle is not None and not (args.skip_unet and args.skip_generation):
         with report.guarded("open_engines_ort") as st:
-            state["nets"] = open_ort(bundle, plan, engine_root / m, st)
+            state["nets"] = open_ort(bundle, plan, engine_root / m, st, args)
     nets = state.get("nets")
     # The generation before the UNet timing: the standard UNet's session would otherwise keep an arena
     # sized for 2048 px (tens of GB) through the generation, which never runs it there.

@@ -54,12 +54,31 @@ class _Graph:
     """The `IOBinding` bound to those buffers."""
 
 
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+"""The CUDA EP's `cudnn_conv_algo_search` values. On the H100 (SD1.5, fused, EXHAUSTIVE) every change of input
+shape cost a session 1.6 to 2.4 s on its next run, even for shapes it had run before; a multi-stage plan changes
+shape at every stage, so HEURISTIC is there to be measured against it."""
+
+
+def cuda_provider_options(device: torch.device, stream: int, cuda_graph: bool, shrink_arena: bool,
+                          conv_algo_search: str = "EXHAUSTIVE") -> dict[str, str]:
+    """CUDA EP options: the caller's stream (IOBinding on torch tensors), optional CUDA graph, arena policy."""
+    if conv_algo_search not in CONV_ALGO_SEARCH:
+        raise ValueError(f"unknown cudnn_conv_algo_search {conv_algo_search!r}; choose one of "
+                         f"{', '.join(CONV_ALGO_SEARCH)}")
+    opts = {"device_id": str(device.index or 0), "has_user_compute_stream": "1", "user_compute_stream": str(stream),
+            "enable_cuda_graph": "1" if cuda_graph else "0", "cudnn_conv_algo_search": conv_algo_search}
+    if shrink_arena:  # regions sized as requested, so a shrink returns them whole
+        opts["arena_extend_strategy"] = "kSameAsRequested"
+    return opts
+
+
 class OrtRunner:
     """One ONNX model in one InferenceSession."""
 
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec, vae_scale: int, device: torch.device | str = "cpu",
                  cuda_graph: bool = False, threads: int | None = None, shrink_arena: bool = False,
-                 optimization: str = "all"):
+                 optimization: str = "all", conv_algo_search: str = "EXHAUSTIVE"):
         import onnxruntime as ort
 
         self.spec, self.vae_scale = spec, vae_scale
@@ -78,10 +97,7 @@ class OrtRunner:
             if not cuda_available():
                 raise RuntimeError("onnxruntime's CUDAExecutionProvider is not available (install onnxruntime-gpu)")
             stream = torch.cuda.current_stream(self.device).cuda_stream
-            cuda_opts = {"device_id": str(self.device.index or 0), "has_user_compute_stream": "1",
-                         "user_compute_stream": str(stream), "enable_cuda_graph": "1" if self.cuda_graph else "0"}
-            if shrink_arena:  # regions sized as requested, so a shrink returns them whole
-                cuda_opts["arena_extend_strategy"] = "kSameAsRequested"
+            cuda_opts = cuda_provider_options(self.device, stream, self.cuda_graph, shrink_arena, conv_algo_search)
             providers = [("CUDAExecutionProvider", cuda_opts)]
         else:
             providers = ["CPUExecutionProvider"]

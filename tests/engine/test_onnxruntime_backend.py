@@ -69,3 +69,18 @@ def test_unbuilt_dilation_is_an_error(tiny_sdxl, sdxl_engines):
     with pytest.raises(KeyError, match="dilation 3"):
         nets.unet(torch.zeros(1, 4, 32, 32), torch.tensor(1), torch.zeros(1, 77, 64), torch.zeros(1, 32),
                   torch.zeros(1, 6), dilation=3)
+
+
+def test_cuda_provider_options():
+    import torch
+
+    from megafusion.engine.onnxruntime_backend import cuda_provider_options
+
+    o = cuda_provider_options(torch.device("cuda", 1), 1234, cuda_graph=True, shrink_arena=True,
+                              conv_algo_search="HEURISTIC")
+    assert o == {"device_id": "1", "has_user_compute_stream": "1", "user_compute_stream": "1234",
+                 "enable_cuda_graph": "1", "cudnn_conv_algo_search": "HEURISTIC",
+                 "arena_extend_strategy": "kSameAsRequested"}
+    assert "arena_extend_strategy" not in cuda_provider_options(torch.device("cuda"), 0, False, False)
+    with pytest.raises(ValueError, match="'FASTEST'"):
+        cuda_provider_options(torch.device("cuda"), 0, False, False, "FASTEST")
