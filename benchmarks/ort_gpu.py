@@ -76,7 +76,8 @@ def open_ort(bundle, plan, engine_dir: Path, st: dict[str, Any], args=None):
 
     t0 = time.perf_counter()
     nets, desc = open_engines(engine_dir, bundle, plan, 2, "pixel", DEV, "onnxruntime", "fp16",
-                              getattr(args, "conv_algo_search", "EXHAUSTIVE"))
+                              getattr(args, "conv_algo_search", "EXHAUSTIVE"),
+                              getattr(args, "generation_unet_graphs", False))
     st["open_s"] = round(time.perf_counter() - t0, 2)  # sha256 of every file + one CUDA-EP session each
     st["description"] = desc
     st["providers"] = {f"{n}/{d}": r.session.get_providers() for (n, d), r in nets.runners.items()}

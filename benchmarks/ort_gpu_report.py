@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rebuild engines even if present and valid")
     p.add_argument("--conv-algo-search", choices=("EXHAUSTIVE", "HEURISTIC", "DEFAULT"), default="EXHAUSTIVE",
                    help="the CUDA EP's cudnn_conv_algo_search")
+    p.add_argument("--generation-unet-graphs", action="store_true",
+                   help="run the generation's UNets through one ORT CUDA graph per shape")
     p.add_argument("--ort-optimize", choices=("none", "cpu", "cuda"),
                    help="ORT transformer-optimizer fusion of the exported graphs (default: cuda on a GPU, else none)")
     p.add_argument("--check-load", action="store_true",

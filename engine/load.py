@@ -64,8 +64,12 @@ def _choose_backend(entries: list[Entry], device: torch.device, backend: str | N
 
 def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
                  relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
-                 precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE") -> tuple[Networks, str]:
-    """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them."""
+                 precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
+                 ort_unet_graphs: bool = False) -> tuple[Networks, str]:
+    """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
+
+    ONNX Runtime on CUDA: `conv_algo_search` is the EP's cuDNN algorithm search; `ort_unet_graphs` runs the
+    UNets through one ORT CUDA graph per input shape (replays skip the EP's per-shape set-up)."""
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
     fam = bundle.family
@@ -116,7 +120,8 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
             m.to(device=device, dtype=dtypes[precision])
         bundle.vae.to(device=device)
         return TorchNetworks(bundle, dtypes[chosen[(VAE_DECODER, 1)].key.precision]), desc
-    runners = {k: _runner(engine_dir, e, fam.vae_scale, device, conv_algo_search) for k, e in chosen.items()}
+    runners = {k: _runner(engine_dir, e, fam.vae_scale, device, conv_algo_search, ort_unet_graphs and k[0] == "unet")
+               for k, e in chosen.items()}
     return EngineNetworks(runners, device), desc
 
 
@@ -128,7 +133,8 @@ def _served_sizes(e: Entry, spec: NetworkSpec) -> list[str]:
     return profile_sizes(e.key.network, e.key.profiles, fam.vae_scale)
 
 
-def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device, conv_algo_search: str = "EXHAUSTIVE"):
+def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device, conv_algo_search: str = "EXHAUSTIVE",
+            cuda_graph: bool = False):
     spec = network_spec(get_family(e.key.model), e.key.network, e.key.precision, e.key.dilation)
     path = engine_dir / e.files[0].path
     if e.key.backend == "aoti":
@@ -140,8 +146,8 @@ def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device, co
 
         # The VAE runs a few times per generation with transients of tens of GB at 2048 px (fp32 mid-block
         # attention); each session's arena would keep its peak, so encoder and decoder give theirs back.
-        return OrtRunner(path, spec, vae_scale, device, shrink_arena=e.key.network in (VAE_DECODER, VAE_ENCODER),
-                         conv_algo_search=conv_algo_search)
+        return OrtRunner(path, spec, vae_scale, device, cuda_graph=cuda_graph,
+                         shrink_arena=e.key.network in (VAE_DECODER, VAE_ENCODER), conv_algo_search=conv_algo_search)
     from .tensorrt_backend import TrtRunner
 
     return TrtRunner(path, spec, e.key.profiles, device)
