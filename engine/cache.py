@@ -234,17 +234,27 @@ class EngineCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write_manifest(self, entries: dict[str, Entry]) -> None:
-        data = {"format": FORMAT, "entries": [entries[d].to_json() for d in sorted(entries)]}
-        tmp = self.root / f".{MANIFEST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        self.write_json(MANIFEST, {"format": FORMAT, "entries": [entries[d].to_json() for d in sorted(entries)]})
+
+    def write_json(self, name: str, data: dict) -> None:
+        """Writes `name` in the cache folder atomically (temp file, fsync, rename, fsync of the folder); callers
+        hold the lock."""
+        tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.manifest_path)
+            os.replace(tmp, self.root / name)
             _fsync_dir(self.root)
         finally:
             tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The cache's lock, for read-modify-write of its files by other modules (models.json)."""
+        with self._locked():
+            yield
 
     @contextlib.contextmanager
     def staging(self, key: EngineKey) -> Iterator[Path]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 from megafusion.export.loading import ModelBundle
 
-from .cache import CorruptManifestError, EngineCache, _fsync_dir
+from .cache import CorruptManifestError, EngineCache
 
 MODELS = "models.json"
 FORMAT = 1
@@ -41,7 +40,7 @@ def read_models(root: str | os.PathLike) -> dict[str, dict]:
 def record_model(cache: EngineCache, bundle: ModelBundle, weights: dict[str, str]) -> dict:
     """Merges this build's facts for `bundle`'s model into `models.json`; returns the model's record."""
     fam = bundle.family
-    with cache._locked():
+    with cache.locked():
         models = read_models(cache.root)
         rec = dict(models.get(fam.name, {}))
         rec["vae_scaling_factor"] = float(bundle.vae.config.scaling_factor)
@@ -49,14 +48,5 @@ def record_model(cache: EngineCache, bundle: ModelBundle, weights: dict[str, str
         rec["weights"] = {**rec.get("weights", {}), **weights}
         rec["source"] = str(bundle.source)
         models[fam.name] = rec
-        tmp = cache.root / f".{MODELS}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({"format": FORMAT, "models": models}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, cache.root / MODELS)
-            _fsync_dir(cache.root)
-        finally:
-            tmp.unlink(missing_ok=True)
+        cache.write_json(MODELS, {"format": FORMAT, "models": models})
     return rec
