@@ -55,15 +55,16 @@ def _check_backend(backend: str, device: str) -> None:
 
 
 def ort_optimize_level(asked: str | None, backend: str, device: str) -> str:
-    """The `--ort-optimize` value to build with: as asked (checked against backend and device), else `cuda` for
-    onnxruntime engines on a CUDA device and `none` otherwise."""
+    """The `--ort-optimize` value to build with: as asked (checked against backend and device by the build's own
+    rule), else `cuda` for onnxruntime engines on a CUDA device and `none` otherwise."""
     if asked is None:
         return "cuda" if backend == "onnxruntime" and device.startswith("cuda") else "none"
-    if asked != "none" and backend != "onnxruntime":
-        raise UsageError(f"--ort-optimize {asked}: only for --backend onnxruntime (not {backend})")
-    if asked == "cuda" and not device.startswith("cuda"):
-        raise UsageError(f"--ort-optimize cuda: its fused ops (GroupNorm, NhwcConv, ...) run only on the CUDA EP, "
-                         f"and --device is {device}; use --ort-optimize cpu or none")
+    from .build import check_ort_optimize
+
+    try:
+        check_ort_optimize(backend, asked, device)
+    except ValueError as e:
+        raise UsageError(f"--ort-optimize {asked}: {e}") from None
     return asked
 
 
