@@ -2,7 +2,7 @@
 
 Why not one global SDPA backend: measured on the H100 (benchmarks/kernel_breakdown.py), cuDNN's attention
 is 1.6x faster than flash at the SDXL UNet's shapes (head dim 64), but it has no kernel for the VAE's single
-head of dim 512, where torch falls back to the memory-efficient kernel at about 130 TFLOP/s. So:
+head of dim 512, where torch falls back to the memory-efficient kernel (107 TFLOP/s at 65536 tokens). So:
 - `cudnn`: the UNet's attention through cuDNN, wrapped in a custom op so that torch.compile keeps the kernel
   (Inductor sees an opaque call, not an SDPA it may re-dispatch);
 - `chunked`: plain matmul-softmax-matmul over blocks of queries, for head dims no fused kernel takes; the

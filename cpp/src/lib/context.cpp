@@ -4,6 +4,7 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -26,6 +27,13 @@ namespace megafusion::lib {
 namespace {
 
 at::ScalarType dtype_of(const std::string& precision) { return precision == "fp16" ? at::kHalf : at::kFloat; }
+
+// export/specs.py text_encoder_name: the networks of the first and second text encoder.
+std::string text_encoder_name(int index) { return index == 0 ? "text_encoder" : "text_encoder_2"; }
+
+// Stage coefficients rounded to float32, as the Python runtime's device tensors are.
+float sqrt_abar(double abar) { return static_cast<float>(std::sqrt(abar)); }
+float sqrt_one_minus_abar(double abar) { return static_cast<float>(std::sqrt(1.0 - abar)); }
 
 std::string shape_str(const std::vector<long long>& s) {
   std::string out = "(";
@@ -116,17 +124,19 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
     scaling_ = facts->second.vae_scaling_factor;
     vocab_sizes_ = facts->second.vocab_sizes;
   }
-  // UNet precision: fp16 on a GPU, fp32 on the CPU, else whichever the folder has.
-  const std::string want = device_.is_cuda() ? "fp16" : "fp32";
-  for (const std::string& prec : {want, std::string(want == "fp16" ? "fp32" : "fp16")}) {
-    for (const Entry& e : folder_.entries)
-      if (e.model == family_->name && e.backend == "aoti" && e.network == "unet" && e.precision == prec &&
-          e.device == device_name_ && precision_.empty())
-        precision_ = prec;
-  }
-  if (precision_.empty()) precision_ = want;  // select_entries then names what is missing
+  // UNet precision: fp16 on a GPU, fp32 on the CPU, else whichever the folder has (select_entries then names
+  // what is missing if neither).
+  precision_ = device_.is_cuda() ? "fp16" : "fp32";
+  const std::string other = precision_ == "fp16" ? "fp32" : "fp16";
+  auto has_unet = [&](const std::string& prec) {
+    return std::any_of(folder_.entries.begin(), folder_.entries.end(), [&](const Entry& e) {
+      return e.model == family_->name && e.backend == "aoti" && e.network == "unet" && e.precision == prec &&
+             e.device == device_name_;
+    });
+  };
+  if (!has_unet(precision_) && has_unet(other)) precision_ = other;
   // Load what every generation needs now, so a broken folder fails here rather than mid-request.
-  for (int i = 0; i < num_text_encoders(); ++i) net(i == 0 ? "text_encoder" : "text_encoder_2");
+  for (int i = 0; i < num_text_encoders(); ++i) net(text_encoder_name(i));
   net("unet", 1);
   net("vae_decoder");
   net("vae_encoder");
@@ -202,7 +212,7 @@ std::pair<at::Tensor, at::Tensor> Context::encode_prompt(const int32_t* const* i
                                                      std::to_string(j) + " of text encoder " + std::to_string(i) +
                                                      " is outside its vocabulary of " + std::to_string(vocab));
     at::Tensor t = at::from_blob(const_cast<int32_t*>(ids[i]), {1, MF_TOKEN_LENGTH}, at::kInt).clone().to(device_);
-    auto out = net(i == 0 ? "text_encoder" : "text_encoder_2").run({t});
+    auto out = net(text_encoder_name(i)).run({t});
     states.push_back(out.at(0).to(at::kFloat));
     if (out.size() > 1) pooled = out[1].to(at::kFloat);
   }
@@ -312,14 +322,13 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
   const int vs = family_->vae_scale;
   const double w = p.guidance;
 
+  const auto a = sqrt_abar;            // a_t = sqrt(abar'_t), as runtime/pipeline.py
+  const auto b = sqrt_one_minus_abar;  // b_t = sqrt(1 - abar'_t)
   at::Tensor z, x0;
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
     const StageSize& st = plan.stages[k];
     const StageSchedule& c = schedules[k];
-    // Coefficients rounded to float32 as the Python runtime's device tensors are.
-    auto a = [](double abar) { return static_cast<float>(std::sqrt(abar)); };
-    auto b = [](double abar) { return static_cast<float>(std::sqrt(1.0 - abar)); };
     const int64_t h = st.height / vs, wd = st.width / vs;
     if (k == 0) {
       z = draw_noise(h, wd);
