@@ -11,6 +11,7 @@ the empty prompt's ids, which the runtime encodes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,11 +61,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        get_family(args.model)
+        if args.output and not Path(args.output).parent.is_dir():
+            raise UsageError(f"output folder {str(Path(args.output).parent)!r} does not exist")
         text = format_ids(args.model, load_tokenizers(args.model, args.model_path), args.prompt,
                           args.negative_prompt)
         if args.output:
-            Path(args.output).write_text(text)
+            out = Path(args.output)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, out)  # never a half-written ids file under the requested name
+            finally:
+                tmp.unlink(missing_ok=True)
         else:
             sys.stdout.write(text)
         return 0
