@@ -74,6 +74,9 @@ class BuildRequest:
     ort_optimize: str = "none"
     """onnxruntime: fuse each exported graph with ONNX Runtime's transformer optimizer for this execution provider
     (`cpu` or `cuda`; see `megafusion.export.ort_optimize`), or `none`. Part of the engine key."""
+    networks: tuple[str, ...] = ()
+    """Build only these networks of the plan (see `select_networks`); empty builds all. Several builds of one
+    folder with disjoint selections may run at once (commits and models.json are written under the cache's lock)."""
 
 
 @dataclass
@@ -109,6 +112,31 @@ def check_ort_optimize(backend: str, ort_optimize: str, device: str) -> None:
                          f"engines for device {device!r} need 'cpu' or 'none'")
 
 
+def network_selectors(reqs: tuple[Requirement, ...]) -> dict[str, set[str]]:
+    """What `--networks` accepts for a plan: each network name (every variant of it), and for the UNet
+    `unet-standard` / `unet-dilated`; each maps to the spec names it selects."""
+    out: dict[str, set[str]] = {}
+    for r in reqs:
+        s = r.spec
+        out.setdefault(s.network, set()).add(s.name)
+        if s.network == "unet":
+            out.setdefault(f"unet-{s.variant}", set()).add(s.name)
+    return out
+
+
+def select_networks(reqs: tuple[Requirement, ...], selectors: tuple[str, ...]) -> tuple[Requirement, ...]:
+    """The requirements `selectors` name (all if none); ValueError naming an unknown selector and the choices."""
+    if not selectors:
+        return reqs
+    known = network_selectors(reqs)
+    names: set[str] = set()
+    for sel in selectors:
+        if sel not in known:
+            raise ValueError(f"unknown network {sel!r} for this plan; choose from {', '.join(sorted(known))}")
+        names |= known[sel]
+    return tuple(r for r in reqs if r.spec.name in names)
+
+
 def build_engines(bundle: ModelBundle, req: BuildRequest,
                   log: Callable[[str], None] = lambda msg: None) -> BuildReport:
     """Exports and builds every network `req.plan` runs; returns what was built and what was skipped."""
@@ -124,6 +152,13 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
     reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation, req.vae_precision)
     if req.backend == "aoti":  # one package per network serves the plan's whole range of sides
         reqs = tuple(Requirement(r.spec, (range_profile(bundle.family, r.spec, req.plan),)) for r in reqs)
+    reqs = select_networks(reqs, req.networks)
+    if req.release_weights:  # modules this selection never exports are freed now (parallel builds share RAM)
+        used = {id(source_module(bundle, r.spec)) for r in reqs}
+        for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
+            if id(m) not in used:
+                m.to(device="meta")
+        gc.collect()
     report, fingerprints = BuildReport(), {}
     for r in reqs:  # hashed as loaded (what `open_engines` hashes), before any in-place cast below
         module = source_module(bundle, r.spec)

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime: fuse attention (and, for cuda, GroupNorm, NhwcConv, ...) with ONNX Runtime's "
                         "transformer optimizer for this execution provider; needed for 2048 px on the CUDA EP "
                         "(default: cuda with a CUDA --device, else none)")
+    p.add_argument("--networks",
+                   help="comma-separated networks to build (default: all the plan needs): text_encoder, "
+                        "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder; builds of "
+                        "disjoint sets may run at once into one --output")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
     p.add_argument("--output", required=True, help="engine folder (created if missing)")
     return p
@@ -68,6 +72,15 @@ def ort_optimize_level(asked: str | None, backend: str, device: str) -> str:
     return asked
 
 
+def _networks(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"--networks {value!r}: name at least one network")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from megafusion.export.cli_common import plan_from_args, resolve_device
     from megafusion.export.loading import load_model
@@ -85,12 +98,23 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     _check_backend(args.backend, device)
     ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
+    networks = _networks(args.networks)
+    if networks:  # checked before the (minutes-long, for SDXL) model load
+        from megafusion.export.specs import plan_requirements
+
+        from .build import select_networks
+
+        try:
+            select_networks(plan_requirements(family, plan, args.precision, 1 if args.no_dilation else args.dilation,
+                                              args.vae_precision), networks)
+        except ValueError as e:
+            raise UsageError(f"--networks: {e}") from None
     print(f"plan: {plan.describe()}")
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        1 if args.no_dilation else args.dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
-                       ort_optimize=ort_optimize)
+                       ort_optimize=ort_optimize, networks=networks)
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

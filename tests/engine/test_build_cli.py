@@ -44,6 +44,9 @@ def test_corrupt_engine_is_rebuilt_by_the_cli(sdxl_copy, capsys):
     (["--model", "sdxl", "--model-path", "/no/such/dir"], "/no/such/dir"),
     (["--model", "tiny-sdxl", "--device", "cpu", "--ort-optimize", "cuda"], "--ort-optimize cuda"),
     (["--model", "tiny-sdxl", "--device", "cpu", "--backend", "torch", "--ort-optimize", "cpu"], "--ort-optimize cpu"),
+    (["--model", "tiny-sdxl", "--device", "cpu", "--networks", "unet,unet-wide"], "'unet-wide'"),
+    (["--model", "tiny-sdxl", "--device", "cpu", "--no-dilation", "--networks", "unet-dilated"], "'unet-dilated'"),
+    (["--model", "tiny-sdxl", "--device", "cpu", "--networks", ","], "--networks ','"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, named, tmp_path, capsys):
     assert build_cli.main([*argv, "--output", str(tmp_path / "e")]) == 2
@@ -180,3 +183,40 @@ def test_ort_optimized_build_never_aliases_plain_and_generates_like_torch(tiny_s
     assert_generation_matches_torch(tiny_sd15, nets, plan, opts, "ort-fused: ")
     assert build_cli.main(argv) == 0
     assert "0 built, 4 up to date" in capsys.readouterr().out
+
+
+def _torch_build(tmp_path, *extra):
+    return ["--model", "tiny-sdxl", "--stages", STAGES, "--backend", "torch", "--device", "cpu",
+            "--output", str(tmp_path), *extra]
+
+
+def test_networks_builds_only_the_named_ones_then_the_rest(tmp_path, capsys):
+    assert build_cli.main(_torch_build(tmp_path, "--networks", "unet-dilated,vae_encoder")) == 0
+    entries = EngineCache(tmp_path).entries().values()
+    assert sorted((e.key.network, e.key.dilation) for e in entries) == [("unet", 2), ("vae_encoder", 1)]
+    facts = json.loads((tmp_path / "models.json").read_text())["models"]["tiny-sdxl"]["weights"]
+    assert set(facts) == {"unet", "vae_encoder"}
+    capsys.readouterr()
+    assert build_cli.main(_torch_build(tmp_path)) == 0  # the whole plan: only what is missing is built
+    assert "4 built, 2 up to date" in capsys.readouterr().out
+    facts = json.loads((tmp_path / "models.json").read_text())["models"]["tiny-sdxl"]["weights"]
+    assert set(facts) == {"unet", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2"}
+
+
+def test_disjoint_network_builds_run_at_once_into_one_folder(tmp_path):
+    """Two processes commit into one manifest under the cache's lock; neither loses the other's entries."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "megafusion.engine.cli"]
+    procs = [subprocess.Popen([*cmd, *_torch_build(tmp_path, "--networks", sel)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for sel in ("unet,text_encoder", "vae_decoder,vae_encoder,text_encoder_2")]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    entries = EngineCache(tmp_path).entries().values()
+    assert sorted(e.key.network for e in entries) == sorted(
+        ["unet", "unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder"])
+    facts = json.loads((tmp_path / "models.json").read_text())["models"]["tiny-sdxl"]["weights"]
+    assert len(facts) == 5
