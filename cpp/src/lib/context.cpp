@@ -18,6 +18,10 @@
 #include "relay_bicubic.h"
 #endif
 
+#ifdef MEGAFUSION_WITH_TENSORRT
+#include "trt_network.hpp"
+#endif
+
 #ifndef MEGAFUSION_TORCH_VERSION
 #error "MEGAFUSION_TORCH_VERSION must name the torch the library is built against (CMake sets it)"
 #endif
@@ -25,6 +29,12 @@
 namespace megafusion::lib {
 
 namespace {
+
+#ifdef MEGAFUSION_WITH_TENSORRT
+constexpr bool kWithTensorRT = true;
+#else
+constexpr bool kWithTensorRT = false;
+#endif
 
 at::ScalarType dtype_of(const std::string& precision) { return precision == "fp16" ? at::kHalf : at::kFloat; }
 
@@ -64,11 +74,34 @@ std::string device_name(const at::Device& d) {
 #endif
 }
 
+// What sizes an entry serves, in pixels (`k` pixels per latent): a package's range, a plan's profiles.
+std::string served(const Entry& e, long long k) {
+  if (e.backend == "aoti") {
+    const TensorRange& r = e.range.at(0);
+    return std::to_string(r.min[3] * k) + "x" + std::to_string(r.min[2] * k) + " to " +
+           std::to_string(r.max[3] * k) + "x" + std::to_string(r.max[2] * k);
+  }
+  std::string out;
+  for (const Profile& p : e.profiles) {
+    const std::vector<long long>& opt = p.shapes.at(0).opt;
+    if (opt.size() == 4)
+      out += (out.empty() ? "" : ", ") + std::to_string(opt[3] * k) + "x" + std::to_string(opt[2] * k);
+  }
+  return out.empty() ? "no image size" : out;
+}
+
+std::unique_ptr<Network> open_network(const std::string& root, const Entry& e, const at::Device& device) {
+#ifdef MEGAFUSION_WITH_TENSORRT
+  if (e.backend == "tensorrt") return std::make_unique<TrtNetwork>(root, e, device);
+#endif
+  return std::make_unique<AotiNetwork>(root, e, device);
+}
+
 }  // namespace
 
-// ------------------------------------------------------------------------------------------------ Network
+// ------------------------------------------------------------------------------------------------ AotiNetwork
 
-Network::Network(const std::string& root, Entry entry, const at::Device& device) : entry_(std::move(entry)) {
+AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device& device) : Network(std::move(entry)) {
   const std::string path = root + "/" + entry_.files.front().path;
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
@@ -78,9 +111,9 @@ Network::Network(const std::string& root, Entry entry, const at::Device& device)
   }
 }
 
-Network::~Network() = default;
+AotiNetwork::~AotiNetwork() = default;
 
-bool Network::covers(size_t index, const std::vector<long long>& shape) const {
+bool AotiNetwork::covers(size_t index, const std::vector<long long>& shape) const {
   const TensorRange& r = entry_.range.at(index);
   if (shape.size() != r.min.size()) return false;
   for (size_t i = 0; i < shape.size(); ++i)
@@ -88,7 +121,7 @@ bool Network::covers(size_t index, const std::vector<long long>& shape) const {
   return true;
 }
 
-std::vector<at::Tensor> Network::run(const std::vector<at::Tensor>& inputs) {
+std::vector<at::Tensor> AotiNetwork::run(const std::vector<at::Tensor>& inputs) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     std::vector<long long> s(inputs[i].sizes().begin(), inputs[i].sizes().end());
     if (!covers(i, s))
@@ -124,13 +157,14 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
     scaling_ = facts->second.vae_scaling_factor;
     vocab_sizes_ = facts->second.vocab_sizes;
   }
+  backend_ = choose_backend(folder_, family_->name, device_.is_cuda(), kWithTensorRT);
   // UNet precision: fp16 on a GPU, fp32 on the CPU, else whichever the folder has (select_entries then names
   // what is missing if neither).
   precision_ = device_.is_cuda() ? "fp16" : "fp32";
   const std::string other = precision_ == "fp16" ? "fp32" : "fp16";
   auto has_unet = [&](const std::string& prec) {
     return std::any_of(folder_.entries.begin(), folder_.entries.end(), [&](const Entry& e) {
-      return e.model == family_->name && e.backend == "aoti" && e.network == "unet" && e.precision == prec &&
+      return e.model == family_->name && e.backend == backend_ && e.network == "unet" && e.precision == prec &&
              e.device == device_name_;
     });
   };
@@ -148,10 +182,14 @@ Network& Context::net(const std::string& network, int dilation) {
   auto key = std::make_pair(network, dilation);
   auto it = nets_.find(key);
   if (it != nets_.end()) return *it->second;
-  auto chosen = select_entries(folder_, family_->name, {key}, precision_, device_name_, MEGAFUSION_TORCH_VERSION);
+  std::string version = MEGAFUSION_TORCH_VERSION;  // what built the engines must match this library's
+#ifdef MEGAFUSION_WITH_TENSORRT
+  if (backend_ == "tensorrt") version = tensorrt_version();
+#endif
+  auto chosen = select_entries(folder_, family_->name, {key}, precision_, device_name_, version, backend_);
   const Entry& e = chosen.at(key);
   verify_files(folder_.root, e, verify_hashes_);
-  auto n = std::make_unique<Network>(folder_.root, e, device_);
+  auto n = open_network(folder_.root, e, device_);
   return *nets_.emplace(key, std::move(n)).first->second;
 }
 
@@ -182,15 +220,12 @@ void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_rel
     const long long h = image ? s.height : s.height / vs, w = image ? s.width : s.width / vs;
     const std::vector<long long> shape = {n.entry().range.at(0).min.at(0), image ? 3 : 4, h, w};
     if (n.covers(0, shape)) return;
-    const TensorRange& r = n.entry().range.at(0);
-    const long long k = image ? 1 : vs;
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE,
                   "the engines in " + folder_.root + " do not cover " + n.entry().describe() + " at " +
                       std::to_string(s.width) + "x" + std::to_string(s.height) + "; they cover " +
-                      std::to_string(r.min[3] * k) + "x" + std::to_string(r.min[2] * k) + " to " +
-                      std::to_string(r.max[3] * k) + "x" + std::to_string(r.max[2] * k) +
-                      ". Build them with: mf-build-engines --model " + family_->name + " --stages " + stages +
-                      " --backend aoti --output " + folder_.root);
+                      served(n.entry(), image ? 1 : vs) + ". Build them with: mf-build-engines --model " +
+                      family_->name + " --stages " + stages + " --backend " + n.entry().backend + " --output " +
+                      folder_.root);
   };
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
@@ -317,8 +352,11 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
   const int64_t batch = hidden.size(0);
   const std::vector<StageSchedule> schedules = plan_schedule(plan, family_->scheduler, p.reschedule != 0);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(p.seed);
-  // Noise as diffusers draws it with a CPU generator: on the CPU, then moved.
-  auto draw_noise = [&](int64_t h, int64_t w) { return at::randn({1, 4, h, w}, gen, at::kFloat).to(device_); };
+  // Noise as diffusers draws it with a CPU generator: on the CPU in the UNet's dtype (the Python runtime's rule:
+  // fp16 and fp32 draws differ by rounding, enough to change a random-weight SDXL image), then moved.
+  auto draw_noise = [&](int64_t h, int64_t w) {
+    return at::randn({1, 4, h, w}, gen, dtype_of(precision_)).to(at::kFloat).to(device_);
+  };
   const int vs = family_->vae_scale;
   const double w = p.guidance;
 

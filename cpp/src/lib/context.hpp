@@ -1,5 +1,8 @@
-// The C API's context: the engine folder's AOTInductor packages for one model on one device, and the
-// generation that runs the stage plan on them (the Python runtime's MegaFusionPipeline.generate).
+// The C API's context: the engine folder's engines for one model on one device, and the generation that runs
+// the stage plan on them (the Python runtime's MegaFusionPipeline.generate). Engines are AOTInductor packages,
+// or TensorRT plans (trt_network.hpp) in a library built where CMake finds TensorRT (MEGAFUSION_WITH_TENSORRT).
+// The TensorRT path was NOT compiled or run in this repository: it was only syntax-checked against
+// declarations of the TensorRT 10 API.
 #ifndef MEGAFUSION_LIB_CONTEXT_HPP_
 #define MEGAFUSION_LIB_CONTEXT_HPP_
 
@@ -22,18 +25,29 @@ class AOTIModelPackageLoader;
 
 namespace megafusion::lib {
 
-// One loaded package with its entry: inputs in the spec's order, range-checked before each run.
+// One loaded engine with its entry: inputs in the spec's order, outputs in the engine's.
 class Network {
  public:
-  Network(const std::string& root, Entry entry, const at::Device& device);
-  ~Network();
-  std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs);
+  explicit Network(Entry entry) : entry_(std::move(entry)) {}
+  virtual ~Network() = default;
+  virtual std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) = 0;
+  // Whether `shape` of input `index` lies inside what the engine was built for.
+  virtual bool covers(size_t index, const std::vector<long long>& shape) const = 0;
   const Entry& entry() const { return entry_; }
-  // Whether `shape` of input `index` lies inside the package's compiled range.
-  bool covers(size_t index, const std::vector<long long>& shape) const;
+
+ protected:
+  Entry entry_;
+};
+
+// An AOTInductor package: one range per input, checked before each run.
+class AotiNetwork final : public Network {
+ public:
+  AotiNetwork(const std::string& root, Entry entry, const at::Device& device);
+  ~AotiNetwork() override;
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) override;
+  bool covers(size_t index, const std::vector<long long>& shape) const override;
 
  private:
-  Entry entry_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
 };
 
@@ -53,6 +67,7 @@ class Context {
   EngineFolder folder_;
   double scaling_ = 0;
   std::vector<long long> vocab_sizes_;
+  std::string backend_ = "aoti";  // or "tensorrt" (choose_backend)
   std::string precision_;
   bool verify_hashes_ = false;
   std::map<std::pair<std::string, int>, std::unique_ptr<Network>> nets_;

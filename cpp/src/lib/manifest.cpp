@@ -47,17 +47,46 @@ Entry parse_entry(const mfjson::Value& e) {
   out.backend_version = k["backend_version"].str;
   out.device = k["device"].str;
   out.created = e["created"].num;
-  if (k["profiles"].size() > 0)
-    for (const auto& s : k["profiles"][0]["shapes"].arr)
-      out.range.push_back({s[0].str, dims(s[1]), dims(s[2]), dims(s[3])});
+  for (size_t i = 0; i < k["profiles"].size(); ++i) {
+    const auto& p = k["profiles"][i];
+    Profile profile{p.has("stage") ? p["stage"].as_int() : static_cast<int>(i), {}};
+    for (const auto& s : p["shapes"].arr) profile.shapes.push_back({s[0].str, dims(s[1]), dims(s[2]), dims(s[3])});
+    out.profiles.push_back(std::move(profile));
+  }
+  if (!out.profiles.empty()) out.range = out.profiles.front().shapes;
   for (const auto& f : e["files"].arr)
     out.files.push_back({f["path"].str, f["sha256"].str, static_cast<long long>(f["size"].num)});
   return out;
 }
 
-std::string build_hint(const std::string& model, const std::string& device, const std::string& root) {
-  return "mf-build-engines --model " + model + " --backend aoti --device " + (device == "cpu" ? "cpu" : "cuda") +
-         " --output " + root;
+std::string build_hint(const std::string& model, const std::string& device, const std::string& root,
+                       const std::string& backend = "aoti") {
+  return "mf-build-engines --model " + model + " --backend " + backend + " --device " +
+         (device == "cpu" ? "cpu" : "cuda") + " --output " + root;
+}
+
+// The first `n` dot-separated parts of a version, local suffix dropped: "10.13.3.9" -> "10.13.3".
+std::string release(const std::string& v, int n) {
+  const std::string base = base_version(v);
+  size_t end = 0;
+  for (int i = 0; i < n; ++i) {
+    end = base.find('.', i == 0 ? 0 : end + 1);
+    if (end == std::string::npos) return base;
+  }
+  return base.substr(0, end);
+}
+
+// AOTInductor packages are tied to the torch release; TensorRT plans to the TensorRT release (the build
+// number may differ between the Python wheel's version and the C++ library's).
+bool same_release(const std::string& backend, const std::string& recorded, const std::string& library) {
+  if (backend == "tensorrt") return release(recorded, 3) == release(library, 3);
+  return base_version(recorded) == base_version(library);
+}
+
+std::string shape_text(const std::vector<long long>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + ")";
 }
 
 }  // namespace
@@ -110,8 +139,9 @@ EngineFolder read_engine_folder(const std::string& dir) {
 std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& folder, const std::string& model,
                                                             const std::vector<std::pair<std::string, int>>& wanted,
                                                             const std::string& precision, const std::string& device,
-                                                            const std::string& torch_version) {
-  const std::string hint = build_hint(model, device, folder.root);
+                                                            const std::string& backend_version,
+                                                            const std::string& backend) {
+  const std::string hint = build_hint(model, device, folder.root, backend);
   auto facts = folder.models.find(model);
   if (facts == folder.models.end())
     throw Failure(MF_ERROR_ENGINE, "no " + model + " engines in " + folder.root + "; build them with: " + hint);
@@ -121,21 +151,22 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
     auto fp = facts->second.weights.find(network);
     std::vector<const Entry*> same;
     for (const Entry& e : folder.entries)
-      if (e.model == model && e.backend == "aoti" && e.network == network && e.dilation == dilation &&
+      if (e.model == model && e.backend == backend && e.network == network && e.dilation == dilation &&
           (vae || e.precision == precision) && fp != facts->second.weights.end() && e.weights == fp->second)
         same.push_back(&e);
     const std::string what = network + (network == "unet" ? " (dilation " + std::to_string(dilation) + ")" : "") +
                              (vae ? "" : " " + precision);
     if (same.empty())
-      throw Failure(MF_ERROR_ENGINE, "no aoti engine for " + model + " " + what + " in " + folder.root +
+      throw Failure(MF_ERROR_ENGINE, "no " + backend + " engine for " + model + " " + what + " in " + folder.root +
                                          "; build it with: " + hint);
     std::vector<const Entry*> valid;
     for (const Entry* e : same)
-      if (base_version(e->backend_version) == base_version(torch_version) && e->device == device) valid.push_back(e);
+      if (same_release(backend, e->backend_version, backend_version) && e->device == device) valid.push_back(e);
     if (valid.empty()) {
       const Entry* e = same.front();
-      const std::string why = base_version(e->backend_version) != base_version(torch_version)
-                                  ? "torch " + e->backend_version + " (this library: " + torch_version + ")"
+      const std::string library = backend == "tensorrt" ? "TensorRT " : "torch ";
+      const std::string why = !same_release(backend, e->backend_version, backend_version)
+                                  ? library + e->backend_version + " (this library: " + backend_version + ")"
                                   : "device '" + e->device + "' (this one: '" + device + "')";
       throw Failure(MF_ERROR_ENGINE, "engine " + e->describe() + " in " + folder.root + " was built for " + why +
                                          "; rebuild with: " + hint);
@@ -144,6 +175,49 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
         valid.begin(), valid.end(), [](const Entry* a, const Entry* b) { return a->created < b->created; });
   }
   return chosen;
+}
+
+std::string choose_backend(const EngineFolder& folder, const std::string& model, bool cuda, bool with_tensorrt) {
+  auto has_unet = [&](const std::string& backend) {
+    return std::any_of(folder.entries.begin(), folder.entries.end(), [&](const Entry& e) {
+      return e.model == model && e.backend == backend && e.network == "unet";
+    });
+  };
+  if (!has_unet("tensorrt")) return "aoti";
+  if (cuda && with_tensorrt) return "tensorrt";
+  if (has_unet("aoti")) return "aoti";
+  const std::string aoti = build_hint(model, cuda ? "cuda" : "cpu", folder.root);
+  if (!with_tensorrt)
+    throw Failure(MF_ERROR_ENGINE, "the " + model + " engines in " + folder.root +
+                                       " are TensorRT engines, and this libmegafusion was built without TensorRT "
+                                       "support; rebuild libmegafusion where CMake finds TensorRT and CUDA "
+                                       "(-DTENSORRT_ROOT=<TensorRT folder>)" +
+                                       (cuda ? "" : " and open them with device cuda") +
+                                       ", or build AOTInductor engines with: " + aoti);
+  throw Failure(MF_ERROR_ENGINE, "the " + model + " engines in " + folder.root +
+                                     " are TensorRT engines, which run on CUDA only; open them with device cuda, "
+                                     "or build AOTInductor engines with: " + aoti);
+}
+
+bool holds(const TensorRange& r, const std::vector<long long>& shape) {
+  if (shape.size() != r.min.size() || shape.size() != r.max.size()) return false;
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] < r.min[i] || shape[i] > r.max[i]) return false;
+  return true;
+}
+
+size_t select_profile(const std::vector<Profile>& profiles,
+                      const std::vector<std::pair<std::string, std::vector<long long>>>& shapes) {
+  for (size_t i = 0; i < profiles.size(); ++i) {
+    const bool fits = std::all_of(profiles[i].shapes.begin(), profiles[i].shapes.end(), [&](const TensorRange& r) {
+      auto s = std::find_if(shapes.begin(), shapes.end(), [&](const auto& named) { return named.first == r.name; });
+      return s != shapes.end() && holds(r, s->second);
+    });
+    if (fits) return i;
+  }
+  std::string given;
+  for (const auto& [name, shape] : shapes) given += (given.empty() ? "" : ", ") + name + ": " + shape_text(shape);
+  throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no optimization profile serves shapes {" + given + "}");
 }
 
 void verify_files(const std::string& root, const Entry& e, bool hashes) {

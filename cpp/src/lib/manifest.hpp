@@ -7,6 +7,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "megafusion/megafusion.h"
@@ -25,6 +26,12 @@ struct TensorRange {
   std::vector<long long> min, opt, max;
 };
 
+// One optimization profile (engine/cache.py ShapeProfile): a TensorRT plan has one per plan stage that runs it.
+struct Profile {
+  int stage = 0;
+  std::vector<TensorRange> shapes;  // per input, in the spec's input order
+};
+
 struct FileRecord {
   std::string path;  // relative to the engine folder
   std::string sha256;
@@ -35,6 +42,7 @@ struct Entry {
   std::string digest, model, weights, network, variant, precision, backend, backend_version, device;
   int dilation = 1;
   std::vector<TensorRange> range;  // the first profile (an AOTInductor package has exactly one: its range)
+  std::vector<Profile> profiles;   // every profile, in the manifest's order (profiles[0].shapes == range)
   std::vector<FileRecord> files;
   double created = 0;
 
@@ -56,14 +64,31 @@ struct EngineFolder {
 };
 EngineFolder read_engine_folder(const std::string& dir);
 
-// The entries a run on `device` (its name as the manifest records it: "cpu" or the GPU's name) with torch
-// `torch_version` needs for `model`: one per (network, dilation) in `wanted`, built from the weights
-// models.json records, precision `precision` (VAE: any). Failure(MF_ERROR_ENGINE) names what is missing or
-// stale and the command that builds it.
+// The entries of `backend` a run on `device` (its name as the manifest records it: "cpu" or the GPU's name)
+// needs for `model`: one per (network, dilation) in `wanted`, built from the weights models.json records,
+// precision `precision` (VAE: any), by `backend_version` (aoti: this library's torch, same release; tensorrt:
+// the loaded TensorRT, same major.minor.patch). Failure(MF_ERROR_ENGINE) names what is missing or stale and
+// the command that builds it.
 std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& folder, const std::string& model,
                                                             const std::vector<std::pair<std::string, int>>& wanted,
                                                             const std::string& precision, const std::string& device,
-                                                            const std::string& torch_version);
+                                                            const std::string& backend_version,
+                                                            const std::string& backend = "aoti");
+
+// The backend a context runs for `model` (engine/load.py _choose_backend, among the backends this library
+// has): tensorrt on CUDA when the library has it and the folder has TensorRT UNets for `model`, else aoti.
+// Failure(MF_ERROR_ENGINE) when the folder's only UNets for `model` are TensorRT engines this library or
+// device cannot run, naming the missing support and what to rebuild.
+std::string choose_backend(const EngineFolder& folder, const std::string& model, bool cuda, bool with_tensorrt);
+
+// Whether `shape` lies inside [r.min, r.max], rank included.
+bool holds(const TensorRange& r, const std::vector<long long>& shape);
+
+// Index of the first profile whose [min, max] holds every input shape of a call, inputs matched by name
+// (engine/tensorrt_backend.py select_profile; an input a profile names but the call lacks matches nothing).
+// Failure(MF_ERROR_UNSUPPORTED_SIZE) naming the shapes when no profile does.
+size_t select_profile(const std::vector<Profile>& profiles,
+                      const std::vector<std::pair<std::string, std::vector<long long>>>& shapes);
 
 // Checks each file's existence and size, and its sha256 when `hashes`; Failure(MF_ERROR_ENGINE) names the file.
 void verify_files(const std::string& root, const Entry& e, bool hashes);
