@@ -7,6 +7,7 @@ only, so the runner refuses a shape outside the range itself, naming the range, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,32 @@ def version() -> str:
     return torch.__version__
 
 
+def _libtorch_global() -> None:
+    """Makes libtorch's symbols visible to libraries loaded later, as they are in a C++ program.
+
+    A package's wrapper.so does not link libtorch itself (`ldd`: libtorch.so not found); it expects the shim
+    functions to be there already. Python loads torch's libraries without RTLD_GLOBAL, and on the H100 (torch 2.11,
+    CUDA packages) loading a package then crashed the process (SIGSEGV inside wrapper.so, even for the SDXL text
+    encoder), while libmegafusion ran the same packages, and Python did too after
+    `sys.setdlopenflags(RTLD_GLOBAL | RTLD_NOW)` before `import torch`. Reopening the loaded libraries with
+    RTLD_GLOBAL does the same without touching the interpreter's flags."""
+    import ctypes
+
+    lib = Path(torch.__file__).parent / "lib"
+    for name in ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libc10_cuda.so", "libtorch_cuda.so"):
+        if (lib / name).exists():
+            ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
+
+
+def load_package(path: str | os.PathLike, device: torch.device):
+    """The package's model, loaded on `device` (see `_libtorch_global`)."""
+    _libtorch_global()
+    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
+    # Single-threaded runs: no locking or stream synchronization inside run(), so a CUDA graph can capture it
+    # (the runtime's graphed denoise step); a runner is used from one thread at a time.
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+
+
 class AotiRunner:
     """One compiled package: named inputs in spec order, outputs by the spec's names."""
 
@@ -28,7 +55,7 @@ class AotiRunner:
         self.spec, self.profile = spec, profile
         self.device = torch.device(device)
         self.family = get_family(model)
-        self.model = torch._inductor.aoti_load_package(str(path))
+        self.model = load_package(path, self.device)
 
     def _check(self, inputs: dict[str, torch.Tensor]) -> None:
         for name, lo, _, hi in self.profile.shapes:

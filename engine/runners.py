@@ -50,6 +50,12 @@ class EngineNetworks:
         self.runners = runners
         self.device = torch.device(device)
 
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the UNet engines take their sample in (what the pipeline draws noise in)."""
+        unet = next(r for (n, _), r in sorted(self.runners.items()) if n == UNET)
+        return next(t for t in unet.spec.inputs if t.name == "sample").torch_dtype
+
     def _call(self, network: str, dilation: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         runner = self.runners.get((network, dilation))
         if runner is None:

@@ -110,7 +110,10 @@ class MegaFusionPipeline:
         self.family = bundle.family
         self.nets = networks if networks is not None else TorchNetworks(bundle)
         self.device = torch.device(device) if device is not None else bundle.unet.device
-        self.noise_dtype = bundle.unet.dtype  # diffusers draws latents in the UNet's dtype
+        # diffusers draws latents in the UNet's dtype; so do we, in the dtype of the UNet that runs (an fp16 engine's
+        # for engines, whatever the bundle holds). It matters: with random SDXL weights on the H100, noise drawn
+        # in fp16 instead of fp32 (values within 1e-3) gave a different image (mean 47 levels apart).
+        self.noise_dtype = getattr(self.nets, "unet_dtype", bundle.unet.dtype)
         self.graphs = graphs
         """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
 
