@@ -9,7 +9,11 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
   `mf_generate` call as the example prints it;
 - `python-aoti`: `open_engines(..., backend="aoti")` on the same packages, the plain Python stage loop;
 - `python-aoti-graphs`: the same packages under the runtime's CUDA-graphed denoise step (CUDA only);
+- `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
+  precision (the reference the engines are checked against);
 - `python-compiled`: issue 4's fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
+`networks` (no timing) first runs each package once against its torch module on the same inputs, at every
+stage size, and records the largest difference: it says which network an image difference comes from.
 Python times are wall time around `generate` (prompt to uint8 image, synchronized), median of R after one
 warm-up. Image differences are against the C++ image. Writes cpp_vs_python.json and .md into OUT.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODES = ("cpp", "python-aoti", "python-aoti-graphs", "python-compiled")
+MODES = ("networks", "cpp", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled")
 GPU_ONLY = ("python-aoti-graphs", "python-compiled")
 
 
@@ -67,6 +71,49 @@ def time_pipeline(pipe, plan, opts, repeats: int, dev: torch.device) -> tuple[di
     if dev.type == "cuda":
         entry["peak_torch_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     return entry, runs[-1][1]
+
+
+def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
+    """Each AOTInductor package against its torch module (same weights, cast to the package's precision, on
+    `dev`), one call at every size the plan runs it at; the largest absolute and relative differences."""
+    from megafusion.engine.cache import EngineCache
+    from megafusion.engine.load import _runner
+    from megafusion.export.dilation import mid_dilation
+    from megafusion.export.onnx_export import cast_copy, source_module, wrap
+    from megafusion.export.specs import UNET, plan_requirements
+
+    entries = [e for e in EngineCache(engines).entries().values()
+               if e.key.model == bundle.family.name and e.key.backend == "aoti"]
+    vs, rows = bundle.family.vae_scale, []
+    for r in plan_requirements(bundle.family, plan, "fp16" if dev.type == "cuda" else "fp32"):
+        mine = [e for e in entries if e.key.network == r.spec.network and e.key.dilation == r.spec.dilation]
+        if not mine:
+            continue
+        e = max(mine, key=lambda e: e.created)
+        runner = _runner(Path(engines), e, vs, dev)
+        spec = runner.spec
+        module = cast_copy(source_module(bundle, spec), spec.outputs[0].torch_dtype).to(dev)
+        ref_fn = wrap(module, spec, bundle.family.is_xl).eval()
+        for p in r.profiles:
+            st = plan.stages[min(p.stage, len(plan.stages) - 1)]
+            axes = spec.axes(spec.batch_range[2], st.height // vs, st.width // vs, vs)
+            feeds = {t.name: x.to(dev) for t, x in zip(spec.inputs, spec.sample_inputs(axes))}
+            with torch.inference_mode():
+                got = runner.run(feeds)
+                ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else torch.no_grad()
+                with ctx:
+                    ref = ref_fn(*feeds.values())
+            ref = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
+            for t, y in zip(spec.outputs, ref):
+                a, b = got[t.name].float(), y.float()
+                d = (a - b).abs().max().item()
+                rows.append({"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
+                             "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)})
+                print(f"[networks] {rows[-1]}", flush=True)
+        del runner, module, ref_fn
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def run_cpp(args, plan_args: list[str], ids: Path, png: Path) -> dict:
@@ -124,6 +171,9 @@ def run(args) -> dict:
               f"first {entry['first_run_s']:.2f} s) {entry.get('image_diff_vs_cpp', '')}", flush=True)
         _save(report, out)
 
+    if "networks" in modes:
+        report["networks"] = check_networks(args.engines, bundle, plan, dev)
+        _save(report, out)
     if "cpp" in modes:
         ids, png = out / "ids.txt", out / "cpp.png"
         ids.write_text(format_ids(args.model, bundle.tokenizers, args.prompt))
@@ -146,11 +196,18 @@ def run(args) -> dict:
             del pipe, res
         del nets
         torch.cuda.empty_cache() if dev.type == "cuda" else None
+    if "python-eager" in modes or "python-compiled" in modes:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        for m in (bundle.unet, bundle.vae, *bundle.text_encoders):  # the same weights, as the engines hold them
+            m.to(device=dev, dtype=dtype)
+    if "python-eager" in modes:
+        from megafusion.engine.networks import TorchNetworks
+
+        entry, res = time_pipeline(MegaFusionPipeline(bundle, TorchNetworks(bundle), dev), plan, opts, args.repeats, dev)
+        record("python-eager", entry, res.image)
     if "python-compiled" in modes:
         from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 
-        for m in (bundle.unet, bundle.vae, *bundle.text_encoders):  # the same weights, as the fast path runs them
-            m.to(device=dev, dtype=torch.float16)
         pipe = MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(), torch.float16), dev)
         entry, res = time_pipeline(pipe, plan, opts, args.repeats, dev)
         entry["note"] = "first run includes torch.compile of every shape"
@@ -173,6 +230,11 @@ def _save(report: dict, out: Path) -> None:
         lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
                      f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
                      f"{d.get('max', '-')}/{d.get('mean', 0):.3f} |")
+    if report.get("networks"):
+        lines += ["", "Each package against its torch module, same inputs:", "",
+                  "| network | size | output | max abs diff | relative to max abs |", "|---|---|---|---|---|"]
+        lines += [f"| {r['network']} | {r['size']} | {r['output']} | {r['max_abs']:.3g} | {r['rel']:.3g} |"
+                  for r in report["networks"]]
     (out / "cpp_vs_python.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,7 +1,10 @@
 # Source on the lent H100 from the repository root: installs the carried wheels (.whl) and this tree
 # into /tmp/site without touching the machine's torch, then points PYTHONPATH there.
 set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# .whl need only travel with a machine's first call: /tmp/site keeps what it installed while the machine is warm.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARNING || true
 rm -rf build
 export PYTHONPATH=/tmp/site TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1

@@ -44,12 +44,21 @@ def load(name: str, seed: int, st: dict[str, Any]):
     from megafusion.export.plan import default_plan
 
     t0 = time.perf_counter()
-    bundle = load_model(name, random_weights=True, device=DEV, dtype=torch.float16, seed=seed)
-    _sync()
+    # As `mf-build-engines --random-weights --seed N` loads it (CPU, fp32): the same weights and fingerprints,
+    # so engines built by separate (parallel) mf-build-engines processes open here; `to_device` follows.
+    bundle = load_model(name, random_weights=True, seed=seed)
     st["model_load_s"] = round(time.perf_counter() - t0, 2)
     plan = default_plan(bundle.family)
     st["plan"] = plan.describe()
     return bundle, plan
+
+
+def to_device(bundle) -> None:
+    """The bundle on DEV in fp16 for the torch runs, once the engines are opened (they hashed it as loaded)."""
+    for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
+        m.to(device=DEV)
+        if DEV.type == "cuda" and m.dtype != torch.float16:
+            m.to(dtype=torch.float16)
 
 
 def export(bundle, plan, engine_dir: Path, args, st: dict[str, Any], report: Report) -> None:
@@ -232,6 +241,8 @@ def run(args, report: Report) -> None:
         with report.guarded("open_engines_ort") as st:
             state["nets"] = open_ort(bundle, plan, engine_root / m, st, args)
     nets = state.get("nets")
+    if bundle is not None:
+        to_device(bundle)
     # The generation before the UNet timing: the standard UNet's session would otherwise keep an arena
     # sized for 2048 px (tens of GB) through the generation, which never runs it there.
     if nets is not None and not args.skip_generation:
