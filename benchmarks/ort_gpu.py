@@ -54,10 +54,11 @@ def load(name: str, seed: int, st: dict[str, Any]):
 
 
 def to_device(bundle) -> None:
-    """The bundle on DEV in fp16 for the torch runs, once the engines are opened (they hashed it as loaded)."""
+    """The bundle on DEV in fp16 (the engines' precision) for the torch runs, once the engines are opened (they
+    hashed it as loaded)."""
     for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
         m.to(device=DEV)
-        if DEV.type == "cuda" and m.dtype != torch.float16:
+        if m.dtype != torch.float16:
             m.to(dtype=torch.float16)
 
 

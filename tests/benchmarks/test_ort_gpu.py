@@ -126,6 +126,7 @@ def built(tmp_path_factory):
         with report.guarded("export") as st:
             ort_gpu.export(bundle, plan, out / "eng", args, st, report)
         nets = ort_gpu.open_ort(bundle, plan, out / "eng", report.step("open"))
+        ort_gpu.to_device(bundle)  # as `run` does once the engines are open
         yield SimpleNamespace(args=args, report=report, bundle=bundle, plan=plan, nets=nets)
     finally:
         ort_gpu.DEV = old
