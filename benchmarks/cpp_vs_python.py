@@ -133,7 +133,7 @@ def run(args) -> dict:
     from PIL import Image
 
     from megafusion.engine.load import open_engines
-    from megafusion.export.loading import load_model
+    from megafusion.export.loading import load_model, to_device
     from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
     from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
     from megafusion.runtime.tokens import format_ids
@@ -197,9 +197,8 @@ def run(args) -> dict:
         del nets
         torch.cuda.empty_cache() if dev.type == "cuda" else None
     if "python-eager" in modes or "python-compiled" in modes:
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        for m in (bundle.unet, bundle.vae, *bundle.text_encoders):  # the same weights, as the engines hold them
-            m.to(device=dev, dtype=dtype)
+        # the same weights, as the engines hold them
+        to_device(bundle, dev, torch.float16 if dev.type == "cuda" else torch.float32)
     if "python-eager" in modes:
         from megafusion.engine.networks import TorchNetworks
 

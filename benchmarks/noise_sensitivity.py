@@ -26,15 +26,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megafusion.engine.networks import TorchNetworks
-    from megafusion.export.loading import load_model
+    from megafusion.export.loading import load_model, to_device
     from megafusion.export.plan import parse_stages, validate_plan
     from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    bundle = load_model(args.model, random_weights=True, seed=0)
-    for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
-        m.to(device=dev, dtype=dtype)
+    bundle = to_device(load_model(args.model, random_weights=True, seed=0), dev, dtype)
     plan = validate_plan(bundle.family, parse_stages(args.stages))
     opts = GenerationOptions("a photo of a red fox in the snow, highly detailed", seed=0)
     pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle), dev)

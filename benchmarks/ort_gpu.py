@@ -56,10 +56,9 @@ def load(name: str, seed: int, st: dict[str, Any]):
 def to_device(bundle) -> None:
     """The bundle on DEV in fp16 (the engines' precision) for the torch runs, once the engines are opened (they
     hashed it as loaded)."""
-    for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
-        m.to(device=DEV)
-        if m.dtype != torch.float16:
-            m.to(dtype=torch.float16)
+    from megafusion.export.loading import to_device as move
+
+    move(bundle, DEV, torch.float16)
 
 
 def export(bundle, plan, engine_dir: Path, args, st: dict[str, Any], report: Report) -> None:

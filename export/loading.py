@@ -78,10 +78,11 @@ def build_random(family: ModelFamily, seed: int = 0, device: str | torch.device 
             cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
             encoders.append(cls(CLIPTextConfig(**te.transformers_config(vocab))))
     bundle = ModelBundle(family, unet, vae, encoders, [tok for _ in encoders], f"random:{seed}")
-    return _finish(bundle, device, dtype)
+    return to_device(bundle, device, dtype)
 
 
-def _finish(bundle: ModelBundle, device, dtype) -> ModelBundle:
+def to_device(bundle: ModelBundle, device, dtype) -> ModelBundle:
+    """Every module of `bundle` on `device` in `dtype`, in eval mode without gradients (in place)."""
     for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
         m.to(device=device)
         if m.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
@@ -166,7 +167,7 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
             f"could not load {family.name} weights from {src!r}: {first}. Pass --model-path DIR "
             "(a local diffusers folder) or --random-weights"
         ) from None
-    return _finish(ModelBundle(family, unet, vae, encoders, tokenizers, src), device, dtype)
+    return to_device(ModelBundle(family, unet, vae, encoders, tokenizers, src), device, dtype)
 
 
 def load_model(name: str, model_path: str | None = None, random_weights: bool = False,

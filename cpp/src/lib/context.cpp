@@ -45,12 +45,6 @@ std::string text_encoder_name(int index) { return index == 0 ? "text_encoder" : 
 float sqrt_abar(double abar) { return static_cast<float>(std::sqrt(abar)); }
 float sqrt_one_minus_abar(double abar) { return static_cast<float>(std::sqrt(1.0 - abar)); }
 
-std::string shape_str(const std::vector<long long>& s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + ")";
-}
-
 at::Device parse_device(const char* text) {
   const std::string d = text && *text ? text : "cpu";
   try {
@@ -114,11 +108,7 @@ AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device&
 AotiNetwork::~AotiNetwork() = default;
 
 bool AotiNetwork::covers(size_t index, const std::vector<long long>& shape) const {
-  const TensorRange& r = entry_.range.at(index);
-  if (shape.size() != r.min.size()) return false;
-  for (size_t i = 0; i < shape.size(); ++i)
-    if (shape[i] < r.min[i] || shape[i] > r.max[i]) return false;
-  return true;
+  return holds(entry_.range.at(index), shape);
 }
 
 std::vector<at::Tensor> AotiNetwork::run(const std::vector<at::Tensor>& inputs) {
@@ -126,9 +116,9 @@ std::vector<at::Tensor> AotiNetwork::run(const std::vector<at::Tensor>& inputs) 
     std::vector<long long> s(inputs[i].sizes().begin(), inputs[i].sizes().end());
     if (!covers(i, s))
       throw Failure(MF_ERROR_UNSUPPORTED_SIZE, entry_.describe() + ": input " + entry_.range.at(i).name +
-                                                   " of shape " + shape_str(s) + " is outside the compiled range " +
-                                                   shape_str(entry_.range[i].min) + " to " +
-                                                   shape_str(entry_.range[i].max));
+                                                   " of shape " + shape_text(s) + " is outside the compiled range " +
+                                                   shape_text(entry_.range[i].min) + " to " +
+                                                   shape_text(entry_.range[i].max));
   }
   try {
     return loader_->run(inputs);

@@ -83,13 +83,13 @@ bool same_release(const std::string& backend, const std::string& recorded, const
   return base_version(recorded) == base_version(library);
 }
 
+}  // namespace
+
 std::string shape_text(const std::vector<long long>& s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + ")";
 }
-
-}  // namespace
 
 std::string Entry::describe() const {
   return network + (network == "unet" ? " (" + variant + ")" : "") + " " + precision + " " + backend;

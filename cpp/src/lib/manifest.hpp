@@ -81,6 +81,9 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
 // device cannot run, naming the missing support and what to rebuild.
 std::string choose_backend(const EngineFolder& folder, const std::string& model, bool cuda, bool with_tensorrt);
 
+// "(2, 4, 128, 128)": a shape as error messages print it.
+std::string shape_text(const std::vector<long long>& s);
+
 // Whether `shape` lies inside [r.min, r.max], rank included.
 bool holds(const TensorRange& r, const std::vector<long long>& shape);
 
