@@ -45,14 +45,16 @@ def breakdown(fn, reps: int = 3) -> dict:
         torch.cuda.synchronize()
     cats: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)
+    launches = 0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             us = e.device_time / reps if hasattr(e, "device_time") else e.cuda_time / reps
             cats[category(e.name)] += us / 1e3
             kernels[e.name[:110]] += us / 1e3
+            launches += not e.name.startswith(("Memcpy", "Memset"))  # copies and memsets are not kernels
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"total_ms": sum(cats.values()), "by_category_ms": dict(cats),
-            "top_kernels_ms": [[k, round(v, 3)] for k, v in top]}
+            "top_kernels_ms": [[k, round(v, 3)] for k, v in top], "kernels_per_call": launches / reps}
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,27 @@ from megafusion.export.loading import ModelBundle
 from .attention import set_attention
 from .networks import TorchNetworks
 
+InductorOptions = tuple[tuple[str, object], ...]
+
+_FREEZING: InductorOptions = (("freezing", True),)
+_GEMM: InductorOptions = (
+    ("max_autotune_gemm", True), ("max_autotune_gemm_backends", "TRITON,ATEN"),
+    ("max_autotune_conv_backends", "ATEN"), ("max_autotune_gemm_search_space", "DEFAULT"),
+    ("epilogue_fusion", True),
+)
+INDUCTOR_SETS: dict[str, InductorOptions] = {
+    "default": (),  # () means `compile_mode` ("default"), not an empty options dict
+    "freezing": _FREEZING,
+    "gemm": _GEMM,
+    "gemm+freezing": _GEMM + _FREEZING,
+    "coord": (("coordinate_descent_tuning", True),),
+    "tuned": _FREEZING + (("coordinate_descent_tuning", True), ("conv_1x1_as_mm", True)),
+}
+"""Named values for `FastOptions.inductor_options`, compared by benchmarks/unet_inductor.py. The `gemm` sets
+autotune matmuls only: convolutions stay on ATen (cuDNN), so only the GEMM choice differs from `default`.
+On the H100 (torch 2.11) `gemm` had not finished compiling the SDXL UNet at 1024 after 470 s (each GEMM shape
+took 20 to 40 s to autotune), against 114 s for `default`."""
+
 
 @dataclass(frozen=True)
 class FastOptions:
@@ -31,8 +52,9 @@ class FastOptions:
     """torch.compile the VAE decode and encode."""
     compile_mode: str = "default"
     """Inductor mode; `max-autotune` ran past 9 minutes on the real SDXL UNet, so it is not the default."""
-    inductor_options: tuple[tuple[str, object], ...] = ()
-    """Per-compile Inductor settings (e.g. ("conv_1x1_as_mm", True)); replaces `compile_mode` when given."""
+    inductor_options: InductorOptions = ()
+    """Per-compile Inductor settings (e.g. ("conv_1x1_as_mm", True)); replaces `compile_mode` when given;
+    `INDUCTOR_SETS` names the measured ones."""
     unet_attention: str = "sdpa"
     """UNet attention kernel (engine/attention.py): `sdpa` (torch's choice: cuDNN under compile on the H100),
     `cudnn` (cuDNN forced, also in eager), `chunked`."""
