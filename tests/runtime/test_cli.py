@@ -52,6 +52,8 @@ def test_one_stage_from_saved_folder_reproduces_diffusers(tiny_sd15, tmp_path):
     (["--model", "sd15", "--model-path", "/no/such/dir"], "'/no/such/dir' does not exist"),
     (["--output", "/no/such/dir/x.png"], "output folder '/no/such/dir' does not exist"),
     (["--dilation", "0"], "dilation must be >= 1"),
+    (["--mode", "compiled", "--inductor", "fastest"], "unknown Inductor set 'fastest'"),
+    (["--inductor", "tuned"], "--inductor tuned needs --mode compiled"),
 ])
 def test_bad_input_one_clear_line(args, needle, capsys):
     rc = main(["--prompt", "x", "--no-progress", *args])
