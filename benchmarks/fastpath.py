@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megafusion.engine.networks import TorchNetworks
-from megafusion.engine.torch_fast import INDUCTOR_SETS, FastOptions, FastTorchNetworks
+from megafusion.engine.torch_fast import INDUCTOR_SETS, FastOptions, FastTorchNetworks, inductor_set
 from megafusion.export.loading import load_model
 from megafusion.export.plan import default_plan, parse_size, parse_stages, validate_plan
 from megafusion.runtime.graphs import GraphKey
@@ -35,17 +35,13 @@ def _pipeline(mode: str, bundle, vae_dtype):
     if mode == "compiled-unet":
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(compile_vae=False), vae_dtype))
     if mode.startswith("compiled@"):  # compiled@<INDUCTOR_SETS name>; checked before the modules are touched
-        name = mode.partition("@")[2]
-        if name not in INDUCTOR_SETS:
-            raise ValueError(f"unknown Inductor set {name!r} in mode {mode!r}; "
-                             f"choose one of {', '.join(INDUCTOR_SETS)}")
-        opts = FastOptions(inductor_options=INDUCTOR_SETS[name])
+        opts = FastOptions(inductor_options=inductor_set(mode.partition("@")[2], f" in mode {mode!r}"))
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, opts, vae_dtype))
-    if mode.startswith("compiled-"):  # compiled-<unet attention>-<vae attention>[-tuned] (engine/attention.py)
+    if mode.startswith("compiled-"):  # compiled-<unet attention>-<vae attention>[-tuned]; this older "-tuned" is
+        # the set `coord+1x1`, not the set named `tuned`
         parts = mode.split("-")
-        tuned = (("conv_1x1_as_mm", True), ("coordinate_descent_tuning", True), ("epilogue_fusion", False))
         opts = FastOptions(unet_attention=parts[1], vae_attention=parts[2],
-                           inductor_options=tuned if "tuned" in parts else ())
+                           inductor_options=INDUCTOR_SETS["coord+1x1"] if "tuned" in parts else ())
         return MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, opts, vae_dtype))
     raise ValueError(f"unknown mode {mode!r}")
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from megafusion.engine.attention import set_attention
-from megafusion.engine.torch_fast import INDUCTOR_SETS, FastOptions
+from megafusion.engine.torch_fast import INDUCTOR_SETS, FastOptions, compile_with, inductor_set, prepare_module
 from megafusion.export.dilation import mid_dilation
 from megafusion.export.loading import ModelBundle, load_model
 
@@ -40,8 +39,7 @@ def parse_sets(text: str) -> list[str]:
     """Names from INDUCTOR_SETS, `default` first (the other sets' outputs are compared with its output)."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     for n in names:
-        if n not in INDUCTOR_SETS:
-            raise ValueError(f"unknown Inductor set {n!r}; choose from {', '.join(INDUCTOR_SETS)}")
+        inductor_set(n)
     if not names:
         raise ValueError("no Inductor set given")
     return sorted(names, key=lambda n: n != "default")
@@ -109,13 +107,6 @@ def unet_call(unet: torch.nn.Module, fn: Callable, inputs: tuple, delta: int) ->
     return call
 
 
-def compile_unet(unet: torch.nn.Module, name: str) -> Callable:
-    opts = INDUCTOR_SETS[name]  # as FastTorchNetworks._compile: () means mode="default"
-    if opts:
-        return torch.compile(unet, options=dict(opts), fullgraph=True, dynamic=False)
-    return torch.compile(unet, mode="default", fullgraph=True, dynamic=False)
-
-
 def measure(call: Callable[[], torch.Tensor]) -> tuple[Row, torch.Tensor]:
     t0 = time.perf_counter()
     out = call().float()
@@ -174,9 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = torch.device("cuda")
     bundle = load_model(args.model, random_weights=True, device=dev, dtype=torch.float16)
     unet, o = bundle.unet, FastOptions()
-    unet.fuse_qkv_projections()  # once, as FastTorchNetworks does with its default options
-    set_attention(unet, o.unet_attention)
-    unet.to(memory_format=torch.channels_last)
+    prepare_module(unet, o.unet_attention, o)  # once, as FastTorchNetworks does with its default options
     torch.backends.cudnn.benchmark = o.cudnn_benchmark
     counter = MetaCostCounter(bundle.family)
     out = Path(args.output)
@@ -192,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch._dynamo.reset()  # nothing compiled for another set is reused
             torch.cuda.empty_cache()
             try:
-                r, y = measure(unet_call(unet, compile_unet(unet, name), inputs, delta))
+                compiled = compile_with(unet, FastOptions(inductor_options=INDUCTOR_SETS[name]))
+                r, y = measure(unet_call(unet, compiled, inputs, delta))
                 row.update(r, tflops=tflop / r["graph_ms"] * 1e3)
                 ref = y if name == "default" else ref
                 row["max_abs_diff_vs_default"] = None if ref is None else (y - ref).abs().max().item()

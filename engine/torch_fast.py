@@ -31,11 +31,19 @@ INDUCTOR_SETS: dict[str, InductorOptions] = {
     "gemm+freezing": _GEMM + _FREEZING,
     "coord": (("coordinate_descent_tuning", True),),
     "tuned": _FREEZING + (("coordinate_descent_tuning", True), ("conv_1x1_as_mm", True)),
+    "coord+1x1": (("conv_1x1_as_mm", True), ("coordinate_descent_tuning", True), ("epilogue_fusion", False)),
 }
 """Named values for `FastOptions.inductor_options`, compared by benchmarks/unet_inductor.py. The `gemm` sets
 autotune matmuls only: convolutions stay on ATen (cuDNN), so only the GEMM choice differs from `default`.
 On the H100 (torch 2.11) `gemm` had not finished compiling the SDXL UNet at 1024 after 470 s (each GEMM shape
 took 20 to 40 s to autotune), against 114 s for `default`."""
+
+
+def inductor_set(name: str, where: str = "") -> InductorOptions:
+    """The options of the set `name`; an unknown name is a ValueError naming it (and `where` it came from)."""
+    if name not in INDUCTOR_SETS:
+        raise ValueError(f"unknown Inductor set {name!r}{where}; choose one of {', '.join(INDUCTOR_SETS)}")
+    return INDUCTOR_SETS[name]
 
 
 @dataclass(frozen=True)
@@ -65,32 +73,35 @@ class FastOptions:
     """Let cuDNN time its convolution algorithms per shape (process-wide flag, set when the backend is built)."""
 
 
+def prepare_module(module: torch.nn.Module, attention: str, options: FastOptions) -> None:
+    """Fused QKV, the attention kernel `attention` and channels_last on one UNet or VAE, as `options` ask."""
+    if options.fuse_qkv:
+        module.fuse_qkv_projections()
+    set_attention(module, attention)
+    if options.channels_last:
+        module.to(memory_format=torch.channels_last)
+
+
+def compile_with(fn, options: FastOptions):
+    """torch.compile as the fast backend does: static shapes, one graph; `inductor_options` replace the mode."""
+    if options.inductor_options:
+        return torch.compile(fn, options=dict(options.inductor_options), fullgraph=True, dynamic=False)
+    return torch.compile(fn, mode=options.compile_mode, fullgraph=True, dynamic=False)
+
+
 class FastTorchNetworks(TorchNetworks):
     """`TorchNetworks` over optimised modules; same function, same interface."""
 
     def __init__(self, bundle: ModelBundle, options: FastOptions = FastOptions(), vae_dtype=None):
         super().__init__(bundle, vae_dtype)
         self.options = options
-        unet, vae = bundle.unet, bundle.vae
-        if options.fuse_qkv:
-            unet.fuse_qkv_projections()
-            vae.fuse_qkv_projections()
-        set_attention(unet, options.unet_attention)
-        set_attention(vae, options.vae_attention)
-        if options.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            vae.to(memory_format=torch.channels_last)
+        prepare_module(bundle.unet, options.unet_attention, options)
+        prepare_module(bundle.vae, options.vae_attention, options)
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         if options.compile_unet:
-            self.unet_fn = self._compile(unet)
+            self.unet_fn = compile_with(bundle.unet, options)
         if options.compile_vae:
-            self.decode_fn = self._compile(self._decode)
-            self.encode_fn = self._compile(self._encode)
-
-    def _compile(self, fn):
-        o = self.options
-        if o.inductor_options:
-            return torch.compile(fn, options=dict(o.inductor_options), fullgraph=True, dynamic=False)
-        return torch.compile(fn, mode=o.compile_mode, fullgraph=True, dynamic=False)
+            self.decode_fn = compile_with(self._decode, options)
+            self.encode_fn = compile_with(self._encode, options)
 

@@ -59,10 +59,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
 
     if args.inductor is not None:
-        from megafusion.engine.torch_fast import INDUCTOR_SETS
+        from megafusion.engine.torch_fast import inductor_set
 
-        if args.inductor not in INDUCTOR_SETS:
-            raise UsageError(f"unknown Inductor set {args.inductor!r}; choose one of {', '.join(INDUCTOR_SETS)}")
+        try:
+            inductor_set(args.inductor)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         if args.mode != "compiled" or args.engines:
             raise UsageError(f"--inductor {args.inductor} needs --mode compiled (and no --engines)")
     device = resolve_device(args.device)
@@ -86,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         print(f"engines: {desc}")
     elif mode == "compiled":
-        from megafusion.engine.torch_fast import INDUCTOR_SETS, FastOptions, FastTorchNetworks
+        from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
-        fast = FastOptions(inductor_options=INDUCTOR_SETS[args.inductor or "default"])
+        fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"))
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
     else:
         nets = TorchNetworks(bundle, vae)
