@@ -207,6 +207,12 @@ def cuda_graph_unet(bundle, plan, engine_dir: Path, nets, args, st: dict[str, An
         st["case"] = f"{s.width}x{s.height} standard, batch 2"
         st["timing"], out = _timed(lambda: runner.run(feeds)["eps"], args.unet_warmup, args.unet_iters)
         st["diff_vs_ort_eager"] = tensor_diff(out, ref)
+        # A replay on new inputs: the graph must read the static buffers the new values were copied into.
+        feeds2 = {t.name: x.to(DEV) for t, x in zip(spec.inputs, spec.sample_inputs(
+            spec.axes(2, s.height // vs, s.width // vs, vs), seed=args.seed + 1))}
+        st["diff_new_inputs_vs_ort_eager"] = tensor_diff(runner.run(feeds2)["eps"], eager.run(feeds2)["eps"])
+        st["diff_new_vs_first_output"] = tensor_diff(runner.run(feeds2)["eps"], out)
+        st["graphs_captured"] = len(runner._graphs)
 
 
 def _free() -> None:

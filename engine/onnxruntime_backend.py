@@ -5,7 +5,7 @@ in place (no host copies), and with `cuda_graph=True` each input shape gets its 
 (`gpu_graph_id`), replayed from static buffers. Each session has its own CUDA arena that keeps its peak;
 `shrink_arena` hands unused arena memory back after every run (for networks with large, rare transients,
 such as the VAE at 2048 px). The CUDA path follows ORT's documented API; this repository's CI only
-exercises the CPU path.
+exercises the CPU path. Both CUDA paths ran on an H100 (benchmarks/results/h100-2026-11-26d and -26e).
 """
 from __future__ import annotations
 
