@@ -1,8 +1,10 @@
-"""Attention kernel per module, measured where it matters (issue 4): the SDXL VAE's single 512-dim head at
-16384 and 65536 tokens (torch's SDPA against `engine.attention.chunked`), then the compiled SDXL UNet and VAE
-at 2048 with each kernel choice, with the kernel-time breakdown of each compiled forward.
+"""Attention kernel per module, measured where it matters (issue 4): the SDXL UNet's self-attention shapes
+(head dim 64, CFG batch 2) at 1024 and 2048 under each UNet kernel, against a float32 reference; the SDXL
+VAE's single 512-dim head at 16384 and 65536 tokens (torch's SDPA against `engine.attention.chunked`); then
+the compiled SDXL UNet and VAE at 2048 with each kernel choice, with the kernel-time breakdown of each
+compiled forward.
 
-python -m megafusion.benchmarks.attention_paths --output DIR
+python -m megafusion.benchmarks.attention_paths --output DIR [--unet-kernels cudnn,fa4] [--micro-only]
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from megafusion.engine.attention import chunked, sdpa, set_attention
+from megafusion.engine.attention import attend_fn, chunked, sdpa, set_attention
 from megafusion.export.loading import load_model
 
 from .kernel_breakdown import breakdown
@@ -31,6 +33,27 @@ def vae_attention_micro(rows: list) -> None:
             rows.append({"what": f"vae-attention-{n}", "kernel": name, "ms": ms, "tflops": flops / ms / 1e9,
                          "max_abs_diff_vs_sdpa": err})
             print(json.dumps(rows[-1]), flush=True)
+
+
+def unet_attention_micro(rows: list, kernels: list[str], sides=(1024, 2048)) -> None:
+    """SDXL self-attention as the UNet calls it: q, k, v are views of one fused QKV projection."""
+    for side in sides:
+        for level, heads in ((1, 10), (2, 20)):  # latent / 2**level tokens per side; 640 and 1280 channels
+            n = (side // 8 // 2 ** level) ** 2
+            qkv = torch.randn(2, n, 3 * heads * 64, device="cuda", dtype=torch.float16)
+            q, k, v = (x.view(2, n, heads, 64).transpose(1, 2) for x in qkv.chunk(3, dim=-1))
+            ref = chunked(2048)(q.float(), k.float(), v.float())
+            flops = 4 * 2 * heads * n * n * 64
+            for name in kernels:
+                fn = attend_fn(name)
+                ms = time_ms(lambda: fn(q, k, v), reps=20)
+                err = fn(q, k, v).float() - ref
+                rows.append({"what": f"unet-attention-{side}-level{level}", "tokens": n, "heads": heads,
+                             "kernel": name, "ms": ms, "tflops": flops / ms / 1e9,
+                             "max_abs_vs_fp32": err.abs().max().item(),
+                             "rel_l2_vs_fp32": (err.norm() / ref.norm()).item()})
+                print(json.dumps(rows[-1]), flush=True)
+            del qkv, q, k, v, ref
 
 
 def compiled(fn, label: str, rows: list, reps: int = 10, **extra) -> None:
@@ -51,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--side", type=int, default=2048)
     p.add_argument("--unet-kernels", default="sdpa,cudnn")
     p.add_argument("--vae-kernels", default="sdpa,chunked")
+    p.add_argument("--micro-only", action="store_true", help="only the attention kernels, no compiled models")
     p.add_argument("--output", default=".")
     args = p.parse_args(argv)
     rows: list = []
@@ -61,8 +85,12 @@ def main(argv=None) -> int:
         (out / "attention_paths.json").write_text(json.dumps(
             {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=2))
 
+    unet_attention_micro(rows, args.unet_kernels.split(","))
+    save()
     vae_attention_micro(rows)
     save()
+    if args.micro_only:
+        return 0
     dev = torch.device("cuda")
     b = load_model("sdxl", random_weights=True, device=dev, dtype=torch.float16)
     b.unet.fuse_qkv_projections()

@@ -7,5 +7,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARNING || true
 rm -rf build
-export PYTHONPATH=/tmp/site TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
+# nvidia-cutlass-dsl (flash-attn-4, benchmarks/fa4_install.sh) puts its packages on sys.path through a .pth
+# file, which a --target folder on PYTHONPATH never runs: its folder is named here instead.
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
 set +e

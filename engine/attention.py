@@ -60,6 +60,47 @@ def cudnn() -> Attend:
     return attend
 
 
+_FA4_OP = "megafusion::fa4_sdpa"
+
+
+def _fa4_op():
+    """FlashAttention 4's Hopper/Blackwell forward (package `flash-attn-4`, CuTe DSL, compiled on first use per
+    shape class) as an opaque custom op; registered on first use. Missing package: an error saying so."""
+    ns, name = _FA4_OP.split("::")
+    if hasattr(getattr(torch.ops, ns), name):
+        return getattr(getattr(torch.ops, ns), name)
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError as e:
+        raise RuntimeError("attention kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute) and a "
+                           f"Hopper or Blackwell GPU: {e}") from e
+
+    @torch.library.custom_op(_FA4_OP, mutates_args=())
+    def fa4_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        # FA4 takes (B, N, H, D): these transposes undo the caller's and are views of the projections.
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = o[0] if isinstance(o, tuple) else o
+        return o.reshape(b, n, h * d)
+
+    @fa4_sdpa.register_fake
+    def _(q, k, v):
+        b, h, n, d = q.shape
+        return q.new_empty(b, n, h * d)
+
+    return getattr(getattr(torch.ops, ns), name)
+
+
+def fa4() -> Attend:
+    """FlashAttention 4 (sm90 path on the H100), opaque to the compiler like `cudnn`."""
+    op = _fa4_op()
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return op(q, k, v)
+
+    return attend
+
+
 def chunked(chunk: int = 4096) -> Attend:
     """softmax(q k^T / sqrt(d)) v over blocks of `chunk` queries, scores in the input dtype."""
 
@@ -73,7 +114,7 @@ def chunked(chunk: int = 4096) -> Attend:
     return attend
 
 
-ATTENTION = {"sdpa": lambda: sdpa, "cudnn": cudnn, "chunked": chunked}
+ATTENTION = {"sdpa": lambda: sdpa, "cudnn": cudnn, "fa4": fa4, "chunked": chunked}
 """Names accepted by `FastOptions.unet_attention` / `vae_attention`."""
 
 

@@ -65,7 +65,8 @@ class FastOptions:
     `INDUCTOR_SETS` names the measured ones."""
     unet_attention: str = "sdpa"
     """UNet attention kernel (engine/attention.py): `sdpa` (torch's choice: cuDNN under compile on the H100),
-    `cudnn` (cuDNN forced, also in eager), `chunked`."""
+    `cudnn` (cuDNN forced, also in eager), `fa4` (FlashAttention 4, optional package; on the H100 no faster than
+    cuDNN at SDXL's shapes, benchmarks/results/h100-2026-11-26e), `chunked`."""
     vae_attention: str = "chunked"
     """VAE attention kernel: `chunked` by default, since no fused kernel takes its 512-dim head and torch's
     memory-efficient fallback ran at 107 TFLOP/s against 340-360 for chunked (H100, 65536 tokens)."""

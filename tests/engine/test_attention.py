@@ -58,3 +58,13 @@ def test_processor_same_function(name, fuse):
 def test_unknown_kernel_named():
     with pytest.raises(ValueError, match="'flashy'"):
         attend_fn("flashy")
+
+
+def test_fa4_without_package_says_what_is_missing():
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="flash-attn-4"):
+            attend_fn("fa4")
+    else:
+        pytest.skip("flash-attn-4 is installed here: the missing-package error cannot be shown")
