@@ -53,7 +53,6 @@ def unet_attention_micro(rows: list, kernels: list[str], sides=(1024, 2048)) -> 
                              "max_abs_vs_fp32": err.abs().max().item(),
                              "rel_l2_vs_fp32": (err.norm() / ref.norm()).item()})
                 print(json.dumps(rows[-1]), flush=True)
-            del qkv, q, k, v, ref
 
 
 def compiled(fn, label: str, rows: list, reps: int = 10, **extra) -> None:

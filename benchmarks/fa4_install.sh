@@ -10,33 +10,26 @@ SHA256=50191a381d8cc1393373ae0bc879b0aefa9a256c23c22d4fa1c2fe3dfe57bc90
 PARTS=/tmp/fa4parts
 
 fa4_ok() {
-  PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages python3 -c "import flash_attn.cute" 2>/dev/null
+  python3 -c "import flash_attn.cute" 2>/dev/null  # PYTHONPATH from h100_env.sh names the DSL's folder
 }
 
-mkdir -p "$PARTS"
-for d in .fa4a/ .fa4b/; do
-  [ -d "$d" ] && cp -p "$d"* "$PARTS"/ 2>/dev/null
-done
+source benchmarks/carried_parts.sh
+gather_parts "$PARTS" .fa4a .fa4b
 if fa4_ok; then
   echo "flash-attn-4 already installed in /tmp/site"
   exit 0
 fi
-have=$(ls "$PARTS" | grep -c "^$LIB.part")
-if [ "$have" -ne 2 ] || ! ls "$PARTS"/flash_attn_4-*.whl > /dev/null 2>&1; then
-  echo "have $have of 2 DSL library parts in $PARTS ($(ls "$PARTS" | tr '\n' ' ')); carry .fa4a and .fa4b"
+if ! ls "$PARTS"/flash_attn_4-*.whl > /dev/null 2>&1; then
+  echo "the small wheels are not in $PARTS yet; carry .fa4b"
   exit 1
 fi
-cat "$PARTS/$LIB".part* > "/tmp/$LIB"
-if ! echo "$SHA256  /tmp/$LIB" | sha256sum -c --quiet -; then
-  echo "reassembled /tmp/$LIB does not match its sha256; a part is damaged"
-  exit 1
-fi
+join_parts "$PARTS" "$LIB" 2 "/tmp/$LIB" "$SHA256" || exit 1
 python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target /tmp/site \
   "/tmp/$LIB" "$PARTS"/*.whl 2>&1 | grep -v WARNING
 if fa4_ok; then
   echo "flash-attn-4 installed in /tmp/site"
   rm -f "/tmp/$LIB"
 else
-  PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages python3 -c "import flash_attn.cute"
+  python3 -c "import flash_attn.cute"  # shows why the import fails
   exit 1
 fi

@@ -16,24 +16,13 @@ ort_gpu_ok() {
 'CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null
 }
 
-mkdir -p "$PARTS"
-for d in .ortgpu*/; do
-  [ -d "$d" ] && cp -p "$d"onnxruntime_gpu-1.31.1.whl.part* "$PARTS"/ 2>/dev/null
-done
+source benchmarks/carried_parts.sh
+gather_parts "$PARTS" .ortgpu*/
 if ort_gpu_ok; then
   echo "onnxruntime-gpu 1.31.1 already installed in /tmp/site"
   exit 0
 fi
-have=$(ls "$PARTS" | grep -c '^onnxruntime_gpu-1.31.1.whl.part')
-if [ "$have" -ne "$NPARTS" ]; then
-  echo "have $have of $NPARTS parts in $PARTS ($(ls "$PARTS" | tr '\n' ' ')); carry the others first"
-  exit 1
-fi
-cat "$PARTS"/onnxruntime_gpu-1.31.1.whl.part* > "/tmp/$WHEEL"  # part00 .. part04: the glob sorts them in order
-if ! echo "$SHA256  /tmp/$WHEEL" | sha256sum -c --quiet -; then
-  echo "reassembled wheel /tmp/$WHEEL does not match its sha256; a part is damaged"
-  exit 1
-fi
+join_parts "$PARTS" onnxruntime_gpu-1.31.1.whl "$NPARTS" "/tmp/$WHEEL" "$SHA256" || exit 1
 python3 -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade --target /tmp/site "/tmp/$WHEEL" \
   2>&1 | grep -v WARNING
 if [ "${PIPESTATUS[0]}" -ne 0 ]; then

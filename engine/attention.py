@@ -5,6 +5,7 @@ is 1.6x faster than flash at the SDXL UNet's shapes (head dim 64), but it has no
 head of dim 512, where torch falls back to the memory-efficient kernel (107 TFLOP/s at 65536 tokens). So:
 - `cudnn`: the UNet's attention through cuDNN, wrapped in a custom op so that torch.compile keeps the kernel
   (Inductor sees an opaque call, not an SDPA it may re-dispatch);
+- `fa4`: FlashAttention 4 (optional package) the same way; measured no faster than cuDNN on the H100;
 - `chunked`: plain matmul-softmax-matmul over blocks of queries, for head dims no fused kernel takes; the
   score block of `chunk` queries is the only N-sized buffer.
 """
@@ -18,30 +19,33 @@ import torch.nn.functional as F
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(q, k, v) as (B, H, N, D) -> output as (B, N, H * D)."""
 
-_OP = "megafusion::cudnn_sdpa"
+def _opaque(qualname: str, kernel: Attend) -> Attend:
+    """`kernel` as a custom op, so that torch.compile keeps it whole (Inductor sees an opaque call, not an SDPA
+    it may re-dispatch). Registered on first use, not at import; torch.library keeps one per process."""
+    ns, name = qualname.split("::")
+    if not hasattr(getattr(torch.ops, ns), name):
+        op = torch.library.custom_op(qualname, kernel, mutates_args=())
+
+        @op.register_fake
+        def _(q, k, v):
+            b, h, n, d = q.shape
+            return q.new_empty(b, n, h * d)
+
+    op = getattr(getattr(torch.ops, ns), name)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return op(q, k, v)
+
+    return attend
 
 
-def _cudnn_op():
-    """The custom op, registered on first use (not at import); torch.library keeps one per process."""
-    ns, name = _OP.split("::")
-    if hasattr(getattr(torch.ops, ns), name):
-        return getattr(getattr(torch.ops, ns), name)
+def _cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    @torch.library.custom_op(_OP, mutates_args=())
-    def cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        b, h, n, d = q.shape
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            o = F.scaled_dot_product_attention(q, k, v)
-        return o.transpose(1, 2).reshape(b, n, h * d).contiguous()
-
-    @cudnn_sdpa.register_fake
-    def _(q, k, v):
-        b, h, n, d = q.shape
-        return q.new_empty(b, n, h * d)
-
-    return getattr(getattr(torch.ops, ns), name)
+    b, h, n, d = q.shape
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).reshape(b, n, h * d).contiguous()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -51,31 +55,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def cudnn() -> Attend:
-    """cuDNN's fused attention, opaque to the compiler (the op is registered here, outside any trace)."""
-    op = _cudnn_op()
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return op(q, k, v)
-
-    return attend
+    """cuDNN's fused attention, opaque to the compiler."""
+    return _opaque("megafusion::cudnn_sdpa", _cudnn_sdpa)
 
 
-_FA4_OP = "megafusion::fa4_sdpa"
-
-
-def _fa4_op():
-    """FlashAttention 4's Hopper/Blackwell forward (package `flash-attn-4`, CuTe DSL, compiled on first use per
-    shape class) as an opaque custom op; registered on first use. Missing package: an error saying so."""
-    ns, name = _FA4_OP.split("::")
-    if hasattr(getattr(torch.ops, ns), name):
-        return getattr(getattr(torch.ops, ns), name)
+def fa4() -> Attend:
+    """FlashAttention 4's forward (package `flash-attn-4`, CuTe DSL, compiled on first use per shape class; its
+    sm90 path on the H100), opaque to the compiler like `cudnn`. Missing package: an error saying so."""
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as e:
         raise RuntimeError("attention kernel 'fa4' needs the flash-attn-4 package (flash_attn.cute) and a "
                            f"Hopper or Blackwell GPU: {e}") from e
 
-    @torch.library.custom_op(_FA4_OP, mutates_args=())
     def fa4_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
         # FA4 takes (B, N, H, D): these transposes undo the caller's and are views of the projections.
@@ -83,22 +75,7 @@ def _fa4_op():
         o = o[0] if isinstance(o, tuple) else o
         return o.reshape(b, n, h * d)
 
-    @fa4_sdpa.register_fake
-    def _(q, k, v):
-        b, h, n, d = q.shape
-        return q.new_empty(b, n, h * d)
-
-    return getattr(getattr(torch.ops, ns), name)
-
-
-def fa4() -> Attend:
-    """FlashAttention 4 (sm90 path on the H100), opaque to the compiler like `cudnn`."""
-    op = _fa4_op()
-
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return op(q, k, v)
-
-    return attend
+    return _opaque("megafusion::fa4_sdpa", fa4_sdpa)
 
 
 def chunked(chunk: int = 4096) -> Attend:

@@ -148,6 +148,11 @@ class OrtRunner:
         ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", shrink_config(self.device))
         return ro
 
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far: one per input shape seen with `cuda_graph=True`."""
+        return len(self._graphs)
+
     def _run_graph(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import onnxruntime as ort
 

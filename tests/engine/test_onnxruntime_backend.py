@@ -55,6 +55,16 @@ def test_runner_allocates_outputs_from_the_spec(tiny_sdxl, sdxl_engines):
     assert list(out) == ["eps"] and out["eps"].shape == (1, 4, 32, 16) and out["eps"].dtype == torch.float32
 
 
+def test_cuda_graphs_are_captured_on_cuda_only(tiny_sdxl, sdxl_engines):
+    from megafusion.engine.cache import EngineCache
+
+    entry = next(e for e in EngineCache(sdxl_engines).entries().values() if e.key.variant == "dilated")
+    spec = unet_spec(tiny_sdxl.family, "fp32", 2)
+    runner = OrtRunner(sdxl_engines / entry.files[0].path, spec, tiny_sdxl.family.vae_scale, cuda_graph=True)
+    runner.run(dict(zip([t.name for t in spec.inputs], spec.sample_inputs(spec.axes(1, 32, 16, 8)))))
+    assert not runner.cuda_graph and runner.graphs_captured == 0
+
+
 def test_runner_refuses_a_model_of_another_spec(tiny_sdxl, sdxl_engines):
     from megafusion.engine.cache import EngineCache
 
