@@ -14,7 +14,7 @@ gather_parts() {
 }
 
 # join_parts DEST PREFIX NPARTS OUTPUT SHA256: once DEST holds all NPARTS files PREFIX.partNN, writes them in
-# order to OUTPUT and checks its sha256; otherwise, or on a damaged part, says so and returns 1.
+# order to OUTPUT and checks its sha256; otherwise, or on a damaged part (OUTPUT removed), says so and returns 1.
 join_parts() {
   local dest=$1 prefix=$2 nparts=$3 output=$4 sha=$5 have
   have=$(ls "$dest" | grep -c "^$prefix.part")
@@ -24,7 +24,8 @@ join_parts() {
   fi
   cat "$dest/$prefix".part* > "$output"  # part00, part01, ...: the glob sorts them in order
   if ! echo "$sha  $output" | sha256sum -c --quiet -; then
-    echo "reassembled $output does not match its sha256; a part is damaged"
+    echo "reassembled $output does not match its sha256; a part is damaged (removed it)"
+    rm -f "$output"
     return 1
   fi
 }
