@@ -3,7 +3,7 @@
 Self-contained on purpose (it imports nothing from the runtime or engine): the diffusers modules, one
 `DDIMScheduler` per stage whose `alphas_cumprod` is re-scheduled, `step()` for the update and its
 `pred_original_sample` for the truncation x0, `add_noise` for the relay's re-noising, latents in the
-UNet's dtype as diffusers' pipelines keep them. It computes the same function as the engine (SPEC 1-4),
+UNet's dtype as diffusers' pipelines keep them. It computes the same function as the engine (docs/ALGORITHM.md §1-10),
 which the tests check, so that timing one against the other is fair.
 """
 from __future__ import annotations

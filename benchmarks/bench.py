@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megafusion.export.models import SDXL, ModelFamily
-from megafusion.export.plan import StagePlan
+from ..core.families import SDXL, ModelFamily
+from ..core.plan import StagePlan
 
 from .flops import SDXL_NOTE, MetaCostCounter, PlanCost, achieved, plan_cost
 from .paper import PaperRow

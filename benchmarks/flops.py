@@ -1,4 +1,4 @@
-"""Cost accounting (SPEC section 5), counted on the `meta` device: no weights, no arithmetic, any size.
+"""Cost accounting (docs/ALGORITHM.md §11), counted on the `meta` device: no weights, no arithmetic, any size.
 
 Two conventions, side by side:
 - the paper's "GFLOPs": multiply-accumulates of `nn.Conv2d` and `nn.Linear` only (forward hooks), UNet only,
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from megafusion.export.dilation import set_mid_dilation
-from megafusion.export.models import SD15, ModelFamily
-from megafusion.export.plan import StagePlan
+from ..core.dilation import set_mid_dilation
+from ..core.families import SD15, ModelFamily
+from ..core.plan import StagePlan
 
 PAPER_TABLE1_GMACS = {
     "sd15 1024 direct": 135.0e3,

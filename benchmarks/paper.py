@@ -1,10 +1,10 @@
-"""The paper's Table 1 cost rows, reproduced with the meta-device counter (SPEC section 5)."""
+"""The paper's Table 1 cost rows, reproduced with the meta-device counter (docs/ALGORITHM.md §11)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megafusion.export.models import SD15, SDXL
-from megafusion.export.plan import Stage, default_plan, validate_plan
+from ..core.families import SD15, SDXL
+from ..core.plan import Stage, default_plan, validate_plan
 
 from .flops import PAPER_TABLE1_GMACS, MetaCostCounter, paper_scaled_gmacs, plan_cost
 

@@ -66,6 +66,8 @@ def markdown(result: BenchResult) -> str:
         f"# mf-bench: {result.model}, {st.get('output', '')}", "",
         "| | |", "|---|---|",
         f"| date (UTC) | {env.date_utc} |",
+        f"| code | commit {env.commit or 'unknown'}{' (working tree modified)' if env.dirty else ''} |",
+        f"| command | `{env.command}` |",
         f"| device | {env.device_name} ({env.device}), driver {env.driver or '–'}, CUDA {env.cuda or '–'} |",
         f"| libraries | torch {env.torch}, diffusers {env.diffusers}, transformers {env.transformers}, "
         f"Python {env.python} |",

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +114,12 @@ class Environment:
     """Python version."""
     platform: str
     """OS and architecture."""
+    commit: str | None = None
+    """Git commit of the code that ran (see `source_commit`), or None where it cannot be told."""
+    dirty: bool | None = None
+    """Whether the working tree differed from that commit."""
+    command: str = ""
+    """The command line that produced the numbers."""
 
 
 def nvidia_driver() -> str | None:
@@ -138,6 +147,39 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+COMMIT_ENV = "MEGAFUSION_COMMIT"
+"""Where there is no git checkout (a copy of the tree on a lent GPU machine), the caller names the commit here,
+as `<sha>` or `<sha>-dirty`."""
+
+
+def source_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout this package runs from; else from $MEGAFUSION_COMMIT; else (None, None)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20, check=True).stdout
+        return sha, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        given = os.environ.get(COMMIT_ENV, "").strip()
+        if not given:
+            return None, None
+        return given.removesuffix("-dirty"), given.endswith("-dirty")
+
+
+def command_line() -> str:
+    """How this process was started, as a shell would take it."""
+    return shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])
+
+
+def provenance() -> dict[str, object]:
+    """What every saved result records besides its numbers: date, commit, dirty tree, command."""
+    commit, dirty = source_commit()
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "dirty": dirty, "command": command_line()}
+
+
 def environment(device: torch.device) -> Environment:
     import diffusers
     import transformers
@@ -146,9 +188,11 @@ def environment(device: torch.device) -> Environment:
         name, driver = torch.cuda.get_device_name(device), nvidia_driver()
     else:
         name, driver = cpu_name(), None
+    prov = provenance()
     return Environment(
-        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date_utc=prov["date_utc"],
         device=str(device), device_name=name, driver=driver, cuda=torch.version.cuda,
         torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
         python=platform.python_version(), platform=platform.platform(),
+        commit=prov["commit"], dirty=prov["dirty"], command=prov["command"],
     )

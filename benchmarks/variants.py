@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from megafusion.engine.networks import TorchNetworks
-from megafusion.export.loading import ModelBundle
-from megafusion.export.models import ModelFamily
-from megafusion.export.plan import Stage, StagePlan, validate_plan
-from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from ..engine.networks import TorchNetworks
+from ..core.loading import ModelBundle
+from ..core.families import ModelFamily
+from ..core.plan import Stage, StagePlan, validate_plan
+from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 from .baseline_eager import megafusion_eager
 
@@ -60,7 +60,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device) -> Callable[[], MegaFus
             if kind == "graphs":
                 made.append(MegaFusionPipeline.fast(bundle, TorchNetworks(bundle), device))
             else:
-                from megafusion.engine.torch_fast import FastTorchNetworks
+                from ..engine.torch_fast import FastTorchNetworks
 
                 made.append(MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle), device))
         return made[0]

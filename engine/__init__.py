@@ -1,1 +1,2 @@
-"""Engines: one interface over the torch modules and built backends (uses `megafusion.export`)."""
+"""Engines: the backend interface and registry, builds into a content-addressed cache, and the runners that
+open them behind the `Networks` interface the runtime calls."""

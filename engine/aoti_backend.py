@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from megafusion.export.aoti_export import describe_range
-from megafusion.export.models import get_family
-from megafusion.export.specs import NetworkSpec, ShapeProfile
+from ..core.families import ModelFamily, get_family
+from ..core.plan import StagePlan
+from ..core.specs import NetworkSpec, Requirement, ShapeProfile, describe_range, range_profile
+from .backend import RANGE_PROFILE, Backend, BuildJob, BuildOutput, Log, OpenContext
 
 
 def version() -> str:
@@ -25,8 +26,8 @@ def _libtorch_global() -> None:
     """Makes libtorch's symbols visible to libraries loaded later, as they are in a C++ program.
 
     A package's wrapper.so does not link libtorch itself (`ldd`: libtorch.so not found); it expects the shim
-    functions to be there already. Python loads torch's libraries without RTLD_GLOBAL, and on the H100 (torch 2.11,
-    CUDA packages) loading a package then crashed the process (SIGSEGV inside wrapper.so, even for the SDXL text
+    functions to be there already. Python loads torch's libraries without RTLD_GLOBAL, and with torch 2.11 (CUDA
+    packages) loading a package then crashed the process (SIGSEGV inside wrapper.so, even for the SDXL text
     encoder), while libmegafusion ran the same packages, and Python did too after
     `sys.setdlopenflags(RTLD_GLOBAL | RTLD_NOW)` before `import torch`. Reopening the loaded libraries with
     RTLD_GLOBAL does the same without touching the interpreter's flags."""
@@ -56,6 +57,7 @@ class AotiRunner:
         self.device = torch.device(device)
         self.family = get_family(model)
         self.model = load_package(path, self.device)
+        self.capturable = True  # loaded single-threaded: see load_package
 
     def _check(self, inputs: dict[str, torch.Tensor]) -> None:
         for name, lo, _, hi in self.profile.shapes:
@@ -70,3 +72,34 @@ class AotiRunner:
         out = self.model(*(inputs[t.name] for t in self.spec.inputs))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         return {t.name: y for t, y in zip(self.spec.outputs, outs)}
+
+
+class AotiBackend(Backend):
+    """AOTInductor packages (`.pt2`): compiled ahead of time, loaded without compiling, one range of sides each."""
+
+    name = "aoti"
+    profile_kind = RANGE_PROFILE
+    preference = {"cuda": 2, "cpu": 1}
+
+    def version(self) -> str:
+        return version()
+
+    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan) -> tuple[ShapeProfile, ...]:
+        return (range_profile(family, r.spec, plan),)  # one package serves the plan's whole range of sides
+
+    def served_sizes(self, family: ModelFamily, spec: NetworkSpec, profiles: tuple[ShapeProfile, ...]) -> list[str]:
+        return [d for p in profiles if (d := describe_range(family, spec, p))]  # none for fixed shapes
+
+    def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
+        from ..export.aoti_export import export_aoti
+
+        r = job.requirement
+        res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device)
+        log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
+        return BuildOutput(res)
+
+    def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> AotiRunner:
+        return AotiRunner(path, spec, entry.key.profiles[0], entry.key.model, ctx.device)
+
+
+BACKEND = AotiBackend()

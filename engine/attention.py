@@ -1,11 +1,11 @@
 """Attention kernels chosen per module, for the fast torch backend.
 
-Why not one global SDPA backend: measured on the H100 (benchmarks/kernel_breakdown.py), cuDNN's attention
+Why not one global SDPA backend: measured on Hopper (benchmarks/lab/kernel_breakdown.py), cuDNN's attention
 is 1.6x faster than flash at the SDXL UNet's shapes (head dim 64), but it has no kernel for the VAE's single
 head of dim 512, where torch falls back to the memory-efficient kernel (107 TFLOP/s at 65536 tokens). So:
 - `cudnn`: the UNet's attention through cuDNN, wrapped in a custom op so that torch.compile keeps the kernel
   (Inductor sees an opaque call, not an SDPA it may re-dispatch);
-- `fa4`: FlashAttention 4 (optional package) the same way; measured no faster than cuDNN on the H100;
+- `fa4`: FlashAttention 4 (optional package) the same way; measured no faster than cuDNN;
 - `chunked`: plain matmul-softmax-matmul over blocks of queries, for head dims no fused kernel takes; the
   score block of `chunk` queries is the only N-sized buffer.
 """
@@ -61,7 +61,7 @@ def cudnn() -> Attend:
 
 def fa4() -> Attend:
     """FlashAttention 4's forward (package `flash-attn-4`, CuTe DSL, compiled on first use per shape class; its
-    sm90 path on the H100), opaque to the compiler like `cudnn`. Missing package: an error saying so."""
+    sm90 path on Hopper), opaque to the compiler like `cudnn`. Missing package: an error saying so."""
     try:
         from flash_attn.cute import flash_attn_func
     except ImportError as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from megafusion.export.specs import ShapeProfile
+from ..core.specs import ShapeProfile
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -151,6 +151,12 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def device_name(device: torch.device | str) -> str:
+    """What the key records: 'cpu' or the GPU's marketing name."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -10,18 +10,13 @@ from pathlib import Path
 
 import torch
 
-from megafusion.export.aoti_export import describe_range
-from megafusion.export.loading import ModelBundle
-from megafusion.export.models import get_family
-from megafusion.export.onnx_export import source_module
-from megafusion.export.plan import StagePlan
-from megafusion.export.specs import (VAE_DECODER, VAE_ENCODER, NetworkSpec, Requirement, network_spec,
-                                     plan_requirements, profile_sizes)
-
-from .build import backend_version, device_name
-from .cache import EngineCache, EngineError, Entry, StaleEngineError, weights_fingerprint
-from .networks import Networks, TorchNetworks
-from .runners import EngineNetworks
+from ..core.families import get_family
+from ..core.loading import ModelBundle
+from ..core.plan import StagePlan
+from ..core.specs import VAE_DECODER, VAE_ENCODER, Requirement, network_spec, plan_requirements
+from .backend import Backend, OpenContext, get_backend, registry
+from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name, weights_fingerprint
+from .runners import EngineNetworks, Runner
 
 
 class CoverageError(EngineError):
@@ -56,16 +51,20 @@ def _choose_backend(entries: list[Entry], device: torch.device, backend: str | N
         pairs = {p for p in pairs if p[1] == precision}
     if not pairs:
         return None
-    order = (["tensorrt", "onnxruntime", "aoti", "torch"] if device.type == "cuda"
-             else ["onnxruntime", "aoti", "torch", "tensorrt"])
+    known = registry()
     want_prec = "fp16" if device.type == "cuda" else "fp32"
-    return min(pairs, key=lambda p: (order.index(p[0]) if p[0] in order else 9, p[1] != want_prec))
+
+    def rank(p: tuple[str, str]) -> tuple[int, bool]:
+        b = known.get(p[0])
+        return (b.preference.get(device.type, 9) if b else 10), p[1] != want_prec
+
+    return min(pairs, key=rank)
 
 
 def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
                  relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
                  precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
-                 ort_unet_graphs: bool = False) -> tuple[Networks, str]:
+                 ort_unet_graphs: bool = False) -> tuple[EngineNetworks, str]:
     """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
 
     ONNX Runtime on CUDA: `conv_algo_search` is the EP's cuDNN algorithm search; `ort_unet_graphs` runs the
@@ -80,25 +79,26 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         cmd = build_command(bundle, plan, backend or "onnxruntime", precision or "fp32", dilation, engine_dir)
         raise CoverageError(f"no {fam.name} {asked + ' ' if asked else ''}engines in {engine_dir}; "
                             f"build them with: {cmd}")
-    backend, precision = chosen_pair
-    cmd = build_command(bundle, plan, backend, precision, dilation, engine_dir)
-    installed, here = backend_version(backend), device_name(device)
+    backend_name, precision = chosen_pair
+    backend = get_backend(backend_name)
+    cmd = build_command(bundle, plan, backend_name, precision, dilation, engine_dir)
+    installed, here = backend.version(), device_name(device)
     chosen: dict[tuple[str, int], Entry] = {}
     fingerprints: dict[int, str] = {}
     for r in plan_requirements(fam, plan, precision, dilation, relay=relay):
         s = r.spec
-        same = [e for e in entries if e.key.backend == backend and e.key.network == s.network
+        same = [e for e in entries if e.key.backend == backend_name and e.key.network == s.network
                 and e.key.dilation == s.dilation
                 and (e.key.precision == precision or s.network in (VAE_DECODER, VAE_ENCODER))]
         fits = sorted((e for e in same if _covers(e, r)), key=lambda e: -e.created)
         if not fits:
-            have = sorted({px for e in same for px in _served_sizes(e, s)})
+            have = sorted({px for e in same for px in backend.served_sizes(fam, s, e.key.profiles)})
             need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in r.profiles))
             what = f"{s.network} ({s.variant}, {s.precision})"
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
             raise CoverageError(f"the engines in {engine_dir} do not cover {what} at {need}; {covered}. "
                                 f"Build them with: {cmd}")
-        module = source_module(bundle, s)
+        module = bundle.module_for(s.network)
         if id(module) not in fingerprints:  # both VAE halves hash one module
             fingerprints[id(module)] = weights_fingerprint(module)
         fingerprint = fingerprints[id(module)]
@@ -107,47 +107,19 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         if not valid:
             e = fits[0]
             why = ("other weights" if e.key.weights != fingerprint else
-                   f"{backend} {e.key.backend_version} (installed: {installed})" if e.key.backend_version != installed
-                   else f"device {e.key.device!r} (this one: {here!r})")
+                   f"{backend_name} {e.key.backend_version} (installed: {installed})"
+                   if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
             raise StaleEngineError(f"engine {e.key.describe()} in {engine_dir} was built for {why}; "
                                    f"rebuild with: {cmd}")
         cache.verify(valid[0])
         chosen[(s.network, s.dilation)] = valid[0]
-    desc = f"{backend} engines ({precision}) from {engine_dir}"
-    if backend == "torch":  # the modules themselves, cast as the entries were recorded
-        dtypes = {"fp16": torch.float16, "fp32": torch.float32}
-        for m in (bundle.unet, *bundle.text_encoders):
-            m.to(device=device, dtype=dtypes[precision])
-        bundle.vae.to(device=device)
-        return TorchNetworks(bundle, dtypes[chosen[(VAE_DECODER, 1)].key.precision]), desc
-    runners = {k: _runner(engine_dir, e, fam.vae_scale, device, conv_algo_search, ort_unet_graphs and k[0] == "unet")
-               for k, e in chosen.items()}
-    return EngineNetworks(runners, device), desc
+    ctx = OpenContext(fam, device, bundle, conv_algo_search, ort_unet_graphs)
+    runners = {k: open_entry(engine_dir, e, backend, ctx) for k, e in chosen.items()}
+    return EngineNetworks(runners, device, backend_name), f"{backend_name} engines ({precision}) from {engine_dir}"
 
 
-def _served_sizes(e: Entry, spec: NetworkSpec) -> list[str]:
-    """Pixel sizes an entry serves: one per profile, or the range of an AOTInductor package."""
-    fam = get_family(e.key.model)
-    if e.key.backend == "aoti":
-        return [d for p in e.key.profiles if (d := describe_range(fam, spec, p))]  # none for fixed shapes
-    return profile_sizes(e.key.network, e.key.profiles, fam.vae_scale)
-
-
-def _runner(engine_dir: Path, e: Entry, vae_scale: int, device: torch.device, conv_algo_search: str = "EXHAUSTIVE",
-            cuda_graph: bool = False):
+def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:
+    """A runner for one verified entry of `engine_dir`."""
     spec = network_spec(get_family(e.key.model), e.key.network, e.key.precision, e.key.dilation)
-    path = engine_dir / e.files[0].path
-    if e.key.backend == "aoti":
-        from .aoti_backend import AotiRunner
-
-        return AotiRunner(path, spec, e.key.profiles[0], e.key.model, device)
-    if e.key.backend == "onnxruntime":
-        from .onnxruntime_backend import OrtRunner
-
-        # The VAE runs a few times per generation with transients of tens of GB at 2048 px (fp32 mid-block
-        # attention); each session's arena would keep its peak, so encoder and decoder give theirs back.
-        return OrtRunner(path, spec, vae_scale, device, cuda_graph=cuda_graph,
-                         shrink_arena=e.key.network in (VAE_DECODER, VAE_ENCODER), conv_algo_search=conv_algo_search)
-    from .tensorrt_backend import TrtRunner
-
-    return TrtRunner(path, spec, e.key.profiles, device)
+    path = engine_dir / e.files[0].path if e.files else None
+    return backend.open(e, path, spec, ctx)

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from megafusion.export.loading import ModelBundle
+from ..core.loading import ModelBundle
 
 from .cache import CorruptManifestError, EngineCache
 

@@ -9,12 +9,19 @@ from typing import Protocol
 
 import torch
 
-from megafusion.export.dilation import mid_dilation
-from megafusion.export.loading import ModelBundle
+from ..core.dilation import mid_dilation
+from ..core.loading import ModelBundle
 
 
 class Networks(Protocol):
     """What the stage loop needs from a backend."""
+
+    unet_dtype: torch.dtype
+    """The dtype the UNet takes its sample in; the pipeline draws noise in it, as diffusers does."""
+    vae_dtype: torch.dtype
+    """The dtype the VAE takes its input in; the pixel relay writes its resized image in it."""
+    capturable: bool
+    """Whether every call may run inside a CUDA graph capture (the graphed denoise loop needs it)."""
 
     def unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
              text_embeds: torch.Tensor | None, time_ids: torch.Tensor | None, dilation: int) -> torch.Tensor:
@@ -40,6 +47,7 @@ class TorchNetworks:
             bundle.vae.to(dtype=vae_dtype)
         self.vae_dtype = bundle.vae.dtype
         self.text_dtype = bundle.text_encoders[0].dtype
+        self.capturable = True  # plain torch ops on the current stream
         # The callables a faster subclass may replace (compiled versions of the same modules).
         self.unet_fn = bundle.unet
         self.decode_fn = self._decode

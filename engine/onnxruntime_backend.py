@@ -5,7 +5,7 @@ in place (no host copies), and with `cuda_graph=True` each input shape gets its 
 (`gpu_graph_id`), replayed from static buffers. Each session has its own CUDA arena that keeps its peak;
 `shrink_arena` hands unused arena memory back after every run (for networks with large, rare transients,
 such as the VAE at 2048 px). The CUDA path follows ORT's documented API; this repository's CI only
-exercises the CPU path. Both CUDA paths ran on an H100 (benchmarks/results/h100-2026-11-26d and -26e).
+exercises the CPU path; both CUDA paths ran on a GPU (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megafusion.export.specs import NetworkSpec
-
+from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
+from .backend import Backend, BackendUnavailable, BuildJob, BuildOutput, Log, OpenContext
 from .runners import infer_axes
 
 NAME = "onnxruntime"
@@ -55,7 +55,7 @@ class _Graph:
 
 
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
-"""The CUDA EP's `cudnn_conv_algo_search` values. On the H100 (SD1.5, fused, EXHAUSTIVE) every change of input
+"""The CUDA EP's `cudnn_conv_algo_search` values. Measured (SD1.5, fused, EXHAUSTIVE), every change of input
 shape cost a session 1.6 to 2.4 s on its next run, even for shapes it had run before; a multi-stage plan changes
 shape at every stage, so HEURISTIC is there to be measured against it."""
 
@@ -111,6 +111,7 @@ class OrtRunner:
         if got != want:
             raise RuntimeError(f"{path}: inputs {got} differ from the spec's {want}")
         self._graphs: dict[tuple, _Graph] = {}
+        self.capturable = False  # see OnnxRuntimeBackend.capture_note
 
     def _output_buffers(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         axes = infer_axes(self.spec, inputs, self.vae_scale)
@@ -168,3 +169,62 @@ class OrtRunner:
         ro.add_run_config_entry("gpu_graph_id", str(g.graph_id))
         self.session.run_with_iobinding(g.binding, ro)
         return {n: y.clone() for n, y in g.outputs.items()}  # the next replay overwrites the buffers
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX models run by ONNX Runtime: the CPU EP, or the CUDA EP with IOBinding where onnxruntime-gpu is present."""
+
+    name = NAME
+    preference = {"cuda": 1, "cpu": 0}
+    capture_note = ("an ONNX Runtime session binds its CUDA stream when it is created, while the runtime captures "
+                    "its graphs on a stream of its own; ORT's own per-shape CUDA graphs (ort_unet_graphs) apply instead")
+
+    def version(self) -> str:
+        return version()
+
+    def check_available(self, device: str) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("the onnxruntime package is not installed (pip install 'megafusion[onnx]')") \
+                from None
+        if device.startswith("cuda") and not cuda_available():
+            raise BackendUnavailable("--device cuda with --backend onnxruntime needs onnxruntime-gpu; "
+                                     "pass --device cpu or install onnxruntime-gpu")
+
+    def check_request(self, precision: str, ort_optimize: str, device: str) -> None:
+        from ..export.ort_optimize import ORT_OPTIMIZE_CHOICES
+
+        super().check_request(precision, "none", device)
+        if ort_optimize not in ORT_OPTIMIZE_CHOICES:
+            raise ValueError(f"unknown ORT optimization {ort_optimize!r}; choose one of "
+                             f"{', '.join(ORT_OPTIMIZE_CHOICES)}")
+        if ort_optimize == "cuda" and torch.device(device).type != "cuda":
+            raise ValueError(f"ORT optimization 'cuda' adds ops only the CUDA EP runs (GroupNorm, NhwcConv, ...); "
+                             f"engines for device {device!r} need 'cpu' or 'none'")
+
+    def default_ort_optimize(self, device: str) -> str:
+        return "cuda" if torch.device(device).type == "cuda" else "none"  # 2048 px needs fused attention there
+
+    def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
+        from .onnx_build import export_model
+
+        onnx_path = staging / "model.onnx"
+        out = export_model(job, onnx_path, log)
+        if job.check_load:  # on the engines' device: a CPU load of an fp16 SDXL UNet proves little and is slow
+            # On CPU the check opens with basic optimizations: `all` would hold ~3.7x an fp16 model in RAM (about
+            # 19 GB for the SDXL UNet, beside the bundle), past a 24 GB machine; sessions that run use `all`.
+            level = "basic" if torch.device(job.device).type == "cpu" else "all"
+            OrtRunner(onnx_path, job.requirement.spec, job.bundle.family.vae_scale, job.device, optimization=level)
+        return out
+
+    def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> OrtRunner:
+        # The VAE runs a few times per generation with transients of tens of GB at 2048 px (fp32 mid-block
+        # attention); each session's arena would keep its peak, so encoder and decoder give theirs back.
+        return OrtRunner(path, spec, ctx.family.vae_scale, ctx.device,
+                         cuda_graph=ctx.ort_unet_graphs and spec.network == UNET,
+                         shrink_arena=spec.network in (VAE_DECODER, VAE_ENCODER),
+                         conv_algo_search=ctx.ort_conv_algo_search)
+
+
+BACKEND = OnnxRuntimeBackend()

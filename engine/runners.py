@@ -10,13 +10,15 @@ from typing import Protocol
 
 import torch
 
-from megafusion.export.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec, text_encoder_name
+from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec, text_encoder_name
 
 
 class Runner(Protocol):
     """A built network: named inputs in, named outputs out."""
 
     spec: NetworkSpec
+    capturable: bool
+    """Whether `run` may be called inside a CUDA graph capture (declared by the backend, never assumed)."""
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs by name, in the spec's dtypes, on the runner's device."""
@@ -46,15 +48,30 @@ def infer_axes(spec: NetworkSpec, inputs: dict[str, torch.Tensor], vae_scale: in
 class EngineNetworks:
     """`Networks` over runners keyed by (network name, dilation); float32 in and out, as the protocol says."""
 
-    def __init__(self, runners: dict[tuple[str, int], Runner], device: torch.device):
+    def __init__(self, runners: dict[tuple[str, int], Runner], device: torch.device, backend: str = ""):
         self.runners = runners
         self.device = torch.device(device)
+        self.backend = backend
+        """Name of the backend the runners come from (for messages)."""
+
+    def _input_dtype(self, network: str, name: str) -> torch.dtype:
+        runner = next(r for (n, _), r in sorted(self.runners.items()) if n == network)
+        return next(t for t in runner.spec.inputs if t.name == name).torch_dtype
 
     @property
     def unet_dtype(self) -> torch.dtype:
         """The dtype the UNet engines take their sample in (what the pipeline draws noise in)."""
-        unet = next(r for (n, _), r in sorted(self.runners.items()) if n == UNET)
-        return next(t for t in unet.spec.inputs if t.name == "sample").torch_dtype
+        return self._input_dtype(UNET, "sample")
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE decoder takes its latent in (encoder and decoder share one precision)."""
+        return self._input_dtype(VAE_DECODER, "latent")
+
+    @property
+    def capturable(self) -> bool:
+        """Every runner may be captured in a CUDA graph."""
+        return all(r.capturable for r in self.runners.values())
 
     def _call(self, network: str, dilation: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         runner = self.runners.get((network, dilation))

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from megafusion.export.specs import NetworkSpec, ShapeProfile
+from ..core.specs import NetworkSpec, ShapeProfile
+from .backend import Backend, BackendUnavailable, BuildJob, BuildOutput, Log, OpenContext
+from .cache import device_name
 
 NAME = "tensorrt"
 
@@ -114,6 +116,9 @@ class TrtRunner:
             raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another version or GPU?)")
         self.context = self.engine.create_execution_context()
         self._profile = -1
+        # Enqueue on the current stream is capturable per TensorRT's documentation (profile switches happen on
+        # a shape's first call, which the runtime makes before capturing); unverified here.
+        self.capturable = True
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream(self.device).cuda_stream
@@ -132,3 +137,40 @@ class TrtRunner:
         if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT execution of {self.spec.name} failed")
         return outputs
+
+
+class TensorRTBackend(Backend):
+    """Serialized TensorRT engines, one optimization profile per plan stage shape (unverified here)."""
+
+    name = NAME
+    preference = {"cuda": 0}
+
+    def version(self) -> str:
+        return version()
+
+    def check_available(self, device: str) -> None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable("the tensorrt package is not installed "
+                                     "(pip install 'megafusion[tensorrt]' on a CUDA machine)") from None
+        if not device.startswith("cuda"):
+            raise BackendUnavailable("--backend tensorrt needs a CUDA device")
+
+    def build(self, job: BuildJob, staging: Path, log: Log) -> BuildOutput:
+        from .onnx_build import export_model
+
+        out = export_model(job, staging / "model.onnx", log)
+        r = job.requirement
+        timing_cache = job.output / f"timing-{device_name(job.device).replace(' ', '_')}.cache"
+        plan = build_engine(staging / "model.onnx", r.spec, r.profiles, r.spec.precision == "fp16", timing_cache)
+        (staging / "engine.plan").write_bytes(plan)
+        for f in out.exported.files:  # the engine is self-contained; the ONNX (GBs for SDXL) is not kept
+            f.unlink()
+        return out
+
+    def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> TrtRunner:
+        return TrtRunner(path, spec, entry.key.profiles, ctx.device)
+
+
+BACKEND = TensorRTBackend()

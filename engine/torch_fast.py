@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megafusion.export.loading import ModelBundle
+from ..core.loading import ModelBundle
 
 from .attention import set_attention
 from .networks import TorchNetworks
@@ -33,9 +33,9 @@ INDUCTOR_SETS: dict[str, InductorOptions] = {
     "tuned": _FREEZING + (("coordinate_descent_tuning", True), ("conv_1x1_as_mm", True)),
     "coord+1x1": (("conv_1x1_as_mm", True), ("coordinate_descent_tuning", True), ("epilogue_fusion", False)),
 }
-"""Named values for `FastOptions.inductor_options`, compared by benchmarks/unet_inductor.py. The `gemm` sets
+"""Named values for `FastOptions.inductor_options`, compared by benchmarks/lab/unet_inductor.py. The `gemm` sets
 autotune matmuls only: convolutions stay on ATen (cuDNN), so only the GEMM choice differs from `default`.
-On the H100 (torch 2.11) `gemm` had not finished compiling the SDXL UNet at 1024 after 470 s (each GEMM shape
+Measured with torch 2.11, `gemm` had not finished compiling the SDXL UNet at 1024 after 470 s (each GEMM shape
 took 20 to 40 s to autotune), against 114 s for `default`."""
 
 
@@ -64,12 +64,12 @@ class FastOptions:
     """Per-compile Inductor settings (e.g. ("conv_1x1_as_mm", True)); replaces `compile_mode` when given;
     `INDUCTOR_SETS` names the measured ones."""
     unet_attention: str = "sdpa"
-    """UNet attention kernel (engine/attention.py): `sdpa` (torch's choice: cuDNN under compile on the H100),
-    `cudnn` (cuDNN forced, also in eager), `fa4` (FlashAttention 4, optional package; on the H100 no faster than
-    cuDNN at SDXL's shapes, benchmarks/results/h100-2026-11-26e), `chunked`."""
+    """UNet attention kernel (engine/attention.py): `sdpa` (torch's choice: cuDNN under compile on Hopper),
+    `cudnn` (cuDNN forced, also in eager), `fa4` (FlashAttention 4, optional package; measured no faster than
+    cuDNN at SDXL's shapes), `chunked`."""
     vae_attention: str = "chunked"
     """VAE attention kernel: `chunked` by default, since no fused kernel takes its 512-dim head and torch's
-    memory-efficient fallback ran at 107 TFLOP/s against 340-360 for chunked (H100, 65536 tokens)."""
+    memory-efficient fallback ran at 107 TFLOP/s against 340-360 for chunked (65536 tokens)."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms per shape (process-wide flag, set when the backend is built)."""
 

@@ -1,4 +1,2 @@
-"""Lowest layer: model families, weight loading, the stage plan and the dilated-middle variant.
-
-Export to ONNX and the per-network specs build on these; `engine` and `runtime` import from here.
-"""
+"""Export of the core's networks: ONNX (with ONNX Runtime graph fusion) and AOTInductor packages.
+Used by engine builds only; nothing on the run-time path imports it."""

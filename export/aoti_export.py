@@ -5,7 +5,7 @@ load without compiling.
 One package serves a range of sizes, not one profile per stage: the spatial axes are dynamic over the plan's
 whole range of sides (smallest to largest side of any stage, for both axes), in steps of the UNet's size
 multiple, so the package also serves other plans and aspect ratios within that range. Its engine key records
-this as one `ShapeProfile` whose min/max are the range (see `range_profile`).
+this as one `ShapeProfile` whose min/max are the range (see `megafusion.core.specs.range_profile`).
 """
 from __future__ import annotations
 
@@ -17,35 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .dilation import mid_dilation
-from .loading import ModelBundle
-from .models import ModelFamily
-from .onnx_export import ExportError, ExportResult, cast_copy, source_module, wrap
-from .plan import StagePlan
-from .specs import UNET, NetworkSpec, ShapeProfile
-
-SPATIAL_AXES = ("height", "width", "image_height", "image_width")
-
-
-def latent_range(family: ModelFamily, plan: StagePlan) -> tuple[int, int]:
-    """(smallest, largest) latent side over every stage of `plan`, both axes."""
-    sides = [side // family.vae_scale for s in plan.stages for side in (s.height, s.width)]
-    return min(sides), max(sides)
-
-
-def range_profile(family: ModelFamily, spec: NetworkSpec, plan: StagePlan) -> ShapeProfile:
-    """One profile whose min/max are what the package accepts: batch over the spec's range, sides over the plan's."""
-    lo, hi = latent_range(family, plan)
-    s1 = plan.stages[0]
-    shapes = []
-    for t in spec.inputs:
-        # opt: stage 1's size (what the runtime runs most), at the spec's usual batch.
-        dims = [spec.axes(b, h, w, family.vae_scale) for b, h, w in
-                ((spec.batch_range[0], lo, lo), (spec.batch_range[1], s1.height // family.vae_scale,
-                                                  s1.width // family.vae_scale), (spec.batch_range[2], hi, hi))]
-        shapes.append((t.name, *(t.concrete(d) for d in dims)))
-    return ShapeProfile(0, tuple(shapes))
-
+from ..core.dilation import mid_dilation
+from ..core.loading import ModelBundle
+from ..core.families import ModelFamily
+from .onnx_export import ExportError, ExportResult, cast_copy
+from ..core.wrappers import wrap
+from ..core.plan import StagePlan
+from ..core.specs import SPATIAL_AXES, UNET, NetworkSpec, ShapeProfile
 
 def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
                    profile: ShapeProfile) -> dict[str, dict[int, object] | None]:
@@ -83,7 +61,7 @@ def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, p
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
-    module = source_module(bundle, spec)
+    module = bundle.module_for(spec.network)
     dtype = spec.outputs[0].torch_dtype
     # Trace at the largest batch (a batch of 1 would be specialised) and stage 1's size.
     opt = profile.shapes[0][2]
@@ -118,14 +96,3 @@ def _latent_of(spec: NetworkSpec, shape: tuple[int, ...], vae_scale: int) -> tup
         return 1, 1  # text encoders: no spatial axes
     s = vae_scale if first.shape[2] == "image_height" else 1
     return shape[2] // s, shape[3] // s
-
-
-
-def describe_range(family: ModelFamily, spec: NetworkSpec, profile: ShapeProfile) -> str:
-    """The pixel sizes a package accepts, e.g. '128x128 to 256x256 (sides in steps of 64)'; '' for fixed shapes."""
-    for t, (_, lo, _, hi) in zip(spec.inputs, profile.shapes):
-        if len(t.shape) == 4 and t.shape[2] in SPATIAL_AXES:
-            s = 1 if t.shape[2] == "image_height" else family.vae_scale
-            return (f"{lo[3] * s}x{lo[2] * s} to {hi[3] * s}x{hi[2] * s} "
-                    f"(sides in steps of {family.pixel_multiple})")
-    return ""

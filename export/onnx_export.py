@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .dilation import mid_dilation
-from .loading import ModelBundle
-from .specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
+from ..core.dilation import mid_dilation
+from ..core.loading import ModelBundle
+from ..core.specs import UNET, NetworkSpec
+from ..core.wrappers import wrap
 
 PROTOBUF_LIMIT = 2 * 1024**3
 """Serialized ONNX models must stay under this; larger weights go to external data."""
@@ -32,74 +33,6 @@ OPSET = 17
 
 class ExportError(RuntimeError):
     """An export failed; the message names the network."""
-
-
-class UNetWrapper(torch.nn.Module):
-    """eps from flat tensors; SDXL's added conditioning as two more inputs."""
-
-    def __init__(self, unet: torch.nn.Module, xl: bool):
-        super().__init__()
-        self.unet, self.xl = unet, xl
-
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.xl else None
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs=added, return_dict=False)[0]
-
-
-class VaeEncoderWrapper(torch.nn.Module):
-    """Posterior mean (unscaled latent) of an image in [-1, 1]."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, image):
-        return self.vae.encode(image).latent_dist.mean
-
-
-class VaeDecoderWrapper(torch.nn.Module):
-    """Image from an unscaled latent."""
-
-    def __init__(self, vae: torch.nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-class TextEncoderWrapper(torch.nn.Module):
-    """Hidden states the UNet reads (last layer for SD1.5, penultimate for SDXL), plus pooled if projected."""
-
-    def __init__(self, encoder: torch.nn.Module, xl: bool, pooled: bool):
-        super().__init__()
-        self.encoder, self.xl, self.pooled = encoder, xl, pooled
-
-    def forward(self, input_ids):
-        out = self.encoder(input_ids.long(), output_hidden_states=self.xl)
-        hidden = out.hidden_states[-2] if self.xl else out[0]
-        return (hidden, out[0]) if self.pooled else hidden
-
-
-def source_module(bundle: ModelBundle, spec: NetworkSpec) -> torch.nn.Module:
-    """The bundle's module that `spec` exports (the whole VAE for either half)."""
-    if spec.network == UNET:
-        return bundle.unet
-    if spec.network in (VAE_ENCODER, VAE_DECODER):
-        return bundle.vae
-    index = 0 if spec.network == "text_encoder" else int(spec.network.rsplit("_", 1)[1]) - 1
-    return bundle.text_encoders[index]
-
-
-def wrap(module: torch.nn.Module, spec: NetworkSpec, xl: bool) -> torch.nn.Module:
-    if spec.network == UNET:
-        return UNetWrapper(module, xl)
-    if spec.network == VAE_ENCODER:
-        return VaeEncoderWrapper(module)
-    if spec.network == VAE_DECODER:
-        return VaeDecoderWrapper(module)
-    return TextEncoderWrapper(module, xl, len(spec.outputs) == 2)
 
 
 def cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -135,7 +68,7 @@ def export_onnx(bundle: ModelBundle, spec: NetworkSpec, path: str | os.PathLike,
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
-    module = source_module(bundle, spec)
+    module = bundle.module_for(spec.network)
     dtype = spec.outputs[0].torch_dtype
     if sample_latent is None and _resolve(device).type == "cpu":
         # The trace runs one real forward pass, and on CPUs without AVX512-FP16/AMX torch's fp16 convolutions

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .onnx_export import PROTOBUF_LIMIT, ExportError
-from .specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
+from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
 
 TARGETS = ("cpu", "cuda")
 """Execution providers the optimized graph is for."""

@@ -2,7 +2,7 @@
 
 The CFG batch is [uncond, cond]. SDXL: hidden states of both encoders concatenated, pooled embedding from
 the second, an empty negative prompt gives zeros (`force_zeros_for_empty_prompt`), and every stage passes
-its own size as time ids (H, W, 0, 0, H, W) (SPEC section 2).
+its own size as time ids (H, W, 0, 0, H, W) (docs/ALGORITHM.md §3).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megafusion.engine.networks import Networks
-from megafusion.export.loading import ModelBundle
+from ..engine.networks import Networks
+from ..core.loading import ModelBundle
 
 
 @dataclass(frozen=True)

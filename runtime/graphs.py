@@ -1,6 +1,6 @@
 """CUDA-graphed denoise steps: one graph per stage shape serves every step of that stage.
 
-The captured step is the whole of SPEC 3's step: UNet on the CFG batch, the guidance combine, x0 and the
+The captured step is the whole step of docs/ALGORITHM.md §6: UNet on the CFG batch, the guidance combine, x0 and the
 DDIM update. Its timestep and coefficients are gathered from device tables by a device step counter that the
 graph itself advances, so a stage is `reset` (copy its tables in, counter to 0) and then `steps` replays.
 Buffers live in `StepBuffers`, allocated once per key outside the graph wrapper; graphs share one memory pool.
@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megafusion.engine.networks import Networks
+from ..engine.networks import Networks
 
 from .conditioning import Conditioning
 from .schedule import StageCoefficients
 
 MAX_STAGE_STEPS = 1000
 """Capacity of the device coefficient tables (DDIM over 1000 training steps)."""
+
+
+class NotCapturableError(ValueError):
+    """Networks that declare they cannot be captured were given to a capturing GraphedDenoiser."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class StepBuffers:
 
 
 def _step(nets: Networks, b: StepBuffers, cfg: bool, dilation: int) -> None:
-    """One denoise step on the buffers, in the spec's notation; every operation is capturable."""
+    """One denoise step on the buffers, in docs/ALGORITHM.md's notation; every operation is capturable."""
     i = b.step.view(1)
     a_t, b_t, a_s, b_s = b.tables.index_select(1, i).unbind(0)  # each (1,)
     t = b.timesteps.index_select(0, i).squeeze(0)
@@ -110,6 +114,11 @@ class GraphedDenoiser:
     graphs: dict[GraphKey, torch.cuda.CUDAGraph] = field(default_factory=dict)
     buffers: dict[GraphKey, StepBuffers] = field(default_factory=dict)
     pool: object = None
+
+    def __post_init__(self):
+        if self.capture and not self.nets.capturable:
+            raise NotCapturableError(f"{type(self.nets).__name__} cannot run inside a CUDA graph capture "
+                                     f"(it declares capturable = False); run the stages eagerly instead")
 
     def replay_timing(self, key: GraphKey, repeats: int = 10) -> tuple[float, float]:
         """(median GPU ms of one replay, host ms to launch one replay on an idle GPU), for overhead reports.

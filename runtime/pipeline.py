@@ -1,4 +1,4 @@
-"""The MegaFusion stage loop (SPEC sections 2 to 4), in the spec's notation.
+"""The MegaFusion stage loop (docs/ALGORITHM.md §2-10), in its notation.
 
 z is the latent, eps the guided noise prediction, x0 the predicted clean latent; a_t = sqrt(abar'_t),
 b_t = sqrt(1 - abar'_t), likewise a_s, b_s for the next timestep s. All coefficients are device tensors
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megafusion.engine.networks import Networks, TorchNetworks
-from megafusion.export.loading import ModelBundle
-from megafusion.export.plan import StagePlan
+from ..engine.networks import Networks, TorchNetworks
+from ..core.loading import ModelBundle
+from ..core.plan import StagePlan
 
 from .conditioning import Conditioning, encode
 from .graphs import GraphedDenoiser
@@ -111,15 +111,18 @@ class MegaFusionPipeline:
         self.nets = networks if networks is not None else TorchNetworks(bundle)
         self.device = torch.device(device) if device is not None else bundle.unet.device
         # diffusers draws latents in the UNet's dtype; so do we, in the dtype of the UNet that runs (an fp16 engine's
-        # for engines, whatever the bundle holds). It matters: with random SDXL weights on the H100, noise drawn
+        # for engines, whatever the bundle holds). It matters: with random SDXL weights on a GPU, noise drawn
         # in fp16 instead of fp32 (values within 1e-3) gave a different image (mean 47 levels apart).
-        self.noise_dtype = getattr(self.nets, "unet_dtype", bundle.unet.dtype)
+        self.noise_dtype = self.nets.unet_dtype
         self.graphs = graphs
         """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
 
     @classmethod
     def fast(cls, bundle: ModelBundle, networks: Networks | None = None, device=None) -> MegaFusionPipeline:
-        """The low-latency path: CUDA-graphed stages on CUDA, the same buffered step eagerly elsewhere."""
+        """The low-latency path: CUDA-graphed stages on CUDA, the same buffered step eagerly elsewhere.
+
+        Networks that cannot be captured (`Networks.capturable`) are refused on CUDA (GraphedDenoiser says why);
+        callers that want a fallback check `capturable` first."""
         nets = networks if networks is not None else TorchNetworks(bundle)
         dev = torch.device(device) if device is not None else bundle.unet.device
         return cls(bundle, nets, dev, GraphedDenoiser(nets, dev, capture=dev.type == "cuda"))

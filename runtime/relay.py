@@ -1,4 +1,4 @@
-"""Truncate and relay between stages (SPEC section 4).
+"""Truncate and relay between stages (docs/ALGORITHM.md §7-8).
 
 Pixel relay (default): decode x0 / scaling, clamp to [-1, 1], bicubic resize (Keys a = -0.75, half-pixel
 centres: `interpolate(mode="bicubic", align_corners=False)`), clamp, encode (posterior mean), times scaling.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megafusion.engine.networks import Networks
-from megafusion.runtime.fused_relay import relay_resize
+from ..engine.networks import Networks
+from .fused_relay import relay_resize
 
 RELAY_MODES = ("pixel", "latent")
 
@@ -30,8 +30,7 @@ def relay(nets: Networks, x0: torch.Tensor, height: int, width: int, scaling: fl
     if mode == "pixel":
         image = nets.vae_decode(x0 / scaling)
         # Fused clamp/resize/clamp/cast on CUDA (torch's resize_clamped elsewhere), straight to the encoder's dtype.
-        encoder_dtype = getattr(nets, "vae_dtype", image.dtype)
-        return nets.vae_encode(relay_resize(image, height, width, encoder_dtype)) * scaling
+        return nets.vae_encode(relay_resize(image, height, width, nets.vae_dtype)) * scaling
     if mode == "latent":
         return bicubic_resize(x0, height // vae_scale, width // vae_scale)
     raise ValueError(f"unknown relay mode {mode!r}; choose one of {', '.join(RELAY_MODES)}")

@@ -1,6 +1,6 @@
-"""The DDIM schedule with noise re-scheduling (SPEC sections 1 and 3), computed once in float64 on the host.
+"""The DDIM schedule with noise re-scheduling (docs/ALGORITHM.md §1, §4), computed once in float64 on the host.
 
-Notation follows the spec: `abar[t]` is the cumulative product of alphas; a stage with factor gamma uses
+Notation of docs/ALGORITHM.md: `abar[t]` is the cumulative product of alphas; a stage with factor gamma uses
 `abar'_t = abar_t / (gamma - (gamma - 1) * abar_t)`, i.e. SNR' = SNR / gamma.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megafusion.export.plan import StagePlan
+from ..core.plan import StagePlan
 
 
 def alphas_cumprod(config: dict[str, Any]) -> np.ndarray:

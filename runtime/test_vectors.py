@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from megafusion.export.models import FAMILIES, ModelFamily
-from megafusion.export.plan import PlanError, Stage, default_plan, parse_stages, validate_plan
-from megafusion.runtime.relay import resize_clamped
-from megafusion.runtime.schedule import plan_schedule
+from ..core.families import FAMILIES, ModelFamily
+from ..core.plan import PlanError, Stage, default_plan, parse_stages, validate_plan
+from .relay import resize_clamped
+from .schedule import plan_schedule
 
 # Output sizes per native size: the paper's, odd aspect ratios, native, below native (refused), too large.
 _SIZES = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (GPU tests run on the H100)")
+    skip = pytest.mark.skip(reason="needs a CUDA device (GPU tests run on the lent H200)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -20,14 +21,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_sd15():
-    from megafusion.export.loading import load_model
+    from megafusion.core.loading import load_model
 
     return load_model("tiny-sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl():
-    from megafusion.export.loading import load_model
+    from megafusion.core.loading import load_model
 
     return load_model("tiny-sdxl")
 
@@ -39,9 +40,36 @@ AOTI_STAGES = "128x128:2,256x256:2"
 @pytest.fixture(scope="session")
 def sd15_aoti(tmp_path_factory):
     """tiny-sd15 engines from `mf-build-engines --backend aoti` (engine and C++ library tests share them)."""
-    from megafusion.engine.cli import main as build_main
+    from megafusion.cli.build_engines import main as build_main
 
     out = tmp_path_factory.mktemp("engines-aoti")
     assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
                        "--output", str(out)]) == 0
     return out
+
+
+# Engine folders built once per session (tests/engines.py says how).
+@pytest.fixture(scope="session")
+def sdxl_engines(tmp_path_factory, tiny_sdxl):
+    out = tmp_path_factory.mktemp("engines-sdxl")
+    from tests.engines import build
+
+    build(tiny_sdxl, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd15_engines(tmp_path_factory, tiny_sd15):
+    out = tmp_path_factory.mktemp("engines-sd15")
+    from tests.engines import build
+
+    build(tiny_sd15, out)
+    return out
+
+
+@pytest.fixture
+def sdxl_copy(sdxl_engines, tmp_path):
+    """A private copy of the built folder, for tests that damage it."""
+    dst = tmp_path / "engines"
+    shutil.copytree(sdxl_engines, dst)
+    return dst

@@ -1,6 +1,6 @@
 // mf-generate-cpp: one MegaFusion image from built engines through libmegafusion's C API, written as PNG.
 //
-//   python -m megafusion.runtime.tokens --model sdxl --prompt "a fox" --output ids.txt
+//   mf-tokens --model sdxl --prompt "a fox" --output ids.txt
 //   mf-generate-cpp --engines DIR --model sdxl --ids ids.txt --size 2048x2048 --seed 0 --output fox.png
 //
 // Exit status: 0 on success, 2 on a usage error, else the mf_status of the failing call.
@@ -28,7 +28,7 @@ int usage(const std::string& why) {
   return 2;
 }
 
-// The token file `python -m megafusion.runtime.tokens` writes: lines "prompt I id..." and "negative I id...".
+// The token file `mf-tokens` writes: lines "prompt I id..." and "negative I id...".
 bool read_ids(const std::string& path, std::vector<std::vector<int32_t>>& prompt,
               std::vector<std::vector<int32_t>>& negative, std::string& err) {
   std::ifstream f(path);

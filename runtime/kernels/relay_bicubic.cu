@@ -1,4 +1,4 @@
-// Fused pixel relay (SPEC section 4): clamp(-1, 1) -> bicubic resize -> clamp(-1, 1) -> cast, in one pass.
+// Fused pixel relay (docs/ALGORITHM.md §8): clamp(-1, 1) -> bicubic resize -> clamp(-1, 1) -> cast, in one pass.
 //
 // The resize is exactly PyTorch's upsample_bicubic2d (align_corners=False, antialias=False), mirrored
 // operation for operation so fp32 results agree with torch to rounding:

@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def sd15_counter():
     from megafusion.benchmarks.flops import MetaCostCounter
-    from megafusion.export.models import SD15
+    from megafusion.core.families import SD15
 
     return MetaCostCounter(SD15)
 
@@ -15,6 +15,6 @@ def sd15_counter():
 @pytest.fixture(scope="session")
 def sdxl_counter():
     from megafusion.benchmarks.flops import MetaCostCounter
-    from megafusion.export.models import SDXL
+    from megafusion.core.families import SDXL
 
     return MetaCostCounter(SDXL)

@@ -9,13 +9,13 @@ from PIL import Image
 
 from megafusion.benchmarks.baseline_eager import megafusion_eager
 from megafusion.benchmarks.bench import BenchResult, cost_variants, notes, run_variants, speedups
-from megafusion.benchmarks.cli import main
+from megafusion.cli.bench import main
 from megafusion.benchmarks.flops import PAPER_TABLE1_GMACS, SDXL_NOTE
 from megafusion.benchmarks.paper import table1_rows
 from megafusion.benchmarks.report import markdown, to_json, write_reports
 from megafusion.benchmarks.timing import Measurement, environment, measure
-from megafusion.export.models import SDXL
-from megafusion.export.plan import default_plan
+from megafusion.core.families import SDXL
+from megafusion.core.plan import default_plan
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 KINDS_MF = ["text", "stage", "relay", "stage", "relay", "stage", "decode"]

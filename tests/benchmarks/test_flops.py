@@ -14,8 +14,8 @@ from megafusion.benchmarks.flops import (
     plan_cost,
 )
 from megafusion.benchmarks.variants import direct_plan
-from megafusion.export.models import SD15, SDXL
-from megafusion.export.plan import Stage, default_plan, validate_plan
+from megafusion.core.families import SD15, SDXL
+from megafusion.core.plan import Stage, default_plan, validate_plan
 
 
 def _close(ours: float, ref: float, rel: float) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from megafusion.engine.load import open_engines
-from megafusion.export.plan import parse_stages, validate_plan
+from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 from megafusion.runtime.tokens import format_ids, load_tokenizers
 
@@ -104,7 +104,7 @@ def test_c_api_bad_calls(cpp_build):
                     reason="builds tiny-sdxl AOTInductor packages (about 6 minutes); set MEGAFUSION_TEST_SDXL_AOTI=1")
 @pytest.mark.parametrize("negative", ["", "blurry"])
 def test_cpp_image_equals_python_sdxl(cpp_build, tiny_sdxl, tmp_path_factory, tmp_path, negative):
-    from megafusion.engine.cli import main as build_main
+    from megafusion.cli.build_engines import main as build_main
 
     engines = tmp_path_factory.getbasetemp() / "engines-aoti-sdxl"
     if not (engines / "models.json").exists():

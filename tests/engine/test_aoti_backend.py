@@ -13,10 +13,10 @@ from megafusion.engine.aoti_backend import AotiRunner
 from megafusion.engine.cache import EngineCache
 from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.runners import EngineNetworks
-from megafusion.export.plan import parse_stages, validate_plan
+from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions
 
-from .conftest import STAGES, assert_generation_matches_torch
+from tests.engines import STAGES, assert_generation_matches_torch
 
 pytestmark = pytest.mark.slow
 

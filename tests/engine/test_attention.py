@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megafusion.engine.attention import AttnProcessor, attend_fn, chunked, sdpa, set_attention
-from megafusion.export.loading import load_model
+from megafusion.core.loading import load_model
 
 
 def _relerr(a, b):

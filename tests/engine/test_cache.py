@@ -8,15 +8,16 @@ import os
 import pytest
 import torch
 
-from megafusion.engine import build as build_mod
+from megafusion.engine import onnx_build
+from megafusion.engine.backend import get_backend
 from megafusion.engine.cache import (CorruptEngineError, CorruptManifestError, EngineCache, EngineKey,
                                      StaleEngineError, weights_fingerprint)
 from megafusion.engine.load import CoverageError, open_engines
-from megafusion.export.models import get_family
-from megafusion.export.plan import Stage, parse_stages, validate_plan
-from megafusion.export.specs import plan_requirements
+from megafusion.core.families import get_family
+from megafusion.core.plan import Stage, parse_stages, validate_plan
+from megafusion.core.specs import plan_requirements
 
-from .conftest import STAGES, build
+from tests.engines import STAGES, build
 
 FAM = get_family("tiny-sdxl")
 
@@ -141,22 +142,23 @@ def test_build_rebuilds_only_the_corrupt_entry(tiny_sdxl, sdxl_copy):
 
 
 def test_stale_entries_are_refused_at_run_time(tiny_sdxl, sdxl_copy, monkeypatch):
-    from megafusion.export.loading import load_model
+    from megafusion.core.loading import load_model
 
     plan = validate_plan(tiny_sdxl.family, parse_stages(STAGES))
     with pytest.raises(StaleEngineError, match="other weights.*mf-build-engines --model tiny-sdxl"):
         open_engines(sdxl_copy, load_model("tiny-sdxl", seed=1), plan)
-    monkeypatch.setattr("megafusion.engine.load.backend_version", lambda b: "0.0.1")
+    ort = get_backend("onnxruntime")
+    monkeypatch.setattr(type(ort), "version", lambda self: "0.0.1")
     with pytest.raises(StaleEngineError, match=r"onnxruntime 1\.\d+.*installed: 0\.0\.1"):
         open_engines(sdxl_copy, tiny_sdxl, plan)
+    monkeypatch.undo()
     monkeypatch.setattr("megafusion.engine.load.device_name", lambda d: "NVIDIA H100")
-    monkeypatch.setattr("megafusion.engine.load.backend_version", build_mod.backend_version)
     with pytest.raises(StaleEngineError, match="device 'cpu'"):
         open_engines(sdxl_copy, tiny_sdxl, plan)
 
 
 def test_build_interrupted_midway_leaves_nothing_accepted(tiny_sdxl, tmp_path, monkeypatch):
-    real_export = build_mod.export_onnx
+    real_export = onnx_build.export_onnx
 
     def export_then_die(bundle, spec, path, **kw):
         if spec.network == "unet":
@@ -164,7 +166,7 @@ def test_build_interrupted_midway_leaves_nothing_accepted(tiny_sdxl, tmp_path, m
             raise KeyboardInterrupt("killed mid-export")
         return real_export(bundle, spec, path, **kw)
 
-    monkeypatch.setattr(build_mod, "export_onnx", export_then_die)
+    monkeypatch.setattr(onnx_build, "export_onnx", export_then_die)
     with pytest.raises(KeyboardInterrupt):
         build(tiny_sdxl, tmp_path)
     cache = EngineCache(tmp_path)

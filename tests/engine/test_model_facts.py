@@ -10,7 +10,7 @@ import pytest
 from megafusion.engine.cache import CorruptManifestError, EngineCache
 from megafusion.engine.model_facts import MODELS, read_models, record_model
 
-from .conftest import build
+from tests.engines import build
 
 
 def test_build_records_facts(tiny_sdxl, tmp_path):

@@ -12,11 +12,11 @@ from megafusion.engine.load import open_engines
 from megafusion.engine.networks import TorchNetworks
 from megafusion.engine.onnxruntime_backend import OrtRunner
 from megafusion.engine.runners import EngineNetworks, infer_axes
-from megafusion.export.plan import parse_stages, validate_plan
-from megafusion.export.specs import unet_spec
+from megafusion.core.plan import parse_stages, validate_plan
+from megafusion.core.specs import unet_spec
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
-from .conftest import LATENT_ATOL, STAGES, assert_generation_matches_torch
+from tests.engines import LATENT_ATOL, STAGES, assert_generation_matches_torch
 
 
 

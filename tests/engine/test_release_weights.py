@@ -7,10 +7,10 @@ import torch
 
 from megafusion.engine.cache import EngineCache, weights_fingerprint
 from megafusion.engine.load import open_engines
-from megafusion.export.loading import load_model
-from megafusion.export.plan import parse_stages, validate_plan
+from megafusion.core.loading import load_model
+from megafusion.core.plan import parse_stages, validate_plan
 
-from .conftest import STAGES, build
+from tests.engines import STAGES, build
 
 
 def test_release_weights_frees_the_bundle_and_keeps_the_keys(tmp_path):

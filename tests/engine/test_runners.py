@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megafusion.engine.runners import EngineNetworks
-from megafusion.export.models import get_family
-from megafusion.export.specs import network_spec
+from megafusion.core.families import get_family
+from megafusion.core.specs import network_spec
 from megafusion.runtime.pipeline import MegaFusionPipeline
 
 

@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 
 from megafusion.engine.tensorrt_backend import ProfileError, optimization_profiles, select_profile
-from megafusion.export.models import get_family
-from megafusion.export.plan import Stage, validate_plan
-from megafusion.export.specs import ShapeProfile, plan_requirements
+from megafusion.core.families import get_family
+from megafusion.core.plan import Stage, validate_plan
+from megafusion.core.specs import ShapeProfile, plan_requirements
 
 SDXL = get_family("sdxl")
 

@@ -8,7 +8,7 @@ import torch
 
 from megafusion.engine.networks import TorchNetworks
 from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
-from megafusion.export.loading import load_model
+from megafusion.core.loading import load_model
 
 
 def _inputs(bundle, device, h=16, w=24):

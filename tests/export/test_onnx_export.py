@@ -12,10 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from megafusion.export.dilation import mid_dilation, mid_dilation_of
-from megafusion.export.onnx_export import cast_copy, export_onnx, source_module, wrap
-from megafusion.export.plan import Stage, validate_plan
-from megafusion.export.specs import plan_requirements, unet_spec, vae_specs
+from megafusion.core.dilation import mid_dilation, mid_dilation_of
+from megafusion.export.onnx_export import cast_copy, export_onnx
+from megafusion.core.wrappers import wrap
+from megafusion.core.plan import Stage, validate_plan
+from megafusion.core.specs import plan_requirements, unet_spec, vae_specs
 
 ATOL = RTOL = 1e-4
 LATENTS = (16, 32)  # stage 1 (128 px) and stage 2 (256 px) of the tiny models
@@ -41,7 +42,7 @@ def exported(request, tmp_path_factory):
 
 
 def _torch_out(bundle, spec, inputs):
-    module = source_module(bundle, spec)
+    module = bundle.module_for(spec.network)
     with torch.no_grad(), mid_dilation(bundle.unet, spec.dilation):
         out = wrap(module, spec, bundle.family.is_xl)(*inputs)
     return out if isinstance(out, tuple) else (out,)

@@ -15,10 +15,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from megafusion.export.dilation import mid_dilation
-from megafusion.export.onnx_export import PROTOBUF_LIMIT, ExportError, export_onnx, source_module, wrap
+from megafusion.core.dilation import mid_dilation
+from megafusion.export.onnx_export import PROTOBUF_LIMIT, ExportError, export_onnx
+from megafusion.core.wrappers import wrap
 from megafusion.export.ort_optimize import optimize_onnx
-from megafusion.export.specs import unet_spec, vae_specs
+from megafusion.core.specs import unet_spec, vae_specs
 
 ATOL = RTOL = 1e-4
 LATENTS = ((16, 16), (32, 24))  # two stage sizes, one of them not square
@@ -57,7 +58,7 @@ def _run(path, spec, inputs):
 
 def _torch(bundle, spec, inputs):
     with torch.no_grad(), mid_dilation(bundle.unet, spec.dilation):
-        out = wrap(source_module(bundle, spec), spec, bundle.family.is_xl)(*inputs)
+        out = wrap(bundle.module_for(spec.network), spec, bundle.family.is_xl)(*inputs)
     return out.numpy()
 
 
@@ -97,7 +98,7 @@ def test_io_names_and_dynamic_axes_unchanged(optimized):
 def test_cuda_target_fp16_unet_is_a_valid_model(tiny_sdxl, optimized, tmp_path):
     """`cuda`: GroupNorm, NhwcConv, BiasSplitGelu, packed-QKV MultiHeadAttention exist only on the CUDA EP, so
     the model cannot run on this CPU: it must pass onnx.checker, keep the spec's I/O (fp16, with the timestep and
-    time ids fp32) and keep the timestep embedding's arguments fp32. The CUDA EP run is pending on the H100."""
+    time ids fp32) and keep the timestep embedding's arguments fp32. The CUDA EP ran on a GPU (benchmarks/RESULTS.md)."""
     _, plain, _ = optimized["unet-standard-fp32"]
     spec = unet_spec(tiny_sdxl.family, "fp16", 1)
     res = optimize_onnx(plain, tmp_path / "unet-cuda.onnx", spec, "cuda")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.export.loading import load_model
-from megafusion.export.plan import Stage, validate_plan
+from megafusion.core.loading import load_model
+from megafusion.core.plan import Stage, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 

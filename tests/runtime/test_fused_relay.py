@@ -1,7 +1,7 @@
 """The fused relay kernel (runtime/kernels/relay_bicubic.cu, runtime/fused_relay.py).
 
 CPU: the formula the kernel implements equals torch's bicubic; the fallback is the torch relay; NVRTC (and
-nvcc, where present) compile the source. GPU (@gpu, on the H100): the kernel equals torch within rounding.
+nvcc, where present) compile the source. GPU (@gpu, on the lent GPU): the kernel equals torch within rounding.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def test_kernel_source_on_host_matches_torch(host_kernel, tmp_path, src, dst, in
         assert (got == exact.to(out_dtype)).float().mean() > 0.99
 
 
-# ------------------------------------------------------------------------------------------- GPU (H100)
+# ------------------------------------------------------------------------------------------- GPU
 # ~ one output ulp near |1|; fp32 allows for a 1-ulp different source coordinate (FMA contraction) instead.
 ULP_AT_ONE = {torch.float32: 5e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 PAIRS = [(i, o) for i in DTYPES for o in DTYPES]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.export.plan import Stage, validate_plan
+from megafusion.core.plan import Stage, validate_plan
 from megafusion.runtime.graphs import GraphKey
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
@@ -37,7 +37,7 @@ def test_no_cfg_batch_one(tiny_sd15):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_graphs_captured_once_per_shape_and_replayed_every_step(name):
-    from megafusion.export.loading import load_model
+    from megafusion.core.loading import load_model
 
     bundle = load_model(name, device="cuda", dtype=torch.float32)
     plan = validate_plan(bundle.family, [Stage(128, 128, 5), Stage(192, 256, 3), Stage(256, 256, 2)])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from megafusion.export.models import SD_SCHEDULER_CONFIG
-from megafusion.export.plan import Stage, validate_plan
+from megafusion.core.families import SD_SCHEDULER_CONFIG
+from megafusion.core.plan import Stage, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 STEPS = 12

@@ -1,11 +1,11 @@
-"""Schedule and noise re-scheduling (SPEC sections 1 and 3), checked against diffusers and float64 algebra."""
+"""Schedule and noise re-scheduling (docs/ALGORITHM.md §1, §4), checked against diffusers and float64 algebra."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from megafusion.export.models import SD15, SD_SCHEDULER_CONFIG, SDXL
-from megafusion.export.plan import default_plan
+from megafusion.core.families import SD15, SD_SCHEDULER_CONFIG, SDXL
+from megafusion.core.plan import default_plan
 from megafusion.runtime.schedule import alphas_cumprod, ddim_timesteps, plan_schedule
 
 
@@ -58,7 +58,7 @@ def test_coefficients_on_device_tensors():
 
 
 def test_most_steps_the_schedule_allows():
-    from megafusion.export.plan import PlanError, Stage, validate_plan
+    from megafusion.core.plan import PlanError, Stage, validate_plan
 
     plan = validate_plan(SDXL, [Stage(1024, 1024, 999)])
     (s,) = plan_schedule(plan, SDXL.scheduler)

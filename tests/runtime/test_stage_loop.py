@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megafusion.engine.networks import TorchNetworks
-from megafusion.export.plan import Stage, default_plan, validate_plan
+from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 from megafusion.runtime.schedule import plan_schedule
 

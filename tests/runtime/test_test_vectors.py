@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from megafusion.export.models import FAMILIES
+from megafusion.core.families import FAMILIES
 from megafusion.runtime.test_vectors import main
 
 

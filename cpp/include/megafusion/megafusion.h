@@ -2,7 +2,7 @@
  *
  * The engines are the AOTInductor packages `mf-build-engines --backend aoti` writes (engine folder with
  * manifest.json and models.json). Prompts come in as token ids, one array of MF_TOKEN_LENGTH ids per text
- * encoder (`python -m megafusion.runtime.tokens` prints them). The stage plan, DDIM schedule, noise
+ * encoder (`mf-tokens` prints them). The stage plan, DDIM schedule, noise
  * re-scheduling, CFG, truncate-and-relay and noise draws are the Python runtime's: same engines, same ids and
  * same seed give the same image.
  *

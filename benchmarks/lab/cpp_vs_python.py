@@ -1,0 +1,263 @@
+"""Issue 6's measurement: libmegafusion (C++, no Python) beside the Python runtime, same plan, seed and prompt.
+
+python benchmarks/lab/cpp_vs_python.py --model sdxl --engines DIR --cpp-bin BUILD/cpp/mf-generate-cpp \
+    --output OUT [--size 2048x2048 | --stages S] [--modes cpp,python-aoti,python-aoti-graphs,python-compiled]
+
+DIR holds `mf-build-engines --backend aoti` packages built from `--random-weights --seed N` (this script loads
+the same weights the same way, so the engines' weight fingerprints match). Modes, in this order, one process:
+- `cpp`: `mf-generate-cpp --repeats R+1` in a subprocess (its first run is the warm-up), wall time of each
+  `mf_generate` call as the example prints it;
+- `python-aoti`: `open_engines(..., backend="aoti")` on the same packages, the plain Python stage loop;
+- `python-aoti-graphs`: the same packages under the runtime's CUDA-graphed denoise step (CUDA only);
+- `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
+  precision (the reference the engines are checked against);
+- `python-compiled`: issue 4's fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
+`networks` (no timing) first runs each package once against its torch module on the same inputs, at every
+stage size, and records the largest difference: it says which network an image difference comes from.
+Python times are wall time around `generate` (prompt to uint8 image, synchronized), median of R after one
+warm-up. Image differences are against the C++ image. Writes cpp_vs_python.json and .md into OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from megafusion.benchmarks.timing import provenance
+
+MODES = ("networks", "cpp", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled")
+GPU_ONLY = ("python-aoti-graphs", "python-compiled")
+
+
+def parse_cpp_output(text: str) -> tuple[float, list[float]]:
+    """(engine load seconds, generate seconds per run) from mf-generate-cpp's last line."""
+    m = re.search(r"engines loaded in ([0-9.]+) s; generate((?: [0-9.]+)+) s", text)
+    if m is None:
+        raise ValueError(f"mf-generate-cpp printed no timing line: {text[-500:]!r}")
+    return float(m.group(1)), [float(x) for x in m.group(2).split()]
+
+
+def image_diff(a: np.ndarray, b: np.ndarray) -> dict:
+    if a.shape != b.shape:
+        return {"shape_mismatch": [list(a.shape), list(b.shape)]}
+    d = np.abs(a.astype(int) - b.astype(int))
+    return {"max": int(d.max()), "mean": float(d.mean())}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_pipeline(pipe, plan, opts, repeats: int, dev: torch.device) -> tuple[dict, object]:
+    def once():
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = pipe.generate(plan, opts)
+        _sync(dev)
+        return time.perf_counter() - t0, res
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    first, _ = once()
+    runs = [once() for _ in range(repeats)]
+    times = [t for t, _ in runs]
+    entry = {"median_s": statistics.median(times), "all_s": times, "first_run_s": first}
+    if dev.type == "cuda":
+        entry["peak_torch_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    return entry, runs[-1][1]
+
+
+def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
+    """Each AOTInductor package against its torch module (same weights, cast to the package's precision, on
+    `dev`), one call at every size the plan runs it at; the largest absolute and relative differences."""
+    from megafusion.engine.cache import EngineCache
+    from megafusion.engine.backend import OpenContext, get_backend
+    from megafusion.engine.load import open_entry
+    from megafusion.core.dilation import mid_dilation
+    from megafusion.export.onnx_export import cast_copy
+    from megafusion.core.wrappers import wrap
+    from megafusion.core.specs import UNET, plan_requirements
+
+    entries = [e for e in EngineCache(engines).entries().values()
+               if e.key.model == bundle.family.name and e.key.backend == "aoti"]
+    vs, rows = bundle.family.vae_scale, []
+    for r in plan_requirements(bundle.family, plan, "fp16" if dev.type == "cuda" else "fp32"):
+        mine = [e for e in entries if e.key.network == r.spec.network and e.key.dilation == r.spec.dilation]
+        if not mine:
+            continue
+        e = max(mine, key=lambda e: e.created)
+        runner = open_entry(Path(engines), e, get_backend("aoti"), OpenContext(bundle.family, dev))
+        spec = runner.spec
+        module = cast_copy(bundle.module_for(spec.network), spec.outputs[0].torch_dtype).to(dev)
+        ref_fn = wrap(module, spec, bundle.family.is_xl).eval()
+        for p in r.profiles:
+            st = plan.stages[min(p.stage, len(plan.stages) - 1)]
+            axes = spec.axes(spec.batch_range[2], st.height // vs, st.width // vs, vs)
+            feeds = {t.name: x.to(dev) for t, x in zip(spec.inputs, spec.sample_inputs(axes))}
+            with torch.inference_mode():
+                got = runner.run(feeds)
+                ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else torch.no_grad()
+                with ctx:
+                    ref = ref_fn(*feeds.values())
+            ref = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
+            for t, y in zip(spec.outputs, ref):
+                a, b = got[t.name].float(), y.float()
+                d = (a - b).abs().max().item()
+                rows.append({"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
+                             "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)})
+                print(f"[networks] {rows[-1]}", flush=True)
+        del runner, module, ref_fn
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_cpp(args, plan_args: list[str], ids: Path, png: Path) -> dict:
+    cmd = [args.cpp_bin, "--engines", args.engines, "--model", args.model, "--ids", str(ids), *plan_args,
+           "--seed", str(args.seed), "--device", args.device, "--repeats", str(args.repeats + 1), "--output", str(png)]
+    t0 = time.perf_counter()
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"mf-generate-cpp exited {r.returncode}: {r.stderr[-2000:]}")
+    load_s, times = parse_cpp_output(r.stdout)
+    return {"median_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "all_s": times[1:],
+            "first_run_s": times[0], "engine_load_s": load_s, "process_wall_s": wall, "command": " ".join(map(str, cmd))}
+
+
+def run(args) -> dict:
+    from PIL import Image
+
+    from megafusion.engine.load import open_engines
+    from megafusion.core.loading import load_model, to_device
+    from megafusion.core.plan import default_plan, parse_size, parse_stages, validate_plan
+    from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+    from megafusion.runtime.tokens import format_ids
+
+    dev = torch.device(args.device)
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    if dev.type != "cuda":
+        modes = [m for m in modes if m not in GPU_ONLY]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bundle = load_model(args.model, random_weights=True, seed=args.weights_seed)  # as mf-build-engines loads it
+    load_s = time.perf_counter() - t0
+    w, h = parse_size(args.size) if args.size else (None, None)
+    plan = (validate_plan(bundle.family, parse_stages(args.stages), w, h) if args.stages
+            else default_plan(bundle.family, w, h))
+    plan_args = ["--stages", ",".join(str(s) for s in plan.stages)]
+    opts = GenerationOptions(args.prompt, seed=args.seed)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    report = {"gpu": gpu, "torch": torch.__version__, "model": args.model, "plan": plan.describe(),
+              "engines": str(args.engines), "repeats": args.repeats, "model_load_s": load_s, "modes": {}}
+    print(f"{gpu}  torch {torch.__version__}  plan {plan.describe()}", flush=True)
+    images: dict[str, np.ndarray] = {}
+
+    def record(mode: str, entry: dict, image: np.ndarray | None) -> None:
+        if image is not None:
+            images[mode] = image
+            if "cpp" in images and mode != "cpp":
+                entry["image_diff_vs_cpp"] = image_diff(image, images["cpp"])
+        report["modes"][mode] = entry
+        print(f"[{mode}] median {entry['median_s']:.3f} s (all {', '.join(f'{t:.3f}' for t in entry['all_s'])}; "
+              f"first {entry['first_run_s']:.2f} s) {entry.get('image_diff_vs_cpp', '')}", flush=True)
+        _save(report, out)
+
+    if "networks" in modes:
+        report["networks"] = check_networks(args.engines, bundle, plan, dev)
+        _save(report, out)
+    if "cpp" in modes:
+        ids, png = out / "ids.txt", out / "cpp.png"
+        ids.write_text(format_ids(args.model, bundle.tokenizers, args.prompt))
+        entry = run_cpp(args, plan_args, ids, png)
+        record("cpp", entry, np.asarray(Image.open(png).convert("RGB")))
+    if "python-aoti" in modes or "python-aoti-graphs" in modes:
+        t0 = time.perf_counter()
+        nets, desc = open_engines(args.engines, bundle, plan, device=dev, backend="aoti")
+        open_s = time.perf_counter() - t0
+        for mode in ("python-aoti", "python-aoti-graphs"):
+            if mode not in modes:
+                continue
+            pipe = (MegaFusionPipeline(bundle, nets, dev) if mode == "python-aoti"
+                    else MegaFusionPipeline.fast(bundle, nets, dev))
+            entry, res = time_pipeline(pipe, plan, opts, args.repeats, dev)
+            entry["engines"], entry["engine_open_s"] = desc, open_s
+            if pipe.graphs is not None:
+                entry["captures"], entry["replays"] = pipe.graphs.captures, pipe.graphs.replays
+            record(mode, entry, res.image)
+            del pipe, res
+        del nets
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    if "python-eager" in modes or "python-compiled" in modes:
+        # the same weights, as the engines hold them
+        to_device(bundle, dev, torch.float16 if dev.type == "cuda" else torch.float32)
+    if "python-eager" in modes:
+        from megafusion.engine.networks import TorchNetworks
+
+        entry, res = time_pipeline(MegaFusionPipeline(bundle, TorchNetworks(bundle), dev), plan, opts, args.repeats, dev)
+        record("python-eager", entry, res.image)
+    if "python-compiled" in modes:
+        from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+
+        pipe = MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(), torch.float16), dev)
+        entry, res = time_pipeline(pipe, plan, opts, args.repeats, dev)
+        entry["note"] = "first run includes torch.compile of every shape"
+        record("python-compiled", entry, res.image)
+    base = report["modes"].get("cpp", {}).get("median_s")
+    for e in report["modes"].values():
+        if base:
+            e["ratio_to_cpp"] = e["median_s"] / base
+    _save(report, out)
+    return report
+
+
+def _save(report: dict, out: Path) -> None:
+    (out / "cpp_vs_python.json").write_text(json.dumps(provenance() | report, indent=2))
+    lines = [f"# libmegafusion vs Python, {report['gpu']}, torch {report['torch']}", "", report["plan"], "",
+             "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) |",
+             "|---|---|---|---|---|---|"]
+    for mode, e in report["modes"].items():
+        d = e.get("image_diff_vs_cpp", {})
+        lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
+                     f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
+                     f"{d.get('max', '-')}/{d.get('mean', 0):.3f} |")
+    if report.get("networks"):
+        lines += ["", "Each package against its torch module, same inputs:", "",
+                  "| network | size | output | max abs diff | relative to max abs |", "|---|---|---|---|---|"]
+        lines += [f"| {r['network']} | {r['size']} | {r['output']} | {r['max_abs']:.3g} | {r['rel']:.3g} |"
+                  for r in report["networks"]]
+    (out / "cpp_vs_python.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cpp_vs_python")
+    p.add_argument("--model", default="sdxl")
+    p.add_argument("--engines", required=True, help="folder of mf-build-engines --backend aoti")
+    p.add_argument("--cpp-bin", required=True, help="the mf-generate-cpp executable")
+    p.add_argument("--output", required=True)
+    p.add_argument("--size")
+    p.add_argument("--stages")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="generation seed")
+    p.add_argument("--weights-seed", type=int, default=0, help="the --seed the engines were built with")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt", default="a photo of a red fox in the snow, highly detailed")
+    args = p.parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

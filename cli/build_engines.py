@@ -1,0 +1,123 @@
+"""`mf-build-engines`: export and build the engines a MegaFusion stage plan needs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..engine.backend import BackendUnavailable, backend_names, get_backend
+from .common import UsageError, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mf-build-engines",
+        description="Export a model's networks to ONNX and build engines for every shape of a stage plan.",
+    )
+    p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-path", help="a local diffusers folder")
+    src.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    p.add_argument("--size", help="output WIDTHxHEIGHT of the default plan (default: 2x native per side)")
+    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
+    p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
+                   help="engine backend (default: onnxruntime)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--vae-precision", choices=("fp32", "fp16"),
+                   help="default: fp32 where the VAE overflows in fp16 (SDXL), else --precision")
+    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--no-dilation", action="store_true", help="build no dilated UNet")
+    p.add_argument("--device", default="auto", help="cpu or cuda[:N]: what the engines are for (default: cuda if present)")
+    p.add_argument("--ort-optimize", choices=("none", "cpu", "cuda"),
+                   help="onnxruntime: fuse attention (and, for cuda, GroupNorm, NhwcConv, ...) with ONNX Runtime's "
+                        "transformer optimizer for this execution provider; needed for 2048 px on the CUDA EP "
+                        "(default: cuda with a CUDA --device, else none)")
+    p.add_argument("--networks",
+                   help="comma-separated networks to build (default: all the plan needs): text_encoder, "
+                        "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder; builds of "
+                        "disjoint sets may run at once into one --output")
+    p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
+    p.add_argument("--output", required=True, help="engine folder (created if missing)")
+    return p
+
+
+def _check_backend(backend: str, device: str) -> None:
+    try:
+        get_backend(backend).check_available(device)
+    except BackendUnavailable as e:
+        raise UsageError(f"--backend {backend}: {e}") from None
+
+
+def ort_optimize_level(asked: str | None, backend: str, device: str) -> str:
+    """The `--ort-optimize` value to build with: as asked (checked against backend and device by the backend's own
+    rule), else the backend's default for the device."""
+    if asked is None:
+        return get_backend(backend).default_ort_optimize(device)
+    try:
+        get_backend(backend).check_request("fp32", asked, device)
+    except ValueError as e:
+        raise UsageError(f"--ort-optimize {asked}: {e}") from None
+    return asked
+
+
+def _networks(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"--networks {value!r}: name at least one network")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from .common import plan_from_args, resolve_device
+    from ..core.loading import load_model
+    from ..core.families import get_family
+
+    from ..engine.build import BuildRequest, build_engines
+
+    family = get_family(args.model)
+    if args.dilation < 1:
+        raise UsageError(f"--dilation {args.dilation}: must be at least 1")
+    plan = plan_from_args(family, args.size, args.stages)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {str(out)!r} exists and is not a folder")
+    device = str(resolve_device(args.device))
+    _check_backend(args.backend, device)
+    ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
+    networks = _networks(args.networks)
+    if networks:  # checked before the (minutes-long, for SDXL) model load
+        from ..core.specs import plan_requirements
+
+        from ..engine.build import select_networks
+
+        try:
+            select_networks(plan_requirements(family, plan, args.precision, 1 if args.no_dilation else args.dilation,
+                                              args.vae_precision), networks)
+        except ValueError as e:
+            raise UsageError(f"--networks: {e}") from None
+    print(f"plan: {plan.describe()}")
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
+    req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
+                       1 if args.no_dilation else args.dilation, device, args.force,
+                       release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
+                       ort_optimize=ort_optimize, networks=networks)
+    report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
+    print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..export.onnx_export import ExportError
+
+    from ..engine.cache import EngineError
+
+    return run_main("mf-build-engines", lambda: run(args), fatal=(EngineError, ExportError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

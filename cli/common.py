@@ -1,0 +1,104 @@
+"""What the command-line tools (`mf-generate`, `mf-build-engines`, `mf-bench`) share: device and plan
+arguments, the VAE precision rule, and one-line errors. argparse itself stays in each entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ..core.loading import WeightsError
+from ..core.families import ModelFamily, UnknownModelError
+from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Precision names the tools take."""
+
+INPUT_ERRORS = (UsageError, PlanError, WeightsError, UnknownModelError)
+"""Errors that mean the user's input was wrong (exit status 2, one line, no traceback)."""
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
+    """--model, --model-path, --random-weights, --allow-pickle."""
+    p.add_argument("--model", default=default_model,
+                   help=f"sd15, sdxl, tiny-sd15 or tiny-sdxl (default {default_model})")
+    p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
+    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """--size, --stages, --steps (read back by `plan_from_args`)."""
+    p.add_argument("--size", help="output WIDTHxHEIGHT (default: the paper's plan, 2x native per side)")
+    p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
+    p.add_argument("--steps", type=int, help="total steps of the default plan (default 50)")
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --vae-dtype."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--vae-dtype", choices=sorted(DTYPES),
+                   help="VAE precision (default: fp32 for the SDXL VAE under fp16, else --dtype)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`; an error names anything else."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} asked for, but this machine has no CUDA device")
+    return dev
+
+
+def plan_from_args(family: ModelFamily, size: str | None, stages: str | None, steps: int | None = None) -> StagePlan:
+    """`--size`, `--stages` and `--steps` as the tools take them."""
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps {steps}: needs at least 1 step")
+    w, h = parse_size(size) if size else (None, None)
+    if stages:
+        if steps is not None:
+            raise UsageError("--steps and --stages exclude each other (give steps per stage in --stages)")
+        return validate_plan(family, parse_stages(stages), w, h)
+    return default_plan(family, w, h, steps)
+
+
+def model_dtype(device: torch.device, name: str | None) -> torch.dtype:
+    """--dtype, by default fp16 on CUDA and fp32 on CPU."""
+    return DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")]
+
+
+def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None) -> torch.dtype:
+    """--vae-dtype, by default the rule of `default_vae_dtype` on the loaded VAE's config."""
+    return DTYPES[name] if name else default_vae_dtype(family, vae_config, dtype)
+
+
+def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the SDXL VAE under fp16 (its real weights overflow; diffusers' SDXL pipeline upcasts it too),
+    else the model's dtype (SD1.5's pipeline runs its VAE in fp16)."""
+    upcast = family.is_xl and dtype == torch.float16 and vae_config.get("force_upcast", False)
+    return torch.float32 if upcast else dtype
+
+
+def run_main(prog: str, run: Callable[[], int], fatal: tuple[type[BaseException], ...] = ()) -> int:
+    """Runs a tool: bad input is one line and status 2, `fatal` errors one line and status 1."""
+    try:
+        return run()
+    except INPUT_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except fatal as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1

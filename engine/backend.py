@@ -1,0 +1,163 @@
+"""One interface for every engine backend, and the registry that build, load and the CLIs iterate over.
+
+A backend says what it is (name, version, precisions, whether its profiles are one per stage shape or one
+range), whether it can run here, how it builds one network into a staging folder, how it opens a built entry
+as a `Runner`, and whether that runner may be captured inside the runtime's CUDA graphs. Adding a backend is
+its own module plus one line in `_BUILTIN`; nothing else branches on backend names.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..core.families import ModelFamily
+from ..core.plan import StagePlan
+from ..core.specs import NetworkSpec, Requirement, ShapeProfile, profile_sizes
+
+if TYPE_CHECKING:
+    from ..core.loading import ModelBundle
+    from ..export.onnx_export import ExportResult
+    from .cache import Entry
+    from .runners import Runner
+
+Log = Callable[[str], None]
+
+STAGE_PROFILES, RANGE_PROFILE = "stage", "range"
+"""How a backend's engines cover shapes: one profile per plan stage shape, or one range of sides."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run on this machine or device; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """One network to build: what a backend's `build` reads."""
+
+    bundle: ModelBundle
+    """The model; `bundle.module_for(spec.network)` is the module to export."""
+    requirement: Requirement
+    """The network spec and the profiles (as `Backend.profiles` gave them) the engine must serve."""
+    device: str
+    """Device the engine is for (and exported on)."""
+    output: Path
+    """The engine folder (a backend may keep shared files there, e.g. TensorRT's timing cache)."""
+    ort_optimize: str = "none"
+    """ONNX Runtime graph fusion target (`none`, `cpu`, `cuda`); only the onnxruntime backend takes another
+    value than `none`."""
+    check_load: bool = True
+    """Open the built engine once before it is committed (where the backend can do so cheaply)."""
+
+
+@dataclass(frozen=True)
+class BuildOutput:
+    """What a backend's build reports besides the files it wrote."""
+
+    exported: ExportResult | None = None
+    """The export (its time apart from the rest of the build, its files), if there was one."""
+    fused: dict[str, int] | None = None
+    """Fused ops by type, for ORT-optimized models."""
+
+
+@dataclass(frozen=True)
+class OpenContext:
+    """What opening an entry needs besides the entry itself."""
+
+    family: ModelFamily
+    """The model family the entry was built for."""
+    device: torch.device
+    """Device to run on."""
+    bundle: ModelBundle | None = None
+    """The loaded model: the torch backend runs its modules."""
+    ort_conv_algo_search: str = "EXHAUSTIVE"
+    """ONNX Runtime CUDA EP: cuDNN convolution algorithm search."""
+    ort_unet_graphs: bool = False
+    """ONNX Runtime CUDA EP: capture one ORT CUDA graph per UNet input shape (inside the session)."""
+
+
+class Backend:
+    """Base class of the backends; each subclass is one registered instance."""
+
+    name: str = ""
+    """What `--backend` and the engine key say."""
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    """Network precisions it builds."""
+    profile_kind: str = STAGE_PROFILES
+    """`stage`: one profile per plan stage shape; `range`: one profile over the plan's range of sides."""
+    preference: dict[str, int] = {}
+    """Rank per device type when a folder holds several backends (lower is preferred); absent: last."""
+    capture_note: str = ""
+    """Why its runners cannot be captured in the runtime's CUDA graphs ('' when they can; each runner declares
+    the same as its `capturable`)."""
+
+    def version(self) -> str:
+        """Version of the library that builds and runs the engines (part of the engine key)."""
+        raise NotImplementedError
+
+    def check_available(self, device: str) -> None:
+        """Raises BackendUnavailable, saying what is missing, if engines cannot be built or run on `device`."""
+
+    def check_request(self, precision: str, ort_optimize: str, device: str) -> None:
+        """ValueError naming the value if a build option does not fit this backend."""
+        if precision not in self.precisions:
+            raise ValueError(f"backend {self.name} builds {', '.join(self.precisions)}, not {precision!r}")
+        if ort_optimize != "none":
+            raise ValueError(f"ORT optimization {ort_optimize!r} applies to the onnxruntime backend only, "
+                             f"not {self.name!r}")
+
+    def default_ort_optimize(self, device: str) -> str:
+        """The ONNX Runtime fusion target a build uses unless told otherwise."""
+        return "none"
+
+    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan) -> tuple[ShapeProfile, ...]:
+        """The profiles an engine of `r` is built for (the key records them)."""
+        return r.profiles
+
+    def served_sizes(self, family: ModelFamily, spec: NetworkSpec, profiles: tuple[ShapeProfile, ...]) -> list[str]:
+        """The pixel sizes an entry serves, for messages ('' entries for fixed-shape networks are left out)."""
+        return profile_sizes(spec.network, profiles, family.vae_scale)
+
+    def build(self, job: BuildJob, staging: Path, log: Log) -> BuildOutput:
+        """Writes the engine's files into `staging` (committed by the cache afterwards)."""
+        raise NotImplementedError
+
+    def open(self, entry: Entry, path: Path | None, spec: NetworkSpec, ctx: OpenContext) -> Runner:
+        """A runner for a verified entry; `path` is its first file (None for a backend without files)."""
+        raise NotImplementedError
+
+
+_BUILTIN = (
+    "onnxruntime_backend",
+    "tensorrt_backend",
+    "torch_backend",
+    "aoti_backend",
+)
+"""Modules that each define `BACKEND`, in the order `--backend` lists them; imported on first use."""
+
+_registry: dict[str, Backend] | None = None
+
+
+def registry() -> dict[str, Backend]:
+    """Every backend by name (their libraries are imported only when a backend is used)."""
+    global _registry
+    if _registry is None:
+        found = [importlib.import_module(f"{__package__}.{m}").BACKEND for m in _BUILTIN]
+        _registry = {b.name: b for b in found}
+    return _registry
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(registry())
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; ValueError naming it and the choices otherwise."""
+    try:
+        return registry()[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(registry())}") from None
