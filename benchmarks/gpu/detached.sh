@@ -1,7 +1,7 @@
-# Helpers for long builds on the lent H100 (sourced by the h100_*.sh scripts): a build started with
-# `detach NAME CMD...` runs in its own session, so it outlives the device call that started it (while the
-# machine stays warm); `wait_detached SECONDS` waits for every started build to end, or for the deadline.
-# Logs and exit codes go to /tmp/mfjobs/NAME.log and NAME.rc.
+# Helpers for long builds on the lent GPU machine (sourced by benchmarks/gpu/libmegafusion.sh and ort_sdxl.sh):
+# a build started with `detach NAME CMD...` runs in its own session, so it outlives the device call that
+# started it (while the machine stays warm); `wait_detached SECONDS` waits for every started build to end, or
+# for the deadline. Logs and exit codes go to /tmp/mfjobs/NAME.log and NAME.rc.
 JOBS=/tmp/mfjobs
 mkdir -p $JOBS
 

@@ -1,5 +1,6 @@
-# Source on the lent H100 from the repository root: installs the carried wheels (.whl) and this tree
-# into /tmp/site without touching the machine's torch, then points PYTHONPATH there.
+# Source on the lent GPU machine from the repository root (`source benchmarks/gpu/env.sh`): installs the
+# carried wheels (.whl) and this tree into /tmp/site without touching the machine's torch, then points
+# PYTHONPATH there.
 set -e
 # .whl need only travel with a machine's first call: /tmp/site keeps what it installed while the machine is warm.
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -7,7 +8,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --target /tmp/site . 2>&1 | grep -v WARNING || true
 rm -rf build
-# nvidia-cutlass-dsl (flash-attn-4, benchmarks/fa4_install.sh) puts its packages on sys.path through a .pth
+# nvidia-cutlass-dsl (flash-attn-4, benchmarks/gpu/fa4_install.sh) puts its packages on sys.path through a .pth
 # file, which a --target folder on PYTHONPATH never runs: its folder is named here instead.
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
 set +e
