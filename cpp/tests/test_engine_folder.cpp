@@ -1,5 +1,5 @@
 // The engine folder reader without libtorch: SHA-256 against FIPS 180-4 examples, and every way a folder can
-// be unusable (missing, corrupt or foreign manifest, stale entries, missing or altered files) gives
+// be unusable (missing, corrupt, too deeply nested or foreign manifest, stale entries, missing or altered files) gives
 // Failure(MF_ERROR_ENGINE) with a message naming the file or value. TensorRT entries: every profile read,
 // the profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
 // Usage: megafusion_engines_test SCRATCH_DIR
@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../src/json.hpp"
 #include "../src/lib/manifest.hpp"
 #include "../src/lib/sha256.hpp"
 
@@ -34,6 +35,17 @@ void expect_failure(const std::string& what, const std::string& needle, F&& f, m
   } catch (const Failure& e) {
     const std::string msg = e.what();
     check(e.code == code && msg.find(needle) != std::string::npos, what + ": " + msg);
+  }
+}
+
+// The error message of `f` ("" when it succeeds).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+    return "";
+  } catch (const std::exception& e) {
+    return std::string("error: ") + e.what();
   }
 }
 
@@ -83,6 +95,50 @@ int main(int argc, char** argv) {
   expect_failure("other manifest format", "has format 7", [&] { read_engine_folder(dir); });
   write(dir + "/manifest.json", "{\"format\": 1, \"entries\": [{\"digest\": 3}]}");
   expect_failure("entry without key", "manifest.json is corrupt", [&] { read_engine_folder(dir); });
+
+  // JSON the reader refuses, each with the file named and never a crash: nesting (100000 '['), unterminated
+  // strings, bad escapes and numbers Python's json.loads refuses too.
+  write(dir + "/manifest.json", std::string(100000, '['));
+  expect_failure("manifest nested 100000 deep",
+                 "engine manifest " + dir + "/manifest.json is corrupt (JSON: nesting deeper than 64 levels",
+                 [&] { read_engine_folder(dir); });
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": " + std::string(63, '[') + std::string(63, ']') + "}");
+  const std::string deep64 = error_of([&] { read_engine_folder(dir); });
+  check(deep64.find("manifest.json is corrupt") != std::string::npos && deep64.find("nesting") == std::string::npos,
+        "manifest nested 64 deep: parsed (then refused, its entries being arrays): " + deep64);
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": " + std::string(64, '[') + std::string(64, ']') + "}");
+  expect_failure("manifest nested 65 deep", "nesting deeper than 64 levels at offset 88",
+                 [&] { read_engine_folder(dir); });
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": []}");
+  write(dir + "/models.json", "{\"format\": 1, \"models\": " + std::string(100000, '['));
+  expect_failure("model facts nested 100000 deep", "models.json is corrupt (JSON: nesting deeper than 64 levels",
+                 [&] { read_engine_folder(dir); });
+  for (const auto& [what, text] : std::vector<std::pair<std::string, std::string>>{
+           {"unterminated string", "{\"format\": 1, \"entries\": [], \"x\": \"abc"},
+           {"string ending in a backslash", "{\"format\": 1, \"entries\": [], \"x\": \"abc\\"},
+           {"truncated \\u escape", "{\"format\": 1, \"entries\": [], \"x\": \"\\u12"},
+           {"control character in a string", "{\"format\": 1, \"entries\": [], \"x\": \"a\tb\"}"},
+           {"hexadecimal number", "{\"format\": 0x1, \"entries\": []}"},
+           {"trailing comma", "{\"format\": 1, \"entries\": [],}"},
+           {"unclosed object", "{\"format\": 1, \"entries\": []"}}) {
+    write(dir + "/manifest.json", text);
+    expect_failure("manifest with " + what, "manifest.json is corrupt (JSON: ", [&] { read_engine_folder(dir); });
+  }
+
+  // json.dumps(json.loads(text), sort_keys=True) in Python, for numbers and strings of every kind.
+  const char* in = R"([1E5, 0.10, -0, 1e400, 2e-324, 2.4703282292062328e-324, 1.7976931348623159e308, 1e-400,
+    -1e-400, 100.0e-2, 0.000123456789, 9007199254740993, 9007199254740993.0, 1e15, 123e-20, 5e-5,
+    "\u00e9\ud834\udd1e\u007f/\/", {"b": [true, false, null], "a": {}, "\u00e9": [], "Z": 1}, 0.1, 1e16, 1e-05,
+    0.0001, 1.5, -0.0, 123456789.0, 1e22, 5e-324, 1234567890123456.0, 12345678901234567.0, NaN, -Infinity,
+    123456789012345678901234567890, 2.5e-7, 0.30000000000000004, 0.18215, 1e-7, 1e+16, 9999999999999998.0])";
+  const std::string want = R"([100000.0, 0.1, 0, Infinity, 0.0, 5e-324, Infinity, 0.0, -0.0, 1.0, 0.000123456789, )"
+      R"(9007199254740993, 9007199254740992.0, 1000000000000000.0, 1.23e-18, 5e-05, "\u00e9\ud834\udd1e\u007f//", )"
+      R"({"Z": 1, "a": {}, "b": [true, false, null], "\u00e9": []}, 0.1, 1e+16, 1e-05, 0.0001, 1.5, -0.0, )"
+      R"(123456789.0, 1e+22, 5e-324, 1234567890123456.0, 1.2345678901234568e+16, NaN, -Infinity, )"
+      R"(123456789012345678901234567890, 2.5e-07, 0.30000000000000004, 0.18215, 1e-07, 1e+16, 9999999999999998.0])";
+  std::string got;
+  const std::string err = error_of([&] { got = mfjson::python_dumps(mfjson::parse(in)); });
+  check(got == want, "json.dumps(sort_keys=True) as Python writes it: " + (err.empty() ? got : err));
 
   write(dir + "/e1/model.pt2", "abc");
   const std::string sha = sha256_bytes("abc");
