@@ -1,7 +1,8 @@
 // The engine folder reader without libtorch: SHA-256 against FIPS 180-4 examples, and every way a folder can
-// be unusable (missing, corrupt, too deeply nested or foreign manifest, stale entries, missing or altered files) gives
-// Failure(MF_ERROR_ENGINE) with a message naming the file or value. TensorRT entries: every profile read,
-// the profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
+// be unusable (missing, corrupt, too deeply nested or foreign manifest, an entry whose digest is not its key's
+// as Python computes it, stale entries, missing or altered files) gives Failure(MF_ERROR_ENGINE) with a
+// message naming the file, entry or value. JSON written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
+// profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
 // Usage: megafusion_engines_test SCRATCH_DIR
 #include <sys/stat.h>
 
@@ -15,6 +16,7 @@
 #include "../src/json.hpp"
 #include "../src/lib/manifest.hpp"
 #include "../src/lib/sha256.hpp"
+#include "python_manifest.hpp"
 
 using namespace megafusion::lib;
 
@@ -51,17 +53,34 @@ std::string error_of(F&& f) {
 
 void write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-std::string entry_json(const std::string& version, const std::string& device, const std::string& sha, int size) {
-  return R"({"digest": "d1", "created": 5.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
-    "variant": "standard", "dilation": 1, "precision": "fp32", "backend": "aoti", "backend_version": ")" +
-         version + R"(", "device": ")" + device + R"(", "profiles": [{"stage": 0, "shapes": [["sample", [1, 4, 16, 16],
-    [2, 4, 16, 16], [2, 4, 32, 32]]]}]}, "files": [{"path": "e1/model.pt2", "sha256": ")" + sha +
-         R"(", "size": )" + std::to_string(size) + "}]}";
+std::string replace_once(std::string s, const std::string& from, const std::string& to) {
+  const size_t at = s.find(from);
+  return at == std::string::npos ? "(" + from + " not found)" : s.replace(at, from.size(), to);
 }
+
+// digests Python computes for the keys below (EngineKey.from_json(key).digest(), engine/cache.py)
+const char* kDigestAoti = "2c7824045f781f359d87b2ab61f58b2888a520ae289981cb85c68f6bb642a2d0";
+const char* kDigestAotiOrtCpu = "3383f5e043f7a7f691b10699c60804852974067b60b8194bcc993b16a251fa94";
+const char* kDigestTrt = "ccd56512f66d9d033c9bb051ed6f750501cbb58aeb8556ce74127da9f1a2a752";
+
+// An AOTInductor UNet entry (key digest kDigestAoti); `extra_key` adds key fields, `path` names its file.
+std::string entry_json(const std::string& sha, long long size, const std::string& path = "e1/model.pt2",
+                       const std::string& digest = kDigestAoti, const std::string& extra_key = "") {
+  return R"({"digest": ")" + digest + R"(", "created": 5.0, "key": {"model": "tiny-sd15", "weights": "w1",
+    "network": "unet", "variant": "standard", "dilation": 1, "precision": "fp32", "backend": "aoti",
+    "backend_version": "2.13.0+cpu", "device": "cpu", )" + extra_key + R"("profiles": [{"stage": 0, "shapes":
+    [["sample", [1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 32, 32]]]}]}, "files": [{"path": ")" + path +
+         R"(", "sha256": ")" + sha + R"(", "size": )" + std::to_string(size) + "}]}";
+}
+
+std::string manifest_of(const std::string& entries) { return "{\"format\": 1, \"entries\": [" + entries + "]}"; }
+
+const char* kModels = R"({"format": 1, "models": {"tiny-sd15": {"vae_scaling_factor": 0.18215,
+    "weights": {"unet": "w1"}, "vocab_sizes": [1000]}}})";
 
 // A TensorRT UNet with one profile per stage: 128 px (latent 16) and 256 px (latent 32), batch 1 to 2.
 std::string trt_entry_json() {
-  return R"({"digest": "d2", "created": 6.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
+  return R"({"digest": "ccd56512f66d9d033c9bb051ed6f750501cbb58aeb8556ce74127da9f1a2a752", "created": 6.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
     "variant": "standard", "dilation": 1, "precision": "fp16", "backend": "tensorrt", "backend_version": "10.13.3.9",
     "device": "NVIDIA H100 80GB HBM3", "profiles": [
       {"stage": 0, "shapes": [["sample", [1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16]],
@@ -142,12 +161,12 @@ int main(int argc, char** argv) {
 
   write(dir + "/e1/model.pt2", "abc");
   const std::string sha = sha256_bytes("abc");
-  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": [" + entry_json("2.13.0+cpu", "cpu", sha, 3) + "]}");
+  write(dir + "/manifest.json", manifest_of(entry_json(sha, 3)));
   write(dir + "/models.json", "{\"format\": 1, \"models\": {");
   expect_failure("corrupt model facts", "models.json is corrupt", [&] { read_engine_folder(dir); });
-  write(dir + "/models.json", R"({"format": 1, "models": {"tiny-sd15": {"vae_scaling_factor": 0.18215,
-    "weights": {"unet": "w1"}, "vocab_sizes": [1000]}}})");
-  const EngineFolder f = read_engine_folder(dir);
+  write(dir + "/models.json", kModels);
+  EngineFolder f;
+  check(error_of([&] { f = read_engine_folder(dir); }).empty(), "a valid folder reads");
   check(f.entries.size() == 1 && f.models.at("tiny-sd15").vae_scaling_factor == 0.18215 &&
             f.models.at("tiny-sd15").vocab_sizes.at(0) == 1000,
         "valid folder read");
@@ -176,6 +195,57 @@ int main(int argc, char** argv) {
   expect_failure("truncated file", "is 2 bytes, the manifest says 3", [&] { verify_files(dir, e, false); });
   std::remove((dir + "/e1/model.pt2").c_str());
   expect_failure("missing file", "model.pt2 is missing", [&] { verify_files(dir, e, false); });
+
+  // Key digests, recomputed as engine/cache.py does: sha256 of json.dumps(key, sort_keys=True).
+  {
+    const std::string py = dir + "/python";
+    std::system(("mkdir -p '" + py + "'").c_str());
+    write(py + "/manifest.json", kPythonManifest);
+    write(py + "/models.json", kPythonModels);
+    EngineFolder pf;
+    check(error_of([&] { pf = read_engine_folder(py); }) == "" && pf.entries.size() == 5 &&
+              pf.entries.at(1).digest == "1af9d9acac15c23c1f2463f1e72ea6d9864b95282a0787d3368aca23c7f6e4ef" &&
+              pf.entries[1].range.at(0).max == std::vector<long long>({2, 4, 16, 16}),
+          "a manifest Python wrote: every digest verifies");
+    // Widen the UNet's range (its sample max 16 -> 64 wide) and leave the digest as it was.
+    std::string widened = kPythonManifest;
+    const size_t unet = widened.find("\"digest\": \"1af9d9acac15c23c");
+    const size_t timestep = widened.find("\"timestep\"", unet);
+    const size_t last_16 = widened.rfind("16", timestep);
+    check(unet != std::string::npos && timestep != std::string::npos && last_16 > unet, "fixture: the UNet's max");
+    widened.replace(last_16, 2, "64");
+    write(py + "/manifest.json", widened);
+    expect_failure("a widened profile max without a new digest",
+                   "engine manifest " + py + "/manifest.json: entry 1af9d9acac15c23c (unet (standard) fp32 torch) "
+                   "does not match its key (the key hashes to ",
+                   [&] { read_engine_folder(py); });
+    write(py + "/manifest.json", replace_once(kPythonManifest, "\"device\": \"cpu\"", "\"device\": \"cuda\""));
+    expect_failure("another device without a new digest", "entry 08679cb9fa0c3b71 (vae_decoder fp32 torch) does not match",
+                   [&] { read_engine_folder(py); });
+    // ort_optimize: "none" is left out of the key (the digest of the key without it), any other value kept.
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("ort_optimize": "none", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "ort_optimize none: the digest of the key without it");
+    write(py + "/manifest.json",
+          manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAotiOrtCpu, R"("ort_optimize": "cpu", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "ort_optimize cpu: in the digest");
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("ort_optimize": "cpu", )")));
+    expect_failure("ort_optimize cpu added without a new digest", "entry 2c7824045f781f35 (unet (standard) fp32 aoti) "
+                   "does not match its key (the key hashes to 3383f5e043f7a7f6)", [&] { read_engine_folder(py); });
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("color": "red", )")));
+    expect_failure("a key field EngineKey does not have", "its key has an unknown field 'color'",
+                   [&] { read_engine_folder(py); });
+    // Floats and non-ASCII text in a key, as Python wrote them (ensure_ascii, and raw UTF-8): same digest.
+    const std::string floats = R"({"digest": "19112e4f60363357bd27c5aff3c8abda55ffd723d3303bf1827f5644399aadf2", "key":
+      {"model": "tiny-sd15", "weights": "w1", "network": "unet", "variant": "standard", "dilation": 1,
+      "precision": "fp32", "profiles": [{"stage": 0, "shapes": [["sample", [1, 4, 16.0, 16], [2, 4, 16, 16],
+      [2.0, 4.0, 32.0, 32]]]}], "backend": "aoti", "backend_version": "2.13.0+cpu", "device": )";
+    write(py + "/manifest.json", manifest_of(floats + R"("G\u00e9r\u00e4t \u2603 \ud834\udd1e \"q\" \\ \t\u0001"},
+      "created": 5.0, "files": []})"));
+    check(error_of([&] { read_engine_folder(py); }) == "", "a key with floats and \\u escapes: Python's digest");
+    write(py + "/manifest.json", manifest_of(floats + "\"G\xc3\xa9r\xc3\xa4t \xe2\x98\x83 \xf0\x9d\x84\x9e \\\"q\\\" "
+                                                      "\\\\ \\t\\u0001\"}, \"created\": 5.0, \"files\": []}"));
+    check(error_of([&] { read_engine_folder(py); }) == "", "the same key in raw UTF-8: Python's digest");
+  }
 
   // TensorRT: all profiles kept, range still the first.
   const std::string trt = dir + "/trt";
@@ -215,7 +285,7 @@ int main(int argc, char** argv) {
 
   // select_entries for tensorrt: the TensorRT release (major.minor.patch) must match, the build may differ.
   const std::string h100 = "NVIDIA H100 80GB HBM3";
-  check(select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.13.3", "tensorrt").at({"unet", 1}).digest == "d2",
+  check(select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.13.3", "tensorrt").at({"unet", 1}).digest == kDigestTrt,
         "select tensorrt: same TensorRT release");
   expect_failure("tensorrt: other release", "was built for TensorRT 10.13.3.9 (this library: 10.12.0)",
                  [&] { select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.12.0", "tensorrt"); });

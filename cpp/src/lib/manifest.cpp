@@ -1,9 +1,13 @@
 #include "manifest.hpp"
 
-#include <algorithm>
-#include <fstream>
-#include <sstream>
 #include <sys/stat.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
 
 #include "../json.hpp"
 #include "sha256.hpp"
@@ -27,35 +31,126 @@ mfjson::Value read_json(const std::string& path, const std::string& what) {
   }
 }
 
-std::vector<long long> dims(const mfjson::Value& v) {
+// `v`, which must be of `kind`, else std::runtime_error naming `what`.
+const mfjson::Value& typed(const mfjson::Value& v, mfjson::Value::Kind kind, const std::string& what) {
+  if (v.kind != kind) {
+    mfjson::Value want;
+    want.kind = kind;
+    throw std::runtime_error(what + " is " + v.kind_name() + ", expected " + want.kind_name());
+  }
+  return v;
+}
+
+// An integral number in [lo, hi] (a Python-written manifest has ints there), else std::runtime_error.
+long long integral(const mfjson::Value& v, const std::string& what, double lo, double hi) {
+  typed(v, mfjson::Value::Number, what);
+  if (!(v.num == std::floor(v.num)) || v.num < lo || v.num > hi)
+    throw std::runtime_error(what + " is " + v.literal + ", expected an integer in [" +
+                             std::to_string(static_cast<long long>(lo)) + ", " +
+                             std::to_string(static_cast<long long>(hi)) + "]");
+  return static_cast<long long>(v.num);
+}
+
+std::vector<long long> dims(const mfjson::Value& v, const std::string& what) {
   std::vector<long long> out;
-  for (const auto& d : v.arr) out.push_back(static_cast<long long>(d.num));
+  for (const auto& d : typed(v, mfjson::Value::Array, what).arr)
+    out.push_back(integral(d, what + " dimension", -9007199254740992.0, 9007199254740992.0));
   return out;
 }
 
-Entry parse_entry(const mfjson::Value& e) {
-  const auto& k = e["key"];
+// EngineKey.from_json(k).to_json() (engine/cache.py): the value whose json.dumps(..., sort_keys=True) the
+// entry's digest is the sha256 of. Every field EngineKey has, no other (from_json refuses unknown fields);
+// ort_optimize left out when "none"; of each profile only stage and shapes, each shape [name, min, opt, max].
+// Stricter than Python only where no Python build writes otherwise: names must be strings, dilation and stage
+// integers, dimensions integral numbers (written back as they were: 16 as 16, 16.0 as 16.0, as Python does).
+mfjson::Value python_key(const mfjson::Value& k) {
+  static const std::set<std::string> names = {"model",     "weights", "network",         "variant",
+                                              "precision", "backend", "backend_version", "device"};
+  typed(k, mfjson::Value::Object, "its key");
+  mfjson::Value out;
+  out.kind = mfjson::Value::Object;
+  for (const char* required : {"model", "weights", "network", "variant", "dilation", "precision", "profiles",
+                               "backend", "backend_version", "device"})
+    if (!k.has(required)) throw std::runtime_error(std::string("its key has no '") + required + "'");
+  for (const auto& [name, v] : k.obj) {
+    if (names.count(name)) {
+      out.obj[name] = typed(v, mfjson::Value::String, "key field '" + name + "'");
+    } else if (name == "dilation") {
+      integral(v, "key field 'dilation'", INT_MIN, INT_MAX);
+      if (!v.integer) throw std::runtime_error("key field 'dilation' is " + v.literal + ", expected an integer");
+      out.obj[name] = v;
+    } else if (name == "ort_optimize") {
+      if (typed(v, mfjson::Value::String, "key field 'ort_optimize'").str != "none") out.obj[name] = v;
+    } else if (name == "profiles") {
+      mfjson::Value& profiles = out.obj[name];
+      profiles.kind = mfjson::Value::Array;
+      for (const auto& p : typed(v, mfjson::Value::Array, "key field 'profiles'").arr) {
+        const std::string what = "profile " + std::to_string(profiles.arr.size());
+        typed(p, mfjson::Value::Object, what);
+        mfjson::Value q;
+        q.kind = mfjson::Value::Object;
+        if (!p.has("stage") || !p.has("shapes")) throw std::runtime_error(what + " lacks 'stage' or 'shapes'");
+        integral(p["stage"], what + " stage", INT_MIN, INT_MAX);
+        if (!p["stage"].integer) throw std::runtime_error(what + " stage is " + p["stage"].literal);
+        q.obj["stage"] = p["stage"];
+        mfjson::Value& shapes = q.obj["shapes"];
+        shapes.kind = mfjson::Value::Array;
+        for (const auto& s : typed(p["shapes"], mfjson::Value::Array, what + " shapes").arr) {
+          if (typed(s, mfjson::Value::Array, what + " shape").arr.size() != 4)
+            throw std::runtime_error(what + " has a shape of " + std::to_string(s.arr.size()) +
+                                     " items, expected [name, min, opt, max]");
+          typed(s.arr[0], mfjson::Value::String, what + " input name");
+          for (int i = 1; i < 4; ++i) dims(s.arr[i], what + " input " + s.arr[0].str);
+          shapes.arr.push_back(s);
+        }
+        profiles.arr.push_back(std::move(q));
+      }
+    } else {
+      throw std::runtime_error("its key has an unknown field '" + name + "'");
+    }
+  }
+  return out;
+}
+
+std::string short_digest(const std::string& d) { return d.substr(0, 16); }
+
+Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
+  typed(e, mfjson::Value::Object, "the entry");
   Entry out;
-  out.digest = e["digest"].str;
+  out.digest = typed(e["digest"], mfjson::Value::String, "its digest").str;
+  const mfjson::Value key = python_key(e["key"]);
+  const auto& k = e["key"];
   out.model = k["model"].str;
   out.weights = k["weights"].str;
   out.network = k["network"].str;
   out.variant = k["variant"].str;
-  out.dilation = k["dilation"].as_int();
+  out.dilation = static_cast<int>(k["dilation"].num);
   out.precision = k["precision"].str;
   out.backend = k["backend"].str;
   out.backend_version = k["backend_version"].str;
   out.device = k["device"].str;
-  out.created = e["created"].num;
-  for (size_t i = 0; i < k["profiles"].size(); ++i) {
-    const auto& p = k["profiles"][i];
-    Profile profile{p.has("stage") ? p["stage"].as_int() : static_cast<int>(i), {}};
-    for (const auto& s : p["shapes"].arr) profile.shapes.push_back({s[0].str, dims(s[1]), dims(s[2]), dims(s[3])});
+  out.created = typed(e["created"], mfjson::Value::Number, "its created time").num;
+  for (const auto& p : key["profiles"].arr) {
+    Profile profile{static_cast<int>(p["stage"].num), {}};
+    for (const auto& s : p["shapes"].arr)
+      profile.shapes.push_back({s[0].str, dims(s[1], "min"), dims(s[2], "opt"), dims(s[3], "max")});
     out.profiles.push_back(std::move(profile));
   }
   if (!out.profiles.empty()) out.range = out.profiles.front().shapes;
-  for (const auto& f : e["files"].arr)
-    out.files.push_back({f["path"].str, f["sha256"].str, static_cast<long long>(f["size"].num)});
+  for (const auto& f : typed(e["files"], mfjson::Value::Array, "its files").arr) {
+    typed(f, mfjson::Value::Object, "a file record");
+    out.files.push_back({typed(f["path"], mfjson::Value::String, "a file path").str,
+                         typed(f["sha256"], mfjson::Value::String, "a file sha256").str,
+                         integral(f["size"], "a file size", 0, 9007199254740992.0)});
+  }
+  // The digest is the entry's address: recomputed as Python computes it, so an edited key (a widened profile,
+  // another device) cannot pass for the build it claims to be.
+  const std::string actual = sha256_bytes(mfjson::python_dumps(key));
+  if (actual != out.digest)
+    throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + ": entry " + short_digest(out.digest) + " (" +
+                                       out.describe() + ") does not match its key (the key hashes to " +
+                                       short_digest(actual) + "); the manifest was edited or is corrupt: rebuild "
+                                       "with mf-build-engines");
   return out;
 }
 
@@ -110,7 +205,18 @@ EngineFolder read_engine_folder(const std::string& dir) {
       throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + " has format " +
                                          std::to_string(m["format"].as_int()) + ", this library reads " +
                                          std::to_string(kManifestFormat));
-    for (const auto& e : m["entries"].arr) out.entries.push_back(parse_entry(e));
+    for (const auto& e : typed(m["entries"], mfjson::Value::Array, "its entries").arr) {
+      try {
+        out.entries.push_back(parse_entry(e, manifest));
+      } catch (const Failure&) {
+        throw;
+      } catch (const std::exception& x) {
+        const std::string digest = e.has("digest") && e["digest"].kind == mfjson::Value::String
+                                       ? " " + short_digest(e["digest"].str)
+                                       : "";
+        throw std::runtime_error("entry " + std::to_string(out.entries.size()) + digest + ": " + x.what());
+      }
+    }
   } catch (const Failure&) {
     throw;
   } catch (const std::exception& e) {

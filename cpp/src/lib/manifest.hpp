@@ -56,7 +56,8 @@ struct ModelFacts {
 };
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
-// missing, not JSON, or of another format.
+// missing, not JSON (or nested deeper than 64 levels), or of another format; naming the entry when an entry's
+// digest is not the sha256 of its key as engine/cache.py computes it (json.dumps(key, sort_keys=True)).
 struct EngineFolder {
   std::string root;
   std::vector<Entry> entries;
