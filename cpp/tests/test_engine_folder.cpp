@@ -1,15 +1,20 @@
 // The engine folder reader without libtorch: SHA-256 against FIPS 180-4 examples, and every way a folder can
 // be unusable (missing, corrupt, too deeply nested or foreign manifest, an entry whose digest is not its key's
-// as Python computes it, stale entries, missing or altered files) gives Failure(MF_ERROR_ENGINE) with a
-// message naming the file, entry or value. JSON written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
+// as Python computes it, stale entries, missing, altered or swapped files) gives Failure(MF_ERROR_ENGINE) with
+// a message naming the file, entry or value. JSON written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
 // profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
 // Usage: megafusion_engines_test SCRATCH_DIR
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -97,7 +102,11 @@ using Shapes = std::vector<std::pair<std::string, std::vector<long long>>>;
 int main(int argc, char** argv) {
   if (argc != 2) return std::cerr << "usage: megafusion_engines_test SCRATCH_DIR\n", 2;
   const std::string dir = argv[1];
-  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "/e1'").c_str());
+  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "/e1' '" + dir + "/old'").c_str());
+  // Files for the verified-hash cache, written first: only files unchanged for 2 s are cached (kRacyNs).
+  write(dir + "/old/a.pt2", "old-a");
+  write(dir + "/old/b.pt2", "old-b");
+  const auto old_written = std::chrono::steady_clock::now();
 
   check(sha256_bytes("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "sha256('')");
   check(sha256_bytes("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "sha256('abc')");
@@ -186,15 +195,16 @@ int main(int argc, char** argv) {
                  [&] { select_entries(f, "tiny-sd15", {{"unet", 2}}, "fp32", "cpu", "2.13.0"); });
   expect_failure("other model", "no sdxl engines", [&] { select_entries(f, "sdxl", unet, "fp16", "cpu", "2.13.0"); });
 
-  verify_files(dir, e, true);
-  check(true, "verify_files on intact files");
-  write(dir + "/e1/model.pt2", "abd");
-  verify_files(dir, e, false);  // same size: only the hash tells
-  expect_failure("altered file", "does not match its sha256", [&] { verify_files(dir, e, true); });
+  const std::string e_name = "unet (standard) fp32 aoti, entry 2c7824045f781f35";
+  check(error_of([&] { verify_files(dir, e); }) == "", "verify_files on intact files");
+  write(dir + "/e1/model.pt2", "abd");  // same size: only the hash tells, and it is checked by default
+  expect_failure("altered file (same size), hashes checked by default",
+                 "e1/model.pt2 does not match its sha256 in the manifest (" + e_name + ")",
+                 [&] { verify_files(dir, e); });
   write(dir + "/e1/model.pt2", "ab");
-  expect_failure("truncated file", "is 2 bytes, the manifest says 3", [&] { verify_files(dir, e, false); });
+  expect_failure("truncated file", "is 2 bytes, the manifest says 3", [&] { verify_files(dir, e); });
   std::remove((dir + "/e1/model.pt2").c_str());
-  expect_failure("missing file", "model.pt2 is missing", [&] { verify_files(dir, e, false); });
+  expect_failure("missing file", "model.pt2 is missing", [&] { verify_files(dir, e); });
 
   // Key digests, recomputed as engine/cache.py does: sha256 of json.dumps(key, sort_keys=True).
   {
@@ -245,6 +255,44 @@ int main(int argc, char** argv) {
     write(py + "/manifest.json", manifest_of(floats + "\"G\xc3\xa9r\xc3\xa4t \xe2\x98\x83 \xf0\x9d\x84\x9e \\\"q\\\" "
                                                       "\\\\ \\t\\u0001\"}, \"created\": 5.0, \"files\": []}"));
     check(error_of([&] { read_engine_folder(py); }) == "", "the same key in raw UTF-8: Python's digest");
+  }
+
+  // Content hashes: a same-size swap of one package's file over another's is refused, naming the entry.
+  {
+    const std::string sw = dir + "/swap";
+    std::system(("mkdir -p '" + sw + "/e1' '" + sw + "/e5'").c_str());
+    write(sw + "/e1/model.pt2", "package-one");
+    write(sw + "/e5/model.pt2", "package-two");
+    write(sw + "/manifest.json", manifest_of(entry_json(sha256_bytes("package-one"), 11)));
+    write(sw + "/models.json", kModels);
+    EngineFolder sf;
+    check(error_of([&] { sf = read_engine_folder(sw); }) == "" && sf.entries.size() == 1, "swap: folder reads");
+    const Entry one = sf.entries.empty() ? Entry{} : sf.entries[0];
+    check(error_of([&] { verify_files(sw, one); }) == "", "swap: intact package verifies");
+    std::system(("cp '" + sw + "/e5/model.pt2' '" + sw + "/e1/model.pt2'").c_str());
+    expect_failure("same-size swap of another package's file",
+                   sw + "/e1/model.pt2 does not match its sha256 in the manifest (" + e_name + ")",
+                   [&] { verify_files(sw, one); });
+  }
+
+  // The verified-hash cache: an unchanged file is not hashed again; a changed one is, even with its mtime put
+  // back (its ctime and inode still tell).
+  {
+    std::this_thread::sleep_until(old_written + std::chrono::milliseconds(2100));
+    Entry a = f.entries.at(0);
+    a.files = {{"old/a.pt2", sha256_bytes("old-a"), 5}};
+    const size_t before = files_hashed();
+    check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1, "cache: first open hashes");
+    check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1,
+          "cache: second open of the unchanged file hashes nothing");
+    struct stat ast {};
+    stat((dir + "/old/a.pt2").c_str(), &ast);
+    std::system(("cp '" + dir + "/old/b.pt2' '" + dir + "/old/a.pt2'").c_str());
+    const struct timespec times[2] = {ast.st_atim, ast.st_mtim};
+    utimensat(AT_FDCWD, (dir + "/old/a.pt2").c_str(), times, 0);
+    expect_failure("cache: same-size swap with the mtime put back",
+                   "old/a.pt2 does not match its sha256 in the manifest", [&] { verify_files(dir, a); });
+    check(files_hashed() == before + 2, "cache: the swapped file was hashed again");
   }
 
   // TensorRT: all profiles kept, range still the first.

@@ -1,11 +1,18 @@
 #include "manifest.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
 #include <fstream>
+#include <mutex>
 #include <set>
 #include <sstream>
 
@@ -113,6 +120,8 @@ mfjson::Value python_key(const mfjson::Value& k) {
 }
 
 std::string short_digest(const std::string& d) { return d.substr(0, 16); }
+
+std::string entry_name(const Entry& e) { return e.describe() + ", entry " + short_digest(e.digest); }
 
 Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
   typed(e, mfjson::Value::Object, "the entry");
@@ -326,19 +335,106 @@ size_t select_profile(const std::vector<Profile>& profiles,
   throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no optimization profile serves shapes {" + given + "}");
 }
 
-void verify_files(const std::string& root, const Entry& e, bool hashes) {
+namespace {
+
+// Hashes verify_files has computed (tests: a second open of unchanged files computes none).
+size_t g_files_hashed = 0;
+
+// The sha256 of each file verify_files hashed, with the stat facts it had then; a file whose facts are all
+// unchanged is not hashed again. In memory, per process: nothing is written, and the cache is never more
+// trusted than this process's own earlier reading.
+struct Verified {
+  dev_t dev;
+  ino_t ino;
+  off_t size;
+  long long mtime_ns, ctime_ns;
+  std::string sha256;
+};
+std::mutex g_verified_mutex;
+std::map<std::string, Verified> g_verified;  // by canonical path
+
+// File timestamps tick coarsely (a few ms; whole seconds on some file systems), so a file changed in the same
+// tick as it was hashed would keep its facts. Only files unchanged for longer than this are cached.
+constexpr long long kRacyNs = 2'000'000'000;
+
+long long ns(const struct timespec& t) { return static_cast<long long>(t.tv_sec) * 1'000'000'000 + t.tv_nsec; }
+
+bool same_facts(const Verified& v, const struct stat& st) {
+  return v.dev == st.st_dev && v.ino == st.st_ino && v.size == st.st_size && v.mtime_ns == ns(st.st_mtim) &&
+         v.ctime_ns == ns(st.st_ctim);
+}
+
+std::string real_path(const std::string& p) {
+  char* r = ::realpath(p.c_str(), nullptr);
+  if (!r) return "";
+  std::string out(r);
+  std::free(r);
+  return out;
+}
+
+// The sha256 of the file `p` (stat facts `st`), from the cache when its facts are unchanged. Checked to be
+// the file stat saw, and unchanged while it was read.
+std::string file_sha256(const std::string& p, const std::string& canonical, const struct stat& st,
+                        const std::string& who) {
+  {
+    std::lock_guard<std::mutex> lock(g_verified_mutex);
+    auto it = g_verified.find(canonical);
+    if (it != g_verified.end() && same_facts(it->second, st)) return it->second.sha256;
+  }
+  struct timespec now {};
+  clock_gettime(CLOCK_REALTIME, &now);
+  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0)
+    throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be opened (" + std::strerror(errno) + ") (" + who + ")");
+  struct stat before {}, after {};
+  std::string sha;
+  try {
+    if (fstat(fd, &before) != 0 || !S_ISREG(before.st_mode) || before.st_dev != st.st_dev ||
+        before.st_ino != st.st_ino)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " changed while it was being verified (" + who + ")");
+    sha = sha256_fd(fd);
+    if (fstat(fd, &after) != 0 || after.st_size != before.st_size || ns(after.st_mtim) != ns(before.st_mtim) ||
+        ns(after.st_ctim) != ns(before.st_ctim))
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " changed while it was being verified (" + who + ")");
+  } catch (const Failure&) {
+    ::close(fd);
+    throw;
+  } catch (const std::exception& e) {
+    ::close(fd);
+    throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be read (" + e.what() + ") (" + who + ")");
+  }
+  ::close(fd);
+  std::lock_guard<std::mutex> lock(g_verified_mutex);
+  ++g_files_hashed;
+  if (std::max(ns(after.st_mtim), ns(after.st_ctim)) + kRacyNs <= ns(now))
+    g_verified[canonical] = {after.st_dev, after.st_ino, after.st_size, ns(after.st_mtim), ns(after.st_ctim), sha};
+  else
+    g_verified.erase(canonical);
+  return sha;
+}
+
+}  // namespace
+
+size_t files_hashed() {
+  std::lock_guard<std::mutex> lock(g_verified_mutex);
+  return g_files_hashed;
+}
+
+void verify_files(const std::string& root, const Entry& e) {
   if (e.files.empty()) throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " lists no files");
+  const std::string who = entry_name(e);
   for (const FileRecord& f : e.files) {
     const std::string p = root + "/" + f.path;
     struct stat st {};
     if (stat(p.c_str(), &st) != 0)
-      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + e.describe() + ")");
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + who + ")");
     if (static_cast<long long>(st.st_size) != f.size)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + std::to_string(st.st_size) +
                                          " bytes, the manifest says " + std::to_string(f.size) +
-                                         " (truncated or replaced)");
-    if (hashes && sha256_file(p) != f.sha256)
-      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest");
+                                         " (truncated or replaced) (" + who + ")");
+    if (file_sha256(p, real_path(p), st, who) != f.sha256)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest (" + who +
+                                         "): replaced or corrupt; rebuild with mf-build-engines");
   }
 }
 

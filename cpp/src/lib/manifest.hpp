@@ -94,8 +94,13 @@ bool holds(const TensorRange& r, const std::vector<long long>& shape);
 size_t select_profile(const std::vector<Profile>& profiles,
                       const std::vector<std::pair<std::string, std::vector<long long>>>& shapes);
 
-// Checks each file's existence and size, and its sha256 when `hashes`; Failure(MF_ERROR_ENGINE) names the file.
-void verify_files(const std::string& root, const Entry& e, bool hashes);
+// Checks each of the entry's files: it exists with the recorded size and sha256. Hashes are always checked;
+// a file whose (canonical path, device, inode, size, mtime, ctime) are those it had when this process last
+// hashed it is not read again. Failure(MF_ERROR_ENGINE) names the file and the entry.
+void verify_files(const std::string& root, const Entry& e);
+
+// How many files verify_files has hashed in this process (not answered from its cache); for tests.
+size_t files_hashed();
 
 // "2.13.0+cpu" -> "2.13.0": packages are tied to the torch release, the local suffix names the wheel.
 std::string base_version(const std::string& v);
