@@ -1,7 +1,8 @@
 // The engine folder reader without libtorch: SHA-256 against FIPS 180-4 examples, and every way a folder can
 // be unusable (missing, corrupt, too deeply nested or foreign manifest, an entry whose digest is not its key's
-// as Python computes it, stale entries, missing, altered or swapped files) gives Failure(MF_ERROR_ENGINE) with
-// a message naming the file, entry or value. JSON written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
+// as Python computes it, stale entries, missing, altered or swapped files, files outside the folder, links,
+// non-regular files) gives Failure(MF_ERROR_ENGINE) with a message naming the file, entry or value. JSON
+// written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
 // profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
 // Usage: megafusion_engines_test SCRATCH_DIR
 #include <fcntl.h>
@@ -273,6 +274,57 @@ int main(int argc, char** argv) {
     expect_failure("same-size swap of another package's file",
                    sw + "/e1/model.pt2 does not match its sha256 in the manifest (" + e_name + ")",
                    [&] { verify_files(sw, one); });
+  }
+
+  // Confinement: every file inside the folder, reached through no link, a regular file.
+  {
+    const std::string cf = dir + "/confined";
+    std::system(("mkdir -p '" + cf + "/e1' '" + cf + "/e3' '" + dir + "/elsewhere'").c_str());
+    write(cf + "/models.json", kModels);
+    write(dir + "/outside.pt2", "outside");
+    const std::string out_sha = sha256_bytes("outside");
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "../outside.pt2")));
+    expect_failure("'../outside.pt2' with a matching hash",
+                   "entry 2c7824045f781f35 (unet (standard) fp32 aoti) lists file '../outside.pt2', which has a "
+                   "'..' component",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "e1/../../outside.pt2")));
+    expect_failure("'e1/../../outside.pt2'", "lists file 'e1/../../outside.pt2', which has a '..' component",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, dir + "/outside.pt2")));
+    expect_failure("an absolute path with a matching hash", "lists file '" + dir + "/outside.pt2', which is absolute",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    // Entries built elsewhere are checked again when verified.
+    Entry outside = f.entries.at(0);
+    outside.files = {{"../outside.pt2", out_sha, 7}};
+    expect_failure("verify_files: '../outside.pt2'", "lists file '../outside.pt2', which has a '..' component",
+                   [&] { verify_files(cf, outside); });
+
+    std::string passwd;
+    {
+      std::ifstream in("/etc/passwd", std::ios::binary);
+      passwd.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    check(symlink("/etc/passwd", (cf + "/e1/model.pt2").c_str()) == 0, "make a link to /etc/passwd");
+    write(cf + "/manifest.json", manifest_of(entry_json(sha256_bytes(passwd), passwd.size())));
+    expect_failure("a symbolic link to /etc/passwd with a matching hash",
+                   cf + "/e1/model.pt2 is a symbolic link (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+
+    write(dir + "/elsewhere/model.pt2", "outside");
+    check(symlink((dir + "/elsewhere").c_str(), (cf + "/e2").c_str()) == 0, "make a linked folder");
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "e2/model.pt2")));
+    expect_failure("a file in a linked folder with a matching hash",
+                   cf + "/e2/model.pt2: " + cf + "/e2 is a symbolic link (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+
+    std::system(("mkdir -p '" + cf + "/e3/model.pt2'").c_str());
+    struct stat dst {};
+    stat((cf + "/e3/model.pt2").c_str(), &dst);
+    write(cf + "/manifest.json", manifest_of(entry_json(sha256_bytes(""), dst.st_size, "e3/model.pt2")));
+    expect_failure("a directory in place of a file (its size, the empty file's hash)",
+                   cf + "/e3/model.pt2 is a directory, not a regular file (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
   }
 
   // The verified-hash cache: an unchanged file is not hashed again; a changed one is, even with its mtime put

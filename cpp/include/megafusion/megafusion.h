@@ -66,7 +66,8 @@ void mf_generate_params_init(mf_generate_params* params);
 /* Opens the engine folder: picks the model's AOTInductor entries for this device and torch version, checks
  * their files and loads them. MF_ERROR_ENGINE, naming the file or entry, when manifest.json is not a valid
  * manifest (an entry's digest not the sha256 of its key, JSON nested deeper than 64 levels), or an engine
- * file differs from the size or sha256 its entry records. On failure *out is set to NULL. */
+ * file lies outside the folder (absolute path, '..', a symbolic link), is not a regular file, or differs
+ * from the size or sha256 its entry records. On failure *out is set to NULL. */
 mf_status mf_context_create(const mf_context_options* options, mf_context** out);
 
 /* Frees the context and its engines; NULL is allowed. */

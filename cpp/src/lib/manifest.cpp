@@ -121,6 +121,23 @@ mfjson::Value python_key(const mfjson::Value& k) {
 
 std::string short_digest(const std::string& d) { return d.substr(0, 16); }
 
+// Problems with an entry's file path as the manifest records it: it must be relative, normalized and stay
+// inside the engine folder. "" when it is fine.
+std::string path_problem(const std::string& rel) {
+  if (rel.empty()) return "is empty";
+  if (rel.find('\0') != std::string::npos) return "holds a NUL byte";
+  if (rel[0] == '/') return "is absolute";
+  size_t start = 0;
+  while (true) {
+    const size_t end = rel.find('/', start);
+    const std::string part = rel.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (part == "..") return "has a '..' component";
+    if (part.empty() || part == ".") return "is not a normalized relative path";
+    if (end == std::string::npos) return "";
+    start = end + 1;
+  }
+}
+
 std::string entry_name(const Entry& e) { return e.describe() + ", entry " + short_digest(e.digest); }
 
 Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
@@ -160,6 +177,11 @@ Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
                                        out.describe() + ") does not match its key (the key hashes to " +
                                        short_digest(actual) + "); the manifest was edited or is corrupt: rebuild "
                                        "with mf-build-engines");
+  for (const FileRecord& f : out.files)
+    if (const std::string why = path_problem(f.path); !why.empty())
+      throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + ": entry " + short_digest(out.digest) + " (" +
+                                         out.describe() + ") lists file '" + f.path + "', which " + why +
+                                         "; engine files must lie inside the engine folder");
   return out;
 }
 
@@ -364,6 +386,15 @@ bool same_facts(const Verified& v, const struct stat& st) {
          v.ctime_ns == ns(st.st_ctim);
 }
 
+std::string file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISLNK(m)) return "a symbolic link";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISCHR(m) || S_ISBLK(m)) return "a device";
+  return "not a regular file";
+}
+
 std::string real_path(const std::string& p) {
   char* r = ::realpath(p.c_str(), nullptr);
   if (!r) return "";
@@ -372,8 +403,8 @@ std::string real_path(const std::string& p) {
   return out;
 }
 
-// The sha256 of the file `p` (stat facts `st`), from the cache when its facts are unchanged. Checked to be
-// the file stat saw, and unchanged while it was read.
+// The sha256 of the regular file `p` (lstat facts `st`), from the cache when its facts are unchanged. Opened
+// without following links and checked to be the file lstat saw, and unchanged while it was read.
 std::string file_sha256(const std::string& p, const std::string& canonical, const struct stat& st,
                         const std::string& who) {
   {
@@ -383,7 +414,7 @@ std::string file_sha256(const std::string& p, const std::string& canonical, cons
   }
   struct timespec now {};
   clock_gettime(CLOCK_REALTIME, &now);
-  const int fd = ::open(p.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  const int fd = ::open(p.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0)
     throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be opened (" + std::strerror(errno) + ") (" + who + ")");
   struct stat before {}, after {};
@@ -423,16 +454,46 @@ size_t files_hashed() {
 void verify_files(const std::string& root, const Entry& e) {
   if (e.files.empty()) throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " lists no files");
   const std::string who = entry_name(e);
+  const std::string root_real = real_path(root);
+  if (root_real.empty()) throw Failure(MF_ERROR_ENGINE, "engine folder '" + root + "' does not exist");
   for (const FileRecord& f : e.files) {
+    if (const std::string why = path_problem(f.path); !why.empty())
+      throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " (entry " + short_digest(e.digest) +
+                                         ") lists file '" + f.path + "', which " + why +
+                                         "; engine files must lie inside the engine folder");
     const std::string p = root + "/" + f.path;
+    // Every component below the root through lstat: no link is followed, so the file is the one in the folder.
     struct stat st {};
-    if (stat(p.c_str(), &st) != 0)
-      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + who + ")");
+    for (size_t slash = f.path.find('/'); ; slash = f.path.find('/', slash + 1)) {
+      const bool last = slash == std::string::npos;
+      const std::string q = root + "/" + f.path.substr(0, last ? std::string::npos : slash);
+      if (lstat(q.c_str(), &st) != 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+          throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + who + ")");
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be read (" + std::strerror(errno) + ") (" +
+                                           who + ")");
+      }
+      if (S_ISLNK(st.st_mode))
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + (last ? "" : ": " + q) +
+                                           " is a symbolic link (" + who +
+                                           "); engine folders hold regular files only, rebuild with mf-build-engines");
+      if (last) break;
+      if (!S_ISDIR(st.st_mode))
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + q + " is " + file_kind(st.st_mode) +
+                                           ") (" + who + ")");
+    }
+    if (!S_ISREG(st.st_mode))
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + file_kind(st.st_mode) + ", not a regular file (" +
+                                         who + ")");
+    const std::string real = real_path(p);
+    if (real.compare(0, root_real.size() + 1, root_real + "/") != 0)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " resolves to '" + real + "', outside the engine folder " +
+                                         root_real + " (" + who + ")");
     if (static_cast<long long>(st.st_size) != f.size)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + std::to_string(st.st_size) +
                                          " bytes, the manifest says " + std::to_string(f.size) +
                                          " (truncated or replaced) (" + who + ")");
-    if (file_sha256(p, real_path(p), st, who) != f.sha256)
+    if (file_sha256(p, real, st, who) != f.sha256)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest (" + who +
                                          "): replaced or corrupt; rebuild with mf-build-engines");
   }

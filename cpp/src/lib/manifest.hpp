@@ -57,7 +57,8 @@ struct ModelFacts {
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
 // missing, not JSON (or nested deeper than 64 levels), or of another format; naming the entry when an entry's
-// digest is not the sha256 of its key as engine/cache.py computes it (json.dumps(key, sort_keys=True)).
+// digest is not the sha256 of its key as engine/cache.py computes it (json.dumps(key, sort_keys=True)), or
+// one of its file paths is absolute, has a '..' component or is not normalized.
 struct EngineFolder {
   std::string root;
   std::vector<Entry> entries;
@@ -94,9 +95,10 @@ bool holds(const TensorRange& r, const std::vector<long long>& shape);
 size_t select_profile(const std::vector<Profile>& profiles,
                       const std::vector<std::pair<std::string, std::vector<long long>>>& shapes);
 
-// Checks each of the entry's files: it exists with the recorded size and sha256. Hashes are always checked;
-// a file whose (canonical path, device, inode, size, mtime, ctime) are those it had when this process last
-// hashed it is not read again. Failure(MF_ERROR_ENGINE) names the file and the entry.
+// Checks each of the entry's files: its path stays inside `root` (relative, no '..', no symbolic link on the
+// way, its canonical path under root's), it is a regular file of the recorded size and sha256. Hashes are
+// always checked; a file whose (canonical path, device, inode, size, mtime, ctime) are those it had when
+// this process last hashed it is not read again. Failure(MF_ERROR_ENGINE) names the file and the entry.
 void verify_files(const std::string& root, const Entry& e);
 
 // How many files verify_files has hashed in this process (not answered from its cache); for tests.
