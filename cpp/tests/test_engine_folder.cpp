@@ -1,19 +1,28 @@
 // The engine folder reader without libtorch: SHA-256 against FIPS 180-4 examples, and every way a folder can
-// be unusable (missing, corrupt or foreign manifest, stale entries, missing or altered files) gives
-// Failure(MF_ERROR_ENGINE) with a message naming the file or value. TensorRT entries: every profile read,
-// the profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
+// be unusable (missing, corrupt, too deeply nested or foreign manifest, an entry whose digest is not its key's
+// as Python computes it, stale entries, missing, altered or swapped files, files outside the folder, links,
+// non-regular files) gives Failure(MF_ERROR_ENGINE) with a message naming the file, entry or value. JSON
+// written back as Python's json.dumps(sort_keys=True) writes it. TensorRT entries: every profile read, the
+// profile a call runs (engine/tensorrt_backend.py select_profile) and the backend a context picks.
 // Usage: megafusion_engines_test SCRATCH_DIR
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "../src/json.hpp"
 #include "../src/lib/manifest.hpp"
 #include "../src/lib/sha256.hpp"
+#include "python_manifest.hpp"
 
 using namespace megafusion::lib;
 
@@ -37,19 +46,47 @@ void expect_failure(const std::string& what, const std::string& needle, F&& f, m
   }
 }
 
+// The error message of `f` ("" when it succeeds).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+    return "";
+  } catch (const std::exception& e) {
+    return std::string("error: ") + e.what();
+  }
+}
+
 void write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-std::string entry_json(const std::string& version, const std::string& device, const std::string& sha, int size) {
-  return R"({"digest": "d1", "created": 5.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
-    "variant": "standard", "dilation": 1, "precision": "fp32", "backend": "aoti", "backend_version": ")" +
-         version + R"(", "device": ")" + device + R"(", "profiles": [{"stage": 0, "shapes": [["sample", [1, 4, 16, 16],
-    [2, 4, 16, 16], [2, 4, 32, 32]]]}]}, "files": [{"path": "e1/model.pt2", "sha256": ")" + sha +
-         R"(", "size": )" + std::to_string(size) + "}]}";
+std::string replace_once(std::string s, const std::string& from, const std::string& to) {
+  const size_t at = s.find(from);
+  return at == std::string::npos ? "(" + from + " not found)" : s.replace(at, from.size(), to);
 }
+
+// digests Python computes for the keys below (EngineKey.from_json(key).digest(), engine/cache.py)
+const char* kDigestAoti = "2c7824045f781f359d87b2ab61f58b2888a520ae289981cb85c68f6bb642a2d0";
+const char* kDigestAotiOrtCpu = "3383f5e043f7a7f691b10699c60804852974067b60b8194bcc993b16a251fa94";
+const char* kDigestTrt = "ccd56512f66d9d033c9bb051ed6f750501cbb58aeb8556ce74127da9f1a2a752";
+
+// An AOTInductor UNet entry (key digest kDigestAoti); `extra_key` adds key fields, `path` names its file.
+std::string entry_json(const std::string& sha, long long size, const std::string& path = "e1/model.pt2",
+                       const std::string& digest = kDigestAoti, const std::string& extra_key = "") {
+  return R"({"digest": ")" + digest + R"(", "created": 5.0, "key": {"model": "tiny-sd15", "weights": "w1",
+    "network": "unet", "variant": "standard", "dilation": 1, "precision": "fp32", "backend": "aoti",
+    "backend_version": "2.13.0+cpu", "device": "cpu", )" + extra_key + R"("profiles": [{"stage": 0, "shapes":
+    [["sample", [1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 32, 32]]]}]}, "files": [{"path": ")" + path +
+         R"(", "sha256": ")" + sha + R"(", "size": )" + std::to_string(size) + "}]}";
+}
+
+std::string manifest_of(const std::string& entries) { return "{\"format\": 1, \"entries\": [" + entries + "]}"; }
+
+const char* kModels = R"({"format": 1, "models": {"tiny-sd15": {"vae_scaling_factor": 0.18215,
+    "weights": {"unet": "w1"}, "vocab_sizes": [1000]}}})";
 
 // A TensorRT UNet with one profile per stage: 128 px (latent 16) and 256 px (latent 32), batch 1 to 2.
 std::string trt_entry_json() {
-  return R"({"digest": "d2", "created": 6.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
+  return R"({"digest": "ccd56512f66d9d033c9bb051ed6f750501cbb58aeb8556ce74127da9f1a2a752", "created": 6.0, "key": {"model": "tiny-sd15", "weights": "w1", "network": "unet",
     "variant": "standard", "dilation": 1, "precision": "fp16", "backend": "tensorrt", "backend_version": "10.13.3.9",
     "device": "NVIDIA H100 80GB HBM3", "profiles": [
       {"stage": 0, "shapes": [["sample", [1, 4, 16, 16], [2, 4, 16, 16], [2, 4, 16, 16]],
@@ -66,7 +103,11 @@ using Shapes = std::vector<std::pair<std::string, std::vector<long long>>>;
 int main(int argc, char** argv) {
   if (argc != 2) return std::cerr << "usage: megafusion_engines_test SCRATCH_DIR\n", 2;
   const std::string dir = argv[1];
-  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "/e1'").c_str());
+  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "/e1' '" + dir + "/old'").c_str());
+  // Files for the verified-hash cache, written first: only files unchanged for 2 s are cached (kRacyNs).
+  write(dir + "/old/a.pt2", "old-a");
+  write(dir + "/old/b.pt2", "old-b");
+  const auto old_written = std::chrono::steady_clock::now();
 
   check(sha256_bytes("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "sha256('')");
   check(sha256_bytes("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "sha256('abc')");
@@ -84,14 +125,58 @@ int main(int argc, char** argv) {
   write(dir + "/manifest.json", "{\"format\": 1, \"entries\": [{\"digest\": 3}]}");
   expect_failure("entry without key", "manifest.json is corrupt", [&] { read_engine_folder(dir); });
 
+  // JSON the reader refuses, each with the file named and never a crash: nesting (100000 '['), unterminated
+  // strings, bad escapes and numbers Python's json.loads refuses too.
+  write(dir + "/manifest.json", std::string(100000, '['));
+  expect_failure("manifest nested 100000 deep",
+                 "engine manifest " + dir + "/manifest.json is corrupt (JSON: nesting deeper than 64 levels",
+                 [&] { read_engine_folder(dir); });
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": " + std::string(63, '[') + std::string(63, ']') + "}");
+  const std::string deep64 = error_of([&] { read_engine_folder(dir); });
+  check(deep64.find("manifest.json is corrupt") != std::string::npos && deep64.find("nesting") == std::string::npos,
+        "manifest nested 64 deep: parsed (then refused, its entries being arrays): " + deep64);
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": " + std::string(64, '[') + std::string(64, ']') + "}");
+  expect_failure("manifest nested 65 deep", "nesting deeper than 64 levels at offset 88",
+                 [&] { read_engine_folder(dir); });
+  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": []}");
+  write(dir + "/models.json", "{\"format\": 1, \"models\": " + std::string(100000, '['));
+  expect_failure("model facts nested 100000 deep", "models.json is corrupt (JSON: nesting deeper than 64 levels",
+                 [&] { read_engine_folder(dir); });
+  for (const auto& [what, text] : std::vector<std::pair<std::string, std::string>>{
+           {"unterminated string", "{\"format\": 1, \"entries\": [], \"x\": \"abc"},
+           {"string ending in a backslash", "{\"format\": 1, \"entries\": [], \"x\": \"abc\\"},
+           {"truncated \\u escape", "{\"format\": 1, \"entries\": [], \"x\": \"\\u12"},
+           {"control character in a string", "{\"format\": 1, \"entries\": [], \"x\": \"a\tb\"}"},
+           {"hexadecimal number", "{\"format\": 0x1, \"entries\": []}"},
+           {"trailing comma", "{\"format\": 1, \"entries\": [],}"},
+           {"unclosed object", "{\"format\": 1, \"entries\": []"}}) {
+    write(dir + "/manifest.json", text);
+    expect_failure("manifest with " + what, "manifest.json is corrupt (JSON: ", [&] { read_engine_folder(dir); });
+  }
+
+  // json.dumps(json.loads(text), sort_keys=True) in Python, for numbers and strings of every kind.
+  const char* in = R"([1E5, 0.10, -0, 1e400, 2e-324, 2.4703282292062328e-324, 1.7976931348623159e308, 1e-400,
+    -1e-400, 100.0e-2, 0.000123456789, 9007199254740993, 9007199254740993.0, 1e15, 123e-20, 5e-5,
+    "\u00e9\ud834\udd1e\u007f/\/", {"b": [true, false, null], "a": {}, "\u00e9": [], "Z": 1}, 0.1, 1e16, 1e-05,
+    0.0001, 1.5, -0.0, 123456789.0, 1e22, 5e-324, 1234567890123456.0, 12345678901234567.0, NaN, -Infinity,
+    123456789012345678901234567890, 2.5e-7, 0.30000000000000004, 0.18215, 1e-7, 1e+16, 9999999999999998.0])";
+  const std::string want = R"([100000.0, 0.1, 0, Infinity, 0.0, 5e-324, Infinity, 0.0, -0.0, 1.0, 0.000123456789, )"
+      R"(9007199254740993, 9007199254740992.0, 1000000000000000.0, 1.23e-18, 5e-05, "\u00e9\ud834\udd1e\u007f//", )"
+      R"({"Z": 1, "a": {}, "b": [true, false, null], "\u00e9": []}, 0.1, 1e+16, 1e-05, 0.0001, 1.5, -0.0, )"
+      R"(123456789.0, 1e+22, 5e-324, 1234567890123456.0, 1.2345678901234568e+16, NaN, -Infinity, )"
+      R"(123456789012345678901234567890, 2.5e-07, 0.30000000000000004, 0.18215, 1e-07, 1e+16, 9999999999999998.0])";
+  std::string got;
+  const std::string err = error_of([&] { got = mfjson::python_dumps(mfjson::parse(in)); });
+  check(got == want, "json.dumps(sort_keys=True) as Python writes it: " + (err.empty() ? got : err));
+
   write(dir + "/e1/model.pt2", "abc");
   const std::string sha = sha256_bytes("abc");
-  write(dir + "/manifest.json", "{\"format\": 1, \"entries\": [" + entry_json("2.13.0+cpu", "cpu", sha, 3) + "]}");
+  write(dir + "/manifest.json", manifest_of(entry_json(sha, 3)));
   write(dir + "/models.json", "{\"format\": 1, \"models\": {");
   expect_failure("corrupt model facts", "models.json is corrupt", [&] { read_engine_folder(dir); });
-  write(dir + "/models.json", R"({"format": 1, "models": {"tiny-sd15": {"vae_scaling_factor": 0.18215,
-    "weights": {"unet": "w1"}, "vocab_sizes": [1000]}}})");
-  const EngineFolder f = read_engine_folder(dir);
+  write(dir + "/models.json", kModels);
+  EngineFolder f;
+  check(error_of([&] { f = read_engine_folder(dir); }).empty(), "a valid folder reads");
   check(f.entries.size() == 1 && f.models.at("tiny-sd15").vae_scaling_factor == 0.18215 &&
             f.models.at("tiny-sd15").vocab_sizes.at(0) == 1000,
         "valid folder read");
@@ -111,15 +196,156 @@ int main(int argc, char** argv) {
                  [&] { select_entries(f, "tiny-sd15", {{"unet", 2}}, "fp32", "cpu", "2.13.0"); });
   expect_failure("other model", "no sdxl engines", [&] { select_entries(f, "sdxl", unet, "fp16", "cpu", "2.13.0"); });
 
-  verify_files(dir, e, true);
-  check(true, "verify_files on intact files");
-  write(dir + "/e1/model.pt2", "abd");
-  verify_files(dir, e, false);  // same size: only the hash tells
-  expect_failure("altered file", "does not match its sha256", [&] { verify_files(dir, e, true); });
+  const std::string e_name = "unet (standard) fp32 aoti, entry 2c7824045f781f35";
+  check(error_of([&] { verify_files(dir, e); }) == "", "verify_files on intact files");
+  write(dir + "/e1/model.pt2", "abd");  // same size: only the hash tells, and it is checked by default
+  expect_failure("altered file (same size), hashes checked by default",
+                 "e1/model.pt2 does not match its sha256 in the manifest (" + e_name + ")",
+                 [&] { verify_files(dir, e); });
   write(dir + "/e1/model.pt2", "ab");
-  expect_failure("truncated file", "is 2 bytes, the manifest says 3", [&] { verify_files(dir, e, false); });
+  expect_failure("truncated file", "is 2 bytes, the manifest says 3", [&] { verify_files(dir, e); });
   std::remove((dir + "/e1/model.pt2").c_str());
-  expect_failure("missing file", "model.pt2 is missing", [&] { verify_files(dir, e, false); });
+  expect_failure("missing file", "model.pt2 is missing", [&] { verify_files(dir, e); });
+
+  // Key digests, recomputed as engine/cache.py does: sha256 of json.dumps(key, sort_keys=True).
+  {
+    const std::string py = dir + "/python";
+    std::system(("mkdir -p '" + py + "'").c_str());
+    write(py + "/manifest.json", kPythonManifest);
+    write(py + "/models.json", kPythonModels);
+    EngineFolder pf;
+    check(error_of([&] { pf = read_engine_folder(py); }) == "" && pf.entries.size() == 5 &&
+              pf.entries.at(1).digest == "1af9d9acac15c23c1f2463f1e72ea6d9864b95282a0787d3368aca23c7f6e4ef" &&
+              pf.entries[1].range.at(0).max == std::vector<long long>({2, 4, 16, 16}),
+          "a manifest Python wrote: every digest verifies");
+    // Widen the UNet's range (its sample max 16 -> 64 wide) and leave the digest as it was.
+    std::string widened = kPythonManifest;
+    const size_t unet = widened.find("\"digest\": \"1af9d9acac15c23c");
+    const size_t timestep = widened.find("\"timestep\"", unet);
+    const size_t last_16 = widened.rfind("16", timestep);
+    check(unet != std::string::npos && timestep != std::string::npos && last_16 > unet, "fixture: the UNet's max");
+    widened.replace(last_16, 2, "64");
+    write(py + "/manifest.json", widened);
+    expect_failure("a widened profile max without a new digest",
+                   "engine manifest " + py + "/manifest.json: entry 1af9d9acac15c23c (unet (standard) fp32 torch) "
+                   "does not match its key (the key hashes to ",
+                   [&] { read_engine_folder(py); });
+    write(py + "/manifest.json", replace_once(kPythonManifest, "\"device\": \"cpu\"", "\"device\": \"cuda\""));
+    expect_failure("another device without a new digest", "entry 08679cb9fa0c3b71 (vae_decoder fp32 torch) does not match",
+                   [&] { read_engine_folder(py); });
+    // ort_optimize: "none" is left out of the key (the digest of the key without it), any other value kept.
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("ort_optimize": "none", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "ort_optimize none: the digest of the key without it");
+    write(py + "/manifest.json",
+          manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAotiOrtCpu, R"("ort_optimize": "cpu", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "ort_optimize cpu: in the digest");
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("ort_optimize": "cpu", )")));
+    expect_failure("ort_optimize cpu added without a new digest", "entry 2c7824045f781f35 (unet (standard) fp32 aoti) "
+                   "does not match its key (the key hashes to 3383f5e043f7a7f6)", [&] { read_engine_folder(py); });
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("color": "red", )")));
+    expect_failure("a key field EngineKey does not have", "its key has an unknown field 'color'",
+                   [&] { read_engine_folder(py); });
+    // Floats and non-ASCII text in a key, as Python wrote them (ensure_ascii, and raw UTF-8): same digest.
+    const std::string floats = R"({"digest": "19112e4f60363357bd27c5aff3c8abda55ffd723d3303bf1827f5644399aadf2", "key":
+      {"model": "tiny-sd15", "weights": "w1", "network": "unet", "variant": "standard", "dilation": 1,
+      "precision": "fp32", "profiles": [{"stage": 0, "shapes": [["sample", [1, 4, 16.0, 16], [2, 4, 16, 16],
+      [2.0, 4.0, 32.0, 32]]]}], "backend": "aoti", "backend_version": "2.13.0+cpu", "device": )";
+    write(py + "/manifest.json", manifest_of(floats + R"("G\u00e9r\u00e4t \u2603 \ud834\udd1e \"q\" \\ \t\u0001"},
+      "created": 5.0, "files": []})"));
+    check(error_of([&] { read_engine_folder(py); }) == "", "a key with floats and \\u escapes: Python's digest");
+    write(py + "/manifest.json", manifest_of(floats + "\"G\xc3\xa9r\xc3\xa4t \xe2\x98\x83 \xf0\x9d\x84\x9e \\\"q\\\" "
+                                                      "\\\\ \\t\\u0001\"}, \"created\": 5.0, \"files\": []}"));
+    check(error_of([&] { read_engine_folder(py); }) == "", "the same key in raw UTF-8: Python's digest");
+  }
+
+  // Content hashes: a same-size swap of one package's file over another's is refused, naming the entry.
+  {
+    const std::string sw = dir + "/swap";
+    std::system(("mkdir -p '" + sw + "/e1' '" + sw + "/e5'").c_str());
+    write(sw + "/e1/model.pt2", "package-one");
+    write(sw + "/e5/model.pt2", "package-two");
+    write(sw + "/manifest.json", manifest_of(entry_json(sha256_bytes("package-one"), 11)));
+    write(sw + "/models.json", kModels);
+    EngineFolder sf;
+    check(error_of([&] { sf = read_engine_folder(sw); }) == "" && sf.entries.size() == 1, "swap: folder reads");
+    const Entry one = sf.entries.empty() ? Entry{} : sf.entries[0];
+    check(error_of([&] { verify_files(sw, one); }) == "", "swap: intact package verifies");
+    std::system(("cp '" + sw + "/e5/model.pt2' '" + sw + "/e1/model.pt2'").c_str());
+    expect_failure("same-size swap of another package's file",
+                   sw + "/e1/model.pt2 does not match its sha256 in the manifest (" + e_name + ")",
+                   [&] { verify_files(sw, one); });
+  }
+
+  // Confinement: every file inside the folder, reached through no link, a regular file.
+  {
+    const std::string cf = dir + "/confined";
+    std::system(("mkdir -p '" + cf + "/e1' '" + cf + "/e3' '" + dir + "/elsewhere'").c_str());
+    write(cf + "/models.json", kModels);
+    write(dir + "/outside.pt2", "outside");
+    const std::string out_sha = sha256_bytes("outside");
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "../outside.pt2")));
+    expect_failure("'../outside.pt2' with a matching hash",
+                   "entry 2c7824045f781f35 (unet (standard) fp32 aoti) lists file '../outside.pt2', which has a "
+                   "'..' component",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "e1/../../outside.pt2")));
+    expect_failure("'e1/../../outside.pt2'", "lists file 'e1/../../outside.pt2', which has a '..' component",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, dir + "/outside.pt2")));
+    expect_failure("an absolute path with a matching hash", "lists file '" + dir + "/outside.pt2', which is absolute",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+    // Entries built elsewhere are checked again when verified.
+    Entry outside = f.entries.at(0);
+    outside.files = {{"../outside.pt2", out_sha, 7}};
+    expect_failure("verify_files: '../outside.pt2'", "lists file '../outside.pt2', which has a '..' component",
+                   [&] { verify_files(cf, outside); });
+
+    std::string passwd;
+    {
+      std::ifstream in("/etc/passwd", std::ios::binary);
+      passwd.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    check(symlink("/etc/passwd", (cf + "/e1/model.pt2").c_str()) == 0, "make a link to /etc/passwd");
+    write(cf + "/manifest.json", manifest_of(entry_json(sha256_bytes(passwd), passwd.size())));
+    expect_failure("a symbolic link to /etc/passwd with a matching hash",
+                   cf + "/e1/model.pt2 is a symbolic link (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+
+    write(dir + "/elsewhere/model.pt2", "outside");
+    check(symlink((dir + "/elsewhere").c_str(), (cf + "/e2").c_str()) == 0, "make a linked folder");
+    write(cf + "/manifest.json", manifest_of(entry_json(out_sha, 7, "e2/model.pt2")));
+    expect_failure("a file in a linked folder with a matching hash",
+                   cf + "/e2/model.pt2: " + cf + "/e2 is a symbolic link (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+
+    std::system(("mkdir -p '" + cf + "/e3/model.pt2'").c_str());
+    struct stat dst {};
+    stat((cf + "/e3/model.pt2").c_str(), &dst);
+    write(cf + "/manifest.json", manifest_of(entry_json(sha256_bytes(""), dst.st_size, "e3/model.pt2")));
+    expect_failure("a directory in place of a file (its size, the empty file's hash)",
+                   cf + "/e3/model.pt2 is a directory, not a regular file (" + e_name + ")",
+                   [&] { verify_files(cf, read_engine_folder(cf).entries.at(0)); });
+  }
+
+  // The verified-hash cache: an unchanged file is not hashed again; a changed one is, even with its mtime put
+  // back (its ctime and inode still tell).
+  {
+    std::this_thread::sleep_until(old_written + std::chrono::milliseconds(2100));
+    Entry a = f.entries.at(0);
+    a.files = {{"old/a.pt2", sha256_bytes("old-a"), 5}};
+    const size_t before = files_hashed();
+    check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1, "cache: first open hashes");
+    check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1,
+          "cache: second open of the unchanged file hashes nothing");
+    struct stat ast {};
+    stat((dir + "/old/a.pt2").c_str(), &ast);
+    std::system(("cp '" + dir + "/old/b.pt2' '" + dir + "/old/a.pt2'").c_str());
+    const struct timespec times[2] = {ast.st_atim, ast.st_mtim};
+    utimensat(AT_FDCWD, (dir + "/old/a.pt2").c_str(), times, 0);
+    expect_failure("cache: same-size swap with the mtime put back",
+                   "old/a.pt2 does not match its sha256 in the manifest", [&] { verify_files(dir, a); });
+    check(files_hashed() == before + 2, "cache: the swapped file was hashed again");
+  }
 
   // TensorRT: all profiles kept, range still the first.
   const std::string trt = dir + "/trt";
@@ -159,7 +385,7 @@ int main(int argc, char** argv) {
 
   // select_entries for tensorrt: the TensorRT release (major.minor.patch) must match, the build may differ.
   const std::string h100 = "NVIDIA H100 80GB HBM3";
-  check(select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.13.3", "tensorrt").at({"unet", 1}).digest == "d2",
+  check(select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.13.3", "tensorrt").at({"unet", 1}).digest == kDigestTrt,
         "select tensorrt: same TensorRT release");
   expect_failure("tensorrt: other release", "was built for TensorRT 10.13.3.9 (this library: 10.12.0)",
                  [&] { select_entries(t, "tiny-sd15", unet, "fp16", h100, "10.12.0", "tensorrt"); });

@@ -38,7 +38,9 @@ typedef struct mf_context_options {
   const char* engine_dir; /* required: the folder mf-build-engines --backend aoti wrote */
   const char* model;      /* required: model family the engines were built for ("sdxl", "sd15", "tiny-sd15", ...) */
   const char* device;     /* "cpu" (also when NULL), "cuda" or "cuda:N" */
-  int verify_hashes;      /* nonzero: check every engine file's sha256 at create (sizes are always checked) */
+  int verify_hashes;      /* ignored, kept for source and binary compatibility: every engine file's size and
+                           * sha256 are always checked when it is loaded (a file unchanged since this process
+                           * last hashed it is not read again); there is no way to skip the check */
 } mf_context_options;
 
 typedef struct mf_generate_params {
@@ -62,7 +64,10 @@ typedef struct mf_generate_params {
 void mf_generate_params_init(mf_generate_params* params);
 
 /* Opens the engine folder: picks the model's AOTInductor entries for this device and torch version, checks
- * their files and loads them. On failure *out is set to NULL. */
+ * their files and loads them. MF_ERROR_ENGINE, naming the file or entry, when manifest.json is not a valid
+ * manifest (an entry's digest not the sha256 of its key, JSON nested deeper than 64 levels), or an engine
+ * file lies outside the folder (absolute path, '..', a symbolic link), is not a regular file, or differs
+ * from the size or sha256 its entry records. On failure *out is set to NULL. */
 mf_status mf_context_create(const mf_context_options* options, mf_context** out);
 
 /* Frees the context and its engines; NULL is allowed. */

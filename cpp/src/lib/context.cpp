@@ -140,7 +140,6 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
   }
   device_ = parse_device(o.device);
   device_name_ = device_name(device_);
-  verify_hashes_ = o.verify_hashes != 0;
   folder_ = read_engine_folder(o.engine_dir);
   auto facts = folder_.models.find(family_->name);
   if (facts != folder_.models.end()) {
@@ -178,7 +177,7 @@ Network& Context::net(const std::string& network, int dilation) {
 #endif
   auto chosen = select_entries(folder_, family_->name, {key}, precision_, device_name_, version, backend_);
   const Entry& e = chosen.at(key);
-  verify_files(folder_.root, e, verify_hashes_);
+  verify_files(folder_.root, e);  // sizes and sha256, always (options.verify_hashes is no longer needed)
   auto n = open_network(folder_.root, e, device_);
   return *nets_.emplace(key, std::move(n)).first->second;
 }

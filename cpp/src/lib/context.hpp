@@ -69,7 +69,6 @@ class Context {
   std::vector<long long> vocab_sizes_;
   std::string backend_ = "aoti";  // or "tensorrt" (choose_backend)
   std::string precision_;
-  bool verify_hashes_ = false;
   std::map<std::pair<std::string, int>, std::unique_ptr<Network>> nets_;
 
   Network& net(const std::string& network, int dilation = 1);

@@ -1,9 +1,20 @@
 #include "manifest.hpp"
 
-#include <algorithm>
-#include <fstream>
-#include <sstream>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <sstream>
 
 #include "../json.hpp"
 #include "sha256.hpp"
@@ -27,35 +38,150 @@ mfjson::Value read_json(const std::string& path, const std::string& what) {
   }
 }
 
-std::vector<long long> dims(const mfjson::Value& v) {
+// `v`, which must be of `kind`, else std::runtime_error naming `what`.
+const mfjson::Value& typed(const mfjson::Value& v, mfjson::Value::Kind kind, const std::string& what) {
+  if (v.kind != kind) {
+    mfjson::Value want;
+    want.kind = kind;
+    throw std::runtime_error(what + " is " + v.kind_name() + ", expected " + want.kind_name());
+  }
+  return v;
+}
+
+// An integral number in [lo, hi] (a Python-written manifest has ints there), else std::runtime_error.
+long long integral(const mfjson::Value& v, const std::string& what, double lo, double hi) {
+  typed(v, mfjson::Value::Number, what);
+  if (!(v.num == std::floor(v.num)) || v.num < lo || v.num > hi)
+    throw std::runtime_error(what + " is " + v.literal + ", expected an integer in [" +
+                             std::to_string(static_cast<long long>(lo)) + ", " +
+                             std::to_string(static_cast<long long>(hi)) + "]");
+  return static_cast<long long>(v.num);
+}
+
+std::vector<long long> dims(const mfjson::Value& v, const std::string& what) {
   std::vector<long long> out;
-  for (const auto& d : v.arr) out.push_back(static_cast<long long>(d.num));
+  for (const auto& d : typed(v, mfjson::Value::Array, what).arr)
+    out.push_back(integral(d, what + " dimension", -9007199254740992.0, 9007199254740992.0));
   return out;
 }
 
-Entry parse_entry(const mfjson::Value& e) {
-  const auto& k = e["key"];
+// EngineKey.from_json(k).to_json() (engine/cache.py): the value whose json.dumps(..., sort_keys=True) the
+// entry's digest is the sha256 of. Every field EngineKey has, no other (from_json refuses unknown fields);
+// ort_optimize left out when "none"; of each profile only stage and shapes, each shape [name, min, opt, max].
+// Stricter than Python only where no Python build writes otherwise: names must be strings, dilation and stage
+// integers, dimensions integral numbers (written back as they were: 16 as 16, 16.0 as 16.0, as Python does).
+mfjson::Value python_key(const mfjson::Value& k) {
+  static const std::set<std::string> names = {"model",     "weights", "network",         "variant",
+                                              "precision", "backend", "backend_version", "device"};
+  typed(k, mfjson::Value::Object, "its key");
+  mfjson::Value out;
+  out.kind = mfjson::Value::Object;
+  for (const char* required : {"model", "weights", "network", "variant", "dilation", "precision", "profiles",
+                               "backend", "backend_version", "device"})
+    if (!k.has(required)) throw std::runtime_error(std::string("its key has no '") + required + "'");
+  for (const auto& [name, v] : k.obj) {
+    if (names.count(name)) {
+      out.obj[name] = typed(v, mfjson::Value::String, "key field '" + name + "'");
+    } else if (name == "dilation") {
+      integral(v, "key field 'dilation'", INT_MIN, INT_MAX);
+      if (!v.integer) throw std::runtime_error("key field 'dilation' is " + v.literal + ", expected an integer");
+      out.obj[name] = v;
+    } else if (name == "ort_optimize") {
+      if (typed(v, mfjson::Value::String, "key field 'ort_optimize'").str != "none") out.obj[name] = v;
+    } else if (name == "profiles") {
+      mfjson::Value& profiles = out.obj[name];
+      profiles.kind = mfjson::Value::Array;
+      for (const auto& p : typed(v, mfjson::Value::Array, "key field 'profiles'").arr) {
+        const std::string what = "profile " + std::to_string(profiles.arr.size());
+        typed(p, mfjson::Value::Object, what);
+        mfjson::Value q;
+        q.kind = mfjson::Value::Object;
+        if (!p.has("stage") || !p.has("shapes")) throw std::runtime_error(what + " lacks 'stage' or 'shapes'");
+        integral(p["stage"], what + " stage", INT_MIN, INT_MAX);
+        if (!p["stage"].integer) throw std::runtime_error(what + " stage is " + p["stage"].literal);
+        q.obj["stage"] = p["stage"];
+        mfjson::Value& shapes = q.obj["shapes"];
+        shapes.kind = mfjson::Value::Array;
+        for (const auto& s : typed(p["shapes"], mfjson::Value::Array, what + " shapes").arr) {
+          if (typed(s, mfjson::Value::Array, what + " shape").arr.size() != 4)
+            throw std::runtime_error(what + " has a shape of " + std::to_string(s.arr.size()) +
+                                     " items, expected [name, min, opt, max]");
+          typed(s.arr[0], mfjson::Value::String, what + " input name");
+          for (int i = 1; i < 4; ++i) dims(s.arr[i], what + " input " + s.arr[0].str);
+          shapes.arr.push_back(s);
+        }
+        profiles.arr.push_back(std::move(q));
+      }
+    } else {
+      throw std::runtime_error("its key has an unknown field '" + name + "'");
+    }
+  }
+  return out;
+}
+
+std::string short_digest(const std::string& d) { return d.substr(0, 16); }
+
+// Problems with an entry's file path as the manifest records it: it must be relative, normalized and stay
+// inside the engine folder. "" when it is fine.
+std::string path_problem(const std::string& rel) {
+  if (rel.empty()) return "is empty";
+  if (rel.find('\0') != std::string::npos) return "holds a NUL byte";
+  if (rel[0] == '/') return "is absolute";
+  size_t start = 0;
+  while (true) {
+    const size_t end = rel.find('/', start);
+    const std::string part = rel.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (part == "..") return "has a '..' component";
+    if (part.empty() || part == ".") return "is not a normalized relative path";
+    if (end == std::string::npos) return "";
+    start = end + 1;
+  }
+}
+
+std::string entry_name(const Entry& e) { return e.describe() + ", entry " + short_digest(e.digest); }
+
+Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
+  typed(e, mfjson::Value::Object, "the entry");
   Entry out;
-  out.digest = e["digest"].str;
+  out.digest = typed(e["digest"], mfjson::Value::String, "its digest").str;
+  const mfjson::Value key = python_key(e["key"]);
+  const auto& k = e["key"];
   out.model = k["model"].str;
   out.weights = k["weights"].str;
   out.network = k["network"].str;
   out.variant = k["variant"].str;
-  out.dilation = k["dilation"].as_int();
+  out.dilation = static_cast<int>(k["dilation"].num);
   out.precision = k["precision"].str;
   out.backend = k["backend"].str;
   out.backend_version = k["backend_version"].str;
   out.device = k["device"].str;
-  out.created = e["created"].num;
-  for (size_t i = 0; i < k["profiles"].size(); ++i) {
-    const auto& p = k["profiles"][i];
-    Profile profile{p.has("stage") ? p["stage"].as_int() : static_cast<int>(i), {}};
-    for (const auto& s : p["shapes"].arr) profile.shapes.push_back({s[0].str, dims(s[1]), dims(s[2]), dims(s[3])});
+  out.created = typed(e["created"], mfjson::Value::Number, "its created time").num;
+  for (const auto& p : key["profiles"].arr) {
+    Profile profile{static_cast<int>(p["stage"].num), {}};
+    for (const auto& s : p["shapes"].arr)
+      profile.shapes.push_back({s[0].str, dims(s[1], "min"), dims(s[2], "opt"), dims(s[3], "max")});
     out.profiles.push_back(std::move(profile));
   }
   if (!out.profiles.empty()) out.range = out.profiles.front().shapes;
-  for (const auto& f : e["files"].arr)
-    out.files.push_back({f["path"].str, f["sha256"].str, static_cast<long long>(f["size"].num)});
+  for (const auto& f : typed(e["files"], mfjson::Value::Array, "its files").arr) {
+    typed(f, mfjson::Value::Object, "a file record");
+    out.files.push_back({typed(f["path"], mfjson::Value::String, "a file path").str,
+                         typed(f["sha256"], mfjson::Value::String, "a file sha256").str,
+                         integral(f["size"], "a file size", 0, 9007199254740992.0)});
+  }
+  // The digest is the entry's address: recomputed as Python computes it, so an edited key (a widened profile,
+  // another device) cannot pass for the build it claims to be.
+  const std::string actual = sha256_bytes(mfjson::python_dumps(key));
+  if (actual != out.digest)
+    throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + ": entry " + short_digest(out.digest) + " (" +
+                                       out.describe() + ") does not match its key (the key hashes to " +
+                                       short_digest(actual) + "); the manifest was edited or is corrupt: rebuild "
+                                       "with mf-build-engines");
+  for (const FileRecord& f : out.files)
+    if (const std::string why = path_problem(f.path); !why.empty())
+      throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + ": entry " + short_digest(out.digest) + " (" +
+                                         out.describe() + ") lists file '" + f.path + "', which " + why +
+                                         "; engine files must lie inside the engine folder");
   return out;
 }
 
@@ -110,7 +236,18 @@ EngineFolder read_engine_folder(const std::string& dir) {
       throw Failure(MF_ERROR_ENGINE, "engine manifest " + manifest + " has format " +
                                          std::to_string(m["format"].as_int()) + ", this library reads " +
                                          std::to_string(kManifestFormat));
-    for (const auto& e : m["entries"].arr) out.entries.push_back(parse_entry(e));
+    for (const auto& e : typed(m["entries"], mfjson::Value::Array, "its entries").arr) {
+      try {
+        out.entries.push_back(parse_entry(e, manifest));
+      } catch (const Failure&) {
+        throw;
+      } catch (const std::exception& x) {
+        const std::string digest = e.has("digest") && e["digest"].kind == mfjson::Value::String
+                                       ? " " + short_digest(e["digest"].str)
+                                       : "";
+        throw std::runtime_error("entry " + std::to_string(out.entries.size()) + digest + ": " + x.what());
+      }
+    }
   } catch (const Failure&) {
     throw;
   } catch (const std::exception& e) {
@@ -220,19 +357,145 @@ size_t select_profile(const std::vector<Profile>& profiles,
   throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no optimization profile serves shapes {" + given + "}");
 }
 
-void verify_files(const std::string& root, const Entry& e, bool hashes) {
+namespace {
+
+// Hashes verify_files has computed (tests: a second open of unchanged files computes none).
+size_t g_files_hashed = 0;
+
+// The sha256 of each file verify_files hashed, with the stat facts it had then; a file whose facts are all
+// unchanged is not hashed again. In memory, per process: nothing is written, and the cache is never more
+// trusted than this process's own earlier reading.
+struct Verified {
+  dev_t dev;
+  ino_t ino;
+  off_t size;
+  long long mtime_ns, ctime_ns;
+  std::string sha256;
+};
+std::mutex g_verified_mutex;
+std::map<std::string, Verified> g_verified;  // by canonical path
+
+// File timestamps tick coarsely (a few ms; whole seconds on some file systems), so a file changed in the same
+// tick as it was hashed would keep its facts. Only files unchanged for longer than this are cached.
+constexpr long long kRacyNs = 2'000'000'000;
+
+long long ns(const struct timespec& t) { return static_cast<long long>(t.tv_sec) * 1'000'000'000 + t.tv_nsec; }
+
+bool same_facts(const Verified& v, const struct stat& st) {
+  return v.dev == st.st_dev && v.ino == st.st_ino && v.size == st.st_size && v.mtime_ns == ns(st.st_mtim) &&
+         v.ctime_ns == ns(st.st_ctim);
+}
+
+std::string file_kind(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISLNK(m)) return "a symbolic link";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  if (S_ISCHR(m) || S_ISBLK(m)) return "a device";
+  return "not a regular file";
+}
+
+std::string real_path(const std::string& p) {
+  char* r = ::realpath(p.c_str(), nullptr);
+  if (!r) return "";
+  std::string out(r);
+  std::free(r);
+  return out;
+}
+
+// The sha256 of the regular file `p` (lstat facts `st`), from the cache when its facts are unchanged. Opened
+// without following links and checked to be the file lstat saw, and unchanged while it was read.
+std::string file_sha256(const std::string& p, const std::string& canonical, const struct stat& st,
+                        const std::string& who) {
+  {
+    std::lock_guard<std::mutex> lock(g_verified_mutex);
+    auto it = g_verified.find(canonical);
+    if (it != g_verified.end() && same_facts(it->second, st)) return it->second.sha256;
+  }
+  struct timespec now {};
+  clock_gettime(CLOCK_REALTIME, &now);
+  const int fd = ::open(p.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0)
+    throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be opened (" + std::strerror(errno) + ") (" + who + ")");
+  struct stat before {}, after {};
+  std::string sha;
+  try {
+    if (fstat(fd, &before) != 0 || !S_ISREG(before.st_mode) || before.st_dev != st.st_dev ||
+        before.st_ino != st.st_ino)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " changed while it was being verified (" + who + ")");
+    sha = sha256_fd(fd);
+    if (fstat(fd, &after) != 0 || after.st_size != before.st_size || ns(after.st_mtim) != ns(before.st_mtim) ||
+        ns(after.st_ctim) != ns(before.st_ctim))
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " changed while it was being verified (" + who + ")");
+  } catch (const Failure&) {
+    ::close(fd);
+    throw;
+  } catch (const std::exception& e) {
+    ::close(fd);
+    throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be read (" + e.what() + ") (" + who + ")");
+  }
+  ::close(fd);
+  std::lock_guard<std::mutex> lock(g_verified_mutex);
+  ++g_files_hashed;
+  if (std::max(ns(after.st_mtim), ns(after.st_ctim)) + kRacyNs <= ns(now))
+    g_verified[canonical] = {after.st_dev, after.st_ino, after.st_size, ns(after.st_mtim), ns(after.st_ctim), sha};
+  else
+    g_verified.erase(canonical);
+  return sha;
+}
+
+}  // namespace
+
+size_t files_hashed() {
+  std::lock_guard<std::mutex> lock(g_verified_mutex);
+  return g_files_hashed;
+}
+
+void verify_files(const std::string& root, const Entry& e) {
   if (e.files.empty()) throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " lists no files");
+  const std::string who = entry_name(e);
+  const std::string root_real = real_path(root);
+  if (root_real.empty()) throw Failure(MF_ERROR_ENGINE, "engine folder '" + root + "' does not exist");
   for (const FileRecord& f : e.files) {
+    if (const std::string why = path_problem(f.path); !why.empty())
+      throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " (entry " + short_digest(e.digest) +
+                                         ") lists file '" + f.path + "', which " + why +
+                                         "; engine files must lie inside the engine folder");
     const std::string p = root + "/" + f.path;
+    // Every component below the root through lstat: no link is followed, so the file is the one in the folder.
     struct stat st {};
-    if (stat(p.c_str(), &st) != 0)
-      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + e.describe() + ")");
+    for (size_t slash = f.path.find('/'); ; slash = f.path.find('/', slash + 1)) {
+      const bool last = slash == std::string::npos;
+      const std::string q = root + "/" + f.path.substr(0, last ? std::string::npos : slash);
+      if (lstat(q.c_str(), &st) != 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+          throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + who + ")");
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be read (" + std::strerror(errno) + ") (" +
+                                           who + ")");
+      }
+      if (S_ISLNK(st.st_mode))
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + (last ? "" : ": " + q) +
+                                           " is a symbolic link (" + who +
+                                           "); engine folders hold regular files only, rebuild with mf-build-engines");
+      if (last) break;
+      if (!S_ISDIR(st.st_mode))
+        throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is missing (" + q + " is " + file_kind(st.st_mode) +
+                                           ") (" + who + ")");
+    }
+    if (!S_ISREG(st.st_mode))
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + file_kind(st.st_mode) + ", not a regular file (" +
+                                         who + ")");
+    const std::string real = real_path(p);
+    if (real.compare(0, root_real.size() + 1, root_real + "/") != 0)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " resolves to '" + real + "', outside the engine folder " +
+                                         root_real + " (" + who + ")");
     if (static_cast<long long>(st.st_size) != f.size)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + std::to_string(st.st_size) +
                                          " bytes, the manifest says " + std::to_string(f.size) +
-                                         " (truncated or replaced)");
-    if (hashes && sha256_file(p) != f.sha256)
-      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest");
+                                         " (truncated or replaced) (" + who + ")");
+    if (file_sha256(p, real, st, who) != f.sha256)
+      throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest (" + who +
+                                         "): replaced or corrupt; rebuild with mf-build-engines");
   }
 }
 

@@ -56,7 +56,9 @@ struct ModelFacts {
 };
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
-// missing, not JSON, or of another format.
+// missing, not JSON (or nested deeper than 64 levels), or of another format; naming the entry when an entry's
+// digest is not the sha256 of its key as engine/cache.py computes it (json.dumps(key, sort_keys=True)), or
+// one of its file paths is absolute, has a '..' component or is not normalized.
 struct EngineFolder {
   std::string root;
   std::vector<Entry> entries;
@@ -93,8 +95,14 @@ bool holds(const TensorRange& r, const std::vector<long long>& shape);
 size_t select_profile(const std::vector<Profile>& profiles,
                       const std::vector<std::pair<std::string, std::vector<long long>>>& shapes);
 
-// Checks each file's existence and size, and its sha256 when `hashes`; Failure(MF_ERROR_ENGINE) names the file.
-void verify_files(const std::string& root, const Entry& e, bool hashes);
+// Checks each of the entry's files: its path stays inside `root` (relative, no '..', no symbolic link on the
+// way, its canonical path under root's), it is a regular file of the recorded size and sha256. Hashes are
+// always checked; a file whose (canonical path, device, inode, size, mtime, ctime) are those it had when
+// this process last hashed it is not read again. Failure(MF_ERROR_ENGINE) names the file and the entry.
+void verify_files(const std::string& root, const Entry& e);
+
+// How many files verify_files has hashed in this process (not answered from its cache); for tests.
+size_t files_hashed();
 
 // "2.13.0+cpu" -> "2.13.0": packages are tied to the torch release, the local suffix names the wheel.
 std::string base_version(const std::string& v);

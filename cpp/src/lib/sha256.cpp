@@ -1,8 +1,13 @@
 #include "sha256.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <stdexcept>
 #include <vector>
@@ -28,13 +33,19 @@ class Sha256 {
   void update(const unsigned char* p, size_t n) {
     bits_ += static_cast<uint64_t>(n) * 8;
     while (n > 0) {
+      if (fill_ == 0 && n >= 64) {  // whole blocks straight from the caller's buffer
+        compress(p);
+        p += 64;
+        n -= 64;
+        continue;
+      }
       const size_t take = std::min(n, 64 - fill_);
       std::copy(p, p + take, block_.begin() + fill_);
       fill_ += take;
       p += take;
       n -= take;
       if (fill_ == 64) {
-        compress();
+        compress(block_.data());
         fill_ = 0;
       }
     }
@@ -64,11 +75,11 @@ class Sha256 {
   size_t fill_ = 0;
   uint64_t bits_ = 0;
 
-  void compress() {
+  void compress(const unsigned char* block) {
     uint32_t w[64];
     for (int i = 0; i < 16; ++i)
-      w[i] = (uint32_t(block_[4 * i]) << 24) | (uint32_t(block_[4 * i + 1]) << 16) |
-             (uint32_t(block_[4 * i + 2]) << 8) | uint32_t(block_[4 * i + 3]);
+      w[i] = (uint32_t(block[4 * i]) << 24) | (uint32_t(block[4 * i + 1]) << 16) |
+             (uint32_t(block[4 * i + 2]) << 8) | uint32_t(block[4 * i + 3]);
     for (int i = 16; i < 64; ++i) {
       const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
       const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
@@ -92,6 +103,18 @@ std::string sha256_bytes(const std::string& data) {
   return s.hex();
 }
 
+std::string sha256_fd(int fd) {
+  Sha256 s;
+  std::vector<unsigned char> buf(1 << 22);
+  while (true) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) throw std::runtime_error(std::strerror(errno));
+    if (n == 0) return s.hex();
+    s.update(buf.data(), static_cast<size_t>(n));
+  }
+}
+
 std::string sha256_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot read " + path);
@@ -101,6 +124,7 @@ std::string sha256_file(const std::string& path) {
     f.read(buf.data(), static_cast<std::streamsize>(buf.size()));
     s.update(reinterpret_cast<const unsigned char*>(buf.data()), static_cast<size_t>(f.gcount()));
   }
+  if (!f.eof()) throw std::runtime_error("cannot read " + path);  // a read error, or a folder
   return s.hex();
 }
 

@@ -9,6 +9,10 @@ namespace megafusion::lib {
 // Lower-case hex digest; throws std::runtime_error if the file cannot be read.
 std::string sha256_file(const std::string& path);
 
+// Of what is left to read from an open file descriptor; throws std::runtime_error (the errno text) on a read
+// error, e.g. EISDIR.
+std::string sha256_fd(int fd);
+
 // Of a byte string (tests).
 std::string sha256_bytes(const std::string& data);
 

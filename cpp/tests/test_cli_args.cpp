@@ -1,0 +1,166 @@
+// mf-generate-cpp's command line (examples/args.cpp) without libtorch: every bad value is refused with one
+// line naming the flag and the value and status 2 (never a silent 0, default or wrapped id); good ones parse.
+// Usage: cli_args SCRATCH_DIR
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "args.hpp"
+
+namespace {
+
+int g_failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::cout << (ok ? "ok   " : "FAIL ") << what << "\n";
+  g_failures += !ok;
+}
+
+std::string g_ids;  // a valid token file
+
+// mf_generate_params_init's values (the test does not link libmegafusion).
+mf_generate_params defaults() {
+  mf_generate_params p;
+  std::memset(&p, 0, sizeof p);
+  p.guidance = 7.0f;
+  p.reschedule = 1;
+  p.dilation = 2;
+  return p;
+}
+
+struct Parsed {
+  int rc;
+  std::string error;
+  mfcli::CommandLine cl;
+  mf_generate_params params;
+};
+
+// The required flags, then `extra`.
+Parsed parse(const std::vector<std::string>& extra, const std::string& ids = g_ids) {
+  std::vector<std::string> args = {"mf-generate-cpp", "--engines", "E", "--model", "tiny-sd15", "--ids", ids,
+                                   "--output", "o.png"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  std::vector<const char*> argv;
+  for (const auto& a : args) argv.push_back(a.c_str());
+  Parsed p{0, "", {}, defaults()};
+  p.rc = mfcli::parse_command_line(static_cast<int>(argv.size()), argv.data(), p.cl, p.params, p.error);
+  return p;
+}
+
+void refused(const std::vector<std::string>& extra, const std::string& message, const std::string& ids = g_ids) {
+  const Parsed p = parse(extra, ids);
+  std::string what;
+  for (const auto& a : extra) what += (what.empty() ? "" : " ") + a;
+  if (what.empty()) what = "--ids " + ids.substr(ids.rfind('/') + 1);
+  check(p.rc == 2 && p.error == message && p.error.find('\n') == std::string::npos,
+        what + " -> status " + std::to_string(p.rc) + ", \"" + p.error + "\"");
+}
+
+std::string ids_line(const std::string& head, int n, const std::string& tail = "") {
+  std::string line = head;
+  for (int i = 0; i < n; ++i) line += " " + std::to_string(i == 0 ? 49406 : 320 + i);
+  return line + tail + "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) return std::cerr << "usage: cli_args SCRATCH_DIR\n", 2;
+  const std::string dir = argv[1];
+  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "'").c_str());
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir + "/" + name) << text;
+    return dir + "/" + name;
+  };
+  g_ids = write("ids.txt", "# megafusion token ids: model tiny-sd15, prompt 'a fox', negative ''\n" +
+                               ids_line("prompt 0", 77) + ids_line("negative 0", 77));
+
+  // Good command lines.
+  Parsed p = parse({"--seed", "18446744073709551615", "--guidance", "7.5", "--steps", "30", "--size", "256x128",
+                    "--dilation", "3", "--repeats", "2", "--no-reschedule", "--verify-hashes"});
+  check(p.rc == 0 && p.error.empty() && p.params.seed == 18446744073709551615ull && p.params.guidance == 7.5f &&
+            p.params.total_steps == 30 && p.params.width == 256 && p.params.height == 128 &&
+            p.params.dilation == 3 && p.cl.repeats == 2 && p.params.reschedule == 0,
+        "every flag at a valid value: " + p.error);
+  check(p.cl.prompt.size() == 1 && p.cl.prompt[0].size() == MF_TOKEN_LENGTH && p.cl.prompt[0][0] == 49406 &&
+            p.cl.negative.size() == 1 && p.cl.negative[0][76] == 396,
+        "token file read");
+  p = parse({"--seed", "0", "--guidance", "0", "--size", " 1024 X 768 "});
+  check(p.rc == 0 && p.params.seed == 0 && p.params.guidance == 0.0f && p.params.width == 1024 &&
+            p.params.height == 768,
+        "seed 0, guidance 0, size with spaces and X (as export/plan.py parse_size): " + p.error);
+  p = parse({"--help"});
+  check(p.rc == 0 && p.cl.help, "--help");
+  p = parse({});
+  check(p.rc == 0 && p.params.seed == 0 && p.params.guidance == 7.0f && p.params.total_steps == 0 &&
+            p.params.dilation == 2,
+        "defaults untouched when not given");
+
+  // --seed: an integer 0 <= seed < 2^64.
+  refused({"--seed", "abc"}, "--seed 'abc': must be an integer 0 <= seed < 2^64");
+  refused({"--seed", "-1"}, "--seed '-1': must be an integer 0 <= seed < 2^64");
+  refused({"--seed", "18446744073709551616"}, "--seed '18446744073709551616': must be an integer 0 <= seed < 2^64");
+  refused({"--seed", "12abc"}, "--seed '12abc': must be an integer 0 <= seed < 2^64");
+  refused({"--seed", ""}, "--seed '': must be an integer 0 <= seed < 2^64");
+  // --guidance: finite and >= 0.
+  refused({"--guidance", "abc"}, "--guidance 'abc': must be a finite number >= 0");
+  refused({"--guidance", "nan"}, "--guidance 'nan': must be a finite number >= 0");
+  refused({"--guidance", "inf"}, "--guidance 'inf': must be a finite number >= 0");
+  refused({"--guidance", "-1"}, "--guidance '-1': must be a finite number >= 0");
+  refused({"--guidance", "1e39"}, "--guidance '1e39': must be a finite number >= 0");  // inf as a float
+  refused({"--guidance", "7.5x"}, "--guidance '7.5x': must be a finite number >= 0");
+  // --steps, --dilation, --repeats: whole integers >= 1.
+  refused({"--steps", "abc"}, "--steps 'abc': not an integer");
+  refused({"--steps", "50junk"}, "--steps '50junk': not an integer");
+  refused({"--steps", "0"}, "--steps '0': must be an integer from 1 to 2147483647");
+  refused({"--steps", "-5"}, "--steps '-5': must be an integer from 1 to 2147483647");
+  refused({"--steps", "99999999999"}, "--steps '99999999999': must be an integer from 1 to 2147483647");
+  refused({"--steps", "20", "--stages", "128x128:20"},
+          "--steps and --stages exclude each other (give steps per stage in --stages)");
+  refused({"--dilation", "0"}, "--dilation '0': must be an integer from 1 to 2147483647");
+  refused({"--repeats", "abc"}, "--repeats 'abc': not an integer");
+  // --size: WIDTHxHEIGHT, each side 1 to 16384.
+  refused({"--size", "0x0"}, "--size '0x0': each side must be between 1 and 16384 pixels");
+  refused({"--size", "256x256junk"}, "--size '256x256junk': expected WIDTHxHEIGHT, e.g. 1920x1080");
+  refused({"--size", "256"}, "--size '256': expected WIDTHxHEIGHT, e.g. 1920x1080");
+  refused({"--size", "-256x256"}, "--size '-256x256': expected WIDTHxHEIGHT, e.g. 1920x1080");
+  refused({"--size", "16385x256"}, "--size '16385x256': each side must be between 1 and 16384 pixels");
+  refused({"--size", "99999999999999999999x1"},
+          "--size '99999999999999999999x1': each side must be between 1 and 16384 pixels");
+  // Flags.
+  refused({"--bogus"}, "unknown argument '--bogus' (see --help)");
+  refused({"--seed"}, "--seed needs a value");
+
+  // --ids: token ids 0 <= id < 2^31, nothing else on a line.
+  const std::string big = write("big.txt", ids_line("prompt 0", 76, " 4294967296"));
+  refused({}, "--ids '" + big + "' line 1: token id '4294967296' is not an integer 0 <= id < 2^31", big);
+  const std::string big31 = write("big31.txt", ids_line("prompt 0", 76, " 2147483648"));
+  refused({}, "--ids '" + big31 + "' line 1: token id '2147483648' is not an integer 0 <= id < 2^31", big31);
+  const std::string junk = write("junk.txt", ids_line("prompt 0", 77, " junk"));
+  refused({}, "--ids '" + junk + "' line 1: token id 'junk' is not an integer 0 <= id < 2^31", junk);
+  const std::string glued = write("glued.txt", ids_line("prompt 0", 77, "junk"));
+  refused({}, "--ids '" + glued + "' line 1: token id '396junk' is not an integer 0 <= id < 2^31", glued);
+  const std::string negative_id = write("negative_id.txt", ids_line("prompt 0", 76, " -5"));
+  refused({}, "--ids '" + negative_id + "' line 1: token id '-5' is not an integer 0 <= id < 2^31", negative_id);
+  const std::string short_line = write("short.txt", ids_line("prompt 0", 76));
+  refused({}, "--ids '" + short_line + "' line 1: prompt 0 has 76 ids, expected 77", short_line);
+  const std::string junk_line = write("junk_line.txt", ids_line("prompt 0", 77) + "garbage\n");
+  refused({}, "--ids '" + junk_line + "' line 2: expected 'prompt I id...' or 'negative I id...', got 'garbage'",
+          junk_line);
+  const std::string twice = write("twice.txt", ids_line("prompt 0", 77) + ids_line("prompt 0", 77));
+  refused({}, "--ids '" + twice + "' line 2: a second 'prompt 0' line", twice);
+  const std::string index = write("index.txt", ids_line("prompt 2", 77));
+  refused({}, "--ids '" + index + "' line 1: text encoder index '2' must be 0 to 1", index);
+  const std::string gap = write("gap.txt", ids_line("prompt 1", 77));
+  refused({}, "--ids '" + gap + "': no 'prompt 0' line", gap);
+  const std::string none = write("none.txt", ids_line("negative 0", 77));
+  refused({}, "--ids '" + none + "': no prompt ids", none);
+  refused({}, "--ids '" + dir + "/missing.txt': cannot read the token file", dir + "/missing.txt");
+
+  std::cout << g_failures << " failure(s)\n";
+  return g_failures == 0 ? 0 : 1;
+}
