@@ -2,7 +2,7 @@
 
     python -m megafusion.runtime.test_vectors --output DIR     # writes DIR/test_vectors.json
 
-The Python modules are the reference: stage plans (export/plan.py, including refusals and their messages),
+The Python modules are the reference: stage plans (core/plan.py, including refusals and their messages),
 per-stage schedules with noise re-scheduling (runtime/schedule.py) and the clamp/bicubic/clamp of the pixel
 relay (runtime/relay.py, i.e. torch's bicubic). Floats are written with Python's repr, which round-trips
 exactly through C++'s strtod.

@@ -92,7 +92,7 @@ bool parse_guidance(const std::string& flag, const std::string& text, float& out
   return true;
 }
 
-// As export/plan.py parse_size: ^\s*(\d+)\s*[xX]\s*(\d+)\s*$, each side 1 to MAX_SIDE.
+// As core/plan.py parse_size: ^\s*(\d+)\s*[xX]\s*(\d+)\s*$, each side 1 to MAX_SIDE.
 bool parse_size(const std::string& flag, const std::string& text, int& width, int& height, std::string& error) {
   size_t i = 0;
   auto skip = [&] {

@@ -5,7 +5,7 @@
 //   --guidance  a finite number >= 0 (nan, inf and negatives refused; finite as a 32-bit float too)
 //   --steps     an integer >= 1 (and not with --stages, which gives the steps per stage)
 //   --dilation, --repeats  integers >= 1
-//   --size      WIDTHxHEIGHT, each side 1 to 16384 (export/plan.py parse_size)
+//   --size      WIDTHxHEIGHT, each side 1 to 16384 (core/plan.py parse_size)
 //   --ids       lines "prompt I id..." / "negative I id..." of MF_TOKEN_LENGTH ids each, ids 0 <= id < 2^31
 #ifndef MEGAFUSION_EXAMPLES_ARGS_HPP_
 #define MEGAFUSION_EXAMPLES_ARGS_HPP_
@@ -19,7 +19,7 @@
 namespace mfcli {
 
 constexpr int kUsageError = 2;
-constexpr int kMaxSide = 16384;  // export/plan.py MAX_SIDE
+constexpr int kMaxSide = 16384;  // core/plan.py MAX_SIDE
 
 extern const char* const kUsage;
 

@@ -1,4 +1,4 @@
-// The built-in model families (export/models.py). Sizes only: the networks come from the engines.
+// The built-in model families (core/families.py). Sizes only: the networks come from the engines.
 #include "megafusion/family.hpp"
 
 namespace megafusion {

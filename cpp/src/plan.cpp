@@ -1,4 +1,4 @@
-// Stage plans, operation for operation as export/plan.py (Python's round() is round-half-even, as
+// Stage plans, operation for operation as core/plan.py (Python's round() is round-half-even, as
 // std::nearbyint in the default rounding mode), so plans come out identical.
 #include "megafusion/plan.hpp"
 

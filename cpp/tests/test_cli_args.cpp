@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
   p = parse({"--seed", "0", "--guidance", "0", "--size", " 1024 X 768 "});
   check(p.rc == 0 && p.params.seed == 0 && p.params.guidance == 0.0f && p.params.width == 1024 &&
             p.params.height == 768,
-        "seed 0, guidance 0, size with spaces and X (as export/plan.py parse_size): " + p.error);
+        "seed 0, guidance 0, size with spaces and X (as core/plan.py parse_size): " + p.error);
   p = parse({"--help"});
   check(p.rc == 0 && p.cl.help, "--help");
   p = parse({});

@@ -1,5 +1,5 @@
 // Model families as the C++ core needs them: native size, size multiple, default plan, scheduler.
-// Mirrors export/models.py; the shared test vectors check that the two tables agree.
+// Mirrors core/families.py; the shared test vectors check that the two tables agree.
 #ifndef MEGAFUSION_FAMILY_HPP_
 #define MEGAFUSION_FAMILY_HPP_
 
@@ -13,7 +13,7 @@ struct SchedulerConfig {
   double beta_start = 0.00085;
   double beta_end = 0.012;
   std::string beta_schedule = "scaled_linear";  // or "linear"
-  std::string timestep_spacing = "leading";     // the only spacing supported (SPEC 1)
+  std::string timestep_spacing = "leading";     // the only spacing supported (docs/ALGORITHM.md §1)
   int steps_offset = 1;
   bool set_alpha_to_one = false;
 };

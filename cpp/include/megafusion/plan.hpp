@@ -1,4 +1,4 @@
-// The stage plan (SPEC section 2), the same function as export/plan.py: default plans for any output size
+// The stage plan (docs/ALGORITHM.md §2), the same function as core/plan.py: default plans for any output size
 // and aspect ratio, validation with the same messages.
 #ifndef MEGAFUSION_PLAN_HPP_
 #define MEGAFUSION_PLAN_HPP_
@@ -15,7 +15,7 @@ namespace megafusion {
 
 constexpr int kMaxSide = 16384;
 constexpr double kMinStageAreaFraction = 0.75;
-constexpr int kMaxTotalSteps = 999;  // as export/plan.py: 1000 steps + offset 1 would need t = 1000
+constexpr int kMaxTotalSteps = 999;  // as core/plan.py: 1000 steps + offset 1 would need t = 1000
 
 // A plan or size the model cannot run; what() names the bad value (same text as Python's PlanError).
 class PlanError : public std::invalid_argument {

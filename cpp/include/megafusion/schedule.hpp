@@ -1,4 +1,4 @@
-// The DDIM schedule with noise re-scheduling (SPEC sections 1 and 3), float64, as runtime/schedule.py.
+// The DDIM schedule with noise re-scheduling (docs/ALGORITHM.md §1, §4), float64, as runtime/schedule.py.
 #ifndef MEGAFUSION_SCHEDULE_HPP_
 #define MEGAFUSION_SCHEDULE_HPP_
 

@@ -38,7 +38,7 @@ constexpr bool kWithTensorRT = false;
 
 at::ScalarType dtype_of(const std::string& precision) { return precision == "fp16" ? at::kHalf : at::kFloat; }
 
-// export/specs.py text_encoder_name: the networks of the first and second text encoder.
+// core/specs.py text_encoder_name: the networks of the first and second text encoder.
 std::string text_encoder_name(int index) { return index == 0 ? "text_encoder" : "text_encoder_2"; }
 
 // Stage coefficients rounded to float32, as the Python runtime's device tensors are.
