@@ -169,8 +169,11 @@ def source_commit() -> tuple[str | None, bool | None]:
 
 
 def command_line() -> str:
-    """How this process was started, as a shell would take it."""
-    return shlex.join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])
+    """How this process was started, as a shell would take it (`python3 -m megafusion.cli.bench ...`)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if argv and argv[0] == sys.executable:
+        argv[0] = os.path.basename(argv[0])
+    return shlex.join(argv)
 
 
 def provenance() -> dict[str, object]:
