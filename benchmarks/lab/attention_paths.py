@@ -1,4 +1,4 @@
-"""Attention kernel per module, measured where it matters (issue 4): the SDXL UNet's self-attention shapes
+"""Attention kernel per module, measured where it matters: the SDXL UNet's self-attention shapes
 (head dim 64, CFG batch 2) at 1024 and 2048 under each UNet kernel, against a float32 reference; the SDXL
 VAE's single 512-dim head at 16384 and 65536 tokens (torch's SDPA against `engine.attention.chunked`); then
 the compiled SDXL UNet and VAE at 2048 with each kernel choice, with the kernel-time breakdown of each

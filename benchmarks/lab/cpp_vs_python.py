@@ -1,4 +1,4 @@
-"""Issue 6's measurement: libmegafusion (C++, no Python) beside the Python runtime, same plan, seed and prompt.
+"""libmegafusion (C++, no Python) beside the Python runtime, same plan, seed and prompt.
 
 python benchmarks/lab/cpp_vs_python.py --model sdxl --engines DIR --cpp-bin BUILD/cpp/mf-generate-cpp \
     --output OUT [--size 2048x2048 | --stages S] [--modes cpp,python-aoti,python-aoti-graphs,python-compiled]
@@ -11,7 +11,7 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
 - `python-aoti-graphs`: the same packages under the runtime's CUDA-graphed denoise step (CUDA only);
 - `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
   precision (the reference the engines are checked against);
-- `python-compiled`: issue 4's fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
+- `python-compiled`: the compiled fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
 `networks` (no timing) first runs each package once against its torch module on the same inputs, at every
 stage size, and records the largest difference: it says which network an image difference comes from.
 Python times are wall time around `generate` (prompt to uint8 image, synchronized), median of R after one
@@ -241,7 +241,7 @@ def _save(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cpp_vs_python")
+    p = argparse.ArgumentParser(prog="python3 benchmarks/lab/cpp_vs_python.py")
     p.add_argument("--model", default="sdxl")
     p.add_argument("--engines", required=True, help="folder of mf-build-engines --backend aoti")
     p.add_argument("--cpp-bin", required=True, help="the mf-generate-cpp executable")

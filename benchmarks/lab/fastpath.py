@@ -1,4 +1,4 @@
-"""Issue 4's measurement: the eager runtime beside the graphed and compiled fast paths, one process, one GPU.
+"""The eager runtime beside the graphed and compiled fast paths, one process, one GPU.
 
 python benchmarks/lab/fastpath.py --model sdxl --modes eager,graphs,compiled --output DIR
 
@@ -128,7 +128,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastpath")
+    p = argparse.ArgumentParser(prog="python3 benchmarks/lab/fastpath.py")
     p.add_argument("--model", default="sdxl")
     p.add_argument("--size")
     p.add_argument("--stages")

@@ -19,7 +19,7 @@ from megafusion.benchmarks.timing import provenance
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m noise_sensitivity")
+    p = argparse.ArgumentParser(prog="python3 benchmarks/lab/noise_sensitivity.py")
     p.add_argument("--model", default="sdxl")
     p.add_argument("--stages", default="1024x1024:8")
     p.add_argument("--device", default="cuda")

@@ -1,4 +1,4 @@
-"""Issue 3's GPU measurement: real-size random-weight export, and ONNX Runtime's CUDA EP beside torch.
+"""GPU measurement: real-size random-weight export, and ONNX Runtime's CUDA EP beside torch.
 
 python benchmarks/lab/ort_gpu.py --output DIR [--model sdxl] [--skip-sd15-export] [--cuda-graph] ...
 

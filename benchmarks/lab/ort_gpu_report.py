@@ -27,7 +27,7 @@ JSON_NAME, MD_NAME = "ort_gpu.json", "ort_gpu.md"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m ort_gpu",
+        prog="python3 benchmarks/lab/ort_gpu.py",
         description="Export real-size random-weight models to ONNX, run them on ONNX Runtime's CUDA EP and "
                     "compare with the torch backend in the same process.")
     p.add_argument("--output", required=True, help="folder for ort_gpu.json and ort_gpu.md (written as it goes)")

@@ -151,7 +151,7 @@ def save(out: Path, report: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unet_inductor")
+    p = argparse.ArgumentParser(prog="python3 benchmarks/lab/unet_inductor.py")
     p.add_argument("--model", default="sdxl")
     p.add_argument("--sets", default="default,freezing,gemm,gemm+freezing")
     p.add_argument("--shapes", default="1024:1,2048:2", help="SIDE:DILATION,... (pixel side, mid-block dilation)")
