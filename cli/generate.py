@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --mode compiled: a named Inductor option set (engine.torch_fast.INDUCTOR_SETS), e.g. "
                         "`tuned` (2%% faster, compiles for about 17 minutes)")
     p.add_argument("--engines", help="run from the engines mf-build-engines built in this folder")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="with --mode compiled: where compiled code is kept for the next process "
+                        "(default: $MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled)")
+    p.add_argument("--no-compile-cache", action="store_true", help="with --mode compiled: compile from scratch, save nothing")
     return p
 
 
@@ -67,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         if args.mode != "compiled" or args.engines:
             raise UsageError(f"--inductor {args.inductor} needs --mode compiled (and no --engines)")
+    if (args.compile_cache or args.no_compile_cache) and args.mode != "compiled":
+        raise UsageError("--compile-cache and --no-compile-cache apply to --mode compiled only")
     device = resolve_device(args.device)
     mode = args.mode or ("graphs" if device.type == "cuda" else "eager")
     if mode != "eager" and device.type != "cuda":
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)  # a loaded folder's VAE config decides
 
+    compile_cache = None
     if args.engines:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
         fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"))
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
+        compile_cache = _warm_start(args, nets, device, plan, opts)
     else:
         nets = TorchNetworks(bundle, vae)
     if mode != "eager" and not nets.capturable:  # declared by the backend, never assumed
@@ -121,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if compile_cache is not None and not compile_cache[2]:
+        saved = compile_cache[0].save(compile_cache[1])
+        print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
     for name, seconds in result.timings:
         print(f"  {name:<40} {seconds * 1000:10.1f} ms")
     print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
@@ -134,6 +145,24 @@ def run(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
     return 0
+
+
+def _warm_start(args, nets, device, plan, opts):
+    """--mode compiled: load the compiled code an earlier process saved for this model, plan and device
+    (engine/compile_cache.py); returns (cache, key, loaded), or None when the cache is off."""
+    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
+
+    if args.no_compile_cache:
+        return None
+    why = cacheable(nets)
+    if why:
+        print(f"compile cache: off ({why})")
+        return None
+    cache = CompileCache(args.compile_cache or default_root())
+    key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
+    loaded = cache.load(key)
+    print(f"compile cache: {'warm start from' if loaded else 'nothing yet for this model and plan in'} {cache.root}")
+    return cache, key, loaded
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,123 @@
+"""Warm start for the compiled path: what `torch.compile` produced in one process (Inductor's FX graph,
+AOTAutograd and autotuning caches, serialized by `torch.compiler.save_cache_artifacts`) is kept in a
+content-addressed folder and loaded by the next process before it compiles, so that its first generation
+reuses the compiled kernels instead of compiling them again. Dynamo still traces the modules in each new
+process; that part is seconds.
+
+The key holds everything the compiled code depends on: the model's architecture (the configs, not the
+weights: parameters are graph inputs, except under Inductor's `freezing`, which this cache refuses), the
+dtypes, the fast-path options, the torch version and the device. Files are written atomically and verified
+by sha256 before they are loaded; a foreign or damaged file is ignored and replaced after the next compile.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import device_name
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """What compiled artifacts are valid for."""
+
+    model: str
+    """Model family name."""
+    architecture: str
+    """sha256 of the UNet and VAE configs (the same family with another config compiles other code)."""
+    unet_dtype: str
+    vae_dtype: str
+    options: str
+    """The fast path's options (`FastOptions`), as repr."""
+    shapes: str
+    """The plan's stage sizes, relay and CFG batch: compiled with static shapes, a plan's code is its own."""
+    torch: str
+    """torch version: artifacts of another release are not loadable."""
+    device: str
+    """'cpu' or the GPU's name: kernels are tuned for one GPU."""
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+def compile_key(nets, device: torch.device | str, plan, relay: str = "pixel", cfg: bool = True) -> CompileKey:
+    """The key of a `FastTorchNetworks`' compiled code for one plan on `device`."""
+    b = nets.bundle
+    # Config metadata (`_use_default_values`, `_name_or_path`, ...) is left out: set-ordered, not architecture.
+    arch = {name: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+            for name, m in (("unet", b.unet), ("vae", b.vae))}
+    configs = json.dumps(arch, sort_keys=True, default=str)
+    shapes = f"{','.join(str(s) for s in plan.stages)} relay {relay} batch {2 if cfg else 1}"
+    return CompileKey(b.family.name, hashlib.sha256(configs.encode()).hexdigest(), str(nets.unet_dtype),
+                      str(nets.vae_dtype), repr(nets.options), shapes, torch.__version__, device_name(device))
+
+
+def cacheable(nets) -> str:
+    """'' if the compiled code can be cached, else why not."""
+    if any(k == "freezing" and v for k, v in nets.options.inductor_options):
+        return "Inductor's freezing folds the weights into the compiled code"
+    return ""
+
+
+class CompileCache:
+    """A folder of `compiled-<digest>.bin` artifacts, each with a `.json` record (key, size, sha256)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _paths(self, key: CompileKey) -> tuple[Path, Path]:
+        stem = self.root / f"compiled-{key.digest()[:32]}"
+        return stem.with_suffix(".bin"), stem.with_suffix(".json")
+
+    def load(self, key: CompileKey) -> bool:
+        """Hot-loads the artifacts of `key` into this process's compile caches; False if there are none valid."""
+        data_path, meta_path = self._paths(key)
+        try:
+            meta = json.loads(meta_path.read_text())
+            data = data_path.read_bytes()
+        except (OSError, ValueError):
+            return False
+        if meta.get("key") != asdict(key) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            return False  # another key under a colliding name, or a damaged file: compile, then replace it
+        return torch.compiler.load_cache_artifacts(data) is not None
+
+    def save(self, key: CompileKey) -> Path | None:
+        """Writes what this process compiled so far under `key`; None if torch had nothing to save."""
+        got = torch.compiler.save_cache_artifacts()
+        if got is None:
+            return None
+        data = got[0]
+        data_path, meta_path = self._paths(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = {"key": asdict(key), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for path, payload in ((data_path, data), (meta_path, json.dumps(meta, indent=1).encode())):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # the .bin first: a reader never sees a record without its data
+            finally:
+                tmp.unlink(missing_ok=True)
+        return data_path
+
+
+def default_root() -> Path:
+    """$MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled."""
+    base = os.environ.get("MEGAFUSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megafusion")
+    return Path(base) / "compiled"
+
+
+def inductor_counts() -> dict[str, int]:
+    """Inductor's FX graph cache hits and misses in this process (a warm start shows misses 0)."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    return {"fxgraph_cache_hit": int(c["fxgraph_cache_hit"]), "fxgraph_cache_miss": int(c["fxgraph_cache_miss"])}

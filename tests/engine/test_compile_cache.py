@@ -1,0 +1,90 @@
+"""Warm start of the compiled path: a second process loads what the first compiled and compiles nothing
+(Inductor's FX graph cache: misses 0), with the same result. Each process gets an empty Inductor cache folder
+of its own, so the hits can only come from the saved artifacts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from megafusion.engine.compile_cache import CompileCache, CompileKey, cacheable
+
+DRIVER = """
+import json, sys, torch
+from megafusion.core.loading import load_model
+from megafusion.core.plan import parse_stages, validate_plan
+from megafusion.engine.compile_cache import CompileCache, compile_key, inductor_counts
+from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+bundle = load_model("tiny-sd15")
+nets = FastTorchNetworks(bundle, FastOptions(compile_vae=False, cudnn_benchmark=False))
+plan = validate_plan(bundle.family, parse_stages("128x128:2"))
+cache, key = CompileCache(sys.argv[1]), compile_key(nets, "cpu", plan)
+loaded = cache.load(key)
+result = MegaFusionPipeline(bundle, nets, "cpu").generate(plan, GenerationOptions("a red cube", seed=1))
+saved = None if loaded else cache.save(key)
+torch.save(result.latent, sys.argv[2])
+print(json.dumps({"loaded": loaded, "saved": saved is not None, **inductor_counts()}))
+"""
+
+
+def _run(cache_dir, out, inductor_dir):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir)}
+    done = subprocess.run([sys.executable, "-c", DRIVER, str(cache_dir), str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_second_process_compiles_nothing(tmp_path):
+    first = _run(tmp_path / "cc", tmp_path / "a.pt", tmp_path / "inductor-a")
+    assert first == {"loaded": False, "saved": True, "fxgraph_cache_hit": 0,
+                     "fxgraph_cache_miss": first["fxgraph_cache_miss"]} and first["fxgraph_cache_miss"] >= 1
+    second = _run(tmp_path / "cc", tmp_path / "b.pt", tmp_path / "inductor-b")
+    assert second["loaded"] and not second["saved"]
+    assert second["fxgraph_cache_miss"] == 0 and second["fxgraph_cache_hit"] >= 1
+    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))
+
+
+def _key(**kw) -> CompileKey:
+    base = CompileKey("tiny-sd15", "ab" * 32, "torch.float32", "torch.float32", "FastOptions()",
+                      "128x128:40 relay pixel batch 2", "2.13.0", "cpu")
+    return replace(base, **kw)
+
+
+def test_key_covers_what_the_code_depends_on():
+    digests = {_key().digest(), _key(unet_dtype="torch.float16").digest(), _key(options="other").digest(),
+               _key(torch="2.11.0").digest(), _key(device="NVIDIA H200").digest(), _key(architecture="cd" * 32).digest(),
+               _key(shapes="128x128:40 relay pixel batch 1").digest()}
+    assert len(digests) == 7
+
+
+def test_missing_foreign_or_damaged_artifacts_are_not_loaded(tmp_path):
+    cache = CompileCache(tmp_path)
+    assert not cache.load(_key())  # nothing there
+    data, meta = cache._paths(_key())
+    data.write_bytes(b"not artifacts")
+    meta.write_text(json.dumps({"key": {}, "sha256": "0" * 64}))
+    assert not cache.load(_key())  # another key's record
+    import dataclasses
+    import hashlib
+
+    meta.write_text(json.dumps({"key": dataclasses.asdict(_key()), "sha256": hashlib.sha256(b"other").hexdigest()}))
+    assert not cache.load(_key())  # data that does not match its record
+
+
+def test_freezing_is_not_cached(tiny_sd15):
+    from megafusion.engine.torch_fast import FastOptions
+
+    class Nets:
+        options = FastOptions(inductor_options=(("freezing", True),))
+
+    assert "freezing" in cacheable(Nets())
+    Nets.options = FastOptions()
+    assert cacheable(Nets()) == ""
