@@ -67,7 +67,8 @@ class ModelFamily:
     kind: str
     """`sd15` or `sdxl`: which pipeline layout (one or two text encoders, time ids) applies."""
     native_height: int
-    """Pixel height the model was trained at; stage 1 runs at about this many pixels."""
+    """Pixel height the model was trained at (UNet `sample_size` times the VAE scale); stage 1 runs at about
+    this many pixels. A loaded model's family takes it from the model's config (`loading.family_for_config`)."""
     native_width: int
     """Pixel width the model was trained at."""
     unet: dict[str, Any]

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,7 +28,7 @@ class ModelBundle:
     """The networks of one family, ready to run."""
 
     family: ModelFamily
-    """Which family these are."""
+    """Which family these are, with the native size the networks' own configs give (`family_for_config`)."""
     unet: torch.nn.Module
     """`UNet2DConditionModel`."""
     vae: torch.nn.Module
@@ -91,6 +93,7 @@ def build_random(family: ModelFamily, seed: int = 0, device: str | torch.device 
         for te in family.text_encoders:
             cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
             encoders.append(cls(CLIPTextConfig(**te.transformers_config(vocab))))
+    family = family_for_config(family, unet.config, vae.config, "the built model")
     bundle = ModelBundle(family, unet, vae, encoders, [tok for _ in encoders], f"random:{seed}")
     return to_device(bundle, device, dtype)
 
@@ -146,6 +149,82 @@ def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> None:
         )
 
 
+def _scale_side(side: int, native_new: int, native_old: int, m: int) -> int:
+    return max(m, round(side * native_new / native_old / m) * m)
+
+
+def family_for_config(family: ModelFamily, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any],
+                      where: str) -> ModelFamily:
+    """`family` with the native size a model's own configs give, as diffusers' pipelines take it: the UNet's
+    `sample_size` (an int, or a [height, width] pair) times the VAE scale 2^(len(block_out_channels) - 1).
+
+    The default plan's template is scaled with it, side by side and rounded to the pixel multiple, so that with
+    no size given the output stays 2x native per side (docs/ALGORITHM.md §2). Returns `family` itself when the
+    configs agree with it, and refuses a model whose down-sampling differs from the family's (the latent sizes
+    and the pixel multiple come from the family). `where` names the model in messages.
+    """
+    scale = 2 ** (len(vae_config.get("block_out_channels", family.vae["block_out_channels"])) - 1)
+    downs = len(unet_config.get("block_out_channels", family.unet["block_out_channels"])) - 1
+    if scale != family.vae_scale or downs != family.unet_downsamples:
+        raise WeightsError(
+            f"{where}: a VAE scale of {scale} and {downs} UNet down-samplings; {family.name} has "
+            f"{family.vae_scale} and {family.unet_downsamples}, so this is not a {family.name} model"
+        )
+    sample = unet_config.get("sample_size")
+    if sample is None:  # nothing to go by: the family's own
+        return family
+    if isinstance(sample, int) and not isinstance(sample, bool):
+        h = w = sample
+    elif isinstance(sample, (list, tuple)) and len(sample) == 2 and all(isinstance(v, int) for v in sample):
+        h, w = sample
+    else:
+        raise WeightsError(f"{where}: UNet sample_size {sample!r} is neither an int nor a [height, width] pair")
+    if h <= 0 or w <= 0:
+        raise WeightsError(f"{where}: UNet sample_size {sample!r} is not positive")
+    nh, nw = h * scale, w * scale
+    if (nh, nw) == (family.native_height, family.native_width):
+        return family
+    m = family.pixel_multiple
+    template = tuple((_scale_side(sh, nh, family.native_height, m), _scale_side(sw, nw, family.native_width, m), n)
+                     for sh, sw, n in family.default_stages)
+    return dataclasses.replace(family, native_height=nh, native_width=nw, default_stages=template)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path} is missing") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path} could not be read as JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return cfg
+
+
+def folder_family(family: ModelFamily, root: str | Path) -> ModelFamily:
+    """The family a local diffusers folder holds, its native size from `unet/config.json` and
+    `vae/config.json` (`family_for_config`), read without loading any weights.
+
+    The folder is checked as `load_model` checks it (all but the pickle rule, which loading applies), so a tool
+    can plan against it, and refuse, before the expensive load."""
+    root = Path(root).expanduser()
+    _check_folder(family, root, allow_pickle=True)
+    return family_for_config(family, _read_config(root / "unet" / "config.json"),
+                             _read_config(root / "vae" / "config.json"), str(root))
+
+
+def resolve_family(name: str, model_path: str | None = None) -> ModelFamily:
+    """The family `load_model(name, model_path)` will return, known before loading: what the tools plan with.
+
+    With a local folder its configs give the native size; without one, the built-in family (for a hub id,
+    `load_model` takes the size from the downloaded configs)."""
+    family = get_family(name)
+    if model_path is None or not Path(model_path).expanduser().exists():
+        return family
+    return folder_family(family, model_path)
+
+
 def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=torch.float32,
                     allow_pickle: bool = False) -> ModelBundle:
     """Loads a local diffusers folder, or a hub id where the network allows."""
@@ -181,6 +260,7 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
             f"could not load {family.name} weights from {src!r}: {first}. Pass --model-path DIR "
             "(a local diffusers folder) or --random-weights"
         ) from None
+    family = family_for_config(family, unet.config, vae.config, src)
     return to_device(ModelBundle(family, unet, vae, encoders, tokenizers, src), device, dtype)
 
 
