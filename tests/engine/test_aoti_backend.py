@@ -12,11 +12,12 @@ import torch
 from megafusion.engine.aoti_backend import AotiRunner
 from megafusion.engine.cache import EngineCache
 from megafusion.engine.load import CoverageError, open_engines
+from megafusion.engine.networks import TorchNetworks
 from megafusion.engine.runners import EngineNetworks
 from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.runtime.pipeline import GenerationOptions
 
-from tests.engines import STAGES, assert_generation_matches_torch
+from tests.engines import LATENT_ATOL, STAGES, assert_generation_matches_torch
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,16 @@ def test_other_plans_inside_the_range_open(tiny_sd15, sd15_aoti):
     # One package per network serves any stage sizes in the range, other aspect ratios included.
     plan = validate_plan(tiny_sd15.family, parse_stages("128x128:3,256x192:1"))
     nets, _ = open_engines(sd15_aoti, tiny_sd15, plan)
-    out = nets.vae_decode(torch.zeros(1, 4, 24, 32))
-    assert out.shape == (1, 3, 192, 256)
+    ref = TorchNetworks(tiny_sd15)
+    g = torch.Generator().manual_seed(6)
+    lat, ehs = torch.randn(1, 4, 24, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    out, want = nets.vae_decode(lat), ref.vae_decode(lat)
+    assert out.shape == (1, 3, 192, 256) and want.abs().max() > 0.1
+    assert (out - want).abs().max() <= LATENT_ATOL
+    sample = torch.cat([lat, lat])
+    eps, want = nets.unet(sample, torch.tensor(501), ehs, None, None, 2), ref.unet(sample, torch.tensor(501), ehs,
+                                                                                    None, None, 2)
+    assert want.abs().max() > 0.1 and (eps - want).abs().max() <= LATENT_ATOL
 
 
 def test_size_outside_the_range_is_refused(tiny_sd15, sd15_aoti):

@@ -7,6 +7,7 @@ import torch
 
 from megafusion.engine.cache import EngineCache, weights_fingerprint
 from megafusion.engine.load import open_engines
+from megafusion.engine.networks import TorchNetworks
 from megafusion.core.loading import load_model
 from megafusion.core.plan import parse_stages, validate_plan
 
@@ -26,4 +27,14 @@ def test_release_weights_frees_the_bundle_and_keeps_the_keys(tmp_path):
     assert got == want  # hashed before the in-place fp16 cast
     plan = validate_plan(fresh.family, parse_stages(STAGES))
     networks, _ = open_engines(tmp_path, fresh, plan, precision="fp16")  # not refused as stale
-    assert fresh.unet.dtype == torch.float32 and networks is not None
+    assert fresh.unet.dtype == torch.float32
+    # The engines compute the fresh model's function: exported from the loaded weights, not freed or
+    # half-cast ones (fp16 engines against fp32 modules: 1e-2 relative L2).
+    g = torch.Generator().manual_seed(4)
+    z, ehs = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    ref = TorchNetworks(fresh)
+    for got, want in ((networks.unet(z, torch.tensor(501), ehs, None, None, 1), ref.unet(z, torch.tensor(501), ehs,
+                                                                                          None, None, 1)),
+                      (networks.vae_decode(z[:1]), ref.vae_decode(z[:1]))):
+        assert want.abs().max() > 1e-3
+        assert float((got - want).norm() / want.norm()) < 1e-2
