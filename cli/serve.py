@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str):
         print(f"{PROG}: {text}", flush=True)
 
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     local = args.address is None
     status = 0
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if local:
             ray.init(num_cpus=max(os.cpu_count() or 1, cfg.replicas), include_dashboard=False)
@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{PROG}: error: --replicas {cfg.replicas} on CUDA needs {cfg.replicas} GPUs; the cluster "
                       f"has {gpus:g}", file=sys.stderr)
                 return 2
+        signal.signal(signal.SIGTERM, _raise_stop)  # ray.init installs its own (sys.exit) in the driver
         try:
             deploy(cfg, say)
         except RuntimeError as e:
