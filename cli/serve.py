@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 import time
@@ -74,13 +73,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return check_config(cfg)
 
 
-def deploy_error(e: Exception) -> str:
-    """The line that says why the model application failed (Serve wraps its replicas' traceback)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
-    return causes[-1] if causes else (lines[-1] if lines else type(e).__name__)
-
-
 def _raise_stop(signum, frame):
     raise _Stop()
 
@@ -125,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             deploy(cfg, say)
         except RuntimeError as e:
-            print(f"{PROG}: error: the model did not start: {deploy_error(e)}", file=sys.stderr)
+            print(f"{PROG}: error: the model did not start: {e}", file=sys.stderr)
             status = 1
             return status
         say("serving; SIGTERM or Ctrl-C stops")

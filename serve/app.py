@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -292,8 +293,26 @@ def deploy(cfg: ServeConfig, say=print) -> None:
     say(f"ingress up at http://{cfg.host}:{cfg.port}/ (503 until warm); warming {cfg.replicas} replica(s) "
         f"of {cfg.model} on {cfg.device}: {sizes}")
     t0 = time.monotonic()
-    serve.run(model_app(cfg), name=MODEL_APP, route_prefix=None)
+    try:
+        serve.run(model_app(cfg), name=MODEL_APP, route_prefix=None)
+    except RuntimeError as e:
+        raise RuntimeError(_failure(e)) from None
     say(f"ready: every replica warm in {time.monotonic() - t0:.1f} s; POST http://{cfg.host}:{cfg.port}/v1/generate")
+
+
+def _failure(e: RuntimeError) -> str:
+    """Why the model application failed, in one line: the last exception line of its replicas' traceback
+    (Serve's own error only says the deployment failed)."""
+    text = str(e)
+    try:
+        dep = serve.status().applications[MODEL_APP].deployments[MODEL]
+        text = f"{dep.message}\n{text}"
+    except Exception:  # noqa: BLE001 - keep Serve's own message
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)(\(.*\))?: ", ln)
+              and not ln.endswith("Traceback (most recent call last):")]
+    return causes[-1] if causes else (lines[-1] if lines else type(e).__name__)
 
 
 def undeploy() -> None:
