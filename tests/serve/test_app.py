@@ -38,7 +38,7 @@ def server():
     from megafusion.serve.app import deploy
 
     port = free_port()
-    cfg = ServeConfig("tiny-sd15", device="cpu", sizes=((256, 256),), replicas=1, max_batch=2, max_queue=2,
+    cfg = ServeConfig("tiny-sd15", device="cpu", sizes=((256, 256),), replicas=1, max_batch=2, max_queue=4,
                       timeout_s=TIMEOUT_S, port=port)
     s = Server(f"http://127.0.0.1:{port}", cfg)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -98,8 +98,8 @@ def _reference_png(tmp_path, args: list[str]) -> bytes:
 def test_not_ready_until_warm(server):
     codes = [(c, b["status"]) for _, c, b in server.health_seen]
     assert (503, "warming") in codes, codes
-    first_ok = next(i for i, (c, _) in enumerate(codes) if c == 200)
-    assert all(c == 503 for c, _ in codes[:first_ok])
+    first_ok = next((i for i, (c, _) in enumerate(codes) if c == 200), len(codes))
+    assert all(c == 503 for c, _ in codes[:first_ok]) and all(c == 200 for c, _ in codes[first_ok:]), codes
     # while the model application was deploying (its replica loading and warming), the health said 503
     assert any(c == 503 and b["model_app"] == "DEPLOYING" for _, c, b in server.health_seen)
     code, body = server.generate_while_warming
@@ -173,7 +173,7 @@ def test_batched_equal_alone(server):
 
 
 def test_full_queue_is_429(server):
-    # max_batch 2 running + max_queue 2 waiting; the rest are refused at once
+    # max_batch 2 running + max_queue 4 waiting; the rest are refused at once
     body = {"prompt": "x", "stages": "128x128:6,256x256:4"}
     t0 = time.monotonic()
 
@@ -181,13 +181,14 @@ def test_full_queue_is_429(server):
         code, headers, raw = post(server.url + "/v1/generate", {**body, "seed": i}, timeout=60)
         return code, headers, raw, time.monotonic() - t0
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
     codes = sorted(c for c, *_ in results)
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
     for code, headers, raw, when in results:
         if code == 429:
             assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
+            assert when < 3  # refused at once, not after waiting
 
 
 def test_timeout_is_504_and_the_work_stops(server):
@@ -201,6 +202,16 @@ def test_timeout_is_504_and_the_work_stops(server):
     t1 = time.monotonic()
     code, _, _ = post(server.url + "/v1/generate", SHORT, timeout=60)
     assert code == 200 and time.monotonic() - t1 < 8
+
+
+def test_load_generator_against_the_server(server):
+    from megafusion.benchmarks.load import run
+
+    out = run(server.url, SHORT, [1, 4], requests=4, max_seconds=60, request_timeout=30)
+    assert out["server"]["model"] == "tiny-sd15"
+    for lv in out["levels"]:
+        assert lv["sent"] == 4 and set(lv["statuses"]) <= {"200", "429"} and lv["ok"] >= 2, lv
+        assert lv["p50_s"] <= lv["p99_s"] and lv["throughput_rps"] > 0
 
 
 def test_a_replica_that_dies_answers_503_and_is_restarted(server):
