@@ -65,8 +65,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if device == "cuda" and torch.cuda.device_count() < args.replicas:
             raise ConfigError(f"--replicas {args.replicas}: this machine has {torch.cuda.device_count()} GPU(s), "
                               f"one per replica")
-    cfg = ServeConfig(model=args.model, model_path=args.model_path, random_weights=args.random_weights,
-                      engines=args.engines, mode=args.mode, device=device,
+    def absolute(path):  # replicas do not run in this directory
+        return os.path.abspath(os.path.expanduser(path)) if path is not None else None
+
+    cfg = ServeConfig(model=args.model, model_path=absolute(args.model_path), random_weights=args.random_weights,
+                      engines=absolute(args.engines), mode=args.mode, device=device,
                       sizes=parse_sizes(args.sizes) if args.sizes is not None else (),
                       replicas=args.replicas, max_batch=args.max_batch, max_queue=args.max_queue,
                       timeout_s=args.timeout, host=args.host, port=args.port)
