@@ -63,3 +63,25 @@ def test_dtype_rules_are_mf_generates():
         for dtype in (torch.float16, torch.float32, torch.bfloat16):
             for cfg in ({"force_upcast": True}, {"force_upcast": False}, {}):
                 assert default_vae_dtype(fam, cfg, dtype) == common.default_vae_dtype(fam, cfg, dtype)
+
+
+@pytest.mark.slow
+def test_engines_png_bytes_are_mf_generates(sd15_engines, tmp_path):
+    """--engines: the request runs on the engines opened for its plan (kept for the next one), and the PNG is
+    mf-generate --engines' PNG."""
+    from megafusion.cli.generate import main
+
+    server = ModelServer(ServeConfig("tiny-sd15", engines=str(sd15_engines), sizes=((256, 256),)))
+    req = parse_request({"prompt": "a cube", "stages": "128x128:2,256x256:2", "seed": 5}, server.family)
+    got = server.generate(req)
+    out = tmp_path / "ref.png"
+    assert main(["--model", "tiny-sd15", "--engines", str(sd15_engines), "--prompt", "a cube", "--stages",
+                 "128x128:2,256x256:2", "--seed", "5", "--device", "cpu", "--no-progress", "--output", str(out)]) == 0
+    assert got.png == out.read_bytes()
+    assert "onnxruntime engines" in server.describe()["engines"]
+    assert server.generate(req).png == got.png and len(server._engines) == 1  # the opened engines are reused
+    from megafusion.serve.model import ServeModelError
+
+    with pytest.raises(ServeModelError, match="do not cover"):  # a dilation the engines were not built for
+        server.generate(parse_request({"prompt": "x", "stages": "128x128:1,256x256:1", "dilation": 3},
+                                      server.family))
