@@ -150,6 +150,9 @@ class Ingress:
         except asyncio.TimeoutError:
             response.cancel()  # best effort: drops it from the queue, or the replica stops at its next step
             return _error(504, f"no answer within --timeout {self.cfg.timeout_s:g} s; the request was cancelled")
+        except asyncio.CancelledError:  # the client went away (Serve cancels the ingress call): stop the work too
+            response.cancel()
+            raise
         except BackPressureError:
             return _error(429, f"the queue is full ({self.cfg.max_queue} waiting); retry later", retry=True)
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, TaskCancelledError) as e:
