@@ -1,4 +1,4 @@
-"""The package's layering: imports point down (cli -> benchmarks -> runtime -> engine -> export -> core),
+"""The package's layering: imports point down (cli -> benchmarks -> serve -> runtime -> engine -> export -> core),
 intra-project imports are relative (so editors and structure tools can follow them from the files), and the
 run-time path (opening engines, generating) never loads the exporters."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "export": 1, "engine": 2, "runtime": 3, "benchmarks": 4, "cli": 5}
+LAYERS = {"core": 0, "export": 1, "engine": 2, "runtime": 3, "serve": 4, "benchmarks": 5, "cli": 6}
 """Top-level folders installed as `megafusion.<name>`, lowest first; a module may import its own layer or below."""
 
 

@@ -1,0 +1,327 @@
+"""The Ray Serve application: a FastAPI ingress and the model deployment, as two Serve applications.
+
+`megafusion` (route `/`) is the ingress: it checks requests (400), answers readiness and lists what is served,
+and calls the model through a deployment handle, turning what comes back into HTTP: 429 when the model's
+queue is full (`max_queued_requests`), 504 at `--timeout` (the call is cancelled and the replica stops the
+request's work at its next step), 503 while no model replica is warm or when the replica running a request
+dies (Serve restarts it). `megafusion-model` (no route) holds the model replicas: each loads the networks and
+runs every served size once in its constructor, so Serve counts it running only when it is warm; requests
+are batched with @serve.batch and a batch's requests run one after another (`ModelServer.generate`).
+
+The ingress goes up first, so `/v1/health` answers 503 while the model warms.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+from ray.exceptions import RayActorError, TaskCancelledError
+from ray.serve.config import BackpressureConfig, HTTPOptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from ..core.families import get_family
+
+from .config import ServeConfig
+from .request import RequestError, parse_body, parse_request, size_text, wants_json
+
+APP = "megafusion"
+"""The ingress application (route `/`)."""
+MODEL_APP = "megafusion-model"
+"""The model application (no route; called by the ingress)."""
+MODEL = "Generator"
+"""The model deployment's name."""
+
+PROXY_TIMEOUT_MARGIN_S = 30.0
+"""Serve's own end-to-end HTTP timeout (408) is --timeout plus this: a backstop behind the ingress's 504."""
+READY_CACHE_S = 1.0
+"""How long the ingress trusts a 'ready' answer from the controller before asking again."""
+HEALTH_PERIOD_S = 2.0
+"""Serve's health check period for model replicas: how soon the controller notices one that died."""
+DEATH_WINDOW_S = HEALTH_PERIOD_S + 3.0
+"""For this long after the ingress saw a replica die, it counts that replica out itself (the controller's
+status still lists it as running until its next health check)."""
+RETRY_AFTER_S = 5
+"""Retry-After on 429 and 503 answers."""
+
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="megafusion", description="MegaFusion image generation (truncate and relay)")
+
+
+def _json(status: int, obj: dict, headers: dict | None = None) -> Response:
+    """One JSON line."""
+    return Response(json.dumps(obj, separators=(", ", ": ")) + "\n", status, headers, "application/json")
+
+
+def _error(status: int, message: str, retry: bool = False) -> Response:
+    return _json(status, {"error": message}, {"Retry-After": str(RETRY_AFTER_S)} if retry else None)
+
+
+def model_replicas(status) -> tuple[int, int, str]:
+    """(running model replicas, all model replicas, application status) from `serve.status()`."""
+    app = status.applications.get(MODEL_APP)
+    if app is None:
+        return 0, 0, "NOT_STARTED"
+    dep = app.deployments.get(MODEL)
+    if dep is None:
+        return 0, 0, str(getattr(app.status, "value", app.status))
+    states = {str(getattr(k, "value", k)): n for k, n in dep.replica_states.items()}
+    return states.get("RUNNING", 0), sum(states.values()), str(getattr(app.status, "value", app.status))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """HTTP in front of the model: checks, readiness, timeouts, and the status codes of back-pressure."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = ServeConfig.from_dict(cfg)
+        self.family = get_family(self.cfg.model)
+        self.sizes = self.cfg.served_sizes
+        self._handle = None
+        self._ready_at = 0.0
+        self._deaths: dict[object, float] = {}  # replica actor -> when this ingress saw it die (monotonic)
+
+    def _model(self):
+        if self._handle is None:
+            self._handle = serve.get_deployment_handle(MODEL, MODEL_APP)
+        return self._handle
+
+    async def _readiness(self) -> tuple[bool, dict]:
+        running, total, app_status = await asyncio.to_thread(lambda: model_replicas(serve.status()))
+        now = time.monotonic()
+        self._deaths = {a: t for a, t in self._deaths.items() if now - t < DEATH_WINDOW_S}
+        running = max(0, running - len(self._deaths))
+        info = {"replicas_warm": running, "replicas": total, "replicas_wanted": self.cfg.replicas,
+                "model_app": app_status}
+        if running > 0:
+            self._ready_at = time.monotonic()
+        return running > 0, info
+
+    async def _ready(self) -> bool:
+        if time.monotonic() - self._ready_at < READY_CACHE_S:
+            return True
+        return (await self._readiness())[0]
+
+    @api.get("/v1/health")
+    async def health(self) -> Response:
+        ready, info = await self._readiness()
+        if ready:
+            return _json(200, {"status": "ready", **info})
+        failed = info["model_app"] in ("DEPLOY_FAILED", "UNHEALTHY")
+        return _json(503, {"status": "failed" if failed else "warming", **info}, {"Retry-After": str(RETRY_AFTER_S)})
+
+    @api.get("/v1/models")
+    async def models(self) -> Response:
+        c = self.cfg
+        mode = c.mode or ("graphs" if c.device == "cuda" else "eager")
+        return _json(200, {"model": c.model, "family": self.family.kind,
+                           "sizes": [size_text(w, h) for w, h in self.sizes],
+                           "engines": c.engines, "mode": "engines" if c.engines else mode, "device": c.device,
+                           "replicas": c.replicas, "max_batch": c.max_batch, "max_queue": c.max_queue,
+                           "timeout_s": c.timeout_s})
+
+    @api.post("/v1/generate")
+    async def generate(self, request: Request) -> Response:
+        t0 = time.monotonic()
+        try:
+            body = parse_body(await request.body())
+            parse_request(body, self.family, self.sizes)
+        except RequestError as e:
+            return _error(400, str(e))
+        if not await self._ready():
+            return _error(503, "the model is warming up; retry", retry=True)
+        deadline = time.time() + self.cfg.timeout_s
+        response = self._model().generate.remote({"body": body, "deadline": deadline})
+
+        async def answer():
+            return await response
+
+        try:
+            out = await asyncio.wait_for(answer(), self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # best effort: drops it from the queue, or the replica stops at its next step
+            return _error(504, f"no answer within --timeout {self.cfg.timeout_s:g} s; the request was cancelled")
+        except asyncio.CancelledError:  # the client went away (Serve cancels the ingress call): stop the work too
+            response.cancel()
+            raise
+        except BackPressureError:
+            return _error(429, f"the queue is full ({self.cfg.max_queue} waiting); retry later", retry=True)
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, TaskCancelledError) as e:
+            log.warning("a model replica failed during a request: %s", type(e).__name__)
+            if isinstance(e, RayActorError):
+                self._deaths.setdefault(getattr(e, "actor_id", None) or id(e), time.monotonic())
+                self._ready_at = 0.0
+            return _error(503, "the model replica serving this request stopped; it is being restarted, retry",
+                          retry=True)
+        if out["status"] != 200:
+            return _error(out["status"], out["error"], retry=out["status"] == 503)
+        queue_ms = round((time.monotonic() - t0) * 1000 - sum(out["timings_ms"].values()), 1)
+        headers = {"X-MegaFusion-Plan": json.dumps(out["plan"]),
+                   "X-MegaFusion-Timings-Ms": json.dumps(out["timings_ms"]),
+                   "X-MegaFusion-Seed": str(out["seed"]), "X-MegaFusion-Batch-Size": str(out["batch_size"]),
+                   "X-MegaFusion-Replica": out["replica"], "X-MegaFusion-Wait-Ms": str(queue_ms)}
+        if wants_json(request.headers.get("accept")):
+            return _json(200, {"image_base64": base64.b64encode(out["png"]).decode("ascii"), "plan": out["plan"],
+                               "timings_ms": out["timings_ms"], "seed": out["seed"],
+                               "batch_size": out["batch_size"], "replica": out["replica"]}, headers)
+        return Response(out["png"], 200, headers, "image/png")
+
+
+@dataclass
+class _Job:
+    """One request inside a model replica."""
+
+    body: dict
+    deadline: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or time.time() >= self.deadline
+
+
+@serve.deployment(max_constructor_retry_count=1, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5)
+class Generator:
+    """One model replica: warm before it is counted running; batches of requests run one after another."""
+
+    def __init__(self, cfg: dict):
+        from . import __file__ as package_file
+        from .model import ModelServer
+
+        self.cfg = ServeConfig.from_dict(cfg)
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id
+        here = os.path.dirname(os.path.realpath(package_file))
+        log.info("replica %s: megafusion.serve from %s, pid %d", self.replica, here, os.getpid())
+        self.server = ModelServer(self.cfg)
+        log.info("replica %s: %s loaded (%s) on %s in %.1f s, mode %s", self.replica, self.cfg.model,
+                 self.server.bundle.source, self.server.device, self.server.load_s, self.server.mode)
+        for size, seconds in self.server.warm_up():
+            log.info("replica %s: warm-up %s done in %.2f s (%s)", self.replica, size, seconds,
+                     {"eager": "eager", "graphs": "CUDA graphs captured",
+                      "compiled": "compiled and captured"}[self.server.mode])
+        self._batched.set_max_batch_size(self.cfg.max_batch)
+        self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.broken: str | None = None
+
+    async def generate(self, payload: dict) -> dict:
+        job = _Job(payload["body"], payload["deadline"])
+        try:
+            return await self._batched(job)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # the caller gave up: the running batch stops this job at its next step
+            raise
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _batched(self, jobs: list[_Job]) -> list[dict]:
+        return await asyncio.to_thread(self._run_batch, jobs)
+
+    def _run_batch(self, jobs: list[_Job]) -> list[dict]:
+        """Requests with the same plan and options run next to each other; each runs alone (its own prompt,
+        seed and noise), so a batched image is the image the request gets alone."""
+        from .model import Cancelled, ServeModelError
+
+        checked: list[tuple[int, object]] = []
+        out: list[dict | None] = [None] * len(jobs)
+        for i, job in enumerate(jobs):
+            try:
+                checked.append((i, parse_request(job.body, self.server.family, self.cfg.served_sizes)))
+            except RequestError as e:
+                out[i] = {"status": 400, "error": str(e)}
+        order: dict[tuple, int] = {}
+        for i, req in checked:
+            order.setdefault(req.batch_key(), len(order))
+        checked.sort(key=lambda ir: order[ir[1].batch_key()])  # stable: arrival order within a key
+        for i, req in checked:
+            job = jobs[i]
+            try:
+                g = self.server.generate(req, job.should_stop)
+            except Cancelled as e:
+                why = "cancelled" if job.cancelled.is_set() else f"past --timeout {self.cfg.timeout_s:g} s"
+                log.info("replica %s: request %s (%s)", self.replica, why, e)
+                out[i] = {"status": 504, "error": f"the request was {why}; work {e}"}
+                continue
+            except ServeModelError as e:
+                out[i] = {"status": 400, "error": str(e)}
+                continue
+            except Exception as e:  # noqa: BLE001 - a failed generation answers 500 and is logged
+                log.exception("replica %s: generation failed", self.replica)
+                if self.server.device.type == "cuda" and "CUDA" in str(e):
+                    self.broken = f"CUDA error: {e}"  # the context may be lost: let Serve replace this replica
+                out[i] = {"status": 500, "error": f"generation failed: {type(e).__name__}: {e}"}
+                continue
+            out[i] = {"status": 200, "png": g.png, "plan": g.plan_info, "timings_ms": g.timings_ms, "seed": g.seed,
+                      "batch_size": len(jobs), "replica": self.replica}
+        return out
+
+    def check_health(self):
+        if self.broken:
+            raise RuntimeError(self.broken)
+
+
+def ingress_app(cfg: ServeConfig):
+    ongoing = max(100, cfg.replicas * cfg.max_batch + cfg.max_queue + 16)
+    return Ingress.options(max_ongoing_requests=ongoing, max_queued_requests=ongoing,
+                           backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S)
+                           ).bind(cfg.to_dict())
+
+
+def model_app(cfg: ServeConfig):
+    actor = {"num_cpus": 1, "num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 1}
+    return Generator.options(num_replicas=cfg.replicas, ray_actor_options=actor,
+                             max_ongoing_requests=cfg.max_batch, max_queued_requests=cfg.max_queue,
+                             backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S)
+                             ).bind(cfg.to_dict())
+
+
+def http_options(cfg: ServeConfig) -> HTTPOptions:
+    return HTTPOptions(host=cfg.host, port=cfg.port, request_timeout_s=cfg.timeout_s + PROXY_TIMEOUT_MARGIN_S)
+
+
+def deploy(cfg: ServeConfig, say=print) -> None:
+    """Starts Serve on the connected Ray cluster (HTTP options apply where Serve is not running yet), the
+    ingress, then the model; returns once every model replica is warm. Raises RuntimeError if the model
+    application fails to deploy (its replicas' constructor error is in the message)."""
+    serve.start(http_options=http_options(cfg))
+    serve.run(ingress_app(cfg), name=APP, route_prefix="/")
+    sizes = ", ".join(size_text(w, h) for w, h in cfg.served_sizes)
+    say(f"ingress up at http://{cfg.host}:{cfg.port}/ (503 until warm); warming {cfg.replicas} replica(s) "
+        f"of {cfg.model} on {cfg.device}: {sizes}")
+    t0 = time.monotonic()
+    try:
+        serve.run(model_app(cfg), name=MODEL_APP, route_prefix=None)
+    except RuntimeError as e:
+        raise RuntimeError(_failure(e)) from None
+    say(f"ready: every replica warm in {time.monotonic() - t0:.1f} s; POST http://{cfg.host}:{cfg.port}/v1/generate")
+
+
+def _failure(e: RuntimeError) -> str:
+    """Why the model application failed, in one line: the last exception line of its replicas' traceback
+    (Serve's own error only says the deployment failed)."""
+    text = str(e)
+    try:
+        dep = serve.status().applications[MODEL_APP].deployments[MODEL]
+        text = f"{dep.message}\n{text}"
+    except Exception:  # noqa: BLE001 - keep Serve's own message
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    causes = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)(\(.*\))?: ", ln)
+              and not ln.endswith("Traceback (most recent call last):")]
+    return causes[-1] if causes else (lines[-1] if lines else type(e).__name__)
+
+
+def undeploy() -> None:
+    """Deletes the two applications (the cluster's Serve instance and its other applications stay)."""
+    for name in (APP, MODEL_APP):
+        try:
+            serve.delete(name)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            log.warning("could not delete %s: %s", name, e)

@@ -1,0 +1,129 @@
+"""What a server is started with (`mf-serve`'s flags), checked before anything starts. No Ray, no torch.
+
+Each refusal is a `ConfigError` naming the flag and the value; `mf-serve` prints it as one line, status 2,
+before Ray starts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..core.families import UnknownModelError, get_family
+from ..core.plan import PlanError, default_plan, parse_size
+
+MODES = ("eager", "graphs", "compiled")
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A flag the server cannot start with; the text names the flag and the value."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One server: the model and how it runs, the sizes it serves, and its limits."""
+
+    model: str
+    """`sd15`, `sdxl`, `tiny-sd15` or `tiny-sdxl`."""
+    model_path: str | None = None
+    """A local diffusers folder (every node of the cluster must have it at this path)."""
+    random_weights: bool = False
+    """The real architecture with random weights (seed 0, as mf-generate builds them)."""
+    engines: str | None = None
+    """Run from the engines `mf-build-engines` built in this folder (instead of the torch modules)."""
+    mode: str | None = None
+    """eager, graphs or compiled (None: graphs on CUDA, eager on CPU; with engines, graphs where they can be
+    captured)."""
+    device: str = "cpu"
+    """`cpu` or `cuda` (each replica gets one GPU; `cuda` inside a replica is that GPU)."""
+    sizes: tuple[tuple[int, int], ...] = ()
+    """Output sizes (width, height) served and warmed up at start; () means the model's default output size."""
+    replicas: int = 1
+    """Model replicas (one GPU each on CUDA)."""
+    max_batch: int = 4
+    """Most requests one replica takes into one batch (@serve.batch)."""
+    max_queue: int = 16
+    """Requests waiting for a replica beyond those running; more are answered 429."""
+    timeout_s: float = 300.0
+    """A request not answered within this many seconds is answered 504 and its work cancelled."""
+    host: str = "127.0.0.1"
+    """HTTP host the proxy listens on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """HTTP port."""
+    batch_wait_s: float = 0.05
+    """How long a replica waits for more requests to fill a batch once it has one."""
+    log_level: str = field(default="INFO")
+    """Serve's log level for the replicas."""
+
+    @property
+    def served_sizes(self) -> tuple[tuple[int, int], ...]:
+        if self.sizes:
+            return self.sizes
+        plan = default_plan(get_family(self.model))
+        return ((plan.output_width, plan.output_height),)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ServeConfig:
+        d = dict(d)
+        d["sizes"] = tuple(tuple(s) for s in d.get("sizes", ()))
+        return cls(**d)
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`--sizes 1024x1024,2048x2048` -> ((1024, 1024), (2048, 2048)), duplicates dropped."""
+    out: list[tuple[int, int]] = []
+    for part in text.split(","):
+        try:
+            wh = parse_size(part)
+        except PlanError as e:
+            raise ConfigError(f"--sizes {text!r}: {e}") from None
+        if wh not in out:
+            out.append(wh)
+    return tuple(out)
+
+
+def check_config(cfg: ServeConfig) -> ServeConfig:
+    """Refuses what cannot start (naming the flag and the value); returns `cfg` unchanged."""
+    try:
+        family = get_family(cfg.model)
+    except UnknownModelError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model_path is not None:
+        if cfg.random_weights:
+            raise ConfigError("--model-path and --random-weights exclude each other")
+        if not Path(cfg.model_path).is_dir() and not Path(cfg.model_path).expanduser().is_dir():
+            raise ConfigError(f"--model-path {cfg.model_path!r}: no such folder")
+    if cfg.engines is not None:
+        if not Path(cfg.engines).is_dir():
+            raise ConfigError(f"--engines {cfg.engines!r}: no such folder")
+        if cfg.mode is not None:
+            raise ConfigError("--engines and --mode exclude each other (engines run captured where they can)")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"--device {cfg.device!r}: use one of {', '.join(DEVICES)}")
+    if cfg.mode is not None:
+        if cfg.mode not in MODES:
+            raise ConfigError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
+        if cfg.mode != "eager" and cfg.device != "cuda":
+            raise ConfigError(f"--mode {cfg.mode} needs --device cuda (got {cfg.device})")
+    for w, h in cfg.sizes:
+        try:
+            default_plan(family, w, h)
+        except PlanError as e:
+            raise ConfigError(f"--sizes {w}x{h}: {e}") from None
+    for flag, value in (("--replicas", cfg.replicas), ("--max-batch", cfg.max_batch),
+                        ("--max-queue", cfg.max_queue)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} {value}: needs a whole number >= 1")
+    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
+        raise ConfigError(f"--timeout {cfg.timeout_s}: needs a number of seconds > 0")
+    if not 1 <= cfg.port <= 65535:
+        raise ConfigError(f"--port {cfg.port}: needs 1 to 65535")
+    if not cfg.host:
+        raise ConfigError("--host: empty")
+    if not math.isfinite(cfg.batch_wait_s) or cfg.batch_wait_s < 0:
+        raise ConfigError(f"batch wait {cfg.batch_wait_s}: needs a number of seconds >= 0")
+    return cfg

@@ -1,0 +1,178 @@
+"""One replica's model: networks loaded once, every served size warmed up, requests run one at a time.
+
+The path from flags to a pipeline is `mf-generate`'s (cli/generate.py), so an image served here is the image
+`mf-generate` writes for the same arguments, seed and device; the PNG is encoded as it saves it. On the CPU the
+bytes also depend on torch's intra-op thread count (a replica runs with the threads Ray gives it, one per CPU
+it reserves), so compare against `mf-generate` run with as many threads. No Ray here.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core.families import ModelFamily, get_family
+from ..core.loading import load_model
+from ..core.plan import Stage, StagePlan, default_plan, validate_plan
+from ..engine.networks import TorchNetworks
+from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
+
+from .config import ServeConfig
+from .request import GenerateRequest, size_text, stages_text
+
+log = logging.getLogger("ray.serve")
+
+ENGINE_CACHE = 8
+"""Opened engine sets kept per replica (one per distinct stage shapes, dilation and relay)."""
+
+
+class Cancelled(Exception):
+    """A request's work stopped between steps: its deadline passed or its caller went away."""
+
+
+class ServeModelError(Exception):
+    """The model cannot serve this request (engines that do not cover it); answered 400, naming why."""
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """mf-generate's default --dtype: fp16 on CUDA, fp32 on CPU (cli/common.py `model_dtype`)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype) -> torch.dtype:
+    """mf-generate's default --vae-dtype (cli/common.py `default_vae_dtype`; tests hold the two equal)."""
+    upcast = family.is_xl and dtype == torch.float16 and vae_config.get("force_upcast", False)
+    return torch.float32 if upcast else dtype
+
+
+def warmup_plan(family: ModelFamily, width: int, height: int) -> StagePlan:
+    """The default plan's stages at `width` x `height`, one step each: CUDA graphs and compiled code depend on
+    the shapes (and dilation and CFG batch), not on the step count, so this captures what the size needs."""
+    plan = default_plan(family, width, height)
+    return validate_plan(family, [Stage(s.height, s.width, 1) for s in plan.stages], width, height)
+
+
+@dataclass
+class Generated:
+    """One served image and what it took."""
+
+    png: bytes
+    plan: StagePlan
+    timings_ms: dict[str, float]
+    seed: int
+    peak_memory_bytes: int | None = None
+
+    @property
+    def plan_info(self) -> dict:
+        return {"stages": stages_text(self.plan), "size": size_text(self.plan.output_width, self.plan.output_height)}
+
+
+def encode_png(result: GenerationResult) -> bytes:
+    """The PNG bytes mf-generate writes (`result.to_pil().save(path, format="PNG")`)."""
+    buf = io.BytesIO()
+    result.to_pil().save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ModelServer:
+    """The networks of one replica and the pipelines over them, built as mf-generate builds them."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.family = get_family(cfg.model)
+        self.device = torch.device(cfg.device)
+        dtype = model_dtype(self.device)
+        t0 = time.perf_counter()
+        if cfg.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
+            self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights)
+        else:
+            self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
+        vae = default_vae_dtype(self.family, self.bundle.vae.config, dtype)
+        self.load_s = time.perf_counter() - t0
+        self._lock = threading.Lock()  # one generation at a time on this replica's device
+        self._engines: OrderedDict[tuple, MegaFusionPipeline] = OrderedDict()
+        self.engines_desc: str | None = None
+        if cfg.engines:
+            self.mode = "eager" if self.device.type != "cuda" else "graphs"
+            self.nets = None
+            self.pipe = None
+        else:
+            self.mode = cfg.mode or ("graphs" if self.device.type == "cuda" else "eager")
+            if self.mode == "compiled":
+                from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
+
+                self.nets = FastTorchNetworks(self.bundle, FastOptions(inductor_options=inductor_set("default")),
+                                              vae_dtype=vae)
+            else:
+                self.nets = TorchNetworks(self.bundle, vae)
+            self.pipe = self._pipeline(self.nets)
+
+    def _pipeline(self, nets) -> MegaFusionPipeline:
+        mode = self.mode
+        if mode != "eager" and not nets.capturable:  # declared by the backend, never assumed
+            log.warning("%s engines cannot run inside the runtime's CUDA graphs; running the stages eagerly",
+                        nets.backend)
+            mode = "eager"
+        if mode == "eager":
+            return MegaFusionPipeline(self.bundle, nets, self.device)
+        return MegaFusionPipeline.fast(self.bundle, nets, self.device)
+
+    def pipeline_for(self, plan: StagePlan, dilation: int, relay: str) -> MegaFusionPipeline:
+        """The pipeline that runs `plan`: the one over the torch modules, or one over engines opened for the
+        plan's shapes (kept for the next request with the same shapes, dilation and relay)."""
+        if self.pipe is not None:
+            return self.pipe
+        from ..engine.cache import EngineError
+        from ..engine.load import open_engines
+
+        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
+               dilation, relay)
+        pipe = self._engines.get(key)
+        if pipe is None:
+            try:
+                nets, desc = open_engines(self.cfg.engines, self.bundle, plan, dilation, relay, self.device)
+            except EngineError as e:
+                raise ServeModelError(str(e)) from None
+            self.engines_desc = desc
+            pipe = self._pipeline(nets)
+            self._engines[key] = pipe
+            while len(self._engines) > ENGINE_CACHE:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return pipe
+
+    def warm_up(self) -> list[tuple[str, float]]:
+        """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds)."""
+        out = []
+        for w, h in self.cfg.served_sizes:
+            plan = warmup_plan(self.family, w, h)
+            t0 = time.perf_counter()
+            self.generate(GenerateRequest(plan, GenerationOptions("warm-up")))
+            out.append((size_text(w, h), time.perf_counter() - t0))
+        return out
+
+    def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:
+        """Runs one request; `should_stop` is asked before the request and after every step (after every stage
+        under CUDA graphs): when it says so, the work stops there and `Cancelled` is raised."""
+        def on_step(k: int, i: int):
+            if should_stop():
+                raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
+
+        with self._lock:
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped before it started")
+            pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
+            result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None)
+        timings = {name: round(seconds * 1000, 3) for name, seconds in result.timings}
+        return Generated(encode_png(result), result.plan, timings, req.options.seed, result.peak_memory_bytes)
+
+    def describe(self) -> dict:
+        return {"model": self.family.name, "source": self.bundle.source, "device": str(self.device),
+                "mode": self.mode, "engines": self.engines_desc or self.cfg.engines,
+                "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes]}

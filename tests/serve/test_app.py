@@ -1,0 +1,255 @@
+"""The Ray Serve application on this machine's CPU (tiny-sd15, 127.0.0.1, a free port), started once for the
+module: readiness, mf-generate's bytes, batching, 400 / 429 / 504, a replica that dies, and a shutdown that
+leaves no process behind."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+
+from megafusion.serve.config import ServeConfig  # noqa: E402
+
+from .conftest import descendants, free_port, get, post, wait_gone  # noqa: E402
+
+TIMEOUT_S = 5.0
+SHORT = {"prompt": "a red cube", "stages": "128x128:1,256x256:1"}
+"""A request of about half a second on one CPU thread."""
+
+
+class Server:
+    def __init__(self, url: str, cfg: ServeConfig):
+        self.url, self.cfg = url, cfg
+        self.health_seen: list[tuple[float, int, dict]] = []
+        self.generate_while_warming: tuple[int, dict] | None = None
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ray import serve
+
+    from megafusion.serve.app import deploy
+
+    port = free_port()
+    cfg = ServeConfig("tiny-sd15", device="cpu", sizes=((256, 256),), replicas=1, max_batch=2, max_queue=4,
+                      timeout_s=TIMEOUT_S, port=port)
+    s = Server(f"http://127.0.0.1:{port}", cfg)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = descendants(os.getpid())
+    stop = threading.Event()
+
+    def poll_health():  # bounded: stops when deploy returns, at most 600 polls
+        for _ in range(600):
+            if stop.is_set():
+                return
+            try:
+                code, _, body = get(s.url + "/v1/health", timeout=5)
+                s.health_seen.append((time.monotonic(), code, json.loads(body)))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.3)
+
+    def say(text: str):
+        if text.startswith("ingress up"):
+            code, _, body = post(s.url + "/v1/generate", SHORT, timeout=10)
+            s.generate_while_warming = (code, json.loads(body))
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    try:
+        deploy(cfg, say)
+        s.deployed_at = time.monotonic()
+        stop.set()
+        poller.join(10)
+        yield s
+    finally:
+        stop.set()
+        started |= descendants(os.getpid())
+        serve.shutdown()
+        ray.shutdown()
+        left = wait_gone(started)
+        assert not left, f"processes left behind after ray.shutdown: {sorted(left)}"
+
+
+def _reference_png(tmp_path, args: list[str]) -> bytes:
+    """mf-generate's PNG, written in this process with the replica's thread count (one: Ray gives the replica
+    one CPU and sets OMP_NUM_THREADS=1; CPU results depend on the intra-op thread count)."""
+    import torch
+
+    from megafusion.cli.generate import main
+
+    out = tmp_path / "ref.png"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["--model", "tiny-sd15", "--device", "cpu", "--no-progress", "--output", str(out), *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out.read_bytes()
+
+
+def test_not_ready_until_warm(server):
+    codes = [(c, b["status"]) for _, c, b in server.health_seen]
+    assert (503, "warming") in codes, codes
+    first_ok = next((i for i, (c, _) in enumerate(codes) if c == 200), len(codes))
+    assert all(c == 503 for c, _ in codes[:first_ok]) and all(c == 200 for c, _ in codes[first_ok:]), codes
+    # while the model application was deploying (its replica loading and warming), the health said 503
+    assert any(c == 503 and b["model_app"] == "DEPLOYING" for _, c, b in server.health_seen)
+    code, body = server.generate_while_warming
+    assert code == 503 and "warming" in body["error"]
+    code, headers, body = get(server.url + "/v1/health")
+    assert code == 200 and json.loads(body)["replicas_warm"] == 1
+
+
+def test_models(server):
+    code, _, body = get(server.url + "/v1/models")
+    info = json.loads(body)
+    assert code == 200 and info["model"] == "tiny-sd15" and info["sizes"] == ["256x256"]
+    assert info["engines"] is None and info["mode"] == "eager" and info["max_batch"] == 2
+
+
+def test_png_is_mf_generates_bytes(server, tmp_path):
+    body = {"prompt": "a red cube", "negative_prompt": "blur", "stages": "128x128:2,256x256:2", "seed": 7,
+            "guidance": 6.0, "relay": "latent", "dilation": 3, "reschedule": False}
+    code, headers, png = post(server.url + "/v1/generate", body)
+    assert code == 200 and headers["content-type"] == "image/png"
+    ref = _reference_png(tmp_path, ["--prompt", "a red cube", "--negative-prompt", "blur", "--stages",
+                                    "128x128:2,256x256:2", "--seed", "7", "--guidance", "6", "--relay", "latent",
+                                    "--dilation", "3", "--no-reschedule"])
+    assert png == ref
+    assert json.loads(headers["x-megafusion-plan"]) == {"stages": "128x128:2,256x256:2", "size": "256x256"}
+    timings = json.loads(headers["x-megafusion-timings-ms"])
+    assert list(timings) == ["text encoders", "stage 1 (128x128, 2 steps)", "relay 1->2",
+                             "stage 2 (256x256, 2 steps)", "decode"]
+    assert headers["x-megafusion-seed"] == "7"
+
+    code, headers, raw = post(server.url + "/v1/generate", body, accept="application/json")
+    out = json.loads(raw)
+    assert code == 200 and headers["content-type"] == "application/json"
+    assert base64.b64decode(out["image_base64"]) == ref
+    assert out["plan"]["stages"] == "128x128:2,256x256:2" and out["seed"] == 7
+    assert set(out["timings_ms"]) == set(timings)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"prompt": "x", "seed": -1}, "seed -1: expected an integer with 0 <= seed < 2^64"),
+    ({"prompt": "x", "seed": 2 ** 64}, "seed 18446744073709551616"),
+    ({"prompt": "x", "guidance": -0.5}, "guidance -0.5"),
+    ({"prompt": "x", "dilation": 9}, "dilation 9"),
+    ({"prompt": "x", "relay": "nearest"}, 'relay "nearest"'),
+    ({"prompt": "x", "size": "192x192"}, "size 192x192 is not served here; this server serves 256x256"),
+    ({"prompt": "x", "stages": "128x128:0,256x256:1"}, "stage 1 (128x128:0) has 0 steps"),
+    ({"seed": 1}, "prompt: missing"),
+    (b"{not json", "body: not JSON"),
+    (b'{"prompt": "x", "guidance": NaN}', "guidance NaN"),
+])
+def test_bad_request_is_400_one_json_line(server, body, needle):
+    code, headers, raw = post(server.url + "/v1/generate", body)
+    assert code == 400 and headers["content-type"] == "application/json"
+    text = raw.decode()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert needle in json.loads(text)["error"]
+
+
+def test_batched_equal_alone(server):
+    bodies = [{**SHORT, "prompt": f"cube {i}", "seed": 100 + i} for i in range(3)]
+    alone = []
+    for b in bodies:
+        code, headers, png = post(server.url + "/v1/generate", b)
+        assert code == 200 and headers["x-megafusion-batch-size"] == "1"
+        alone.append(png)
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda b: post(server.url + "/v1/generate", b), bodies))
+    assert [c for c, _, _ in together] == [200, 200, 200]
+    assert [png for _, _, png in together] == alone  # each request's own prompt and seed; bytes equal alone
+    sizes = [int(h["x-megafusion-batch-size"]) for _, h, _ in together]
+    assert max(sizes) == 2, sizes  # while the first runs, the other two wait and are batched together
+
+
+def test_full_queue_is_429(server):
+    # max_batch 2 running + max_queue 4 waiting; the rest are refused at once
+    body = {"prompt": "x", "stages": "128x128:6,256x256:4"}
+    t0 = time.monotonic()
+
+    def one(i):
+        code, headers, raw = post(server.url + "/v1/generate", {**body, "seed": i}, timeout=60)
+        return code, headers, raw, time.monotonic() - t0
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    codes = sorted(c for c, *_ in results)
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
+    for code, headers, raw, when in results:
+        if code == 429:
+            assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
+            assert when < 3  # refused at once, not after waiting
+
+
+def test_timeout_is_504_and_the_work_stops(server):
+    t0 = time.monotonic()
+    code, _, raw = post(server.url + "/v1/generate", {"prompt": "x", "stages": "256x256:998"}, timeout=60)
+    took = time.monotonic() - t0
+    assert code == 504 and "--timeout 5 s" in json.loads(raw)["error"], raw
+    assert TIMEOUT_S - 0.5 < took < TIMEOUT_S + 5
+    # 998 steps at 256x256 take about 17 s on this machine (10 ms a step at the very least); a short request right
+    # after is answered at once, so the replica stopped that work at the timeout instead of finishing it
+    t1 = time.monotonic()
+    code, _, _ = post(server.url + "/v1/generate", SHORT, timeout=60)
+    assert code == 200 and time.monotonic() - t1 < 3
+
+
+def test_a_client_that_goes_away_cancels_the_work(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.cfg.port), timeout=10) as sock:
+        body = json.dumps({"prompt": "x", "stages": "256x256:998"}).encode()
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(1.0)  # the replica is running it
+    t1 = time.monotonic()
+    code, _, _ = post(server.url + "/v1/generate", SHORT, timeout=60)
+    # answered long before the 5 s deadline would have stopped the abandoned 998 steps
+    assert code == 200 and time.monotonic() - t1 < 2.5
+
+
+def test_load_generator_against_the_server(server):
+    from megafusion.benchmarks.load import run
+
+    out = run(server.url, SHORT, [1, 4], requests=4, max_seconds=60, request_timeout=30)
+    assert out["server"]["model"] == "tiny-sd15"
+    for lv in out["levels"]:
+        assert lv["sent"] == 4 and set(lv["statuses"]) <= {"200", "429"} and lv["ok"] >= 2, lv
+        assert lv["p50_s"] <= lv["p99_s"] and lv["throughput_rps"] > 0
+
+
+def test_a_replica_that_dies_answers_503_and_is_restarted(server):
+    before = post(server.url + "/v1/generate", SHORT)
+    assert before[0] == 200
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::megafusion-model#Generator#")]
+    assert len(names) == 1
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        inflight = pool.submit(post, server.url + "/v1/generate", {"prompt": "x", "stages": "256x256:998"},
+                               timeout=60)
+        time.sleep(2.0)
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        code, headers, raw = inflight.result(timeout=60)
+    assert code == 503 and "stopped" in json.loads(raw)["error"] and headers["retry-after"] == "5"
+    assert time.monotonic() - t0 < TIMEOUT_S  # answered when the replica died, not at the timeout
+    # Serve starts a new replica; it is warm again within a bounded wait, and serves the same bytes
+    end, code = time.monotonic() + 120, 0
+    while code != 200 and time.monotonic() < end:
+        time.sleep(1)
+        code = get(server.url + "/v1/health", timeout=10)[0]
+    assert code == 200
+    after = post(server.url + "/v1/generate", SHORT)
+    assert after[0] == 200 and after[2] == before[2]
+    assert after[1]["x-megafusion-replica"] != before[1]["x-megafusion-replica"]

@@ -1,0 +1,87 @@
+"""One replica's model without Ray (serve/model.py): the PNG bytes mf-generate writes, warm-up, and work that
+stops between steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megafusion.core.families import get_family
+from megafusion.serve.config import ServeConfig
+from megafusion.serve.model import Cancelled, ModelServer, default_vae_dtype, model_dtype, warmup_plan
+from megafusion.serve.request import parse_request
+
+
+@pytest.fixture(scope="module")
+def server():
+    return ModelServer(ServeConfig("tiny-sd15", sizes=((256, 256),)))
+
+
+def test_png_bytes_are_mf_generates(server, tmp_path):
+    from megafusion.cli.generate import main
+
+    args = {"prompt": "a red cube", "negative_prompt": "blur", "stages": "128x128:2,256x256:2", "seed": 11,
+            "guidance": 5.5, "relay": "latent", "dilation": 3}
+    out = tmp_path / "ref.png"
+    assert main(["--model", "tiny-sd15", "--prompt", "a red cube", "--negative-prompt", "blur", "--stages",
+                 "128x128:2,256x256:2", "--seed", "11", "--guidance", "5.5", "--relay", "latent", "--dilation", "3",
+                 "--device", "cpu", "--no-progress", "--output", str(out)]) == 0
+    got = server.generate(parse_request(args, server.family))
+    assert got.png == out.read_bytes()
+    assert got.plan_info == {"stages": "128x128:2,256x256:2", "size": "256x256"}
+    assert list(got.timings_ms)[0] == "text encoders" and got.seed == 11
+
+
+def test_warm_up_runs_each_size_with_the_default_shapes(server):
+    plan = warmup_plan(get_family("tiny-sd15"), 256, 256)
+    assert [(s.width, s.height, s.steps) for s in plan.stages] == [(128, 128, 1), (192, 192, 1), (256, 256, 1)]
+    sizes = server.warm_up()
+    assert [s for s, _ in sizes] == ["256x256"]
+
+
+def test_work_stops_between_steps(server):
+    asked = []
+
+    def stop_at_third():
+        asked.append(1)
+        return len(asked) >= 3  # once before the request, then after each step
+
+    req = parse_request({"prompt": "x", "stages": "128x128:50"}, server.family)
+    with pytest.raises(Cancelled, match="stage 1, step 2"):
+        server.generate(req, stop_at_third)
+    assert len(asked) == 3
+    with pytest.raises(Cancelled, match="before it started"):
+        server.generate(req, lambda: True)
+
+
+def test_dtype_rules_are_mf_generates():
+    from megafusion.cli import common
+
+    for dev in ("cpu", "cuda"):
+        assert model_dtype(torch.device(dev)) == common.model_dtype(torch.device(dev), None)
+    for name in ("sd15", "sdxl", "tiny-sdxl"):
+        fam = get_family(name)
+        for dtype in (torch.float16, torch.float32, torch.bfloat16):
+            for cfg in ({"force_upcast": True}, {"force_upcast": False}, {}):
+                assert default_vae_dtype(fam, cfg, dtype) == common.default_vae_dtype(fam, cfg, dtype)
+
+
+@pytest.mark.slow
+def test_engines_png_bytes_are_mf_generates(sd15_engines, tmp_path):
+    """--engines: the request runs on the engines opened for its plan (kept for the next one), and the PNG is
+    mf-generate --engines' PNG."""
+    from megafusion.cli.generate import main
+
+    server = ModelServer(ServeConfig("tiny-sd15", engines=str(sd15_engines), sizes=((256, 256),)))
+    req = parse_request({"prompt": "a cube", "stages": "128x128:2,256x256:2", "seed": 5}, server.family)
+    got = server.generate(req)
+    out = tmp_path / "ref.png"
+    assert main(["--model", "tiny-sd15", "--engines", str(sd15_engines), "--prompt", "a cube", "--stages",
+                 "128x128:2,256x256:2", "--seed", "5", "--device", "cpu", "--no-progress", "--output", str(out)]) == 0
+    assert got.png == out.read_bytes()
+    assert "onnxruntime engines" in server.describe()["engines"]
+    assert server.generate(req).png == got.png and len(server._engines) == 1  # the opened engines are reused
+    from megafusion.serve.model import ServeModelError
+
+    with pytest.raises(ServeModelError, match="do not cover"):  # a dilation the engines were not built for
+        server.generate(parse_request({"prompt": "x", "stages": "128x128:1,256x256:1", "dilation": 3},
+                                      server.family))
