@@ -388,10 +388,40 @@ class EngineCache:
         return entry
 
     def remove_stale_staging(self, older_than_s: float = 3600.0) -> int:
-        """Deletes staging folders left by killed builds (old enough not to be another live build's)."""
+        """Deletes staging folders left by killed builds: those whose building process is gone (its pid is in
+        the name, `.staging-<digest16>-<pid>-<id>`), at once, since a killed SDXL export leaves gigabytes; those
+        without a pid (trash of a replaced entry) once older than `older_than_s`. A live process's folder is
+        kept, whatever its age: it may be another build of this folder still writing."""
         n = 0
         for p in self.root.glob(f"{_STAGING_PREFIX}*"):
-            if p.is_dir() and time.time() - p.stat().st_mtime > older_than_s:
+            if not p.is_dir() or p.is_symlink():
+                continue
+            pid = _staging_pid(p.name)
+            gone = _process_gone(pid) if pid is not None else time.time() - p.stat().st_mtime > older_than_s
+            if gone:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n
+
+
+def _staging_pid(name: str) -> int | None:
+    """The builder's pid in a staging folder's name, or None (trash folders, other names)."""
+    parts = name[len(_STAGING_PREFIX):].split("-")
+    if len(parts) == 3 and len(parts[0]) == 16 and parts[1].isascii() and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process has this pid (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return True  # never a builder's pid; os.kill(0 or -n) would address process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OverflowError:
+        return True  # beyond the kernel's pid range: no such process
+    except PermissionError:
+        return False  # another user's live process
+    return False

@@ -129,3 +129,4 @@ def test_build_rebuilds_a_symlinked_entry_and_the_run_refuses_it_first(tiny_sdxl
     assert "1 built, 5 up to date" in capsys.readouterr().out
     assert not p.is_symlink() and p.is_file() and outside.read_bytes() == before
     assert gen_cli.main(gen) == 0
+
