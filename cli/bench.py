@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype
+    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype, weights_seed_from_args
     from ..core.families import SD15, SDXL, get_family
 
     from ..benchmarks.bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.timing import environment
 
     family = get_family(args.model)
+    weights_seed = weights_seed_from_args("mf-bench", family, args)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
         from ..benchmarks.variants import default_variants
 
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                            seed=weights_seed)
         vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)
         if bundle.vae.dtype != vae:  # every variant shares the modules, so the same VAE precision
             bundle.vae.to(dtype=vae)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..engine.backend import BackendUnavailable, backend_names, get_backend
-from .common import UsageError, run_main
+from .common import UsageError, add_model_arguments, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,12 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mf-build-engines",
         description="Export a model's networks to ONNX and build engines for every shape of a stage plan.",
     )
-    p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-path", help="a local diffusers folder")
-    src.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    add_model_arguments(p, None)
+    # The seed of random weights was `--seed` here, while mf-generate's --seed is the noise seed: refused with a
+    # pointer to --weights-seed rather than silently given another meaning.
+    p.add_argument("--seed", help=argparse.SUPPRESS)
     p.add_argument("--size", help="output WIDTHxHEIGHT of the default plan (default: 2x native per side)")
     p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
@@ -72,13 +70,17 @@ def _networks(value: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import plan_from_args, resolve_device
+    from .common import plan_from_args, resolve_device, weights_seed_from_args
     from ..core.loading import load_model
     from ..core.families import get_family
 
     from ..engine.build import BuildRequest, build_engines
 
     family = get_family(args.model)
+    if args.seed is not None:
+        raise UsageError(f"--seed {args.seed}: the seed of random weights is --weights-seed (--weights-seed "
+                         f"{args.seed}), as in mf-generate and mf-bench, whose --seed is the noise seed")
+    weights_seed = weights_seed_from_args("mf-build-engines", family, args)
     if args.dilation < 1:
         raise UsageError(f"--dilation {args.dilation}: must be at least 1")
     plan = plan_from_args(family, args.size, args.stages)
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--networks: {e}") from None
     print(f"plan: {plan.describe()}")
-    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        1 if args.no_dilation else args.dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes

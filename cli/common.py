@@ -24,13 +24,53 @@ INPUT_ERRORS = (UsageError, PlanError, WeightsError, UnknownModelError)
 """Errors that mean the user's input was wrong (exit status 2, one line, no traceback)."""
 
 
-def add_model_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
-    """--model, --model-path, --random-weights, --allow-pickle."""
-    p.add_argument("--model", default=default_model,
-                   help=f"sd15, sdxl, tiny-sd15 or tiny-sdxl (default {default_model})")
+def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -> None:
+    """--model (required when `default_model` is None), --model-path, --random-weights, --weights-seed,
+    --allow-pickle (read back by `weights_seed_from_args`)."""
+    if default_model is None:
+        p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl (required)")
+    else:
+        p.add_argument("--model", default=default_model,
+                       help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default: %(default)s)")
     p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
-    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the real architecture with random weights (tiny models always have random weights)")
+    p.add_argument("--weights-seed", default="0", metavar="N",
+                   help="seed of the random weights (default: %(default)s); engines built with one weights seed "
+                        "serve only that seed")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+
+
+def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace) -> int:
+    """The checked `--weights-seed` (0 <= N < 2^64), after the model-source flags are checked against each other;
+    warns (one line) that `--random-weights` changes nothing on a tiny model."""
+    seed = parse_seed(args.weights_seed, "--weights-seed")
+    if args.model_path is not None and args.random_weights:
+        raise UsageError("--model-path and --random-weights exclude each other")
+    random = family.tiny or args.random_weights
+    if seed != 0 and not random:
+        raise UsageError(f"--weights-seed {args.weights_seed}: only random weights have a seed "
+                         f"({'--model-path loads ' + repr(args.model_path) if args.model_path else 'add --random-weights'})")
+    if family.tiny and args.random_weights:
+        warn(prog, f"--random-weights changes nothing: {family.name} always has random weights")
+    return seed
+
+
+def warn(prog: str, message: str) -> None:
+    """One line on standard error; the run goes on."""
+    print(f"{prog}: warning: {message}", file=sys.stderr)
+
+
+SEED_LIMIT = 2**64
+"""Seeds are integers 0 <= seed < 2^64, as torch.Generator.manual_seed and the C++ tools take them."""
+
+
+def parse_seed(text: str, flag: str = "--seed") -> int:
+    """`--seed`, `--weights-seed`: decimal digits only, 0 <= seed < 2^64 (the C++ tools' rule). Python's int()
+    would take '-1' (which the generator wraps to 2^64-1), ' 7', '1_0' and non-ASCII digits."""
+    if text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < SEED_LIMIT:
+        return int(text)
+    raise UsageError(f"{flag} {text!r}: must be an integer 0 <= {flag.lstrip('-')} < 2^64")
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:

@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.networks import TorchNetworks
-    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype
+    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype, weights_seed_from_args
     from ..core.loading import load_model
     from ..core.families import get_family
 
     from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
     family = get_family(args.model)
+    weights_seed = weights_seed_from_args("mf-generate", family, args)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     dilation = 1 if args.no_dilation else args.dilation
     try:
@@ -73,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = model_dtype(device, args.dtype)
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     else:
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                            seed=weights_seed)
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)  # a loaded folder's VAE config decides
 
     if args.engines:
