@@ -5,12 +5,12 @@ import argparse
 import math
 import sys
 
-from .common import (UsageError, add_device_arguments, add_model_arguments,
+from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                                           add_plan_arguments, run_main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-bench",
         description="Time MegaFusion against direct generation and an eager diffusers baseline; count its cost.",
     )

@@ -5,11 +5,11 @@ import argparse
 import sys
 
 from ..engine.backend import BackendUnavailable, backend_names, get_backend
-from .common import UsageError, add_model_arguments, run_main
+from .common import ArgumentParser, UsageError, add_model_arguments, run_main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-build-engines",
         description="Export a model's networks to ONNX and build engines for every shape of a stage plan.",
     )

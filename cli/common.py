@@ -1,5 +1,6 @@
-"""What the command-line tools (`mf-generate`, `mf-build-engines`, `mf-bench`) share: device and plan
-arguments, the VAE precision rule, and one-line errors. argparse itself stays in each entry point."""
+"""What the command-line tools (`mf-generate`, `mf-build-engines`, `mf-bench`, `mf-tokens`) share: model, device
+and plan arguments, the checks of values (seeds, guidance, dilation, output paths) that run before any load, the
+VAE precision rule, and one-line errors and warnings. Each entry point builds its own parser (`ArgumentParser`)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,14 @@ from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_st
 
 class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, `--steps abc`, a missing value) follow the tools' rule:
+    one line `prog: error: ...`, exit status 2 (argparse prints its usage block first; --help shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from .common import (UsageError, add_device_arguments, add_model_arguments,
+from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                                           add_plan_arguments, run_main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-generate",
         description="Generate one image with MegaFusion (truncate and relay, coarse to fine).",
     )
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
+    if args.engines is not None and not Path(args.engines).is_dir():
+        raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
     if args.inductor is not None:
         from ..engine.torch_fast import inductor_set

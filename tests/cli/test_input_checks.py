@@ -149,3 +149,23 @@ def test_build_engines_output_under_a_file_unwritable_or_empty(tmp_path, capsys,
     _unwritable(monkeypatch)
     _refused("mf-build-engines", [*BUILD, "--output", str(tmp_path / "e")], capsys,
              f"--output {str(tmp_path / 'e')!r}: cannot write in {str(tmp_path)!r} (Permission denied)")
+
+
+def test_generate_engines_folder_that_does_not_exist(tmp_path, capsys):
+    missing = str(tmp_path / "no-engines")
+    _refused("mf-generate", [*GEN, "--engines", missing, "--output", str(tmp_path / "o.png")], capsys,
+             f"--engines {missing!r}: no such folder")
+
+
+@pytest.mark.parametrize("prog, argv, needle", [
+    ("mf-generate", [*GEN, "--dilation", "abc"], "argument --dilation: invalid int value: 'abc'"),
+    ("mf-generate", [*GEN, "--stesp", "4"], "unrecognized arguments: --stesp 4"),
+    ("mf-bench", [*BENCH, "--repeats", "many", "--output", "x"], "argument --repeats: invalid int value: 'many'"),
+    ("mf-build-engines", [*BUILD, "--precision", "fp8", "--output", "x"], "argument --precision: invalid choice: 'fp8'"),
+    ("mf-build-engines", ["--output", "x"], "the following arguments are required: --model"),
+])
+def test_argparse_errors_are_one_line_too(prog, argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        TOOLS[prog](argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"{prog}: error: {needle}"), err

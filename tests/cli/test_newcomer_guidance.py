@@ -84,3 +84,14 @@ def test_build_announces_each_export_and_its_time(tmp_path, capsys, backend):
         assert lines[start].endswith("...")
         assert re.fullmatch(r"\s+exported ONNX in \d+\.\d s, .* MiB", lines[start + 1])
         assert re.search(rf"{name} .*: done in \d+\.\d s", lines[start + 2])
+
+
+def test_mf_tokens_warns_of_a_long_prompt_too(tmp_path, capsys):
+    from megafusion.cli import tokens as tokens_cli
+    from megafusion.core.loading import builtin_tokenizer
+
+    prompt = "word " * 100
+    n = len(builtin_tokenizer()(prompt, verbose=False).input_ids)
+    assert tokens_cli.main(["--model", "tiny-sd15", "--prompt", prompt, "--output", str(tmp_path / "ids.txt")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"mf-tokens: warning: --prompt is {n} tokens, the text encoder takes 77: the last {n - 77} are dropped"]
