@@ -2,40 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from pathlib import Path
 
-from .common import (UsageError, add_device_arguments, add_model_arguments,
+from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                                           add_plan_arguments, run_main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-bench",
         description="Time MegaFusion against direct generation and an eager diffusers baseline; count its cost.",
     )
-    add_model_arguments(p, "sdxl")
+    add_model_arguments(p, "tiny-sdxl")
     add_plan_arguments(p)
-    p.add_argument("--output", required=True, help="folder for results.json, report.md and chart.png")
+    p.add_argument("--output", required=True, help="folder for results.json, report.md and chart.png (required)")
     add_device_arguments(p)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
-    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant, median reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default: %(default)s)")
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="(default: %(default)r)")
+    p.add_argument("--negative-prompt", default="", help="(default: none)")
+    p.add_argument("--guidance", default="7.0", metavar="W",
+                   help="classifier-free guidance weight, a finite number >= 0 (default: %(default)s); "
+                        "at 1 or below CFG is off")
+    p.add_argument("--seed", default="0", metavar="N", help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
+    p.add_argument("--dilation", type=int, metavar="D",
+                   help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
     p.add_argument("--no-reschedule", action="store_true", help="no noise re-scheduling")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s to compare with (default: measured on GPU)")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s to compare with, > 0 (default: measured on GPU)")
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
-    p.add_argument("--engines", help="engine variants to time, comma-separated: torch, graphs, compiled "
-                                     "(default: all three on CUDA, torch on CPU)")
+    p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled "
+                                      "(default: all three on CUDA, torch on CPU)")
+    # Was the name of --variants; refused rather than dropped, since mf-generate's --engines is an engine folder.
+    p.add_argument("--engines", help=argparse.SUPPRESS)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype
+    from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
+                         plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
     from ..core.families import SD15, SDXL, get_family
 
     from ..benchmarks.bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
@@ -45,13 +51,36 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.timing import environment
 
     family = get_family(args.model)
+    # Every check of the user's input comes before the model load and the runs.
+    if args.engines is not None:
+        raise UsageError(f"--engines {args.engines}: mf-bench names the variants to time with --variants "
+                         f"(--variants {args.engines}); mf-generate's --engines is an engine folder")
+    weights_seed = weights_seed_from_args("mf-bench", family, args)
+    guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)
+    dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     if args.repeats < 1 or args.warmup < 0:
         raise UsageError("--repeats must be at least 1 and --warmup at least 0")
-    if args.dilation < 1:
-        raise UsageError(f"--dilation {args.dilation}: must be at least 1")
-    out_dir = Path(args.output)
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
+    out_dir = output_folder_from_args("--output", args.output)
     device = resolve_device("cpu" if args.cost_only else args.device)
+    variant_names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())
+    if args.variants is not None and not variant_names:
+        raise UsageError(f"--variants {args.variants!r}: name at least one variant (torch, graphs, compiled)")
+    if not args.cost_only:
+        from ..benchmarks.variants import ENGINES
+
+        variant_names = variant_names or (("torch", "graphs", "compiled") if device.type == "cuda" else ("torch",))
+        unknown = [n for n in variant_names if n not in ENGINES]
+        if unknown:
+            raise UsageError(f"--variants {args.variants}: unknown variant(s) {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(ENGINES)}")
+        on_gpu_only = [n for n in variant_names if n != "torch"]
+        if on_gpu_only and device.type != "cuda":  # they would run (eagerly) under a label they do not earn
+            raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
+                             f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "
+                             "on the CPU only torch runs")
     dtype = model_dtype(device, args.dtype)
     print(f"plan: {plan.describe()}")
     counter = MetaCostCounter(family)
@@ -65,21 +94,19 @@ def run(args: argparse.Namespace) -> int:
 
         from ..benchmarks.variants import default_variants
 
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                            seed=weights_seed)
+        warn_truncated_prompts("mf-bench", bundle.tokenizers,
+                               {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
         vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)
         if bundle.vae.dtype != vae:  # every variant shares the modules, so the same VAE precision
             bundle.vae.to(dtype=vae)
         print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae}")
         peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
-        opts = GenerationOptions(args.prompt, args.negative_prompt, args.guidance, args.seed,
-                                 not args.no_reschedule, args.dilation)
-        try:
-            engines = args.engines or ("torch,graphs,compiled" if device.type == "cuda" else "torch")
-            variants = default_variants(bundle, plan, opts, device, tuple(engines.split(",")))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        opts = GenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule, dilation)
+        variants = default_variants(bundle, plan, opts, device, variant_names)
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
-                           cfg=args.guidance > 1.0, dilation=args.dilation, time_them=not args.cost_only)
+                           cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
     paper = []
     if family.name in (SD15.name, SDXL.name):
         sd15 = counter if family.name == SD15.name else MetaCostCounter(SD15)
@@ -89,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
         "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "guidance": args.guidance, "seed": args.seed,
-        "dilation": args.dilation, "reschedule": not args.no_reschedule, "relay": "pixel",
+        "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
+        "dilation": dilation, "reschedule": not args.no_reschedule, "relay": "pixel",
         "cost_only": args.cost_only,
     }
     result = BenchResult(family.name, settings, environment(device), peak, source, results,

@@ -3,31 +3,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..engine.backend import BackendUnavailable, backend_names, get_backend
-from .common import UsageError, run_main
+from .common import ArgumentParser, UsageError, add_model_arguments, run_main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-build-engines",
         description="Export a model's networks to ONNX and build engines for every shape of a stage plan.",
     )
-    p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model-path", help="a local diffusers folder")
-    src.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    add_model_arguments(p, None)
+    # The seed of random weights was `--seed` here, while mf-generate's --seed is the noise seed: refused with a
+    # pointer to --weights-seed rather than silently given another meaning.
+    p.add_argument("--seed", help=argparse.SUPPRESS)
     p.add_argument("--size", help="output WIDTHxHEIGHT of the default plan (default: 2x native per side)")
     p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
-                   help="engine backend (default: onnxruntime)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+                   help="engine backend (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="UNet and text encoder precision (default: %(default)s)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16"),
                    help="default: fp32 where the VAE overflows in fp16 (SDXL), else --precision")
-    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--dilation", type=int, metavar="D",
+                   help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
     p.add_argument("--no-dilation", action="store_true", help="build no dilated UNet")
     p.add_argument("--device", default="auto", help="cpu or cuda[:N]: what the engines are for (default: cuda if present)")
     p.add_argument("--ort-optimize", choices=("none", "cpu", "cuda"),
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder; builds of "
                         "disjoint sets may run at once into one --output")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
-    p.add_argument("--output", required=True, help="engine folder (created if missing)")
+    p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
     return p
 
 
@@ -72,19 +71,22 @@ def _networks(value: str | None) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .common import plan_from_args, resolve_device
+    from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
+                         weights_seed_from_args)
     from ..core.loading import load_model
     from ..core.families import get_family
 
     from ..engine.build import BuildRequest, build_engines
 
     family = get_family(args.model)
-    if args.dilation < 1:
-        raise UsageError(f"--dilation {args.dilation}: must be at least 1")
+    # Every check of the user's input comes before the model load and the exports.
+    if args.seed is not None:
+        raise UsageError(f"--seed {args.seed}: the seed of random weights is --weights-seed (--weights-seed "
+                         f"{args.seed}), as in mf-generate and mf-bench, whose --seed is the noise seed")
+    weights_seed = weights_seed_from_args("mf-build-engines", family, args)
+    dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output {str(out)!r} exists and is not a folder")
+    out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
     _check_backend(args.backend, device)
     ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
@@ -95,14 +97,13 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.build import select_networks
 
         try:
-            select_networks(plan_requirements(family, plan, args.precision, 1 if args.no_dilation else args.dilation,
-                                              args.vae_precision), networks)
+            select_networks(plan_requirements(family, plan, args.precision, dilation, args.vae_precision), networks)
         except ValueError as e:
             raise UsageError(f"--networks: {e}") from None
     print(f"plan: {plan.describe()}")
-    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=args.seed)
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
-                       1 if args.no_dilation else args.dilation, device, args.force,
+                       dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
                        ort_optimize=ort_optimize, networks=networks)
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))

@@ -1,10 +1,16 @@
-"""What the command-line tools (`mf-generate`, `mf-build-engines`, `mf-bench`) share: device and plan
-arguments, the VAE precision rule, and one-line errors. argparse itself stays in each entry point."""
+"""What the command-line tools (`mf-generate`, `mf-build-engines`, `mf-bench`, `mf-tokens`) share: model, device
+and plan arguments, the checks of values (seeds, guidance, dilation, output paths) that run before any load, the
+VAE precision rule, and one-line errors and warnings. Each entry point builds its own parser (`ArgumentParser`)."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -17,6 +23,14 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, `--steps abc`, a missing value) follow the tools' rule:
+    one line `prog: error: ...`, exit status 2 (argparse prints its usage block first; --help shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Precision names the tools take."""
 
@@ -24,13 +38,143 @@ INPUT_ERRORS = (UsageError, PlanError, WeightsError, UnknownModelError)
 """Errors that mean the user's input was wrong (exit status 2, one line, no traceback)."""
 
 
-def add_model_arguments(p: argparse.ArgumentParser, default_model: str) -> None:
-    """--model, --model-path, --random-weights, --allow-pickle."""
-    p.add_argument("--model", default=default_model,
-                   help=f"sd15, sdxl, tiny-sd15 or tiny-sdxl (default {default_model})")
+def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -> None:
+    """--model (required when `default_model` is None), --model-path, --random-weights, --weights-seed,
+    --allow-pickle (read back by `weights_seed_from_args`)."""
+    if default_model is None:
+        p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl (required)")
+    else:
+        p.add_argument("--model", default=default_model,
+                       help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default: %(default)s)")
     p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
-    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the real architecture with random weights (tiny models always have random weights)")
+    p.add_argument("--weights-seed", default="0", metavar="N",
+                   help="seed of the random weights (default: %(default)s); engines built with one weights seed "
+                        "serve only that seed")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
+
+
+def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace) -> int:
+    """The checked `--weights-seed` (0 <= N < 2^64), after the model-source flags are checked against each other;
+    warns (one line) that `--random-weights` changes nothing on a tiny model."""
+    seed = parse_seed(args.weights_seed, "--weights-seed")
+    if args.model_path is not None and args.random_weights:
+        raise UsageError("--model-path and --random-weights exclude each other")
+    random = family.tiny or args.random_weights
+    if seed != 0 and not random:
+        raise UsageError(f"--weights-seed {args.weights_seed}: only random weights have a seed "
+                         f"({'--model-path loads ' + repr(args.model_path) if args.model_path else 'add --random-weights'})")
+    if family.tiny and args.random_weights:
+        warn(prog, f"--random-weights changes nothing: {family.name} always has random weights")
+    return seed
+
+
+def warn(prog: str, message: str) -> None:
+    """One line on standard error; the run goes on."""
+    print(f"{prog}: warning: {message}", file=sys.stderr)
+
+
+SEED_LIMIT = 2**64
+"""Seeds are integers 0 <= seed < 2^64, as torch.Generator.manual_seed and the C++ tools take them."""
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_FLT_MAX = 3.4028234663852886e38
+"""Guidance becomes a float32 in the networks (and in the C++ tools): larger is infinite there."""
+
+
+def parse_seed(text: str, flag: str = "--seed") -> int:
+    """`--seed`, `--weights-seed`: decimal digits only, 0 <= seed < 2^64 (the C++ tools' rule). Python's int()
+    would take '-1' (which the generator wraps to 2^64-1), ' 7', '1_0' and non-ASCII digits."""
+    if text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < SEED_LIMIT:
+        return int(text)
+    raise UsageError(f"{flag} {text!r}: must be an integer 0 <= {flag.lstrip('-')} < 2^64")
+
+
+def parse_guidance(text: str, flag: str = "--guidance") -> float:
+    """`--guidance`: a finite decimal number >= 0 (the C++ tools' rule). nan would silently turn CFG off (nan > 1
+    is false), inf gives an all-black image, and a negative weight steers the image away from its prompt."""
+    value = float(text) if _FLOAT_RE.fullmatch(text) else math.nan
+    if not (math.isfinite(value) and 0 <= value <= _FLT_MAX):
+        raise UsageError(f"{flag} {text!r}: must be a finite number >= 0")
+    return value + 0.0  # -0 -> 0
+
+
+MAX_DILATION = 8
+"""Past 8 a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map (the paper uses 2)."""
+
+
+def dilation_from_args(dilation: int | None, no_dilation: bool = False) -> int:
+    """`--dilation` (default 2) and `--no-dilation` (1) as the tools take them; argparse gives None when
+    `--dilation` was not given, so that `--no-dilation --dilation 5` is refused rather than half obeyed."""
+    if no_dilation:
+        if dilation is not None:
+            raise UsageError(f"--no-dilation and --dilation {dilation} contradict each other; give one of them")
+        return 1
+    if dilation is None:
+        return 2
+    if dilation < 1:
+        raise UsageError(f"--dilation {dilation}: must be at least 1")
+    if dilation > MAX_DILATION:
+        raise UsageError(f"--dilation {dilation}: must be at most {MAX_DILATION} (the paper uses 2; past "
+                         f"{MAX_DILATION} a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map)")
+    return dilation
+
+
+def check_writable(flag: str, value: str, folder: Path) -> None:
+    """Creates and removes a temp file in `folder`: the real test (os.access misses read-only mounts and ACLs,
+    and says yes to root whatever the permission bits)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".mf-write-test-")
+    except OSError as e:
+        raise UsageError(f"{flag} {value!r}: cannot write in {str(folder)!r} ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def output_file_from_args(flag: str, value: str, suffix: str = ".png") -> Path:
+    """An output file that can be written, checked before any work: a name ending in `suffix`, not a folder,
+    in an existing folder this process can write in."""
+    out = Path(value)
+    if not value.strip():
+        raise UsageError(f"{flag} {value!r}: give a file name, e.g. out{suffix}")
+    if out.is_dir():
+        raise UsageError(f"{flag} {value!r} is a folder; give a file name in it, e.g. {str(out / ('out' + suffix))!r}")
+    if out.suffix.lower() != suffix:
+        raise UsageError(f"{flag} {value!r}: the file is written as {suffix[1:].upper()}; give a name ending in "
+                         f"{suffix}, not {out.suffix or 'no suffix'!r}")
+    if not out.parent.exists():
+        raise UsageError(f"{flag} {value!r}: output folder {str(out.parent)!r} does not exist")
+    if not out.parent.is_dir():
+        raise UsageError(f"{flag} {value!r}: {str(out.parent)!r} is a file, not a folder")
+    check_writable(flag, value, out.parent)
+    return out
+
+
+def output_folder_from_args(flag: str, value: str) -> Path:
+    """An output folder that exists or can be created, and written in, checked before any work."""
+    out = Path(value)
+    if not value.strip():
+        raise UsageError(f"{flag} {value!r}: give a folder name")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {value!r} exists and is not a folder")
+    nearest = out
+    while not nearest.exists():  # the folder mkdir(parents=True) will create the rest in ('.' always exists)
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UsageError(f"{flag} {value!r}: {str(nearest)!r} is a file, not a folder")
+    check_writable(flag, value, nearest)
+    return out
+
+
+def warn_truncated_prompts(prog: str, tokenizers: list, prompts: dict[str, str]) -> None:
+    """One warning line per prompt longer than the text encoders take (CLIP: 77 tokens with the start and end
+    tokens); `runtime.conditioning.token_ids` cuts the rest without a word."""
+    for flag, text in prompts.items():
+        dropped = max(len(tok(text, verbose=False).input_ids) - tok.model_max_length for tok in tokenizers)
+        if dropped > 0:
+            limit = tokenizers[0].model_max_length
+            warn(prog, f"{flag} is {limit + dropped} tokens, the text encoder takes {limit}: the last {dropped} "
+                       "are dropped")
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +211,10 @@ def plan_from_args(family: ModelFamily, size: str | None, stages: str | None, st
     """`--size`, `--stages` and `--steps` as the tools take them."""
     if steps is not None and steps <= 0:
         raise UsageError(f"--steps {steps}: needs at least 1 step")
-    w, h = parse_size(size) if size else (None, None)
-    if stages:
+    w, h = parse_size(size) if size is not None else (None, None)  # `--size ""` is an error, not the default
+    if stages is not None and not stages.strip():
+        raise UsageError(f"--stages {stages!r}: give at least one stage, e.g. 1024x1024:40,2048x2048:10")
+    if stages is not None:
         if steps is not None:
             raise UsageError("--steps and --stages exclude each other (give steps per stage in --stages)")
         return validate_plan(family, parse_stages(stages), w, h)

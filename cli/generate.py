@@ -6,27 +6,34 @@ import os
 import sys
 from pathlib import Path
 
-from .common import (UsageError, add_device_arguments, add_model_arguments,
+from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                                           add_plan_arguments, run_main)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="mf-generate",
         description="Generate one image with MegaFusion (truncate and relay, coarse to fine).",
     )
     add_model_arguments(p, "tiny-sdxl")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--prompt", required=True, help="what the image shows (required)")
+    p.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
     add_plan_arguments(p)
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", default="7.0", metavar="W",
+                   help="classifier-free guidance weight, a finite number >= 0 (default: %(default)s); "
+                        "at 1 or below CFG is off")
+    p.add_argument("--seed", default="0", metavar="N",
+                   help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
     p.add_argument("--no-dilation", action="store_true", help="no dilated mid block at the larger stages")
-    p.add_argument("--dilation", type=int, default=2, help="mid-block dilation at stages after the first")
+    p.add_argument("--dilation", type=int, metavar="D",
+                   help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
     p.add_argument("--no-reschedule", action="store_true", help="no noise re-scheduling")
-    p.add_argument("--relay", choices=("pixel", "latent"), default="pixel")
+    p.add_argument("--relay", choices=("pixel", "latent"), default="pixel",
+                   help="between stages: VAE decode, bicubic, encode (pixel) or bicubic on the latent (latent) "
+                        "(default: %(default)s)")
     add_device_arguments(p)
-    p.add_argument("--output", default="megafusion.png", help="PNG file to write")
+    p.add_argument("--output", default="megafusion.png", metavar="FILE.png",
+                   help="PNG file to write (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--mode", choices=("eager", "graphs", "compiled"),
                    help="eager loop; one CUDA graph per stage shape (default on CUDA); or graphs around "
@@ -34,33 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inductor", metavar="SET",
                    help="with --mode compiled: a named Inductor option set (engine.torch_fast.INDUCTOR_SETS), e.g. "
                         "`tuned` (2%% faster, compiles for about 17 minutes)")
-    p.add_argument("--engines", help="run from the engines mf-build-engines built in this folder")
+    p.add_argument("--engines", metavar="DIR", help="run from the engines mf-build-engines built in this folder")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="with --mode compiled: where compiled code is kept for the next process "
                         "(default: $MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled)")
-    p.add_argument("--no-compile-cache", action="store_true", help="with --mode compiled: compile from scratch, save nothing")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="with --mode compiled: compile from scratch, save nothing")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.networks import TorchNetworks
-    from .common import model_dtype, plan_from_args, resolve_device, vae_dtype
+    from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
+                         plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
     from ..core.loading import load_model
     from ..core.families import get_family
 
     from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
     family = get_family(args.model)
+    # Every check of the user's input comes before the model load: a bad value costs no minutes.
+    weights_seed = weights_seed_from_args("mf-generate", family, args)
+    guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)
+    dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
-    dilation = 1 if args.no_dilation else args.dilation
     try:
-        opts = GenerationOptions(args.prompt, args.negative_prompt, args.guidance, args.seed,
+        opts = GenerationOptions(args.prompt, args.negative_prompt, guidance, seed,
                                  not args.no_reschedule, dilation, args.relay)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.output)
-    if not out.parent.exists():
-        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+    out = output_file_from_args("--output", args.output)
+    if args.engines is not None and not Path(args.engines).is_dir():
+        raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
     if args.inductor is not None:
         from ..engine.torch_fast import inductor_set
@@ -79,9 +91,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = model_dtype(device, args.dtype)
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     else:
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype)
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                            seed=weights_seed)
+    warn_truncated_prompts("mf-generate", bundle.tokenizers,
+                           {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)  # a loaded folder's VAE config decides
 
     compile_cache = None

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 from ..runtime.tokens import format_ids, load_tokenizers
-from .common import UsageError, run_main
+from .common import ArgumentParser, UsageError, run_main, warn_truncated_prompts
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mf-tokens", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="mf-tokens", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model family (sd15, sdxl, tiny-sd15, tiny-sdxl)")
     p.add_argument("--model-path", help="diffusers folder whose tokenizers to use (default: the built-in one "
                                         "that random-weight builds use)")
@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     def body() -> int:
         if args.output and not Path(args.output).parent.is_dir():
             raise UsageError(f"output folder {str(Path(args.output).parent)!r} does not exist")
-        text = format_ids(args.model, load_tokenizers(args.model, args.model_path), args.prompt,
-                          args.negative_prompt)
+        tokenizers = load_tokenizers(args.model, args.model_path)
+        warn_truncated_prompts(p.prog, tokenizers, {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
+        text = format_ids(args.model, tokenizers, args.prompt, args.negative_prompt)
         if args.output:
             out = Path(args.output)
             tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

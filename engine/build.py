@@ -117,7 +117,8 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
     backend = check_request(req)
     cache = EngineCache(req.output)
     cache.entries()  # a corrupt manifest stops the build before any work
-    cache.remove_stale_staging()
+    if removed := cache.remove_stale_staging():
+        log(f"removed {removed} staging folder(s) left by killed builds")
     version, device = backend.version(), device_name(req.device)
     reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation, req.vae_precision)
     reqs = tuple(Requirement(r.spec, backend.profiles(bundle.family, r, req.plan)) for r in reqs)

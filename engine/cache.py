@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -159,6 +160,37 @@ def device_name(device: torch.device | str) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def path_problem(rel: str) -> str:
+    """Why a file path the manifest records does not name a file inside the engine folder ("" when it does):
+    it must be relative, normalized and free of '..' (the rule of the C++ reader, cpp/src/lib/manifest.cpp)."""
+    if not rel:
+        return "is empty"
+    if "\0" in rel:
+        return "holds a NUL byte"
+    if rel.startswith("/"):
+        return "is absolute"
+    for part in rel.split("/"):
+        if part == "..":
+            return "has a '..' component"
+        if part in ("", "."):
+            return "is not a normalized relative path"
+    return ""
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -193,6 +225,10 @@ class EngineCache:
             raise CorruptManifestError(
                 f"engine manifest {p} is corrupt or truncated ({e}); delete it and rebuild with "
                 "mf-build-engines") from None
+        except RecursionError:  # json recurses once per nesting level: `[[[[...` exhausts the stack
+            raise CorruptManifestError(
+                f"engine manifest {p} is corrupt (nested too deeply to read); delete it and rebuild with "
+                "mf-build-engines") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CorruptManifestError(f"engine manifest {p} is not a format-{FORMAT} megafusion manifest")
         try:
@@ -205,17 +241,68 @@ class EngineCache:
         return out
 
     def verify(self, entry: Entry) -> None:
-        """Raises CorruptEngineError naming the first file that is missing or differs from its record."""
+        """Raises CorruptEngineError naming the first file that lies outside the folder, is a symbolic link or
+        not a regular file, is missing, or differs from its record. A manifest is data anyone who can write the
+        folder may edit: without these checks an entry could point a runtime at any file on the machine."""
+        who = f"{entry.key.describe()}, entry {entry.digest[:16]}"
         for rec in entry.files:
-            p = self.root / rec.path
-            if not p.is_file():
-                raise CorruptEngineError(f"engine file {p} is missing ({entry.key.describe()})")
-            size = p.stat().st_size
-            if size != rec.size:
+            if why := path_problem(rec.path):
                 raise CorruptEngineError(
-                    f"engine file {p} is {size} bytes, the manifest says {rec.size} (truncated or replaced)")
-            if sha256_file(p) != rec.sha256:
-                raise CorruptEngineError(f"engine file {p} does not match its sha256 in {self.manifest_path}")
+                    f"engine {entry.key.describe()} (entry {entry.digest[:16]}) lists file {rec.path!r}, which "
+                    f"{why}; engine files must lie inside the engine folder")
+            p = self.root / rec.path
+            st = self._lstat_inside(p, rec.path, who)
+            if st.st_size != rec.size:
+                raise CorruptEngineError(
+                    f"engine file {p} is {st.st_size} bytes, the manifest says {rec.size} (truncated or replaced) "
+                    f"({who})")
+            if self._sha256_nofollow(p, st, who) != rec.sha256:
+                raise CorruptEngineError(f"engine file {p} does not match its sha256 in {self.manifest_path} "
+                                         f"({who}): replaced or corrupt; rebuild with mf-build-engines")
+
+    def _lstat_inside(self, p: Path, rel: str, who: str) -> os.stat_result:
+        """lstat of the regular file `p` (= root / rel), each component below the root checked without following
+        links, and its canonical path checked to lie inside the root."""
+        q, parts = self.root, rel.split("/")
+        for n, part in enumerate(parts, 1):
+            q = q / part
+            try:
+                st = os.lstat(q)
+            except (FileNotFoundError, NotADirectoryError):
+                raise CorruptEngineError(f"engine file {p} is missing ({who})") from None
+            except OSError as e:
+                raise CorruptEngineError(f"engine file {p} cannot be read ({e.strerror}) ({who})") from None
+            last = n == len(parts)
+            if stat.S_ISLNK(st.st_mode):
+                raise CorruptEngineError(
+                    f"engine file {p}{'' if last else f': {q}'} is a symbolic link ({who}); engine folders hold "
+                    "regular files only, rebuild with mf-build-engines")
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise CorruptEngineError(f"engine file {p} is missing ({q} is {_file_kind(st.st_mode)}) ({who})")
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptEngineError(f"engine file {p} is {_file_kind(st.st_mode)}, not a regular file ({who})")
+        root_real, real = os.path.realpath(self.root), os.path.realpath(p)
+        if not real.startswith(root_real + os.sep):  # cannot happen after the checks above; kept as the rule itself
+            raise CorruptEngineError(
+                f"engine file {p} resolves to {real!r}, outside the engine folder {root_real} ({who})")
+        return st
+
+    @staticmethod
+    def _sha256_nofollow(p: Path, st: os.stat_result, who: str) -> str:
+        """sha256 of the file lstat saw: opened without following a link (one swapped in since fails) and
+        checked to be the same inode."""
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise CorruptEngineError(f"engine file {p} cannot be opened ({e.strerror}) ({who})") from None
+        with open(fd, "rb") as f:
+            now = os.fstat(fd)
+            if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise CorruptEngineError(f"engine file {p} changed while it was being verified ({who})")
+            h = hashlib.sha256()
+            while block := f.read(1 << 22):
+                h.update(block)
+        return h.hexdigest()
 
     def lookup(self, key: EngineKey) -> Entry | None:
         """The verified entry for exactly this key; None if absent or invalid (build then rebuilds it)."""
@@ -287,7 +374,9 @@ class EngineCache:
             entries = self.entries()
             if entries.pop(digest, None) is not None:
                 self._write_manifest(entries)  # unlist the invalid entry before its folder changes
-            if final.exists():
+            if final.is_symlink() or (final.exists() and not final.is_dir()):
+                final.unlink()  # the link itself, never what it points to: a build writes inside the folder only
+            elif final.exists():
                 trash = self.root / f"{_STAGING_PREFIX}trash-{uuid.uuid4().hex[:8]}"
                 os.replace(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
@@ -299,10 +388,40 @@ class EngineCache:
         return entry
 
     def remove_stale_staging(self, older_than_s: float = 3600.0) -> int:
-        """Deletes staging folders left by killed builds (old enough not to be another live build's)."""
+        """Deletes staging folders left by killed builds: those whose building process is gone (its pid is in
+        the name, `.staging-<digest16>-<pid>-<id>`), at once, since a killed SDXL export leaves gigabytes; those
+        without a pid (trash of a replaced entry) once older than `older_than_s`. A live process's folder is
+        kept, whatever its age: it may be another build of this folder still writing."""
         n = 0
         for p in self.root.glob(f"{_STAGING_PREFIX}*"):
-            if p.is_dir() and time.time() - p.stat().st_mtime > older_than_s:
+            if not p.is_dir() or p.is_symlink():
+                continue
+            pid = _staging_pid(p.name)
+            gone = _process_gone(pid) if pid is not None else time.time() - p.stat().st_mtime > older_than_s
+            if gone:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n
+
+
+def _staging_pid(name: str) -> int | None:
+    """The builder's pid in a staging folder's name, or None (trash folders, other names)."""
+    parts = name[len(_STAGING_PREFIX):].split("-")
+    if len(parts) == 3 and len(parts[0]) == 16 and parts[1].isascii() and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process has this pid (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return True  # never a builder's pid; os.kill(0 or -n) would address process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OverflowError:
+        return True  # beyond the kernel's pid range: no such process
+    except PermissionError:
+        return False  # another user's live process
+    return False

@@ -6,6 +6,7 @@ that name the range, the entry or the file, and the command that builds what is 
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -24,11 +25,39 @@ class CoverageError(EngineError):
 
 
 def build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,
-                  engine_dir: Path) -> str:
-    stages = ",".join(str(s) for s in plan.stages)
-    extra = " --no-dilation" if dilation == 1 else ("" if dilation == 2 else f" --dilation {dilation}")
-    return (f"mf-build-engines --model {bundle.family.name} --stages {stages} --backend {backend} "
-            f"--precision {precision}{extra} --output {engine_dir}")
+                  engine_dir: Path, device: str = "cpu", ort_optimize: str = "none") -> str:
+    """The mf-build-engines command that builds what this run needs: the same weights (the bundle's source),
+    plan, backend, precision, dilation, device type and, for onnxruntime, fusion target. Without the weights'
+    source, running it would report everything up to date and the same refusal would come back."""
+    fam = bundle.family
+    args = ["--model", fam.name]
+    if bundle.source.startswith("random:"):  # `random:<seed>`, as build_random records it
+        if not fam.tiny:  # tiny models are always random
+            args.append("--random-weights")
+        weights_seed = bundle.source.removeprefix("random:")
+        if weights_seed != "0":
+            args += ["--weights-seed", weights_seed]
+    elif bundle.source != fam.hub_id:  # a folder (or another hub id) given with --model-path
+        args += ["--model-path", bundle.source]
+    args += ["--stages", ",".join(str(s) for s in plan.stages), "--backend", backend, "--precision", precision]
+    if dilation == 1:
+        args.append("--no-dilation")
+    elif dilation != 2:
+        args += ["--dilation", str(dilation)]
+    args += ["--device", torch.device(device).type]
+    if backend == "onnxruntime":
+        args += ["--ort-optimize", ort_optimize]
+    args += ["--output", str(engine_dir)]
+    return "mf-build-engines " + shlex.join(args)
+
+
+def _ort_optimize_hint(entries: list[Entry], backend: str, device: torch.device) -> str:
+    """The fusion target a rebuild should ask for: that of this backend's newest entry where it suits the device
+    (keeps the user's earlier choice), else the backend's default for the device."""
+    newest = sorted((e for e in entries if e.key.backend == backend), key=lambda e: -e.created)
+    if newest and newest[0].key.ort_optimize in ("none", device.type):
+        return newest[0].key.ort_optimize
+    return get_backend(backend).default_ort_optimize(device.type) if backend in registry() else "none"
 
 
 def _covers(entry: Entry, r: Requirement) -> bool:
@@ -76,12 +105,15 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     chosen_pair = _choose_backend(entries, device, backend, precision)
     if chosen_pair is None:
         asked = " ".join(x for x in (backend, precision) if x)
-        cmd = build_command(bundle, plan, backend or "onnxruntime", precision or "fp32", dilation, engine_dir)
+        name = backend or "onnxruntime"
+        cmd = build_command(bundle, plan, name, precision or "fp32", dilation, engine_dir, device.type,
+                            _ort_optimize_hint(entries, name, device))
         raise CoverageError(f"no {fam.name} {asked + ' ' if asked else ''}engines in {engine_dir}; "
                             f"build them with: {cmd}")
     backend_name, precision = chosen_pair
     backend = get_backend(backend_name)
-    cmd = build_command(bundle, plan, backend_name, precision, dilation, engine_dir)
+    cmd = build_command(bundle, plan, backend_name, precision, dilation, engine_dir, device.type,
+                        _ort_optimize_hint(entries, backend_name, device))
     installed, here = backend.version(), device_name(device)
     chosen: dict[tuple[str, int], Entry] = {}
     fingerprints: dict[int, str] = {}

@@ -35,6 +35,9 @@ def read_models(root: str | os.PathLike) -> dict[str, dict]:
         return data["models"]
     except (ValueError, AttributeError) as e:
         raise CorruptManifestError(f"model facts file {path} is corrupt ({e}); delete it and rebuild") from None
+    except RecursionError:  # json recurses once per nesting level: `[[[[...` exhausts the stack
+        raise CorruptManifestError(
+            f"model facts file {path} is corrupt (nested too deeply to read); delete it and rebuild") from None
 
 
 def record_model(cache: EngineCache, bundle: ModelBundle, weights: dict[str, str]) -> dict:

@@ -3,7 +3,7 @@
 python benchmarks/lab/cpp_vs_python.py --model sdxl --engines DIR --cpp-bin BUILD/cpp/mf-generate-cpp \
     --output OUT [--size 2048x2048 | --stages S] [--modes cpp,python-aoti,python-aoti-graphs,python-compiled]
 
-DIR holds `mf-build-engines --backend aoti` packages built from `--random-weights --seed N` (this script loads
+DIR holds `mf-build-engines --backend aoti` packages built from `--random-weights --weights-seed N` (this script loads
 the same weights the same way, so the engines' weight fingerprints match). Modes, in this order, one process:
 - `cpp`: `mf-generate-cpp --repeats R+1` in a subprocess (its first run is the warm-up), wall time of each
   `mf_generate` call as the example prints it;
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="generation seed")
-    p.add_argument("--weights-seed", type=int, default=0, help="the --seed the engines were built with")
+    p.add_argument("--weights-seed", type=int, default=0, help="the --weights-seed the engines were built with")
     p.add_argument("--device", default="cuda")
     p.add_argument("--prompt", default="a photo of a red fox in the snow, highly detailed")
     args = p.parse_args(argv)

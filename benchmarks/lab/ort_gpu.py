@@ -44,7 +44,7 @@ def load(name: str, seed: int, st: dict[str, Any]):
     from megafusion.core.plan import default_plan
 
     t0 = time.perf_counter()
-    # As `mf-build-engines --random-weights --seed N` loads it (CPU, fp32): the same weights and fingerprints,
+    # As `mf-build-engines --random-weights --weights-seed N` loads it (CPU, fp32): the same weights and fingerprints,
     # so engines built by separate (parallel) mf-build-engines processes open here; `to_device` follows.
     bundle = load_model(name, random_weights=True, seed=seed)
     st["model_load_s"] = round(time.perf_counter() - t0, 2)

@@ -85,7 +85,7 @@ def test_generate_uncovered_size_names_range_and_command(sdxl_engines, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "384x320" in err and "they cover 256x256" in err
     assert f"mf-build-engines --model tiny-sdxl --stages 128x128:2,384x320:2 --backend onnxruntime " \
-           f"--precision fp32 --output {sdxl_engines}" in err
+           f"--precision fp32 --device cpu --ort-optimize none --output {sdxl_engines}" in err
     assert not (tmp_path / "o.png").exists()
 
 

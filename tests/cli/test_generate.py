@@ -51,7 +51,7 @@ def test_one_stage_from_saved_folder_reproduces_diffusers(tiny_sd15, tmp_path):
     (["--model", "sd9"], "unknown model 'sd9'"),
     (["--model", "sd15", "--model-path", "/no/such/dir"], "'/no/such/dir' does not exist"),
     (["--output", "/no/such/dir/x.png"], "output folder '/no/such/dir' does not exist"),
-    (["--dilation", "0"], "dilation must be >= 1"),
+    (["--dilation", "0"], "--dilation 0: must be at least 1"),
     (["--mode", "compiled", "--inductor", "fastest"], "unknown Inductor set 'fastest'"),
     (["--inductor", "tuned"], "--inductor tuned needs --mode compiled"),
 ])

@@ -203,3 +203,22 @@ def test_leftover_staging_is_ignored_and_cleaned(tmp_path):
     (left / "model.onnx").write_bytes(b"partial")
     assert cache.entries() == {}
     assert cache.remove_stale_staging(older_than_s=0) == 1 and not left.exists()
+
+
+def test_staging_of_a_dead_build_is_removed_and_a_live_ones_kept(tmp_path):
+    """A build killed with SIGKILL leaves `.staging-<digest16>-<pid>-<id>`; the next build removes it at once
+    (not after an hour: for SDXL it can hold a 9.8 GB export) and keeps the folder of a process still running."""
+    import subprocess
+    import sys
+
+    cache = EngineCache(tmp_path)
+    digest = base_key().digest()[:16]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is now free: the "killed build"
+    dead = tmp_path / f".staging-{digest}-{child.pid}-0123abcd"
+    live = tmp_path / f".staging-{digest}-{os.getpid()}-4567cdef"
+    for p in (dead, live):
+        p.mkdir()
+        (p / "model.onnx").write_bytes(b"half an export")
+    assert cache.remove_stale_staging() == 1
+    assert not dead.exists() and (live / "model.onnx").is_file()
