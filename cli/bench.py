@@ -42,7 +42,8 @@ def build_parser() -> ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                          plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
-    from ..core.families import SD15, SDXL, get_family
+    from ..core.families import SD15, SDXL
+    from ..core.loading import resolve_family
 
     from ..benchmarks.bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
     from ..benchmarks.flops import MetaCostCounter
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.report import summary_table, write_reports
     from ..benchmarks.timing import environment
 
-    family = get_family(args.model)
+    family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     # Every check of the user's input comes before the model load and the runs.
     if args.engines is not None:
         raise UsageError(f"--engines {args.engines}: mf-bench names the variants to time with --variants "

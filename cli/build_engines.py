@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
                          weights_seed_from_args)
     from ..core.loading import load_model
-    from ..core.families import get_family
+    from ..core.loading import resolve_family
 
     from ..engine.build import BuildRequest, build_engines
 
-    family = get_family(args.model)
+    family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     # Every check of the user's input comes before the model load and the exports.
     if args.seed is not None:
         raise UsageError(f"--seed {args.seed}: the seed of random weights is --weights-seed (--weights-seed "

@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
                          plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
     from ..core.loading import load_model
-    from ..core.families import get_family
+    from ..core.loading import resolve_family
 
     from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
-    family = get_family(args.model)
+    family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     # Every check of the user's input comes before the model load: a bad value costs no minutes.
     weights_seed = weights_seed_from_args("mf-generate", family, args)
     guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)

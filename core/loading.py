@@ -229,6 +229,7 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
                     allow_pickle: bool = False) -> ModelBundle:
     """Loads a local diffusers folder, or a hub id where the network allows."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path_or_id).expanduser()
@@ -244,9 +245,11 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
         )
     # Safetensors only, unless pickle is allowed: then each component takes whichever it has.
     kw: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
+    # What diffusers falls back to anyway without accelerate, said up front: no install banner on every load.
+    low_mem = {"low_cpu_mem_usage": is_accelerate_available()}
     try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw, **low_mem)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw, **low_mem)
         encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)]
         tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")]
         if family.is_xl:

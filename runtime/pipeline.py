@@ -6,6 +6,7 @@ indexed by step, so the loop never waits on the host.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ class GenerationOptions:
             raise ValueError(f"unknown relay mode {self.relay!r}; choose one of {', '.join(RELAY_MODES)}")
         if self.dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {self.dilation}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):  # nan would turn CFG off, inf a black image
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer 0 <= seed < 2^64, got {self.seed!r}")
 
 
 @dataclass

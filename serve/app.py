@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.config import BackpressureConfig, HTTPOptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from ..core.families import get_family
+from ..core.loading import resolve_family
 
 from .config import ServeConfig
 from .request import RequestError, parse_body, parse_request, size_text, wants_json
@@ -84,7 +84,7 @@ class Ingress:
 
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.from_dict(cfg)
-        self.family = get_family(self.cfg.model)
+        self.family = resolve_family(self.cfg.model, self.cfg.model_path)
         self.sizes = self.cfg.served_sizes
         self._handle = None
         self._ready_at = 0.0

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.families import UnknownModelError, get_family
+from ..core.loading import resolve_family
 from ..core.plan import PlanError, default_plan, parse_size
 
 MODES = ("eager", "graphs", "compiled")
@@ -60,7 +61,7 @@ class ServeConfig:
     def served_sizes(self) -> tuple[tuple[int, int], ...]:
         if self.sizes:
             return self.sizes
-        plan = default_plan(get_family(self.model))
+        plan = default_plan(resolve_family(self.model, self.model_path))
         return ((plan.output_width, plan.output_height),)
 
     def to_dict(self) -> dict:
@@ -109,6 +110,13 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
         if cfg.mode != "eager" and cfg.device != "cuda":
             raise ConfigError(f"--mode {cfg.mode} needs --device cuda (got {cfg.device})")
+    if cfg.model_path is not None:
+        from ..core.loading import WeightsError
+
+        try:  # a local folder's config gives the native size the sizes are planned at
+            family = resolve_family(cfg.model, cfg.model_path)
+        except WeightsError as e:
+            raise ConfigError(f"--model-path {cfg.model_path!r}: {e}") from None
     for w, h in cfg.sizes:
         try:
             default_plan(family, w, h)

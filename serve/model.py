@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.families import ModelFamily, get_family
-from ..core.loading import load_model
+from ..core.families import ModelFamily
+from ..core.loading import load_model, resolve_family
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
 from ..engine.networks import TorchNetworks
 from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
@@ -85,7 +85,7 @@ class ModelServer:
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        self.family = get_family(cfg.model)
+        self.family = resolve_family(cfg.model, cfg.model_path)
         self.device = torch.device(cfg.device)
         dtype = model_dtype(self.device)
         t0 = time.perf_counter()

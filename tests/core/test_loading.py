@@ -164,3 +164,18 @@ def test_native_size_from_a_height_width_pair_and_refusals(tiny_sd15, tmp_path):
         resolve_family("tiny-sd15", str(tmp_path))
     with pytest.raises(WeightsError, match="model_index.json is missing"):
         resolve_family("tiny-sd15", str(tmp_path / "unet"))
+
+
+def test_local_folder_load_prints_no_accelerate_banner(tiny_sd15, tmp_path):
+    import logging
+
+    _save(tiny_sd15, tmp_path)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # diffusers' logger does not propagate to the root
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_model("tiny-sd15", model_path=str(tmp_path))
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "accelerate" in r.getMessage()]

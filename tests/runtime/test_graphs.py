@@ -51,3 +51,10 @@ def test_graphs_captured_once_per_shape_and_replayed_every_step(name):
     assert pipe.graphs.captures == 3 and pipe.graphs.replays == 20  # new guidance, same graphs
     assert _relerr(first.latent, eager.latent) < 1e-4  # TF32/cuDNN choices may differ from eager slightly
     assert _relerr(second.latent, first.latent) > 1e-3
+
+
+@pytest.mark.parametrize(("field", "value"), [("guidance", float("nan")), ("guidance", float("inf")),
+                                              ("guidance", -1.0), ("seed", -1), ("seed", 2**64), ("seed", 1.5)])
+def test_options_refuse_what_the_tools_refuse(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        GenerationOptions("a fox", **{field: value})
