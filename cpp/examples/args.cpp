@@ -202,7 +202,13 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
     else if (a == "--steps") ok = steps_given = parse_int_at_least(a, v, 1, params.total_steps, error);
     else if (a == "--seed") ok = parse_u64(a, v, params.seed, error);
     else if (a == "--guidance") ok = parse_guidance(a, v, params.guidance, error);
-    else if (a == "--dilation") ok = parse_int_at_least(a, v, 1, params.dilation, error);
+    else if (a == "--dilation") {
+      ok = parse_int_at_least(a, v, 1, params.dilation, error);
+      if (ok && params.dilation > kMaxDilation)  // the rule and message of Python's cli/common.py
+        ok = false, error = "--dilation " + v + ": must be at most " + std::to_string(kMaxDilation) +
+                            " (the paper uses 2; past " + std::to_string(kMaxDilation) +
+                            " a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map)";
+    }
     else if (a == "--repeats") ok = parse_int_at_least(a, v, 1, cl.repeats, error);
     if (!ok) return kUsageError;
   }

@@ -20,6 +20,7 @@ namespace mfcli {
 
 constexpr int kUsageError = 2;
 constexpr int kMaxSide = 16384;  // core/plan.py MAX_SIDE
+constexpr int kMaxDilation = 8;  // cli/common.py MAX_DILATION
 
 extern const char* const kUsage;
 

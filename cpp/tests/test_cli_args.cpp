@@ -122,6 +122,8 @@ int main(int argc, char** argv) {
   refused({"--steps", "20", "--stages", "128x128:20"},
           "--steps and --stages exclude each other (give steps per stage in --stages)");
   refused({"--dilation", "0"}, "--dilation '0': must be an integer from 1 to 2147483647");
+  refused({"--dilation", "9"}, "--dilation 9: must be at most 8 (the paper uses 2; past 8 a 3x3 kernel's taps lie "
+                               "farther apart than SD1.5's 8x8 native mid-block map)");
   refused({"--repeats", "abc"}, "--repeats 'abc': not an integer");
   // --size: WIDTHxHEIGHT, each side 1 to 16384.
   refused({"--size", "0x0"}, "--size '0x0': each side must be between 1 and 16384 pixels");
