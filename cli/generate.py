@@ -47,6 +47,10 @@ def build_parser() -> ArgumentParser:
                         "(default: $MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="with --mode compiled: compile from scratch, save nothing")
+    p.add_argument("--max-memory", type=float, metavar="GiB",
+                   help="refuse a plan whose estimated peak memory exceeds this (default: the device's memory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, its estimated peak memory and its cost, then exit without loading anything")
     return p
 
 
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if mode != "eager" and device.type != "cuda":
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = model_dtype(device, args.dtype)
+    if _check_memory(args, family, plan, opts, device, dtype):
+        return 0  # --dry-run
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     else:
@@ -160,6 +166,46 @@ def run(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
     return 0
+
+
+def _check_memory(args, family, plan, opts, device, dtype) -> bool:
+    """The plan's estimated peak memory (core/memory.py) against --max-memory or the device's memory, before any
+    load; with --dry-run also prints the plan, the estimate and the cost, and returns True (nothing else to do)."""
+    import math
+    import os
+
+    import torch
+
+    from ..core.memory import GiB, estimate_memory
+    from .common import vae_dtype
+
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
+        raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
+    vae = vae_dtype(family, family.vae, dtype, args.vae_dtype)  # the loaded VAE's config may still differ
+    estimate = estimate_memory(family, plan, dtype, vae, opts.guidance > 1.0, opts.relay)
+    if args.max_memory is not None:
+        limit, what = args.max_memory * GiB, "--max-memory"
+    elif device.type == "cuda":
+        limit, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    else:
+        limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if args.dry_run:
+        from ..benchmarks.flops import MetaCostCounter, plan_cost
+
+        cost = plan_cost(MetaCostCounter(family), plan, cfg=opts.guidance > 1.0, relay=opts.relay)
+        print(f"plan: {plan.describe()}")
+        print("\n".join(estimate.describe()))
+        print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
+              "and compile-time autotuning")
+        print(f"cost: {cost.true_tflop:,.1f} TFLOP (UNet {cost.unet_tflop:,.1f}), text encoders apart")
+        return True
+    if estimate.peak_bytes > limit:
+        name, worst = max(estimate.segments, key=lambda s: s[1])
+        raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB "
+                         f"(weights {estimate.weights_bytes / GiB:.1f} GiB + {name} {worst / GiB:.1f} GiB), more "
+                         f"than {what} ({limit / GiB:.2f} GiB); ask for a smaller --size, a 16-bit --vae-dtype or "
+                         "--relay latent")
+    return False
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -1,0 +1,135 @@
+"""A plan's peak device memory, estimated before anything is loaded: the networks are built on the `meta`
+device (no weights, no arithmetic) and run at every shape the plan uses, while a dispatch mode counts the
+bytes of the tensors alive at each moment. Peak = the weights + the largest transient of any segment
+(a stage's UNet call, a relay's decode and encode, the final decode).
+
+What it leaves out: the caching allocator's rounding and fragmentation, cuDNN workspaces, CUDA-graph pools
+and compile-time autotuning (which can be far larger, see benchmarks/RESULTS.md). It reads eager execution;
+the compiled path frees earlier and usually peaks lower.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .families import ModelFamily
+from .plan import StagePlan
+
+GiB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the storage bytes of every tensor an op creates until it is freed; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        sid = id(storage)
+        if sid in self._seen:  # a view of a tensor already counted
+            return
+        n = storage.nbytes()
+        self._seen.add(sid)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+        def freed(sid=sid, n=n):
+            self.live -= n
+            self._seen.discard(sid)
+
+        weakref.finalize(storage, freed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._track(t)
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The estimate, by part."""
+
+    weights_bytes: int
+    """UNet, VAE and text encoders at the precisions that run."""
+    segments: tuple[tuple[str, int], ...]
+    """(segment, peak bytes of its transient tensors)."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights_bytes + max(b for _, b in self.segments)
+
+    def describe(self) -> list[str]:
+        worst = max(self.segments, key=lambda s: s[1])
+        lines = [f"estimated peak device memory {self.peak_bytes / GiB:.2f} GiB: weights "
+                 f"{self.weights_bytes / GiB:.2f} GiB + {worst[0]} {worst[1] / GiB:.2f} GiB"]
+        lines += [f"  {name:<44} {b / GiB:8.2f} GiB" for name, b in self.segments]
+        return lines
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in (*module.parameters(), *module.buffers()))
+
+
+def _peak(fn) -> int:
+    counter = LiveBytes()
+    with torch.inference_mode(), counter:
+        fn()
+    return counter.peak
+
+
+def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtype, vae_dtype: torch.dtype,
+                    cfg: bool = True, relay: str = "pixel") -> MemoryEstimate:
+    """The estimate for running `plan` with the family's architecture (seconds, no weights needed)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel(**family.unet)
+        vae = AutoencoderKL(**family.vae)
+        encoders = [(CLIPTextModelWithProjection if te.with_projection else CLIPTextModel)(
+            CLIPTextConfig(**te.transformers_config(family.vocab_size or 514))) for te in family.text_encoders]
+    torch.nn.Module.to(unet, dtype=unet_dtype)  # (diffusers' own .to warns about fp32 modules)
+    torch.nn.Module.to(vae, dtype=vae_dtype)
+    text = sum(_bytes(e) // 4 * unet_dtype.itemsize for e in encoders)  # built in fp32, run in the UNet's dtype
+    weights = _bytes(unet) + _bytes(vae) + text
+
+    vs, batch = family.vae_scale, 2 if cfg else 1
+    width = int(family.unet["cross_attention_dim"])
+    segments: list[tuple[str, int]] = []
+    for k, s in enumerate(plan.stages):
+        h, w = s.height // vs, s.width // vs
+        if k > 0 and relay == "pixel":
+            p = plan.stages[k - 1]
+            lat = torch.zeros(1, 4, p.height // vs, p.width // vs, device=meta, dtype=vae_dtype)
+            segments.append((f"relay {k}->{k + 1} decode {p.width}x{p.height}",
+                             _peak(lambda lat=lat: vae.decode(lat, return_dict=False))))
+            img = torch.zeros(1, 3, s.height, s.width, device=meta, dtype=vae_dtype)
+            segments.append((f"relay {k}->{k + 1} encode {s.width}x{s.height}",
+                             _peak(lambda img=img: vae.encode(img).latent_dist.mean)))
+        x = torch.zeros(batch, 4, h, w, device=meta, dtype=unet_dtype)
+        ehs = torch.zeros(batch, 77, width, device=meta, dtype=unet_dtype)
+        added = None
+        if family.is_xl:
+            pooled = family.text_encoders[-1].projection_dim
+            added = {"text_embeds": torch.zeros(batch, pooled, device=meta, dtype=unet_dtype),
+                     "time_ids": torch.zeros(batch, 6, device=meta, dtype=unet_dtype)}
+        t = torch.tensor(999, device=meta)
+        segments.append((f"stage {k + 1} UNet {s.width}x{s.height}, batch {batch}",
+                         _peak(lambda x=x, ehs=ehs, added=added, t=t: unet(
+                             x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False))))
+    last = plan.stages[-1]
+    lat = torch.zeros(1, 4, last.height // vs, last.width // vs, device=meta, dtype=vae_dtype)
+    segments.append((f"final decode {last.width}x{last.height}",
+                     _peak(lambda: vae.decode(lat, return_dict=False))))
+    return MemoryEstimate(weights, tuple(segments))

@@ -1,0 +1,45 @@
+"""mf-generate estimates a plan's peak memory before loading anything (core/memory.py): a plan that cannot fit
+the device, or --max-memory, is one line naming the estimate; --dry-run prints plan, estimate and cost and
+loads nothing."""
+from __future__ import annotations
+
+import pytest
+
+from megafusion.cli import generate as gen_cli
+
+PROMPT = ["--prompt", "a red cube"]
+
+
+@pytest.fixture(autouse=True)
+def no_model_load(monkeypatch):
+    def load_model(*a, **kw):
+        raise AssertionError("the model was loaded before the memory check")
+
+    monkeypatch.setattr("megafusion.core.loading.load_model", load_model)
+
+
+def test_a_plan_larger_than_the_machine_is_refused_naming_the_estimate(tmp_path, capsys):
+    out = tmp_path / "big.png"
+    assert gen_cli.main(["--model", "tiny-sdxl", *PROMPT, "--size", "16384x16384", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs an estimated" in err and "final decode 16384x16384" in err
+    assert "this machine's memory" in err and not out.exists()
+
+
+def test_max_memory_refuses_and_checks_its_value(tmp_path, capsys):
+    args = ["--model", "tiny-sdxl", *PROMPT, "--size", "1024x1024", "--output", str(tmp_path / "a.png")]
+    assert gen_cli.main([*args, "--max-memory", "0.01"]) == 2
+    assert "more than --max-memory (0.01 GiB)" in capsys.readouterr().err
+    for bad in ("-1", "0", "nan"):
+        assert gen_cli.main([*args, "--max-memory", bad]) == 2
+        assert f"--max-memory {float(bad)}: must be a number of GiB > 0" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan_estimate_and_cost_and_loads_nothing(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert gen_cli.main(["--model", "tiny-sd15", *PROMPT, "--size", "256x256", "--dry-run", "--output",
+                         str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "plan: 128x128 x40 -> 192x192 x5 -> 256x256 x5" in said
+    assert "estimated peak device memory" in said and "relay 2->3 encode 256x256" in said
+    assert "cost:" in said and "TFLOP" in said and not out.exists()
