@@ -195,6 +195,18 @@ int main(int argc, char** argv) {
   expect_failure("dilated variant not built", "unet (dilation 2)",
                  [&] { select_entries(f, "tiny-sd15", {{"unet", 2}}, "fp32", "cpu", "2.13.0"); });
   expect_failure("other model", "no sdxl engines", [&] { select_entries(f, "sdxl", unet, "fp16", "cpu", "2.13.0"); });
+  // Rebuild hints carry the weights' source that models.json records, as Python's build_command does.
+  {
+    EngineFolder g = f;
+    g.models.at("tiny-sd15").source = "random:3";
+    expect_failure("hint: random weights and their seed",
+                   "build it with: mf-build-engines --model tiny-sd15 --weights-seed 3 --backend aoti --precision fp16 "
+                   "--device cpu --output",
+                   [&] { select_entries(g, "tiny-sd15", unet, "fp16", "cpu", "2.13.0"); });
+    g.models.at("tiny-sd15").source = "/models/my sd15";
+    expect_failure("hint: a model folder, quoted", "--model tiny-sd15 --model-path '/models/my sd15' --backend aoti",
+                   [&] { select_entries(g, "tiny-sd15", unet, "fp16", "cpu", "2.13.0"); });
+  }
 
   const std::string e_name = "unet (standard) fp32 aoti, entry 2c7824045f781f35";
   check(error_of([&] { verify_files(dir, e); }) == "", "verify_files on intact files");

@@ -185,10 +185,31 @@ Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
   return out;
 }
 
+// A word as a POSIX shell reads it back: as is when plain, else in single quotes.
+std::string shell_word(const std::string& s) {
+  if (!s.empty() && s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./:=@%+,")
+                        == std::string::npos)
+    return s;
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+// The mf-build-engines command that builds what is missing, as Python's engine/load.py build_command words it:
+// the weights' source from models.json (random weights and their seed, or the model folder) and the precision.
 std::string build_hint(const std::string& model, const std::string& device, const std::string& root,
-                       const std::string& backend = "aoti") {
-  return "mf-build-engines --model " + model + " --backend " + backend + " --device " +
-         (device == "cpu" ? "cpu" : "cuda") + " --output " + root;
+                       const std::string& backend, const std::string& precision, const std::string& source) {
+  std::string weights;
+  if (source.rfind("random:", 0) == 0) {
+    const std::string seed = source.substr(7);
+    if (model.rfind("tiny-", 0) != 0) weights += " --random-weights";  // tiny models are always random
+    if (seed != "0") weights += " --weights-seed " + shell_word(seed);
+  } else if (!source.empty()) {
+    weights = " --model-path " + shell_word(source);
+  }
+  return "mf-build-engines --model " + model + weights + " --backend " + backend +
+         (precision.empty() ? "" : " --precision " + precision) + " --device " +
+         (device == "cpu" ? "cpu" : "cuda") + " --output " + shell_word(root);
 }
 
 // The first `n` dot-separated parts of a version, local suffix dropped: "10.13.3.9" -> "10.13.3".
@@ -263,6 +284,7 @@ EngineFolder read_engine_folder(const std::string& dir) {
       facts.vae_scaling_factor = v["vae_scaling_factor"].num;
       for (const auto& [net, fp] : v["weights"].obj) facts.weights[net] = fp.str;
       for (const auto& n : v["vocab_sizes"].arr) facts.vocab_sizes.push_back(static_cast<long long>(n.num));
+      if (v.obj.count("source") && v["source"].kind == mfjson::Value::String) facts.source = v["source"].str;
       out.models[name] = facts;
     }
   } catch (const Failure&) {
@@ -278,8 +300,9 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
                                                             const std::string& precision, const std::string& device,
                                                             const std::string& backend_version,
                                                             const std::string& backend) {
-  const std::string hint = build_hint(model, device, folder.root, backend);
   auto facts = folder.models.find(model);
+  const std::string hint = build_hint(model, device, folder.root, backend, precision,
+                                      facts == folder.models.end() ? "" : facts->second.source);
   if (facts == folder.models.end())
     throw Failure(MF_ERROR_ENGINE, "no " + model + " engines in " + folder.root + "; build them with: " + hint);
   std::map<std::pair<std::string, int>, Entry> chosen;
@@ -323,7 +346,9 @@ std::string choose_backend(const EngineFolder& folder, const std::string& model,
   if (!has_unet("tensorrt")) return "aoti";
   if (cuda && with_tensorrt) return "tensorrt";
   if (has_unet("aoti")) return "aoti";
-  const std::string aoti = build_hint(model, cuda ? "cuda" : "cpu", folder.root);
+  auto facts = folder.models.find(model);
+  const std::string aoti = build_hint(model, cuda ? "cuda" : "cpu", folder.root, "aoti", "",
+                                      facts == folder.models.end() ? "" : facts->second.source);
   if (!with_tensorrt)
     throw Failure(MF_ERROR_ENGINE, "the " + model + " engines in " + folder.root +
                                        " are TensorRT engines, and this libmegafusion was built without TensorRT "
