@@ -146,14 +146,17 @@ def run(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
     try:
-        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None)
+        # Segments are printed as they end: the relays and the decode take seconds without a step to count.
+        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
+                               on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
+                               if bar else None)
     finally:
         if bar is not None:
             bar.close()
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
-    for name, seconds in result.timings:
+    for name, seconds in result.timings if bar is None else ():
         print(f"  {name:<40} {seconds * 1000:10.1f} ms")
     print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
     if result.peak_memory_bytes is not None:

@@ -149,7 +149,11 @@ class MegaFusionPipeline:
         return z, x0
 
     def generate(self, plan: StagePlan, opts: GenerationOptions,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[int, int], None] | None = None,
+                 on_segment: Callable[[str, float], None] | None = None) -> GenerationResult:
+        """One image. `on_step(k, i)` after each denoise step; `on_segment(name, seconds)` after each segment
+        (text encoders, each stage, each relay, the decode), so a caller can show progress through the parts
+        without steps."""
         dev, fam = self.device, self.family
         scaling = float(self.bundle.vae.config.scaling_factor)
         vs = fam.vae_scale
@@ -163,6 +167,8 @@ class MegaFusionPipeline:
             self._sync()
             now = time.perf_counter()
             timings.append((name, now - t0))
+            if on_segment is not None:
+                on_segment(name, now - t0)
             t0 = now
 
         cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
