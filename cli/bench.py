@@ -6,7 +6,7 @@ import math
 import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
-                                          add_plan_arguments, run_main)
+                     add_plan_arguments, run_main)
 
 
 def build_parser() -> ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
-                         plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
+                     plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
     from ..core.families import SD15, SDXL
     from ..core.loading import resolve_family
 

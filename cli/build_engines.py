@@ -72,7 +72,7 @@ def _networks(value: str | None) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
-                         weights_seed_from_args)
+                     weights_seed_from_args)
     from ..core.loading import load_model
     from ..core.loading import resolve_family
 
