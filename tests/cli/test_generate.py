@@ -67,3 +67,21 @@ def test_no_traceback_from_the_console_entry():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "malformed size '1920'" in r.stderr
+
+
+def test_segments_are_shown_as_they_end(tmp_path, capsys, monkeypatch):
+    """The relays and the decode take seconds with no step to count: each segment is printed when it ends, so
+    the relay's line is out before the final decode starts."""
+    from megafusion.engine.networks import TorchNetworks
+
+    printed, decode = [], TorchNetworks.vae_decode
+
+    def spy(self, latents):
+        printed.append(capsys.readouterr().out)
+        return decode(self, latents)
+
+    monkeypatch.setattr(TorchNetworks, "vae_decode", spy)
+    assert main(["--model", "tiny-sd15", "--prompt", "a red cube", "--stages", "128x128:2,256x256:1",
+                 "--output", str(tmp_path / "p.png")]) == 0
+    assert len(printed) == 2  # the relay's decode, then the final one
+    assert "stage 1 (128x128" in printed[0] and "relay 1->2" not in printed[0] and "relay 1->2" in printed[1]
