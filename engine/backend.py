@@ -17,7 +17,7 @@ import torch
 
 from ..core.families import ModelFamily
 from ..core.plan import StagePlan
-from ..core.specs import NetworkSpec, Requirement, ShapeProfile, profile_sizes
+from ..core.specs import PRECISIONS, NetworkSpec, Requirement, ShapeProfile, profile_sizes
 
 if TYPE_CHECKING:
     from ..core.loading import ModelBundle
@@ -85,7 +85,7 @@ class Backend:
 
     name: str = ""
     """What `--backend` and the engine key say."""
-    precisions: tuple[str, ...] = ("fp32", "fp16")
+    precisions: tuple[str, ...] = PRECISIONS
     """Network precisions it builds."""
     profile_kind: str = STAGE_PROFILES
     """`stage`: one profile per plan stage shape; `range`: one profile over the plan's range of sides."""
