@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=weights_seed)
         warn_truncated_prompts("mf-bench", bundle.tokenizers,
                                {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
-        vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)
+        vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)
         if bundle.vae.dtype != vae:  # every variant shares the modules, so the same VAE precision
             bundle.vae.to(dtype=vae)
         print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae}")

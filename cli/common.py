@@ -16,6 +16,7 @@ import torch
 
 from ..core.loading import WeightsError
 from ..core.families import ModelFamily, UnknownModelError
+from ..core.specs import default_vae_dtype
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
 
 
@@ -189,7 +190,7 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--vae-dtype", choices=sorted(DTYPES),
-                   help="VAE precision (default: fp32 for the SDXL VAE under fp16, else --dtype)")
+                   help="VAE precision (default: --dtype, except the SDXL VAE under fp16: bf16 on CUDA, fp32 on CPU)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,16 +227,10 @@ def model_dtype(device: torch.device, name: str | None) -> torch.dtype:
     return DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")]
 
 
-def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None) -> torch.dtype:
-    """--vae-dtype, by default the rule of `default_vae_dtype` on the loaded VAE's config."""
-    return DTYPES[name] if name else default_vae_dtype(family, vae_config, dtype)
-
-
-def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the SDXL VAE under fp16 (its real weights overflow; diffusers' SDXL pipeline upcasts it too),
-    else the model's dtype (SD1.5's pipeline runs its VAE in fp16)."""
-    upcast = family.is_xl and dtype == torch.float16 and vae_config.get("force_upcast", False)
-    return torch.float32 if upcast else dtype
+def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None,
+              device: torch.device) -> torch.dtype:
+    """--vae-dtype, by default core/specs' `default_vae_dtype` rule on the loaded VAE's config."""
+    return DTYPES[name] if name else default_vae_dtype(family, vae_config, dtype, device)
 
 
 def run_main(prog: str, run: Callable[[], int], fatal: tuple[type[BaseException], ...] = ()) -> int:

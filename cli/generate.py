@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=weights_seed)
     warn_truncated_prompts("mf-generate", bundle.tokenizers,
                            {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
-    vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype)  # a loaded folder's VAE config decides
+    vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)  # the loaded VAE's config decides
 
     compile_cache = None
     if args.engines:
@@ -184,7 +184,7 @@ def _check_memory(args, family, plan, opts, device, dtype) -> bool:
 
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
-    vae = vae_dtype(family, family.vae, dtype, args.vae_dtype)  # the loaded VAE's config may still differ
+    vae = vae_dtype(family, family.vae, dtype, args.vae_dtype, device)  # the loaded VAE's config may still differ
     estimate = estimate_memory(family, plan, dtype, vae, opts.guidance > 1.0, opts.relay)
     if args.max_memory is not None:
         limit, what = args.max_memory * GiB, "--max-memory"

@@ -20,6 +20,7 @@ import torch
 from ..core.families import ModelFamily
 from ..core.loading import load_model, resolve_family
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
+from ..core.specs import default_vae_dtype
 from ..engine.networks import TorchNetworks
 from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
 
@@ -43,12 +44,6 @@ class ServeModelError(Exception):
 def model_dtype(device: torch.device) -> torch.dtype:
     """mf-generate's default --dtype: fp16 on CUDA, fp32 on CPU (cli/common.py `model_dtype`)."""
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype) -> torch.dtype:
-    """mf-generate's default --vae-dtype (cli/common.py `default_vae_dtype`; tests hold the two equal)."""
-    upcast = family.is_xl and dtype == torch.float16 and vae_config.get("force_upcast", False)
-    return torch.float32 if upcast else dtype
 
 
 def warmup_plan(family: ModelFamily, width: int, height: int) -> StagePlan:
@@ -93,7 +88,7 @@ class ModelServer:
             self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights)
         else:
             self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
-        vae = default_vae_dtype(self.family, self.bundle.vae.config, dtype)
+        vae = default_vae_dtype(self.family, self.bundle.vae.config, dtype, self.device)
         self.load_s = time.perf_counter() - t0
         self._lock = threading.Lock()  # one generation at a time on this replica's device
         self._engines: OrderedDict[tuple, MegaFusionPipeline] = OrderedDict()

@@ -7,7 +7,7 @@ import torch
 
 from megafusion.core.families import get_family
 from megafusion.serve.config import ServeConfig
-from megafusion.serve.model import Cancelled, ModelServer, default_vae_dtype, model_dtype, warmup_plan
+from megafusion.serve.model import Cancelled, ModelServer, model_dtype, warmup_plan
 from megafusion.serve.request import parse_request
 
 
@@ -58,11 +58,6 @@ def test_dtype_rules_are_mf_generates():
 
     for dev in ("cpu", "cuda"):
         assert model_dtype(torch.device(dev)) == common.model_dtype(torch.device(dev), None)
-    for name in ("sd15", "sdxl", "tiny-sdxl"):
-        fam = get_family(name)
-        for dtype in (torch.float16, torch.float32, torch.bfloat16):
-            for cfg in ({"force_upcast": True}, {"force_upcast": False}, {}):
-                assert default_vae_dtype(fam, cfg, dtype) == common.default_vae_dtype(fam, cfg, dtype)
 
 
 @pytest.mark.slow
