@@ -191,6 +191,21 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Writes `path` so that a reader sees the old file or the whole new one, never a part: a temp file beside
+    it, fsync, rename, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -332,16 +347,7 @@ class EngineCache:
     def write_json(self, name: str, data: dict) -> None:
         """Writes `name` in the cache folder atomically (temp file, fsync, rename, fsync of the folder); callers
         hold the lock."""
-        tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / name)
-            _fsync_dir(self.root)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(self.root / name, json.dumps(data, indent=1).encode())
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .cache import device_name
+from .cache import atomic_write, device_name
 
 
 @dataclass(frozen=True)
@@ -96,16 +95,8 @@ class CompileCache:
         data_path, meta_path = self._paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
         meta = {"key": asdict(key), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        for path, payload in ((data_path, data), (meta_path, json.dumps(meta, indent=1).encode())):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)  # the .bin first: a reader never sees a record without its data
-            finally:
-                tmp.unlink(missing_ok=True)
+        atomic_write(data_path, data)  # the .bin first: a reader never sees a record without its data
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
         return data_path
 
 
