@@ -16,8 +16,9 @@ import torch
 
 from ..core.loading import WeightsError
 from ..core.families import ModelFamily, UnknownModelError
-from ..core.specs import default_vae_dtype
+from ..core.specs import default_dtype, default_vae_dtype
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
+from ..runtime.pipeline import MAX_DILATION, SEED_LIMIT
 
 
 class UsageError(Exception):
@@ -76,8 +77,6 @@ def warn(prog: str, message: str) -> None:
     print(f"{prog}: warning: {message}", file=sys.stderr)
 
 
-SEED_LIMIT = 2**64
-"""Seeds are integers 0 <= seed < 2^64, as torch.Generator.manual_seed and the C++ tools take them."""
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _FLT_MAX = 3.4028234663852886e38
 """Guidance becomes a float32 in the networks (and in the C++ tools): larger is infinite there."""
@@ -98,10 +97,6 @@ def parse_guidance(text: str, flag: str = "--guidance") -> float:
     if not (math.isfinite(value) and 0 <= value <= _FLT_MAX):
         raise UsageError(f"{flag} {text!r}: must be a finite number >= 0")
     return value + 0.0  # -0 -> 0
-
-
-MAX_DILATION = 8
-"""Past 8 a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map (the paper uses 2)."""
 
 
 def dilation_from_args(dilation: int | None, no_dilation: bool = False) -> int:
@@ -223,8 +218,8 @@ def plan_from_args(family: ModelFamily, size: str | None, stages: str | None, st
 
 
 def model_dtype(device: torch.device, name: str | None) -> torch.dtype:
-    """--dtype, by default fp16 on CUDA and fp32 on CPU."""
-    return DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")]
+    """--dtype, by default core/specs' `default_dtype` (fp16 on CUDA, fp32 on CPU)."""
+    return DTYPES[name] if name else default_dtype(device)
 
 
 def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None,

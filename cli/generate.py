@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        result.to_pil().save(tmp, format="PNG")
+        tmp.write_bytes(result.png_bytes())
         os.replace(tmp, out)  # never leave a half-written PNG under the requested name
     finally:
         tmp.unlink(missing_ok=True)

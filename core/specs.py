@@ -206,6 +206,11 @@ def profile_sizes(network: str, profiles: tuple[ShapeProfile, ...], vae_scale: i
     return out
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The networks' dtype when none is asked for: fp16 on CUDA, fp32 on CPU (CPUs lack fast fp16 kernels)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The VAE's dtype when none is asked for: the model's, except a VAE that overflows in fp16 (SDXL's
     `force_upcast`; diffusers' SDXL pipeline upcasts it) under fp16: then bf16 on CUDA (fp32's exponent range at

@@ -24,6 +24,13 @@ from .relay import RELAY_MODES, relay
 from .schedule import StageCoefficients, plan_schedule
 
 
+SEED_LIMIT = 2**64
+"""Seeds are integers 0 <= seed < 2^64, as torch.Generator.manual_seed and the C++ tools take them."""
+
+MAX_DILATION = 8
+"""Past 8 a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map (the paper uses 2)."""
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """What one generation asks for, besides the stage plan."""
@@ -46,11 +53,11 @@ class GenerationOptions:
     def __post_init__(self):
         if self.relay not in RELAY_MODES:
             raise ValueError(f"unknown relay mode {self.relay!r}; choose one of {', '.join(RELAY_MODES)}")
-        if self.dilation < 1:
-            raise ValueError(f"dilation must be >= 1, got {self.dilation}")
+        if not 1 <= self.dilation <= MAX_DILATION:
+            raise ValueError(f"dilation must be between 1 and {MAX_DILATION}, got {self.dilation}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):  # nan would turn CFG off, inf a black image
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance!r}")
-        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
+        if not (isinstance(self.seed, int) and 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer 0 <= seed < 2^64, got {self.seed!r}")
 
 
@@ -73,6 +80,14 @@ class GenerationResult:
         from PIL import Image
 
         return Image.fromarray(self.image)
+
+    def png_bytes(self) -> bytes:
+        """The image as PNG: what mf-generate writes and mf-serve answers, byte for byte."""
+        import io
+
+        buf = io.BytesIO()
+        self.to_pil().save(buf, format="PNG")
+        return buf.getvalue()
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:

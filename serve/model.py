@@ -7,7 +7,6 @@ it reserves), so compare against `mf-generate` run with as many threads. No Ray 
 """
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -20,9 +19,9 @@ import torch
 from ..core.families import ModelFamily
 from ..core.loading import load_model, resolve_family
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
-from ..core.specs import default_vae_dtype
+from ..core.specs import default_dtype, default_vae_dtype
 from ..engine.networks import TorchNetworks
-from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
+from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 from .config import ServeConfig
 from .request import GenerateRequest, size_text, stages_text
@@ -39,11 +38,6 @@ class Cancelled(Exception):
 
 class ServeModelError(Exception):
     """The model cannot serve this request (engines that do not cover it); answered 400, naming why."""
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """mf-generate's default --dtype: fp16 on CUDA, fp32 on CPU (cli/common.py `model_dtype`)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def warmup_plan(family: ModelFamily, width: int, height: int) -> StagePlan:
@@ -68,13 +62,6 @@ class Generated:
         return {"stages": stages_text(self.plan), "size": size_text(self.plan.output_width, self.plan.output_height)}
 
 
-def encode_png(result: GenerationResult) -> bytes:
-    """The PNG bytes mf-generate writes (`result.to_pil().save(path, format="PNG")`)."""
-    buf = io.BytesIO()
-    result.to_pil().save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class ModelServer:
     """The networks of one replica and the pipelines over them, built as mf-generate builds them."""
 
@@ -82,7 +69,7 @@ class ModelServer:
         self.cfg = cfg
         self.family = resolve_family(cfg.model, cfg.model_path)
         self.device = torch.device(cfg.device)
-        dtype = model_dtype(self.device)
+        dtype = default_dtype(self.device)
         t0 = time.perf_counter()
         if cfg.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
             self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights)
@@ -165,7 +152,7 @@ class ModelServer:
             pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
             result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None)
         timings = {name: round(seconds * 1000, 3) for name, seconds in result.timings}
-        return Generated(encode_png(result), result.plan, timings, req.options.seed, result.peak_memory_bytes)
+        return Generated(result.png_bytes(), result.plan, timings, req.options.seed, result.peak_memory_bytes)
 
     def describe(self) -> dict:
         return {"model": self.family.name, "source": self.bundle.source, "device": str(self.device),

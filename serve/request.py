@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..core.families import ModelFamily
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
-from ..runtime.pipeline import GenerationOptions
+from ..runtime.pipeline import MAX_DILATION, SEED_LIMIT, GenerationOptions
 
 FIELDS = ("prompt", "negative_prompt", "size", "stages", "steps", "guidance", "seed", "dilation", "reschedule",
           "relay")
@@ -22,12 +22,6 @@ FIELDS = ("prompt", "negative_prompt", "size", "stages", "steps", "guidance", "s
 DEFAULTS = {"negative_prompt": "", "size": None, "stages": None, "steps": None, "guidance": 7.0, "seed": 0,
             "dilation": 2, "reschedule": True, "relay": "pixel"}
 """What an absent field means: `mf-generate`'s defaults (no --size: the paper's plan at 2x native per side)."""
-
-SEED_LIMIT = 2 ** 64
-"""Seeds are integers with 0 <= seed < 2^64 (as mf-generate-cpp takes them)."""
-
-MAX_DILATION = 8
-"""Largest mid-block dilation a request may ask for."""
 
 MAX_PROMPT_CHARS = 10_000
 """Longest prompt accepted (the tokenizers keep 77 tokens; this bounds the work spent reading one)."""

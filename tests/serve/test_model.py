@@ -7,7 +7,8 @@ import torch
 
 from megafusion.core.families import get_family
 from megafusion.serve.config import ServeConfig
-from megafusion.serve.model import Cancelled, ModelServer, model_dtype, warmup_plan
+from megafusion.core.specs import default_dtype
+from megafusion.serve.model import Cancelled, ModelServer, warmup_plan
 from megafusion.serve.request import parse_request
 
 
@@ -56,8 +57,8 @@ def test_work_stops_between_steps(server):
 def test_dtype_rules_are_mf_generates():
     from megafusion.cli import common
 
-    for dev in ("cpu", "cuda"):
-        assert model_dtype(torch.device(dev)) == common.model_dtype(torch.device(dev), None)
+    for dev, dtype in (("cpu", torch.float32), ("cuda", torch.float16)):
+        assert default_dtype(torch.device(dev)) == dtype == common.model_dtype(torch.device(dev), None)
 
 
 @pytest.mark.slow
