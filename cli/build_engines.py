@@ -23,8 +23,9 @@ def build_parser() -> ArgumentParser:
                    help="engine backend (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="UNet and text encoder precision (default: %(default)s)")
-    p.add_argument("--vae-precision", choices=("fp32", "fp16"),
-                   help="default: fp32 where the VAE overflows in fp16 (SDXL), else --precision")
+    p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"),
+                   help="default: --precision, except SDXL's VAE (overflows in fp16) under fp16: bf16 for a CUDA "
+                        "device where the backend builds it (aoti, torch), else fp32")
     p.add_argument("--dilation", type=int, metavar="D",
                    help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
     p.add_argument("--no-dilation", action="store_true", help="build no dilated UNet")
@@ -37,6 +38,12 @@ def build_parser() -> ArgumentParser:
                    help="comma-separated networks to build (default: all the plan needs): text_encoder, "
                         "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder; builds of "
                         "disjoint sets may run at once into one --output")
+    p.add_argument("--dynamic", action="store_true",
+                   help="aoti: one package per network over the plan's range of sides (serves other sizes in the "
+                        "range, slower) instead of one static package per network and stage shape")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="build the plan's networks in N processes at once, as many as this machine's free RAM "
+                        "holds (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
     return p
@@ -70,6 +77,12 @@ def _networks(value: str | None) -> tuple[str, ...]:
     return names
 
 
+def _default_groups(selectors: dict[str, set[str]]) -> tuple[str, ...]:
+    """What --jobs spreads over processes: each UNet variant alone (the long builds), every other network alone."""
+    unets = tuple(sorted(k for k in selectors if k.startswith("unet-")))
+    return unets + tuple(sorted(k for k in selectors if not k.startswith("unet")))
+
+
 def run(args: argparse.Namespace) -> int:
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
                      weights_seed_from_args)
@@ -90,22 +103,39 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     _check_backend(args.backend, device)
     ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
-    networks = _networks(args.networks)
-    if networks:  # checked before the (minutes-long, for SDXL) model load
-        from ..core.specs import plan_requirements
-
-        from ..engine.build import select_networks
-
+    if args.dynamic:
         try:
-            select_networks(plan_requirements(family, plan, args.precision, dilation, args.vae_precision), networks)
+            get_backend(args.backend).check_request("fp32", "none", device, dynamic=True)
+        except ValueError as e:
+            raise UsageError(f"--dynamic: {e}") from None
+    vae_choices = get_backend(args.backend).vae_precisions
+    if args.vae_precision is not None and args.vae_precision not in vae_choices:
+        raise UsageError(f"--vae-precision {args.vae_precision}: backend {args.backend} builds VAEs in "
+                         f"{', '.join(vae_choices)}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: must be at least 1")
+    networks = _networks(args.networks)
+    from ..core.specs import plan_requirements
+
+    from ..engine.build import network_selectors, select_networks
+
+    reqs = plan_requirements(family, plan, args.precision, dilation, args.vae_precision)
+    if networks:  # checked before the (minutes-long, for SDXL) model load
+        try:
+            select_networks(reqs, networks)
         except ValueError as e:
             raise UsageError(f"--networks: {e}") from None
     print(f"plan: {plan.describe()}")
+    if args.jobs > 1:
+        from .parallel_build import build_in_parallel
+
+        return build_in_parallel(sys.argv[1:] if args.argv is None else args.argv, family, plan,
+                                 networks or _default_groups(network_selectors(reqs)), args.jobs)
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
-                       ort_optimize=ort_optimize, networks=networks)
+                       ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks)
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0
@@ -113,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --jobs re-runs this command line in child processes
     from ..export.onnx_export import ExportError
 
     from ..engine.cache import EngineError

@@ -21,8 +21,15 @@ TEXT_LENGTH = 77
 LATENT_CHANNELS = 4
 """Channels of the SD/SDXL latent."""
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                                  "int32": torch.int32}
 PRECISIONS = ("fp32", "fp16")
+"""Precisions of UNet and text encoder engines."""
+
+VAE_PRECISIONS = ("fp32", "fp16", "bf16")
+"""Precisions of VAE engines: bf16 keeps fp32's exponent range where SDXL's VAE overflows fp16."""
+
+_ELEMENT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 UNET, VAE_ENCODER, VAE_DECODER = "unet", "vae_encoder", "vae_decoder"
 
@@ -151,7 +158,7 @@ def unet_spec(family: ModelFamily, precision: str = "fp32", dilation: int = 1) -
 
 def vae_specs(family: ModelFamily, precision: str = "fp32") -> tuple[NetworkSpec, NetworkSpec]:
     """(encoder: image -> posterior mean, decoder: latent -> image); latents unscaled."""
-    f = "float16" if precision == "fp16" else "float32"
+    f = _ELEMENT[precision]
     lat = TensorSpec("latent", f, ("batch", LATENT_CHANNELS, "height", "width"))
     img = TensorSpec("image", f, ("batch", 3, "image_height", "image_width"))
     enc = NetworkSpec(VAE_ENCODER, Variant.STANDARD, 1, precision, (img,), (lat,), (1, 1, 1))
@@ -221,9 +228,12 @@ def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, devic
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def default_vae_precision(family: ModelFamily, precision: str) -> str:
-    """fp32 for a VAE that overflows in fp16 (SDXL's `force_upcast`), else the engines' precision."""
-    return "fp32" if precision == "fp16" and family.vae.get("force_upcast", False) else precision
+def default_vae_precision(family: ModelFamily, precision: str, bf16: bool = False) -> str:
+    """For a VAE that overflows in fp16 (SDXL's `force_upcast`) under fp16 engines: bf16 where the backend builds it
+    for a GPU (`bf16`; as `default_vae_dtype` runs it), else fp32. Other VAEs take the engines' precision."""
+    if precision == "fp16" and family.vae.get("force_upcast", False):
+        return "bf16" if bf16 else "fp32"
+    return precision
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
 """AOTInductor backend: runs the `.pt2` packages that `mf-build-engines --backend aoti` writes
 (export/aoti_export.py), loaded with `torch._inductor.aoti_load_package`; nothing is compiled at start-up.
 
-A package serves a range of sizes (its entry's one `ShapeProfile`). The compiled code checks lower bounds
-only, so the runner refuses a shape outside the range itself, naming the range, instead of running it.
+By default one static package per network and stage shape, each its own cache entry (the shape is in the key, so
+another plan reuses the shapes it shares), exported from the modules as the compiled path prepares them (fused
+QKV, the UNet's attention lowered to cuDNN's kernel on CUDA, the VAE's blockwise attention, channels_last): the
+compiled path's kernel choices without compiling in the serving process. `--dynamic` builds one package per
+network over the plan's range of sides instead. A package serves its entry's one `ShapeProfile`; the compiled
+code checks lower bounds only, so the runner refuses a shape outside it, naming what it serves.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -13,8 +18,9 @@ import torch
 
 from ..core.families import ModelFamily, get_family
 from ..core.plan import StagePlan
-from ..core.specs import NetworkSpec, Requirement, ShapeProfile, describe_range, range_profile
-from .backend import RANGE_PROFILE, Backend, BuildJob, BuildOutput, Log, OpenContext
+from ..core.specs import (UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec, Requirement, ShapeProfile,
+                          describe_range, profile_sizes, range_profile)
+from .backend import STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, OpenContext
 
 
 def version() -> str:
@@ -63,6 +69,10 @@ class AotiRunner:
         for name, lo, _, hi in self.profile.shapes:
             shape = tuple(inputs[name].shape)
             if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+                if _static(self.profile):
+                    sizes = ", ".join(profile_sizes(self.spec.network, (self.profile,), self.family.vae_scale))
+                    raise ValueError(f"{self.spec.name}: input {name} of shape {shape} is not the shape the package "
+                                     f"was compiled for ({sizes}, shapes {lo} to {hi})")
                 covered = describe_range(self.family, self.spec, self.profile) or f"{lo} to {hi}"
                 raise ValueError(f"{self.spec.name}: input {name} of shape {shape} is outside the compiled "
                                  f"range ({covered}, shapes {lo} to {hi})")
@@ -74,32 +84,78 @@ class AotiRunner:
         return {t.name: y for t, y in zip(self.spec.outputs, outs)}
 
 
+def prepare_for_export(module: torch.nn.Module, network: str) -> None:
+    """The module as the compiled path runs it (engine/torch_fast.prepare_module: fused QKV, attention kernel,
+    channels_last), in place and once; same function, other kernels. Text encoders are left as they are."""
+    from .torch_fast import FastOptions, prepare_module
+
+    if network not in (UNET, VAE_DECODER, VAE_ENCODER) or getattr(module, "_megafusion_prepared", False):
+        return
+    opts = FastOptions()
+    prepare_module(module, opts.unet_attention if network == UNET else opts.vae_attention, opts)
+    module._megafusion_prepared = True
+
+
+def cudnn_first():
+    """SDPA calls traced on CUDA lower to cuDNN's attention where it takes the shape (1.6x flash's speed at the
+    SDXL UNet's head dim 64 on Hopper: engine/attention.py), else flash, efficient, math as torch orders them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 class AotiBackend(Backend):
-    """AOTInductor packages (`.pt2`): compiled ahead of time, loaded without compiling, one range of sides each."""
+    """AOTInductor packages (`.pt2`): compiled ahead of time, loaded without compiling; one per network and stage
+    shape, or with `--dynamic` one per network over a range of sides."""
 
     name = "aoti"
-    profile_kind = RANGE_PROFILE
+    vae_precisions = VAE_PRECISIONS
+    profile_kind = STAGE_PROFILES
     preference = {"cuda": 2, "cpu": 1}
+    dynamic_option = True
 
     def version(self) -> str:
         return version()
 
-    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan) -> tuple[ShapeProfile, ...]:
-        return (range_profile(family, r.spec, plan),)  # one package serves the plan's whole range of sides
+    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan,
+                 dynamic: bool = False) -> tuple[ShapeProfile, ...]:
+        if dynamic:
+            return (range_profile(family, r.spec, plan),)  # one package serves the plan's whole range of sides
+        # Stage index 0 in every static profile: a package serves its shape in any plan, so the key is the shape.
+        out: dict[tuple, ShapeProfile] = {}
+        for p in r.profiles:
+            out.setdefault(p.shapes, ShapeProfile(0, p.shapes))
+        return tuple(out.values())
+
+    def requirements(self, family: ModelFamily, r: Requirement, plan: StagePlan,
+                     dynamic: bool = False) -> tuple[Requirement, ...]:
+        profiles = self.profiles(family, r, plan, dynamic)
+        return tuple(Requirement(r.spec, (p,)) for p in profiles)  # one package, one entry, per shape
 
     def served_sizes(self, family: ModelFamily, spec: NetworkSpec, profiles: tuple[ShapeProfile, ...]) -> list[str]:
-        return [d for p in profiles if (d := describe_range(family, spec, p))]  # none for fixed shapes
+        ranged = [d for p in profiles if (d := describe_range(family, spec, p)) and not _static(p)]
+        return ranged + profile_sizes(spec.network, tuple(p for p in profiles if _static(p)), family.vae_scale)
 
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from ..export.aoti_export import export_aoti
 
         r = job.requirement
-        res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device)
+        module = job.bundle.module_for(r.spec.network)
+        prepare_for_export(module, r.spec.network)
+        cuda = torch.device(job.device).type == "cuda"
+        res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device,
+                          trace_context=cudnn_first if cuda else contextlib.nullcontext)
         log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
         return BuildOutput(res)
 
     def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> AotiRunner:
         return AotiRunner(path, spec, entry.key.profiles[0], entry.key.model, ctx.device)
+
+
+def _static(p: ShapeProfile) -> bool:
+    """Every input's min equals its max on the spatial axes (a batch range may remain)."""
+    return all(lo[1:] == hi[1:] for _, lo, _, hi in p.shapes)
 
 
 BACKEND = AotiBackend()

@@ -87,6 +87,8 @@ class Backend:
     """What `--backend` and the engine key say."""
     precisions: tuple[str, ...] = PRECISIONS
     """Network precisions it builds."""
+    vae_precisions: tuple[str, ...] = PRECISIONS
+    """VAE precisions it builds (bf16 where the backend runs it)."""
     profile_kind: str = STAGE_PROFILES
     """`stage`: one profile per plan stage shape; `range`: one profile over the plan's range of sides."""
     preference: dict[str, int] = {}
@@ -94,6 +96,9 @@ class Backend:
     capture_note: str = ""
     """Why its runners cannot be captured in the runtime's CUDA graphs ('' when they can; each runner declares
     the same as its `capturable`)."""
+    dynamic_option: bool = False
+    """Whether `mf-build-engines --dynamic` applies: one engine per network over the plan's range of sides
+    instead of static engines per stage shape."""
 
     def version(self) -> str:
         """Version of the library that builds and runs the engines (part of the engine key)."""
@@ -102,8 +107,11 @@ class Backend:
     def check_available(self, device: str) -> None:
         """Raises BackendUnavailable, saying what is missing, if engines cannot be built or run on `device`."""
 
-    def check_request(self, precision: str, ort_optimize: str, device: str) -> None:
+    def check_request(self, precision: str, ort_optimize: str, device: str, dynamic: bool = False) -> None:
         """ValueError naming the value if a build option does not fit this backend."""
+        if dynamic and not self.dynamic_option:
+            raise ValueError(f"--dynamic applies to the aoti backend only; {self.name} engines already serve "
+                             f"their profiles' ranges")
         if precision not in self.precisions:
             raise ValueError(f"backend {self.name} builds {', '.join(self.precisions)}, not {precision!r}")
         if ort_optimize != "none":
@@ -114,9 +122,15 @@ class Backend:
         """The ONNX Runtime fusion target a build uses unless told otherwise."""
         return "none"
 
-    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan) -> tuple[ShapeProfile, ...]:
+    def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan,
+                 dynamic: bool = False) -> tuple[ShapeProfile, ...]:
         """The profiles an engine of `r` is built for (the key records them)."""
         return r.profiles
+
+    def requirements(self, family: ModelFamily, r: Requirement, plan: StagePlan,
+                     dynamic: bool = False) -> tuple[Requirement, ...]:
+        """The engines that serve `r`: one over all its profiles unless a backend builds one per shape."""
+        return (Requirement(r.spec, self.profiles(family, r, plan, dynamic)),)
 
     def served_sizes(self, family: ModelFamily, spec: NetworkSpec, profiles: tuple[ShapeProfile, ...]) -> list[str]:
         """The pixel sizes an entry serves, for messages ('' entries for fixed-shape networks are left out)."""

@@ -13,7 +13,7 @@ import torch
 
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
-from ..core.specs import Requirement, plan_requirements, profile_sizes
+from ..core.specs import Requirement, default_vae_precision, plan_requirements, profile_sizes
 from ..export.onnx_export import ExportResult
 from .backend import Backend, BuildJob, get_backend
 from .cache import EngineCache, EngineKey, Entry, device_name, weights_fingerprint
@@ -52,6 +52,9 @@ class BuildRequest:
     ort_optimize: str = "none"
     """onnxruntime: fuse each exported graph with ONNX Runtime's transformer optimizer for this execution provider
     (`cpu` or `cuda`; see `megafusion.export.ort_optimize`), or `none`. Part of the engine key."""
+    dynamic: bool = False
+    """aoti: one package per network over the plan's range of sides, instead of one static package per network and
+    stage shape (the default, as fast as the compiled path)."""
     networks: tuple[str, ...] = ()
     """Build only these networks of the plan (see `select_networks`); empty builds all. Several builds of one
     folder with disjoint selections may run at once (commits and models.json are written under the cache's lock)."""
@@ -82,8 +85,20 @@ def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, 
 def check_request(req: BuildRequest) -> Backend:
     """The request's backend, after its options are checked; ValueError naming a bad value."""
     backend = get_backend(req.backend)
-    backend.check_request(req.precision, req.ort_optimize, req.device)
+    backend.check_request(req.precision, req.ort_optimize, req.device, req.dynamic)
+    if req.vae_precision is not None and req.vae_precision not in backend.vae_precisions:
+        raise ValueError(f"backend {backend.name} builds VAEs in {', '.join(backend.vae_precisions)}, "
+                         f"not {req.vae_precision!r}")
     return backend
+
+
+def vae_precision(req: BuildRequest, family, backend: Backend) -> str | None:
+    """The VAE precision to build: as asked, else bf16 for SDXL's VAE under fp16 on a GPU where the backend
+    builds bf16 (what the runtime runs by default there), else the spec's default."""
+    if req.vae_precision is not None:
+        return req.vae_precision
+    bf16 = "bf16" in backend.vae_precisions and torch.device(req.device).type == "cuda"
+    return default_vae_precision(family, req.precision, bf16)
 
 
 def network_selectors(reqs: tuple[Requirement, ...]) -> dict[str, set[str]]:
@@ -120,8 +135,9 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
     if removed := cache.remove_stale_staging():
         log(f"removed {removed} staging folder(s) left by killed builds")
     version, device = backend.version(), device_name(req.device)
-    reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation, req.vae_precision)
-    reqs = tuple(Requirement(r.spec, backend.profiles(bundle.family, r, req.plan)) for r in reqs)
+    reqs = plan_requirements(bundle.family, req.plan, req.precision, req.dilation,
+                             vae_precision(req, bundle.family, backend))
+    reqs = tuple(one for r in reqs for one in backend.requirements(bundle.family, r, req.plan, req.dynamic))
     reqs = select_networks(reqs, req.networks)
     if req.release_weights:  # modules this selection never exports are freed now (parallel builds share RAM)
         used = {id(bundle.module_for(r.spec.network)) for r in reqs}

@@ -6,6 +6,7 @@ that name the range, the entry or the file, and the command that builds what is 
 """
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -14,10 +15,10 @@ import torch
 from ..core.families import get_family
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
-from ..core.specs import VAE_DECODER, VAE_ENCODER, Requirement, network_spec, plan_requirements
+from ..core.specs import VAE_DECODER, VAE_ENCODER, ShapeProfile, network_spec, plan_requirements
 from .backend import Backend, OpenContext, get_backend, registry
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name, weights_fingerprint
-from .runners import EngineNetworks, Runner
+from .runners import EngineNetworks, Runner, ShapeDispatch
 
 
 class CoverageError(EngineError):
@@ -60,14 +61,26 @@ def _ort_optimize_hint(entries: list[Entry], backend: str, device: torch.device)
     return get_backend(backend).default_ort_optimize(device.type) if backend in registry() else "none"
 
 
-def _covers(entry: Entry, r: Requirement) -> bool:
-    """Each required stage's whole batch range lies inside one of the entry's profiles."""
-    for need in r.profiles:
-        ok = any(all(have.covers(n, lo) and have.covers(n, hi) for n, lo, _, hi in need.shapes)
-                 for have in entry.key.profiles)
-        if not ok:
-            return False
-    return True
+def _covers(entry: Entry, need: ShapeProfile) -> bool:
+    """The required stage's whole batch range lies inside one of the entry's profiles."""
+    return any(all(have.covers(n, lo) and have.covers(n, hi) for n, lo, _, hi in need.shapes)
+               for have in entry.key.profiles)
+
+
+def _span(entry: Entry, need: ShapeProfile) -> int:
+    """How many elements wider than `need` the entry's tightest covering profile is: a static engine for exactly
+    this shape (0 beyond the batch range) is preferred to a range that also covers it."""
+    spans = [sum(math.prod(hi) - math.prod(lo) for _, lo, _, hi in have.shapes)
+             for have in entry.key.profiles
+             if all(have.covers(n, lo) and have.covers(n, hi) for n, lo, _, hi in need.shapes)]
+    return min(spans)
+
+
+def _one_runner(runners: list[Runner], entries: list[Entry]) -> Runner:
+    """The entry's runner, or one that dispatches each call by shape over the entries of one network."""
+    if len(runners) == 1:
+        return runners[0]
+    return ShapeDispatch(tuple((e.key.profiles, r) for e, r in zip(entries, runners)))
 
 
 def _choose_backend(entries: list[Entry], device: torch.device, backend: str | None,
@@ -115,17 +128,17 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     cmd = build_command(bundle, plan, backend_name, precision, dilation, engine_dir, device.type,
                         _ort_optimize_hint(entries, backend_name, device))
     installed, here = backend.version(), device_name(device)
-    chosen: dict[tuple[str, int], Entry] = {}
+    chosen: dict[tuple[str, int], list[Entry]] = {}
     fingerprints: dict[int, str] = {}
     for r in plan_requirements(fam, plan, precision, dilation, relay=relay):
         s = r.spec
         same = [e for e in entries if e.key.backend == backend_name and e.key.network == s.network
                 and e.key.dilation == s.dilation
                 and (e.key.precision == precision or s.network in (VAE_DECODER, VAE_ENCODER))]
-        fits = sorted((e for e in same if _covers(e, r)), key=lambda e: -e.created)
-        if not fits:
+        missing = [p for p in r.profiles if not any(_covers(e, p) for e in same)]
+        if missing:
             have = sorted({px for e in same for px in backend.served_sizes(fam, s, e.key.profiles)})
-            need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in r.profiles))
+            need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in missing))
             what = f"{s.network} ({s.variant}, {s.precision})"
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
             raise CoverageError(f"the engines in {engine_dir} do not cover {what} at {need}; {covered}. "
@@ -134,19 +147,24 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         if id(module) not in fingerprints:  # both VAE halves hash one module
             fingerprints[id(module)] = weights_fingerprint(module)
         fingerprint = fingerprints[id(module)]
-        valid = [e for e in fits if e.key.weights == fingerprint and e.key.backend_version == installed
-                 and e.key.device == here]
-        if not valid:
-            e = fits[0]
-            why = ("other weights" if e.key.weights != fingerprint else
-                   f"{backend_name} {e.key.backend_version} (installed: {installed})"
-                   if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
-            raise StaleEngineError(f"engine {e.key.describe()} in {engine_dir} was built for {why}; "
-                                   f"rebuild with: {cmd}")
-        cache.verify(valid[0])
-        chosen[(s.network, s.dilation)] = valid[0]
+        picked: list[Entry] = []
+        for p in r.profiles:  # per stage shape: one engine over all of them, or one per shape (static aoti)
+            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+            valid = [e for e in fits if e.key.weights == fingerprint and e.key.backend_version == installed
+                     and e.key.device == here]
+            if not valid:
+                e = fits[0]
+                why = ("other weights" if e.key.weights != fingerprint else
+                       f"{backend_name} {e.key.backend_version} (installed: {installed})"
+                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
+                raise StaleEngineError(f"engine {e.key.describe()} in {engine_dir} was built for {why}; "
+                                       f"rebuild with: {cmd}")
+            if valid[0] not in picked:
+                cache.verify(valid[0])
+                picked.append(valid[0])
+        chosen[(s.network, s.dilation)] = picked
     ctx = OpenContext(fam, device, bundle, conv_algo_search, ort_unet_graphs)
-    runners = {k: open_entry(engine_dir, e, backend, ctx) for k, e in chosen.items()}
+    runners = {k: _one_runner([open_entry(engine_dir, e, backend, ctx) for e in es], es) for k, es in chosen.items()}
     return EngineNetworks(runners, device, backend_name), f"{backend_name} engines ({precision}) from {engine_dir}"
 
 

@@ -192,10 +192,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailable("--device cuda with --backend onnxruntime needs onnxruntime-gpu; "
                                      "pass --device cpu or install onnxruntime-gpu")
 
-    def check_request(self, precision: str, ort_optimize: str, device: str) -> None:
+    def check_request(self, precision: str, ort_optimize: str, device: str, dynamic: bool = False) -> None:
         from ..export.ort_optimize import ORT_OPTIMIZE_CHOICES
 
-        super().check_request(precision, "none", device)
+        super().check_request(precision, "none", device, dynamic)
         if ort_optimize not in ORT_OPTIMIZE_CHOICES:
             raise ValueError(f"unknown ORT optimization {ort_optimize!r}; choose one of "
                              f"{', '.join(ORT_OPTIMIZE_CHOICES)}")

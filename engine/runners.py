@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec, text_encoder_name
+from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, text_encoder_name
 
 
 class Runner(Protocol):
@@ -22,6 +22,24 @@ class Runner(Protocol):
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs by name, in the spec's dtypes, on the runner's device."""
+
+
+class ShapeDispatch:
+    """Several engines of one network, each serving its own shapes (static AOTInductor packages, one per stage
+    shape): each call runs on the first whose profiles hold every input shape."""
+
+    def __init__(self, engines: tuple[tuple[tuple[ShapeProfile, ...], Runner], ...]):
+        self.engines = engines
+        self.spec = engines[0][1].spec
+        self.capturable = all(r.capturable for _, r in engines)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for profiles, runner in self.engines:
+            if any(all(p.covers(n, tuple(inputs[n].shape)) for n, *_ in p.shapes) for p in profiles):
+                return runner.run(inputs)
+        shapes = {n: tuple(x.shape) for n, x in inputs.items()}
+        raise ValueError(f"{self.spec.name}: no engine takes the shapes {shapes}; "
+                         f"{len(self.engines)} engines serve other shapes")
 
 
 def infer_axes(spec: NetworkSpec, inputs: dict[str, torch.Tensor], vae_scale: int) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..core.dilation import mid_dilation
-from ..core.specs import UNET, NetworkSpec
+from ..core.specs import UNET, VAE_PRECISIONS, NetworkSpec
 from ..core.wrappers import wrap
 from .backend import Backend, BuildJob, BuildOutput, Log, OpenContext
 
@@ -40,6 +40,7 @@ class ModuleRunner:
 
 class TorchBackend(Backend):
     name = "torch"
+    vae_precisions = VAE_PRECISIONS
     preference = {"cuda": 3, "cpu": 2}
 
     def version(self) -> str:

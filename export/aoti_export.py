@@ -2,10 +2,11 @@
 package that Python (`torch._inductor.aoti_load_package`) and C++ (`torch::inductor::AOTIModelPackageLoader`)
 load without compiling.
 
-One package serves a range of sizes, not one profile per stage: the spatial axes are dynamic over the plan's
-whole range of sides (smallest to largest side of any stage, for both axes), in steps of the UNet's size
-multiple, so the package also serves other plans and aspect ratios within that range. Its engine key records
-this as one `ShapeProfile` whose min/max are the range (see `megafusion.core.specs.range_profile`).
+A package serves what its one `ShapeProfile` says: a spatial axis whose min and max differ is dynamic (in steps
+of the UNet's size multiple), one whose min equals max is static. The aoti backend builds static packages, one
+per network and stage shape (Inductor specialises every kernel to the shape, as the compiled path does), or with
+`--dynamic` one package over the plan's whole range of sides (`megafusion.core.specs.range_profile`), which also
+serves other plans and aspect ratios within that range.
 """
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
 
 
 def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, path: str | os.PathLike, *,
-                device: str = "cpu") -> ExportResult:
-    """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`)."""
+                device: str = "cpu", trace_context=contextlib.nullcontext) -> ExportResult:
+    """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`).
+
+    `trace_context()` is entered around the trace: kernel choices made while tracing (which SDPA backend an
+    attention call lowers to) are recorded in the exported graph."""
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
@@ -78,7 +82,7 @@ def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, p
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else contextlib.nullcontext()
-            with ctx:
+            with ctx, trace_context():
                 ep = torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[n] for n in names), strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(path))

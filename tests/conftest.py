@@ -39,12 +39,13 @@ AOTI_STAGES = "128x128:2,256x256:2"
 
 @pytest.fixture(scope="session")
 def sd15_aoti(tmp_path_factory):
-    """tiny-sd15 engines from `mf-build-engines --backend aoti` (engine and C++ library tests share them)."""
+    """tiny-sd15 range packages from `mf-build-engines --backend aoti --dynamic` (engine and C++ library tests
+    share them); tests/engine/test_aoti_static.py builds the default static ones."""
     from megafusion.cli.build_engines import main as build_main
 
     out = tmp_path_factory.mktemp("engines-aoti")
-    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
-                       "--output", str(out)]) == 0
+    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--dynamic",
+                       "--device", "cpu", "--output", str(out)]) == 0
     return out
 
 

@@ -26,7 +26,7 @@ def test_every_backend_states_its_capture_rule():
     assert notes["onnxruntime"] and "stream" in notes["onnxruntime"]
     assert notes["torch"] == notes["aoti"] == notes["tensorrt"] == ""
     kinds = {name: b.profile_kind for name, b in registry().items()}
-    assert kinds == {"onnxruntime": "stage", "tensorrt": "stage", "torch": "stage", "aoti": "range"}
+    assert kinds == {"onnxruntime": "stage", "tensorrt": "stage", "torch": "stage", "aoti": "stage"}
 
 
 def test_runners_declare_what_their_backend_says(tiny_sd15, sd15_engines, tmp_path):
