@@ -64,6 +64,14 @@ class VariantResult:
     """tflop_per_s over the peak."""
     segments: list[SegmentRow]
     """Per-segment breakdown."""
+    pair: str = ""
+    """For a direct row: the engine row it shares its networks with (compared with it in `speedups`)."""
+    first_s: float | None = None
+    """The first generation's seconds (compiles, captures, cuDNN's algorithm search)."""
+    first_peak_gib: tuple[float, float] | None = None
+    """(allocated, reserved) peak GiB during the first generation (CUDA)."""
+    steady_peak_gib: tuple[float, float] | None = None
+    """(allocated, reserved) peak GiB over the timed generations (CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class BenchResult:
     """Table 1's cost rows beside ours (real SD1.5 / SDXL runs only)."""
     notes: list[str] = field(default_factory=list)
     """Conventions the reader must know."""
+    cold_starts: list = field(default_factory=list)
+    """Fresh processes to the first image (`benchmarks.cold_start.ColdStart`), when asked for."""
 
 
 def segment_rows(cost: PlanCost, timed: list[tuple[str, float]] | None, peak: float | None) -> list[SegmentRow]:
@@ -114,19 +124,29 @@ def segment_rows(cost: PlanCost, timed: list[tuple[str, float]] | None, peak: fl
     return rows
 
 
+def _gib(pair: tuple[int, int] | None) -> tuple[float, float] | None:
+    return None if pair is None else (pair[0] / 2**30, pair[1] / 2**30)
+
+
 def variant_result(v: Variant, cost: PlanCost, m: Measurement | None, peak: float | None) -> VariantResult:
     median = m.median_s if m else None
     thr = achieved(cost.true_tflop, median, peak) if median else None
     return VariantResult(
         v.name, v.role, v.description, v.plan.describe(), list(m.totals_s) if m else [], median,
         cost.paper_gmacs, cost.true_tflop, cost.text_tflop, thr.tflop_per_s if thr else None,
-        thr.fraction_of_peak if thr else None, segment_rows(cost, m.segment_medians() if m else None, peak))
+        thr.fraction_of_peak if thr else None, segment_rows(cost, m.segment_medians() if m else None, peak),
+        v.pair, m.first_s if m else None, _gib(m.first_peak) if m else None, _gib(m.steady_peak) if m else None)
 
 
 def speedups(results: list[VariantResult]) -> list[Speedup]:
+    """Each engine row over the baseline rows, and over the direct row run on the same networks (`pair`) where
+    there is one, else over the plain `direct` row (torch modules, eager)."""
     out = []
     for e in (r for r in results if r.role == "engine" and r.median_s):
-        for o in (r for r in results if r.role in ("direct", "baseline") and r.median_s):
+        paired = [r for r in results if r.role == "direct" and r.pair == e.name and r.median_s]
+        others = [r for r in results if r.role == "baseline" and r.median_s]
+        others += paired or [r for r in results if r.role == "direct" and r.name == "direct" and r.median_s]
+        for o in others:
             out.append(Speedup(e.name, o.name, o.median_s / e.median_s))
     return out
 
@@ -139,7 +159,10 @@ def notes(family: ModelFamily) -> list[str]:
         "total is UNet steps + VAE decode/encode of each relay + final decode; text encoders listed apart.",
         "Timing: CUDA events around each generation on GPU (perf_counter after synchronize on CPU), median "
         "of the repeats after warm-up; segments are the generator's own synchronized marks.",
-        "'direct' is the engine running the same total steps in one stage at the target size.",
+        "'direct' is the engine running the same total steps in one stage at the target size; 'direct (X)' runs "
+        "it on the same networks as 'engine: X', and each engine is compared with its own direct row.",
+        "Memory: peak allocated / reserved device memory of the first generation (compiles, graph captures and "
+        "cuDNN's algorithm search included) and of the timed ones (steady state).",
     ]
     if family.name == SDXL.name:
         out.append(SDXL_NOTE)

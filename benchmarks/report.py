@@ -37,11 +37,17 @@ def to_json(result: BenchResult) -> dict:
     return d
 
 
+def _mem(pair: tuple[float, float] | None) -> str:
+    return "–" if pair is None else f"{pair[0]:.1f} / {pair[1]:.1f}"
+
+
 def summary_table(result: BenchResult) -> list[str]:
-    lines = ["| variant | plan | median total (ms) | paper G-MACs | true TFLOP | achieved TFLOP/s | of peak |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | plan | median total (ms) | first (ms) | peak GiB first (alloc / reserved) "
+             "| peak GiB steady | paper G-MACs | true TFLOP | achieved TFLOP/s | of peak |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in result.variants:
-        lines.append(f"| {v.name} | {v.plan} | {_ms(v.median_s)} | {_n(v.paper_gmacs)} | {_n(v.true_tflop)} "
+        lines.append(f"| {v.name} | {v.plan} | {_ms(v.median_s)} | {_ms(v.first_s)} | {_mem(v.first_peak_gib)} "
+                     f"| {_mem(v.steady_peak_gib)} | {_n(v.paper_gmacs)} | {_n(v.true_tflop)} "
                      f"| {_n(v.tflop_per_s)} | {_pct(v.fraction_of_peak)} |")
     return lines
 
@@ -82,6 +88,14 @@ def markdown(result: BenchResult) -> str:
     if result.speedups:
         out += ["## Speedups", "", "| engine | over | speedup |", "|---|---|---:|"]
         out += [f"| {s.engine} | {s.over} | {s.factor:.2f}x |" for s in result.speedups] + [""]
+    if result.cold_starts:
+        out += ["## Cold start: a fresh process to its first image", "",
+                "| run | seconds | exit | device peak GiB (sampled) |", "|---|---:|---:|---:|"]
+        out += [f"| {c.name} | {c.seconds:.1f} | {c.returncode} | {_f(c.device_peak_gib, '.1f')} |"
+                for c in result.cold_starts]
+        out += ["", "Each a separate `mf-generate` process (model and engine load, compiles or captures, one "
+                "generation, the PNG written); commands in results.json."]
+        out += [""]
     out += ["## Per-segment breakdown", ""]
     for v in result.variants:
         out += _segments_table(v)

@@ -48,6 +48,12 @@ class Measurement:
     """Total seconds of each timed repeat."""
     segments_s: list[list[tuple[str, float]]] = field(default_factory=list)
     """Each repeat's (segment, seconds) breakdown, as the generator reported it."""
+    first_s: float | None = None
+    """Seconds of the very first call (compiles, captures and cuDNN's algorithm search included)."""
+    first_peak: tuple[int, int] | None = None
+    """(allocated, reserved) peak device bytes during the first call (CUDA only)."""
+    steady_peak: tuple[int, int] | None = None
+    """(allocated, reserved) peak device bytes over the timed calls (CUDA only)."""
 
     @property
     def median_s(self) -> float:
@@ -67,14 +73,30 @@ def measure(fn: Callable[[], list[tuple[str, float]]], device: torch.device, rep
     """Runs `fn` `warmup` times untimed, then `repeats` times timed; `fn` returns its segment times."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for _ in range(warmup):
-        fn()
     m = Measurement()
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        _reset_peak(device)  # per call (the pipeline also resets at its start): the max over calls is kept
         seconds, segments = time_call(fn, device)
-        m.totals_s.append(seconds)
-        m.segments_s.append(list(segments))
+        peak = _peak(device)
+        if i == 0:
+            m.first_s, m.first_peak = seconds, peak
+        if i >= warmup:
+            m.totals_s.append(seconds)
+            m.segments_s.append(list(segments))
+            if peak is not None:
+                m.steady_peak = tuple(map(max, zip(m.steady_peak or (0, 0), peak)))
     return m
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
 def peak_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20,

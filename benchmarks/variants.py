@@ -30,6 +30,8 @@ class Variant:
     """One generation; returns its (segment, seconds) breakdown."""
     description: str
     """One line for the report."""
+    pair: str = ""
+    """For a direct row: the name of the engine row whose networks it runs."""
 
 
 def direct_plan(family: ModelFamily, plan: StagePlan) -> StagePlan:
@@ -47,33 +49,68 @@ def engine_variant(name: str, pipe: MegaFusionPipeline, plan: StagePlan, opts: G
 ENGINES = {
     "torch": "MegaFusionPipeline + TorchNetworks, eager loop",
     "graphs": "one CUDA graph per stage shape (UNet, CFG, DDIM update), torch modules",
+    "engines:aoti": "AOTInductor packages from mf-build-engines (--engine-dir), CUDA-graphed where capturable",
+    "engines:onnxruntime": "ONNX Runtime engines from mf-build-engines (--engine-dir), stages run eagerly",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
 }
 """Engine variants mf-bench knows; `compiled` changes the shared modules, so it always runs last."""
 
+ENGINE_FOLDER_PREFIX = "engines:"
+"""Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
 
-def _lazy_engine(kind: str, bundle: ModelBundle, device) -> Callable[[], MegaFusionPipeline]:
+
+def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None = None,
+                 opts: GenerationOptions | None = None, engine_dir=None,
+                 compile_cache=None) -> Callable[[], MegaFusionPipeline]:
     made: list[MegaFusionPipeline] = []
 
     def get() -> MegaFusionPipeline:
         if not made:  # built at first use, after the variants before it have run
             if kind == "graphs":
                 made.append(MegaFusionPipeline.fast(bundle, TorchNetworks(bundle), device))
+            elif kind.startswith(ENGINE_FOLDER_PREFIX):
+                made.append(_engine_pipeline(kind.removeprefix(ENGINE_FOLDER_PREFIX), bundle, device, plan, opts,
+                                             engine_dir))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 
-                made.append(MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle), device))
+                nets = FastTorchNetworks(bundle)
+                if compile_cache is not None:  # as mf-generate --mode compiled starts
+                    from ..engine.compile_cache import CompileCache, cacheable, compile_key
+
+                    if not cacheable(nets):
+                        CompileCache(compile_cache).load(compile_key(nets, device, plan, opts.relay,
+                                                                     opts.guidance > 1.0))
+                made.append(MegaFusionPipeline.fast(bundle, nets, device))
         return made[0]
 
     return get
 
 
+def _engine_pipeline(backend: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
+                     engine_dir) -> MegaFusionPipeline:
+    """The built engines of `backend` that run `plan`, CUDA-graphed where they can be captured."""
+    import torch
+
+    from ..engine.load import open_engines
+
+    dilation = opts.dilation if len(plan.stages) > 1 else 1  # a one-stage (direct) plan runs no dilated UNet
+    nets, _ = open_engines(engine_dir, bundle, plan, dilation, opts.relay, device, backend)
+    if torch.device(device).type == "cuda" and nets.capturable:
+        return MegaFusionPipeline.fast(bundle, nets, device)
+    return MegaFusionPipeline(bundle, nets, device)
+
+
 def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptions, device,
-                     engines: tuple[str, ...] = ("torch",)) -> list[Variant]:
-    """(a) direct, (b) the eager diffusers-style baseline, (c) the engine on each asked-for backend."""
-    unknown = [e for e in engines if e not in ENGINES]
+                     engines: tuple[str, ...] = ("torch",), engine_dir=None,
+                     direct_for: tuple[str, ...] = (), compile_cache=None) -> list[Variant]:
+    """(a) direct, (b) the eager diffusers-style baseline, (c) the engine on each asked-for backend, each engine
+    in `direct_for` preceded by its own direct row (the same total steps in one stage on the same networks)."""
+    unknown = [e for e in (*engines, *direct_for) if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(ENGINES)}")
+    if any(e.startswith(ENGINE_FOLDER_PREFIX) for e in engines) and engine_dir is None:
+        raise ValueError("engines:<backend> variants need the engine folder (--engine-dir)")
     pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle), device)
     direct = direct_plan(bundle.family, plan)
 
@@ -83,22 +120,33 @@ def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptio
 
     if opts.relay != "pixel":
         raise ValueError("the eager baseline implements the paper's pixel relay only")
-    return [
+    out = [
         Variant("direct", "direct", direct, lambda: pipe.generate(direct, opts).timings,
-                f"{direct.total_steps} steps at the target size in one stage (engine, torch modules)"),
+                f"{direct.total_steps} steps at the target size in one stage (engine, torch modules)",
+                pair="engine: torch" if "torch" in engines else ""),
         Variant("diffusers eager", "baseline", plan, eager,
                 "MegaFusion with the diffusers modules called eagerly, DDIMScheduler per stage"),
-        *(_engine(kind, pipe, bundle, plan, opts, device) for kind in sorted(engines, key=_engine_order)),
     ]
+    for kind in sorted(engines, key=_engine_order):
+        if kind == "torch":
+            out.append(engine_variant("engine: torch", pipe, plan, opts, ENGINES[kind]))
+            continue
+        get = _lazy_engine(kind, bundle, device, plan, opts, engine_dir, compile_cache)
+        if kind.startswith(ENGINE_FOLDER_PREFIX):
+            get()  # opened now: engines that do not cover the plan are refused before anything is timed
+        if kind in direct_for:  # torch modules serve any plan; built engines open the direct plan's own shapes
+            own = kind.startswith(ENGINE_FOLDER_PREFIX)
+            get_direct = _lazy_engine(kind, bundle, device, direct, opts, engine_dir) if own else get
+            if own:
+                get_direct()
+            out.append(Variant(f"direct ({kind})", "direct", direct,
+                               lambda g=get_direct: g().generate(direct, opts).timings,
+                               f"{direct.total_steps} steps at the target size in one stage on the networks of "
+                               f"'engine: {kind}'", pair=f"engine: {kind}"))
+        out.append(Variant(f"engine: {kind}", "engine", plan, lambda g=get: g().generate(plan, opts).timings,
+                           ENGINES[kind]))
+    return out
 
 
 def _engine_order(kind: str) -> int:
     return list(ENGINES).index(kind)
-
-
-def _engine(kind: str, pipe: MegaFusionPipeline, bundle: ModelBundle, plan: StagePlan, opts: GenerationOptions,
-            device) -> Variant:
-    if kind == "torch":
-        return engine_variant("engine: torch", pipe, plan, opts, ENGINES[kind])
-    get = _lazy_engine(kind, bundle, device)
-    return Variant(f"engine: {kind}", "engine", plan, lambda: get().generate(plan, opts).timings, ENGINES[kind])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
@@ -32,8 +33,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s to compare with, > 0 (default: measured on GPU)")
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
-    p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled "
-                                      "(default: all three on CUDA, torch on CPU)")
+    p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled, "
+                                      "engines:aoti, engines:onnxruntime (the last two from --engine-dir) "
+                                      "(default: torch, graphs, compiled on CUDA, torch on CPU)")
+    p.add_argument("--engine-dir", help="engine folder of mf-build-engines for the engines:<backend> variants (the "
+                                        "direct rows need the direct plan's shapes built there too)")
+    p.add_argument("--direct-for", metavar="VARIANTS",
+                   help="variants that get a direct row on their own networks, comma-separated, or 'none' "
+                        "(default: every variant timed)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="the compiled variant starts from (and adds to) this compile cache, as mf-generate "
+                        "--compile-cache (default: none; with --cold-start compiled, the one those runs filled)")
+    p.add_argument("--cold-start", metavar="MODES",
+                   help="also time fresh mf-generate processes to the first image, comma-separated: engines:aoti, "
+                        "engines:onnxruntime (from --engine-dir), compiled (twice: empty caches, then the compile "
+                        "cache the first run filled)")
     # Was the name of --variants; refused rather than dropped, since mf-generate's --engines is an engine folder.
     p.add_argument("--engines", help=argparse.SUPPRESS)
     return p
@@ -77,13 +91,43 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"--variants {args.variants}: unknown variant(s) {', '.join(map(repr, unknown))}; "
                              f"choose from {', '.join(ENGINES)}")
-        on_gpu_only = [n for n in variant_names if n != "torch"]
+        on_gpu_only = [n for n in variant_names if n in ("graphs", "compiled")]
         if on_gpu_only and device.type != "cuda":  # they would run (eagerly) under a label they do not earn
             raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
                              f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "
                              "on the CPU only torch runs")
+    direct_for = _list_arg(args.direct_for, variant_names, "--direct-for")
+    if not args.cost_only and set(direct_for) - set(variant_names):
+        raise UsageError(f"--direct-for {args.direct_for}: {', '.join(sorted(set(direct_for) - set(variant_names)))} "
+                         f"is not among the variants timed ({', '.join(variant_names)})")
+    cold = _list_arg(args.cold_start, (), "--cold-start")
+    bad = [c for c in cold if c not in ("compiled", "engines:aoti", "engines:onnxruntime")]
+    if bad:
+        raise UsageError(f"--cold-start {args.cold_start}: unknown mode(s) {', '.join(map(repr, bad))}; choose from "
+                         f"compiled, engines:aoti, engines:onnxruntime")
+    if not args.cost_only and any(n.startswith("engines:") for n in (*variant_names, *cold)):
+        if not args.engine_dir:
+            raise UsageError("--variants/--cold-start engines:<backend> need --engine-dir (an mf-build-engines folder)")
+        if not os.path.isdir(args.engine_dir):
+            raise UsageError(f"--engine-dir {args.engine_dir!r}: no such folder")
     dtype = model_dtype(device, args.dtype)
     print(f"plan: {plan.describe()}")
+    colds, compile_cache = [], args.compile_cache
+    if cold and not args.cost_only:  # first, while this process holds no device memory of its own
+        import shutil
+
+        from ..benchmarks.cold_start import run_cold
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if "compiled" in cold:  # ours to empty; the in-process compiled variant then starts from what it saved
+            compile_cache = str(out_dir / "compile-cache")
+            shutil.rmtree(compile_cache, ignore_errors=True)
+        for name, child, env in _cold_commands(args, cold, plan, guidance, seed, out_dir):
+            print(f"cold start {name}: a fresh mf-generate process ...", flush=True)
+            c = run_cold(name, child, device, env)
+            colds.append(c)
+            print(f"  {c.seconds:.1f} s (exit {c.returncode}), device peak "
+                  f"{'–' if c.device_peak_gib is None else f'{c.device_peak_gib:.1f} GiB'}", flush=True)
     counter = MetaCostCounter(family)
     vae = None
     if args.cost_only:
@@ -105,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae}")
         peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
         opts = GenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule, dilation)
-        variants = default_variants(bundle, plan, opts, device, variant_names)
+        variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
+                                    compile_cache)
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
                            cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
     paper = []
@@ -122,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "cost_only": args.cost_only,
     }
     result = BenchResult(family.name, settings, environment(device), peak, source, results,
-                         speedups(results) if not args.cost_only else [], paper, notes(family))
+                         speedups(results) if not args.cost_only else [], paper, notes(family), colds)
     paths = write_reports(result, out_dir)
     print("\n".join(summary_table(result)))
     for s in result.speedups:
@@ -131,9 +176,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    if value is None:
+        return default
+    if value.strip() == "none":
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise UsageError(f"{flag} {value!r}: name at least one, or 'none'")
+    return names
+
+
+def _cold_commands(args, modes, plan, guidance, seed, out_dir):
+    """(row name, mf-generate arguments, extra environment) per fresh process to time."""
+    import tempfile
+
+    base = ["--model", args.model, "--stages", ",".join(str(s) for s in plan.stages), "--device", args.device,
+            "--prompt", args.prompt, "--negative-prompt", args.negative_prompt, "--guidance", str(guidance),
+            "--seed", str(seed), "--no-progress"]
+    if args.model_path:
+        base += ["--model-path", args.model_path]
+    elif args.random_weights:
+        base += ["--random-weights"]
+    if args.weights_seed is not None:
+        base += ["--weights-seed", str(args.weights_seed)]
+    if args.dtype:
+        base += ["--dtype", args.dtype]
+    if args.vae_dtype:
+        base += ["--vae-dtype", args.vae_dtype]
+    out = []
+    for mode in modes:
+        png = ["--output", str(out_dir / f"cold-{mode.replace(':', '-')}.png")]
+        if mode.startswith("engines:"):
+            out.append((mode, [*base, "--engines", args.engine_dir, *png], {}))
+            continue
+        cache = str(out_dir / "compile-cache")  # emptied by the caller
+        for label in ("compiled, empty caches", "compiled, warm compile cache"):
+            # Fresh Inductor and Triton caches per process: only megafusion's compile cache carries work over.
+            inductor = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="mf-inductor-"),
+                        "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="mf-triton-")}
+            out.append((label, [*base, "--mode", "compiled", "--compile-cache", cache, *png], inductor))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main("mf-bench", lambda: run(args))
+    from ..engine.cache import EngineError
+
+    return run_main("mf-bench", lambda: run(args), fatal=(EngineError,))
 
 
 if __name__ == "__main__":

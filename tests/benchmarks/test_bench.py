@@ -127,7 +127,49 @@ def test_speedups_pair_every_engine_with_each_reference(cpu_bench):
     assert len(speedups(vs)) == 4  # two engines, each over direct and over the baseline
 
 
+def test_measure_records_the_first_call_apart():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return [("a", 0.0)]
+
+    m = measure(fn, torch.device("cpu"), repeats=2, warmup=1)
+    assert m.first_s is not None and m.first_s >= 0 and len(m.totals_s) == 2
+    assert m.first_peak is None and m.steady_peak is None  # device memory is counted on CUDA only
+
+
+def _row(name, role, median, pair=""):
+    from megafusion.benchmarks.bench import VariantResult
+
+    return VariantResult(name, role, "", "", [median], median, 0.0, 0.0, 0.0, None, None, [], pair)
+
+
+def test_each_engine_is_compared_with_the_direct_row_on_its_own_networks():
+    rows = [_row("direct", "direct", 10.0, "engine: torch"), _row("diffusers eager", "baseline", 6.0),
+            _row("engine: torch", "engine", 5.0), _row("direct (engines:aoti)", "direct", 4.0, "engine: engines:aoti"),
+            _row("engine: engines:aoti", "engine", 2.0), _row("engine: compiled", "engine", 1.0)]
+    got = {(s.engine, s.over): s.factor for s in speedups(rows)}
+    assert got == {("engine: torch", "diffusers eager"): 6.0 / 5.0, ("engine: torch", "direct"): 2.0,
+                   ("engine: engines:aoti", "diffusers eager"): 3.0,
+                   ("engine: engines:aoti", "direct (engines:aoti)"): 2.0,  # not the torch engine's direct row
+                   ("engine: compiled", "diffusers eager"): 6.0, ("engine: compiled", "direct"): 10.0}
+
+
+def test_cold_start_runs_a_fresh_process(tmp_path):
+    from megafusion.benchmarks.cold_start import run_cold
+
+    c = run_cold("dry run", ["--model", "tiny-sd15", "--prompt", "x", "--dry-run", "--output",
+                             str(tmp_path / "x.png")], torch.device("cpu"))
+    assert c.returncode == 0 and c.seconds > 0 and "plan" in c.tail and c.device_peak_gib is None
+    assert "megafusion.cli.generate" in c.command and "--dry-run" in c.command
+
+
 @pytest.mark.parametrize("argv", [
+    ["--variants", "torch", "--direct-for", "graphs"],
+    ["--cold-start", "warp"],
+    ["--variants", "engines:aoti"],
+    ["--variants", "engines:aoti", "--engine-dir", "/no/such/folder"],
     ["--steps", "0"],
     ["--steps", "4", "--stages", "128x128:2,256x256:2"],
     ["--model", "no-such-model"],
