@@ -103,9 +103,12 @@ def _engine_pipeline(backend: str, bundle: ModelBundle, device, plan: StagePlan,
 
 def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptions, device,
                      engines: tuple[str, ...] = ("torch",), engine_dir=None,
-                     direct_for: tuple[str, ...] = (), compile_cache=None) -> list[Variant]:
+                     direct_for: tuple[str, ...] = (), compile_cache=None,
+                     engine_bundle: ModelBundle | None = None) -> list[Variant]:
     """(a) direct, (b) the eager diffusers-style baseline, (c) the engine on each asked-for backend, each engine
-    in `direct_for` preceded by its own direct row (the same total steps in one stage on the same networks)."""
+    in `direct_for` preceded by its own direct row (the same total steps in one stage on the same networks).
+    Built engines open against `engine_bundle` (the model as mf-build-engines loaded it: random weights are
+    initialised on the CPU there, and a GPU initialises other values from the same seed), else `bundle`."""
     unknown = [e for e in (*engines, *direct_for) if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(ENGINES)}")
@@ -131,12 +134,13 @@ def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptio
         if kind == "torch":
             out.append(engine_variant("engine: torch", pipe, plan, opts, ENGINES[kind]))
             continue
-        get = _lazy_engine(kind, bundle, device, plan, opts, engine_dir, compile_cache)
-        if kind.startswith(ENGINE_FOLDER_PREFIX):
+        own = kind.startswith(ENGINE_FOLDER_PREFIX)
+        src = engine_bundle if own and engine_bundle is not None else bundle
+        get = _lazy_engine(kind, src, device, plan, opts, engine_dir, compile_cache)
+        if own:
             get()  # opened now: engines that do not cover the plan are refused before anything is timed
         if kind in direct_for:  # torch modules serve any plan; built engines open the direct plan's own shapes
-            own = kind.startswith(ENGINE_FOLDER_PREFIX)
-            get_direct = _lazy_engine(kind, bundle, device, direct, opts, engine_dir) if own else get
+            get_direct = _lazy_engine(kind, src, device, direct, opts, engine_dir) if own else get
             if own:
                 get_direct()
             out.append(Variant(f"direct ({kind})", "direct", direct,

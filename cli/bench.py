@@ -149,8 +149,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"model {family.name} ({bundle.source}) on {device}, UNet {dtype}, VAE {vae}")
         peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
         opts = GenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule, dilation)
+        engine_bundle = None
+        if any(n.startswith("engines:") for n in variant_names):  # loaded as mf-build-engines loads it
+            engine_bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle,
+                                       seed=weights_seed)
         variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
-                                    compile_cache)
+                                    compile_cache, engine_bundle)
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
                            cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
     paper = []

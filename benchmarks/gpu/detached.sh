@@ -9,7 +9,7 @@ detach() {
   local name=$1; shift
   [ -e "$JOBS/$name.started" ] && { echo "$name: already started"; return 0; }
   touch "$JOBS/$name.started"
-  setsid bash -c "$* > $JOBS/$name.log 2>&1; echo \$? > $JOBS/$name.rc" < /dev/null > /dev/null 2>&1 &
+  setsid bash -c "( $* ) > $JOBS/$name.log 2>&1; echo \$? > $JOBS/$name.rc" < /dev/null > /dev/null 2>&1 &
   echo "$name: started"
 }
 
