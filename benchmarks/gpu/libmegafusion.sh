@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu/libmegafusion.sh graphs [S] one call: starts the engine builds (as `build`) unless done,
 #        builds libmegafusion with CUDA, then C++ CUDA-graphed, C++ --no-graphs and Python graphed on the same
 #        packages (MODES=cpp,cpp-no-graphs,python-aoti-graphs): times, capture/replay counters, image differences
-#        against the graphed C++ image. Call `wait` if the SDXL package builds outlast the first call.
+#        against the graphed C++ image. If the SDXL package builds outlast the call, call `graphs` again (the
+#        builds go on and nothing starts twice); `wait` collects a benchmark that outlasted its call.
 # S: seconds to wait for the detached jobs. Builds and the benchmark run in their own sessions (detached.sh),
 # so a call's limit never kills them; what they write is copied to $OUT.
 source benchmarks/gpu/env.sh
@@ -42,11 +43,12 @@ case "$1" in
     start_engine_builds
     [ -x $BUILD/cpp/mf-generate-cpp ] || (time build_lib) > "$OUT/cmake.log" 2>&1
     tail -n 3 "$OUT/cmake.log" 2>/dev/null
-    wait_detached "${2:-420}" || exit 1
+    # S (default 560) bounds the whole call, lib build included: each wait gets what is left of it.
+    wait_detached $(( ${2:-560} - SECONDS - 60 )) || exit 1
     MODES=${MODES:-cpp,cpp-no-graphs,python-aoti-graphs}
     detach cvp-graphs "cd $PWD && python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines $ENG --size 2048x2048 \
       --cpp-bin $BUILD/cpp/mf-generate-cpp --output /tmp/cvp --repeats 3 --modes $MODES"
-    collect 150 ;;
+    collect $(( ${2:-560} - SECONDS )) ;;
   build)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     start_engine_builds
