@@ -5,7 +5,7 @@
 #include "manifest.hpp"  // Failure
 
 #ifdef MEGAFUSION_WITH_CUDA
-#include <ATen/cuda/CUDAEvent.h>
+// Not ATen/cuda/CUDAEvent.h: it pulls in cuBLAS and cuSPARSE headers, which a CUDA toolkit may lack.
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -18,6 +18,18 @@ namespace megafusion::lib {
 struct StepGraphs::Graph {
   at::cuda::CUDAGraph graph;
 };
+
+namespace {
+// Work queued on `waiter` from now on waits for what is queued on `first` so far (torch.cuda's wait_stream).
+void wait_stream(const c10::cuda::CUDAStream& waiter, const c10::cuda::CUDAStream& first) {
+  cudaEvent_t e = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  const cudaError_t recorded = cudaEventRecord(e, first.stream());
+  const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(waiter.stream(), e, 0) : recorded;
+  cudaEventDestroy(e);  // released once the wait is satisfied
+  C10_CUDA_CHECK(waited);
+}
+}  // namespace
 #else
 struct StepGraphs::Graph {};
 #endif
@@ -95,15 +107,12 @@ std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const StepKey& key, StepB
   // Warm-up on a side stream (lazy initialisation, AOTInductor's first-run work), as torch.cuda.graphs advises.
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(index);
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, index);
-  at::cuda::CUDAEvent ready, warmed;
-  ready.record(current);
-  ready.block(side);
+  wait_stream(side, current);
   {
     c10::cuda::CUDAStreamGuard on_side(side);
     for (int i = 0; i < warmup_steps_; ++i) denoise_step(b, key.cfg, key.dilation, unet);
   }
-  warmed.record(side);
-  warmed.block(current);
+  wait_stream(current, side);
   C10_CUDA_CHECK(cudaDeviceSynchronize());
   auto g = std::make_unique<Graph>();
   {
