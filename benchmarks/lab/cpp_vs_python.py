@@ -100,13 +100,25 @@ def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
         mine = [e for e in entries if e.key.network == r.spec.network and e.key.dilation == r.spec.dilation]
         if not mine:
             continue
-        e = max(mine, key=lambda e: e.created)
-        runner = open_entry(Path(engines), e, get_backend("aoti"), OpenContext(bundle.family, dev))
-        spec = runner.spec
-        module = cast_copy(bundle.module_for(spec.network), spec.outputs[0].torch_dtype).to(dev)
-        ref_fn = wrap(module, spec, bundle.family.is_xl).eval()
+        mine.sort(key=lambda e: e.created, reverse=True)  # newest first, as the runtimes choose
+        runners, refs = {}, {}  # by digest (static packages: one entry per stage shape); modules by dtype
         for p in r.profiles:
             st = plan.stages[min(p.stage, len(plan.stages) - 1)]
+            probe = r.spec.sample_inputs(r.spec.axes(r.spec.batch_range[2], st.height // vs, st.width // vs, vs))
+            e = next((e for e in mine if all(e.key.profiles[0].covers(t.name, tuple(x.shape))
+                                             for t, x in zip(r.spec.inputs, probe))), None)
+            if e is None:
+                print(f"[networks] no package of {r.spec.name} covers {st.width}x{st.height}", flush=True)
+                continue
+            if e.digest not in runners:
+                runners[e.digest] = open_entry(Path(engines), e, get_backend("aoti"), OpenContext(bundle.family, dev))
+            runner = runners[e.digest]
+            spec = runner.spec
+            dtype = spec.outputs[0].torch_dtype
+            if dtype not in refs:
+                module = cast_copy(bundle.module_for(spec.network), dtype).to(dev)
+                refs[dtype] = (module, wrap(module, spec, bundle.family.is_xl).eval())
+            module, ref_fn = refs[dtype]
             axes = spec.axes(spec.batch_range[2], st.height // vs, st.width // vs, vs)
             feeds = {t.name: x.to(dev) for t, x in zip(spec.inputs, spec.sample_inputs(axes))}
             with torch.inference_mode():
@@ -121,7 +133,7 @@ def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
                 rows.append({"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
                              "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)})
                 print(f"[networks] {rows[-1]}", flush=True)
-        del runner, module, ref_fn
+        del runners, refs
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
