@@ -472,6 +472,14 @@ int main(int argc, char** argv) {
     expect_failure("static: batch 3 is outside every package", "at 256x256",
                    [&] { pick_entry(set, {{"sample", {3, 4, 32, 32}}, {"timestep", one}}, 8, "X", hint); },
                    MF_ERROR_UNSUPPORTED_SIZE);
+    {
+      EngineFolder g = sf;
+      g.models.at("tiny-sd15").source = "random:3";
+      check(plan_build_hint(g, "tiny-sd15", "NVIDIA H200", "aoti", "fp16", "128x128:2,256x256:2") ==
+                "mf-build-engines --model tiny-sd15 --weights-seed 3 --stages 128x128:2,256x256:2 --backend aoti "
+                "--precision fp16 --device cuda --output " + st,
+            "plan build hint: weights source, stages, device kind");
+    }
     check(served_sizes(set.at(0), 8) == "256x256" && served_sizes(f.entries.at(0), 8) == "128x128 to 256x256",
           "served sizes: one size for a static package, a range for a --dynamic one");
     // Only stale or foreign static entries: refused as before, naming why.

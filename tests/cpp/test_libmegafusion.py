@@ -117,7 +117,7 @@ def test_cpp_refuses_size_no_package_covers(cpp_build, sd15_aoti, tmp_path):
     assert r.stderr.count("\n") == 1, r.stderr
     assert "do not cover unet (dilated) fp32 aoti at 384x384" in r.stderr, r.stderr
     assert "they cover 128x128 to 256x256" in r.stderr and "mf-build-engines --model tiny-sd15 --stages " \
-        "128x128:2,384x384:2 --backend aoti" in r.stderr, r.stderr
+        f"128x128:2,384x384:2 --backend aoti --precision fp32 --device cpu --output {sd15_aoti}" in r.stderr, r.stderr
     assert not png.exists()
 
 

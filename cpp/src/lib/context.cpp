@@ -156,7 +156,7 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
     });
   };
   if (!has_unet(precision_) && has_unet(other)) precision_ = other;
-  hint_ = "mf-build-engines --model " + family_->name + " --backend " + backend_ + " --output " + folder_.root;
+  hint_ = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, "");
   // Load the text encoders now and choose every generation's entries, so a broken folder or a stale entry fails
   // here rather than mid-request. UNet and VAE packages (one per stage shape when built static) load when a plan
   // first needs them, in check_coverage, before any other work of that generation.
@@ -222,8 +222,7 @@ void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_rel
   const int vs = family_->vae_scale;
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
-  hint_ = "mf-build-engines --model " + family_->name + " --stages " + stages + " --backend " + backend_ +
-          " --output " + folder_.root;
+  hint_ = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
   // Opens the package each call of the plan runs (pick_entry refuses a size no entry covers, naming those built).
   auto need = [&](const std::string& network, int d, const StageSize& s, long long b) {
     const bool image = network == "vae_encoder";

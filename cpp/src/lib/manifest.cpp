@@ -198,7 +198,8 @@ std::string shell_word(const std::string& s) {
 // The mf-build-engines command that builds what is missing, as Python's engine/load.py build_command words it:
 // the weights' source from models.json (random weights and their seed, or the model folder) and the precision.
 std::string build_hint(const std::string& model, const std::string& device, const std::string& root,
-                       const std::string& backend, const std::string& precision, const std::string& source) {
+                       const std::string& backend, const std::string& precision, const std::string& source,
+                       const std::string& stages = "") {
   std::string weights;
   if (source.rfind("random:", 0) == 0) {
     const std::string seed = source.substr(7);
@@ -207,7 +208,8 @@ std::string build_hint(const std::string& model, const std::string& device, cons
   } else if (!source.empty()) {
     weights = " --model-path " + shell_word(source);
   }
-  return "mf-build-engines --model " + model + weights + " --backend " + backend +
+  return "mf-build-engines --model " + model + weights + (stages.empty() ? "" : " --stages " + shell_word(stages)) +
+         " --backend " + backend +
          (precision.empty() ? "" : " --precision " + precision) + " --device " +
          (device == "cpu" ? "cpu" : "cuda") + " --output " + shell_word(root);
 }
@@ -392,6 +394,13 @@ size_t select_profile(const std::vector<Profile>& profiles,
   std::string given;
   for (const auto& [name, shape] : shapes) given += (given.empty() ? "" : ", ") + name + ": " + shape_text(shape);
   throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no optimization profile serves shapes {" + given + "}");
+}
+
+std::string plan_build_hint(const EngineFolder& folder, const std::string& model, const std::string& device,
+                            const std::string& backend, const std::string& precision, const std::string& stages) {
+  auto facts = folder.models.find(model);
+  return build_hint(model, device, folder.root, backend, precision,
+                    facts == folder.models.end() ? "" : facts->second.source, stages);
 }
 
 std::string served_sizes(const Entry& e, long long k) {

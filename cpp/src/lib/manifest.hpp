@@ -86,6 +86,12 @@ std::map<std::pair<std::string, int>, std::vector<Entry>> select_entry_sets(
     const std::string& precision, const std::string& device, const std::string& backend_version,
     const std::string& backend = "aoti");
 
+// The command that builds `model`'s engines for the plan `stages` ("WxH:steps,...") into the folder, with the
+// weights source models.json records (as select_entries' hints): "mf-build-engines --model M [weights] --stages S
+// --backend B --precision P --device cpu|cuda --output DIR".
+std::string plan_build_hint(const EngineFolder& folder, const std::string& model, const std::string& device,
+                            const std::string& backend, const std::string& precision, const std::string& stages);
+
 // The sizes an entry serves, in pixels (`k` pixels per unit of its first input's last two axes): "128x128" for a
 // static package, "128x128 to 256x256" for a range, each profile's opt for a TensorRT plan.
 std::string served_sizes(const Entry& e, long long k);
