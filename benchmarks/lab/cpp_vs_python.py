@@ -1,12 +1,13 @@
 """libmegafusion (C++, no Python) beside the Python runtime, same plan, seed and prompt.
 
 python benchmarks/lab/cpp_vs_python.py --model sdxl --engines DIR --cpp-bin BUILD/cpp/mf-generate-cpp \
-    --output OUT [--size 2048x2048 | --stages S] [--modes cpp,python-aoti,python-aoti-graphs,python-compiled]
+    --output OUT [--size 2048x2048 | --stages S] [--modes cpp,cpp-no-graphs,python-aoti-graphs,python-compiled]
 
 DIR holds `mf-build-engines --backend aoti` packages built from `--random-weights --weights-seed N` (this script loads
 the same weights the same way, so the engines' weight fingerprints match). Modes, in this order, one process:
-- `cpp`: `mf-generate-cpp --repeats R+1` in a subprocess (its first run is the warm-up), wall time of each
-  `mf_generate` call as the example prints it;
+- `cpp`: `mf-generate-cpp --repeats R+1` in a subprocess (its first run is the warm-up, which captures the
+  step graphs), wall time of each `mf_generate` call and the CUDA graph counters as the example prints them;
+- `cpp-no-graphs`: the same with `--no-graphs` (the steps one by one), for the graphs' gain and image difference;
 - `python-aoti`: `open_engines(..., backend="aoti")` on the same packages, the plain Python stage loop;
 - `python-aoti-graphs`: the same packages under the runtime's CUDA-graphed denoise step (CUDA only);
 - `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from megafusion.benchmarks.timing import provenance
 
-MODES = ("networks", "cpp", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled")
+MODES = ("networks", "cpp", "cpp-no-graphs", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled")
 GPU_ONLY = ("python-aoti-graphs", "python-compiled")
 
 
@@ -41,6 +42,13 @@ def parse_cpp_output(text: str) -> tuple[float, list[float]]:
     if m is None:
         raise ValueError(f"mf-generate-cpp printed no timing line: {text[-500:]!r}")
     return float(m.group(1)), [float(x) for x in m.group(2).split()]
+
+
+def parse_cpp_counters(text: str) -> dict:
+    """{"graphs": "on"|"off", "captures": C, "replays": R} from mf-generate-cpp's last line ({} from an older
+    build that prints no counters)."""
+    m = re.search(r"graphs (on|off), (\d+) captures, (\d+) replays", text)
+    return {} if m is None else {"graphs": m.group(1), "captures": int(m.group(2)), "replays": int(m.group(3))}
 
 
 def image_diff(a: np.ndarray, b: np.ndarray) -> dict:
@@ -92,13 +100,25 @@ def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
         mine = [e for e in entries if e.key.network == r.spec.network and e.key.dilation == r.spec.dilation]
         if not mine:
             continue
-        e = max(mine, key=lambda e: e.created)
-        runner = open_entry(Path(engines), e, get_backend("aoti"), OpenContext(bundle.family, dev))
-        spec = runner.spec
-        module = cast_copy(bundle.module_for(spec.network), spec.outputs[0].torch_dtype).to(dev)
-        ref_fn = wrap(module, spec, bundle.family.is_xl).eval()
+        mine.sort(key=lambda e: e.created, reverse=True)  # newest first, as the runtimes choose
+        runners, refs = {}, {}  # by digest (static packages: one entry per stage shape); modules by dtype
         for p in r.profiles:
             st = plan.stages[min(p.stage, len(plan.stages) - 1)]
+            probe = r.spec.sample_inputs(r.spec.axes(r.spec.batch_range[2], st.height // vs, st.width // vs, vs))
+            e = next((e for e in mine if all(e.key.profiles[0].covers(t.name, tuple(x.shape))
+                                             for t, x in zip(r.spec.inputs, probe))), None)
+            if e is None:
+                print(f"[networks] no package of {r.spec.name} covers {st.width}x{st.height}", flush=True)
+                continue
+            if e.digest not in runners:
+                runners[e.digest] = open_entry(Path(engines), e, get_backend("aoti"), OpenContext(bundle.family, dev))
+            runner = runners[e.digest]
+            spec = runner.spec
+            dtype = spec.outputs[0].torch_dtype
+            if dtype not in refs:
+                module = cast_copy(bundle.module_for(spec.network), dtype).to(dev)
+                refs[dtype] = (module, wrap(module, spec, bundle.family.is_xl).eval())
+            module, ref_fn = refs[dtype]
             axes = spec.axes(spec.batch_range[2], st.height // vs, st.width // vs, vs)
             feeds = {t.name: x.to(dev) for t, x in zip(spec.inputs, spec.sample_inputs(axes))}
             with torch.inference_mode():
@@ -113,15 +133,16 @@ def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
                 rows.append({"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
                              "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)})
                 print(f"[networks] {rows[-1]}", flush=True)
-        del runner, module, ref_fn
+        del runners, refs
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def run_cpp(args, plan_args: list[str], ids: Path, png: Path) -> dict:
+def run_cpp(args, plan_args: list[str], ids: Path, png: Path, graphs: bool = True) -> dict:
     cmd = [args.cpp_bin, "--engines", args.engines, "--model", args.model, "--ids", str(ids), *plan_args,
-           "--seed", str(args.seed), "--device", args.device, "--repeats", str(args.repeats + 1), "--output", str(png)]
+           "--seed", str(args.seed), "--device", args.device, "--repeats", str(args.repeats + 1), "--output", str(png),
+           *([] if graphs else ["--no-graphs"])]
     t0 = time.perf_counter()
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -129,7 +150,8 @@ def run_cpp(args, plan_args: list[str], ids: Path, png: Path) -> dict:
         raise RuntimeError(f"mf-generate-cpp exited {r.returncode}: {r.stderr[-2000:]}")
     load_s, times = parse_cpp_output(r.stdout)
     return {"median_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "all_s": times[1:],
-            "first_run_s": times[0], "engine_load_s": load_s, "process_wall_s": wall, "command": " ".join(map(str, cmd))}
+            "first_run_s": times[0], "engine_load_s": load_s, "process_wall_s": wall, "command": " ".join(map(str, cmd)),
+            **parse_cpp_counters(r.stdout)}
 
 
 def run(args) -> dict:
@@ -170,8 +192,9 @@ def run(args) -> dict:
             if "cpp" in images and mode != "cpp":
                 entry["image_diff_vs_cpp"] = image_diff(image, images["cpp"])
         report["modes"][mode] = entry
+        counters = (f" captures {entry['captures']} replays {entry['replays']}" if "captures" in entry else "")
         print(f"[{mode}] median {entry['median_s']:.3f} s (all {', '.join(f'{t:.3f}' for t in entry['all_s'])}; "
-              f"first {entry['first_run_s']:.2f} s) {entry.get('image_diff_vs_cpp', '')}", flush=True)
+              f"first {entry['first_run_s']:.2f} s){counters} {entry.get('image_diff_vs_cpp', '')}", flush=True)
         _save(report, out)
 
     if "networks" in modes:
@@ -182,6 +205,11 @@ def run(args) -> dict:
         ids.write_text(format_ids(args.model, bundle.tokenizers, args.prompt))
         entry = run_cpp(args, plan_args, ids, png)
         record("cpp", entry, np.asarray(Image.open(png).convert("RGB")))
+    if "cpp-no-graphs" in modes:
+        ids, png = out / "ids.txt", out / "cpp-no-graphs.png"
+        ids.write_text(format_ids(args.model, bundle.tokenizers, args.prompt))
+        entry = run_cpp(args, plan_args, ids, png, graphs=False)
+        record("cpp-no-graphs", entry, np.asarray(Image.open(png).convert("RGB")))
     if "python-aoti" in modes or "python-aoti-graphs" in modes:
         t0 = time.perf_counter()
         nets, desc = open_engines(args.engines, bundle, plan, device=dev, backend="aoti")
@@ -225,13 +253,14 @@ def run(args) -> dict:
 def _save(report: dict, out: Path) -> None:
     (out / "cpp_vs_python.json").write_text(json.dumps(provenance() | report, indent=2))
     lines = [f"# libmegafusion vs Python, {report['gpu']}, torch {report['torch']}", "", report["plan"], "",
-             "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) |",
-             "|---|---|---|---|---|---|"]
+             "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) | graphs captured/replayed |",
+             "|---|---|---|---|---|---|---|"]
     for mode, e in report["modes"].items():
         d = e.get("image_diff_vs_cpp", {})
         lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
                      f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
-                     f"{d.get('max', '-')}/{d.get('mean', 0):.3f} |")
+                     f"{d.get('max', '-')}/{d.get('mean', 0):.3f} | "
+                     f"{str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
     if report.get("networks"):
         lines += ["", "Each package against its torch module, same inputs:", "",
                   "| network | size | output | max abs diff | relative to max abs |", "|---|---|---|---|---|"]

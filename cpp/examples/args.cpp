@@ -11,7 +11,8 @@ namespace mfcli {
 const char* const kUsage =
     "usage: mf-generate-cpp --engines DIR --model NAME --ids FILE --output PNG [--size WxH] [--stages S]\n"
     "                       [--steps N] [--seed N] [--guidance W] [--no-reschedule] [--dilation D]\n"
-    "                       [--relay pixel|latent] [--device cpu|cuda[:N]] [--repeats N]\n"
+    "                       [--relay pixel|latent] [--device cpu|cuda[:N]] [--repeats N] [--no-graphs]\n"
+    "--no-graphs: run the denoise steps one by one instead of replaying one CUDA graph per stage descriptor\n"
     "engine files are always checked against their sha256 (--verify-hashes is accepted and does nothing)\n";
 
 namespace {
@@ -180,6 +181,7 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--no-reschedule") { params.reschedule = 0; continue; }
+    if (a == "--no-graphs") { cl.graphs = false; continue; }
     if (a == "--verify-hashes") continue;  // always checked now; accepted for old command lines
     if (a == "-h" || a == "--help") { cl.help = true; return 0; }
     static const char* const valued[] = {"--engines", "--model", "--ids", "--output", "--size", "--stages",

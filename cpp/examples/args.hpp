@@ -28,6 +28,7 @@ struct CommandLine {
   std::string engines, model, ids, output, stages, relay = "pixel", device = "cpu";
   int repeats = 1;
   bool help = false;
+  bool graphs = true;  // --no-graphs: mf_set_cuda_graphs(ctx, 0)
   std::vector<std::vector<int32_t>> prompt, negative;  // per text encoder, from --ids
 };
 

@@ -93,6 +93,17 @@ int main(int argc, char** argv) {
     ++failures;
   }
   expect("output size, null pointers", mf_output_size(ctx, &p, NULL, &h), MF_ERROR_INVALID_ARGUMENT, "NULL");
+  uint64_t captures = 7, replays = 7;
+  expect("graph counters, null ctx", mf_graph_counters(NULL, &captures, &replays), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+  expect("graph counters, null pointer", mf_graph_counters(ctx, &captures, NULL), MF_ERROR_INVALID_ARGUMENT, "NULL");
+  expect("graph counters", mf_graph_counters(ctx, &captures, &replays), MF_OK, NULL);
+  if (captures != 0 || replays != 0) {  /* CPU: nothing captured */
+    fprintf(stderr, "FAIL graph counters on the CPU: %llu captures, %llu replays\n", (unsigned long long)captures,
+            (unsigned long long)replays);
+    ++failures;
+  }
+  expect("graphs off, null ctx", mf_set_cuda_graphs(NULL, 0), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+  expect("graphs off", mf_set_cuda_graphs(ctx, 0), MF_OK, NULL);
   free(rgb);
   mf_context_destroy(ctx);
   mf_context_destroy(NULL);

@@ -97,8 +97,10 @@ int main(int argc, char** argv) {
   check(p.rc == 0 && p.cl.help, "--help");
   p = parse({});
   check(p.rc == 0 && p.params.seed == 0 && p.params.guidance == 7.0f && p.params.total_steps == 0 &&
-            p.params.dilation == 2,
-        "defaults untouched when not given");
+            p.params.dilation == 2 && p.cl.graphs,
+        "defaults untouched when not given (CUDA graphs on)");
+  p = parse({"--no-graphs"});
+  check(p.rc == 0 && !p.cl.graphs, "--no-graphs turns the step graphs off");
 
   // --seed: an integer 0 <= seed < 2^64.
   refused({"--seed", "abc"}, "--seed 'abc': must be an integer 0 <= seed < 2^64");

@@ -98,6 +98,23 @@ std::string trt_entry_json() {
 
 using Shapes = std::vector<std::pair<std::string, std::vector<long long>>>;
 
+// A per-stage static AOTInductor UNet (what mf-build-engines --backend aoti builds by default): spatial sides
+// fixed at `side` latent pixels, batch 1 to 2. Digests from Python (EngineKey.from_json(key).digest()).
+std::string static_entry_json(long long side, const std::string& digest, double created,
+                              const std::string& version = "2.13.0+cpu", const std::string& device = "cpu") {
+  const std::string s = std::to_string(side);
+  return R"({"digest": ")" + digest + R"(", "created": )" + std::to_string(created) + R"(, "key": {"model":
+    "tiny-sd15", "weights": "w1", "network": "unet", "variant": "standard", "dilation": 1, "precision": "fp32",
+    "backend": "aoti", "backend_version": ")" + version + R"(", "device": ")" + device + R"(", "profiles":
+    [{"stage": 0, "shapes": [["sample", [1, 4, )" + s + ", " + s + "], [2, 4, " + s + ", " + s + "], [2, 4, " + s +
+         ", " + s + R"(]], ["timestep", [1], [1], [1]]]}]}, "files": [{"path": "s)" + s + R"(/model.pt2",
+    "sha256": "x", "size": 1}]})";
+}
+const char* kDigestStatic16 = "d03e66bed4f70eed233d81d3cfa7ab99140624310acbb8a897452751a9233c89";
+const char* kDigestStatic32 = "879939d70b077b1802ef043550e194218f02e1da76718accb41a63c90c19c7e7";
+const char* kDigestStatic48OldTorch = "392d417bcacad315f0d8d4f62951e38922ecd8659e9a10de72e559806e99c1fd";
+const char* kDigestStatic24Gpu = "03070c79bf560f4ebb2bc0088cb1009b1aec4019767cfd785dd723b63a14c709";
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -420,6 +437,85 @@ int main(int argc, char** argv) {
   check(choose_backend(both, "tiny-sd15", true, false) == "aoti", "backend: both, library without TensorRT: aoti");
   check(choose_backend(both, "tiny-sd15", false, true) == "aoti", "backend: both, CPU: aoti");
   check(choose_backend(t, "sdxl", true, false) == "aoti", "backend: no engines of the model: aoti (select names them)");
+
+  // Per-stage static packages: several entries of one (network, dilation), one per stage shape; each call runs
+  // the newest valid entry whose profile holds its shapes. Stale and foreign entries are never candidates.
+  {
+    const std::string st = dir + "/static";
+    std::system(("mkdir -p '" + st + "'").c_str());
+    write(st + "/models.json", kModels);
+    write(st + "/manifest.json", manifest_of(static_entry_json(16, kDigestStatic16, 5) + ", " +
+                                             static_entry_json(32, kDigestStatic32, 6) + ", " +
+                                             static_entry_json(48, kDigestStatic48OldTorch, 7, "2.12.0+cpu") + ", " +
+                                             static_entry_json(24, kDigestStatic24Gpu, 8, "2.13.0+cpu", "NVIDIA H200")));
+    EngineFolder sf;
+    check(error_of([&] { sf = read_engine_folder(st); }) == "" && sf.entries.size() == 4, "static: folder reads");
+    std::vector<Entry> set;
+    const std::string err = error_of([&] { set = select_entry_sets(sf, "tiny-sd15", unet, "fp32", "cpu", "2.13.0").at({"unet", 1}); });
+    check(err == "" && set.size() == 2 && set[0].digest == kDigestStatic32 && set[1].digest == kDigestStatic16,
+          "static: both valid entries, newest first; the old-torch and the GPU entries left out " + err);
+    check(select_entries(sf, "tiny-sd15", unet, "fp32", "cpu", "2.13.0").at({"unet", 1}).digest == kDigestStatic32,
+          "static: select_entries still answers the newest");
+    const std::string hint = "mf-build-engines --model tiny-sd15 --stages 128x128:2,384x384:2 --backend aoti";
+    const std::vector<long long> one = {1};
+    check(set.size() == 2 && pick_entry(set, {{"sample", {2, 4, 16, 16}}, {"timestep", one}}, 8, "here", hint) == 1,
+          "static: the 128 px call runs the 16-latent package");
+    check(set.size() == 2 && pick_entry(set, {{"sample", {1, 4, 32, 32}}, {"timestep", one}}, 8, "here", hint) == 0,
+          "static: the 256 px call (batch 1) runs the 32-latent package");
+    expect_failure("static: a size no package covers, one line naming the sizes built and the command",
+                   "the engines in X do not cover unet (standard) fp32 aoti at 384x384 (input sample (2, 4, 48, 48)); "
+                   "they cover 256x256, 128x128. Build them with: " + hint,
+                   [&] { pick_entry(set, {{"sample", {2, 4, 48, 48}}, {"timestep", one}}, 8, "the engines in X", hint); },
+                   MF_ERROR_UNSUPPORTED_SIZE);
+    const std::string msg = error_of([&] { pick_entry(set, {{"sample", {2, 4, 48, 48}}, {"timestep", one}}, 8, "X", hint); });
+    check(msg.find('\n') == std::string::npos, "static: the refusal is one line");
+    expect_failure("static: batch 3 is outside every package", "at 256x256",
+                   [&] { pick_entry(set, {{"sample", {3, 4, 32, 32}}, {"timestep", one}}, 8, "X", hint); },
+                   MF_ERROR_UNSUPPORTED_SIZE);
+    {
+      EngineFolder g = sf;
+      g.models.at("tiny-sd15").source = "random:3";
+      check(plan_build_hint(g, "tiny-sd15", "NVIDIA H200", "aoti", "fp16", "128x128:2,256x256:2") ==
+                "mf-build-engines --model tiny-sd15 --weights-seed 3 --stages 128x128:2,256x256:2 --backend aoti "
+                "--precision fp16 --device cuda --output " + st,
+            "plan build hint: weights source, stages, device kind");
+    }
+    check(served_sizes(set.at(0), 8) == "256x256" && served_sizes(f.entries.at(0), 8) == "128x128 to 256x256",
+          "served sizes: one size for a static package, a range for a --dynamic one");
+    // Only stale or foreign static entries: refused as before, naming why.
+    write(st + "/manifest.json", manifest_of(static_entry_json(48, kDigestStatic48OldTorch, 7, "2.12.0+cpu")));
+    expect_failure("static: only an entry of another torch", "was built for torch 2.12.0+cpu (this library: 2.13.0)",
+                   [&] { select_entry_sets(read_engine_folder(st), "tiny-sd15", unet, "fp32", "cpu", "2.13.0"); });
+    write(st + "/manifest.json", manifest_of(static_entry_json(24, kDigestStatic24Gpu, 8, "2.13.0+cpu", "NVIDIA H200")));
+    expect_failure("static: only an entry of another device", "device 'NVIDIA H200' (this one: 'cpu')",
+                   [&] { select_entry_sets(read_engine_folder(st), "tiny-sd15", unet, "fp32", "cpu", "2.13.0"); });
+    // A static package beside a --dynamic range one (same creation time: manifest order kept): each call takes the
+    // first that holds it; the range entry alone serves what the static one does not.
+    write(st + "/manifest.json", manifest_of(static_entry_json(32, kDigestStatic32, 5) + ", " +
+                                             entry_json(sha, 3)));
+    std::vector<Entry> mixed;
+    check(error_of([&] { mixed = select_entry_sets(read_engine_folder(st), "tiny-sd15", unet, "fp32", "cpu",
+                                                   "2.13.0").at({"unet", 1}); }) == "" && mixed.size() == 2,
+          "mixed: static and range entries both selected");
+    check(mixed.size() == 2 && pick_entry(mixed, {{"sample", {2, 4, 32, 32}}}, 8, "X", hint) == 1,
+          "mixed: an input the static entry names but the call lacks (timestep) leaves the range entry");
+    check(mixed.size() == 2 && pick_entry(mixed, {{"sample", {2, 4, 32, 32}}, {"timestep", one}}, 8, "X", hint) == 0,
+          "mixed: the static entry first where it fits");
+    check(mixed.size() == 2 && pick_entry(mixed, {{"sample", {2, 4, 24, 24}}, {"timestep", one}}, 8, "X", hint) == 1,
+          "mixed: the range entry for a size between");
+  }
+  // Range entries unchanged: one entry, its range, every size inside it.
+  {
+    std::vector<Entry> range;
+    check(error_of([&] { range = select_entry_sets(f, "tiny-sd15", unet, "fp32", "cpu", "2.13.0").at({"unet", 1}); }) == "" &&
+              range.size() == 1 && range[0].digest == kDigestAoti,
+          "range: one entry");
+    check(range.size() == 1 && pick_entry(range, {{"sample", {1, 4, 16, 16}}}, 8, "X", "") == 0 &&
+              pick_entry(range, {{"sample", {2, 4, 24, 32}}}, 8, "X", "") == 0,
+          "range: any size inside it");
+    expect_failure("range: a size outside it", "they cover 128x128 to 256x256",
+                   [&] { pick_entry(range, {{"sample", {2, 4, 40, 40}}}, 8, "X", "cmd"); }, MF_ERROR_UNSUPPORTED_SIZE);
+  }
 
   std::cout << g_failures << " failure(s)\n";
   return g_failures == 0 ? 0 : 1;

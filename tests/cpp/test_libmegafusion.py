@@ -54,7 +54,8 @@ def cpp_build(tmp_path_factory, sd15_aoti) -> Path:
     return build
 
 
-def _cpp_image(build: Path, engines: Path, model: str, stages: str, opts: GenerationOptions, tmp: Path) -> np.ndarray:
+def _cpp_image(build: Path, engines: Path, model: str, stages: str, opts: GenerationOptions, tmp: Path,
+               *flags: str) -> np.ndarray:
     from PIL import Image
 
     ids = tmp / "ids.txt"
@@ -62,7 +63,7 @@ def _cpp_image(build: Path, engines: Path, model: str, stages: str, opts: Genera
     png = tmp / "cpp.png"
     r = _run([build / "cpp" / "mf-generate-cpp", "--engines", engines, "--model", model, "--ids", ids, "--stages",
               stages, "--seed", opts.seed, "--guidance", opts.guidance, "--relay", opts.relay, "--dilation",
-              opts.dilation, "--output", png])
+              opts.dilation, "--output", png, *flags])
     assert r.returncode == 0, r.stderr
     return np.asarray(Image.open(png).convert("RGB"))
 
@@ -86,6 +87,38 @@ def test_cpp_image_equals_python_sd15(cpp_build, sd15_aoti, tiny_sd15, tmp_path,
     opts = GenerationOptions("a red cube", negative_prompt=negative, guidance=guidance, seed=11, relay=relay)
     _compare(_cpp_image(cpp_build, sd15_aoti, "tiny-sd15", AOTI_STAGES, opts, tmp_path),
              _python_image(tiny_sd15, sd15_aoti, AOTI_STAGES, opts))
+
+
+def test_cpp_plain_steps_equal_python_sd15(cpp_build, sd15_aoti, tiny_sd15, tmp_path):
+    # Graphs on (the default) runs the buffered step on the CPU; --no-graphs the plain step loop: both = Python.
+    opts = GenerationOptions("a red cube", negative_prompt="blurry", seed=12)
+    _compare(_cpp_image(cpp_build, sd15_aoti, "tiny-sd15", AOTI_STAGES, opts, tmp_path, "--no-graphs"),
+             _python_image(tiny_sd15, sd15_aoti, AOTI_STAGES, opts))
+
+
+def test_cpp_graph_counters_on_cpu(cpp_build, sd15_aoti, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), "a red cube", "blurry"))
+    cmd = [cpp_build / "cpp" / "mf-generate-cpp", "--engines", sd15_aoti, "--model", "tiny-sd15", "--ids", ids,
+           "--stages", AOTI_STAGES, "--output", tmp_path / "a.png"]
+    on, off = _run(cmd), _run([*cmd, "--no-graphs"])
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "graphs on, 0 captures, 0 replays" in on.stdout  # nothing is captured on the CPU
+    assert "graphs off, 0 captures, 0 replays" in off.stdout
+
+
+def test_cpp_refuses_size_no_package_covers(cpp_build, sd15_aoti, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), "a red cube", "blurry"))
+    png = tmp_path / "never.png"
+    r = _run([cpp_build / "cpp" / "mf-generate-cpp", "--engines", sd15_aoti, "--model", "tiny-sd15", "--ids", ids,
+              "--stages", "128x128:2,384x384:2", "--output", png])
+    assert r.returncode == 2, r.stdout + r.stderr  # MF_ERROR_UNSUPPORTED_SIZE
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "do not cover unet (dilated) fp32 aoti at 384x384" in r.stderr, r.stderr
+    assert "they cover 128x128 to 256x256" in r.stderr and "mf-build-engines --model tiny-sd15 --stages " \
+        f"128x128:2,384x384:2 --backend aoti --precision fp32 --device cpu --output {sd15_aoti}" in r.stderr, r.stderr
+    assert not png.exists()
 
 
 def test_another_seed_another_image(cpp_build, sd15_aoti, tmp_path):

@@ -64,7 +64,9 @@ typedef struct mf_generate_params {
 void mf_generate_params_init(mf_generate_params* params);
 
 /* Opens the engine folder: picks the model's AOTInductor entries for this device and torch version, checks
- * their files and loads them. MF_ERROR_ENGINE, naming the file or entry, when manifest.json is not a valid
+ * their files and loads them (the text encoders here; the UNet and VAE packages, of which a folder of
+ * per-stage static packages holds one per stage shape, when a generation's plan first needs them, before any
+ * of its work; a plan size no package covers is MF_ERROR_UNSUPPORTED_SIZE naming the sizes built). MF_ERROR_ENGINE, naming the file or entry, when manifest.json is not a valid
  * manifest (an entry's digest not the sha256 of its key, JSON nested deeper than 64 levels), or an engine
  * file lies outside the folder (absolute path, '..', a symbolic link), is not a regular file, or differs
  * from the size or sha256 its entry records. On failure *out is set to NULL. */
@@ -81,6 +83,16 @@ mf_status mf_output_size(mf_context* ctx, const mf_generate_params* params, int*
 
 /* Generates one image into `rgb` (height rows of width * 3 bytes, RGB8), `rgb_bytes` its capacity. */
 mf_status mf_generate(mf_context* ctx, const mf_generate_params* params, uint8_t* rgb, size_t rgb_bytes);
+
+/* CUDA graphs of the denoise step: nonzero (the default) captures each stage's whole step (UNet on the CFG
+ * batch, guidance, x0, DDIM update) once per stage descriptor (latent size, dilation, CFG on or off, UNet
+ * dtype) and replays it for every step; 0 runs the steps one by one, as before. On the CPU, or in a library
+ * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). */
+mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
+
+/* How many step graphs the context has captured and how many times it has replayed one, since it was
+ * created (a generation of N steps replays N times; captures grow only with new descriptors). */
+mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t* replays);
 
 /* The message of this thread's last failed call ("" if none); valid until the thread's next call. */
 const char* mf_last_error(void);

@@ -87,6 +87,22 @@ mf_status mf_generate(mf_context* ctx, const mf_generate_params* params, uint8_t
   });
 }
 
+mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled) {
+  return guarded([&] {
+    if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+    ctx->impl.set_graphs(enabled != 0);
+  });
+}
+
+mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t* replays) {
+  return guarded([&] {
+    if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+    if (!captures || !replays) throw Failure(MF_ERROR_INVALID_ARGUMENT, "captures or replays pointer is NULL");
+    *captures = ctx->impl.graph_captures();
+    *replays = ctx->impl.graph_replays();
+  });
+}
+
 const char* mf_last_error(void) { return g_last_error.c_str(); }
 
 }  // extern "C"

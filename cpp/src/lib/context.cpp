@@ -68,20 +68,16 @@ std::string device_name(const at::Device& d) {
 #endif
 }
 
-// What sizes an entry serves, in pixels (`k` pixels per latent): a package's range, a plan's profiles.
-std::string served(const Entry& e, long long k) {
-  if (e.backend == "aoti") {
-    const TensorRange& r = e.range.at(0);
-    return std::to_string(r.min[3] * k) + "x" + std::to_string(r.min[2] * k) + " to " +
-           std::to_string(r.max[3] * k) + "x" + std::to_string(r.max[2] * k);
+// Shapes of a call of `e` whose first input is `first`: the other inputs at their smallest shape, at this call's
+// batch where their first axis ranges (the conditioning follows the sample's batch).
+std::vector<std::vector<long long>> call_shapes(const Entry& e, const std::vector<long long>& first, long long batch) {
+  std::vector<std::vector<long long>> out = {first};
+  for (size_t i = 1; i < e.range.size(); ++i) {
+    std::vector<long long> s = e.range[i].min;
+    if (!s.empty() && e.range[i].min[0] != e.range[i].max[0]) s[0] = batch;
+    out.push_back(s);
   }
-  std::string out;
-  for (const Profile& p : e.profiles) {
-    const std::vector<long long>& opt = p.shapes.at(0).opt;
-    if (opt.size() == 4)
-      out += (out.empty() ? "" : ", ") + std::to_string(opt[3] * k) + "x" + std::to_string(opt[2] * k);
-  }
-  return out.empty() ? "no image size" : out;
+  return out;
 }
 
 std::unique_ptr<Network> open_network(const std::string& root, const Entry& e, const at::Device& device) {
@@ -99,7 +95,9 @@ AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device&
   const std::string path = root + "/" + entry_.files.front().path;
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-        path, "model", false, 1, device.is_cuda() ? (device.has_index() ? device.index() : 0) : -1);
+        // run_single_threaded: no locking or stream synchronization inside run(), so a CUDA graph can capture
+        // it (Python loads with run_single_threaded=True for the same reason); a context is one thread's.
+        path, "model", true, 1, device.is_cuda() ? (device.has_index() ? device.index() : 0) : -1);
   } catch (const std::exception& e) {
     throw Failure(MF_ERROR_ENGINE, "cannot load engine " + path + " (" + entry_.describe() + "): " + e.what());
   }
@@ -158,28 +156,47 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
     });
   };
   if (!has_unet(precision_) && has_unet(other)) precision_ = other;
-  // Load what every generation needs now, so a broken folder fails here rather than mid-request.
-  for (int i = 0; i < num_text_encoders(); ++i) net(text_encoder_name(i));
-  net("unet", 1);
-  net("vae_decoder");
-  net("vae_encoder");
+  hint_ = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, "");
+  // Load the text encoders now and choose every generation's entries, so a broken folder or a stale entry fails
+  // here rather than mid-request. UNet and VAE packages (one per stage shape when built static) load when a plan
+  // first needs them, in check_coverage, before any other work of that generation.
+  for (int i = 0; i < num_text_encoders(); ++i) net_at(text_encoder_name(i), 1, {{1, MF_TOKEN_LENGTH}});
+  entries("unet", 1);
+  entries("vae_decoder", 1);
+  entries("vae_encoder", 1);
 }
 
 Context::~Context() = default;
 
-Network& Context::net(const std::string& network, int dilation) {
+const std::vector<Entry>& Context::entries(const std::string& network, int dilation) {
   auto key = std::make_pair(network, dilation);
-  auto it = nets_.find(key);
-  if (it != nets_.end()) return *it->second;
+  auto it = entries_.find(key);
+  if (it != entries_.end()) return it->second;
   std::string version = MEGAFUSION_TORCH_VERSION;  // what built the engines must match this library's
 #ifdef MEGAFUSION_WITH_TENSORRT
   if (backend_ == "tensorrt") version = tensorrt_version();
 #endif
-  auto chosen = select_entries(folder_, family_->name, {key}, precision_, device_name_, version, backend_);
-  const Entry& e = chosen.at(key);
+  auto chosen = select_entry_sets(folder_, family_->name, {key}, precision_, device_name_, version, backend_);
+  return entries_.emplace(key, std::move(chosen.at(key))).first->second;
+}
+
+Network& Context::net_at(const std::string& network, int dilation, const std::vector<std::vector<long long>>& shapes) {
+  const std::vector<Entry>& candidates = entries(network, dilation);
+  std::vector<std::pair<std::string, std::vector<long long>>> named;
+  const std::vector<TensorRange>& inputs = candidates.front().range;  // one spec: every entry names its inputs so
+  for (size_t i = 0; i < shapes.size() && i < inputs.size(); ++i) named.emplace_back(inputs[i].name, shapes[i]);
+  const long long k = network == "vae_encoder" ? 1 : family_->vae_scale;
+  const Entry& e = candidates[pick_entry(candidates, named, k, "the engines in " + folder_.root, hint_)];
+  auto it = nets_.find(e.digest);
+  if (it != nets_.end()) return *it->second;
   verify_files(folder_.root, e);  // sizes and sha256, always (options.verify_hashes is no longer needed)
-  auto n = open_network(folder_.root, e, device_);
-  return *nets_.emplace(key, std::move(n)).first->second;
+  return *nets_.emplace(e.digest, open_network(folder_.root, e, device_)).first->second;
+}
+
+Network& Context::net(const std::string& network, int dilation, const std::vector<at::Tensor>& inputs) {
+  std::vector<std::vector<long long>> shapes;
+  for (const at::Tensor& t : inputs) shapes.emplace_back(t.sizes().begin(), t.sizes().end());
+  return net_at(network, dilation, shapes);
 }
 
 StagePlan Context::plan_of(const mf_generate_params& p) const {
@@ -201,27 +218,24 @@ StagePlan Context::plan_of(const mf_generate_params& p) const {
   }
 }
 
-void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay) {
+void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch) {
   const int vs = family_->vae_scale;
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
-  auto need = [&](Network& n, const StageSize& s, bool image) {
+  hint_ = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
+  // Opens the package each call of the plan runs (pick_entry refuses a size no entry covers, naming those built).
+  auto need = [&](const std::string& network, int d, const StageSize& s, long long b) {
+    const bool image = network == "vae_encoder";
     const long long h = image ? s.height : s.height / vs, w = image ? s.width : s.width / vs;
-    const std::vector<long long> shape = {n.entry().range.at(0).min.at(0), image ? 3 : 4, h, w};
-    if (n.covers(0, shape)) return;
-    throw Failure(MF_ERROR_UNSUPPORTED_SIZE,
-                  "the engines in " + folder_.root + " do not cover " + n.entry().describe() + " at " +
-                      std::to_string(s.width) + "x" + std::to_string(s.height) + "; they cover " +
-                      served(n.entry(), image ? 1 : vs) + ". Build them with: mf-build-engines --model " +
-                      family_->name + " --stages " + stages + " --backend " + n.entry().backend + " --output " +
-                      folder_.root);
+    const Entry& first = entries(network, d).front();
+    net_at(network, d, call_shapes(first, {b, image ? 3 : 4, h, w}, b));
   };
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
     const StageSize& s = plan.stages[k];
-    need(net("unet", k == 0 ? 1 : dilation), s, false);
-    if (k == last || pixel_relay) need(net("vae_decoder"), s, false);
-    if (k > 0 && pixel_relay) need(net("vae_encoder"), s, true);
+    need("unet", k == 0 ? 1 : dilation, s, batch);
+    if (k == last || pixel_relay) need("vae_decoder", 1, s, 1);
+    if (k > 0 && pixel_relay) need("vae_encoder", 1, s, 1);
   }
 }
 
@@ -236,7 +250,7 @@ std::pair<at::Tensor, at::Tensor> Context::encode_prompt(const int32_t* const* i
                                                      std::to_string(j) + " of text encoder " + std::to_string(i) +
                                                      " is outside its vocabulary of " + std::to_string(vocab));
     at::Tensor t = at::from_blob(const_cast<int32_t*>(ids[i]), {1, MF_TOKEN_LENGTH}, at::kInt).clone().to(device_);
-    auto out = net(text_encoder_name(i)).run({t});
+    auto out = net(text_encoder_name(i), 1, {t}).run({t});
     states.push_back(out.at(0).to(at::kFloat));
     if (out.size() > 1) pooled = out[1].to(at::kFloat);
   }
@@ -253,16 +267,20 @@ at::Tensor Context::unet(const at::Tensor& sample, int64_t t, const at::Tensor& 
     in.push_back(pooled.to(f).contiguous());
     in.push_back(time_ids.contiguous());
   }
-  return net("unet", dilation).run(in).at(0).to(at::kFloat);
+  return run_unet(std::move(in), dilation);
+}
+
+at::Tensor Context::run_unet(std::vector<at::Tensor> inputs, int dilation) {
+  return net("unet", dilation, inputs).run(inputs).at(0).to(at::kFloat);
 }
 
 at::Tensor Context::decode(const at::Tensor& latent) {
-  Network& n = net("vae_decoder");
+  Network& n = net("vae_decoder", 1, {latent});
   return n.run({latent.to(dtype_of(n.entry().precision)).contiguous()}).at(0).to(at::kFloat);
 }
 
 at::Tensor Context::encode(const at::Tensor& image) {
-  Network& n = net("vae_encoder");
+  Network& n = net("vae_encoder", 1, {image});
   return n.run({image.to(dtype_of(n.entry().precision)).contiguous()}).at(0).to(at::kFloat);
 }
 
@@ -322,7 +340,7 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "negative_ids are NULL: " + family_->name +
                                                  " encodes the empty negative prompt, so pass its token ids");
   if (scaling_ <= 0) throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " has no VAE scaling factor");
-  check_coverage(plan, p.dilation, relay == "pixel");
+  check_coverage(plan, p.dilation, relay == "pixel", cfg ? 2 : 1);
 
   c10::InferenceMode guard;
   // Conditioning, CFG batch [uncond, cond] (runtime/conditioning.py).
@@ -363,7 +381,7 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
       at::Tensor x0_up;
       if (relay == "pixel") {
         at::Tensor image = decode(x0 / scaling_);
-        const auto enc_dtype = dtype_of(net("vae_encoder").entry().precision);
+        const auto enc_dtype = dtype_of(net_at("vae_encoder", 1, {{1, 3, st.height, st.width}}).entry().precision);
         x0_up = encode(relay_resize(image, st.height, st.width, enc_dtype)) * scaling_;
       } else {
         x0_up = at::upsample_bicubic2d(x0, {h, wd}, false, std::nullopt, std::nullopt);
@@ -378,6 +396,25 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
       time_ids = at::from_blob(const_cast<float*>(row), {1, 6}, at::kFloat).clone().to(device_).expand({batch, 6});
     }
     const size_t steps = c.timesteps.size();
+    if (graphs_on_) {  // the same step, buffered: captured once per descriptor on CUDA, replayed every step
+      if (!graphs_) graphs_ = std::make_unique<StepGraphs>(device_, device_.is_cuda());
+      StageInputs in{z, c.timesteps, {}, {}, {}, {}, hidden, family_->is_xl ? pooled : at::Tensor(),
+                     family_->is_xl ? time_ids : at::Tensor(), static_cast<float>(w)};
+      for (size_t i = 0; i < steps; ++i) {
+        in.a_t.push_back(a(c.abar_t[i]));
+        in.b_t.push_back(b(c.abar_t[i]));
+        in.a_s.push_back(a(c.abar_s[i]));
+        in.b_s.push_back(b(c.abar_s[i]));
+      }
+      const auto f = dtype_of(precision_);
+      auto call = [this, f](const at::Tensor& sample, const at::Tensor& t, const StepBuffers& sb, int d) {
+        std::vector<at::Tensor> inputs = {sample.to(f).contiguous(), t, sb.hidden};
+        if (family_->is_xl) inputs.push_back(sb.pooled), inputs.push_back(sb.time_ids);
+        return run_unet(std::move(inputs), d);
+      };
+      std::tie(z, x0) = graphs_->run_stage(StepKey{h, wd, delta, cfg, f}, in, steps, call);
+      continue;  // a truncated stage keeps its last x0; its updated z is not used
+    }
     for (size_t i = 0; i < steps; ++i) {
       at::Tensor eps = unet(cfg ? at::cat({z, z}) : z, c.timesteps[i], hidden, pooled, time_ids, delta);
       if (cfg) {

@@ -18,6 +18,7 @@
 #include "megafusion/family.hpp"
 #include "megafusion/megafusion.h"
 #include "megafusion/plan.hpp"
+#include "step_graphs.hpp"
 
 namespace torch::inductor {
 class AOTIModelPackageLoader;
@@ -57,6 +58,10 @@ class Context {
   ~Context();
 
   int num_text_encoders() const { return family_->is_xl ? 2 : 1; }
+  // CUDA graphs of the denoise step (step_graphs.hpp): on by default; off runs the plain step loop.
+  void set_graphs(bool on) { graphs_on_ = on; }
+  uint64_t graph_captures() const { return graphs_ ? graphs_->captures() : 0; }
+  uint64_t graph_replays() const { return graphs_ ? graphs_->replays() : 0; }
   StagePlan plan_of(const mf_generate_params& p) const;
   void generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_bytes);
 
@@ -69,10 +74,19 @@ class Context {
   std::vector<long long> vocab_sizes_;
   std::string backend_ = "aoti";  // or "tensorrt" (choose_backend)
   std::string precision_;
-  std::map<std::pair<std::string, int>, std::unique_ptr<Network>> nets_;
+  // Per (network, dilation): every valid entry, newest first (several for per-stage static packages).
+  std::map<std::pair<std::string, int>, std::vector<Entry>> entries_;
+  std::map<std::string, std::unique_ptr<Network>> nets_;  // by entry digest, opened when a call first needs it
+  std::string hint_;  // the command that builds what the current plan needs (set by check_coverage)
+  bool graphs_on_ = true;
+  std::unique_ptr<StepGraphs> graphs_;
 
-  Network& net(const std::string& network, int dilation = 1);
-  void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay);
+  const std::vector<Entry>& entries(const std::string& network, int dilation);
+  // The network's entry whose profile holds a call with these input shapes (in the spec's order), opened.
+  Network& net_at(const std::string& network, int dilation, const std::vector<std::vector<long long>>& shapes);
+  Network& net(const std::string& network, int dilation, const std::vector<at::Tensor>& inputs);
+  void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch);
+  at::Tensor run_unet(std::vector<at::Tensor> inputs, int dilation);
   std::pair<at::Tensor, at::Tensor> encode_prompt(const int32_t* const* ids);
   at::Tensor unet(const at::Tensor& sample, int64_t t, const at::Tensor& hidden, const at::Tensor& pooled,
                   const at::Tensor& time_ids, int dilation);

@@ -198,7 +198,8 @@ std::string shell_word(const std::string& s) {
 // The mf-build-engines command that builds what is missing, as Python's engine/load.py build_command words it:
 // the weights' source from models.json (random weights and their seed, or the model folder) and the precision.
 std::string build_hint(const std::string& model, const std::string& device, const std::string& root,
-                       const std::string& backend, const std::string& precision, const std::string& source) {
+                       const std::string& backend, const std::string& precision, const std::string& source,
+                       const std::string& stages = "") {
   std::string weights;
   if (source.rfind("random:", 0) == 0) {
     const std::string seed = source.substr(7);
@@ -207,7 +208,8 @@ std::string build_hint(const std::string& model, const std::string& device, cons
   } else if (!source.empty()) {
     weights = " --model-path " + shell_word(source);
   }
-  return "mf-build-engines --model " + model + weights + " --backend " + backend +
+  return "mf-build-engines --model " + model + weights + (stages.empty() ? "" : " --stages " + shell_word(stages)) +
+         " --backend " + backend +
          (precision.empty() ? "" : " --precision " + precision) + " --device " +
          (device == "cpu" ? "cpu" : "cuda") + " --output " + shell_word(root);
 }
@@ -295,17 +297,16 @@ EngineFolder read_engine_folder(const std::string& dir) {
   return out;
 }
 
-std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& folder, const std::string& model,
-                                                            const std::vector<std::pair<std::string, int>>& wanted,
-                                                            const std::string& precision, const std::string& device,
-                                                            const std::string& backend_version,
-                                                            const std::string& backend) {
+std::map<std::pair<std::string, int>, std::vector<Entry>> select_entry_sets(
+    const EngineFolder& folder, const std::string& model, const std::vector<std::pair<std::string, int>>& wanted,
+    const std::string& precision, const std::string& device, const std::string& backend_version,
+    const std::string& backend) {
   auto facts = folder.models.find(model);
   const std::string hint = build_hint(model, device, folder.root, backend, precision,
                                       facts == folder.models.end() ? "" : facts->second.source);
   if (facts == folder.models.end())
     throw Failure(MF_ERROR_ENGINE, "no " + model + " engines in " + folder.root + "; build them with: " + hint);
-  std::map<std::pair<std::string, int>, Entry> chosen;
+  std::map<std::pair<std::string, int>, std::vector<Entry>> chosen;
   for (const auto& [network, dilation] : wanted) {
     const bool vae = network == "vae_decoder" || network == "vae_encoder";
     auto fp = facts->second.weights.find(network);
@@ -331,10 +332,23 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
       throw Failure(MF_ERROR_ENGINE, "engine " + e->describe() + " in " + folder.root + " was built for " + why +
                                          "; rebuild with: " + hint);
     }
-    chosen[{network, dilation}] = **std::max_element(
-        valid.begin(), valid.end(), [](const Entry* a, const Entry* b) { return a->created < b->created; });
+    // Newest first; stable, so entries created at the same time keep the manifest's order.
+    std::stable_sort(valid.begin(), valid.end(), [](const Entry* a, const Entry* b) { return a->created > b->created; });
+    std::vector<Entry>& out = chosen[{network, dilation}];
+    for (const Entry* e : valid) out.push_back(*e);
   }
   return chosen;
+}
+
+std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& folder, const std::string& model,
+                                                            const std::vector<std::pair<std::string, int>>& wanted,
+                                                            const std::string& precision, const std::string& device,
+                                                            const std::string& backend_version,
+                                                            const std::string& backend) {
+  std::map<std::pair<std::string, int>, Entry> newest;
+  for (auto& [key, entries] : select_entry_sets(folder, model, wanted, precision, device, backend_version, backend))
+    newest[key] = entries.front();
+  return newest;
 }
 
 std::string choose_backend(const EngineFolder& folder, const std::string& model, bool cuda, bool with_tensorrt) {
@@ -380,6 +394,59 @@ size_t select_profile(const std::vector<Profile>& profiles,
   std::string given;
   for (const auto& [name, shape] : shapes) given += (given.empty() ? "" : ", ") + name + ": " + shape_text(shape);
   throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no optimization profile serves shapes {" + given + "}");
+}
+
+std::string plan_build_hint(const EngineFolder& folder, const std::string& model, const std::string& device,
+                            const std::string& backend, const std::string& precision, const std::string& stages) {
+  auto facts = folder.models.find(model);
+  return build_hint(model, device, folder.root, backend, precision,
+                    facts == folder.models.end() ? "" : facts->second.source, stages);
+}
+
+std::string served_sizes(const Entry& e, long long k) {
+  auto side = [&](const std::vector<long long>& s) {
+    return std::to_string(s[s.size() - 1] * k) + "x" + std::to_string(s[s.size() - 2] * k);
+  };
+  auto spatial = [](const std::vector<long long>& s) { return s.size() >= 2; };
+  if (e.backend == "aoti") {
+    if (e.range.empty() || !spatial(e.range[0].min) || !spatial(e.range[0].max)) return "no image size";
+    const TensorRange& r = e.range[0];
+    const std::string lo = side(r.min), hi = side(r.max);
+    return lo == hi ? lo : lo + " to " + hi;  // a static package: one size
+  }
+  std::string out;
+  for (const Profile& p : e.profiles)
+    if (!p.shapes.empty() && p.shapes[0].opt.size() == 4) out += (out.empty() ? "" : ", ") + side(p.shapes[0].opt);
+  return out.empty() ? "no image size" : out;
+}
+
+size_t pick_entry(const std::vector<Entry>& entries,
+                  const std::vector<std::pair<std::string, std::vector<long long>>>& shapes, long long k,
+                  const std::string& where, const std::string& hint) {
+  if (entries.empty()) throw Failure(MF_ERROR_ENGINE, where + " hold no engine for this network; build them with: " + hint);
+  // Every profile of every entry, in order, so select_profile's first fit is the newest entry that fits.
+  std::vector<Profile> all;
+  std::vector<size_t> owner;
+  for (size_t i = 0; i < entries.size(); ++i)
+    for (const Profile& p : entries[i].profiles) all.push_back(p), owner.push_back(i);
+  try {
+    return owner.at(select_profile(all, shapes));
+  } catch (const Failure&) {
+  }
+  const std::vector<long long>& s = shapes.at(0).second;
+  const std::string size = s.size() >= 2 ? std::to_string(s[s.size() - 1] * k) + "x" + std::to_string(s[s.size() - 2] * k)
+                                         : shape_text(s);
+  std::vector<std::string> seen;
+  std::string have;
+  for (const Entry& e : entries) {
+    const std::string sizes = served_sizes(e, k);
+    if (std::find(seen.begin(), seen.end(), sizes) != seen.end()) continue;
+    seen.push_back(sizes);
+    have += (have.empty() ? "" : ", ") + sizes;
+  }
+  throw Failure(MF_ERROR_UNSUPPORTED_SIZE, where + " do not cover " + entries.front().describe() + " at " + size +
+                                               " (input " + shapes.at(0).first + " " + shape_text(s) +
+                                               "); they cover " + have + ". Build them with: " + hint);
 }
 
 namespace {

@@ -78,6 +78,32 @@ std::map<std::pair<std::string, int>, Entry> select_entries(const EngineFolder& 
                                                             const std::string& backend_version,
                                                             const std::string& backend = "aoti");
 
+// Every valid entry per (network, dilation), newest first: select_entries' filters and failures, but all the
+// valid entries rather than the newest alone. A folder of per-stage static packages has one per stage shape
+// (spatial sides fixed, batch 1 to 2); a --dynamic folder one range; both may be there.
+std::map<std::pair<std::string, int>, std::vector<Entry>> select_entry_sets(
+    const EngineFolder& folder, const std::string& model, const std::vector<std::pair<std::string, int>>& wanted,
+    const std::string& precision, const std::string& device, const std::string& backend_version,
+    const std::string& backend = "aoti");
+
+// The command that builds `model`'s engines for the plan `stages` ("WxH:steps,...") into the folder, with the
+// weights source models.json records (as select_entries' hints): "mf-build-engines --model M [weights] --stages S
+// --backend B --precision P --device cpu|cuda --output DIR".
+std::string plan_build_hint(const EngineFolder& folder, const std::string& model, const std::string& device,
+                            const std::string& backend, const std::string& precision, const std::string& stages);
+
+// The sizes an entry serves, in pixels (`k` pixels per unit of its first input's last two axes): "128x128" for a
+// static package, "128x128 to 256x256" for a range, each profile's opt for a TensorRT plan.
+std::string served_sizes(const Entry& e, long long k);
+
+// Index of the first of `entries` (in their order, newest first from select_entry_sets) with a profile holding
+// every input shape of a call (select_profile over each entry's profiles). Failure(MF_ERROR_UNSUPPORTED_SIZE),
+// one line: "<where> do not cover <entry> at WxH; they cover <served_sizes of each>. Build them with: <hint>",
+// WxH the first input's last two axes times `k`.
+size_t pick_entry(const std::vector<Entry>& entries,
+                  const std::vector<std::pair<std::string, std::vector<long long>>>& shapes, long long k,
+                  const std::string& where, const std::string& hint);
+
 // The backend a context runs for `model` (engine/load.py _choose_backend, among the backends this library
 // has): tensorrt on CUDA when the library has it and the folder has TensorRT UNets for `model`, else aoti.
 // Failure(MF_ERROR_ENGINE) when the folder's only UNets for `model` are TensorRT engines this library or
