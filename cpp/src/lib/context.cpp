@@ -36,7 +36,9 @@ constexpr bool kWithTensorRT = true;
 constexpr bool kWithTensorRT = false;
 #endif
 
-at::ScalarType dtype_of(const std::string& precision) { return precision == "fp16" ? at::kHalf : at::kFloat; }
+at::ScalarType dtype_of(const std::string& precision) {
+  return precision == "fp16" ? at::kHalf : precision == "bf16" ? at::kBFloat16 : at::kFloat;  // bf16: SDXL VAEs on CUDA
+}
 
 // core/specs.py text_encoder_name: the networks of the first and second text encoder.
 std::string text_encoder_name(int index) { return index == 0 ? "text_encoder" : "text_encoder_2"; }
