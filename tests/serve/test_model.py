@@ -76,6 +76,14 @@ def test_engines_png_bytes_are_mf_generates(sd15_engines, tmp_path):
     assert got.png == out.read_bytes()
     assert "onnxruntime engines" in server.describe()["engines"]
     assert server.generate(req).png == got.png and len(server._engines) == 1  # the opened engines are reused
+    # the UNet engines cover the CFG batch of 2: one request per UNet call, and a larger group is refused
+    assert server.batch_limit(req) == 1
+    assert server.batch_limit(parse_request({"prompt": "x", "stages": "128x128:2,256x256:2", "guidance": 1.0},
+                                            server.family)) == 2
+    from megafusion.serve.model import ServeModelError as _Refused
+
+    with pytest.raises(_Refused, match="needs a UNet batch of 4; the onnxruntime UNet engines cover batches up to 2"):
+        server.generate_group([req, req])
     from megafusion.serve.model import ServeModelError
 
     with pytest.raises(ServeModelError, match="do not cover"):  # a dilation the engines were not built for
