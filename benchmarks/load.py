@@ -53,6 +53,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _post(url: str, body: bytes, timeout: float) -> tuple[int | None, float]:
+    status, seconds, _ = _post_headers(url, body, timeout)
+    return status, seconds
+
+
+def _post_headers(url: str, body: bytes, timeout: float) -> tuple[int | None, float, dict[str, str]]:
+    """(status or None without an answer, seconds, response headers with lower-case names)."""
     u = urlsplit(url)
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
@@ -60,9 +66,9 @@ def _post(url: str, body: bytes, timeout: float) -> tuple[int | None, float]:
         conn.request("POST", u.path or "/", body, {"Content-Type": "application/json", "Accept": "image/png"})
         r = conn.getresponse()
         r.read()
-        return r.status, time.perf_counter() - t0
+        return r.status, time.perf_counter() - t0, {k.lower(): v for k, v in r.getheaders()}
     except (OSError, http.client.HTTPException):
-        return None, time.perf_counter() - t0
+        return None, time.perf_counter() - t0, {}
     finally:
         conn.close()
 

@@ -115,3 +115,11 @@ class EngineNetworks:
         out = self._call(text_encoder_name(index), 1, input_ids=input_ids)
         pooled = out.get("pooled")
         return out["hidden_states"].float(), None if pooled is None else pooled.float()
+
+    def max_batch(self, network: str) -> int:
+        """The largest batch every `network` engine takes: its spec's batch range, which its profiles were
+        built from (runtime/batch.py refuses a UNet batch beyond it and runs the VAE in pieces of it)."""
+        sizes = [r.spec.batch_range[2] for (n, _), r in self.runners.items() if n == network]
+        if not sizes:
+            raise KeyError(f"no engine for {network}; built: {', '.join(sorted({n for n, _ in self.runners}))}")
+        return min(sizes)

@@ -37,6 +37,8 @@ class GraphKey:
     """Latent width."""
     dilation: int
     """Mid-block dilation (1: standard UNet, else the dilated variant)."""
+    images: int = 1
+    """Latents denoised together (runtime/batch.py); the UNet batch is 2 x images under CFG, else images."""
 
 
 @dataclass
@@ -44,9 +46,9 @@ class StepBuffers:
     """Static inputs and outputs of a captured step; the graph reads and writes only these."""
 
     z: torch.Tensor
-    """(1, 4, h, w) float32 latent, updated in place by each replay."""
+    """(images, 4, h, w) float32 latent, updated in place by each replay."""
     x0: torch.Tensor
-    """(1, 4, h, w) float32 predicted clean latent of the last replayed step (the truncation x0)."""
+    """(images, 4, h, w) float32 predicted clean latent of the last replayed step (the truncation x0)."""
     step: torch.Tensor
     """() int64 device step counter, advanced by each replay."""
     tables: torch.Tensor
@@ -64,7 +66,7 @@ class StepBuffers:
 
     @classmethod
     def allocate(cls, key: GraphKey, cond: Conditioning, device) -> StepBuffers:
-        lat = (1, 4, key.latent_h, key.latent_w)
+        lat = (key.images, 4, key.latent_h, key.latent_w)
         return cls(
             z=torch.zeros(lat, device=device),
             x0=torch.zeros(lat, device=device),
@@ -142,7 +144,7 @@ class GraphedDenoiser:
         return sorted(gpu)[len(gpu) // 2], 1000 * sorted(host)[len(host) // 2]
 
     def _capture(self, key: GraphKey, b: StepBuffers) -> torch.cuda.CUDAGraph:
-        cfg = key.batch == 2
+        cfg = key.batch == 2 * key.images
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -162,7 +164,7 @@ class GraphedDenoiser:
         """Runs `steps` steps from latent z; returns (z after the last update, x0 of the last step)."""
         if steps > MAX_STAGE_STEPS:
             raise ValueError(f"a stage of {steps} steps exceeds {MAX_STAGE_STEPS}")
-        key = GraphKey(cond.batch, z.shape[-2], z.shape[-1], dilation)
+        key = GraphKey(cond.batch, z.shape[-2], z.shape[-1], dilation, z.shape[0])
         b = self.buffers.get(key)
         if b is None:
             b = self.buffers[key] = StepBuffers.allocate(key, cond, self.device)

@@ -226,3 +226,12 @@ class MegaFusionPipeline:
         mark("decode")
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z)
+
+    def generate_batch(self, plan: StagePlan, options: list[GenerationOptions],
+                       on_step: Callable[[int, int], None] | None = None,
+                       on_segment: Callable[[str, float], None] | None = None) -> list[GenerationResult]:
+        """Several images with one plan, denoised as one UNet batch; each as `generate` gives it alone (within
+        the batched networks' last bits). See runtime/batch.py for what the requests must share."""
+        from .batch import generate_batch  # batch.py builds on this module
+
+        return generate_batch(self, plan, options, on_step, on_segment)

@@ -6,7 +6,8 @@ queue is full (`max_queued_requests`), 504 at `--timeout` (the call is cancelled
 request's work at its next step), 503 while no model replica is warm or when the replica running a request
 dies (Serve restarts it). `megafusion-model` (no route) holds the model replicas: each loads the networks and
 runs every served size once in its constructor, so Serve counts it running only when it is warm; requests
-are batched with @serve.batch and a batch's requests run one after another (`ModelServer.generate`).
+are collected with @serve.batch, and those with the same plan and options are denoised together as one UNet
+batch (`ModelServer.generate_group`).
 
 The ingress goes up first, so `/v1/health` answers 503 while the model warms.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
+from ray.serve import metrics
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.config import BackpressureConfig, HTTPOptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -190,7 +192,7 @@ class _Job:
 
 @serve.deployment(max_constructor_retry_count=1, health_check_period_s=HEALTH_PERIOD_S, graceful_shutdown_timeout_s=5)
 class Generator:
-    """One model replica: warm before it is counted running; batches of requests run one after another."""
+    """One model replica: warm before it is counted running; requests alike are denoised as one batch."""
 
     def __init__(self, cfg: dict):
         from . import __file__ as package_file
@@ -211,6 +213,10 @@ class Generator:
         self._batched.set_max_batch_size(self.cfg.max_batch)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.broken: str | None = None
+        # Serve's own serve_actual_batch_size counts what @serve.batch collected; this counts what ran as one batch.
+        self._unet_batch = metrics.Histogram(
+            "megafusion_denoise_batch_size", description="Requests denoised together as one UNet batch.",
+            boundaries=[1.5, 2.5, 4.5, 8.5, 16.5])
 
     async def generate(self, payload: dict) -> dict:
         job = _Job(payload["body"], payload["deadline"])
@@ -225,9 +231,9 @@ class Generator:
         return await asyncio.to_thread(self._run_batch, jobs)
 
     def _run_batch(self, jobs: list[_Job]) -> list[dict]:
-        """Requests with the same plan and options run next to each other; each runs alone (its own prompt,
-        seed and noise), so a batched image is the image the request gets alone."""
-        from .model import Cancelled, ServeModelError
+        """Requests with the same plan and options (everything but prompts and seed) are denoised together, up to
+        --max-batch and what the engines cover (`group_requests`); each keeps its own prompt, seed and noise."""
+        from .model import group_requests
 
         checked: list[tuple[int, object]] = []
         out: list[dict | None] = [None] * len(jobs)
@@ -236,31 +242,53 @@ class Generator:
                 checked.append((i, parse_request(job.body, self.server.family, self.cfg.served_sizes)))
             except RequestError as e:
                 out[i] = {"status": 400, "error": str(e)}
-        order: dict[tuple, int] = {}
-        for i, req in checked:
-            order.setdefault(req.batch_key(), len(order))
-        checked.sort(key=lambda ir: order[ir[1].batch_key()])  # stable: arrival order within a key
-        for i, req in checked:
-            job = jobs[i]
-            try:
-                g = self.server.generate(req, job.should_stop)
-            except Cancelled as e:
-                why = "cancelled" if job.cancelled.is_set() else f"past --timeout {self.cfg.timeout_s:g} s"
-                log.info("replica %s: request %s (%s)", self.replica, why, e)
-                out[i] = {"status": 504, "error": f"the request was {why}; work {e}"}
-                continue
-            except ServeModelError as e:
-                out[i] = {"status": 400, "error": str(e)}
-                continue
-            except Exception as e:  # noqa: BLE001 - a failed generation answers 500 and is logged
-                log.exception("replica %s: generation failed", self.replica)
-                if self.server.device.type == "cuda" and "CUDA" in str(e):
-                    self.broken = f"CUDA error: {e}"  # the context may be lost: let Serve replace this replica
-                out[i] = {"status": 500, "error": f"generation failed: {type(e).__name__}: {e}"}
-                continue
-            out[i] = {"status": 200, "png": g.png, "plan": g.plan_info, "timings_ms": g.timings_ms, "seed": g.seed,
-                      "batch_size": len(jobs), "replica": self.replica}
+        reqs = [req for _, req in checked]
+        for group in group_requests(reqs, self._limit):
+            idx = [checked[g][0] for g in group]
+            live = [i for i in idx if not jobs[i].should_stop()]
+            for i in set(idx) - set(live):
+                out[i] = self._stopped(jobs[i], "before it started")
+            if live:
+                self._run_group(jobs, live, [reqs[g] for g, i in zip(group, idx) if i in live], out)
         return out
+
+    def _limit(self, req) -> int:
+        from .model import ServeModelError
+
+        try:
+            return self.server.batch_limit(req)
+        except ServeModelError:
+            return 1  # the request runs alone and is answered 400 with the same message
+
+    def _stopped(self, job: _Job, where: str) -> dict:
+        why = "cancelled" if job.cancelled.is_set() else f"past --timeout {self.cfg.timeout_s:g} s"
+        log.info("replica %s: request %s (stopped %s)", self.replica, why, where)
+        return {"status": 504, "error": f"the request was {why}; work stopped {where}"}
+
+    def _run_group(self, jobs: list[_Job], idx: list[int], reqs: list, out: list) -> None:
+        from .model import Cancelled, ServeModelError
+
+        try:
+            gens = self.server.generate_group(reqs, [jobs[i].should_stop for i in idx])
+        except Cancelled as e:
+            for i in idx:
+                out[i] = self._stopped(jobs[i], str(e).removeprefix("stopped "))
+            return
+        except ServeModelError as e:
+            for i in idx:
+                out[i] = {"status": 400, "error": str(e)}
+            return
+        except Exception as e:  # noqa: BLE001 - a failed generation answers 500 and is logged
+            log.exception("replica %s: generation failed", self.replica)
+            if self.server.device.type == "cuda" and "CUDA" in str(e):
+                self.broken = f"CUDA error: {e}"  # the context may be lost: let Serve replace this replica
+            for i in idx:
+                out[i] = {"status": 500, "error": f"generation failed: {type(e).__name__}: {e}"}
+            return
+        self._unet_batch.observe(len(idx))
+        for i, g in zip(idx, gens):
+            out[i] = {"status": 200, "png": g.png, "plan": g.plan_info, "timings_ms": g.timings_ms, "seed": g.seed,
+                      "batch_size": len(idx), "replica": self.replica}
 
     def check_health(self):
         if self.broken:

@@ -1,4 +1,5 @@
-"""One replica's model: networks loaded once, every served size warmed up, requests run one at a time.
+"""One replica's model: networks loaded once, every served size warmed up; requests run alone or, when they share
+a plan and options, denoised together as one UNet batch (runtime/batch.py; `group_requests` forms the groups).
 
 The path from flags to a pipeline is `mf-generate`'s (cli/generate.py), so an image served here is the image
 `mf-generate` writes for the same arguments, seed and device; the PNG is encoded as it saves it. On the CPU the
@@ -19,9 +20,10 @@ import torch
 from ..core.families import ModelFamily
 from ..core.loading import load_model, resolve_family
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
-from ..core.specs import default_dtype, default_vae_dtype
+from ..core.specs import UNET, default_dtype, default_vae_dtype
 from ..engine.networks import TorchNetworks
-from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from ..runtime.batch import BatchError, max_batch
+from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
 
 from .config import ServeConfig
 from .request import GenerateRequest, size_text, stages_text
@@ -45,6 +47,18 @@ def warmup_plan(family: ModelFamily, width: int, height: int) -> StagePlan:
     the shapes (and dilation and CFG batch), not on the step count, so this captures what the size needs."""
     plan = default_plan(family, width, height)
     return validate_plan(family, [Stage(s.height, s.width, 1) for s in plan.stages], width, height)
+
+
+def group_requests(reqs: list[GenerateRequest], limit: Callable[[GenerateRequest], int]) -> list[list[int]]:
+    """Indices of `reqs` in groups that run as one batch: equal `batch_key` (plan and every option but prompts
+    and seed), at most `limit(req)` each, in order of each key's first arrival, arrival order within a key."""
+    by_key: dict[tuple, list[list[int]]] = {}
+    for i, req in enumerate(reqs):
+        groups = by_key.setdefault(req.batch_key(), [[]])
+        if len(groups[-1]) >= max(1, limit(req)):
+            groups.append([])
+        groups[-1].append(i)
+    return [g for groups in by_key.values() for g in groups]
 
 
 @dataclass
@@ -151,10 +165,49 @@ class ModelServer:
                 raise Cancelled("stopped before it started")
             pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
             result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None)
-        timings = {name: round(seconds * 1000, 3) for name, seconds in result.timings}
-        return Generated(result.png_bytes(), result.plan, timings, req.options.seed, result.peak_memory_bytes)
+        return _generated(result, req.options.seed)
+
+    def batch_limit(self, req: GenerateRequest) -> int:
+        """How many requests like `req` may run as one batch: --max-batch, and no more than the engines' UNet
+        batch covers (engines built for the CFG batch of 2 take one request at a time)."""
+        pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
+        cover = max_batch(pipe.nets, UNET)
+        if cover is None:
+            return self.cfg.max_batch
+        return max(1, min(self.cfg.max_batch, cover // (2 if req.options.guidance > 1.0 else 1)))
+
+    def generate_group(self, reqs: list[GenerateRequest],
+                       should_stop: list[Callable[[], bool]] | None = None) -> list[Generated]:
+        """Requests with one `batch_key`, denoised together (a single request runs as `generate` runs it). The work
+        stops, raising `Cancelled`, only when every request of the group should stop: the others still want it."""
+        if len(reqs) == 1:
+            return [self.generate(reqs[0], should_stop[0] if should_stop else None)]
+
+        def all_stop() -> bool:
+            return should_stop is not None and all(stop() for stop in should_stop)
+
+        def on_step(k: int, i: int):
+            if all_stop():
+                raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
+
+        req = reqs[0]
+        with self._lock:
+            if all_stop():
+                raise Cancelled("stopped before it started")
+            pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
+            try:
+                results = pipe.generate_batch(req.plan, [r.options for r in reqs],
+                                              on_step=on_step if should_stop is not None else None)
+            except BatchError as e:
+                raise ServeModelError(str(e)) from None
+        return [_generated(res, r.options.seed) for res, r in zip(results, reqs)]
 
     def describe(self) -> dict:
         return {"model": self.family.name, "source": self.bundle.source, "device": str(self.device),
                 "mode": self.mode, "engines": self.engines_desc or self.cfg.engines,
                 "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes]}
+
+
+def _generated(result: GenerationResult, seed: int) -> Generated:
+    timings = {name: round(seconds * 1000, 3) for name, seconds in result.timings}
+    return Generated(result.png_bytes(), result.plan, timings, seed, result.peak_memory_bytes)

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -168,9 +169,23 @@ def test_batched_equal_alone(server):
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(lambda b: post(server.url + "/v1/generate", b), bodies))
     assert [c for c, _, _ in together] == [200, 200, 200]
-    assert [png for _, _, png in together] == alone  # each request's own prompt and seed; bytes equal alone
     sizes = [int(h["x-megafusion-batch-size"]) for _, h, _ in together]
-    assert max(sizes) == 2, sizes  # while the first runs, the other two wait and are batched together
+    assert max(sizes) == 2, sizes  # while the first runs, the other two wait and are denoised together
+    for (_, h, png), ref in zip(together, alone):
+        if h["x-megafusion-batch-size"] == "1":
+            assert png == ref  # run alone: the same bytes
+        else:  # one UNet batch: within the batched kernels' last bits (tests/runtime/test_batch.py's bound)
+            diff = np.abs(_pixels(png) - _pixels(ref))
+            assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
+    assert len(set(alone)) == 3  # each request's own prompt and seed
+
+
+def _pixels(png: bytes):
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
 def test_full_queue_is_429(server):

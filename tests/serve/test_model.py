@@ -76,8 +76,68 @@ def test_engines_png_bytes_are_mf_generates(sd15_engines, tmp_path):
     assert got.png == out.read_bytes()
     assert "onnxruntime engines" in server.describe()["engines"]
     assert server.generate(req).png == got.png and len(server._engines) == 1  # the opened engines are reused
+    # the UNet engines cover the CFG batch of 2: one request per UNet call, and a larger group is refused
+    assert server.batch_limit(req) == 1
+    assert server.batch_limit(parse_request({"prompt": "x", "stages": "128x128:2,256x256:2", "guidance": 1.0},
+                                            server.family)) == 2
+    from megafusion.serve.model import ServeModelError as _Refused
+
+    with pytest.raises(_Refused, match="needs a UNet batch of 4; the onnxruntime UNet engines cover batches up to 2"):
+        server.generate_group([req, req])
     from megafusion.serve.model import ServeModelError
 
     with pytest.raises(ServeModelError, match="do not cover"):  # a dilation the engines were not built for
         server.generate(parse_request({"prompt": "x", "stages": "128x128:1,256x256:1", "dilation": 3},
                                       server.family))
+
+
+def _req(server, **over):
+    return parse_request({"prompt": "a cube", "stages": "128x128:2,256x256:1", **over}, server.family)
+
+
+def test_requests_alike_are_grouped_up_to_the_limit(server):
+    from megafusion.serve.model import group_requests
+
+    reqs = [_req(server, seed=0), _req(server, seed=1, guidance=5.0), _req(server, seed=2, prompt="b"),
+            _req(server, seed=3), _req(server, seed=4, guidance=5.0)]
+    assert group_requests(reqs, lambda r: 4) == [[0, 2, 3], [1, 4]]
+    assert group_requests(reqs, lambda r: 2) == [[0, 2], [3], [1, 4]]
+    assert group_requests(reqs, lambda r: 1) == [[0], [2], [3], [1], [4]]
+    assert server.batch_limit(reqs[0]) == server.cfg.max_batch  # torch modules: no cover below --max-batch
+
+
+def test_a_group_is_denoised_together_and_each_image_is_close_to_alone(server):
+    """Two requests in one UNet batch: each image within 1 level of its image alone (tests/runtime/test_batch.py
+    says why not bytes); a group of one is the image alone, bytes equal."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    reqs = [_req(server, seed=21, prompt="a red cube", relay="latent"),
+            _req(server, seed=22, negative_prompt="blur", relay="latent")]
+    together = server.generate_group(reqs)
+    for r, g in zip(reqs, together):
+        alone = server.generate(r)
+        a, b = (np.asarray(Image.open(io.BytesIO(x.png)), dtype=np.int16) for x in (alone, g))
+        assert np.abs(a - b).max() <= 1 and g.seed == r.options.seed
+        assert list(g.timings_ms) == list(alone.timings_ms)
+    assert together[0].png != together[1].png
+    assert server.generate_group(reqs[1:])[0].png == alone.png  # reqs[1] alone, from the loop
+
+
+def test_a_group_stops_only_when_every_request_would(server):
+    reqs = [_req(server, stages="128x128:40"), _req(server, stages="128x128:40", seed=1)]
+    asked = []
+
+    def stop_at_third():
+        asked.append(1)
+        return len(asked) >= 3  # once before the group, then after each step
+
+    with pytest.raises(Cancelled, match="stage 1, step 2"):
+        server.generate_group(reqs, [stop_at_third, lambda: True])
+    with pytest.raises(Cancelled, match="before it started"):
+        server.generate_group(reqs, [lambda: True, lambda: True])
+    # one request that would stop does not stop the work its batch-mate still wants
+    short = [_req(server, stages="128x128:2"), _req(server, stages="128x128:2", seed=1)]
+    assert len(server.generate_group(short, [lambda: True, lambda: False])) == 2
