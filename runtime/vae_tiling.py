@@ -70,6 +70,10 @@ class _Tile:
         return x[..., round((t - self.top) * sy):round((b - self.top) * sy),
                  round((l - self.left) * sx):round((r - self.left) * sx)]
 
+    def core_pixels(self, x: torch.Tensor) -> int:
+        """How many pixels the core of `x` has."""
+        return self.core_of(x).shape[-2:].numel()
+
 
 def _cuts(n: int, core: int, align: int) -> list[int]:
     """Boundaries splitting [0, n) into near-equal parts of at most about `core`, on multiples of `align`."""
@@ -88,28 +92,29 @@ def _tiles(height: int, width: int, core: int, halo: int, align: int) -> list[_T
 
 
 Stats = tuple[torch.Tensor, torch.Tensor]
-"""(mean, 1/std) per (batch, group), float32."""
+"""(mean, variance) of the whole image per (batch, channel): each channel carries its group's values."""
 TileRun = Generator[tuple[torch.nn.GroupNorm, torch.Tensor, torch.Tensor, int], Stats, torch.Tensor]
-"""A tile's forward: yields (norm, core sum, core sum of squares, core count) per group, receives the stats."""
+"""A tile's forward: yields (norm, core sum, core sum of squares, core pixels) per (batch, channel), float64,
+and receives the stats."""
 
 
 def _group_norm(norm: torch.nn.Module, x: torch.Tensor, tile: _Tile):
-    """GroupNorm of a tile with the whole image's statistics: yields this core's sums, gets the global ones."""
+    """GroupNorm of a tile with the whole image's statistics: yields this core's per-channel sums, gets the
+    global per-channel mean and variance back and applies them with batch norm's inference kernel (per-channel
+    statistics given), which reads 16-bit input and accumulates in float32 without a float32 copy of the tile."""
     if not isinstance(norm, torch.nn.GroupNorm):
         raise VaeTilingError(f"tiled VAE: {type(norm).__name__} is not a GroupNorm")
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    acc = torch.promote_types(x.dtype, torch.float32)  # 16-bit tensors are normalized in float32, as torch does
-    core = tile.core_of(x).to(acc).reshape(b, g, -1)
-    s1, s2, n = core.sum(-1, dtype=torch.float64), (core * core).sum(-1, dtype=torch.float64), core.shape[-1]
+    core = tile.core_of(x)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    s1 = core.sum(dim=(-2, -1), dtype=acc).double()  # (B, C)
+    s2 = torch.linalg.vector_norm(core, dim=(-2, -1), dtype=acc).double() ** 2
     del core
-    mean, rstd = yield norm, s1, s2, n
-    # y = (x - mean) * rstd * weight + bias, folded into one scale and shift per channel
-    scale = rstd.repeat_interleave(c // g, dim=1)
-    shift = -mean.repeat_interleave(c // g, dim=1) * scale
-    if norm.affine:
-        scale, shift = scale * norm.weight.to(acc), shift * norm.weight.to(acc) + norm.bias.to(acc)
-    return (x.to(acc) * scale[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+    mean, var = yield norm, s1, s2, tile.core_pixels(x)
+    # Parameters in float32 beside 16-bit input: the mixed-precision case batch norm's kernels take (CPU and CUDA).
+    w, b = (None, None) if not norm.affine else (norm.weight.to(acc), norm.bias.to(acc))
+    out = [F.batch_norm(x[i:i + 1], mean[i].to(acc), var[i].to(acc), w, b, False, 0.0, norm.eps)
+           for i in range(x.shape[0])]  # one sample at a time: batch norm's statistics are per channel only
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _resnet(block: torch.nn.Module, x: torch.Tensor, tile: _Tile):
@@ -167,14 +172,13 @@ def _run(runs: list[TileRun], tiles: list[_Tile], out: torch.Tensor, scale: floa
             break
         if len(still) != len(live) or len({id(a[0]) for a in asks}) != 1:
             raise VaeTilingError("tiled VAE: tiles reached different layers")  # all walk the same network
-        norm = asks[0][0]
-        s1 = sum(a[1] for a in asks)
-        s2 = sum(a[2] for a in asks)
-        n = sum(a[3] for a in asks)
-        mean = s1 / n
-        var = (s2 / n - mean * mean).clamp_min(0)
-        acc = torch.promote_types(norm.weight.dtype if norm.affine else torch.float32, torch.float32)
-        stats = (mean.to(acc), torch.rsqrt(var + norm.eps).to(acc))
+        g = asks[0][0].num_groups
+        b, c = asks[0][1].shape
+        n = sum(a[3] for a in asks) * (c // g)  # values per group
+        s1 = sum(a[1] for a in asks).reshape(b, g, -1).sum(-1) / n  # per-group mean, float64
+        s2 = sum(a[2] for a in asks).reshape(b, g, -1).sum(-1) / n
+        var = (s2 - s1 * s1).clamp_min(0)  # biased, as GroupNorm's
+        stats = (s1.repeat_interleave(c // g, dim=1), var.repeat_interleave(c // g, dim=1))
         replies = [stats] * len(runs)
         live = still
     return out
