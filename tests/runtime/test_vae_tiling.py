@@ -89,6 +89,21 @@ def test_networks_wrapper_tiles_only_large_passes(tiny_sdxl):
     assert tiled.unet_dtype == nets.unet_dtype  # everything else is the wrapped networks'
 
 
+def test_generation_with_tiled_relay_and_decode_equals_untiled(tiny_sdxl):
+    """The whole stage loop: the relay's decode and encode and the final decode tiled (128-pixel tiles at 256),
+    the image within one 8-bit level of the untiled run's everywhere."""
+    from megafusion.core.plan import Stage, validate_plan
+    from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+
+    plan = validate_plan(tiny_sdxl.family, [Stage(128, 128, 2), Stage(256, 192, 2)])
+    opts = GenerationOptions("a red cube", seed=3)
+    ref = MegaFusionPipeline(tiny_sdxl).generate(plan, opts)
+    nets = TiledVaeNetworks(TorchNetworks(tiny_sdxl), tiny_sdxl.vae, VaeTiling(128))
+    out = MegaFusionPipeline(tiny_sdxl, nets).generate(plan, opts)
+    assert (out.latent - ref.latent).abs().max().item() < 1e-4
+    assert int((out.image.astype(int) - ref.image.astype(int)).__abs__().max()) <= 1
+
+
 @pytest.mark.parametrize("tile", [0, 32, 100, -64, 96.0])
 def test_bad_tile_size_is_named(tile):
     with pytest.raises(VaeTilingError, match=repr(tile)):
