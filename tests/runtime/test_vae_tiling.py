@@ -89,6 +89,7 @@ def test_networks_wrapper_tiles_only_large_passes(tiny_sdxl):
     assert tiled.unet_dtype == nets.unet_dtype  # everything else is the wrapped networks'
 
 
+@pytest.mark.slow
 def test_generation_with_tiled_relay_and_decode_equals_untiled(tiny_sdxl):
     """The whole stage loop: the relay's decode and encode and the final decode tiled (128-pixel tiles at 256),
     the image within one 8-bit level of the untiled run's everywhere."""
@@ -111,29 +112,38 @@ def test_bad_tile_size_is_named(tile):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 0.06)])
-def test_real_size_sdxl_vae_tiled_equals_untiled_on_gpu(dtype, tol):
-    """SDXL's VAE at random weights, 2048x2048 in 1024-pixel tiles: max abs difference within `tol` on values
-    of order 1 (fp32 with TF32 off; bf16 rounds each layer's output to 8 bits), and at most a tenth of the
-    difference diffusers' own tiling (per-tile statistics, blended) makes."""
+def test_real_size_sdxl_vae_tiled_equals_untiled_on_gpu():
+    """SDXL's VAE at random weights, 2048x2048 in 1024-pixel tiles (2 x 2 tiles). fp32 (TF32 off): tiled within
+    2e-3 of untiled (values of order 1) and at most a tenth of the difference diffusers' own tiling (per-tile
+    statistics and attention, blended) makes. bf16: tiling moves the image less than bf16 itself does (the
+    untiled bf16 pass against the fp32 one), on average."""
     from diffusers import AutoencoderKL
 
     from megafusion.core.families import SDXL
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    vae = AutoencoderKL(**SDXL.vae).to("cuda", dtype).eval()
-    lat = torch.randn(1, 4, 256, 256, device="cuda", dtype=dtype)
+    vae = AutoencoderKL(**SDXL.vae).to("cuda").eval()
+    lat = torch.randn(1, 4, 256, 256, device="cuda")
     with torch.inference_mode():
-        ref = vae.decode(lat).sample.float()
-        out = tiled_decode(vae, lat, 1024).float()
+        ref = vae.decode(lat).sample
+        out = tiled_decode(vae, lat, 1024)
         vae.enable_tiling()
-        theirs = vae.decode(lat).sample.float()
+        theirs = vae.decode(lat).sample
         vae.disable_tiling()
     ours_err, their_err = (out - ref).abs().max().item(), (theirs - ref).abs().max().item()
-    assert ours_err < tol and ours_err < their_err / 10, (ours_err, their_err)
-    img = (ref / ref.abs().amax()).clamp(-1, 1).to(dtype)
+    assert ours_err < 2e-3 and ours_err < their_err / 10, (ours_err, their_err)
+    img = (ref / ref.abs().amax()).clamp(-1, 1)
     with torch.inference_mode():
-        ref = vae.encode(img).latent_dist.mean.float()
-        out = tiled_encode(vae, img, 1024).float()
-    assert (out - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item())
+        ref_lat = vae.encode(img).latent_dist.mean
+        out_lat = tiled_encode(vae, img, 1024)
+    assert (out_lat - ref_lat).abs().max().item() < 2e-3 * max(1.0, ref_lat.abs().max().item())
+
+    vae16 = vae.to(torch.bfloat16)
+    with torch.inference_mode():
+        untiled16 = vae16.decode(lat.bfloat16()).sample.float()
+        tiled16 = tiled_decode(vae16, lat.bfloat16(), 1024).float()
+        enc16 = vae16.encode(img.bfloat16()).latent_dist.mean.float()
+        tiled_enc16 = tiled_encode(vae16, img.bfloat16(), 1024).float()
+    assert (tiled16 - untiled16).abs().mean() <= (untiled16 - ref).abs().mean()
+    assert (tiled_enc16 - enc16).abs().mean() <= (enc16 - ref_lat).abs().mean()
