@@ -51,7 +51,32 @@ def build_parser() -> ArgumentParser:
                    help="refuse a plan whose estimated peak memory exceeds this (default: the device's memory)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, its estimated peak memory and its cost, then exit without loading anything")
+    add_vae_tile_arguments(p)
     return p
+
+
+def add_vae_tile_arguments(p: argparse.ArgumentParser) -> None:
+    """--vae-tile, --no-vae-tile, --vae-tile-size (read back by `vae_tile_from_args`)."""
+    tile = p.add_mutually_exclusive_group()
+    tile.add_argument("--vae-tile", action="store_true",
+                      help="run the VAE passes larger than one tile in tiles, with whole-image group-norm statistics "
+                           "(default: only when the untiled estimate exceeds --max-memory or the device's memory)")
+    tile.add_argument("--no-vae-tile", action="store_true", help="never tile the VAE passes")
+    p.add_argument("--vae-tile-size", type=int, metavar="PX",
+                   help="tile side in pixels when the VAE is tiled, a multiple of 64 (default: 2048)")
+
+
+def vae_tile_from_args(args: argparse.Namespace):
+    """(when, tiling): when is "auto", "on" or "off"; checked before any load."""
+    from ..runtime.vae_tiling import DEFAULT_TILE, VaeTiling, VaeTilingError
+
+    if args.vae_tile_size is not None and args.no_vae_tile:
+        raise UsageError("--vae-tile-size and --no-vae-tile exclude each other")
+    try:
+        tiling = VaeTiling(DEFAULT_TILE if args.vae_tile_size is None else args.vae_tile_size)
+    except VaeTilingError as e:
+        raise UsageError(f"--vae-tile-size {args.vae_tile_size}: {e}") from None
+    return ("on" if args.vae_tile else "off" if args.no_vae_tile else "auto"), tiling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,8 +119,15 @@ def run(args: argparse.Namespace) -> int:
     if mode != "eager" and device.type != "cuda":
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = model_dtype(device, args.dtype)
-    if _check_memory(args, family, plan, opts, device, dtype):
+    tile = vae_tile_from_args(args)
+    if args.engines and tile[0] == "on":
+        raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
+    tiling = _check_memory(args, family, plan, opts, device, dtype, tile, mode)
+    if tiling is True:
         return 0  # --dry-run
+    if tiling is not None and args.engines:
+        raise UsageError(f"this plan needs tiled VAE passes ({tiling.tile}-pixel tiles) to fit, which run on the "
+                         "PyTorch VAE, not on --engines; leave out --engines or ask for a smaller --size")
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     else:
@@ -131,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--mode {mode}: {why}; use --mode eager")
         print(f"{why}; running the stages eagerly")
         mode = "eager"
+    if tiling is not None:
+        from ..runtime.vae_tiling import TiledVaeNetworks
+
+        nets = TiledVaeNetworks(nets, bundle.vae, tiling)
+        print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles")
     if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
@@ -171,9 +208,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_memory(args, family, plan, opts, device, dtype) -> bool:
-    """The plan's estimated peak memory (core/memory.py) against --max-memory or the device's memory, before any
-    load; with --dry-run also prints the plan, the estimate and the cost, and returns True (nothing else to do)."""
+def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), mode="eager"):
+    """The plan's estimated peak memory (runtime/memory_plan.py) against --max-memory or the device's memory, before
+    any load, choosing the VAE tiling; with --dry-run also prints the plan, the estimate and the cost, and returns
+    True (nothing else to do); else the VaeTiling to run with, or None (untiled)."""
     import math
     import os
 
@@ -185,30 +223,35 @@ def _check_memory(args, family, plan, opts, device, dtype) -> bool:
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
     vae = vae_dtype(family, family.vae, dtype, args.vae_dtype, device)  # the loaded VAE's config may still differ
-    estimate = estimate_memory(family, plan, dtype, vae, opts.guidance > 1.0, opts.relay)
     if args.max_memory is not None:
         limit, what = args.max_memory * GiB, "--max-memory"
     elif device.type == "cuda":
         limit, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
         limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    from ..runtime.memory_plan import plan_memory
+
+    memory = plan_memory(family, plan, dtype, vae, int(limit), opts.guidance > 1.0, opts.relay, *tile,
+                         graph_pool=mode != "eager")
+    estimate, tiling = memory.estimate, memory.tiling
     if args.dry_run:
         from ..benchmarks.flops import MetaCostCounter, plan_cost
 
         cost = plan_cost(MetaCostCounter(family), plan, cfg=opts.guidance > 1.0, relay=opts.relay)
         print(f"plan: {plan.describe()}")
-        print("\n".join(estimate.describe()))
+        print("\n".join(memory.describe()))
         print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
               "and compile-time autotuning")
         print(f"cost: {cost.true_tflop:,.1f} TFLOP (UNet {cost.unet_tflop:,.1f}), text encoders apart")
         return True
     if estimate.peak_bytes > limit:
-        name, worst = max(estimate.segments, key=lambda s: s[1])
+        parts = estimate.describe()[0].split(": ", 1)[1]  # weights [+ graph pool] + the worst segment
         raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB "
-                         f"(weights {estimate.weights_bytes / GiB:.1f} GiB + {name} {worst / GiB:.1f} GiB), more "
-                         f"than {what} ({limit / GiB:.2f} GiB); ask for a smaller --size, a 16-bit --vae-dtype or "
-                         "--relay latent")
-    return False
+                         f"({parts}), more than {what} ({limit / GiB:.2f} GiB)"
+                         + (f" with the VAE in {tiling.tile}-pixel tiles" if tiling else "")
+                         + "; ask for a smaller --size, a 16-bit --vae-dtype or --relay latent"
+                         + (", or leave out --no-vae-tile" if tile[0] == "off" else ""))
+    return tiling
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -10,6 +10,7 @@ the compiled path frees earlier and usually peaks lower.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,17 +64,47 @@ class MemoryEstimate:
     """UNet, VAE and text encoders at the precisions that run."""
     segments: tuple[tuple[str, int], ...]
     """(segment, peak bytes of its transient tensors)."""
+    held: tuple[int, ...] = ()
+    """Bytes held under each segment besides the weights (the CUDA-graph pool of the stages captured so far);
+    empty when nothing is held."""
+
+    def _held(self, i: int) -> int:
+        return self.held[i] if self.held else 0
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights_bytes + max(b for _, b in self.segments)
+        return self.weights_bytes + max(b + self._held(i) for i, (_, b) in enumerate(self.segments))
+
+    def stage_peaks(self) -> list[tuple[str, int]]:
+        """(segment, weights + held + its transient): the device memory each segment is estimated to peak at."""
+        return [(name, self.weights_bytes + self._held(i) + b) for i, (name, b) in enumerate(self.segments)]
 
     def describe(self) -> list[str]:
-        worst = max(self.segments, key=lambda s: s[1])
+        i = max(range(len(self.segments)), key=lambda i: self.segments[i][1] + self._held(i))
+        worst = self.segments[i]
+        pool = f" + CUDA-graph pool {self._held(i) / GiB:.2f} GiB" if self._held(i) else ""
         lines = [f"estimated peak device memory {self.peak_bytes / GiB:.2f} GiB: weights "
-                 f"{self.weights_bytes / GiB:.2f} GiB + {worst[0]} {worst[1] / GiB:.2f} GiB"]
-        lines += [f"  {name:<44} {b / GiB:8.2f} GiB" for name, b in self.segments]
+                 f"{self.weights_bytes / GiB:.2f} GiB{pool} + {worst[0]} {worst[1] / GiB:.2f} GiB"]
+        if self.held:
+            lines += [f"  {name:<44} {b / GiB:8.2f} GiB  (+ pool {self._held(i) / GiB:.2f}, peak {p / GiB:.2f} GiB)"
+                      for i, ((name, b), (_, p)) in enumerate(zip(self.segments, self.stage_peaks()))]
+        else:
+            lines += [f"  {name:<44} {b / GiB:8.2f} GiB" for name, b in self.segments]
         return lines
+
+
+VaePass = Callable[[torch.nn.Module, torch.Tensor], object]
+"""(VAE, input) -> the pass's result: how a VAE decode or encode is run (untiled unless a tiled one is given)."""
+
+
+@dataclass(frozen=True)
+class VaePasses:
+    """The VAE passes to estimate: untiled (the default) or another way, with the label it adds."""
+
+    decode: VaePass = lambda vae, lat: vae.decode(lat, return_dict=False)
+    encode: VaePass = lambda vae, img: vae.encode(img).latent_dist.mean
+    label: Callable[[int, int], str] = lambda height, width: ""
+    """Suffix for a pass of this pixel size, e.g. " (tiled 2048)"."""
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -88,8 +119,13 @@ def _peak(fn) -> int:
 
 
 def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtype, vae_dtype: torch.dtype,
-                    cfg: bool = True, relay: str = "pixel") -> MemoryEstimate:
-    """The estimate for running `plan` with the family's architecture (seconds, no weights needed)."""
+                    cfg: bool = True, relay: str = "pixel", vae_passes: VaePasses | None = None,
+                    graph_pool: bool = False) -> MemoryEstimate:
+    """The estimate for running `plan` with the family's architecture (seconds, no weights needed).
+
+    `vae_passes`: how the VAE runs (runtime/vae_tiling.py gives tiled ones). `graph_pool`: the stages run as CUDA
+    graphs, whose shared pool keeps the largest UNet transient captured so far for the rest of the run."""
+    passes = vae_passes or VaePasses()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -107,16 +143,20 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
     vs, batch = family.vae_scale, 2 if cfg else 1
     width = int(family.unet["cross_attention_dim"])
     segments: list[tuple[str, int]] = []
+    held: list[int] = []
+    pool = 0  # the graph pool: the largest UNet transient so far, when graphed
     for k, s in enumerate(plan.stages):
         h, w = s.height // vs, s.width // vs
         if k > 0 and relay == "pixel":
             p = plan.stages[k - 1]
             lat = torch.zeros(1, 4, p.height // vs, p.width // vs, device=meta, dtype=vae_dtype)
-            segments.append((f"relay {k}->{k + 1} decode {p.width}x{p.height}",
-                             _peak(lambda lat=lat: vae.decode(lat, return_dict=False))))
+            segments.append((f"relay {k}->{k + 1} decode {p.width}x{p.height}{passes.label(p.height, p.width)}",
+                             _peak(lambda lat=lat: passes.decode(vae, lat))))
+            held.append(pool)
             img = torch.zeros(1, 3, s.height, s.width, device=meta, dtype=vae_dtype)
-            segments.append((f"relay {k}->{k + 1} encode {s.width}x{s.height}",
-                             _peak(lambda img=img: vae.encode(img).latent_dist.mean)))
+            segments.append((f"relay {k}->{k + 1} encode {s.width}x{s.height}{passes.label(s.height, s.width)}",
+                             _peak(lambda img=img: passes.encode(vae, img))))
+            held.append(pool)
         x = torch.zeros(batch, 4, h, w, device=meta, dtype=unet_dtype)
         ehs = torch.zeros(batch, 77, width, device=meta, dtype=unet_dtype)
         added = None
@@ -128,8 +168,11 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
         segments.append((f"stage {k + 1} UNet {s.width}x{s.height}, batch {batch}",
                          _peak(lambda x=x, ehs=ehs, added=added, t=t: unet(
                              x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False))))
+        held.append(0)  # a replay runs inside the pool
+        pool = max(pool, segments[-1][1]) if graph_pool else 0
     last = plan.stages[-1]
     lat = torch.zeros(1, 4, last.height // vs, last.width // vs, device=meta, dtype=vae_dtype)
-    segments.append((f"final decode {last.width}x{last.height}",
-                     _peak(lambda: vae.decode(lat, return_dict=False))))
-    return MemoryEstimate(weights, tuple(segments))
+    segments.append((f"final decode {last.width}x{last.height}{passes.label(last.height, last.width)}",
+                     _peak(lambda: passes.decode(vae, lat))))
+    held.append(pool)
+    return MemoryEstimate(weights, tuple(segments), tuple(held) if graph_pool else ())

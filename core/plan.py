@@ -20,6 +20,9 @@ MIN_STAGE_AREA_FRACTION = 0.75
 MAX_TOTAL_STEPS = 999
 """DDIM over 1000 training steps with steps_offset 1: 1000 steps would ask for timestep 1000."""
 
+MAX_RELAY_FACTOR = 2.0
+"""Largest side ratio of one default relay: the paper's largest (SDXL 1024 -> 2048); past it stages are added."""
+
 
 class PlanError(ValueError):
     """A stage plan or size that the model cannot run; the message names the bad value."""
@@ -140,6 +143,9 @@ def default_plan(family: ModelFamily, width: int | None = None, height: int | No
     if (h1, w1) == (hf, wf):
         return validate_plan(family, [Stage(hf, wf, n_total)], width, height)
     k_last = len(template) - 1
+    ratio = max(hf / h1, wf / w1)
+    if 1 + (ratio - 1) / max(k_last, 1) > MAX_RELAY_FACTOR:  # the template's first relay would pass 2x a side
+        return validate_plan(family, _doubling_stages(family, h1, w1, hf, wf, ratio, total_steps), width, height)
     steps = [s for _, _, s in template]
     if total_steps is not None:  # keep the template's proportions
         steps = _split_steps(total_steps, steps)
@@ -153,6 +159,29 @@ def default_plan(family: ModelFamily, width: int | None = None, height: int | No
         else:
             stages.append(Stage(hk, wk, steps[k]))
     return validate_plan(family, stages, width, height)
+
+
+def _doubling_stages(family: ModelFamily, h1: int, w1: int, hf: int, wf: int, ratio: float,
+                     total_steps: int | None) -> list[Stage]:
+    """Past the template's reach (docs/ALGORITHM.md §2, "Large sizes"): K = 1 + ceil(log2 ratio) stages whose
+    sides grow by the same factor, at most 2x per relay; stage 1 keeps the template's steps, the later stages
+    share the rest evenly (SDXL 4096: 1024 x40 -> 2048 x5 -> 4096 x5)."""
+    m, template = family.pixel_multiple, family.default_stages
+    k_last = math.ceil(math.log2(ratio) - 1e-9)
+    first, rest = template[0][2], sum(s for _, _, s in template[1:])
+    steps = [first] + [rest // k_last + (1 if k < rest % k_last else 0) for k in range(k_last)]
+    if total_steps is not None:
+        steps = _split_steps(total_steps, steps)
+    stages: list[Stage] = []
+    for k in range(k_last + 1):
+        f = k / k_last
+        hk = hf if k == k_last else _round_to(h1 * (hf / h1) ** f, m)
+        wk = wf if k == k_last else _round_to(w1 * (wf / w1) ** f, m)
+        if stages and (stages[-1].height, stages[-1].width) == (hk, wk):
+            stages[-1] = Stage(hk, wk, stages[-1].steps + steps[k])
+        else:
+            stages.append(Stage(hk, wk, steps[k]))
+    return stages
 
 
 def _split_steps(total: int, template: list[int]) -> list[int]:

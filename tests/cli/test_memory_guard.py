@@ -20,7 +20,8 @@ def no_model_load(monkeypatch):
 
 def test_a_plan_larger_than_the_machine_is_refused_naming_the_estimate(tmp_path, capsys):
     out = tmp_path / "big.png"
-    assert gen_cli.main(["--model", "tiny-sdxl", *PROMPT, "--size", "16384x16384", "--output", str(out)]) == 2
+    assert gen_cli.main(["--model", "tiny-sdxl", *PROMPT, "--size", "16384x16384", "--no-vae-tile",
+                         "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs an estimated" in err and "final decode 16384x16384" in err
     assert "this machine's memory" in err and not out.exists()
@@ -43,3 +44,22 @@ def test_dry_run_prints_plan_estimate_and_cost_and_loads_nothing(tmp_path, capsy
     assert "plan: 128x128 x40 -> 192x192 x5 -> 256x256 x5" in said
     assert "estimated peak device memory" in said and "relay 2->3 encode 256x256" in said
     assert "cost:" in said and "TFLOP" in said and not out.exists()
+
+
+def test_vae_tile_flags_are_checked_before_anything(tmp_path, capsys):
+    args = ["--model", "tiny-sdxl", *PROMPT, "--output", str(tmp_path / "a.png")]
+    assert gen_cli.main([*args, "--vae-tile-size", "100"]) == 2
+    assert "--vae-tile-size 100: VAE tile size 100: must be a multiple of 64" in capsys.readouterr().err
+    assert gen_cli.main([*args, "--vae-tile-size", "512", "--no-vae-tile"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_dry_run_names_the_tiling_and_a_refusal_names_the_tiled_estimate(tmp_path, capsys):
+    args = ["--model", "tiny-sdxl", *PROMPT, "--stages", "128x128:1,512x512:1", "--vae-tile", "--vae-tile-size",
+            "256", "--output", str(tmp_path / "a.png")]
+    assert gen_cli.main([*args, "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "final decode 512x512 (tiled 256)" in said and "VAE tiled, 256-pixel tiles: asked for" in said
+    assert gen_cli.main([*args, "--max-memory", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with the VAE in 256-pixel tiles" in err and "(tiled 256)" in err

@@ -43,3 +43,34 @@ def test_peak_is_weights_plus_the_largest_segment_and_segments_follow_the_plan()
     assert [n for n, _ in latent.segments] == ["stage 1 UNet 1024x1024, batch 1", "stage 2 UNet 2048x2048, batch 1",
                                                "final decode 2048x2048"]
     assert latent.peak_bytes < pixel.peak_bytes  # a 16-bit VAE halves the decode
+
+
+def test_tiled_vae_estimate_equals_live_bytes_of_a_real_tiled_run(tiny_sdxl):
+    """The meta-device count of a tiled pass (runtime/vae_tiling.py) against the same pass run on CPU."""
+    from megafusion.core.memory import VaePasses
+    from megafusion.runtime.memory_plan import tiled_passes
+    from megafusion.runtime.vae_tiling import VaeTiling, tiled_decode, tiled_encode
+
+    plan = validate_plan(tiny_sdxl.family, [Stage(128, 128, 1), Stage(256, 384, 1)])
+    passes = tiled_passes(VaeTiling(128))
+    est = dict(estimate_memory(tiny_sdxl.family, plan, torch.float32, torch.float32, vae_passes=passes).segments)
+    lat = torch.randn(1, 4, 32, 48)
+    real = _measured(lambda: tiled_decode(tiny_sdxl.vae, lat, 128))
+    meta = est["final decode 384x256 (tiled 128)"]
+    assert real > 0 and abs(meta - real) <= 0.05 * real, (meta, real)
+    img = torch.rand(1, 3, 256, 384) * 2 - 1
+    real = _measured(lambda: tiled_encode(tiny_sdxl.vae, img, 128))
+    assert abs(est["relay 1->2 encode 384x256 (tiled 128)"] - real) <= 0.05 * real
+    assert "relay 1->2 decode 128x128" in est  # one tile: untiled, unlabelled
+    assert isinstance(passes, VaePasses)
+
+
+def test_graph_pool_is_held_under_every_later_vae_pass():
+    plan = default_plan(SDXL)
+    est = estimate_memory(SDXL, plan, torch.float16, torch.bfloat16, graph_pool=True)
+    seg = dict(est.segments)
+    unet1, unet2 = seg["stage 1 UNet 1024x1024, batch 2"], seg["stage 2 UNet 2048x2048, batch 2"]
+    assert est.held == (0, unet1, unet1, 0, unet2)  # the decode after stage 2 runs beside stage 2's pool
+    assert est.peak_bytes == est.weights_bytes + unet2 + seg["final decode 2048x2048"]
+    assert [p for _, p in est.stage_peaks()][-1] == est.peak_bytes
+    assert "CUDA-graph pool" in est.describe()[0]

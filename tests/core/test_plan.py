@@ -90,3 +90,38 @@ def test_size_below_native_refused():
 def test_tiny_model_follows_same_rules():
     plan = default_plan(TINY_SDXL, 448, 192)
     assert plan.stages[-1].width % 32 == 0 and (plan.output_width, plan.output_height) == (448, 192)
+
+
+# --- large sizes: past 2x per relay, stages are added (docs/ALGORITHM.md §2, "Large sizes") ---
+
+@pytest.mark.parametrize("family,w,h,expected", [
+    (SDXL, 4096, 4096, [(1024, 1024, 40), (2048, 2048, 5), (4096, 4096, 5)]),
+    (SDXL, 8192, 8192, [(1024, 1024, 40), (2048, 2048, 4), (4096, 4096, 3), (8192, 8192, 3)]),
+    (SD15, 2048, 2048, [(512, 512, 40), (1024, 1024, 5), (2048, 2048, 5)]),
+    (SD15, 4096, 4096, [(512, 512, 40), (1024, 1024, 4), (2048, 2048, 3), (4096, 4096, 3)]),
+    (SDXL, 3840, 2160, [(1376, 768, 40), (2304, 1280, 5), (3840, 2176, 5)]),
+    (SDXL, 4096, 1024, [(2048, 512, 40), (4096, 1024, 10)]),  # 2x a side: the template's two stages
+])
+def test_large_sizes_relay_at_most_2x_per_side(family, w, h, expected):
+    plan = default_plan(family, w, h)
+    assert _sizes(plan) == expected and plan.total_steps == 50
+    for a, b in zip(plan.stages, plan.stages[1:]):
+        assert b.width <= 2 * a.width and b.height <= 2 * a.height
+
+
+def test_large_plans_reschedule_by_pixel_ratio_to_stage_one():
+    plan = default_plan(SDXL, 8192, 8192)
+    assert [plan.gamma(k) for k in range(4)] == [1.0, 4.0, 16.0, 64.0]
+
+
+def test_templates_within_2x_per_relay_are_unchanged():
+    # SD1.5's linear 512 -> 768 -> 1024 reaches 3x per side before its first relay passes 2x
+    assert _sizes(default_plan(SD15, 1920, 1080)) == [(704, 384, 40), (1280, 768, 5), (1920, 1088, 5)]
+    assert _sizes(default_plan(SDXL, 2048, 2048)) == [(1024, 1024, 40), (2048, 2048, 10)]
+
+
+def test_large_plan_with_total_steps_keeps_proportions():
+    plan = default_plan(SDXL, 4096, 4096, total_steps=20)
+    assert _sizes(plan) == [(1024, 1024, 16), (2048, 2048, 2), (4096, 4096, 2)]
+    with pytest.raises(PlanError, match="3 steps cannot fill a 4-stage plan"):
+        default_plan(SDXL, 8192, 8192, total_steps=3)
