@@ -47,6 +47,7 @@ def build_parser() -> ArgumentParser:
                         "(default: $MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="with --mode compiled: compile from scratch, save nothing")
+    add_image_arguments(p)
     p.add_argument("--max-memory", type=float, metavar="GiB",
                    help="refuse a plan whose estimated peak memory exceeds this (default: the device's memory)")
     p.add_argument("--dry-run", action="store_true",
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
+    image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -144,12 +146,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
+        total = plan.total_steps - (image_start.entry(plan).global_step if image_start else 0)
+        bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
     try:
         # Segments are printed as they end: the relays and the decode take seconds without a step to count.
         result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
                                on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
-                               if bar else None)
+                               if bar else None, image=image_start)
     finally:
         if bar is not None:
             bar.close()
@@ -169,6 +172,41 @@ def run(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
     return 0
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """--image, --strength, --start-stage (image to image, docs/ALGORITHM.md §13; read back by
+    `image_start_from_args`)."""
+    p.add_argument("--image", metavar="FILE", help="start from this photo (image to image: upscale a real photo)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="with --image: fraction of the plan's steps that run, in (0, 1] (default 0.8, or with "
+                        "--start-stage the whole of that stage and the ones after it)")
+    p.add_argument("--start-stage", type=int, metavar="K",
+                   help="with --image: the photo enters at stage K (1-based) at that stage's size; earlier stages "
+                        "are skipped")
+
+
+def image_start_from_args(args: argparse.Namespace, plan):
+    """The checked photo, strength and start stage as an ImageStart, or None without --image; one line naming
+    the bad value (a missing or unreadable file, a strength outside (0, 1], a stage outside the plan)."""
+    from ..runtime.img2img import ImageInputError, ImageStart, entry_point, read_image
+    from .common import warn
+
+    if args.image is None:
+        if args.strength is not None or args.start_stage is not None:
+            raise UsageError("--strength and --start-stage need --image (the photo to start from)")
+        return None
+    try:
+        entry = entry_point(plan, args.strength, args.start_stage)
+        photo = read_image(args.image)
+    except ImageInputError as e:
+        raise UsageError(str(e)) from None
+    stage = plan.stages[entry.stage]
+    ph, pw = photo.shape[-2:]
+    if abs((pw / ph) / (stage.width / stage.height) - 1) > 0.01:
+        warn("mf-generate", f"--image {args.image!r} is {pw}x{ph}; it is resized to stage {entry.stage + 1}'s "
+                            f"{stage.width}x{stage.height}, which changes its aspect ratio")
+    return ImageStart(photo, args.strength, args.start_stage)
 
 
 def _check_memory(args, family, plan, opts, device, dtype) -> bool:

@@ -1,0 +1,68 @@
+"""mf-generate's extra conditions: --image/--strength/--start-stage (image to image), and their bad values refused
+in one line `mf-generate: error: ...`, exit status 2, before the model is loaded, nothing written."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megafusion.cli.generate import main
+
+PLAN = ["--model", "tiny-sdxl", "--prompt", "a harbour", "--stages", "128x128:4,256x256:2", "--no-progress",
+        "--device", "cpu"]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(small).resize((128, 128), Image.BILINEAR).save(path)
+    return path
+
+
+def test_upscales_a_photo(photo, tmp_path, capsys):
+    out = tmp_path / "up.png"
+    assert main([*PLAN, "--image", str(photo), "--start-stage", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "encode image" in text and "stage 2 (256x256, 2 steps)" in text and "stage 1 " not in text
+    assert Image.open(out).size == (256, 256)
+
+
+def test_photo_of_another_shape_warns(photo, tmp_path, capsys):
+    wide = tmp_path / "wide.png"
+    Image.open(photo).resize((256, 128)).save(wide)
+    assert main([*PLAN, "--image", str(wide), "--strength", "0.2", "--output", str(tmp_path / "o.png")]) == 0
+    err = capsys.readouterr().err
+    assert "--image" in err and "is 256x128" in err and "changes its aspect ratio" in err
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def load_model(*a, **kw):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("megafusion.core.loading.load_model", load_model)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image", "{missing}"], "no such file"),
+    (["--image", "{garbage}"], "not a readable image"),
+    (["--image", "{photo}", "--strength", "0"], "--strength 0.0: must be a number in (0, 1]"),
+    (["--image", "{photo}", "--strength", "1.01"], "--strength 1.01: must be a number in (0, 1]"),
+    (["--image", "{photo}", "--strength", "nan"], "--strength nan: must be a number in (0, 1]"),
+    (["--image", "{photo}", "--strength", "0.1"], "runs int(6 * 0.1) = 0 of the plan's 6 steps"),
+    (["--image", "{photo}", "--start-stage", "3"], "--start-stage 3: the plan has stages 1 to 2"),
+    (["--image", "{photo}", "--start-stage", "2", "--strength", "0.9"],
+     "--strength 0.9 starts at step 2 of 6, in stage 1, not --start-stage 2"),
+    (["--strength", "0.5"], "--strength and --start-stage need --image"),
+])
+def test_bad_image_input_one_line(args, needle, photo, tmp_path, capsys, no_model_load):
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
+    names = {"photo": photo, "missing": tmp_path / "nope.png", "garbage": tmp_path / "garbage.png"}
+    out = tmp_path / "out.png"
+    rc = main([*PLAN, *(a.format(**names) for a in args), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
+    assert not out.exists()
