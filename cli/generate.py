@@ -48,6 +48,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="with --mode compiled: compile from scratch, save nothing")
     add_image_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse this LoRA (.safetensors, diffusers or kohya format) into the weights, times SCALE "
+                        "(default 1); repeatable")
     p.add_argument("--max-memory", type=float, metavar="GiB",
                    help="refuse a plan whose estimated peak memory exceeds this (default: the device's memory)")
     p.add_argument("--dry-run", action="store_true",
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
+    loras = loras_from_args(args.lora)
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -103,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
+    if loras:
+        from ..core.lora import LoraError, fuse_loras
+
+        try:
+            fuse_loras(bundle, loras)  # before any engine lookup: the fused weights are what the key hashes
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
     warn_truncated_prompts("mf-generate", bundle.tokenizers,
                            {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)  # the loaded VAE's config decides
@@ -184,6 +196,22 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-stage", type=int, metavar="K",
                    help="with --image: the photo enters at stage K (1-based) at that stage's size; earlier stages "
                         "are skipped")
+
+
+def loras_from_args(values: list[str]):
+    """--lora PATH[:SCALE] values, each file checked to exist before the load (its keys are checked against the
+    loaded model, before anything runs)."""
+    import math
+
+    from ..core.lora import parse_lora
+
+    specs = [parse_lora(v) for v in values]
+    for v, spec in zip(values, specs):
+        if not spec.path.is_file():
+            raise UsageError(f"--lora {v!r}: no such file {str(spec.path)!r}")
+        if not math.isfinite(spec.scale):
+            raise UsageError(f"--lora {v!r}: the scale must be a finite number")
+    return specs
 
 
 def image_start_from_args(args: argparse.Namespace, plan):

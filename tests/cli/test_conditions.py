@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from megafusion.cli.generate import main
@@ -66,3 +67,28 @@ def test_bad_image_input_one_line(args, needle, photo, tmp_path, capsys, no_mode
     assert rc == 2, err
     assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
     assert not out.exists()
+
+
+LORA_PLAN = ["--model", "tiny-sd15", "--prompt", "a kite", "--stages", "128x128:2", "--no-progress", "--device", "cpu"]
+
+
+def test_lora_changes_the_image_and_bad_loras_are_one_line(tiny_sd15, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tests.core.test_lora import _random_lora, save_diffusers
+
+    lora = save_diffusers(_random_lora(tiny_sd15), tmp_path / "style.safetensors")
+    plain, styled = tmp_path / "plain.png", tmp_path / "styled.png"
+    assert main([*LORA_PLAN, "--output", str(plain)]) == 0
+    assert main([*LORA_PLAN, "--lora", f"{lora}:0.8", "--output", str(styled)]) == 0
+    assert f"lora: {lora} x0.8" in capsys.readouterr().out
+    assert (np.asarray(Image.open(plain)) != np.asarray(Image.open(styled))).any()
+
+    save_file({"unet.nowhere.to_q.lora_A.weight": torch.zeros(4, 8)}, str(tmp_path / "odd.safetensors"))
+    for arg, needle in [(str(tmp_path / "none.safetensors"), "no such file"),
+                        (str(tmp_path / "odd.safetensors"), "unknown key 'unet.nowhere.to_q.lora_A.weight'")]:
+        out = tmp_path / "x.png"
+        assert main([*LORA_PLAN, "--lora", arg, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mf-generate: error: --lora ") and needle in err, err
+        assert not out.exists()
