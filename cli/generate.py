@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="with --mode compiled: compile from scratch, save nothing")
     add_image_arguments(p)
+    add_control_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse this LoRA (.safetensors, diffusers or kohya format) into the weights, times SCALE "
                         "(default 1); repeatable")
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     out = output_file_from_args("--output", args.output)
     image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
     loras = loras_from_args(args.lora)
+    controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
+    if controls and args.engines:
+        raise UsageError("--controlnet runs on the torch path only; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -145,6 +150,16 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--mode {mode}: {why}; use --mode eager")
         print(f"{why}; running the stages eagerly")
         mode = "eager"
+    if controls:
+        from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
+
+        try:
+            nets = ControlledNetworks(nets, [Control(load_controlnet(path, bundle.unet, device, nets.unet_dtype),
+                                                     image, scale, start, end)
+                                             for path, image, scale, start, end in controls], device)
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
+        print("controlnet: " + ", ".join(f"{c[0]} x{c[2]:g} over {c[3]:g}..{c[4]:g}" for c in controls))
     if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
@@ -196,6 +211,53 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-stage", type=int, metavar="K",
                    help="with --image: the photo enters at stage K (1-based) at that stage's size; earlier stages "
                         "are skipped")
+
+
+def add_control_arguments(p: argparse.ArgumentParser) -> None:
+    """--controlnet, --control-image, --control-scale, --control-start, --control-end (docs/ALGORITHM.md §15)."""
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder; repeatable (one --control-image each)")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image of each --controlnet, in order; resized to every stage's size")
+    for flag, default, what in (("--control-scale", "1", "conditioning scale"),
+                                ("--control-start", "0", "fraction of the schedule where the control starts"),
+                                ("--control-end", "1", "fraction of the schedule where it ends")):
+        p.add_argument(flag, action="append", type=float, default=[], metavar="F",
+                       help=f"{what} (default {default}); once for all ControlNets or once per ControlNet")
+
+
+def controls_from_args(args: argparse.Namespace) -> list[tuple]:
+    """(folder, image, scale, start, end) per --controlnet, checked before any load."""
+    from ..runtime.controlnet import ControlInputError, read_control_image
+
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise UsageError(f"{n} --controlnet and {len(args.control_image)} --control-image: give one image per "
+                         "ControlNet")
+
+    def per_net(flag: str, values: list[float], default: float) -> list[float]:
+        if values and not n:
+            raise UsageError(f"{flag} needs --controlnet")
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"{flag} given {len(values)} times for {n} --controlnet: give it once or once each")
+        return values * n if len(values) == 1 else values or [default] * n
+
+    scales = per_net("--control-scale", args.control_scale, 1.0)
+    starts = per_net("--control-start", args.control_start, 0.0)
+    ends = per_net("--control-end", args.control_end, 1.0)
+    out = []
+    for path, image, scale, start, end in zip(args.controlnet, args.control_image, scales, starts, ends):
+        if not Path(path, "config.json").is_file():
+            raise UsageError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
+        if not (0.0 <= start < end <= 1.0):
+            raise UsageError(f"--control-start {start:g} / --control-end {end:g}: need 0 <= start < end <= 1")
+        if not math.isfinite(scale):
+            raise UsageError(f"--control-scale {scale}: must be a finite number")
+        try:
+            out.append((path, read_control_image(image), scale, start, end))
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
+    return out
 
 
 def loras_from_args(values: list[str]):

@@ -190,6 +190,9 @@ class MegaFusionPipeline:
 
         cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
         schedules = plan_schedule(plan, fam.scheduler, opts.reschedule)
+        prepare = getattr(self.nets, "prepare_plan", None)
+        if prepare is not None:  # networks with per-plan state: ControlNet scales and images (runtime/controlnet.py)
+            prepare(plan, cond.batch, np.concatenate([s.timesteps for s in schedules]))
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         entry = image.entry(plan) if image is not None else None
         mark("text encoders")

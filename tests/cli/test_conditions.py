@@ -92,3 +92,38 @@ def test_lora_changes_the_image_and_bad_loras_are_one_line(tiny_sd15, tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("mf-generate: error: --lora ") and needle in err, err
         assert not out.exists()
+
+
+def test_controlnet_runs_and_bad_controls_are_one_line(tiny_sd15, tmp_path, capsys, monkeypatch):
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    cn = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "cn")
+    edges = tmp_path / "edges.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8)).save(edges)
+    plain, controlled = tmp_path / "plain.png", tmp_path / "controlled.png"
+    base = ["--model", "tiny-sd15", "--prompt", "a kite", "--stages", "128x128:2,192x192:1", "--no-progress",
+            "--device", "cpu"]
+    assert main([*base, "--output", str(plain)]) == 0
+    assert main([*base, "--controlnet", str(cn), "--control-image", str(edges), "--control-scale", "0.9",
+                 "--control-end", "0.7", "--output", str(controlled)]) == 0
+    assert f"controlnet: {cn} x0.9 over 0..0.7" in capsys.readouterr().out
+    assert (np.asarray(Image.open(plain)) != np.asarray(Image.open(controlled))).any()
+
+    monkeypatch.setattr("megafusion.core.loading.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for args, needle in [
+        (["--controlnet", str(cn)], "1 --controlnet and 0 --control-image"),
+        (["--controlnet", str(tmp_path), "--control-image", str(edges)], "not a diffusers ControlNetModel folder"),
+        (["--controlnet", str(cn), "--control-image", str(tmp_path / "no.png")], "no such file"),
+        (["--controlnet", str(cn), "--control-image", str(edges), "--control-start", "0.5", "--control-end", "0.5"],
+         "need 0 <= start < end <= 1"),
+        (["--controlnet", str(cn), "--control-image", str(edges), "--control-scale", "1", "--control-scale", "2",
+          "--control-scale", "3"], "--control-scale given 3 times for 1 --controlnet"),
+        (["--control-scale", "0.5"], "--control-scale needs --controlnet"),
+        (["--controlnet", str(cn), "--control-image", str(edges), "--engines", str(tmp_path)],
+         "--controlnet runs on the torch path only"),
+    ]:
+        out = tmp_path / "x.png"
+        assert main([*base, *args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
+        assert not out.exists()
