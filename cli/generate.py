@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
     if controls and args.engines:
         raise UsageError("--controlnet runs on the torch path only; leave out --engines")
+    if loras and args.engines:  # the fused weights would never match an engine's fingerprint
+        raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 

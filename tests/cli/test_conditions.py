@@ -85,6 +85,9 @@ def test_lora_changes_the_image_and_bad_loras_are_one_line(tiny_sd15, tmp_path, 
     assert (np.asarray(Image.open(plain)) != np.asarray(Image.open(styled))).any()
 
     save_file({"unet.nowhere.to_q.lora_A.weight": torch.zeros(4, 8)}, str(tmp_path / "odd.safetensors"))
+    out = tmp_path / "x.png"
+    assert main([*LORA_PLAN, "--lora", str(lora), "--engines", str(tmp_path), "--output", str(out)]) == 2
+    assert "mf-generate: error: --lora with --engines" in capsys.readouterr().err
     for arg, needle in [(str(tmp_path / "none.safetensors"), "no such file"),
                         (str(tmp_path / "odd.safetensors"), "unknown key 'unet.nowhere.to_q.lora_A.weight'")]:
         out = tmp_path / "x.png"

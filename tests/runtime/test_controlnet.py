@@ -116,3 +116,24 @@ def test_bad_controls_refused(tiny_sd15, tiny_sdxl, tmp_path):
         load_controlnet(xl, tiny_sd15.unet, "cpu", torch.float32)
     with pytest.raises(ControlInputError, match="no such file"):
         read_control_image(tmp_path / "none.png")
+
+
+@pytest.mark.gpu
+def test_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
+    """On CUDA the graphed loop captures ControlNet and UNet in one step graph per stage shape and gives the eager
+    loop's latent (fp32; both paths run the same kernels, so the difference is rounding only)."""
+    from megafusion.core.loading import load_model
+
+    bundle = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
+    cnet = load_controlnet(save_tiny_controlnet(bundle.unet, tmp_path / "cn"), bundle.unet, "cuda", torch.float32)
+    plan = validate_plan(bundle.family, [Stage(128, 128, 4), Stage(192, 192, 2)])
+    opts = GenerationOptions(PROMPT, seed=3)
+    controls = [Control(cnet, control_image(128, 128), 0.8, 0.1, 0.9)]
+    eager = MegaFusionPipeline(bundle, ControlledNetworks(TorchNetworks(bundle), controls, "cuda"), "cuda")
+    fast = MegaFusionPipeline.fast(bundle, ControlledNetworks(TorchNetworks(bundle), controls, "cuda"), "cuda")
+    x = eager.generate(plan, opts).latent
+    y = fast.generate(plan, opts).latent
+    assert fast.graphs.captures == 2
+    assert _relerr(y, x) < 1e-3
+    y2 = fast.generate(plan, GenerationOptions(PROMPT, seed=3)).latent  # replayed, not recaptured
+    assert fast.graphs.captures == 2 and _relerr(y2, y) < 1e-6
