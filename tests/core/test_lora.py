@@ -87,7 +87,6 @@ def test_fingerprint_holds_the_lora_and_its_scale(tmp_path):
     assert len(set(prints)) == 3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model,kind", [("tiny-sd15", "diffusers"), ("tiny-sdxl", "kohya")])
 def test_same_latents_as_diffusers_fuse_lora(model, kind, tmp_path, request):
     pytest.importorskip("peft")  # diffusers' LoRA loading needs it; the deployment machines have none

@@ -80,7 +80,6 @@ def test_one_stage_equals_diffusers_controlnet(name, request, tmp_path):
     assert _relerr(plain.latent, ref) > 1e-4  # the ControlNet does act
 
 
-@pytest.mark.slow
 def test_relay_with_two_controlnets_graphed_matches_eager(tiny_sd15, tmp_path):
     """Two ControlNets over a 2-stage plan (control images resized per stage, dilated mid blocks): the buffered
     step the CUDA graphs capture gives the eager loop's latent, and scale 0 gives the plain plan's."""
