@@ -50,6 +50,12 @@ def build_parser() -> ArgumentParser:
                    help="with --mode compiled: compile from scratch, save nothing")
     add_image_arguments(p)
     add_control_arguments(p)
+    p.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter (.safetensors, image_proj.* and ip_adapter.*)")
+    p.add_argument("--ip-adapter-image", metavar="FILE", help="with --ip-adapter: the reference image")
+    p.add_argument("--ip-adapter-encoder", metavar="DIR",
+                   help="with --ip-adapter: the CLIP vision model folder (CLIPVisionModelWithProjection)")
+    p.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+                   help="with --ip-adapter: weight of the image attention (default: %(default)s)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse this LoRA (.safetensors, diffusers or kohya format) into the weights, times SCALE "
                         "(default 1); repeatable")
@@ -86,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
     if controls and args.engines:
         raise UsageError("--controlnet runs on the torch path only; leave out --engines")
+    ip_image = ip_adapter_from_args(args)
+    if ip_image is not None and (args.engines or controls):
+        raise UsageError("--ip-adapter runs on the torch path and not yet with --controlnet; leave out "
+                         + ("--engines" if args.engines else "--controlnet"))
     if loras and args.engines:  # the fused weights would never match an engine's fingerprint
         raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
@@ -152,6 +162,19 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--mode {mode}: {why}; use --mode eager")
         print(f"{why}; running the stages eagerly")
         mode = "eager"
+    if ip_image is not None:
+        from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
+                                         load_ip_adapter, read_ip_adapter)
+
+        try:
+            state = read_ip_adapter(args.ip_adapter, bundle.unet)
+            encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, nets.unet_dtype)
+        except IPAdapterError as e:
+            raise UsageError(str(e)) from None
+        load_ip_adapter(bundle.unet, state, args.ip_adapter_scale)
+        nets = IPAdapterNetworks(nets, encode_ip_image(encoder, processor, ip_image, device))
+        del encoder  # the embeddings are all the stages need
+        print(f"ip-adapter: {args.ip_adapter} x{args.ip_adapter_scale:g}, image {args.ip_adapter_image}")
     if controls:
         from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
 
@@ -260,6 +283,32 @@ def controls_from_args(args: argparse.Namespace) -> list[tuple]:
         except ControlInputError as e:
             raise UsageError(str(e)) from None
     return out
+
+
+def ip_adapter_from_args(args: argparse.Namespace):
+    """The IP-Adapter's reference image (PIL), or None without --ip-adapter; files checked before any load."""
+    if args.ip_adapter is None:
+        if args.ip_adapter_image or args.ip_adapter_encoder:
+            raise UsageError("--ip-adapter-image and --ip-adapter-encoder need --ip-adapter")
+        return None
+    if not Path(args.ip_adapter).is_file():
+        raise UsageError(f"--ip-adapter {args.ip_adapter!r}: no such file")
+    if not args.ip_adapter_image or not args.ip_adapter_encoder:
+        raise UsageError("--ip-adapter needs --ip-adapter-image FILE and --ip-adapter-encoder DIR")
+    if not Path(args.ip_adapter_encoder, "config.json").is_file():
+        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: not a CLIP vision model folder "
+                         "(no config.json)")
+    if not math.isfinite(args.ip_adapter_scale):
+        raise UsageError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.ip_adapter_image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"--ip-adapter-image {args.ip_adapter_image!r}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"--ip-adapter-image {args.ip_adapter_image!r}: not a readable image ({e})") from None
 
 
 def loras_from_args(values: list[str]):

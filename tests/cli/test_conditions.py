@@ -130,3 +130,36 @@ def test_controlnet_runs_and_bad_controls_are_one_line(tiny_sd15, tmp_path, caps
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
         assert not out.exists()
+
+
+def test_ip_adapter_runs_and_bad_input_is_one_line(tiny_sd15, tmp_path, capsys, monkeypatch):
+    from tests.runtime.test_ipadapter import save_ip_adapter, save_tiny_image_encoder, tiny_ip_adapter
+
+    ip = save_ip_adapter(tiny_ip_adapter(tiny_sd15.unet), tmp_path / "ip.safetensors")
+    enc = save_tiny_image_encoder(tmp_path / "enc")
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(ref)
+    base = ["--model", "tiny-sd15", "--prompt", "a teapot", "--stages", "128x128:2,192x192:1", "--no-progress",
+            "--device", "cpu"]
+    plain, adapted = tmp_path / "plain.png", tmp_path / "adapted.png"
+    assert main([*base, "--output", str(plain)]) == 0
+    assert main([*base, "--ip-adapter", str(ip), "--ip-adapter-image", str(ref), "--ip-adapter-encoder", str(enc),
+                 "--ip-adapter-scale", "0.7", "--output", str(adapted)]) == 0
+    assert f"ip-adapter: {ip} x0.7" in capsys.readouterr().out
+    assert (np.asarray(Image.open(plain)) != np.asarray(Image.open(adapted))).any()
+
+    monkeypatch.setattr("megafusion.core.loading.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for args, needle in [
+        (["--ip-adapter", str(tmp_path / "no.safetensors")], "--ip-adapter"),
+        (["--ip-adapter", str(ip)], "--ip-adapter needs --ip-adapter-image FILE and --ip-adapter-encoder DIR"),
+        (["--ip-adapter", str(ip), "--ip-adapter-image", str(tmp_path / "no.png"), "--ip-adapter-encoder", str(enc)],
+         "--ip-adapter-image"),
+        (["--ip-adapter", str(ip), "--ip-adapter-image", str(ref), "--ip-adapter-encoder", str(tmp_path)],
+         "not a CLIP vision model folder"),
+        (["--ip-adapter-image", str(ref)], "need --ip-adapter"),
+    ]:
+        out = tmp_path / "x.png"
+        assert main([*base, *args, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
+        assert not out.exists()

@@ -68,3 +68,63 @@ def test_embeds_reach_every_stage_graphed_as_eager():
     assert float((fast.generate(plan, opts).latent - eager.latent).norm() / eager.latent.norm()) < 1e-6
     other = MegaFusionPipeline(bundle, IPAdapterNetworks(TorchNetworks(bundle), -embeds), "cpu").generate(plan, opts)
     assert float((other.latent - eager.latent).norm() / eager.latent.norm()) > 1e-4
+
+
+def save_tiny_image_encoder(folder):
+    """A tiny CLIP vision model with projection and its image processor, saved as a diffusers pipeline keeps them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=CLIP_DIM, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(str(folder))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+def save_ip_adapter(state, path):
+    from safetensors.torch import save_file
+
+    save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()}, str(path))
+    return path
+
+
+def test_image_path_equals_diffusers_ip_adapter_image(tmp_path):
+    """From a file and an image: read, checked, loaded, the image encoded as diffusers' encode_image encodes it."""
+    import numpy as np
+    from PIL import Image
+
+    from megafusion.runtime.ipadapter import encode_ip_image, load_image_encoder, read_ip_adapter
+    from tests.runtime.test_reference_diffusers import _diffusers_pipe
+
+    bundle = load_model("tiny-sd15")
+    path = save_ip_adapter(tiny_ip_adapter(bundle.unet, seed=4), tmp_path / "ip.safetensors")
+    encoder, processor = load_image_encoder(save_tiny_image_encoder(tmp_path / "enc"), "cpu", torch.float32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    load_ip_adapter(bundle.unet, read_ip_adapter(path, bundle.unet), scale=0.8)
+    embeds = encode_ip_image(encoder, processor, image, "cpu")
+    plan = validate_plan(bundle.family, [Stage(128, 128, 3)])
+    opts = GenerationOptions(PROMPT, seed=5, reschedule=False, dilation=1)
+    ours = MegaFusionPipeline(bundle, IPAdapterNetworks(TorchNetworks(bundle), embeds), "cpu").generate(plan, opts)
+
+    pipe = _diffusers_pipe(bundle)
+    pipe.image_encoder, pipe.feature_extractor = encoder, processor
+    ref = pipe(PROMPT, height=128, width=128, num_inference_steps=3, guidance_scale=7.0, ip_adapter_image=image,
+               generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert float((ours.latent - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_foreign_ip_adapter_refused(tmp_path):
+    from megafusion.runtime.ipadapter import IPAdapterError, read_ip_adapter
+
+    sd15, sdxl = load_model("tiny-sd15"), load_model("tiny-sdxl")
+    path = save_ip_adapter(tiny_ip_adapter(sdxl.unet), tmp_path / "xl.safetensors")
+    with pytest.raises(IPAdapterError, match="another architecture|does not give 4 tokens"):
+        read_ip_adapter(path, sd15.unet)
+    with pytest.raises(IPAdapterError, match="no such file"):
+        read_ip_adapter(tmp_path / "none.safetensors", sd15.unet)
+    from safetensors.torch import save_file
+
+    save_file({"vae.x": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(IPAdapterError, match="unknown key 'vae.x'"):
+        read_ip_adapter(tmp_path / "odd.safetensors", sd15.unet)
