@@ -84,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if controls and args.engines:
         raise UsageError("--controlnet runs on the torch path only; leave out --engines")
     ip_image = ip_adapter_from_args(args)
-    if ip_image is not None and (args.engines or controls):
-        raise UsageError("--ip-adapter runs on the torch path and not yet with --controlnet; leave out "
-                         + ("--engines" if args.engines else "--controlnet"))
+    if ip_image is not None and args.engines:
+        raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
     if loras and args.engines:  # the fused weights would never match an engine's fingerprint
         raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.dilation import mid_dilation
 from ..core.plan import StagePlan
 from ..engine.networks import TorchNetworks
+from .ipadapter import IPAdapterNetworks
 
 
 class ControlInputError(ValueError):
@@ -98,7 +99,7 @@ def load_controlnet(path: str | Path, unet: torch.nn.Module, device, dtype) -> t
 class ControlledNetworks:
     """Torch networks whose UNet step adds the ControlNets' residuals (implements engine.networks.Networks)."""
 
-    def __init__(self, base: TorchNetworks, controls: list[Control], device):
+    def __init__(self, base: TorchNetworks | IPAdapterNetworks, controls: list[Control], device):
         self.base, self.controls, self.device = base, controls, torch.device(device)
         self.unet_dtype, self.vae_dtype, self.capturable = base.unet_dtype, base.vae_dtype, base.capturable
         self.bundle = base.bundle

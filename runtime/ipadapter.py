@@ -4,7 +4,7 @@
 reads it) into the UNet with diffusers' own converter: the cross-attention processors gain the image key/value
 projections and the UNet an image projection. `IPAdapterNetworks` then passes the embeddings with every UNet call;
 they do not depend on the stage's size, so every stage sees the same ones. The UNet is changed in place: give it
-a bundle of its own. Torch path (mf-generate --ip-adapter).
+a bundle of its own. Torch path (mf-generate --ip-adapter), with or without ControlNets.
 """
 from __future__ import annotations
 
@@ -111,15 +111,19 @@ class IPAdapterNetworks:
         """(1, n_images, D) embeddings of the IP-Adapter image (the image encoder's `image_embeds`)."""
 
     @torch.inference_mode()
-    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, residuals=None):
+        """`residuals`: optional ControlNet residuals (runtime/controlnet.py wraps these networks too)."""
         dt = self.unet_dtype
         embeds = cfg_image_embeds(self.image_embeds.to(sample.device, dt), sample.shape[0] == 2)
         added = {"image_embeds": [embeds]}
         if text_embeds is not None:
             added.update(text_embeds=text_embeds.to(dt), time_ids=time_ids.to(dt))
+        extra = {}
+        if residuals is not None:
+            extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]}
         with mid_dilation(self.bundle.unet, dilation):
             out = self.base.unet_fn(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
-                                    added_cond_kwargs=added, return_dict=False)[0]
+                                    added_cond_kwargs=added, return_dict=False, **extra)[0]
         return out.float()
 
     def vae_decode(self, latents):

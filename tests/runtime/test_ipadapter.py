@@ -128,3 +128,28 @@ def test_foreign_ip_adapter_refused(tmp_path):
     save_file({"vae.x": torch.zeros(2)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(IPAdapterError, match="unknown key 'vae.x'"):
         read_ip_adapter(tmp_path / "odd.safetensors", sd15.unet)
+
+
+def test_ip_adapter_with_controlnet_equals_diffusers():
+    """Both at once: the ControlNet's residuals and the IP-Adapter's embeddings in one UNet call, as diffusers'
+    ControlNet pipeline given ip_adapter_image_embeds computes it."""
+    import tempfile
+
+    from megafusion.runtime.controlnet import Control, ControlledNetworks, load_controlnet
+    from tests.runtime.test_controlnet import _diffusers_controlnet_pipe, control_image, save_tiny_controlnet
+
+    bundle = load_model("tiny-sd15")
+    with tempfile.TemporaryDirectory() as tmp:
+        cnet = load_controlnet(save_tiny_controlnet(bundle.unet, f"{tmp}/cn"), bundle.unet, "cpu", torch.float32)
+    load_ip_adapter(bundle.unet, tiny_ip_adapter(bundle.unet, seed=2), scale=0.7)
+    embeds = torch.randn((1, 1, CLIP_DIM), generator=torch.Generator().manual_seed(4))
+    image = control_image(128, 128, 3)
+    plan = validate_plan(bundle.family, [Stage(128, 128, 3)])
+    opts = GenerationOptions(PROMPT, seed=8, reschedule=False, dilation=1)
+    nets = ControlledNetworks(IPAdapterNetworks(TorchNetworks(bundle), embeds), [Control(cnet, image, 0.9)], "cpu")
+    ours = MegaFusionPipeline(bundle, nets, "cpu").generate(plan, opts)
+    ref = _diffusers_controlnet_pipe(bundle, cnet)(
+        PROMPT, image=image, height=128, width=128, num_inference_steps=3, guidance_scale=7.0,
+        controlnet_conditioning_scale=0.9, ip_adapter_image_embeds=[cfg_image_embeds(embeds, True)],
+        generator=torch.Generator().manual_seed(8), output_type="latent").images
+    assert float((ours.latent - ref).norm() / ref.norm()) < 1e-5
