@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                      add_plan_arguments, run_main)
+from .conditions import (add_condition_arguments, controls_from_args, image_start_from_args, ip_adapter_from_args,
+                         loras_from_args)
 
 
 def build_parser() -> ArgumentParser:
@@ -47,6 +49,7 @@ def build_parser() -> ArgumentParser:
                         "(default: $MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="with --mode compiled: compile from scratch, save nothing")
+    add_condition_arguments(p)
     p.add_argument("--max-memory", type=float, metavar="GiB",
                    help="refuse a plan whose estimated peak memory exceeds this (default: the device's memory)")
     p.add_argument("--dry-run", action="store_true",
@@ -100,6 +103,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
+    image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
+    loras = loras_from_args(args.lora)
+    controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
+    if controls and args.engines:
+        raise UsageError("--controlnet runs on the torch path only; leave out --engines")
+    ip_image = ip_adapter_from_args(args)
+    if ip_image is not None and args.engines:
+        raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
+    if loras and args.engines:  # the fused weights would never match an engine's fingerprint
+        raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -133,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
+    if loras:
+        from ..core.lora import LoraError, fuse_loras
+
+        try:
+            fuse_loras(bundle, loras)  # before any engine lookup: the fused weights are what the key hashes
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
     warn_truncated_prompts("mf-generate", bundle.tokenizers,
                            {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)  # the loaded VAE's config decides
@@ -168,6 +189,29 @@ def run(args: argparse.Namespace) -> int:
 
         nets = TiledVaeNetworks(nets, bundle.vae, tiling)
         print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles")
+    if ip_image is not None:
+        from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
+                                         load_ip_adapter, read_ip_adapter)
+
+        try:
+            state = read_ip_adapter(args.ip_adapter, bundle.unet)
+            encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, nets.unet_dtype)
+        except IPAdapterError as e:
+            raise UsageError(str(e)) from None
+        load_ip_adapter(bundle.unet, state, args.ip_adapter_scale)
+        nets = IPAdapterNetworks(nets, encode_ip_image(encoder, processor, ip_image, device))
+        del encoder  # the embeddings are all the stages need
+        print(f"ip-adapter: {args.ip_adapter} x{args.ip_adapter_scale:g}, image {args.ip_adapter_image}")
+    if controls:
+        from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
+
+        try:
+            nets = ControlledNetworks(nets, [Control(load_controlnet(path, bundle.unet, device, nets.unet_dtype),
+                                                     image, scale, start, end)
+                                             for path, image, scale, start, end in controls], device)
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
+        print("controlnet: " + ", ".join(f"{c[0]} x{c[2]:g} over {c[3]:g}..{c[4]:g}" for c in controls))
     if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
@@ -181,12 +225,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
+        total = plan.total_steps - (image_start.entry(plan).global_step if image_start else 0)
+        bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
     try:
         # Segments are printed as they end: the relays and the decode take seconds without a step to count.
         result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
                                on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
-                               if bar else None)
+                               if bar else None, image=image_start)
     finally:
         if bar is not None:
             bar.close()

@@ -60,17 +60,22 @@ class TorchNetworks:
         return self.bundle.vae.encode(images).latent_dist.mean
 
     @torch.inference_mode()
-    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, residuals=None):
+        """`residuals`: optional (down block residuals, mid block residual) added inside the UNet, as diffusers
+        adds a ControlNet's (runtime/controlnet.py); torch path only."""
         with mid_dilation(self.bundle.unet, dilation):  # weights untouched; restored after the call
-            return self._unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+            return self._unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, residuals)
 
-    def _unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def _unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, residuals=None):
         added = None
         if text_embeds is not None:
             added = {"text_embeds": text_embeds.to(self.unet_dtype), "time_ids": time_ids.to(self.unet_dtype)}
+        extra = {}
+        if residuals is not None:
+            extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]}
         out = self.unet_fn(
             sample.to(self.unet_dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.unet_dtype),
-            added_cond_kwargs=added, return_dict=False,
+            added_cond_kwargs=added, return_dict=False, **extra,
         )[0]
         return out.float()
 

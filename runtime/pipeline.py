@@ -20,6 +20,7 @@ from ..core.plan import StagePlan
 
 from .conditioning import Conditioning, encode
 from .graphs import GraphedDenoiser
+from .img2img import ImageStart, encode_image, skip_steps
 from .relay import RELAY_MODES, relay
 from .schedule import StageCoefficients, plan_schedule
 
@@ -165,10 +166,11 @@ class MegaFusionPipeline:
 
     def generate(self, plan: StagePlan, opts: GenerationOptions,
                  on_step: Callable[[int, int], None] | None = None,
-                 on_segment: Callable[[str, float], None] | None = None) -> GenerationResult:
+                 on_segment: Callable[[str, float], None] | None = None,
+                 image: ImageStart | None = None) -> GenerationResult:
         """One image. `on_step(k, i)` after each denoise step; `on_segment(name, seconds)` after each segment
         (text encoders, each stage, each relay, the decode), so a caller can show progress through the parts
-        without steps."""
+        without steps. `image`: start from a photo (image to image, docs/ALGORITHM.md §14)."""
         dev, fam = self.device, self.family
         scaling = float(self.bundle.vae.config.scaling_factor)
         vs = fam.vae_scale
@@ -188,15 +190,30 @@ class MegaFusionPipeline:
 
         cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
         schedules = plan_schedule(plan, fam.scheduler, opts.reschedule)
+        prepare = getattr(self.nets, "prepare_plan", None)
+        if prepare is not None:  # networks with per-plan state: ControlNet scales and images (runtime/controlnet.py)
+            prepare(plan, cond.batch, np.concatenate([s.timesteps for s in schedules]))
         generator = torch.Generator("cpu").manual_seed(opts.seed)
+        entry = image.entry(plan) if image is not None else None
         mark("text encoders")
 
         z = x0 = None
         last_k = len(plan.stages) - 1
         for k, stage in enumerate(plan.stages):
+            if entry is not None and k < entry.stage:
+                continue  # image to image: the photo enters at a later stage
+            if entry is not None and k == entry.stage:
+                schedules[k] = skip_steps(schedules[k], entry.step)
             c = schedules[k].coefficients(dev)
+            steps = len(schedules[k].timesteps)
             h, w = stage.height // vs, stage.width // vs
-            if k == 0:
+            if entry is not None and k == entry.stage:
+                # The photo as this stage's x0, noised to its first step that runs (docs/ALGORITHM.md §14).
+                x0_photo = encode_image(self.nets, image.image, stage.height, stage.width, scaling, dev)
+                noise = draw_noise((1, 4, h, w), generator, self.noise_dtype, dev)
+                z = c.sqrt_abar_t[0] * x0_photo + c.sqrt_one_minus_abar_t[0] * noise
+                mark("encode image")
+            elif k == 0:
                 z = draw_noise((1, 4, h, w), generator, self.noise_dtype, dev)
             else:
                 # Relay the truncated x0 to this stage's size, then re-noise it to this stage's first
@@ -209,13 +226,13 @@ class MegaFusionPipeline:
             time_ids = cond.time_ids(stage.height, stage.width)
             if self.graphs is not None:
                 # Same step, replayed; on a non-final stage the x0 of the last step is the truncation x0.
-                z, x0 = self.graphs.run_stage(z, c, cond, time_ids, delta, opts.guidance, stage.steps)
-                for i in range(stage.steps if on_step is not None else 0):
+                z, x0 = self.graphs.run_stage(z, c, cond, time_ids, delta, opts.guidance, steps)
+                for i in range(steps if on_step is not None else 0):
                     on_step(k, i)
             else:
-                z, x0 = self._eager_stage(z, c, cond, time_ids, delta, opts.guidance, stage.steps,
+                z, x0 = self._eager_stage(z, c, cond, time_ids, delta, opts.guidance, steps,
                                           k < last_k, lambda i, k=k: on_step and on_step(k, i))
-            mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
+            mark(f"stage {k + 1} ({stage.width}x{stage.height}, {steps} steps)")
 
         image = self.nets.vae_decode(z / scaling)
         pixels = to_uint8(image)

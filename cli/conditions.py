@@ -1,0 +1,152 @@
+"""mf-generate's extra conditions: image to image, LoRA, ControlNet and IP-Adapter flags (docs/ALGORITHM.md
+§14-17), and their checks, which run before any model load and end in one line naming the bad value."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .common import UsageError
+
+
+def add_condition_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag of this module."""
+    add_image_arguments(p)
+    add_control_arguments(p)
+    add_ip_adapter_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse this LoRA (.safetensors, diffusers or kohya format) into the weights, times SCALE "
+                        "(default 1); repeatable")
+
+
+def add_ip_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ip-adapter", metavar="FILE", help="an IP-Adapter (.safetensors, image_proj.* and ip_adapter.*)")
+    p.add_argument("--ip-adapter-image", metavar="FILE", help="with --ip-adapter: the reference image")
+    p.add_argument("--ip-adapter-encoder", metavar="DIR",
+                   help="with --ip-adapter: the CLIP vision model folder (CLIPVisionModelWithProjection)")
+    p.add_argument("--ip-adapter-scale", type=float, default=1.0, metavar="S",
+                   help="with --ip-adapter: weight of the image attention (default: %(default)s)")
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """--image, --strength, --start-stage (image to image, docs/ALGORITHM.md §14; read back by
+    `image_start_from_args`)."""
+    p.add_argument("--image", metavar="FILE", help="start from this photo (image to image: upscale a real photo)")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="with --image: fraction of the plan's steps that run, in (0, 1] (default 0.8, or with "
+                        "--start-stage the whole of that stage and the ones after it)")
+    p.add_argument("--start-stage", type=int, metavar="K",
+                   help="with --image: the photo enters at stage K (1-based) at that stage's size; earlier stages "
+                        "are skipped")
+
+
+def add_control_arguments(p: argparse.ArgumentParser) -> None:
+    """--controlnet, --control-image, --control-scale, --control-start, --control-end (docs/ALGORITHM.md §16)."""
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder; repeatable (one --control-image each)")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image of each --controlnet, in order; resized to every stage's size")
+    for flag, default, what in (("--control-scale", "1", "conditioning scale"),
+                                ("--control-start", "0", "fraction of the schedule where the control starts"),
+                                ("--control-end", "1", "fraction of the schedule where it ends")):
+        p.add_argument(flag, action="append", type=float, default=[], metavar="F",
+                       help=f"{what} (default {default}); once for all ControlNets or once per ControlNet")
+
+
+def controls_from_args(args: argparse.Namespace) -> list[tuple]:
+    """(folder, image, scale, start, end) per --controlnet, checked before any load."""
+    from ..runtime.controlnet import ControlInputError, read_control_image
+
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        raise UsageError(f"{n} --controlnet and {len(args.control_image)} --control-image: give one image per "
+                         "ControlNet")
+
+    def per_net(flag: str, values: list[float], default: float) -> list[float]:
+        if values and not n:
+            raise UsageError(f"{flag} needs --controlnet")
+        if len(values) not in (0, 1, n):
+            raise UsageError(f"{flag} given {len(values)} times for {n} --controlnet: give it once or once each")
+        return values * n if len(values) == 1 else values or [default] * n
+
+    scales = per_net("--control-scale", args.control_scale, 1.0)
+    starts = per_net("--control-start", args.control_start, 0.0)
+    ends = per_net("--control-end", args.control_end, 1.0)
+    out = []
+    for path, image, scale, start, end in zip(args.controlnet, args.control_image, scales, starts, ends):
+        if not Path(path, "config.json").is_file():
+            raise UsageError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
+        if not (0.0 <= start < end <= 1.0):
+            raise UsageError(f"--control-start {start:g} / --control-end {end:g}: need 0 <= start < end <= 1")
+        if not math.isfinite(scale):
+            raise UsageError(f"--control-scale {scale}: must be a finite number")
+        try:
+            out.append((path, read_control_image(image), scale, start, end))
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
+    return out
+
+
+def ip_adapter_from_args(args: argparse.Namespace):
+    """The IP-Adapter's reference image (PIL), or None without --ip-adapter; files checked before any load."""
+    if args.ip_adapter is None:
+        if args.ip_adapter_image or args.ip_adapter_encoder:
+            raise UsageError("--ip-adapter-image and --ip-adapter-encoder need --ip-adapter")
+        return None
+    if not Path(args.ip_adapter).is_file():
+        raise UsageError(f"--ip-adapter {args.ip_adapter!r}: no such file")
+    if not args.ip_adapter_image or not args.ip_adapter_encoder:
+        raise UsageError("--ip-adapter needs --ip-adapter-image FILE and --ip-adapter-encoder DIR")
+    if not Path(args.ip_adapter_encoder, "config.json").is_file():
+        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: not a CLIP vision model folder "
+                         "(no config.json)")
+    if not math.isfinite(args.ip_adapter_scale):
+        raise UsageError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.ip_adapter_image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"--ip-adapter-image {args.ip_adapter_image!r}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"--ip-adapter-image {args.ip_adapter_image!r}: not a readable image ({e})") from None
+
+
+def loras_from_args(values: list[str]):
+    """--lora PATH[:SCALE] values, each file checked to exist before the load (its keys are checked against the
+    loaded model, before anything runs)."""
+    import math
+
+    from ..core.lora import parse_lora
+
+    specs = [parse_lora(v) for v in values]
+    for v, spec in zip(values, specs):
+        if not spec.path.is_file():
+            raise UsageError(f"--lora {v!r}: no such file {str(spec.path)!r}")
+        if not math.isfinite(spec.scale):
+            raise UsageError(f"--lora {v!r}: the scale must be a finite number")
+    return specs
+
+
+def image_start_from_args(args: argparse.Namespace, plan):
+    """The checked photo, strength and start stage as an ImageStart, or None without --image; one line naming
+    the bad value (a missing or unreadable file, a strength outside (0, 1], a stage outside the plan)."""
+    from ..runtime.img2img import ImageInputError, ImageStart, entry_point, read_image
+    from .common import warn
+
+    if args.image is None:
+        if args.strength is not None or args.start_stage is not None:
+            raise UsageError("--strength and --start-stage need --image (the photo to start from)")
+        return None
+    try:
+        entry = entry_point(plan, args.strength, args.start_stage)
+        photo = read_image(args.image)
+    except ImageInputError as e:
+        raise UsageError(str(e)) from None
+    stage = plan.stages[entry.stage]
+    ph, pw = photo.shape[-2:]
+    if abs((pw / ph) / (stage.width / stage.height) - 1) > 0.01:
+        warn("mf-generate", f"--image {args.image!r} is {pw}x{ph}; it is resized to stage {entry.stage + 1}'s "
+                            f"{stage.width}x{stage.height}, which changes its aspect ratio")
+    return ImageStart(photo, args.strength, args.start_stage)

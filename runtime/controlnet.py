@@ -1,0 +1,156 @@
+"""ControlNets through the relay (docs/ALGORITHM.md §16): diffusers' `StableDiffusionControlNetPipeline` step at
+every stage, with the control image resized to each stage's size.
+
+`ControlledNetworks` wraps the torch networks: its `unet` runs every ControlNet on the same sample, timestep and
+text conditioning, sums their down / mid residuals (as diffusers' MultiControlNetModel does) and hands them to the
+UNet. Everything it reads lives in device buffers that keep their identity across generations (a scale table
+indexed by timestep, one control-image buffer per stage size), so the step stays capturable: the CUDA graph of a
+stage holds the ControlNets and the UNet in one step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.dilation import mid_dilation
+from ..core.plan import StagePlan
+from ..engine.networks import TorchNetworks
+from .ipadapter import IPAdapterNetworks
+
+
+class ControlInputError(ValueError):
+    """A ControlNet, control image or schedule fraction that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """One ControlNet with its image and schedule."""
+
+    model: torch.nn.Module
+    """diffusers `ControlNetModel`, on the runtime's device."""
+    image: torch.Tensor
+    """(1, 3, H, W) float32 in [0, 1] (diffusers' control images are not normalized), any size."""
+    scale: float = 1.0
+    """Conditioning scale: multiplies the residuals."""
+    start: float = 0.0
+    """Fraction of the global schedule before which the residuals are off."""
+    end: float = 1.0
+    """Fraction of the global schedule after which the residuals are off."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ControlInputError(f"--control-start {self.start:g} / --control-end {self.end:g}: need "
+                                    "0 <= start < end <= 1")
+
+
+def keep(i: int, total: int, start: float, end: float) -> float:
+    """diffusers' `controlnet_keep` for global step i of `total`."""
+    return 1.0 - float(i / total < start or (i + 1) / total > end)
+
+
+def resize_control(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic to the stage's size (the relay's Phi), clamped to [0, 1]."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    return F.interpolate(image, size=(height, width), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def read_control_image(path: str | Path) -> torch.Tensor:
+    """An image file as (1, 3, H, W) float32 in [0, 1] (RGB); ControlInputError names a bad file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ControlInputError(f"--control-image {str(path)!r}: no such file")
+    try:
+        with Image.open(p) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ControlInputError(f"--control-image {str(path)!r}: not a readable image ({e})") from None
+    return torch.from_numpy(rgb / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def load_controlnet(path: str | Path, unet: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """A diffusers ControlNetModel folder, checked against the UNet it must feed (another architecture is refused
+    by name before it runs)."""
+    from diffusers import ControlNetModel
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ControlInputError(f"--controlnet {str(path)!r}: not a diffusers ControlNetModel folder "
+                                "(no config.json)")
+    try:
+        model = ControlNetModel.from_pretrained(str(p))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ControlInputError(f"--controlnet {str(path)!r}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    mine, theirs = unet.config, model.config
+    for field in ("block_out_channels", "cross_attention_dim", "addition_embed_type", "in_channels"):
+        a, b = theirs.get(field), mine.get(field)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            raise ControlInputError(f"--controlnet {str(path)!r}: {field} {a} does not match the UNet's {b} "
+                                    "(a ControlNet for another architecture)")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class ControlledNetworks:
+    """Torch networks whose UNet step adds the ControlNets' residuals (implements engine.networks.Networks)."""
+
+    def __init__(self, base: TorchNetworks | IPAdapterNetworks, controls: list[Control], device):
+        self.base, self.controls, self.device = base, controls, torch.device(device)
+        self.unet_dtype, self.vae_dtype, self.capturable = base.unet_dtype, base.vae_dtype, base.capturable
+        self.bundle = base.bundle
+        self.scales = torch.zeros(len(controls), 1000, device=self.device)
+        """scale * keep of ControlNet j at timestep t: indexed by t on the device, so no host value enters a step."""
+        self.images: dict[tuple[int, int, int], torch.Tensor] = {}
+        """(UNet batch, latent h, latent w) -> (n_controls, batch, 3, H, W) control images, filled in place for
+        each plan: one buffer per graph key, whose shape never changes."""
+
+    def prepare_plan(self, plan: StagePlan, batch: int, timesteps) -> None:
+        """Fills the scale table for the plan's global timesteps and the image buffer of every stage size."""
+        total = len(timesteps)
+        table = torch.zeros_like(self.scales, device="cpu")
+        for j, c in enumerate(self.controls):
+            for i, t in enumerate(timesteps):
+                table[j, int(t)] = c.scale * keep(i, total, c.start, c.end)
+        self.scales.copy_(table)
+        vs = self.bundle.family.vae_scale
+        for stage in plan.stages:
+            imgs = torch.stack([resize_control(c.image, stage.height, stage.width)[0] for c in self.controls])
+            imgs = imgs.unsqueeze(1).expand(-1, batch, -1, -1, -1).to(self.device, self.unet_dtype)
+            key = (batch, stage.height // vs, stage.width // vs)
+            buf = self.images.get(key)
+            if buf is None:
+                self.images[key] = imgs.contiguous()
+            else:
+                buf.copy_(imgs)  # the same tensor a captured graph reads
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+        dt = self.unet_dtype
+        images = self.images[tuple(sample.shape[:1]) + tuple(sample.shape[-2:])]
+        added = None
+        if text_embeds is not None:
+            added = {"text_embeds": text_embeds.to(dt), "time_ids": time_ids.to(dt)}
+        down = mid = None
+        for j, c in enumerate(self.controls):
+            scale = self.scales[j].index_select(0, timestep.view(1)).squeeze(0)
+            with mid_dilation(c.model, dilation):  # the ControlNet's mid block is the UNet's copy: dilated alike
+                d, m = c.model(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
+                               controlnet_cond=images[j], conditioning_scale=scale.to(dt),
+                               added_cond_kwargs=added, return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return self.base.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, (down, mid))
+
+    def vae_decode(self, latents):
+        return self.base.vae_decode(latents)
+
+    def vae_encode(self, images):
+        return self.base.vae_encode(images)
+
+    def encode_text(self, index, input_ids):
+        return self.base.encode_text(index, input_ids)

@@ -1,0 +1,136 @@
+"""IP-Adapter through the relay: image embeddings computed once, injected at every stage (diffusers' loaders).
+
+`load_ip_adapter` puts an IP-Adapter state dict (`image_proj.*`, `ip_adapter.*`, as diffusers' `load_ip_adapter`
+reads it) into the UNet with diffusers' own converter: the cross-attention processors gain the image key/value
+projections and the UNet an image projection. `IPAdapterNetworks` then passes the embeddings with every UNet call;
+they do not depend on the stage's size, so every stage sees the same ones. The UNet is changed in place: give it
+a bundle of its own. Torch path (mf-generate --ip-adapter), with or without ControlNets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..core.dilation import mid_dilation
+from ..engine.networks import TorchNetworks
+
+
+class IPAdapterError(ValueError):
+    """An IP-Adapter, its image or image encoder that cannot be used; the message names it."""
+
+
+def read_ip_adapter(path: str | Path, unet: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """{"image_proj": ..., "ip_adapter": ...} from a .safetensors file (keys `image_proj.*`, `ip_adapter.*`),
+    checked against the UNet's cross-attention layers before anything is changed."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise IPAdapterError(f"--ip-adapter {str(path)!r}: no such file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise IPAdapterError(f"--ip-adapter {str(path)!r}: not a readable safetensors file ({e})") from None
+    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, t in flat.items():
+        part, _, rest = key.partition(".")
+        if part not in out:
+            raise IPAdapterError(f"--ip-adapter {str(path)!r}: unknown key {key!r} (expected image_proj.* and "
+                                 "ip_adapter.*)")
+        out[part][rest] = t
+    proj = out["image_proj"].get("proj.weight")
+    cross = unet.config.cross_attention_dim
+    layers = [n.removesuffix(".processor") for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    if proj is None or proj.shape[0] != 4 * cross:
+        raise IPAdapterError(f"--ip-adapter {str(path)!r}: image_proj.proj.weight "
+                             f"{None if proj is None else tuple(proj.shape)} does not give 4 tokens of the UNet's "
+                             f"{cross} features (only the basic IP-Adapter is taken, for this architecture)")
+    for i, name in enumerate(layers):
+        hidden = unet.get_submodule(name).to_q.out_features
+        for kv in ("to_k_ip", "to_v_ip"):
+            w = out["ip_adapter"].get(f"{2 * i + 1}.{kv}.weight")
+            if w is None or tuple(w.shape) != (hidden, cross):
+                raise IPAdapterError(f"--ip-adapter {str(path)!r}: ip_adapter.{2 * i + 1}.{kv}.weight is "
+                                     f"{None if w is None else tuple(w.shape)}, the UNet's {name} needs "
+                                     f"{(hidden, cross)} (an IP-Adapter for another architecture?)")
+    if len(out["ip_adapter"]) != 2 * len(layers):
+        raise IPAdapterError(f"--ip-adapter {str(path)!r}: {len(out['ip_adapter'])} ip_adapter tensors for the "
+                             f"UNet's {len(layers)} cross-attention layers (an IP-Adapter for another architecture?)")
+    return out
+
+
+def load_image_encoder(folder: str | Path, device, dtype):
+    """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a folder; the processor's own config when the
+    folder has one (preprocessor_config.json), CLIP's defaults otherwise."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    p = Path(folder)
+    if not (p / "config.json").is_file():
+        raise IPAdapterError(f"--ip-adapter-encoder {str(folder)!r}: not a CLIP vision model folder (no config.json)")
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise IPAdapterError(f"--ip-adapter-encoder {str(folder)!r}: cannot be loaded "
+                             f"({str(e).splitlines()[0]})") from None
+    processor = (CLIPImageProcessor.from_pretrained(str(p)) if (p / "preprocessor_config.json").is_file()
+                 else CLIPImageProcessor())
+    return encoder.to(device=device, dtype=dtype).eval(), processor
+
+
+@torch.inference_mode()
+def encode_ip_image(encoder, processor, image, device) -> torch.Tensor:
+    """(1, 1, D) image embeddings of a PIL image, as diffusers' `encode_image` computes them."""
+    pixels = processor(image, return_tensors="pt").pixel_values.to(device=device, dtype=encoder.dtype)
+    return encoder(pixels).image_embeds.float()[None]
+
+
+def load_ip_adapter(unet: torch.nn.Module, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0) -> None:
+    """diffusers' `_load_ip_adapter_weights` (what `pipe.load_ip_adapter` calls), then the scale on every
+    IP-Adapter processor (what `pipe.set_ip_adapter_scale` sets)."""
+    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
+    for proc in unet.attn_processors.values():
+        if hasattr(proc, "to_k_ip"):
+            proc.scale = [scale]
+
+
+def cfg_image_embeds(image_embeds: torch.Tensor, cfg: bool) -> torch.Tensor:
+    """(1, n_images, D) embeddings as the UNet batch takes them: [zeros, embeds] with CFG, as diffusers' pipelines
+    make the negative for an IP-Adapter image."""
+    return torch.cat([torch.zeros_like(image_embeds), image_embeds]) if cfg else image_embeds
+
+
+class IPAdapterNetworks:
+    """Torch networks whose UNet gets the IP-Adapter image embeddings at every call (implements Networks)."""
+
+    def __init__(self, base: TorchNetworks, image_embeds: torch.Tensor):
+        self.base, self.bundle = base, base.bundle
+        self.unet_dtype, self.vae_dtype, self.capturable = base.unet_dtype, base.vae_dtype, base.capturable
+        self.image_embeds = image_embeds
+        """(1, n_images, D) embeddings of the IP-Adapter image (the image encoder's `image_embeds`)."""
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, residuals=None):
+        """`residuals`: optional ControlNet residuals (runtime/controlnet.py wraps these networks too)."""
+        dt = self.unet_dtype
+        embeds = cfg_image_embeds(self.image_embeds.to(sample.device, dt), sample.shape[0] == 2)
+        added = {"image_embeds": [embeds]}
+        if text_embeds is not None:
+            added.update(text_embeds=text_embeds.to(dt), time_ids=time_ids.to(dt))
+        extra = {}
+        if residuals is not None:
+            extra = {"down_block_additional_residuals": residuals[0], "mid_block_additional_residual": residuals[1]}
+        with mid_dilation(self.bundle.unet, dilation):
+            out = self.base.unet_fn(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
+                                    added_cond_kwargs=added, return_dict=False, **extra)[0]
+        return out.float()
+
+    def vae_decode(self, latents):
+        return self.base.vae_decode(latents)
+
+    def vae_encode(self, images):
+        return self.base.vae_encode(images)
+
+    def encode_text(self, index, input_ids):
+        return self.base.encode_text(index, input_ids)
