@@ -48,8 +48,10 @@ ENGINES = {
     "torch": "MegaFusionPipeline + TorchNetworks, eager loop",
     "graphs": "one CUDA graph per stage shape (UNet, CFG, DDIM update), torch modules",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
+    "compiled-fp8": "compiled, with the UNet in bf16 and its transformer projections as FP8 (e4m3) GEMMs",
 }
-"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it always runs last."""
+"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it runs after the others but
+`compiled-fp8`, which quantizes them."""
 
 
 def _lazy_engine(kind: str, bundle: ModelBundle, device) -> Callable[[], MegaFusionPipeline]:
@@ -59,6 +61,15 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device) -> Callable[[], MegaFus
         if not made:  # built at first use, after the variants before it have run
             if kind == "graphs":
                 made.append(MegaFusionPipeline.fast(bundle, TorchNetworks(bundle), device))
+            elif kind == "compiled-fp8":  # quantizes the shared UNet in place: the last variant to run
+                import torch
+
+                from ..engine.fp8 import Fp8Policy
+                from ..engine.torch_fast import FastOptions, FastTorchNetworks
+
+                bundle.unet.to(dtype=torch.bfloat16)  # row-wise FP8 GEMMs write bf16
+                nets = FastTorchNetworks(bundle, FastOptions(unet_fp8=Fp8Policy()))
+                made.append(MegaFusionPipeline.fast(bundle, nets, device))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 

@@ -32,8 +32,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s to compare with, > 0 (default: measured on GPU)")
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
-    p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled "
-                                      "(default: all three on CUDA, torch on CPU)")
+    p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled, "
+                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper) "
+                                      "(default: torch, graphs, compiled on CUDA, torch on CPU)")
     # Was the name of --variants; refused rather than dropped, since mf-generate's --engines is an engine folder.
     p.add_argument("--engines", help=argparse.SUPPRESS)
     return p
@@ -82,6 +83,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
                              f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "
                              "on the CPU only torch runs")
+        if "compiled-fp8" in variant_names:
+            from ..engine.fp8 import fp8_unavailable
+
+            why = fp8_unavailable(device, "--variants compiled-fp8")
+            if why:
+                raise UsageError(why)
     dtype = model_dtype(device, args.dtype)
     print(f"plan: {plan.describe()}")
     counter = MetaCostCounter(family)
