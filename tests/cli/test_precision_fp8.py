@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from megafusion.cli import bench as bench_cli
+from megafusion.cli import build_engines as build_cli
 from megafusion.cli import generate as gen_cli
 from megafusion.cli.common import UsageError, fp8_dtype_from_args
 
-TOOLS = {"mf-generate": gen_cli.main, "mf-bench": bench_cli.main}
+TOOLS = {"mf-generate": gen_cli.main, "mf-bench": bench_cli.main, "mf-build-engines": build_cli.main}
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +50,14 @@ def test_generate_unknown_precision_refused(capsys, tmp_path):
         gen_cli.main(GEN + ["--precision", "int4", "--output", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--precision: invalid choice: 'int4'" in err, err
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt", "aoti", "torch"])
+def test_build_engines_fp8_refused_for_every_backend(capsys, tmp_path, backend):
+    _refused("mf-build-engines", ["--model", "tiny-sd15", "--device", "cpu", "--stages", "128x128:1", "--backend",
+                                  backend, "--precision", "fp8", "--output", str(tmp_path / "e")], capsys,
+             "--precision fp8: no backend builds FP8 engines yet", f"({backend} included)")
+    assert not (tmp_path / "e").exists()
 
 
 def test_bench_compiled_fp8_on_cpu_refused(capsys, tmp_path):
