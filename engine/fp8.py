@@ -41,9 +41,9 @@ ROLES = ("self_attn_qkv", "cross_attn_q", "cross_attn_kv", "attn_out", "ff_in", 
 class Fp8Policy:
     """Which UNet layers become FP8 GEMMs, and how they compute."""
 
-    roles: frozenset[str] = frozenset({"self_attn_qkv", "cross_attn_q", "attn_out", "ff_in", "ff_out",
-                                       "proj_in", "proj_out"})
-    """Roles (see ROLES) quantized; a layer of another role keeps its dtype."""
+    roles: tuple[str, ...] = ("self_attn_qkv", "cross_attn_q", "attn_out", "ff_in", "ff_out", "proj_in", "proj_out")
+    """Roles (see ROLES) quantized; a layer of another role keeps its dtype. A tuple, not a set: the compile
+    cache keys on the repr, which must not change with the process's string hash seed."""
     fast_accum: bool = True
     """`_scaled_mm`'s `use_fast_accum` (Hopper's faster, less often promoted accumulator; what torchao's
     float8 inference uses for the forward pass)."""

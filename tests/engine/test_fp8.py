@@ -5,6 +5,10 @@ and against the dequantized emulation, which layers the policy swaps, the refusa
 are on the GPU; its CUDA kernel (Hopper's fast accumulation) is checked by the `gpu` tests."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -110,7 +114,16 @@ def test_sides_not_divisible_by_16_are_refused():
 
 def test_unknown_policy_role_is_named():
     with pytest.raises(ValueError, match="'attn_everything'|attn_everything"):
-        Fp8Policy(roles=frozenset({"attn_everything"}))
+        Fp8Policy(roles=("attn_everything",))
+
+
+def test_fast_options_repr_is_the_same_in_every_process():
+    """The compile cache's key holds repr(FastOptions): with FP8 it must not depend on the string hash seed."""
+    code = ("from megafusion.engine.torch_fast import FastOptions; from megafusion.engine.fp8 import Fp8Policy; "
+            "print(repr(FastOptions(unet_fp8=Fp8Policy())))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and "self_attn_qkv" in outs.pop()
 
 
 def test_layer_roles():
@@ -165,7 +178,7 @@ def test_policy_swaps_the_transformer_projections_only(name, proj):
 
 def test_policy_without_a_role_leaves_it():
     unet = _fused_unet("tiny-sdxl")
-    swapped = quantize_unet(unet, Fp8Policy(roles=frozenset({"ff_in", "ff_out"})))
+    swapped = quantize_unet(unet, Fp8Policy(roles=("ff_in", "ff_out")))
     assert swapped and all(layer_role(n) in ("ff_in", "ff_out") for n in swapped)
 
 
