@@ -8,7 +8,7 @@ Parts, in this order, each written to DIR/fp8-<model>.json (and a Markdown table
 - graphs: the whole plan through the CUDA-graphed loop (eager modules) with the fp16, bf16 and FP8 UNets: median
   time, GPU time of one graphed step per stage shape (UNet at the CFG batch + DDIM update), the image's
   difference to fp16's (uint8 levels, PSNR) and the final latent's relative L2;
-- compiled: the compiled path (torch.compile fullgraph, default mode) with fp16, then FP8: first generation
+- compiled: the compiled path (torch.compile fullgraph, default mode) with fp16 and FP8 (`--compiled`): first generation
   (compile + capture) time, median, per-stage step time, image difference. A compiled variant whose turn comes
   when less than --compile-reserve-s is left of --budget-s is skipped and recorded as such.
 `--compile-vae` compiles the VAE too (the mf-generate compiled path); off by default, to leave the time to the
@@ -110,13 +110,18 @@ def run_pipeline(name: str, pipe: MegaFusionPipeline, plan, opts, repeats: int, 
              "total_s_all": totals, "segments_s": seg, "step_gpu_ms": step_gpu,
              "peak_memory_gib": res.peak_memory_bytes / 2 ** 30, "image": res.image, "latent": res.latent}
     if ref is not None:
-        entry["image_vs_fp16"] = image_diff(res.image, ref["image"])
-        entry["latent_relerr_vs_fp16"] = relerr(res.latent.float(), ref["latent"].float())
+        _compare(entry, ref)
     del first
     steps = ", ".join(f"{s}: {ms:.2f} ms" for s, ms in step_gpu.items())
     print(f"  [{name}] median {entry['total_s_median'] * 1000:.1f} ms, first {first_s:.1f} s, step GPU {steps}"
           + (f", image vs fp16 mean {entry['image_vs_fp16']['mean_abs_uint8']:.2f} levels" if ref else ""), flush=True)
     return entry
+
+
+def _compare(entry: dict, ref: dict) -> None:
+    """The image and final latent of `entry` against the fp16 run `ref`."""
+    entry["image_vs_fp16"] = image_diff(entry["image"], ref["image"])
+    entry["latent_relerr_vs_fp16"] = relerr(entry["latent"].float(), ref["latent"].float())
 
 
 def _public(entry: dict) -> dict:
@@ -153,18 +158,23 @@ def table(report: dict) -> str:
 
 def save(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fp8-{report['model']}.json").write_text(json.dumps(provenance() | report, indent=1))
+    public = {k: [_public(e) for e in v] if k in ("graphs", "compiled") else v for k, v in report.items()}
+    (out / f"fp8-{report['model']}.json").write_text(json.dumps(provenance() | public, indent=1))
     (out / f"fp8-{report['model']}.md").write_text(table(report))
+
+
+def check_device(dev: torch.device, parts: list[str]) -> None:
+    if dev.type == "cuda" and fp8_unavailable(dev):
+        raise SystemExit(f"fp8_unet.py: {fp8_unavailable(dev)}")
+    if dev.type != "cuda" and set(parts) - {"accuracy"}:
+        raise SystemExit(f"fp8_unet.py: --parts {','.join(parts)}: only accuracy runs on {dev}")
 
 
 def run(args) -> dict:
     t_start = time.perf_counter()
     dev = torch.device(args.device)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    if dev.type == "cuda" and fp8_unavailable(dev):
-        raise SystemExit(f"fp8_unet.py: {fp8_unavailable(dev)}")
-    if dev.type != "cuda" and set(parts) - {"accuracy"}:
-        raise SystemExit(f"fp8_unet.py: --parts {args.parts}: only accuracy runs on {dev}")
+    check_device(dev, parts)
     policy = Fp8Policy(fast_accum=not args.no_fast_accum)
     bundle = load_model(args.model, random_weights=True, device=dev, dtype=torch.float32, seed=args.weights_seed)
     plan = default_plan(bundle.family)
@@ -194,7 +204,7 @@ def run(args) -> dict:
             b = dataclasses.replace(bundle, unet=unets[name])
             pipe = MegaFusionPipeline.fast(b, TorchNetworks(b, vae), dev)
             e = run_pipeline(f"graphs {name}", pipe, plan, opts, args.repeats, ref)
-            ref = ref or e
+            ref = ref or e  # fp16 runs first
             report["graphs"].append(_public(e))
             del pipe
             torch.cuda.empty_cache()
@@ -204,7 +214,9 @@ def run(args) -> dict:
 
         report["compiled"] = []
         # The graphed modules are modified in place now (fused QKV, channels_last): compiled runs come last.
-        for name, unet, fp8 in (("fp16", unets["fp16"], None), ("fp8", unets["bf16"], policy)):
+        variants = {"fp16": (unets["fp16"], None), "fp8": (unets["bf16"], policy)}
+        for name in args.compiled.split(","):
+            unet, fp8 = variants[name]
             left = args.budget_s - (time.perf_counter() - t_start)
             if left < args.compile_reserve_s:
                 report["compiled"].append({"variant": f"compiled {name}", "skipped":
@@ -217,8 +229,12 @@ def run(args) -> dict:
             fast = FastOptions(compile_vae=args.compile_vae, unet_fp8=fp8)
             pipe = MegaFusionPipeline.fast(b, FastTorchNetworks(b, fast, vae), dev)
             e = run_pipeline(f"compiled {name}", pipe, plan, opts, args.repeats, ref)
-            ref = ref or e
-            report["compiled"].append(_public(e))
+            if ref is None and name == "fp16":  # no graphed fp16 image: the compiled one is the reference
+                ref = e
+                for done in report["compiled"]:  # an fp8 run before it gets its difference now
+                    if "image" in done:
+                        _compare(done, ref)
+            report["compiled"].append(e)
             del pipe
             torch.cuda.empty_cache()
             save(report, out)
@@ -238,6 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights-seed", type=int, default=0)
     p.add_argument("--prompt", default="a photo of a lighthouse on a cliff at dusk, highly detailed")
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)), help="where eps is compared (default: %(default)s)")
+    p.add_argument("--compiled", default="fp16,fp8",
+                   help="compiled variants, in the order they run (default: %(default)s); fp8 first when the budget "
+                        "may not hold both")
     p.add_argument("--compile-vae", action="store_true", help="compile the VAE too (more compile time)")
     p.add_argument("--no-fast-accum", action="store_true", help="_scaled_mm without Hopper's fast accumulation")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the run (default: %(default)s)")
@@ -248,6 +267,9 @@ def main(argv=None) -> int:
     unknown = [x for x in args.parts.split(",") if x.strip() and x.strip() not in PARTS]
     if unknown:
         p.error(f"--parts {args.parts}: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    bad = [x for x in args.compiled.split(",") if x not in ("fp16", "fp8")]
+    if bad or not args.compiled:
+        p.error(f"--compiled {args.compiled}: give fp16, fp8 or both, comma-separated")
     run(args)
     return 0
 
