@@ -67,7 +67,8 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device) -> Callable[[], MegaFus
                 from ..engine.fp8 import Fp8Policy
                 from ..engine.torch_fast import FastOptions, FastTorchNetworks
 
-                bundle.unet.to(dtype=torch.bfloat16)  # row-wise FP8 GEMMs write bf16
+                # Row-wise FP8 GEMMs write bf16; nn.Module.to, since diffusers' .to warns about fp32 modules.
+                torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
                 nets = FastTorchNetworks(bundle, FastOptions(unet_fp8=Fp8Policy()))
                 made.append(MegaFusionPipeline.fast(bundle, nets, device))
             else:
