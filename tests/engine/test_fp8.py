@@ -269,16 +269,22 @@ def test_scaled_mm_cuda_equals_emulation():
 
 
 @pytest.mark.gpu
-def test_compiled_fp8_unet_graphs_close_to_bf16():
-    """The fast path with FP8 (torch.compile fullgraph, then a CUDA-graph capture) against the bf16 UNet."""
+def test_compiled_fp8_unet_in_graphs_close_to_bf16():
+    """The compiled path with FP8 (torch.compile fullgraph inside the runtime's CUDA graphs) against the eager FP8
+    modules and the bf16 UNet, per UNet call and over a short plan."""
     from megafusion.core.loading import load_model
+    from megafusion.core.plan import Stage, validate_plan
     from megafusion.engine.networks import TorchNetworks
     from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+    from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
     if fp8_unavailable("cuda"):
         pytest.skip(fp8_unavailable("cuda"))
     torch._dynamo.reset()
     ref = TorchNetworks(load_model("tiny-sdxl", device="cuda", dtype=torch.bfloat16))
+    eager_bundle = load_model("tiny-sdxl", device="cuda", dtype=torch.bfloat16)
+    quantize_unet(eager_bundle.unet)
+    eager = TorchNetworks(eager_bundle)
     fast = FastTorchNetworks(load_model("tiny-sdxl", device="cuda", dtype=torch.bfloat16),
                              FastOptions(compile_vae=False, unet_fp8=Fp8Policy()))
     assert any(isinstance(m, Fp8Linear) for m in fast.bundle.unet.modules())
@@ -286,16 +292,18 @@ def test_compiled_fp8_unet_graphs_close_to_bf16():
     args = (torch.randn(2, 4, 32, 32, generator=g).cuda(), torch.tensor(601, device="cuda"),
             torch.randn(2, 77, 64, generator=g).cuda(), torch.randn(2, 32, generator=g).cuda(),
             torch.tensor([[256, 256, 0, 0, 256, 256]] * 2, dtype=torch.float32, device="cuda"))
-    want = ref.unet(*args, 1)
-    got = fast.unet(*args, 1)
-    graph = torch.cuda.CUDAGraph()
-    fast.unet(*args, 1)
-    with torch.cuda.graph(graph):
-        captured = fast.unet(*args, 1)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(captured, got, rtol=0, atol=0)
-    assert float((got - want).norm() / want.norm()) < 0.05
+    for dil in (1, 2):
+        want, e8, c8 = ref.unet(*args, dil), eager.unet(*args, dil), fast.unet(*args, dil)
+        # Fused QKV, Inductor's fusions: bf16 roundings that differ flip some e4m3 roundings downstream, so the
+        # two FP8 paths differ at FP8's own level (measured on the CPU without compile: 2.4%), not bf16's.
+        assert float((c8 - e8).norm() / e8.norm()) < 0.05
+        assert float((c8 - want).norm() / want.norm()) < 0.05
+    plan = validate_plan(eager_bundle.family, [Stage(128, 128, 3), Stage(256, 256, 2)])
+    opts = GenerationOptions("a fox", seed=1)
+    graphed = MegaFusionPipeline.fast(fast.bundle, fast).generate(plan, opts)
+    looped = MegaFusionPipeline(eager_bundle, eager).generate(plan, opts)
+    assert torch.isfinite(graphed.latent).all()
+    assert float((graphed.latent - looped.latent).norm() / looped.latent.norm()) < 0.15  # CPU, uncompiled: 5.9%
 
 
 @pytest.mark.gpu
@@ -318,7 +326,8 @@ def test_graphed_fp8_plan_equals_its_eager_loop(name):
     pipe = MegaFusionPipeline.fast(bundle)
     graphed = pipe.generate(plan, opts)
     assert pipe.graphs.captures == 2
-    assert float((graphed.latent - eager.latent).norm() / eager.latent.norm()) < 1e-3
-    # A sanity bound (garbage or NaN would be ~1): eight steps compound the eps error, which the CPU tests bound
-    # per call and benchmarks/lab/fp8_unet.py measures per stage.
+    # The same modules: differences only where cuDNN picks other algorithms, amplified by e4m3 rounding flips.
+    assert float((graphed.latent - eager.latent).norm() / eager.latent.norm()) < 0.05
+    # A sanity bound (garbage or NaN would be ~1): steps compound the eps error, which the CPU tests bound per
+    # call and benchmarks/lab/fp8_unet.py measures per stage (tiny-sdxl, 5 steps, CPU: 5.5%).
     assert float((eager.latent - bf16.latent).norm() / bf16.latent.norm()) < 0.25
