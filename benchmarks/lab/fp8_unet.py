@@ -2,7 +2,8 @@
 
 python3 benchmarks/lab/fp8_unet.py --model sdxl --output DIR [--parts accuracy,graphs,compiled] [--budget-s 540]
 
-Parts, in this order, each written to DIR/fp8-<model>.json (and a Markdown table) as soon as it ends:
+Parts, in this order, each written to DIR/fp8-<model>.json (and a Markdown table, and each variant's image as
+PNG) as soon as it ends:
 - accuracy: per stage (its shape and mid dilation), eps of the fp16, bf16 and FP8 UNets against fp32 and against
   fp16, relative L2, at a few timesteps; the conditioning is the fp32 text encoders' for the prompt (CFG batch);
 - graphs: the whole plan through the CUDA-graphed loop (eager modules) with the fp16, bf16 and FP8 UNets: median
@@ -124,6 +125,14 @@ def _compare(entry: dict, ref: dict) -> None:
     entry["latent_relerr_vs_fp16"] = relerr(entry["latent"].float(), ref["latent"].float())
 
 
+def save_image(entry: dict, out: Path) -> None:
+    """The variant's image as PNG beside the report (e.g. `compiled-fp8.png`), for a look with real weights."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(entry["image"]).save(out / f"{entry['variant'].replace(' ', '-')}.png")
+
+
 def _public(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ("image", "latent")}
 
@@ -176,11 +185,12 @@ def run(args) -> dict:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     check_device(dev, parts)
     policy = Fp8Policy(fast_accum=not args.no_fast_accum)
-    bundle = load_model(args.model, random_weights=True, device=dev, dtype=torch.float32, seed=args.weights_seed)
+    bundle = load_model(args.model, args.model_path, random_weights=args.model_path is None, device=dev,
+                        dtype=torch.float32, seed=args.weights_seed)
     plan = default_plan(bundle.family)
     unets = make_unets(bundle.unet, policy)
     report = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-              "model": args.model, "plan": plan.describe(), "policy": repr(policy),
+              "model": args.model, "weights": bundle.source, "plan": plan.describe(), "policy": repr(policy),
               "fp8_layers": sum(isinstance(m, Fp8Linear) for m in unets["fp8"].modules()),
               "prompt": args.prompt, "seed": args.seed, "load_s": time.perf_counter() - t_start}
     print(f"{report['gpu']}  torch {torch.__version__}  {args.model} plan {plan.describe()}  "
@@ -204,6 +214,7 @@ def run(args) -> dict:
             b = dataclasses.replace(bundle, unet=unets[name])
             pipe = MegaFusionPipeline.fast(b, TorchNetworks(b, vae), dev)
             e = run_pipeline(f"graphs {name}", pipe, plan, opts, args.repeats, ref)
+            save_image(e, out)
             ref = ref or e  # fp16 runs first
             report["graphs"].append(_public(e))
             del pipe
@@ -229,6 +240,7 @@ def run(args) -> dict:
             fast = FastOptions(compile_vae=args.compile_vae, unet_fp8=fp8)
             pipe = MegaFusionPipeline.fast(b, FastTorchNetworks(b, fast, vae), dev)
             e = run_pipeline(f"compiled {name}", pipe, plan, opts, args.repeats, ref)
+            save_image(e, out)
             if ref is None and name == "fp16":  # no graphed fp16 image: the compiled one is the reference
                 ref = e
                 for done in report["compiled"]:  # an fp8 run before it gets its difference now
@@ -252,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights-seed", type=int, default=0)
+    p.add_argument("--model-path", help="a local diffusers folder (real weights) instead of random weights")
     p.add_argument("--prompt", default="a photo of a lighthouse on a cliff at dusk, highly detailed")
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)), help="where eps is compared (default: %(default)s)")
     p.add_argument("--compiled", default="fp16,fp8",
