@@ -52,8 +52,10 @@ ENGINES = {
     "engines:aoti": "AOTInductor packages from mf-build-engines (--engine-dir), CUDA-graphed where capturable",
     "engines:onnxruntime": "ONNX Runtime engines from mf-build-engines (--engine-dir), stages run eagerly",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
+    "compiled-fp8": "compiled, with the UNet in bf16 and its transformer projections as FP8 (e4m3) GEMMs",
 }
-"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it always runs last."""
+"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it runs after the others but
+`compiled-fp8`, which quantizes them."""
 
 ENGINE_FOLDER_PREFIX = "engines:"
 """Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
@@ -71,6 +73,16 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
             elif kind.startswith(ENGINE_FOLDER_PREFIX):
                 made.append(_engine_pipeline(kind.removeprefix(ENGINE_FOLDER_PREFIX), bundle, device, plan, opts,
                                              engine_dir))
+            elif kind == "compiled-fp8":  # quantizes the shared UNet in place: the last variant to run
+                import torch
+
+                from ..engine.fp8 import Fp8Policy
+                from ..engine.torch_fast import FastOptions, FastTorchNetworks
+
+                # Row-wise FP8 GEMMs write bf16; nn.Module.to, since diffusers' .to warns about fp32 modules.
+                torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
+                nets = FastTorchNetworks(bundle, FastOptions(unet_fp8=Fp8Policy()))
+                made.append(MegaFusionPipeline.fast(bundle, nets, device))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 

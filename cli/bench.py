@@ -34,7 +34,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
     p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled, "
-                                      "engines:aoti, engines:onnxruntime (the last two from --engine-dir) "
+                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper), engines:aoti, engines:onnxruntime (the "
+                                      "last two from --engine-dir) "
                                       "(default: torch, graphs, compiled on CUDA, torch on CPU)")
     p.add_argument("--engine-dir", help="engine folder of mf-build-engines for the engines:<backend> variants (the "
                                         "direct rows need the direct plan's shapes built there too)")
@@ -96,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
                              f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "
                              "on the CPU only torch runs")
+        if "compiled-fp8" in variant_names:
+            from ..engine.fp8 import fp8_unavailable
+
+            why = fp8_unavailable(device, "--variants compiled-fp8")
+            if why:
+                raise UsageError(why)
     direct_for = _list_arg(args.direct_for, variant_names, "--direct-for")
     if not args.cost_only and set(direct_for) - set(variant_names):
         raise UsageError(f"--direct-for {args.direct_for}: {', '.join(sorted(set(direct_for) - set(variant_names)))} "

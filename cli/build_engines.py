@@ -21,8 +21,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
                    help="engine backend (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="UNet and text encoder precision (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "fp8"), default="fp32",
+                   help="UNet and text encoder precision (default: %(default)s); fp8 is refused: no backend builds "
+                        "FP8 engines yet (mf-generate --precision fp8 runs it from the torch modules)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"),
                    help="default: --precision, except SDXL's VAE (overflows in fp16) under fp16: bf16 for a CUDA "
                         "device where the backend builds it (aoti, torch), else fp32")
@@ -96,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         raise UsageError(f"--seed {args.seed}: the seed of random weights is --weights-seed (--weights-seed "
                          f"{args.seed}), as in mf-generate and mf-bench, whose --seed is the noise seed")
+    if args.precision == "fp8":  # every backend's check_request would refuse it too, but after the model load
+        raise UsageError(f"--precision fp8: no backend builds FP8 engines yet ({args.backend} included); FP8 runs "
+                         "from the torch modules: mf-generate --precision fp8 --mode compiled")
     weights_seed = weights_seed_from_args("mf-build-engines", family, args)
     dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages)

@@ -188,6 +188,29 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                    help="VAE precision (default: --dtype, except the SDXL VAE under fp16: bf16 on CUDA, fp32 on CPU)")
 
 
+def add_precision_argument(p: argparse.ArgumentParser) -> None:
+    """--precision fp8 (read back by `fp8_dtype_from_args`)."""
+    p.add_argument("--precision", choices=("fp8",),
+                   help="fp8: the UNet's transformer projections as FP8 (e4m3) GEMMs, the rest in bf16; CUDA GPUs "
+                        "of compute capability 8.9 or newer (Ada, Hopper), torch modules only (no --engines)")
+
+
+def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: str | None) -> torch.dtype:
+    """--precision fp8 checked before any load (device, --dtype, --engines); the dtype the networks load in."""
+    from ..engine.fp8 import fp8_unavailable
+
+    if engines is not None:
+        raise UsageError(f"--precision fp8 with --engines {engines!r}: FP8 runs from the torch modules (--mode eager, "
+                         "graphs or compiled); engines are built at fp32 or fp16")
+    why = fp8_unavailable(device, "--precision fp8")
+    if why:
+        raise UsageError(why)
+    if dtype_name not in (None, "bf16"):
+        raise UsageError(f"--precision fp8 with --dtype {dtype_name}: the FP8 UNet computes in bf16 (row-wise FP8 "
+                         "GEMMs write bf16); leave --dtype out or give bf16")
+    return torch.bfloat16
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` (CUDA if present), `cpu`, `cuda` or `cuda:N`; an error names anything else."""
     if name == "auto":

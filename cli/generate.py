@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
-                     add_plan_arguments, run_main)
+                     add_plan_arguments, add_precision_argument, run_main)
 from .conditions import (add_condition_arguments, controls_from_args, image_start_from_args, ip_adapter_from_args,
                          loras_from_args)
 
@@ -34,6 +34,7 @@ def build_parser() -> ArgumentParser:
                    help="between stages: VAE decode, bicubic, encode (pixel) or bicubic on the latent (latent) "
                         "(default: %(default)s)")
     add_device_arguments(p)
+    add_precision_argument(p)
     p.add_argument("--output", default="megafusion.png", metavar="FILE.png",
                    help="PNG file to write (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
@@ -132,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
     if mode != "eager" and device.type != "cuda":
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     dtype = model_dtype(device, args.dtype)
+    if args.precision == "fp8":
+        from .common import fp8_dtype_from_args
+
+        dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] == "on":
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
@@ -171,11 +176,25 @@ def run(args: argparse.Namespace) -> int:
     elif mode == "compiled":
         from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
-        fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"))
+        fp8 = None
+        if args.precision == "fp8":
+            from ..engine.fp8 import Fp8Policy
+
+            fp8 = Fp8Policy()
+        fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"), unet_fp8=fp8)
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
         compile_cache = _warm_start(args, nets, device, plan, opts)
     else:
+        if args.precision == "fp8":
+            from ..engine.fp8 import quantize_unet
+
+            quantize_unet(bundle.unet)
         nets = TorchNetworks(bundle, vae)
+    if args.precision == "fp8":
+        from ..engine.fp8 import Fp8Linear
+
+        n = sum(isinstance(m, Fp8Linear) for m in bundle.unet.modules())
+        print(f"precision fp8: {n} UNet projections as FP8 (e4m3) GEMMs, the rest bf16")
     if mode != "eager" and not nets.capturable:  # declared by the backend, never assumed
         from ..engine.backend import get_backend
 

@@ -14,6 +14,7 @@ import torch
 from ..core.loading import ModelBundle
 
 from .attention import set_attention
+from .fp8 import Fp8Policy, quantize_unet
 from .networks import TorchNetworks
 
 InductorOptions = tuple[tuple[str, object], ...]
@@ -72,6 +73,8 @@ class FastOptions:
     memory-efficient fallback ran at 107 TFLOP/s against 340-360 for chunked (65536 tokens)."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its convolution algorithms per shape (process-wide flag, set when the backend is built)."""
+    unet_fp8: Fp8Policy | None = None
+    """FP8 (e4m3) GEMMs for the UNet's transformer projections (engine/fp8.py), on a bf16 UNet; None: none."""
 
 
 def prepare_module(module: torch.nn.Module, attention: str, options: FastOptions) -> None:
@@ -97,6 +100,8 @@ class FastTorchNetworks(TorchNetworks):
         super().__init__(bundle, vae_dtype)
         self.options = options
         prepare_module(bundle.unet, options.unet_attention, options)
+        if options.unet_fp8 is not None:  # after QKV fusion (which reads float weights), before compile
+            quantize_unet(bundle.unet, options.unet_fp8)
         prepare_module(bundle.vae, options.vae_attention, options)
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True

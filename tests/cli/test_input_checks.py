@@ -161,7 +161,7 @@ def test_generate_engines_folder_that_does_not_exist(tmp_path, capsys):
     ("mf-generate", [*GEN, "--dilation", "abc"], "argument --dilation: invalid int value: 'abc'"),
     ("mf-generate", [*GEN, "--stesp", "4"], "unrecognized arguments: --stesp 4"),
     ("mf-bench", [*BENCH, "--repeats", "many", "--output", "x"], "argument --repeats: invalid int value: 'many'"),
-    ("mf-build-engines", [*BUILD, "--precision", "fp8", "--output", "x"], "argument --precision: invalid choice: 'fp8'"),
+    ("mf-build-engines", [*BUILD, "--precision", "int8", "--output", "x"], "argument --precision: invalid choice: 'int8'"),
     ("mf-build-engines", ["--output", "x"], "the following arguments are required: --model"),
 ])
 def test_argparse_errors_are_one_line_too(prog, argv, needle, capsys):

@@ -1,0 +1,42 @@
+"""benchmarks/lab/fp8_unet.py on the CPU: its accuracy part on a tiny model (the GPU parts refused here in one
+line), and its table with a skipped compiled variant."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fp8_unet
+
+
+def test_gpu_parts_refused_on_cpu(tmp_path):
+    with pytest.raises(SystemExit, match="only accuracy runs on cpu"):
+        fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy,graphs",
+                       "--output", str(tmp_path)])
+
+
+def test_unknown_part_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "speed", "--output", str(tmp_path)])
+    assert "unknown part(s) speed" in capsys.readouterr().err
+
+
+def test_table_names_a_skipped_variant():
+    report = {"gpu": "g", "model": "m", "plan": "p", "fp8_layers": 3, "torch": "t",
+              "compiled": [{"variant": "compiled fp8", "skipped": "10 s of --budget-s left"}]}
+    assert "| compiled fp8 | skipped: 10 s of --budget-s left |" in fp8_unet.table(report)
+
+
+@pytest.mark.slow
+def test_accuracy_part_on_tiny_sd15(tmp_path):
+    fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy", "--timesteps", "999,21",
+                   "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "fp8-tiny-sd15.json").read_text())
+    assert data["fp8_layers"] > 0 and data["commit"]
+    stages = data["accuracy"]
+    assert [s["dilation"] for s in stages] == [1, 2, 2]  # SD1.5's three stages, dilated after the first
+    for s in stages:
+        assert 1e-4 < s["max"]["fp8_vs_fp16"] < 0.05, s["max"]
+        assert s["max"]["fp16_vs_fp32"] < s["max"]["fp8_vs_fp32"]  # FP8 moves eps more than fp16 does
+    md = (tmp_path / "fp8-tiny-sd15.md").read_text()
+    assert f"| 0 | {stages[0]['size']} | 1 | {stages[0]['max']['fp8_vs_fp16']:.4f} |" in md
