@@ -42,6 +42,7 @@ class FlowTorchNetworks:
         self.vae_dtype = bundle.vae.dtype
         self.guidance_embeds = bool(getattr(bundle.transformer.config, "guidance_embeds", False))
         self.transformer_fn = bundle.transformer
+        self._ids: dict[tuple, torch.Tensor] = {}  # FLUX position ids per latent size: no host copy per step
 
     @torch.inference_mode()
     def velocity(self, z: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
@@ -57,9 +58,16 @@ class FlowTorchNetworks:
         out = self.transformer_fn(
             hidden_states=pack(z).to(dt), timestep=timestep.to(dt) / 1000, guidance=g,
             pooled_projections=pooled.to(dt), encoder_hidden_states=states.to(dt),
-            txt_ids=torch.zeros(states.shape[1], 3, device=z.device, dtype=dt),
-            img_ids=image_ids(h, w, z.device, dt), return_dict=False)[0]
+            txt_ids=self._cached_ids(("txt", states.shape[1]), lambda: torch.zeros(states.shape[1], 3), z.device),
+            img_ids=self._cached_ids(("img", h, w), lambda: image_ids(h, w, "cpu", torch.float32), z.device),
+            return_dict=False)[0]
         return unpack(out.float(), h, w)
+
+    def _cached_ids(self, key: tuple, make, device) -> torch.Tensor:
+        key = (*key, str(device), self.transformer_dtype)
+        if key not in self._ids:
+            self._ids[key] = make().to(device=device, dtype=self.transformer_dtype)
+        return self._ids[key]
 
     @torch.inference_mode()
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
