@@ -60,6 +60,10 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -
 def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace) -> int:
     """The checked `--weights-seed` (0 <= N < 2^64), after the model-source flags are checked against each other;
     warns (one line) that `--random-weights` changes nothing on a tiny model."""
+    if prog != "mf-generate":
+        from ..core.dit_families import refuse_dit
+
+        refuse_dit(family, prog)
     seed = parse_seed(args.weights_seed, "--weights-seed")
     if args.model_path is not None and args.random_weights:
         raise UsageError("--model-path and --random-weights exclude each other")

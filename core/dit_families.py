@@ -149,3 +149,12 @@ FAMILIES.update(DIT_FAMILIES)
 
 def is_dit(family: ModelFamily) -> bool:
     return family.kind in DIT_KINDS
+
+
+def refuse_dit(family: ModelFamily, tool: str) -> None:
+    """One clear line for the tools that take the UNet families only (engines, benchmarks, serving, tokens)."""
+    if is_dit(family):
+        from .families import UnknownModelError
+
+        raise UnknownModelError(f"{tool} does not take {family.name} yet: the transformer families (sd3, flux) run "
+                                "in mf-generate only")

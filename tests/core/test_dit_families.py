@@ -90,3 +90,18 @@ def test_builtin_families_agree_with_their_own_configs():
         assert fam.transformer["sample_size"] * fam.vae_scale == fam.native_height == fam.native_width
     for fam in (SD3, FLUX, TINY_SD3, TINY_FLUX):
         assert dit_family_for_config(fam, fam.transformer, fam.vae, fam.name) is fam
+
+
+def test_tools_that_take_unet_families_only_refuse_in_one_line(tmp_path, capsys):
+    from megafusion.cli.bench import main as bench
+    from megafusion.cli.build_engines import main as build
+    from megafusion.cli.tokens import main as tokens
+    from megafusion.serve.config import ConfigError, ServeConfig, check_config
+
+    for main, argv in ((bench, ["--cost-only", "--output", str(tmp_path / "b")]),
+                       (build, ["--output", str(tmp_path / "e")]), (tokens, ["--prompt", "x"])):
+        assert main(["--model", "tiny-sd3", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "does not take tiny-sd3 yet" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ConfigError, match="mf-serve does not take tiny-flux"):
+        check_config(ServeConfig(model="tiny-flux"))
