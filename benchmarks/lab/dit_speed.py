@@ -6,10 +6,10 @@ Random weights at the real sizes (nothing is downloaded). Every mode runs both p
 seed: the family's default MegaFusion plan (1024 x20 -> 2048 x8) and a direct one-stage 2048 plan of the same
 28 steps. `eager` is the flow stage loop on the torch modules, which are called as diffusers' pipelines call
 them (so the same work a diffusers user's script does; `--diffusers` also times StableDiffusion3Pipeline /
-FluxPipeline on the direct plan to check that); `compiled` wraps the transformer and the VAE halves in
-torch.compile (one graph per stage shape). Prints and writes dit_speed_<model>.json / .md: per-segment times
-(median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion over direct on one
-engine; compiled over eager on one plan).
+FluxPipeline on the direct plan to check that); `compiled` wraps the transformer in torch.compile (one graph
+per stage shape; the VAE halves too with --compile-vae). Prints and writes dit_speed_<model>.json / .md:
+per-segment times (median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion
+over direct on one engine; compiled over eager on one plan).
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT = "a lighthouse on a rocky coast at dawn, highly detailed"
 
 
-def networks(bundle, mode: str) -> FlowTorchNetworks:
+def networks(bundle, mode: str, compile_vae: bool) -> FlowTorchNetworks:
     nets = FlowTorchNetworks(bundle)
     if mode == "compiled":
         nets.transformer_fn = torch.compile(bundle.transformer, dynamic=False)
+    if mode == "compiled" and compile_vae:
         vae = bundle.vae
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile-vae", action="store_true", help="compiled mode also compiles the VAE halves "
+                   "(minutes more compiling; the VAE is a few percent of a DiT plan's time)")
     p.add_argument("--diffusers", action="store_true", help="also time the diffusers pipeline on the direct plan")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with a tiny model)")
     p.add_argument("--output", required=True)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
     for mode in args.modes.split(","):  # compiled wraps the VAE halves in place: run it last
-        pipe = FlowMegaFusionPipeline(bundle, networks(bundle, mode), dev)
+        pipe = FlowMegaFusionPipeline(bundle, networks(bundle, mode, args.compile_vae), dev)
         r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
                                                                                      ("direct", direct))}
         r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
