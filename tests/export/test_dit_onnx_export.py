@@ -27,6 +27,7 @@ def test_spec_axes():
         transformer_spec(load_model("tiny-flux").family)
 
 
+@pytest.mark.slow
 def test_ort_plan_equals_torch(tmp_path):
     bundle = load_model("tiny-sd3")
     path = tmp_path / "transformer.onnx"
