@@ -77,12 +77,19 @@ def build_random_dit(family: DiTFamily, seed: int = 0, device="cpu", dtype=torch
     return to_device(DiTBundle(family, transformer, vae, encoders, tokenizers, f"random:{seed}"), device, dtype)
 
 
+T5_FP16_DTYPE = torch.bfloat16
+"""T5 in place of fp16: T5 v1.1 (SD3's and FLUX's T5-XXL) was trained in bf16 and its feed-forward activations
+overflow fp16's range (transformers keeps its `wo` layers in fp32 for that reason); bf16 and fp32 are safe."""
+
+
 def to_device(bundle: DiTBundle, device, dtype) -> DiTBundle:
-    """Every module on `device` in `dtype`, in eval mode without gradients (in place)."""
+    """Every module on `device` in `dtype` (T5 in bf16 when `dtype` is fp16), in eval mode without gradients
+    (in place)."""
     for m in bundle.modules():
         m.to(device=device)
-        if m.dtype != dtype:
-            m.to(dtype=dtype)
+        want = T5_FP16_DTYPE if dtype == torch.float16 and m is bundle.text_encoders[-1] else dtype
+        if m.dtype != want:
+            m.to(dtype=want)
         m.eval()
         m.requires_grad_(False)
     return bundle

@@ -105,3 +105,9 @@ def test_tools_that_take_unet_families_only_refuse_in_one_line(tmp_path, capsys)
         assert "does not take tiny-sd3 yet" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="mf-serve does not take tiny-flux"):
         check_config(ServeConfig(model="tiny-flux"))
+
+
+def test_t5_never_runs_in_fp16():
+    b = load_model("tiny-flux", dtype=torch.float16)
+    assert b.transformer.dtype == torch.float16 and b.text_encoders[0].dtype == torch.float16
+    assert b.text_encoders[-1].dtype == torch.bfloat16
