@@ -270,3 +270,13 @@ def achieved(tflop: float, seconds: float, peak_tflop_per_s: float | None = None
         raise ValueError(f"time must be positive, got {seconds}")
     rate = tflop / seconds
     return Throughput(rate, rate / peak_tflop_per_s if peak_tflop_per_s else None)
+
+
+def cost_counter(family: ModelFamily):
+    """The meta-device counter for `family`: `MetaCostCounter` for the UNet families, `dit_flops.DiTCostCounter`
+    for SD3 / FLUX (whose plans `dit_flops.dit_plan_cost` prices)."""
+    if family.kind in ("sd3", "flux"):
+        from .dit_flops import DiTCostCounter
+
+        return DiTCostCounter(family)
+    return MetaCostCounter(family)

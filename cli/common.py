@@ -44,10 +44,10 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -
     """--model (required when `default_model` is None), --model-path, --random-weights, --weights-seed,
     --allow-pickle (read back by `weights_seed_from_args`)."""
     if default_model is None:
-        p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl (required)")
+        p.add_argument("--model", required=True, help="sd15, sdxl, sd3, flux, or tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux (required)")
     else:
         p.add_argument("--model", default=default_model,
-                       help="sd15, sdxl, tiny-sd15 or tiny-sdxl (default: %(default)s)")
+                       help="sd15, sdxl, sd3, flux, or tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux (default: %(default)s)")
     p.add_argument("--model-path", help="a local diffusers folder (or a hub id where the network allows)")
     p.add_argument("--random-weights", action="store_true",
                    help="the real architecture with random weights (tiny models always have random weights)")
@@ -60,6 +60,10 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -
 def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace) -> int:
     """The checked `--weights-seed` (0 <= N < 2^64), after the model-source flags are checked against each other;
     warns (one line) that `--random-weights` changes nothing on a tiny model."""
+    if prog != "mf-generate":
+        from ..core.dit_families import refuse_dit
+
+        refuse_dit(family, prog)
     seed = parse_seed(args.weights_seed, "--weights-seed")
     if args.model_path is not None and args.random_weights:
         raise UsageError("--model-path and --random-weights exclude each other")

@@ -21,9 +21,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", required=True, help="what the image shows (required)")
     p.add_argument("--negative-prompt", default="", help="what it should not show (default: none)")
     add_plan_arguments(p)
-    p.add_argument("--guidance", default="7.0", metavar="W",
-                   help="classifier-free guidance weight, a finite number >= 0 (default: %(default)s); "
-                        "at 1 or below CFG is off")
+    p.add_argument("--guidance", metavar="W",
+                   help="classifier-free guidance weight, a finite number >= 0 (default: 7.0); "
+                        "at 1 or below CFG is off. FLUX: the value of its guidance embedding (default: 3.5)")
     p.add_argument("--seed", default="0", metavar="N",
                    help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
     p.add_argument("--no-dilation", action="store_true", help="no dilated mid block at the larger stages")
@@ -93,9 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
+    if family.kind in ("sd3", "flux"):  # diffusion transformers: the flow-matching stage loop
+        from .generate_flow import run_flow
+
+        return run_flow(args, family)
     # Every check of the user's input comes before the model load: a bad value costs no minutes.
     weights_seed = weights_seed_from_args("mf-generate", family, args)
-    guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)
+    guidance, seed = parse_guidance(args.guidance if args.guidance is not None else "7.0"), parse_seed(args.seed)
     dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     try:

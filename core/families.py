@@ -110,6 +110,11 @@ class ModelFamily:
     def is_xl(self) -> bool:
         return self.kind == "sdxl"
 
+    @property
+    def max_side(self) -> int | None:
+        """Largest stage side the denoiser takes, where it has one (SD3's position table); None: no limit."""
+        return None
+
 
 def _vae_config(block_out: tuple[int, ...], groups: int, scaling: float, sample: int, layers: int) -> dict[str, Any]:
     n = len(block_out)
@@ -256,3 +261,7 @@ def get_family(name: str) -> ModelFamily:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+# The diffusion-transformer families (SD3, FLUX) live in their own module, which adds them to FAMILIES.
+from . import dit_families  # noqa: E402,F401

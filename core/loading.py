@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .dit_families import is_dit
 from .families import ModelFamily, get_family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -222,6 +223,10 @@ def resolve_family(name: str, model_path: str | None = None) -> ModelFamily:
     family = get_family(name)
     if model_path is None or not Path(model_path).expanduser().exists():
         return family
+    if is_dit(family):
+        from .dit_loading import dit_folder_family
+
+        return dit_folder_family(family, model_path)
     return folder_family(family, model_path)
 
 
@@ -269,8 +274,13 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
 
 def load_model(name: str, model_path: str | None = None, random_weights: bool = False,
                allow_pickle: bool = False, device="cpu", dtype=torch.float32, seed: int = 0) -> ModelBundle:
-    """The one entry point: `--model`, `--model-path`, `--random-weights` as the CLI gives them."""
+    """The one entry point: `--model`, `--model-path`, `--random-weights` as the CLI gives them.
+    SD3 / FLUX families give a `dit_loading.DiTBundle`."""
     family = get_family(name)
+    if is_dit(family):
+        from .dit_loading import load_dit_model
+
+        return load_dit_model(family, model_path, random_weights, allow_pickle, device, dtype, seed)
     if model_path is not None:
         if random_weights:
             raise WeightsError("--model-path and --random-weights exclude each other")

@@ -207,6 +207,8 @@ def validate_plan(family: ModelFamily, stages: list[Stage], width: int | None = 
                     f"stage {k} ({s}): {name} {side} is not a positive multiple of {m} "
                     f"(what {family.name}'s UNet accepts), at most {MAX_SIDE}"
                 )
+        if family.max_side is not None and max(s.height, s.width) > family.max_side:
+            raise PlanError(f"stage {k} ({s}): a side above {family.max_side}, the largest {family.name} takes")
         if s.pixels < MIN_STAGE_AREA_FRACTION * family.native_pixels:
             raise PlanError(
                 f"stage {k} ({s.width}x{s.height}) is smaller than {family.name}'s native "

@@ -20,6 +20,9 @@ def load_tokenizers(model: str, model_path: str | None = None) -> list:
     """The tokenizers of `model`: the folder's (`tokenizer`, `tokenizer_2`) or, for random weights, the
     built-in one that `build_random` gives every encoder."""
     family = get_family(model)
+    from ..core.dit_families import refuse_dit
+
+    refuse_dit(family, "mf-tokens")  # SD3/FLUX also need T5 ids
     n = len(family.text_encoders)
     if model_path is None:
         return [builtin_tokenizer() for _ in range(n)]

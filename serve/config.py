@@ -91,6 +91,9 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     """Refuses what cannot start (naming the flag and the value); returns `cfg` unchanged."""
     try:
         family = get_family(cfg.model)
+        from ..core.dit_families import refuse_dit
+
+        refuse_dit(family, "mf-serve")
     except UnknownModelError as e:
         raise ConfigError(str(e)) from None
     if cfg.model_path is not None:

@@ -1,0 +1,150 @@
+"""SD3 / FLUX at 2048: MegaFusion against direct with the same total steps, eager against compiled, one GPU.
+
+python benchmarks/lab/dit_speed.py --model sd3 --output DIR [--modes eager,compiled] [--repeats 2]
+
+Random weights at the real sizes (nothing is downloaded). Every mode runs both plans with the same prompt and
+seed: the family's default MegaFusion plan (1024 x20 -> 2048 x8) and a direct one-stage 2048 plan of the same
+28 steps. `eager` is the flow stage loop on the torch modules, which are called as diffusers' pipelines call
+them (so the same work a diffusers user's script does; `--diffusers` also times StableDiffusion3Pipeline /
+FluxPipeline on the direct plan to check that); `compiled` wraps the transformer in torch.compile (one graph
+per stage shape; the VAE halves too with --compile-vae). Prints and writes dit_speed_<model>.json / .md:
+per-segment times (median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion
+over direct on one engine; compiled over eager on one plan).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from megafusion.core.loading import load_model
+from megafusion.core.plan import Stage, default_plan, validate_plan
+from megafusion.engine.flow_networks import FlowTorchNetworks
+from megafusion.runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROMPT = "a lighthouse on a rocky coast at dawn, highly detailed"
+
+
+def networks(bundle, mode: str, compile_vae: bool) -> FlowTorchNetworks:
+    nets = FlowTorchNetworks(bundle)
+    if mode == "compiled":
+        nets.transformer_fn = torch.compile(bundle.transformer, dynamic=False)
+    if mode == "compiled" and compile_vae:
+        vae = bundle.vae
+        vae.decoder = torch.compile(vae.decoder, dynamic=False)
+        vae.encoder = torch.compile(vae.encoder, dynamic=False)
+    return nets
+
+
+def run(pipe, plan, opts, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        pipe.generate(plan, opts)
+    runs = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        res = pipe.generate(plan, opts)
+        runs.append((time.perf_counter() - t0, res))
+    totals = [t for t, _ in runs]
+    segs = {}
+    for name, _ in runs[0][1].timings:
+        segs[name] = statistics.median(dict(r.timings)[name] for _, r in runs)
+    last = runs[-1][1]
+    return {"plan": plan.describe(), "total_s": statistics.median(totals), "totals_s": totals, "segments_s": segs,
+            "peak_gib": last.peak_memory_bytes / 2**30 if last.peak_memory_bytes else None,
+            "image_mean": float(last.image.mean()), "finite": bool(torch.isfinite(last.latent).all())}
+
+
+def diffusers_direct(bundle, plan, opts, repeats: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    sched = FlowMatchEulerDiscreteScheduler(**bundle.family.scheduler)
+    te, tok = bundle.text_encoders, bundle.tokenizers
+    if bundle.family.kind == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=bundle.transformer, scheduler=sched, vae=bundle.vae,
+                                        text_encoder=te[0], tokenizer=tok[0], text_encoder_2=te[1],
+                                        tokenizer_2=tok[1], text_encoder_3=te[2], tokenizer_3=tok[2])
+    else:
+        pipe = FluxPipeline(transformer=bundle.transformer, scheduler=sched, vae=bundle.vae, text_encoder=te[0],
+                            tokenizer=tok[0], text_encoder_2=te[1], tokenizer_2=tok[1])
+    pipe.set_progress_bar_config(disable=True)
+    st = plan.stages[0]
+    times = []
+    for i in range(repeats + 1):  # the first call warms up
+        _sync()
+        t0 = time.perf_counter()
+        pipe(opts.prompt, height=st.height, width=st.width, num_inference_steps=st.steps,
+             guidance_scale=opts.guidance, generator=torch.Generator("cpu").manual_seed(opts.seed))
+        _sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"plan": plan.describe(), "total_s": statistics.median(times), "totals_s": times}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd3", choices=("sd3", "flux", "tiny-sd3", "tiny-flux"))
+    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile-vae", action="store_true", help="compiled mode also compiles the VAE halves "
+                   "(minutes more compiling; the VAE is a few percent of a DiT plan's time)")
+    p.add_argument("--diffusers", action="store_true", help="also time the diffusers pipeline on the direct plan")
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with a tiny model)")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    t0 = time.perf_counter()
+    bundle = load_model(args.model, random_weights=True, device=dev, dtype=DTYPES[args.dtype])
+    fam = bundle.family
+    print(f"{fam.name} random weights on {device_name} in {args.dtype}: "
+          f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    mf = default_plan(fam)
+    direct = validate_plan(fam, [Stage(mf.stages[-1].height, mf.stages[-1].width, mf.total_steps)])
+    opts = FlowGenerationOptions(PROMPT, guidance=fam.default_guidance, seed=0)
+    result: dict = {"model": fam.name, "dtype": args.dtype, "device": device_name,
+                    "torch": torch.__version__, "guidance": opts.guidance, "modes": {}}
+    if args.diffusers:
+        result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
+        print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
+    for mode in args.modes.split(","):  # compiled wraps the VAE halves in place: run it last
+        pipe = FlowMegaFusionPipeline(bundle, networks(bundle, mode, args.compile_vae), dev)
+        r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
+                                                                                     ("direct", direct))}
+        r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
+        result["modes"][mode] = r
+        print(f"{mode}: megafusion {r['megafusion']['total_s']:.2f} s, direct {r['direct']['total_s']:.2f} s, "
+              f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
+              f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
+    m = result["modes"]
+    if "eager" in m and "compiled" in m:
+        result["compiled_over_eager"] = {k: m["eager"][k]["total_s"] / m["compiled"][k]["total_s"]
+                                         for k in ("megafusion", "direct")}
+        print(f"compiled over eager: {result['compiled_over_eager']}", flush=True)
+    (out / f"dit_speed_{fam.name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# {fam.name} at {direct.stages[0].width}, {args.dtype}, {result['device']}", "",
+             "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]
+    for mode, r in m.items():
+        for k in ("megafusion", "direct"):
+            lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} |")
+    (out / f"dit_speed_{fam.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

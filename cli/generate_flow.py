@@ -1,0 +1,96 @@
+"""`mf-generate --model sd3 | flux | tiny-sd3 | tiny-flux`: the flow-matching stage loop (docs/ALGORITHM.md §18).
+
+`generate.run` hands these families here after resolving the family. Every check of the user's input comes
+before the model load, as for the UNet families.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import UsageError
+
+
+def _refuse_unsupported(args: argparse.Namespace, family) -> None:
+    name = family.name
+    if args.dilation is not None:
+        raise UsageError(f"--dilation {args.dilation}: {name} is a transformer; it has no convolution whose receptive "
+                         "field a dilated mid block would widen, and its attention already spans the whole image")
+    if family.kind == "flux" and args.negative_prompt:
+        raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
+                         "no negative prompt; --guidance sets its guidance embedding")
+    for flag, value in (("--engines", args.engines), ("--inductor", args.inductor),
+                        ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
+        if value is not None:
+            raise UsageError(f"{flag}: not available for {name} yet (the transformer families run eagerly in torch)")
+    if args.mode not in (None, "eager"):
+        raise UsageError(f"--mode {args.mode}: not available for {name} yet; use --mode eager")
+
+
+def run_flow(args: argparse.Namespace, family) -> int:
+    import torch
+
+    from ..core.loading import load_model
+    from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
+    from .common import (DTYPES, output_file_from_args, parse_guidance, parse_seed, plan_from_args, resolve_device,
+                         warn_truncated_prompts, weights_seed_from_args)
+
+    _refuse_unsupported(args, family)
+    weights_seed = weights_seed_from_args("mf-generate", family, args)
+    guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
+    seed = parse_seed(args.seed)
+    plan = plan_from_args(family, args.size, args.stages, args.steps)
+    try:
+        opts = FlowGenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule,
+                                     args.relay)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = output_file_from_args("--output", args.output)
+    device = resolve_device(args.device)
+    # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.dry_run:
+        print(f"plan: {plan.describe()}")
+        from ..benchmarks.dit_flops import DiTCostCounter, dit_plan_cost
+
+        cost = dit_plan_cost(DiTCostCounter(family), plan, opts.guidance > 1.0 and family.cfg, opts.relay)
+        print(f"cost: {cost.true_tflop:,.1f} TFLOP (transformer {cost.unet_tflop:,.1f}), text encoders apart")
+        return 0
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                        seed=weights_seed)
+    warn_truncated_prompts("mf-generate", bundle.tokenizers[:-1], {"--prompt": args.prompt,
+                                                                   "--negative-prompt": args.negative_prompt})
+    from ..engine.flow_networks import FlowTorchNetworks
+
+    nets = FlowTorchNetworks(bundle, DTYPES[args.vae_dtype] if args.vae_dtype else None)
+    pipe = FlowMegaFusionPipeline(bundle, nets, device)
+    print("mode eager")
+    print(f"model {family.name} ({bundle.source}) on {device}, transformer "
+          f"{str(nets.transformer_dtype).removeprefix('torch.')}, VAE {str(nets.vae_dtype).removeprefix('torch.')}")
+    print(f"plan: {plan.describe()}")
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
+    try:
+        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
+                               on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
+                               if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for name, seconds in result.timings if bar is None else ():
+        print(f"  {name:<40} {seconds * 1000:10.1f} ms")
+    print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
+    if result.peak_memory_bytes is not None:
+        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(result.png_bytes())
+        os.replace(tmp, out)  # never leave a half-written PNG under the requested name
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
+    return 0
