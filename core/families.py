@@ -256,3 +256,11 @@ def get_family(name: str) -> ModelFamily:
         raise UnknownModelError(
             f"unknown model {name!r}; known models: {', '.join(sorted(FAMILIES))}"
         ) from None
+
+
+def pixel_family_names() -> list[str]:
+    """The pixel-space cascades (DeepFloyd IF, core/if_family.py). They are a family type of their own, kept out
+    of FAMILIES: the latent tools (engines, serving, test vectors) iterate FAMILIES and would not know them."""
+    from .if_family import IF_FAMILIES
+
+    return sorted(IF_FAMILIES)
