@@ -38,8 +38,10 @@ def run_if(args: argparse.Namespace) -> int:
                              "give --stages and --stages-2 instead of --size or --steps")
     if args.relay != "pixel":
         raise UsageError(f"--relay {args.relay}: {family.name} has no latent; its relay is in pixels")
-    if args.random_weights and not family.tiny:
-        raise UsageError(f"--random-weights: {family.name} needs its T5 tokenizer; pass --model-path DIR")
+    if args.random_weights and args.model_path:
+        raise UsageError("--model-path and --random-weights exclude each other")
+    if not (family.tiny or args.random_weights or args.model_path):
+        raise UsageError(f"--model {family.name} needs --model-path DIR (an IFPipeline folder) or --random-weights")
     weights_seed = parse_seed(args.weights_seed, "--weights-seed")
     if weights_seed and args.model_path:
         raise UsageError(f"--weights-seed {args.weights_seed}: only random weights have a seed")
@@ -62,13 +64,21 @@ def run_if(args: argparse.Namespace) -> int:
         raise UsageError(f"--mode {args.mode}: {family.name} runs eagerly so far")
     print(f"plan: stage I {plan_1.describe()}" + (f"; stage II {plan_2.describe()}" if plan_2 else ""))
     if args.dry_run:
+        from ..benchmarks.flops import IFCostCounter
+
+        counter = IFCostCounter(family)
+        for cascade, plan, w in ((1, plan_1, opts.guidance_1), (2, plan_2, opts.guidance_2)):
+            if plan is not None:
+                c = counter.plan(cascade, plan, cfg=w > 1.0, dilation=opts.dilation)
+                print(f"cost stage {'I' * cascade}: {c.macs / 1e9:,.1f} G-MACs (the paper's convention), "
+                      f"{c.flops / 1e12:,.1f} TFLOP (UNet, attention included)")
         return 0
 
     from ..core.if_loading import load_if_model
     from ..runtime.pixel_pipeline import IFMegaFusionPipeline
 
     bundle = load_if_model(args.model, args.model_path, args.stage_2_path, device, model_dtype(device, args.dtype),
-                           seed=weights_seed)
+                           seed=weights_seed, random_weights=args.random_weights)
     print(f"model {family.name} ({bundle.source}) on {device}")
     result = IFMegaFusionPipeline(bundle, device).generate(plan_1, plan_2, opts)
     for name, seconds in result.timings:

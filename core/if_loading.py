@@ -45,14 +45,18 @@ def _to(bundle: IFBundle, device, dtype) -> IFBundle:
 
 
 def build_random_if(family: IFFamily, seed: int = 0, device="cpu", dtype=torch.float32) -> IFBundle:
-    """The family's architecture with random weights; the tiny model's tokenizer is built in code."""
+    """The family's architecture with random weights and the tokenizer built in code (core/tiny_t5.py).
+
+    The real T5 vocabulary cannot be downloaded here; for random weights any fixed tokenizer whose ids fit
+    the embedding table gives the same cost and the same code path (as for the latent families)."""
     from diffusers import UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
-    from .tiny_t5 import tiny_t5_tokenizer
+    from .tiny_t5 import tiny_t5_tokenizer, tiny_vocab_size
 
-    if not family.tiny:
-        raise WeightsError(f"{family.name}: random weights need its T5 tokenizer; pass --model-path DIR")
+    if tiny_vocab_size() > family.text_encoder["vocab_size"]:
+        raise WeightsError(f"{family.name}: the built-in tokenizer's ids do not fit its T5 vocabulary")
+    # Initialise on the target device: the real UNets and T5-XXL (10B parameters) initialise in seconds on a GPU.
     with _seeded(seed), torch.device(device):
         unet_1 = UNet2DConditionModel(**family.unet_1)
         unet_2 = UNet2DConditionModel(**family.unet_2)
@@ -119,11 +123,14 @@ def load_if_pretrained(family: IFFamily, stage_1: str | Path, stage_2: str | Pat
 
 
 def load_if_model(name: str, model_path: str | None = None, stage_2_path: str | None = None,
-                  device="cpu", dtype=torch.float32, seed: int = 0) -> IFBundle:
-    """`--model`, `--model-path` (stage I folder) and the stage II folder, as the CLI gives them."""
+                  device="cpu", dtype=torch.float32, seed: int = 0, random_weights: bool = False) -> IFBundle:
+    """`--model`, `--model-path` (stage I folder), the stage II folder and `--random-weights`, as the CLI gives
+    them; the tiny model always has random weights."""
     family = get_if_family(name)
     if model_path is None:
         if stage_2_path is not None:
             raise WeightsError("a stage II folder needs the stage I folder too (--model-path)")
+        if not (family.tiny or random_weights):
+            raise WeightsError(f"{family.name} needs --model-path DIR (an IFPipeline folder) or --random-weights")
         return build_random_if(family, seed, device, dtype)
     return load_if_pretrained(family, model_path, stage_2_path, device, dtype)

@@ -123,5 +123,5 @@ def test_bad_folders_say_what_is_wrong(tiny_if, tmp_path):
         load_if_pretrained(TINY_IF, s1)
     with pytest.raises(WeightsError, match="needs the stage I folder"):
         load_if_model("tiny-if", None, str(s2))
-    with pytest.raises(WeightsError, match="random weights need its T5 tokenizer"):
-        build_random_if(IF)
+    with pytest.raises(WeightsError, match="if needs --model-path DIR"):
+        load_if_model("if")

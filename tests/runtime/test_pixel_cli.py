@@ -32,10 +32,12 @@ def test_tiny_if_writes_the_stage_two_image(tmp_path, capsys):
     (["--relay", "latent"], "its relay is in pixels"),
     (["--guidance-2", "nan"], "--guidance-2"),
     (["--stage-2-path", "/nowhere"], "--stage-2-path needs --model-path"),
+    ([], "--model if needs --model-path DIR (an IFPipeline folder) or --random-weights"),
 ])
 def test_bad_input_is_one_line_and_no_file(tmp_path, capsys, extra, message):
     out = tmp_path / "x.png"
-    assert main(["--model", "tiny-if", "--prompt", "x", "--output", str(out), *extra]) == 2
+    model = "if" if "--model-path DIR" in message else "tiny-if"
+    assert main(["--model", model, "--prompt", "x", "--output", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
