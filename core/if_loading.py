@@ -96,18 +96,21 @@ def load_if_pretrained(family: IFFamily, stage_1: str | Path, stage_2: str | Pat
 
     The schedulers come from the folders, so a model saved with other settings runs as saved."""
     from diffusers import UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import AutoTokenizer, T5EncoderModel
 
+    # What diffusers falls back to anyway without accelerate, said up front: no install banner on every load.
+    low_mem = {"low_cpu_mem_usage": is_accelerate_available()}
     root_1 = Path(stage_1).expanduser()
     _check_if_folder(root_1, "IFPipeline", ("unet", "text_encoder", "tokenizer", "scheduler"))
     root_2 = Path(stage_2).expanduser() if stage_2 is not None else None
     if root_2 is not None:
         _check_if_folder(root_2, "IFSuperResolutionPipeline", ("unet", "scheduler", "image_noising_scheduler"))
     try:
-        unet_1 = UNet2DConditionModel.from_pretrained(root_1, subfolder="unet", use_safetensors=True)
+        unet_1 = UNet2DConditionModel.from_pretrained(root_1, subfolder="unet", use_safetensors=True, **low_mem)
         text = T5EncoderModel.from_pretrained(root_1, subfolder="text_encoder", use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(root_1, subfolder="tokenizer")
-        unet_2 = (UNet2DConditionModel.from_pretrained(root_2, subfolder="unet", use_safetensors=True)
+        unet_2 = (UNet2DConditionModel.from_pretrained(root_2, subfolder="unet", use_safetensors=True, **low_mem)
                   if root_2 is not None else None)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
