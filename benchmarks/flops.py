@@ -280,3 +280,61 @@ def cost_counter(family: ModelFamily):
 
         return DiTCostCounter(family)
     return MetaCostCounter(family)
+
+# --- DeepFloyd IF (pixel space, docs/ALGORITHM.md §20) ---------------------------------------------------------
+
+PAPER_TABLE1_IF_GMACS = {
+    "if stage I 128 direct": 111.7e3,
+    "if stage I 128 megafusion": 44.9e3,
+    "if stage II 512 direct": 60.7e3,
+    "if stage II 512 megafusion": 24.3e3,
+}
+"""Table 1's Floyd rows as printed (stage I: 100 steps at 128 against 64/80 -> 128/20; stage II: 50 steps at
+512 against 256/40 -> 512/10)."""
+
+IF_NOTE = (
+    "Counted in the paper's convention (conv/linear MACs, UNet only, CFG batch 2), IF-I-XL and IF-II-L give ten "
+    "times the paper's Floyd figures (ours / paper = 9.99 and 10.01 for stage I, 9.97 and 9.98 for stage II) and "
+    "its MegaFusion/direct ratios (0.403 vs 0.402, 0.401 vs 0.400). The paper does not say why its Floyd column is "
+    "a tenth of the count: a unit of 10 G-MACs, or a tenth of the steps counted, would both give it."
+)
+
+
+class IFCostCounter:
+    """An IF cascade's two UNets on the meta device; one forward per (cascade stage, size, batch, dilation)."""
+
+    def __init__(self, family):
+        from diffusers import UNet2DConditionModel
+
+        self.family = family
+        with torch.device("meta"):
+            self.unets = {1: UNet2DConditionModel(**family.unet_1), 2: UNet2DConditionModel(**family.unet_2)}
+        self._memo: dict[tuple, ForwardCost] = {}
+
+    def unet(self, cascade: int, height: int, width: int, batch: int = 2, dilation: int = 1) -> ForwardCost:
+        key = (cascade, height, width, batch, dilation)
+        if key not in self._memo:
+            self._memo[key] = self._count(*key)
+        return self._memo[key]
+
+    def _count(self, cascade: int, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
+        unet = self.unets[cascade]
+        cfg = unet.config
+        with torch.device("meta"):
+            sample = torch.empty(batch, cfg.in_channels, height, width)
+            states = torch.empty(batch, self.family.max_length, cfg.encoder_hid_dim)
+            labels = torch.zeros(batch, dtype=torch.long) if cascade == 2 else None
+            t = torch.tensor(981)
+        set_mid_dilation(unet, dilation)
+        try:
+            return count_forward(unet, lambda: unet(sample, t, encoder_hidden_states=states, class_labels=labels,
+                                                    return_dict=False))
+        finally:
+            set_mid_dilation(unet, 1)
+
+    def plan(self, cascade: int, plan: StagePlan, cfg: bool = True, dilation: int = 2) -> ForwardCost:
+        """Every UNet step of one cascade stage's plan (the truncating step included, as it runs)."""
+        total = ZERO
+        for k, st in enumerate(plan.stages):
+            total = total + self.unet(cascade, st.height, st.width, 2 if cfg else 1, 1 if k == 0 else dilation) * st.steps
+        return total

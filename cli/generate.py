@@ -56,6 +56,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan, its estimated peak memory and its cost, then exit without loading anything")
     add_vae_tile_arguments(p)
+    # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/generate_if.py).
+    p.add_argument("--stages-2", metavar="PLAN",
+                   help="IF only: stage II's plan (default the paper's 256x256:40,512x512:10; --stages is stage I's)")
+    p.add_argument("--guidance-2", default="4.0", metavar="W",
+                   help="IF only: stage II's guidance weight (default: %(default)s; --guidance is stage I's)")
+    p.add_argument("--stage-2-path", metavar="DIR",
+                   help="IF only: the IFSuperResolutionPipeline folder (--model-path is the IFPipeline folder)")
     return p
 
 
@@ -84,6 +91,12 @@ def vae_tile_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.families import pixel_family_names
+
+    if args.model in pixel_family_names():
+        from .generate_if import run_if
+
+        return run_if(args)
     from ..engine.networks import TorchNetworks
     from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)

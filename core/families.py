@@ -265,3 +265,10 @@ def get_family(name: str) -> ModelFamily:
 
 # The diffusion-transformer families (SD3, FLUX) live in their own module, which adds them to FAMILIES.
 from . import dit_families  # noqa: E402,F401
+
+def pixel_family_names() -> list[str]:
+    """The pixel-space cascades (DeepFloyd IF, core/if_family.py). They are a family type of their own, kept out
+    of FAMILIES: the latent tools (engines, serving, test vectors) iterate FAMILIES and would not know them."""
+    from .if_family import IF_FAMILIES
+
+    return sorted(IF_FAMILIES)

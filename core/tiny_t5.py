@@ -58,3 +58,8 @@ def tiny_t5_config(**overrides: Any) -> dict[str, Any]:
     }
     cfg.update(overrides)
     return cfg
+
+
+def tiny_vocab_size() -> int:
+    """TINY_T5_VOCAB_SIZE, as a function (what the IF family reads)."""
+    return TINY_T5_VOCAB_SIZE
