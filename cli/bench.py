@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"--variants {args.variants}: unknown variant(s) {', '.join(map(repr, unknown))}; "
                              f"choose from {', '.join(ENGINES)}")
-        on_gpu_only = [n for n in variant_names if n in ("graphs", "compiled")]
+        on_gpu_only = [n for n in variant_names if n in ("graphs", "compiled", "compiled-fp8")]
         if on_gpu_only and device.type != "cuda":  # they would run (eagerly) under a label they do not earn
             raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
                              f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "

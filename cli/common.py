@@ -265,3 +265,20 @@ def run_main(prog: str, run: Callable[[], int], fatal: tuple[type[BaseException]
     except fatal as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+
+
+CUDNN_WORKSPACE_ENV = "CUDNN_CONV_WSCAP_DBG"
+"""PyTorch's cap on one cuDNN convolution workspace allocation, in MiB (read at the first cuDNN convolution)."""
+
+
+def cap_cudnn_workspace(max_memory_gib: float) -> int | None:
+    """--max-memory on CUDA: each cuDNN convolution workspace is capped at a tenth of the budget (256 MiB to 4 GiB),
+    so cuDNN's algorithm search cannot take the headroom the estimate left; an explicit CUDNN_CONV_WSCAP_DBG wins.
+    Returns the cap set, in MiB, or None when the environment already had one. Process-wide: CLI entry points only."""
+    import os
+
+    if os.environ.get(CUDNN_WORKSPACE_ENV):
+        return None
+    cap = int(min(4096, max(256, max_memory_gib * 1024 / 10)))
+    os.environ[CUDNN_WORKSPACE_ENV] = str(cap)
+    return cap

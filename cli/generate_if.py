@@ -53,7 +53,8 @@ def run_if(args: argparse.Namespace) -> int:
     from ..runtime.pixel_pipeline import PixelOptions
 
     try:
-        opts = PixelOptions(args.prompt, args.negative_prompt, parse_guidance(args.guidance),
+        opts = PixelOptions(args.prompt, args.negative_prompt,
+                            parse_guidance(args.guidance if args.guidance is not None else "7.0"),
                             parse_guidance(args.guidance_2, "--guidance-2"), parse_seed(args.seed),
                             not args.no_reschedule, dilation_from_args(args.dilation, args.no_dilation))
     except ValueError as e:

@@ -11,7 +11,6 @@ so the eager loop and the CUDA-graphed loop run the same code at B = 1 and B > 1
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ from .fused_relay import relay_resize
 from .pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline, draw_noise, to_uint8
 from .relay import bicubic_resize
 from .schedule import plan_schedule
+from .segments import SegmentClock
 
 SHARED_FIELDS = ("guidance", "reschedule", "dilation", "relay")
 """GenerationOptions fields every request of a batch must share (with the plan); the rest are per request."""
@@ -105,19 +105,8 @@ def generate_batch(pipe: MegaFusionPipeline, plan: StagePlan, options: Sequence[
     dev, fam, nets = pipe.device, pipe.family, pipe.nets
     scaling = float(pipe.bundle.vae.config.scaling_factor)
     vs = fam.vae_scale
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    timings: list[tuple[str, float]] = []
-    t0 = time.perf_counter()
-
-    def mark(name: str):
-        nonlocal t0
-        pipe._sync()
-        now = time.perf_counter()
-        timings.append((name, now - t0))
-        if on_segment is not None:
-            on_segment(name, now - t0)
-        t0 = now
+    clock = SegmentClock(dev, on_segment)
+    mark, timings = clock.mark, clock.timings
 
     # Text per request, as generate encodes it alone (the text encoders are a small part of the time).
     cond = stack_conditioning([encode(nets, pipe.bundle, o.prompt, o.negative_prompt, o.guidance, dev)
@@ -159,6 +148,6 @@ def generate_batch(pipe: MegaFusionPipeline, plan: StagePlan, options: Sequence[
         pixels = to_uint8(image[j:j + 1])[top:top + plan.output_height, left:left + plan.output_width]
         images.append(np.ascontiguousarray(pixels.cpu().numpy()))
     mark("decode")
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    peak = clock.peak_memory()
     share = [(name, seconds / B) for name, seconds in timings]
     return [GenerationResult(images[j], plan, list(share), peak, z[j:j + 1]) for j in range(B)]

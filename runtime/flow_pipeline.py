@@ -8,7 +8,6 @@ There is no dilation: a transformer has no convolution to dilate.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from .flow_schedule import plan_flow_schedule
 from .pipeline import SEED_LIMIT, GenerationResult, draw_noise, to_uint8
 from .relay import RELAY_MODES, bicubic_resize
 from .fused_relay import relay_resize
+from .segments import SegmentClock
 
 
 @dataclass(frozen=True)
@@ -97,19 +97,8 @@ class FlowMegaFusionPipeline:
         cfg = self.bundle.vae.config
         scaling, shift = float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
         vs, ch = fam.vae_scale, fam.latent_channels
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        timings: list[tuple[str, float]] = []
-        t0 = time.perf_counter()
-
-        def mark(name: str):
-            nonlocal t0
-            self._sync()
-            now = time.perf_counter()
-            timings.append((name, now - t0))
-            if on_segment is not None:
-                on_segment(name, now - t0)
-            t0 = now
+        clock = SegmentClock(dev, on_segment)
+        mark, timings = clock.mark, clock.timings
 
         cond = encode_flow(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
         schedules = plan_flow_schedule(plan, fam, opts.reschedule)
@@ -146,5 +135,5 @@ class FlowMegaFusionPipeline:
         left = (pixels.shape[1] - plan.output_width) // 2
         out = pixels[top:top + plan.output_height, left:left + plan.output_width].cpu().numpy()
         mark("decode")
-        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        peak = clock.peak_memory()
         return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z)

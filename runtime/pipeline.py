@@ -7,7 +7,6 @@ indexed by step, so the loop never waits on the host.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from .graphs import GraphedDenoiser
 from .img2img import ImageStart, encode_image, skip_steps
 from .relay import RELAY_MODES, relay
 from .schedule import StageCoefficients, plan_schedule
+from .segments import SegmentClock
 
 
 SEED_LIMIT = 2**64
@@ -174,19 +174,8 @@ class MegaFusionPipeline:
         dev, fam = self.device, self.family
         scaling = float(self.bundle.vae.config.scaling_factor)
         vs = fam.vae_scale
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        timings: list[tuple[str, float]] = []
-        t0 = time.perf_counter()
-
-        def mark(name: str):
-            nonlocal t0
-            self._sync()
-            now = time.perf_counter()
-            timings.append((name, now - t0))
-            if on_segment is not None:
-                on_segment(name, now - t0)
-            t0 = now
+        clock = SegmentClock(dev, on_segment)
+        mark, timings = clock.mark, clock.timings
 
         cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
         schedules = plan_schedule(plan, fam.scheduler, opts.reschedule)
@@ -241,7 +230,7 @@ class MegaFusionPipeline:
         pixels = pixels[top:top + plan.output_height, left:left + plan.output_width]
         out = pixels.cpu().numpy()
         mark("decode")
-        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        peak = clock.peak_memory()
         return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z)
 
     def generate_batch(self, plan: StagePlan, options: list[GenerationOptions],

@@ -8,7 +8,6 @@ x0 at the last step of a stage, relay it bicubically, re-noise it at the next st
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from ..core.plan import PlanError, Stage, StagePlan
 from .pipeline import MAX_DILATION, SEED_LIMIT, draw_noise, to_uint8
 from .pixel_schedule import DDPMCoefficients, ddpm_alphas_cumprod, plan_ddpm_schedule
 from .relay import resize_clamped
+from .segments import SegmentClock
 
 
 @dataclass(frozen=True)
@@ -196,16 +196,8 @@ class IFMegaFusionPipeline:
         """Stage I's plan, then (given plan_2 and a stage II UNet) stage II's on stage I's output."""
         if plan_2 is not None and self.bundle.unet_2 is None:
             raise ValueError("a stage II plan needs the stage II UNet (load its folder too)")
-        timings: list[tuple[str, float]] = []
-        t0 = time.perf_counter()
-
-        def mark(name: str):
-            nonlocal t0
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            timings.append((name, now - t0))
-            t0 = now
+        clock = SegmentClock(self.device)
+        mark, timings = clock.mark, clock.timings
 
         cfg = max(opts.guidance_1, opts.guidance_2 if plan_2 is not None else 0.0) > 1.0
         states_both = self.encode(opts.prompt, opts.negative_prompt, cfg)

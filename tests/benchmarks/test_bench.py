@@ -161,7 +161,7 @@ def test_cold_start_runs_a_fresh_process(tmp_path):
 
     c = run_cold("dry run", ["--model", "tiny-sd15", "--prompt", "x", "--dry-run", "--output",
                              str(tmp_path / "x.png")], torch.device("cpu"))
-    assert c.returncode == 0 and c.seconds > 0 and "plan" in c.tail and c.device_peak_gib is None
+    assert c.returncode == 0 and c.seconds > 0 and "estimated peak" in c.tail and c.device_peak_gib is None
     assert "megafusion.cli.generate" in c.command and "--dry-run" in c.command
 
 

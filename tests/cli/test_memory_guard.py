@@ -3,6 +3,8 @@ the device, or --max-memory, is one line naming the estimate; --dry-run prints p
 loads nothing."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from megafusion.cli import generate as gen_cli
@@ -63,3 +65,16 @@ def test_dry_run_names_the_tiling_and_a_refusal_names_the_tiled_estimate(tmp_pat
     assert gen_cli.main([*args, "--max-memory", "0.001"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "with the VAE in 256-pixel tiles" in err and "(tiled 256)" in err
+
+
+def test_max_memory_caps_cudnn_workspaces(monkeypatch):
+    from megafusion.cli.common import CUDNN_WORKSPACE_ENV, cap_cudnn_workspace
+
+    monkeypatch.delenv(CUDNN_WORKSPACE_ENV, raising=False)
+    assert cap_cudnn_workspace(16) == 1638 and os.environ[CUDNN_WORKSPACE_ENV] == "1638"  # a tenth of 16 GiB
+    monkeypatch.delenv(CUDNN_WORKSPACE_ENV)
+    assert cap_cudnn_workspace(1) == 256 and cap_cudnn_workspace(100) is None  # the floor; a set value stays
+    monkeypatch.setenv(CUDNN_WORKSPACE_ENV, "64")
+    assert cap_cudnn_workspace(100) is None and os.environ[CUDNN_WORKSPACE_ENV] == "64"
+    monkeypatch.delenv(CUDNN_WORKSPACE_ENV)
+    assert cap_cudnn_workspace(200) == 4096  # the ceiling

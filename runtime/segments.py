@@ -1,0 +1,34 @@
+"""The clock every stage loop keeps: each segment (text encoders, a stage, a relay, the decode) is timed as it
+ends, after the device has finished its work, and reported to the caller's `on_segment` at once."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class SegmentClock:
+    """`mark(name)` closes the segment running since the last mark (or since the clock was made)."""
+
+    def __init__(self, device: torch.device, on_segment: Callable[[str, float], None] | None = None):
+        self.device = torch.device(device)
+        self.on_segment = on_segment
+        self.timings: list[tuple[str, float]] = []
+        """(segment, seconds) in the order they ended."""
+        if self.device.type == "cuda":  # the generation's own peak (GenerationResult.peak_memory_bytes)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._t0 = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings.append((name, now - self._t0))
+        if self.on_segment is not None:
+            self.on_segment(name, now - self._t0)
+        self._t0 = now
+
+    def peak_memory(self) -> int | None:
+        """Peak device memory allocated since the clock was made (CUDA only)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
