@@ -282,3 +282,22 @@ def cap_cudnn_workspace(max_memory_gib: float) -> int | None:
     cap = int(min(4096, max(256, max_memory_gib * 1024 / 10)))
     os.environ[CUDNN_WORKSPACE_ENV] = str(cap)
     return cap
+
+
+def finish_generation(result, out, segments_printed: bool) -> None:
+    """What mf-generate prints after a generation (segment times unless the progress bar printed them, the total,
+    the peak) and the PNG, written under a temporary name and renamed: never a half-written file at `out`."""
+    import os
+
+    for name, seconds in result.timings if not segments_printed else ():
+        print(f"  {name:<40} {seconds * 1000:10.1f} ms")
+    print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
+    if result.peak_memory_bytes is not None:
+        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(result.png_bytes())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({result.plan.output_width}x{result.plan.output_height})")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
-                     add_plan_arguments, add_precision_argument, run_main)
+                     add_plan_arguments, add_precision_argument, finish_generation, run_main)
 from .conditions import (add_condition_arguments, controls_from_args, image_start_from_args, ip_adapter_from_args,
                          loras_from_args)
 
@@ -274,18 +274,7 @@ def run(args: argparse.Namespace) -> int:
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
-    for name, seconds in result.timings if bar is None else ():
-        print(f"  {name:<40} {seconds * 1000:10.1f} ms")
-    print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
-    if result.peak_memory_bytes is not None:
-        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(result.png_bytes())
-        os.replace(tmp, out)  # never leave a half-written PNG under the requested name
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
+    finish_generation(result, out, segments_printed=bar is not None)
     return 0
 
 

@@ -6,10 +6,9 @@ before the model load, as for the UNet families.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from .common import UsageError
+from .common import UsageError, finish_generation
 
 
 def _refuse_unsupported(args: argparse.Namespace, family) -> None:
@@ -81,16 +80,5 @@ def run_flow(args: argparse.Namespace, family) -> int:
     finally:
         if bar is not None:
             bar.close()
-    for name, seconds in result.timings if bar is None else ():
-        print(f"  {name:<40} {seconds * 1000:10.1f} ms")
-    print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
-    if result.peak_memory_bytes is not None:
-        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(result.png_bytes())
-        os.replace(tmp, out)  # never leave a half-written PNG under the requested name
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {out} ({plan.output_width}x{plan.output_height})")
+    finish_generation(result, out, segments_printed=bar is not None)
     return 0
