@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from .dit_families import DiTFamily
-from .loading import (_HUB_ID_RE, PICKLE_SUFFIXES, WeightsError, _read_config, _scale_side, _seeded,
-                      builtin_tokenizer)
+from .loading import (PICKLE_SUFFIXES, WeightsError, _read_config, _scale_side, _seeded, builtin_tokenizer,
+                      load_options, weights_source)
 from .tiny_t5 import tiny_t5_tokenizer
 
 PIPELINE_CLASS = {"sd3": "StableDiffusion3", "flux": "Flux"}
@@ -178,20 +178,10 @@ def load_pretrained_dit(family: DiTFamily, path_or_id: str, device="cpu", dtype=
                         allow_pickle: bool = False) -> DiTBundle:
     """Loads a local diffusers folder (or a hub id where the network allows) with its own tokenizers."""
     from diffusers import AutoencoderKL
-    from diffusers.utils import is_accelerate_available
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    root = Path(path_or_id).expanduser()
-    if root.exists():
-        check_dit_folder(family, root, allow_pickle)
-        src = str(root)
-    elif _HUB_ID_RE.match(path_or_id) and not path_or_id.startswith((".", "/")):
-        src = path_or_id
-    else:
-        raise WeightsError(f"model path {path_or_id!r} does not exist; pass --model-path DIR (a local diffusers "
-                           "folder) or --random-weights")
-    kw: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-    low_mem = {"low_cpu_mem_usage": is_accelerate_available()}
+    src = weights_source(path_or_id, lambda root: check_dit_folder(family, root, allow_pickle))
+    kw, low_mem = load_options(allow_pickle)
     names = components(family)
     n_enc = len(family.text_encoders) + 1
     try:
@@ -211,8 +201,8 @@ def load_pretrained_dit(family: DiTFamily, path_or_id: str, device="cpu", dtype=
         raise WeightsError(f"could not load {family.name} weights from {src!r}: {first}. Pass --model-path DIR "
                            "(a local diffusers folder) or --random-weights") from None
     family = dit_family_for_config(family, transformer.config, vae.config, src)
-    if root.exists():
-        family = with_folder_scheduler(family, root)
+    if Path(src).exists():  # a local folder's own scheduler config
+        family = with_folder_scheduler(family, Path(src))
     return to_device(DiTBundle(family, transformer, vae, encoders, tokenizers, src), device, dtype)
 
 

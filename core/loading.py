@@ -5,7 +5,7 @@ import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -230,28 +230,35 @@ def resolve_family(name: str, model_path: str | None = None) -> ModelFamily:
     return folder_family(family, model_path)
 
 
+def weights_source(path_or_id: str, check_folder: Callable[[Path], None]) -> str:
+    """A local folder (checked by `check_folder`) or a hub id; WeightsError naming a path that does not exist."""
+    root = Path(path_or_id).expanduser()
+    if root.exists():
+        check_folder(root)
+        return str(root)
+    if _HUB_ID_RE.match(path_or_id) and not path_or_id.startswith((".", "/")):
+        return path_or_id
+    raise WeightsError(f"model path {path_or_id!r} does not exist; pass --model-path DIR (a local diffusers folder) "
+                       "or --random-weights")
+
+
+def load_options(allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """diffusers' from_pretrained keywords: safetensors only unless pickle is allowed (then each component takes
+    whichever it has), and low_cpu_mem_usage as diffusers falls back to anyway without accelerate, said up front
+    (no install banner on every load)."""
+    from diffusers.utils import is_accelerate_available
+
+    return {"use_safetensors": None if allow_pickle else True}, {"low_cpu_mem_usage": is_accelerate_available()}
+
+
 def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=torch.float32,
                     allow_pickle: bool = False) -> ModelBundle:
     """Loads a local diffusers folder, or a hub id where the network allows."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    root = Path(path_or_id).expanduser()
-    if root.exists():
-        _check_folder(family, root, allow_pickle)
-        src: str = str(root)
-    elif _HUB_ID_RE.match(path_or_id) and not path_or_id.startswith((".", "/")):
-        src = path_or_id
-    else:
-        raise WeightsError(
-            f"model path {path_or_id!r} does not exist; pass --model-path DIR (a local diffusers folder) "
-            "or --random-weights"
-        )
-    # Safetensors only, unless pickle is allowed: then each component takes whichever it has.
-    kw: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-    # What diffusers falls back to anyway without accelerate, said up front: no install banner on every load.
-    low_mem = {"low_cpu_mem_usage": is_accelerate_available()}
+    src = weights_source(path_or_id, lambda root: _check_folder(family, root, allow_pickle))
+    kw, low_mem = load_options(allow_pickle)
     try:
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw, **low_mem)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw, **low_mem)
