@@ -57,11 +57,11 @@ def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
 
 
 def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, path: str | os.PathLike, *,
-                device: str = "cpu", trace_context=contextlib.nullcontext) -> ExportResult:
+                device: str = "cpu", kernel_context=contextlib.nullcontext) -> ExportResult:
     """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`).
 
-    `trace_context()` is entered around the trace: kernel choices made while tracing (which SDPA backend an
-    attention call lowers to) are recorded in the exported graph."""
+    `kernel_context()` is entered around the compile: kernel choices made there (which SDPA backend an attention
+    call lowers to) are what the package runs."""
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
@@ -82,10 +82,12 @@ def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, p
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else contextlib.nullcontext()
-            with ctx, trace_context():
+            with ctx:
                 ep = torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[n] for n in names), strict=False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+            # The exported graph keeps aten.scaled_dot_product_attention; Inductor picks its kernel while compiling.
+            with kernel_context():
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained

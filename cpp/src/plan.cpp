@@ -99,6 +99,31 @@ StagePlan validate_plan(const Family& f, const std::vector<StageSize>& stages, s
   return StagePlan{stages, out_h, out_w};
 }
 
+// Past the template's reach (docs/ALGORITHM.md §2, "Large sizes"; core/plan.py _doubling_stages): K = 1 +
+// ceil(log2 ratio) stages whose sides grow by the same factor, at most 2x per relay; stage 1 keeps the template's
+// steps, the later stages share the rest evenly.
+static std::vector<StageSize> doubling_stages(const Family& f, int h1, int w1, int hf, int wf, double ratio,
+                                              std::optional<int> total_steps) {
+  const int m = f.pixel_multiple;
+  const int k_last = static_cast<int>(std::ceil(std::log2(ratio) - 1e-9));
+  int rest = 0;
+  for (size_t i = 1; i < f.default_stages.size(); ++i) rest += f.default_stages[i].steps;
+  std::vector<int> steps{f.default_stages[0].steps};
+  for (int k = 0; k < k_last; ++k) steps.push_back(rest / k_last + (k < rest % k_last ? 1 : 0));
+  if (total_steps) steps = split_steps(*total_steps, steps);
+  std::vector<StageSize> stages;
+  for (int k = 0; k <= k_last; ++k) {
+    const double frac = static_cast<double>(k) / k_last;
+    const int hk = k == k_last ? hf : round_to(h1 * std::pow(static_cast<double>(hf) / h1, frac), m);
+    const int wk = k == k_last ? wf : round_to(w1 * std::pow(static_cast<double>(wf) / w1, frac), m);
+    if (!stages.empty() && stages.back().height == hk && stages.back().width == wk)
+      stages.back().steps += steps[k];
+    else
+      stages.push_back({hk, wk, steps[k]});
+  }
+  return stages;
+}
+
 StagePlan default_plan(const Family& f, std::optional<int> width, std::optional<int> height,
                        std::optional<int> total_steps) {
   int w = 0, h = 0;
@@ -124,6 +149,9 @@ StagePlan default_plan(const Family& f, std::optional<int> width, std::optional<
   const int n_total = total_steps ? *total_steps : std::accumulate(steps.begin(), steps.end(), 0);
   if (h1 == hf && w1 == wf) return validate_plan(f, {{hf, wf, n_total}}, w, h);
   const int k_last = static_cast<int>(f.default_stages.size()) - 1;
+  const double ratio = std::max(static_cast<double>(hf) / h1, static_cast<double>(wf) / w1);
+  if (1 + (ratio - 1) / std::max(k_last, 1) > kMaxRelayFactor)  // the template's first relay would pass 2x a side
+    return validate_plan(f, doubling_stages(f, h1, w1, hf, wf, ratio, total_steps), w, h);
   if (total_steps) steps = split_steps(*total_steps, steps);
   std::vector<StageSize> stages;
   for (int k = 0; k <= k_last; ++k) {

@@ -15,6 +15,7 @@ namespace megafusion {
 
 constexpr int kMaxSide = 16384;
 constexpr double kMinStageAreaFraction = 0.75;
+constexpr double kMaxRelayFactor = 2.0;  // largest side ratio of one default relay (core/plan.py MAX_RELAY_FACTOR)
 constexpr int kMaxTotalSteps = 999;  // as core/plan.py: 1000 steps + offset 1 would need t = 1000
 
 // A plan or size the model cannot run; what() names the bad value (same text as Python's PlanError).

@@ -1,6 +1,7 @@
 #include "context.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
@@ -147,6 +148,9 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
     vocab_sizes_ = facts->second.vocab_sizes;
   }
   backend_ = choose_backend(folder_, family_->name, device_.is_cuda(), kWithTensorRT);
+  // Packages call cuDNN for their convolutions: let it time its algorithms per shape, as the Python runtime does
+  // when it opens aoti engines (engine/aoti_backend.py).
+  if (device_.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
   // UNet precision: fp16 on a GPU, fp32 on the CPU, else whichever the folder has (select_entries then names
   // what is missing if neither).
   precision_ = device_.is_cuda() ? "fp16" : "fp32";
