@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -163,11 +164,13 @@ def run(args: argparse.Namespace) -> int:
     if tiling is not None and args.engines:
         raise UsageError(f"this plan needs tiled VAE passes ({tiling.tile}-pixel tiles) to fit, which run on the "
                          "PyTorch VAE, not on --engines; leave out --engines or ask for a smaller --size")
+    t_load = time.perf_counter()  # load and open times are printed: a fresh process's start is mostly these
     if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     else:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
+    print(f"model loaded in {time.perf_counter() - t_load:.1f} s")
     if loras:
         from ..core.lora import LoraError, fuse_loras
 
@@ -185,11 +188,12 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
 
+        t_open = time.perf_counter()
         try:
             nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype)
         except EngineError as e:
             raise UsageError(str(e)) from None
-        print(f"engines: {desc}")
+        print(f"engines: {desc} (weights checked and packages opened in {time.perf_counter() - t_open:.1f} s)")
     elif mode == "compiled":
         from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
