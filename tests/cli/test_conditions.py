@@ -38,14 +38,6 @@ def test_photo_of_another_shape_warns(photo, tmp_path, capsys):
     assert "--image" in err and "is 256x128" in err and "changes its aspect ratio" in err
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def load_model(*a, **kw):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr("megafusion.core.loading.load_model", load_model)
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--image", "{missing}"], "no such file"),
     (["--image", "{garbage}"], "not a readable image"),

@@ -12,12 +12,7 @@ from megafusion.cli import generate as gen_cli
 PROMPT = ["--prompt", "a red cube"]
 
 
-@pytest.fixture(autouse=True)
-def no_model_load(monkeypatch):
-    def load_model(*a, **kw):
-        raise AssertionError("the model was loaded before the memory check")
-
-    monkeypatch.setattr("megafusion.core.loading.load_model", load_model)
+pytestmark = pytest.mark.usefixtures("no_model_load")  # the memory check comes before any load
 
 
 def test_a_plan_larger_than_the_machine_is_refused_naming_the_estimate(tmp_path, capsys):

@@ -5,29 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.cli import bench as bench_cli
-from megafusion.cli import build_engines as build_cli
 from megafusion.cli import generate as gen_cli
 from megafusion.cli.common import UsageError, fp8_dtype_from_args
 
-TOOLS = {"mf-generate": gen_cli.main, "mf-bench": bench_cli.main, "mf-build-engines": build_cli.main}
+from tests.cli.refusals import refused as _refused
 
-
-@pytest.fixture(autouse=True)
-def no_model_load(monkeypatch):
-    def load_model(*a, **kw):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr("megafusion.core.loading.load_model", load_model)
-
-
-def _refused(prog, argv, capsys, *needles):
-    rc = TOOLS[prog](argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
-    for n in needles:
-        assert n in err, err
+pytestmark = pytest.mark.usefixtures("no_model_load")
 
 
 GEN = ["--model", "tiny-sdxl", "--prompt", "x", "--no-progress", "--stages", "128x128:1"]

@@ -12,13 +12,7 @@ from megafusion.core.loading import WeightsError
 from megafusion.core.tiny_t5 import EOS_ID, PAD_ID, UNK_ID, tiny_t5_config, tiny_t5_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one thread keeps the tiny UNets from thrashing (restored afterwards).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 
 from megafusion.cli.generate import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_if_writes_the_stage_two_image(tmp_path, capsys):
