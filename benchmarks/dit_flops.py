@@ -6,32 +6,23 @@ for the transformer, every relay's VAE decode and encode, and the final decode; 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..core.dit_families import DiTFamily
 from ..core.plan import StagePlan
-from .flops import ZERO, ForwardCost, PlanCost, SegmentCost, _tera, count_forward
+from .flops import ZERO, ForwardCost, PlanCost, SegmentCost, VaeCostCounter, _tera, count_forward
 
 
-class DiTCostCounter:
+class DiTCostCounter(VaeCostCounter):
     """A transformer family's networks built on the meta device once; forwards counted on meta tensors."""
 
     def __init__(self, family: DiTFamily):
-        from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-        self.family = family
+        super().__init__(family)
         cls = SD3Transformer2DModel if family.kind == "sd3" else FluxTransformer2DModel
         with torch.device("meta"):
             self.transformer_module = cls(**family.transformer)
-            self.vae_module = AutoencoderKL(**family.vae)
-        self._memo: dict[tuple, ForwardCost] = {}
-
-    def _cached(self, key: tuple, make: Callable[[], ForwardCost]) -> ForwardCost:
-        if key not in self._memo:
-            self._memo[key] = make()
-        return self._memo[key]
 
     @property
     def text_tokens(self) -> int:
@@ -62,22 +53,6 @@ class DiTCostCounter:
         return count_forward(m, lambda: m(hidden_states=z, timestep=t / 1000, guidance=g, pooled_projections=pooled,
                                           encoder_hidden_states=states, txt_ids=txt_ids, img_ids=img_ids,
                                           return_dict=False))
-
-    def vae_decode(self, height: int, width: int) -> ForwardCost:
-        vs = self.family.vae_scale
-
-        def make():
-            with torch.device("meta"):
-                z = torch.empty(1, self.family.latent_channels, height // vs, width // vs)
-            return count_forward(self.vae_module, lambda: self.vae_module.decode(z, return_dict=False))
-        return self._cached(("decode", height, width), make)
-
-    def vae_encode(self, height: int, width: int) -> ForwardCost:
-        def make():
-            with torch.device("meta"):
-                x = torch.empty(1, 3, height, width)
-            return count_forward(self.vae_module, lambda: self.vae_module.encode(x).latent_dist.mean)
-        return self._cached(("encode", height, width), make)
 
 
 def dit_plan_cost(counter: DiTCostCounter, plan: StagePlan, cfg: bool = True, relay: str = "pixel") -> PlanCost:

@@ -96,23 +96,52 @@ def count_forward(module: torch.nn.Module, call: Callable[[], object]) -> Forwar
     return ForwardCost(macs[0], int(counter.get_total_flops()), int(attention))
 
 
-class MetaCostCounter:
-    """A family's networks built on the meta device once; forwards counted on meta tensors, memoised."""
+class VaeCostCounter:
+    """The VAE passes of a family whose `vae` config builds an `AutoencoderKL`, counted on the meta device and
+    memoised; the counters of the UNet and the transformer families add their denoisers."""
 
-    def __init__(self, family: ModelFamily):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+    def __init__(self, family):
+        from diffusers import AutoencoderKL
 
         self.family = family
         with torch.device("meta"):
-            self.unet_module = UNet2DConditionModel(**family.unet)
             self.vae_module = AutoencoderKL(**family.vae)
         self._memo: dict[tuple, ForwardCost] = {}
-        self._text_modules: list[torch.nn.Module] | None = None
 
     def _cached(self, key: tuple, make: Callable[[], ForwardCost]) -> ForwardCost:
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
+
+    def vae_decode(self, height: int, width: int) -> ForwardCost:
+        """Decoding one latent to a (height, width) image."""
+        vs = self.family.vae_scale
+
+        def make():
+            with torch.device("meta"):
+                z = torch.empty(1, self.vae_module.config.latent_channels, height // vs, width // vs)
+            return count_forward(self.vae_module, lambda: self.vae_module.decode(z, return_dict=False))
+        return self._cached(("decode", height, width), make)
+
+    def vae_encode(self, height: int, width: int) -> ForwardCost:
+        """Encoding one (height, width) image to its posterior mean."""
+        def make():
+            with torch.device("meta"):
+                x = torch.empty(1, 3, height, width)
+            return count_forward(self.vae_module, lambda: self.vae_module.encode(x).latent_dist.mean)
+        return self._cached(("encode", height, width), make)
+
+
+class MetaCostCounter(VaeCostCounter):
+    """A family's networks built on the meta device once; forwards counted on meta tensors, memoised."""
+
+    def __init__(self, family: ModelFamily):
+        from diffusers import UNet2DConditionModel
+
+        super().__init__(family)
+        with torch.device("meta"):
+            self.unet_module = UNet2DConditionModel(**family.unet)
+        self._text_modules: list[torch.nn.Module] | None = None
 
     def unet(self, height: int, width: int, batch: int = 2, dilation: int = 1) -> ForwardCost:
         """One UNet forward at pixel size (height, width); batch 2 is one CFG step."""
@@ -135,24 +164,6 @@ class MetaCostCounter:
                 sample, t, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False))
         finally:
             set_mid_dilation(self.unet_module, 1)
-
-    def vae_decode(self, height: int, width: int) -> ForwardCost:
-        """Decoding one latent to a (height, width) image."""
-        vs = self.family.vae_scale
-
-        def make():
-            with torch.device("meta"):
-                z = torch.empty(1, self.family.vae["latent_channels"], height // vs, width // vs)
-            return count_forward(self.vae_module, lambda: self.vae_module.decode(z, return_dict=False))
-        return self._cached(("decode", height, width), make)
-
-    def vae_encode(self, height: int, width: int) -> ForwardCost:
-        """Encoding one (height, width) image to its posterior mean."""
-        def make():
-            with torch.device("meta"):
-                x = torch.empty(1, 3, height, width)
-            return count_forward(self.vae_module, lambda: self.vae_module.encode(x).latent_dist.mean)
-        return self._cached(("encode", height, width), make)
 
     def text_encoders(self) -> ForwardCost:
         """Encoding one prompt (77 tokens) with every text encoder of the family."""
