@@ -6,7 +6,6 @@ CLIP tokenizer and the built-in T5 one (`tiny_t5`); a real folder's own tokenize
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from .dit_families import DiTFamily
 from .loading import (PICKLE_SUFFIXES, WeightsError, _read_config, _scale_side, _seeded, builtin_tokenizer,
-                      load_options, weights_source)
+                      load_options, pipeline_class_name, weights_source)
 from .tiny_t5 import tiny_t5_tokenizer
 
 PIPELINE_CLASS = {"sd3": "StableDiffusion3", "flux": "Flux"}
@@ -126,14 +125,8 @@ def dit_family_for_config(family: DiTFamily, transformer_config: Mapping[str, An
 
 def check_dit_folder(family: DiTFamily, root: Path, allow_pickle: bool) -> None:
     """Validates a diffusers folder of this family; refuses pickle-only components unless allowed."""
-    index = root / "model_index.json"
-    if not index.is_file():
-        raise WeightsError(f"{root} is not a diffusers model folder: {index} is missing")
-    try:
-        cls_name = json.loads(index.read_text()).get("_class_name", "")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise WeightsError(f"{index} is not valid JSON: {e}") from None
-    if not str(cls_name).startswith(PIPELINE_CLASS[family.kind]):
+    cls_name = pipeline_class_name(root)
+    if not cls_name.startswith(PIPELINE_CLASS[family.kind]):
         raise WeightsError(f"{root} holds a {cls_name or 'pipeline of unknown class'}, not a {family.kind} model "
                            f"(--model {family.name})")
     needed = components(family)

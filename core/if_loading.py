@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .if_family import IFFamily, get_if_family
-from .loading import WeightsError, _seeded
+from .loading import WeightsError, _seeded, pipeline_class_name
 
 
 @dataclass
@@ -78,10 +78,7 @@ def _scheduler_config(path: Path) -> dict[str, Any]:
 
 
 def _check_if_folder(root: Path, cls: str, needed: tuple[str, ...]) -> None:
-    index = root / "model_index.json"
-    if not index.is_file():
-        raise WeightsError(f"{root} is not a diffusers model folder: {index} is missing")
-    found = _read_json(index).get("_class_name", "")
+    found = pipeline_class_name(root)
     if found != cls:
         raise WeightsError(f"{root} holds a {found or 'pipeline of unknown class'}, not an {cls}")
     missing = [c for c in needed if not (root / c).is_dir()]

@@ -114,15 +114,21 @@ _COMPONENTS_SD15 = ("unet", "vae", "text_encoder", "tokenizer")
 _COMPONENTS_SDXL = _COMPONENTS_SD15 + ("text_encoder_2", "tokenizer_2")
 
 
-def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> None:
-    """Validates a diffusers folder; refuses pickle-only components unless allowed."""
+def pipeline_class_name(root: Path) -> str:
+    """The `_class_name` of a diffusers folder's model_index.json ('' if it names none); WeightsError naming the
+    folder when the index is missing, or the file when it is not a JSON object."""
     index = root / "model_index.json"
     if not index.is_file():
         raise WeightsError(f"{root} is not a diffusers model folder: {index} is missing")
     try:
-        cls_name = json.loads(index.read_text()).get("_class_name", "")
+        return str(json.loads(index.read_text()).get("_class_name", ""))
     except (json.JSONDecodeError, AttributeError) as e:
         raise WeightsError(f"{index} is not valid JSON: {e}") from None
+
+
+def _check_folder(family: ModelFamily, root: Path, allow_pickle: bool) -> None:
+    """Validates a diffusers folder; refuses pickle-only components unless allowed."""
+    cls_name = pipeline_class_name(root)
     if ("XL" in cls_name) != family.is_xl:
         raise WeightsError(
             f"{root} holds a {cls_name or 'pipeline of unknown class'}, not a {family.kind} model "
