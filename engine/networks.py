@@ -37,6 +37,19 @@ class Networks(Protocol):
         """Text encoder `index`: (hidden states the UNet reads, pooled projection or None)."""
 
 
+class WrappedNetworks:
+    """`Networks` that change some calls of `base` (a ControlNet on the UNet step, an IP-Adapter, tiled VAE passes)
+    and pass every other call and attribute (dtypes, `capturable`, `bundle`) to it unchanged."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getattr__(self, name):
+        if name == "base":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
 class TorchNetworks:
     """The PyTorch modules themselves."""
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..core.dilation import mid_dilation
 from ..core.plan import StagePlan
-from ..engine.networks import TorchNetworks
+from ..engine.networks import TorchNetworks, WrappedNetworks
 from .ipadapter import IPAdapterNetworks
 
 
@@ -96,13 +96,12 @@ def load_controlnet(path: str | Path, unet: torch.nn.Module, device, dtype) -> t
     return model.to(device=device, dtype=dtype).eval()
 
 
-class ControlledNetworks:
+class ControlledNetworks(WrappedNetworks):
     """Torch networks whose UNet step adds the ControlNets' residuals (implements engine.networks.Networks)."""
 
     def __init__(self, base: TorchNetworks | IPAdapterNetworks, controls: list[Control], device):
-        self.base, self.controls, self.device = base, controls, torch.device(device)
-        self.unet_dtype, self.vae_dtype, self.capturable = base.unet_dtype, base.vae_dtype, base.capturable
-        self.bundle = base.bundle
+        super().__init__(base)
+        self.controls, self.device = controls, torch.device(device)
         self.scales = torch.zeros(len(controls), 1000, device=self.device)
         """scale * keep of ControlNet j at timestep t: indexed by t on the device, so no host value enters a step."""
         self.images: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -145,12 +144,3 @@ class ControlledNetworks:
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return self.base.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, (down, mid))
-
-    def vae_decode(self, latents):
-        return self.base.vae_decode(latents)
-
-    def vae_encode(self, images):
-        return self.base.vae_encode(images)
-
-    def encode_text(self, index, input_ids):
-        return self.base.encode_text(index, input_ids)

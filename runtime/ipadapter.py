@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core.dilation import mid_dilation
-from ..engine.networks import TorchNetworks
+from ..engine.networks import TorchNetworks, WrappedNetworks
 
 
 class IPAdapterError(ValueError):
@@ -101,12 +101,11 @@ def cfg_image_embeds(image_embeds: torch.Tensor, cfg: bool) -> torch.Tensor:
     return torch.cat([torch.zeros_like(image_embeds), image_embeds]) if cfg else image_embeds
 
 
-class IPAdapterNetworks:
+class IPAdapterNetworks(WrappedNetworks):
     """Torch networks whose UNet gets the IP-Adapter image embeddings at every call (implements Networks)."""
 
     def __init__(self, base: TorchNetworks, image_embeds: torch.Tensor):
-        self.base, self.bundle = base, base.bundle
-        self.unet_dtype, self.vae_dtype, self.capturable = base.unet_dtype, base.vae_dtype, base.capturable
+        super().__init__(base)
         self.image_embeds = image_embeds
         """(1, n_images, D) embeddings of the IP-Adapter image (the image encoder's `image_embeds`)."""
 
@@ -125,12 +124,3 @@ class IPAdapterNetworks:
             out = self.base.unet_fn(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
                                     added_cond_kwargs=added, return_dict=False, **extra)[0]
         return out.float()
-
-    def vae_decode(self, latents):
-        return self.base.vae_decode(latents)
-
-    def vae_encode(self, images):
-        return self.base.vae_encode(images)
-
-    def encode_text(self, index, input_ids):
-        return self.base.encode_text(index, input_ids)

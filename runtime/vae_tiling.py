@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.networks import WrappedNetworks
+
 DEFAULT_TILE = 2048
 """Tile core side in image pixels: at SDXL's 8192 a decode is 16 tiles whose halos add about a quarter."""
 
@@ -242,25 +244,23 @@ def tiled_encode(vae: torch.nn.Module, images: torch.Tensor, tile: int = DEFAULT
         return moments.chunk(2, dim=1)[0]  # the posterior's mean, as DiagonalGaussianDistribution splits it
 
 
-class TiledVaeNetworks:
+class TiledVaeNetworks(WrappedNetworks):
     """Any `Networks` whose VAE passes larger than one tile run tiled on the torch VAE `vae` (the UNet, text
     encoders and small passes go to the wrapped networks unchanged). Like `TorchNetworks`: float32 in and out,
     the VAE in its own dtype inside."""
 
-    def __init__(self, inner, vae: torch.nn.Module, tiling: VaeTiling):
-        self.inner, self.vae, self.tiling = inner, vae, tiling
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def __init__(self, base, vae: torch.nn.Module, tiling: VaeTiling):
+        super().__init__(base)
+        self.vae, self.tiling = vae, tiling
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         h, w = latents.shape[-2:]
         f = 2 ** sum(1 for b in self.vae.decoder.up_blocks if b.upsamplers)
         if not self.tiling.tiles(h * f, w * f):
-            return self.inner.vae_decode(latents)
+            return self.base.vae_decode(latents)
         return tiled_decode(self.vae, latents.to(self.vae.dtype), self.tiling.tile).float()
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         if not self.tiling.tiles(*images.shape[-2:]):
-            return self.inner.vae_encode(images)
+            return self.base.vae_encode(images)
         return tiled_encode(self.vae, images.to(self.vae.dtype), self.tiling.tile).float()
