@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.dilation import mid_dilation
 from ..core.plan import StagePlan
 from ..engine.networks import TorchNetworks, WrappedNetworks
+from .image_files import read_rgb
 from .ipadapter import IPAdapterNetworks
 
 
@@ -60,18 +61,7 @@ def resize_control(image: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 def read_control_image(path: str | Path) -> torch.Tensor:
     """An image file as (1, 3, H, W) float32 in [0, 1] (RGB); ControlInputError names a bad file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ControlInputError(f"--control-image {str(path)!r}: no such file")
-    try:
-        with Image.open(p) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ControlInputError(f"--control-image {str(path)!r}: not a readable image ({e})") from None
-    return torch.from_numpy(rgb / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return read_rgb(path, "--control-image", ControlInputError)
 
 
 def load_controlnet(path: str | Path, unet: torch.nn.Module, device, dtype) -> torch.nn.Module:

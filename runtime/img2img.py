@@ -11,12 +11,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..core.plan import StagePlan
 from ..engine.networks import Networks
 from .fused_relay import relay_resize
+from .image_files import read_rgb
 from .schedule import StageSchedule
 
 
@@ -81,17 +81,7 @@ def skip_steps(schedule: StageSchedule, steps: int) -> StageSchedule:
 
 def read_image(path: str | Path) -> torch.Tensor:
     """A photo file as (1, 3, H, W) float32 in [-1, 1] (RGB; alpha dropped); ImageInputError names a bad file."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ImageInputError(f"--image {str(path)!r}: no such file")
-    try:
-        with Image.open(p) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageInputError(f"--image {str(path)!r}: not a readable image ({e})") from None
-    return torch.from_numpy(rgb / 255.0 * 2.0 - 1.0).permute(2, 0, 1).unsqueeze(0).contiguous()  # as diffusers
+    return read_rgb(path, "--image", ImageInputError) * 2.0 - 1.0  # as diffusers' image processor scales
 
 
 def encode_image(nets: Networks, image: torch.Tensor, height: int, width: int, scaling: float,
