@@ -10,7 +10,7 @@ import torch
 
 from ..core.dit_families import DiTFamily
 from ..core.plan import StagePlan
-from .flops import ZERO, ForwardCost, PlanCost, SegmentCost, VaeCostCounter, _tera, count_forward
+from .flops import ZERO, ForwardCost, PlanCost, VaeCostCounter, count_forward, plan_segments
 
 
 class DiTCostCounter(VaeCostCounter):
@@ -59,20 +59,8 @@ def dit_plan_cost(counter: DiTCostCounter, plan: StagePlan, cfg: bool = True, re
     """Per-segment costs of `plan` as the flow pipeline runs it (CFG batch 2 for SD3 when `cfg`; FLUX never).
     Text encoders are not counted (a row of zeros keeps the segment order of `GenerationResult.timings`)."""
     batch = 2 if cfg and counter.family.cfg else 1
-    segs = [SegmentCost("text encoders", "text", 0.0, 0.0, 0.0)]
-    for k, st in enumerate(plan.stages):
-        if k > 0:
-            prev = plan.stages[k - 1]
-            vae = ZERO
-            if relay == "pixel":
-                vae = counter.vae_decode(prev.height, prev.width) + counter.vae_encode(st.height, st.width)
-            segs.append(SegmentCost(f"relay {k}->{k + 1}", "relay", 0.0, *_tera(vae)))
-        step = counter.transformer(st.height, st.width, batch) * st.steps
-        segs.append(SegmentCost(f"stage {k + 1} ({st.width}x{st.height}, {st.steps} steps)", "stage",
-                                step.macs / 1e9, *_tera(step)))
-    last = plan.stages[-1]
-    segs.append(SegmentCost("decode", "decode", 0.0, *_tera(counter.vae_decode(last.height, last.width))))
-    return PlanCost(counter.family.name, plan.describe(), batch == 2, tuple(segs))
+    segs = plan_segments(counter, plan, ZERO, lambda k, st: counter.transformer(st.height, st.width, batch), relay)
+    return PlanCost(counter.family.name, plan.describe(), batch == 2, segs)
 
 
 PAPER_SD3_GMACS = {"sd3 2048 direct": 433.9e3, "sd3 2048 megafusion": 201.4e3}

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..core.dilation import set_mid_dilation
 from ..core.families import SD15, ModelFamily
-from ..core.plan import StagePlan
+from ..core.plan import Stage, StagePlan
 
 PAPER_TABLE1_GMACS = {
     "sd15 1024 direct": 135.0e3,
@@ -234,14 +234,12 @@ def _tera(c: ForwardCost) -> tuple[float, float]:
     return c.flops / 1e12, c.attention_flops / 1e12
 
 
-def plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool = True, relay: str = "pixel",
-              dilation: int = 2) -> PlanCost:
-    """Per-segment costs of `plan`, as the engine runs it (truncation still runs the last UNet step)."""
-    fam = counter.family
-    text_passes = 1 + (cfg and not fam.is_xl)  # SDXL's empty negative prompt is zeros, not encoded
-    text = counter.text_encoders() * text_passes
+def plan_segments(counter: VaeCostCounter, plan: StagePlan, text: ForwardCost,
+                  step: Callable[[int, Stage], ForwardCost], relay: str = "pixel") -> tuple[SegmentCost, ...]:
+    """The segments of `plan` in the order a stage loop times them: the text encoders (`text`), each stage's
+    denoiser steps (`step(k, stage)` is one step of stage k; truncation still runs the last one), each relay's VAE
+    decode and encode (pixel relay), the final decode."""
     segs = [SegmentCost("text encoders", "text", 0.0, *_tera(text))]
-    batch = 2 if cfg else 1
     for k, st in enumerate(plan.stages):
         if k > 0:
             prev = plan.stages[k - 1]
@@ -249,12 +247,23 @@ def plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool = True, relay
             if relay == "pixel":
                 vae = counter.vae_decode(prev.height, prev.width) + counter.vae_encode(st.height, st.width)
             segs.append(SegmentCost(f"relay {k}->{k + 1}", "relay", 0.0, *_tera(vae)))
-        step = counter.unet(st.height, st.width, batch, 1 if k == 0 else dilation) * st.steps
+        cost = step(k, st) * st.steps
         segs.append(SegmentCost(f"stage {k + 1} ({st.width}x{st.height}, {st.steps} steps)", "stage",
-                                step.macs / 1e9, *_tera(step)))
+                                cost.macs / 1e9, *_tera(cost)))
     last = plan.stages[-1]
     segs.append(SegmentCost("decode", "decode", 0.0, *_tera(counter.vae_decode(last.height, last.width))))
-    return PlanCost(fam.name, plan.describe(), cfg, tuple(segs))
+    return tuple(segs)
+
+
+def plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool = True, relay: str = "pixel",
+              dilation: int = 2) -> PlanCost:
+    """Per-segment costs of `plan`, as the engine runs it."""
+    fam = counter.family
+    text_passes = 1 + (cfg and not fam.is_xl)  # SDXL's empty negative prompt is zeros, not encoded
+    batch = 2 if cfg else 1
+    segs = plan_segments(counter, plan, counter.text_encoders() * text_passes,
+                         lambda k, st: counter.unet(st.height, st.width, batch, 1 if k == 0 else dilation), relay)
+    return PlanCost(fam.name, plan.describe(), cfg, segs)
 
 
 def paper_scaled_gmacs(sd15_counter: MetaCostCounter, plan: StagePlan) -> float:
