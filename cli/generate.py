@@ -326,11 +326,13 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
                          + "; ask for a smaller --size, a 16-bit --vae-dtype or --relay latent"
                          + (", or leave out --no-vae-tile" if tile[0] == "off" else ""))
     if args.max_memory is not None and device.type == "cuda":
-        from .common import cap_cudnn_workspace
+        from .common import cap_cudnn_workspace, cap_device_memory
 
         cap = cap_cudnn_workspace(args.max_memory)
         if cap is not None:
             print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
+        fraction = cap_device_memory(args.max_memory, device)
+        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
     return tiling
 
 

@@ -73,3 +73,18 @@ def test_max_memory_caps_cudnn_workspaces(monkeypatch):
     assert cap_cudnn_workspace(100) is None and os.environ[CUDNN_WORKSPACE_ENV] == "64"
     monkeypatch.delenv(CUDNN_WORKSPACE_ENV)
     assert cap_cudnn_workspace(200) == 4096  # the ceiling
+
+
+def test_max_memory_bounds_what_pytorch_reserves(monkeypatch):
+    """--max-memory on CUDA sets the caching allocator's per-process fraction from the budget (capped at the whole
+    device), so reserved memory stays under it; checked on the CPU through the calls it makes."""
+    import torch
+
+    from megafusion.cli.common import cap_device_memory
+
+    seen = []
+    props = type("Props", (), {"total_memory": 140 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: seen.append((f, device)))
+    assert cap_device_memory(35, "cuda:0") == 0.25 and seen == [(0.25, "cuda:0")]
+    assert cap_device_memory(500, "cuda:0") == 1.0 and seen[-1] == (1.0, "cuda:0")
