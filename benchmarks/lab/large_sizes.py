@@ -26,7 +26,7 @@ from megafusion.core.memory import GiB
 from megafusion.core.plan import Stage, default_plan, parse_size, validate_plan
 from megafusion.core.specs import default_vae_dtype
 from megafusion.engine.networks import TorchNetworks
-from megafusion.runtime.memory_plan import plan_memory
+from megafusion.runtime.memory_plan import MODES, plan_memory
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 from megafusion.runtime.vae_tiling import TiledVaeNetworks, VaeTiling
 
@@ -48,7 +48,9 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
     row = {"run": name, "plan": plan.describe(), "relay": relay, "estimate_lines": memory.describe(),
            "estimated_peak_gib": memory.estimate.peak_bytes / GiB,
            "estimated_segments": [(n, p / GiB) for n, p in memory.estimate.stage_peaks()],
-           "vae_tiling": memory.tiling.tile if memory.tiling else None, "vae_tiling_why": memory.why}
+           "vae_tiling": memory.tiling.tile if memory.tiling else None, "vae_tiling_why": memory.why,
+           "vae_parked": bool(memory.tiling and memory.tiling.park),
+           "estimated_host_gib": memory.estimate.host_bytes / GiB}
     if not memory.fits:
         row["skipped"] = f"estimate {row['estimated_peak_gib']:.1f} GiB exceeds the budget {limit / GiB:.1f} GiB"
         print(f"{name}: skipped, {row['skipped']}")
@@ -85,8 +87,15 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
     row["peak_reserved_gib"] = max(p for _, p in runs) / GiB
     print(f"{name}: {row['total_s']:.2f} s, peak allocated {row['peak_allocated_gib']:.2f} GiB, reserved "
           f"{row['peak_reserved_gib']:.2f} GiB (estimate {row['estimated_peak_gib']:.2f} GiB, VAE "
-          f"{'tiled ' + str(row['vae_tiling']) if row['vae_tiling'] else 'untiled'})")
+          f"{_vae(row)})")
     return row, res.image
+
+
+def _vae(row: dict) -> str:
+    if not row["vae_tiling"]:
+        return "untiled"
+    return f"tiled {row['vae_tiling']}" + (f", parked ({row['estimated_host_gib']:.1f} GiB host)"
+                                          if row.get("vae_parked") else "")
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> dict:
@@ -106,7 +115,7 @@ def _table(rows: list[dict]) -> str:
             continue
         diff = r.get("difference")
         vs = "" if diff is None else f"{diff['mean_abs_levels']:.2f} levels, {diff['psnr_db']:.1f} dB"
-        vae = f"tiled {r['vae_tiling']}" if r["vae_tiling"] else "untiled"
+        vae = _vae(r)
         out.append(f"| {r['run']} | {r['plan']} | {vae} | {r['total_s']:.2f} | {r['peak_allocated_gib']:.2f} | "
                    f"{r['peak_reserved_gib']:.2f} | {r['estimated_peak_gib']:.2f} | {vs} |")
     for r in rows:
@@ -123,7 +132,8 @@ def main():
     p.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT")
     p.add_argument("--runs", default="pixel,latent,direct", help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--mode", choices=("graphs", "eager"), default="graphs")
-    p.add_argument("--vae-tile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--vae-tile", choices=MODES, default="auto",
+                   help="auto: untiled, tiled, or tiled with parking, the first that fits the budget")
     p.add_argument("--tile-size", type=int, default=2048)
     p.add_argument("--max-memory", type=float, help="budget in GiB (default: the GPU's memory)")
     p.add_argument("--repeats", type=int, default=1)
