@@ -2,10 +2,10 @@
 
 python benchmarks/lab/large_sizes.py --model sdxl --size 4096x4096 --runs pixel,latent,direct --output DIR
 
-Random weights. Each run: the memory plan (estimate per segment, VAE tiling chosen for the device's memory or
---max-memory), one warm-up generation (graph captures), then --repeats timed ones; per-segment times, peak
-allocated and reserved memory against the estimate, and each image's difference to the first run's (mean
-absolute difference in 8-bit levels, PSNR). Writes large_sizes.json, large_sizes.md and 1024-pixel previews
+Random weights. Each run: the memory plan (estimate per segment, VAE tiling, parked or not, chosen for the
+device's memory or --max-memory), --warmup untimed generations (graph captures), then --repeats timed ones;
+per-segment times, peak allocated and reserved memory against the estimate, the process's peak host memory,
+and each image's difference to the first run's (mean absolute difference in 8-bit levels, PSNR). Writes large_sizes.json, large_sizes.md and 1024-pixel previews
 into DIR. A run whose estimate exceeds the budget is recorded as skipped, with the estimate.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import math
+import resource
 import statistics
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
             else MegaFusionPipeline(bundle, nets, dev))
     opts = GenerationOptions(args.prompt, guidance=args.guidance, seed=args.seed, relay=relay)
     try:
-        pipe.generate(plan, opts)  # warm-up: captures the graphs, loads kernels
+        for _ in range(args.warmup):
+            pipe.generate(plan, opts)  # warm-up: captures the graphs, loads kernels
         runs = []
         for _ in range(args.repeats):
             if dev.type == "cuda":
@@ -85,9 +87,10 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
     row["total_s"] = statistics.median(sum(s for _, s in r.timings) for r, _ in runs)
     row["peak_allocated_gib"] = max(r.peak_memory_bytes or 0 for r, _ in runs) / GiB  # CUDA only
     row["peak_reserved_gib"] = max(p for _, p in runs) / GiB
+    row["peak_host_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # whole process
     print(f"{name}: {row['total_s']:.2f} s, peak allocated {row['peak_allocated_gib']:.2f} GiB, reserved "
           f"{row['peak_reserved_gib']:.2f} GiB (estimate {row['estimated_peak_gib']:.2f} GiB, VAE "
-          f"{_vae(row)})")
+          f"{_vae(row)}); process peak host memory {row['peak_host_rss_gib']:.1f} GiB")
     return row, res.image
 
 
@@ -106,18 +109,19 @@ def _difference(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    out = ["| run | plan | VAE | total s | peak alloc GiB | peak reserved GiB | estimate GiB | vs first run |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| run | plan | VAE | total s | peak alloc GiB | peak reserved GiB | estimate GiB | host peak GiB "
+           "| vs first run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "total_s" not in r:
             out.append(f"| {r['run']} | {r['plan']} | | {r.get('skipped') or r.get('failed')} | | | "
-                       f"{r['estimated_peak_gib']:.2f} | |")
+                       f"{r['estimated_peak_gib']:.2f} | | |")
             continue
         diff = r.get("difference")
         vs = "" if diff is None else f"{diff['mean_abs_levels']:.2f} levels, {diff['psnr_db']:.1f} dB"
         vae = _vae(r)
         out.append(f"| {r['run']} | {r['plan']} | {vae} | {r['total_s']:.2f} | {r['peak_allocated_gib']:.2f} | "
-                   f"{r['peak_reserved_gib']:.2f} | {r['estimated_peak_gib']:.2f} | {vs} |")
+                   f"{r['peak_reserved_gib']:.2f} | {r['estimated_peak_gib']:.2f} | {r['peak_host_rss_gib']:.1f} "
+                   f"| {vs} |")
     for r in rows:
         if "segments_s" in r:
             out += ["", f"**{r['run']}** per segment (s), beside the estimated peak of each memory segment:", ""]
@@ -137,6 +141,9 @@ def main():
     p.add_argument("--tile-size", type=int, default=2048)
     p.add_argument("--max-memory", type=float, help="budget in GiB (default: the GPU's memory)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed generations first (graph captures, kernel loads); 0 at 8192, where one generation "
+                        "takes minutes and the timed one then includes the captures")
     p.add_argument("--guidance", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
