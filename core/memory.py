@@ -90,11 +90,12 @@ class MemoryEstimate:
         pool = f" + CUDA-graph pool {self._held(i) / GiB:.2f} GiB" if self._held(i) else ""
         lines = [f"estimated peak device memory {self.peak_bytes / GiB:.2f} GiB: weights "
                  f"{self.weights_bytes / GiB:.2f} GiB{pool} + {worst[0]} {worst[1] / GiB:.2f} GiB"]
+        w = max(44, *(len(name) for name, _ in self.segments))  # (tiled 2048, parked) names run longer
         if self.held:
-            lines += [f"  {name:<44} {b / GiB:8.2f} GiB  (+ pool {self._held(i) / GiB:.2f}, peak {p / GiB:.2f} GiB)"
+            lines += [f"  {name:<{w}} {b / GiB:8.2f} GiB  (+ pool {self._held(i) / GiB:.2f}, peak {p / GiB:.2f} GiB)"
                       for i, ((name, b), (_, p)) in enumerate(zip(self.segments, self.stage_peaks()))]
         else:
-            lines += [f"  {name:<44} {b / GiB:8.2f} GiB" for name, b in self.segments]
+            lines += [f"  {name:<{w}} {b / GiB:8.2f} GiB" for name, b in self.segments]
         if self.host_bytes:
             lines.append(f"  host memory for parked VAE tiles, at most {self.host_bytes / GiB:.2f} GiB")
         return lines

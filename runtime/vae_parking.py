@@ -46,6 +46,14 @@ def _layout(held: TileTensors) -> list[tuple[str, int, int]]:
     return out
 
 
+def _register(buf: torch.Tensor) -> bool:
+    """Page-locks a host buffer for CUDA's asynchronous copies; False where that fails (the buffer still works)."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)) == 0  # cudaSuccess
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class HostParking:
     """Parks into host buffers, one per tile, kept for the whole pass and grown when a meeting needs more (a
     pass allocates a few buffers per tile, not one per meeting). On CUDA the buffers are page-locked with
@@ -67,7 +75,7 @@ class HostParking:
             if buf is not None:
                 self._free(buf)
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            if self.pin and torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0) == 0:
+            if self.pin and _register(buf):
                 self._registered.add(buf.data_ptr())
             self._buffers[slot] = buf
         return buf

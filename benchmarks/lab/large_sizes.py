@@ -5,8 +5,13 @@ python benchmarks/lab/large_sizes.py --model sdxl --size 4096x4096 --runs pixel,
 Random weights. Each run: the memory plan (estimate per segment, VAE tiling, parked or not, chosen for the
 device's memory or --max-memory), --warmup untimed generations (graph captures), then --repeats timed ones;
 per-segment times, peak allocated and reserved memory against the estimate, the process's peak host memory,
-and each image's difference to the first run's (mean absolute difference in 8-bit levels, PSNR). Writes large_sizes.json, large_sizes.md and 1024-pixel previews
-into DIR. A run whose estimate exceeds the budget is recorded as skipped, with the estimate.
+and each image's difference to the first run's (mean absolute difference in 8-bit levels, PSNR). Writes
+large_sizes.json, large_sizes.md and 1024-pixel previews into DIR. A run whose estimate exceeds the budget is
+recorded as skipped, with the estimate.
+
+SDXL 8192 on the H200 (the VAE parked in host memory, chosen by the budget):
+python benchmarks/lab/large_sizes.py --model sdxl --size 8192x8192 --runs latent,pixel --max-memory 64 --warmup 0 \
+    --output DIR
 """
 from __future__ import annotations
 
