@@ -70,16 +70,19 @@ def build_parser() -> ArgumentParser:
 def add_vae_tile_arguments(p: argparse.ArgumentParser) -> None:
     """--vae-tile, --no-vae-tile, --vae-tile-size (read back by `vae_tile_from_args`)."""
     tile = p.add_mutually_exclusive_group()
-    tile.add_argument("--vae-tile", action="store_true",
-                      help="run the VAE passes larger than one tile in tiles, with whole-image group-norm statistics "
-                           "(default: only when the untiled estimate exceeds --max-memory or the device's memory)")
+    tile.add_argument("--vae-tile", nargs="?", const="on", choices=("on", "park"),
+                      help="run the VAE passes larger than one tile in tiles, with whole-image group-norm statistics; "
+                           "`--vae-tile park` also parks the tiles waiting at a group norm in host memory, so the "
+                           "device holds about one tile's activations (default: tiled only when the untiled "
+                           "estimate exceeds --max-memory or the device's memory, parked only when the tiled one "
+                           "does too)")
     tile.add_argument("--no-vae-tile", action="store_true", help="never tile the VAE passes")
     p.add_argument("--vae-tile-size", type=int, metavar="PX",
                    help="tile side in pixels when the VAE is tiled, a multiple of 64 (default: 2048)")
 
 
 def vae_tile_from_args(args: argparse.Namespace):
-    """(when, tiling): when is "auto", "on" or "off"; checked before any load."""
+    """(when, tiling): when is "auto", "on", "park" or "off"; checked before any load."""
     from ..runtime.vae_tiling import DEFAULT_TILE, VaeTiling, VaeTilingError
 
     if args.vae_tile_size is not None and args.no_vae_tile:
@@ -88,7 +91,7 @@ def vae_tile_from_args(args: argparse.Namespace):
         tiling = VaeTiling(DEFAULT_TILE if args.vae_tile_size is None else args.vae_tile_size)
     except VaeTilingError as e:
         raise UsageError(f"--vae-tile-size {args.vae_tile_size}: {e}") from None
-    return ("on" if args.vae_tile else "off" if args.no_vae_tile else "auto"), tiling
+    return (args.vae_tile or ("off" if args.no_vae_tile else "auto")), tiling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
         dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
     tile = vae_tile_from_args(args)
-    if args.engines and tile[0] == "on":
+    if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
     tiling = _check_memory(args, family, plan, opts, device, dtype, tile, mode)
     if tiling is True:
@@ -228,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         from ..runtime.vae_tiling import TiledVaeNetworks
 
         nets = TiledVaeNetworks(nets, bundle.vae, tiling)
-        print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles")
+        print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles"
+              + (", waiting tiles parked in host memory" if tiling.park else ""))
     if ip_image is not None:
         from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
                                          load_ip_adapter, read_ip_adapter)
@@ -323,6 +327,7 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB "
                          f"({parts}), more than {what} ({limit / GiB:.2f} GiB)"
                          + (f" with the VAE in {tiling.tile}-pixel tiles" if tiling else "")
+                         + (" parked in host memory" if tiling and tiling.park else "")
                          + "; ask for a smaller --size, a 16-bit --vae-dtype or --relay latent"
                          + (", or leave out --no-vae-tile" if tile[0] == "off" else ""))
     if args.max_memory is not None and device.type == "cuda":

@@ -88,3 +88,18 @@ def test_max_memory_bounds_what_pytorch_reserves(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: seen.append((f, device)))
     assert cap_device_memory(35, "cuda:0") == 0.25 and seen == [(0.25, "cuda:0")]
     assert cap_device_memory(500, "cuda:0") == 1.0 and seen[-1] == (1.0, "cuda:0")
+
+
+def test_vae_tile_park_is_said_in_a_dry_run_and_in_a_refusal(tmp_path, capsys):
+    args = ["--model", "tiny-sdxl", *PROMPT, "--stages", "128x128:1,384x256:1", "--vae-tile", "park",
+            "--vae-tile-size", "128", "--output", str(tmp_path / "a.png")]
+    assert gen_cli.main([*args, "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "final decode 384x256 (tiled 128, parked)" in said and "host memory for parked VAE tiles" in said
+    assert "VAE tiled, 128-pixel tiles, parked in host memory" in said and "asked for" in said
+    assert gen_cli.main([*args, "--max-memory", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with the VAE in 128-pixel tiles parked in host memory" in err
+    with pytest.raises(SystemExit) as bad:  # argparse's one line
+        gen_cli.main([*args[:-2], "--vae-tile", "sometimes", *args[-2:]])
+    assert bad.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err
