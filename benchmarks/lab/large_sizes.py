@@ -164,6 +164,10 @@ def main():
     dev = torch.device(args.device)
     limit = (int(args.max_memory * GiB) if args.max_memory else torch.cuda.get_device_properties(dev).total_memory
              if dev.type == "cuda" else 64 * GiB)
+    if args.max_memory and dev.type == "cuda":  # as mf-generate: the allocator reserves no more than the budget
+        from megafusion.cli.common import cap_device_memory
+
+        cap_device_memory(args.max_memory, dev)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     bundle = load_model(args.model, random_weights=not args.model.startswith("tiny"), device=dev, dtype=dtype)
     vae_dtype = default_vae_dtype(bundle.family, bundle.vae.config, dtype, dev)
