@@ -35,3 +35,12 @@ def test_bad_input_is_one_line_and_no_file(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_mode_other_than_eager_needs_cuda(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["--model", "tiny-if", "--prompt", "x", "--mode", "graphs", "--device", "cpu",
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--mode graphs needs a CUDA device (got cpu)") and len(err.splitlines()) == 1
+    assert not out.exists()
