@@ -81,8 +81,9 @@ def measure(bundle, dev, plans, dtype_name: str, mode: str, repeats: int, counte
             cascades: tuple[str, ...], engines: str | None, log) -> list[dict]:
     """The rows of one dtype and mode: every plan of the cascades asked for, warmed up, then timed."""
     dtype = DTYPES[dtype_name]
-    for unet in (bundle.unet_1, bundle.unet_2):
-        unet.to(dtype)  # the T5 encoder stays float32 (T5 overflows in fp16); its output is cast
+    if mode != "engines":  # engines run in their own precision; their keys hash the float32 weights left as built
+        for unet in (bundle.unet_1, bundle.unet_2):
+            unet.to(dtype)  # the T5 encoder stays float32 (T5 overflows in fp16); its output is cast
     pipe = _pipeline(bundle, dev, mode, engines, dtype_name)
     opts = PixelOptions("a photo of a red fox in a forest", seed=0)
     rows = []
@@ -199,6 +200,8 @@ def _parse(argv):
             p.error(f"{name}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(known)}")
     if ("engines" in args.modes) != (args.engines is not None):
         p.error("--modes engines and --engines DIR go together")
+    if "engines" in args.modes and len(args.modes) > 1:
+        p.error("--modes engines runs alone: the other modes cast the UNets, whose float32 weights the engines check")
     if not 0 < args.step_fraction <= 1:
         p.error(f"--step-fraction {args.step_fraction}: give a number in (0, 1]")
     return args, fam

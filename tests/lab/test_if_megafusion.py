@@ -33,3 +33,26 @@ def test_bad_mode_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--model", "tiny-if", "--device", "cpu", "--modes", "fast", "--output", "/nonexistent"])
     assert e.value.code == 2 and "--modes: unknown 'fast'" in capsys.readouterr().err
+
+
+def test_engines_mode(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from megafusion.core.if_family import TINY_IF
+    from megafusion.core.if_loading import build_random_if
+    from megafusion.engine.if_engines import build_if_engines
+
+    plans = bench._plans(TINY_IF, 0.05)
+    eng = tmp_path / "eng"
+    build_if_engines(build_random_if(TINY_IF, 0), {1: plans[("I", "megafusion")]}, "onnxruntime", "fp32", eng)
+    assert bench.main(["--model", "tiny-if", "--device", "cpu", "--cascades", "I", "--modes", "engines",
+                       "--engines", str(eng), "--output", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "if_megafusion.json").read_text())["rows"]
+    assert [(r["mode"], r["runs_as"], r["kind"]) for r in rows] == [("engines", "eager", "direct"),
+                                                                   ("engines", "eager", "megafusion")]
+
+
+def test_engines_mode_runs_alone(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny-if", "--device", "cpu", "--modes", "eager,engines", "--engines", "/x",
+                    "--output", "/nonexistent"])
+    assert "--modes engines runs alone" in capsys.readouterr().err
