@@ -103,3 +103,21 @@ def test_aoti_package_matches_its_module_and_serves_its_shape_only(bundle, tmp_p
     assert _rel(ours.sample_1, ref.sample_1) < SAMPLE_REL
     with pytest.raises(ValueError, match="no engine takes the shapes"):
         nets.unet(1, *_call_inputs(1, 32), 1)
+
+
+@pytest.mark.gpu
+def test_aoti_packages_captured_in_the_pixel_graphs_on_cuda(tmp_path):
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        bundle = build_random_if(TINY_IF, 6, "cuda", torch.float32)
+        assert build_if_engines(bundle, {1: PLANS[1]}, "aoti", "fp32", tmp_path, device="cuda") == 2
+        nets = open_if_engines(tmp_path, bundle, "cuda")
+        opts = PixelOptions("a red fox", seed=3)
+        ref = IFMegaFusionPipeline(bundle, "cuda").generate(PLANS[1], None, opts)
+        pipe = IFMegaFusionPipeline(bundle, "cuda", "graphs", networks=nets)
+        ours = pipe.generate(PLANS[1], None, opts)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    assert pipe.graphs.captures == 2 and pipe.graphs.replays == sum(s.steps for s in PLANS[1].stages)
+    assert _rel(ours.sample_1.cpu(), ref.sample_1.cpu()) < SAMPLE_REL
