@@ -102,7 +102,8 @@ def run_if(args: argparse.Namespace) -> int:
         if mode != "eager" and not nets.capturable:
             from ..engine.backend import get_backend
 
-            why = f"{nets.backend} engines cannot run inside the runtime's CUDA graphs: {get_backend(nets.backend).capture_note}"
+            why = (f"{nets.backend} engines cannot run inside the runtime's CUDA graphs: "
+                   f"{get_backend(nets.backend).capture_note}")
             if args.mode:
                 raise UsageError(f"--mode {mode}: {why}; use --mode eager")
             print(f"{why}; running the stages eagerly")

@@ -38,5 +38,6 @@ def export_if_aoti(bundle: IFBundle, spec: NetworkSpec, path: str | os.PathLike,
             with kernel_context():
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} at {width}x{height} failed: {type(e).__name__}: {e}") from e
+        raise ExportError(f"AOTInductor export of {spec.name} at {width}x{height} failed: "
+                          f"{type(e).__name__}: {e}") from e
     return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)

@@ -182,7 +182,7 @@ class IFMegaFusionPipeline:
                 cond = math.sqrt(abar_aug) * up + math.sqrt(1.0 - abar_aug) * n
             delta = 1 if k == 0 else opts.dilation
             if self.graphs is not None:
-                # Same step, replayed (docs/ALGORITHM.md §20); the x0 of a non-final stage's last step is the truncation x0.
+                # Same step, replayed (docs/ALGORITHM.md §20); a non-final stage's last x0 is the truncation x0.
                 x, x0 = self.graphs.run_pixel_stage(cascade, x, cond, c, states, labels, w, cfg, delta, stage.steps,
                                                     k < last_k, generator, noise_dtype)
                 for i in range(stage.steps if on_step is not None else 0):

@@ -47,8 +47,8 @@ def test_engines_mode(tmp_path):
     assert bench.main(["--model", "tiny-if", "--device", "cpu", "--cascades", "I", "--modes", "engines",
                        "--engines", str(eng), "--output", str(tmp_path / "out")]) == 0
     rows = json.loads((tmp_path / "out" / "if_megafusion.json").read_text())["rows"]
-    assert [(r["mode"], r["runs_as"], r["kind"]) for r in rows] == [("engines", "eager", "direct"),
-                                                                   ("engines", "eager", "megafusion")]
+    assert [(r["mode"], r["runs_as"], r["kind"]) for r in rows] == [("engines:onnxruntime", "eager", "direct"),
+                                                                   ("engines:onnxruntime", "eager", "megafusion")]
 
 
 def test_engines_mode_runs_alone(capsys):

@@ -91,3 +91,32 @@ def test_latent_build_refuses_stage_two_flags(tmp_path, capsys):
 
     assert build_main(["--model", "tiny-sd15", "--stages-2", "64x64:2", "--output", str(tmp_path)]) == 2
     assert "apply to IF models (tiny-if, if) only" in capsys.readouterr().err
+
+
+def test_mf_bench_tiny_if(tmp_path, capsys):
+    import json
+
+    from megafusion.cli.bench import main as bench_main
+
+    assert bench_main(["--model", "tiny-if", "--device", "cpu", "--repeats", "1", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "if_megafusion.json").read_text())["rows"]
+    assert {(r["mode"], r["cascade"], r["kind"]) for r in rows} == {
+        ("eager", c, k) for c in ("I", "II") for k in ("direct", "megafusion")}
+    assert all(r["true_tflop"] > 0 and r["speedup_vs_direct"] > 0 for r in rows)
+    assert "| fp32 | eager | II megafusion |" in (tmp_path / "if_megafusion.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stages", "16x16:2"], "--stages does not apply to tiny-if"),
+    (["--variants", "fast"], "unknown 'fast'"),
+    (["--variants", "eager,engines:aoti", "--engine-dir", "/x"], "an engines variant runs alone"),
+    (["--variants", "engines:aoti"], "--variants engines:<backend> and --engine-dir DIR go together"),
+    (["--variants", "compiled"], "--variants compiled needs a CUDA device here"),
+])
+def test_mf_bench_tiny_if_refusals(tmp_path, capsys, extra, message):
+    from megafusion.cli.bench import main as bench_main
+
+    assert bench_main(["--model", "tiny-if", "--device", "cpu", "--output", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
