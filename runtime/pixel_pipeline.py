@@ -106,7 +106,7 @@ def threshold(x0: torch.Tensor, config: dict) -> torch.Tensor:
 
 
 class IFMegaFusionPipeline:
-    """Runs MegaFusion plans on an IF cascade's torch modules."""
+    """Runs MegaFusion plans on an IF cascade's UNets: its torch modules (eager, graphed, compiled) or engines."""
 
     def __init__(self, bundle: IFBundle, device=None, mode: str = "eager", networks: IFNetworks | None = None):
         """`mode`: `eager` (step by step), `graphs` (one CUDA graph per stage shape; on the CPU the same buffered
@@ -217,7 +217,7 @@ class IFMegaFusionPipeline:
     def generate(self, plan_1: StagePlan, plan_2: StagePlan | None, opts: PixelOptions,
                  on_step: Callable[[int, int], None] | None = None) -> PixelResult:
         """Stage I's plan, then (given plan_2 and a stage II UNet) stage II's on stage I's output."""
-        if plan_2 is not None and self.bundle.unet_2 is None and isinstance(self.nets, IFTorchNetworks):
+        if plan_2 is not None and self.bundle.unet_2 is None:
             raise ValueError("a stage II plan needs the stage II UNet (load its folder too)")
         clock = SegmentClock(self.device)
         mark, timings = clock.mark, clock.timings
