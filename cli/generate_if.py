@@ -30,8 +30,9 @@ def run_if(args: argparse.Namespace) -> int:
                          resolve_device)
 
     family = get_if_family(args.model)
-    for flag, value in (("--size", args.size), ("--steps", args.steps), ("--inductor", args.inductor), ("--compile-cache", args.compile_cache),
-                        ("--vae-dtype", args.vae_dtype), ("--max-memory", args.max_memory)):
+    for flag, value in (("--size", args.size), ("--steps", args.steps), ("--inductor", args.inductor),
+                        ("--compile-cache", args.compile_cache), ("--vae-dtype", args.vae_dtype),
+                        ("--max-memory", args.max_memory)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to {family.name} (a pixel-space cascade); "
                              "give --stages and --stages-2 instead of --size or --steps")
