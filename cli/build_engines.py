@@ -47,6 +47,9 @@ def build_parser() -> ArgumentParser:
                         "holds (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
+    # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
+    p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
+    p.add_argument("--stage-2-path", metavar="DIR", help="IF only: the IFSuperResolutionPipeline folder")
     return p
 
 
@@ -85,6 +88,14 @@ def _default_groups(selectors: dict[str, set[str]]) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.families import pixel_family_names
+
+    if args.model in pixel_family_names():
+        from .build_engines_if import run_if_build
+
+        return run_if_build(args)
+    if args.stages_2 is not None or args.stage_2_path is not None:
+        raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
                      weights_seed_from_args)
     from ..core.loading import load_model
