@@ -17,14 +17,17 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..core.loading import ModelBundle
 from ..core.lora import LoraSpec, fused_weights
+from ..core.plan import StagePlan
 from ..core.wrappers import wrap
 from .backend import WeightSwapError, get_backend
 from .cache import EngineError, sha256_file
+from .load import build_command
 from .runners import EngineNetworks, Runner, ShapeDispatch
 
 
@@ -68,6 +71,15 @@ def wrapper_prefix(module: torch.nn.Module, runner: Runner, xl: bool) -> str:
     """`module`'s name inside the flat-tensor wrapper that export traced (`unet`, `encoder`, ...): engines name
     their weights from there."""
     return next(n for n, child in wrap(module, runner.spec, xl).named_children() if child is module)
+
+
+def swap_rebuild_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,
+                         engine_dir: Path, device: torch.device) -> str:
+    """The mf-build-engines command for engines that take LoRA swaps: base weights, unfused ONNX for onnxruntime,
+    aoti for backends that cannot swap at all; `--force` where the same keys must be built again."""
+    same = not get_backend(backend).swap_note
+    cmd = build_command(bundle, plan, backend if same else "aoti", precision, dilation, engine_dir, device.type, "none")
+    return cmd + (" --force" if same else "")
 
 
 class LoraSwap:
