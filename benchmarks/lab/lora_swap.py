@@ -31,7 +31,7 @@ import torch
 from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.lora import LoraSpec, fuse_loras, fused_weights
-from megafusion.core.plan import default_plan
+from megafusion.core.plan import default_plan, parse_stages, validate_plan
 from megafusion.engine.load import open_engines
 from megafusion.engine.lora_swap import LoraSwap
 from megafusion.engine.networks import TorchNetworks
@@ -58,6 +58,8 @@ def write_lora(bundle, path: Path, rank: int, std: float, seed: int) -> int:
 def build(args, folder: Path, lora: str | None) -> float:
     cmd = [sys.executable, "-m", "megafusion.cli.build_engines", "--model", args.model, "--backend", "aoti",
            "--precision", args.precision, "--device", args.device, "--jobs", str(args.jobs), "--output", str(folder)]
+    if args.stages:
+        cmd += ["--stages", args.stages]
     if not args.model.startswith("tiny-"):
         cmd.append("--random-weights")
     if lora:
@@ -82,7 +84,8 @@ def run(args) -> dict:
     report = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "precision": args.precision, "rank": args.rank, "scale": args.scale}
     bundle = load_model(args.model, random_weights=True)  # fp32 on the CPU, as mf-build-engines and mf-generate
-    fam, plan = bundle.family, default_plan(bundle.family)
+    fam = bundle.family
+    plan = validate_plan(fam, parse_stages(args.stages)) if args.stages else default_plan(fam)
     report["plan"] = plan.describe()
     report["lora_layers"] = write_lora(bundle, lora_path, args.rank, args.std, args.lora_seed)
     report["lora_mib"] = lora_path.stat().st_size / 2 ** 20
@@ -187,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the images")
     p.add_argument("--prompt", default="a lighthouse on a cliff at dusk")
+    p.add_argument("--stages", help="plan as mf-generate's --stages (default: the model's default plan)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--jobs", type=int, default=3, help="mf-build-engines --jobs")
     p.add_argument("--engine-dir", help="base packages (built there unless --no-build; default OUTPUT/engines)")
