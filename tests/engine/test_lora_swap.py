@@ -259,3 +259,14 @@ def test_build_engines_fuses_the_lora_into_the_key(tmp_path, lora_file, capsys):
                        "--output", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert str(xl) in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_an_ort_fused_model_is_refused_with_the_rebuild_command(tmp_path, lora_file, one_thread):
+    """ORT's attention fusion packs Q, K and V into one initializer: no tensor of the model is the base to_k alone."""
+    base = load_model("tiny-sd15")
+    plan = validate_plan(base.family, parse_stages(AOTI_STAGES))
+    build_engines(base, BuildRequest(plan, "onnxruntime", "fp32", tmp_path, ort_optimize="cpu",
+                                     networks=("unet-standard",)))
+    with pytest.raises(SwapRefused, match=r"model.onnx: no initializer holds unet\..*\.to_[qkv]\.weight alone .*; "
+                                          r"rebuild with: REBUILD$"):
+        LoraSwap(_open_all(tmp_path, base), base, "REBUILD").swap([LoraSpec(lora_file, 1.0)])
