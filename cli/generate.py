@@ -133,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     ip_image = ip_adapter_from_args(args)
     if ip_image is not None and args.engines:
         raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
-    if loras and args.engines:  # the fused weights would never match an engine's fingerprint
-        raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -175,10 +173,10 @@ def run(args: argparse.Namespace) -> int:
                             seed=weights_seed)
     print(f"model loaded in {time.perf_counter() - t_load:.1f} s")
     if loras:
-        from ..core.lora import LoraError, fuse_loras
+        from ..core.lora import LoraError, check_loras, fuse_loras
 
-        try:
-            fuse_loras(bundle, loras)  # before any engine lookup: the fused weights are what the key hashes
+        try:  # with --engines the bundle keeps the base weights the engines were built from; they are swapped
+            check_loras(bundle, loras) if args.engines else fuse_loras(bundle, loras)
         except LoraError as e:
             raise UsageError(str(e)) from None
         print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
@@ -197,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc} (weights checked and packages opened in {time.perf_counter() - t_open:.1f} s)")
+        if loras:
+            _swap_loras(nets, bundle, loras, plan, dilation, args.engines, device)
     elif mode == "compiled":
         from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
@@ -339,6 +339,21 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         fraction = cap_device_memory(args.max_memory, device)
         print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
     return tiling
+
+
+def _swap_loras(nets, bundle, loras, plan, dilation, engine_dir, device) -> None:
+    """--lora with --engines: the LoRAs' weights put into the opened engines (engine/lora_swap.py), or refused."""
+    from ..engine.cache import EngineError
+    from ..engine.lora_swap import LoraSwap, swap_rebuild_command
+
+    precision = next(r.spec.precision for (network, _), r in nets.runners.items() if network == "unet")
+    rebuild = swap_rebuild_command(bundle, plan, nets.backend, precision, dilation, Path(engine_dir), device)
+    try:
+        report = LoraSwap(nets, bundle, rebuild).swap(loras)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    print(f"lora swapped into {report.engines} {nets.backend} engines ({report.tensors} tensors) in "
+          f"{report.seconds:.2f} s, without recompiling")
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -165,7 +165,9 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         chosen[(s.network, s.dilation)] = picked
     ctx = OpenContext(fam, device, bundle, conv_algo_search, ort_unet_graphs)
     runners = {k: _one_runner([open_entry(engine_dir, e, backend, ctx) for e in es], es) for k, es in chosen.items()}
-    return EngineNetworks(runners, device, backend_name), f"{backend_name} engines ({precision}) from {engine_dir}"
+    networks = EngineNetworks(runners, device, backend_name)
+    networks.weights = {network: es[0].key.weights for (network, _), es in chosen.items()}
+    return networks, f"{backend_name} engines ({precision}) from {engine_dir}"
 
 
 def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:
