@@ -16,8 +16,8 @@ def run_if_build(args: argparse.Namespace) -> int:
     from ..core.if_family import get_if_family
     from ..engine.backend import BackendUnavailable
     from ..engine.if_engines import IF_BACKENDS, build_if_engines
-    from .common import dilation_from_args, output_folder_from_args, parse_seed, resolve_device
-    from .generate_if import _if_plan
+    from .common import dilation_from_args, output_folder_from_args, resolve_device
+    from .generate_if import _if_plan, if_weights_seed
 
     family = get_if_family(args.model)
     for flag, value in (("--size", args.size), ("--vae-precision", args.vae_precision),
@@ -30,13 +30,7 @@ def run_if_build(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend {args.backend}: {family.name} engines are built by {' or '.join(IF_BACKENDS)}")
     if args.precision not in ("fp32", "fp16"):
         raise UsageError(f"--precision {args.precision}: {family.name} engines are fp32 or fp16")
-    if args.random_weights and args.model_path:
-        raise UsageError("--model-path and --random-weights exclude each other")
-    if not (family.tiny or args.random_weights or args.model_path):
-        raise UsageError(f"--model {family.name} needs --model-path DIR (an IFPipeline folder) or --random-weights")
-    weights_seed = parse_seed(args.weights_seed, "--weights-seed")
-    if args.stage_2_path and not args.model_path:
-        raise UsageError("--stage-2-path needs --model-path (the stage I folder) too")
+    weights_seed = if_weights_seed(args, family)
     dilation = dilation_from_args(args.dilation, args.no_dilation)
     plans = {1: _if_plan(family, 1, args.stages, "--stages")}
     if args.model_path is None or args.stage_2_path is not None:

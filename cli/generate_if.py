@@ -23,6 +23,23 @@ def _if_plan(family, cascade: int, text: str | None, flag: str):
     return pixel_plan(family, cascade, parse_stages(text))
 
 
+def if_weights_seed(args: argparse.Namespace, family) -> int:
+    """The IF weights flags, checked alike by mf-generate and mf-build-engines: one source of weights, a seed only
+    for random ones; returns the weights seed."""
+    from .common import parse_seed
+
+    if args.random_weights and args.model_path:
+        raise UsageError("--model-path and --random-weights exclude each other")
+    if not (family.tiny or args.random_weights or args.model_path):
+        raise UsageError(f"--model {family.name} needs --model-path DIR (an IFPipeline folder) or --random-weights")
+    weights_seed = parse_seed(args.weights_seed, "--weights-seed")
+    if weights_seed and args.model_path:
+        raise UsageError(f"--weights-seed {args.weights_seed}: only random weights have a seed")
+    if args.stage_2_path and not args.model_path:
+        raise UsageError("--stage-2-path needs --model-path (the stage I folder) too")
+    return weights_seed
+
+
 def run_if(args: argparse.Namespace) -> int:
     """Checks every flag before loading anything, then generates and writes the PNG."""
     from ..core.if_family import get_if_family
@@ -38,15 +55,7 @@ def run_if(args: argparse.Namespace) -> int:
                              "give --stages and --stages-2 instead of --size or --steps")
     if args.relay != "pixel":
         raise UsageError(f"--relay {args.relay}: {family.name} has no latent; its relay is in pixels")
-    if args.random_weights and args.model_path:
-        raise UsageError("--model-path and --random-weights exclude each other")
-    if not (family.tiny or args.random_weights or args.model_path):
-        raise UsageError(f"--model {family.name} needs --model-path DIR (an IFPipeline folder) or --random-weights")
-    weights_seed = parse_seed(args.weights_seed, "--weights-seed")
-    if weights_seed and args.model_path:
-        raise UsageError(f"--weights-seed {args.weights_seed}: only random weights have a seed")
-    if args.stage_2_path and not args.model_path:
-        raise UsageError("--stage-2-path needs --model-path (the stage I folder) too")
+    weights_seed = if_weights_seed(args, family)
     plan_1 = _if_plan(family, 1, args.stages, "--stages")
     run_2 = args.model_path is None or args.stage_2_path is not None
     plan_2 = _if_plan(family, 2, args.stages_2, "--stages-2") if run_2 else None
