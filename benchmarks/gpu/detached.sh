@@ -31,3 +31,11 @@ wait_detached() {  # $1: seconds at most; returns 0 when all ended with status 0
   done
   return $bad
 }
+
+pack_jobs() {  # pack_jobs RES TARBALL: the jobs' logs, the GPU and the commit into RES, then RES into TARBALL
+  # (previews stay behind: images made a tarball too big to come back)
+  cp $JOBS/*.log "$1"/ 2>/dev/null
+  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > "$1/gpu.txt"
+  echo "${MEGAFUSION_COMMIT:-unknown}" > "$1/commit.txt"
+  tar czf "$2" --exclude='*.png' -C "$1" .
+}

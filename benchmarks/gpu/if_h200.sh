@@ -25,11 +25,7 @@ mkdir -p $RES/report
 LAB="python3 benchmarks/lab/if_megafusion.py --model if --device cuda --output $RES/report"
 B="python3 -m megafusion.cli.build_engines --model if --random-weights --backend aoti --precision fp16 --device cuda --output $ENG"
 
-pack() {
-  cp $JOBS/*.log $RES/ 2>/dev/null
-  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > $RES/gpu.txt
-  tar czf "$OUT/if-$1.tar.gz" -C $RES .
-}
+pack() { pack_jobs $RES "$OUT/if-$1.tar.gz"; }
 
 case "$1" in
   tests)

@@ -16,11 +16,7 @@ mkdir -p $RES
 B="python3 -m megafusion.cli.build_engines --random-weights --backend aoti --precision fp16 --device cuda"
 BENCH="python3 -m megafusion.cli.bench --random-weights --device cuda --no-peak"
 
-pack() {
-  cp $JOBS/*.log $RES/ 2>/dev/null
-  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > $RES/gpu.txt
-  tar czf "$OUT/issue15-$1.tar.gz" -C $RES .
-}
+pack() { pack_jobs $RES "$OUT/issue15-$1.tar.gz"; }
 
 case "$1" in
   build)

@@ -12,12 +12,7 @@ RES=/tmp/mf-issue19
 mkdir -p $RES
 L="python3 benchmarks/lab/large_sizes.py --repeats 2"
 
-pack() {
-  cp $JOBS/*.log $RES/ 2>/dev/null
-  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > $RES/gpu.txt
-  git rev-parse HEAD > $RES/commit.txt 2>/dev/null
-  tar czf "$OUT/issue19-$1.tar.gz" -C $RES .
-}
+pack() { pack_jobs $RES "$OUT/issue19-$1.tar.gz"; }
 
 case "$1" in
   start)
