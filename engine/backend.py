@@ -99,6 +99,9 @@ class Backend:
     dynamic_option: bool = False
     """Whether `mf-build-engines --dynamic` applies: one engine per network over the plan's range of sides
     instead of static engines per stage shape."""
+    runs_modules: bool = False
+    """Whether its runners run the loaded torch modules (so a run must load their weights); other backends' engines
+    hold the weights themselves, and a run from them builds those modules without weights."""
 
     def version(self) -> str:
         """Version of the library that builds and runs the engines (part of the engine key)."""

@@ -16,7 +16,9 @@ from ..core.plan import StagePlan
 from ..core.specs import Requirement, default_vae_precision, plan_requirements, profile_sizes
 from ..export.onnx_export import ExportResult
 from .backend import Backend, BuildJob, get_backend
-from .cache import EngineCache, EngineKey, Entry, device_name, weights_fingerprint
+from .cache import EngineCache, EngineKey, Entry, device_name
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import network_fingerprint
 from .model_facts import record_model
 from .onnx_build import exported_spec
 
@@ -146,10 +148,12 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
                 m.to(device="meta")
         gc.collect()
     report, fingerprints = BuildReport(), {}
-    for r in reqs:  # hashed as loaded (what `open_engines` hashes), before any in-place cast below
+    hashes = FileHashes(Path(req.output) / HASHES)  # weight files hashed here are not read again by runs
+    for r in reqs:  # as loaded (what `open_engines` checks), before any in-place cast below
         module = bundle.module_for(r.spec.network)
         if id(module) not in fingerprints:
-            fingerprints[id(module)] = weights_fingerprint(module)
+            fingerprints[id(module)] = network_fingerprint(bundle, r.spec.network, hashes)
+    hashes.save()
     last_use = {id(bundle.module_for(r.spec.network)): n for n, r in enumerate(reqs, 1)}
     weights = {r.spec.network: fingerprints[id(bundle.module_for(r.spec.network))] for r in reqs}
     if req.release_weights:
@@ -159,7 +163,7 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         key = engine_key(bundle, r, backend.name, version, device, fingerprints[id(module)], req.ort_optimize)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
         tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
-        entry = None if req.force else cache.lookup(key)
+        entry = None if req.force else cache.lookup(key, hashes)
         if entry is not None:
             report.skipped.append(entry)
             log(f"{tag}: up to date, skipped")
@@ -182,6 +186,7 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         log(f"{tag}: done in {seconds:.1f} s, {size / 2**20:.1f} MiB")
         _release(module, req, last_use[id(module)] == n)
     record_model(cache, bundle, weights)  # for runtimes without the model's Python objects (libmegafusion)
+    hashes.save()
     return report
 
 

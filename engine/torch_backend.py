@@ -42,6 +42,7 @@ class TorchBackend(Backend):
     name = "torch"
     vae_precisions = VAE_PRECISIONS
     preference = {"cuda": 3, "cpu": 2}
+    runs_modules = True
 
     def version(self) -> str:
         return torch.__version__
