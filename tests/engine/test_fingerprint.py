@@ -144,3 +144,11 @@ def test_weights_changed_in_place_get_their_own_fingerprint(tmp_path):
         next(empty.unet.parameters()).add_(1.0)  # meta: no values, yet changed since loading
     with pytest.raises(EngineError, match="unet: the module was built without weights"):
         network_fingerprint(empty, "unet")
+
+
+@pytest.mark.gpu
+def test_random_weights_drawn_on_the_gpu_are_other_weights_and_another_fingerprint():
+    cpu, gpu = load_model("tiny-sdxl"), load_model("tiny-sdxl", device="cuda")
+    assert not torch.equal(next(cpu.unet.parameters()), next(gpu.unet.parameters()).cpu())  # other generators
+    assert network_fingerprint(cpu, "unet") != network_fingerprint(gpu, "unet")
+    assert network_fingerprint(gpu, "unet") == network_fingerprint(load_model("tiny-sdxl", device="cuda"), "unet")

@@ -90,3 +90,19 @@ def test_remembered_engine_hashes_still_catch_a_changed_file(tiny_sdxl, sdxl_cop
     path.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])  # same size, one bit
     with pytest.raises(CorruptEngineError, match=str(path)):
         open_engines(sdxl_copy, tiny_sdxl, plan)
+
+
+@pytest.mark.slow
+def test_aoti_packages_run_without_the_torch_modules(tiny_sd15, sd15_aoti):
+    from tests.conftest import AOTI_STAGES
+
+    plan = validate_plan(tiny_sd15.family, parse_stages(AOTI_STAGES))
+    sel = select_engines(sd15_aoti, tiny_sd15.family, "random:0", plan, backend="aoti")
+    assert sel.modules_served() == {"unet", "vae", "text_encoder"}
+    bare = load_model("tiny-sd15", skip=sel.modules_served())
+    nets, _ = open_engines(sd15_aoti, bare, plan, backend="aoti")
+    full, _ = open_engines(sd15_aoti, tiny_sd15, plan, backend="aoti")
+    opts = GenerationOptions("a red fox", seed=5)
+    got = MegaFusionPipeline(bare, nets, "cpu").generate(plan, opts)
+    want = MegaFusionPipeline(tiny_sd15, full, "cpu").generate(plan, opts)
+    assert np.array_equal(got.image, want.image) and got.image.std() > 1
