@@ -17,6 +17,7 @@ from ..core.specs import Requirement, default_vae_precision, plan_requirements, 
 from ..export.onnx_export import ExportResult
 from .backend import Backend, BuildJob, get_backend
 from .cache import EngineCache, EngineKey, Entry, device_name
+from . import file_hashes
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import network_fingerprint
 from .model_facts import record_model
@@ -60,6 +61,10 @@ class BuildRequest:
     networks: tuple[str, ...] = ()
     """Build only these networks of the plan (see `select_networks`); empty builds all. Several builds of one
     folder with disjoint selections may run at once (commits and models.json are written under the cache's lock)."""
+    remember_hashes: bool = False
+    """After the build, wait out the racy window of the files just built (engine/file_hashes.py: at most 2 s) and
+    verify them once more, remembering their hashes: the first run from the folder then reads no engine file to
+    verify it (SDXL's packages: about 12 GB). `mf-build-engines` sets it."""
 
 
 @dataclass
@@ -186,8 +191,26 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         log(f"{tag}: done in {seconds:.1f} s, {size / 2**20:.1f} MiB")
         _release(module, req, last_use[id(module)] == n)
     record_model(cache, bundle, weights)  # for runtimes without the model's Python objects (libmegafusion)
+    if req.remember_hashes and report.built:
+        _remember_built(cache, report, hashes, log)
     hashes.save()
     return report
+
+
+def _remember_built(cache: EngineCache, report: BuildReport, hashes: FileHashes, log) -> None:
+    """Verifies the entries just built once their files are older than the racy window, so their hashes are
+    remembered (a hash taken when a file was just written is not: a change within one tick of its times would
+    pass unseen)."""
+    newest = max((cache.root / f.path).stat().st_ctime_ns for e, _ in report.built for f in e.files) \
+        if any(e.files for e, _ in report.built) else 0
+    wait_ns = newest + file_hashes.RACY_NS - time.time_ns()
+    if wait_ns > 0:
+        time.sleep(wait_ns / 1e9 + 0.01)
+    t0 = time.perf_counter()
+    for e, _ in report.built:
+        cache.verify(e, hashes)
+    log(f"engine files verified and their hashes remembered in {time.perf_counter() - t0:.1f} s")
+
 
 
 def _cast_in_place(bundle: ModelBundle, reqs: tuple[Requirement, ...], req: BuildRequest) -> None:

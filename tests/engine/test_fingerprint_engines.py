@@ -106,3 +106,14 @@ def test_aoti_packages_run_without_the_torch_modules(tiny_sd15, sd15_aoti):
     got = MegaFusionPipeline(bare, nets, "cpu").generate(plan, opts)
     want = MegaFusionPipeline(tiny_sd15, full, "cpu").generate(plan, opts)
     assert np.array_equal(got.image, want.image) and got.image.std() > 1
+
+
+def test_a_build_remembers_its_files_so_the_first_run_reads_none(tiny_sd15, tmp_path, monkeypatch):
+    monkeypatch.setattr(file_hashes, "RACY_NS", 200_000_000)  # the build waits this long before its last check
+    report = build(tiny_sd15, tmp_path, stages="128x128:2", remember_hashes=True)
+    assert {e.key.network for e, _ in report.built} == {"text_encoder", "unet", "vae_decoder"}
+    reads = []
+    real = file_hashes.read_sha256
+    monkeypatch.setattr(file_hashes, "read_sha256", lambda f: reads.append(1) or real(f))
+    open_engines(tmp_path, tiny_sd15, validate_plan(tiny_sd15.family, parse_stages("128x128:2")))
+    assert reads == []
