@@ -4,8 +4,8 @@
     python benchmarks/lab/cold_start_phases.py --engines DIR --runs 3 --device cuda --output OUT -- \
         --model sdxl --random-weights --size 2048x2048 --prompt "a lighthouse"
 
-The first run after a build verifies every engine file by its sha256 (the build's files are too new for their
-hashes to be remembered: engine/file_hashes.py) and remembers them; later runs read none. Writes
+mf-build-engines remembers the sha256 of the files it built (engine/file_hashes.py), so no run reads an engine
+file to verify it unless the folder was built otherwise (the first run then hashes them and remembers). Writes
 cold_start.json and cold_start.md into OUT, the images as cold-N.png.
 """
 from __future__ import annotations
