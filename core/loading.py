@@ -146,11 +146,11 @@ def random_origin(family: ModelFamily, component: str, cls: type, config: Mappin
 
 
 def state_signature(module: torch.nn.Module) -> tuple:
-    """Identity of a module's tensors as they stand (names, placement, storage, in-place version counters),
-    without reading them: equal signatures mean nothing was written to or swapped in since."""
+    """Names, shapes and in-place version counters of a module's tensors, without reading them: an in-place write
+    since (a fused LoRA's add_, load_state_dict's copy_) or another set of tensors shows; a move or cast (device,
+    dtype, channels_last) does not, as the values stay those of the origin. Assigning `.data` is not seen."""
     tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return tuple((n, t.device.type, t.dtype, tuple(t.shape), t.data_ptr(), t._version)
-                 for n, t in sorted(tensors.items()))
+    return tuple((n, tuple(t.shape), t._version) for n, t in sorted(tensors.items()))
 
 
 def component_modules(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
