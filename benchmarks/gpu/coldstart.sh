@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu/coldstart.sh build [S]   static AOTInductor packages of the SDXL 2048 default plan (the
 #        folder issue15.sh builds, keyed by the scheme-2 fingerprints), detached; waits S seconds (default 560)
 #   bash benchmarks/gpu/coldstart.sh run [N]     N fresh mf-generate --engines processes (default 3), each with its
-#        phases, then the load phase before/after on the host CPU (benchmarks/lab/load_phase.py, SDXL)
+#        phases, then the load phase before/after on the host CPU and the memory estimate's time
+#        (benchmarks/lab/load_phase.py, SDXL)
 # Results are packed into $OUT/coldstart-<phase>.tar.gz.
 source benchmarks/gpu/env.sh
 source benchmarks/gpu/detached.sh
@@ -22,6 +23,6 @@ case "$1" in
     wait_detached 300 || true
     python3 benchmarks/lab/cold_start_phases.py --engines $ENG --runs "${2:-3}" --device cuda --output $RES/cold -- \
       --model sdxl --random-weights --size 2048x2048 --prompt "a lighthouse on a cliff" 2>&1 | tail -n 12
-    python3 benchmarks/lab/load_phase.py --model sdxl --random-weights --output $RES/load 2>&1 | tail -n 4
+    python3 benchmarks/lab/load_phase.py --model sdxl --random-weights --estimate 2048x2048 --output $RES/load 2>&1 | tail -n 5
     tar czf "$OUT/coldstart-run.tar.gz" -C $RES . ;;
 esac
