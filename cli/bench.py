@@ -55,6 +55,12 @@ def build_parser() -> ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.families import pixel_family_names
+
+    if args.model in pixel_family_names():  # DeepFloyd IF: cli/bench_if.py
+        from .bench_if import run_if_bench
+
+        return run_if_bench(args, build_parser())
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
     from ..core.families import SD15, SDXL

@@ -46,7 +46,13 @@ def build_parser() -> ArgumentParser:
                    help="build the plan's networks in N processes at once, as many as this machine's free RAM "
                         "holds (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rebuild entries even if present and valid")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="build from the weights with this LoRA fused (repeatable); engines built from the base weights "
+                        "take LoRAs without a rebuild instead: mf-generate --engines DIR --lora PATH[:SCALE]")
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
+    # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
+    p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
+    p.add_argument("--stage-2-path", metavar="DIR", help="IF only: the IFSuperResolutionPipeline folder")
     return p
 
 
@@ -85,6 +91,14 @@ def _default_groups(selectors: dict[str, set[str]]) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.families import pixel_family_names
+
+    if args.model in pixel_family_names():
+        from .build_engines_if import run_if_build
+
+        return run_if_build(args)
+    if args.stages_2 is not None or args.stage_2_path is not None:
+        raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
                      weights_seed_from_args)
     from ..core.loading import load_model
@@ -119,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     networks = _networks(args.networks)
+    from .conditions import loras_from_args
+
+    loras = loras_from_args(args.lora)
     from ..core.specs import plan_requirements
 
     from ..engine.build import network_selectors, select_networks
@@ -136,6 +153,13 @@ def run(args: argparse.Namespace) -> int:
         return build_in_parallel(sys.argv[1:] if args.argv is None else args.argv, family, plan,
                                  networks or _default_groups(network_selectors(reqs)), args.jobs)
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
+    if loras:
+        from ..core.lora import LoraError, fuse_loras
+
+        try:
+            fuse_loras(bundle, loras)  # the key's weights fingerprint then hashes the fused weights
+        except LoraError as e:
+            raise UsageError(str(e)) from None
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes

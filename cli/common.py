@@ -284,6 +284,19 @@ def cap_cudnn_workspace(max_memory_gib: float) -> int | None:
     return cap
 
 
+def cap_device_memory(max_memory_gib: float, device) -> float:
+    """--max-memory on CUDA: PyTorch's caching allocator may reserve at most this much of the device (past it, it
+    frees its cached blocks and retries before it raises out of memory), so the budget bounds what the process
+    holds, not only what the plan allocates. Returns the fraction of the device's memory set. Process-wide: CLI
+    entry points only."""
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, max_memory_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def finish_generation(result, out, segments_printed: bool) -> None:
     """What mf-generate prints after a generation (segment times unless the progress bar printed them, the total,
     the peak) and the PNG, written under a temporary name and renamed: never a half-written file at `out`."""

@@ -70,16 +70,19 @@ def build_parser() -> ArgumentParser:
 def add_vae_tile_arguments(p: argparse.ArgumentParser) -> None:
     """--vae-tile, --no-vae-tile, --vae-tile-size (read back by `vae_tile_from_args`)."""
     tile = p.add_mutually_exclusive_group()
-    tile.add_argument("--vae-tile", action="store_true",
-                      help="run the VAE passes larger than one tile in tiles, with whole-image group-norm statistics "
-                           "(default: only when the untiled estimate exceeds --max-memory or the device's memory)")
+    tile.add_argument("--vae-tile", nargs="?", const="on", choices=("on", "park"),
+                      help="run the VAE passes larger than one tile in tiles, with whole-image group-norm statistics; "
+                           "`--vae-tile park` also parks the tiles waiting at a group norm in host memory, so the "
+                           "device holds about one tile's activations (default: tiled only when the untiled "
+                           "estimate exceeds --max-memory or the device's memory, parked only when the tiled one "
+                           "does too)")
     tile.add_argument("--no-vae-tile", action="store_true", help="never tile the VAE passes")
     p.add_argument("--vae-tile-size", type=int, metavar="PX",
                    help="tile side in pixels when the VAE is tiled, a multiple of 64 (default: 2048)")
 
 
 def vae_tile_from_args(args: argparse.Namespace):
-    """(when, tiling): when is "auto", "on" or "off"; checked before any load."""
+    """(when, tiling): when is "auto", "on", "park" or "off"; checked before any load."""
     from ..runtime.vae_tiling import DEFAULT_TILE, VaeTiling, VaeTilingError
 
     if args.vae_tile_size is not None and args.no_vae_tile:
@@ -88,7 +91,7 @@ def vae_tile_from_args(args: argparse.Namespace):
         tiling = VaeTiling(DEFAULT_TILE if args.vae_tile_size is None else args.vae_tile_size)
     except VaeTilingError as e:
         raise UsageError(f"--vae-tile-size {args.vae_tile_size}: {e}") from None
-    return ("on" if args.vae_tile else "off" if args.no_vae_tile else "auto"), tiling
+    return (args.vae_tile or ("off" if args.no_vae_tile else "auto")), tiling
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     ip_image = ip_adapter_from_args(args)
     if ip_image is not None and args.engines:
         raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
-    if loras and args.engines:  # the fused weights would never match an engine's fingerprint
-        raise UsageError("--lora with --engines: mf-build-engines builds no LoRA into engines yet; leave out --engines")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
         dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
     tile = vae_tile_from_args(args)
-    if args.engines and tile[0] == "on":
+    if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
     tiling = _check_memory(args, family, plan, opts, device, dtype, tile, mode)
     if tiling is True:
@@ -175,13 +176,15 @@ def run(args: argparse.Namespace) -> int:
 
         source = (str(Path(args.model_path).expanduser()) if args.model_path else
                   f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
-        try:  # which engines run the plan, before the load: what they run needs no weights in torch
+        # Which engines run the plan, before the load: what they run needs no weights in torch, except the networks
+        # a LoRA swap reads its base weights from.
+        try:
             served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
                                     precision=args.dtype).modules_served()
         except EngineError as e:
             raise UsageError(str(e)) from None
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed,
-                            skip=served if not loras else frozenset())  # a fused LoRA needs the weights
+                            skip=served - {"unet", "text_encoder", "text_encoder_2"} if loras else served)
         torch_side = [n for n in component_modules(bundle) if n not in bundle.skipped]
         print(f"model loaded in {time.perf_counter() - t_load:.1f} s (weights in torch: "
               f"{', '.join(torch_side) or 'none'}; engines run the rest)")
@@ -191,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"model loaded in {time.perf_counter() - t_load:.1f} s")
     load_s = time.perf_counter() - t_load
     if loras:
-        from ..core.lora import LoraError, fuse_loras
+        from ..core.lora import LoraError, check_loras, fuse_loras
 
-        try:
-            fuse_loras(bundle, loras)  # before any engine lookup: the fused weights are what the key hashes
+        try:  # with --engines the bundle keeps the base weights the engines were built from; they are swapped
+            check_loras(bundle, loras) if args.engines else fuse_loras(bundle, loras)
         except LoraError as e:
             raise UsageError(str(e)) from None
         print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
@@ -216,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
               f"{phases['verify']:.2f} s, opened in {phases['open']:.1f} s)")
         print(phase_line(started_s, load_s, phases))
+        if loras:
+            _swap_loras(nets, bundle, loras, plan, dilation, args.engines, device)
     elif mode == "compiled":
         from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
@@ -250,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
         from ..runtime.vae_tiling import TiledVaeNetworks
 
         nets = TiledVaeNetworks(nets, bundle.vae, tiling)
-        print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles")
+        print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles"
+              + (", waiting tiles parked in host memory" if tiling.park else ""))
     if ip_image is not None:
         from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
                                          load_ip_adapter, read_ip_adapter)
@@ -345,15 +351,33 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB "
                          f"({parts}), more than {what} ({limit / GiB:.2f} GiB)"
                          + (f" with the VAE in {tiling.tile}-pixel tiles" if tiling else "")
+                         + (" parked in host memory" if tiling and tiling.park else "")
                          + "; ask for a smaller --size, a 16-bit --vae-dtype or --relay latent"
                          + (", or leave out --no-vae-tile" if tile[0] == "off" else ""))
     if args.max_memory is not None and device.type == "cuda":
-        from .common import cap_cudnn_workspace
+        from .common import cap_cudnn_workspace, cap_device_memory
 
         cap = cap_cudnn_workspace(args.max_memory)
         if cap is not None:
             print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
+        fraction = cap_device_memory(args.max_memory, device)
+        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
     return tiling
+
+
+def _swap_loras(nets, bundle, loras, plan, dilation, engine_dir, device) -> None:
+    """--lora with --engines: the LoRAs' weights put into the opened engines (engine/lora_swap.py), or refused."""
+    from ..engine.cache import EngineError
+    from ..engine.lora_swap import LoraSwap, swap_rebuild_command
+
+    precision = next(r.spec.precision for (network, _), r in nets.runners.items() if network == "unet")
+    rebuild = swap_rebuild_command(bundle, plan, nets.backend, precision, dilation, Path(engine_dir), device)
+    try:
+        report = LoraSwap(nets, bundle, rebuild).swap(loras)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    print(f"lora swapped into {report.engines} {nets.backend} engines ({report.tensors} tensors) in "
+          f"{report.seconds:.2f} s, without recompiling")
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -30,9 +30,9 @@ def run_if(args: argparse.Namespace) -> int:
                          resolve_device)
 
     family = get_if_family(args.model)
-    for flag, value in (("--size", args.size), ("--steps", args.steps), ("--engines", args.engines),
-                        ("--inductor", args.inductor), ("--compile-cache", args.compile_cache),
-                        ("--vae-dtype", args.vae_dtype), ("--max-memory", args.max_memory)):
+    for flag, value in (("--size", args.size), ("--steps", args.steps), ("--inductor", args.inductor),
+                        ("--compile-cache", args.compile_cache), ("--vae-dtype", args.vae_dtype),
+                        ("--max-memory", args.max_memory)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to {family.name} (a pixel-space cascade); "
                              "give --stages and --stages-2 instead of --size or --steps")
@@ -61,8 +61,13 @@ def run_if(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     device = resolve_device(args.device)
-    if (args.mode or "eager") != "eager":
-        raise UsageError(f"--mode {args.mode}: {family.name} runs eagerly so far")
+    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")  # as for the latent families
+    if mode != "eager" and device.type != "cuda":
+        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
+    if args.engines and mode == "compiled":
+        raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
+    if args.engines and args.dtype not in (None, "fp32", "fp16"):
+        raise UsageError(f"--dtype {args.dtype}: IF engines are fp32 or fp16")
     print(f"plan: stage I {plan_1.describe()}" + (f"; stage II {plan_2.describe()}" if plan_2 else ""))
     if args.dry_run:
         from ..benchmarks.flops import IFCostCounter
@@ -78,10 +83,34 @@ def run_if(args: argparse.Namespace) -> int:
     from ..core.if_loading import load_if_model
     from ..runtime.pixel_pipeline import IFMegaFusionPipeline
 
-    bundle = load_if_model(args.model, args.model_path, args.stage_2_path, device, model_dtype(device, args.dtype),
+    import torch
+
+    # With engines the bundle stays float32 (its T5 encoder runs; the UNet weights are what the engine keys hash).
+    dtype = torch.float32 if args.engines else model_dtype(device, args.dtype)
+    bundle = load_if_model(args.model, args.model_path, args.stage_2_path, device, dtype,
                            seed=weights_seed, random_weights=args.random_weights)
     print(f"model {family.name} ({bundle.source}) on {device}")
-    result = IFMegaFusionPipeline(bundle, device).generate(plan_1, plan_2, opts)
+    nets = None
+    if args.engines:
+        from ..engine.cache import EngineError
+        from ..engine.if_engines import open_if_engines
+
+        try:
+            nets = open_if_engines(args.engines, bundle, device, precision=args.dtype)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
+        print(f"engines: {nets.backend} in {args.engines}")
+        if mode != "eager" and not nets.capturable:
+            from ..engine.backend import get_backend
+
+            why = (f"{nets.backend} engines cannot run inside the runtime's CUDA graphs: "
+                   f"{get_backend(nets.backend).capture_note}")
+            if args.mode:
+                raise UsageError(f"--mode {mode}: {why}; use --mode eager")
+            print(f"{why}; running the stages eagerly")
+            mode = "eager"
+    print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
+    result = IFMegaFusionPipeline(bundle, device, mode, nets).generate(plan_1, plan_2, opts)
     for name, seconds in result.timings:
         print(f"  {name:<40} {seconds * 1000:10.1f} ms")
     print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")

@@ -135,11 +135,12 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None, scale:
     return (factor * delta).reshape(shape)
 
 
-def fuse_loras(bundle: ModelBundle, specs: list[LoraSpec]) -> None:
-    """Adds every LoRA's update to the model's weights in place (read and checked first: a bad file changes
-    nothing). LoraError names a file whose shapes do not fit this model (a LoRA for another architecture)."""
+def _checked_layers(bundle: ModelBundle, specs: list[LoraSpec]) -> list[tuple[LoraSpec, str, str, dict]]:
+    """(spec, network, layer name, parts) for every adapted layer, file by file in order, each file read and its
+    shapes checked against the model first. LoraError names a file whose shapes do not fit this model (a LoRA
+    for another architecture)."""
     targets = _targets(bundle)
-    updates = []
+    layers = []
     for spec in specs:
         for (net, name), parts in read_lora(spec, bundle).items():
             layer = targets[net].get_submodule(name)
@@ -150,9 +151,46 @@ def fuse_loras(bundle: ModelBundle, specs: list[LoraSpec]) -> None:
                 raise LoraError(f"--lora {str(spec.path)!r}: {net}.{name} is {got[0]}x{got[1]} in the LoRA but "
                                 f"{'absent' if want is None else f'{want[0]}x{want[1]}'} in {bundle.family.name} "
                                 "(a LoRA for another architecture?)")
-            alpha = parts.get("alpha")
-            updates.append((weight, lora_delta(parts["down"], parts["up"],
-                                               None if alpha is None else float(alpha), spec.scale, weight.shape)))
+            layers.append((spec, net, name, parts))
+    return layers
+
+
+def check_loras(bundle: ModelBundle, specs: list[LoraSpec]) -> None:
+    """Reads every file and checks it against the model, changing nothing: LoraError as `fuse_loras` raises it."""
+    _checked_layers(bundle, specs)
+
+
+def _delta(spec: LoraSpec, parts: dict, weight: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    alpha = parts.get("alpha")
+    down, up = (parts[k] if device is None else parts[k].to(device) for k in ("down", "up"))
+    return lora_delta(down, up, None if alpha is None else float(alpha), spec.scale, weight.shape)
+
+
+def fuse_loras(bundle: ModelBundle, specs: list[LoraSpec]) -> None:
+    """Adds every LoRA's update to the model's weights in place (read and checked first: a bad file changes
+    nothing). LoraError names a file whose shapes do not fit this model (a LoRA for another architecture)."""
+    targets = _targets(bundle)
+    layers = _checked_layers(bundle, specs)
     with torch.no_grad():
-        for weight, delta in updates:
-            weight.add_(delta.to(weight.device, weight.dtype))
+        for spec, net, name, parts in layers:
+            weight = targets[net].get_submodule(name).weight
+            weight.add_(_delta(spec, parts, weight).to(weight.device, weight.dtype))
+
+
+def fused_weights(bundle: ModelBundle, specs: list[LoraSpec],
+                  device: torch.device | str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{network: {weight name: weight}}: the weights `fuse_loras` would leave in the layers it changes, computed the
+    same way (float64 update, added in the weight's dtype, file by file) on `device` (default: the weights'),
+    while the model keeps its own. What a built engine needs swapped in (engine/lora_swap.py)."""
+    targets = _targets(bundle)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for spec, net, name, parts in _checked_layers(bundle, specs):
+            base = targets[net].get_submodule(name).weight
+            dev = base.device if device is None else torch.device(device)
+            weights = out.setdefault(net, {})
+            current = weights.get(f"{name}.weight")
+            if current is None:
+                current = base.detach().to(dev, copy=True)
+            weights[f"{name}.weight"] = current + _delta(spec, parts, base, dev).to(dev, base.dtype)
+    return out

@@ -1,7 +1,10 @@
 """A plan's peak device memory, estimated before anything is loaded: the networks are built on the `meta`
 device (no weights, no arithmetic) and run at every shape the plan uses, while a dispatch mode counts the
 bytes of the tensors alive at each moment. Peak = the weights + the largest transient of any segment
-(a stage's UNet call, a relay's decode and encode, the final decode).
+(a stage's UNet call, a relay's decode and encode, the final decode). A tiled VAE pass whose waiting tiles are
+parked in host memory runs the same way, parking by forgetting the tensor (runtime/vae_parking.ShapeParking):
+the count is then one tile's working set, halo included, plus the output, and the parked bytes are counted
+apart as host memory.
 
 What it leaves out: the caching allocator's rounding and fragmentation, cuDNN workspaces, CUDA-graph pools
 and compile-time autotuning (which can be far larger, see benchmarks/RESULTS.md). It reads eager execution;
@@ -67,6 +70,8 @@ class MemoryEstimate:
     held: tuple[int, ...] = ()
     """Bytes held under each segment besides the weights (the CUDA-graph pool of the stages captured so far);
     empty when nothing is held."""
+    host_bytes: int = 0
+    """Host memory the VAE passes park waiting tiles in, at most (0: nothing parked)."""
 
     def _held(self, i: int) -> int:
         return self.held[i] if self.held else 0
@@ -85,11 +90,14 @@ class MemoryEstimate:
         pool = f" + CUDA-graph pool {self._held(i) / GiB:.2f} GiB" if self._held(i) else ""
         lines = [f"estimated peak device memory {self.peak_bytes / GiB:.2f} GiB: weights "
                  f"{self.weights_bytes / GiB:.2f} GiB{pool} + {worst[0]} {worst[1] / GiB:.2f} GiB"]
+        w = max(44, *(len(name) for name, _ in self.segments))  # (tiled 2048, parked) names run longer
         if self.held:
-            lines += [f"  {name:<44} {b / GiB:8.2f} GiB  (+ pool {self._held(i) / GiB:.2f}, peak {p / GiB:.2f} GiB)"
+            lines += [f"  {name:<{w}} {b / GiB:8.2f} GiB  (+ pool {self._held(i) / GiB:.2f}, peak {p / GiB:.2f} GiB)"
                       for i, ((name, b), (_, p)) in enumerate(zip(self.segments, self.stage_peaks()))]
         else:
-            lines += [f"  {name:<44} {b / GiB:8.2f} GiB" for name, b in self.segments]
+            lines += [f"  {name:<{w}} {b / GiB:8.2f} GiB" for name, b in self.segments]
+        if self.host_bytes:
+            lines.append(f"  host memory for parked VAE tiles, at most {self.host_bytes / GiB:.2f} GiB")
         return lines
 
 
@@ -105,6 +113,8 @@ class VaePasses:
     encode: VaePass = lambda vae, img: vae.encode(img).latent_dist.mean
     label: Callable[[int, int], str] = lambda height, width: ""
     """Suffix for a pass of this pixel size, e.g. " (tiled 2048)"."""
+    host_peak: Callable[[], int] = lambda: 0
+    """Host bytes the passes run so far parked at most (tiles parked in host memory; 0 when none are)."""
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -175,4 +185,4 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
     segments.append((f"final decode {last.width}x{last.height}{passes.label(last.height, last.width)}",
                      _peak(lambda: passes.decode(vae, lat))))
     held.append(pool)
-    return MemoryEstimate(weights, tuple(segments), tuple(held) if graph_pool else ())
+    return MemoryEstimate(weights, tuple(segments), tuple(held) if graph_pool else (), passes.host_peak())

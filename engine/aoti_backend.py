@@ -20,7 +20,7 @@ from ..core.families import ModelFamily, get_family
 from ..core.plan import StagePlan
 from ..core.specs import (UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec, Requirement, ShapeProfile,
                           describe_range, profile_sizes, range_profile)
-from .backend import STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, OpenContext
+from .backend import STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, OpenContext, WeightSwapError
 
 
 def version() -> str:
@@ -60,6 +60,7 @@ class AotiRunner:
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec, profile: ShapeProfile, model: str,
                  device: torch.device | str = "cpu"):
         self.spec, self.profile = spec, profile
+        self.path = Path(path)
         self.device = torch.device(device)
         self.family = get_family(model)
         self.model = load_package(path, self.device)
@@ -156,6 +157,59 @@ class AotiBackend(Backend):
             # than compiled (3.57 against 3.14 s); whether this closes the gap is not measured yet.
             torch.backends.cudnn.benchmark = True
         return AotiRunner(path, spec, entry.key.profiles[0], entry.key.model, ctx.device)
+
+    swap_note = ""
+
+    def swap_weights(self, runner: AotiRunner, module: torch.nn.Module, prefix: str,
+                     weights: dict[str, torch.Tensor]) -> int:
+        """The package's constants replaced in place (`load_constants`: copied into the buffers the compiled code
+        reads, so nothing is recompiled and the addresses stay). A constant gets exactly what a build from these
+        weights would hold: fused QKV as `prepare_for_export` concatenates it, the engine's dtype, channels_last."""
+        constants = package_constants(runner, module, prefix, weights)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)  # the new tensors are written before the copy reads them
+        try:
+            runner.model.load_constants(constants, check_full_update=False)
+        except (RuntimeError, TypeError) as e:
+            raise WeightSwapError(f"{runner.path}: the package did not take new constants ({e})") from None
+        return len(constants)
+
+
+_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+"""Projections that `prepare_for_export` fuses (diffusers' `fuse_projections`: one weight, the parts concatenated
+along the output dimension in this order): self-attention QKV, cross-attention KV."""
+
+
+def package_constants(runner: AotiRunner, module: torch.nn.Module, prefix: str,
+                      weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{package constant name: tensor} holding `weights` (named as `module`'s parameters) the way the package was
+    compiled. WeightSwapError names a weight the package holds no constant for (one that Inductor folded into
+    another while compiling): such a package serves its built weights only."""
+    names = set(runner.model.get_constant_fqns())
+    dtype = runner.spec.outputs[0].torch_dtype  # what export_aoti cast the module to
+    out: dict[str, torch.Tensor] = {}
+    for name in weights:
+        target, parts = f"{prefix}.{name}", (name,)
+        if target not in names:
+            layer, _, leaf = name.rpartition(".")  # `...attn1.to_q`, `weight`
+            parent, _, proj = layer.rpartition(".")
+            fused = next(((f, ps) for f, ps in _FUSED.items() if proj in ps
+                          and f"{prefix}.{parent}.{f}.{leaf}" in names), None)
+            if fused is None:
+                raise WeightSwapError(f"{runner.path}: the package holds no constant for {target} (compiled into "
+                                      "another tensor), so it cannot take new weights")
+            target = f"{prefix}.{parent}.{fused[0]}.{leaf}"
+            parts = tuple(f"{parent}.{p}.{leaf}" for p in fused[1])
+        if target in out:
+            continue
+        value = torch.cat([(weights[p] if p in weights else module.get_parameter(p).detach()).to(runner.device)
+                           for p in parts]) if len(parts) > 1 else weights[name]
+        value = value.to(runner.device, dtype)
+        # A fresh tensor that owns its storage (the copy reads the whole storage), in the layout export saw.
+        prepared = runner.spec.network in (UNET, VAE_DECODER, VAE_ENCODER)  # channels_last (prepare_for_export)
+        fmt = torch.channels_last if value.dim() == 4 and prepared else torch.contiguous_format
+        out[target] = value.clone(memory_format=fmt)
+    return out
 
 
 def _static(p: ShapeProfile) -> bool:

@@ -35,6 +35,10 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run on this machine or device; the message says what is missing."""
 
 
+class WeightSwapError(RuntimeError):
+    """An opened engine cannot take other weights without a rebuild; the message names the engine and why."""
+
+
 @dataclass(frozen=True)
 class BuildJob:
     """One network to build: what a backend's `build` reads."""
@@ -102,6 +106,8 @@ class Backend:
     runs_modules: bool = False
     """Whether its runners run the loaded torch modules (so a run must load their weights); other backends' engines
     hold the weights themselves, and a run from them builds those modules without weights."""
+    swap_note: str = "its engines hold their weights in a form megafusion cannot replace"
+    """Why its built engines cannot take other weights (a LoRA) without a rebuild; '' when `swap_weights` can."""
 
     def version(self) -> str:
         """Version of the library that builds and runs the engines (part of the engine key)."""
@@ -146,6 +152,15 @@ class Backend:
     def open(self, entry: Entry, path: Path | None, spec: NetworkSpec, ctx: OpenContext) -> Runner:
         """A runner for a verified entry; `path` is its first file (None for a backend without files)."""
         raise NotImplementedError
+
+    def swap_weights(self, runner: Runner, module: torch.nn.Module, prefix: str,
+                     weights: dict[str, torch.Tensor]) -> int:
+        """Puts `weights` into an opened engine in place of those it was built with, without recompiling; returns
+        how many of its tensors changed. `weights` are named as `module`'s parameters (`module` is the loaded
+        model the engine was built from, holding the built weights; `prefix` is its name in the exported wrapper)
+        and held in its dtype. WeightSwapError says why an engine cannot take them. Only for backends whose
+        `swap_note` is ''."""
+        raise WeightSwapError(f"{self.name} {self.swap_note}")
 
 
 _BUILTIN = (

@@ -233,8 +233,9 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     runners = {k: _one_runner([open_entry(engine_dir, e, backend, ctx) for e in es], es) for k, es in chosen.items()}
     if timings is not None:
         timings.update(fingerprint=t1 - t0, verify=t2 - t1, open=time.perf_counter() - t2)
-    return (EngineNetworks(runners, device, backend.name),
-            f"{backend.name} engines ({sel.precision}) from {engine_dir}")
+    networks = EngineNetworks(runners, device, backend.name)
+    networks.weights = {network: es[0].key.weights for (network, _), es in chosen.items()}
+    return networks, f"{backend.name} engines ({sel.precision}) from {engine_dir}"
 
 
 def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:

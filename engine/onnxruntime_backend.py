@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
-from .backend import Backend, BackendUnavailable, BuildJob, BuildOutput, Log, OpenContext
+from .backend import Backend, BackendUnavailable, BuildJob, BuildOutput, Log, OpenContext, WeightSwapError
 from .runners import infer_axes
 
 NAME = "onnxruntime"
@@ -79,39 +80,63 @@ class OrtRunner:
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec, vae_scale: int, device: torch.device | str = "cpu",
                  cuda_graph: bool = False, threads: int | None = None, shrink_arena: bool = False,
                  optimization: str = "all", conv_algo_search: str = "EXHAUSTIVE"):
-        import onnxruntime as ort
-
         self.spec, self.vae_scale = spec, vae_scale
+        self.path = Path(path)
         self.device = torch.device(device)
-        opts = ort.SessionOptions()
-        # `basic` (graph checks, kernel assignment, constant folding, no layout transforms) is for a load check:
-        # on CPU, `all` on an fp16 model takes ~3.7x the model in RAM (measured: SD1.5 UNet 1.6 GB -> 6.1 GB).
-        opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[optimization]
-        if threads:
-            opts.intra_op_num_threads = threads
+        self._optimization, self._threads, self._conv_algo_search = optimization, threads, conv_algo_search
+        self.initializers: dict[str, object] = {}
+        """OrtValues given in place of the model file's initializers of these names (`reload`); kept alive here, as
+        ORT requires for the session's lifetime."""
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.shrink_arena = shrink_arena
         """CUDA: free the arena's unused memory after each (non-graph) run; may be toggled between runs."""
-        if self.device.type == "cuda":
-            if not cuda_available():
-                raise RuntimeError("onnxruntime's CUDAExecutionProvider is not available (install onnxruntime-gpu)")
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            cuda_opts = cuda_provider_options(self.device, stream, self.cuda_graph, shrink_arena, conv_algo_search)
-            providers = [("CUDAExecutionProvider", cuda_opts)]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            # ORT's Python layer retries on the CPU EP when the CUDA EP fails to start: refuse, not run slow.
-            raise RuntimeError(f"{path}: the CUDA EP did not start (session providers: "
-                               f"{self.session.get_providers()}); check the CUDA/cuDNN libraries")
+        self.session = self._open()
         got = [i.name for i in self.session.get_inputs()]
         want = [t.name for t in spec.inputs]
         if got != want:
             raise RuntimeError(f"{path}: inputs {got} differ from the spec's {want}")
         self._graphs: dict[tuple, _Graph] = {}
         self.capturable = False  # see OnnxRuntimeBackend.capture_note
+
+    def _open(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # `basic` (graph checks, kernel assignment, constant folding, no layout transforms) is for a load check:
+        # on CPU, `all` on an fp16 model takes ~3.7x the model in RAM (measured: SD1.5 UNet 1.6 GB -> 6.1 GB).
+        opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[self._optimization]
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        for name, value in self.initializers.items():
+            opts.add_initializer(name, value)
+        if self.device.type == "cuda":
+            if not cuda_available():
+                raise RuntimeError("onnxruntime's CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            cuda_opts = cuda_provider_options(self.device, stream, self.cuda_graph, self.shrink_arena,
+                                              self._conv_algo_search)
+            providers = [("CUDAExecutionProvider", cuda_opts)]
+        else:
+            providers = ["CPUExecutionProvider"]
+        session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            # ORT's Python layer retries on the CPU EP when the CUDA EP fails to start: refuse, not run slow.
+            raise RuntimeError(f"{self.path}: the CUDA EP did not start (session providers: "
+                               f"{session.get_providers()}); check the CUDA/cuDNN libraries")
+        return session
+
+    def reload(self, initializers: dict[str, np.ndarray]) -> None:
+        """A new session over the same model file with `initializers` in place of the file's tensors of those names
+        (ORT's `add_initializer`, applied before graph optimization, so what ORT folds or fuses derives from them);
+        added to those of earlier reloads. Captured CUDA graphs are dropped (the next run at a shape recaptures)."""
+        import onnxruntime as ort
+
+        self.initializers.update({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                                  for n, a in initializers.items()})
+        self.session = None  # the old session's memory goes before the new one is made
+        self.session = self._open()
+        self._graphs = {}
 
     def _output_buffers(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         axes = infer_axes(self.spec, inputs, self.vae_scale)
@@ -225,6 +250,75 @@ class OnnxRuntimeBackend(Backend):
                          cuda_graph=ctx.ort_unet_graphs and spec.network == UNET,
                          shrink_arena=spec.network in (VAE_DECODER, VAE_ENCODER),
                          conv_algo_search=ctx.ort_conv_algo_search)
+
+    swap_note = ""
+
+    def swap_weights(self, runner: OrtRunner, module: torch.nn.Module, prefix: str,
+                     weights: dict[str, torch.Tensor]) -> int:
+        """The session re-created from the same file with the changed initializers (`OrtRunner.reload`)."""
+        found = initializer_names(runner, module, prefix, list(weights))
+        arrays = {}
+        for name, w in weights.items():
+            init, dtype, transposed = found[name]
+            t = w.detach().to("cpu", dtype)
+            arrays[init] = (t.t() if transposed else t).contiguous().numpy()
+        runner.reload(arrays)
+        return len(arrays)
+
+
+def initializer_names(runner: OrtRunner, module: torch.nn.Module, prefix: str,
+                      names: list[str]) -> dict[str, tuple[str, torch.dtype, bool]]:
+    """{weight name: (initializer name, its dtype, stored transposed)} for `module`'s weights in the runner's model.
+
+    A weight kept by its own name (convolutions) is found by name; the TorchScript exporter stores a Linear's weight
+    transposed under a name of its own (`onnx::MatMul_N`), found by content: the initializer whose bytes are the base
+    weight's, transposed and cast. WeightSwapError names a weight no initializer holds alone (ORT's fusion packs
+    Q, K and V into one tensor, for example): such a model serves its built weights only."""
+    import hashlib
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    cache: dict = runner.__dict__.setdefault("_initializer_names", {})
+    missing = [n for n in names if n not in cache]
+    if not missing:
+        return {n: cache[n] for n in names}
+    model = onnx.load(str(runner.path), load_external_data=False)
+    inits = list(model.graph.initializer)
+
+    def dtype_of(t) -> torch.dtype:
+        return torch.from_numpy(np.empty(0, helper.tensor_dtype_to_np_dtype(t.data_type))).dtype
+
+    by_name = {t.name: t for t in inits}
+    wanted: dict[tuple, dict[bytes, list[str]]] = {}  # (shape, dtype) -> {digest of the bytes: weight names}
+    for name in missing:
+        base = module.get_parameter(name).detach()
+        t = by_name.get(f"{prefix}.{name}")
+        if t is not None and tuple(t.dims) == tuple(base.shape):
+            cache[name] = (t.name, dtype_of(t), False)
+        elif base.dim() == 2:
+            for t in inits:
+                if tuple(t.dims) == tuple(base.shape[::-1]):
+                    dtype = dtype_of(t)
+                    digest = hashlib.sha256(base.to("cpu", dtype).t().contiguous().numpy().tobytes()).digest()
+                    wanted.setdefault((tuple(t.dims), dtype), {}).setdefault(digest, []).append(name)
+                    break
+    if wanted:
+        folder = str(runner.path.parent)
+        for t in inits:
+            by_bytes = wanted.get((tuple(t.dims), dtype_of(t)))
+            if not by_bytes:
+                continue
+            digest = hashlib.sha256(np.ascontiguousarray(numpy_helper.to_array(t, folder)).tobytes()).digest()
+            hit = by_bytes.get(digest)
+            if hit and len(hit) == 1 and hit[0] not in cache:
+                cache[hit[0]] = (t.name, dtype_of(t), True)
+    for name in missing:
+        if name not in cache:
+            raise WeightSwapError(f"{runner.path}: no initializer holds {prefix}.{name} alone (renamed, fused or "
+                                  "folded when the model was exported or optimized), so the session cannot take "
+                                  "new weights")
+    return {n: cache[n] for n in names}
 
 
 BACKEND = OnnxRuntimeBackend()

@@ -71,6 +71,9 @@ class EngineNetworks:
         self.device = torch.device(device)
         self.backend = backend
         """Name of the backend the runners come from (for messages)."""
+        self.weights: dict[str, str] = {}
+        """Fingerprint of the weights each network's engines hold, by network name: their entries' (set by
+        `open_engines`), or after a LoRA swap the swap's (engine/lora_swap.py)."""
 
     def _input_dtype(self, network: str, name: str) -> torch.dtype:
         runner = next(r for (n, _), r in sorted(self.runners.items()) if n == network)

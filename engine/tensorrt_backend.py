@@ -143,6 +143,7 @@ class TensorRTBackend(Backend):
     """Serialized TensorRT engines, one optimization profile per plan stage shape (unverified here)."""
 
     name = NAME
+    swap_note = "engines are built without TensorRT's refit flag, so their weights cannot be replaced"
     preference = {"cuda": 0}
 
     def version(self) -> str:

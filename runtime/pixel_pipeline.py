@@ -15,14 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.dilation import mid_dilation
 from ..core.if_family import IFFamily
 from ..core.if_loading import IFBundle
 from ..core.plan import PlanError, Stage, StagePlan
+from ..engine.if_networks import IFNetworks, IFTorchNetworks
 from .pipeline import MAX_DILATION, SEED_LIMIT, draw_noise, to_uint8
+from .pixel_graphs import PixelGraphedDenoiser
 from .pixel_schedule import DDPMCoefficients, ddpm_alphas_cumprod, plan_ddpm_schedule
 from .relay import resize_clamped
 from .segments import SegmentClock
+
+
+PIXEL_MODES = ("eager", "graphs", "compiled")
+"""How the pixel pipeline runs its steps (IFMegaFusionPipeline's `mode`)."""
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,26 @@ def threshold(x0: torch.Tensor, config: dict) -> torch.Tensor:
 
 
 class IFMegaFusionPipeline:
-    """Runs MegaFusion plans on an IF cascade's torch modules."""
+    """Runs MegaFusion plans on an IF cascade's UNets: its torch modules (eager, graphed, compiled) or engines."""
 
-    def __init__(self, bundle: IFBundle, device=None):
+    def __init__(self, bundle: IFBundle, device=None, mode: str = "eager", networks: IFNetworks | None = None):
+        """`mode`: `eager` (step by step), `graphs` (one CUDA graph per stage shape; on the CPU the same buffered
+        step runs eagerly) or `compiled` (graphs around torch.compile'd UNets). `networks`: built engines
+        (engine/if_networks.IFEngineNetworks) instead of the bundle's modules, in `eager` or `graphs` mode."""
+        if mode not in PIXEL_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(PIXEL_MODES)}")
+        if mode == "compiled" and networks is not None:
+            raise ValueError("mode 'compiled' compiles the bundle's modules; give networks with eager or graphs")
         self.bundle = bundle
         self.family = bundle.family
         self.device = torch.device(device) if device is not None else bundle.unet_1.device
+        self.mode = mode
+        self.nets = networks if networks is not None else IFTorchNetworks(bundle, compiled=mode == "compiled")
+        self.graphs = None
+        """Runs each stage's steps as replays of one captured step (modes graphs and compiled); None: eager."""
+        if mode != "eager":
+            sched = {1: self.family.scheduler_1, 2: self.family.scheduler_2}
+            self.graphs = PixelGraphedDenoiser(self.nets, self.device, sched, capture=self.device.type == "cuda")
 
     def encode(self, prompt: str, negative_prompt: str, cfg: bool) -> torch.Tensor:
         """T5 embeddings [negative, prompt] (or [prompt] without CFG), as IFPipeline.encode_prompt makes them:
@@ -117,13 +136,12 @@ class IFMegaFusionPipeline:
                                     add_special_tokens=True, return_tensors="pt")
         enc = self.bundle.text_encoder
         out = enc(tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))[0]
-        return out.to(self.bundle.unet_1.dtype)
+        return out.to(self.nets.unet_dtype(1))
 
-    def _guided(self, unet, x_in, t, states, class_labels, w: float, cfg: bool):
+    def _guided(self, cascade, x_in, t, states, class_labels, w: float, cfg: bool, dilation: int):
         """(eps, v): eps = eps_u + w (eps_c - eps_u); v is the conditional half's variance channels."""
         model_in = torch.cat([x_in, x_in]) if cfg else x_in
-        out = unet(model_in.to(unet.dtype), t, encoder_hidden_states=states, class_labels=class_labels,
-                   return_dict=False)[0].float()
+        out = self.nets.unet(cascade, model_in, t, states, class_labels, dilation)
         if not cfg:
             return out[:, :3], out[:, 3:]
         (eps_u, _), (eps_c, v) = (h.split(3, dim=1) for h in out.chunk(2))
@@ -135,9 +153,8 @@ class IFMegaFusionPipeline:
                     mark: Callable[[str], None] | None = None) -> torch.Tensor:
         """One cascade stage's plan; returns its final sample x (1, 3, H, W) float32."""
         fam, dev = self.family, self.device
-        unet = self.bundle.unet_1 if cascade == 1 else self.bundle.unet_2
         sched = fam.scheduler_1 if cascade == 1 else fam.scheduler_2
-        noise_dtype = unet.dtype
+        noise_dtype = self.nets.unet_dtype(cascade)
         cfg = w > 1.0
         schedules = plan_ddpm_schedule(plan, sched, opts.reschedule)
         labels = None
@@ -159,24 +176,30 @@ class IFMegaFusionPipeline:
             cond = None
             if cascade == 2:
                 # IF's conditioning: the stage I image, bilinear to this size, noised to noise_level.
-                up = F.interpolate(low_res.to(unet.dtype), (stage.height, stage.width), mode="bilinear",
+                up = F.interpolate(low_res.to(noise_dtype), (stage.height, stage.width), mode="bilinear",
                                    align_corners=True).float()
                 n = draw_noise(shape, generator, noise_dtype, dev)
                 cond = math.sqrt(abar_aug) * up + math.sqrt(1.0 - abar_aug) * n
             delta = 1 if k == 0 else opts.dilation
-            with mid_dilation(unet, delta):
-                x, x0 = self._stage(unet, x, cond, c, sched, states, labels, w, cfg, stage.steps, k < last_k,
-                                    generator, noise_dtype, lambda i, k=k: on_step and on_step(k, i))
+            if self.graphs is not None:
+                # Same step, replayed (docs/ALGORITHM.md §20); a non-final stage's last x0 is the truncation x0.
+                x, x0 = self.graphs.run_pixel_stage(cascade, x, cond, c, states, labels, w, cfg, delta, stage.steps,
+                                                    k < last_k, generator, noise_dtype)
+                for i in range(stage.steps if on_step is not None else 0):
+                    on_step(k, i)
+            else:
+                x, x0 = self._stage(cascade, x, cond, c, sched, states, labels, w, cfg, delta, stage.steps,
+                                    k < last_k, generator, noise_dtype, lambda i, k=k: on_step and on_step(k, i))
             if mark is not None:
                 mark(f"stage {'I' * cascade}.{k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
         return x
 
-    def _stage(self, unet, x, cond, c: DDPMCoefficients, sched: dict, states, labels, w, cfg, steps: int,
-               truncate: bool, generator, noise_dtype, on_step):
+    def _stage(self, cascade, x, cond, c: DDPMCoefficients, sched: dict, states, labels, w, cfg, dilation: int,
+               steps: int, truncate: bool, generator, noise_dtype, on_step):
         """DDPM steps with learned variance; returns (x, x0 of the last step)."""
         for i in range(steps):
             x_in = x if cond is None else torch.cat([x, cond], dim=1)
-            eps, v = self._guided(unet, x_in, c.timesteps[i], states, labels, w, cfg)
+            eps, v = self._guided(cascade, x_in, c.timesteps[i], states, labels, w, cfg, dilation)
             x0 = threshold((x - c.sqrt_one_minus_abar_t[i] * eps) / c.sqrt_abar_t[i], sched)   # paper Eq. 5
             on_step(i)
             if truncate and i == steps - 1:
@@ -207,7 +230,7 @@ class IFMegaFusionPipeline:
         x1 = self.run_cascade(1, plan_1, s1, opts.guidance_1, opts, generator, on_step=on_step, mark=mark)
         x2 = None
         if plan_2 is not None:
-            s2 = (states_both if opts.guidance_2 > 1.0 or not cfg else states_both[1:]).to(self.bundle.unet_2.dtype)
+            s2 = (states_both if opts.guidance_2 > 1.0 or not cfg else states_both[1:]).to(self.nets.unet_dtype(2))
             x2 = self.run_cascade(2, plan_2, s2, opts.guidance_2, opts, generator, low_res=x1,
                                   on_step=on_step, mark=mark)
         final = x2 if x2 is not None else x1

@@ -6,7 +6,8 @@ runs whole, as it costs little memory. Each tile carries a halo at least as wide
 convolutions grow, so its core is computed from the same inputs as in the untiled pass. Every GroupNorm is a
 meeting point: each tile is a generator that yields the per-group sums of its core, the driver adds them over
 all tiles and sends the whole image's mean and 1/std back. The cores are then the untiled result up to float
-rounding, and they are laid side by side without blending: there is no seam to hide.
+rounding, and they are laid side by side without blending: there is no seam to hide. A tile's live tensors
+sit in its `TileTensors`, so that a waiting tile can be parked in host memory (runtime/vae_parking.py).
 
 Works on the torch `AutoencoderKL` (the same module `TorchNetworks` runs); `TiledVaeNetworks` wraps any
 `Networks` and sends the passes larger than one tile here.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.networks import WrappedNetworks
+from .vae_parking import HostParking, Parking, Resident, TileTensors
 
 DEFAULT_TILE = 2048
 """Tile core side in image pixels: at SDXL's 8192 a decode is 16 tiles whose halos add about a quarter."""
@@ -39,6 +41,9 @@ class VaeTiling:
 
     tile: int = DEFAULT_TILE
     """Tile core side in image pixels, a multiple of 64; a pass no larger than one tile runs untiled."""
+    park: bool = False
+    """Park waiting tiles in host memory (runtime/vae_parking.py): the device holds about one tile's working set
+    instead of the whole image's activations, for host memory and transfers."""
 
     def __post_init__(self):
         if not (isinstance(self.tile, int) and self.tile >= TILE_MULTIPLE and self.tile % TILE_MULTIPLE == 0):
@@ -100,18 +105,22 @@ TileRun = Generator[tuple[torch.nn.GroupNorm, torch.Tensor, torch.Tensor, int], 
 and receives the stats."""
 
 
-def _group_norm(norm: torch.nn.Module, x: torch.Tensor, tile: _Tile):
-    """GroupNorm of a tile with the whole image's statistics: yields this core's per-channel sums, gets the
-    global per-channel mean and variance back and applies them with batch norm's inference kernel (per-channel
-    statistics given), which reads 16-bit input and accumulates in float32 without a float32 copy of the tile."""
+def _core_sums(norm: torch.nn.Module, x: torch.Tensor, tile: _Tile):
+    """(norm, core sum, core sum of squares, core pixels) per (batch, channel), float64: what a tile yields."""
     if not isinstance(norm, torch.nn.GroupNorm):
         raise VaeTilingError(f"tiled VAE: {type(norm).__name__} is not a GroupNorm")
     core = tile.core_of(x)
     acc = torch.promote_types(x.dtype, torch.float32)
     s1 = core.sum(dim=(-2, -1), dtype=acc).double()  # (B, C)
     s2 = torch.linalg.vector_norm(core, dim=(-2, -1), dtype=acc).double() ** 2
-    del core
-    mean, var = yield norm, s1, s2, tile.core_pixels(x)
+    return norm, s1, s2, tile.core_pixels(x)
+
+
+def _normalised(norm: torch.nn.GroupNorm, x: torch.Tensor, stats: Stats) -> torch.Tensor:
+    """`x` normalised with the whole image's per-channel mean and variance, by batch norm's inference kernel
+    (per-channel statistics given), which reads 16-bit input and accumulates in float32 without a float32 copy."""
+    mean, var = stats
+    acc = torch.promote_types(x.dtype, torch.float32)
     # Parameters in float32 beside 16-bit input: the mixed-precision case batch norm's kernels take (CPU and CUDA).
     w, b = (None, None) if not norm.affine else (norm.weight.to(acc), norm.bias.to(acc))
     out = [F.batch_norm(x[i:i + 1], mean[i].to(acc), var[i].to(acc), w, b, False, 0.0, norm.eps)
@@ -119,70 +128,92 @@ def _group_norm(norm: torch.nn.Module, x: torch.Tensor, tile: _Tile):
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def _resnet(block: torch.nn.Module, x: torch.Tensor, tile: _Tile):
-    """diffusers' ResnetBlock2D without time embedding, up or down sampling (what VAE blocks use)."""
+# The tile functions below keep every device tensor of a tile in its TileTensors `held` (x, h), never in a
+# local that lives across a yield: while the tile waits, the driver may park `held` in host memory, and a
+# local would keep the tensor on the device (runtime/vae_parking.py).
+
+def _group_norm(norm: torch.nn.Module, held: TileTensors, tile: _Tile, src: str):
+    """held.h = GroupNorm of held.<src> with the whole image's statistics: yields this core's per-channel sums,
+    gets the global per-channel mean and variance back."""
+    stats = yield _core_sums(norm, getattr(held, src), tile)
+    held.h = _normalised(norm, getattr(held, src), stats)
+
+
+def _resnet(block: torch.nn.Module, held: TileTensors, tile: _Tile):
+    """diffusers' ResnetBlock2D without time embedding, up or down sampling (what VAE blocks use), on held.x."""
     if block.upsample is not None or block.downsample is not None or block.time_emb_proj is not None:
         raise VaeTilingError("tiled VAE: a resnet block with resampling or time embedding")
-    h = yield from _group_norm(block.norm1, x, tile)
-    h = block.conv1(block.nonlinearity(h))
-    h = yield from _group_norm(block.norm2, h, tile)
-    h = block.conv2(block.dropout(block.nonlinearity(h)))
-    if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return (x + h) / block.output_scale_factor
+    yield from _group_norm(block.norm1, held, tile, "x")
+    if block.conv_shortcut is not None:  # now rather than at the sum: the residual waits with its output channels
+        held.x = block.conv_shortcut(held.x)
+    held.h = block.conv1(block.nonlinearity(held.h))
+    yield from _group_norm(block.norm2, held, tile, "h")
+    held.h = block.conv2(block.dropout(block.nonlinearity(held.h)))
+    held.x = (held.x + held.h) / block.output_scale_factor
+    held.h = None
 
 
-def _decoder_tile(decoder: torch.nn.Module, x: torch.Tensor, tile: _Tile) -> TileRun:
+def _decoder_tile(decoder: torch.nn.Module, held: TileTensors, tile: _Tile) -> TileRun:
     """Up blocks, output norm, activation and conv of one latent tile (after the mid block)."""
+    held.x = held.x.contiguous()  # the tile's own copy of its window: parked or not, the same input layout
     for block in decoder.up_blocks:
         for r in block.resnets:
-            x = yield from _resnet(r, x, tile)
+            yield from _resnet(r, held, tile)
         for up in block.upsamplers or ():
-            x = up(x)
-    x = yield from _group_norm(decoder.conv_norm_out, x, tile)
-    return decoder.conv_out(decoder.conv_act(x))
+            held.x = up(held.x)
+    yield from _group_norm(decoder.conv_norm_out, held, tile, "x")
+    held.x, held.h = decoder.conv_out(decoder.conv_act(held.h)), None
+    return held.x
 
 
-def _encoder_tile(encoder: torch.nn.Module, x: torch.Tensor, tile: _Tile) -> TileRun:
+def _encoder_tile(encoder: torch.nn.Module, held: TileTensors, tile: _Tile) -> TileRun:
     """Input conv and down blocks of one image tile (before the mid block)."""
-    x = encoder.conv_in(x)
+    held.x = encoder.conv_in(held.x.contiguous())
     for block in encoder.down_blocks:
         for r in block.resnets:
-            x = yield from _resnet(r, x, tile)
+            yield from _resnet(r, held, tile)
         for down in block.downsamplers or ():
-            x = down(x)
-    return x
+            held.x = down(held.x)
+    return held.x
 
 
 # --- the driver -------------------------------------------------------------------------------------------
 
-def _run(runs: list[TileRun], tiles: list[_Tile], out: torch.Tensor, scale: float) -> torch.Tensor:
-    """Steps every tile to its next GroupNorm, sends the global statistics, and writes each finished core into
-    `out` (whose units are `scale` times the tiles')."""
+def _run(runs: list[TileRun], held: list[TileTensors], tiles: list[_Tile], out: torch.Tensor, scale: float,
+         parking: Parking) -> torch.Tensor:
+    """Steps every tile to its next GroupNorm, parking it there, sends the global statistics, and writes each
+    finished core into `out` (whose units are `scale` times the tiles')."""
     replies: list[Stats | None] = [None] * len(runs)
     live = list(range(len(runs)))
-    while live:
-        asks, still = [], []
-        for i in live:
-            try:
-                asks.append(runs[i].send(replies[i]))
-                still.append(i)
-            except StopIteration as done:
-                t, b, l, r = (round(v * scale) for v in tiles[i].core)
-                out[..., t:b, l:r] = tiles[i].core_of(done.value)
-        if not still:
-            break
-        if len(still) != len(live) or len({id(a[0]) for a in asks}) != 1:
-            raise VaeTilingError("tiled VAE: tiles reached different layers")  # all walk the same network
-        g = asks[0][0].num_groups
-        b, c = asks[0][1].shape
-        n = sum(a[3] for a in asks) * (c // g)  # values per group
-        s1 = sum(a[1] for a in asks).reshape(b, g, -1).sum(-1) / n  # per-group mean, float64
-        s2 = sum(a[2] for a in asks).reshape(b, g, -1).sum(-1) / n
-        var = (s2 - s1 * s1).clamp_min(0)  # biased, as GroupNorm's
-        stats = (s1.repeat_interleave(c // g, dim=1), var.repeat_interleave(c // g, dim=1))
-        replies = [stats] * len(runs)
-        live = still
+    try:
+        while live:
+            asks, still = [], []
+            for i in live:
+                parking.unpark(held[i], i)
+                try:
+                    asks.append(runs[i].send(replies[i]))
+                    still.append(i)
+                except StopIteration as done:
+                    t, b, l, r = (round(v * scale) for v in tiles[i].core)
+                    out[..., t:b, l:r] = tiles[i].core_of(done.value)
+                    held[i].x = held[i].h = None
+                    continue
+                parking.park(held[i], i)
+            if not still:
+                break
+            if len(still) != len(live) or len({id(a[0]) for a in asks}) != 1:
+                raise VaeTilingError("tiled VAE: tiles reached different layers")  # all walk the same network
+            g = asks[0][0].num_groups
+            b, c = asks[0][1].shape
+            n = sum(a[3] for a in asks) * (c // g)  # values per group
+            s1 = sum(a[1] for a in asks).reshape(b, g, -1).sum(-1) / n  # per-group mean, float64
+            s2 = sum(a[2] for a in asks).reshape(b, g, -1).sum(-1) / n
+            var = (s2 - s1 * s1).clamp_min(0)  # biased, as GroupNorm's
+            stats = (s1.repeat_interleave(c // g, dim=1), var.repeat_interleave(c // g, dim=1))
+            replies = [stats] * len(runs)
+            live = still
+    finally:
+        parking.close()
     return out
 
 
@@ -210,8 +241,10 @@ def encoder_halo(encoder: torch.nn.Module, vae_scale: int) -> int:
     return math.ceil(spoil / vae_scale) * vae_scale + vae_scale
 
 
-def tiled_decode(vae: torch.nn.Module, latents: torch.Tensor, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """`vae.decode(latents).sample`, the up path in tiles of `tile` pixels (a multiple of 64)."""
+def tiled_decode(vae: torch.nn.Module, latents: torch.Tensor, tile: int = DEFAULT_TILE,
+                 parking: Parking | None = None) -> torch.Tensor:
+    """`vae.decode(latents).sample`, the up path in tiles of `tile` pixels (a multiple of 64); waiting tiles
+    kept by `parking` (default: on the device)."""
     VaeTiling(tile)
     dec = vae.decoder
     f = 2 ** sum(1 for b in dec.up_blocks if b.upsamplers)
@@ -221,12 +254,16 @@ def tiled_decode(vae: torch.nn.Module, latents: torch.Tensor, tile: int = DEFAUL
         h, w = x.shape[-2:]
         tiles = _tiles(h, w, tile // f, decoder_halo(dec), 1)
         out = x.new_empty(x.shape[0], dec.conv_out.out_channels, h * f, w * f)
-        runs = [_decoder_tile(dec, x[..., t.top:t.bottom, t.left:t.right], t) for t in tiles]
-        return _run(runs, tiles, out, f)
+        held = [TileTensors(x[..., t.top:t.bottom, t.left:t.right]) for t in tiles]
+        del x  # the tiles' windows keep it until each has copied its own
+        runs = [_decoder_tile(dec, k, t) for k, t in zip(held, tiles)]
+        return _run(runs, held, tiles, out, f, parking or Resident())
 
 
-def tiled_encode(vae: torch.nn.Module, images: torch.Tensor, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """`vae.encode(images).latent_dist.mean`, the down path in tiles of `tile` pixels (a multiple of 64)."""
+def tiled_encode(vae: torch.nn.Module, images: torch.Tensor, tile: int = DEFAULT_TILE,
+                 parking: Parking | None = None) -> torch.Tensor:
+    """`vae.encode(images).latent_dist.mean`, the down path in tiles of `tile` pixels (a multiple of 64); waiting
+    tiles kept by `parking` (default: on the device)."""
     VaeTiling(tile)
     enc = vae.encoder
     f = 2 ** sum(1 for b in enc.down_blocks if b.downsamplers)
@@ -237,8 +274,9 @@ def tiled_encode(vae: torch.nn.Module, images: torch.Tensor, tile: int = DEFAULT
         tiles = _tiles(h, w, tile, encoder_halo(enc, f), f)
         c = enc.down_blocks[-1].resnets[-1].conv2.out_channels
         x = images.new_empty(images.shape[0], c, h // f, w // f)
-        runs = [_encoder_tile(enc, images[..., t.top:t.bottom, t.left:t.right], t) for t in tiles]
-        x = _run(runs, tiles, x, 1 / f)
+        held = [TileTensors(images[..., t.top:t.bottom, t.left:t.right]) for t in tiles]
+        runs = [_encoder_tile(enc, k, t) for k, t in zip(held, tiles)]
+        x = _run(runs, held, tiles, x, 1 / f, parking or Resident())
         x = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(x))))
         moments = vae.quant_conv(x) if vae.quant_conv is not None else x
         return moments.chunk(2, dim=1)[0]  # the posterior's mean, as DiagonalGaussianDistribution splits it
@@ -258,9 +296,12 @@ class TiledVaeNetworks(WrappedNetworks):
         f = 2 ** sum(1 for b in self.vae.decoder.up_blocks if b.upsamplers)
         if not self.tiling.tiles(h * f, w * f):
             return self.base.vae_decode(latents)
-        return tiled_decode(self.vae, latents.to(self.vae.dtype), self.tiling.tile).float()
+        return tiled_decode(self.vae, latents.to(self.vae.dtype), self.tiling.tile, self._parking(latents)).float()
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
         if not self.tiling.tiles(*images.shape[-2:]):
             return self.base.vae_encode(images)
-        return tiled_encode(self.vae, images.to(self.vae.dtype), self.tiling.tile).float()
+        return tiled_encode(self.vae, images.to(self.vae.dtype), self.tiling.tile, self._parking(images)).float()
+
+    def _parking(self, x: torch.Tensor) -> Parking | None:
+        return HostParking(x.device) if self.tiling.park else None

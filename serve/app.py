@@ -217,6 +217,9 @@ class Generator:
         self._unet_batch = metrics.Histogram(
             "megafusion_denoise_batch_size", description="Requests denoised together as one UNet batch.",
             boundaries=[1.5, 2.5, 4.5, 8.5, 16.5])
+        self._segment_ms = metrics.Histogram(
+            "megafusion_segment_ms", description="Each request's share of a plan segment (stage, relay, decode), ms.",
+            boundaries=[10, 30, 100, 300, 1000, 3000, 10000, 30000], tag_keys=("segment",))
 
     async def generate(self, payload: dict) -> dict:
         job = _Job(payload["body"], payload["deadline"])
@@ -287,6 +290,8 @@ class Generator:
             return
         self._unet_batch.observe(len(idx))
         for i, g in zip(idx, gens):
+            for name, ms in g.timings_ms.items():  # "stage 2 (2048x2048, 10 steps)" -> tag "stage 2"
+                self._segment_ms.observe(ms, tags={"segment": name.split(" (")[0]})
             out[i] = {"status": 200, "png": g.png, "plan": g.plan_info, "timings_ms": g.timings_ms, "seed": g.seed,
                       "batch_size": len(idx), "replica": self.replica}
 

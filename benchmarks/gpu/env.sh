@@ -10,5 +10,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --upgrade --
 rm -rf build
 # nvidia-cutlass-dsl (flash-attn-4, benchmarks/gpu/fa4_install.sh) puts its packages on sys.path through a .pth
 # file, which a --target folder on PYTHONPATH never runs: its folder is named here instead.
+# The package runs from /tmp/site, outside any checkout: results take the commit from here (benchmarks/timing.py).
+export MEGAFUSION_COMMIT="$(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)"
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
 set +e

@@ -2,11 +2,16 @@
 
 python benchmarks/lab/large_sizes.py --model sdxl --size 4096x4096 --runs pixel,latent,direct --output DIR
 
-Random weights. Each run: the memory plan (estimate per segment, VAE tiling chosen for the device's memory or
---max-memory), one warm-up generation (graph captures), then --repeats timed ones; per-segment times, peak
-allocated and reserved memory against the estimate, and each image's difference to the first run's (mean
-absolute difference in 8-bit levels, PSNR). Writes large_sizes.json, large_sizes.md and 1024-pixel previews
-into DIR. A run whose estimate exceeds the budget is recorded as skipped, with the estimate.
+Random weights. Each run: the memory plan (estimate per segment, VAE tiling, parked or not, chosen for the
+device's memory or --max-memory), --warmup untimed generations (graph captures), then --repeats timed ones;
+per-segment times, peak allocated and reserved memory against the estimate, the process's peak host memory,
+and each image's difference to the first run's (mean absolute difference in 8-bit levels, PSNR). Writes
+large_sizes.json, large_sizes.md and 1024-pixel previews into DIR. A run whose estimate exceeds the budget is
+recorded as skipped, with the estimate.
+
+SDXL 8192 on the H200 (the VAE parked in host memory, chosen by the budget):
+python benchmarks/lab/large_sizes.py --model sdxl --size 8192x8192 --runs latent,pixel --max-memory 64 --warmup 0 \
+    --output DIR
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import argparse
 import gc
 import json
 import math
+import resource
 import statistics
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from megafusion.core.memory import GiB
 from megafusion.core.plan import Stage, default_plan, parse_size, validate_plan
 from megafusion.core.specs import default_vae_dtype
 from megafusion.engine.networks import TorchNetworks
-from megafusion.runtime.memory_plan import plan_memory
+from megafusion.runtime.memory_plan import MODES, plan_memory
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 from megafusion.runtime.vae_tiling import TiledVaeNetworks, VaeTiling
 
@@ -48,7 +54,9 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
     row = {"run": name, "plan": plan.describe(), "relay": relay, "estimate_lines": memory.describe(),
            "estimated_peak_gib": memory.estimate.peak_bytes / GiB,
            "estimated_segments": [(n, p / GiB) for n, p in memory.estimate.stage_peaks()],
-           "vae_tiling": memory.tiling.tile if memory.tiling else None, "vae_tiling_why": memory.why}
+           "vae_tiling": memory.tiling.tile if memory.tiling else None, "vae_tiling_why": memory.why,
+           "vae_parked": bool(memory.tiling and memory.tiling.park),
+           "estimated_host_gib": memory.estimate.host_bytes / GiB}
     if not memory.fits:
         row["skipped"] = f"estimate {row['estimated_peak_gib']:.1f} GiB exceeds the budget {limit / GiB:.1f} GiB"
         print(f"{name}: skipped, {row['skipped']}")
@@ -60,7 +68,8 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
             else MegaFusionPipeline(bundle, nets, dev))
     opts = GenerationOptions(args.prompt, guidance=args.guidance, seed=args.seed, relay=relay)
     try:
-        pipe.generate(plan, opts)  # warm-up: captures the graphs, loads kernels
+        for _ in range(args.warmup):
+            pipe.generate(plan, opts)  # warm-up: captures the graphs, loads kernels
         runs = []
         for _ in range(args.repeats):
             if dev.type == "cuda":
@@ -83,10 +92,18 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
     row["total_s"] = statistics.median(sum(s for _, s in r.timings) for r, _ in runs)
     row["peak_allocated_gib"] = max(r.peak_memory_bytes or 0 for r, _ in runs) / GiB  # CUDA only
     row["peak_reserved_gib"] = max(p for _, p in runs) / GiB
+    row["peak_host_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # whole process
     print(f"{name}: {row['total_s']:.2f} s, peak allocated {row['peak_allocated_gib']:.2f} GiB, reserved "
           f"{row['peak_reserved_gib']:.2f} GiB (estimate {row['estimated_peak_gib']:.2f} GiB, VAE "
-          f"{'tiled ' + str(row['vae_tiling']) if row['vae_tiling'] else 'untiled'})")
+          f"{_vae(row)}); process peak host memory {row['peak_host_rss_gib']:.1f} GiB")
     return row, res.image
+
+
+def _vae(row: dict) -> str:
+    if not row["vae_tiling"]:
+        return "untiled"
+    return f"tiled {row['vae_tiling']}" + (f", parked ({row['estimated_host_gib']:.1f} GiB host)"
+                                          if row.get("vae_parked") else "")
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> dict:
@@ -97,18 +114,19 @@ def _difference(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    out = ["| run | plan | VAE | total s | peak alloc GiB | peak reserved GiB | estimate GiB | vs first run |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| run | plan | VAE | total s | peak alloc GiB | peak reserved GiB | estimate GiB | host peak GiB "
+           "| vs first run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "total_s" not in r:
             out.append(f"| {r['run']} | {r['plan']} | | {r.get('skipped') or r.get('failed')} | | | "
-                       f"{r['estimated_peak_gib']:.2f} | |")
+                       f"{r['estimated_peak_gib']:.2f} | | |")
             continue
         diff = r.get("difference")
         vs = "" if diff is None else f"{diff['mean_abs_levels']:.2f} levels, {diff['psnr_db']:.1f} dB"
-        vae = f"tiled {r['vae_tiling']}" if r["vae_tiling"] else "untiled"
+        vae = _vae(r)
         out.append(f"| {r['run']} | {r['plan']} | {vae} | {r['total_s']:.2f} | {r['peak_allocated_gib']:.2f} | "
-                   f"{r['peak_reserved_gib']:.2f} | {r['estimated_peak_gib']:.2f} | {vs} |")
+                   f"{r['peak_reserved_gib']:.2f} | {r['estimated_peak_gib']:.2f} | {r['peak_host_rss_gib']:.1f} "
+                   f"| {vs} |")
     for r in rows:
         if "segments_s" in r:
             out += ["", f"**{r['run']}** per segment (s), beside the estimated peak of each memory segment:", ""]
@@ -123,10 +141,14 @@ def main():
     p.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT")
     p.add_argument("--runs", default="pixel,latent,direct", help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--mode", choices=("graphs", "eager"), default="graphs")
-    p.add_argument("--vae-tile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--vae-tile", choices=MODES, default="auto",
+                   help="auto: untiled, tiled, or tiled with parking, the first that fits the budget")
     p.add_argument("--tile-size", type=int, default=2048)
     p.add_argument("--max-memory", type=float, help="budget in GiB (default: the GPU's memory)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed generations first (graph captures, kernel loads); 0 at 8192, where one generation "
+                        "takes minutes and the timed one then includes the captures")
     p.add_argument("--guidance", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
@@ -142,6 +164,10 @@ def main():
     dev = torch.device(args.device)
     limit = (int(args.max_memory * GiB) if args.max_memory else torch.cuda.get_device_properties(dev).total_memory
              if dev.type == "cuda" else 64 * GiB)
+    if args.max_memory and dev.type == "cuda":  # as mf-generate: the allocator reserves no more than the budget
+        from megafusion.cli.common import cap_device_memory
+
+        cap_device_memory(args.max_memory, dev)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     bundle = load_model(args.model, random_weights=not args.model.startswith("tiny"), device=dev, dtype=dtype)
     vae_dtype = default_vae_dtype(bundle.family, bundle.vae.config, dtype, dev)

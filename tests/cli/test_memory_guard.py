@@ -73,3 +73,33 @@ def test_max_memory_caps_cudnn_workspaces(monkeypatch):
     assert cap_cudnn_workspace(100) is None and os.environ[CUDNN_WORKSPACE_ENV] == "64"
     monkeypatch.delenv(CUDNN_WORKSPACE_ENV)
     assert cap_cudnn_workspace(200) == 4096  # the ceiling
+
+
+def test_max_memory_bounds_what_pytorch_reserves(monkeypatch):
+    """--max-memory on CUDA sets the caching allocator's per-process fraction from the budget (capped at the whole
+    device), so reserved memory stays under it; checked on the CPU through the calls it makes."""
+    import torch
+
+    from megafusion.cli.common import cap_device_memory
+
+    seen = []
+    props = type("Props", (), {"total_memory": 140 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: seen.append((f, device)))
+    assert cap_device_memory(35, "cuda:0") == 0.25 and seen == [(0.25, "cuda:0")]
+    assert cap_device_memory(500, "cuda:0") == 1.0 and seen[-1] == (1.0, "cuda:0")
+
+
+def test_vae_tile_park_is_said_in_a_dry_run_and_in_a_refusal(tmp_path, capsys):
+    args = ["--model", "tiny-sdxl", *PROMPT, "--stages", "128x128:1,384x256:1", "--vae-tile", "park",
+            "--vae-tile-size", "128", "--output", str(tmp_path / "a.png")]
+    assert gen_cli.main([*args, "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "final decode 384x256 (tiled 128, parked)" in said and "host memory for parked VAE tiles" in said
+    assert "VAE tiled, 128-pixel tiles, parked in host memory" in said and "asked for" in said
+    assert gen_cli.main([*args, "--max-memory", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with the VAE in 128-pixel tiles parked in host memory" in err
+    with pytest.raises(SystemExit) as bad:  # argparse's one line
+        gen_cli.main([*args[:-2], "--vae-tile", "sometimes", *args[-2:]])
+    assert bad.value.code == 2 and "invalid choice: 'sometimes'" in capsys.readouterr().err

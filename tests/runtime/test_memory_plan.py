@@ -41,3 +41,23 @@ def test_tiling_is_chosen_only_when_the_untiled_plan_does_not_fit(untiled_and_ti
 def test_unknown_choice_is_named():
     with pytest.raises(ValueError, match="'sometimes'"):
         plan_memory(SDXL, PLAN, torch.float16, torch.bfloat16, GiB, when="sometimes")
+
+
+def test_parking_is_chosen_when_the_tiled_plan_does_not_fit_and_refused_below_it():
+    """tiny-sdxl at 384x256 in 128-pixel tiles: untiled about 18 MB, tiled 25 MB (the halos of such small tiles
+    cost more than they save), parked 11 MB with 19 MB of host memory."""
+    from megafusion.core.families import TINY_SDXL
+
+    plan = validate_plan(TINY_SDXL, [Stage(128, 128, 1), Stage(256, 384, 1)])
+    tiling = VaeTiling(128)
+    chosen = plan_memory(TINY_SDXL, plan, torch.float32, torch.float32, 14 * 10**6, tiling=tiling)
+    assert chosen.tiling == VaeTiling(128, park=True) and chosen.fits
+    assert chosen.estimate.peak_bytes < 12 * 10**6 < 17 * 10**6 < chosen.untiled_peak_bytes
+    assert chosen.estimate.host_bytes > 15 * 10**6  # two 32-channel 384x256 maps and their halos, fp32
+    assert "final decode 384x256 (tiled 128, parked)" in dict(chosen.estimate.segments)
+    said = chosen.describe()
+    assert "host memory for parked VAE tiles" in said[-2] and "parked in host memory" in said[-1]
+    assert "the untiled and tiled estimates" in said[-1]
+    refused = plan_memory(TINY_SDXL, plan, torch.float32, torch.float32, 8 * 10**6, tiling=tiling)
+    assert refused.tiling == chosen.tiling and not refused.fits  # the lowest estimate, named when refused
+    assert refused.estimate.peak_bytes == chosen.estimate.peak_bytes
