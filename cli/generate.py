@@ -176,15 +176,18 @@ def run(args: argparse.Namespace) -> int:
 
         source = (str(Path(args.model_path).expanduser()) if args.model_path else
                   f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
-        # Which engines run the plan, before the load: what they run needs no weights in torch, except the networks
-        # a LoRA swap reads its base weights from.
-        try:
-            served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
-                                    precision=args.dtype).modules_served()
-        except EngineError as e:
-            raise UsageError(str(e)) from None
+        # Which engines run the plan, before the load: what they run needs no weights in torch. With --lora the model
+        # loads whole: the files are checked against it before any engine is looked at, and the swap reads its
+        # base weights.
+        served = frozenset()
+        if not loras:
+            try:
+                served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
+                                        precision=args.dtype).modules_served()
+            except EngineError as e:
+                raise UsageError(str(e)) from None
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed,
-                            skip=served - {"unet", "text_encoder", "text_encoder_2"} if loras else served)
+                            skip=served)
         torch_side = [n for n in component_modules(bundle) if n not in bundle.skipped]
         print(f"model loaded in {time.perf_counter() - t_load:.1f} s (weights in torch: "
               f"{', '.join(torch_side) or 'none'}; engines run the rest)")
