@@ -2,16 +2,22 @@
 load, compiles or captures, one generation), `mf-generate` run as a child. The device memory the child takes is
 sampled from this process every 50 ms (device-wide used memory minus what was used before it started), so it
 counts what the allocator's own peak statistics miss: the CUDA context, cuDNN workspaces, the load phase.
+
+With `--engines`, the child prints its phases in one line (`phase_line`), which `ColdStart.phases` reads back:
+start (interpreter, imports, argument checks, memory estimate: the process's age when the load begins), model load,
+weights fingerprint check, engine file verification, engine open, and the rest (the first image, its PNG, exit).
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 GiB = 2**30
 
@@ -32,6 +38,44 @@ class ColdStart:
     """Most device memory the child held at any sample (CUDA only)."""
     tail: str
     """The child's last output lines (its own segment times and peak)."""
+    phases: dict[str, float] | None = None
+    """Seconds per phase as the child printed them (`phase_line`), the rest of `seconds` as `first image`; None when
+    it printed none (runs without engines)."""
+
+    def describe_phases(self) -> str:
+        """'start 3.1 s, model load 0.2 s, ...' ('' without phases)."""
+        return ", ".join(f"{k} {v:.2f} s" for k, v in (self.phases or {}).items())
+
+
+PHASES = ("start", "model load", "fingerprint", "verify", "open")
+_PHASE_PREFIX = "cold-start phases: "
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms ticks), None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in ticks since boot
+        return float(Path("/proc/uptime").read_text().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def phase_line(start_s: float | None, load_s: float, engine: dict[str, float]) -> str:
+    """The line mf-generate prints after opening engines: each of `PHASES` in seconds (start '?' if unknown)."""
+    values = [start_s, load_s, engine["fingerprint"], engine["verify"], engine["open"]]
+    return _PHASE_PREFIX + ", ".join(f"{name} {'?' if v is None else f'{v:.2f}'} s" for name, v in zip(PHASES, values))
+
+
+def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
+    """The phases from a child's output (`phase_line`), plus `first image`: the rest of its `seconds`."""
+    line = next((ln for ln in output.splitlines() if ln.startswith(_PHASE_PREFIX)), None)
+    if line is None:
+        return None
+    found = dict(re.findall(r"([a-z ]+?) ([0-9.]+) s", line.removeprefix(_PHASE_PREFIX)))
+    phases = {name.strip(): float(v) for name, v in found.items()}
+    phases["first image"] = seconds - sum(phases.values())
+    return phases
 
 
 def _used(device) -> int:
@@ -70,4 +114,5 @@ def run_cold(name: str, args: list[str], device, env: dict[str, str] | None = No
     if sampler:
         sampler.join()
     tail = "\n".join(line for line in out.splitlines()[-12:] if "\r" not in line)
-    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail)
+    phases = parse_phases(out, seconds) if rc == 0 else None
+    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases)

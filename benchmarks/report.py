@@ -95,6 +95,7 @@ def markdown(result: BenchResult) -> str:
                 for c in result.cold_starts]
         out += ["", "Each a separate `mf-generate` process (model and engine load, compiles or captures, one "
                 "generation, the PNG written); commands in results.json."]
+        out += [f"- {c.name}, phases: {c.describe_phases()}" for c in result.cold_starts if c.phases]
         out += [""]
     out += ["## Per-segment breakdown", ""]
     for v in result.variants:

@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     req = BuildRequest(plan, args.backend, args.precision, out, args.vae_precision,
                        dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
-                       ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks)
+                       ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks,
+                       remember_hashes=True)  # the first run from the folder then reads no engine file to verify it
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

@@ -165,13 +165,37 @@ def run(args: argparse.Namespace) -> int:
     if tiling is not None and args.engines:
         raise UsageError(f"this plan needs tiled VAE passes ({tiling.tile}-pixel tiles) to fit, which run on the "
                          "PyTorch VAE, not on --engines; leave out --engines or ask for a smaller --size")
-    t_load = time.perf_counter()  # load and open times are printed: a fresh process's start is mostly these
-    if args.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
+    from ..benchmarks.cold_start import phase_line, process_age
+
+    # Load and open times are printed: a fresh process's start is mostly these (benchmarks/cold_start.py reads them).
+    t_load, started_s = time.perf_counter(), process_age()
+    if args.engines:  # the engines were built from (and are checked against) fp32 CPU weights
+        from ..core.loading import component_modules
+        from ..engine.cache import EngineError
+        from ..engine.load import select_engines
+
+        source = (str(Path(args.model_path).expanduser()) if args.model_path else
+                  f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
+        # Which engines run the plan, before the load: what they run needs no weights in torch. With --lora the model
+        # loads whole: the files are checked against it before any engine is looked at, and the swap reads its
+        # base weights.
+        served = frozenset()
+        if not loras:
+            try:
+                served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
+                                        precision=args.dtype).modules_served()
+            except EngineError as e:
+                raise UsageError(str(e)) from None
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed,
+                            skip=served)
+        torch_side = [n for n in component_modules(bundle) if n not in bundle.skipped]
+        print(f"model loaded in {time.perf_counter() - t_load:.1f} s (weights in torch: "
+              f"{', '.join(torch_side) or 'none'}; engines run the rest)")
     else:
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
-    print(f"model loaded in {time.perf_counter() - t_load:.1f} s")
+        print(f"model loaded in {time.perf_counter() - t_load:.1f} s")
+    load_s = time.perf_counter() - t_load
     if loras:
         from ..core.lora import LoraError, check_loras, fuse_loras
 
@@ -189,12 +213,15 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
 
-        t_open = time.perf_counter()
+        phases: dict[str, float] = {}
         try:
-            nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype)
+            nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype,
+                                      timings=phases)
         except EngineError as e:
             raise UsageError(str(e)) from None
-        print(f"engines: {desc} (weights checked and packages opened in {time.perf_counter() - t_open:.1f} s)")
+        print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
+              f"{phases['verify']:.2f} s, opened in {phases['open']:.1f} s)")
+        print(phase_line(started_s, load_s, phases))
         if loras:
             _swap_loras(nets, bundle, loras, plan, dilation, args.engines, device)
     elif mode == "compiled":

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,23 @@ _HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 class WeightsError(RuntimeError):
     """Weights could not be found or are refused; the message says what was tried and what to pass."""
+
+
+@dataclass(frozen=True)
+class WeightsOrigin:
+    """What made one component's weights, known without reading them: the engine cache fingerprints this
+    (engine/fingerprint.py) instead of hashing every tensor on every start."""
+
+    kind: str
+    """`random` (drawn by `build_random`) or `files` (read from a local diffusers folder)."""
+    recipe: str = ""
+    """random: canonical JSON of everything that determines the values (`random_origin`)."""
+    folder: str = ""
+    """files: the component's folder, absolute; every file in it is fingerprinted."""
+
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""A bundle's modules by the name of their diffusers subfolder (`ModelBundle.component`)."""
 
 
 @dataclass
@@ -40,6 +58,26 @@ class ModelBundle:
     """One tokenizer per text encoder."""
     source: str
     """Where the weights came from: `random:<seed>`, a folder path or a hub id."""
+    origins: dict[str, WeightsOrigin] = field(default_factory=dict)
+    """Each component's `WeightsOrigin` by name (`COMPONENTS`), where known: none for a hub id."""
+    loaded_state: dict[str, tuple] = field(default_factory=dict, repr=False)
+    """`state_signature` of each component as loaded: an in-place change since (a fused LoRA) shows against it."""
+    skipped: frozenset[str] = frozenset()
+    """Components built on the meta device only (configs, no weights): engines run them (`load_model(skip=)`)."""
+
+    def component(self, network: str) -> str:
+        """The component (`COMPONENTS`) whose module runs `network`."""
+        self.module_for(network)  # refuses a network this family lacks
+        return "vae" if network in ("vae_encoder", "vae_decoder") else network
+
+    def origin_of(self, network: str) -> WeightsOrigin | None:
+        """The origin of `network`'s weights if its module is still as loaded, else None (changed in place since,
+        or no origin known): then only its tensors say what it computes."""
+        name = self.component(network)
+        origin = self.origins.get(name)
+        if origin is None or self.loaded_state.get(name) != state_signature(self.module_for(network)):
+            return None
+        return origin
 
     def module_for(self, network: str) -> torch.nn.Module:
         """The module that runs (or exports) `network`: `unet`, either VAE half (the whole VAE),
@@ -77,32 +115,88 @@ def _seeded(seed: int):
         yield
 
 
+INIT_RECIPE = 2
+"""How `build_random` draws weights. 2: each component from its own seed (`component_seed`), so that one can be
+built without the others (the ones engines run are skipped); 1 (before) drew all from one stream."""
+
+
+def component_seed(seed: int, component: str) -> int:
+    """The seed `component`'s random weights are drawn from: `seed` itself for the UNet (its weights are those of
+    recipe 1), a hash of both for the others."""
+    if component == "unet":
+        return seed
+    digest = hashlib.sha256(f"megafusion-init/{seed}/{component}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_origin(family: ModelFamily, component: str, cls: type, config: Mapping[str, Any], seed: int,
+                  device: str | torch.device) -> WeightsOrigin:
+    """Everything that determines `build_random`'s weights for one component: recipe, family and class, config,
+    seed, the device and dtype they are drawn on (CPU and CUDA generators differ), and the library versions whose
+    initialisers draw them."""
+    import diffusers
+    import transformers
+
+    lib = diffusers if cls.__module__.startswith("diffusers") else transformers
+    facts = {"init_recipe": INIT_RECIPE, "family": family.name, "component": component, "class": cls.__name__,
+             "config": dict(config), "seed": component_seed(seed, component),
+             "init_device": torch.device(device).type, "init_dtype": str(torch.get_default_dtype()),
+             "torch": torch.__version__, lib.__name__: lib.__version__}
+    return WeightsOrigin("random", json.dumps(facts, sort_keys=True, default=str))
+
+
+def state_signature(module: torch.nn.Module) -> tuple:
+    """Names, shapes and in-place version counters of a module's tensors, without reading them: an in-place write
+    since (a fused LoRA's add_, load_state_dict's copy_) or another set of tensors shows; a move or cast (device,
+    dtype, channels_last) does not, as the values stay those of the origin. Assigning `.data` is not seen."""
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return tuple((n, tuple(t.shape), t._version) for n, t in sorted(tensors.items()))
+
+
+def component_modules(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    """The bundle's modules by component name (`COMPONENTS`)."""
+    return dict(zip(COMPONENTS, (bundle.unet, bundle.vae, *bundle.text_encoders)))
+
+
+def _record_loaded(bundle: ModelBundle) -> ModelBundle:
+    bundle.loaded_state.update({n: state_signature(m) for n, m in component_modules(bundle).items()})
+    return bundle
+
+
 def build_random(family: ModelFamily, seed: int = 0, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """The family's real architecture (or tiny one) with random weights; nothing is downloaded."""
+                 dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset()) -> ModelBundle:
+    """The family's real architecture (or tiny one) with random weights; nothing is downloaded. Components named
+    in `skip` are built on the meta device (their configs, no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = builtin_tokenizer()
     vocab = family.vocab_size or len(tok)
-    # Initialise on the target device: a real-size SDXL UNet initialises in seconds on a GPU.
-    init_device = torch.device(device)
-    with _seeded(seed), init_device:
-        unet = UNet2DConditionModel(**family.unet)
-        vae = AutoencoderKL(**family.vae)
-        encoders = []
-        for te in family.text_encoders:
-            cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
-            encoders.append(cls(CLIPTextConfig(**te.transformers_config(vocab))))
+    parts: dict[str, tuple[type, dict, Callable]] = {
+        "unet": (UNet2DConditionModel, family.unet, lambda cfg: UNet2DConditionModel(**cfg)),
+        "vae": (AutoencoderKL, family.vae, lambda cfg: AutoencoderKL(**cfg))}
+    for name, te in zip(COMPONENTS[2:], family.text_encoders):
+        cls = CLIPTextModelWithProjection if te.with_projection else CLIPTextModel
+        parts[name] = (cls, te.transformers_config(vocab), lambda cfg, cls=cls: cls(CLIPTextConfig(**cfg)))
+    modules, origins = {}, {}
+    for name, (cls, config, make) in parts.items():
+        # Initialise on the target device: a real-size SDXL UNet initialises in seconds on a GPU.
+        with _seeded(component_seed(seed, name)), torch.device("meta" if name in skip else device):
+            modules[name] = make(config)
+        origins[name] = random_origin(family, name, cls, config, seed, device)
+    unet, vae = modules.pop("unet"), modules.pop("vae")
     family = family_for_config(family, unet.config, vae.config, "the built model")
-    bundle = ModelBundle(family, unet, vae, encoders, [tok for _ in encoders], f"random:{seed}")
-    return to_device(bundle, device, dtype)
+    encoders = list(modules.values())
+    bundle = ModelBundle(family, unet, vae, encoders, [tok for _ in encoders], f"random:{seed}", origins,
+                         skipped=frozenset(skip) & set(parts))
+    return _record_loaded(to_device(bundle, device, dtype))
 
 
 def to_device(bundle: ModelBundle, device, dtype) -> ModelBundle:
     """Every module of `bundle` on `device` in `dtype`, in eval mode without gradients (in place)."""
     for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
-        m.to(device=device)
+        if m.device.type != "meta":  # a skipped component stays a placeholder
+            m.to(device=device)
         if m.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
             m.to(dtype=dtype)
         m.eval()
@@ -258,20 +352,36 @@ def load_options(allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=torch.float32,
-                    allow_pickle: bool = False) -> ModelBundle:
-    """Loads a local diffusers folder, or a hub id where the network allows."""
+                    allow_pickle: bool = False, skip: frozenset[str] = frozenset()) -> ModelBundle:
+    """Loads a local diffusers folder, or a hub id where the network allows. From a local folder, components
+    named in `skip` are built from their config on the meta device, their weights not read (a hub id loads
+    everything: without files to fingerprint, the engine check hashes the loaded tensors)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     src = weights_source(path_or_id, lambda root: _check_folder(family, root, allow_pickle))
     kw, low_mem = load_options(allow_pickle)
+    local = Path(src).exists()
+    skip = frozenset(skip) if local else frozenset()
+
+    def part(cls, sub: str, extra: dict):
+        if sub not in skip:
+            return cls.from_pretrained(src, subfolder=sub, **kw, **extra)
+        if cls in (UNet2DConditionModel, AutoencoderKL):
+            config = cls.load_config(src, subfolder=sub)
+            with torch.device("meta"):
+                return cls.from_config(config)
+        config = CLIPTextConfig.from_pretrained(src, subfolder=sub)
+        with torch.device("meta"):
+            return cls(config)
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw, **low_mem)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw, **low_mem)
-        encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)]
+        unet = part(UNet2DConditionModel, "unet", low_mem)
+        vae = part(AutoencoderKL, "vae", low_mem)
+        encoders = [part(CLIPTextModel, "text_encoder", {})]
         tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")]
         if family.is_xl:
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw))
+            encoders.append(part(CLIPTextModelWithProjection, "text_encoder_2", {}))
             tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2"))
     except WeightsError:
         raise
@@ -282,13 +392,19 @@ def load_pretrained(family: ModelFamily, path_or_id: str, device="cpu", dtype=to
             "(a local diffusers folder) or --random-weights"
         ) from None
     family = family_for_config(family, unet.config, vae.config, src)
-    return to_device(ModelBundle(family, unet, vae, encoders, tokenizers, src), device, dtype)
+    bundle = ModelBundle(family, unet, vae, encoders, tokenizers, src, skipped=skip & set(COMPONENTS))
+    if local:
+        root = Path(src).resolve()
+        bundle.origins.update({n: WeightsOrigin("files", folder=str(root / n)) for n in component_modules(bundle)})
+    return _record_loaded(to_device(bundle, device, dtype))
 
 
 def load_model(name: str, model_path: str | None = None, random_weights: bool = False,
-               allow_pickle: bool = False, device="cpu", dtype=torch.float32, seed: int = 0) -> ModelBundle:
-    """The one entry point: `--model`, `--model-path`, `--random-weights` as the CLI gives them.
-    SD3 / FLUX families give a `dit_loading.DiTBundle`."""
+               allow_pickle: bool = False, device="cpu", dtype=torch.float32, seed: int = 0,
+               skip: frozenset[str] = frozenset()) -> ModelBundle:
+    """The one entry point: `--model`, `--model-path`, `--random-weights` as the CLI gives them. `skip` names
+    components (`COMPONENTS`) to build on the meta device without weights, for those engines run
+    (engine/load.py `modules_served`). SD3 / FLUX families give a `dit_loading.DiTBundle`."""
     family = get_family(name)
     if is_dit(family):
         from .dit_loading import load_dit_model
@@ -297,7 +413,7 @@ def load_model(name: str, model_path: str | None = None, random_weights: bool = 
     if model_path is not None:
         if random_weights:
             raise WeightsError("--model-path and --random-weights exclude each other")
-        return load_pretrained(family, model_path, device, dtype, allow_pickle)
+        return load_pretrained(family, model_path, device, dtype, allow_pickle, skip)
     if family.tiny or random_weights:
-        return build_random(family, seed, device, dtype)
-    return load_pretrained(family, family.hub_id, device, dtype, allow_pickle)
+        return build_random(family, seed, device, dtype, skip)
+    return load_pretrained(family, family.hub_id, device, dtype, allow_pickle, skip)

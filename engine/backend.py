@@ -103,6 +103,9 @@ class Backend:
     dynamic_option: bool = False
     """Whether `mf-build-engines --dynamic` applies: one engine per network over the plan's range of sides
     instead of static engines per stage shape."""
+    runs_modules: bool = False
+    """Whether its runners run the loaded torch modules (so a run must load their weights); other backends' engines
+    hold the weights themselves, and a run from them builds those modules without weights."""
     swap_note: str = "its engines hold their weights in a form megafusion cannot replace"
     """Why its built engines cannot take other weights (a LoRA) without a rebuild; '' when `swap_weights` can."""
 

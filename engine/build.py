@@ -16,7 +16,10 @@ from ..core.plan import StagePlan
 from ..core.specs import Requirement, default_vae_precision, plan_requirements, profile_sizes
 from ..export.onnx_export import ExportResult
 from .backend import Backend, BuildJob, get_backend
-from .cache import EngineCache, EngineKey, Entry, device_name, weights_fingerprint
+from .cache import EngineCache, EngineKey, Entry, device_name
+from . import file_hashes
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import network_fingerprint
 from .model_facts import record_model
 from .onnx_build import exported_spec
 
@@ -58,6 +61,10 @@ class BuildRequest:
     networks: tuple[str, ...] = ()
     """Build only these networks of the plan (see `select_networks`); empty builds all. Several builds of one
     folder with disjoint selections may run at once (commits and models.json are written under the cache's lock)."""
+    remember_hashes: bool = False
+    """After the build, wait out the racy window of the files just built (engine/file_hashes.py: at most 2 s) and
+    verify them once more, remembering their hashes: the first run from the folder then reads no engine file to
+    verify it (SDXL's packages: about 12 GB). `mf-build-engines` sets it."""
 
 
 @dataclass
@@ -146,10 +153,12 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
                 m.to(device="meta")
         gc.collect()
     report, fingerprints = BuildReport(), {}
-    for r in reqs:  # hashed as loaded (what `open_engines` hashes), before any in-place cast below
+    hashes = FileHashes(Path(req.output) / HASHES)  # weight files hashed here are not read again by runs
+    for r in reqs:  # as loaded (what `open_engines` checks), before any in-place cast below
         module = bundle.module_for(r.spec.network)
         if id(module) not in fingerprints:
-            fingerprints[id(module)] = weights_fingerprint(module)
+            fingerprints[id(module)] = network_fingerprint(bundle, r.spec.network, hashes)
+    hashes.save()
     last_use = {id(bundle.module_for(r.spec.network)): n for n, r in enumerate(reqs, 1)}
     weights = {r.spec.network: fingerprints[id(bundle.module_for(r.spec.network))] for r in reqs}
     if req.release_weights:
@@ -159,7 +168,7 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         key = engine_key(bundle, r, backend.name, version, device, fingerprints[id(module)], req.ort_optimize)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
         tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
-        entry = None if req.force else cache.lookup(key)
+        entry = None if req.force else cache.lookup(key, hashes)
         if entry is not None:
             report.skipped.append(entry)
             log(f"{tag}: up to date, skipped")
@@ -182,7 +191,26 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         log(f"{tag}: done in {seconds:.1f} s, {size / 2**20:.1f} MiB")
         _release(module, req, last_use[id(module)] == n)
     record_model(cache, bundle, weights)  # for runtimes without the model's Python objects (libmegafusion)
+    if req.remember_hashes and report.built:
+        _remember_built(cache, report, hashes, log)
+    hashes.save()
     return report
+
+
+def _remember_built(cache: EngineCache, report: BuildReport, hashes: FileHashes, log) -> None:
+    """Verifies the entries just built once their files are older than the racy window, so their hashes are
+    remembered (a hash taken when a file was just written is not: a change within one tick of its times would
+    pass unseen)."""
+    newest = max((cache.root / f.path).stat().st_ctime_ns for e, _ in report.built for f in e.files) \
+        if any(e.files for e, _ in report.built) else 0
+    wait_ns = newest + file_hashes.RACY_NS - time.time_ns()
+    if wait_ns > 0:
+        time.sleep(wait_ns / 1e9 + 0.01)
+    t0 = time.perf_counter()
+    for e, _ in report.built:
+        cache.verify(e, hashes)
+    log(f"engine files verified and their hashes remembered in {time.perf_counter() - t0:.1f} s")
+
 
 
 def _cast_in_place(bundle: ModelBundle, reqs: tuple[Requirement, ...], req: BuildRequest) -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from ..core.specs import ShapeProfile
+from . import file_hashes
+from .file_hashes import FileHashes
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -55,7 +57,8 @@ class EngineKey:
     model: str
     """Model family name (`sdxl`, `tiny-sd15`, ...)."""
     weights: str
-    """sha256 fingerprint of the network's weights (see `weights_fingerprint`)."""
+    """Fingerprint of the network's weights (engine/fingerprint.py: `mf2:<kind>:<sha256>`; a bare sha256 of the
+    tensors, `weights_fingerprint`, in entries of scheme 1)."""
     network: str
     """`unet`, `vae_encoder`, `vae_decoder`, `text_encoder`, `text_encoder_2`."""
     variant: str
@@ -255,10 +258,11 @@ class EngineCache:
                 raise CorruptManifestError(f"engine manifest {p}: entry {digest[:16]} does not match its key")
         return out
 
-    def verify(self, entry: Entry) -> None:
+    def verify(self, entry: Entry, hashes: FileHashes | None = None) -> None:
         """Raises CorruptEngineError naming the first file that lies outside the folder, is a symbolic link or
         not a regular file, is missing, or differs from its record. A manifest is data anyone who can write the
-        folder may edit: without these checks an entry could point a runtime at any file on the machine."""
+        folder may edit: without these checks an entry could point a runtime at any file on the machine.
+        With `hashes`, a file whose stat matches a remembered hash is not read again (file_hashes.py)."""
         who = f"{entry.key.describe()}, entry {entry.digest[:16]}"
         for rec in entry.files:
             if why := path_problem(rec.path):
@@ -271,7 +275,13 @@ class EngineCache:
                 raise CorruptEngineError(
                     f"engine file {p} is {st.st_size} bytes, the manifest says {rec.size} (truncated or replaced) "
                     f"({who})")
-            if self._sha256_nofollow(p, st, who) != rec.sha256:
+            known = hashes.lookup(p, st) if hashes is not None else None
+            if known is None:
+                started = time.time_ns()
+                known = self._sha256_nofollow(p, st, who)
+                if hashes is not None:
+                    hashes.remember(p, st, known, started)
+            if known != rec.sha256:
                 raise CorruptEngineError(f"engine file {p} does not match its sha256 in {self.manifest_path} "
                                          f"({who}): replaced or corrupt; rebuild with mf-build-engines")
 
@@ -314,18 +324,15 @@ class EngineCache:
             now = os.fstat(fd)
             if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 raise CorruptEngineError(f"engine file {p} changed while it was being verified ({who})")
-            h = hashlib.sha256()
-            while block := f.read(1 << 22):
-                h.update(block)
-        return h.hexdigest()
+            return file_hashes.read_sha256(f)
 
-    def lookup(self, key: EngineKey) -> Entry | None:
+    def lookup(self, key: EngineKey, hashes: FileHashes | None = None) -> Entry | None:
         """The verified entry for exactly this key; None if absent or invalid (build then rebuilds it)."""
         entry = self.entries().get(key.digest())
         if entry is None:
             return None
         try:
-            self.verify(entry)
+            self.verify(entry, hashes)
         except CorruptEngineError:
             return None
         return entry

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import math
 import shlex
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..core.families import get_family
+from ..core.families import ModelFamily, get_family
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
-from ..core.specs import VAE_DECODER, VAE_ENCODER, ShapeProfile, network_spec, plan_requirements
+from ..core.specs import VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, network_spec, plan_requirements
 from .backend import Backend, OpenContext, get_backend, registry
-from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name, weights_fingerprint
+from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import WEIGHTS_SCHEME, network_fingerprint, scheme_of
 from .runners import EngineNetworks, Runner, ShapeDispatch
 
 
@@ -30,16 +34,21 @@ def build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision:
     """The mf-build-engines command that builds what this run needs: the same weights (the bundle's source),
     plan, backend, precision, dilation, device type and, for onnxruntime, fusion target. Without the weights'
     source, running it would report everything up to date and the same refusal would come back."""
-    fam = bundle.family
+    return _build_command(bundle.family, bundle.source, plan, backend, precision, dilation, engine_dir, device,
+                          ort_optimize)
+
+
+def _build_command(fam: ModelFamily, source: str, plan: StagePlan, backend: str, precision: str, dilation: int,
+                   engine_dir: Path, device: str = "cpu", ort_optimize: str = "none") -> str:
     args = ["--model", fam.name]
-    if bundle.source.startswith("random:"):  # `random:<seed>`, as build_random records it
+    if source.startswith("random:"):  # `random:<seed>`, as build_random records it
         if not fam.tiny:  # tiny models are always random
             args.append("--random-weights")
-        weights_seed = bundle.source.removeprefix("random:")
+        weights_seed = source.removeprefix("random:")
         if weights_seed != "0":
             args += ["--weights-seed", weights_seed]
-    elif bundle.source != fam.hub_id:  # a folder (or another hub id) given with --model-path
-        args += ["--model-path", bundle.source]
+    elif source != fam.hub_id:  # a folder (or another hub id) given with --model-path
+        args += ["--model-path", source]
     args += ["--stages", ",".join(str(s) for s in plan.stages), "--backend", backend, "--precision", precision]
     if dilation == 1:
         args.append("--no-dilation")
@@ -103,33 +112,51 @@ def _choose_backend(entries: list[Entry], device: torch.device, backend: str | N
     return min(pairs, key=rank)
 
 
-def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
-                 relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
-                 precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
-                 ort_unet_graphs: bool = False) -> tuple[EngineNetworks, str]:
-    """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
+@dataclass
+class EngineSelection:
+    """The entries that could serve a plan, picked from the manifest before any weights are loaded: per network
+    and stage shape, the covering entries, best first. Which of them match the weights is `open_engines`'."""
 
-    ONNX Runtime on CUDA: `conv_algo_search` is the EP's cuDNN algorithm search; `ort_unet_graphs` runs the
-    UNets through one ORT CUDA graph per input shape (replays skip the EP's per-shape set-up)."""
+    engine_dir: Path
+    cache: EngineCache
+    backend: Backend
+    precision: str
+    command: str
+    """The mf-build-engines command that builds what is missing or stale."""
+    needs: list[tuple[NetworkSpec, list[list[Entry]]]] = field(default_factory=list)
+    """(network spec, [covering entries of each required profile, tightest and newest first])."""
+
+    def modules_served(self) -> frozenset[str]:
+        """The bundle components (core.loading.COMPONENTS) that engines run for every stage of the plan, so the
+        model need not load their weights; none when the backend runs the torch modules themselves."""
+        if self.backend.runs_modules:
+            return frozenset()
+        return frozenset("vae" if s.network in (VAE_DECODER, VAE_ENCODER) else s.network for s, _ in self.needs)
+
+
+def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, plan: StagePlan, dilation: int = 2,
+                   relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
+                   precision: str | None = None) -> EngineSelection:
+    """The entries of `engine_dir` that cover every network and stage shape of `plan`, chosen as `open_engines`
+    chooses them; CoverageError naming what is missing and the build command (for weights from `source`, a
+    bundle's `source`) before anything is loaded."""
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
-    fam = bundle.family
+    fam = family
     entries = [e for e in cache.entries().values() if e.key.model == fam.name]
     chosen_pair = _choose_backend(entries, device, backend, precision)
     if chosen_pair is None:
         asked = " ".join(x for x in (backend, precision) if x)
         name = backend or "onnxruntime"
-        cmd = build_command(bundle, plan, name, precision or "fp32", dilation, engine_dir, device.type,
-                            _ort_optimize_hint(entries, name, device))
+        cmd = _build_command(fam, source, plan, name, precision or "fp32", dilation, engine_dir, device.type,
+                             _ort_optimize_hint(entries, name, device))
         raise CoverageError(f"no {fam.name} {asked + ' ' if asked else ''}engines in {engine_dir}; "
                             f"build them with: {cmd}")
     backend_name, precision = chosen_pair
     backend = get_backend(backend_name)
-    cmd = build_command(bundle, plan, backend_name, precision, dilation, engine_dir, device.type,
-                        _ort_optimize_hint(entries, backend_name, device))
-    installed, here = backend.version(), device_name(device)
-    chosen: dict[tuple[str, int], list[Entry]] = {}
-    fingerprints: dict[int, str] = {}
+    cmd = _build_command(fam, source, plan, backend_name, precision, dilation, engine_dir, device.type,
+                         _ort_optimize_hint(entries, backend_name, device))
+    sel = EngineSelection(engine_dir, cache, backend, precision, cmd)
     for r in plan_requirements(fam, plan, precision, dilation, relay=relay):
         s = r.spec
         same = [e for e in entries if e.key.backend == backend_name and e.key.network == s.network
@@ -143,31 +170,72 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
             raise CoverageError(f"the engines in {engine_dir} do not cover {what} at {need}; {covered}. "
                                 f"Build them with: {cmd}")
-        module = bundle.module_for(s.network)
-        if id(module) not in fingerprints:  # both VAE halves hash one module
-            fingerprints[id(module)] = weights_fingerprint(module)
-        fingerprint = fingerprints[id(module)]
+        # per stage shape: one engine over all of them, or one per shape (static aoti)
+        sel.needs.append((s, [sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+                              for p in r.profiles]))
+    return sel
+
+
+def _stale(e: Entry, fingerprint: str, installed: str, here: str) -> str:
+    """Why entry `e` does not fit, for the refusal."""
+    if e.key.weights != fingerprint:
+        if scheme_of(e.key.weights) != WEIGHTS_SCHEME:
+            return (f"weights fingerprint scheme {scheme_of(e.key.weights)} (this megafusion keys engines by scheme "
+                    f"{WEIGHTS_SCHEME}: the weight files or the random-weights recipe)")
+        return "other weights"
+    if e.key.backend_version != installed:
+        return f"{e.key.backend} {e.key.backend_version} (installed: {installed})"
+    return f"device {e.key.device!r} (this one: {here!r})"
+
+
+def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
+                 relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
+                 precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
+                 ort_unet_graphs: bool = False, timings: dict[str, float] | None = None) -> tuple[EngineNetworks, str]:
+    """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
+
+    Each entry's weights fingerprint must be the bundle's (engine/fingerprint.py: from the weights' origin, so
+    components built without weights, `load_model(skip=)`, check too), its backend version and device this
+    one's; its files are verified, by hashes remembered in the folder where their stat is unchanged.
+    ONNX Runtime on CUDA: `conv_algo_search` is the EP's cuDNN algorithm search; `ort_unet_graphs` runs the
+    UNets through one ORT CUDA graph per input shape (replays skip the EP's per-shape set-up). `timings`, if
+    given, receives the seconds of each phase: `fingerprint`, `verify`, `open`."""
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    sel = select_engines(engine_dir, bundle.family, bundle.source, plan, dilation, relay, device, backend,
+                         precision)
+    engine_dir, backend = sel.engine_dir, sel.backend
+    installed, here = backend.version(), device_name(device)
+    hashes = FileHashes(engine_dir / HASHES)
+    by_component: dict[str, str] = {}  # both VAE halves are one component: fingerprinted once
+    for s, _ in sel.needs:
+        if bundle.component(s.network) not in by_component:
+            by_component[bundle.component(s.network)] = network_fingerprint(bundle, s.network, hashes)
+    t1 = time.perf_counter()
+    chosen: dict[tuple[str, int], list[Entry]] = {}
+    for s, per_profile in sel.needs:
+        fingerprint = by_component[bundle.component(s.network)]
         picked: list[Entry] = []
-        for p in r.profiles:  # per stage shape: one engine over all of them, or one per shape (static aoti)
-            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+        for fits in per_profile:
             valid = [e for e in fits if e.key.weights == fingerprint and e.key.backend_version == installed
                      and e.key.device == here]
             if not valid:
                 e = fits[0]
-                why = ("other weights" if e.key.weights != fingerprint else
-                       f"{backend_name} {e.key.backend_version} (installed: {installed})"
-                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
-                raise StaleEngineError(f"engine {e.key.describe()} in {engine_dir} was built for {why}; "
-                                       f"rebuild with: {cmd}")
+                raise StaleEngineError(f"engine {e.key.describe()} (entry {e.digest[:16]}) in {engine_dir} was built "
+                                       f"for {_stale(e, fingerprint, installed, here)}; rebuild with: {sel.command}")
             if valid[0] not in picked:
-                cache.verify(valid[0])
+                sel.cache.verify(valid[0], hashes)
                 picked.append(valid[0])
         chosen[(s.network, s.dilation)] = picked
-    ctx = OpenContext(fam, device, bundle, conv_algo_search, ort_unet_graphs)
+    hashes.save()
+    t2 = time.perf_counter()
+    ctx = OpenContext(bundle.family, device, bundle, conv_algo_search, ort_unet_graphs)
     runners = {k: _one_runner([open_entry(engine_dir, e, backend, ctx) for e in es], es) for k, es in chosen.items()}
-    networks = EngineNetworks(runners, device, backend_name)
+    if timings is not None:
+        timings.update(fingerprint=t1 - t0, verify=t2 - t1, open=time.perf_counter() - t2)
+    networks = EngineNetworks(runners, device, backend.name)
     networks.weights = {network: es[0].key.weights for (network, _), es in chosen.items()}
-    return networks, f"{backend_name} engines ({precision}) from {engine_dir}"
+    return networks, f"{backend.name} engines ({sel.precision}) from {engine_dir}"
 
 
 def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:

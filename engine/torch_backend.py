@@ -42,6 +42,7 @@ class TorchBackend(Backend):
     name = "torch"
     vae_precisions = VAE_PRECISIONS
     preference = {"cuda": 3, "cpu": 2}
+    runs_modules = True
     swap_note = "entries run the loaded model's own modules and are keyed by their exact weights"
 
     def version(self) -> str:

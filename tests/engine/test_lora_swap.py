@@ -243,7 +243,7 @@ def test_generate_refusals_name_the_backend_and_the_file(tmp_path, lora_file, ca
 def test_build_engines_fuses_the_lora_into_the_key(tmp_path, lora_file, capsys):
     """`mf-build-engines --lora`: entries keyed by the fused weights (torch entries: no export, instant)."""
     from megafusion.cli.build_engines import main as build_main
-    from megafusion.engine.cache import weights_fingerprint
+    from megafusion.engine.fingerprint import network_fingerprint
 
     out = tmp_path / "e"
     assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "torch", "--device", "cpu",
@@ -251,8 +251,8 @@ def test_build_engines_fuses_the_lora_into_the_key(tmp_path, lora_file, capsys):
     fused = load_model("tiny-sd15")
     fuse_loras(fused, [LoraSpec(lora_file, 0.7)])
     keys = {e.key.network: e.key.weights for e in EngineCache(out).entries().values()}
-    assert keys["unet"] == weights_fingerprint(fused.unet) != weights_fingerprint(load_model("tiny-sd15").unet)
-    assert keys["text_encoder"] == weights_fingerprint(fused.text_encoders[0])
+    assert keys["unet"] == network_fingerprint(fused, "unet") != network_fingerprint(load_model("tiny-sd15"), "unet")
+    assert keys["text_encoder"] == network_fingerprint(fused, "text_encoder")  # the fused tensors' own key
     xl = save_diffusers(_random_lora(load_model("tiny-sdxl")), tmp_path / "xl.safetensors")
     capsys.readouterr()
     assert build_main(["--model", "tiny-sd15", "--backend", "torch", "--device", "cpu", "--lora", str(xl),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from megafusion.engine.cache import EngineCache, weights_fingerprint
+from megafusion.engine.cache import EngineCache
+from megafusion.engine.fingerprint import network_fingerprint
 from megafusion.engine.load import open_engines
 from megafusion.engine.networks import TorchNetworks
 from megafusion.core.loading import load_model
@@ -21,8 +22,7 @@ def test_release_weights_frees_the_bundle_and_keeps_the_keys(tmp_path):
     assert len(report.built) == 5
     for m in (bundle.unet, bundle.vae, *bundle.text_encoders):
         assert all(t.device.type == "meta" for t in (*m.parameters(), *m.buffers()))  # freed
-    want = {"unet": weights_fingerprint(fresh.unet), "vae_decoder": weights_fingerprint(fresh.vae),
-            "vae_encoder": weights_fingerprint(fresh.vae), "text_encoder": weights_fingerprint(fresh.text_encoders[0])}
+    want = {n: network_fingerprint(fresh, n) for n in ("unet", "vae_decoder", "vae_encoder", "text_encoder")}
     got = {e.key.network: e.key.weights for e in EngineCache(tmp_path).entries().values()}
     assert got == want  # hashed before the in-place fp16 cast
     plan = validate_plan(fresh.family, parse_stages(STAGES))

@@ -1,0 +1,74 @@
+"""Weights fingerprints: what an engine key's `weights` field says, computed from where the weights came from
+rather than from the tensors, so that a start checks its engines without reading (or building) the weights.
+
+Scheme 2 (`WEIGHTS_SCHEME`), one string per network, `mf2:<kind>:<sha256>`:
+- `files`: a component of a local diffusers folder, over every file in its subfolder (config and weights), each
+  file's sha256 remembered by `FileHashes` (a second start reads none).
+- `random`: `build_random`'s weights, over the recipe that determines them (`core.loading.random_origin`: recipe
+  version, family, class and config, seed, init device and dtype, library versions); nothing is materialised.
+- `tensors`: any other module (a hub id's download, weights changed in place since loading such as a fused
+  LoRA), over every tensor as scheme 1 hashed them (`cache.weights_fingerprint`).
+- `lora`: a base fingerprint with LoRA files fused in at scales (`lora_fingerprint`), for code that knows which.
+Scheme 1 was the bare tensor hash: entries built with it are refused as stale, naming the rebuild command.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..core.loading import ModelBundle, WeightsOrigin
+from .cache import EngineError, weights_fingerprint
+from .file_hashes import FileHashes
+
+WEIGHTS_SCHEME = 2
+"""Version of the fingerprint scheme; entries of another are stale."""
+_PREFIX = f"mf{WEIGHTS_SCHEME}:"
+_SCHEME_RE = re.compile(r"^mf(\d+):")
+
+
+def scheme_of(fingerprint: str) -> int:
+    """The scheme an engine key's fingerprint was made with (1: a bare sha256, from before schemes)."""
+    m = _SCHEME_RE.match(fingerprint)
+    return int(m.group(1)) if m else 1
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def origin_fingerprint(origin: WeightsOrigin, hashes: FileHashes) -> str:
+    """The fingerprint of weights made as `origin` says."""
+    if origin.kind == "random":
+        return f"{_PREFIX}random:{_sha(origin.recipe)}"
+    if origin.kind == "files":
+        root = Path(origin.folder)
+        files = sorted(p for p in root.rglob("*") if p.is_file())  # links followed, as the loader follows them
+        if not files:
+            raise EngineError(f"weights folder {root} holds no files to fingerprint")
+        listing = "".join(f"{p.relative_to(root).as_posix()}\0{hashes.sha256(p)}\n" for p in files)
+        return f"{_PREFIX}files:{_sha(listing)}"
+    raise ValueError(f"unknown weights origin {origin.kind!r}")
+
+
+def network_fingerprint(bundle: ModelBundle, network: str, hashes: FileHashes | None = None) -> str:
+    """The fingerprint of the weights that run `network` in `bundle`: from their origin while the module is as
+    loaded, else from its tensors. EngineError for a module built without weights whose origin is unknown."""
+    hashes = hashes if hashes is not None else FileHashes(None)
+    origin = bundle.origin_of(network)
+    if origin is not None:
+        return origin_fingerprint(origin, hashes)
+    module = bundle.module_for(network)
+    if any(t.device.type == "meta" for t in module.parameters()):
+        raise EngineError(f"{network}: the module was built without weights (engines run it) and changed since "
+                          "loading, so nothing says which weights it stands for; load it with its weights")
+    return f"{_PREFIX}tensors:{weights_fingerprint(module)}"
+
+
+def lora_fingerprint(base: str, loras: Sequence[tuple[str | Path, float]], hashes: FileHashes | None = None) -> str:
+    """The fingerprint of `base` weights with each (LoRA file, scale) fused in, in order: each file's sha256 and
+    the scale's exact value, so another file, scale or order is another key."""
+    hashes = hashes if hashes is not None else FileHashes(None)
+    parts = [base] + [f"{hashes.sha256(path)}\0{float(scale).hex()}" for path, scale in loras]
+    return f"{_PREFIX}lora:{_sha(chr(10).join(parts))}"

@@ -1,0 +1,22 @@
+"""The phases a fresh mf-generate process prints (benchmarks/cold_start.py) and their reading back."""
+from __future__ import annotations
+
+import pytest
+
+from megafusion.benchmarks.cold_start import PHASES, parse_phases, phase_line, process_age
+
+
+def test_phase_line_reads_back_with_the_rest_as_first_image():
+    line = phase_line(3.25, 0.5, {"fingerprint": 0.01, "verify": 1.5, "open": 4.0})
+    phases = parse_phases(f"model loaded in 0.5 s\n{line}\nwrote x.png\n", 12.0)
+    assert list(phases) == [*PHASES, "first image"]
+    assert phases["start"] == 3.25 and phases["verify"] == 1.5 and phases["open"] == 4.0
+    assert phases["first image"] == pytest.approx(12.0 - 3.25 - 0.5 - 0.01 - 1.5 - 4.0)
+    unknown = parse_phases(phase_line(None, 0.5, {"fingerprint": 0, "verify": 0, "open": 1}), 2.0)
+    assert "start" not in unknown and unknown["first image"] == pytest.approx(0.5)
+    assert parse_phases("no engines here\n", 5.0) is None
+
+
+def test_process_age_is_this_process():
+    age = process_age()
+    assert age is None or 0 < age < 24 * 3600
