@@ -9,12 +9,11 @@ the one before changed. A backend that cannot swap (its `swap_note`) is refused 
 backend and the command that builds engines that can.
 
 The swapped networks are marked (`EngineNetworks.weights`) with a fingerprint of what they now hold: sha256 over
-the base entry's weights fingerprint and each LoRA file's sha256 and scale, in order.
+the base entry's weights fingerprint and each LoRA file's sha256 and scale, in order
+(`engine/fingerprint.lora_fingerprint`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from ..core.lora import LoraSpec, fused_weights
 from ..core.plan import StagePlan
 from ..core.wrappers import wrap
 from .backend import WeightSwapError, get_backend
-from .cache import EngineError, sha256_file
+from .cache import EngineError
+from .fingerprint import lora_fingerprint
 from .load import build_command
 from .runners import EngineNetworks, Runner, ShapeDispatch
 
@@ -48,18 +48,6 @@ class SwapReport:
     """Engines (packages, sessions) that took new weights."""
     weights: dict[str, str]
     """The networks' weights fingerprints afterwards (`EngineNetworks.weights`)."""
-
-
-def lora_files(specs: list[LoraSpec]) -> list[dict]:
-    """What identifies the LoRAs: each file's sha256 and scale, in order."""
-    return [{"sha256": sha256_file(s.path), "scale": s.scale} for s in specs]
-
-
-def lora_fingerprint(base: str, loras: list[dict]) -> str:
-    """The fingerprint of base weights with these LoRAs (`lora_files`) fused: the base itself when there are none."""
-    if not loras:
-        return base
-    return hashlib.sha256(json.dumps({"base": base, "loras": loras}, sort_keys=True).encode()).hexdigest()
 
 
 def engines_of(runner: Runner) -> list[Runner]:
@@ -120,7 +108,7 @@ class LoraSwap:
         if self.nets.device.type == "cuda":
             torch.cuda.synchronize(self.nets.device)
         self.changed = {network: set(w) for network, w in fused.items()}
-        loras = lora_files(specs)
+        loras = [(s.path, s.scale) for s in specs]
         for network, base in self.base.items():
-            self.nets.weights[network] = lora_fingerprint(base, loras) if network in fused else base
+            self.nets.weights[network] = lora_fingerprint(base, loras) if network in fused and loras else base
         return SwapReport(time.perf_counter() - t0, tensors, engines, dict(self.nets.weights))
