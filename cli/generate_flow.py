@@ -23,8 +23,6 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:
             raise UsageError(f"{flag}: not available for {name} yet (the transformer families run eagerly in torch)")
-    if args.mode not in (None, "eager"):
-        raise UsageError(f"--mode {args.mode}: not available for {name} yet; use --mode eager")
 
 
 def run_flow(args: argparse.Namespace, family) -> int:
@@ -47,6 +45,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     device = resolve_device(args.device)
+    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")  # as for the latent families
+    if mode != "eager" and device.type != "cuda":
+        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.dry_run:
@@ -62,9 +63,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
 
-    nets = FlowTorchNetworks(bundle, DTYPES[args.vae_dtype] if args.vae_dtype else None)
-    pipe = FlowMegaFusionPipeline(bundle, nets, device)
-    print("mode eager")
+    nets = FlowTorchNetworks(bundle, DTYPES[args.vae_dtype] if args.vae_dtype else None, compiled=mode == "compiled")
+    pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)
+    print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
     print(f"model {family.name} ({bundle.source}) on {device}, transformer "
           f"{str(nets.transformer_dtype).removeprefix('torch.')}, VAE {str(nets.vae_dtype).removeprefix('torch.')}")
     print(f"plan: {plan.describe()}")

@@ -24,7 +24,8 @@ def test_generates_png_of_exact_size(model, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tiny-sd3", "--dilation", "2"], "--dilation 2: tiny-sd3 is a transformer"),
     (["--model", "tiny-flux", "--negative-prompt", "blur"], "guidance-distilled"),
-    (["--model", "tiny-flux", "--mode", "compiled"], "--mode compiled: not available for tiny-flux"),
+    (["--model", "tiny-flux", "--mode", "compiled", "--device", "cpu"], "--mode compiled needs a CUDA device"),
+    (["--model", "tiny-sd3", "--mode", "graphs", "--device", "cpu"], "--mode graphs needs a CUDA device"),
     (["--model", "tiny-sd3", "--size", "64x64"], "smaller than tiny-sd3's native"),
     (["--model", "tiny-sd3", "--stages", "128x128:2,136x136:1"], "not a positive multiple of 16"),
     (["--model", "tiny-flux", "--guidance", "nan"], "--guidance 'nan'"),
