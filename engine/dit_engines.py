@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.dit_families import DiTFamily
 from ..core.dit_loading import DiTBundle
 from ..core.dit_specs import TRANSFORMER
 from ..core.plan import StagePlan
@@ -137,6 +138,37 @@ class EngineTransformer:
         return (self.dispatch.run(feeds)[self.spec.outputs[0].name],)
 
 
+def _hint(family: DiTFamily, folder, device: torch.device, precision: str) -> str:
+    return (f"build them with mf-build-engines --model {family.name} --backend aoti --precision {precision} "
+            f"--device {device.type} --output {folder}")
+
+
+def _entries(folder, family: DiTFamily, device: torch.device, precision: str) -> list:
+    cache = EngineCache(folder)
+    mine = [e for e in cache.entries().values() if e.key.model == family.name and e.key.network == TRANSFORMER
+            and e.key.device == device_name(device) and e.key.backend == "aoti" and e.key.precision == precision]
+    if not mine:
+        raise EngineError(f"{folder} holds no {family.name} transformer packages for {device_name(device)} in "
+                          f"{precision}; {_hint(family, folder, device, precision)}")
+    return mine
+
+
+def check_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int) -> None:
+    """Before any model load: EngineError unless `folder` holds a package for every stage shape of `plan` at
+    transformer batch `batch` (weights and integrity are checked when they are opened)."""
+    from ..export.dit_aoti import dit_axes, dit_spec
+
+    device = torch.device(device)
+    sample = dit_spec(family, precision).inputs[0]
+    held = {p.shapes[0][1] for e in _entries(folder, family, device, precision) for p in e.key.profiles}
+    for s in plan.stages:
+        shape = sample.concrete(dit_axes(family, batch, s.height // family.vae_scale, s.width // family.vae_scale))
+        if shape not in held:
+            raise EngineError(f"{folder} holds no {family.name} transformer package for the {s.width}x{s.height} "
+                              f"stage at batch {batch} in {precision}; {_hint(family, folder, device, precision)} "
+                              f"--stages/--size as this plan{' --guidance 1' if batch == 1 and family.cfg else ''}")
+
+
 def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> EngineTransformer:
     """The transformer packages in `folder` built from this bundle's weights for this device in `precision`,
     verified; EngineError naming what is missing or stale (and the command that builds it)."""
@@ -145,13 +177,8 @@ def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> Engin
     device = torch.device(device)
     fam = bundle.family
     cache = EngineCache(folder)
-    hint = (f"build them with mf-build-engines --model {fam.name} --backend aoti --precision {precision} "
-            f"--device {device.type} --output {folder}")
-    mine = [e for e in cache.entries().values() if e.key.model == fam.name and e.key.network == TRANSFORMER
-            and e.key.device == device_name(device) and e.key.backend == "aoti" and e.key.precision == precision]
-    if not mine:
-        raise EngineError(f"{folder} holds no {fam.name} transformer packages for {device_name(device)} in "
-                          f"{precision}; {hint}")
+    hint = _hint(fam, folder, device, precision)
+    mine = _entries(folder, fam, device, precision)
     weights, version = weights_fingerprint(bundle.transformer), get_backend("aoti").version()
     spec = dit_spec(fam, precision, _guidance_embeds(bundle))
     engines = []
