@@ -61,3 +61,22 @@ def test_flow_loop_on_packages_equals_torch(name, tmp_path):
     torch.nn.init.zeros_(next(bundle.transformer.parameters()))
     with pytest.raises(EngineError, match="other weights"):
         engine_networks(bundle, tmp_path, "cpu", "fp32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_packages_run_inside_the_captured_graphs(name, precision, tmp_path):
+    from megafusion.cli.common import DTYPES
+
+    bundle = load_model(name, device="cuda", dtype=DTYPES[precision])
+    fam = bundle.family
+    plan = validate_plan(fam, [Stage(128, 128, 3), Stage(192, 160, 2)])
+    opts = FlowGenerationOptions("a red fox", guidance=fam.default_guidance, seed=2)
+    assert build_dit_engines(bundle, plan, precision, tmp_path, 2 if fam.cfg else 1, "cuda") == 2
+    ours = FlowMegaFusionPipeline(bundle).generate(plan, opts).latent
+    pipe = FlowMegaFusionPipeline(bundle, engine_networks(bundle, tmp_path, "cuda", precision), mode="graphs")
+    res = pipe.generate(plan, opts)
+    assert pipe.graphs.captures == 2 and pipe.graphs.replays == plan.total_steps
+    # fp32: Inductor's kernels against cuBLAS/SDPA; bf16: its rounding over 5 steps.
+    assert _relerr(res.latent, ours) < (1e-3 if precision == "fp32" else 3e-2)
