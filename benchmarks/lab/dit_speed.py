@@ -8,7 +8,9 @@ seed: the family's default MegaFusion plan (1024 x20 -> 2048 x8) and a direct on
 them (so the same work a diffusers user's script does; `--diffusers` also times StableDiffusion3Pipeline /
 FluxPipeline on the direct plan to check that); `graphs` replays one CUDA graph of the whole step per stage shape
 (runtime/flow_graphs.py); `compiled` is graphs around the torch.compile'd transformer (the VAE halves too with
---compile-vae). These are the pipeline's own modes, `FlowMegaFusionPipeline(mode=...)`. Prints and writes dit_speed_<model>.json / .md:
+--compile-vae). These are the pipeline's own modes, `FlowMegaFusionPipeline(mode=...)`; `engines` is graphs
+with the transformer from the AOTInductor packages in `--engines DIR` (mf-build-engines --random-weights
+--backend aoti --precision DTYPE --device cuda, both plans' shapes). Prints and writes dit_speed_<model>.json / .md:
 per-segment times (median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion
 over direct on one engine; compiled over eager on one plan).
 """
@@ -36,7 +38,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT = "a lighthouse on a rocky coast at dawn, highly detailed"
 
 
-def networks(bundle, mode: str, compile_vae: bool) -> FlowTorchNetworks:
+LAB_MODES = (*FLOW_MODES, "engines")
+"""Run order: compiled wraps the VAE halves in place, so it runs after eager and graphs."""
+
+
+def networks(bundle, mode: str, compile_vae: bool, engines: str | None = None, dtype: str = "") -> FlowTorchNetworks:
+    if mode == "engines":
+        from megafusion.engine.dit_engines import engine_networks
+
+        return engine_networks(bundle, engines, bundle.transformer.device, dtype)
     nets = FlowTorchNetworks(bundle, compiled=mode == "compiled")
     if mode == "compiled" and compile_vae:
         vae = bundle.vae
@@ -101,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(minutes more compiling; the VAE is a few percent of a DiT plan's time)")
     p.add_argument("--diffusers", action="store_true", help="also time the diffusers pipeline on the direct plan")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with a tiny model)")
+    p.add_argument("--engines", metavar="DIR", help="with --modes engines: the AOTInductor transformer packages")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     modes = args.modes.split(",")
-    bad = [m for m in modes if m not in FLOW_MODES]
+    bad = [m for m in modes if m not in LAB_MODES]
     if bad:
-        p.error(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(FLOW_MODES)}")
+        p.error(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(LAB_MODES)}")
+    if ("engines" in modes) != (args.engines is not None):
+        p.error("--modes engines and --engines DIR go together")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -124,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffusers:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
-    for mode in sorted(modes, key=FLOW_MODES.index):  # compiled wraps the VAE halves in place: run it last
-        pipe = FlowMegaFusionPipeline(bundle, networks(bundle, mode, args.compile_vae), dev, mode)
+    for mode in sorted(modes, key=LAB_MODES.index):
+        nets = networks(bundle, mode, args.compile_vae, args.engines, args.dtype)
+        pipe = FlowMegaFusionPipeline(bundle, nets, dev, "graphs" if mode == "engines" else mode)
         r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
                                                                                      ("direct", direct))}
         r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
     m = result["modes"]
-    for fast in ("graphs", "compiled"):
+    for fast in ("graphs", "compiled", "engines"):
         if "eager" in m and fast in m:  # speed-up of the mode over eager, on each plan
             result[f"{fast}_over_eager"] = {k: m["eager"][k]["total_s"] / m[fast][k]["total_s"]
                                             for k in ("megafusion", "direct")}
