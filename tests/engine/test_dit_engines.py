@@ -78,5 +78,6 @@ def test_cuda_packages_run_inside_the_captured_graphs(name, precision, tmp_path)
     pipe = FlowMegaFusionPipeline(bundle, engine_networks(bundle, tmp_path, "cuda", precision), mode="graphs")
     res = pipe.generate(plan, opts)
     assert pipe.graphs.captures == 2 and pipe.graphs.replays == plan.total_steps
-    # fp32: Inductor's kernels against cuBLAS/SDPA; bf16: its rounding over 5 steps.
-    assert _relerr(res.latent, ours) < (1e-3 if precision == "fp32" else 3e-2)
+    # fp32: Inductor's kernels against cuBLAS/SDPA. bf16: its rounding over 5 steps, on random tiny weights that
+    # amplify it (on the CPU, tiny-sd3's eager bf16 latent is 9% from its fp32 one, the packages' 10% from eager's).
+    assert _relerr(res.latent, ours) < (1e-3 if precision == "fp32" else 0.2)

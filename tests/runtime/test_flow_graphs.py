@@ -71,10 +71,12 @@ def test_cuda_graphs_capture_once_per_key_and_match_eager(name, dtype):
     assert pipe.graphs.captures == 2 and pipe.graphs.replays == plan.total_steps
     second = pipe.generate(plan, FlowGenerationOptions("a blue whale", guidance=2.0, seed=4))
     assert pipe.graphs.captures == 2 and pipe.graphs.replays == 2 * plan.total_steps  # replayed, not recaptured
-    # Same kernels as eager: fp32 differs only where cuBLAS picks another algorithm; bf16 by its rounding.
-    assert _rel(first.latent, eager.latent) < (1e-4 if dtype == torch.float32 else 2e-2)
+    # Same kernels as eager: fp32 differs only where cuBLAS picks another algorithm. In bf16 such a difference grows
+    # on random tiny weights (tiny-sd3's bf16 latent is 9% from its fp32 one on the CPU); a broken step is ~100%.
+    tol = 1e-4 if dtype == torch.float32 else 0.2
+    assert _rel(first.latent, eager.latent) < tol
     other = FlowMegaFusionPipeline(b).generate(plan, FlowGenerationOptions("a blue whale", guidance=2.0, seed=4))
-    assert _rel(second.latent, other.latent) < (1e-4 if dtype == torch.float32 else 2e-2)
+    assert _rel(second.latent, other.latent) < tol
 
 
 @pytest.mark.gpu
