@@ -21,7 +21,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stages", help="explicit plan, e.g. 1024x1024:40,2048x2048:10 (WIDTHxHEIGHT:STEPS)")
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
                    help="engine backend (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "fp8"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "fp16", "fp8", "bf16"), default="fp32",
                    help="UNet and text encoder precision (default: %(default)s); fp8 is refused: no backend builds "
                         "FP8 engines yet (mf-generate --precision fp8 runs it from the torch modules)")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"),
@@ -53,6 +53,9 @@ def build_parser() -> ArgumentParser:
     # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
     p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
     p.add_argument("--stage-2-path", metavar="DIR", help="IF only: the IFSuperResolutionPipeline folder")
+    # SD3 / FLUX (--model sd3, flux, tiny-sd3, tiny-flux): transformer packages (cli/build_engines_dit.py).
+    p.add_argument("--guidance", help="SD3/FLUX only: the --guidance mf-generate will run with; SD3 packages take "
+                   "the CFG batch of 2 when it is above 1 (default: the family's); bf16 precision is for these only")
     return p
 
 
@@ -97,8 +100,17 @@ def run(args: argparse.Namespace) -> int:
         from .build_engines_if import run_if_build
 
         return run_if_build(args)
+    from ..core.dit_families import DIT_FAMILIES
+
+    if args.model in DIT_FAMILIES:
+        from .build_engines_dit import run_dit_build
+
+        return run_dit_build(args, DIT_FAMILIES[args.model])
     if args.stages_2 is not None or args.stage_2_path is not None:
         raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")
+    if args.guidance is not None or args.precision == "bf16":
+        raise UsageError(f"{'--guidance' if args.guidance is not None else '--precision bf16'} applies to the "
+                         "transformer families (sd3, flux) only")
     from .common import (dilation_from_args, output_folder_from_args, plan_from_args, resolve_device,
                      weights_seed_from_args)
     from ..core.loading import load_model

@@ -19,12 +19,19 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
-    for flag, value in (("--engines", args.engines), ("--inductor", args.inductor),
+    for flag, value in (("--inductor", args.inductor),
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:
-            raise UsageError(f"{flag}: not available for {name} yet (the transformer families run eagerly in torch)")
-    if args.mode not in (None, "eager"):
-        raise UsageError(f"--mode {args.mode}: not available for {name} yet; use --mode eager")
+            raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
+                             "their transformer from --engines)")
+    if args.engines is not None:
+        from pathlib import Path
+
+        if not Path(args.engines).is_dir():
+            raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --model "
+                             f"{name} --backend aoti --output DIR")
+        if args.mode == "compiled":
+            raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
 
 
 def run_flow(args: argparse.Namespace, family) -> int:
@@ -47,8 +54,20 @@ def run_flow(args: argparse.Namespace, family) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     device = resolve_device(args.device)
+    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")  # as for the latent families
+    if mode != "eager" and device.type != "cuda":
+        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.engines:  # every stage shape has a package, before the model load
+        from ..engine.cache import EngineError
+        from ..engine.dit_engines import check_dit_engines
+
+        try:
+            check_dit_engines(args.engines, family, plan, device, next(k for k, v in DTYPES.items() if v == dtype),
+                              2 if family.cfg and guidance > 1.0 else 1)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
     if args.dry_run:
         print(f"plan: {plan.describe()}")
         from ..benchmarks.dit_flops import DiTCostCounter, dit_plan_cost
@@ -62,9 +81,21 @@ def run_flow(args: argparse.Namespace, family) -> int:
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
 
-    nets = FlowTorchNetworks(bundle, DTYPES[args.vae_dtype] if args.vae_dtype else None)
-    pipe = FlowMegaFusionPipeline(bundle, nets, device)
-    print("mode eager")
+    vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
+    if args.engines:
+        from ..engine.cache import EngineError
+        from ..engine.dit_engines import engine_networks
+
+        precision = next(k for k, v in DTYPES.items() if v == dtype)
+        try:  # the packages' precision is the model's dtype (they were built from it, as loaded here)
+            nets = engine_networks(bundle, args.engines, device, precision, vae_dtype)
+        except EngineError as e:
+            raise UsageError(str(e)) from None
+        print(f"transformer from the aoti packages in {args.engines} ({precision})")
+    else:
+        nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
+    pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)
+    print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
     print(f"model {family.name} ({bundle.source}) on {device}, transformer "
           f"{str(nets.transformer_dtype).removeprefix('torch.')}, VAE {str(nets.vae_dtype).removeprefix('torch.')}")
     print(f"plan: {plan.describe()}")

@@ -8,6 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..core.dit_loading import DiTBundle
+from .torch_fast import FastOptions, compile_with
+
+DIT_FAST = FastOptions(channels_last=False, fuse_qkv=False, compile_vae=False, cudnn_benchmark=False)
+"""What the compiled path applies to a transformer: torch.compile alone (fullgraph, static shapes). No
+channels_last or cuDNN timing (a transformer has no convolution but its patch embedding), no QKV fusion (SD3's
+joint blocks and FLUX's single blocks carry added K/V projections that diffusers' fusion does not cover alike)."""
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -33,8 +39,13 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 class FlowTorchNetworks:
     """The PyTorch modules of a `DiTBundle`."""
 
-    def __init__(self, bundle: DiTBundle, vae_dtype: torch.dtype | None = None):
+    def __init__(self, bundle: DiTBundle, vae_dtype: torch.dtype | None = None, compiled: bool = False,
+                 options: FastOptions = DIT_FAST):
+        """`compiled=True` runs the transformer through torch.compile (`options`), one compile per token grid and
+        batch; the VAE and text encoders stay eager."""
         self.bundle = bundle
+        self.capturable = True  # plain torch ops on the current stream
+        self.compiled = compiled
         self.kind = bundle.family.kind
         self.transformer_dtype = bundle.transformer.dtype
         if vae_dtype is not None and vae_dtype != bundle.vae.dtype:
@@ -42,19 +53,28 @@ class FlowTorchNetworks:
         self.vae_dtype = bundle.vae.dtype
         self.guidance_embeds = bool(getattr(bundle.transformer.config, "guidance_embeds", False))
         self.transformer_fn = bundle.transformer
+        if compiled:
+            # One compiled entry per stage shape and CFG batch: a 3-stage plan with and without CFG passes the
+            # default per-code limit (8), past which a fullgraph compile raises; process-wide, as IF sets it.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.transformer_fn = compile_with(bundle.transformer, options)
         self._ids: dict[tuple, torch.Tensor] = {}  # FLUX position ids per latent size: no host copy per step
 
     @torch.inference_mode()
     def velocity(self, z: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
-                 guidance: float) -> torch.Tensor:
+                 guidance: float | torch.Tensor) -> torch.Tensor:
         """v for the batch z (B, C, h, w) at `timestep` (B,) = 1000 sigma. SD3: the CFG batch as given; FLUX:
-        `guidance` goes into the guidance embedding (where the model has one)."""
+        `guidance` goes into the guidance embedding (where the model has one); a 0-dim float32 device tensor
+        (the graphed step's) is read on the device, so a captured graph does not bake its value in."""
         dt = self.transformer_dtype
         if self.kind == "sd3":
             return self.transformer_fn(hidden_states=z.to(dt), timestep=timestep, encoder_hidden_states=states.to(dt),
                                        pooled_projections=pooled.to(dt), return_dict=False)[0].float()
         b, _, h, w = z.shape
-        g = torch.full([b], guidance, device=z.device, dtype=torch.float32) if self.guidance_embeds else None
+        g = None
+        if self.guidance_embeds:
+            g = (guidance.expand(b) if isinstance(guidance, torch.Tensor)
+                 else torch.full([b], guidance, device=z.device, dtype=torch.float32))
         out = self.transformer_fn(
             hidden_states=pack(z).to(dt), timestep=timestep.to(dt) / 1000, guidance=g,
             pooled_projections=pooled.to(dt), encoder_hidden_states=states.to(dt),

@@ -1,9 +1,9 @@
 """ONNX export of the SD3 transformer with dynamic batch, height and width (core/dit_specs.py).
 
-TorchScript exporter at opset 18, as export/onnx_export.py uses for the UNet. FLUX is not exported: its RMS
-q/k norms are `aten::rms_norm`, which that exporter has no symbolic for, and with one supplied the rotary
-embedding's reshapes are traced with the sample's token count as a constant (ORT then refuses any other size);
-the dynamo exporter specialises the token axis to the traced size (torch 2.13, diffusers 0.42).
+TorchScript exporter at opset 18, as export/onnx_export.py uses for the UNet. FLUX is exported by
+export/dit_flux_export.py instead: its RMS q/k norms are `aten::rms_norm`, which that exporter has no symbolic
+for, and its rotary embedding is traced with the sample's token count as a constant; there, the rotary tables
+are inputs and the dynamo exporter runs.
 """
 from __future__ import annotations
 

@@ -18,11 +18,15 @@ from ..core.dit_loading import DiTBundle
 from ..core.plan import StagePlan
 from ..engine.flow_networks import FlowTorchNetworks
 from .flow_conditioning import FlowConditioning, encode_flow
+from .flow_graphs import FlowGraphedDenoiser
 from .flow_schedule import plan_flow_schedule
 from .pipeline import SEED_LIMIT, GenerationResult, draw_noise, to_uint8
 from .relay import RELAY_MODES, bicubic_resize
 from .fused_relay import relay_resize
 from .segments import SegmentClock
+
+FLOW_MODES = ("eager", "graphs", "compiled")
+"""How the flow pipeline runs its steps (FlowMegaFusionPipeline's `mode`)."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +81,25 @@ def flow_relay(nets: FlowTorchNetworks, x0: torch.Tensor, height: int, width: in
 class FlowMegaFusionPipeline:
     """Runs a stage plan on an SD3 or FLUX model's networks."""
 
-    def __init__(self, bundle: DiTBundle, networks: FlowTorchNetworks | None = None, device=None):
+    def __init__(self, bundle: DiTBundle, networks: FlowTorchNetworks | None = None, device=None,
+                 mode: str = "eager"):
+        """`mode`: `eager` (step by step), `graphs` (one CUDA graph per stage shape; on the CPU the same buffered
+        step runs eagerly) or `compiled` (graphs around the torch.compile'd transformer; without `networks`
+        the bundle's transformer is compiled, given `networks` are used as they come)."""
+        if mode not in FLOW_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(FLOW_MODES)}")
         self.bundle = bundle
         self.family = bundle.family
-        self.nets = networks if networks is not None else FlowTorchNetworks(bundle)
+        self.mode = mode
+        self.nets = networks if networks is not None else FlowTorchNetworks(bundle, compiled=mode == "compiled")
         self.device = torch.device(device) if device is not None else bundle.transformer.device
         # diffusers draws the latents in the text encoders' dtype, which is the transformer's in every pipeline.
         self.noise_dtype = self.nets.transformer_dtype
+        self.graphs = None
+        """Runs each stage's steps as replays of one captured step (modes graphs and compiled); None: eager."""
+        if mode != "eager":
+            self.graphs = FlowGraphedDenoiser(self.nets, self.device, self.noise_dtype,
+                                              capture=self.device.type == "cuda")
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -118,7 +134,12 @@ class FlowMegaFusionPipeline:
                 x0_up = flow_relay(self.nets, x0, stage.height, stage.width, scaling, shift, vs, opts.relay)
                 z = (1 - sigma_t[0]) * x0_up + sigma_t[0] * noise
                 mark(f"relay {k}->{k + 1}")
-            for i in range(stage.steps):
+            if self.graphs is not None:
+                # Same step, replayed (docs/ALGORITHM.md §18); a non-final stage's last x0 is the truncation x0.
+                z, x0 = self.graphs.run_flow_stage(z, sigma_t, d_sigma, timestep, cond, opts.guidance, stage.steps)
+                for i in range(stage.steps if on_step is not None else 0):
+                    on_step(k, i)
+            for i in range(stage.steps if self.graphs is None else 0):
                 v = guided_velocity(self.nets, z, timestep[i], cond, opts.guidance)
                 x0 = z - sigma_t[i] * v
                 if on_step is not None:

@@ -1,13 +1,16 @@
 """SD3 / FLUX at 2048: MegaFusion against direct with the same total steps, eager against compiled, one GPU.
 
-python benchmarks/lab/dit_speed.py --model sd3 --output DIR [--modes eager,compiled] [--repeats 2]
+python benchmarks/lab/dit_speed.py --model sd3 --output DIR [--modes eager,graphs,compiled] [--repeats 2]
 
 Random weights at the real sizes (nothing is downloaded). Every mode runs both plans with the same prompt and
 seed: the family's default MegaFusion plan (1024 x20 -> 2048 x8) and a direct one-stage 2048 plan of the same
 28 steps. `eager` is the flow stage loop on the torch modules, which are called as diffusers' pipelines call
 them (so the same work a diffusers user's script does; `--diffusers` also times StableDiffusion3Pipeline /
-FluxPipeline on the direct plan to check that); `compiled` wraps the transformer in torch.compile (one graph
-per stage shape; the VAE halves too with --compile-vae). Prints and writes dit_speed_<model>.json / .md:
+FluxPipeline on the direct plan to check that); `graphs` replays one CUDA graph of the whole step per stage shape
+(runtime/flow_graphs.py); `compiled` is graphs around the torch.compile'd transformer (the VAE halves too with
+--compile-vae). These are the pipeline's own modes, `FlowMegaFusionPipeline(mode=...)`; `engines` is graphs
+with the transformer from the AOTInductor packages in `--engines DIR` (mf-build-engines --random-weights
+--backend aoti --precision DTYPE --device cuda, both plans' shapes). Prints and writes dit_speed_<model>.json / .md:
 per-segment times (median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion
 over direct on one engine; compiled over eager on one plan).
 """
@@ -24,7 +27,7 @@ import torch
 from megafusion.core.loading import load_model
 from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.engine.flow_networks import FlowTorchNetworks
-from megafusion.runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
+from megafusion.runtime.flow_pipeline import FLOW_MODES, FlowGenerationOptions, FlowMegaFusionPipeline
 
 def _sync():
     if torch.cuda.is_available():
@@ -35,10 +38,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT = "a lighthouse on a rocky coast at dawn, highly detailed"
 
 
-def networks(bundle, mode: str, compile_vae: bool) -> FlowTorchNetworks:
-    nets = FlowTorchNetworks(bundle)
-    if mode == "compiled":
-        nets.transformer_fn = torch.compile(bundle.transformer, dynamic=False)
+LAB_MODES = (*FLOW_MODES, "engines")
+"""Run order: compiled wraps the VAE halves in place, so it runs after eager and graphs."""
+
+
+def networks(bundle, mode: str, compile_vae: bool, engines: str | None = None, dtype: str = "") -> FlowTorchNetworks:
+    if mode == "engines":
+        from megafusion.engine.dit_engines import engine_networks
+
+        return engine_networks(bundle, engines, bundle.transformer.device, dtype)
+    nets = FlowTorchNetworks(bundle, compiled=mode == "compiled")
     if mode == "compiled" and compile_vae:
         vae = bundle.vae
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
@@ -94,7 +103,7 @@ def diffusers_direct(bundle, plan, opts, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd3", choices=("sd3", "flux", "tiny-sd3", "tiny-flux"))
-    p.add_argument("--modes", default="eager,compiled")
+    p.add_argument("--modes", default="eager,graphs,compiled")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
@@ -102,8 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(minutes more compiling; the VAE is a few percent of a DiT plan's time)")
     p.add_argument("--diffusers", action="store_true", help="also time the diffusers pipeline on the direct plan")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with a tiny model)")
+    p.add_argument("--engines", metavar="DIR", help="with --modes engines: the AOTInductor transformer packages")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    bad = [m for m in modes if m not in LAB_MODES]
+    if bad:
+        p.error(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(LAB_MODES)}")
+    if ("engines" in modes) != (args.engines is not None):
+        p.error("--modes engines and --engines DIR go together")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
@@ -121,20 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffusers:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
-    for mode in args.modes.split(","):  # compiled wraps the VAE halves in place: run it last
-        pipe = FlowMegaFusionPipeline(bundle, networks(bundle, mode, args.compile_vae), dev)
+    for mode in sorted(modes, key=LAB_MODES.index):
+        nets = networks(bundle, mode, args.compile_vae, args.engines, args.dtype)
+        pipe = FlowMegaFusionPipeline(bundle, nets, dev, "graphs" if mode == "engines" else mode)
         r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
                                                                                      ("direct", direct))}
         r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
+        if pipe.graphs is not None:
+            r["graph_captures"], r["graph_replays"] = pipe.graphs.captures, pipe.graphs.replays
         result["modes"][mode] = r
         print(f"{mode}: megafusion {r['megafusion']['total_s']:.2f} s, direct {r['direct']['total_s']:.2f} s, "
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
     m = result["modes"]
-    if "eager" in m and "compiled" in m:
-        result["compiled_over_eager"] = {k: m["eager"][k]["total_s"] / m["compiled"][k]["total_s"]
-                                         for k in ("megafusion", "direct")}
-        print(f"compiled over eager: {result['compiled_over_eager']}", flush=True)
+    for fast in ("graphs", "compiled", "engines"):
+        if "eager" in m and fast in m:  # speed-up of the mode over eager, on each plan
+            result[f"{fast}_over_eager"] = {k: m["eager"][k]["total_s"] / m[fast][k]["total_s"]
+                                            for k in ("megafusion", "direct")}
+            print(f"{fast} over eager: {result[f'{fast}_over_eager']}", flush=True)
+        if "diffusers_direct" in result and fast in m:  # our mode on MegaFusion against a diffusers user's run
+            result[f"{fast}_megafusion_over_diffusers_direct"] = (result["diffusers_direct"]["total_s"]
+                                                                  / m[fast]["megafusion"]["total_s"])
     (out / f"dit_speed_{fam.name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# {fam.name} at {direct.stages[0].width}, {args.dtype}, {result['device']}", "",
              "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]

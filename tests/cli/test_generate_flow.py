@@ -24,7 +24,8 @@ def test_generates_png_of_exact_size(model, tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tiny-sd3", "--dilation", "2"], "--dilation 2: tiny-sd3 is a transformer"),
     (["--model", "tiny-flux", "--negative-prompt", "blur"], "guidance-distilled"),
-    (["--model", "tiny-flux", "--mode", "compiled"], "--mode compiled: not available for tiny-flux"),
+    (["--model", "tiny-flux", "--mode", "compiled", "--device", "cpu"], "--mode compiled needs a CUDA device"),
+    (["--model", "tiny-sd3", "--mode", "graphs", "--device", "cpu"], "--mode graphs needs a CUDA device"),
     (["--model", "tiny-sd3", "--size", "64x64"], "smaller than tiny-sd3's native"),
     (["--model", "tiny-sd3", "--stages", "128x128:2,136x136:1"], "not a positive multiple of 16"),
     (["--model", "tiny-flux", "--guidance", "nan"], "--guidance 'nan'"),
@@ -40,3 +41,39 @@ def test_dry_run_prints_plan_and_cost(capsys):
     assert main(["--model", "sd3", "--prompt", "x", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "1024x1024 x20 -> 2048x2048 x8" in text and "TFLOP" in text
+
+
+def test_build_engines_refusals_are_one_line(tmp_path, capsys):
+    from megafusion.cli.build_engines import main as build
+
+    for argv, message in ((["--model", "tiny-sd3", "--backend", "onnxruntime"], "built by aoti"),
+                          (["--model", "tiny-flux", "--backend", "aoti", "--precision", "fp8"], "--precision fp8"),
+                          (["--model", "tiny-sd15", "--precision", "bf16"], "--precision bf16 applies to the "
+                                                                            "transformer families")):
+        assert build([*argv, "--output", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
+    """mf-build-engines --backend aoti, then mf-generate --engines: the image of the torch run (fp32 CPU)."""
+
+    from megafusion.cli.build_engines import main as build
+
+    stages = "128x128:2,160x160:1"
+    assert build(["--model", "tiny-flux", "--backend", "aoti", "--stages", stages, "--device", "cpu",
+                  "--output", str(tmp_path / "e")]) == 0
+    assert "2 built" in capsys.readouterr().out
+    common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", stages, "--no-progress", "--device", "cpu"]
+    assert main([*common, "--engines", str(tmp_path / "e"), "--output", str(tmp_path / "e.png")]) == 0
+    assert "aoti packages" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "t.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "e.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.int16)
+    assert a.shape == (160, 160, 3) and np.abs(a - b).max() <= 1  # uint8 rounding of a 1e-5 latent difference
+    rc = main([*common[:5], "128x128:2,192x192:1", *common[6:], "--engines", str(tmp_path / "e"),
+               "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no tiny-flux transformer package for the 192x192 stage" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()

@@ -1,0 +1,55 @@
+"""`mf-build-engines --model sd3|flux|tiny-sd3|tiny-flux --backend aoti`: the transformer packages of a stage plan
+(engine/dit_engines.py), for `mf-generate --model sd3|flux --engines DIR`.
+
+One static AOTInductor package per stage shape, at the transformer batch the generation will run: SD3's CFG
+batch of 2 unless `--guidance` is at most 1, FLUX's one pass. Text encoders and VAE run from the torch modules.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import UsageError
+
+
+def run_dit_build(args: argparse.Namespace, family) -> int:
+    """Checks every flag before loading anything, then builds."""
+    from ..engine.backend import BackendUnavailable, get_backend
+    from ..engine.dit_engines import DIT_BACKENDS, build_dit_engines
+    from .common import (DTYPES, output_folder_from_args, parse_guidance, plan_from_args, resolve_device,
+                         weights_seed_from_args)
+
+    name = family.name
+    for flag, value in (("--vae-precision", args.vae_precision), ("--ort-optimize", args.ort_optimize),
+                        ("--networks", args.networks), ("--dilation", args.dilation), ("--seed", args.seed),
+                        ("--stages-2", args.stages_2), ("--stage-2-path", args.stage_2_path)):
+        if value is not None:
+            raise UsageError(f"{flag} does not apply to {name} (transformer packages only)")
+    if args.dynamic or args.jobs != 1 or args.no_dilation or args.lora:
+        raise UsageError(f"--dynamic, --jobs, --no-dilation and --lora do not apply to {name}")
+    if args.backend not in DIT_BACKENDS:
+        raise UsageError(f"--backend {args.backend}: {name} engines are built by {' or '.join(DIT_BACKENDS)} "
+                         "(mf-generate --mode graphs|compiled runs the torch modules)")
+    if args.precision not in DTYPES:
+        raise UsageError(f"--precision {args.precision}: {name} packages are {', '.join(DTYPES)}")
+    weights_seed = weights_seed_from_args("mf-generate", family, args)  # "mf-generate": takes the DiT families
+    guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
+    batch = 2 if family.cfg and guidance > 1.0 else 1
+    plan = plan_from_args(family, args.size, args.stages)
+    out = output_folder_from_args("--output", args.output)
+    device = str(resolve_device(args.device))
+    try:
+        get_backend(args.backend).check_available(device)
+    except BackendUnavailable as e:
+        raise UsageError(f"--backend {args.backend}: {e}") from None
+    print(f"plan: {plan.describe()}; transformer batch {batch}")
+
+    from ..core.loading import load_model
+
+    # On the engines' device and in their precision, as mf-generate --engines loads it (random weights are drawn
+    # where they live, and the weights fingerprint hashes them as loaded).
+    bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device,
+                        DTYPES[args.precision], seed=weights_seed)
+    built = build_dit_engines(bundle, plan, args.precision, out, batch, device, args.force,
+                              log=lambda msg: print(msg, flush=True))
+    print(f"{built} built; manifest {out / 'manifest.json'}")
+    return 0

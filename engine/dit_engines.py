@@ -1,0 +1,205 @@
+"""AOTInductor engines of the SD3 and FLUX transformers in the content-addressed engine folder (engine/cache.py),
+built and opened for the flow pipeline (runtime/flow_pipeline.py), as engine/if_engines.py does for IF's UNets.
+
+Keys are the latent families' `EngineKey`s with the network `transformer` and `export/dit_aoti.dit_spec`'s
+inputs in the profiles: one static package per precision and stage shape (transformer batch and latent size).
+The backend comes from the registry (name, version, availability); only `aoti` builds transformer engines (the
+torch path is the pipeline's own modes; the ONNX exports run through engine/flow_onnxruntime.py).
+An opened folder stands in for the transformer module in `FlowTorchNetworks`, so the stage loop, its graphs
+mode included, runs unchanged on it.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.dit_families import DiTFamily
+from ..core.dit_loading import DiTBundle
+from ..core.dit_specs import TRANSFORMER
+from ..core.plan import StagePlan
+from ..core.specs import NetworkSpec, ShapeProfile
+from .backend import get_backend
+from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
+from .flow_networks import FlowTorchNetworks
+from .runners import ShapeDispatch
+
+DIT_BACKENDS = ("aoti",)
+"""Backends that build transformer engines."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DiTRequirement:
+    """One transformer package to build: the spec and the one static shape profile it serves."""
+
+    spec: NetworkSpec
+    profile: ShapeProfile
+    batch: int
+    latent_h: int
+    latent_w: int
+
+
+def _guidance_embeds(bundle: DiTBundle) -> bool:
+    return bool(getattr(bundle.transformer.config, "guidance_embeds", False))
+
+
+def dit_requirements(bundle: DiTBundle, plan: StagePlan, precision: str, batch: int) -> tuple[DiTRequirement, ...]:
+    """One package per distinct stage shape of `plan` at transformer batch `batch` (SD3 with CFG: 2)."""
+    from ..export.dit_aoti import dit_axes, dit_spec
+
+    fam = bundle.family
+    spec = dit_spec(fam, precision, _guidance_embeds(bundle))
+    out, seen = [], set()
+    for s in plan.stages:
+        h, w = s.height // fam.vae_scale, s.width // fam.vae_scale
+        if (h, w) in seen:
+            continue
+        seen.add((h, w))
+        axes = dit_axes(fam, batch, h, w)
+        profile = ShapeProfile(0, tuple((t.name, t.concrete(axes), t.concrete(axes), t.concrete(axes))
+                                        for t in spec.inputs))
+        out.append(DiTRequirement(spec, profile, batch, h, w))
+    return tuple(out)
+
+
+def _key(bundle: DiTBundle, r: DiTRequirement, weights: str, device: str) -> EngineKey:
+    s, b = r.spec, get_backend("aoti")
+    return EngineKey(bundle.family.name, weights, s.network, s.variant, s.dilation, s.precision, (r.profile,),
+                     "aoti", b.version(), device_name(device))
+
+
+def build_dit_engines(bundle: DiTBundle, plan: StagePlan, precision: str, output, batch: int, device: str = "cpu",
+                      force: bool = False, log: Log = lambda m: None) -> int:
+    """Builds every transformer package `plan` needs into the folder `output`; returns how many were built
+    (present, valid entries are kept)."""
+    from ..export.dit_aoti import export_dit_aoti
+    from .aoti_backend import cudnn_first
+
+    get_backend("aoti").check_available(device)
+    cache = EngineCache(output)
+    cache.entries()  # a corrupt manifest stops the build before any work
+    reqs = dit_requirements(bundle, plan, precision, batch)
+    weights = weights_fingerprint(bundle.transformer)
+    ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
+    built = 0
+    for n, r in enumerate(reqs, 1):
+        key = _key(bundle, r, weights, device)
+        tag = f"[{n}/{len(reqs)}] {r.spec.name} (batch {r.batch}, latent {r.latent_w}x{r.latent_h})"
+        if not force and cache.lookup(key) is not None:
+            log(f"{tag}: up to date, skipped")
+            continue
+        log(f"{tag}: building for aoti {key.backend_version} on {key.device} ...")
+        with cache.staging(key) as tmp:
+            res = export_dit_aoti(bundle, r.spec, tmp / "model.pt2", r.batch, r.latent_h, r.latent_w, device=device,
+                                  kernel_context=ctx)
+            entry = cache.commit(key, tmp)
+        built += 1
+        log(f"{tag}: done in {res.seconds:.1f} s, {sum(f.size for f in entry.files) / 2**20:.1f} MiB")
+    return built
+
+
+class _StaticAoti:
+    """One static transformer package (aoti_backend.load_package); ShapeDispatch around it checks the shape."""
+
+    def __init__(self, path: Path, spec: NetworkSpec, device: torch.device):
+        from .aoti_backend import load_package
+
+        self.spec = spec
+        self.model = load_package(path, device)
+        self.capturable = True  # loaded single-threaded (see aoti_backend.load_package)
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(*(inputs[t.name] for t in self.spec.inputs))
+        return {self.spec.outputs[0].name: out if isinstance(out, torch.Tensor) else out[0]}
+
+
+class EngineTransformer:
+    """Stands in for the transformer module in `FlowTorchNetworks.transformer_fn`: takes the module's keyword
+    arguments, runs the package serving their shapes. FLUX's rotary tables come from the model's own `pos_embed`
+    (weightless) on the position ids the networks pass, as the module computes them."""
+
+    def __init__(self, dispatch: ShapeDispatch, kind: str, pos_embed: torch.nn.Module | None):
+        self.dispatch, self.kind, self.pos_embed = dispatch, kind, pos_embed
+        self.spec = dispatch.spec
+        self.capturable = dispatch.capturable
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, guidance=None,
+                 txt_ids=None, img_ids=None, return_dict=False):
+        given = {"hidden_states": hidden_states, "timestep": timestep, "guidance": guidance,
+                 "encoder_hidden_states": encoder_hidden_states, "pooled_projections": pooled_projections}
+        if self.kind == "flux":
+            given["rotary_cos"], given["rotary_sin"] = self.pos_embed(torch.cat([txt_ids, img_ids]))
+        feeds = {t.name: given[t.name].to(t.torch_dtype).contiguous() for t in self.spec.inputs}
+        return (self.dispatch.run(feeds)[self.spec.outputs[0].name],)
+
+
+def _hint(family: DiTFamily, folder, device: torch.device, precision: str) -> str:
+    return (f"build them with mf-build-engines --model {family.name} --backend aoti --precision {precision} "
+            f"--device {device.type} --output {folder}")
+
+
+def _entries(folder, family: DiTFamily, device: torch.device, precision: str) -> list:
+    cache = EngineCache(folder)
+    mine = [e for e in cache.entries().values() if e.key.model == family.name and e.key.network == TRANSFORMER
+            and e.key.device == device_name(device) and e.key.backend == "aoti" and e.key.precision == precision]
+    if not mine:
+        raise EngineError(f"{folder} holds no {family.name} transformer packages for {device_name(device)} in "
+                          f"{precision}; {_hint(family, folder, device, precision)}")
+    return mine
+
+
+def check_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int) -> None:
+    """Before any model load: EngineError unless `folder` holds a package for every stage shape of `plan` at
+    transformer batch `batch` (weights and integrity are checked when they are opened)."""
+    from ..export.dit_aoti import dit_axes, dit_spec
+
+    device = torch.device(device)
+    sample = dit_spec(family, precision).inputs[0]
+    held = {p.shapes[0][1] for e in _entries(folder, family, device, precision) for p in e.key.profiles}
+    for s in plan.stages:
+        shape = sample.concrete(dit_axes(family, batch, s.height // family.vae_scale, s.width // family.vae_scale))
+        if shape not in held:
+            raise EngineError(f"{folder} holds no {family.name} transformer package for the {s.width}x{s.height} "
+                              f"stage at batch {batch} in {precision}; {_hint(family, folder, device, precision)} "
+                              f"--stages/--size as this plan{' --guidance 1' if batch == 1 and family.cfg else ''}")
+
+
+def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> EngineTransformer:
+    """The transformer packages in `folder` built from this bundle's weights for this device in `precision`,
+    verified; EngineError naming what is missing or stale (and the command that builds it)."""
+    from ..export.dit_aoti import dit_spec
+
+    device = torch.device(device)
+    fam = bundle.family
+    cache = EngineCache(folder)
+    hint = _hint(fam, folder, device, precision)
+    mine = _entries(folder, fam, device, precision)
+    weights, version = weights_fingerprint(bundle.transformer), get_backend("aoti").version()
+    spec = dit_spec(fam, precision, _guidance_embeds(bundle))
+    engines = []
+    for e in sorted(mine, key=lambda e: e.digest):
+        if e.key.weights != weights:
+            raise EngineError(f"{e.key.describe()} in {folder} was built from other weights than this model's; "
+                              f"rebuild: {hint}")
+        if e.key.backend_version != version:
+            raise EngineError(f"{e.key.describe()} in {folder} was built by aoti {e.key.backend_version}, this is "
+                              f"{version}; rebuild: {hint}")
+        cache.verify(e)
+        engines.append((e.key.profiles, _StaticAoti(cache.root / e.files[0].path, spec, device)))
+    return EngineTransformer(ShapeDispatch(tuple(engines)), fam.kind,
+                             bundle.transformer.pos_embed if fam.kind == "flux" else None)
+
+
+def engine_networks(bundle: DiTBundle, folder, device, precision: str,
+                    vae_dtype: torch.dtype | None = None) -> FlowTorchNetworks:
+    """`FlowTorchNetworks` whose transformer runs from the packages in `folder` (text encoders, VAE: modules)."""
+    nets = FlowTorchNetworks(bundle, vae_dtype)
+    engine = open_dit_engines(folder, bundle, device, precision)
+    nets.transformer_fn = engine
+    nets.capturable = engine.capturable
+    return nets
