@@ -31,7 +31,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
                          "(mf-generate --mode graphs|compiled runs the torch modules)")
     if args.precision not in DTYPES:
         raise UsageError(f"--precision {args.precision}: {name} packages are {', '.join(DTYPES)}")
-    weights_seed = weights_seed_from_args("mf-generate", family, args)  # "mf-generate": takes the DiT families
+    weights_seed = weights_seed_from_args("mf-build-engines", family, args, takes_dit=True)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     batch = 2 if family.cfg and guidance > 1.0 else 1
     plan = plan_from_args(family, args.size, args.stages)

@@ -57,10 +57,11 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None) -
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints without safetensors")
 
 
-def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace) -> int:
+def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namespace, takes_dit: bool = False) -> int:
     """The checked `--weights-seed` (0 <= N < 2^64), after the model-source flags are checked against each other;
-    warns (one line) that `--random-weights` changes nothing on a tiny model."""
-    if prog != "mf-generate":
+    warns (one line) that `--random-weights` changes nothing on a tiny model. The SD3/FLUX families are refused
+    unless `prog` takes them (mf-generate, or `takes_dit`)."""
+    if not (takes_dit or prog == "mf-generate"):
         from ..core.dit_families import refuse_dit
 
         refuse_dit(family, prog)

@@ -2,7 +2,8 @@
 
 Dynamic axes: `batch` (the CFG batch of 2), `height` and `width` (latent cells; multiples of the patch size).
 SD3's learned position table is cropped to the latent size inside the graph, so one export serves every stage
-size up to pos_embed_max_size patches a side. FLUX is not exported yet (export/dit_onnx_export.py says why).
+size up to pos_embed_max_size patches a side. FLUX exports with its rotary tables as inputs
+(export/dit_flux_export.py).
 """
 from __future__ import annotations
 
