@@ -21,7 +21,8 @@ def run_if_build(args: argparse.Namespace) -> int:
 
     family = get_if_family(args.model)
     for flag, value in (("--size", args.size), ("--vae-precision", args.vae_precision),
-                        ("--ort-optimize", args.ort_optimize), ("--networks", args.networks), ("--seed", args.seed)):
+                        ("--ort-optimize", args.ort_optimize), ("--networks", args.networks), ("--seed", args.seed),
+                        ("--guidance", args.guidance)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to {family.name} (a pixel-space cascade; UNet engines only)")
     if args.dynamic or args.jobs != 1:

@@ -72,6 +72,7 @@ def test_engines_built_then_generated_from(tmp_path, capsys):
     ("generate", ["--engines", "/nowhere"], "/nowhere holds no tiny-if UNet engines for cpu"),
     ("build", ["--backend", "tensorrt"], "tiny-if engines are built by onnxruntime or aoti"),
     ("build", ["--vae-precision", "fp16"], "--vae-precision does not apply to tiny-if"),
+    ("build", ["--guidance", "7"], "--guidance does not apply to tiny-if"),
 ])
 def test_engine_refusals_are_one_line(tmp_path, capsys, prog, extra, message):
     from megafusion.cli.build_engines import main as build_main
