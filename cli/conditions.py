@@ -87,6 +87,64 @@ def controls_from_args(args: argparse.Namespace) -> list[tuple]:
     return out
 
 
+
+def controlled_networks(nets, bundle, plan, controls: list[tuple], engines: str | None, dilation: int, device):
+    """`nets` with the ControlNets of `controls_from_args` on their UNet step: the torch modules, or with --engines
+    the ControlNet engines built beside the plan's (`mf-build-engines --controlnet`); a ControlNet that does not fit
+    the UNet, or engines missing for it, end in one line (with the command that builds them)."""
+    from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
+
+    try:
+        modules = [load_controlnet(c[0], bundle.unet, device, nets.unet_dtype) for c in controls]
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    made = [Control(m, image, scale, start, end) for m, (_, image, scale, start, end) in zip(modules, controls)]
+    if not engines:
+        return ControlledNetworks(nets, made, device)
+    import torch
+
+    from ..engine.cache import EngineError
+    from ..engine.controlnet_engines import open_controlnet_runners
+    from ..runtime.controlnet import EngineControlledNetworks
+
+    precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+    try:
+        cns, unets = open_controlnet_runners(engines, bundle, plan, modules, [c[0] for c in controls], nets.backend,
+                                             precision, dilation, device)
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    return EngineControlledNetworks(nets, bundle, made, device, cns, unets)
+
+
+def controlnet_build_args(paths: list[str], backend: str, dynamic: bool, jobs: int) -> None:
+    """mf-build-engines --controlnet: folders and options checked before the model load."""
+    from ..engine.controlnet_engines import CONTROL_BACKENDS
+
+    for path in paths:
+        if not (Path(path) / "config.json").is_file():
+            raise UsageError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
+    if paths and backend not in CONTROL_BACKENDS:
+        raise UsageError(f"--controlnet: ControlNet engines are built for {' and '.join(CONTROL_BACKENDS)}, "
+                         f"not --backend {backend}")
+    if paths and dynamic:
+        raise UsageError("--controlnet: ControlNet engines are static per stage shape; leave out --dynamic")
+    if paths and jobs > 1:
+        raise UsageError(f"--controlnet with --jobs {jobs}: build the ControlNets with --jobs 1")
+
+
+def build_controlnets(bundle, paths: list[str], req) -> None:
+    """mf-build-engines --controlnet: each ControlNet loaded (checked against the UNet), its engines and the
+    controlled UNet's built into the request's folder."""
+    from ..engine.controlnet_engines import build_controlnet_engines
+    from ..runtime.controlnet import ControlInputError, load_controlnet
+
+    try:
+        modules = [load_controlnet(p, bundle.unet, bundle.unet.device, bundle.unet.dtype) for p in paths]
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    report = build_controlnet_engines(bundle, modules, req, log=lambda msg: print(msg, flush=True))
+    print(f"controlnet: {len(report.built)} built, {len(report.skipped)} up to date")
+
 def ip_adapter_from_args(args: argparse.Namespace):
     """The IP-Adapter's reference image (PIL), or None without --ip-adapter; files checked before any load."""
     if args.ip_adapter is None:

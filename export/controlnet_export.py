@@ -120,7 +120,9 @@ def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: Cont
         ds = dynamic_shapes(family, spec, profile)
         with torch.no_grad(), warnings.catch_warnings(), mid_dilation(module, spec.dilation):
             warnings.simplefilter("ignore")
-            ep = torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[t.name] for t in spec.inputs),
+            per_input = [ds[t.name] for t in spec.inputs]
+            # The wrappers take (sample, timestep, encoder states, *rest): torch.export wants that structure.
+            ep = torch.export.export(wrapper, args, dynamic_shapes=(*per_input[:3], tuple(per_input[3:])),
                                      strict=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         with kernel_context():
