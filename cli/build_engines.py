@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     networks = _networks(args.networks)
     from .conditions import controlnet_build_args
 
-    controlnet_build_args(args.controlnet, args.backend, args.dynamic, args.jobs)
+    # --networks may name ControlNet networks (engine/controlnet_engines.py CONTROL_SELECTORS): split off here.
+    networks, control_networks = controlnet_build_args(args.controlnet, args.backend, args.dynamic, args.jobs,
+                                                       networks)
     from .conditions import loras_from_args
 
     loras = loras_from_args(args.lora)
@@ -173,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if args.controlnet:  # before build_engines, which releases the UNet's weights as it goes
         from .conditions import build_controlnets
 
-        build_controlnets(bundle, args.controlnet, req)
+        build_controlnets(bundle, args.controlnet, req, control_networks, bool(control_networks and not networks))
+        if control_networks and not networks:  # --networks named ControlNet networks only
+            return 0
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
     loras = loras_from_args(args.lora)
     controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
+    if controls and args.engines and loras:  # a swap would reach the plain UNet engines, not the controlled ones
+        raise UsageError("--lora with --engines and --controlnet: the ControlNet engines hold the base UNet; build "
+                         "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
+                         "--lora here")
     ip_image = ip_adapter_from_args(args)
     if ip_image is not None and args.engines:
         raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.controlnet_specs import CONTROLNET, ControlSpec, controlnet_requirements
+from ..core.controlnet_specs import CONTROLNET, UNET_CONTROLLED, ControlSpec, controlnet_requirements
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
@@ -30,6 +30,14 @@ from .runners import Runner, ShapeDispatch, infer_axes
 CONTROL_BACKENDS = ("aoti", "onnxruntime")
 """Backends that build ControlNet engines."""
 
+CONTROL_SELECTORS = frozenset(f"{n}{v}" for n in (CONTROLNET, UNET_CONTROLLED) for v in ("", "-standard", "-dilated"))
+"""What `mf-build-engines --networks` takes for these networks: a network, or one variant of it."""
+
+
+def selected(spec, networks: Sequence[str]) -> bool:
+    """Whether `networks` (CONTROL_SELECTORS; empty: all) selects `spec`."""
+    return not networks or spec.network in networks or f"{spec.network}-{spec.variant}" in networks
+
 
 def check_control_request(req: BuildRequest) -> None:
     """ValueError naming an option the ControlNet engines do not take."""
@@ -40,10 +48,11 @@ def check_control_request(req: BuildRequest) -> None:
 
 
 def _jobs(bundle: ModelBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module], precision: str,
-          dilation: int) -> list[tuple[torch.nn.Module, str, Requirement]]:
-    """(module, weights fingerprint, requirement) per network: each ControlNet's, then the controlled UNet's."""
+          dilation: int, unet_fp: str | None = None) -> list[tuple[torch.nn.Module, str, Requirement]]:
+    """(module, weights fingerprint, requirement) per network: each ControlNet's, then the controlled UNet's
+    (`unet_fp`: the UNet's fingerprint where the caller has it)."""
     fam, out = bundle.family, []
-    unet_fp = weights_fingerprint(bundle.unet)
+    unet_fp = unet_fp or weights_fingerprint(bundle.unet)
     for i, cn in enumerate(controlnets):
         fp = weights_fingerprint(cn)
         for r in controlnet_requirements(fam, plan, cn.config, precision, dilation):
@@ -62,9 +71,11 @@ def control_key(bundle: ModelBundle, r: Requirement, backend: str, version: str,
 
 
 def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn.Module], req: BuildRequest,
+                             networks: Sequence[str] = (),
                              log: Callable[[str], None] = lambda msg: None) -> BuildReport:
     """Builds the ControlNet and controlled-UNet engines of `req.plan` into `req.output` (entries present and valid
-    are skipped). Runs before `build_engines` where that one releases the bundle's weights."""
+    are skipped); `networks` (CONTROL_SELECTORS) builds only those, so several processes may share the work. Runs
+    before `build_engines` where that one releases the bundle's weights."""
     check_control_request(req)
     backend = check_request(req)
     cache = EngineCache(req.output)
@@ -72,7 +83,7 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
     version, device = backend.version(), device_name(req.device)
     fam = bundle.family
     jobs = [(m, fp, one) for m, fp, r in _jobs(bundle, req.plan, controlnets, req.precision, req.dilation)
-            for one in backend.requirements(fam, r, req.plan, False)]
+            if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]
     report = BuildReport()
     for n, (module, fp, r) in enumerate(jobs, 1):
         key = control_key(bundle, r, backend.name, version, device, fp)
@@ -136,11 +147,12 @@ def _open_entry(engine_dir: Path, e: Entry, spec: ControlSpec, vae_scale: int, d
 
 def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,
                             controlnets: Sequence[torch.nn.Module], paths: Sequence[str], backend: str,
-                            precision: str, dilation: int = 2, device: torch.device | str = "cpu"
-                            ) -> tuple[dict[int, list[Runner]], dict[int, Runner]]:
+                            precision: str, dilation: int = 2, device: torch.device | str = "cpu",
+                            unet_fingerprint: str | None = None) -> tuple[dict[int, list[Runner]], dict[int, Runner]]:
     """({dilation: one runner per ControlNet, in order}, {dilation: controlled-UNet runner}) from `engine_dir`, for
     the backend and precision the plan's other engines were opened with. A network or stage shape without a valid
-    entry is refused with the command that builds it (`paths`: the ControlNets' folders, for that command)."""
+    entry is refused with the command that builds it (`paths`: the ControlNets' folders, for that command).
+    `unet_fingerprint`: the UNet's, as `open_engines` hashed it (saves hashing it again)."""
     engine_dir, device = Path(engine_dir), torch.device(device)
     if backend not in CONTROL_BACKENDS:
         raise CoverageError(f"--controlnet runs on {' or '.join(CONTROL_BACKENDS)} engines; the engines in "
@@ -152,7 +164,7 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
     nets: dict[int, list[Runner]] = {}
     unets: dict[int, Runner] = {}
     where = {id(cn): i for i, cn in enumerate(controlnets)}
-    for module, fp, r in _jobs(bundle, plan, controlnets, precision, dilation):
+    for module, fp, r in _jobs(bundle, plan, controlnets, precision, dilation, unet_fingerprint):
         s = r.spec
         same = [e for e in entries if (e.key.network, e.key.dilation, e.key.precision, e.key.weights)
                 == (s.network, s.dilation, s.precision, fp)]

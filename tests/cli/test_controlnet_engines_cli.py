@@ -29,6 +29,10 @@ def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_engin
     said = capsys.readouterr().out
     assert "controlnet: 4 built, 0 up to date" in said and "0 built, 5 up to date" in said
     assert len([e for e in EngineCache(out).entries().values() if e.key.network == CONTROLNET]) == 2
+    assert build_cli.main([*base, "--controlnet", str(cn), "--networks", "controlnet-dilated", "--output",
+                           str(out)]) == 0
+    said = capsys.readouterr().out  # that network alone, and none of the plan's others
+    assert "controlnet: 0 built, 1 up to date" in said and "manifest" not in said
 
     edges = tmp_path / "edges.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 80, 3), dtype=np.uint8)).save(edges)
@@ -65,3 +69,20 @@ def test_build_refusals_before_the_load(tmp_path, capsys, monkeypatch, extra, ne
     _one_line(capsys.readouterr().err, needle)
     assert build_cli.main([*args, "--controlnet", str(tmp_path / "none")]) == 2
     _one_line(capsys.readouterr().err, "not a diffusers ControlNetModel folder")
+    assert build_cli.main([*args, "--networks", "unet,controlnet-dilated"]) == 2
+    _one_line(capsys.readouterr().err, "--networks controlnet-dilated: ControlNet networks need --controlnet DIR")
+
+
+def test_generate_refuses_lora_with_controlnet_engines_before_the_load(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("megafusion.core.loading.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    (tmp_path / "cn").mkdir()
+    (tmp_path / "cn" / "config.json").write_text("{}")
+    (tmp_path / "l.safetensors").write_bytes(b"")
+    edges = tmp_path / "edges.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(edges)
+    out = tmp_path / "x.png"
+    assert gen_cli.main(["--model", "tiny-sd15", "--prompt", "a kite", "--device", "cpu", "--controlnet",
+                         str(tmp_path / "cn"), "--control-image", str(edges), "--engines", str(tmp_path),
+                         "--lora", str(tmp_path / "l.safetensors"), "--output", str(out)]) == 2
+    _one_line(capsys.readouterr().err, "the ControlNet engines hold the base UNet")
+    assert not out.exists()

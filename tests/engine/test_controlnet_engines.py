@@ -147,3 +147,61 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
                              "cpu").generate(plan, opts).latent
     assert (got - ref).abs().max() <= LATENT_ATOL
     assert (ref - MegaFusionPipeline(tiny_sdxl).generate(plan, opts).latent).abs().max() > 10 * LATENT_ATOL
+
+
+@pytest.mark.slow
+def test_aoti_packages_match_torch(tiny_sd15, tmp_path):
+    """Static AOTInductor packages of a one-stage plan (a ControlNet and the controlled UNet): each within 1e-4
+    relative of the torch modules, at batch 2 (CFG) and 1."""
+    cn = _controlnet(tiny_sd15, tmp_path / "cn", 7)
+    plan = validate_plan(tiny_sd15.family, parse_stages("128x128:2"))
+    build_controlnet_engines(tiny_sd15, [cn], BuildRequest(plan, "aoti", "fp32", tmp_path / "e"))
+    nets, unets = open_controlnet_runners(tmp_path / "e", tiny_sd15, plan, [cn], ["cn"], "aoti", "fp32", 2)
+    runner, unet = nets[1][0], unets[1]
+    for batch in (2, 1):
+        spec = runner.spec
+        x = spec.sample_inputs(spec.axes(batch, 16, 16, 8), seed=batch)
+        x = (*x[:-1], torch.tensor([0.6]))
+        got = runner.run({t.name: v for t, v in zip(spec.inputs, x)})
+        with torch.no_grad():
+            down, mid = cn(x[0], x[1], encoder_hidden_states=x[2], controlnet_cond=x[3], conditioning_scale=0.6,
+                           return_dict=False)
+        for t, ref in zip(spec.outputs, (*down, mid)):
+            assert _relerr(got[t.name], ref) < 1e-4, t.name
+        eps = unet.run({"sample": x[0], "timestep": x[1], "encoder_hidden_states": x[2], **got})["eps"]
+        ref = TorchNetworks(tiny_sd15).unet(x[0], x[1][0].long(), x[2], None, None, 1, (list(down), mid))
+        plain = TorchNetworks(tiny_sd15).unet(x[0], x[1][0].long(), x[2], None, None, 1)
+        assert _relerr(eps, ref) < 1e-4
+        assert _relerr(plain, ref) > 1e-3  # the residuals act
+
+
+@pytest.mark.gpu
+def test_aoti_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
+    """On CUDA, static aoti packages of the plan, a ControlNet's and the controlled UNet's: the graphed loop captures
+    ControlNet and UNet packages in one step graph per stage shape (2 captures, replayed on the next run) and
+    gives the eager engine loop's latent; both are within the engine tolerance of the torch path (fp32)."""
+    from megafusion.core.loading import load_model
+    from tests.engines import build
+
+    bundle = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
+    path = str(tmp_path / "cn")
+    cn = load_controlnet(save_tiny_controlnet(bundle.unet, path, 8), bundle.unet, "cuda", torch.float32)
+    out = tmp_path / "engines"
+    build(bundle, out, backend="aoti", device="cuda")
+    plan = validate_plan(bundle.family, parse_stages(STAGES))
+    build_controlnet_engines(bundle, [cn], BuildRequest(plan, "aoti", "fp32", out, device="cuda"))
+    controls = [Control(cn, control_image(128, 128, 3).cuda(), 0.8, 0.1, 0.9)]
+    opts = GenerationOptions("a bridge", seed=3)
+    eager = MegaFusionPipeline(bundle, _engine_nets(bundle, out, plan, [(path, cn)], controls, "cuda"), "cuda")
+    fast_nets = _engine_nets(bundle, out, plan, [(path, cn)], controls, "cuda")
+    assert fast_nets.capturable
+    fast = MegaFusionPipeline.fast(bundle, fast_nets, "cuda")
+    x = eager.generate(plan, opts).latent
+    y = fast.generate(plan, opts).latent
+    assert fast.graphs.captures == 2
+    assert _relerr(y, x) < 1e-3
+    y2 = fast.generate(plan, opts).latent
+    assert fast.graphs.captures == 2 and _relerr(y2, y) < 1e-6
+    ref = MegaFusionPipeline(bundle, ControlledNetworks(TorchNetworks(bundle), controls, "cuda"),
+                             "cuda").generate(plan, opts).latent
+    assert (x.cpu() - ref.cpu()).abs().max() <= LATENT_ATOL
