@@ -109,11 +109,14 @@ def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: s
     from ..export.controlnet_export import export_control_aoti, export_control_onnx
 
     if backend == "aoti":
-        from .aoti_backend import cudnn_first
+        from ..core.specs import UNET
+        from .aoti_backend import cudnn_first, prepare_for_export
 
         ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
+        # As the UNet's packages are made (fused QKV, attention kernel, channels_last): the ControlNet's encoder
+        # and mid block are the UNet's, so they take the same preparation.
         return export_control_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2",
-                                   device=device, kernel_context=ctx)
+                                   device=device, kernel_context=ctx, prepare=lambda m: prepare_for_export(m, UNET))
     return export_control_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
 
 

@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,8 +104,11 @@ def export_control_onnx(module: torch.nn.Module, family: ModelFamily, spec: Cont
 
 
 def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: ControlSpec, profile, path,
-                        *, device: str = "cpu", kernel_context=contextlib.nullcontext) -> ExportResult:
-    """A static AOTInductor package (`.pt2`) for the one stage shape of `profile` (batch over the spec's range)."""
+                        *, device: str = "cpu", kernel_context=contextlib.nullcontext,
+                        prepare: Callable[[torch.nn.Module], None] | None = None) -> ExportResult:
+    """A static AOTInductor package (`.pt2`) for the one stage shape of `profile` (batch over the spec's range).
+    `prepare`: applied in place to a copy of the module before the export (the caller's module is left as it is,
+    so its weights fingerprint stays that of the loaded weights)."""
     t0 = time.perf_counter()
     path = Path(path)
     for name, lo, _, hi in profile.shapes:
@@ -115,6 +119,10 @@ def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: Cont
     axes = spec.axes(sample[0], sample[2], sample[3], family.vae_scale)
     args = tuple(a.to(device) for a in spec.sample_inputs(axes))
     module, owned = _module_on(module, spec, device)
+    if prepare is not None:
+        if not owned:
+            module, owned = cast_copy(module, module.dtype), True
+        prepare(module)
     try:
         wrapper = _wrapper(module, spec, family.is_xl)
         ds = dynamic_shapes(family, spec, profile)

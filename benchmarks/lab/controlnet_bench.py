@@ -75,27 +75,29 @@ def _timed(pipe, plan, opts, repeats):
     return statistics.median(times), result
 
 
-def _engine_mode(args, plan, opts, image, dev, ref) -> dict:
-    """aoti: the plan's static packages and the ControlNet's (mf-build-engines --controlnet into --engines),
-    CUDA-graphed (ControlNet and UNet packages in one step graph), against the same packages without it."""
+def _engine_mode(args, backend, plan, opts, image, dev, ref) -> dict:
+    """aoti (or onnxruntime): the plan's engines and the ControlNet's (mf-build-engines --controlnet into
+    --engines), against the same engines without it; CUDA-graphed where the engines are capturable (aoti: the
+    ControlNet and UNet packages in one step graph)."""
     from megafusion.engine.controlnet_engines import open_controlnet_runners
     from megafusion.engine.load import open_engines
     from megafusion.runtime.controlnet import EngineControlledNetworks, load_controlnet
 
     cpu = load_model(args.model, random_weights=True)  # fp32 on the CPU: what the engine keys hashed
     t0 = time.perf_counter()
-    base, desc = open_engines(args.engines, cpu, plan, 2, device=dev, backend="aoti")
+    base, desc = open_engines(args.engines, cpu, plan, 2, device=dev, backend=backend)
     cn = load_controlnet(args.controlnet_dir, cpu.unet, "cpu", torch.float32)
     precision = "fp16" if base.unet_dtype == torch.float16 else "fp32"
-    nets, unets = open_controlnet_runners(args.engines, cpu, plan, [cn], [args.controlnet_dir], "aoti", precision, 2,
+    nets, unets = open_controlnet_runners(args.engines, cpu, plan, [cn], [args.controlnet_dir], backend, precision, 2,
                                           dev, base.weights.get("unet"))
     opened_s = time.perf_counter() - t0
-    plain_s, _ = _timed(MegaFusionPipeline.fast(cpu, base, dev), plan, opts, args.repeats)
+    make = MegaFusionPipeline.fast if base.capturable else MegaFusionPipeline
+    plain_s, _ = _timed(make(cpu, base, dev), plan, opts, args.repeats)
     controlled = EngineControlledNetworks(base, cpu, [Control(cn, image, scale=args.scale)], dev, nets, unets)
-    pipe = MegaFusionPipeline.fast(cpu, controlled, dev)
+    pipe = make(cpu, controlled, dev)
     ctl_s, res = _timed(pipe, plan, opts, args.repeats)
     return {"plain_s": plain_s, "controlnet_s": ctl_s, "ratio": ctl_s / plain_s, "engines": desc,
-            "open_s": opened_s, "graph_captures": pipe.graphs.captures if pipe.graphs else None,
+            "open_s": opened_s, "graph_captures": pipe.graphs.captures if pipe.graphs is not None else None,
             "peak_gib": (res.peak_memory_bytes or 0) / 2**30, "timings": res.timings,
             "mean_abs_diff_vs_eager_levels": float(np.abs(res.image.astype(np.int16) - ref).mean())}
 
@@ -122,8 +124,8 @@ def run(args) -> dict:
     eager = MegaFusionPipeline(bundle, ControlledNetworks(TorchNetworks(bundle, vae), [control], dev), dev)
     ref = eager.generate(plan, opts).image.astype(np.int16)
     for mode in args.modes.split(","):
-        if mode == "aoti":
-            report["modes"][mode] = _engine_mode(args, plan, opts, image, dev, ref)
+        if mode in ("aoti", "onnxruntime"):
+            report["modes"][mode] = _engine_mode(args, mode, plan, opts, image, dev, ref)
             print(mode, json.dumps(report["modes"][mode]["ratio"]), flush=True)
             continue
         base = TorchNetworks(bundle, vae) if mode == "graphs" else FastTorchNetworks(bundle, FastOptions(), vae)
@@ -163,8 +165,8 @@ def main():
         return
     if not args.output:
         p.error("--output is required")
-    if "aoti" in args.modes.split(",") and not (args.engines and args.controlnet_dir):
-        p.error("--modes aoti needs --engines and --controlnet-dir")
+    if {"aoti", "onnxruntime"} & set(args.modes.split(",")) and not (args.engines and args.controlnet_dir):
+        p.error("--modes aoti / onnxruntime need --engines and --controlnet-dir")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report = run(args)

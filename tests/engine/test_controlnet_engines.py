@@ -168,7 +168,10 @@ def test_aoti_packages_match_torch(tiny_sd15, tmp_path):
                            return_dict=False)
         for t, ref in zip(spec.outputs, (*down, mid)):
             assert _relerr(got[t.name], ref) < 1e-4, t.name
-        eps = unet.run({"sample": x[0], "timestep": x[1], "encoder_hidden_states": x[2], **got})["eps"]
+        # Packages read their inputs at the strides they were compiled for (contiguous), as the runtime passes them;
+        # the prepared (channels_last) ControlNet package returns channels_last residuals.
+        res = {k: v.contiguous() for k, v in got.items()}
+        eps = unet.run({"sample": x[0], "timestep": x[1], "encoder_hidden_states": x[2], **res})["eps"]
         ref = TorchNetworks(tiny_sd15).unet(x[0], x[1][0].long(), x[2], None, None, 1, (list(down), mid))
         plain = TorchNetworks(tiny_sd15).unet(x[0], x[1][0].long(), x[2], None, None, 1)
         assert _relerr(eps, ref) < 1e-4
@@ -177,23 +180,24 @@ def test_aoti_packages_match_torch(tiny_sd15, tmp_path):
 
 @pytest.mark.gpu
 def test_aoti_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
-    """On CUDA, static aoti packages of the plan, a ControlNet's and the controlled UNet's: the graphed loop captures
-    ControlNet and UNet packages in one step graph per stage shape (2 captures, replayed on the next run) and
-    gives the eager engine loop's latent; both are within the engine tolerance of the torch path (fp32)."""
+    """On CUDA, static aoti packages of the plan, a ControlNet's and the controlled UNet's (built as mf-build-engines
+    builds them, from its own fp32 CPU load): the graphed loop captures ControlNet and UNet packages in one step
+    graph per stage shape (2 captures, replayed on the next run) and gives the eager engine loop's latent; both are
+    within the engine tolerance of the torch path on CUDA (fp32)."""
+    from megafusion.cli.build_engines import main as build_main
     from megafusion.core.loading import load_model
-    from tests.engines import build
 
-    bundle = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
-    path = str(tmp_path / "cn")
-    cn = load_controlnet(save_tiny_controlnet(bundle.unet, path, 8), bundle.unet, "cuda", torch.float32)
+    bundle = load_model("tiny-sd15")  # fp32 on the CPU: what the build hashed, as mf-generate --engines loads it
+    path = save_tiny_controlnet(bundle.unet, tmp_path / "cn", 8)
     out = tmp_path / "engines"
-    build(bundle, out, backend="aoti", device="cuda")
+    assert build_main(["--model", "tiny-sd15", "--stages", STAGES, "--backend", "aoti", "--device", "cuda",
+                       "--controlnet", str(path), "--output", str(out)]) == 0
     plan = validate_plan(bundle.family, parse_stages(STAGES))
-    build_controlnet_engines(bundle, [cn], BuildRequest(plan, "aoti", "fp32", out, device="cuda"))
-    controls = [Control(cn, control_image(128, 128, 3).cuda(), 0.8, 0.1, 0.9)]
+    cn = load_controlnet(path, bundle.unet, "cpu", torch.float32)
+    controls = [Control(cn, control_image(128, 128, 3), 0.8, 0.1, 0.9)]
     opts = GenerationOptions("a bridge", seed=3)
-    eager = MegaFusionPipeline(bundle, _engine_nets(bundle, out, plan, [(path, cn)], controls, "cuda"), "cuda")
-    fast_nets = _engine_nets(bundle, out, plan, [(path, cn)], controls, "cuda")
+    eager = MegaFusionPipeline(bundle, _engine_nets(bundle, out, plan, [(str(path), cn)], controls, "cuda"), "cuda")
+    fast_nets = _engine_nets(bundle, out, plan, [(str(path), cn)], controls, "cuda")
     assert fast_nets.capturable
     fast = MegaFusionPipeline.fast(bundle, fast_nets, "cuda")
     x = eager.generate(plan, opts).latent
@@ -202,6 +206,8 @@ def test_aoti_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
     assert _relerr(y, x) < 1e-3
     y2 = fast.generate(plan, opts).latent
     assert fast.graphs.captures == 2 and _relerr(y2, y) < 1e-6
-    ref = MegaFusionPipeline(bundle, ControlledNetworks(TorchNetworks(bundle), controls, "cuda"),
+    gpu = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
+    ref_controls = [Control(load_controlnet(path, gpu.unet, "cuda", torch.float32), controls[0].image, 0.8, 0.1, 0.9)]
+    ref = MegaFusionPipeline(gpu, ControlledNetworks(TorchNetworks(gpu), ref_controls, "cuda"),
                              "cuda").generate(plan, opts).latent
     assert (x.cpu() - ref.cpu()).abs().max() <= LATENT_ATOL
