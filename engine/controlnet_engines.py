@@ -64,10 +64,10 @@ def _jobs(bundle: ModelBundle, plan: StagePlan, controlnets: Sequence[torch.nn.M
 
 
 def control_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
-                fingerprint: str) -> EngineKey:
+                fingerprint: str, ort_optimize: str = "none") -> EngineKey:
     s = r.spec
     return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision, r.profiles,
-                     backend, version, device)
+                     backend, version, device, ort_optimize)
 
 
 def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn.Module], req: BuildRequest,
@@ -86,7 +86,7 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
             if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]
     report = BuildReport()
     for n, (module, fp, r) in enumerate(jobs, 1):
-        key = control_key(bundle, r, backend.name, version, device, fp)
+        key = control_key(bundle, r, backend.name, version, device, fp, req.ort_optimize)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, fam.vae_scale))
         tag = f"[controlnet {n}/{len(jobs)}] {r.spec.name} ({sizes}, weights {fp[:12]})"
         entry = None if req.force else cache.lookup(key)
@@ -97,7 +97,7 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
         log(f"{tag}: building for {backend.name} {version} on {device} ...")
         t0 = time.perf_counter()
         with cache.staging(key) as tmp:
-            res = _export(module, bundle, r, backend.name, req.device, tmp)
+            res = _export(module, bundle, r, backend.name, req.device, tmp, req.ort_optimize)
             entry = cache.commit(key, tmp)
         report.built.append((entry, time.perf_counter() - t0))
         report.exports[entry.digest] = res
@@ -105,7 +105,8 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
     return report
 
 
-def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path):
+def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path,
+            ort_optimize: str = "none"):
     from ..export.controlnet_export import export_control_aoti, export_control_onnx
 
     if backend == "aoti":
@@ -117,7 +118,28 @@ def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: s
         # and mid block are the UNet's, so they take the same preparation.
         return export_control_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2",
                                    device=device, kernel_context=ctx, prepare=lambda m: prepare_for_export(m, UNET))
-    return export_control_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
+    if ort_optimize == "none":
+        return export_control_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
+    return _export_fused(module, bundle, r.spec, device, staging, ort_optimize)
+
+
+def _export_fused(module, bundle: ModelBundle, spec: ControlSpec, device: str, staging: Path, target: str):
+    """As engine/onnx_build.export_model fuses the UNet: exported at fp32 beside the entry, fused (then made fp16
+    if the spec is) into the entry's model.onnx; the plain export is gone before the commit."""
+    import tempfile
+
+    from ..core.controlnet_specs import controlled_unet_spec, controlnet_spec
+    from ..export.controlnet_export import export_control_onnx
+    from ..export.onnx_export import ExportResult
+    from ..export.ort_optimize import SOURCE_PRECISION, optimize_onnx
+
+    fam = bundle.family
+    source = (controlnet_spec(fam, module.config, SOURCE_PRECISION, spec.dilation) if spec.network == CONTROLNET
+              else controlled_unet_spec(fam, SOURCE_PRECISION, spec.dilation))
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".plain-") as plain:
+        res = export_control_onnx(module, fam, source, Path(plain) / "model.onnx", device=device)
+        opt = optimize_onnx(res.files[0], staging / "model.onnx", spec, target)
+    return ExportResult(opt.files, res.seconds + opt.seconds, sum(f.stat().st_size for f in opt.files))
 
 
 def controlnet_build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,

@@ -211,3 +211,24 @@ def test_aoti_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
     ref = MegaFusionPipeline(gpu, ControlledNetworks(TorchNetworks(gpu), ref_controls, "cuda"),
                              "cuda").generate(plan, opts).latent
     assert (x.cpu() - ref.cpu()).abs().max() <= LATENT_ATOL
+
+
+@pytest.mark.slow
+def test_ort_fused_entries_match_torch_path(tiny_sd15, sd15_engines, tmp_path):
+    """--ort-optimize cpu: the ControlNet and controlled UNet fused by ORT's transformer optimizer (attention fused, the
+    key says so) give the torch path's latent."""
+    out = tmp_path / "engines"
+    shutil.copytree(sd15_engines, out)
+    path = str(tmp_path / "cn")
+    cn = _controlnet(tiny_sd15, path, 9)
+    plan = validate_plan(tiny_sd15.family, parse_stages(STAGES))
+    report = build_controlnet_engines(tiny_sd15, [cn], BuildRequest(plan, "onnxruntime", "fp32", out,
+                                                                    ort_optimize="cpu"))
+    assert len(report.built) == 4 and all(e.key.ort_optimize == "cpu" for e, _ in report.built)
+    controls = [Control(cn, control_image(128, 128, 6), 0.9)]
+    opts = GenerationOptions("a bridge", seed=4)
+    got = MegaFusionPipeline(tiny_sd15, _engine_nets(tiny_sd15, out, plan, [(path, cn)], controls),
+                             "cpu").generate(plan, opts).latent
+    ref = MegaFusionPipeline(tiny_sd15, ControlledNetworks(TorchNetworks(tiny_sd15), controls, "cpu"),
+                             "cpu").generate(plan, opts).latent
+    assert (got - ref).abs().max() <= LATENT_ATOL
