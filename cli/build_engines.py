@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model in pixel_family_names():
         from .build_engines_if import run_if_build
 
+        if args.controlnet:
+            raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5 and SDXL models only)")
         return run_if_build(args)
     if args.stages_2 is not None or args.stage_2_path is not None:
         raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")

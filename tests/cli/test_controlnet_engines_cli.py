@@ -86,3 +86,8 @@ def test_generate_refuses_lora_with_controlnet_engines_before_the_load(tmp_path,
                          "--lora", str(tmp_path / "l.safetensors"), "--output", str(out)]) == 2
     _one_line(capsys.readouterr().err, "the ControlNet engines hold the base UNet")
     assert not out.exists()
+
+
+def test_build_refuses_controlnet_for_pixel_models(tmp_path, capsys):
+    assert build_cli.main(["--model", "tiny-if", "--controlnet", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    _one_line(capsys.readouterr().err, "tiny-if has no ControlNet engines")
