@@ -21,7 +21,7 @@ collect() {
 
 case "$1" in
   tests)
-    python3 -m pytest -q -m gpu tests/runtime/test_controlnet.py tests/engine/test_controlnet_engines.py 2>&1 | tail -n 20 ;;
+    python3 -m pytest -q -m gpu tests/runtime/test_controlnet.py tests/engine/test_controlnet_engines.py 2>&1 | tee "$OUT/tests.log" | tail -n 20 ;;
   build)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     [ -e $CN/config.json ] || python3 benchmarks/lab/controlnet_bench.py --model sdxl --save-controlnet $CN
