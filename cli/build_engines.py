@@ -49,6 +49,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="build from the weights with this LoRA fused (repeatable); engines built from the base weights "
                         "take LoRAs without a rebuild instead: mf-generate --engines DIR --lora PATH[:SCALE]")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="also build this diffusers ControlNetModel's engines and the UNet that takes its residuals "
+                        "(aoti or onnxruntime; repeatable: each ControlNet its own entries)")
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
     # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
     p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model in pixel_family_names():
         from .build_engines_if import run_if_build
 
+        if args.controlnet:
+            raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5 and SDXL models only)")
         return run_if_build(args)
     from ..core.dit_families import DIT_FAMILIES
 
@@ -145,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: must be at least 1")
     networks = _networks(args.networks)
+    from .conditions import controlnet_build_args
+
+    # --networks may name ControlNet networks (engine/controlnet_engines.py CONTROL_SELECTORS): split off here.
+    networks, control_networks = controlnet_build_args(args.controlnet, args.backend, args.dynamic, args.jobs,
+                                                       networks)
     from .conditions import loras_from_args
 
     loras = loras_from_args(args.lora)
@@ -177,6 +187,12 @@ def run(args: argparse.Namespace) -> int:
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
                        ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks,
                        remember_hashes=True)  # the first run from the folder then reads no engine file to verify it
+    if args.controlnet:  # before build_engines, which releases the UNet's weights as it goes
+        from .conditions import build_controlnets
+
+        build_controlnets(bundle, args.controlnet, req, control_networks, bool(control_networks and not networks))
+        if control_networks and not networks:  # --networks named ControlNet networks only
+            return 0
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     return 0

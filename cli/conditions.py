@@ -87,6 +87,79 @@ def controls_from_args(args: argparse.Namespace) -> list[tuple]:
     return out
 
 
+
+def controlled_networks(nets, bundle, plan, controls: list[tuple], engines: str | None, dilation: int, device):
+    """`nets` with the ControlNets of `controls_from_args` on their UNet step: the torch modules, or with --engines
+    the ControlNet engines built beside the plan's (`mf-build-engines --controlnet`); a ControlNet that does not fit
+    the UNet, or engines missing for it, end in one line (with the command that builds them)."""
+    from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
+
+    # With --engines the ControlNets load as the bundle is (fp32 on the CPU): what mf-build-engines hashed.
+    where, dtype = (bundle.unet.device, bundle.unet.dtype) if engines else (device, nets.unet_dtype)
+    try:
+        modules = [load_controlnet(c[0], bundle.unet, where, dtype) for c in controls]
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    made = [Control(m, image, scale, start, end) for m, (_, image, scale, start, end) in zip(modules, controls)]
+    if not engines:
+        return ControlledNetworks(nets, made, device)
+    import torch
+
+    from ..engine.cache import EngineError
+    from ..engine.controlnet_engines import open_controlnet_runners
+    from ..runtime.controlnet import EngineControlledNetworks
+
+    precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+    try:
+        cns, unets = open_controlnet_runners(engines, bundle, plan, modules, [c[0] for c in controls], nets.backend,
+                                             precision, dilation, device, nets.weights.get("unet"))
+    except EngineError as e:
+        raise UsageError(str(e)) from None
+    for m in modules:  # hashed; the engines hold the weights now
+        m.to(device="meta")
+    return EngineControlledNetworks(nets, bundle, made, device, cns, unets)
+
+
+def controlnet_build_args(paths: list[str], backend: str, dynamic: bool, jobs: int,
+                          networks: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """mf-build-engines --controlnet: folders and options checked before the model load. Returns --networks split
+    into (the plan's networks, the ControlNet networks)."""
+    from ..engine.controlnet_engines import CONTROL_BACKENDS, CONTROL_SELECTORS
+
+    control = tuple(n for n in networks if n in CONTROL_SELECTORS)
+    if control and not paths:
+        raise UsageError(f"--networks {','.join(control)}: ControlNet networks need --controlnet DIR")
+    for path in paths:
+        if not (Path(path) / "config.json").is_file():
+            raise UsageError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
+    if paths and backend not in CONTROL_BACKENDS:
+        raise UsageError(f"--controlnet: ControlNet engines are built for {' and '.join(CONTROL_BACKENDS)}, "
+                         f"not --backend {backend}")
+    if paths and dynamic:
+        raise UsageError("--controlnet: ControlNet engines are static per stage shape; leave out --dynamic")
+    if paths and jobs > 1:
+        raise UsageError(f"--controlnet with --jobs {jobs}: build the ControlNets with --jobs 1 (or in parallel "
+                         f"processes, each with its own --networks among {', '.join(sorted(CONTROL_SELECTORS))})")
+    return tuple(n for n in networks if n not in CONTROL_SELECTORS), control
+
+
+def build_controlnets(bundle, paths: list[str], req, networks: tuple[str, ...] = (), only: bool = False) -> None:
+    """mf-build-engines --controlnet: each ControlNet loaded (checked against the UNet), its engines and the
+    controlled UNet's built into the request's folder (`networks`: only those; `only`: nothing else is built after
+    them, so the VAE and text encoders are freed first)."""
+    from ..engine.controlnet_engines import build_controlnet_engines
+    from ..runtime.controlnet import ControlInputError, load_controlnet
+
+    if only:
+        for m in (bundle.vae, *bundle.text_encoders):
+            m.to(device="meta")
+    try:
+        modules = [load_controlnet(p, bundle.unet, bundle.unet.device, bundle.unet.dtype) for p in paths]
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    report = build_controlnet_engines(bundle, modules, req, networks, log=lambda msg: print(msg, flush=True))
+    print(f"controlnet: {len(report.built)} built, {len(report.skipped)} up to date")
+
 def ip_adapter_from_args(args: argparse.Namespace):
     """The IP-Adapter's reference image (PIL), or None without --ip-adapter; files checked before any load."""
     if args.ip_adapter is None:

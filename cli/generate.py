@@ -128,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
     image_start = image_start_from_args(args, plan)  # reads the photo: a bad file is refused before the load
     loras = loras_from_args(args.lora)
     controls = controls_from_args(args)  # reads the control images; the ControlNets load after the model
-    if controls and args.engines:
-        raise UsageError("--controlnet runs on the torch path only; leave out --engines")
+    if controls and args.engines and loras:  # a swap would reach the plain UNet engines, not the controlled ones
+        raise UsageError("--lora with --engines and --controlnet: the ControlNet engines hold the base UNet; build "
+                         "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
+                         "--lora here")
     ip_image = ip_adapter_from_args(args)
     if ip_image is not None and args.engines:
         raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
@@ -274,14 +276,9 @@ def run(args: argparse.Namespace) -> int:
         del encoder  # the embeddings are all the stages need
         print(f"ip-adapter: {args.ip_adapter} x{args.ip_adapter_scale:g}, image {args.ip_adapter_image}")
     if controls:
-        from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
+        from .conditions import controlled_networks
 
-        try:
-            nets = ControlledNetworks(nets, [Control(load_controlnet(path, bundle.unet, device, nets.unet_dtype),
-                                                     image, scale, start, end)
-                                             for path, image, scale, start, end in controls], device)
-        except ControlInputError as e:
-            raise UsageError(str(e)) from None
+        nets = controlled_networks(nets, bundle, plan, controls, args.engines, dilation, device)
         print("controlnet: " + ", ".join(f"{c[0]} x{c[2]:g} over {c[3]:g}..{c[4]:g}" for c in controls))
     if mode == "eager":
         pipe = MegaFusionPipeline(bundle, nets, device)

@@ -63,6 +63,12 @@ def network_fingerprint(bundle: ModelBundle, network: str, hashes: FileHashes | 
     if any(t.device.type == "meta" for t in module.parameters()):
         raise EngineError(f"{network}: the module was built without weights (engines run it) and changed since "
                           "loading, so nothing says which weights it stands for; load it with its weights")
+    return module_fingerprint(module)
+
+
+def module_fingerprint(module) -> str:
+    """A module's weights by their tensors (`tensors`): for weights with no origin to go by (a ControlNet, a model
+    changed since loading)."""
     return f"{_PREFIX}tensors:{weights_fingerprint(module)}"
 
 

@@ -134,3 +134,39 @@ class ControlledNetworks(WrappedNetworks):
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return self.base.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, (down, mid))
+
+
+class EngineControlledNetworks(ControlledNetworks):
+    """Built engines whose UNet step runs the ControlNet engines and then the controlled-UNet engine
+    (engine/controlnet_engines.py); the scale table and image buffers are `ControlledNetworks`' (one capturable
+    step: with aoti packages the ControlNets and the UNet sit in one CUDA graph)."""
+
+    def __init__(self, base, bundle, controls: list[Control], device, controlnets: dict[int, list],
+                 unets: dict[int, object]):
+        super().__init__(base, controls, device)
+        self.bundle = bundle  # engine networks hold no bundle; `prepare_plan` reads the family from it
+        self.controlnet_runners, self.unet_runners = controlnets, unets
+        """{dilation: one runner per control, in order}, {dilation: controlled-UNet runner}."""
+
+    @property
+    def capturable(self) -> bool:
+        return self.base.capturable and all(r.capturable for rs in self.controlnet_runners.values() for r in rs) \
+            and all(r.capturable for r in self.unet_runners.values())
+
+    def _run(self, runner, **inputs):
+        return runner.run({t.name: inputs[t.name].to(self.device, t.torch_dtype).contiguous()
+                           for t in runner.spec.inputs})
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+        images = self.images[tuple(sample.shape[:1]) + tuple(sample.shape[-2:])]
+        common = {"sample": sample, "timestep": timestep.reshape(1).float(),
+                  "encoder_hidden_states": encoder_hidden_states}
+        if text_embeds is not None:
+            common.update(text_embeds=text_embeds, time_ids=time_ids)
+        residuals: dict[str, torch.Tensor] = {}
+        for j, runner in enumerate(self.controlnet_runners[dilation]):
+            scale = self.scales[j].index_select(0, timestep.view(1))  # (1,): the engine's conditioning_scale
+            out = self._run(runner, **common, controlnet_cond=images[j], conditioning_scale=scale)
+            residuals = out if not residuals else {k: residuals[k] + out[k] for k in residuals}
+        return self._run(self.unet_runners[dilation], **common, **residuals)["eps"].float()

@@ -1,6 +1,8 @@
 """The plan with one ControlNet beside the plain plan, one GPU: time, peak memory and cost.
 
 python benchmarks/lab/controlnet_bench.py --model sdxl --modes graphs,compiled --output DIR
+python benchmarks/lab/controlnet_bench.py --model sdxl --modes aoti --engines ENG --controlnet-dir CN --output DIR
+  (aoti: packages from `mf-build-engines --controlnet CN`, CN from `--save-controlnet CN`; benchmarks/gpu/controlnet_h200.sh)
 
 Random weights (fp16): the ControlNet is `ControlNetModel.from_unet` of the UNet with random output convolutions,
 so its residuals are not zero and it costs what a real full-size ControlNet costs. Each mode runs the plain plan
@@ -73,6 +75,38 @@ def _timed(pipe, plan, opts, repeats):
     return statistics.median(times), result
 
 
+def _engine_mode(args, backend, plan, opts, image, dev, ref) -> dict:
+    """aoti (or onnxruntime): the plan's engines and the ControlNet's (mf-build-engines --controlnet into
+    --engines), against the same engines without it; CUDA-graphed where the engines are capturable (aoti: the
+    ControlNet and UNet packages in one step graph)."""
+    from megafusion.engine.controlnet_engines import open_controlnet_runners
+    from megafusion.engine.load import open_engines
+    from megafusion.runtime.controlnet import EngineControlledNetworks, load_controlnet
+
+    cpu = load_model(args.model, random_weights=True)  # fp32 on the CPU: what the engine keys hashed
+    t0 = time.perf_counter()
+    base, desc = open_engines(args.engines, cpu, plan, 2, device=dev, backend=backend)
+    cn = load_controlnet(args.controlnet_dir, cpu.unet, "cpu", torch.float32)
+    precision = "fp16" if base.unet_dtype == torch.float16 else "fp32"
+    nets, unets = open_controlnet_runners(args.engines, cpu, plan, [cn], [args.controlnet_dir], backend, precision, 2,
+                                          dev, base.weights.get("unet"))
+    opened_s = time.perf_counter() - t0
+    make = MegaFusionPipeline.fast if base.capturable else MegaFusionPipeline
+    plain_s, _ = _timed(make(cpu, base, dev), plan, opts, args.repeats)
+    controlled = EngineControlledNetworks(base, cpu, [Control(cn, image, scale=args.scale)], dev, nets, unets)
+    pipe = make(cpu, controlled, dev)
+    ctl_s, res = _timed(pipe, plan, opts, args.repeats)
+    return {"plain_s": plain_s, "controlnet_s": ctl_s, "ratio": ctl_s / plain_s, "engines": desc,
+            "open_s": opened_s, "graph_captures": pipe.graphs.captures if pipe.graphs is not None else None,
+            "peak_gib": (res.peak_memory_bytes or 0) / 2**30, "timings": res.timings,
+            "mean_abs_diff_vs_eager_levels": float(np.abs(res.image.astype(np.int16) - ref).mean())}
+
+
+def save_controlnet(model: str, path: str) -> None:
+    """The benchmark's random ControlNet (as `run` makes it), saved for mf-build-engines --controlnet."""
+    random_controlnet(load_model(model, random_weights=True).unet).save_pretrained(path)
+
+
 def run(args) -> dict:
     dev = torch.device(args.device)
     dtype = default_dtype(dev)
@@ -90,6 +124,10 @@ def run(args) -> dict:
     eager = MegaFusionPipeline(bundle, ControlledNetworks(TorchNetworks(bundle, vae), [control], dev), dev)
     ref = eager.generate(plan, opts).image.astype(np.int16)
     for mode in args.modes.split(","):
+        if mode in ("aoti", "onnxruntime"):
+            report["modes"][mode] = _engine_mode(args, mode, plan, opts, image, dev, ref)
+            print(mode, json.dumps(report["modes"][mode]["ratio"]), flush=True)
+            continue
         base = TorchNetworks(bundle, vae) if mode == "graphs" else FastTorchNetworks(bundle, FastOptions(), vae)
         plain_s, _ = _timed(MegaFusionPipeline.fast(bundle, base, dev), plan, opts, args.repeats)
         ctl = MegaFusionPipeline.fast(bundle, ControlledNetworks(base, [control], dev), dev)
@@ -117,8 +155,18 @@ def main():
     p.add_argument("--device", default="cuda", help="cuda (cpu runs the graphs mode eagerly: a smoke test)")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--output", required=True)
+    p.add_argument("--engines", help="aoti mode: the folder mf-build-engines --controlnet built")
+    p.add_argument("--controlnet-dir", help="aoti mode: the ControlNet --save-controlnet wrote")
+    p.add_argument("--save-controlnet", metavar="DIR", help="write the random ControlNet there and stop")
+    p.add_argument("--output")
     args = p.parse_args()
+    if args.save_controlnet:
+        save_controlnet(args.model, args.save_controlnet)
+        return
+    if not args.output:
+        p.error("--output is required")
+    if {"aoti", "onnxruntime"} & set(args.modes.split(",")) and not (args.engines and args.controlnet_dir):
+        p.error("--modes aoti / onnxruntime need --engines and --controlnet-dir")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report = run(args)

@@ -117,8 +117,6 @@ def test_controlnet_runs_and_bad_controls_are_one_line(tiny_sd15, tmp_path, caps
         (["--controlnet", str(cn), "--control-image", str(edges), "--control-scale", "1", "--control-scale", "2",
           "--control-scale", "3"], "--control-scale given 3 times for 1 --controlnet"),
         (["--control-scale", "0.5"], "--control-scale needs --controlnet"),
-        (["--controlnet", str(cn), "--control-image", str(edges), "--engines", str(tmp_path)],
-         "--controlnet runs on the torch path only"),
     ]:
         out = tmp_path / "x.png"
         assert main([*base, *args, "--output", str(out)]) == 2

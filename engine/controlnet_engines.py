@@ -1,0 +1,223 @@
+"""ControlNet engines (issue #18 item 1): build the ControlNet and controlled-UNet networks of a plan into an engine
+folder, and open them for a run.
+
+Entries sit in the same content-addressed cache as the plan's other engines. A ControlNet's key holds its own
+weights fingerprint, so several ControlNets (and the same ControlNet under other weights) each get their own
+entries; the controlled UNet's key holds the UNet's. The aoti backend builds one static package per network and
+stage shape (as for the UNet), onnxruntime one model over the plan's stage profiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..core.controlnet_specs import CONTROLNET, UNET_CONTROLLED, ControlSpec, controlnet_requirements
+from ..core.loading import ModelBundle
+from ..core.plan import StagePlan
+from ..core.specs import Requirement, profile_sizes
+from .backend import get_backend
+from .build import BuildReport, BuildRequest, check_request
+from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
+from .fingerprint import module_fingerprint, network_fingerprint
+from .onnxruntime_backend import OrtRunner
+from .load import CoverageError, _covers, _span, build_command
+from .runners import Runner, ShapeDispatch, infer_axes
+
+CONTROL_BACKENDS = ("aoti", "onnxruntime")
+"""Backends that build ControlNet engines."""
+
+CONTROL_SELECTORS = frozenset(f"{n}{v}" for n in (CONTROLNET, UNET_CONTROLLED) for v in ("", "-standard", "-dilated"))
+"""What `mf-build-engines --networks` takes for these networks: a network, or one variant of it."""
+
+
+def selected(spec, networks: Sequence[str]) -> bool:
+    """Whether `networks` (CONTROL_SELECTORS; empty: all) selects `spec`."""
+    return not networks or spec.network in networks or f"{spec.network}-{spec.variant}" in networks
+
+
+def check_control_request(req: BuildRequest) -> None:
+    """ValueError naming an option the ControlNet engines do not take."""
+    if req.backend not in CONTROL_BACKENDS:
+        raise ValueError(f"--controlnet engines are built for {' and '.join(CONTROL_BACKENDS)}, not {req.backend}")
+    if req.dynamic:
+        raise ValueError("--controlnet engines are static per stage shape; leave out --dynamic")
+
+
+def _jobs(bundle: ModelBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module], precision: str,
+          dilation: int, unet_fp: str | None = None) -> list[tuple[torch.nn.Module, str, Requirement]]:
+    """(module, weights fingerprint, requirement) per network: each ControlNet's, then the controlled UNet's
+    (`unet_fp`: the UNet's fingerprint where the caller has it)."""
+    fam, out = bundle.family, []
+    unet_fp = unet_fp or network_fingerprint(bundle, "unet")  # the key the plain UNet engines get
+    for i, cn in enumerate(controlnets):
+        fp = module_fingerprint(cn)
+        for r in controlnet_requirements(fam, plan, cn.config, precision, dilation):
+            if r.spec.network == CONTROLNET:
+                out.append((cn, fp, r))
+            elif i == 0:
+                out.append((bundle.unet, unet_fp, r))
+    return out
+
+
+def control_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
+                fingerprint: str, ort_optimize: str = "none") -> EngineKey:
+    s = r.spec
+    return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision, r.profiles,
+                     backend, version, device, ort_optimize)
+
+
+def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn.Module], req: BuildRequest,
+                             networks: Sequence[str] = (),
+                             log: Callable[[str], None] = lambda msg: None) -> BuildReport:
+    """Builds the ControlNet and controlled-UNet engines of `req.plan` into `req.output` (entries present and valid
+    are skipped); `networks` (CONTROL_SELECTORS) builds only those, so several processes may share the work. Runs
+    before `build_engines` where that one releases the bundle's weights."""
+    check_control_request(req)
+    backend = check_request(req)
+    cache = EngineCache(req.output)
+    cache.entries()  # a corrupt manifest stops the build before any work
+    version, device = backend.version(), device_name(req.device)
+    fam = bundle.family
+    jobs = [(m, fp, one) for m, fp, r in _jobs(bundle, req.plan, controlnets, req.precision, req.dilation)
+            if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]
+    report = BuildReport()
+    for n, (module, fp, r) in enumerate(jobs, 1):
+        key = control_key(bundle, r, backend.name, version, device, fp, req.ort_optimize)
+        sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, fam.vae_scale))
+        tag = f"[controlnet {n}/{len(jobs)}] {r.spec.name} ({sizes}, weights {fp[:12]})"
+        entry = None if req.force else cache.lookup(key)
+        if entry is not None:
+            report.skipped.append(entry)
+            log(f"{tag}: up to date, skipped")
+            continue
+        log(f"{tag}: building for {backend.name} {version} on {device} ...")
+        t0 = time.perf_counter()
+        with cache.staging(key) as tmp:
+            res = _export(module, bundle, r, backend.name, req.device, tmp, req.ort_optimize)
+            entry = cache.commit(key, tmp)
+        report.built.append((entry, time.perf_counter() - t0))
+        report.exports[entry.digest] = res
+        log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
+    return report
+
+
+def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path,
+            ort_optimize: str = "none"):
+    from ..export.controlnet_export import export_control_aoti, export_control_onnx
+
+    if backend == "aoti":
+        from ..core.specs import UNET
+        from .aoti_backend import cudnn_first, prepare_for_export
+
+        ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
+        # As the UNet's packages are made (fused QKV, attention kernel, channels_last): the ControlNet's encoder
+        # and mid block are the UNet's, so they take the same preparation.
+        return export_control_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2",
+                                   device=device, kernel_context=ctx, prepare=lambda m: prepare_for_export(m, UNET))
+    if ort_optimize == "none":
+        return export_control_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
+    return _export_fused(module, bundle, r.spec, device, staging, ort_optimize)
+
+
+def _export_fused(module, bundle: ModelBundle, spec: ControlSpec, device: str, staging: Path, target: str):
+    """As engine/onnx_build.export_model fuses the UNet: exported at fp32 beside the entry, fused (then made fp16
+    if the spec is) into the entry's model.onnx; the plain export is gone before the commit."""
+    import tempfile
+
+    from ..core.controlnet_specs import controlled_unet_spec, controlnet_spec
+    from ..export.controlnet_export import export_control_onnx
+    from ..export.onnx_export import ExportResult
+    from ..export.ort_optimize import SOURCE_PRECISION, optimize_onnx
+
+    fam = bundle.family
+    source = (controlnet_spec(fam, module.config, SOURCE_PRECISION, spec.dilation) if spec.network == CONTROLNET
+              else controlled_unet_spec(fam, SOURCE_PRECISION, spec.dilation))
+    with tempfile.TemporaryDirectory(dir=staging, prefix=".plain-") as plain:
+        res = export_control_onnx(module, fam, source, Path(plain) / "model.onnx", device=device)
+        opt = optimize_onnx(res.files[0], staging / "model.onnx", spec, target)
+    return ExportResult(opt.files, res.seconds + opt.seconds, sum(f.stat().st_size for f in opt.files))
+
+
+def controlnet_build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,
+                             engine_dir: Path, device: str, paths: Sequence[str]) -> str:
+    """`build_command` with the ControlNets: what builds every engine a controlled run needs."""
+    cmd = build_command(bundle, plan, backend, precision, dilation, engine_dir, device)
+    return cmd + "".join(f" --controlnet {shlex.quote(str(p))}" for p in paths)
+
+
+class ControlOrtRunner(OrtRunner):
+    """An OrtRunner whose output buffers (on CUDA) take the residual axes from the latent sides."""
+
+    def _output_buffers(self, inputs):
+        axes = infer_axes(self.spec, inputs, self.vae_scale)
+        axes = {**self.spec.axes(axes["batch"], axes["height"], axes["width"], self.vae_scale), **axes}
+        return {t.name: torch.empty(t.concrete(axes), dtype=t.torch_dtype, device=self.device)
+                for t in self.spec.outputs}
+
+
+def _open_entry(engine_dir: Path, e: Entry, spec: ControlSpec, vae_scale: int, device: torch.device) -> Runner:
+    path = engine_dir / e.files[0].path
+    if e.key.backend == "aoti":
+        from .aoti_backend import AotiRunner
+
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as AotiBackend.open does for the UNet's packages
+        return AotiRunner(path, spec, e.key.profiles[0], e.key.model, device)
+    return ControlOrtRunner(path, spec, vae_scale, device)
+
+
+def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,
+                            controlnets: Sequence[torch.nn.Module], paths: Sequence[str], backend: str,
+                            precision: str, dilation: int = 2, device: torch.device | str = "cpu",
+                            unet_fingerprint: str | None = None) -> tuple[dict[int, list[Runner]], dict[int, Runner]]:
+    """({dilation: one runner per ControlNet, in order}, {dilation: controlled-UNet runner}) from `engine_dir`, for
+    the backend and precision the plan's other engines were opened with. A network or stage shape without a valid
+    entry is refused with the command that builds it (`paths`: the ControlNets' folders, for that command).
+    `unet_fingerprint`: the UNet's, as `open_engines` hashed it (saves hashing it again)."""
+    engine_dir, device = Path(engine_dir), torch.device(device)
+    if backend not in CONTROL_BACKENDS:
+        raise CoverageError(f"--controlnet runs on {' or '.join(CONTROL_BACKENDS)} engines; the engines in "
+                            f"{engine_dir} are {backend}")
+    cache = EngineCache(engine_dir)
+    entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend]
+    installed, here = get_backend(backend).version(), device_name(device)
+    cmd = controlnet_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, paths)
+    nets: dict[int, list[Runner]] = {}
+    unets: dict[int, Runner] = {}
+    where = {id(cn): i for i, cn in enumerate(controlnets)}
+    for module, fp, r in _jobs(bundle, plan, controlnets, precision, dilation, unet_fingerprint):
+        s = r.spec
+        same = [e for e in entries if (e.key.network, e.key.dilation, e.key.precision, e.key.weights)
+                == (s.network, s.dilation, s.precision, fp)]
+        what = f"{s.network} ({s.variant}, {s.precision})"
+        if s.network == CONTROLNET:
+            what += f" of --controlnet {paths[where[id(module)]]}"
+        picked: list[Entry] = []
+        for p in r.profiles:
+            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+            if not fits:
+                st = plan.stages[p.stage]
+                raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
+                                    f"build them with: {cmd}")
+            valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
+            if not valid:
+                e = fits[0]
+                why = (f"{backend} {e.key.backend_version} (installed: {installed})"
+                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
+                raise StaleEngineError(f"engine {what} in {engine_dir} was built for {why}; rebuild with: {cmd}")
+            if valid[0] not in picked:
+                cache.verify(valid[0])
+                picked.append(valid[0])
+        runners = [_open_entry(engine_dir, e, s, bundle.family.vae_scale, device) for e in picked]
+        runner = runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
+                                                                           for e, x in zip(picked, runners)))
+        if s.network == CONTROLNET:
+            nets.setdefault(s.dilation, []).append(runner)
+        else:
+            unets[s.dilation] = runner
+    return nets, unets
