@@ -94,8 +94,11 @@ def controlled_networks(nets, bundle, plan, controls: list[tuple], engines: str 
     the UNet, or engines missing for it, end in one line (with the command that builds them)."""
     from ..runtime.controlnet import Control, ControlInputError, ControlledNetworks, load_controlnet
 
-    # With --engines the ControlNets load as the bundle is (fp32 on the CPU): what mf-build-engines hashed.
-    where, dtype = (bundle.unet.device, bundle.unet.dtype) if engines else (device, nets.unet_dtype)
+    import torch
+
+    # With --engines the ControlNets load as mf-build-engines hashed them, fp32 on the CPU (the bundle's UNet may
+    # have been built without weights: engines run it).
+    where, dtype = (torch.device("cpu"), torch.float32) if engines else (device, nets.unet_dtype)
     try:
         modules = [load_controlnet(c[0], bundle.unet, where, dtype) for c in controls]
     except ControlInputError as e:
@@ -103,8 +106,6 @@ def controlled_networks(nets, bundle, plan, controls: list[tuple], engines: str 
     made = [Control(m, image, scale, start, end) for m, (_, image, scale, start, end) in zip(modules, controls)]
     if not engines:
         return ControlledNetworks(nets, made, device)
-    import torch
-
     from ..engine.cache import EngineError
     from ..engine.controlnet_engines import open_controlnet_runners
     from ..runtime.controlnet import EngineControlledNetworks
