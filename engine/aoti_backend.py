@@ -85,6 +85,21 @@ class AotiRunner:
         return {t.name: y for t, y in zip(self.spec.outputs, outs)}
 
 
+class StaticPackage:
+    """One static package with no profile of its own (the transformer and IF engines): `ShapeDispatch` around it
+    picks it by shape. Named inputs in spec order, outputs by the spec's names."""
+
+    def __init__(self, path: str | os.PathLike, spec: NetworkSpec, device: torch.device):
+        self.spec = spec
+        self.model = load_package(path, device)
+        self.capturable = True  # loaded single-threaded: see load_package
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(*(inputs[t.name] for t in self.spec.inputs))
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return {t.name: y for t, y in zip(self.spec.outputs, outs)}
+
+
 def prepare_for_export(module: torch.nn.Module, network: str) -> None:
     """The module as the compiled path runs it (engine/torch_fast.prepare_module: fused QKV, attention kernel,
     channels_last), in place and once; same function, other kernels. Text encoders are left as they are."""

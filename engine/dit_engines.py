@@ -22,6 +22,7 @@ from ..core.dit_loading import DiTBundle
 from ..core.dit_specs import TRANSFORMER
 from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile
+from .aoti_backend import StaticPackage
 from .backend import get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .flow_networks import FlowTorchNetworks
@@ -103,21 +104,6 @@ def build_dit_engines(bundle: DiTBundle, plan: StagePlan, precision: str, output
     return built
 
 
-class _StaticAoti:
-    """One static transformer package (aoti_backend.load_package); ShapeDispatch around it checks the shape."""
-
-    def __init__(self, path: Path, spec: NetworkSpec, device: torch.device):
-        from .aoti_backend import load_package
-
-        self.spec = spec
-        self.model = load_package(path, device)
-        self.capturable = True  # loaded single-threaded (see aoti_backend.load_package)
-
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.model(*(inputs[t.name] for t in self.spec.inputs))
-        return {self.spec.outputs[0].name: out if isinstance(out, torch.Tensor) else out[0]}
-
-
 class EngineTransformer:
     """Stands in for the transformer module in `FlowTorchNetworks.transformer_fn`: takes the module's keyword
     arguments, runs the package serving their shapes. FLUX's rotary tables come from the model's own `pos_embed`
@@ -190,7 +176,7 @@ def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> Engin
             raise EngineError(f"{e.key.describe()} in {folder} was built by aoti {e.key.backend_version}, this is "
                               f"{version}; rebuild: {hint}")
         cache.verify(e)
-        engines.append((e.key.profiles, _StaticAoti(cache.root / e.files[0].path, spec, device)))
+        engines.append((e.key.profiles, StaticPackage(cache.root / e.files[0].path, spec, device)))
     return EngineTransformer(ShapeDispatch(tuple(engines)), fam.kind,
                              bundle.transformer.pos_embed if fam.kind == "flux" else None)
 

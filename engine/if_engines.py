@@ -21,6 +21,7 @@ from ..core.if_family import IFFamily
 from ..core.if_loading import IFBundle
 from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile
+from .aoti_backend import StaticPackage
 from .backend import get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .if_networks import IFEngineNetworks
@@ -129,21 +130,6 @@ def _build_one(bundle: IFBundle, r: IFRequirement, backend: str, staging: Path, 
                           kernel_context=ctx)
 
 
-class _StaticAoti:
-    """One static IF package (aoti_backend.load_package); the shape is checked by ShapeDispatch around it."""
-
-    def __init__(self, path: Path, spec: NetworkSpec, device: torch.device):
-        from .aoti_backend import load_package
-
-        self.spec = spec
-        self.model = load_package(path, device)
-        self.capturable = True  # loaded single-threaded (see aoti_backend.load_package)
-
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.model(*(inputs[t.name] for t in self.spec.inputs))
-        return {self.spec.outputs[0].name: out if isinstance(out, torch.Tensor) else out[0]}
-
-
 def open_if_engines(folder, bundle: IFBundle, device, precision: str | None = None,
                     backend: str | None = None) -> IFEngineNetworks:
     """The IF UNet engines in `folder` built from this bundle's weights for this device, verified, as
@@ -181,7 +167,7 @@ def open_if_engines(folder, bundle: IFBundle, device, precision: str | None = No
 
             runner = OrtRunner(path, spec, 1, device)
         else:
-            runner = _StaticAoti(path, spec, device)
+            runner = StaticPackage(path, spec, device)
         runners.setdefault((e.key.network, e.key.dilation), []).append((e.key.profiles, runner))
     # An ONNX engine's sides are dynamic: any one serves every shape; static packages are chosen by shape.
     one = {k: v[0][1] if chosen == "onnxruntime" else ShapeDispatch(tuple(v)) for k, v in runners.items()}
