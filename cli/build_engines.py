@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine.backend import BackendUnavailable, backend_names, get_backend
-from .common import ArgumentParser, UsageError, add_model_arguments, run_main
+from ..engine.backend import backend_names, get_backend
+from .common import ArgumentParser, UsageError, add_model_arguments, check_backend, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -60,13 +60,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--guidance", help="SD3/FLUX only: the --guidance mf-generate will run with; SD3 packages take "
                    "the CFG batch of 2 when it is above 1 (default: the family's); bf16 precision is for these only")
     return p
-
-
-def _check_backend(backend: str, device: str) -> None:
-    try:
-        get_backend(backend).check_available(device)
-    except BackendUnavailable as e:
-        raise UsageError(f"--backend {backend}: {e}") from None
 
 
 def ort_optimize_level(asked: str | None, backend: str, device: str) -> str:
@@ -136,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_args(family, args.size, args.stages)
     out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
-    _check_backend(args.backend, device)
+    check_backend(args.backend, device)
     ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
     if args.dynamic:
         try:

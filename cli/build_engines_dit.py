@@ -13,10 +13,9 @@ from .common import UsageError
 
 def run_dit_build(args: argparse.Namespace, family) -> int:
     """Checks every flag before loading anything, then builds."""
-    from ..engine.backend import BackendUnavailable, get_backend
     from ..engine.dit_engines import DIT_BACKENDS, build_dit_engines
-    from .common import (DTYPES, output_folder_from_args, parse_guidance, plan_from_args, resolve_device,
-                         weights_seed_from_args)
+    from .common import (DTYPES, check_backend, output_folder_from_args, parse_guidance, plan_from_args,
+                         resolve_device, weights_seed_from_args)
 
     name = family.name
     for flag, value in (("--vae-precision", args.vae_precision), ("--ort-optimize", args.ort_optimize),
@@ -37,10 +36,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     plan = plan_from_args(family, args.size, args.stages)
     out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
-    try:
-        get_backend(args.backend).check_available(device)
-    except BackendUnavailable as e:
-        raise UsageError(f"--backend {args.backend}: {e}") from None
+    check_backend(args.backend, device)
     print(f"plan: {plan.describe()}; transformer batch {batch}")
 
     from ..core.loading import load_model

@@ -14,9 +14,8 @@ from .common import UsageError
 def run_if_build(args: argparse.Namespace) -> int:
     """Checks every flag before loading anything, then builds."""
     from ..core.if_family import get_if_family
-    from ..engine.backend import BackendUnavailable
     from ..engine.if_engines import IF_BACKENDS, build_if_engines
-    from .common import dilation_from_args, output_folder_from_args, resolve_device
+    from .common import check_backend, dilation_from_args, output_folder_from_args, resolve_device
     from .generate_if import _if_plan, if_weights_seed
 
     family = get_if_family(args.model)
@@ -38,12 +37,7 @@ def run_if_build(args: argparse.Namespace) -> int:
         plans[2] = _if_plan(family, 2, args.stages_2, "--stages-2")
     out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
-    from ..engine.backend import get_backend
-
-    try:
-        get_backend(args.backend).check_available(device)
-    except BackendUnavailable as e:
-        raise UsageError(f"--backend {args.backend}: {e}") from None
+    check_backend(args.backend, device)
     for cascade, plan in plans.items():
         print(f"plan stage {'I' * cascade}: {plan.describe()}")
 

@@ -298,6 +298,16 @@ def cap_device_memory(max_memory_gib: float, device) -> float:
     return fraction
 
 
+def check_backend(backend: str, device: str) -> None:
+    """`--backend` available on this device (its package installed, the device one it runs on), else one line."""
+    from ..engine.backend import BackendUnavailable, get_backend
+
+    try:
+        get_backend(backend).check_available(device)
+    except BackendUnavailable as e:
+        raise UsageError(f"--backend {backend}: {e}") from None
+
+
 def finish_generation(result, out, segments_printed: bool) -> None:
     """What mf-generate prints after a generation (segment times unless the progress bar printed them, the total,
     the peak) and the PNG, written under a temporary name and renamed: never a half-written file at `out`."""
