@@ -29,11 +29,7 @@ lab() {  # lab MODEL MODES [more args]: one report folder per model and modes, s
   echo "python3 benchmarks/lab/dit_speed.py --model $1 --modes $2 --device cuda --dtype bf16 --output $RES/report/$1-${2//,/-} ${*:3}"
 }
 
-pack() {
-  cp $JOBS/dit-*.log $RES/ 2>/dev/null
-  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader > $RES/gpu.txt
-  tar czf "$OUT/dit-$1.tar.gz" -C $RES .
-}
+pack() { pack_jobs $RES "$OUT/dit-$1.tar.gz"; }
 
 model() {
   case "$1" in sd3|flux) ;; *) echo "give the model: sd3 or flux, got '$1'"; exit 2 ;; esac
