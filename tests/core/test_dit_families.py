@@ -98,11 +98,14 @@ def test_tools_that_take_unet_families_only_refuse_in_one_line(tmp_path, capsys)
     from megafusion.cli.tokens import main as tokens
     from megafusion.serve.config import ConfigError, ServeConfig, check_config
 
-    for main, argv in ((bench, ["--cost-only", "--output", str(tmp_path / "b")]),
-                       (build, ["--output", str(tmp_path / "e")]), (tokens, ["--prompt", "x"])):
+    for main, argv in ((bench, ["--cost-only", "--output", str(tmp_path / "b")]), (tokens, ["--prompt", "x"])):
         assert main(["--model", "tiny-sd3", *argv]) == 2
         err = capsys.readouterr().err
         assert "does not take tiny-sd3 yet" in err and len(err.strip().splitlines()) == 1
+    # mf-build-engines takes the transformer families, with aoti only (engine/dit_engines.py)
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--output", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny-sd3 engines are built by aoti" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="mf-serve does not take tiny-flux"):
         check_config(ServeConfig(model="tiny-flux"))
 
