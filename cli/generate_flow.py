@@ -19,6 +19,12 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
+    conditions = (("--image", args.image), ("--lora", args.lora), ("--controlnet", args.controlnet),
+                  ("--ip-adapter", args.ip_adapter), ("--precision", args.precision if args.precision == "fp8" else None))
+    for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
+        if value:
+            raise UsageError(f"{flag}: not available for {name} yet (image to image, LoRA, ControlNet, IP-Adapter "
+                             "and fp8 run for the UNet families; the transformer families take text only)")
     for flag, value in (("--inductor", args.inductor),
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:

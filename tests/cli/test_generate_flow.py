@@ -77,3 +77,16 @@ def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no tiny-flux transformer package for the 192x192 stage" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("flags,flag", [(["--image", "photo.png"], "--image"), (["--lora", "a.safetensors"], "--lora"),
+                                        (["--controlnet", "cn"], "--controlnet"),
+                                        (["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
+                                        (["--precision", "fp8"], "--precision")])
+def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
+    """A flag the flow loop would ignore is refused before the model load (no silently wrong image)."""
+    from megafusion.cli.generate import main
+
+    assert main(["--model", "tiny-sd3", "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mf-generate: error: " + flag), err
