@@ -1,8 +1,9 @@
-"""`mf-build-engines --model sd3|flux|tiny-sd3|tiny-flux --backend aoti`: the transformer packages of a stage plan
-(engine/dit_engines.py), for `mf-generate --model sd3|flux --engines DIR`.
+"""`mf-build-engines --model sd3|flux|tiny-sd3|tiny-flux --backend aoti|onnxruntime`: the transformer engines of a
+stage plan (engine/dit_engines.py, engine/dit_onnx_engines.py), for `mf-generate --model sd3|flux --engines DIR`.
 
-One static AOTInductor package per stage shape, at the transformer batch the generation will run: SD3's CFG
-batch of 2 unless `--guidance` is at most 1, FLUX's one pass. Text encoders and VAE run from the torch modules.
+aoti: one static AOTInductor package per stage shape; onnxruntime: one dynamic ONNX engine whose profile covers the
+plan's range of sides. Both at the transformer batch the generation will run: SD3's CFG batch of 2 unless
+`--guidance` is at most 1, FLUX's one pass. Text encoders and VAE run from the torch modules.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .common import UsageError
 
 def run_dit_build(args: argparse.Namespace, family) -> int:
     """Checks every flag before loading anything, then builds."""
-    from ..engine.dit_engines import DIT_BACKENDS, build_dit_engines
+    from ..engine.backend import get_backend
+    from ..engine.dit_engines import dit_engine_kinds
     from .common import (DTYPES, check_backend, output_folder_from_args, parse_guidance, plan_from_args,
                          resolve_device, weights_seed_from_args)
 
@@ -25,11 +27,16 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
             raise UsageError(f"{flag} does not apply to {name} (transformer packages only)")
     if args.dynamic or args.jobs != 1 or args.no_dilation or args.lora:
         raise UsageError(f"--dynamic, --jobs, --no-dilation and --lora do not apply to {name}")
-    if args.backend not in DIT_BACKENDS:
-        raise UsageError(f"--backend {args.backend}: {name} engines are built by {' or '.join(DIT_BACKENDS)} "
+    kinds = dit_engine_kinds()
+    if args.backend not in kinds:
+        raise UsageError(f"--backend {args.backend}: {name} engines are built by {' or '.join(kinds)} "
                          "(mf-generate --mode graphs|compiled runs the torch modules)")
     if args.precision not in DTYPES:
         raise UsageError(f"--precision {args.precision}: {name} packages are {', '.join(DTYPES)}")
+    backend = get_backend(args.backend)
+    if args.precision not in backend.precisions:  # declared by the backend (ONNX Runtime: no bf16 kernels)
+        raise UsageError(f"--precision {args.precision}: {backend.name} builds {name} engines in "
+                         f"{', '.join(backend.precisions)}")
     weights_seed = weights_seed_from_args("mf-build-engines", family, args, takes_dit=True)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     batch = 2 if family.cfg and guidance > 1.0 else 1
@@ -45,7 +52,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     # where they live, and the weights fingerprint hashes them as loaded).
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device,
                         DTYPES[args.precision], seed=weights_seed)
-    built = build_dit_engines(bundle, plan, args.precision, out, batch, device, args.force,
-                              log=lambda msg: print(msg, flush=True))
+    built = kinds[args.backend].build(bundle, plan, args.precision, out, batch, device, args.force,
+                                      log=lambda msg: print(msg, flush=True))
     print(f"{built} built; manifest {out / 'manifest.json'}")
     return 0

@@ -35,7 +35,7 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
 
         if not Path(args.engines).is_dir():
             raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --model "
-                             f"{name} --backend aoti --output DIR")
+                             f"{name} --backend aoti|onnxruntime --output DIR")
         if args.mode == "compiled":
             raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
 
@@ -65,15 +65,27 @@ def run_flow(args: argparse.Namespace, family) -> int:
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.engines:  # every stage shape has a package, before the model load
+    kind = None
+    if args.engines:  # the folder serves every stage shape, before the model load
+        from ..engine.backend import get_backend
         from ..engine.cache import EngineError
-        from ..engine.dit_engines import check_dit_engines
+        from ..engine.dit_engines import choose_dit_engines
 
         try:
-            check_dit_engines(args.engines, family, plan, device, next(k for k, v in DTYPES.items() if v == dtype),
-                              2 if family.cfg and guidance > 1.0 else 1)
+            kind, why = choose_dit_engines(args.engines, family, plan, device,
+                                           next(k for k, v in DTYPES.items() if v == dtype),
+                                           2 if family.cfg and guidance > 1.0 else 1, mode == "graphs")
         except EngineError as e:
             raise UsageError(str(e)) from None
+        if why:
+            print(why)
+        note = get_backend(kind.backend).capture_note  # declared by the backend, never assumed
+        if mode == "graphs" and note:
+            why = f"{kind.backend} engines cannot run inside the runtime's CUDA graphs: {note}"
+            if args.mode:
+                raise UsageError(f"--mode {mode}: {why}; use --mode eager")
+            print(f"{why}; running the stages eagerly")
+            mode = "eager"
     if args.dry_run:
         print(f"plan: {plan.describe()}")
         from ..benchmarks.dit_flops import DiTCostCounter, dit_plan_cost
@@ -88,16 +100,15 @@ def run_flow(args: argparse.Namespace, family) -> int:
     from ..engine.flow_networks import FlowTorchNetworks
 
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
-    if args.engines:
+    if kind is not None:
         from ..engine.cache import EngineError
-        from ..engine.dit_engines import engine_networks
 
         precision = next(k for k, v in DTYPES.items() if v == dtype)
-        try:  # the packages' precision is the model's dtype (they were built from it, as loaded here)
-            nets = engine_networks(bundle, args.engines, device, precision, vae_dtype)
+        try:  # the engines' precision is the model's dtype (they were built from it, as loaded here)
+            nets = kind.networks(bundle, args.engines, device, precision, vae_dtype)
         except EngineError as e:
             raise UsageError(str(e)) from None
-        print(f"transformer from the aoti packages in {args.engines} ({precision})")
+        print(f"transformer from the {kind.backend} {kind.what} in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
     pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)

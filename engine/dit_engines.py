@@ -28,8 +28,8 @@ from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fin
 from .flow_networks import FlowTorchNetworks
 from .runners import ShapeDispatch
 
-DIT_BACKENDS = ("aoti",)
-"""Backends that build transformer engines."""
+DIT_BACKENDS = ("aoti", "onnxruntime")
+"""Backends that build transformer engines (`dit_engine_kinds` says how each does)."""
 
 Log = Callable[[str], None]
 
@@ -189,3 +189,73 @@ def engine_networks(bundle: DiTBundle, folder, device, precision: str,
     nets.transformer_fn = engine
     nets.capturable = engine.capturable
     return nets
+
+
+@dataclass(frozen=True)
+class DiTEngineKind:
+    """How one registered backend builds, checks and opens transformer engines: aoti's static packages per stage
+    shape (above), ONNX Runtime's one dynamic engine over the plan's range (engine/dit_onnx_engines.py)."""
+
+    backend: str
+    """The backend's registry name (`get_backend` gives its version, availability, capture note, preference)."""
+    build: Callable[..., int]
+    """(bundle, plan, precision, output, batch, device, force, log) -> engines built."""
+    check: Callable[..., None]
+    """(folder, family, plan, device, precision, batch): EngineError unless the folder serves the plan."""
+    networks: Callable[..., FlowTorchNetworks]
+    """(bundle, folder, device, precision, vae_dtype) -> the networks with the transformer from the folder."""
+    what: str
+    """What its engines are, for messages."""
+
+
+def dit_engine_kinds() -> dict[str, DiTEngineKind]:
+    """Every backend that builds transformer engines, by registry name (DIT_BACKENDS, in that order)."""
+    from . import dit_onnx_engines as ort
+
+    kinds = (DiTEngineKind("aoti", build_dit_engines, check_dit_engines, engine_networks, "packages"),
+             DiTEngineKind(ort.BACKEND_NAME, ort.build_dit_onnx_engine, ort.check_dit_onnx_engine,
+                           ort.onnx_engine_networks, "engine"))
+    return {k.backend: k for k in kinds}
+
+
+def choose_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int,
+                       graphs: bool) -> tuple[DiTEngineKind, str]:
+    """Before any model load: the kind of transformer engines in `folder` to run `plan` from, and a note saying why
+    it was chosen when several serve the plan ('' otherwise). Among those that serve it: in graphs mode, one whose
+    backend's runners can be captured (`capture_note` ''), then the backends' `preference` on this device.
+    EngineError naming what the folder holds and the build command when none serves it."""
+    device = torch.device(device)
+    kinds = dit_engine_kinds()
+    entries = EngineCache(folder).entries().values()
+    mine = [e for e in entries if e.key.model == family.name and e.key.network == TRANSFORMER
+            and e.key.device == device_name(device) and e.key.precision == precision]
+    present = sorted({e.key.backend for e in mine if e.key.backend in kinds}, key=lambda n: _rank(n, device, graphs))
+    if not present:
+        held = ", ".join(sorted({f"{e.key.model} {e.key.network} {e.key.precision} {e.key.backend} for "
+                                 f"{e.key.device}" for e in entries}))
+        raise EngineError(f"{folder} holds no {family.name} transformer engines for {device_name(device)} in "
+                          f"{precision}{f' (it holds {held})' if held else ''}; build them with "
+                          f"mf-build-engines --model {family.name} --backend {'|'.join(kinds)} --precision "
+                          f"{precision} --device {device.type} --output {folder}")
+    serving, first_error = [], None
+    for name in present:
+        try:
+            kinds[name].check(folder, family, plan, device, precision, batch)
+            serving.append(name)
+        except EngineError as e:
+            first_error = first_error or e
+    if not serving:
+        raise first_error
+    chosen = kinds[serving[0]]
+    if len(serving) == 1:
+        return chosen, ""
+    b = get_backend(chosen.backend)
+    why = ("its engines run inside the CUDA graphs of this mode" if graphs and not b.capture_note
+           else f"{chosen.backend} is preferred on {device.type}")
+    return chosen, (f"{folder} holds {' and '.join(serving)} transformer engines for this plan; running "
+                    f"{chosen.backend}: {why}")
+
+
+def _rank(backend: str, device: torch.device, graphs: bool) -> tuple[bool, int]:
+    b = get_backend(backend)
+    return graphs and bool(b.capture_note), b.preference.get(device.type, 9)

@@ -46,7 +46,9 @@ def test_dry_run_prints_plan_and_cost(capsys):
 def test_build_engines_refusals_are_one_line(tmp_path, capsys):
     from megafusion.cli.build_engines import main as build
 
-    for argv, message in ((["--model", "tiny-sd3", "--backend", "onnxruntime"], "built by aoti"),
+    for argv, message in ((["--model", "tiny-sd3", "--backend", "tensorrt"], "built by aoti or onnxruntime"),
+                          (["--model", "tiny-sd3", "--backend", "onnxruntime", "--precision", "bf16"],
+                           "--precision bf16: onnxruntime builds tiny-sd3 engines in fp32, fp16"),
                           (["--model", "tiny-flux", "--backend", "aoti", "--precision", "fp8"], "--precision fp8"),
                           (["--model", "tiny-sd15", "--precision", "bf16"], "--precision bf16 applies to the "
                                                                             "transformer families")):
@@ -90,3 +92,30 @@ def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
     assert main(["--model", "tiny-sd3", "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mf-generate: error: " + flag), err
+
+
+def test_onnxruntime_engine_built_then_used_by_mf_generate(tmp_path, capsys):
+    """mf-build-engines --backend onnxruntime, then mf-generate --engines: the torch run's image (fp32 CPU, within one
+    level), and a plan outside the engine's range refused before the model load, naming the range and the command."""
+    from megafusion.cli.build_engines import main as build
+
+    stages = "128x128:2,160x192:1"
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--stages", stages, "--device", "cpu",
+                  "--output", str(tmp_path / "e")]) == 0
+    text = capsys.readouterr().out
+    assert "1 built" in text and "(128x128 to 192x192 at batch 1 to 2): done in" in text
+    common = ["--model", "tiny-sd3", "--prompt", "a red fox", "--stages", stages, "--no-progress", "--device", "cpu"]
+    assert main([*common, "--engines", str(tmp_path / "e"), "--output", str(tmp_path / "e.png")]) == 0
+    assert "transformer from the onnxruntime engine" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "t.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "e.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.int16)
+    assert a.shape == (192, 160, 3) and np.abs(a - b).max() <= 1  # uint8 rounding of a 1e-5 latent difference
+    for plan, message in (("128x128:2,256x256:1", "serves 128x128 to 192x192 at batch 1 to 2, not this plan"),
+                          (stages, "holds no tiny-flux transformer engines")):
+        model = "tiny-flux" if "tiny-flux" in message else "tiny-sd3"
+        rc = main(["--model", model, *common[2:5], plan, *common[6:], "--engines", str(tmp_path / "e"),
+                   "--output", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "mf-build-engines --model " + model in err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()

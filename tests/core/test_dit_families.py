@@ -102,10 +102,10 @@ def test_tools_that_take_unet_families_only_refuse_in_one_line(tmp_path, capsys)
         assert main(["--model", "tiny-sd3", *argv]) == 2
         err = capsys.readouterr().err
         assert "does not take tiny-sd3 yet" in err and len(err.strip().splitlines()) == 1
-    # mf-build-engines takes the transformer families, with aoti only (engine/dit_engines.py)
-    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--output", str(tmp_path / "e")]) == 2
+    # mf-build-engines takes the transformer families, with aoti and onnxruntime only (engine/dit_engines.py)
+    assert build(["--model", "tiny-sd3", "--backend", "tensorrt", "--output", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert "tiny-sd3 engines are built by aoti" in err and len(err.strip().splitlines()) == 1
+    assert "tiny-sd3 engines are built by aoti or onnxruntime" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ConfigError, match="mf-serve does not take tiny-flux"):
         check_config(ServeConfig(model="tiny-flux"))
 
