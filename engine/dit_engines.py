@@ -3,8 +3,9 @@ built and opened for the flow pipeline (runtime/flow_pipeline.py), as engine/if_
 
 Keys are the latent families' `EngineKey`s with the network `transformer` and `export/dit_aoti.dit_spec`'s
 inputs in the profiles: one static package per precision and stage shape (transformer batch and latent size).
-The backend comes from the registry (name, version, availability); only `aoti` builds transformer engines (the
-torch path is the pipeline's own modes; the ONNX exports run through engine/flow_onnxruntime.py).
+The backend comes from the registry (name, version, availability); `aoti` builds these, `onnxruntime` one dynamic
+engine per plan range (engine/dit_onnx_engines.py); `dit_engine_kinds` and `choose_dit_engines` (at the end) are
+the table of both and the choice between them (the torch path is the pipeline's own modes).
 An opened folder stands in for the transformer module in `FlowTorchNetworks`, so the stage loop, its graphs
 mode included, runs unchanged on it.
 """

@@ -10,6 +10,13 @@
 #        shape and batch, never measured for these models: 1 to 3 minutes each), after the jobs before it
 #   bash benchmarks/gpu/dit_h200.sh engines M [S]  detached: AOTInductor bf16 packages of both plans' shapes
 #        (mf-build-engines --backend aoti: the 1024 and 2048 shapes, 2 packages; compile time never measured), then the engines rows
+#   bash benchmarks/gpu/dit_h200.sh ort            the ONNX Runtime transformer engines' GPU tests on the CUDA EP (tiny
+#        models, fp32, against torch); needs onnxruntime-gpu: carry its last .ortgpuK part (the earlier ones through
+#        `bash benchmarks/gpu/ort_sdxl.sh part`, one per call), ort_gpu_install.sh installs it; a few minutes
+#   bash benchmarks/gpu/dit_h200.sh ort-engines M [S]  detached, after `ort`: mf-build-engines --backend onnxruntime
+#        (fp16, the 1024 -> 2048 plan: one dynamic engine), then mf-generate from it (eager: ORT sessions are not
+#        captured) and from the torch modules (fp16, graphs), segment times in the logs. Never run: export and
+#        session creation of the 2B (sd3) / 12B (flux) transformer not measured
 #   bash benchmarks/gpu/dit_h200.sh wait [S]       more time for what is still running
 # Results are packed into $OUT/dit-<phase>.tar.gz: dit_speed_<model>_<mode>.json and .md, the job logs.
 if [ "$1" = _after ]; then  # _after NAME: returns once every DiT job started before job NAME has ended
@@ -56,8 +63,22 @@ case "$1" in
       $B --stages 2048x2048:28 && $(lab $2 engines --engines $ENG)"
     wait_detached "${3:-540}"
     pack engines-$2 ;;
+  ort)
+    bash benchmarks/gpu/ort_gpu_install.sh || exit 1  # the CUDA EP, or a message and no tests
+    python3 -m pytest -q -m gpu tests/engine/test_dit_onnx_engines.py 2>&1 | tail -n 20 ;;
+  ort-engines)
+    model "$2"
+    bash benchmarks/gpu/ort_gpu_install.sh || exit 1
+    E=/tmp/mf-dit-ort
+    B="python3 -m megafusion.cli.build_engines --model $2 --random-weights --backend onnxruntime --precision fp16 --device cuda --size 2048x2048 --output $E"
+    G="python3 -m megafusion.cli.generate --model $2 --random-weights --prompt 'a red fox' --size 2048x2048 --dtype fp16 --device cuda --no-progress"
+    detach dit-ort-$2 "bash benchmarks/gpu/dit_h200.sh _after dit-ort-$2 && $B && \
+      $G --engines $E --output $RES/report/ort-$2.png && $G --output $RES/report/torch-$2.png"
+    wait_detached "${3:-540}"
+    pack ort-$2 ;;
   wait)
     wait_detached "${2:-540}"
     pack wait ;;
-  *) echo "usage: bash benchmarks/gpu/dit_h200.sh tests | bench M | compiled M | engines M | wait [S]"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu/dit_h200.sh tests | bench M | compiled M | engines M | ort | ort-engines M | wait [S]"
+     exit 2 ;;
 esac
