@@ -119,3 +119,26 @@ def test_onnxruntime_engine_built_then_used_by_mf_generate(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "mf-build-engines --model " + model in err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.gpu
+def test_onnxruntime_engine_runs_eagerly_in_graphs_mode_on_cuda(tmp_path, capsys):
+    """ORT sessions cannot be captured (the backend's capture_note): the default graphs mode falls back to eager
+    saying why, and an explicit --mode graphs is refused in one line."""
+    import onnxruntime
+
+    from megafusion.cli.build_engines import main as build
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu's CUDA EP is not installed")
+    stages = "128x128:2,160x192:1"
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--stages", stages, "--device", "cuda",
+                  "--output", str(tmp_path / "e")]) == 0
+    common = ["--model", "tiny-sd3", "--prompt", "a red fox", "--stages", stages, "--no-progress", "--device", "cuda",
+              "--dtype", "fp32", "--engines", str(tmp_path / "e")]
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "e.png")]) == 0
+    assert "onnxruntime engines cannot run inside the runtime's CUDA graphs" in capsys.readouterr().out
+    assert main([*common, "--mode", "graphs", "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--mode graphs: onnxruntime engines cannot" in err and len(err.strip().splitlines()) == 1
