@@ -154,8 +154,9 @@ def check_dit_onnx_engine(folder, family: DiTFamily, plan: StagePlan, device, pr
         return
     held = "; ".join(describe_dit_range(family, p) for e in mine for p in e.key.profiles)
     guidance = " --guidance 1" if batch == 1 and family.cfg else ""
+    sizes = ", ".join(f"{s.width}x{s.height}" for s in plan.stages)
     raise EngineError(f"the {family.name} {BACKEND_NAME} transformer engine in {folder} serves {held}, not this "
-                      f"plan ({plan.describe()}) at batch {batch}; {build_hint(family, folder, device, precision)} "
+                      f"plan's stages {sizes} at batch {batch}; {build_hint(family, folder, device, precision)} "
                       f"--stages/--size as this plan{guidance}")
 
 
