@@ -65,7 +65,7 @@ case "$1" in
     pack engines-$2 ;;
   ort)
     bash benchmarks/gpu/ort_gpu_install.sh || exit 1  # the CUDA EP, or a message and no tests
-    python3 -m pytest -q -m gpu tests/engine/test_dit_onnx_engines.py tests/cli/test_generate_flow.py 2>&1 | tail -n 20 ;;
+    python3 -m pytest -q -m gpu tests/engine/test_dit_onnx_engines.py tests/cli/test_generate_flow.py 2>&1 | tail -n 20 | tee "$OUT/dit-ort-tests.txt" ;;
   ort-engines)
     model "$2"
     bash benchmarks/gpu/ort_gpu_install.sh || exit 1
