@@ -154,7 +154,8 @@ def _finish(raw: Path, path: Path, clean: bool, external_threshold: int) -> tupl
     data.unlink(missing_ok=True)
     if weights > external_threshold:
         ir.save(model, path, external_data=data.name)
-    else:
+    else:  # inline: read the exporter's external tensors in first, or the file would point into its temp folder
+        ir.external_data.load_to_model(model)
         ir.save(model, path)
     del model
     if clean:

@@ -142,3 +142,29 @@ def test_external_data(tiny_sd15, tmp_path):
     assert res.files[1].stat().st_size > res.files[0].stat().st_size
     assert not list(tmp_path.glob(".export-*"))  # the raw export's temp folder is gone
     _compare(tiny_sd15, dec, res.files[0], dec.axes(1, 32, 32, 8))
+
+
+def test_inline_save_reads_the_exporters_external_data(tmp_path):
+    """Below the threshold the model is saved inline, even when the raw export kept its weights in a .data file
+    of its temp folder (dynamo exports do): the saved file must open after that folder is gone."""
+    import shutil
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from megafusion.export.onnx_export import PROTOBUF_LIMIT, _finish
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    onnx.save(helper.make_model(graph), raw_dir / "raw.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="raw.onnx.data", size_threshold=0)
+    files = _finish(raw_dir / "raw.onnx", tmp_path / "model.onnx", False, PROTOBUF_LIMIT)
+    shutil.rmtree(raw_dir)
+    assert files == (tmp_path / "model.onnx",)
+    x = np.ones((1, 64), np.float32)
+    (y,) = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-6)
