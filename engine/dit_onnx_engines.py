@@ -108,9 +108,7 @@ def build_dit_onnx_engine(bundle: DiTBundle, plan: StagePlan, precision: str, ou
         if fam.kind == "sd3":
             files = export_sd3_transformer(bundle, tmp / "model.onnx", precision)
         else:
-            # Weights always in model.onnx.data: below the default threshold the dynamo export's model.onnx keeps
-            # pointing at the exporter's own raw.onnx.data, gone with its temp folder (onnx_ir 0.x, torch 2.13).
-            files = export_flux_transformer(bundle, tmp / "model.onnx", precision, external_threshold=0)
+            files = export_flux_transformer(bundle, tmp / "model.onnx", precision)
         OrtRunner(files[0], spec, fam.vae_scale, device, optimization="basic")  # opens: the inputs are the spec's
         entry = cache.commit(key, tmp)
     log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {sum(f.size for f in entry.files) / 2**20:.1f} MiB")
