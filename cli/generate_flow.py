@@ -19,7 +19,7 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
-    conditions = (("--image", args.image), ("--lora", args.lora), ("--controlnet", args.controlnet),
+    conditions = (("--image", args.image), ("--lora", args.lora),
                   ("--ip-adapter", args.ip_adapter), ("--precision", args.precision if args.precision == "fp8" else None))
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:
@@ -30,6 +30,9 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
         if value is not None:
             raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
                              "their transformer from --engines)")
+    if args.engines is not None and args.controlnet:
+        raise UsageError(f"--controlnet with --engines: for {name} the ControlNet runs in torch only (no ControlNet "
+                         "engines for the transformer families yet); leave out --engines")
     if args.engines is not None:
         from pathlib import Path
 
@@ -38,6 +41,35 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
                              f"{name} --backend aoti --output DIR")
         if args.mode == "compiled":
             raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
+
+
+def _controls_from_args(args: argparse.Namespace, family) -> list[tuple]:
+    """cli/conditions.py's checks of --controlnet / --control-* (images read), then each folder's ControlNet class
+    against the family: all before the model load."""
+    from ..runtime.controlnet import ControlInputError
+    from ..runtime.flow_controlnet import check_flow_controlnet_folder
+    from .conditions import controls_from_args
+
+    controls = controls_from_args(args)
+    try:
+        for c in controls:
+            check_flow_controlnet_folder(c[0], family)
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    return controls
+
+
+def _controlled(nets, bundle, controls: list[tuple], device, dtype):
+    """`nets` with the ControlNets on their velocity (torch modules, in the transformer's dtype)."""
+    from ..runtime.controlnet import Control, ControlInputError
+    from ..runtime.flow_controlnet import ControlledFlowNetworks, load_flow_controlnet
+
+    try:
+        made = [Control(load_flow_controlnet(path, bundle.transformer, bundle.family, device, dtype), image, scale,
+                        start, end) for path, image, scale, start, end in controls]
+        return ControlledFlowNetworks(nets, made, device)
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
 
 
 def run_flow(args: argparse.Namespace, family) -> int:
@@ -49,6 +81,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
                          warn_truncated_prompts, weights_seed_from_args)
 
     _refuse_unsupported(args, family)
+    controls = _controls_from_args(args, family)
     weights_seed = weights_seed_from_args("mf-generate", family, args)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
@@ -100,6 +133,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
         print(f"transformer from the aoti packages in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
+    if controls:
+        nets = _controlled(nets, bundle, controls, device, nets.transformer_dtype)
+        print(f"controlnet: {len(controls)} in torch, {', '.join(c[0] for c in controls)}")
     pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)
     print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
     print(f"model {family.name} ({bundle.source}) on {device}, transformer "

@@ -80,7 +80,6 @@ def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,flag", [(["--image", "photo.png"], "--image"), (["--lora", "a.safetensors"], "--lora"),
-                                        (["--controlnet", "cn"], "--controlnet"),
                                         (["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
                                         (["--precision", "fp8"], "--precision")])
 def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
@@ -90,3 +89,50 @@ def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
     assert main(["--model", "tiny-sd3", "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mf-generate: error: " + flag), err
+
+
+def _flow_controlnet(family_name, path):
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_controlnet import save_tiny_flow_controlnet
+
+    return str(save_tiny_flow_controlnet(FAMILIES[family_name], path, seed=1))
+
+
+@pytest.mark.slow
+def test_controlnet_runs_from_the_command_line(tmp_path, capsys):
+    """--controlnet / --control-image on tiny-flux over 2 stages: a PNG, and not the plain one."""
+    cn = _flow_controlnet("tiny-flux", tmp_path / "cn")
+    Image.fromarray((np.indices((96, 96)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB").save(tmp_path / "c.png")
+    common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", "128x128:2,160x160:1", "--relay",
+              "latent", "--no-progress"]
+    assert main([*common, "--controlnet", cn, "--control-image", str(tmp_path / "c.png"), "--control-scale", "2",
+                 "--output", str(tmp_path / "c_out.png")]) == 0
+    assert "controlnet: 1 in torch" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "c_out.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    assert a.shape == b.shape == (160, 160, 3) and np.abs(a - b).max() > 0
+
+
+def test_controlnet_refusals_are_one_line_before_the_load(tmp_path, capsys):
+    import json
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    sd3_cn = _flow_controlnet("tiny-sd3", tmp_path / "sd3cn")
+    (tmp_path / "unetcn").mkdir()  # a UNet ControlNetModel's config: refused by its class, nothing loaded
+    (tmp_path / "unetcn" / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    (tmp_path / "e").mkdir()
+    image = ["--control-image", str(tmp_path / "c.png")]
+    for argv, message in (
+            (["--model", "tiny-flux", "--controlnet", sd3_cn, *image],
+             f"--controlnet {sd3_cn!r}: a SD3ControlNetModel folder; tiny-flux takes a FluxControlNetModel"),
+            (["--model", "tiny-sd3", "--controlnet", str(tmp_path / "unetcn"), *image],
+             "a ControlNetModel folder; tiny-sd3 takes a SD3ControlNetModel"),
+            (["--model", "tiny-sd3", "--controlnet", sd3_cn, *image, "--engines", str(tmp_path / "e")],
+             "--controlnet with --engines: for tiny-sd3 the ControlNet runs in torch only"),
+            (["--model", "tiny-sd3", "--controlnet", sd3_cn], "1 --controlnet and 0 --control-image"),
+            (["--model", "tiny-sd3", "--control-scale", "0.5"], "--control-scale needs --controlnet")):
+        rc = main([*argv, "--prompt", "x", "--output", str(tmp_path / "x.png"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
