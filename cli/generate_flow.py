@@ -20,16 +20,19 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
     conditions = (("--image", args.image), ("--lora", args.lora),
-                  ("--ip-adapter", args.ip_adapter), ("--precision", args.precision if args.precision == "fp8" else None))
+                  ("--ip-adapter", args.ip_adapter if family.kind != "flux" else None),  # FLUX's: flow_ipadapter
+                  ("--precision", args.precision if args.precision == "fp8" else None))
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:
-            raise UsageError(f"{flag}: not available for {name} yet (image to image, LoRA, ControlNet, IP-Adapter "
-                             "and fp8 run for the UNet families; the transformer families take text only)")
+            raise UsageError(f"{flag}: not available for {name} yet (it runs for the UNet families)")
     for flag, value in (("--inductor", args.inductor),
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:
             raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
                              "their transformer from --engines)")
+    if args.engines is not None and args.ip_adapter:
+        raise UsageError(f"--ip-adapter with --engines: for {name} the IP-Adapter runs in torch only (the transformer "
+                         "packages have no image attention); leave out --engines")
     if args.engines is not None and args.controlnet:
         raise UsageError(f"--controlnet with --engines: for {name} the ControlNet runs in torch only (no ControlNet "
                          "engines for the transformer families yet); leave out --engines")
@@ -72,6 +75,23 @@ def _controlled(nets, bundle, controls: list[tuple], device, dtype):
         raise UsageError(str(e)) from None
 
 
+def _ip_adapter_embeds(args: argparse.Namespace, bundle, ip_image, device, dtype):
+    """FLUX's IP-Adapter put into the transformer (checked against it first) and the reference image's
+    embeddings; one line naming a bad file."""
+    from ..runtime.flow_ipadapter import load_flux_ip_adapter, read_flux_ip_adapter
+    from ..runtime.ipadapter import IPAdapterError, encode_ip_image, load_image_encoder
+
+    try:
+        state = read_flux_ip_adapter(args.ip_adapter, bundle.transformer)
+        encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, dtype)
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
+    load_flux_ip_adapter(bundle.transformer, state, args.ip_adapter_scale)
+    embeds = encode_ip_image(encoder, processor, ip_image, device)
+    encoder.to(device="meta")  # done with it
+    return embeds
+
+
 def run_flow(args: argparse.Namespace, family) -> int:
     import torch
 
@@ -82,6 +102,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
 
     _refuse_unsupported(args, family)
     controls = _controls_from_args(args, family)
+    from .conditions import ip_adapter_from_args
+
+    ip_image = ip_adapter_from_args(args)  # FLUX only (refused above for SD3); files checked before the load
     weights_seed = weights_seed_from_args("mf-generate", family, args)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
@@ -120,6 +143,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
 
+    ip_embeds = None if ip_image is None else _ip_adapter_embeds(args, bundle, ip_image, device, dtype)
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
     if args.engines:
         from ..engine.cache import EngineError
@@ -133,6 +157,11 @@ def run_flow(args: argparse.Namespace, family) -> int:
         print(f"transformer from the aoti packages in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
+    if ip_embeds is not None:
+        from ..runtime.flow_ipadapter import FlowIPAdapterNetworks
+
+        nets = FlowIPAdapterNetworks(nets, ip_embeds)
+        print(f"ip-adapter: {args.ip_adapter} (scale {args.ip_adapter_scale:g}) in torch")
     if controls:
         nets = _controlled(nets, bundle, controls, device, nets.transformer_dtype)
         print(f"controlnet: {len(controls)} in torch, {', '.join(c[0] for c in controls)}")

@@ -136,3 +136,50 @@ def test_controlnet_refusals_are_one_line_before_the_load(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_flux_ip_adapter_runs_from_the_command_line(tmp_path, capsys):
+    """--ip-adapter on tiny-flux: read and checked, the image encoded, a PNG that is not the plain one."""
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_ipadapter import save_tiny_flux_ip_adapter
+    from tests.runtime.test_ipadapter import save_tiny_image_encoder
+
+    ip = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "ip.safetensors")
+    enc = save_tiny_image_encoder(tmp_path / "enc")
+    Image.fromarray((np.indices((48, 48)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB").save(tmp_path / "r.png")
+    common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", "128x128:2,160x160:1", "--relay",
+              "latent", "--no-progress"]
+    assert main([*common, "--ip-adapter", str(ip), "--ip-adapter-image", str(tmp_path / "r.png"),
+                 "--ip-adapter-encoder", str(enc), "--ip-adapter-scale", "0.7",
+                 "--output", str(tmp_path / "ip.png")]) == 0
+    assert f"ip-adapter: {ip} (scale 0.7) in torch" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "ip.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    assert a.shape == b.shape == (160, 160, 3) and np.abs(a - b).max() > 0
+
+
+def test_flux_ip_adapter_refusals_are_one_line(tmp_path, capsys):
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_ipadapter import save_tiny_flux_ip_adapter
+    from tests.runtime.test_ipadapter import save_tiny_image_encoder
+
+    ip = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "ip.safetensors")
+    wide = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "wide.safetensors", width=48)
+    enc = save_tiny_image_encoder(tmp_path / "enc")
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    (tmp_path / "e").mkdir()
+    adapter = ["--ip-adapter-image", str(tmp_path / "r.png"), "--ip-adapter-encoder", str(enc)]
+    capsys.readouterr()  # the encoder's save progress
+    for argv, message in (
+            (["--ip-adapter", str(ip), *adapter, "--engines", str(tmp_path / "e")],
+             "--ip-adapter with --engines: for tiny-flux the IP-Adapter runs in torch only"),
+            (["--ip-adapter", str(ip)], "--ip-adapter needs --ip-adapter-image FILE and --ip-adapter-encoder DIR"),
+            (["--ip-adapter", str(wide), *adapter, "--steps", "2"],  # checked after the load, before any step
+             "double block 0's to_k_ip is (48, 32), the transformer needs (32, 32)")):
+        rc = main(["--model", "tiny-flux", *argv, "--prompt", "x", "--output", str(tmp_path / "x.png"),
+                   "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
