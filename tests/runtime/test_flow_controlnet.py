@@ -245,3 +245,23 @@ def test_cuda_graph_holds_the_controlnet_and_matches_eager(name, tmp_path):
     assert _relerr(first, eager) < 1e-4  # same kernels; cuBLAS may pick another algorithm in a capture
     second = pipe.generate(plan, opts).latent
     assert pipe.graphs.captures == 2 and _relerr(second, eager) < 1e-4  # replayed with the counters reset
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_cuda_compiled_mode_with_controlnet_matches_eager(name):
+    """--mode compiled: the transformer compiled (taking the block samples as inputs), the ControlNet eager, both
+    inside the stage's graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    b = load_model(name, device="cuda", dtype=torch.float32)
+    net = tiny_flow_controlnet(b.family, 1).to("cuda").eval()
+    plan = validate_plan(b.family, [Stage(128, 128, 3), Stage(192, 160, 2)])
+    controls = [Control(net, control_image(128, 128).cuda(), 0.9, 0.0, 0.8)]
+    opts = FlowGenerationOptions(PROMPT, guidance=b.family.default_guidance, seed=3)
+    eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, "cuda")).generate(
+        plan, opts).latent
+    nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, "cuda")
+    pipe = FlowMegaFusionPipeline(b, nets, mode="compiled")
+    assert _relerr(pipe.generate(plan, opts).latent, eager) < 1e-3  # Inductor reorders fp32 reductions
+    assert pipe.graphs.captures == 2
