@@ -19,17 +19,23 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
-    conditions = (("--image", args.image), ("--lora", args.lora), ("--controlnet", args.controlnet),
-                  ("--ip-adapter", args.ip_adapter), ("--precision", args.precision if args.precision == "fp8" else None))
+    conditions = (("--image", args.image), ("--lora", args.lora),
+                  ("--ip-adapter", args.ip_adapter if family.kind != "flux" else None),  # FLUX's: flow_ipadapter
+                  ("--precision", args.precision if args.precision == "fp8" else None))
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:
-            raise UsageError(f"{flag}: not available for {name} yet (image to image, LoRA, ControlNet, IP-Adapter "
-                             "and fp8 run for the UNet families; the transformer families take text only)")
+            raise UsageError(f"{flag}: not available for {name} yet (it runs for the UNet families)")
     for flag, value in (("--inductor", args.inductor),
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:
             raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
                              "their transformer from --engines)")
+    if args.engines is not None and args.ip_adapter:
+        raise UsageError(f"--ip-adapter with --engines: for {name} the IP-Adapter runs in torch only (the transformer "
+                         "packages have no image attention); leave out --engines")
+    if args.engines is not None and args.controlnet:
+        raise UsageError(f"--controlnet with --engines: for {name} the ControlNet runs in torch only (no ControlNet "
+                         "engines for the transformer families yet); leave out --engines")
     if args.engines is not None:
         from pathlib import Path
 
@@ -38,6 +44,52 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
                              f"{name} --backend aoti|onnxruntime --output DIR")
         if args.mode == "compiled":
             raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
+
+
+def _controls_from_args(args: argparse.Namespace, family) -> list[tuple]:
+    """cli/conditions.py's checks of --controlnet / --control-* (images read), then each folder's ControlNet class
+    against the family: all before the model load."""
+    from ..runtime.controlnet import ControlInputError
+    from ..runtime.flow_controlnet import check_flow_controlnet_folder
+    from .conditions import controls_from_args
+
+    controls = controls_from_args(args)
+    try:
+        for c in controls:
+            check_flow_controlnet_folder(c[0], family)
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+    return controls
+
+
+def _controlled(nets, bundle, controls: list[tuple], device, dtype):
+    """`nets` with the ControlNets on their velocity (torch modules, in the transformer's dtype)."""
+    from ..runtime.controlnet import Control, ControlInputError
+    from ..runtime.flow_controlnet import ControlledFlowNetworks, load_flow_controlnet
+
+    try:
+        made = [Control(load_flow_controlnet(path, bundle.transformer, bundle.family, device, dtype), image, scale,
+                        start, end) for path, image, scale, start, end in controls]
+        return ControlledFlowNetworks(nets, made, device)
+    except ControlInputError as e:
+        raise UsageError(str(e)) from None
+
+
+def _ip_adapter_embeds(args: argparse.Namespace, bundle, ip_image, device, dtype):
+    """FLUX's IP-Adapter put into the transformer (checked against it first) and the reference image's
+    embeddings; one line naming a bad file."""
+    from ..runtime.flow_ipadapter import load_flux_ip_adapter, read_flux_ip_adapter
+    from ..runtime.ipadapter import IPAdapterError, encode_ip_image, load_image_encoder
+
+    try:
+        state = read_flux_ip_adapter(args.ip_adapter, bundle.transformer)
+        encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, dtype)
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
+    load_flux_ip_adapter(bundle.transformer, state, args.ip_adapter_scale)
+    embeds = encode_ip_image(encoder, processor, ip_image, device)
+    encoder.to(device="meta")  # done with it
+    return embeds
 
 
 def run_flow(args: argparse.Namespace, family) -> int:
@@ -49,6 +101,10 @@ def run_flow(args: argparse.Namespace, family) -> int:
                          warn_truncated_prompts, weights_seed_from_args)
 
     _refuse_unsupported(args, family)
+    controls = _controls_from_args(args, family)
+    from .conditions import ip_adapter_from_args
+
+    ip_image = ip_adapter_from_args(args)  # FLUX only (refused above for SD3); files checked before the load
     weights_seed = weights_seed_from_args("mf-generate", family, args)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
@@ -99,6 +155,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
 
+    ip_embeds = None if ip_image is None else _ip_adapter_embeds(args, bundle, ip_image, device, dtype)
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
     if kind is not None:
         from ..engine.cache import EngineError
@@ -111,6 +168,14 @@ def run_flow(args: argparse.Namespace, family) -> int:
         print(f"transformer from the {kind.backend} {kind.what} in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
+    if ip_embeds is not None:
+        from ..runtime.flow_ipadapter import FlowIPAdapterNetworks
+
+        nets = FlowIPAdapterNetworks(nets, ip_embeds)
+        print(f"ip-adapter: {args.ip_adapter} (scale {args.ip_adapter_scale:g}) in torch")
+    if controls:
+        nets = _controlled(nets, bundle, controls, device, nets.transformer_dtype)
+        print(f"controlnet: {len(controls)} in torch, {', '.join(c[0] for c in controls)}")
     pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)
     print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
     print(f"model {family.name} ({bundle.source}) on {device}, transformer "

@@ -62,14 +62,16 @@ class FlowTorchNetworks:
 
     @torch.inference_mode()
     def velocity(self, z: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,
-                 guidance: float | torch.Tensor) -> torch.Tensor:
+                 guidance: float | torch.Tensor, extra: dict | None = None) -> torch.Tensor:
         """v for the batch z (B, C, h, w) at `timestep` (B,) = 1000 sigma. SD3: the CFG batch as given; FLUX:
         `guidance` goes into the guidance embedding (where the model has one); a 0-dim float32 device tensor
-        (the graphed step's) is read on the device, so a captured graph does not bake its value in."""
+        (the graphed step's) is read on the device, so a captured graph does not bake its value in. `extra`:
+        more keyword arguments of the transformer (a ControlNet's block samples, runtime/flow_controlnet.py)."""
         dt = self.transformer_dtype
+        extra = extra or {}
         if self.kind == "sd3":
             return self.transformer_fn(hidden_states=z.to(dt), timestep=timestep, encoder_hidden_states=states.to(dt),
-                                       pooled_projections=pooled.to(dt), return_dict=False)[0].float()
+                                       pooled_projections=pooled.to(dt), return_dict=False, **extra)[0].float()
         b, _, h, w = z.shape
         g = None
         if self.guidance_embeds:
@@ -80,8 +82,18 @@ class FlowTorchNetworks:
             pooled_projections=pooled.to(dt), encoder_hidden_states=states.to(dt),
             txt_ids=self._cached_ids(("txt", states.shape[1]), lambda: torch.zeros(states.shape[1], 3), z.device),
             img_ids=self._cached_ids(("img", h, w), lambda: image_ids(h, w, "cpu", torch.float32), z.device),
-            return_dict=False)[0]
+            return_dict=False, **extra)[0]
         return unpack(out.float(), h, w)
+
+    def flux_guidance(self, guidance: float | torch.Tensor, batch: int, device) -> torch.Tensor:
+        """FLUX's guidance-embedding input (batch,) float32, as `velocity` builds it (a device tensor stays one)."""
+        return (guidance.expand(batch) if isinstance(guidance, torch.Tensor)
+                else torch.full([batch], guidance, device=device, dtype=torch.float32))
+
+    def flux_ids(self, text_tokens: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt_ids, img_ids) that `velocity` gives FLUX's transformer for a latent of h x w cells (cached)."""
+        return (self._cached_ids(("txt", text_tokens), lambda: torch.zeros(text_tokens, 3), device),
+                self._cached_ids(("img", h, w), lambda: image_ids(h, w, "cpu", torch.float32), device))
 
     def _cached_ids(self, key: tuple, make, device) -> torch.Tensor:
         key = (*key, str(device), self.transformer_dtype)

@@ -51,6 +51,8 @@ class FlowStepBuffers:
     """(B, L, D) float32 encoder hidden states."""
     pooled: torch.Tensor
     """(B, P) float32 pooled text embedding."""
+    first: torch.Tensor | None = None
+    """() int64 global index of the stage's first step; first + step is what `takes_step` networks read."""
 
     @classmethod
     def allocate(cls, z: torch.Tensor, cond: FlowConditioning, device) -> FlowStepBuffers:
@@ -60,6 +62,7 @@ class FlowStepBuffers:
             tables=torch.zeros(3, MAX_STAGE_STEPS, device=device),
             guidance=torch.zeros((), device=device),
             states=torch.zeros(cond.states.shape, device=device), pooled=torch.zeros(cond.pooled.shape, device=device),
+            first=torch.zeros((), dtype=torch.int64, device=device),
         )
 
 
@@ -69,7 +72,8 @@ def flow_step(nets: FlowTorchNetworks, b: FlowStepBuffers, cfg: bool, latent_dty
     sigma_t, d_sigma, timestep = b.tables.index_select(1, i).unbind(0)  # each (1,)
     z = b.z
     sample = torch.cat([z, z]) if cfg else z
-    v = nets.velocity(sample, timestep.expand(sample.shape[0]), b.states, b.pooled, b.guidance)
+    kw = {"step": b.first + b.step} if getattr(nets, "takes_step", False) else {}  # ControlNets' global step
+    v = nets.velocity(sample, timestep.expand(sample.shape[0]), b.states, b.pooled, b.guidance, **kw)
     if cfg:
         v_u, v_c = v.chunk(2)
         v = v_u + b.guidance * (v_c - v_u)
@@ -103,9 +107,11 @@ class FlowGraphedDenoiser(GraphedDenoiser):
         return graph
 
     def run_flow_stage(self, z: torch.Tensor, sigma_t: torch.Tensor, d_sigma: torch.Tensor, timestep: torch.Tensor,
-                       cond: FlowConditioning, w: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       cond: FlowConditioning, w: float, steps: int,
+                       first_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps` steps from z; returns (z after the last update, x0 of the last step). A truncated stage's last
-        update runs too and is not used (the eager loop stops before it)."""
+        update runs too and is not used (the eager loop stops before it). `first_step`: the global index of the
+        stage's first step (read by networks that take it)."""
         if steps > MAX_STAGE_STEPS:
             raise ValueError(f"a stage of {steps} steps exceeds {MAX_STAGE_STEPS}")
         key = FlowGraphKey(cond.states.shape[0], z.shape[-2], z.shape[-1], cond.cfg)
@@ -113,7 +119,7 @@ class FlowGraphedDenoiser(GraphedDenoiser):
         if b is None or b.states.shape != cond.states.shape:
             b = self.buffers[key] = FlowStepBuffers.allocate(z, cond, self.device)
             self.graphs.pop(key, None)
-        self._load(b, z, sigma_t, d_sigma, timestep, cond, w, steps)
+        self._load(b, z, sigma_t, d_sigma, timestep, cond, w, steps, first_step)
         if not self.capture:
             for _ in range(steps):
                 flow_step(self.nets, b, key.cfg, self.latent_dtype)
@@ -121,16 +127,18 @@ class FlowGraphedDenoiser(GraphedDenoiser):
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(key, b)
-            self._load(b, z, sigma_t, d_sigma, timestep, cond, w, steps)  # warm-up moved z and the counter
+            self._load(b, z, sigma_t, d_sigma, timestep, cond, w, steps, first_step)  # warm-up moved z, counter
         for _ in range(steps):
             graph.replay()
         self.replays += steps
         return b.z.clone(), b.x0.clone()
 
     @staticmethod
-    def _load(b: FlowStepBuffers, z, sigma_t, d_sigma, timestep, cond: FlowConditioning, w: float, steps: int):
+    def _load(b: FlowStepBuffers, z, sigma_t, d_sigma, timestep, cond: FlowConditioning, w: float, steps: int,
+              first_step: int = 0):
         b.z.copy_(z)
         b.step.zero_()
+        b.first.fill_(first_step)
         for row, src in enumerate((sigma_t, d_sigma, timestep)):
             b.tables[row, :steps].copy_(src[:steps])
         b.guidance.fill_(w)

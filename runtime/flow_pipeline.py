@@ -56,10 +56,12 @@ class FlowGenerationOptions:
 
 
 def guided_velocity(nets: FlowTorchNetworks, z: torch.Tensor, t: torch.Tensor, cond: FlowConditioning,
-                    w: float) -> torch.Tensor:
-    """v = v_u + w (v_c - v_u) over the batch [negative, prompt] (SD3); FLUX's one pass takes w as its embedding."""
+                    w: float, step: torch.Tensor | None = None) -> torch.Tensor:
+    """v = v_u + w (v_c - v_u) over the batch [negative, prompt] (SD3); FLUX's one pass takes w as its embedding.
+    `step`: the global step index, for networks that read it (`takes_step`: ControlNets, runtime/flow_controlnet)."""
     sample = torch.cat([z, z]) if cond.cfg else z
-    v = nets.velocity(sample, t.expand(sample.shape[0]), cond.states, cond.pooled, w)
+    kw = {} if step is None else {"step": step}
+    v = nets.velocity(sample, t.expand(sample.shape[0]), cond.states, cond.pooled, w, **kw)
     if not cond.cfg:
         return v
     v_u, v_c = v.chunk(2)
@@ -120,10 +122,15 @@ class FlowMegaFusionPipeline:
         schedules = plan_flow_schedule(plan, fam, opts.reschedule)
         generator = torch.Generator("cpu").manual_seed(opts.seed)
         mark("text encoders")
+        stepped = getattr(self.nets, "takes_step", False)  # ControlNets: scale and image per global step / stage
+        if stepped:
+            self.nets.prepare_plan(plan)
+            mark("control images")
 
         z = x0 = None
         last_k = len(plan.stages) - 1
         for k, stage in enumerate(plan.stages):
+            first = sum(s.steps for s in plan.stages[:k])  # global index of this stage's first step
             sigma_t, d_sigma, timestep = schedules[k].tensors(dev)
             h, w = stage.height // vs, stage.width // vs
             noise = draw_noise((1, ch, h, w), generator, self.noise_dtype, dev)
@@ -136,11 +143,13 @@ class FlowMegaFusionPipeline:
                 mark(f"relay {k}->{k + 1}")
             if self.graphs is not None:
                 # Same step, replayed (docs/ALGORITHM.md §18); a non-final stage's last x0 is the truncation x0.
-                z, x0 = self.graphs.run_flow_stage(z, sigma_t, d_sigma, timestep, cond, opts.guidance, stage.steps)
+                z, x0 = self.graphs.run_flow_stage(z, sigma_t, d_sigma, timestep, cond, opts.guidance, stage.steps,
+                                                   first_step=first)
                 for i in range(stage.steps if on_step is not None else 0):
                     on_step(k, i)
             for i in range(stage.steps if self.graphs is None else 0):
-                v = guided_velocity(self.nets, z, timestep[i], cond, opts.guidance)
+                step = torch.tensor(first + i, device=dev) if stepped else None
+                v = guided_velocity(self.nets, z, timestep[i], cond, opts.guidance, step)
                 x0 = z - sigma_t[i] * v
                 if on_step is not None:
                     on_step(k, i)

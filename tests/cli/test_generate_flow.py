@@ -82,7 +82,6 @@ def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,flag", [(["--image", "photo.png"], "--image"), (["--lora", "a.safetensors"], "--lora"),
-                                        (["--controlnet", "cn"], "--controlnet"),
                                         (["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
                                         (["--precision", "fp8"], "--precision")])
 def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
@@ -142,3 +141,97 @@ def test_onnxruntime_engine_runs_eagerly_in_graphs_mode_on_cuda(tmp_path, capsys
     assert main([*common, "--mode", "graphs", "--output", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "--mode graphs: onnxruntime engines cannot" in err and len(err.strip().splitlines()) == 1
+
+
+def _flow_controlnet(family_name, path):
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_controlnet import save_tiny_flow_controlnet
+
+    return str(save_tiny_flow_controlnet(FAMILIES[family_name], path, seed=1))
+
+
+@pytest.mark.slow
+def test_controlnet_runs_from_the_command_line(tmp_path, capsys):
+    """--controlnet / --control-image on tiny-flux over 2 stages: a PNG, and not the plain one."""
+    cn = _flow_controlnet("tiny-flux", tmp_path / "cn")
+    Image.fromarray((np.indices((96, 96)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB").save(tmp_path / "c.png")
+    common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", "128x128:2,160x160:1", "--relay",
+              "latent", "--no-progress"]
+    assert main([*common, "--controlnet", cn, "--control-image", str(tmp_path / "c.png"), "--control-scale", "2",
+                 "--output", str(tmp_path / "c_out.png")]) == 0
+    assert "controlnet: 1 in torch" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "c_out.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    assert a.shape == b.shape == (160, 160, 3) and np.abs(a - b).max() > 0
+
+
+def test_controlnet_refusals_are_one_line_before_the_load(tmp_path, capsys):
+    import json
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    sd3_cn = _flow_controlnet("tiny-sd3", tmp_path / "sd3cn")
+    (tmp_path / "unetcn").mkdir()  # a UNet ControlNetModel's config: refused by its class, nothing loaded
+    (tmp_path / "unetcn" / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    (tmp_path / "e").mkdir()
+    image = ["--control-image", str(tmp_path / "c.png")]
+    for argv, message in (
+            (["--model", "tiny-flux", "--controlnet", sd3_cn, *image],
+             f"--controlnet {sd3_cn!r}: a SD3ControlNetModel folder; tiny-flux takes a FluxControlNetModel"),
+            (["--model", "tiny-sd3", "--controlnet", str(tmp_path / "unetcn"), *image],
+             "a ControlNetModel folder; tiny-sd3 takes a SD3ControlNetModel"),
+            (["--model", "tiny-sd3", "--controlnet", sd3_cn, *image, "--engines", str(tmp_path / "e")],
+             "--controlnet with --engines: for tiny-sd3 the ControlNet runs in torch only"),
+            (["--model", "tiny-sd3", "--controlnet", sd3_cn], "1 --controlnet and 0 --control-image"),
+            (["--model", "tiny-sd3", "--control-scale", "0.5"], "--control-scale needs --controlnet")):
+        rc = main([*argv, "--prompt", "x", "--output", str(tmp_path / "x.png"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_flux_ip_adapter_runs_from_the_command_line(tmp_path, capsys):
+    """--ip-adapter on tiny-flux: read and checked, the image encoded, a PNG that is not the plain one."""
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_ipadapter import save_tiny_flux_ip_adapter
+    from tests.runtime.test_ipadapter import save_tiny_image_encoder
+
+    ip = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "ip.safetensors")
+    enc = save_tiny_image_encoder(tmp_path / "enc")
+    Image.fromarray((np.indices((48, 48)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB").save(tmp_path / "r.png")
+    common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", "128x128:2,160x160:1", "--relay",
+              "latent", "--no-progress"]
+    assert main([*common, "--ip-adapter", str(ip), "--ip-adapter-image", str(tmp_path / "r.png"),
+                 "--ip-adapter-encoder", str(enc), "--ip-adapter-scale", "0.7",
+                 "--output", str(tmp_path / "ip.png")]) == 0
+    assert f"ip-adapter: {ip} (scale 0.7) in torch" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    a = np.asarray(Image.open(tmp_path / "ip.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    assert a.shape == b.shape == (160, 160, 3) and np.abs(a - b).max() > 0
+
+
+def test_flux_ip_adapter_refusals_are_one_line(tmp_path, capsys):
+    from megafusion.core.families import FAMILIES
+    from tests.runtime.test_flow_ipadapter import save_tiny_flux_ip_adapter
+    from tests.runtime.test_ipadapter import save_tiny_image_encoder
+
+    ip = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "ip.safetensors")
+    wide = save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, tmp_path / "wide.safetensors", width=48)
+    enc = save_tiny_image_encoder(tmp_path / "enc")
+    Image.new("RGB", (32, 32)).save(tmp_path / "r.png")
+    (tmp_path / "e").mkdir()
+    adapter = ["--ip-adapter-image", str(tmp_path / "r.png"), "--ip-adapter-encoder", str(enc)]
+    capsys.readouterr()  # the encoder's save progress
+    for argv, message in (
+            (["--ip-adapter", str(ip), *adapter, "--engines", str(tmp_path / "e")],
+             "--ip-adapter with --engines: for tiny-flux the IP-Adapter runs in torch only"),
+            (["--ip-adapter", str(ip)], "--ip-adapter needs --ip-adapter-image FILE and --ip-adapter-encoder DIR"),
+            (["--ip-adapter", str(wide), *adapter, "--steps", "2"],  # checked after the load, before any step
+             "double block 0's to_k_ip is (48, 32), the transformer needs (32, 32)")):
+        rc = main(["--model", "tiny-flux", *argv, "--prompt", "x", "--output", str(tmp_path / "x.png"),
+                   "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.png").exists()
