@@ -172,9 +172,10 @@ def check_conditions(cfg: ServeConfig) -> None:
     for path in cfg.controlnets:
         if not Path(path, "config.json").is_file():
             raise ConfigError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
-    if cfg.controlnets and cfg.engines is not None:
-        raise ConfigError("--controlnet with --engines: mf-serve runs ControlNets from the torch modules only; "
-                          "leave out --engines")
+    if cfg.controlnets and cfg.engines is not None and cfg.loras:  # as mf-generate refuses it
+        raise ConfigError("--lora with --engines and --controlnet: the ControlNet engines hold the base UNet; build "
+                          "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
+                          "--lora here")
     if cfg.ip_adapter is None:
         if cfg.ip_adapter_encoder is not None:
             raise ConfigError("--ip-adapter-encoder needs --ip-adapter")

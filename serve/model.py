@@ -24,6 +24,7 @@ from ..core.plan import Stage, StagePlan, default_plan, validate_plan
 from ..core.specs import UNET, default_dtype, default_vae_dtype
 from ..engine.networks import TorchNetworks
 from ..runtime.batch import BatchError, max_batch
+from ..runtime.controlnet import Control
 from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
 
 from .conditioned import ServerConditions
@@ -106,10 +107,16 @@ class ModelServer:
         self.engines_desc: str | None = None
         self.conditions: ServerConditions | None = None
         self.control_pipe: MegaFusionPipeline | None = None
+        self.control_modules: list = []
         if cfg.engines:
             self.mode = "eager" if self.device.type != "cuda" else "graphs"
             self.nets = None
             self.pipe = None
+            if cfg.controlnets:  # loaded as mf-build-engines hashed them, fp32 on the CPU; engines run them
+                from ..runtime.controlnet import load_controlnet
+
+                self.control_modules = [load_controlnet(p, self.bundle.unet, torch.device("cpu"), torch.float32)
+                                        for p in cfg.controlnets]
         else:
             # the IP-Adapter's image and scale change per request, outside anything a captured graph would see
             eager = self.device.type != "cuda" or cfg.ip_adapter is not None
@@ -175,6 +182,36 @@ class ModelServer:
         self._engines.move_to_end(key)
         return pipe
 
+    def controlled_engines_for(self, plan: StagePlan, dilation: int, relay: str) -> MegaFusionPipeline:
+        """With --engines and --controlnet: the plan's engines with the ControlNet engines and the controlled-UNet
+        engine on their UNet step (engine/controlnet_engines.py), as mf-generate --engines --controlnet opens them;
+        kept beside the plain ones. Engines missing for a ControlNet are a ServeModelError with the build command."""
+        from ..engine.cache import EngineError
+        from ..engine.controlnet_engines import open_controlnet_runners
+        from ..runtime.controlnet import EngineControlledNetworks
+
+        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
+               dilation, relay, "controlnet")
+        pipe = self._engines.get(key)
+        if pipe is None:
+            nets = self.pipeline_for(plan, dilation, relay).nets
+            precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+            try:
+                cns, unets = open_controlnet_runners(self.cfg.engines, self.bundle, plan, self.control_modules,
+                                                     list(self.cfg.controlnets), nets.backend, precision, dilation,
+                                                     self.device, nets.weights.get("unet"))
+            except EngineError as e:
+                raise ServeModelError(str(e)) from None
+            blank = torch.zeros(1, 3, 8, 8)  # each request's images are copied in by prepare_plan
+            controlled = EngineControlledNetworks(nets, self.bundle, [Control(m, blank) for m in self.control_modules],
+                                                  self.device, cns, unets)
+            pipe = self._pipeline(controlled)
+            self._engines[key] = pipe
+            while len(self._engines) > ENGINE_CACHE:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return pipe
+
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds)."""
         out = []
@@ -199,6 +236,10 @@ class ModelServer:
             if self.conditions is not None:  # the server's ControlNets and IP-Adapter, set for this request
                 if self.conditions.networks_for(req.conditions) is self.conditions.controlled:
                     pipe = self.control_pipe
+            elif req.conditions.controls:  # engines: the ControlNet engines opened for the plan's shapes
+                pipe = self.controlled_engines_for(req.plan, req.options.dilation, req.options.relay)
+                pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
+                                      for m, c in zip(self.control_modules, req.conditions.controls)]
             result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None,
                                    image=req.conditions.image)
         return _generated(result, req.options.seed)

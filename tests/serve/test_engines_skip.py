@@ -14,7 +14,7 @@ STAGES = "128x128:2,192x192:1,256x256:1"
 
 
 @pytest.fixture(scope="module")
-def sd15_engines(tiny_sd15, tmp_path_factory):
+def default_engines(tiny_sd15, tmp_path_factory):
     """Engines for the default plan's three stage shapes (the session's sd15_engines cover 128 and 256 only)."""
     from tests.engines import build
 
@@ -23,7 +23,8 @@ def sd15_engines(tiny_sd15, tmp_path_factory):
     return out
 
 
-def test_engine_served_networks_load_without_weights(sd15_engines, tmp_path, capsys):
+def test_engine_served_networks_load_without_weights(default_engines, tmp_path, capsys):
+    sd15_engines = default_engines
     from megafusion.cli.generate import main
     from megafusion.serve.app import _loaded_line
     from megafusion.serve.model import ModelServer, engine_modules
@@ -59,3 +60,29 @@ def test_an_empty_engine_folder_skips_nothing(tmp_path):
 
     cfg = ServeConfig("tiny-sd15", engines=str(tmp_path), sizes=((256, 256),))
     assert engine_modules(cfg, get_family("tiny-sd15")) == frozenset()  # the warm-up then refuses it by name
+
+
+def test_lora_is_swapped_into_the_engines_as_mf_generate_does(sd15_engines, tmp_path, capsys):
+    """--engines --lora: the model loads whole (the swap reads its base weights) and the LoRA is swapped into each
+    engine set when it is opened; the PNG is mf-generate --engines --lora's."""
+    from tests.core.test_lora import _random_lora, save_diffusers
+
+    from megafusion.cli.generate import main
+    from megafusion.core.loading import load_model
+    from megafusion.serve.model import ModelServer
+    from megafusion.serve.request import parse_request
+
+    lora = save_diffusers(_random_lora(load_model("tiny-sd15"), seed=3), tmp_path / "l.safetensors")
+    server = ModelServer(ServeConfig("tiny-sd15", engines=str(sd15_engines), sizes=((256, 256),),
+                                     loras=(f"{lora}:0.7",)))
+    assert not server.bundle.skipped
+    body = {"prompt": "a cube", "stages": "128x128:2,256x256:2", "seed": 5}
+    got = server.generate(parse_request(body, server.family)).png
+    out = tmp_path / "ref.png"
+    args = ["--model", "tiny-sd15", "--engines", str(sd15_engines), "--prompt", "a cube", "--stages",
+            "128x128:2,256x256:2", "--seed", "5", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--lora", f"{lora}:0.7", "--output", str(out)]) == 0
+    assert "lora swapped into" in capsys.readouterr().out
+    assert got == out.read_bytes()
+    assert main([*args, "--output", str(tmp_path / "base.png")]) == 0
+    assert got != (tmp_path / "base.png").read_bytes()  # the swap changed the image
