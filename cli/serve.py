@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from ..serve.config import ConfigError, ServeConfig, check_config, parse_sizes
 
@@ -47,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", help="deploy onto this running Ray cluster (e.g. auto or HEAD:6379) instead of "
                                      "starting a local Ray")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse this LoRA into the weights at start, times SCALE (default 1); with --engines swapped "
+                        "into them; repeatable")
+    p.add_argument("--precision", choices=("fp8",),
+                   help="fp8: the UNet's projections as FP8 GEMMs (a GPU with FP8 tensor cores; not with --engines)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder, loaded at start; repeatable. Requests give one "
+                        "control image per ControlNet (control_images)")
+    p.add_argument("--ip-adapter", metavar="FILE",
+                   help="an IP-Adapter (.safetensors), loaded at start; requests may give ip_adapter_image")
+    p.add_argument("--ip-adapter-encoder", metavar="DIR", help="with --ip-adapter: the CLIP vision model folder")
     return p
 
 
@@ -72,8 +84,22 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                       engines=absolute(args.engines), mode=args.mode, device=device,
                       sizes=parse_sizes(args.sizes) if args.sizes is not None else (),
                       replicas=args.replicas, max_batch=args.max_batch, max_queue=args.max_queue,
-                      timeout_s=args.timeout, host=args.host, port=args.port)
-    return check_config(cfg)
+                      timeout_s=args.timeout, host=args.host, port=args.port,
+                      loras=tuple(_absolute_lora(v) for v in args.lora), precision=args.precision,
+                      controlnets=tuple(absolute(p) for p in args.controlnet), ip_adapter=absolute(args.ip_adapter),
+                      ip_adapter_encoder=absolute(args.ip_adapter_encoder))
+    from ..serve.preflight import preflight
+
+    return preflight(check_config(cfg))
+
+
+def _absolute_lora(value: str) -> str:
+    """PATH[:SCALE] with PATH made absolute (replicas do not run in this directory)."""
+    from ..core.lora import parse_lora
+
+    spec = parse_lora(value)
+    path = os.path.abspath(os.path.expanduser(str(spec.path)))
+    return path if spec.path == Path(value) else f"{path}:{value.rpartition(':')[2]}"
 
 
 def _raise_stop(signum, frame):

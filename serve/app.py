@@ -32,6 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from ..core.loading import resolve_family
 
+from .conditions import Offered
 from .config import ServeConfig
 from .request import RequestError, parse_body, parse_request, size_text, wants_json
 
@@ -88,6 +89,7 @@ class Ingress:
         self.cfg = ServeConfig.from_dict(cfg)
         self.family = resolve_family(self.cfg.model, self.cfg.model_path)
         self.sizes = self.cfg.served_sizes
+        self.offered = Offered(len(self.cfg.controlnets), self.cfg.ip_adapter is not None)
         self._handle = None
         self._ready_at = 0.0
         self._deaths: dict[object, float] = {}  # replica actor -> when this ingress saw it die (monotonic)
@@ -124,19 +126,20 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self) -> Response:
         c = self.cfg
-        mode = c.mode or ("graphs" if c.device == "cuda" else "eager")
+        mode = c.mode or ("graphs" if c.device == "cuda" and not c.ip_adapter else "eager")
         return _json(200, {"model": c.model, "family": self.family.kind,
                            "sizes": [size_text(w, h) for w, h in self.sizes],
                            "engines": c.engines, "mode": "engines" if c.engines else mode, "device": c.device,
                            "replicas": c.replicas, "max_batch": c.max_batch, "max_queue": c.max_queue,
-                           "timeout_s": c.timeout_s})
+                           "timeout_s": c.timeout_s, "loras": list(c.loras), "precision": c.precision,
+                           "controlnets": len(c.controlnets), "ip_adapter": c.ip_adapter is not None})
 
     @api.post("/v1/generate")
     async def generate(self, request: Request) -> Response:
         t0 = time.monotonic()
         try:
             body = parse_body(await request.body())
-            parse_request(body, self.family, self.sizes)
+            await asyncio.to_thread(parse_request, body, self.family, self.sizes, self.offered)  # decodes images
         except RequestError as e:
             return _error(400, str(e))
         if not await self._ready():
@@ -204,8 +207,9 @@ class Generator:
         here = os.path.dirname(os.path.realpath(package_file))
         log.info("replica %s: megafusion.serve from %s, pid %d", self.replica, here, os.getpid())
         self.server = ModelServer(self.cfg)
-        log.info("replica %s: %s loaded (%s) on %s in %.1f s, mode %s", self.replica, self.cfg.model,
-                 self.server.bundle.source, self.server.device, self.server.load_s, self.server.mode)
+        log.info("replica %s: %s loaded (%s) on %s in %.1f s, mode %s; %s", self.replica, self.cfg.model,
+                 self.server.bundle.source, self.server.device, self.server.load_s, self.server.mode,
+                 _loaded_line(self.server.describe()))
         for size, seconds in self.server.warm_up():
             log.info("replica %s: warm-up %s done in %.2f s (%s)", self.replica, size, seconds,
                      {"eager": "eager", "graphs": "CUDA graphs captured",
@@ -242,7 +246,8 @@ class Generator:
         out: list[dict | None] = [None] * len(jobs)
         for i, job in enumerate(jobs):
             try:
-                checked.append((i, parse_request(job.body, self.server.family, self.cfg.served_sizes)))
+                checked.append((i, parse_request(job.body, self.server.family, self.cfg.served_sizes,
+                                                 self.server.offered)))
             except RequestError as e:
                 out[i] = {"status": 400, "error": str(e)}
         reqs = [req for _, req in checked]
@@ -298,6 +303,21 @@ class Generator:
     def check_health(self):
         if self.broken:
             raise RuntimeError(self.broken)
+
+
+def _loaded_line(info: dict) -> str:
+    """What a replica loaded, for its start log: the weights in torch (engines run the rest) and the extras."""
+    parts = [f"weights in torch: {', '.join(info['weights_in_torch']) or 'none'}"
+             + ("; engines run the rest" if info["engines"] else "")]
+    if info["loras"]:
+        parts.append("lora " + ", ".join(info["loras"]))
+    if info["controlnets"]:
+        parts.append(f"{info['controlnets']} ControlNet(s)")
+    if info["ip_adapter"]:
+        parts.append("IP-Adapter")
+    if info["precision"] == "fp8":
+        parts.append("UNet projections in FP8")
+    return "; ".join(parts)
 
 
 def ingress_app(cfg: ServeConfig):

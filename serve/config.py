@@ -56,6 +56,16 @@ class ServeConfig:
     """How long a replica waits for more requests to fill a batch once it has one."""
     log_level: str = field(default="INFO")
     """Serve's log level for the replicas."""
+    loras: tuple[str, ...] = ()
+    """`--lora PATH[:SCALE]` values: fused into the weights at start (with engines: swapped into them)."""
+    precision: str | None = None
+    """None (the device's dtype) or `fp8` (the UNet's projections as FP8 GEMMs, as mf-generate --precision fp8)."""
+    controlnets: tuple[str, ...] = ()
+    """ControlNet folders, loaded at start; a request gives one control image each (`control_images`)."""
+    ip_adapter: str | None = None
+    """An IP-Adapter file, loaded at start; a request may give `ip_adapter_image`."""
+    ip_adapter_encoder: str | None = None
+    """The IP-Adapter's CLIP vision model folder."""
 
     @property
     def served_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -71,6 +81,8 @@ class ServeConfig:
     def from_dict(cls, d: dict) -> ServeConfig:
         d = dict(d)
         d["sizes"] = tuple(tuple(s) for s in d.get("sizes", ()))
+        for name in ("loras", "controlnets"):
+            d[name] = tuple(d.get(name, ()))
         return cls(**d)
 
 
@@ -137,4 +149,46 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
         raise ConfigError("--host: empty")
     if not math.isfinite(cfg.batch_wait_s) or cfg.batch_wait_s < 0:
         raise ConfigError(f"batch wait {cfg.batch_wait_s}: needs a number of seconds >= 0")
+    check_conditions(cfg)
     return cfg
+
+
+def check_conditions(cfg: ServeConfig) -> None:
+    """--lora, --precision, --controlnet, --ip-adapter: the files and the combinations, as mf-generate checks its
+    flags (cli/conditions.py); what needs the model's shapes or the device is serve/preflight.py's."""
+    from ..core.lora import parse_lora
+
+    for value in cfg.loras:
+        spec = parse_lora(value)
+        if not spec.path.is_file():
+            raise ConfigError(f"--lora {value!r}: no such file {str(spec.path)!r}")
+        if not math.isfinite(spec.scale):
+            raise ConfigError(f"--lora {value!r}: the scale must be a finite number")
+    if cfg.precision not in (None, "fp8"):
+        raise ConfigError(f"--precision {cfg.precision!r}: use fp8 (or leave it out)")
+    if cfg.precision == "fp8" and cfg.engines is not None:
+        raise ConfigError(f"--precision fp8 with --engines {cfg.engines!r}: FP8 runs from the torch modules; "
+                          "engines are built at fp32 or fp16")
+    for path in cfg.controlnets:
+        if not Path(path, "config.json").is_file():
+            raise ConfigError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
+    if cfg.controlnets and cfg.engines is not None and cfg.loras:  # as mf-generate refuses it
+        raise ConfigError("--lora with --engines and --controlnet: the ControlNet engines hold the base UNet; build "
+                          "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
+                          "--lora here")
+    if cfg.ip_adapter is None:
+        if cfg.ip_adapter_encoder is not None:
+            raise ConfigError("--ip-adapter-encoder needs --ip-adapter")
+        return
+    if not Path(cfg.ip_adapter).is_file():
+        raise ConfigError(f"--ip-adapter {cfg.ip_adapter!r}: no such file")
+    if cfg.ip_adapter_encoder is None:
+        raise ConfigError("--ip-adapter needs --ip-adapter-encoder DIR")
+    if not Path(cfg.ip_adapter_encoder, "config.json").is_file():
+        raise ConfigError(f"--ip-adapter-encoder {cfg.ip_adapter_encoder!r}: not a CLIP vision model folder "
+                          "(no config.json)")
+    if cfg.engines is not None:
+        raise ConfigError("--ip-adapter runs on the torch path only; leave out --engines")
+    if cfg.mode not in (None, "eager"):
+        raise ConfigError(f"--ip-adapter with --mode {cfg.mode}: the IP-Adapter's image and scale change with each "
+                          "request, which a captured graph would not see; the server runs it eager")

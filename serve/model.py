@@ -18,13 +18,17 @@ from dataclasses import dataclass
 import torch
 
 from ..core.families import ModelFamily
-from ..core.loading import load_model, resolve_family
+from ..core.loading import component_modules, load_model, resolve_family
+from ..core.lora import check_loras, fuse_loras, parse_lora
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
 from ..core.specs import UNET, default_dtype, default_vae_dtype
 from ..engine.networks import TorchNetworks
 from ..runtime.batch import BatchError, max_batch
+from ..runtime.controlnet import Control
 from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
 
+from .conditioned import ServerConditions
+from .conditions import Offered
 from .config import ServeConfig
 from .request import GenerateRequest, size_text, stages_text
 
@@ -83,31 +87,64 @@ class ModelServer:
         self.cfg = cfg
         self.family = resolve_family(cfg.model, cfg.model_path)
         self.device = torch.device(cfg.device)
-        dtype = default_dtype(self.device)
+        dtype = torch.bfloat16 if cfg.precision == "fp8" else default_dtype(self.device)  # mf-generate's rule
+        loras = [parse_lora(v) for v in cfg.loras]
         t0 = time.perf_counter()
         if cfg.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
-            self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights)
+            # What engines run at every served size needs no weights in torch (built on the meta device), as
+            # mf-generate --engines does it. With --lora the model loads whole: the swap reads its base weights.
+            served = frozenset() if loras else engine_modules(cfg, self.family)
+            self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, skip=served)
         else:
             self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
+        if loras:  # with engines the bundle keeps the base weights the engines were built from; they are swapped
+            (check_loras if cfg.engines else fuse_loras)(self.bundle, loras)
+        self.loras = loras
         vae = default_vae_dtype(self.family, self.bundle.vae.config, dtype, self.device)
         self.load_s = time.perf_counter() - t0
         self._lock = threading.Lock()  # one generation at a time on this replica's device
         self._engines: OrderedDict[tuple, MegaFusionPipeline] = OrderedDict()
         self.engines_desc: str | None = None
+        self.conditions: ServerConditions | None = None
+        self.control_pipe: MegaFusionPipeline | None = None
+        self.control_modules: list = []
         if cfg.engines:
             self.mode = "eager" if self.device.type != "cuda" else "graphs"
             self.nets = None
             self.pipe = None
+            if cfg.controlnets:  # loaded as mf-build-engines hashed them, fp32 on the CPU; engines run them
+                from ..runtime.controlnet import load_controlnet
+
+                self.control_modules = [load_controlnet(p, self.bundle.unet, torch.device("cpu"), torch.float32)
+                                        for p in cfg.controlnets]
         else:
-            self.mode = cfg.mode or ("graphs" if self.device.type == "cuda" else "eager")
+            # the IP-Adapter's image and scale change per request, outside anything a captured graph would see
+            eager = self.device.type != "cuda" or cfg.ip_adapter is not None
+            self.mode = cfg.mode or ("eager" if eager else "graphs")
+            fp8 = cfg.precision == "fp8"
             if self.mode == "compiled":
                 from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
-                self.nets = FastTorchNetworks(self.bundle, FastOptions(inductor_options=inductor_set("default")),
-                                              vae_dtype=vae)
+                policy = None
+                if fp8:
+                    from ..engine.fp8 import Fp8Policy
+
+                    policy = Fp8Policy()
+                self.nets = FastTorchNetworks(self.bundle, FastOptions(inductor_options=inductor_set("default"),
+                                                                       unet_fp8=policy), vae_dtype=vae)
             else:
+                if fp8:
+                    from ..engine.fp8 import quantize_unet
+
+                    quantize_unet(self.bundle.unet)
                 self.nets = TorchNetworks(self.bundle, vae)
-            self.pipe = self._pipeline(self.nets)
+            nets = self.nets
+            if cfg.controlnets or cfg.ip_adapter:
+                self.conditions = ServerConditions(cfg, self.bundle, self.nets, self.device)
+                nets = self.conditions.plain
+                if self.conditions.controlled is not None:
+                    self.control_pipe = self._pipeline(self.conditions.controlled)
+            self.pipe = self._pipeline(nets)
 
     def _pipeline(self, nets) -> MegaFusionPipeline:
         mode = self.mode
@@ -136,7 +173,39 @@ class ModelServer:
             except EngineError as e:
                 raise ServeModelError(str(e)) from None
             self.engines_desc = desc
+            if self.loras:
+                self._swap_loras(nets, plan, dilation)
             pipe = self._pipeline(nets)
+            self._engines[key] = pipe
+            while len(self._engines) > ENGINE_CACHE:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return pipe
+
+    def controlled_engines_for(self, plan: StagePlan, dilation: int, relay: str) -> MegaFusionPipeline:
+        """With --engines and --controlnet: the plan's engines with the ControlNet engines and the controlled-UNet
+        engine on their UNet step (engine/controlnet_engines.py), as mf-generate --engines --controlnet opens them;
+        kept beside the plain ones. Engines missing for a ControlNet are a ServeModelError with the build command."""
+        from ..engine.cache import EngineError
+        from ..engine.controlnet_engines import open_controlnet_runners
+        from ..runtime.controlnet import EngineControlledNetworks
+
+        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
+               dilation, relay, "controlnet")
+        pipe = self._engines.get(key)
+        if pipe is None:
+            nets = self.pipeline_for(plan, dilation, relay).nets
+            precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+            try:
+                cns, unets = open_controlnet_runners(self.cfg.engines, self.bundle, plan, self.control_modules,
+                                                     list(self.cfg.controlnets), nets.backend, precision, dilation,
+                                                     self.device, nets.weights.get("unet"))
+            except EngineError as e:
+                raise ServeModelError(str(e)) from None
+            blank = torch.zeros(1, 3, 8, 8)  # each request's images are copied in by prepare_plan
+            controlled = EngineControlledNetworks(nets, self.bundle, [Control(m, blank) for m in self.control_modules],
+                                                  self.device, cns, unets)
+            pipe = self._pipeline(controlled)
             self._engines[key] = pipe
             while len(self._engines) > ENGINE_CACHE:
                 self._engines.popitem(last=False)
@@ -164,12 +233,22 @@ class ModelServer:
             if should_stop is not None and should_stop():
                 raise Cancelled("stopped before it started")
             pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
-            result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None)
+            if self.conditions is not None:  # the server's ControlNets and IP-Adapter, set for this request
+                if self.conditions.networks_for(req.conditions) is self.conditions.controlled:
+                    pipe = self.control_pipe
+            elif req.conditions.controls:  # engines: the ControlNet engines opened for the plan's shapes
+                pipe = self.controlled_engines_for(req.plan, req.options.dilation, req.options.relay)
+                pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
+                                      for m, c in zip(self.control_modules, req.conditions.controls)]
+            result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None,
+                                   image=req.conditions.image)
         return _generated(result, req.options.seed)
 
     def batch_limit(self, req: GenerateRequest) -> int:
         """How many requests like `req` may run as one batch: --max-batch, and no more than the engines' UNet
         batch covers (engines built for the CFG batch of 2 take one request at a time)."""
+        if self.conditions is not None and self.conditions.ip is not None:
+            return 1  # the IP-Adapter's networks take one request's embeddings at a time
         pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
         cover = max_batch(pipe.nets, UNET)
         if cover is None:
@@ -202,10 +281,59 @@ class ModelServer:
                 raise ServeModelError(str(e)) from None
         return [_generated(res, r.options.seed) for res, r in zip(results, reqs)]
 
+    @property
+    def offered(self) -> Offered:
+        """The ControlNets and IP-Adapter requests may use here."""
+        return Offered(len(self.cfg.controlnets), self.cfg.ip_adapter is not None)
+
+    @property
+    def torch_side(self) -> list[str]:
+        """The components loaded with weights in torch (the others, built on the meta device, run as engines)."""
+        return [n for n in component_modules(self.bundle) if n not in self.bundle.skipped]
+
+    def _swap_loras(self, nets, plan: StagePlan, dilation: int) -> None:
+        """--lora with --engines: the LoRAs' weights put into the opened engines (engine/lora_swap.py), as
+        mf-generate --engines --lora does; a refusal is a ServeModelError naming why."""
+        from pathlib import Path
+
+        from ..engine.cache import EngineError
+        from ..engine.lora_swap import LoraSwap, swap_rebuild_command
+
+        precision = next(r.spec.precision for (network, _), r in nets.runners.items() if network == "unet")
+        rebuild = swap_rebuild_command(self.bundle, plan, nets.backend, precision, dilation, Path(self.cfg.engines),
+                                       self.device)
+        try:
+            report = LoraSwap(nets, self.bundle, rebuild).swap(self.loras)
+        except EngineError as e:
+            raise ServeModelError(str(e)) from None
+        log.info("lora swapped into %d %s engines (%d tensors) in %.2f s", report.engines, nets.backend,
+                 report.tensors, report.seconds)
+
     def describe(self) -> dict:
         return {"model": self.family.name, "source": self.bundle.source, "device": str(self.device),
                 "mode": self.mode, "engines": self.engines_desc or self.cfg.engines,
-                "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes]}
+                "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes],
+                "weights_in_torch": self.torch_side, "loras": [f"{s.path} x{s.scale:g}" for s in self.loras],
+                "precision": self.cfg.precision or str(self.nets.unet_dtype if self.nets else "engines"),
+                "controlnets": len(self.cfg.controlnets), "ip_adapter": self.cfg.ip_adapter is not None}
+
+
+def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
+    """The components engines run at every served size (the default plan's shapes, dilation 2, pixel relay): those
+    load without weights. A request needing a skipped component on engines that do not cover it is refused by
+    `open_engines` (a 400 naming the build command), as it would be with the weights loaded."""
+    from ..engine.cache import EngineError
+    from ..engine.load import select_engines
+
+    source = cfg.model_path or ("random:0" if family.tiny or cfg.random_weights else family.hub_id)
+    served = None
+    for w, h in cfg.served_sizes:
+        try:
+            sel = select_engines(cfg.engines, family, source, default_plan(family, w, h), 2, "pixel", cfg.device)
+        except EngineError:
+            return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
+        served = sel.modules_served() if served is None else served & sel.modules_served()
+    return served or frozenset()
 
 
 def _generated(result: GenerationResult, seed: int) -> Generated:

@@ -15,9 +15,12 @@ from ..core.families import ModelFamily
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
 from ..runtime.pipeline import MAX_DILATION, SEED_LIMIT, GenerationOptions
 
+from .conditions import FIELDS as CONDITION_FIELDS
+from .conditions import ConditionError, Conditions, Offered, parse_conditions
+
 FIELDS = ("prompt", "negative_prompt", "size", "stages", "steps", "guidance", "seed", "dilation", "reschedule",
-          "relay")
-"""Every field a request may carry; `prompt` is the only one required."""
+          "relay") + CONDITION_FIELDS
+"""Every field a request may carry; `prompt` is the only one required (serve/conditions.py: the extra ones)."""
 
 DEFAULTS = {"negative_prompt": "", "size": None, "stages": None, "steps": None, "guidance": 7.0, "seed": 0,
             "dilation": 2, "reschedule": True, "relay": "pixel"}
@@ -45,11 +48,16 @@ class GenerateRequest:
     """The stage plan, validated for the model."""
     options: GenerationOptions
     """Prompt, negative prompt, guidance, seed, re-scheduling, dilation, relay."""
+    conditions: Conditions = Conditions()
+    """Image to image, ControlNet images, IP-Adapter image (serve/conditions.py); empty for text to image."""
 
     def batch_key(self) -> tuple:
-        """What requests batched together share: the plan and every option but prompts and seed."""
+        """What requests batched together share: the plan and every option but prompts and seed. A request with
+        conditions runs alone (its key is its own): the batched loop takes no per-request photo, control image
+        or IP-Adapter image."""
         o = self.options
-        return (self.plan, o.guidance, o.reschedule, o.dilation, o.relay)
+        key = (self.plan, o.guidance, o.reschedule, o.dilation, o.relay)
+        return key if self.conditions.empty else key + ("alone", id(self))
 
 
 def _show(value) -> str:
@@ -118,10 +126,12 @@ def _string(body: dict, field: str, limit: int | None = None) -> str | None:
     return value
 
 
-def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, int]] | None = None) -> GenerateRequest:
-    """A request body (a decoded JSON object) checked into a plan and options.
+def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, int]] | None = None,
+                  offered: Offered = Offered()) -> GenerateRequest:
+    """A request body (a decoded JSON object) checked into a plan, options and conditions.
 
-    `sizes`: the output sizes the server serves (width, height); None serves every size the model accepts."""
+    `sizes`: the output sizes the server serves (width, height); None serves every size the model accepts.
+    `offered`: the ControlNets and IP-Adapter the server has (none: requests asking for them are refused)."""
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; fields are {', '.join(FIELDS)}")
@@ -172,7 +182,11 @@ def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, in
         opts = GenerationOptions(prompt, negative, guidance, seed, reschedule, dilation, relay)
     except ValueError as e:  # the runtime's own rules, should they ever be stricter than the ones above
         raise RequestError("options", str(e)) from None
-    return GenerateRequest(plan, opts)
+    try:
+        conditions = parse_conditions(body, plan, offered)
+    except ConditionError as e:
+        raise RequestError(e.field, str(e)) from None
+    return GenerateRequest(plan, opts, conditions)
 
 
 def wants_json(accept: str | None) -> bool:

@@ -33,15 +33,23 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tiny_sd15, tmp_path_factory):
     from ray import serve
 
     from megafusion.serve.app import deploy
+    from tests.runtime.test_controlnet import save_tiny_controlnet
 
+    from .test_conditions import png_bytes
+
+    files = tmp_path_factory.mktemp("served-files")  # the server's ControlNet, a photo and a control image
+    for name, seed in (("photo.png", 1), ("edges.png", 2)):
+        (files / name).write_bytes(png_bytes(seed))
     port = free_port()
     cfg = ServeConfig("tiny-sd15", device="cpu", sizes=((256, 256),), replicas=1, max_batch=2, max_queue=4,
-                      timeout_s=TIMEOUT_S, port=port)
+                      timeout_s=TIMEOUT_S, port=port, controlnets=(str(save_tiny_controlnet(tiny_sd15.unet,
+                                                                                            files / "cn")),))
     s = Server(f"http://127.0.0.1:{port}", cfg)
+    s.files = files
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     started = descendants(os.getpid())
     stop = threading.Event()
@@ -157,6 +165,50 @@ def test_bad_request_is_400_one_json_line(server, body, needle):
     text = raw.decode()
     assert text.count("\n") == 1 and text.endswith("\n")
     assert needle in json.loads(text)["error"]
+
+
+def test_image_to_image_and_controlnet_are_mf_generates_bytes(server, tmp_path):
+    """A served image-to-image request and a served ControlNet request (the server's --controlnet) give the PNG
+    mf-generate writes with the same flags."""
+    f, cn = server.files, server.cfg.controlnets[0]
+    common = {"prompt": "a red cube", "stages": "128x128:2,256x256:2", "seed": 4}
+    args = ["--prompt", "a red cube", "--stages", "128x128:2,256x256:2", "--seed", "4"]
+    photo, edges = (base64.b64encode((f / n).read_bytes()).decode() for n in ("photo.png", "edges.png"))
+    code, headers, png = post(server.url + "/v1/generate", {**common, "image": photo, "strength": 0.7})
+    assert code == 200 and headers["x-megafusion-batch-size"] == "1"
+    assert png == _reference_png(tmp_path, [*args, "--image", str(f / "photo.png"), "--strength", "0.7"])
+    body = {**common, "control_images": [edges], "control_scale": 0.8, "control_start": 0.2}
+    code, _, png = post(server.url + "/v1/generate", body)
+    assert code == 200 and png == _reference_png(tmp_path, [*args, "--controlnet", cn, "--control-image",
+                                                           str(f / "edges.png"), "--control-scale", "0.8",
+                                                           "--control-start", "0.2"])
+    code, _, body = get(server.url + "/v1/models")
+    assert json.loads(body)["controlnets"] == 1 and json.loads(body)["ip_adapter"] is False
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"image": "@@@"}, 'image "@@@": not base64'),
+    ({"image": base64.b64encode(b"not a picture").decode()}, "image: not a readable PNG or JPEG image"),
+    ({"image": "PHOTO", "strength": 0}, "strength 0: must be a number in (0, 1]"),
+    ({"image": "PHOTO", "strength": 1.5}, "strength 1.5: must be a number in (0, 1]"),
+    ({"control_images": ["PHOTO", "PHOTO"]}, "control_images: 2 images for this server's 1 ControlNet(s)"),
+    ({"ip_adapter_image": "PHOTO"}, "ip_adapter_image: this server has no IP-Adapter"),
+])
+def test_bad_condition_is_400_naming_the_field(server, extra, needle):
+    photo = base64.b64encode((server.files / "photo.png").read_bytes()).decode()
+    extra = {k: ([photo if x == "PHOTO" else x for x in v] if isinstance(v, list) else photo if v == "PHOTO" else v)
+             for k, v in extra.items()}
+    code, _, raw = post(server.url + "/v1/generate", {"prompt": "x", "stages": "128x128:1,256x256:1", **extra})
+    assert code == 400 and needle in json.loads(raw)["error"], raw
+
+
+def test_control_images_without_controlnets_are_400():
+    """The server above has a ControlNet; one without refuses control images (the ingress's check, no Ray)."""
+    from megafusion.core.families import get_family
+    from megafusion.serve.request import RequestError, parse_request
+
+    with pytest.raises(RequestError, match="control_images: this server has no ControlNet"):
+        parse_request({"prompt": "x", "control_images": ["AAAA"]}, get_family("tiny-sd15"), ((256, 256),))
 
 
 def test_batched_equal_alone(server):
