@@ -55,6 +55,10 @@ _DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.dow
 
 
 def _targets(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    if getattr(bundle, "transformer", None) is not None:  # SD3 / FLUX (core/dit_lora.py)
+        from .dit_lora import dit_targets
+
+        return dit_targets(bundle)
     names = ["text_encoder", "text_encoder_2"][:len(bundle.text_encoders)]
     return {"unet": bundle.unet, **dict(zip(names, bundle.text_encoders))}
 
@@ -81,6 +85,14 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
     if not state:
         raise LoraError(f"--lora {str(spec.path)!r}: holds no tensors")
     targets = _targets(bundle)
+    if "transformer" in targets:  # SD3 / FLUX: kohya FLUX files take diffusers' names first (core/dit_lora.py)
+        from .dit_lora import is_kohya, kohya_flux_to_diffusers
+
+        if is_kohya(state):
+            if bundle.family.kind != "flux":
+                raise LoraError(f"--lora {str(spec.path)!r}: a kohya-format file (lora_unet_/lora_te keys); "
+                                f"{bundle.family.name} takes diffusers-format LoRAs (transformer.*.lora_A/B)")
+            state = kohya_flux_to_diffusers(state, f"--lora {str(spec.path)!r}", LoraError)
     kohya = all(k.startswith(tuple(_KOHYA_PREFIXES)) for k in state)
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     if kohya:
@@ -99,7 +111,7 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
             split = _split(key, _DIFFUSERS_PARTS)
             net, _, module = split[0].partition(".") if split else ("", "", None)
             if module not in names.get(net, ()):
-                module = None
+                module = _text_model_alias(module, names.get(net, ()))
         if split is None or module is None:
             raise LoraError(f"--lora {str(spec.path)!r}: unknown key {key!r} (not a LoRA of {bundle.family.name}'s "
                             f"{', '.join(targets)})")
@@ -112,6 +124,14 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
         if "alpha" not in parts and net in alphas:
             parts["alpha"] = torch.tensor(alphas[net])
     return out
+
+
+def _text_model_alias(module: str | None, names) -> str | None:
+    """`text_model.<rest>` as `<rest>` where the CLIP module has no `text_model` level (transformers 5 flattened
+    CLIPTextModel; LoRA files name the layers as transformers 4 did), else None."""
+    if module is not None and module.startswith("text_model.") and module[len("text_model."):] in names:
+        return module[len("text_model."):]
+    return None
 
 
 def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
