@@ -32,6 +32,30 @@ def is_kohya(state: dict[str, torch.Tensor]) -> bool:
     return bool(state) and all(k.startswith(_KOHYA_FLUX_PREFIXES) for k in state)
 
 
+def dit_state(state: dict[str, torch.Tensor], family, where: str, error) -> dict[str, torch.Tensor]:
+    """The file's tensors under diffusers' names for this family: kohya FLUX converted, kohya SD3 refused."""
+    if not is_kohya(state):
+        return state
+    if family.kind != "flux":
+        raise error(f"{where}: a kohya-format file (lora_unet_/lora_te keys); {family.name} takes "
+                    "diffusers-format LoRAs (transformer.*.lora_A/B)")
+    return kohya_flux_to_diffusers(state, where, error)
+
+
+def check_dit_lora_file(spec, family) -> None:
+    """What can be checked before the model load: the file reads, and every key names a network this family's
+    LoRAs adapt, with a LoRA suffix (kohya FLUX after conversion). LoraError naming the file and the first bad key;
+    the layers and their shapes are checked against the loaded model (`lora.check_loras`)."""
+    from .lora import _DIFFUSERS_PARTS, LoraError, read_lora_file
+
+    where = f"--lora {str(spec.path)!r}"
+    state = dit_state(read_lora_file(spec)[0], family, where, LoraError)
+    nets = ("transformer", *_DIT_TEXT_ENCODERS[family.kind])
+    for key in state:
+        if key.partition(".")[0] not in nets or not key.endswith(tuple(_DIFFUSERS_PARTS)):
+            raise LoraError(f"{where}: unknown key {key!r} (not a LoRA of {family.name}'s {', '.join(nets)})")
+
+
 class _Skipped(logging.Handler):
     """Collects the converter's warnings: each names keys it left out."""
 

@@ -70,8 +70,8 @@ def _split(key: str, parts: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """{(network, module name): {"down", "up", "alpha"?}} from the file, names resolved against this model."""
+def read_lora_file(spec: LoraSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file; LoraError for a missing, unreadable or empty one."""
     from safetensors import SafetensorError, safe_open
 
     if not spec.path.is_file():
@@ -84,15 +84,17 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
         raise LoraError(f"--lora {str(spec.path)!r}: not a readable safetensors file ({e})") from None
     if not state:
         raise LoraError(f"--lora {str(spec.path)!r}: holds no tensors")
+    return state, metadata
+
+
+def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """{(network, module name): {"down", "up", "alpha"?}} from the file, names resolved against this model."""
+    state, metadata = read_lora_file(spec)
     targets = _targets(bundle)
     if "transformer" in targets:  # SD3 / FLUX: kohya FLUX files take diffusers' names first (core/dit_lora.py)
-        from .dit_lora import is_kohya, kohya_flux_to_diffusers
+        from .dit_lora import dit_state
 
-        if is_kohya(state):
-            if bundle.family.kind != "flux":
-                raise LoraError(f"--lora {str(spec.path)!r}: a kohya-format file (lora_unet_/lora_te keys); "
-                                f"{bundle.family.name} takes diffusers-format LoRAs (transformer.*.lora_A/B)")
-            state = kohya_flux_to_diffusers(state, f"--lora {str(spec.path)!r}", LoraError)
+        state = dit_state(state, bundle.family, f"--lora {str(spec.path)!r}", LoraError)
     kohya = all(k.startswith(tuple(_KOHYA_PREFIXES)) for k in state)
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     if kohya:
