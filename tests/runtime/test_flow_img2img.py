@@ -146,3 +146,30 @@ def test_entry_follows_the_flow_rule():
                                      (0.9, 2, "stage 2 takes strengths above 0 up to 0.3333")):
         with pytest.raises(ImageInputError, match=message.replace("(", r"\(").replace("]", r"\]")):
             flow_entry_point(plan, strength, start)
+
+
+def _graphs_and_eager(name, device, dtype=torch.float32):
+    bundle = load_model(name, device=device, dtype=dtype)
+    plan = validate_plan(bundle.family, [Stage(128, 128, 4), Stage(192, 160, 2)])
+    opts = FlowGenerationOptions(PROMPT, guidance=bundle.family.default_guidance, seed=4, relay="latent")
+    start = ImageStart(_photo(128, 128), 0.8)  # enters stage 1 at its second step
+    eager = FlowMegaFusionPipeline(bundle).generate(plan, opts, image=start)
+    pipe = FlowMegaFusionPipeline(bundle, mode="graphs")
+    return pipe, pipe.generate(plan, opts, image=start), eager
+
+
+def test_graphs_mode_on_cpu_equals_eager_bit_for_bit():
+    """The buffered step (CUDA graphs' body, run eagerly on the CPU) takes the shortened entry stage."""
+    _, graphed, eager = _graphs_and_eager("tiny-flux", "cpu")
+    assert torch.equal(graphed.latent, eager.latent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_img2img_matches_eager(name, dtype):
+    """The entry stage replays its captured step for the steps that run (3 of 4), stage 2 for its 2."""
+    pipe, graphed, eager = _graphs_and_eager(name, "cuda", dtype)
+    assert pipe.graphs.captures == 2 and pipe.graphs.replays == 3 + 2
+    tol = 1e-4 if dtype == torch.float32 else 0.2  # as tests/runtime/test_flow_graphs.py: cuBLAS algorithm choice
+    assert _relerr(graphed.latent, eager.latent) < tol
