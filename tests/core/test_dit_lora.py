@@ -184,3 +184,25 @@ def test_lora_for_another_architecture_is_refused(tmp_path):
             fuse_loras(bundle, [LoraSpec(path)])
         assert "\n" not in str(e.value)
     assert weights_fingerprint(sd3.transformer) == before  # nothing was fused by a refused file
+
+
+def test_clip_layers_named_as_transformers_4_did_resolve(tmp_path):
+    """Files name CLIP layers `text_model.encoder...` (kohya: `lora_te_text_model_encoder_...`); transformers 5's
+    CLIPTextModel has no `text_model` level. Both layouts land on the same layer (SD1.5 kohya, SD3 diffusers)."""
+    sd15, sd3 = load_model("tiny-sd15"), load_model("tiny-sd3")
+    clip = sd15.text_encoders[0]
+    layer = getattr(clip, "text_model", clip).encoder.layers[0].self_attn.q_proj
+    down, up = torch.ones(RANK, layer.in_features), torch.ones(layer.out_features, RANK) * 0.01
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
+    before = layer.weight.detach().clone()
+    fuse_loras(sd15, [LoraSpec(tmp_path / "k.safetensors")])
+    assert torch.allclose(layer.weight, before + up @ down)
+    clip = sd3.text_encoders[0]
+    layer = getattr(clip, "text_model", clip).encoder.layers[0].self_attn.q_proj
+    save_file({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": up},
+              str(tmp_path / "d.safetensors"))
+    before = layer.weight.detach().clone()
+    fuse_loras(sd3, [LoraSpec(tmp_path / "d.safetensors")])
+    assert torch.allclose(layer.weight, before + up @ down)
