@@ -102,7 +102,7 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
 
         state = _maybe_map_sgm_blocks_to_diffusers(state, bundle.unet.config)  # LDM block names (SDXL files)
         flat = {net: {n.replace(".", "_"): n for n, _ in mod.named_modules() if n} for net, mod in targets.items()}
-        for net in flat:  # kohya names CLIP layers text_model_...: transformers 5 dropped that level (_text_model_alias)
+        for net in flat:  # kohya's CLIP names hold text_model_, a level transformers 5 dropped (_text_model_alias)
             flat[net].update({f"text_model_{k}": v for k, v in list(flat[net].items()) if f"text_model_{k}" not in
                               flat[net] and not hasattr(targets[net], "text_model")})
     names = {net: {n for n, _ in mod.named_modules() if n} for net, mod in targets.items()}

@@ -84,7 +84,7 @@ def test_fused_weights_are_w_plus_scaled_ba(model, tmp_path):
 def test_scale_zero_is_the_base_image(model, tmp_path):
     base = load_model(model)
     path = save_diffusers(_random_lora(base), tmp_path / "l.safetensors")
-    plan = validate_plan(base.family, [Stage(128, 128, 2)])
+    plan = validate_plan(base.family, [Stage(128, 128, 1)])
     opts = FlowGenerationOptions("a kite", guidance=base.family.default_guidance, seed=3, relay="latent")
     want = FlowMegaFusionPipeline(base).generate(plan, opts)
     zero = load_model(model)
@@ -194,7 +194,8 @@ def test_clip_layers_named_as_transformers_4_did_resolve(tmp_path):
     layer = getattr(clip, "text_model", clip).encoder.layers[0].self_attn.q_proj
     down, up = torch.ones(RANK, layer.in_features), torch.ones(layer.out_features, RANK) * 0.01
     save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
-               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up},
+              str(tmp_path / "k.safetensors"))
     before = layer.weight.detach().clone()
     fuse_loras(sd15, [LoraSpec(tmp_path / "k.safetensors")])
     assert torch.allclose(layer.weight, before + up @ down)

@@ -4,7 +4,6 @@ builds from the fused weights. The CPU tests stand a recording object in for the
 build takes minutes here); the GPU test builds and swaps real packages."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -48,7 +48,7 @@ def saved(request, tmp_path_factory):
 
 
 # 4 steps: strength 0.6 keeps 3 (t_start = int(1.6) = 1; the UNet rule, int(2.4) = 2, would keep 2), 0.3 keeps 2.
-@pytest.mark.parametrize("strength", [0.6, 1.0, pytest.param(0.3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strength", [0.6, *(pytest.param(s, marks=pytest.mark.slow) for s in (1.0, 0.3))])
 def test_one_stage_equals_diffusers_img2img(saved, strength):
     name, bundle, pipe = saved
     fam, g, steps = bundle.family, bundle.family.default_guidance, 4
@@ -114,6 +114,7 @@ def test_two_stage_first_stage_is_the_one_stage_run(saved):
     assert _relerr(got[3][..., :16, :16], want[3]) > 1e-2  # stage 2 is not the one-stage run's step 4
 
 
+@pytest.mark.slow
 def test_start_stage_two_is_a_one_stage_plan_at_its_size(saved):
     """--start-stage 2 runs stage 2's steps at stage 2's size: a one-stage plan at that size whose strength keeps
     the same last 2 of 6 steps, with the same shift (SD3 without re-scheduling keeps stage 1's shift, which is a
