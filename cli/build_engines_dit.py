@@ -25,8 +25,8 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
                         ("--stages-2", args.stages_2), ("--stage-2-path", args.stage_2_path)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to {name} (transformer packages only)")
-    if args.dynamic or args.jobs != 1 or args.no_dilation or args.lora:
-        raise UsageError(f"--dynamic, --jobs, --no-dilation and --lora do not apply to {name}")
+    if args.dynamic or args.jobs != 1 or args.no_dilation:
+        raise UsageError(f"--dynamic, --jobs and --no-dilation do not apply to {name}")
     kinds = dit_engine_kinds()
     if args.backend not in kinds:
         raise UsageError(f"--backend {args.backend}: {name} engines are built by {' or '.join(kinds)} "
@@ -44,6 +44,18 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
     check_backend(args.backend, device)
+    from ..core.dit_lora import check_dit_lora_file
+    from ..core.lora import LoraError
+    from .conditions import loras_from_args
+
+    loras = loras_from_args(args.lora)
+    if loras and not kinds[args.backend].takes_lora:
+        raise UsageError(f"--lora: {args.backend} {name} engines take no LoRA yet; build with --backend aoti")
+    try:  # another family's LoRA is refused before the load
+        for spec in loras:
+            check_dit_lora_file(spec, family)
+    except LoraError as e:
+        raise UsageError(str(e)) from None
     print(f"plan: {plan.describe()}; transformer batch {batch}")
 
     from ..core.loading import load_model
@@ -52,6 +64,14 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     # where they live, and the weights fingerprint hashes them as loaded).
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device,
                         DTYPES[args.precision], seed=weights_seed)
+    if loras:
+        from ..core.lora import fuse_loras
+
+        try:  # the engines' key hashes the fused weights: mf-generate --lora finds them by the same fuse
+            fuse_loras(bundle, loras)
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
     built = kinds[args.backend].build(bundle, plan, args.precision, out, batch, device, args.force,
                                       log=lambda msg: print(msg, flush=True))
     print(f"{built} built; manifest {out / 'manifest.json'}")

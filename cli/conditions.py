@@ -203,9 +203,11 @@ def loras_from_args(values: list[str]):
     return specs
 
 
-def image_start_from_args(args: argparse.Namespace, plan):
+def image_start_from_args(args: argparse.Namespace, plan, entry_rule=None):
     """The checked photo, strength and start stage as an ImageStart, or None without --image; one line naming
-    the bad value (a missing or unreadable file, a strength outside (0, 1], a stage outside the plan)."""
+    the bad value (a missing or unreadable file, a strength outside (0, 1], a stage outside the plan).
+    `entry_rule(plan, strength, start_stage)`: where the photo enters (default the UNet families' `entry_point`;
+    the flow families pass runtime/flow_img2img.flow_entry_point)."""
     from ..runtime.img2img import ImageInputError, ImageStart, entry_point, read_image
     from .common import warn
 
@@ -214,7 +216,7 @@ def image_start_from_args(args: argparse.Namespace, plan):
             raise UsageError("--strength and --start-stage need --image (the photo to start from)")
         return None
     try:
-        entry = entry_point(plan, args.strength, args.start_stage)
+        entry = (entry_rule or entry_point)(plan, args.strength, args.start_stage)
         photo = read_image(args.image)
     except ImageInputError as e:
         raise UsageError(str(e)) from None

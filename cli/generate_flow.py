@@ -19,8 +19,7 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
-    conditions = (("--image", args.image), ("--lora", args.lora),
-                  ("--ip-adapter", args.ip_adapter if family.kind != "flux" else None),  # FLUX's: flow_ipadapter
+    conditions = (("--ip-adapter", args.ip_adapter if family.kind != "flux" else None),  # FLUX's: flow_ipadapter
                   ("--precision", args.precision if args.precision == "fp8" else None))
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:
@@ -109,6 +108,20 @@ def run_flow(args: argparse.Namespace, family) -> int:
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
+    from ..runtime.flow_img2img import flow_entry_point
+    from .conditions import image_start_from_args, loras_from_args
+
+    image_start = image_start_from_args(args, plan, flow_entry_point)  # reads the photo, before the load
+    loras = loras_from_args(args.lora)
+    if loras:  # another family's LoRA is refused before the load; layers and shapes once the model is there
+        from ..core.dit_lora import check_dit_lora_file
+        from ..core.lora import LoraError
+
+        try:
+            for spec in loras:
+                check_dit_lora_file(spec, family)
+        except LoraError as e:
+            raise UsageError(str(e)) from None
     try:
         opts = FlowGenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule,
                                      args.relay)
@@ -135,6 +148,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
             raise UsageError(str(e)) from None
         if why:
             print(why)
+        if loras and not kind.takes_lora:
+            raise UsageError(f"--lora with --engines: {kind.backend} transformer engines take no LoRA yet; build aoti "
+                             f"packages (mf-build-engines --model {family.name} --backend aoti ...) and use those")
         note = get_backend(kind.backend).capture_note  # declared by the backend, never assumed
         if mode == "graphs" and note:
             why = f"{kind.backend} engines cannot run inside the runtime's CUDA graphs: {note}"
@@ -151,6 +167,14 @@ def run_flow(args: argparse.Namespace, family) -> int:
         return 0
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                         seed=weights_seed)
+    if loras:
+        from ..core.lora import LoraError, check_loras, fuse_loras
+
+        try:  # checked against the model before anything runs; with --engines, engine_networks fuses or swaps them
+            check_loras(bundle, loras) if args.engines else fuse_loras(bundle, loras)
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
     warn_truncated_prompts("mf-generate", bundle.tokenizers[:-1], {"--prompt": args.prompt,
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
@@ -162,7 +186,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
 
         precision = next(k for k, v in DTYPES.items() if v == dtype)
         try:  # the engines' precision is the model's dtype (they were built from it, as loaded here)
-            nets = kind.networks(bundle, args.engines, device, precision, vae_dtype)
+            nets = kind.networks(bundle, args.engines, device, precision, vae_dtype, loras)
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"transformer from the {kind.backend} {kind.what} in {args.engines} ({precision})")
@@ -185,11 +209,13 @@ def run_flow(args: argparse.Namespace, family) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.total_steps, desc="denoise", unit="step", file=sys.stderr)
+        skipped = flow_entry_point(plan, image_start.strength, image_start.start_stage).global_step \
+            if image_start else 0
+        bar = tqdm(total=plan.total_steps - skipped, desc="denoise", unit="step", file=sys.stderr)
     try:
         result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
                                on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
-                               if bar else None)
+                               if bar else None, image=image_start)
     finally:
         if bar is not None:
             bar.close()

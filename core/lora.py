@@ -55,6 +55,10 @@ _DIFFUSERS_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.dow
 
 
 def _targets(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    if getattr(bundle, "transformer", None) is not None:  # SD3 / FLUX (core/dit_lora.py)
+        from .dit_lora import dit_targets
+
+        return dit_targets(bundle)
     names = ["text_encoder", "text_encoder_2"][:len(bundle.text_encoders)]
     return {"unet": bundle.unet, **dict(zip(names, bundle.text_encoders))}
 
@@ -66,8 +70,8 @@ def _split(key: str, parts: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """{(network, module name): {"down", "up", "alpha"?}} from the file, names resolved against this model."""
+def read_lora_file(spec: LoraSpec) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the file; LoraError for a missing, unreadable or empty one."""
     from safetensors import SafetensorError, safe_open
 
     if not spec.path.is_file():
@@ -80,7 +84,17 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
         raise LoraError(f"--lora {str(spec.path)!r}: not a readable safetensors file ({e})") from None
     if not state:
         raise LoraError(f"--lora {str(spec.path)!r}: holds no tensors")
+    return state, metadata
+
+
+def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """{(network, module name): {"down", "up", "alpha"?}} from the file, names resolved against this model."""
+    state, metadata = read_lora_file(spec)
     targets = _targets(bundle)
+    if "transformer" in targets:  # SD3 / FLUX: kohya FLUX files take diffusers' names first (core/dit_lora.py)
+        from .dit_lora import dit_state
+
+        state = dit_state(state, bundle.family, f"--lora {str(spec.path)!r}", LoraError)
     kohya = all(k.startswith(tuple(_KOHYA_PREFIXES)) for k in state)
     out: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     if kohya:
@@ -88,6 +102,9 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
 
         state = _maybe_map_sgm_blocks_to_diffusers(state, bundle.unet.config)  # LDM block names (SDXL files)
         flat = {net: {n.replace(".", "_"): n for n, _ in mod.named_modules() if n} for net, mod in targets.items()}
+        for net in flat:  # kohya's CLIP names hold text_model_, a level transformers 5 dropped (_text_model_alias)
+            flat[net].update({f"text_model_{k}": v for k, v in list(flat[net].items()) if f"text_model_{k}" not in
+                              flat[net] and not hasattr(targets[net], "text_model")})
     names = {net: {n for n, _ in mod.named_modules() if n} for net, mod in targets.items()}
     for key, tensor in state.items():
         if kohya:
@@ -99,7 +116,7 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
             split = _split(key, _DIFFUSERS_PARTS)
             net, _, module = split[0].partition(".") if split else ("", "", None)
             if module not in names.get(net, ()):
-                module = None
+                module = _text_model_alias(module, names.get(net, ()))
         if split is None or module is None:
             raise LoraError(f"--lora {str(spec.path)!r}: unknown key {key!r} (not a LoRA of {bundle.family.name}'s "
                             f"{', '.join(targets)})")
@@ -112,6 +129,14 @@ def read_lora(spec: LoraSpec, bundle: ModelBundle) -> dict[tuple[str, str], dict
         if "alpha" not in parts and net in alphas:
             parts["alpha"] = torch.tensor(alphas[net])
     return out
+
+
+def _text_model_alias(module: str | None, names) -> str | None:
+    """`text_model.<rest>` as `<rest>` where the CLIP module has no `text_model` level (transformers 5 flattened
+    CLIPTextModel; LoRA files name the layers as transformers 4 did), else None."""
+    if module is not None and module.startswith("text_model.") and module[len("text_model."):] in names:
+        return module[len("text_model."):]
+    return None
 
 
 def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:

@@ -110,8 +110,11 @@ class EngineTransformer:
     arguments, runs the package serving their shapes. FLUX's rotary tables come from the model's own `pos_embed`
     (weightless) on the position ids the networks pass, as the module computes them."""
 
-    def __init__(self, dispatch: ShapeDispatch, kind: str, pos_embed: torch.nn.Module | None):
+    def __init__(self, dispatch: ShapeDispatch, kind: str, pos_embed: torch.nn.Module | None,
+                 paths: tuple[Path, ...] = ()):
         self.dispatch, self.kind, self.pos_embed = dispatch, kind, pos_embed
+        self.paths = paths
+        """The package file of each engine in `dispatch.engines`, in order (named by a refused LoRA swap)."""
         self.spec = dispatch.spec
         self.capturable = dispatch.capturable
 
@@ -156,19 +159,24 @@ def check_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precis
                               f"--stages/--size as this plan{' --guidance 1' if batch == 1 and family.cfg else ''}")
 
 
-def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> EngineTransformer:
-    """The transformer packages in `folder` built from this bundle's weights for this device in `precision`,
-    verified; EngineError naming what is missing or stale (and the command that builds it)."""
+def open_dit_engines(folder, bundle: DiTBundle, device, precision: str, weights: str | None = None,
+                     hint_flags: str = "") -> EngineTransformer:
+    """The transformer packages in `folder` built from this bundle's weights (or `weights`, a fingerprint already
+    taken) for this device in `precision`, verified; packages of other weights in the folder are left alone.
+    EngineError naming what is missing or stale (and the command that builds it, plus `hint_flags`)."""
     from ..export.dit_aoti import dit_spec
 
     device = torch.device(device)
     fam = bundle.family
     cache = EngineCache(folder)
-    hint = _hint(fam, folder, device, precision)
+    hint = _hint(fam, folder, device, precision) + hint_flags
     mine = _entries(folder, fam, device, precision)
-    weights, version = weights_fingerprint(bundle.transformer), get_backend("aoti").version()
+    weights = weights_fingerprint(bundle.transformer) if weights is None else weights
+    version = get_backend("aoti").version()
     spec = dit_spec(fam, precision, _guidance_embeds(bundle))
-    engines = []
+    # Packages of other weights (the base model's beside a LoRA's) may share the folder; these weights' serve.
+    mine = [e for e in mine if e.key.weights == weights] or mine
+    engines, paths = [], []
     for e in sorted(mine, key=lambda e: e.digest):
         if e.key.weights != weights:
             raise EngineError(f"{e.key.describe()} in {folder} was built from other weights than this model's; "
@@ -178,15 +186,72 @@ def open_dit_engines(folder, bundle: DiTBundle, device, precision: str) -> Engin
                               f"{version}; rebuild: {hint}")
         cache.verify(e)
         engines.append((e.key.profiles, StaticPackage(cache.root / e.files[0].path, spec, device)))
+        paths.append(cache.root / e.files[0].path)
     return EngineTransformer(ShapeDispatch(tuple(engines)), fam.kind,
-                             bundle.transformer.pos_embed if fam.kind == "flux" else None)
+                             bundle.transformer.pos_embed if fam.kind == "flux" else None, tuple(paths))
+
+
+def lora_flags(loras) -> str:
+    """` --lora PATH:SCALE` per LoRA, in order: what a rebuild command must add to build from the fused weights."""
+    return "".join(f" --lora {spec.path}:{spec.scale!r}" for spec in loras)
+
+
+def swap_dit_loras(engine: EngineTransformer, bundle: DiTBundle, loras, device, rebuild: str) -> int:
+    """The LoRAs' fused transformer weights (`core.lora.fused_weights`, from the bundle's base weights) put into
+    every package's constants in place, as engine/lora_swap.py does for the UNet's aoti packages; returns the
+    constants replaced. EngineError with `rebuild` for a package that cannot take them (a weight Inductor folded)."""
+    from types import SimpleNamespace
+
+    from ..core.lora import fused_weights
+    from .aoti_backend import package_constants
+    from .backend import WeightSwapError
+
+    device = torch.device(device)
+    weights = fused_weights(bundle, list(loras), device).get("transformer", {})
+    if not weights:
+        return 0
+    replaced = 0
+    for (_, package), path in zip(engine.dispatch.engines, engine.paths):
+        view = SimpleNamespace(model=package.model, spec=package.spec, device=device, path=path)
+        try:
+            constants = package_constants(view, bundle.transformer, "transformer", weights)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the new tensors are written before the copy reads them
+            package.model.load_constants(constants, check_full_update=False)
+        except WeightSwapError as e:
+            raise EngineError(f"{e}; build packages from the fused weights: {rebuild}") from None
+        except (RuntimeError, TypeError) as e:
+            raise EngineError(f"{path}: the package did not take new constants ({e}); build packages from the "
+                              f"fused weights: {rebuild}") from None
+        replaced += len(constants)
+    return replaced
+
+
+def _open_with_loras(folder, bundle: DiTBundle, device, precision: str, loras) -> EngineTransformer:
+    """Base-weight packages with the LoRAs swapped in where the folder has them, else packages built from the
+    fused weights (mf-build-engines --lora); the bundle's modules are fused either way (the text encoders run in
+    torch; the transformer module only lends FLUX its weightless rotary embedding)."""
+    from ..core.lora import fuse_loras
+
+    device = torch.device(device)
+    base = weights_fingerprint(bundle.transformer)
+    flags = lora_flags(loras)
+    if any(e.key.weights == base for e in _entries(folder, bundle.family, device, precision)):
+        engine = open_dit_engines(folder, bundle, device, precision, base)
+        swap_dit_loras(engine, bundle, loras, device, _hint(bundle.family, folder, device, precision) + flags)
+        fuse_loras(bundle, list(loras))
+        return engine
+    fuse_loras(bundle, list(loras))
+    return open_dit_engines(folder, bundle, device, precision, hint_flags=flags)
 
 
 def engine_networks(bundle: DiTBundle, folder, device, precision: str,
-                    vae_dtype: torch.dtype | None = None) -> FlowTorchNetworks:
-    """`FlowTorchNetworks` whose transformer runs from the packages in `folder` (text encoders, VAE: modules)."""
+                    vae_dtype: torch.dtype | None = None, loras=()) -> FlowTorchNetworks:
+    """`FlowTorchNetworks` whose transformer runs from the packages in `folder` (text encoders, VAE: modules).
+    `loras` (core.lora.LoraSpec, checked against the model already): see `_open_with_loras`."""
     nets = FlowTorchNetworks(bundle, vae_dtype)
-    engine = open_dit_engines(folder, bundle, device, precision)
+    engine = (_open_with_loras(folder, bundle, device, precision, loras) if loras
+              else open_dit_engines(folder, bundle, device, precision))
     nets.transformer_fn = engine
     nets.capturable = engine.capturable
     return nets
@@ -204,18 +269,20 @@ class DiTEngineKind:
     check: Callable[..., None]
     """(folder, family, plan, device, precision, batch): EngineError unless the folder serves the plan."""
     networks: Callable[..., FlowTorchNetworks]
-    """(bundle, folder, device, precision, vae_dtype) -> the networks with the transformer from the folder."""
+    """(bundle, folder, device, precision, vae_dtype, loras) -> the networks with the transformer from the folder."""
     what: str
     """What its engines are, for messages."""
+    takes_lora: bool
+    """Whether `networks` takes LoRAs (swapped into the engines, or engines built with them) and `build` fused ones."""
 
 
 def dit_engine_kinds() -> dict[str, DiTEngineKind]:
     """Every backend that builds transformer engines, by registry name (DIT_BACKENDS, in that order)."""
     from . import dit_onnx_engines as ort
 
-    kinds = (DiTEngineKind("aoti", build_dit_engines, check_dit_engines, engine_networks, "packages"),
+    kinds = (DiTEngineKind("aoti", build_dit_engines, check_dit_engines, engine_networks, "packages", True),
              DiTEngineKind(ort.BACKEND_NAME, ort.build_dit_onnx_engine, ort.check_dit_onnx_engine,
-                           ort.onnx_engine_networks, "engine"))
+                           ort.onnx_engine_networks, "engine", False))
     return {k.backend: k for k in kinds}
 
 

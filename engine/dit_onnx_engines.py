@@ -192,9 +192,11 @@ def _open_context(family: DiTFamily, device: torch.device):
 
 
 def onnx_engine_networks(bundle: DiTBundle, folder, device, precision: str,
-                         vae_dtype: torch.dtype | None = None) -> FlowTorchNetworks:
+                         vae_dtype: torch.dtype | None = None, loras=()) -> FlowTorchNetworks:
     """`FlowTorchNetworks` whose transformer runs from the ONNX Runtime engine in `folder`; `capturable` is the
-    backend's runners' (False: its sessions bind their own CUDA stream)."""
+    backend's runners' (False: its sessions bind their own CUDA stream). No LoRA (`takes_lora` False)."""
+    if loras:
+        raise EngineError("onnxruntime transformer engines take no LoRA yet; use aoti packages")
     nets = FlowTorchNetworks(bundle, vae_dtype)
     engine = open_dit_onnx_engine(folder, bundle, device, precision)
     nets.transformer_fn = engine

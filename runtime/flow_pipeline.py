@@ -19,10 +19,12 @@ from ..core.plan import StagePlan
 from ..engine.flow_networks import FlowTorchNetworks
 from .flow_conditioning import FlowConditioning, encode_flow
 from .flow_graphs import FlowGraphedDenoiser
+from .flow_img2img import encode_flow_image, flow_entry_point, skip_flow_steps
 from .flow_schedule import plan_flow_schedule
 from .pipeline import SEED_LIMIT, GenerationResult, draw_noise, to_uint8
 from .relay import RELAY_MODES, bicubic_resize
 from .fused_relay import relay_resize
+from .img2img import ImageStart
 from .segments import SegmentClock
 
 FLOW_MODES = ("eager", "graphs", "compiled")
@@ -109,8 +111,10 @@ class FlowMegaFusionPipeline:
 
     def generate(self, plan: StagePlan, opts: FlowGenerationOptions,
                  on_step: Callable[[int, int], None] | None = None,
-                 on_segment: Callable[[str, float], None] | None = None) -> GenerationResult:
-        """One image; `on_step(k, i)` after each step, `on_segment(name, seconds)` after each segment."""
+                 on_segment: Callable[[str, float], None] | None = None,
+                 image: ImageStart | None = None) -> GenerationResult:
+        """One image; `on_step(k, i)` after each step, `on_segment(name, seconds)` after each segment.
+        `image`: start from a photo (image to image, docs/ALGORITHM.md §18.1; its entry under the flow rule)."""
         dev, fam = self.device, self.family
         cfg = self.bundle.vae.config
         scaling, shift = float(cfg.scaling_factor), float(cfg.shift_factor or 0.0)
@@ -121,6 +125,7 @@ class FlowMegaFusionPipeline:
         cond = encode_flow(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
         schedules = plan_flow_schedule(plan, fam, opts.reschedule)
         generator = torch.Generator("cpu").manual_seed(opts.seed)
+        entry = flow_entry_point(plan, image.strength, image.start_stage) if image is not None else None
         mark("text encoders")
         stepped = getattr(self.nets, "takes_step", False)  # ControlNets: scale and image per global step / stage
         if stepped:
@@ -131,10 +136,22 @@ class FlowMegaFusionPipeline:
         last_k = len(plan.stages) - 1
         for k, stage in enumerate(plan.stages):
             first = sum(s.steps for s in plan.stages[:k])  # global index of this stage's first step
+            if entry is not None and k < entry.stage:
+                continue  # image to image: the photo enters at a later stage
+            if entry is not None and k == entry.stage:
+                schedules[k] = skip_flow_steps(schedules[k], entry.step)
             sigma_t, d_sigma, timestep = schedules[k].tensors(dev)
+            steps = len(schedules[k].sigma_t)
+            first += stage.steps - steps  # image to image: skipped steps keep their places in the global schedule
             h, w = stage.height // vs, stage.width // vs
             noise = draw_noise((1, ch, h, w), generator, self.noise_dtype, dev)
-            if k == 0:
+            if entry is not None and k == entry.stage:
+                # The photo as this stage's x0, noised to its first kept sigma (docs/ALGORITHM.md §18.1), in the
+                # latent dtype as diffusers' prepare_latents leaves it.
+                x0_photo = encode_flow_image(self.nets, image.image, stage.height, stage.width, scaling, shift, dev)
+                z = ((1 - sigma_t[0]) * x0_photo + sigma_t[0] * noise).to(self.noise_dtype).float()
+                mark("encode image")
+            elif k == 0:
                 z = noise
             else:
                 # Relay the truncated x0 to this stage's size, re-noise it to this stage's first (shifted) sigma'.
@@ -143,21 +160,21 @@ class FlowMegaFusionPipeline:
                 mark(f"relay {k}->{k + 1}")
             if self.graphs is not None:
                 # Same step, replayed (docs/ALGORITHM.md §18); a non-final stage's last x0 is the truncation x0.
-                z, x0 = self.graphs.run_flow_stage(z, sigma_t, d_sigma, timestep, cond, opts.guidance, stage.steps,
+                z, x0 = self.graphs.run_flow_stage(z, sigma_t, d_sigma, timestep, cond, opts.guidance, steps,
                                                    first_step=first)
-                for i in range(stage.steps if on_step is not None else 0):
+                for i in range(steps if on_step is not None else 0):
                     on_step(k, i)
-            for i in range(stage.steps if self.graphs is None else 0):
+            for i in range(steps if self.graphs is None else 0):
                 step = torch.tensor(first + i, device=dev) if stepped else None
                 v = guided_velocity(self.nets, z, timestep[i], cond, opts.guidance, step)
                 x0 = z - sigma_t[i] * v
                 if on_step is not None:
                     on_step(k, i)
-                if k < last_k and i == stage.steps - 1:
+                if k < last_k and i == steps - 1:
                     break  # truncate: x0 from the pre-update latent; this step's update is not needed
                 z = z + d_sigma[i] * v  # Euler: z_s = z_t + (sigma_s - sigma_t) v
                 z = z.to(self.noise_dtype).float()  # the pipelines keep the latent in the model's dtype
-            mark(f"stage {k + 1} ({stage.width}x{stage.height}, {stage.steps} steps)")
+            mark(f"stage {k + 1} ({stage.width}x{stage.height}, {steps} steps)")
 
         image = self.nets.vae_decode(z / scaling + shift)
         pixels = to_uint8(image)

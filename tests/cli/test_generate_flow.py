@@ -81,8 +81,7 @@ def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("flags,flag", [(["--image", "photo.png"], "--image"), (["--lora", "a.safetensors"], "--lora"),
-                                        (["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
+@pytest.mark.parametrize("flags,flag", [(["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
                                         (["--precision", "fp8"], "--precision")])
 def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
     """A flag the flow loop would ignore is refused before the model load (no silently wrong image)."""
@@ -235,3 +234,84 @@ def test_flux_ip_adapter_refusals_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.png").exists()
+
+
+FLOW_PLAN = ["--prompt", "a harbour", "--stages", "128x128:2,160x160:1", "--no-progress", "--device", "cpu",
+             "--relay", "latent"]
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((128, 128), Image.BILINEAR).save(path)
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_image_to_image_enters_at_the_start_stage(model, photo, tmp_path, capsys):
+    out = tmp_path / "up.png"
+    assert main(["--model", model, *FLOW_PLAN, "--image", str(photo), "--start-stage", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "encode image" in text and "stage 2 (160x160, 1 steps)" in text and "stage 1 " not in text
+    assert Image.open(out).size == (160, 160)
+
+
+def _dit_lora(model, path):
+    from tests.core.test_dit_lora import _random_lora, save_diffusers
+    from megafusion.core.loading import load_model
+
+    return save_diffusers(_random_lora(load_model(model)), path)
+
+
+def test_lora_changes_the_flux_image(tmp_path, capsys):
+    lora = _dit_lora("tiny-flux", tmp_path / "style.safetensors")
+    common = ["--model", "tiny-flux", *FLOW_PLAN]
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--lora", f"{lora}:0.8", "--output", str(tmp_path / "styled.png")]) == 0
+    assert f"lora: {lora} x0.8" in capsys.readouterr().out
+    assert (np.asarray(Image.open(tmp_path / "plain.png")) != np.asarray(Image.open(tmp_path / "styled.png"))).any()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image", "{missing}"], "--image"),
+    (["--image", "{garbage}"], "not a readable image"),
+    (["--image", "{photo}", "--strength", "0"], "--strength 0.0: must be a number in (0, 1]"),
+    (["--image", "{photo}", "--strength", "1.5"], "--strength 1.5: must be a number in (0, 1]"),
+    (["--image", "{photo}", "--start-stage", "3"], "--start-stage 3: the plan has stages 1 to 2"),
+    (["--image", "{photo}", "--start-stage", "2", "--strength", "0.9"],
+     "--strength 0.9 starts at step 1 of 3, in stage 1, not --start-stage 2"),
+    (["--strength", "0.5"], "--strength and --start-stage need --image"),
+    (["--lora", "{missing}"], "--lora"),
+    (["--lora", "{unet_lora}"], "unknown key 'unet.down_blocks.0"),
+    (["--lora", "{kohya_sd}"], "a kohya-format file"),
+])
+def test_bad_image_or_lora_is_one_line_before_the_load(args, needle, photo, tmp_path, capsys, no_model_load):
+    from safetensors.torch import save_file
+    import torch
+
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG but not really")
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 4)},
+              str(tmp_path / "unet.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
+              str(tmp_path / "kohya.safetensors"))
+    names = {"photo": photo, "missing": tmp_path / "nope.png", "garbage": tmp_path / "garbage.png",
+             "unet_lora": tmp_path / "unet.safetensors", "kohya_sd": tmp_path / "kohya.safetensors"}
+    out = tmp_path / "out.png"
+    rc = main(["--model", "tiny-sd3", *FLOW_PLAN, *(a.format(**names) for a in args), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("mf-generate: error: ") and needle in err, err
+    assert not out.exists()
+
+
+def test_transformer_lora_given_to_a_unet_family_is_one_line(tmp_path, capsys):
+    lora = _dit_lora("tiny-sd3", tmp_path / "sd3.safetensors")
+    out = tmp_path / "x.png"
+    assert main(["--model", "tiny-sd15", "--prompt", "x", "--stages", "128x128:1", "--no-progress", "--device", "cpu",
+                 "--lora", str(lora), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mf-generate: error: --lora ") and "unknown key" in err, err
+    assert not out.exists()
