@@ -265,3 +265,25 @@ def test_cuda_compiled_mode_with_controlnet_matches_eager(name):
     pipe = FlowMegaFusionPipeline(b, nets, mode="compiled")
     assert _relerr(pipe.generate(plan, opts).latent, eager) < 1e-3  # Inductor reorders fp32 reductions
     assert pipe.graphs.captures == 2
+
+
+def test_image_to_image_keeps_the_global_step_positions(saved):
+    """Image to image skips a stage's first steps; the ControlNet window counts them (fractions of the global
+    schedule, as for the UNet families). Strength 0.5 over 4 steps runs steps 2 and 3 only: a window over steps 0-1
+    (end 0.5) never acts, so the latent is plain image to image bit for bit; a window over 2-3 does act."""
+    from megafusion.runtime.img2img import ImageStart
+    from tests.runtime.test_flow_img2img import _photo
+
+    bundle, _, paths = saved
+    plan = validate_plan(bundle.family, [Stage(128, 128, STEPS)])
+    start = ImageStart(_photo(128, 128), 0.5)
+    opts = FlowGenerationOptions(PROMPT, guidance=bundle.family.default_guidance, seed=3)
+    net, image = _load(bundle, paths[0]), control_image(128, 128)
+
+    def run(controls):
+        nets = ControlledFlowNetworks(FlowTorchNetworks(bundle), controls, "cpu") if controls else None
+        return FlowMegaFusionPipeline(bundle, nets, "cpu").generate(plan, opts, image=start).latent
+
+    plain = run([])
+    assert torch.equal(run([Control(net, image, 1.0, 0.0, 0.5)]), plain)
+    assert _relerr(run([Control(net, image, 1.0, 0.5, 1.0)]), plain) > 1e-3
