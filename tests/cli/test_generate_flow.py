@@ -106,6 +106,13 @@ def test_onnxruntime_engine_built_then_used_by_mf_generate(tmp_path, capsys):
     assert main([*common, "--engines", str(tmp_path / "e"), "--output", str(tmp_path / "e.png")]) == 0
     assert "transformer from the onnxruntime engine" in capsys.readouterr().out
     assert main([*common, "--output", str(tmp_path / "t.png")]) == 0
+    lora = _dit_lora("tiny-sd3", tmp_path / "style.safetensors")
+    capsys.readouterr()
+    assert main([*common, "--engines", str(tmp_path / "e"), "--lora", str(lora), "--output",
+                 str(tmp_path / "l.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--lora with --engines: onnxruntime transformer engines take no LoRA" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "l.png").exists()
     a = np.asarray(Image.open(tmp_path / "e.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.int16)
     assert a.shape == (192, 160, 3) and np.abs(a - b).max() <= 1  # uint8 rounding of a 1e-5 latent difference
@@ -315,3 +322,16 @@ def test_transformer_lora_given_to_a_unet_family_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mf-generate: error: --lora ") and "unknown key" in err, err
     assert not out.exists()
+
+
+def test_onnxruntime_transformer_engines_refuse_a_lora(tmp_path, capsys):
+    """ONNX Runtime transformer engines declare no LoRA (`takes_lora`): the build and the run refuse --lora in one
+    line, before any model load or engine work, naming the aoti way."""
+    from megafusion.cli.build_engines import main as build
+
+    lora = _dit_lora("tiny-sd3", tmp_path / "style.safetensors")
+    rc = build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--lora", str(lora), "--device", "cpu",
+                "--output", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lora: onnxruntime tiny-sd3 engines take no LoRA" in err and "--backend aoti" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
