@@ -128,18 +128,22 @@ class EngineTransformer:
         return (self.dispatch.run(feeds)[self.spec.outputs[0].name],)
 
 
-def _hint(family: DiTFamily, folder, device: torch.device, precision: str) -> str:
-    return (f"build them with mf-build-engines --model {family.name} --backend aoti --precision {precision} "
+def transformer_hint(family: DiTFamily, folder, device: torch.device, precision: str, backend: str = "aoti",
+                     them: str = "them") -> str:
+    return (f"build {them} with mf-build-engines --model {family.name} --backend {backend} --precision {precision} "
             f"--device {device.type} --output {folder}")
 
 
-def _entries(folder, family: DiTFamily, device: torch.device, precision: str) -> list:
+def transformer_entries(folder, family: DiTFamily, device: torch.device, precision: str, backend: str = "aoti",
+                        what: str = "transformer packages", them: str = "them") -> list:
+    """The folder's `backend` transformer entries for this family, device and precision; EngineError naming the
+    build command when there are none."""
     cache = EngineCache(folder)
     mine = [e for e in cache.entries().values() if e.key.model == family.name and e.key.network == TRANSFORMER
-            and e.key.device == device_name(device) and e.key.backend == "aoti" and e.key.precision == precision]
+            and e.key.device == device_name(device) and e.key.backend == backend and e.key.precision == precision]
     if not mine:
-        raise EngineError(f"{folder} holds no {family.name} transformer packages for {device_name(device)} in "
-                          f"{precision}; {_hint(family, folder, device, precision)}")
+        raise EngineError(f"{folder} holds no {family.name} {what} for {device_name(device)} in "
+                          f"{precision}; {transformer_hint(family, folder, device, precision, backend, them)}")
     return mine
 
 
@@ -150,12 +154,13 @@ def check_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precis
 
     device = torch.device(device)
     sample = dit_spec(family, precision).inputs[0]
-    held = {p.shapes[0][1] for e in _entries(folder, family, device, precision) for p in e.key.profiles}
+    held = {p.shapes[0][1] for e in transformer_entries(folder, family, device, precision) for p in e.key.profiles}
     for s in plan.stages:
         shape = sample.concrete(dit_axes(family, batch, s.height // family.vae_scale, s.width // family.vae_scale))
         if shape not in held:
+            hint = transformer_hint(family, folder, device, precision)
             raise EngineError(f"{folder} holds no {family.name} transformer package for the {s.width}x{s.height} "
-                              f"stage at batch {batch} in {precision}; {_hint(family, folder, device, precision)} "
+                              f"stage at batch {batch} in {precision}; {hint} "
                               f"--stages/--size as this plan{' --guidance 1' if batch == 1 and family.cfg else ''}")
 
 
@@ -169,8 +174,8 @@ def open_dit_engines(folder, bundle: DiTBundle, device, precision: str, weights:
     device = torch.device(device)
     fam = bundle.family
     cache = EngineCache(folder)
-    hint = _hint(fam, folder, device, precision) + hint_flags
-    mine = _entries(folder, fam, device, precision)
+    hint = transformer_hint(fam, folder, device, precision) + hint_flags
+    mine = transformer_entries(folder, fam, device, precision)
     weights = weights_fingerprint(bundle.transformer) if weights is None else weights
     version = get_backend("aoti").version()
     spec = dit_spec(fam, precision, _guidance_embeds(bundle))
@@ -236,9 +241,10 @@ def _open_with_loras(folder, bundle: DiTBundle, device, precision: str, loras) -
     device = torch.device(device)
     base = weights_fingerprint(bundle.transformer)
     flags = lora_flags(loras)
-    if any(e.key.weights == base for e in _entries(folder, bundle.family, device, precision)):
+    if any(e.key.weights == base for e in transformer_entries(folder, bundle.family, device, precision)):
         engine = open_dit_engines(folder, bundle, device, precision, base)
-        swap_dit_loras(engine, bundle, loras, device, _hint(bundle.family, folder, device, precision) + flags)
+        hint = transformer_hint(bundle.family, folder, device, precision)
+        swap_dit_loras(engine, bundle, loras, device, hint + flags)
         fuse_loras(bundle, list(loras))
         return engine
     fuse_loras(bundle, list(loras))

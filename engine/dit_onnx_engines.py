@@ -23,6 +23,7 @@ from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile, latent_range
 from .backend import Backend, get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
+from .dit_engines import transformer_entries, transformer_hint
 from .flow_networks import FlowTorchNetworks
 from .runners import ShapeDispatch
 
@@ -116,19 +117,12 @@ def build_dit_onnx_engine(bundle: DiTBundle, plan: StagePlan, precision: str, ou
 
 
 def build_hint(family: DiTFamily, folder, device: torch.device, precision: str) -> str:
-    return (f"build it with mf-build-engines --model {family.name} --backend {BACKEND_NAME} --precision {precision} "
-            f"--device {device.type} --output {folder}")
+    return transformer_hint(family, folder, device, precision, BACKEND_NAME, "it")
 
 
 def _entries(folder, family: DiTFamily, device: torch.device, precision: str) -> list:
-    cache = EngineCache(folder)
-    mine = [e for e in cache.entries().values() if e.key.model == family.name and e.key.network == TRANSFORMER
-            and e.key.device == device_name(device) and e.key.backend == BACKEND_NAME
-            and e.key.precision == precision]
-    if not mine:
-        raise EngineError(f"{folder} holds no {family.name} {BACKEND_NAME} transformer engine for "
-                          f"{device_name(device)} in {precision}; {build_hint(family, folder, device, precision)}")
-    return mine
+    return transformer_entries(folder, family, device, precision, BACKEND_NAME, f"{BACKEND_NAME} transformer engine",
+                               "it")
 
 
 def _covers(family: DiTFamily, profile: ShapeProfile, plan: StagePlan, batch: int) -> bool:
