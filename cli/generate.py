@@ -217,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
 
         phases: dict[str, float] = {}
         try:
+            # With --controlnet the controlled-UNet engines run every UNet step: the plain ones stay closed.
             nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype,
-                                      timings=phases)
+                                      timings=phases, unopened=frozenset({"unet"} if controls else ()))
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
