@@ -332,10 +332,12 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         limit, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
         limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
 
+    cache = EstimateCache(default_path(args.engines))  # a repeated start reads the estimate rather than recompute it
     memory = plan_memory(family, plan, dtype, vae, int(limit), opts.guidance > 1.0, opts.relay, *tile,
-                         graph_pool=mode != "eager")
+                         graph_pool=mode != "eager", cache=cache)
     estimate, tiling = memory.estimate, memory.tiling
     if args.dry_run:
         from ..benchmarks.flops import MetaCostCounter, plan_cost
@@ -343,6 +345,7 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         cost = plan_cost(MetaCostCounter(family), plan, cfg=opts.guidance > 1.0, relay=opts.relay)
         print(f"plan: {plan.describe()}")
         print("\n".join(memory.describe()))
+        print(f"  memory estimates: {cache.reused} reused, {cache.computed} computed ({cache.path})")
         print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
               "and compile-time autotuning")
         print(f"cost: {cost.true_tflop:,.1f} TFLOP (UNet {cost.unet_tflop:,.1f}), text encoders apart")
