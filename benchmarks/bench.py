@@ -212,9 +212,9 @@ def cost_variants(family: ModelFamily, plan: StagePlan, conditions=None, relay: 
     out = [Variant("direct", "direct", direct_plan(family, plan), nothing, "one stage at the target size"),
            Variant("MegaFusion", "engine", plan, nothing, "the stage plan")]
     if conditions:
-        from .conditions import ControlNetCostCounter, conditioned_cost
+        from .conditions import conditioned_cost, controlnet_counters
 
-        cns = tuple(ControlNetCostCounter(family, c[0]) for c in conditions.controls)
+        cns = controlnet_counters(family, conditions.controls)
         label = conditions.label()
         out.append(Variant(f"MegaFusion + {label}", "conditioned", plan, nothing, f"the stage plan with {label}",
                            pair="MegaFusion", cost=lambda counter, cfg, dil: conditioned_cost(

@@ -68,10 +68,24 @@ class Conditions:
         }
 
 
+def controlnet_counters(family, controls: tuple[ControlInput, ...]) -> tuple[ControlNetCostCounter, ...]:
+    """A cost counter per ControlNet, from its config alone; ControlInputError names a folder whose config.json
+    does not build a ControlNet."""
+    from ..runtime.controlnet import ControlInputError
+
+    out = []
+    for c in controls:
+        try:
+            out.append(ControlNetCostCounter(family, c[0]))
+        except (OSError, ValueError, TypeError) as e:
+            raise ControlInputError(f"--controlnet {c[0]!r}: its config.json does not build a ControlNetModel "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return tuple(out)
+
+
 def conditioned_cost(conds: Conditions, counter: MetaCostCounter, plan: StagePlan, cfg: bool, relay: str,
                      dilation: int, controlnets: tuple[ControlNetCostCounter, ...] | None = None) -> PlanCost:
-    cns = controlnets if controlnets is not None else tuple(ControlNetCostCounter(counter.family, c[0])
-                                                           for c in conds.controls)
+    cns = controlnets if controlnets is not None else controlnet_counters(counter.family, conds.controls)
     entry = conds.image.entry(plan) if conds.image is not None else None
     return conditioned_plan_cost(counter, plan, cfg, relay, dilation, cns, entry)
 
@@ -92,11 +106,14 @@ def fused_copy(bundle: ModelBundle, loras: tuple[LoraSpec, ...]) -> tuple[ModelB
     return copied, time.perf_counter() - t0
 
 
-def _torch_controlled(nets, bundle: ModelBundle, controls: tuple[ControlInput, ...], device):
-    from ..runtime.controlnet import Control, ControlledNetworks, load_controlnet
+def _torch_controlled(nets, modules: list[torch.nn.Module], controls: tuple[ControlInput, ...], device):
+    """`nets` with the ControlNets (loaded once, `modules`) on their UNet step, in the networks' UNet dtype."""
+    from ..runtime.controlnet import Control, ControlledNetworks
 
-    made = [Control(load_controlnet(path, bundle.unet, device, nets.unet_dtype), image, scale, start, end)
-            for path, image, scale, start, end in controls]
+    for m in modules:
+        if m.dtype != nets.unet_dtype:  # compiled-fp8 runs bf16; the rows before it have run
+            m.to(dtype=nets.unet_dtype)
+    made = [Control(m, image, scale, start, end) for m, (_, image, scale, start, end) in zip(modules, controls)]
     return ControlledNetworks(nets, made, device)
 
 
@@ -155,9 +172,15 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
     bundle (variants._lazy_engine)."""
     if not conds:
         return {}
+    from ..runtime.controlnet import load_controlnet
+
     label = conds.label()
-    cns = tuple(ControlNetCostCounter(bundle.family, c[0]) for c in conds.controls)  # config only: built on meta
-    copied, fuse_s = fused_copy(bundle, conds.loras) if conds.loras else (bundle, None)
+    torch_kinds = [k for k in kinds if not k.startswith(ENGINE_FOLDER_PREFIX)]
+    # Loaded (and checked against the UNet) now: a ControlNet that does not fit is refused before anything is timed.
+    modules = [load_controlnet(c[0], bundle.unet, device, bundle.unet.dtype) for c in conds.controls] \
+        if torch_kinds else []
+    cns = controlnet_counters(bundle.family, conds.controls)
+    copied, fuse_s = fused_copy(bundle, conds.loras) if conds.loras and torch_kinds else (bundle, None)
     if conds.loras and any(k.startswith(ENGINE_FOLDER_PREFIX) for k in kinds):
         from ..core.lora import check_loras
 
@@ -177,12 +200,12 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
             else:
                 get = plain[kind]
         elif conds.loras:
-            wrap = (lambda nets, b=copied: _torch_controlled(nets, b, conds.controls, device)) if conds.controls \
+            wrap = (lambda nets: _torch_controlled(nets, modules, conds.controls, device)) if conds.controls \
                 else None
             get = _eager(copied, wrap, device) if kind == "torch" else lazy_torch(kind, copied, wrap)
             setup, what = (lambda s=fuse_s: s), "LoRA fused into a copy of the weights, once"
         elif conds.controls:
-            get = _wrapped(plain[kind], bundle, conds.controls, device, kind)
+            get = _wrapped(plain[kind], bundle, modules, conds.controls, device, kind)
         else:
             get = plain[kind]
         name = f"engine: {kind}"
@@ -194,13 +217,13 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
     return out
 
 
-def _wrapped(get: Callable[[], MegaFusionPipeline], bundle: ModelBundle, controls, device, kind: str):
+def _wrapped(get: Callable[[], MegaFusionPipeline], bundle: ModelBundle, modules, controls, device, kind: str):
     """The plain variant's networks with the ControlNets on their UNet step, in a pipeline of their own."""
     made: list[MegaFusionPipeline] = []
 
     def pipe() -> MegaFusionPipeline:
         if not made:
-            nets = _torch_controlled(get().nets, bundle, controls, device)
+            nets = _torch_controlled(get().nets, modules, controls, device)
             made.append(MegaFusionPipeline(bundle, nets, device) if kind == "torch"
                         else MegaFusionPipeline.fast(bundle, nets, device))
         return made[0]

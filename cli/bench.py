@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(f"{' and '.join(given)}: mf-bench takes the extra conditions for the latent families "
                              f"(SD1.5, SDXL), not {args.model}")
-
         return run_if_bench(args, build_parser())
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
@@ -160,7 +159,12 @@ def run(args: argparse.Namespace) -> int:
     vae = None
     if args.cost_only:
         peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
-        variants = cost_variants(family, plan, conditions)
+        from ..runtime.controlnet import ControlInputError
+
+        try:
+            variants = cost_variants(family, plan, conditions)
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
     else:
         from ..core.loading import load_model
         from ..runtime.pipeline import GenerationOptions

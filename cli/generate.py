@@ -344,8 +344,8 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
 
         cost = plan_cost(MetaCostCounter(family), plan, cfg=opts.guidance > 1.0, relay=opts.relay)
         print(f"plan: {plan.describe()}")
+        print(f"memory estimates: {cache.reused} reused, {cache.computed} computed ({cache.path})")
         print("\n".join(memory.describe()))
-        print(f"  memory estimates: {cache.reused} reused, {cache.computed} computed ({cache.path})")
         print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
               "and compile-time autotuning")
         print(f"cost: {cost.true_tflop:,.1f} TFLOP (UNet {cost.unet_tflop:,.1f}), text encoders apart")

@@ -163,3 +163,59 @@ def test_refusals_are_one_line_before_the_load(inputs, tmp_path, capsys, monkeyp
 def test_if_refuses_the_conditions(inputs, tmp_path, capsys):
     refused("mf-bench", ["--model", "tiny-if", "--output", str(tmp_path / "o"), "--lora", str(inputs["lora"])],
             capsys, "--lora: mf-bench takes the extra conditions for the latent families")
+
+
+def _engine_bench(stages):
+    return ["--model", "tiny-sd15", "--device", "cpu", "--stages", stages, "--repeats", "1", "--warmup", "0",
+            "--prompt", "a kite", "--variants", "engines:onnxruntime", "--direct-for", "none"]
+
+
+@pytest.mark.slow
+def test_engine_variant_swaps_the_lora(inputs, sd15_engines, tmp_path):
+    """engines:onnxruntime: the LoRA is swapped into the engines the plain row ran, the swap in its own column."""
+    from tests.engines import STAGES as stages
+
+    base = _engine_bench(stages)
+    assert main([*base, "--engine-dir", str(sd15_engines), "--lora", str(inputs["lora"]), "--output",
+                 str(tmp_path / "lora")]) == 0
+    rows = json.loads((tmp_path / "lora" / "results.json").read_text())["variants"]
+    assert [v["name"] for v in rows] == ["direct", "diffusers eager", "engine: engines:onnxruntime",
+                                         "engine: engines:onnxruntime + lora style x1"]
+    assert rows[3]["setup_s"] > 0 and rows[3]["setup"] == "LoRA swapped into the engines"
+    assert rows[3]["true_tflop"] == pytest.approx(rows[2]["true_tflop"])  # a LoRA costs nothing per step
+
+
+@pytest.mark.slow
+def test_engine_variant_runs_the_controlnet_engines(inputs, sd15_engines, tmp_path, monkeypatch):
+    """engines:onnxruntime with --controlnet: the conditioned row runs the ControlNet engines, the plain UNet engines
+    left closed."""
+    from megafusion.engine.build import BuildRequest
+    from megafusion.engine.controlnet_engines import build_controlnet_engines
+    from megafusion.runtime.controlnet import load_controlnet
+    from tests.engines import STAGES as stages
+
+    base = _engine_bench(stages)
+    folder = tmp_path / "engines"
+    shutil.copytree(sd15_engines, folder)
+    bundle = load_model("tiny-sd15")
+    plan = validate_plan(bundle.family, parse_stages(stages))
+    cn = load_controlnet(inputs["cn"], bundle.unet, "cpu", torch.float32)
+    build_controlnet_engines(bundle, [cn], BuildRequest(plan, "onnxruntime", "fp32", folder))
+    import megafusion.engine.load as load
+
+    opened, real = [], load.open_entry
+    monkeypatch.setattr(load, "open_entry", lambda d, e, b, c: opened.append(e.key.network) or real(d, e, b, c))
+    assert main([*base, "--engine-dir", str(folder), "--controlnet", str(inputs["cn"]), "--control-image",
+                 str(inputs["edges"]), "--output", str(tmp_path / "cn")]) == 0
+    rows = json.loads((tmp_path / "cn" / "results.json").read_text())["variants"]
+    assert rows[3]["name"] == "engine: engines:onnxruntime + controlnet cn" and rows[3]["median_s"] > 0
+    assert rows[3]["true_tflop"] > rows[2]["true_tflop"]
+    assert opened.count("unet") == 2  # the plain row's two (dilation 1 and 2); none for the conditioned row
+
+
+def test_controlnet_for_another_model_is_refused_before_timing(inputs, tiny_sdxl, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("megafusion.benchmarks.bench.measure", lambda *a, **k: pytest.fail("timed before refusing"))
+    other = save_tiny_controlnet(tiny_sdxl.unet, tmp_path / "xl-cn", 1)
+    refused("mf-bench", ["--model", "tiny-sd15", "--device", "cpu", "--stages", STAGES, "--controlnet", str(other),
+                         "--control-image", str(inputs["edges"]), "--output", str(tmp_path / "o")], capsys,
+            f"--controlnet {str(other)!r}:", "does not match the UNet's")
