@@ -144,17 +144,19 @@ def _engine_controlled(backend: str, bundle: ModelBundle, plan: StagePlan, opts:
 def _lora_swapper(get: Callable[[], MegaFusionPipeline], bundle: ModelBundle, plan: StagePlan,
                   opts: GenerationOptions, loras: tuple[LoraSpec, ...], engine_dir, device):
     """setup of a conditioned engine row: the LoRAs swapped into the plain row's opened engines (after it ran),
-    returning the swap's seconds; the row then runs a pipeline of its own on them (fresh CUDA graphs)."""
+    returning the swap's seconds; the row then runs a pipeline of its own on them (fresh CUDA graphs). Engines that
+    cannot take a LoRA are refused now (SwapRefused), before anything is timed."""
+    from ..engine.lora_swap import LoraSwap, swap_rebuild_command
+
     made: list[MegaFusionPipeline] = []
+    nets = get().nets
+    precision = next(r.spec.precision for (network, _), r in nets.runners.items() if network == "unet")
+    dilation = opts.dilation if len(plan.stages) > 1 else 1
+    rebuild = swap_rebuild_command(bundle, plan, nets.backend, precision, dilation, Path(engine_dir), device)
+    swap = LoraSwap(nets, bundle, rebuild)
 
     def setup() -> float:
-        from ..engine.lora_swap import LoraSwap, swap_rebuild_command
-
-        nets = get().nets
-        precision = next(r.spec.precision for (network, _), r in nets.runners.items() if network == "unet")
-        dilation = opts.dilation if len(plan.stages) > 1 else 1
-        rebuild = swap_rebuild_command(bundle, plan, nets.backend, precision, dilation, Path(engine_dir), device)
-        seconds = LoraSwap(nets, bundle, rebuild).swap(list(loras)).seconds
+        seconds = swap.swap(list(loras)).seconds
         fast = torch.device(device).type == "cuda" and nets.capturable
         made.append(MegaFusionPipeline.fast(bundle, nets, device) if fast else MegaFusionPipeline(bundle, nets, device))
         return seconds
