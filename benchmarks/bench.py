@@ -21,7 +21,7 @@ class SegmentRow:
     name: str
     """Segment as the generator names it (text encoders, stage k, relay k->k+1, decode)."""
     kind: str
-    """`text`, `stage`, `relay` or `decode`."""
+    """`text`, `stage`, `relay`, `encode` (image to image's photo) or `decode`."""
     median_s: float | None
     """Median seconds over the timed repeats (None when nothing was timed)."""
     paper_gmacs: float
@@ -72,6 +72,10 @@ class VariantResult:
     """(allocated, reserved) peak GiB during the first generation (CUDA)."""
     steady_peak_gib: tuple[float, float] | None = None
     """(allocated, reserved) peak GiB over the timed generations (CUDA)."""
+    setup_s: float | None = None
+    """Seconds of the row's set-up, not in its times (a LoRA fused or swapped into the engines), if it has one."""
+    setup: str = ""
+    """What that set-up was."""
 
 
 @dataclass(frozen=True)
@@ -128,14 +132,16 @@ def _gib(pair: tuple[int, int] | None) -> tuple[float, float] | None:
     return None if pair is None else (pair[0] / 2**30, pair[1] / 2**30)
 
 
-def variant_result(v: Variant, cost: PlanCost, m: Measurement | None, peak: float | None) -> VariantResult:
+def variant_result(v: Variant, cost: PlanCost, m: Measurement | None, peak: float | None,
+                   setup_s: float | None = None) -> VariantResult:
     median = m.median_s if m else None
     thr = achieved(cost.true_tflop, median, peak) if median else None
     return VariantResult(
         v.name, v.role, v.description, v.plan.describe(), list(m.totals_s) if m else [], median,
         cost.paper_gmacs, cost.true_tflop, cost.text_tflop, thr.tflop_per_s if thr else None,
         thr.fraction_of_peak if thr else None, segment_rows(cost, m.segment_medians() if m else None, peak),
-        v.pair, m.first_s if m else None, _gib(m.first_peak) if m else None, _gib(m.steady_peak) if m else None)
+        v.pair, m.first_s if m else None, _gib(m.first_peak) if m else None, _gib(m.steady_peak) if m else None,
+        setup_s, v.setup_label)
 
 
 def speedups(results: list[VariantResult]) -> list[Speedup]:
@@ -169,6 +175,13 @@ def notes(family: ModelFamily) -> list[str]:
     return out
 
 
+CONDITIONS_NOTE = (
+    "Conditioned rows ('<row> + <conditions>') run right after their plain row, in the same process. A LoRA is fused "
+    "into a copy of the UNet and text encoders made before any row runs (both rows then hold both copies), or "
+    "swapped into the opened engines after their plain row (the set-up column; not in the times); ControlNet "
+    "forwards are counted in every step's cost, image to image counts the photo's encode and only the steps run.")
+
+
 def run_variants(variants: list[Variant], family: ModelFamily, device: torch.device, repeats: int,
                  warmup: int, peak: float | None, counter: MetaCostCounter | None = None,
                  cfg: bool = True, dilation: int = 2, time_them: bool = True,
@@ -177,23 +190,36 @@ def run_variants(variants: list[Variant], family: ModelFamily, device: torch.dev
     counter = counter or MetaCostCounter(family)
     out = []
     for v in variants:
-        cost = plan_cost(counter, v.plan, cfg=cfg, dilation=dilation)
-        m = None
+        cost = v.cost(counter, cfg, dilation) if v.cost else plan_cost(counter, v.plan, cfg=cfg, dilation=dilation)
+        m = setup_s = None
+        if time_them and v.setup is not None:
+            setup_s = v.setup()
+            log(f"set-up of {v.name}: {v.setup_label}, {setup_s:.2f} s")
         if time_them:
             log(f"timing {v.name}: {v.plan.describe()} ({warmup} warm-up, {repeats} timed)")
             m = measure(v.generate, device, repeats, warmup)
             log(f"  median {m.median_s * 1000:.1f} ms")
-        out.append(variant_result(v, cost, m, peak))
+        out.append(variant_result(v, cost, m, peak, setup_s))
     return out
 
 
-def cost_variants(family: ModelFamily, plan: StagePlan) -> list[Variant]:
-    """Direct and MegaFusion rows with nothing to run: the cost-only report."""
+def cost_variants(family: ModelFamily, plan: StagePlan, conditions=None, relay: str = "pixel") -> list[Variant]:
+    """Direct and MegaFusion rows with nothing to run: the cost-only report; with `conditions`
+    (benchmarks.conditions.Conditions) the conditioned plan's row after them."""
     def nothing():
         return []
 
-    return [Variant("direct", "direct", direct_plan(family, plan), nothing, "one stage at the target size"),
-            Variant("MegaFusion", "engine", plan, nothing, "the stage plan")]
+    out = [Variant("direct", "direct", direct_plan(family, plan), nothing, "one stage at the target size"),
+           Variant("MegaFusion", "engine", plan, nothing, "the stage plan")]
+    if conditions:
+        from .conditions import conditioned_cost, controlnet_counters
+
+        cns = controlnet_counters(family, conditions.controls)
+        label = conditions.label()
+        out.append(Variant(f"MegaFusion + {label}", "conditioned", plan, nothing, f"the stage plan with {label}",
+                           pair="MegaFusion", cost=lambda counter, cfg, dil: conditioned_cost(
+                               conditions, counter, plan, cfg, relay, dil, cns)))
+    return out
 
 
 def resolve_peak(device: torch.device, given: float | None, measure_it: bool, log=print):

@@ -190,7 +190,7 @@ class SegmentCost:
     name: str
     """The segment, named as `GenerationResult.timings` names it."""
     kind: str
-    """`text`, `stage`, `relay` or `decode`."""
+    """`text`, `stage`, `relay`, `encode` (image to image's photo) or `decode`."""
     paper_gmacs: float
     """The paper's convention: UNet conv/linear G-MACs, CFG as batch 2 (0 outside stages)."""
     true_tflop: float
@@ -358,3 +358,82 @@ class IFCostCounter:
         for k, st in enumerate(plan.stages):
             total = total + self.unet(cascade, st.height, st.width, 2 if cfg else 1, 1 if k == 0 else dilation) * st.steps
         return total
+
+# --- Extra conditions (docs/ALGORITHM.md §14-16): ControlNets beside the UNet, image to image ----------------------
+
+
+class ControlNetCostCounter:
+    """One ControlNet, built on the meta device from its folder's config.json; one forward per step and shape,
+    memoised. It runs at every step of every stage (runtime/controlnet.py: its scale is zero outside
+    [start, end], not skipped), with the UNet's batch and the mid block dilated as the UNet's."""
+
+    def __init__(self, family: ModelFamily, folder: str):
+        from diffusers import ControlNetModel
+
+        self.family = family
+        with torch.device("meta"):
+            self.module = ControlNetModel.from_config(ControlNetModel.load_config(folder))
+        self._memo: dict[tuple, ForwardCost] = {}
+
+    def step(self, height: int, width: int, batch: int = 2, dilation: int = 1) -> ForwardCost:
+        key = (height, width, batch, dilation)
+        if key not in self._memo:
+            self._memo[key] = self._count(*key)
+        return self._memo[key]
+
+    def _count(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
+        cfg, vs = self.family.unet, self.family.vae_scale
+        with torch.device("meta"):
+            sample = torch.empty(batch, cfg["in_channels"], height // vs, width // vs)
+            states = torch.empty(batch, 77, cfg["cross_attention_dim"])
+            image = torch.empty(batch, 3, height, width)
+            added = None
+            if cfg.get("addition_embed_type") == "text_time":
+                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+                added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+            t = torch.tensor(981)
+        set_mid_dilation(self.module, dilation)
+        try:
+            return count_forward(self.module, lambda: self.module(
+                sample, t, encoder_hidden_states=states, controlnet_cond=image, conditioning_scale=1.0,
+                added_cond_kwargs=added, return_dict=False))
+        finally:
+            set_mid_dilation(self.module, 1)
+
+
+def conditioned_plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool = True, relay: str = "pixel",
+                          dilation: int = 2, controlnets: tuple[ControlNetCostCounter, ...] = (),
+                          entry=None) -> PlanCost:
+    """`plan_cost` with the extra conditions, in the segments the pipeline times: each step's ControlNet forwards
+    added to the UNet's (paper G-MACs too: the ControlNet is a UNet encoder); with image to image (`entry`, a
+    runtime.img2img.EntryPoint) the stages before the entry skipped, the photo's VAE encode at the entry stage's size
+    in place of a relay (segment "encode image"), and the entry stage's skipped steps left out. A LoRA fused or
+    swapped into the weights costs nothing per step."""
+    fam = counter.family
+    text_passes = 1 + (cfg and not fam.is_xl)
+    batch = 2 if cfg else 1
+
+    def step(k: int, st: Stage) -> ForwardCost:
+        d = 1 if k == 0 else dilation
+        total = counter.unet(st.height, st.width, batch, d)
+        for cn in controlnets:
+            total = total + cn.step(st.height, st.width, batch, d)
+        return total
+
+    segs = list(plan_segments(counter, plan, counter.text_encoders() * text_passes, step, relay))
+    if entry is None:
+        return PlanCost(fam.name, plan.describe(), cfg, tuple(segs))
+    out = [segs[0]]
+    for k, st in enumerate(plan.stages):
+        if k < entry.stage:
+            continue
+        if k == entry.stage:
+            out.append(SegmentCost("encode image", "encode", 0.0, *_tera(counter.vae_encode(st.height, st.width))))
+            steps = st.steps - entry.step
+            cost = step(k, st) * steps
+            out.append(SegmentCost(f"stage {k + 1} ({st.width}x{st.height}, {steps} steps)", "stage",
+                                   cost.macs / 1e9, *_tera(cost)))
+            continue
+        out += [s for s in segs if s.name == f"relay {k}->{k + 1}" or s.name.startswith(f"stage {k + 1} (")]
+    out.append(segs[-1])
+    return PlanCost(fam.name, plan.describe(), cfg, tuple(out))

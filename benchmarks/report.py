@@ -52,6 +52,32 @@ def summary_table(result: BenchResult) -> list[str]:
     return lines
 
 
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}x"
+
+
+def conditioned_table(result: BenchResult) -> list[str]:
+    """Each conditioned row against its plain row (time, cost, peak memory, set-up); none without conditions."""
+    rows = [(v, next((p for p in result.variants if p.name == v.pair), None))
+            for v in result.variants if v.role == "conditioned"]
+    if not rows:
+        return []
+    lines = ["## Conditioned against plain", "",
+             "| conditioned row | plain row | median ms (plain) | time | true TFLOP (plain) | TFLOP "
+             "| peak GiB steady (plain) | set-up s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for v, p in rows:
+        if p is None:
+            continue
+        peak = (f"{_mem(v.steady_peak_gib)} ({_mem(p.steady_peak_gib)})" if v.steady_peak_gib or p.steady_peak_gib
+                else "–")
+        setup = "–" if v.setup_s is None else f"{v.setup_s:.2f} ({v.setup})"
+        lines.append(f"| {v.name} | {p.name} | {_ms(v.median_s)} ({_ms(p.median_s)}) | {_ratio(v.median_s, p.median_s)} "
+                     f"| {_n(v.true_tflop)} ({_n(p.true_tflop)}) | {_ratio(v.true_tflop, p.true_tflop)} "
+                     f"| {peak} | {setup} |")
+    return lines + [""]
+
+
 def _segments_table(v: VariantResult) -> list[str]:
     lines = [f"### {v.name}: {v.plan}", "",
              "| segment | median ms | paper G-MACs | true TFLOP | attention TFLOP | TFLOP/s | of peak |",
@@ -85,6 +111,7 @@ def markdown(result: BenchResult) -> str:
         f"| peak | {peak} |", "",
         "## Summary", "", *summary_table(result), "",
     ]
+    out += conditioned_table(result)
     if result.speedups:
         out += ["## Speedups", "", "| engine | over | speedup |", "|---|---|---:|"]
         out += [f"| {s.engine} | {s.over} | {s.factor:.2f}x |" for s in result.speedups] + [""]

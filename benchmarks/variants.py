@@ -12,8 +12,9 @@ from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 from .baseline_eager import megafusion_eager
 
-ROLES = ("direct", "baseline", "engine")
-"""direct: one stage at the target size; baseline: diffusers modules called eagerly; engine: ours."""
+ROLES = ("direct", "baseline", "engine", "conditioned")
+"""direct: one stage at the target size; baseline: diffusers modules called eagerly; engine: ours; conditioned: an
+engine row with the extra conditions (benchmarks/conditions.py), compared with its plain row."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,13 @@ class Variant:
     description: str
     """One line for the report."""
     pair: str = ""
-    """For a direct row: the name of the engine row whose networks it runs."""
+    """For a direct row: the name of the engine row whose networks it runs; for a conditioned row, its plain row."""
+    setup: Callable[[], float] | None = None
+    """Run once before the row is timed (a LoRA swapped into engines); returns its seconds, reported apart."""
+    setup_label: str = ""
+    """What `setup` does, in words."""
+    cost: Callable | None = None
+    """(MetaCostCounter, cfg, dilation) -> PlanCost, where the plan's cost is not `plan_cost`'s (conditions)."""
 
 
 def direct_plan(family: ModelFamily, plan: StagePlan) -> StagePlan:
@@ -63,13 +70,17 @@ ENGINE_FOLDER_PREFIX = "engines:"
 
 def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None = None,
                  opts: GenerationOptions | None = None, engine_dir=None,
-                 compile_cache=None) -> Callable[[], MegaFusionPipeline]:
+                 compile_cache=None, wrap=None) -> Callable[[], MegaFusionPipeline]:
+    """`wrap(nets)`: networks around the variant's (ControlNets), for conditioned rows; torch variants only."""
     made: list[MegaFusionPipeline] = []
+
+    def fast(nets) -> MegaFusionPipeline:
+        return MegaFusionPipeline.fast(bundle, wrap(nets) if wrap else nets, device)
 
     def get() -> MegaFusionPipeline:
         if not made:  # built at first use, after the variants before it have run
             if kind == "graphs":
-                made.append(MegaFusionPipeline.fast(bundle, TorchNetworks(bundle), device))
+                made.append(fast(TorchNetworks(bundle)))
             elif kind.startswith(ENGINE_FOLDER_PREFIX):
                 made.append(_engine_pipeline(kind.removeprefix(ENGINE_FOLDER_PREFIX), bundle, device, plan, opts,
                                              engine_dir))
@@ -82,7 +93,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                 # Row-wise FP8 GEMMs write bf16; nn.Module.to, since diffusers' .to warns about fp32 modules.
                 torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
                 nets = FastTorchNetworks(bundle, FastOptions(unet_fp8=Fp8Policy()))
-                made.append(MegaFusionPipeline.fast(bundle, nets, device))
+                made.append(fast(nets))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 
@@ -93,7 +104,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                     if not cacheable(nets):
                         CompileCache(compile_cache).load(compile_key(nets, device, plan, opts.relay,
                                                                      opts.guidance > 1.0))
-                made.append(MegaFusionPipeline.fast(bundle, nets, device))
+                made.append(fast(nets))
         return made[0]
 
     return get
@@ -116,11 +127,13 @@ def _engine_pipeline(backend: str, bundle: ModelBundle, device, plan: StagePlan,
 def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptions, device,
                      engines: tuple[str, ...] = ("torch",), engine_dir=None,
                      direct_for: tuple[str, ...] = (), compile_cache=None,
-                     engine_bundle: ModelBundle | None = None) -> list[Variant]:
+                     engine_bundle: ModelBundle | None = None, conditions=None) -> list[Variant]:
     """(a) direct, (b) the eager diffusers-style baseline, (c) the engine on each asked-for backend, each engine
     in `direct_for` preceded by its own direct row (the same total steps in one stage on the same networks).
     Built engines open against `engine_bundle` (the model as mf-build-engines loaded it: random weights are
-    initialised on the CPU there, and a GPU initialises other values from the same seed), else `bundle`."""
+    initialised on the CPU there, and a GPU initialises other values from the same seed), else `bundle`.
+    `conditions` (benchmarks.conditions.Conditions): each engine row is followed by its conditioned row, before
+    the next variant changes the shared modules."""
     unknown = [e for e in (*engines, *direct_for) if e not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engine variant(s) {', '.join(unknown)}; known: {', '.join(ENGINES)}")
@@ -142,13 +155,14 @@ def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptio
         Variant("diffusers eager", "baseline", plan, eager,
                 "MegaFusion with the diffusers modules called eagerly, DDIMScheduler per stage"),
     ]
+    gets = {"torch": lambda: pipe}
     for kind in sorted(engines, key=_engine_order):
         if kind == "torch":
             out.append(engine_variant("engine: torch", pipe, plan, opts, ENGINES[kind]))
             continue
         own = kind.startswith(ENGINE_FOLDER_PREFIX)
         src = engine_bundle if own and engine_bundle is not None else bundle
-        get = _lazy_engine(kind, src, device, plan, opts, engine_dir, compile_cache)
+        get = gets[kind] = _lazy_engine(kind, src, device, plan, opts, engine_dir, compile_cache)
         if own:
             get()  # opened now: engines that do not cover the plan are refused before anything is timed
         if kind in direct_for:  # torch modules serve any plan; built engines open the direct plan's own shapes
@@ -161,6 +175,15 @@ def default_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationOptio
                                f"'engine: {kind}'", pair=f"engine: {kind}"))
         out.append(Variant(f"engine: {kind}", "engine", plan, lambda g=get: g().generate(plan, opts).timings,
                            ENGINES[kind]))
+    if conditions:
+        from .conditions import conditioned_variants
+
+        def lazy_torch(kind, other, wrap):
+            return _lazy_engine(kind, other, device, plan, opts, wrap=wrap)
+
+        rows = conditioned_variants(bundle, plan, opts, device, tuple(engines), conditions, gets, engine_dir,
+                                    engine_bundle, lazy_torch)
+        out = [x for v in out for x in ([v, rows[v.name]] if v.name in rows else [v])]
     return out
 
 

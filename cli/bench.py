@@ -8,6 +8,7 @@ import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                      add_plan_arguments, run_main)
+from .conditions import add_control_arguments, add_image_arguments
 
 
 def build_parser() -> ArgumentParser:
@@ -49,6 +50,11 @@ def build_parser() -> ArgumentParser:
                    help="also time fresh mf-generate processes to the first image, comma-separated: engines:aoti, "
                         "engines:onnxruntime (from --engine-dir), compiled (twice: empty caches, then the compile "
                         "cache the first run filled)")
+    add_image_arguments(p)
+    add_control_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="also time each variant with this LoRA (.safetensors) times SCALE (default 1): fused on the "
+                        "torch variants, swapped into the engines (the swap timed apart); repeatable")
     # Was the name of --variants; refused rather than dropped, since mf-generate's --engines is an engine folder.
     p.add_argument("--engines", help=argparse.SUPPRESS)
     return p
@@ -60,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model in pixel_family_names():  # DeepFloyd IF: cli/bench_if.py
         from .bench_if import run_if_bench
 
+        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--image", args.image))
+                 if v]
+        if given:
+            raise UsageError(f"{' and '.join(given)}: mf-bench takes the extra conditions for the latent families "
+                             f"(SD1.5, SDXL), not {args.model}")
         return run_if_bench(args, build_parser())
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
@@ -123,8 +134,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--variants/--cold-start engines:<backend> need --engine-dir (an mf-build-engines folder)")
         if not os.path.isdir(args.engine_dir):
             raise UsageError(f"--engine-dir {args.engine_dir!r}: no such folder")
+    conditions = _conditions_from_args(args, plan, variant_names, family)
     dtype = model_dtype(device, args.dtype)
     print(f"plan: {plan.describe()}")
+    if conditions:
+        print(f"conditions: {conditions.label()} (each variant timed with them too)")
     colds, compile_cache = [], args.compile_cache
     if cold and not args.cost_only:  # first, while this process holds no device memory of its own
         import shutil
@@ -145,12 +159,19 @@ def run(args: argparse.Namespace) -> int:
     vae = None
     if args.cost_only:
         peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
-        variants = cost_variants(family, plan)
+        from ..runtime.controlnet import ControlInputError
+
+        try:
+            variants = cost_variants(family, plan, conditions)
+        except ControlInputError as e:
+            raise UsageError(str(e)) from None
     else:
         from ..core.loading import load_model
         from ..runtime.pipeline import GenerationOptions
 
         from ..benchmarks.variants import default_variants
+        from ..core.lora import LoraError
+        from ..runtime.controlnet import ControlInputError
 
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
@@ -166,8 +187,11 @@ def run(args: argparse.Namespace) -> int:
         if any(n.startswith("engines:") for n in variant_names):  # loaded as mf-build-engines loads it
             engine_bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle,
                                        seed=weights_seed)
-        variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
-                                    compile_cache, engine_bundle)
+        try:
+            variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
+                                        compile_cache, engine_bundle, conditions)
+        except (LoraError, ControlInputError) as e:  # a LoRA or ControlNet that does not fit the model
+            raise UsageError(str(e)) from None
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
                            cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
     paper = []
@@ -183,14 +207,39 @@ def run(args: argparse.Namespace) -> int:
         "dilation": dilation, "reschedule": not args.no_reschedule, "relay": "pixel",
         "cost_only": args.cost_only,
     }
+    extra_notes = []
+    if conditions:
+        from ..benchmarks.bench import CONDITIONS_NOTE
+
+        settings["conditions"] = conditions.describe(plan)
+        extra_notes.append(CONDITIONS_NOTE)
     result = BenchResult(family.name, settings, environment(device), peak, source, results,
-                         speedups(results) if not args.cost_only else [], paper, notes(family), colds)
+                         speedups(results) if not args.cost_only else [], paper, notes(family) + extra_notes, colds)
     paths = write_reports(result, out_dir)
     print("\n".join(summary_table(result)))
     for s in result.speedups:
         print(f"{s.engine} over {s.over}: {s.factor:.2f}x")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
+    """The --lora, --controlnet and --image inputs, checked as mf-generate checks them (cli/conditions.py), before
+    any load; the combinations mf-generate refuses are refused here too."""
+    from ..benchmarks.conditions import Conditions
+    from .conditions import controls_from_args, image_start_from_args, loras_from_args
+
+    image = image_start_from_args(args, plan)
+    loras = loras_from_args(args.lora)
+    controls = controls_from_args(args)
+    engines = [n for n in variant_names if n.startswith("engines:")]
+    if controls and engines and loras:  # a swap would reach the plain UNet engines, not the controlled ones
+        raise UsageError(f"--lora with --variants {','.join(engines)} and --controlnet: the ControlNet engines hold "
+                         "the base UNet; build them from the LoRA's weights (mf-build-engines --lora ... "
+                         "--controlnet ...) and leave out --lora here")
+    if (loras or controls or image) and family.kind in ("sd3", "flux"):
+        raise UsageError(f"--lora, --controlnet and --image: mf-bench takes them for SD1.5 and SDXL, not {family.name}")
+    return Conditions(tuple(loras), tuple(controls), image)
 
 
 def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[str, ...]:

@@ -217,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
 
         phases: dict[str, float] = {}
         try:
+            # With --controlnet the controlled-UNet engines run every UNet step: the plain ones stay closed.
             nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype,
-                                      timings=phases)
+                                      timings=phases, unopened=frozenset({"unet"} if controls else ()))
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
@@ -331,16 +332,19 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         limit, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
         limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
 
+    cache = EstimateCache(default_path(args.engines))  # a repeated start reads the estimate rather than recompute it
     memory = plan_memory(family, plan, dtype, vae, int(limit), opts.guidance > 1.0, opts.relay, *tile,
-                         graph_pool=mode != "eager")
+                         graph_pool=mode != "eager", cache=cache)
     estimate, tiling = memory.estimate, memory.tiling
     if args.dry_run:
         from ..benchmarks.flops import MetaCostCounter, plan_cost
 
         cost = plan_cost(MetaCostCounter(family), plan, cfg=opts.guidance > 1.0, relay=opts.relay)
         print(f"plan: {plan.describe()}")
+        print(f"memory estimates: {cache.reused} reused, {cache.computed} computed ({cache.path})")
         print("\n".join(memory.describe()))
         print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
               "and compile-time autotuning")

@@ -191,7 +191,8 @@ def _stale(e: Entry, fingerprint: str, installed: str, here: str) -> str:
 def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
                  relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
                  precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
-                 ort_unet_graphs: bool = False, timings: dict[str, float] | None = None) -> tuple[EngineNetworks, str]:
+                 ort_unet_graphs: bool = False, timings: dict[str, float] | None = None,
+                 unopened: frozenset[str] = frozenset()) -> tuple[EngineNetworks, str]:
     """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
 
     Each entry's weights fingerprint must be the bundle's (engine/fingerprint.py: from the weights' origin, so
@@ -199,7 +200,10 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     one's; its files are verified, by hashes remembered in the folder where their stat is unchanged.
     ONNX Runtime on CUDA: `conv_algo_search` is the EP's cuDNN algorithm search; `ort_unet_graphs` runs the
     UNets through one ORT CUDA graph per input shape (replays skip the EP's per-shape set-up). `timings`, if
-    given, receives the seconds of each phase: `fingerprint`, `verify`, `open`."""
+    given, receives the seconds of each phase: `fingerprint`, `verify`, `open`. `unopened`: networks the run calls
+    elsewhere (with --controlnet the controlled-UNet engines replace the plain UNet's): their entries are chosen,
+    so the backend and precision are the plan's, but neither verified nor opened (SDXL's UNet engines hold about
+    10 GB of device memory); each stands as an `Unopened` runner that refuses to run."""
     t0 = time.perf_counter()
     device = torch.device(device)
     sel = select_engines(engine_dir, bundle.family, bundle.source, plan, dilation, relay, device, backend,
@@ -214,6 +218,8 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     t1 = time.perf_counter()
     chosen: dict[tuple[str, int], list[Entry]] = {}
     for s, per_profile in sel.needs:
+        if s.network in unopened:
+            continue
         fingerprint = by_component[bundle.component(s.network)]
         picked: list[Entry] = []
         for fits in per_profile:
@@ -231,10 +237,14 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     t2 = time.perf_counter()
     ctx = OpenContext(bundle.family, device, bundle, conv_algo_search, ort_unet_graphs)
     runners = {k: _one_runner([open_entry(engine_dir, e, backend, ctx) for e in es], es) for k, es in chosen.items()}
+    runners.update({(s.network, s.dilation): Unopened(s) for s, _ in sel.needs if s.network in unopened})
     if timings is not None:
         timings.update(fingerprint=t1 - t0, verify=t2 - t1, open=time.perf_counter() - t2)
     networks = EngineNetworks(runners, device, backend.name)
     networks.weights = {network: es[0].key.weights for (network, _), es in chosen.items()}
+    # The controlled UNet's engines are keyed by the plain UNet's fingerprint: hashed once, here.
+    networks.weights.update({s.network: by_component[bundle.component(s.network)] for s, _ in sel.needs
+                             if s.network in unopened})
     return networks, f"{backend.name} engines ({sel.precision}) from {engine_dir}"
 
 
@@ -243,3 +253,17 @@ def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -
     spec = network_spec(get_family(e.key.model), e.key.network, e.key.precision, e.key.dilation)
     path = engine_dir / e.files[0].path if e.files else None
     return backend.open(e, path, spec, ctx)
+
+
+class Unopened:
+    """A network of the plan that `open_engines` left closed (`unopened`): it keeps the spec (the dtypes the
+    pipeline reads) and refuses to run, naming why."""
+
+    capturable = True
+
+    def __init__(self, spec: NetworkSpec):
+        self.spec = spec
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise RuntimeError(f"{self.spec.name}: this run left its engines unopened (another network runs in its "
+                           "place)")

@@ -16,6 +16,7 @@ import torch
 from ..core.families import ModelFamily
 from ..core.memory import GiB, MemoryEstimate, VaePasses, estimate_memory
 from ..core.plan import StagePlan
+from .memory_cache import EstimateCache, estimate_key
 from .vae_parking import ShapeParking
 from .vae_tiling import DEFAULT_TILE, VaeTiling, tiled_decode, tiled_encode
 
@@ -79,14 +80,21 @@ class MemoryPlan:
 
 def plan_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtype, vae_dtype: torch.dtype,
                 limit_bytes: int, cfg: bool = True, relay: str = "pixel", when: str = "auto",
-                tiling: VaeTiling | None = None, graph_pool: bool = False) -> MemoryPlan:
+                tiling: VaeTiling | None = None, graph_pool: bool = False,
+                cache: EstimateCache | None = None) -> MemoryPlan:
     """`when`: one of MODES ("auto": the first of untiled, tiled, tiled and parked whose estimate fits
-    `limit_bytes`, else the lowest, to be refused); `tiling`: the tile size to use (default DEFAULT_TILE)."""
+    `limit_bytes`, else the lowest, to be refused); `tiling`: the tile size to use (default DEFAULT_TILE);
+    `cache`: estimates kept between starts (runtime/memory_cache.py), else each is computed."""
     if when not in MODES:
         raise ValueError(f"VAE tiling {when!r}: choose {', '.join(MODES)}")
 
     def estimate(t: VaeTiling | None) -> MemoryEstimate:
-        return estimate_memory(family, plan, unet_dtype, vae_dtype, cfg, relay, t and tiled_passes(t), graph_pool)
+        def compute() -> MemoryEstimate:
+            return estimate_memory(family, plan, unet_dtype, vae_dtype, cfg, relay, t and tiled_passes(t), graph_pool)
+
+        if cache is None:
+            return compute()
+        return cache.estimate(estimate_key(family, plan, unet_dtype, vae_dtype, cfg, relay, t, graph_pool), compute)
 
     untiled = estimate(None)
     if when == "off" or (when == "auto" and untiled.peak_bytes <= limit_bytes):

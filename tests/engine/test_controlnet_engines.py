@@ -233,3 +233,61 @@ def test_ort_fused_entries_match_torch_path(tiny_sd15, sd15_engines, tmp_path):
     ref = MegaFusionPipeline(tiny_sd15, ControlledNetworks(TorchNetworks(tiny_sd15), controls, "cpu"),
                              "cpu").generate(plan, opts).latent
     assert (got - ref).abs().max() <= LATENT_ATOL
+
+
+def _count_opened(monkeypatch) -> list[str]:
+    """The networks of every entry `open_engines` opens from now on."""
+    import megafusion.engine.load as load
+
+    opened: list[str] = []
+    real = load.open_entry
+
+    def counting(engine_dir, e, backend, ctx):
+        opened.append(e.key.network)
+        return real(engine_dir, e, backend, ctx)
+
+    monkeypatch.setattr(load, "open_entry", counting)
+    return opened
+
+
+def test_controlled_run_leaves_the_plain_unet_engines_closed(sd15_controlled, tiny_sd15, monkeypatch):
+    """`unopened={"unet"}`: the plain UNet's entries are not opened, the controlled UNet's run every step, and the
+    latent is the one with every engine opened (bit for bit: the same engines compute it)."""
+    folder, plan, cns = sd15_controlled
+    controls = [Control(cns[0][1], control_image(80, 96, 4), 0.7)]
+    opts = GenerationOptions("a bridge", seed=5)
+    opened = _count_opened(monkeypatch)
+    every = _engine_nets(tiny_sd15, folder, plan, cns[:1], controls)
+    assert opened.count("unet") == 2  # one dilation-1, one dilation-2 entry: what the plain run opens
+    opened.clear()
+    base, _ = open_engines(folder, tiny_sd15, plan, 2, unopened=frozenset({"unet"}))
+    assert "unet" not in opened and {"text_encoder", "vae_decoder", "vae_encoder"} <= set(opened)
+    assert base.weights["unet"] == every.base.weights["unet"]  # the controlled UNet's key, hashed once
+    nets, unets = open_controlnet_runners(folder, tiny_sd15, plan, [cns[0][1]], [cns[0][0]], base.backend, "fp32",
+                                          2, "cpu", base.weights["unet"])
+    closed = EngineControlledNetworks(base, tiny_sd15, controls, "cpu", nets, unets)
+    got = MegaFusionPipeline(tiny_sd15, closed, "cpu").generate(plan, opts).latent
+    ref = MegaFusionPipeline(tiny_sd15, every, "cpu").generate(plan, opts).latent
+    assert torch.equal(got, ref)
+    with pytest.raises(RuntimeError, match="left its engines unopened"):  # never called; refuses if it were
+        base.unet(torch.zeros(1, 4, 16, 16), torch.tensor(1), torch.zeros(1, 77, 32), None, None, 1)
+
+
+def test_generate_with_controlnet_engines_opens_no_plain_unet(sd15_controlled, tmp_path, monkeypatch, capsys):
+    """mf-generate --engines --controlnet opens the controlled UNet's engines and not the plain UNet's (at SDXL
+    size about 10 GB of device memory that the run never calls)."""
+    import numpy as np
+    from PIL import Image
+
+    from megafusion.cli import generate as gen_cli
+    from tests.engines import STAGES as stages
+
+    folder, _, cns = sd15_controlled
+    edges = tmp_path / "edges.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(edges)
+    opened = _count_opened(monkeypatch)
+    out = tmp_path / "x.png"
+    assert gen_cli.main(["--model", "tiny-sd15", "--stages", stages, "--device", "cpu", "--prompt", "a kite",
+                         "--no-progress", "--engines", str(folder), "--controlnet", cns[0][0], "--control-image",
+                         str(edges), "--output", str(out)]) == 0, capsys.readouterr().err
+    assert out.is_file() and "unet" not in opened and "vae_decoder" in opened
