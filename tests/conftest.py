@@ -10,6 +10,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The memory-estimate cache (runtime/memory_cache.py) of every run in the tests, subprocesses included, goes
+    to a folder of the session's, not the user's ~/.cache; a test that sets MEGAFUSION_CACHE itself still wins."""
+    if "MEGAFUSION_CACHE" in os.environ:
+        yield
+        return
+    os.environ["MEGAFUSION_CACHE"] = str(tmp_path_factory.mktemp("mf-cache"))
+    yield
+    os.environ.pop("MEGAFUSION_CACHE", None)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
