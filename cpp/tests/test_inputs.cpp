@@ -110,13 +110,15 @@ int main() {
   Entry a, b;
   a.model = b.model = "tiny-sd15";
   a.network = b.network = "controlnet";
-  a.weights = std::string(63, 'a') + "b";
-  b.weights = std::string(63, 'a') + "c";
+  a.weights = "mf2:tensors:" + std::string(63, 'a') + "b";
+  b.weights = "mf2:tensors:" + std::string(63, 'a') + "c";
   f.entries = {a, b};
   auto id = resolve_controlnet(f, "tiny-sd15", "edges", "HINT");
   check(id.fingerprint == std::string(64, 'a') && id.source == "/models/edges", "controlnet by recorded name");
-  id = resolve_controlnet(f, "tiny-sd15", std::string(63, 'a') + "b", "HINT");
-  check(id.fingerprint == a.weights, "controlnet by full fingerprint");
+  id = resolve_controlnet(f, "tiny-sd15", a.weights, "HINT");
+  check(id.fingerprint == a.weights, "controlnet by whole fingerprint");
+  id = resolve_controlnet(f, "tiny-sd15", std::string(63, 'a') + "c", "HINT");
+  check(id.fingerprint == b.weights, "controlnet by a prefix of its sha256");
   expect_failure("ambiguous prefix", "is a prefix of 2 ControlNets' fingerprints in /engines",
                  [&] { resolve_controlnet(f, "tiny-sd15", std::string(20, 'a'), "HINT"); });
   expect_failure("unknown controlnet",

@@ -140,7 +140,7 @@ def test_controlnet_with_a_photo_and_by_fingerprint(cpp_build, control_engines, 
     fp = json.loads((out / "models.json").read_text())["models"]["tiny-sd15"]["controlnets"]["edges"]["weights"]
     png, ppm = _pictures(tmp_path, "edges", 64, 64, 5)
     photo_png, photo_ppm = _pictures(tmp_path, "photo", 128, 128, 6)
-    cpp, r = _cpp(cpp_build, out, tmp_path, "--controlnet", fp[:16], "--control-image", ppm, "--image", photo_ppm,
+    cpp, r = _cpp(cpp_build, out, tmp_path, "--controlnet", fp.rsplit(":", 1)[1][:16], "--control-image", ppm, "--image", photo_ppm,
                   "--strength", "0.75")
     assert r.returncode == 0, r.stderr
     _close(cpp, _python(out, tmp_path, "--controlnet", cn, "--control-image", png, "--image", photo_png,

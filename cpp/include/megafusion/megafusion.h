@@ -116,7 +116,8 @@ mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int wi
  * size), conditioning `scale` (finite) and the fraction [start, end) of the global schedule where it acts
  * (0 <= start < end <= 1). `controlnet` names ControlNet engines in the folder: the name of the folder
  * `mf-build-engines --controlnet DIR` was given (DIR's last component, as models.json records it), or the
- * weights fingerprint of its entries in manifest.json (64 hex digits, or a unique prefix of 12 or more).
+ * weights fingerprint of its entries in manifest.json ("mf2:tensors:<sha256>" whole, or a unique prefix of 12
+ * or more of its sha256's hex digits).
  * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel). */
 mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
                                 float scale, float start, float end);

@@ -22,11 +22,15 @@ ControlNetId resolve_controlnet(const EngineFolder& folder, const std::string& m
     if (it != facts->second.controlnets.end()) return {name, it->second.first, it->second.second};
     for (const auto& [n, rec] : facts->second.controlnets) known += (known.empty() ? "" : ", ") + n;
   }
-  if (name.size() >= 12 && name.size() <= 64 && is_hex(name)) {
+  // A fingerprint ("mf2:tensors:<sha256>"), whole, or a prefix of its sha256 digits.
+  const bool prefix = name.size() >= 12 && name.size() <= 64 && is_hex(name);
+  {
     std::set<std::string> matches;
-    for (const Entry& e : folder.entries)
-      if (e.model == model && e.network == "controlnet" && e.weights.compare(0, name.size(), name) == 0)
-        matches.insert(e.weights);
+    for (const Entry& e : folder.entries) {
+      if (e.model != model || e.network != "controlnet") continue;
+      const std::string digits = e.weights.substr(e.weights.rfind(':') + 1);
+      if (e.weights == name || (prefix && digits.compare(0, name.size(), name) == 0)) matches.insert(e.weights);
+    }
     if (matches.size() > 1)
       throw Failure(MF_ERROR_INVALID_ARGUMENT, "controlnet '" + name + "' is a prefix of " +
                                                    std::to_string(matches.size()) + " ControlNets' fingerprints in " +
