@@ -138,7 +138,9 @@ at::Tensor Context::run_controlled(std::vector<at::Tensor> inputs, int dilation)
       for (size_t r = 0; r < residuals.size(); ++r) residuals[r] = residuals[r] + out[r];
   }
   Network& unet = control_net(nullptr, dilation, shape, image_h, image_w);
-  inputs.insert(inputs.end(), residuals.begin(), residuals.end());
+  // Contiguous, as the Python runner hands every input over: the ControlNet's package returns its residuals in
+  // the layout it computed them in (channels_last), and the controlled UNet's package reads contiguous strides.
+  for (const at::Tensor& r : residuals) inputs.push_back(r.contiguous());
   return unet.run(inputs).at(0).to(at::kFloat);
 }
 
