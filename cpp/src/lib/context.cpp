@@ -366,8 +366,11 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
     if (backend_ != "aoti")
       throw Failure(MF_ERROR_ENGINE, "ControlNets run on aoti packages; the " + family_->name + " engines in " +
                                          folder_.root + " this context runs are " + backend_);
+    std::string stages;  // the plan, for the command that builds a missing ControlNet's engines
+    for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
+    const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
     for (const ControlInput& c : inputs->controls) {
-      controls.ids.push_back(resolve_controlnet(folder_, family_->name, c.controlnet, hint_));
+      controls.ids.push_back(resolve_controlnet(folder_, family_->name, c.controlnet, hint));
       controls.key += (controls.key.empty() ? "" : ",") + controls.ids.back().fingerprint;
     }
   }
