@@ -128,7 +128,8 @@ def test_controlnet_equals_python(cpp_build, control_engines, tmp_path, extra):
     out, cn = control_engines
     png, ppm = _pictures(tmp_path, "edges", 96, 80, 4)
     control = ["--control-scale", "0.9", *[x for x in extra if x != "--no-graphs"]]
-    cpp, r = _cpp(cpp_build, out, tmp_path, "--controlnet", "edges", "--control-image", ppm, *control, *extra)
+    graphs = [x for x in extra if x == "--no-graphs"]
+    cpp, r = _cpp(cpp_build, out, tmp_path, "--controlnet", "edges", "--control-image", ppm, *control, *graphs)
     assert r.returncode == 0, r.stderr
     _close(cpp, _python(out, tmp_path, "--controlnet", cn, "--control-image", png, *control))
     plain, _ = _cpp(cpp_build, out, tmp_path)
