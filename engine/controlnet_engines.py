@@ -103,7 +103,22 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
         report.built.append((entry, time.perf_counter() - t0))
         report.exports[entry.digest] = res
         log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
+    _record_names(cache, fam.name, controlnets)
     return report
+
+
+def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn.Module]) -> None:
+    """models.json's names of the ControlNets (their folders' last component, from the config diffusers loaded
+    them with), for the C API (engine/model_facts.py record_controlnets); those loaded from no folder are left out."""
+    from .model_facts import record_controlnets
+
+    named = {}
+    for cn in controlnets:
+        src = str(getattr(cn, "config", {}).get("_name_or_path", "") or "")
+        if src:
+            named[Path(src).name or src] = (module_fingerprint(cn), str(Path(src).resolve()))
+    if named:
+        record_controlnets(cache, model, named)
 
 
 def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path,

@@ -3,6 +3,8 @@
 #include <charconv>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <tuple>
 #include <fstream>
 #include <system_error>
 
@@ -12,6 +14,11 @@ const char* const kUsage =
     "usage: mf-generate-cpp --engines DIR --model NAME --ids FILE --output PNG [--size WxH] [--stages S]\n"
     "                       [--steps N] [--seed N] [--guidance W] [--no-reschedule] [--dilation D]\n"
     "                       [--relay pixel|latent] [--device cpu|cuda[:N]] [--repeats N] [--no-graphs]\n"
+    "                       [--image PPM [--strength S] [--start-stage K]]\n"
+    "                       [--controlnet NAME --control-image PPM ... [--control-scale F] [--control-start F]\n"
+    "                        [--control-end F]]\n"
+    "--image: start from this photo (binary PPM, P6); --strength: fraction of the steps that run (default 0.8)\n"
+    "--controlnet: a ControlNet whose engines the folder holds, by its folder's name or weights fingerprint\n"
     "--no-graphs: run the denoise steps one by one instead of replaying one CUDA graph per stage descriptor\n"
     "engine files are always checked against their sha256 (--verify-hashes is accepted and does nothing)\n";
 
@@ -175,6 +182,16 @@ bool read_ids(const std::string& flag, const std::string& path, std::vector<std:
   return true;
 }
 
+bool parse_float(const std::string& flag, const std::string& text, float& out, std::string& error) {
+  const char* begin = text.c_str();
+  char* end = nullptr;
+  const float v = std::strtof(begin, &end);
+  if (text.empty() || end != begin + text.size() || !std::isfinite(v))
+    return error = flag + " " + quoted(text) + ": expected a finite number", false;
+  out = v;
+  return true;
+}
+
 int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_generate_params& params,
                        std::string& error) {
   bool steps_given = false;
@@ -186,7 +203,8 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
     if (a == "-h" || a == "--help") { cl.help = true; return 0; }
     static const char* const valued[] = {"--engines", "--model", "--ids", "--output", "--size", "--stages",
                                          "--relay", "--device", "--steps", "--seed", "--guidance", "--dilation",
-                                         "--repeats"};
+                                         "--repeats", "--image", "--strength", "--start-stage", "--controlnet",
+                                         "--control-image", "--control-scale", "--control-start", "--control-end"};
     bool known = false;
     for (const char* v : valued) known = known || a == v;
     if (!known) return error = "unknown argument " + quoted(a) + " (see --help)", kUsageError;
@@ -212,12 +230,44 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
                             " a 3x3 kernel's taps lie farther apart than SD1.5's 8x8 native mid-block map)";
     }
     else if (a == "--repeats") ok = parse_int_at_least(a, v, 1, cl.repeats, error);
+    else if (a == "--image") cl.image = v;
+    else if (a == "--strength") {
+      ok = parse_float(a, v, cl.strength, error);
+      if (ok && !(cl.strength > 0 && cl.strength <= 1)) ok = false, error = a + " " + v + ": must be a number in (0, 1]";
+    }
+    else if (a == "--start-stage") ok = parse_int_at_least(a, v, 1, cl.start_stage, error);
+    else if (a == "--controlnet") cl.controlnets.push_back(v);
+    else if (a == "--control-image") cl.control_images.push_back(v);
+    else {  // --control-scale, --control-start, --control-end
+      float f = 0;
+      ok = parse_float(a, v, f, error);
+      (a == "--control-scale" ? cl.control_scales : a == "--control-start" ? cl.control_starts : cl.control_ends)
+          .push_back(f);
+    }
     if (!ok) return kUsageError;
   }
   if (cl.engines.empty() || cl.model.empty() || cl.ids.empty() || cl.output.empty())
     return error = "--engines, --model, --ids and --output are required (see --help)", kUsageError;
   if (steps_given && !cl.stages.empty())
     return error = "--steps and --stages exclude each other (give steps per stage in --stages)", kUsageError;
+  if (cl.image.empty() && (cl.strength != 0 || cl.start_stage != 0))
+    return error = "--strength and --start-stage need --image", kUsageError;
+  if (!cl.image.empty() && cl.strength == 0 && cl.start_stage == 0) cl.strength = 0.8f;  // diffusers' default
+  const size_t n = cl.controlnets.size();
+  if (cl.control_images.size() != n)
+    return error = "give one --control-image per --controlnet (" + std::to_string(n) + " --controlnet, " +
+                   std::to_string(cl.control_images.size()) + " --control-image)",
+           kUsageError;
+  for (auto [flag, v, fallback] : {std::make_tuple("--control-scale", &cl.control_scales, 1.0f),
+                                   std::make_tuple("--control-start", &cl.control_starts, 0.0f),
+                                   std::make_tuple("--control-end", &cl.control_ends, 1.0f)}) {
+    if (n == 0 && !v->empty()) return error = std::string(flag) + " needs --controlnet", kUsageError;
+    if (v->size() > 1 && v->size() != n)
+      return error = std::string(flag) + " given " + std::to_string(v->size()) + " times for " + std::to_string(n) +
+                     " --controlnet; give it once or once per ControlNet",
+             kUsageError;
+    v->resize(n, v->empty() ? fallback : v->front());
+  }
   if (!read_ids("--ids", cl.ids, cl.prompt, cl.negative, error)) return kUsageError;
   return 0;
 }

@@ -6,6 +6,9 @@
 //   --steps     an integer >= 1 (and not with --stages, which gives the steps per stage)
 //   --dilation, --repeats  integers >= 1
 //   --size      WIDTHxHEIGHT, each side 1 to 16384 (core/plan.py parse_size)
+//   --strength  a number in (0, 1] (default 0.8, or the --start-stage's first step); needs --image
+//   --start-stage  an integer >= 1; needs --image
+//   --controlnet NAME / --control-image FILE  pairwise; --control-scale/-start/-end once or once per ControlNet
 //   --ids       lines "prompt I id..." / "negative I id..." of MF_TOKEN_LENGTH ids each, ids 0 <= id < 2^31
 #ifndef MEGAFUSION_EXAMPLES_ARGS_HPP_
 #define MEGAFUSION_EXAMPLES_ARGS_HPP_
@@ -30,7 +33,18 @@ struct CommandLine {
   bool help = false;
   bool graphs = true;  // --no-graphs: mf_set_cuda_graphs(ctx, 0)
   std::vector<std::vector<int32_t>> prompt, negative;  // per text encoder, from --ids
+  // Image to image: --image FILE (binary PPM), --strength S (0: none given), --start-stage K.
+  std::string image;
+  float strength = 0;
+  int start_stage = 0;
+  // ControlNets: --controlnet NAME and --control-image FILE (PPM) pairwise; scale/start/end once for all or
+  // once per ControlNet (mf-generate's rule).
+  std::vector<std::string> controlnets, control_images;
+  std::vector<float> control_scales, control_starts, control_ends;
 };
+
+// A finite float, whole text; false with `error` naming `flag` otherwise.
+bool parse_float(const std::string& flag, const std::string& text, float& out, std::string& error);
 
 // Each: true and `out` set, or false and `error` one line naming `flag` and the value. lo >= 0.
 bool parse_u64(const std::string& flag, const std::string& text, uint64_t& out, std::string& error);

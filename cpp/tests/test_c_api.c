@@ -102,6 +102,34 @@ int main(int argc, char** argv) {
             (unsigned long long)replays);
     ++failures;
   }
+  /* mf_inputs: the setters refuse at once; what needs the plan or the folder is refused by mf_generate_with. */
+  mf_inputs* in = NULL;
+  expect("inputs, null out", mf_inputs_create(NULL), MF_ERROR_INVALID_ARGUMENT, "mf_inputs**");
+  expect("inputs", mf_inputs_create(&in), MF_OK, NULL);
+  uint8_t photo[8 * 8 * 3] = {0};
+  expect("photo, null inputs", mf_inputs_set_init_image(NULL, photo, 8, 8, 0.5f, 0), MF_ERROR_INVALID_ARGUMENT,
+         "inputs is NULL");
+  expect("photo, null rgb", mf_inputs_set_init_image(in, NULL, 8, 8, 0.5f, 0), MF_ERROR_INVALID_ARGUMENT, "rgb is NULL");
+  expect("photo, width 0", mf_inputs_set_init_image(in, photo, 0, 8, 0.5f, 0), MF_ERROR_INVALID_ARGUMENT, "size 0x8");
+  expect("photo, strength 2", mf_inputs_set_init_image(in, photo, 8, 8, 2.0f, 0), MF_ERROR_INVALID_ARGUMENT,
+         "strength 2: must be a number in (0, 1]");
+  expect("control, null name", mf_inputs_add_control(in, NULL, photo, 8, 8, 1.0f, 0.0f, 1.0f),
+         MF_ERROR_INVALID_ARGUMENT, "controlnet name is NULL");
+  expect("control, start >= end", mf_inputs_add_control(in, "edges", photo, 8, 8, 1.0f, 0.6f, 0.2f),
+         MF_ERROR_INVALID_ARGUMENT, "control start 0.6 / end 0.2");
+  expect("photo, strength 0.1", mf_inputs_set_init_image(in, photo, 8, 8, 0.1f, 0), MF_OK, NULL);
+  expect("photo runs no step", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_INVALID_ARGUMENT,
+         "strength 0.1: runs int(3 * 0.1) = 0 of the plan's 3 steps");
+  expect("photo, start stage 3", mf_inputs_set_init_image(in, photo, 8, 8, 0.0f, 3), MF_OK, NULL);
+  expect("start stage outside the plan", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_INVALID_ARGUMENT,
+         "start_stage 3: the plan has stages 1 to 2");
+  mf_inputs_destroy(in);
+  expect("inputs again", mf_inputs_create(&in), MF_OK, NULL);
+  expect("control", mf_inputs_add_control(in, "no-such-controlnet", photo, 8, 8, 1.0f, 0.0f, 1.0f), MF_OK, NULL);
+  expect("unknown controlnet", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_ENGINE,
+         "no ControlNet 'no-such-controlnet'");
+  mf_inputs_destroy(in);
+  mf_inputs_destroy(NULL);
   expect("graphs off, null ctx", mf_set_cuda_graphs(NULL, 0), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
   expect("graphs off", mf_set_cuda_graphs(ctx, 0), MF_OK, NULL);
   free(rgb);

@@ -102,6 +102,28 @@ int main(int argc, char** argv) {
   p = parse({"--no-graphs"});
   check(p.rc == 0 && !p.cl.graphs, "--no-graphs turns the step graphs off");
 
+  // --image / --controlnet and their numbers.
+  p = parse({"--image", "a.ppm"});
+  check(p.rc == 0 && p.cl.image == "a.ppm" && p.cl.strength == 0.8f && p.cl.start_stage == 0,
+        "--image alone: strength 0.8 (diffusers' default): " + p.error);
+  p = parse({"--image", "a.ppm", "--start-stage", "2"});
+  check(p.rc == 0 && p.cl.strength == 0.0f && p.cl.start_stage == 2, "--start-stage alone: strength 0 (its first step)");
+  p = parse({"--controlnet", "a", "--control-image", "a.ppm", "--controlnet", "b", "--control-image", "b.ppm",
+             "--control-scale", "0.5", "--control-end", "0.8", "--control-end", "0.6"});
+  check(p.rc == 0 && p.cl.controlnets.size() == 2 && p.cl.control_scales == std::vector<float>{0.5f, 0.5f} &&
+            p.cl.control_starts == std::vector<float>{0.0f, 0.0f} && p.cl.control_ends == std::vector<float>{0.8f, 0.6f},
+        "two ControlNets: a scale for both, an end each, the default start: " + p.error);
+  refused({"--strength", "0.5"}, "--strength and --start-stage need --image");
+  refused({"--image", "a.ppm", "--strength", "0"}, "--strength 0: must be a number in (0, 1]");
+  refused({"--image", "a.ppm", "--strength", "nan"}, "--strength 'nan': expected a finite number");
+  refused({"--image", "a.ppm", "--start-stage", "0"}, "--start-stage '0': must be an integer from 1 to 2147483647");
+  refused({"--controlnet", "a"}, "give one --control-image per --controlnet (1 --controlnet, 0 --control-image)");
+  refused({"--control-scale", "2"}, "--control-scale needs --controlnet");
+  refused({"--controlnet", "a", "--control-image", "a.ppm", "--control-start", "0.1", "--control-start", "0.2"},
+          "--control-start given 2 times for 1 --controlnet; give it once or once per ControlNet");
+  refused({"--controlnet", "a", "--control-image", "a.ppm", "--control-scale", "inf"},
+          "--control-scale 'inf': expected a finite number");
+
   // --seed: an integer 0 <= seed < 2^64.
   refused({"--seed", "abc"}, "--seed 'abc': must be an integer 0 <= seed < 2^64");
   refused({"--seed", "-1"}, "--seed '-1': must be an integer 0 <= seed < 2^64");

@@ -81,12 +81,57 @@ int mf_num_text_encoders(const mf_context* ctx);
 /* The output size `params` asks for (after plan validation), without generating. */
 mf_status mf_output_size(mf_context* ctx, const mf_generate_params* params, int* width, int* height);
 
-/* Generates one image into `rgb` (height rows of width * 3 bytes, RGB8), `rgb_bytes` its capacity. */
+/* Generates one image into `rgb` (height rows of width * 3 bytes, RGB8), `rgb_bytes` its capacity.
+ * mf_generate_with(ctx, params, NULL, rgb, rgb_bytes). */
 mf_status mf_generate(mf_context* ctx, const mf_generate_params* params, uint8_t* rgb, size_t rgb_bytes);
+
+/* ---- Inputs beyond the params: a photo to start from (image to image) and ControlNets ----------------------
+ * An mf_inputs holds what a generation takes besides mf_generate_params (kept apart so that struct keeps its
+ * size: callers compiled against an older header still work). The setters check their values at once
+ * (MF_ERROR_INVALID_ARGUMENT naming the value) and copy the pixels: the caller's buffers may go after the call.
+ * What depends on the plan or the engine folder (a strength that runs no step or misses the start stage, a
+ * ControlNet the folder holds no engines for, a stage size no package covers) is checked by mf_generate_with
+ * before any network runs.
+ *
+ * LoRA: a folder built with `mf-build-engines --lora FILE` holds the UNet and text encoders with the LoRA fused
+ * in; models.json records their fingerprints, so the context serves it like any folder. There is no LoRA swap
+ * in the C API: another LoRA or scale is another engine folder. */
+typedef struct mf_inputs mf_inputs;
+
+/* A new, empty inputs object (no photo, no ControlNet). On failure *out is NULL. */
+mf_status mf_inputs_create(mf_inputs** out);
+
+/* Frees it; NULL is allowed. */
+void mf_inputs_destroy(mf_inputs* inputs);
+
+/* Image to image (docs/ALGORITHM.md §14): `rgb` holds height rows of width * 3 bytes (RGB8), any size; it is
+ * resized to the entry stage's size as the pixel relay resizes, VAE-encoded, and noised to the first step
+ * that runs. With N the plan's steps, `strength` runs min(int(N * strength), N) of them (diffusers' img2img).
+ * start_stage 0: the stage that step falls in; start_stage k >= 1 (1-based): the photo enters stage k, and
+ * strength must start there, or be 0 for stage k's first step. Replaces an earlier photo. */
+mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int width, int height, float strength,
+                                   int start_stage);
+
+/* A ControlNet (docs/ALGORITHM.md §16) with its control image (RGB8 rows, any size: resized to each stage's
+ * size), conditioning `scale` (finite) and the fraction [start, end) of the global schedule where it acts
+ * (0 <= start < end <= 1). `controlnet` names ControlNet engines in the folder: the name of the folder
+ * `mf-build-engines --controlnet DIR` was given (DIR's last component, as models.json records it), or the
+ * weights fingerprint of its entries in manifest.json ("mf2:tensors:<sha256>" whole, or a unique prefix of 12
+ * or more of its sha256's hex digits).
+ * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel). */
+mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
+                                float scale, float start, float end);
+
+/* mf_generate with inputs (NULL: none, the same as mf_generate). A ControlNet the folder holds no engines
+ * for is MF_ERROR_ENGINE, a stage size its packages do not cover MF_ERROR_UNSUPPORTED_SIZE, both naming the
+ * mf-build-engines command that builds them. */
+mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, const mf_inputs* inputs, uint8_t* rgb,
+                           size_t rgb_bytes);
 
 /* CUDA graphs of the denoise step: nonzero (the default) captures each stage's whole step (UNet on the CFG
  * batch, guidance, x0, DDIM update) once per stage descriptor (latent size, dilation, CFG on or off, UNet
- * dtype) and replays it for every step; 0 runs the steps one by one, as before. On the CPU, or in a library
+ * dtype, which ControlNets run: their scales, schedule windows and images are buffers the graph reads, refilled
+ * for each generation) and replays it for every step; 0 runs the steps one by one, as before. On the CPU, or in a library
  * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). */
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
 

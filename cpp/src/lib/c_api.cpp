@@ -10,6 +10,10 @@ struct mf_context {
   explicit mf_context(const mf_context_options& o) : impl(o) {}
 };
 
+struct mf_inputs {
+  megafusion::lib::Inputs impl;
+};
+
 namespace {
 
 thread_local std::string g_last_error;
@@ -80,10 +84,41 @@ mf_status mf_output_size(mf_context* ctx, const mf_generate_params* params, int*
 }
 
 mf_status mf_generate(mf_context* ctx, const mf_generate_params* params, uint8_t* rgb, size_t rgb_bytes) {
+  return mf_generate_with(ctx, params, nullptr, rgb, rgb_bytes);
+}
+
+mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, const mf_inputs* inputs, uint8_t* rgb,
+                           size_t rgb_bytes) {
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
     if (!params) throw Failure(MF_ERROR_INVALID_ARGUMENT, "params is NULL");
-    ctx->impl.generate(*params, rgb, rgb_bytes);
+    ctx->impl.generate(*params, inputs ? &inputs->impl : nullptr, rgb, rgb_bytes);
+  });
+}
+
+mf_status mf_inputs_create(mf_inputs** out) {
+  return guarded([&] {
+    if (!out) throw Failure(MF_ERROR_INVALID_ARGUMENT, "out (mf_inputs**) is NULL");
+    *out = nullptr;
+    *out = new mf_inputs();
+  });
+}
+
+void mf_inputs_destroy(mf_inputs* inputs) { delete inputs; }
+
+mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int width, int height, float strength,
+                                   int start_stage) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.set_init_image(rgb, width, height, strength, start_stage);
+  });
+}
+
+mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
+                                float scale, float start, float end) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.add_control(controlnet, rgb, width, height, scale, start, end);
   });
 }
 

@@ -224,11 +224,15 @@ StagePlan Context::plan_of(const mf_generate_params& p) const {
   }
 }
 
-void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch) {
+void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch, size_t first,
+                             bool photo, const Controls* controls) {
   const int vs = family_->vae_scale;
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
   hint_ = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
+  control_hint_ = hint_;
+  if (controls)
+    for (const ControlNetId& id : controls->ids) control_hint_ += " --controlnet " + id.source;
   // Opens the package each call of the plan runs (pick_entry refuses a size no entry covers, naming those built).
   auto need = [&](const std::string& network, int d, const StageSize& s, long long b) {
     const bool image = network == "vae_encoder";
@@ -237,11 +241,16 @@ void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_rel
     net_at(network, d, call_shapes(first, {b, image ? 3 : 4, h, w}, b));
   };
   const size_t last = plan.stages.size() - 1;
-  for (size_t k = 0; k <= last; ++k) {
+  for (size_t k = first; k <= last; ++k) {
     const StageSize& s = plan.stages[k];
-    need("unet", k == 0 ? 1 : dilation, s, batch);
+    const int d = k == 0 ? 1 : dilation;
+    if (!controls) need("unet", d, s, batch);
+    for (const ControlNetId* id = controls ? controls->ids.data() : nullptr;
+         controls && id != controls->ids.data() + controls->ids.size(); ++id)
+      control_net(id, d, {batch, 4, s.height / vs, s.width / vs}, s.height, s.width);
+    if (controls) control_net(nullptr, d, {batch, 4, s.height / vs, s.width / vs}, s.height, s.width);
     if (k == last || pixel_relay) need("vae_decoder", 1, s, 1);
-    if (k > 0 && pixel_relay) need("vae_encoder", 1, s, 1);
+    if ((k > first && pixel_relay) || (k == first && photo)) need("vae_encoder", 1, s, 1);
   }
 }
 
@@ -277,6 +286,7 @@ at::Tensor Context::unet(const at::Tensor& sample, int64_t t, const at::Tensor& 
 }
 
 at::Tensor Context::run_unet(std::vector<at::Tensor> inputs, int dilation) {
+  if (controls_) return run_controlled(std::move(inputs), dilation);
   return net("unet", dilation, inputs).run(inputs).at(0).to(at::kFloat);
 }
 
@@ -316,7 +326,7 @@ at::Tensor Context::relay_resize(const at::Tensor& image, int height, int width,
   return up.clamp(-1.0, 1.0).to(out);
 }
 
-void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_bytes) {
+void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_t* rgb, size_t rgb_bytes) {
   const StagePlan plan = plan_of(p);
   const std::string relay = p.relay && *p.relay ? p.relay : "pixel";
   if (relay != "pixel" && relay != "latent")
@@ -346,7 +356,26 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "negative_ids are NULL: " + family_->name +
                                                  " encodes the empty negative prompt, so pass its token ids");
   if (scaling_ <= 0) throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " has no VAE scaling factor");
-  check_coverage(plan, p.dilation, relay == "pixel", cfg ? 2 : 1);
+  // Image to image (docs/ALGORITHM.md §14): the stage and step the photo enters at.
+  const InitImage* photo = inputs && inputs->init ? &*inputs->init : nullptr;
+  const EntryPoint entry = photo ? entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};
+  // ControlNets (§16): named, their engines found for every stage that runs, before any work.
+  const bool controlled = inputs && !inputs->controls.empty();
+  Controls controls;
+  if (controlled) {
+    if (backend_ != "aoti")
+      throw Failure(MF_ERROR_ENGINE, "ControlNets run on aoti packages; the " + family_->name + " engines in " +
+                                         folder_.root + " this context runs are " + backend_);
+    std::string stages;  // the plan, for the command that builds a missing ControlNet's engines
+    for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
+    const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
+    for (const ControlInput& c : inputs->controls) {
+      controls.ids.push_back(resolve_controlnet(folder_, family_->name, c.controlnet, hint));
+      controls.key += (controls.key.empty() ? "" : ",") + controls.ids.back().fingerprint;
+    }
+  }
+  check_coverage(plan, p.dilation, relay == "pixel", cfg ? 2 : 1, entry.stage, photo != nullptr,
+                 controlled ? &controls : nullptr);
 
   c10::InferenceMode guard;
   // Conditioning, CFG batch [uncond, cond] (runtime/conditioning.py).
@@ -363,7 +392,15 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
     if (family_->is_xl) pooled = at::cat({neg_p, pooled});
   }
   const int64_t batch = hidden.size(0);
-  const std::vector<StageSchedule> schedules = plan_schedule(plan, family_->scheduler, p.reschedule != 0);
+  std::vector<StageSchedule> schedules = plan_schedule(plan, family_->scheduler, p.reschedule != 0);
+  if (controlled) {
+    prepare_controls(controls, inputs->controls, plan, schedules, batch);
+  }
+  struct Unset {  // the plain UNet again after this generation, however it ends
+    const Controls*& p;
+    ~Unset() { p = nullptr; }
+  } unset{controls_};
+  controls_ = controlled ? &controls : nullptr;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(p.seed);
   // Noise as diffusers draws it with a CPU generator: on the CPU in the UNet's dtype (the Python runtime's rule:
   // fp16 and fp32 draws differ by rounding, enough to change a random-weight SDXL image), then moved.
@@ -381,7 +418,17 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
     const StageSize& st = plan.stages[k];
     const StageSchedule& c = schedules[k];
     const int64_t h = st.height / vs, wd = st.width / vs;
-    if (k == 0) {
+    if (photo && k < entry.stage) continue;  // image to image: the photo enters at a later stage
+    if (photo && k == entry.stage) {
+      // The photo as this stage's x0, noised to its first step that runs (docs/ALGORITHM.md §14).
+      StageSchedule& sk = schedules[k];
+      sk.timesteps.erase(sk.timesteps.begin(), sk.timesteps.begin() + entry.step);
+      sk.abar_t.erase(sk.abar_t.begin(), sk.abar_t.begin() + entry.step);
+      sk.abar_s.erase(sk.abar_s.begin(), sk.abar_s.begin() + entry.step);
+      at::Tensor x0_photo = photo_latent(photo->image, st);
+      at::Tensor noise = draw_noise(h, wd);
+      z = x0_photo * a(c.abar_t[0]) + noise * b(c.abar_t[0]);
+    } else if (k == 0) {
       z = draw_noise(h, wd);
     } else {  // relay the truncated x0 to this stage's size, re-noise to its first timestep t'
       at::Tensor x0_up;
@@ -418,7 +465,7 @@ void Context::generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_byt
         if (family_->is_xl) inputs.push_back(sb.pooled), inputs.push_back(sb.time_ids);
         return run_unet(std::move(inputs), d);
       };
-      std::tie(z, x0) = graphs_->run_stage(StepKey{h, wd, delta, cfg, f}, in, steps, call);
+      std::tie(z, x0) = graphs_->run_stage(StepKey{h, wd, delta, cfg, f, controls.key}, in, steps, call);
       continue;  // a truncated stage keeps its last x0; its updated z is not used
     }
     for (size_t i = 0; i < steps; ++i) {

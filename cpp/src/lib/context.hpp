@@ -9,15 +9,19 @@
 #include <ATen/ATen.h>
 
 #include <map>
+#include <tuple>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "control_entries.hpp"
+#include "inputs.hpp"
 #include "manifest.hpp"
 #include "megafusion/family.hpp"
 #include "megafusion/megafusion.h"
 #include "megafusion/plan.hpp"
+#include "megafusion/schedule.hpp"
 #include "step_graphs.hpp"
 
 namespace torch::inductor {
@@ -63,7 +67,8 @@ class Context {
   uint64_t graph_captures() const { return graphs_ ? graphs_->captures() : 0; }
   uint64_t graph_replays() const { return graphs_ ? graphs_->replays() : 0; }
   StagePlan plan_of(const mf_generate_params& p) const;
-  void generate(const mf_generate_params& p, uint8_t* rgb, size_t rgb_bytes);
+  // `inputs` (may be NULL): a photo to start from and ControlNets (mf_inputs).
+  void generate(const mf_generate_params& p, const Inputs* inputs, uint8_t* rgb, size_t rgb_bytes);
 
  private:
   const Family* family_;
@@ -81,11 +86,40 @@ class Context {
   bool graphs_on_ = true;
   std::unique_ptr<StepGraphs> graphs_;
 
+  // ControlNets (docs/ALGORITHM.md §16; runtime/controlnet.py): what a controlled step reads lives in buffers that
+  // keep their identity across generations (a scale table indexed by timestep, one image buffer per UNet batch and
+  // latent size), so a captured step reads this generation's values; only which ControlNets run is in its key.
+  struct ControlBuffers {
+    at::Tensor scales;  // (n, 1000) float32: scale * keep of ControlNet j at timestep t
+    std::map<std::tuple<int64_t, int64_t, int64_t>, at::Tensor> images;  // (batch, h, w) -> (n, batch, 3, H, W)
+  };
+  struct Controls {
+    std::vector<ControlNetId> ids;
+    std::string key;  // the fingerprints in order: a step graph's descriptor holds it
+    ControlBuffers* buffers = nullptr;
+  };
+  std::map<std::string, ControlBuffers> control_buffers_;  // by Controls::key
+  std::map<std::tuple<std::string, std::string, int>, std::vector<Entry>> control_entries_;  // (network, weights, d)
+  const Controls* controls_ = nullptr;  // the running generation's, else NULL: run_unet runs the plain UNet
+  std::string control_hint_;            // hint_ with the generation's --controlnet folders
+
+  // runtime/controlnet.py prepare_plan: fills c's buffers (found or made by c.key) for this plan and batch.
+  void prepare_controls(Controls& c, const std::vector<ControlInput>& in, const StagePlan& plan,
+                        const std::vector<StageSchedule>& schedules, int64_t batch);
+  // The controlnet (`id`) or unet_controlled (`id` NULL) package whose sample and control-image inputs hold these
+  // shapes, opened; MF_ERROR_UNSUPPORTED_SIZE naming the sizes built and the command otherwise.
+  Network& control_net(const ControlNetId* id, int dilation, const std::vector<long long>& sample, int image_h,
+                       int image_w);
+  at::Tensor run_controlled(std::vector<at::Tensor> inputs, int dilation);
+  at::Tensor photo_latent(const RgbImage& photo, const StageSize& stage);
+
   const std::vector<Entry>& entries(const std::string& network, int dilation);
   // The network's entry whose profile holds a call with these input shapes (in the spec's order), opened.
   Network& net_at(const std::string& network, int dilation, const std::vector<std::vector<long long>>& shapes);
   Network& net(const std::string& network, int dilation, const std::vector<at::Tensor>& inputs);
-  void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch);
+  // `first`: the first stage that runs (image to image), whose photo the VAE encoder takes when `photo`.
+  void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch, size_t first = 0,
+                      bool photo = false, const Controls* controls = nullptr);
   at::Tensor run_unet(std::vector<at::Tensor> inputs, int dilation);
   std::pair<at::Tensor, at::Tensor> encode_prompt(const int32_t* const* ids);
   at::Tensor unet(const at::Tensor& sample, int64_t t, const at::Tensor& hidden, const at::Tensor& pooled,

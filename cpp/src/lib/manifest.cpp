@@ -287,6 +287,8 @@ EngineFolder read_engine_folder(const std::string& dir) {
       for (const auto& [net, fp] : v["weights"].obj) facts.weights[net] = fp.str;
       for (const auto& n : v["vocab_sizes"].arr) facts.vocab_sizes.push_back(static_cast<long long>(n.num));
       if (v.obj.count("source") && v["source"].kind == mfjson::Value::String) facts.source = v["source"].str;
+      if (v.obj.count("controlnets"))
+        for (const auto& [cn, rec] : v["controlnets"].obj) facts.controlnets[cn] = {rec["weights"].str, rec["source"].str};
       out.models[name] = facts;
     }
   } catch (const Failure&) {

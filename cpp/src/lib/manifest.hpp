@@ -54,6 +54,9 @@ struct ModelFacts {
   std::map<std::string, std::string> weights;  // network -> fingerprint of its latest build
   std::string source;  // where the weights came from: "random:<seed>" or a folder (for rebuild hints)
   std::vector<long long> vocab_sizes;          // per text encoder, to refuse out-of-range token ids
+  // ControlNets `mf-build-engines --controlnet DIR` built here: DIR's last component -> {weights fingerprint,
+  // DIR} (engine/model_facts.py record_controlnets; absent in folders built before it).
+  std::map<std::string, std::pair<std::string, std::string>> controlnets;
 };
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is

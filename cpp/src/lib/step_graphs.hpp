@@ -18,6 +18,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -31,8 +32,12 @@ struct StepKey {
   int dilation = 1;
   bool cfg = false;
   at::ScalarType dtype = at::kFloat;  // the UNet's
+  // Which ControlNets the step runs (their fingerprints; "" none). Their scales and images are not in the key:
+  // they are buffers the step reads, refilled in place for each generation.
+  std::string controls;
   bool operator<(const StepKey& o) const {
-    return std::tie(latent_h, latent_w, dilation, cfg, dtype) < std::tie(o.latent_h, o.latent_w, o.dilation, o.cfg, o.dtype);
+    return std::tie(latent_h, latent_w, dilation, cfg, dtype, controls) <
+           std::tie(o.latent_h, o.latent_w, o.dilation, o.cfg, o.dtype, o.controls);
   }
 };
 

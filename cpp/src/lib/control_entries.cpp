@@ -1,0 +1,78 @@
+#include "control_entries.hpp"
+
+#include <algorithm>
+#include <set>
+
+namespace megafusion::lib {
+
+namespace {
+
+bool is_hex(const std::string& s) {
+  return std::all_of(s.begin(), s.end(), [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+}
+
+}  // namespace
+
+ControlNetId resolve_controlnet(const EngineFolder& folder, const std::string& model, const std::string& name,
+                                const std::string& plan_hint) {
+  auto facts = folder.models.find(model);
+  std::string known;
+  if (facts != folder.models.end()) {
+    auto it = facts->second.controlnets.find(name);
+    if (it != facts->second.controlnets.end()) return {name, it->second.first, it->second.second};
+    for (const auto& [n, rec] : facts->second.controlnets) known += (known.empty() ? "" : ", ") + n;
+  }
+  // A fingerprint ("mf2:tensors:<sha256>"), whole, or a prefix of its sha256 digits.
+  const bool prefix = name.size() >= 12 && name.size() <= 64 && is_hex(name);
+  {
+    std::set<std::string> matches;
+    for (const Entry& e : folder.entries) {
+      if (e.model != model || e.network != "controlnet") continue;
+      const std::string digits = e.weights.substr(e.weights.rfind(':') + 1);
+      if (e.weights == name || (prefix && digits.compare(0, name.size(), name) == 0)) matches.insert(e.weights);
+    }
+    if (matches.size() > 1)
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "controlnet '" + name + "' is a prefix of " +
+                                                   std::to_string(matches.size()) + " ControlNets' fingerprints in " +
+                                                   folder.root + "; give more digits");
+    if (matches.size() == 1) {
+      std::string source = name;
+      if (facts != folder.models.end())
+        for (const auto& [n, rec] : facts->second.controlnets)
+          if (rec.first == *matches.begin()) source = rec.second;
+      return {name, *matches.begin(), source};
+    }
+  }
+  throw Failure(MF_ERROR_ENGINE, "no ControlNet '" + name + "' for " + model + " in " + folder.root + " (it has " +
+                                     (known.empty() ? std::string("none by name") : known) +
+                                     "); build its engines with: " + plan_hint + " --controlnet <its folder>");
+}
+
+std::vector<Entry> control_entries(const EngineFolder& folder, const std::string& model, const std::string& network,
+                                   int dilation, const std::string& weights, const std::string& precision,
+                                   const std::string& device, const std::string& version, const std::string& what,
+                                   const std::string& hint) {
+  std::vector<const Entry*> same, valid;
+  for (const Entry& e : folder.entries)
+    if (e.model == model && e.backend == "aoti" && e.network == network && e.dilation == dilation &&
+        e.precision == precision && e.weights == weights)
+      same.push_back(&e);
+  if (same.empty())
+    throw Failure(MF_ERROR_ENGINE, "no aoti engine for " + what + " in " + folder.root + "; build it with: " + hint);
+  for (const Entry* e : same)
+    if (base_version(e->backend_version) == base_version(version) && e->device == device) valid.push_back(e);
+  if (valid.empty()) {
+    const Entry* e = same.front();
+    const std::string why = base_version(e->backend_version) != base_version(version)
+                                ? "torch " + e->backend_version + " (this library: " + version + ")"
+                                : "device '" + e->device + "' (this one: '" + device + "')";
+    throw Failure(MF_ERROR_ENGINE, "engine " + what + " in " + folder.root + " was built for " + why +
+                                       "; rebuild with: " + hint);
+  }
+  std::stable_sort(valid.begin(), valid.end(), [](const Entry* a, const Entry* b) { return a->created > b->created; });
+  std::vector<Entry> out;
+  for (const Entry* e : valid) out.push_back(*e);
+  return out;
+}
+
+}  // namespace megafusion::lib

@@ -1,0 +1,112 @@
+#include "inputs.hpp"
+
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+
+#include "manifest.hpp"  // Failure
+
+namespace megafusion::lib {
+
+namespace {
+
+constexpr long long kMaxPixels = 1LL << 28;  // 16384 x 16384: core/plan.py's largest side, squared
+
+// "%g" as Python prints a float in messages (0.7, 1e-05).
+std::string g(double v, const char* format = "%g") {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+
+RgbImage copy_image(const char* what, const uint8_t* rgb, int width, int height) {
+  if (!rgb) throw Failure(MF_ERROR_INVALID_ARGUMENT, std::string(what) + ": rgb is NULL");
+  if (width <= 0 || height <= 0 || static_cast<long long>(width) * height > kMaxPixels)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, std::string(what) + ": size " + std::to_string(width) + "x" +
+                                                 std::to_string(height) + " (each side >= 1, at most " +
+                                                 std::to_string(kMaxPixels) + " pixels)");
+  RgbImage out;
+  out.width = width, out.height = height;
+  out.rgb.assign(rgb, rgb + static_cast<size_t>(width) * height * 3);
+  return out;
+}
+
+}  // namespace
+
+double as_typed(float value) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, value);  // shortest round-trip text
+  *r.ptr = '\0';
+  return std::strtod(buf, nullptr);
+}
+
+void Inputs::set_init_image(const uint8_t* rgb, int width, int height, float strength, int start_stage) {
+  if (start_stage < 0)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "start_stage " + std::to_string(start_stage) +
+                                                 ": 0 (from the strength) or a 1-based stage");
+  const bool from_stage = start_stage > 0 && strength == 0.0f;  // Python's strength None
+  if (!from_stage && !(strength > 0.0f && strength <= 1.0f))   // nan fails both comparisons
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "strength " + g(strength) + ": must be a number in (0, 1]" +
+                                                 (start_stage == 0 ? "" : " (or 0: the start stage's first step)"));
+  InitImage init{copy_image("init image", rgb, width, height), from_stage ? 0.0 : as_typed(strength), start_stage};
+  this->init = std::move(init);
+}
+
+void Inputs::add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,
+                         float end) {
+  if (!controlnet || !*controlnet)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "controlnet name is NULL or empty");
+  const std::string name = controlnet;
+  if (!std::isfinite(scale))
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "control scale " + g(scale) + " of controlnet '" + name +
+                                                 "': must be a finite number");
+  if (!(0.0f <= start && start < end && end <= 1.0f))
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "control start " + g(start) + " / end " + g(end) + " of controlnet '" +
+                                                 name + "': need 0 <= start < end <= 1");
+  controls.push_back(ControlInput{name, copy_image(("control image of controlnet '" + name + "'").c_str(), rgb, width,
+                                                   height),
+                                  scale, as_typed(start), as_typed(end)});
+}
+
+EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage) {
+  const int n_stages = static_cast<int>(plan.stages.size()), total = plan.total_steps();
+  if (start_stage != 0 && !(1 <= start_stage && start_stage <= n_stages))
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "start_stage " + std::to_string(start_stage) + ": the plan has stages 1 to " +
+                                                 std::to_string(n_stages));
+  std::vector<int> starts;  // first global step of each stage
+  for (int k = 0, s = 0; k < n_stages; s += plan.stages[k].steps, ++k) starts.push_back(s);
+  auto stop = [&](int k) { return starts[k] + plan.stages[k].steps; };
+  int n;
+  if (strength == 0 && start_stage != 0) {
+    n = total - starts[start_stage - 1];  // counted, not via a float that int() could round down
+    strength = static_cast<double>(n) / total;
+  } else {
+    n = std::min(static_cast<int>(total * strength), total);  // diffusers' init_timestep
+  }
+  if (n == 0)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "strength " + g(strength) + ": runs int(" + std::to_string(total) + " * " +
+                                                 g(strength) + ") = 0 of the plan's " + std::to_string(total) +
+                                                 " steps; give at least " + g(1.0 / total, "%.4g"));
+  const int first = total - n;
+  int k = 0;
+  while (!(starts[k] <= first && first < stop(k))) ++k;
+  if (start_stage != 0 && k != start_stage - 1) {
+    const int s = start_stage - 1;
+    const double lo = static_cast<double>(total - stop(s) + 1) / total, hi = static_cast<double>(total - starts[s]) / total;
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "strength " + g(strength) + " starts at step " + std::to_string(first + 1) +
+                                                 " of " + std::to_string(total) + ", in stage " + std::to_string(k + 1) +
+                                                 ", not start_stage " + std::to_string(start_stage) + "; stage " +
+                                                 std::to_string(start_stage) + " takes strengths " + g(lo, "%.4g") + " to " +
+                                                 g(hi, "%.4g"));
+  }
+  return EntryPoint{static_cast<size_t>(k), first - starts[k], first};
+}
+
+float control_keep(int i, int total, double start, double end) {
+  const double a = static_cast<double>(i) / total, b = static_cast<double>(i + 1) / total;
+  return (a < start || b > end) ? 0.0f : 1.0f;
+}
+
+}  // namespace megafusion::lib

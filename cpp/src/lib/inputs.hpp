@@ -1,0 +1,64 @@
+// What a generation takes beyond mf_generate_params (the C API's mf_inputs): a photo to start from and
+// ControlNets, each checked when set; and where a photo enters a plan (runtime/img2img.py entry_point).
+// Plain C++ (no libtorch), so ctest checks the refusals quickly.
+#ifndef MEGAFUSION_LIB_INPUTS_HPP_
+#define MEGAFUSION_LIB_INPUTS_HPP_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "megafusion/plan.hpp"
+
+namespace megafusion::lib {
+
+struct RgbImage {
+  std::vector<uint8_t> rgb;  // height rows of width * 3 bytes
+  int width = 0, height = 0;
+};
+
+struct InitImage {
+  RgbImage image;
+  double strength = 0;  // 0: the start stage's first step (only with start_stage >= 1)
+  int start_stage = 0;  // 1-based; 0: the stage the strength selects
+};
+
+struct ControlInput {
+  std::string controlnet;  // a name models.json records, or a weights fingerprint (prefix)
+  RgbImage image;
+  float scale = 1;
+  double start = 0, end = 1;  // fraction of the global schedule
+};
+
+// Setters throw Failure(MF_ERROR_INVALID_ARGUMENT) naming the bad value; nothing is changed then.
+struct Inputs {
+  std::optional<InitImage> init;
+  std::vector<ControlInput> controls;
+
+  void set_init_image(const uint8_t* rgb, int width, int height, float strength, int start_stage);
+  void add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,
+                   float end);
+};
+
+// The double a caller meant by a float: the shortest decimal that rounds to it (0.7f -> 0.7), so int(N * s)
+// and i / N < start compare as Python does with the same text (0.7f * 10 in double is 6.99999988).
+double as_typed(float value);
+
+// runtime/img2img.py EntryPoint: the first stage that runs, the steps of it skipped, the global step index.
+struct EntryPoint {
+  size_t stage = 0;
+  int step = 0;
+  int global_step = 0;
+};
+
+// runtime/img2img.py entry_point with the C API's names: strength 0 with a start stage is Python's None.
+// Failure(MF_ERROR_INVALID_ARGUMENT) naming the strength or start_stage that does not fit the plan.
+EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage);
+
+// runtime/controlnet.py keep: 1 while global step i of `total` lies in [start, end) of the schedule, else 0.
+float control_keep(int i, int total, double start, double end);
+
+}  // namespace megafusion::lib
+
+#endif  // MEGAFUSION_LIB_INPUTS_HPP_

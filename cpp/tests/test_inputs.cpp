@@ -1,0 +1,136 @@
+// The C API's inputs without libtorch (cpp/src/lib/inputs.hpp, control_entries.hpp): every refusal of
+// mf_inputs_set_init_image / mf_inputs_add_control is Failure(MF_ERROR_INVALID_ARGUMENT) naming the value;
+// where a photo enters a plan is runtime/img2img.py entry_point's answer (the expected values below are
+// Python's); a ControlNet is found by its recorded name or fingerprint prefix, else refused naming it.
+#include <cmath>
+#include <iostream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../src/lib/control_entries.hpp"
+#include "../src/lib/inputs.hpp"
+
+using namespace megafusion;
+using namespace megafusion::lib;
+
+namespace {
+
+int g_failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::cout << (ok ? "ok   " : "FAIL ") << what << "\n";
+  g_failures += !ok;
+}
+
+template <typename F>
+void expect_failure(const std::string& what, const std::string& needle, F&& f,
+                    mf_status code = MF_ERROR_INVALID_ARGUMENT) {
+  try {
+    f();
+    check(false, what + " (no failure)");
+  } catch (const Failure& e) {
+    const std::string msg = e.what();
+    check(e.code == code && msg.find(needle) != std::string::npos && msg.find('\n') == std::string::npos,
+          what + ": " + msg);
+  }
+}
+
+StagePlan plan_of(std::vector<int> steps) {  // sizes do not matter to entry_point
+  StagePlan p;
+  for (int s : steps) p.stages.push_back(StageSize{128, 128, s});
+  return p;
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<uint8_t> px(4 * 3 * 3, 7);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  Inputs in;
+  expect_failure("photo NULL", "init image: rgb is NULL", [&] { in.set_init_image(nullptr, 4, 3, 0.5f, 0); });
+  expect_failure("photo width 0", "init image: size 0x3", [&] { in.set_init_image(px.data(), 0, 3, 0.5f, 0); });
+  expect_failure("photo height -1", "init image: size 4x-1", [&] { in.set_init_image(px.data(), 4, -1, 0.5f, 0); });
+  expect_failure("photo too large", "size 100000x100000", [&] { in.set_init_image(px.data(), 100000, 100000, 0.5f, 0); });
+  expect_failure("strength 0 alone", "strength 0: must be a number in (0, 1]",
+                 [&] { in.set_init_image(px.data(), 4, 3, 0.0f, 0); });
+  expect_failure("strength 1.5", "strength 1.5: must be", [&] { in.set_init_image(px.data(), 4, 3, 1.5f, 0); });
+  expect_failure("strength nan", "strength nan: must be", [&] { in.set_init_image(px.data(), 4, 3, nan, 2); });
+  expect_failure("strength -0.5", "strength -0.5", [&] { in.set_init_image(px.data(), 4, 3, -0.5f, 0); });
+  expect_failure("start_stage -1", "start_stage -1", [&] { in.set_init_image(px.data(), 4, 3, 0.5f, -1); });
+  check(!in.init, "no photo kept after refusals");
+  in.set_init_image(px.data(), 4, 3, 0.7f, 0);
+  check(in.init && in.init->strength == 0.7 && in.init->image.rgb.size() == px.size(), "photo kept, strength 0.7 as typed");
+  in.set_init_image(px.data(), 4, 3, 0.0f, 2);
+  check(in.init->strength == 0 && in.init->start_stage == 2, "strength 0 with a start stage: the stage's first step");
+
+  expect_failure("controlnet NULL", "controlnet name is NULL", [&] { in.add_control(nullptr, px.data(), 4, 3, 1, 0, 1); });
+  expect_failure("controlnet empty", "controlnet name is NULL or empty", [&] { in.add_control("", px.data(), 4, 3, 1, 0, 1); });
+  expect_failure("control image NULL", "control image of controlnet 'edges': rgb is NULL",
+                 [&] { in.add_control("edges", nullptr, 4, 3, 1, 0, 1); });
+  expect_failure("control image 4x0", "size 4x0", [&] { in.add_control("edges", px.data(), 4, 0, 1, 0, 1); });
+  expect_failure("scale nan", "control scale nan of controlnet 'edges'", [&] { in.add_control("edges", px.data(), 4, 3, nan, 0, 1); });
+  expect_failure("scale inf", "control scale inf", [&] { in.add_control("edges", px.data(), 4, 3, inf, 0, 1); });
+  expect_failure("start >= end", "control start 0.5 / end 0.5 of controlnet 'edges': need 0 <= start < end <= 1",
+                 [&] { in.add_control("edges", px.data(), 4, 3, 1, 0.5f, 0.5f); });
+  expect_failure("start < 0", "control start -0.1", [&] { in.add_control("edges", px.data(), 4, 3, 1, -0.1f, 1); });
+  expect_failure("end > 1", "end 1.5", [&] { in.add_control("edges", px.data(), 4, 3, 1, 0, 1.5f); });
+  expect_failure("end nan", "end nan", [&] { in.add_control("edges", px.data(), 4, 3, 1, 0, nan); });
+  check(in.controls.empty(), "no control kept after refusals");
+  in.add_control("edges", px.data(), 4, 3, 0.9f, 0.1f, 0.8f);
+  check(in.controls.size() == 1 && in.controls[0].start == 0.1 && in.controls[0].end == 0.8, "control kept");
+
+  // entry_point against Python's: plan 30+10+10 steps.
+  const StagePlan p = plan_of({30, 10, 10});
+  auto e = entry_point(p, 0.8, 0);  // n = 40, first = 10
+  check(e.stage == 0 && e.step == 10 && e.global_step == 10, "strength 0.8 of 50: stage 1, step 10");
+  e = entry_point(p, 0.3, 0);  // n = int(15.000000000000002) = 15, first 35 -> stage 2, step 5
+  check(e.stage == 1 && e.step == 5 && e.global_step == 35, "strength 0.3 of 50: stage 2, step 5");
+  e = entry_point(p, as_typed(0.7f), 0);  // int(50 * 0.7) = 35 in Python (0.7f in double would give 34)
+  check(e.global_step == 15, "strength 0.7f reads as 0.7: 35 steps run");
+  e = entry_point(p, 0, 3);
+  check(e.stage == 2 && e.step == 0 && e.global_step == 40, "start_stage 3, strength 0: stage 3's first step");
+  e = entry_point(p, 1.0, 1);
+  check(e.stage == 0 && e.step == 0, "strength 1 at start_stage 1");
+  expect_failure("strength runs no step", "strength 0.01: runs int(50 * 0.01) = 0 of the plan's 50 steps; give at least 0.02",
+                 [&] { entry_point(p, 0.01, 0); });
+  expect_failure("start_stage 4 of 3", "start_stage 4: the plan has stages 1 to 3", [&] { entry_point(p, 0.5, 4); });
+  expect_failure("strength outside its start stage",
+                 "strength 0.5 starts at step 26 of 50, in stage 1, not start_stage 2; stage 2 takes strengths 0.22 to 0.4",
+                 [&] { entry_point(p, 0.5, 2); });
+
+  check(control_keep(0, 10, 0.0, 1.0) == 1 && control_keep(9, 10, 0.0, 1.0) == 1, "keep over the whole schedule");
+  check(control_keep(0, 10, 0.1, 1.0) == 0 && control_keep(1, 10, 0.1, 1.0) == 1, "keep from start");
+  check(control_keep(7, 10, 0.0, 0.8) == 1 && control_keep(8, 10, 0.0, 0.8) == 0, "keep until end");
+
+  // ControlNet names: recorded, by fingerprint prefix, unknown, ambiguous.
+  EngineFolder f;
+  f.root = "/engines";
+  f.models["tiny-sd15"].controlnets["edges"] = {std::string(64, 'a'), "/models/edges"};
+  Entry a, b;
+  a.model = b.model = "tiny-sd15";
+  a.network = b.network = "controlnet";
+  a.weights = "mf2:tensors:" + std::string(63, 'a') + "b";
+  b.weights = "mf2:tensors:" + std::string(63, 'a') + "c";
+  f.entries = {a, b};
+  auto id = resolve_controlnet(f, "tiny-sd15", "edges", "HINT");
+  check(id.fingerprint == std::string(64, 'a') && id.source == "/models/edges", "controlnet by recorded name");
+  id = resolve_controlnet(f, "tiny-sd15", a.weights, "HINT");
+  check(id.fingerprint == a.weights, "controlnet by whole fingerprint");
+  id = resolve_controlnet(f, "tiny-sd15", std::string(63, 'a') + "c", "HINT");
+  check(id.fingerprint == b.weights, "controlnet by a prefix of its sha256");
+  expect_failure("ambiguous prefix", "is a prefix of 2 ControlNets' fingerprints in /engines",
+                 [&] { resolve_controlnet(f, "tiny-sd15", std::string(20, 'a'), "HINT"); });
+  expect_failure("unknown controlnet",
+                 "no ControlNet 'depth' for tiny-sd15 in /engines (it has edges); build its engines with: HINT "
+                 "--controlnet <its folder>",
+                 [&] { resolve_controlnet(f, "tiny-sd15", "depth", "HINT"); }, MF_ERROR_ENGINE);
+  expect_failure("short prefix is a name", "no ControlNet 'aaaa'",
+                 [&] { resolve_controlnet(f, "tiny-sd15", "aaaa", "HINT"); }, MF_ERROR_ENGINE);
+  expect_failure("no entries for a fingerprint", "no aoti engine for controlnet 'edges' (standard) fp32 aoti in /engines; build it with: HINT",
+                 [&] { control_entries(f, "tiny-sd15", "controlnet", 1, std::string(64, 'a'), "fp32", "cpu", "2.13.0",
+                                       "controlnet 'edges' (standard) fp32 aoti", "HINT"); }, MF_ERROR_ENGINE);
+
+  std::cout << (g_failures ? "FAILED " : "passed ") << g_failures << " failures\n";
+  return g_failures ? 1 : 0;
+}
