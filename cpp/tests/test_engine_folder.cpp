@@ -24,26 +24,18 @@
 #include "../src/lib/sha256.hpp"
 #include "python_manifest.hpp"
 
+#include "check.hpp"
+
 using namespace megafusion::lib;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  std::cout << (ok ? "ok   " : "FAIL ") << what << "\n";
-  g_failures += !ok;
-}
+using megafusion::testing::check;
+using megafusion::testing::g_failures;
 
 template <typename F>
 void expect_failure(const std::string& what, const std::string& needle, F&& f, mf_status code = MF_ERROR_ENGINE) {
-  try {
-    f();
-    check(false, what + ": no error");
-  } catch (const Failure& e) {
-    const std::string msg = e.what();
-    check(e.code == code && msg.find(needle) != std::string::npos, what + ": " + msg);
-  }
+  megafusion::testing::expect_failure(what, needle, std::forward<F>(f), code, false);
 }
 
 // The error message of `f` ("" when it succeeds).

@@ -11,29 +11,20 @@
 #include "../src/lib/control_entries.hpp"
 #include "../src/lib/inputs.hpp"
 
+#include "check.hpp"
+
 using namespace megafusion;
 using namespace megafusion::lib;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  std::cout << (ok ? "ok   " : "FAIL ") << what << "\n";
-  g_failures += !ok;
-}
+using megafusion::testing::check;
+using megafusion::testing::g_failures;
 
 template <typename F>
 void expect_failure(const std::string& what, const std::string& needle, F&& f,
                     mf_status code = MF_ERROR_INVALID_ARGUMENT) {
-  try {
-    f();
-    check(false, what + " (no failure)");
-  } catch (const Failure& e) {
-    const std::string msg = e.what();
-    check(e.code == code && msg.find(needle) != std::string::npos && msg.find('\n') == std::string::npos,
-          what + ": " + msg);
-  }
+  megafusion::testing::expect_failure(what, needle, std::forward<F>(f), code, true);
 }
 
 StagePlan plan_of(std::vector<int> steps) {  // sizes do not matter to entry_point
