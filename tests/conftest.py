@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +98,26 @@ def sdxl_copy(sdxl_engines, tmp_path):
     dst = tmp_path / "engines"
     shutil.copytree(sdxl_engines, dst)
     return dst
+
+
+def _run_cmd(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory, sd15_aoti) -> Path:
+    """libmegafusion and mf-generate-cpp, built once a session for every test that runs them (tests/cpp,
+    tests/lab): about a minute of CMake on 2 cores, several under load."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    build = tmp_path_factory.mktemp("cpp-build")
+    cfg = _run_cmd([cmake, "-S", Path(__file__).resolve().parents[1], "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DPython3_EXECUTABLE={sys.executable}", f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}",
+                    "-DMEGAFUSION_TEST_MODEL=tiny-sd15"])
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    if "skipping libmegafusion" in cfg.stdout:
+        pytest.skip("torch's CMake package was not found, so libmegafusion is not configured")
+    b = _run_cmd([cmake, "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test", "-j2"])
+    assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
+    return build

@@ -38,22 +38,6 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
 
 
-@pytest.fixture(scope="session")
-def cpp_build(tmp_path_factory, sd15_aoti) -> Path:
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("cmake is not installed")
-    build = tmp_path_factory.mktemp("cpp-build")
-    cfg = _run([cmake, "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}",
-                f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}", "-DMEGAFUSION_TEST_MODEL=tiny-sd15"])
-    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    if "skipping libmegafusion" in cfg.stdout:
-        pytest.skip("torch's CMake package was not found, so libmegafusion is not configured")
-    b = _run([cmake, "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test", "-j2"])
-    assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
-    return build
-
-
 def _cpp_image(build: Path, engines: Path, model: str, stages: str, opts: GenerationOptions, tmp: Path,
                *flags: str) -> np.ndarray:
     from PIL import Image

@@ -22,7 +22,7 @@ from megafusion.runtime.pipeline import GenerationOptions
 from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES
-from .test_libmegafusion import IMAGE_TOL, _run, cpp_build  # noqa: F401 (cpp_build: the fixture)
+from .test_libmegafusion import IMAGE_TOL, _run
 
 pytestmark = pytest.mark.slow
 

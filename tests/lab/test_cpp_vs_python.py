@@ -9,7 +9,6 @@ import pytest
 from cpp_vs_python import main, parse_cpp_output
 
 from ..conftest import AOTI_STAGES
-from ..cpp.test_libmegafusion import cpp_build  # noqa: F401 - the session's library build
 
 
 def test_parse_cpp_output_reads_the_timing_line():
