@@ -25,21 +25,7 @@ def private_cache(tmp_path_factory):
     os.environ.pop("MEGAFUSION_CACHE", None)
 
 
-def _xdist_group(item) -> str:
-    """With `-n 2 --dist loadgroup` (the README's test command) a file runs whole on one worker, so its module
-    fixtures are built once; the Ray Serve tests share one worker (one local Ray at a time), and so do the
-    tests of libmegafusion (one CMake build)."""
-    path = item.path.as_posix()
-    if "/tests/serve/" in path:
-        return "serve"
-    if "/tests/cpp/" in path or path.endswith("/tests/lab/test_cpp_vs_python.py"):
-        return "cpp"
-    return path
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (GPU tests run on the lent H200)")
