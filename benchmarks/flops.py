@@ -132,6 +132,21 @@ class VaeCostCounter:
         return self._cached(("encode", height, width), make)
 
 
+def unet_meta_inputs(family: ModelFamily, height: int, width: int, batch: int):
+    """(sample, timestep, text states, added conditions) of a UNet-shaped forward at this image size, on the meta
+    device (SDXL's pooled text and time ids included): what the UNet and its ControlNets are counted on."""
+    cfg, vs = family.unet, family.vae_scale
+    with torch.device("meta"):
+        sample = torch.empty(batch, cfg["in_channels"], height // vs, width // vs)
+        states = torch.empty(batch, 77, cfg["cross_attention_dim"])
+        added = None
+        if cfg.get("addition_embed_type") == "text_time":
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
+        t = torch.tensor(981)
+    return sample, t, states, added
+
+
 class MetaCostCounter(VaeCostCounter):
     """A family's networks built on the meta device once; forwards counted on meta tensors, memoised."""
 
@@ -149,15 +164,7 @@ class MetaCostCounter(VaeCostCounter):
                             lambda: self._count_unet(height, width, batch, dilation))
 
     def _count_unet(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
-        cfg, vs = self.family.unet, self.family.vae_scale
-        with torch.device("meta"):
-            sample = torch.empty(batch, cfg["in_channels"], height // vs, width // vs)
-            states = torch.empty(batch, 77, cfg["cross_attention_dim"])
-            added = None
-            if cfg.get("addition_embed_type") == "text_time":
-                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-                added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
-            t = torch.tensor(981)
+        sample, t, states, added = unet_meta_inputs(self.family, height, width, batch)
         set_mid_dilation(self.unet_module, dilation)
         try:
             return count_forward(self.unet_module, lambda: self.unet_module(
@@ -382,16 +389,8 @@ class ControlNetCostCounter:
         return self._memo[key]
 
     def _count(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
-        cfg, vs = self.family.unet, self.family.vae_scale
-        with torch.device("meta"):
-            sample = torch.empty(batch, cfg["in_channels"], height // vs, width // vs)
-            states = torch.empty(batch, 77, cfg["cross_attention_dim"])
-            image = torch.empty(batch, 3, height, width)
-            added = None
-            if cfg.get("addition_embed_type") == "text_time":
-                pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-                added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
-            t = torch.tensor(981)
+        sample, t, states, added = unet_meta_inputs(self.family, height, width, batch)
+        image = torch.empty(batch, 3, height, width, device="meta")
         set_mid_dilation(self.module, dilation)
         try:
             return count_forward(self.module, lambda: self.module(

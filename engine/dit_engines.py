@@ -147,6 +147,16 @@ def transformer_entries(folder, family: DiTFamily, device: torch.device, precisi
     return mine
 
 
+def check_entry(e, folder, weights: str, backend: str, version: str, hint: str) -> None:
+    """EngineError naming the rebuild command unless entry `e` was built from `weights` by this `backend` version."""
+    if e.key.weights != weights:
+        raise EngineError(f"{e.key.describe()} in {folder} was built from other weights than this model's; "
+                          f"rebuild: {hint}")
+    if e.key.backend_version != version:
+        raise EngineError(f"{e.key.describe()} in {folder} was built by {backend} {e.key.backend_version}, this is "
+                          f"{version}; rebuild: {hint}")
+
+
 def check_dit_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int) -> None:
     """Before any model load: EngineError unless `folder` holds a package for every stage shape of `plan` at
     transformer batch `batch` (weights and integrity are checked when they are opened)."""
@@ -183,12 +193,7 @@ def open_dit_engines(folder, bundle: DiTBundle, device, precision: str, weights:
     mine = [e for e in mine if e.key.weights == weights] or mine
     engines, paths = [], []
     for e in sorted(mine, key=lambda e: e.digest):
-        if e.key.weights != weights:
-            raise EngineError(f"{e.key.describe()} in {folder} was built from other weights than this model's; "
-                              f"rebuild: {hint}")
-        if e.key.backend_version != version:
-            raise EngineError(f"{e.key.describe()} in {folder} was built by aoti {e.key.backend_version}, this is "
-                              f"{version}; rebuild: {hint}")
+        check_entry(e, folder, weights, "aoti", version, hint)
         cache.verify(e)
         engines.append((e.key.profiles, StaticPackage(cache.root / e.files[0].path, spec, device)))
         paths.append(cache.root / e.files[0].path)

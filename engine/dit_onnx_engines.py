@@ -23,7 +23,7 @@ from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile, latent_range
 from .backend import Backend, get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
-from .dit_engines import transformer_entries, transformer_hint
+from .dit_engines import check_entry, transformer_entries, transformer_hint
 from .flow_networks import FlowTorchNetworks
 from .runners import ShapeDispatch
 
@@ -165,12 +165,7 @@ def open_dit_onnx_engine(folder, bundle: DiTBundle, device, precision: str):
     spec = dit_onnx_spec(fam, precision, _guidance_embeds(bundle))
     engines = []
     for e in sorted(_entries(folder, fam, device, precision), key=lambda e: e.digest):
-        if e.key.weights != weights:
-            raise EngineError(f"{e.key.describe()} in {folder} was built from other weights than this model's; "
-                              f"rebuild: {hint}")
-        if e.key.backend_version != version:
-            raise EngineError(f"{e.key.describe()} in {folder} was built by {b.name} {e.key.backend_version}, this is "
-                              f"{version}; rebuild: {hint}")
+        check_entry(e, folder, weights, b.name, version, hint)
         cache.verify(e)
         runner = b.open(e, cache.root / e.files[0].path, spec, _open_context(fam, device))
         engines.append((e.key.profiles, runner))
