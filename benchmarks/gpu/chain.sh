@@ -1,0 +1,53 @@
+# One GPU session's runs as one detached chain, one after another (one timed job on the GPU at a time), so that
+# they outlive each 10-minute call; from the repository root, one warm machine (carry .whl on the first call):
+#   bash benchmarks/gpu/chain.sh start S STEP...   starts the steps in order, waits S seconds, packs what is done
+#   bash benchmarks/gpu/chain.sh wait S            more time; packs again (every call packs everything so far)
+# Steps (each under its own `timeout`, so one that hangs cannot take the others' time; `;` between them, so one
+# that fails leaves the rest running):
+#   if-tests    DeepFloyd IF GPU tests (#21)            if-bench     IF eager and graphs, fp16 then fp32 (#21)
+#   sdxl4096    SDXL 4096 latent and pixel relay, --max-memory 32, 2 timed runs each (#19)
+#   sdxl8192    SDXL 8192 latent relay, VAE parked, no warm-up (#19)
+#   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
+#   dit-tests   the flow pipeline GPU tests (#17, #18)
+# Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
+source benchmarks/gpu/env.sh
+source benchmarks/gpu/detached.sh
+RES=/tmp/mf-chain
+mkdir -p $RES
+
+step() {  # the command line of one step
+  case "$1" in
+    if-tests) echo "timeout 420 python3 -m pytest -q -m gpu tests/runtime/test_pixel_graphs.py tests/engine/test_if_engines.py \
+      tests/runtime/test_pixel_gpu.py" ;;
+    if-bench) echo "timeout 600 python3 benchmarks/lab/if_megafusion.py --model if --device cuda --output $RES/if \
+      --modes eager,graphs --dtypes fp16; timeout 420 python3 benchmarks/lab/if_megafusion.py --model if --device cuda \
+      --output $RES/if --modes eager,graphs --dtypes fp32" ;;
+    sdxl4096) echo "timeout 420 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sdxl --size 4096x4096 \
+      --runs latent,pixel --max-memory 32 --output $RES/sdxl4096" ;;
+    sdxl8192) echo "timeout 600 python3 benchmarks/lab/large_sizes.py --repeats 1 --warmup 0 --model sdxl \
+      --size 8192x8192 --runs latent --max-memory 64 --output $RES/sdxl8192" ;;
+    cond-torch) echo "timeout 600 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
+      --size 1024x1024 --output /tmp/mf-cond-inputs && python3 benchmarks/lab/controlnet_bench.py --model sdxl \
+      --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \
+      --size 2048x2048 --device cuda --repeats 3 --variants graphs,compiled --lora /tmp/mf-cond-inputs/lora.safetensors:0.8 \
+      --controlnet /tmp/mf-controlnet-sdxl --control-image /tmp/mf-cond-inputs/control.png --output $RES/cond-torch'" ;;
+    dit-tests) echo "timeout 420 python3 -m pytest -q -m gpu tests/runtime/test_flow_graphs.py \
+      tests/runtime/test_flow_controlnet.py tests/runtime/test_flow_ipadapter.py tests/runtime/test_flow_img2img.py" ;;
+    *) echo "false unknown-step-$1" ;;
+  esac
+}
+
+case "$1" in
+  start)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    wait_for=$2; shift 2
+    chain=""
+    for s in "$@"; do chain="$chain echo '== $s' \$(date +%T); { $(step $s); } > $RES/$s.log 2>&1; echo \"== $s exit \$?\" \$(date +%T);"; done
+    detach chain "cd $PWD && $chain"
+    wait_detached "$wait_for"
+    cp $JOBS/chain.log $RES/ 2>/dev/null; pack_jobs $RES "$OUT/chain.tar.gz" ;;
+  wait)
+    wait_detached "${2:-540}"
+    cp $JOBS/chain.log $RES/ 2>/dev/null; pack_jobs $RES "$OUT/chain.tar.gz" ;;
+  *) echo "usage: bash benchmarks/gpu/chain.sh start SECONDS STEP... | wait SECONDS"; exit 2 ;;
+esac
