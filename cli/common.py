@@ -292,9 +292,12 @@ def cap_device_memory(max_memory_gib: float, device) -> float:
     entry points only."""
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
+    device = torch.device(device)
+    # set_per_process_memory_fraction wants an index; a bare "cuda" means the current device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, max_memory_gib * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
