@@ -84,10 +84,18 @@ def test_max_memory_bounds_what_pytorch_reserves(monkeypatch):
 
     seen = []
     props = type("Props", (), {"total_memory": 140 * 2**30})()
+
+    def set_fraction(f, device):
+        # torch raises for a device without an index (a bare "cuda" crashed --max-memory on the H200)
+        assert isinstance(device, int), device
+        seen.append((f, device))
+
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: seen.append((f, device)))
-    assert cap_device_memory(35, "cuda:0") == 0.25 and seen == [(0.25, "cuda:0")]
-    assert cap_device_memory(500, "cuda:0") == 1.0 and seen[-1] == (1.0, "cuda:0")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cap_device_memory(35, "cuda:1") == 0.25 and seen == [(0.25, 1)]
+    assert cap_device_memory(500, "cuda") == 1.0 and seen[-1] == (1.0, 0)
+    assert cap_device_memory(35, torch.device("cuda")) == 0.25 and seen[-1] == (0.25, 0)
 
 
 def test_vae_tile_park_is_said_in_a_dry_run_and_in_a_refusal(tmp_path, capsys):
