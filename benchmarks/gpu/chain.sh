@@ -9,6 +9,12 @@
 #   sdxl8192    SDXL 8192 latent relay, VAE parked, no warm-up (#19)
 #   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
 #   dit-tests   the flow pipeline GPU tests (#17, #18)
+#   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
+#   coldstart   3 fresh mf-generate --engines processes with their phases (#15)
+#   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
+#   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
+#   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
+#   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
 source benchmarks/gpu/env.sh
 source benchmarks/gpu/detached.sh
@@ -33,6 +39,18 @@ step() {  # the command line of one step
       --controlnet /tmp/mf-controlnet-sdxl --control-image /tmp/mf-cond-inputs/control.png --output $RES/cond-torch'" ;;
     dit-tests) echo "timeout 420 python3 -m pytest -q -m gpu tests/runtime/test_flow_graphs.py \
       tests/runtime/test_flow_controlnet.py tests/runtime/test_flow_ipadapter.py tests/runtime/test_flow_img2img.py" ;;
+    sdxl-build) echo "timeout 1500 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl --jobs 3" ;;
+    coldstart) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl --runs 3 \
+      --device cuda --output $RES/cold -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
+    lora-swap) echo "timeout 600 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
+      --engine-dir /tmp/mf-aoti-sdxl --no-build --output $RES/lora-swap" ;;
+    engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
+      --size 2048x2048 --variants engines:aoti,compiled --direct-for engines:aoti --engine-dir /tmp/mf-aoti-sdxl \
+      --repeats 3 --warmup 1 --output $RES/engines-sdxl" ;;
+    fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
+    dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
+      --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     *) echo "false unknown-step-$1" ;;
   esac
 }
