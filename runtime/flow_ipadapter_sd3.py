@@ -109,7 +109,8 @@ def load_sd3_ip_adapter(transformer: torch.nn.Module, state_dict: dict[str, dict
         proj = transformer._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"],
                                                                        low_cpu_mem_usage=False)
     except (RuntimeError, KeyError, IndexError) as e:
-        raise IPAdapterError(f"{name}: does not fit the transformer ({str(e).splitlines()[0]})") from None
+        why = " ".join(str(e).split())  # torch's strict-load message spans lines: one line, the keys kept
+        raise IPAdapterError(f"{name}: does not fit the transformer ({why[:400]})") from None
     transformer.set_attn_processor(procs)
     transformer.image_proj = proj
     transformer.to(device=transformer.device, dtype=transformer.dtype)  # the new layers where the model is

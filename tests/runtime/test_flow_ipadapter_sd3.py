@@ -180,6 +180,23 @@ def test_flux_and_unet_adapters_refused_by_name(tmp_path):
     assert check_sd3_ip_adapter_file(save_tiny_sd3_ip_adapter(cfg, tmp_path / "ok.safetensors"))
 
 
+def test_adapter_that_does_not_fit_leaves_the_transformer_as_it_was(tmp_path):
+    """A tensor short (past the name and width checks): diffusers' strict load refuses it in one line, and neither
+    the processors nor the image projection have been put in."""
+    from safetensors.torch import load_file, save_file
+
+    bundle = load_model("tiny-sd3")
+    flat = load_file(str(save_tiny_sd3_ip_adapter(bundle.family.transformer, tmp_path / "ok.safetensors")))
+    del flat["image_proj.layers.3.ff.net.2.weight"]
+    save_file(flat, str(tmp_path / "short.safetensors"))
+    before = {k: type(v) for k, v in bundle.transformer.attn_processors.items()}
+    state = read_sd3_ip_adapter(tmp_path / "short.safetensors", bundle.transformer)
+    with pytest.raises(IPAdapterError, match=r"^short: does not fit the transformer \(.*layers.3.ff.net.2.weight"):
+        load_sd3_ip_adapter(bundle.transformer, state, 1.0, name="short")
+    assert {k: type(v) for k, v in bundle.transformer.attn_processors.items()} == before
+    assert getattr(bundle.transformer, "image_proj", None) is None
+
+
 def test_mf_generate_sd3_ip_adapter_runs_and_refuses_before_the_load(saved, tmp_path, capsys, monkeypatch):
     """--ip-adapter on tiny-sd3: a 2-stage PNG that is not the plain one; a FLUX adapter or a CLIP encoder given
     to sd3 is one line naming it, before the model load (the load would fail the test)."""
