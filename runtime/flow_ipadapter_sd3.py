@@ -38,7 +38,9 @@ def check_sd3_ip_adapter_file(path: str | Path) -> list[str]:
         with safe_open(str(p), framework="pt") as f:
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise IPAdapterError(f"--ip-adapter {str(path)!r}: not a readable safetensors file ({e})") from None
+        hint = ("; a pickled .bin (as InstantX ships ip-adapter.bin) is not read: save its image_proj / ip_adapter "
+                "dicts as .safetensors, keys image_proj.* and ip_adapter.*") if p.suffix in (".bin", ".pt") else ""
+        raise IPAdapterError(f"--ip-adapter {str(path)!r}: not a readable safetensors file ({e}){hint}") from None
     if any(k.startswith(_FLUX_XLABS) for k in keys):
         raise IPAdapterError(f"--ip-adapter {str(path)!r}: a FLUX IP-Adapter (XLabs' ip_adapter_proj_model.* / "
                              "double_blocks.*), not an SD3 one; use it with --model flux")

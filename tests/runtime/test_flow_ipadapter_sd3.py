@@ -133,7 +133,8 @@ def test_scale_zero_is_the_plain_image(saved):
 
 def test_two_stages_project_at_every_step_graphed_as_eager(saved):
     """A 2-stage plan: the projection runs at each step's own timestep (one call per step, the CFG batch in one),
-    the graphs mode's buffered step equals the eager one bit for bit, and other features give another latent."""
+    other features give another latent, and with a ControlNet too the graphs mode's buffered step equals the eager
+    one bit for bit."""
     root, ip = saved
     bundle, embeds = _adapted(root, ip, 1.0)
     plan = validate_plan(bundle.family, [Stage(128, 128, 2), Stage(160, 160, 2)])
@@ -146,12 +147,23 @@ def test_two_stages_project_at_every_step_graphed_as_eager(saved):
     hook.remove()
     assert [b for b, _ in seen] == [2] * plan.total_steps  # [zeros, features] with the CFG batch
     assert len({t for _, t in seen}) == plan.total_steps  # a new timestep each step, stage 2's re-shifted ones too
-    graphed = FlowMegaFusionPipeline(bundle, SD3IPAdapterNetworks(FlowTorchNetworks(bundle), embeds),
-                                     mode="graphs").generate(plan, opts).latent
-    assert torch.equal(graphed, eager)
     other = FlowMegaFusionPipeline(bundle, SD3IPAdapterNetworks(FlowTorchNetworks(bundle), -embeds)).generate(
         plan, opts).latent
     assert eager.shape == (1, 16, 20, 20) and _relerr(other, eager) > 1e-4
+    # With a ControlNet on top (it does not see the image tokens, as in StableDiffusion3ControlNetPipeline, whose
+    # SD3ControlNetModel ignores them): the graphs mode's buffered step is the eager one, bit for bit.
+    from megafusion.runtime.controlnet import Control
+    from megafusion.runtime.flow_controlnet import ControlledFlowNetworks
+    from tests.runtime.test_flow_controlnet import control_image, tiny_flow_controlnet
+
+    control = Control(tiny_flow_controlnet(bundle.family, 1).eval(), control_image(128, 128), 0.8)
+
+    def nets():
+        return ControlledFlowNetworks(SD3IPAdapterNetworks(FlowTorchNetworks(bundle), embeds), [control], "cpu")
+
+    controlled = FlowMegaFusionPipeline(bundle, nets()).generate(plan, opts).latent
+    graphed = FlowMegaFusionPipeline(bundle, nets(), mode="graphs").generate(plan, opts).latent
+    assert torch.equal(graphed, controlled) and _relerr(controlled, eager) > 1e-4
 
 
 def test_flux_and_unet_adapters_refused_by_name(tmp_path):
@@ -168,6 +180,9 @@ def test_flux_and_unet_adapters_refused_by_name(tmp_path):
     with pytest.raises(IPAdapterError, match=r"'.*unet.safetensors': not an SD3 IP-Adapter \(no "
                                              r"image_proj.time_embedding.linear_1.weight"):
         check_sd3_ip_adapter_file(unet)
+    torch.save({"image_proj": {}, "ip_adapter": {}}, str(tmp_path / "ip-adapter.bin"))
+    with pytest.raises(IPAdapterError, match=r"ip-adapter.bin': not a readable safetensors file .*a pickled .bin"):
+        check_sd3_ip_adapter_file(tmp_path / "ip-adapter.bin")
     bundle = load_model("tiny-sd3")
     cfg = bundle.family.transformer
     wide = save_tiny_sd3_ip_adapter(cfg, tmp_path / "wide.safetensors", width=32)
