@@ -113,9 +113,9 @@ def load_sd3_ip_adapter(transformer: torch.nn.Module, state_dict: dict[str, dict
     except (RuntimeError, KeyError, IndexError) as e:
         why = " ".join(str(e).split())  # torch's strict-load message spans lines: one line, the keys kept
         raise IPAdapterError(f"{name}: does not fit the transformer ({why[:400]})") from None
-    transformer.set_attn_processor(procs)
-    transformer.image_proj = proj
-    transformer.to(device=transformer.device, dtype=transformer.dtype)  # the new layers where the model is
+    where = {"device": transformer.device, "dtype": transformer.dtype}  # the new layers where the model is
+    transformer.set_attn_processor({name: proc.to(**where) for name, proc in procs.items()})
+    transformer.image_proj = proj.to(**where)
     for proc in transformer.attn_processors.values():
         if hasattr(proc, "norm_ip"):
             proc.scale = scale
