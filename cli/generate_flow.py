@@ -19,8 +19,7 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
                          "no negative prompt; --guidance sets its guidance embedding")
-    conditions = (("--ip-adapter", args.ip_adapter if family.kind != "flux" else None),  # FLUX's: flow_ipadapter
-                  ("--precision", args.precision if args.precision == "fp8" else None))
+    conditions = (("--precision", args.precision if args.precision == "fp8" else None),)
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:
             raise UsageError(f"{flag}: not available for {name} yet (it runs for the UNet families)")
@@ -80,6 +79,8 @@ def _ip_adapter_embeds(args: argparse.Namespace, bundle, ip_image, device, dtype
     from ..runtime.flow_ipadapter import load_flux_ip_adapter, read_flux_ip_adapter
     from ..runtime.ipadapter import IPAdapterError, encode_ip_image, load_image_encoder
 
+    if bundle.family.kind == "sd3":
+        return _sd3_ip_adapter_embeds(args, bundle, ip_image, device, dtype)
     try:
         state = read_flux_ip_adapter(args.ip_adapter, bundle.transformer)
         encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, dtype)
@@ -89,6 +90,36 @@ def _ip_adapter_embeds(args: argparse.Namespace, bundle, ip_image, device, dtype
     embeds = encode_ip_image(encoder, processor, ip_image, device)
     encoder.to(device="meta")  # done with it
     return embeds
+
+
+def _sd3_ip_adapter_embeds(args: argparse.Namespace, bundle, ip_image, device, dtype):
+    """SD3's IP-Adapter put into the transformer and the reference image's SigLIP features (runtime/
+    flow_ipadapter_sd3.py); the transformer projects them at each step's timestep."""
+    from ..runtime.flow_ipadapter_sd3 import (encode_sd3_ip_image, load_sd3_ip_adapter, load_siglip_encoder,
+                                              read_sd3_ip_adapter)
+    from ..runtime.ipadapter import IPAdapterError
+
+    try:
+        state = read_sd3_ip_adapter(args.ip_adapter, bundle.transformer)
+        encoder, processor = load_siglip_encoder(args.ip_adapter_encoder, device, dtype)
+        load_sd3_ip_adapter(bundle.transformer, state, args.ip_adapter_scale, f"--ip-adapter {args.ip_adapter!r}")
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
+    embeds = encode_sd3_ip_image(encoder, processor, ip_image, device)
+    encoder.to(device="meta")  # done with it
+    return embeds
+
+
+def _check_sd3_ip_adapter(args: argparse.Namespace) -> None:
+    """An SD3 IP-Adapter file and a SigLIP encoder folder, by their names and config only: before the model load."""
+    from ..runtime.flow_ipadapter_sd3 import check_sd3_ip_adapter_file, check_siglip_folder
+    from ..runtime.ipadapter import IPAdapterError
+
+    try:
+        check_sd3_ip_adapter_file(args.ip_adapter)
+        check_siglip_folder(args.ip_adapter_encoder)
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
 
 
 def run_flow(args: argparse.Namespace, family) -> int:
@@ -103,7 +134,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
     controls = _controls_from_args(args, family)
     from .conditions import ip_adapter_from_args
 
-    ip_image = ip_adapter_from_args(args)  # FLUX only (refused above for SD3); files checked before the load
+    ip_image = ip_adapter_from_args(args)  # files checked before the load
+    if ip_image is not None and family.kind == "sd3":
+        _check_sd3_ip_adapter(args)
     weights_seed = weights_seed_from_args("mf-generate", family, args)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
@@ -192,7 +225,12 @@ def run_flow(args: argparse.Namespace, family) -> int:
         print(f"transformer from the {kind.backend} {kind.what} in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
-    if ip_embeds is not None:
+    if ip_embeds is not None and family.kind == "sd3":
+        from ..runtime.flow_ipadapter_sd3 import SD3IPAdapterNetworks
+
+        nets = SD3IPAdapterNetworks(nets, ip_embeds)
+        print(f"ip-adapter: {args.ip_adapter} (scale {args.ip_adapter_scale:g}) in torch")
+    elif ip_embeds is not None:
         from ..runtime.flow_ipadapter import FlowIPAdapterNetworks
 
         nets = FlowIPAdapterNetworks(nets, ip_embeds)

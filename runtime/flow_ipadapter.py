@@ -6,7 +6,8 @@ against the transformer before anything changes; `load_flux_ip_adapter` puts it 
 `_load_ip_adapter_weights` (the double blocks' attention gains image key/value projections, the transformer an
 image projection). `FlowIPAdapterNetworks` then hands the image embeddings to every transformer call, at every
 stage: they describe the reference image, not the canvas. The transformer changes in place: give it a bundle of
-its own. Torch path only. SD3's IP-Adapter (a timestep-dependent projection, SigLIP features) is not here.
+its own. Torch path only. SD3's IP-Adapter (a timestep-dependent projection, SigLIP features) is in
+runtime/flow_ipadapter_sd3.py.
 """
 from __future__ import annotations
 
