@@ -144,6 +144,26 @@ def test_onnxruntime_kind_declares_no_controlnet(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
 
 
+def test_onnxruntime_engines_refuse_controlnet_at_generate(tmp_path, capsys):
+    """A folder of ONNX Runtime transformer engines only: one line naming the backend and the aoti build, before
+    the model load."""
+    from megafusion.cli.build_engines import main as build
+    from megafusion.cli.generate import main as generate
+
+    plan = ["--stages", "128x128:2,128x128:2"]
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", *plan, "--output", str(tmp_path / "e")]) == 0
+    cn = save_tiny_flow_controlnet(load_model("tiny-sd3").family, tmp_path / "cn")
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    capsys.readouterr()
+    rc = generate(["--model", "tiny-sd3", *plan, "--engines", str(tmp_path / "e"), "--controlnet", str(cn),
+                   "--control-image", str(tmp_path / "c.png"), "--prompt", "x", "--output", str(tmp_path / "x.png"),
+                   "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    assert "--controlnet with --engines: onnxruntime transformer engines take no ControlNet" in err
+    assert "--backend aoti" in err and f"--controlnet {cn}" in err
+
+
 def test_controlnet_of_the_other_family_is_refused_before_the_build(tmp_path, capsys):
     from megafusion.cli.build_engines import main as build
 
