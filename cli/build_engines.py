@@ -51,7 +51,9 @@ def build_parser() -> ArgumentParser:
                         "take LoRAs without a rebuild instead: mf-generate --engines DIR --lora PATH[:SCALE]")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="also build this diffusers ControlNetModel's engines and the UNet that takes its residuals "
-                        "(aoti or onnxruntime; repeatable: each ControlNet its own entries)")
+                        "(aoti or onnxruntime; repeatable: each ControlNet its own entries); sd3/flux: an "
+                        "SD3ControlNetModel / FluxControlNetModel and the transformer that takes its block samples "
+                        "(aoti)")
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
     # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
     p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         from .build_engines_if import run_if_build
 
         if args.controlnet:
-            raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5 and SDXL models only)")
+            raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5, SDXL, SD3 and FLUX models only)")
         return run_if_build(args)
     from ..core.dit_families import DIT_FAMILIES
 

@@ -37,6 +37,9 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     if args.precision not in backend.precisions:  # declared by the backend (ONNX Runtime: no bf16 kernels)
         raise UsageError(f"--precision {args.precision}: {backend.name} builds {name} engines in "
                          f"{', '.join(backend.precisions)}")
+    from .flow_controlnet_engines import build_flow_controlnets, check_controlnet_build_args
+
+    check_controlnet_build_args(args, family, kinds[args.backend])
     weights_seed = weights_seed_from_args("mf-build-engines", family, args, takes_dit=True)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     batch = 2 if family.cfg and guidance > 1.0 else 1
@@ -74,5 +77,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
         print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
     built = kinds[args.backend].build(bundle, plan, args.precision, out, batch, device, args.force,
                                       log=lambda msg: print(msg, flush=True))
+    if args.controlnet:  # the ControlNets' packages and the controlled transformer's, beside the plain ones
+        build_flow_controlnets(args, bundle, plan, args.precision, out, batch, device)
     print(f"{built} built; manifest {out / 'manifest.json'}")
     return 0

@@ -31,9 +31,6 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if args.engines is not None and args.ip_adapter:
         raise UsageError(f"--ip-adapter with --engines: for {name} the IP-Adapter runs in torch only (the transformer "
                          "packages have no image attention); leave out --engines")
-    if args.engines is not None and args.controlnet:
-        raise UsageError(f"--controlnet with --engines: for {name} the ControlNet runs in torch only (no ControlNet "
-                         "engines for the transformer families yet); leave out --engines")
     if args.engines is not None:
         from pathlib import Path
 
@@ -168,7 +165,12 @@ def run_flow(args: argparse.Namespace, family) -> int:
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kind = None
-    if args.engines:  # the folder serves every stage shape, before the model load
+    if args.engines and controls:  # ControlNet packages (aoti) for every stage shape, before the model load
+        from .flow_controlnet_engines import check_controlled_engines
+
+        check_controlled_engines(args, family, plan, device, next(k for k, v in DTYPES.items() if v == dtype),
+                                 2 if family.cfg and guidance > 1.0 else 1, weights_seed, loras)
+    elif args.engines:  # the folder serves every stage shape, before the model load
         from ..engine.backend import get_backend
         from ..engine.cache import EngineError
         from ..engine.dit_engines import choose_dit_engines
@@ -204,7 +206,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
         from ..core.lora import LoraError, check_loras, fuse_loras
 
         try:  # checked against the model before anything runs; with --engines, engine_networks fuses or swaps them
-            check_loras(bundle, loras) if args.engines else fuse_loras(bundle, loras)
+            check_loras(bundle, loras) if args.engines and not controls else fuse_loras(bundle, loras)
         except LoraError as e:
             raise UsageError(str(e)) from None
         print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
@@ -235,7 +237,15 @@ def run_flow(args: argparse.Namespace, family) -> int:
 
         nets = FlowIPAdapterNetworks(nets, ip_embeds)
         print(f"ip-adapter: {args.ip_adapter} (scale {args.ip_adapter_scale:g}) in torch")
-    if controls:
+    if controls and args.engines:  # ControlNets and the controlled transformer from the aoti packages
+        from .flow_controlnet_engines import controlled_engine_networks
+
+        precision = next(k for k, v in DTYPES.items() if v == dtype)
+        nets = controlled_engine_networks(args, nets, bundle, controls, plan, device, dtype, precision,
+                                          2 if family.cfg and guidance > 1.0 else 1)
+        print(f"controlnet: {len(controls)} from the aoti packages in {args.engines} ({precision}), "
+              f"{', '.join(c[0] for c in controls)}")
+    elif controls:
         nets = _controlled(nets, bundle, controls, device, nets.transformer_dtype)
         print(f"controlnet: {len(controls)} in torch, {', '.join(c[0] for c in controls)}")
     pipe = FlowMegaFusionPipeline(bundle, nets, device, mode)

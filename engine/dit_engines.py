@@ -285,13 +285,15 @@ class DiTEngineKind:
     """What its engines are, for messages."""
     takes_lora: bool
     """Whether `networks` takes LoRAs (swapped into the engines, or engines built with them) and `build` fused ones."""
+    takes_controlnet: bool = False
+    """Whether the backend builds and runs ControlNet engines (engine/dit_controlnet_engines.py: aoti only)."""
 
 
 def dit_engine_kinds() -> dict[str, DiTEngineKind]:
     """Every backend that builds transformer engines, by registry name (DIT_BACKENDS, in that order)."""
     from . import dit_onnx_engines as ort
 
-    kinds = (DiTEngineKind("aoti", build_dit_engines, check_dit_engines, engine_networks, "packages", True),
+    kinds = (DiTEngineKind("aoti", build_dit_engines, check_dit_engines, engine_networks, "packages", True, True),
              DiTEngineKind(ort.BACKEND_NAME, ort.build_dit_onnx_engine, ort.check_dit_onnx_engine,
                            ort.onnx_engine_networks, "engine", False))
     return {k.backend: k for k in kinds}

@@ -187,7 +187,7 @@ def test_controlnet_refusals_are_one_line_before_the_load(tmp_path, capsys):
             (["--model", "tiny-sd3", "--controlnet", str(tmp_path / "unetcn"), *image],
              "a ControlNetModel folder; tiny-sd3 takes a SD3ControlNetModel"),
             (["--model", "tiny-sd3", "--controlnet", sd3_cn, *image, "--engines", str(tmp_path / "e")],
-             "--controlnet with --engines: for tiny-sd3 the ControlNet runs in torch only"),
+             "holds no tiny-sd3 controlled-transformer package for the 128x128 stage"),
             (["--model", "tiny-sd3", "--controlnet", sd3_cn], "1 --controlnet and 0 --control-image"),
             (["--model", "tiny-sd3", "--control-scale", "0.5"], "--control-scale needs --controlnet")):
         rc = main([*argv, "--prompt", "x", "--output", str(tmp_path / "x.png"), "--no-progress"])
