@@ -73,6 +73,47 @@ def sd15_aoti(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def sd15_control_aoti(sd15_aoti, tmp_path_factory) -> tuple[Path, Path]:
+    """(engine folder, ControlNet folder): the session's tiny-sd15 packages plus a tiny ControlNet's static
+    AOTInductor packages of AOTI_STAGES (controlnet and unet_controlled, standard and dilated: four compiles, minutes
+    on 2 cores), built once for the C API tests (tests/cpp) and the engine tests (tests/engine)."""
+    from megafusion.cli.build_engines import main as build_main
+    from megafusion.core.loading import load_model
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("control-aoti")
+    out = root / "engines"
+    shutil.copytree(sd15_aoti, out)
+    cn = save_tiny_controlnet(load_model("tiny-sd15").unet, root / "edges", 5)
+    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
+                       "--controlnet", str(cn), "--networks", "controlnet,unet_controlled",
+                       "--output", str(out)]) == 0
+    return out, cn
+
+
+FLUX_AOTI_STAGES = "128x128:2,160x160:1"
+"""The plan of the session's tiny-flux transformer packages (one static package per stage shape: two)."""
+
+
+@pytest.fixture(scope="session")
+def flux_aoti(tmp_path_factory) -> tuple[Path, str]:
+    """(engine folder, what mf-build-engines printed): tiny-flux's AOTInductor transformer packages of
+    FLUX_AOTI_STAGES (two compiles, a minute or two on 2 cores), built once by `mf-build-engines --backend aoti` for
+    tests/cli/test_generate_flow.py and tests/engine/test_dit_engines.py; tests that change the folder copy it."""
+    import contextlib
+    import io
+
+    from megafusion.cli.build_engines import main as build_main
+
+    out = tmp_path_factory.mktemp("flux-aoti") / "e"
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert build_main(["--model", "tiny-flux", "--backend", "aoti", "--stages", FLUX_AOTI_STAGES, "--device", "cpu",
+                           "--output", str(out)]) == 0
+    return out, said.getvalue()
+
+
 # Engine folders built once per session (tests/engines.py says how).
 @pytest.fixture(scope="session")
 def sdxl_engines(tmp_path_factory, tiny_sdxl):
@@ -90,6 +131,29 @@ def sd15_engines(tmp_path_factory, tiny_sd15):
 
     build(tiny_sd15, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sd15_control_ort(tiny_sd15, sd15_engines, tmp_path_factory) -> tuple[Path, Path, str]:
+    """(engine folder, ControlNet folder, what mf-build-engines printed): the session's tiny-sd15 ONNX Runtime engines
+    plus a tiny ControlNet's (seed 5), built by `mf-build-engines --controlnet` once for the CLI and server tests
+    (tests/cli/test_controlnet_engines_cli.py checks the printout; tests that change the folder copy it first)."""
+    import contextlib
+    import io
+
+    from megafusion.cli import build_engines as build_cli
+    from tests.engines import STAGES
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("control-ort")
+    out = root / "engines"
+    shutil.copytree(sd15_engines, out)  # the plain engines are there: only the ControlNet's are built
+    cn = save_tiny_controlnet(tiny_sd15.unet, root / "cn", 5)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert build_cli.main(["--model", "tiny-sd15", "--stages", STAGES, "--device", "cpu", "--controlnet", str(cn),
+                               "--output", str(out)]) == 0
+    return out, cn, said.getvalue()
 
 
 @pytest.fixture

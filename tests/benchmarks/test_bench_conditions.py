@@ -186,26 +186,21 @@ def test_engine_variant_swaps_the_lora(inputs, sd15_engines, tmp_path):
 
 
 @pytest.mark.slow
-def test_engine_variant_runs_the_controlnet_engines(inputs, sd15_engines, tmp_path, monkeypatch):
+def test_engine_variant_runs_the_controlnet_engines(inputs, sd15_control_ort, tmp_path, monkeypatch):
     """engines:onnxruntime with --controlnet: the conditioned row runs the ControlNet engines, the plain UNet engines
-    left closed."""
-    from megafusion.engine.build import BuildRequest
-    from megafusion.engine.controlnet_engines import build_controlnet_engines
-    from megafusion.runtime.controlnet import load_controlnet
+    left closed. The engines (the plain ones and a tiny ControlNet 'cn''s, built by mf-build-engines --controlnet)
+    are the session's (tests/conftest.py `sd15_control_ort`), copied."""
     from tests.engines import STAGES as stages
 
     base = _engine_bench(stages)
+    built, cn, _ = sd15_control_ort
     folder = tmp_path / "engines"
-    shutil.copytree(sd15_engines, folder)
-    bundle = load_model("tiny-sd15")
-    plan = validate_plan(bundle.family, parse_stages(stages))
-    cn = load_controlnet(inputs["cn"], bundle.unet, "cpu", torch.float32)
-    build_controlnet_engines(bundle, [cn], BuildRequest(plan, "onnxruntime", "fp32", folder))
+    shutil.copytree(built, folder)
     import megafusion.engine.load as load
 
     opened, real = [], load.open_entry
     monkeypatch.setattr(load, "open_entry", lambda d, e, b, c: opened.append(e.key.network) or real(d, e, b, c))
-    assert main([*base, "--engine-dir", str(folder), "--controlnet", str(inputs["cn"]), "--control-image",
+    assert main([*base, "--engine-dir", str(folder), "--controlnet", str(cn), "--control-image",
                  str(inputs["edges"]), "--output", str(tmp_path / "cn")]) == 0
     rows = json.loads((tmp_path / "cn" / "results.json").read_text())["variants"]
     assert rows[3]["name"] == "engine: engines:onnxruntime + controlnet cn" and rows[3]["median_s"] > 0

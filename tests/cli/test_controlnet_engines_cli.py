@@ -20,13 +20,13 @@ def _one_line(err: str, needle: str) -> None:
 
 
 @pytest.mark.slow
-def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_engines, tmp_path, capsys):
+def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_control_ort, tmp_path, capsys):
+    # The build (the session's plain engines + `mf-build-engines --controlnet` of a tiny ControlNet) and what it
+    # printed come from tests/conftest.py, shared with tests/serve; the checks here run on a private copy.
+    built, cn, said = sd15_control_ort
     out = tmp_path / "engines"
-    shutil.copytree(sd15_engines, out)  # the plain engines are there: only the ControlNet's are built
-    cn = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "cn", 5)
+    shutil.copytree(built, out)
     base = ["--model", "tiny-sd15", "--stages", STAGES, "--device", "cpu"]
-    assert build_cli.main([*base, "--controlnet", str(cn), "--output", str(out)]) == 0
-    said = capsys.readouterr().out
     assert "controlnet: 4 built, 0 up to date" in said and "0 built, 5 up to date" in said
     assert len([e for e in EngineCache(out).entries().values() if e.key.network == CONTROLNET]) == 2
     assert build_cli.main([*base, "--controlnet", str(cn), "--networks", "controlnet-dilated", "--output",

@@ -58,23 +58,22 @@ def test_build_engines_refusals_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_engines_built_then_used_by_mf_generate(tmp_path, capsys):
-    """mf-build-engines --backend aoti, then mf-generate --engines: the image of the torch run (fp32 CPU)."""
+def test_engines_built_then_used_by_mf_generate(flux_aoti, tmp_path, capsys):
+    """mf-build-engines --backend aoti, then mf-generate --engines: the image of the torch run (fp32 CPU). The build
+    and its printout are the session's (tests/conftest.py `flux_aoti`, shared with tests/engine/test_dit_engines.py);
+    mf-generate only reads the folder."""
+    from tests.conftest import FLUX_AOTI_STAGES as stages
 
-    from megafusion.cli.build_engines import main as build
-
-    stages = "128x128:2,160x160:1"
-    assert build(["--model", "tiny-flux", "--backend", "aoti", "--stages", stages, "--device", "cpu",
-                  "--output", str(tmp_path / "e")]) == 0
-    assert "2 built" in capsys.readouterr().out
+    engines, said = flux_aoti
+    assert "2 built" in said and stages == "128x128:2,160x160:1"
     common = ["--model", "tiny-flux", "--prompt", "a red fox", "--stages", stages, "--no-progress", "--device", "cpu"]
-    assert main([*common, "--engines", str(tmp_path / "e"), "--output", str(tmp_path / "e.png")]) == 0
+    assert main([*common, "--engines", str(engines), "--output", str(tmp_path / "e.png")]) == 0
     assert "aoti packages" in capsys.readouterr().out
     assert main([*common, "--output", str(tmp_path / "t.png")]) == 0
     a = np.asarray(Image.open(tmp_path / "e.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.int16)
     assert a.shape == (160, 160, 3) and np.abs(a - b).max() <= 1  # uint8 rounding of a 1e-5 latent difference
-    rc = main([*common[:5], "128x128:2,192x192:1", *common[6:], "--engines", str(tmp_path / "e"),
+    rc = main([*common[:5], "128x128:2,192x192:1", *common[6:], "--engines", str(engines),
                "--output", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2 and "no tiny-flux transformer package for the 192x192 stage" in err

@@ -19,6 +19,7 @@ from megafusion.core.lora import LoraError, LoraSpec, fuse_loras
 from megafusion.core.plan import Stage, validate_plan
 from megafusion.engine.cache import weights_fingerprint
 from megafusion.runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
+from tests.helpers import random_lora, save_lora_file
 
 RANK = 4
 ALPHA = 8.0
@@ -38,10 +39,7 @@ def _layers(bundle):
 
 
 def _random_lora(bundle, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {(net, name): (torch.randn(RANK, m.in_features, generator=g) * 0.3,
-                          torch.randn(m.out_features, RANK, generator=g) * 0.3)
-            for net, name, m in _layers(bundle)}
+    return random_lora(_layers(bundle), RANK, seed)
 
 
 def save_diffusers(lora, path, alpha=None):
@@ -51,9 +49,7 @@ def save_diffusers(lora, path, alpha=None):
         nets = {net for net, _ in lora}
         meta = {"lora_adapter_metadata": json.dumps({f"{n}.{k}": v for n in nets
                                                      for k, v in (("r", RANK), ("lora_alpha", alpha))})}
-    save_file({f"{net}.{name}.{part}.weight": t.contiguous() for (net, name), (down, up) in lora.items()
-               for part, t in (("lora_A", down), ("lora_B", up))}, str(path), metadata=meta)
-    return path
+    return save_lora_file(lora, path, meta)
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])

@@ -15,6 +15,7 @@ from megafusion.core.lora import LoraError, LoraSpec, fuse_loras, parse_lora
 from megafusion.core.plan import Stage, validate_plan
 from megafusion.engine.cache import weights_fingerprint
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from tests.helpers import random_lora, save_lora_file
 
 RANK = 4
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -31,16 +32,11 @@ def _layers(bundle):
 
 
 def _random_lora(bundle, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {(net, name): (torch.randn(RANK, m.in_features, generator=g) * 0.3,
-                          torch.randn(m.out_features, RANK, generator=g) * 0.3)
-            for net, name, m in _layers(bundle)}
+    return random_lora(_layers(bundle), RANK, seed)
 
 
 def save_diffusers(lora, path):
-    save_file({f"{net}.{name}.{part}.weight": t.contiguous() for (net, name), (down, up) in lora.items()
-               for part, t in (("lora_A", down), ("lora_B", up))}, str(path))
-    return path
+    return save_lora_file(lora, path)
 
 
 def save_kohya(lora, path, alpha, xl=False):

@@ -4,19 +4,18 @@ packages, token ids and seed; a bad input is one line naming it, before any netw
 
 The C++ side is cpp/examples/mf_generate_cpp (--image / --control-image take binary PPM; Python reads the same
 pixels from PNG). The ControlNet packages (controlnet and unet_controlled, standard and dilated: four AOTInductor
-compiles, about 5 minutes on two cores) are built once into a copy of the session's tiny-sd15 folder.
+compiles, about 5 minutes on two cores) are built once into a copy of the session's tiny-sd15 folder
+(tests/conftest.py `sd15_control_aoti`, shared with tests/engine/test_controlnet_engines.py).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from megafusion.cli import build_engines as build_cli
 from megafusion.cli import generate as gen_cli
 from megafusion.runtime.pipeline import GenerationOptions
 from megafusion.runtime.tokens import format_ids, load_tokenizers
@@ -97,21 +96,11 @@ def test_image_to_image_refusals_name_the_value(cpp_build, sd15_aoti, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ ControlNet
 
-@pytest.fixture(scope="module")
-def control_engines(sd15_aoti, tmp_path_factory) -> tuple[Path, Path]:
-    """(engine folder, ControlNet folder): the session's tiny-sd15 packages plus a tiny ControlNet's (static per
-    stage shape: the --networks selection builds those four packages and nothing else)."""
-    from megafusion.core.loading import load_model
-    from tests.runtime.test_controlnet import save_tiny_controlnet
-
-    root = tmp_path_factory.mktemp("cpp-control")
-    out = root / "engines"
-    shutil.copytree(sd15_aoti, out)
-    cn = save_tiny_controlnet(load_model("tiny-sd15").unet, root / "edges", 5)
-    assert build_cli.main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
-                           "--controlnet", str(cn), "--networks", "controlnet,unet_controlled",
-                           "--output", str(out)]) == 0
-    return out, cn
+@pytest.fixture
+def control_engines(sd15_control_aoti) -> tuple[Path, Path]:
+    """(engine folder, ControlNet folder 'edges'): tests/conftest.py builds them once a session (the engine tests
+    use the same packages)."""
+    return sd15_control_aoti
 
 
 def test_build_records_the_controlnet_by_name(control_engines):

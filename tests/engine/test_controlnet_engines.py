@@ -21,6 +21,7 @@ from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.controlnet import Control, ControlledNetworks, EngineControlledNetworks, load_controlnet
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from tests.conftest import AOTI_STAGES
 from tests.engines import LATENT_ATOL, STAGES
 from tests.runtime.test_controlnet import control_image, save_tiny_controlnet
 
@@ -151,13 +152,15 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
 
 
 @pytest.mark.slow
-def test_aoti_packages_match_torch(tiny_sd15, tmp_path):
-    """Static AOTInductor packages of a one-stage plan (a ControlNet and the controlled UNet): each within 1e-4
-    relative of the torch modules, at batch 2 (CFG) and 1."""
-    cn = _controlnet(tiny_sd15, tmp_path / "cn", 7)
-    plan = validate_plan(tiny_sd15.family, parse_stages("128x128:2"))
-    build_controlnet_engines(tiny_sd15, [cn], BuildRequest(plan, "aoti", "fp32", tmp_path / "e"))
-    nets, unets = open_controlnet_runners(tmp_path / "e", tiny_sd15, plan, [cn], ["cn"], "aoti", "fp32", 2)
+def test_aoti_packages_match_torch(tiny_sd15, sd15_control_aoti):
+    """Static AOTInductor packages of the plan's first stage (a ControlNet and the controlled UNet, standard): each
+    within 1e-4 relative of the torch modules, at batch 2 (CFG) and 1. The packages are the session's (tests/conftest.py
+    `sd15_control_aoti`, built by mf-build-engines --controlnet, which calls build_controlnet_engines), so the four
+    compiles are shared with the C API tests."""
+    folder, path = sd15_control_aoti
+    cn = load_controlnet(path, tiny_sd15.unet, "cpu", torch.float32)
+    plan = validate_plan(tiny_sd15.family, parse_stages(AOTI_STAGES))
+    nets, unets = open_controlnet_runners(folder, tiny_sd15, plan, [cn], [str(path)], "aoti", "fp32", 2)
     runner, unet = nets[1][0], unets[1]
     for batch in (2, 1):
         spec = runner.spec

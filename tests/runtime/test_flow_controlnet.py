@@ -272,7 +272,7 @@ def test_image_to_image_keeps_the_global_step_positions(saved):
     schedule, as for the UNet families). Strength 0.5 over 4 steps runs steps 2 and 3 only: a window over steps 0-1
     (end 0.5) never acts, so the latent is plain image to image bit for bit; a window over 2-3 does act."""
     from megafusion.runtime.img2img import ImageStart
-    from tests.runtime.test_flow_img2img import _photo
+    from tests.helpers import photo as _photo
 
     bundle, _, paths = saved
     plan = validate_plan(bundle.family, [Stage(128, 128, STEPS)])

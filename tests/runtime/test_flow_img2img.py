@@ -17,20 +17,10 @@ from megafusion.engine.flow_networks import FlowTorchNetworks, pack
 from megafusion.runtime.flow_img2img import encode_flow_image, flow_entry_point, flow_steps_skipped
 from megafusion.runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
 from megafusion.runtime.img2img import ImageInputError, ImageStart
+from tests.helpers import photo as _photo, relerr as _relerr
 from tests.runtime.test_flow_reference import save_tiny
 
 PROMPT = "a red fox in the snow"
-
-
-def _relerr(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """A smooth test picture in [-1, 1] (random weights make any picture as good as another)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((1, 3, 4, 4), generator=g) * 2 - 1
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(scope="module", params=["tiny-sd3", "tiny-flux"])

@@ -16,19 +16,9 @@ from megafusion.core.plan import Stage, validate_plan
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.img2img import ImageInputError, ImageStart, encode_image, entry_point, read_image
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from tests.helpers import photo as _photo, relerr as _relerr
 
 PROMPT = "a lighthouse at dusk"
-
-
-def _relerr(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _photo(h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """A smooth test picture in [-1, 1] (random weights make any picture as good as another)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand((1, 3, 4, 4), generator=g) * 2 - 1
-    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _img2img_pipe(bundle):

@@ -2,8 +2,6 @@
 engine (engine/controlnet_engines.py) opened for its plan, and the PNG is mf-generate --engines --controlnet's."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from megafusion.serve.config import ServeConfig
@@ -13,20 +11,15 @@ from .test_conditions import b64, png_bytes
 pytestmark = pytest.mark.slow
 
 
-def test_control_images_on_controlnet_engines_are_mf_generates_bytes(tiny_sd15, sd15_engines, tmp_path, capsys):
+def test_control_images_on_controlnet_engines_are_mf_generates_bytes(sd15_control_ort, tmp_path, capsys):
     from tests.engines import STAGES
-    from tests.runtime.test_controlnet import save_tiny_controlnet
 
-    from megafusion.cli import build_engines as build_cli
     from megafusion.cli.generate import main
     from megafusion.serve.model import ModelServer
     from megafusion.serve.request import parse_request
 
-    out = tmp_path / "engines"
-    shutil.copytree(sd15_engines, out)  # the plain engines are there: only the ControlNet's are built
-    cn = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "cn", 5)
+    out, cn, _ = sd15_control_ort  # plain engines + `mf-build-engines --controlnet`'s (tests/conftest.py); read only
     base = ["--model", "tiny-sd15", "--stages", STAGES, "--device", "cpu"]
-    assert build_cli.main([*base, "--controlnet", str(cn), "--output", str(out)]) == 0
     (tmp_path / "edges.png").write_bytes(png_bytes(2))
     server = ModelServer(ServeConfig("tiny-sd15", engines=str(out), sizes=((256, 256),), controlnets=(str(cn),)))
     body = {"prompt": "a kite", "stages": STAGES, "seed": 2, "control_images": [b64(png_bytes(2))],
