@@ -80,8 +80,7 @@ def test_engines_built_then_used_by_mf_generate(flux_aoti, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("flags,flag", [(["--ip-adapter", "ip.safetensors"], "--ip-adapter"),
-                                        (["--precision", "fp8"], "--precision")])
+@pytest.mark.parametrize("flags,flag", [(["--precision", "fp8"], "--precision")])
 def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
     """A flag the flow loop would ignore is refused before the model load (no silently wrong image)."""
     from megafusion.cli.generate import main
