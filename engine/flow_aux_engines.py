@@ -103,7 +103,21 @@ def build_flow_aux_engines(bundle: DiTBundle, plan: StagePlan, precision: str, o
             entry = cache.commit(key, tmp)
         built += 1
         log(f"{tag}: done in {res.seconds:.1f} s, {sum(f.size for f in entry.files) / 2**20:.1f} MiB")
+    record_flow_model(cache, bundle, fingerprints)
     return built
+
+
+def record_flow_model(cache: EngineCache, bundle: DiTBundle, fingerprints: dict[str, str]) -> None:
+    """models.json for libmegafusion: the UNet families' facts (VAE scaling, vocabularies: CLIP ones then T5's,
+    the weights of each network, `fingerprints` and the transformer's) plus the VAE's shift factor."""
+    from ..core.dit_specs import TRANSFORMER
+    from .model_facts import MODELS, FORMAT, read_models, record_model
+
+    record_model(cache, bundle, {**fingerprints, TRANSFORMER: weights_fingerprint(bundle.transformer)})
+    with cache.locked():
+        models = read_models(cache.root)
+        models[bundle.family.name]["vae_shift_factor"] = float(bundle.vae.config.shift_factor or 0.0)
+        cache.write_json(MODELS, {"format": FORMAT, "models": models})
 
 
 class FlowAuxPackages:

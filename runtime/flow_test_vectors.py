@@ -23,6 +23,8 @@ def flow_family_json(f: DiTFamily) -> dict[str, Any]:
             "pixel_multiple": f.pixel_multiple, "vae_scale": f.vae_scale, "patch": f.patch,
             "latent_channels": f.latent_channels, "max_side": f.max_side or 0, "t5_max_length": f.t5_max_length,
             "default_guidance": f.default_guidance, "default_stages": [list(s) for s in f.default_stages],
+            "guidance_embeds": bool(f.transformer.get("guidance_embeds", False)),
+            "rope_axes": list(f.transformer.get("axes_dims_rope", [])) if f.kind == "flux" else [],
             "scheduler": f.scheduler}
 
 

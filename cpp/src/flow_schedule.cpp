@@ -30,12 +30,18 @@ FlowFamily make(const std::string& name, const std::string& kind, int native, in
   return f;
 }
 
+FlowFamily with_rope(FlowFamily f, std::vector<int> axes) {
+  f.guidance_embeds = true;
+  f.rope_axes = std::move(axes);
+  return f;
+}
+
 std::vector<FlowFamily> make_flow_families() {
   // SD3's position table: pos_embed_max_size (192; tiny 64) patches a side, times vae_scale * patch.
   return {make("sd3", "sd3", 1024, 2, 192 * 16, 256, 7.0, sd3_scheduler()),
-          make("flux", "flux", 1024, 2, 0, 512, 3.5, flux_scheduler()),
+          with_rope(make("flux", "flux", 1024, 2, 0, 512, 3.5, flux_scheduler()), {16, 56, 56}),
           make("tiny-sd3", "sd3", 128, 2, 64 * 16, 256, 7.0, sd3_scheduler()),
-          make("tiny-flux", "flux", 128, 2, 0, 512, 3.5, flux_scheduler())};
+          with_rope(make("tiny-flux", "flux", 128, 2, 0, 512, 3.5, flux_scheduler()), {4, 6, 6})};
 }
 
 // numpy.linspace(start, stop, n): start + i * step, the last value stop exactly.

@@ -48,6 +48,9 @@ void check_families(const mfjson::Value& v) {
       same = f->base.default_stages[i].height == ds[i][0].as_int() &&
              f->base.default_stages[i].width == ds[i][1].as_int() && f->base.default_stages[i].steps == ds[i][2].as_int();
     check(same, n + ": default stages");
+    std::vector<int> axes;
+    for (const auto& a : j["rope_axes"].arr) axes.push_back(a.as_int());
+    check(f->guidance_embeds == j["guidance_embeds"].b && f->rope_axes == axes, n + ": guidance embedding, rope axes");
     const auto& s = j["scheduler"];
     const FlowSchedulerConfig& c = f->scheduler;
     check(c.num_train_timesteps == s["num_train_timesteps"].as_int() && c.shift == num_or(s, "shift", 1.0) &&

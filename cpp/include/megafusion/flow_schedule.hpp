@@ -35,6 +35,8 @@ struct FlowFamily {
   int max_side = 0;
   int t5_max_length = 256;
   double default_guidance = 7.0;
+  bool guidance_embeds = false;  // FLUX.1-dev: the guidance value is a transformer input
+  std::vector<int> rope_axes;    // FLUX: axes_dims_rope (the rotary tables' widths per position axis)
   FlowSchedulerConfig scheduler;
 
   bool flux() const { return kind == "flux"; }
