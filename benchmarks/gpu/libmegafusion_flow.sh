@@ -3,7 +3,7 @@
 # plan on cuda (transformer, text encoders, VAE), then benchmarks/lab/flow_capi_parity.py on each: the C API's image
 # against mf-generate --engines' from the same folder, ids and seed (max difference in levels of 255, wall times).
 #   bash benchmarks/gpu/libmegafusion_flow.sh [PRECISION]     (fp32 by default; fp16 or bf16 also build)
-# Results under $OUT: cmake.log, build logs, flow_capi_<model>_<relay>.json. Compiles take minutes: one call of
+# Results under $OUT: cmake.log, build logs, parity logs, flow_capi_<model>_<precision>_<relay>.json. Compiles take minutes: one call of
 # up to 600 s builds; if it runs out, call again (the CMake build dir and engine folders in /tmp are kept warm).
 source benchmarks/gpu/env.sh
 BUILD=/tmp/mfbuild-flow
@@ -23,7 +23,9 @@ for model in tiny-flux tiny-sd3; do
     --device cuda --output $eng > "$OUT/build-$model-$PREC.log" 2>&1 || { tail -n 5 "$OUT/build-$model-$PREC.log"; status=1; continue; }
   for relay in pixel latent; do
     python3 benchmarks/lab/flow_capi_parity.py --lib $BUILD/cpp/libmegafusion.so --model $model --engines $eng \
-      --stages $STAGES --device cuda --relay $relay --output "$OUT" 2>&1 | tail -n 1 || status=1
+      --stages $STAGES --device cuda --relay $relay --dtype $PREC --output "$OUT" > "$OUT/parity-$model-$relay.log" 2>&1 \
+      || status=1
+    tail -n 1 "$OUT/parity-$model-$relay.log"
   done
 done
 exit $status

@@ -21,16 +21,7 @@ from flow_capi import Library  # noqa: E402
 
 from megafusion.cli import generate as gen_cli  # noqa: E402
 from megafusion.core.loading import load_model  # noqa: E402
-from megafusion.runtime.conditioning import token_ids  # noqa: E402
-from megafusion.runtime.flow_conditioning import t5_ids  # noqa: E402
-
-
-def ids(bundle, text: str) -> dict[str, list[int]]:
-    out = {"clip_l": token_ids(bundle.tokenizers[0], text, "cpu")[0].tolist()}
-    if bundle.family.kind == "sd3":
-        out["clip_g"] = token_ids(bundle.tokenizers[1], text, "cpu")[0].tolist()
-    out["t5"] = t5_ids(bundle.tokenizers[-1], text, bundle.family.t5_max_length, "cpu")[0].tolist()
-    return out
+from megafusion.runtime.flow_tokens import flow_token_ids as ids  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a red fox")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--relay", default="pixel")
+    p.add_argument("--dtype", default="fp32", help="the folder's precision (mf-generate loads the model in it)")
     p.add_argument("--output", required=True)
     a = p.parse_args(argv)
     out = Path(a.output)
@@ -69,13 +61,14 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         assert gen_cli.main(["--model", a.model, "--engines", a.engines, "--stages", a.stages, "--prompt", a.prompt,
                              "--seed", str(a.seed), "--device", a.device, "--no-progress", "--relay", a.relay,
+                             "--dtype", a.dtype,
                              "--output", str(out / "py.png")]) == 0
         py_times.append(time.perf_counter() - t0)
     py = np.asarray(Image.open(out / "py.png").convert("RGB"))
     diff = np.abs(cpp.astype(int) - py.astype(int))
-    res = {"model": a.model, "device": a.device, "stages": a.stages, "relay": a.relay, "max_diff": int(diff.max()),
+    res = {"model": a.model, "device": a.device, "dtype": a.dtype, "stages": a.stages, "relay": a.relay, "max_diff": int(diff.max()),
            "mean_diff": float(diff.mean()), "image_std": float(py.std()), "cpp_s": times, "python_cli_s": py_times}
-    (out / f"flow_capi_{a.model}_{a.relay}.json").write_text(json.dumps(res, indent=1))
+    (out / f"flow_capi_{a.model}_{a.dtype}_{a.relay}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
     return 0 if diff.max() <= 1 else 1
 

@@ -17,8 +17,7 @@ from PIL import Image
 from megafusion.cli import build_engines as build_cli
 from megafusion.cli import generate as gen_cli
 from megafusion.core.loading import load_model
-from megafusion.runtime.conditioning import token_ids
-from megafusion.runtime.flow_conditioning import t5_ids
+from megafusion.runtime.flow_tokens import flow_token_ids
 
 from .flow_capi import Library
 from .test_libmegafusion import IMAGE_TOL
@@ -30,13 +29,8 @@ MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE = 1, 2
 
 
 def _ids(model: str, text: str) -> dict[str, list[int]]:
-    """The token ids mf-generate encodes, per encoder (runtime/flow_conditioning.py)."""
-    b = load_model(model)
-    out = {"clip_l": token_ids(b.tokenizers[0], text, "cpu")[0].tolist()}
-    if b.family.kind == "sd3":
-        out["clip_g"] = token_ids(b.tokenizers[1], text, "cpu")[0].tolist()
-    out["t5"] = t5_ids(b.tokenizers[-1], text, b.family.t5_max_length, "cpu")[0].tolist()
-    return out
+    """The token ids mf-generate encodes, per encoder (runtime/flow_tokens.py)."""
+    return flow_token_ids(load_model(model), text)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +109,27 @@ def test_bad_flow_input_is_one_line(lib, flow_folders):
         assert rc == MF_ERROR_INVALID_ARGUMENT and "no negative clip_l token ids" in err, err
     finally:
         lib.lib.mf_context_destroy(ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_flow_generation_on_cuda_equals_python(lib, tmp_path, model):
+    """The same on CUDA (fp32 packages built for the GPU; runs where CUDA is, e.g. the lent H200)."""
+    fam = load_model(model).family
+    folder = tmp_path / "engines"
+    assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES, "--device", "cuda",
+                           "--precision", "fp32", "--output", str(folder)]) == 0
+    rc, ctx = lib.open(folder, model, "cuda")
+    assert rc == 0, lib.error()
+    try:
+        neg = _ids(model, "") if fam.cfg else None
+        rc, cpp = lib.generate(ctx, STAGES, SEED, fam.default_guidance, _ids(model, PROMPT), neg)
+        assert rc == 0, cpp
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+    out = tmp_path / "py.png"
+    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES, "--prompt", PROMPT,
+                         "--seed", str(SEED), "--device", "cuda", "--dtype", "fp32", "--no-progress",
+                         "--output", str(out)]) == 0
+    py = np.asarray(Image.open(out).convert("RGB"))
+    assert py.std() > 5 and np.abs(cpp.astype(int) - py.astype(int)).max() <= IMAGE_TOL
