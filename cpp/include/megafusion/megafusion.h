@@ -75,7 +75,7 @@ mf_status mf_context_create(const mf_context_options* options, mf_context** out)
 /* Frees the context and its engines; NULL is allowed. */
 void mf_context_destroy(mf_context* ctx);
 
-/* Number of text encoders of the context's model (1 for SD1.5, 2 for SDXL); 0 for NULL. */
+/* Number of text encoders of the context's model (1 for SD1.5, 2 for SDXL, 3 for SD3, 2 for FLUX); 0 for NULL. */
 int mf_num_text_encoders(const mf_context* ctx);
 
 /* The output size `params` asks for (after plan validation), without generating. */
