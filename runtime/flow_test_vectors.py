@@ -16,6 +16,7 @@ from typing import Any
 from ..core.dit_families import DIT_FAMILIES, DiTFamily
 from ..core.plan import Stage, default_plan, validate_plan
 from .flow_schedule import base_sigmas, plan_flow_schedule
+from .test_vectors import plan_cases, validate_cases
 
 
 def flow_family_json(f: DiTFamily) -> dict[str, Any]:
@@ -51,7 +52,28 @@ def flow_vectors() -> dict[str, Any]:
     return {"format": 1, "families": [flow_family_json(f) for f in fams],
             "base_sigmas": [{"family": f.name, "n": n, "sigmas": base_sigmas(n, f).tolist()}
                             for f in fams for n in (1, 2, 28, 50)],
-            "schedules": [c for f in fams for c in flow_schedule_cases(f)]}
+            "schedules": [c for f in fams for c in flow_schedule_cases(f)],
+            # runtime/test_vectors.py's plan cases on these families (their sizes by native size), plus SD3's largest side
+            "plans": [c for f in fams for c in plan_cases(f)],
+            "validate": [c for f in fams for c in validate_cases(f) + side_cases(f)]}
+
+
+def side_cases(f: DiTFamily) -> list[dict[str, Any]]:
+    """A stage at the largest side SD3 takes and one a step beyond (FLUX: no limit, both pass)."""
+    from ..core.plan import PlanError
+
+    n, m = f.native_height, f.pixel_multiple
+    top = f.max_side or 4 * n
+    out = []
+    for side in (top, top + m):
+        case: dict[str, Any] = {"family": f.name, "stages": [[n, n, 2], [side, n, 2]], "width": None, "height": None}
+        try:
+            p = validate_plan(f, [Stage(n, n, 2), Stage(side, n, 2)])
+            case["output"] = [p.output_height, p.output_width]
+        except PlanError as e:
+            case["error"] = str(e)
+        out.append(case)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

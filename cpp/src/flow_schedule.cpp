@@ -2,6 +2,7 @@
 // (python -m megafusion.runtime.flow_test_vectors) check both.
 #include "megafusion/flow_schedule.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace megafusion {
@@ -24,6 +25,7 @@ FlowFamily make(const std::string& name, const std::string& kind, int native, in
   f.kind = kind;
   f.patch = patch;
   f.max_side = max_side;
+  f.base.max_side = max_side;
   f.t5_max_length = t5_len;
   f.default_guidance = guidance;
   f.scheduler = c;
@@ -68,6 +70,16 @@ const FlowFamily* find_flow_family(const std::string& name) {
   for (const FlowFamily& f : flow_families())
     if (f.base.name == name) return &f;
   return nullptr;
+}
+
+StagePlan validate_flow_plan(const FlowFamily& f, const std::vector<StageSize>& stages, std::optional<int> width,
+                             std::optional<int> height) {
+  return validate_plan(f.base, stages, width, height);  // base.max_side: checked in validate_plan's stage loop
+}
+
+StagePlan default_flow_plan(const FlowFamily& f, std::optional<int> width, std::optional<int> height,
+                            std::optional<int> total_steps) {
+  return default_plan(f.base, width, height, total_steps);
 }
 
 double shift_sigma(double s, double a) { return a * s / (1.0 + (a - 1.0) * s); }

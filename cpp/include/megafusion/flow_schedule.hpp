@@ -5,6 +5,7 @@
 #ifndef MEGAFUSION_FLOW_SCHEDULE_HPP_
 #define MEGAFUSION_FLOW_SCHEDULE_HPP_
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,13 @@ struct FlowFamily {
 // sd3, flux, tiny-sd3, tiny-flux.
 const std::vector<FlowFamily>& flow_families();
 const FlowFamily* find_flow_family(const std::string& name);
+
+// core/plan.py's validate_plan / default_plan for a transformer family: the UNet families' rules on `base`, then
+// the largest side (SD3's position table). Throw PlanError with Python's messages.
+StagePlan validate_flow_plan(const FlowFamily& f, const std::vector<StageSize>& stages,
+                             std::optional<int> width = std::nullopt, std::optional<int> height = std::nullopt);
+StagePlan default_flow_plan(const FlowFamily& f, std::optional<int> width = std::nullopt,
+                            std::optional<int> height = std::nullopt, std::optional<int> total_steps = std::nullopt);
 
 // sigma = a s / (1 + (a - 1) s).
 double shift_sigma(double s, double a);

@@ -109,24 +109,14 @@ StagePlan FlowContext::plan_of(const mf_generate_params& p) const {
                                                  std::to_string(p.height));
   std::optional<int> w, h;
   if (p.width > 0) w = p.width, h = p.height;
-  StagePlan plan;
   try {
-    if (p.stages && *p.stages) {
-      plan = validate_plan(family_->base, parse_stages(p.stages), w, h);
-    } else {
-      std::optional<int> total;
-      if (p.total_steps != 0) total = p.total_steps;
-      plan = default_plan(family_->base, w, h, total);
-    }
+    if (p.stages && *p.stages) return validate_flow_plan(*family_, parse_stages(p.stages), w, h);
+    std::optional<int> total;
+    if (p.total_steps != 0) total = p.total_steps;
+    return default_flow_plan(*family_, w, h, total);
   } catch (const PlanError& e) {
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE, e.what());
   }
-  for (size_t k = 0; k < plan.stages.size(); ++k)  // SD3's position table (core/plan.py validate_plan)
-    if (family_->max_side > 0 && std::max(plan.stages[k].height, plan.stages[k].width) > family_->max_side)
-      throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "stage " + std::to_string(k + 1) + " (" + stage_str(plan.stages[k]) +
-                                                   "): a side above " + std::to_string(family_->max_side) +
-                                                   ", the largest " + family_->base.name + " takes");
-  return plan;
 }
 
 std::string FlowContext::encoder_network(const std::string& encoder) const {
