@@ -37,8 +37,8 @@ def build_parser() -> ArgumentParser:
                         "(default: cuda with a CUDA --device, else none)")
     p.add_argument("--networks",
                    help="comma-separated networks to build (default: all the plan needs): text_encoder, "
-                        "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder; builds of "
-                        "disjoint sets may run at once into one --output")
+                        "text_encoder_2, unet, unet-standard, unet-dilated, vae_decoder, vae_encoder (sd3/flux: "
+                        "transformer, text_encoders, vae); builds of disjoint sets may run at once into one --output")
     p.add_argument("--dynamic", action="store_true",
                    help="aoti: one package per network over the plan's range of sides (serves other sizes in the "
                         "range, slower) instead of one static package per network and stage shape")

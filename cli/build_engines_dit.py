@@ -3,7 +3,8 @@ stage plan (engine/dit_engines.py, engine/dit_onnx_engines.py), for `mf-generate
 
 aoti: one static AOTInductor package per stage shape; onnxruntime: one dynamic ONNX engine whose profile covers the
 plan's range of sides. Both at the transformer batch the generation will run: SD3's CFG batch of 2 unless
-`--guidance` is at most 1, FLUX's one pass. Text encoders and VAE run from the torch modules.
+`--guidance` is at most 1, FLUX's one pass. aoti also packages the text encoders and the VAE (per stage shape,
+engine/flow_aux_engines.py) for libmegafusion; mf-generate runs those from the torch modules.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
 
     name = family.name
     for flag, value in (("--vae-precision", args.vae_precision), ("--ort-optimize", args.ort_optimize),
-                        ("--networks", args.networks), ("--dilation", args.dilation), ("--seed", args.seed),
+                        ("--dilation", args.dilation), ("--seed", args.seed),
                         ("--stages-2", args.stages_2), ("--stage-2-path", args.stage_2_path)):
         if value is not None:
             raise UsageError(f"{flag} does not apply to {name} (transformer packages only)")
@@ -40,6 +41,7 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
     from .flow_controlnet_engines import build_flow_controlnets, check_controlnet_build_args
 
     check_controlnet_build_args(args, family, kinds[args.backend])
+    groups = dit_network_groups(args.networks, args.backend, name)
     weights_seed = weights_seed_from_args("mf-build-engines", family, args, takes_dit=True)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     batch = 2 if family.cfg and guidance > 1.0 else 1
@@ -75,9 +77,36 @@ def run_dit_build(args: argparse.Namespace, family) -> int:
         except LoraError as e:
             raise UsageError(str(e)) from None
         print("lora: " + ", ".join(f"{spec.path} x{spec.scale:g}" for spec in loras))
-    built = kinds[args.backend].build(bundle, plan, args.precision, out, batch, device, args.force,
-                                      log=lambda msg: print(msg, flush=True))
+    built = 0
+    if "transformer" in groups:
+        built = kinds[args.backend].build(bundle, plan, args.precision, out, batch, device, args.force,
+                                          log=lambda msg: print(msg, flush=True))
     if args.controlnet:  # the ControlNets' packages and the controlled transformer's, beside the plain ones
         build_flow_controlnets(args, bundle, plan, args.precision, out, batch, device)
+    aux = tuple(g for g in groups if g != "transformer")
+    if aux:  # aoti: text encoders and VAE too, what libmegafusion runs beside the transformer
+        from ..engine.flow_aux_engines import build_flow_aux_engines
+
+        n = build_flow_aux_engines(bundle, plan, args.precision, out, device, args.force, groups=aux,
+                                   log=lambda msg: print(msg, flush=True))
+        print(f"text encoder and VAE packages: {n} built")
     print(f"{built} built; manifest {out / 'manifest.json'}")
     return 0
+
+
+DIT_NETWORK_GROUPS = ("transformer", "text_encoders", "vae")
+"""What `--networks` selects for the transformer families (default: all three with aoti, the transformer else)."""
+
+
+def dit_network_groups(value: str | None, backend: str, name: str) -> tuple[str, ...]:
+    """The groups `--networks` names, checked; UsageError naming a bad one."""
+    if value is None:
+        return DIT_NETWORK_GROUPS if backend == "aoti" else ("transformer",)
+    groups = tuple(n.strip() for n in value.split(",") if n.strip())
+    for g in groups or (value,):
+        if g not in DIT_NETWORK_GROUPS:
+            raise UsageError(f"--networks {g!r}: {name} builds {', '.join(DIT_NETWORK_GROUPS)}")
+    if backend != "aoti" and set(groups) - {"transformer"}:
+        raise UsageError(f"--networks {value}: {backend} builds the {name} transformer only (text encoder and VAE "
+                         "packages: --backend aoti)")
+    return groups

@@ -76,6 +76,9 @@ StagePlan validate_plan(const Family& f, const std::vector<StageSize>& stages, s
                         " is not a positive multiple of " + std::to_string(m) + " (what " + f.name +
                         "'s UNet accepts), at most " + std::to_string(kMaxSide));
     }
+    if (f.max_side > 0 && std::max(s.height, s.width) > f.max_side)  // SD3's position table (core/plan.py)
+      throw PlanError("stage " + k + " (" + stage_str(s) + "): a side above " + std::to_string(f.max_side) +
+                      ", the largest " + f.name + " takes");
     if (static_cast<double>(s.height) * s.width < kMinStageAreaFraction * static_cast<double>(f.native_pixels()))
       throw PlanError("stage " + k + " (" + size_str(s.width, s.height) + ") is smaller than " + f.name +
                       "'s native " + native);

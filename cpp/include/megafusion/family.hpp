@@ -33,6 +33,7 @@ struct Family {
   int pixel_multiple = 64;  // stage sides must be multiples of this (latent divisible by 2^downsamples)
   std::vector<StageSize> default_stages;
   SchedulerConfig scheduler;
+  int max_side = 0;  // the largest stage side the model takes (SD3's position table); 0: no limit
 
   long long native_pixels() const { return static_cast<long long>(native_height) * native_width; }
 };

@@ -75,7 +75,7 @@ mf_status mf_context_create(const mf_context_options* options, mf_context** out)
 /* Frees the context and its engines; NULL is allowed. */
 void mf_context_destroy(mf_context* ctx);
 
-/* Number of text encoders of the context's model (1 for SD1.5, 2 for SDXL); 0 for NULL. */
+/* Number of text encoders of the context's model (1 for SD1.5, 2 for SDXL, 3 for SD3, 2 for FLUX); 0 for NULL. */
 int mf_num_text_encoders(const mf_context* ctx);
 
 /* The output size `params` asks for (after plan validation), without generating. */
@@ -121,6 +121,22 @@ mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int wi
  * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel). */
 mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
                                 float scale, float start, float end);
+
+/* ---- SD3 and FLUX (docs/ALGORITHM.md §18): token ids per encoder --------------------------------------------
+ * A context opened with model "sd3", "flux", "tiny-sd3" or "tiny-flux" runs the flow-matching stage loop on the
+ * folder `mf-build-engines --model M --backend aoti` wrote (transformer, text encoder and VAE packages). Its prompt
+ * comes as token ids per encoder set on an mf_inputs (mf_generate_params.prompt_ids/negative_ids are refused):
+ * `encoder` is "clip_l", "clip_g" (SD3 only) or "t5"; CLIP takes MF_TOKEN_LENGTH ids, T5 the model's T5 length
+ * (SD3 256, FLUX 512), each padded as the Python tokenizers pad (the Python side tokenizes). SD3 with guidance > 1
+ * runs CFG and needs the negative prompt's ids for every encoder (the empty prompt's ids for none); FLUX is
+ * guidance-distilled: `guidance` feeds its guidance embedding and it takes no negative prompt. Dilation does not
+ * apply (a transformer has no convolution to dilate). Image to image and ControlNets are not yet supported on
+ * these models (MF_ERROR_INVALID_ARGUMENT). The steps run one by one: no CUDA graphs yet (counters stay 0).
+ * The lengths are checked by mf_generate_with (MF_ERROR_INVALID_ARGUMENT naming the encoder). */
+mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
+
+/* The negative prompt's ids for `encoder` (SD3 with CFG). */
+mf_status mf_inputs_set_negative_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
 
 /* mf_generate with inputs (NULL: none, the same as mf_generate). A ControlNet the folder holds no engines
  * for is MF_ERROR_ENGINE, a stage size its packages do not cover MF_ERROR_UNSUPPORTED_SIZE, both naming the

@@ -2,12 +2,23 @@
 #include <exception>
 #include <string>
 
+#include <memory>
+
 #include "context.hpp"
+#include "flow_context.hpp"
+#include "megafusion/flow_schedule.hpp"
 #include "megafusion/megafusion.h"
 
+// A UNet family's context, or an SD3 / FLUX one (flow_context.hpp): the model name picks.
 struct mf_context {
-  megafusion::lib::Context impl;
-  explicit mf_context(const mf_context_options& o) : impl(o) {}
+  std::unique_ptr<megafusion::lib::Context> unet;
+  std::unique_ptr<megafusion::lib::FlowContext> flow;
+  explicit mf_context(const mf_context_options& o) {
+    if (o.model && megafusion::find_flow_family(o.model))
+      flow = std::make_unique<megafusion::lib::FlowContext>(o);
+    else
+      unet = std::make_unique<megafusion::lib::Context>(o);
+  }
 };
 
 struct mf_inputs {
@@ -70,14 +81,16 @@ void mf_context_destroy(mf_context* ctx) {
   }
 }
 
-int mf_num_text_encoders(const mf_context* ctx) { return ctx ? ctx->impl.num_text_encoders() : 0; }
+int mf_num_text_encoders(const mf_context* ctx) {
+  return !ctx ? 0 : ctx->flow ? ctx->flow->num_text_encoders() : ctx->unet->num_text_encoders();
+}
 
 mf_status mf_output_size(mf_context* ctx, const mf_generate_params* params, int* width, int* height) {
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
     if (!params) throw Failure(MF_ERROR_INVALID_ARGUMENT, "params is NULL");
     if (!width || !height) throw Failure(MF_ERROR_INVALID_ARGUMENT, "width or height pointer is NULL");
-    const auto plan = ctx->impl.plan_of(*params);
+    const auto plan = ctx->flow ? ctx->flow->plan_of(*params) : ctx->unet->plan_of(*params);
     *width = plan.output_width;
     *height = plan.output_height;
   });
@@ -92,7 +105,10 @@ mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, co
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
     if (!params) throw Failure(MF_ERROR_INVALID_ARGUMENT, "params is NULL");
-    ctx->impl.generate(*params, inputs ? &inputs->impl : nullptr, rgb, rgb_bytes);
+    if (ctx->flow)
+      ctx->flow->generate(*params, inputs ? &inputs->impl : nullptr, rgb, rgb_bytes);
+    else
+      ctx->unet->generate(*params, inputs ? &inputs->impl : nullptr, rgb, rgb_bytes);
   });
 }
 
@@ -122,10 +138,24 @@ mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const
   });
 }
 
+mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.set_tokens(encoder, ids, n, false);
+  });
+}
+
+mf_status mf_inputs_set_negative_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.set_tokens(encoder, ids, n, true);
+  });
+}
+
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled) {
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
-    ctx->impl.set_graphs(enabled != 0);
+    if (ctx->unet) ctx->unet->set_graphs(enabled != 0);  // flow contexts run their steps one by one
   });
 }
 
@@ -133,8 +163,8 @@ mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t*
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
     if (!captures || !replays) throw Failure(MF_ERROR_INVALID_ARGUMENT, "captures or replays pointer is NULL");
-    *captures = ctx->impl.graph_captures();
-    *replays = ctx->impl.graph_replays();
+    *captures = ctx->unet ? ctx->unet->graph_captures() : 0;
+    *replays = ctx->unet ? ctx->unet->graph_replays() : 0;
   });
 }
 

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "megafusion/bicubic.hpp"
+#include "megafusion/flow_schedule.hpp"
 #include "megafusion/schedule.hpp"
 
 #ifdef MEGAFUSION_WITH_CUDA
@@ -48,6 +49,8 @@ std::string text_encoder_name(int index) { return index == 0 ? "text_encoder" : 
 float sqrt_abar(double abar) { return static_cast<float>(std::sqrt(abar)); }
 float sqrt_one_minus_abar(double abar) { return static_cast<float>(std::sqrt(1.0 - abar)); }
 
+}  // namespace
+
 at::Device parse_device(const char* text) {
   const std::string d = text && *text ? text : "cpu";
   try {
@@ -70,6 +73,8 @@ std::string device_name(const at::Device& d) {
   throw Failure(MF_ERROR_INVALID_ARGUMENT, "this libmegafusion was built without CUDA; use device cpu");
 #endif
 }
+
+namespace {
 
 // Shapes of a call of `e` whose first input is `first`: the other inputs at their smallest shape, at this call's
 // batch where their first axis ranges (the conditioning follows the sample's batch).
@@ -137,6 +142,7 @@ Context::Context(const mf_context_options& o) : device_(at::kCPU) {
   if (!family_) {
     std::string known;
     for (const Family& f : families()) known += (known.empty() ? "" : ", ") + f.name;
+    for (const FlowFamily& f : flow_families()) known += ", " + f.base.name;
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown model '" + std::string(o.model) + "'; choose one of " + known);
   }
   device_ = parse_device(o.device);

@@ -30,6 +30,10 @@ class AOTIModelPackageLoader;
 
 namespace megafusion::lib {
 
+// The C API's device text ("cpu", "cuda", "cuda:N"; NULL: cpu), and its name as manifests record it.
+at::Device parse_device(const char* text);
+std::string device_name(const at::Device& d);
+
 // One loaded engine with its entry: inputs in the spec's order, outputs in the engine's.
 class Network {
  public:

@@ -54,6 +54,20 @@ void Inputs::set_init_image(const uint8_t* rgb, int width, int height, float str
   this->init = std::move(init);
 }
 
+void Inputs::set_tokens(const char* encoder, const int32_t* ids, size_t n, bool negative) {
+  const std::string name = encoder ? encoder : "";
+  if (name != "clip_l" && name != "clip_g" && name != "t5")
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown text encoder '" + name + "'; choose clip_l, clip_g or t5");
+  if (!ids) throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " token ids are NULL");
+  if (n == 0 || n > 4096)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, name + ": " + std::to_string(n) + " token ids (1 to 4096)");
+  for (size_t j = 0; j < n; ++j)
+    if (ids[j] < 0)
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " token id " + std::to_string(ids[j]) + " at position " +
+                                                   std::to_string(j) + " is negative");
+  (negative ? negative_tokens : tokens)[name].assign(ids, ids + n);
+}
+
 void Inputs::add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,
                          float end) {
   if (!controlnet || !*controlnet)

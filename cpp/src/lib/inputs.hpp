@@ -5,6 +5,7 @@
 #define MEGAFUSION_LIB_INPUTS_HPP_
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -39,6 +40,10 @@ struct Inputs {
   void set_init_image(const uint8_t* rgb, int width, int height, float strength, int start_stage);
   void add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,
                    float end);
+
+  // SD3 / FLUX prompts: ids per encoder ("clip_l", "clip_g", "t5"), the negative prompt's apart.
+  std::map<std::string, std::vector<int32_t>> tokens, negative_tokens;
+  void set_tokens(const char* encoder, const int32_t* ids, size_t n, bool negative);
 };
 
 // The double a caller meant by a float: the shortest decimal that rounds to it (0.7f -> 0.7), so int(N * s)

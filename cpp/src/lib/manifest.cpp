@@ -284,6 +284,7 @@ EngineFolder read_engine_folder(const std::string& dir) {
     for (const auto& [name, v] : f["models"].obj) {
       ModelFacts facts;
       facts.vae_scaling_factor = v["vae_scaling_factor"].num;
+      if (v.obj.count("vae_shift_factor")) facts.vae_shift_factor = v["vae_shift_factor"].num;
       for (const auto& [net, fp] : v["weights"].obj) facts.weights[net] = fp.str;
       for (const auto& n : v["vocab_sizes"].arr) facts.vocab_sizes.push_back(static_cast<long long>(n.num));
       if (v.obj.count("source") && v["source"].kind == mfjson::Value::String) facts.source = v["source"].str;

@@ -51,6 +51,7 @@ struct Entry {
 
 struct ModelFacts {
   double vae_scaling_factor = 0;
+  double vae_shift_factor = 0;  // SD3 / FLUX VAEs (absent: 0)
   std::map<std::string, std::string> weights;  // network -> fingerprint of its latest build
   std::string source;  // where the weights came from: "random:<seed>" or a folder (for rebuild hints)
   std::vector<long long> vocab_sizes;          // per text encoder, to refuse out-of-range token ids

@@ -1,0 +1,31 @@
+# libmegafusion on SD3 / FLUX (issue #17 item 4) on the lent GPU machine, from the repository root (carry .whl with
+# the diffusers wheel): builds libmegafusion with CUDA, the tiny-flux and tiny-sd3 AOTInductor folders for a 2-stage
+# plan on cuda (transformer, text encoders, VAE), then benchmarks/lab/flow_capi_parity.py on each: the C API's image
+# against mf-generate --engines' from the same folder, ids and seed (max difference in levels of 255, wall times).
+#   bash benchmarks/gpu/libmegafusion_flow.sh [PRECISION]     (fp32 by default; fp16 or bf16 also build)
+# Results under $OUT: cmake.log, build logs, parity logs, flow_capi_<model>_<precision>_<relay>.json. Compiles take minutes: one call of
+# up to 600 s builds; if it runs out, call again (the CMake build dir and engine folders in /tmp are kept warm).
+source benchmarks/gpu/env.sh
+BUILD=/tmp/mfbuild-flow
+PREC=${1:-fp32}
+STAGES=128x128:2,160x160:2
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ ! -e $BUILD/cpp/libmegafusion.so ]; then
+  (time (cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$(command -v python3)" \
+    -DCMAKE_CUDA_COMPILER="$NVCC" && cmake --build $BUILD --target megafusion -j 12)) > "$OUT/cmake.log" 2>&1
+  tail -n 3 "$OUT/cmake.log"
+fi
+status=0
+for model in tiny-flux tiny-sd3; do
+  eng=/tmp/mf-flow-$model-$PREC
+  python3 -m megafusion.cli.build_engines --model $model --backend aoti --stages $STAGES --precision $PREC \
+    --device cuda --output $eng > "$OUT/build-$model-$PREC.log" 2>&1 || { tail -n 5 "$OUT/build-$model-$PREC.log"; status=1; continue; }
+  for relay in pixel latent; do
+    python3 benchmarks/lab/flow_capi_parity.py --lib $BUILD/cpp/libmegafusion.so --model $model --engines $eng \
+      --stages $STAGES --device cuda --relay $relay --dtype $PREC --output "$OUT" > "$OUT/parity-$model-$relay.log" 2>&1 \
+      || status=1
+    tail -n 1 "$OUT/parity-$model-$relay.log"
+  done
+done
+exit $status

@@ -1,0 +1,64 @@
+// The C API's context for SD3 and FLUX (docs/ALGORITHM.md §18): the flow-matching stage loop of
+// runtime/flow_pipeline.py on the engine folder's packages (transformer per stage shape, export/dit_aoti.py; text
+// encoders and VAE, export/flow_aux_aoti.py). Notation: z the latent, v the (guided) velocity, x0 = z - sigma_t v;
+// a stage's sigmas come from plan_flow_schedule (megafusion/flow_schedule.hpp).
+#ifndef MEGAFUSION_LIB_FLOW_CONTEXT_HPP_
+#define MEGAFUSION_LIB_FLOW_CONTEXT_HPP_
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "context.hpp"
+#include "inputs.hpp"
+#include "manifest.hpp"
+#include "megafusion/flow_schedule.hpp"
+#include "megafusion/megafusion.h"
+
+namespace megafusion::lib {
+
+class FlowContext {
+ public:
+  explicit FlowContext(const mf_context_options& options);
+
+  int num_text_encoders() const { return family_->cfg() ? 3 : 2; }  // CLIP(s), then T5
+  StagePlan plan_of(const mf_generate_params& p) const;
+  void generate(const mf_generate_params& p, const Inputs* inputs, uint8_t* rgb, size_t rgb_bytes);
+
+ private:
+  struct Conditioning {
+    at::Tensor states, pooled;  // (B, L, D), (B, P) float32; B = 2 ([negative, prompt]) under CFG
+  };
+
+  const FlowFamily* family_;
+  at::Device device_;
+  std::string device_name_;
+  EngineFolder folder_;
+  double scaling_ = 0, shift_ = 0;
+  std::vector<long long> vocab_sizes_;  // per encoder: CLIP(s), then T5
+  std::string precision_;               // the transformer's (and text encoders')
+  std::string hint_;
+  std::map<std::string, std::vector<Entry>> entries_;      // per network, every valid entry
+  std::map<std::string, std::unique_ptr<Network>> nets_;   // by entry digest
+  std::map<std::pair<int64_t, int64_t>, std::pair<at::Tensor, at::Tensor>> rotary_;  // FLUX, per latent size
+
+  const std::vector<Entry>& entries(const std::string& network);
+  // The network's package whose first input holds `first` (static packages: one per shape), opened and verified;
+  // MF_ERROR_UNSUPPORTED_SIZE naming what is built and the command otherwise.
+  Network& net(const std::string& network, const std::vector<long long>& first, const std::string& what);
+  std::string encoder_network(const std::string& encoder) const;
+  void check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch);
+  Conditioning encode(const std::map<std::string, std::vector<int32_t>>& tokens);
+  at::Tensor velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance);
+  const std::pair<at::Tensor, at::Tensor>& rotary(int64_t h, int64_t w);
+  at::Tensor decode(const at::Tensor& latent);
+  at::Tensor encode_image(const at::Tensor& image);
+};
+
+}  // namespace megafusion::lib
+
+#endif  // MEGAFUSION_LIB_FLOW_CONTEXT_HPP_

@@ -1,0 +1,75 @@
+"""ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py): the
+context, the params, the token setters; one generation into an RGB array, or (status, message)."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+
+class Options(ctypes.Structure):
+    _fields_ = [("engine_dir", ctypes.c_char_p), ("model", ctypes.c_char_p), ("device", ctypes.c_char_p),
+                ("verify_hashes", ctypes.c_int)]
+
+
+class Params(ctypes.Structure):
+    _fields_ = [("prompt_ids", ctypes.POINTER(ctypes.c_int32) * 2), ("negative_ids", ctypes.POINTER(ctypes.c_int32) * 2),
+                ("width", ctypes.c_int), ("height", ctypes.c_int), ("stages", ctypes.c_char_p),
+                ("total_steps", ctypes.c_int), ("seed", ctypes.c_uint64), ("guidance", ctypes.c_float),
+                ("reschedule", ctypes.c_int), ("dilation", ctypes.c_int), ("relay", ctypes.c_char_p)]
+
+
+class Library:
+    def __init__(self, path: Path):
+        self.lib = lib = ctypes.CDLL(str(path))
+        lib.mf_last_error.restype = ctypes.c_char_p
+        lib.mf_context_create.argtypes = [ctypes.POINTER(Options), ctypes.POINTER(ctypes.c_void_p)]
+        lib.mf_context_destroy.argtypes = [ctypes.c_void_p]
+        lib.mf_num_text_encoders.argtypes = [ctypes.c_void_p]
+        lib.mf_generate_params_init.argtypes = [ctypes.POINTER(Params)]
+        lib.mf_inputs_create.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        lib.mf_inputs_destroy.argtypes = [ctypes.c_void_p]
+        for f in (lib.mf_inputs_set_tokens, lib.mf_inputs_set_negative_tokens):
+            f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t]
+        lib.mf_generate_with.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p,
+                                         ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
+        lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
+                                       ctypes.POINTER(ctypes.c_int)]
+
+    def error(self) -> str:
+        return self.lib.mf_last_error().decode()
+
+    def open(self, engines: Path, model: str, device: str = "cpu") -> tuple[int, ctypes.c_void_p]:
+        ctx = ctypes.c_void_p()
+        opts = Options(str(engines).encode(), model.encode(), device.encode(), 0)
+        return self.lib.mf_context_create(ctypes.byref(opts), ctypes.byref(ctx)), ctx
+
+    def generate(self, ctx, stages: str, seed: int, guidance: float, tokens: dict[str, list[int]],
+                 negative: dict[str, list[int]] | None = None, relay: str = "pixel",
+                 **fields) -> tuple[int, np.ndarray | str]:
+        p = Params()
+        self.lib.mf_generate_params_init(ctypes.byref(p))
+        p.stages, p.seed, p.guidance, p.relay = stages.encode(), seed, guidance, relay.encode()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        inputs = ctypes.c_void_p()
+        assert self.lib.mf_inputs_create(ctypes.byref(inputs)) == 0
+        try:
+            for setter, given in ((self.lib.mf_inputs_set_tokens, tokens),
+                                  (self.lib.mf_inputs_set_negative_tokens, negative or {})):
+                for enc, ids in given.items():
+                    arr = (ctypes.c_int32 * len(ids))(*ids)
+                    rc = setter(inputs, enc.encode(), arr, len(ids))
+                    if rc != 0:
+                        return rc, self.error()
+            w, h = ctypes.c_int(), ctypes.c_int()
+            rc = self.lib.mf_output_size(ctx, ctypes.byref(p), ctypes.byref(w), ctypes.byref(h))
+            if rc != 0:
+                return rc, self.error()
+            out = np.zeros((h.value, w.value, 3), dtype=np.uint8)
+            rc = self.lib.mf_generate_with(ctx, ctypes.byref(p), inputs,
+                                           out.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), out.nbytes)
+            return rc, (out if rc == 0 else self.error())
+        finally:
+            self.lib.mf_inputs_destroy(inputs)

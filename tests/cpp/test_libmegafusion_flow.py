@@ -1,0 +1,135 @@
+"""libmegafusion on SD3 and FLUX (issue #17 item 4; cpp/src/lib/flow_context.cpp): from the folder
+`mf-build-engines --model tiny-sd3|tiny-flux --backend aoti` writes (transformer, text encoder and VAE packages),
+with token ids per encoder (mf_inputs_set_tokens), the C API gives `mf-generate --engines`' image within 1 level
+of 255 on a 2-stage plan (CPU, fp32), both relays; bad input is one line naming it, before any network runs.
+
+Called through ctypes (tests/cpp/flow_capi.py) on the session's libmegafusion (`cpp_build`). Each family's folder
+takes 7-8 AOTInductor compiles (about 3 minutes on two cores), built once per module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megafusion.cli import build_engines as build_cli
+from megafusion.cli import generate as gen_cli
+from megafusion.core.loading import load_model
+from megafusion.runtime.flow_tokens import flow_token_ids
+
+from .flow_capi import Library
+from .test_libmegafusion import IMAGE_TOL
+
+pytestmark = pytest.mark.slow
+
+STAGES, PROMPT, SEED = "128x128:2,160x160:2", "a red fox", 3
+MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE = 1, 2
+
+
+def _ids(model: str, text: str) -> dict[str, list[int]]:
+    """The token ids mf-generate encodes, per encoder (runtime/flow_tokens.py)."""
+    return flow_token_ids(load_model(model), text)
+
+
+@pytest.fixture(scope="module")
+def flow_folders(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for model in ("tiny-flux", "tiny-sd3"):
+        folder = tmp_path_factory.mktemp(model)
+        assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES, "--device", "cpu",
+                               "--output", str(folder)]) == 0
+        out[model] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def lib(cpp_build) -> Library:
+    return Library(next(cpp_build.rglob("libmegafusion.so")))
+
+
+def _python(model: str, folder: Path, tmp: Path, *flags) -> np.ndarray:
+    out = tmp / "py.png"
+    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES, "--prompt", PROMPT,
+                         "--seed", str(SEED), "--device", "cpu", "--no-progress", "--output", str(out),
+                         *map(str, flags)]) == 0
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_flow_generation_equals_python(lib, flow_folders, tmp_path, model):
+    fam = load_model(model).family
+    folder = flow_folders[model]
+    rc, ctx = lib.open(folder, model)
+    assert rc == 0, lib.error()
+    try:
+        assert lib.lib.mf_num_text_encoders(ctx) == (3 if model == "tiny-sd3" else 2)
+        neg = _ids(model, "") if fam.cfg else None  # SD3 encodes the empty negative prompt
+        images = {}
+        for relay in ("pixel", "latent"):
+            rc, cpp = lib.generate(ctx, STAGES, SEED, fam.default_guidance, _ids(model, PROMPT), neg, relay)
+            assert rc == 0, cpp
+            py = _python(model, folder, tmp_path, "--relay", relay)
+            assert cpp.shape == py.shape == (160, 160, 3) and py.std() > 5  # a real image, not two blank ones
+            diff = np.abs(cpp.astype(int) - py.astype(int))
+            assert diff.max() <= IMAGE_TOL, (relay, diff.max(), diff.mean())
+            images[relay] = cpp
+        assert np.abs(images["pixel"].astype(int) - images["latent"].astype(int)).max() > 10
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
+def test_bad_flow_input_is_one_line(lib, flow_folders):
+    ids = _ids("tiny-flux", PROMPT)
+    rc, ctx = lib.open(flow_folders["tiny-flux"], "tiny-flux")
+    assert rc == 0, lib.error()
+    try:
+        cases = [
+            (dict(tokens={"clip_l": ids["clip_l"]}), MF_ERROR_INVALID_ARGUMENT, "no t5 token ids"),
+            (dict(tokens={**ids, "t5": ids["t5"][:77]}), MF_ERROR_INVALID_ARGUMENT, "t5: 77 token ids; tiny-flux takes 512"),
+            (dict(tokens={**ids, "clip_g": ids["clip_l"]}), MF_ERROR_INVALID_ARGUMENT, "tiny-flux has no clip_g encoder"),
+            (dict(tokens={**ids, "bert": [1]}), MF_ERROR_INVALID_ARGUMENT, "unknown text encoder 'bert'"),
+            (dict(tokens=ids, negative=ids), MF_ERROR_INVALID_ARGUMENT, "guidance-distilled"),
+            (dict(tokens={**ids, "t5": [10**6] * 512}), MF_ERROR_INVALID_ARGUMENT, "outside its vocabulary of 140"),
+            (dict(tokens=ids, stages="128x128:2,192x192:2"), MF_ERROR_UNSUPPORTED_SIZE,
+             "mf-build-engines --model tiny-flux"),
+            (dict(tokens=ids, relay="nearest"), MF_ERROR_INVALID_ARGUMENT, "unknown relay mode 'nearest'"),
+        ]
+        for kw, code, message in cases:
+            rc, err = lib.generate(ctx, kw.pop("stages", STAGES), SEED, 3.5, kw.pop("tokens"), kw.pop("negative", None),
+                                   kw.pop("relay", "pixel"))
+            assert rc == code and message in err and "\n" not in err, (message, rc, err)
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+    rc, ctx = lib.open(flow_folders["tiny-sd3"], "tiny-sd3")
+    assert rc == 0, lib.error()
+    try:
+        rc, err = lib.generate(ctx, STAGES, SEED, 7.0, _ids("tiny-sd3", PROMPT))
+        assert rc == MF_ERROR_INVALID_ARGUMENT and "no negative clip_l token ids" in err, err
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_flow_generation_on_cuda_equals_python(lib, tmp_path, model):
+    """The same on CUDA (fp32 packages built for the GPU; runs where CUDA is, e.g. the lent H200)."""
+    fam = load_model(model).family
+    folder = tmp_path / "engines"
+    assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES, "--device", "cuda",
+                           "--precision", "fp32", "--output", str(folder)]) == 0
+    rc, ctx = lib.open(folder, model, "cuda")
+    assert rc == 0, lib.error()
+    try:
+        neg = _ids(model, "") if fam.cfg else None
+        rc, cpp = lib.generate(ctx, STAGES, SEED, fam.default_guidance, _ids(model, PROMPT), neg)
+        assert rc == 0, cpp
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+    out = tmp_path / "py.png"
+    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES, "--prompt", PROMPT,
+                         "--seed", str(SEED), "--device", "cuda", "--dtype", "fp32", "--no-progress",
+                         "--output", str(out)]) == 0
+    py = np.asarray(Image.open(out).convert("RGB"))
+    assert py.std() > 5 and np.abs(cpp.astype(int) - py.astype(int)).max() <= IMAGE_TOL
