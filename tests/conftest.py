@@ -93,25 +93,39 @@ def sd15_control_aoti(sd15_aoti, tmp_path_factory) -> tuple[Path, Path]:
 
 
 FLUX_AOTI_STAGES = "128x128:2,160x160:1"
-"""The plan of the session's tiny-flux transformer packages (one static package per stage shape: two)."""
+"""The plan of the session's tiny-flux packages (one static package per network and stage shape)."""
+SD3_AOTI_STAGES = "128x128:2,192x160:2"
+"""The plan of the session's tiny-sd3 packages (non-square second stage: the token grid's two sides differ)."""
 
 
-@pytest.fixture(scope="session")
-def flux_aoti(tmp_path_factory) -> tuple[Path, str]:
-    """(engine folder, what mf-build-engines printed): tiny-flux's AOTInductor transformer packages of
-    FLUX_AOTI_STAGES (two compiles, a minute or two on 2 cores), built once by `mf-build-engines --backend aoti` for
-    tests/cli/test_generate_flow.py and tests/engine/test_dit_engines.py; tests that change the folder copy it."""
+def _dit_aoti(tmp_path_factory, model: str, stages: str) -> tuple[Path, str]:
     import contextlib
     import io
 
     from megafusion.cli.build_engines import main as build_main
 
-    out = tmp_path_factory.mktemp("flux-aoti") / "e"
+    out = tmp_path_factory.mktemp(f"{model}-aoti") / "e"
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
-        assert build_main(["--model", "tiny-flux", "--backend", "aoti", "--stages", FLUX_AOTI_STAGES, "--device", "cpu",
+        assert build_main(["--model", model, "--backend", "aoti", "--stages", stages, "--device", "cpu",
                            "--output", str(out)]) == 0
     return out, said.getvalue()
+
+
+@pytest.fixture(scope="session")
+def flux_aoti(tmp_path_factory) -> tuple[Path, str]:
+    """(engine folder, what mf-build-engines printed): tiny-flux's AOTInductor packages of FLUX_AOTI_STAGES, every
+    network (transformer, text encoders, VAE: seven compiles, a few minutes on 2 cores), built once for
+    tests/cli/test_generate_flow.py, tests/engine/test_dit_engines.py, test_dit_controlnet_engines.py and the C API's
+    tests/cpp/test_libmegafusion_flow.py; tests that change the folder copy it."""
+    return _dit_aoti(tmp_path_factory, "tiny-flux", FLUX_AOTI_STAGES)
+
+
+@pytest.fixture(scope="session")
+def sd3_aoti(tmp_path_factory) -> tuple[Path, str]:
+    """(engine folder, what mf-build-engines printed): tiny-sd3's AOTInductor packages of SD3_AOTI_STAGES, every
+    network, built once for tests/engine/test_dit_engines.py and tests/cpp/test_libmegafusion_flow.py."""
+    return _dit_aoti(tmp_path_factory, "tiny-sd3", SD3_AOTI_STAGES)
 
 
 # Engine folders built once per session (tests/engines.py says how).

@@ -20,11 +20,15 @@ from megafusion.core.loading import load_model
 from megafusion.runtime.flow_tokens import flow_token_ids
 
 from .flow_capi import Library
+from tests.conftest import SD3_AOTI_STAGES
 from .test_libmegafusion import IMAGE_TOL
 
 pytestmark = pytest.mark.slow
 
-STAGES, PROMPT, SEED = "128x128:2,160x160:2", "a red fox", 3
+PROMPT, SEED = "a red fox", 3
+# The plans run on the session's packages (tests/conftest.py flux_aoti / sd3_aoti): the same stage shapes
+STAGES = {"tiny-flux": "128x128:2,160x160:2", "tiny-sd3": SD3_AOTI_STAGES}
+SIZE = {"tiny-flux": (160, 160), "tiny-sd3": (160, 192)}  # (height, width) of the image
 MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE = 1, 2
 
 
@@ -34,14 +38,9 @@ def _ids(model: str, text: str) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def flow_folders(tmp_path_factory) -> dict[str, Path]:
-    out = {}
-    for model in ("tiny-flux", "tiny-sd3"):
-        folder = tmp_path_factory.mktemp(model)
-        assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES, "--device", "cpu",
-                               "--output", str(folder)]) == 0
-        out[model] = folder
-    return out
+def flow_folders(flux_aoti, sd3_aoti) -> dict[str, Path]:
+    """The session's folders: mf-build-engines --backend aoti writes every network for these families."""
+    return {"tiny-flux": flux_aoti[0], "tiny-sd3": sd3_aoti[0]}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def lib(cpp_build) -> Library:
 
 def _python(model: str, folder: Path, tmp: Path, *flags) -> np.ndarray:
     out = tmp / "py.png"
-    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES, "--prompt", PROMPT,
+    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES[model], "--prompt", PROMPT,
                          "--seed", str(SEED), "--device", "cpu", "--no-progress", "--output", str(out),
                          *map(str, flags)]) == 0
     return np.asarray(Image.open(out).convert("RGB"))
@@ -68,10 +67,10 @@ def test_flow_generation_equals_python(lib, flow_folders, tmp_path, model):
         neg = _ids(model, "") if fam.cfg else None  # SD3 encodes the empty negative prompt
         images = {}
         for relay in ("pixel", "latent"):
-            rc, cpp = lib.generate(ctx, STAGES, SEED, fam.default_guidance, _ids(model, PROMPT), neg, relay)
+            rc, cpp = lib.generate(ctx, STAGES[model], SEED, fam.default_guidance, _ids(model, PROMPT), neg, relay)
             assert rc == 0, cpp
             py = _python(model, folder, tmp_path, "--relay", relay)
-            assert cpp.shape == py.shape == (160, 160, 3) and py.std() > 5  # a real image, not two blank ones
+            assert cpp.shape == py.shape == (*SIZE[model], 3) and py.std() > 5  # a real image, not two blank ones
             diff = np.abs(cpp.astype(int) - py.astype(int))
             assert diff.max() <= IMAGE_TOL, (relay, diff.max(), diff.mean())
             images[relay] = cpp
@@ -97,7 +96,7 @@ def test_bad_flow_input_is_one_line(lib, flow_folders):
             (dict(tokens=ids, relay="nearest"), MF_ERROR_INVALID_ARGUMENT, "unknown relay mode 'nearest'"),
         ]
         for kw, code, message in cases:
-            rc, err = lib.generate(ctx, kw.pop("stages", STAGES), SEED, 3.5, kw.pop("tokens"), kw.pop("negative", None),
+            rc, err = lib.generate(ctx, kw.pop("stages", STAGES["tiny-flux"]), SEED, 3.5, kw.pop("tokens"), kw.pop("negative", None),
                                    kw.pop("relay", "pixel"))
             assert rc == code and message in err and "\n" not in err, (message, rc, err)
     finally:
@@ -105,7 +104,7 @@ def test_bad_flow_input_is_one_line(lib, flow_folders):
     rc, ctx = lib.open(flow_folders["tiny-sd3"], "tiny-sd3")
     assert rc == 0, lib.error()
     try:
-        rc, err = lib.generate(ctx, STAGES, SEED, 7.0, _ids("tiny-sd3", PROMPT))
+        rc, err = lib.generate(ctx, STAGES["tiny-sd3"], SEED, 7.0, _ids("tiny-sd3", PROMPT))
         assert rc == MF_ERROR_INVALID_ARGUMENT and "no negative clip_l token ids" in err, err
     finally:
         lib.lib.mf_context_destroy(ctx)
@@ -117,18 +116,18 @@ def test_flow_generation_on_cuda_equals_python(lib, tmp_path, model):
     """The same on CUDA (fp32 packages built for the GPU; runs where CUDA is, e.g. the lent H200)."""
     fam = load_model(model).family
     folder = tmp_path / "engines"
-    assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES, "--device", "cuda",
+    assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES[model], "--device", "cuda",
                            "--precision", "fp32", "--output", str(folder)]) == 0
     rc, ctx = lib.open(folder, model, "cuda")
     assert rc == 0, lib.error()
     try:
         neg = _ids(model, "") if fam.cfg else None
-        rc, cpp = lib.generate(ctx, STAGES, SEED, fam.default_guidance, _ids(model, PROMPT), neg)
+        rc, cpp = lib.generate(ctx, STAGES[model], SEED, fam.default_guidance, _ids(model, PROMPT), neg)
         assert rc == 0, cpp
     finally:
         lib.lib.mf_context_destroy(ctx)
     out = tmp_path / "py.png"
-    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES, "--prompt", PROMPT,
+    assert gen_cli.main(["--model", model, "--engines", str(folder), "--stages", STAGES[model], "--prompt", PROMPT,
                          "--seed", str(SEED), "--device", "cuda", "--dtype", "fp32", "--no-progress",
                          "--output", str(out)]) == 0
     py = np.asarray(Image.open(out).convert("RGB"))

@@ -9,6 +9,8 @@ summation order at most); PNGs within 1 level. The compiled tests share one buil
 """
 from __future__ import annotations
 
+import shutil
+
 import contextlib
 
 import numpy as np
@@ -191,14 +193,17 @@ def sd3_built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flux_built(tmp_path_factory):
-    """tiny-flux through mf-build-engines --controlnet (one stage shape, two stages): (folder, ControlNet folder)."""
+def flux_built(tmp_path_factory, flux_aoti):
+    """tiny-flux through mf-build-engines --controlnet (one stage shape, two stages): (folder, ControlNet folder).
+    Starts from a copy of the session's folder (tests/conftest.py flux_aoti), whose plain 128x128 transformer
+    package the build keeps: only the ControlNet's and the controlled transformer's compile here."""
     from megafusion.cli.build_engines import main as build
 
     root = tmp_path_factory.mktemp("flux-cn")
+    shutil.copytree(flux_aoti[0], root / "eng")
     save_tiny_flow_controlnet(load_model("tiny-flux").family, root / "cn", seed=1)
     assert build(["--model", "tiny-flux", "--backend", "aoti", "--stages", "128x128:2,128x128:2", "--device", "cpu",
-                  "--controlnet", str(root / "cn"), "--output", str(root / "eng")]) == 0
+                  "--networks", "transformer", "--controlnet", str(root / "cn"), "--output", str(root / "eng")]) == 0
     Image.fromarray((np.random.RandomState(0).rand(48, 64, 3) * 255).astype(np.uint8)).save(root / "ctl.png")
     return root
 

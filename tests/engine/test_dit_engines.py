@@ -48,21 +48,18 @@ def test_flow_loop_on_packages_equals_torch(name, tmp_path, request):
     fam = bundle.family
     opts = FlowGenerationOptions("a red fox", guidance=fam.default_guidance, seed=2)
     batch = 2 if fam.cfg and opts.guidance > 1 else 1
-    if name == "tiny-flux":
-        # FLUX's two packages are the session's (tests/conftest.py `flux_aoti`: mf-build-engines, which prints
-        # build_dit_engines' count; tests/cli/test_generate_flow.py runs on them too): two compiles fewer. Copied, as
-        # the second build below may rewrite the folder's manifest.
-        from tests.conftest import FLUX_AOTI_STAGES
+    # The session's packages (tests/conftest.py `flux_aoti` / `sd3_aoti`: mf-build-engines, which prints
+    # build_dit_engines' count; other tests run on them too): no compile of their own. Copied, as the second
+    # build below may rewrite the folder's manifest.
+    from tests.conftest import FLUX_AOTI_STAGES, SD3_AOTI_STAGES
 
-        built, said = request.getfixturevalue("flux_aoti")
-        plan = validate_plan(fam, parse_stages(FLUX_AOTI_STAGES))
-        shutil.copytree(built, tmp_path, dirs_exist_ok=True)
-        assert re.search(r"^2 built;", said, re.M), said
-    else:
-        plan = validate_plan(fam, [Stage(128, 128, 2), Stage(160, 192, 2)])
-        assert build_dit_engines(bundle, plan, "fp32", tmp_path, batch) == 2
+    built, said = request.getfixturevalue("flux_aoti" if name == "tiny-flux" else "sd3_aoti")
+    plan = validate_plan(fam, parse_stages(FLUX_AOTI_STAGES if name == "tiny-flux" else SD3_AOTI_STAGES))
+    shutil.copytree(built, tmp_path, dirs_exist_ok=True)
+    assert re.search(r"^2 built;", said, re.M), said
     assert build_dit_engines(bundle, plan, "fp32", tmp_path, batch) == 0  # present and valid: kept
-    assert len(EngineCache(tmp_path).entries()) == 2
+    # two transformer packages (one per stage shape) beside the text encoder and VAE packages
+    assert sum(e.key.network == "transformer" for e in EngineCache(tmp_path).entries().values()) == 2
     ours = FlowMegaFusionPipeline(bundle).generate(plan, opts).latent
     for mode in ("eager", "graphs"):
         nets = engine_networks(bundle, tmp_path, "cpu", "fp32")

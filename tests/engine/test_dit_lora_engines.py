@@ -83,8 +83,8 @@ def test_build_engines_lora_builds_from_the_fused_weights(tmp_path, monkeypatch,
         return 0
 
     monkeypatch.setattr("megafusion.engine.dit_engines.build_dit_engines", record)
-    argv = ["--model", "tiny-sd3", "--backend", "aoti", "--stages", "128x128:1", "--device", "cpu",
-            "--output", str(tmp_path / "e")]
+    argv = ["--model", "tiny-sd3", "--backend", "aoti", "--networks", "transformer", "--stages", "128x128:1",
+            "--device", "cpu", "--output", str(tmp_path / "e")]
     assert build([*argv, "--lora", f"{path}:0.5"]) == 0
     assert f"lora: {path} x0.5" in capsys.readouterr().out
     fused = load_model("tiny-sd3")
@@ -104,7 +104,8 @@ def test_build_engines_refuses_a_unet_lora_before_the_load(tmp_path, monkeypatch
     monkeypatch.setattr("megafusion.core.loading.load_model", no_load)
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32)},
               str(tmp_path / "u.safetensors"))
-    assert build(["--model", "tiny-flux", "--backend", "aoti", "--device", "cpu", "--output", str(tmp_path / "e"),
+    assert build(["--model", "tiny-flux", "--backend", "aoti", "--networks", "transformer", "--device", "cpu",
+                  "--output", str(tmp_path / "e"),
                   "--lora", str(tmp_path / "u.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key 'unet.down_blocks.0" in err, err
