@@ -15,6 +15,9 @@
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
+#   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
+#   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
+#   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
 source benchmarks/gpu/env.sh
 source benchmarks/gpu/detached.sh
@@ -51,6 +54,12 @@ step() {  # the command line of one step
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
+    sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \
+      benchmarks/lab/dit_ipadapter_bench.py --model sd3 --output $RES/sd3ip --steps 6,3 --repeats 2" ;;
+    dit-cn-engines) echo "timeout 420 python3 -m pytest -q -m gpu tests/engine/test_dit_controlnet_engines.py; \
+      timeout 900 python3 benchmarks/lab/dit_controlnet_engines_bench.py --model sd3 --engines /tmp/mf-dit-cn \
+      --output $RES/dit-cn-engines --build --steps 6,3" ;;
+    capi-flow) echo "mkdir -p $RES/capi-flow; OUT=$RES/capi-flow timeout 900 bash benchmarks/gpu/libmegafusion_flow.sh fp32" ;;
     *) echo "false unknown-step-$1" ;;
   esac
 }
