@@ -8,15 +8,12 @@ without re-scheduling, on default and custom plans. Floats are written with Pyth
 """
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 from ..core.dit_families import DIT_FAMILIES, DiTFamily
 from ..core.plan import Stage, default_plan, validate_plan
 from .flow_schedule import base_sigmas, plan_flow_schedule
-from .test_vectors import plan_cases, validate_cases
+from .test_vectors import plan_cases, validate_cases, write_vectors
 
 
 def flow_family_json(f: DiTFamily) -> dict[str, Any]:
@@ -77,17 +74,8 @@ def side_cases(f: DiTFamily) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megafusion.runtime.flow_test_vectors",
-                                description="Write the JSON test vectors that ctest checks the C++ flow schedule "
-                                            "against.")
-    p.add_argument("--output", required=True, help="folder to write flow_test_vectors.json into (created if missing)")
-    args = p.parse_args(argv)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "flow_test_vectors.json"
-    path.write_text(json.dumps(flow_vectors()))
-    print(path)
-    return 0
+    return write_vectors(argv, "python -m megafusion.runtime.flow_test_vectors", "the C++ flow schedule",
+                         "flow_test_vectors.json", flow_vectors)
 
 
 if __name__ == "__main__":

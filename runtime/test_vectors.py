@@ -137,17 +137,22 @@ def vectors() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megafusion.runtime.test_vectors",
-                                description="Write the JSON test vectors that ctest checks the C++ core against.")
-    p.add_argument("--output", required=True, help="folder to write test_vectors.json into (created if missing)")
+def write_vectors(argv: list[str] | None, prog: str, what: str, filename: str, build) -> int:
+    """The vector writers' command line: `--output DIR` gets `filename` holding `build()` as JSON."""
+    p = argparse.ArgumentParser(prog=prog, description=f"Write the JSON test vectors that ctest checks {what} against.")
+    p.add_argument("--output", required=True, help=f"folder to write {filename} into (created if missing)")
     args = p.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "test_vectors.json"
-    path.write_text(json.dumps(vectors()))
+    path = out / filename
+    path.write_text(json.dumps(build()))
     print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_vectors(argv, "python -m megafusion.runtime.test_vectors", "the C++ core", "test_vectors.json",
+                         vectors)
 
 
 if __name__ == "__main__":

@@ -11,21 +11,13 @@
 #include <vector>
 
 #include "json.hpp"
+#include "vector_checks.hpp"
 #include "megafusion/flow_schedule.hpp"
 
 using namespace megafusion;
+using namespace megafusion::vectors;
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok && ++g_failures <= 30) std::cerr << "FAIL: " << what << "\n";
-}
-
-bool close_rel(double got, double want, double rel) { return std::fabs(got - want) <= rel * std::fabs(want); }
 
 // A scheduler option, or the default Python's flow_schedule reads when the config leaves it out.
 double num_or(const mfjson::Value& s, const std::string& key, double dflt) { return s.has(key) ? s[key].num : dflt; }
@@ -76,53 +68,13 @@ void check_base(const mfjson::Value& v) {
   }
 }
 
-std::optional<int> opt_int(const mfjson::Value& v) {
-  if (v.is_null()) return std::nullopt;
-  return v.as_int();
-}
-
-std::vector<StageSize> stages_of(const mfjson::Value& v) {
-  std::vector<StageSize> out;
-  for (const auto& s : v.arr) out.push_back({s[0].as_int(), s[1].as_int(), s[2].as_int()});
-  return out;
-}
-
-std::string plan_text(const std::vector<StageSize>& s) {
-  std::string out;
-  for (const auto& x : s) out += (out.empty() ? "" : ",") + stage_str(x);
-  return out;
-}
-
-// Runs `make`; compares the plan (or the refusal's message) with the case's expectation.
-template <typename F>
-void check_plan_case(const mfjson::Value& c, const std::string& what, F make) {
-  std::string got_error;
-  StagePlan plan;
-  try {
-    plan = make();
-  } catch (const PlanError& e) {
-    got_error = e.what();
-  }
-  if (c.has("error")) {
-    check(got_error == c["error"].str, what + ": expected error \"" + c["error"].str + "\", got " +
-                                           (got_error.empty() ? "plan " + plan_text(plan.stages) : "\"" + got_error + "\""));
-    return;
-  }
-  check(got_error.empty(), what + ": unexpected error \"" + got_error + "\"");
-  if (!got_error.empty()) return;
-  if (c.has("stages")) check(plan_text(plan.stages) == plan_text(stages_of(c["stages"])), what + ": stages " +
-                                 plan_text(plan.stages) + " vs " + plan_text(stages_of(c["stages"])));
-  check(plan.output_height == c["output"][0].as_int() && plan.output_width == c["output"][1].as_int(),
-        what + ": output size");
-}
-
 void check_plans(const mfjson::Value& plans, const mfjson::Value& validate) {
   int idx = 0;
   for (const auto& c : plans.arr) {
     const FlowFamily* f = find_flow_family(c["family"].str);
     check_plan_case(c, "default_flow_plan " + std::to_string(idx++) + " (" + c["family"].str + ")", [&] {
       return default_flow_plan(*f, opt_int(c["width"]), opt_int(c["height"]), opt_int(c["total_steps"]));
-    });
+    }, c.has("stages"));
   }
   idx = 0;
   for (const auto& c : validate.arr) {
@@ -130,7 +82,7 @@ void check_plans(const mfjson::Value& plans, const mfjson::Value& validate) {
     const auto stages = stages_of(c["stages"]);
     check_plan_case(c, "validate_flow_plan " + std::to_string(idx++) + " (" + c["family"].str + " " +
                            plan_text(stages) + ")",
-                    [&] { return validate_flow_plan(*f, stages, opt_int(c["width"]), opt_int(c["height"])); });
+                    [&] { return validate_flow_plan(*f, stages, opt_int(c["width"]), opt_int(c["height"])); }, c.has("stages"));
   }
 }
 
@@ -162,28 +114,12 @@ void check_schedules(const mfjson::Value& v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: " << argv[0] << " flow_test_vectors.json  (write it with: "
-              << "python -m megafusion.runtime.flow_test_vectors --output DIR)\n";
-    return 2;
-  }
-  std::ifstream file(argv[1]);
-  if (!file) {
-    std::cerr << "cannot read " << argv[1]
-              << "; write it with: python -m megafusion.runtime.flow_test_vectors --output DIR\n";
-    return 2;
-  }
-  std::stringstream buf;
-  buf << file.rdbuf();
-  const mfjson::Value vec = mfjson::parse(buf.str());
-  if (vec["format"].as_int() != 1) {
-    std::cerr << "unknown test-vector format\n";
-    return 2;
-  }
+  const auto read = vectors::read_vectors(argc, argv, "flow_test_vectors.json", "megafusion.runtime.flow_test_vectors");
+  if (!read) return 2;
+  const mfjson::Value& vec = *read;
   check_families(vec["families"]);
   check_base(vec["base_sigmas"]);
   check_schedules(vec["schedules"]);
   check_plans(vec["plans"], vec["validate"]);
-  std::cout << g_checks << " checks, " << g_failures << " failed\n";
-  return g_failures == 0 ? 0 : 1;
+  return vectors::summary();
 }
