@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -75,23 +76,34 @@ def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, p
     owned = dtype != module.dtype or torch.device(device).type != module.device.type
     if owned:
         module = cast_copy(module, dtype).to(device)
-    try:
+
+    def trace():
         wrapper = wrap(module, spec, fam.is_xl).eval()
-        names = [t.name for t in spec.inputs]
         ds = dynamic_shapes(fam, spec, profile)
+        # The exported graph keeps aten.scaled_dot_product_attention; Inductor picks its kernel while compiling.
+        with mid_dilation(module, spec.dilation) if spec.network == UNET else contextlib.nullcontext():
+            return torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[t.name] for t in spec.inputs),
+                                       strict=False)
+
+    return package_exported(trace, path, spec.name, t0, kernel_context=kernel_context)
+
+
+def package_exported(trace: Callable[[], "torch.export.ExportedProgram"], path: Path, what: str, t0: float, *,
+                     kernel_context=contextlib.nullcontext) -> ExportResult:
+    """`trace()` (no grad, warnings off), then its program compiled into the AOTInductor package `path` inside
+    `kernel_context()`: kernel choices made there (which SDPA backend an attention call lowers to) are what the
+    package runs. Timed from `t0`. Any failure is one ExportError naming `what`, its cause chained."""
+    try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else contextlib.nullcontext()
-            with ctx:
-                ep = torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[n] for n in names), strict=False)
+            ep = trace()
             path.parent.mkdir(parents=True, exist_ok=True)
-            # The exported graph keeps aten.scaled_dot_product_attention; Inductor picks its kernel while compiling.
             with kernel_context():
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} failed: {type(e).__name__}: {e}") from e
+        raise ExportError(f"AOTInductor export of {what} failed: {type(e).__name__}: {e}") from e
     return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
 
 

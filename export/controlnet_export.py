@@ -19,7 +19,7 @@ import torch
 from ..core.controlnet_specs import CONTROLNET, ControlSpec
 from ..core.dilation import mid_dilation
 from ..core.families import ModelFamily
-from .aoti_export import dynamic_shapes
+from .aoti_export import dynamic_shapes, package_exported
 from .onnx_export import OPSET, PROTOBUF_LIMIT, ExportError, ExportResult, _finish, cast_copy
 
 
@@ -121,25 +121,15 @@ def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: Cont
     module, owned = _module_on(module, spec, device)
     if prepare is not None:
         if not owned:
-            module, owned = cast_copy(module, module.dtype), True
+            module = cast_copy(module, module.dtype)
         prepare(module)
-    try:
+
+    def trace():
         wrapper = _wrapper(module, spec, family.is_xl)
-        ds = dynamic_shapes(family, spec, profile)
-        with torch.no_grad(), warnings.catch_warnings(), mid_dilation(module, spec.dilation):
-            warnings.simplefilter("ignore")
-            per_input = [ds[t.name] for t in spec.inputs]
+        per_input = [dynamic_shapes(family, spec, profile)[t.name] for t in spec.inputs]
+        with mid_dilation(module, spec.dilation):
             # The wrappers take (sample, timestep, encoder states, *rest): torch.export wants that structure.
-            ep = torch.export.export(wrapper, args, dynamic_shapes=(*per_input[:3], tuple(per_input[3:])),
-                                     strict=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with kernel_context():
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    except ExportError:
-        raise
-    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} failed: {type(e).__name__}: {e}") from e
-    finally:
-        if owned:
-            del module
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+            return torch.export.export(wrapper, args, dynamic_shapes=(*per_input[:3], tuple(per_input[3:])),
+                                       strict=False)
+
+    return package_exported(trace, path, spec.name, t0, kernel_context=kernel_context)

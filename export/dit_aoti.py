@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from ..core.dit_loading import DiTBundle
 from ..core.dit_specs import SD3TransformerWrapper, transformer_spec
 from ..core.specs import NetworkSpec
 from .dit_flux_export import FluxTransformerWrapper, flux_transformer_spec, rotary_given
-from .onnx_export import ExportError, ExportResult, cast_copy
+from .aoti_export import package_exported
+from .onnx_export import ExportResult, cast_copy
 
 DIT_PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 """Package precision -> the dtype of the transformer's float inputs and output."""
@@ -66,18 +66,13 @@ def export_dit_aoti(bundle: DiTBundle, spec: NetworkSpec, path: str | os.PathLik
     axes = dit_axes(fam, batch, latent_h, latent_w)
     args = tuple(torch.randn(t.concrete(axes), generator=g).to(device=device, dtype=t.torch_dtype)
                  for t in spec.inputs)
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.ExitStack() as stack:
-            warnings.simplefilter("ignore")
+    def trace():
+        with contextlib.ExitStack() as stack:
             if fam.kind == "sd3":
                 wrapper = SD3TransformerWrapper(module)
             else:
                 wrapper = FluxTransformerWrapper(module, stack.enter_context(rotary_given(module)))
-            ep = torch.export.export(wrapper.eval(), args, strict=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with kernel_context():
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} at latent {latent_w}x{latent_h} failed: "
-                          f"{type(e).__name__}: {e}") from e
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+            return torch.export.export(wrapper.eval(), args, strict=False)
+
+    return package_exported(trace, path, f"{spec.name} at latent {latent_w}x{latent_h}", t0,
+                            kernel_context=kernel_context)

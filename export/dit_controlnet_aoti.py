@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from ..core.dit_specs import SD3TransformerWrapper
 from ..core.specs import NetworkSpec, TensorSpec
 from .dit_aoti import DIT_PRECISIONS, dit_axes, dit_spec
 from .dit_flux_export import FluxTransformerWrapper, rotary_given
-from .onnx_export import ExportError, ExportResult, cast_copy
+from .aoti_export import package_exported
+from .onnx_export import ExportResult, cast_copy
 
 CONTROLLED_TRANSFORMER = "transformer_controlled"
 REPEAT_VARIANT = "blocks-repeat"
@@ -196,16 +196,11 @@ def export_dit_control_aoti(module: torch.nn.Module, family: DiTFamily, spec: Ne
     axes = control_axes(family, batch, latent_h, latent_w)
     args = tuple(torch.randn(t.concrete(axes), generator=g).to(device=device, dtype=t.torch_dtype)
                  for t in spec.inputs)
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.ExitStack() as stack:
-            warnings.simplefilter("ignore")
+    def trace():
+        with contextlib.ExitStack() as stack:
             given = stack.enter_context(rotary_given(module)) if family.kind == "flux" else None
             wrapper = control_wrapper(module, family, spec, layout, given)
-            ep = torch.export.export(wrapper.eval(), args, strict=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with kernel_context():
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} at latent {latent_w}x{latent_h} failed: "
-                          f"{type(e).__name__}: {e}") from e
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+            return torch.export.export(wrapper.eval(), args, strict=False)
+
+    return package_exported(trace, path, f"{spec.name} at latent {latent_w}x{latent_h}", t0,
+                            kernel_context=kernel_context)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ import torch
 from ..core.dilation import Variant
 from ..core.dit_families import DiTFamily
 from ..core.specs import TEXT_LENGTH, VAE_DECODER, VAE_ENCODER, NetworkSpec, TensorSpec, text_encoder_name
-from .onnx_export import ExportError, ExportResult
+from .aoti_export import package_exported
+from .onnx_export import ExportResult
 
 FLOW_AUX_PRECISIONS = ("fp32", "fp16", "bf16")
 """The precision recorded in the key: the folder's (the modules run in the dtype the bundle was loaded in)."""
@@ -106,14 +106,8 @@ def export_flow_aux_aoti(bundle, spec: NetworkSpec, shapes: tuple[tuple[int, ...
         x = (torch.randint(0, 500, shape, generator=g, dtype=torch.int32) if t.dtype == "int32"
              else torch.randn(shape, generator=g).clamp(-1, 1))
         args.append(x.to(device))
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(flow_aux_wrapper(bundle, spec).eval(), tuple(args), strict=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with kernel_context():
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {bundle.family.name} {spec.name} at {shapes[0]} failed: "
-                          f"{type(e).__name__}: {e}") from e
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+    def trace():
+        return torch.export.export(flow_aux_wrapper(bundle, spec).eval(), tuple(args), strict=False)
+
+    return package_exported(trace, path, f"{bundle.family.name} {spec.name} at {shapes[0]}", t0,
+                            kernel_context=kernel_context)

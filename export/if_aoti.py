@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from ..core.dilation import mid_dilation
 from ..core.if_loading import IFBundle
 from ..core.specs import NetworkSpec
 from .if_onnx import IFUNetWrapper, if_sample_inputs
+from .aoti_export import package_exported
 from .onnx_export import ExportError, ExportResult, cast_copy
 
 
@@ -30,14 +30,8 @@ def export_if_aoti(bundle: IFBundle, spec: NetworkSpec, path: str | os.PathLike,
     if dtype != module.dtype or torch.device(device).type != module.device.type:
         module = cast_copy(module, dtype).to(device)
     args = tuple(a.to(device) for a in if_sample_inputs(spec, batch, height, width))
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), mid_dilation(module, spec.dilation):
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(IFUNetWrapper(module).eval(), args, strict=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with kernel_context():
-                torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
-        raise ExportError(f"AOTInductor export of {spec.name} at {width}x{height} failed: "
-                          f"{type(e).__name__}: {e}") from e
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+    def trace():
+        with mid_dilation(module, spec.dilation):
+            return torch.export.export(IFUNetWrapper(module).eval(), args, strict=False)
+
+    return package_exported(trace, path, f"{spec.name} at {width}x{height}", t0, kernel_context=kernel_context)
