@@ -211,7 +211,7 @@ Network& Context::net(const std::string& network, int dilation, const std::vecto
   return net_at(network, dilation, shapes);
 }
 
-StagePlan Context::plan_of(const mf_generate_params& p) const {
+StagePlan plan_from_params(const mf_generate_params& p, const PlanCheck& validate, const PlanDefault& fallback) {
   if ((p.width > 0) != (p.height > 0))
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "give both width and height or neither (got " +
                                                  std::to_string(p.width) + "x" + std::to_string(p.height) + ")");
@@ -221,13 +221,23 @@ StagePlan Context::plan_of(const mf_generate_params& p) const {
   std::optional<int> w, h;
   if (p.width > 0) w = p.width, h = p.height;
   try {
-    if (p.stages && *p.stages) return validate_plan(*family_, parse_stages(p.stages), w, h);
+    if (p.stages && *p.stages) return validate(parse_stages(p.stages), w, h);
     std::optional<int> total;
     if (p.total_steps != 0) total = p.total_steps;
-    return default_plan(*family_, w, h, total);
+    return fallback(w, h, total);
   } catch (const PlanError& e) {
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE, e.what());
   }
+}
+
+StagePlan Context::plan_of(const mf_generate_params& p) const {
+  return plan_from_params(
+      p, [this](const std::vector<StageSize>& s, std::optional<int> w, std::optional<int> h) {
+        return validate_plan(*family_, s, w, h);
+      },
+      [this](std::optional<int> w, std::optional<int> h, std::optional<int> total) {
+        return default_plan(*family_, w, h, total);
+      });
 }
 
 void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch, size_t first,

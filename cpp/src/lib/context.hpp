@@ -8,7 +8,9 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <memory>
 #include <string>
@@ -59,6 +61,12 @@ class AotiNetwork final : public Network {
  private:
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
 };
+
+// The plan a request asks for: its stages checked by `validate`, else `fallback`'s default plan for its size and
+// total steps. A bad size or plan is a Failure with the C API's code (the UNet and the flow contexts share it).
+using PlanCheck = std::function<StagePlan(const std::vector<StageSize>&, std::optional<int>, std::optional<int>)>;
+using PlanDefault = std::function<StagePlan(std::optional<int>, std::optional<int>, std::optional<int>)>;
+StagePlan plan_from_params(const mf_generate_params& p, const PlanCheck& validate, const PlanDefault& fallback);
 
 class Context {
  public:

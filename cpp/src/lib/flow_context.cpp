@@ -101,22 +101,13 @@ Network& FlowContext::net(const std::string& network, const std::vector<long lon
 }
 
 StagePlan FlowContext::plan_of(const mf_generate_params& p) const {
-  if ((p.width > 0) != (p.height > 0))
-    throw Failure(MF_ERROR_INVALID_ARGUMENT, "give both width and height or neither (got " +
-                                                 std::to_string(p.width) + "x" + std::to_string(p.height) + ")");
-  if (p.width < 0 || p.height < 0)
-    throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "negative size " + std::to_string(p.width) + "x" +
-                                                 std::to_string(p.height));
-  std::optional<int> w, h;
-  if (p.width > 0) w = p.width, h = p.height;
-  try {
-    if (p.stages && *p.stages) return validate_flow_plan(*family_, parse_stages(p.stages), w, h);
-    std::optional<int> total;
-    if (p.total_steps != 0) total = p.total_steps;
-    return default_flow_plan(*family_, w, h, total);
-  } catch (const PlanError& e) {
-    throw Failure(MF_ERROR_UNSUPPORTED_SIZE, e.what());
-  }
+  return plan_from_params(
+      p, [this](const std::vector<StageSize>& s, std::optional<int> w, std::optional<int> h) {
+        return validate_flow_plan(*family_, s, w, h);
+      },
+      [this](std::optional<int> w, std::optional<int> h, std::optional<int> total) {
+        return default_flow_plan(*family_, w, h, total);
+      });
 }
 
 std::string FlowContext::encoder_network(const std::string& encoder) const {
