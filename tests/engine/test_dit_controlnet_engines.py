@@ -246,8 +246,9 @@ def test_flux_build_then_generate_through_the_clis(flux_built, capsys):
     from megafusion.cli.generate import main as generate
 
     root = flux_built
-    entries = EngineCache(root / "eng").entries().values()
-    assert sorted(e.key.network for e in entries) == [CONTROLNET, "transformer", CONTROLLED_TRANSFORMER]
+    # the session's folder it started from (transformer at 128 and 160, text encoders, VAE) plus the two built here
+    entries = [e.key.network for e in EngineCache(root / "eng").entries().values()]
+    assert entries.count(CONTROLNET) == entries.count(CONTROLLED_TRANSFORMER) == 1 and "transformer" in entries
     common = ["--model", "tiny-flux", "--stages", "128x128:2,128x128:2", "--prompt", PROMPT, "--controlnet",
               str(root / "cn"), "--control-image", str(root / "ctl.png"), "--control-scale", "0.8", "--no-progress"]
     assert generate([*common, "--output", str(root / "torch.png")]) == 0
