@@ -230,6 +230,17 @@ StagePlan plan_from_params(const mf_generate_params& p, const PlanCheck& validat
   }
 }
 
+size_t check_rgb_buffer(const uint8_t* rgb, size_t rgb_bytes, const StagePlan& plan) {
+  if (!rgb) throw Failure(MF_ERROR_INVALID_ARGUMENT, "rgb buffer is NULL");
+  const size_t need = static_cast<size_t>(plan.output_width) * plan.output_height * 3;
+  if (rgb_bytes < need)
+    throw Failure(MF_ERROR_BUFFER_TOO_SMALL, "rgb buffer holds " + std::to_string(rgb_bytes) + " bytes; " +
+                                                 std::to_string(plan.output_width) + "x" +
+                                                 std::to_string(plan.output_height) + " RGB8 needs " +
+                                                 std::to_string(need));
+  return need;
+}
+
 StagePlan Context::plan_of(const mf_generate_params& p) const {
   return plan_from_params(
       p, [this](const std::vector<StageSize>& s, std::optional<int> w, std::optional<int> h) {
@@ -349,13 +360,7 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "unknown relay mode '" + relay + "'; choose pixel or latent");
   if (p.dilation < 1) throw Failure(MF_ERROR_INVALID_ARGUMENT, "dilation must be >= 1, got " + std::to_string(p.dilation));
   if (!std::isfinite(p.guidance)) throw Failure(MF_ERROR_INVALID_ARGUMENT, "guidance is not a finite number");
-  if (!rgb) throw Failure(MF_ERROR_INVALID_ARGUMENT, "rgb buffer is NULL");
-  const size_t need = static_cast<size_t>(plan.output_width) * plan.output_height * 3;
-  if (rgb_bytes < need)
-    throw Failure(MF_ERROR_BUFFER_TOO_SMALL, "rgb buffer holds " + std::to_string(rgb_bytes) + " bytes; " +
-                                                 std::to_string(plan.output_width) + "x" +
-                                                 std::to_string(plan.output_height) + " RGB8 needs " +
-                                                 std::to_string(need));
+  const size_t need = check_rgb_buffer(rgb, rgb_bytes, plan);
   const int encoders = num_text_encoders();
   int negatives = 0;
   for (int i = 0; i < encoders; ++i) {

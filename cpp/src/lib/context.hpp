@@ -67,6 +67,9 @@ class AotiNetwork final : public Network {
 using PlanCheck = std::function<StagePlan(const std::vector<StageSize>&, std::optional<int>, std::optional<int>)>;
 using PlanDefault = std::function<StagePlan(std::optional<int>, std::optional<int>, std::optional<int>)>;
 StagePlan plan_from_params(const mf_generate_params& p, const PlanCheck& validate, const PlanDefault& fallback);
+// The caller's RGB8 buffer: not NULL and large enough for the plan's output (a Failure naming both sizes).
+// Returns the bytes the output takes.
+size_t check_rgb_buffer(const uint8_t* rgb, size_t rgb_bytes, const StagePlan& plan);
 
 class Context {
  public:

@@ -226,13 +226,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
   if (p.dilation != 1 && p.dilation != 2)  // 2: mf_generate_params_init's; a transformer has nothing to dilate
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "dilation " + std::to_string(p.dilation) + ": " + name +
                                                  " has no dilation (leave it at 1 or the default)");
-  if (!rgb) throw Failure(MF_ERROR_INVALID_ARGUMENT, "rgb buffer is NULL");
-  const size_t need = static_cast<size_t>(plan.output_width) * plan.output_height * 3;
-  if (rgb_bytes < need)
-    throw Failure(MF_ERROR_BUFFER_TOO_SMALL, "rgb buffer holds " + std::to_string(rgb_bytes) + " bytes; " +
-                                                 std::to_string(plan.output_width) + "x" +
-                                                 std::to_string(plan.output_height) + " RGB8 needs " +
-                                                 std::to_string(need));
+  const size_t need = check_rgb_buffer(rgb, rgb_bytes, plan);
   for (int i = 0; i < MF_MAX_TEXT_ENCODERS; ++i)
     if (p.prompt_ids[i] || p.negative_ids[i])
       throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " takes its token ids through mf_inputs_set_tokens, not "
