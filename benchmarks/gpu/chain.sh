@@ -10,7 +10,9 @@
 #   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
 #   dit-tests   the flow pipeline GPU tests (#17, #18)
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
+#   sdxl-build-cc  sdxl-build, and beside it one fresh compiled process (empty caches) filling /tmp/mf-cc (#15)
 #   coldstart   3 fresh mf-generate --engines processes with their phases (#15)
+#   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
@@ -44,12 +46,19 @@ step() {  # the command line of one step
       tests/runtime/test_flow_controlnet.py tests/runtime/test_flow_ipadapter.py tests/runtime/test_flow_img2img.py" ;;
     sdxl-build) echo "timeout 1500 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
       --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl --jobs 3" ;;
+    sdxl-build-cc) echo "$(step sdxl-build | sed 's/timeout 1500/timeout 900/') & timeout 900 python3 \
+      benchmarks/lab/cold_start_phases.py --runs 1 --fresh-inductor-cache --device cuda --output $RES/cold-compiled-empty \
+      -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cc; \
+      wait" ;;
+    coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
+      --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
+      --mode compiled --compile-cache /tmp/mf-cc" ;;
     coldstart) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl --runs 3 \
       --device cuda --output $RES/cold -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
     lora-swap) echo "timeout 600 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
       --engine-dir /tmp/mf-aoti-sdxl --no-build --output $RES/lora-swap" ;;
     engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
-      --size 2048x2048 --variants engines:aoti,compiled --direct-for engines:aoti --engine-dir /tmp/mf-aoti-sdxl \
+      --size 2048x2048 --variants engines:aoti,compiled --direct-for none --engine-dir /tmp/mf-aoti-sdxl --compile-cache /tmp/mf-cc \
       --repeats 3 --warmup 1 --output $RES/engines-sdxl" ;;
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \

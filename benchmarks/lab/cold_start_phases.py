@@ -4,6 +4,10 @@
     python benchmarks/lab/cold_start_phases.py --engines DIR --runs 3 --device cuda --output OUT -- \
         --model sdxl --random-weights --size 2048x2048 --prompt "a lighthouse"
 
+Without --engines the processes run whatever mf-generate's arguments say (the compiled path's warm start:
+`-- --mode compiled --compile-cache DIR ...`); --fresh-inductor-cache gives each its own empty Inductor and
+Triton cache folders, so only the compile cache can make it warm.
+
 mf-build-engines remembers the sha256 of the files it built (engine/file_hashes.py), so no run reads an engine
 file to verify it unless the folder was built otherwise (the first run then hashes them and remembers). Writes
 cold_start.json and cold_start.md into OUT, the images as cold-N.png.
@@ -14,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from megafusion.benchmarks.cold_start import run_cold
@@ -22,7 +27,9 @@ from megafusion.benchmarks.timing import provenance
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engines", required=True, help="the mf-build-engines folder")
+    p.add_argument("--engines", help="the mf-build-engines folder (default: none, mf-generate's own arguments)")
+    p.add_argument("--fresh-inductor-cache", action="store_true",
+                   help="each run gets empty TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR folders")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", required=True)
@@ -33,9 +40,14 @@ def main() -> int:
     extra = [a for a in args.generate_args if a != "--"]
     runs = []
     for i in range(1, args.runs + 1):
-        child = [*extra, "--device", args.device, "--engines", args.engines, "--no-progress",
-                 "--output", str(out / f"cold-{i}.png")]
-        c = run_cold(f"run {i}", child, args.device, timeout=900)
+        child = [*extra, "--device", args.device, "--no-progress", "--output", str(out / f"cold-{i}.png")]
+        if args.engines:
+            child += ["--engines", args.engines]
+        env = None
+        if args.fresh_inductor_cache:
+            fresh = Path(tempfile.mkdtemp(prefix=f"mf-cold-{i}-"))
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"), "TRITON_CACHE_DIR": str(fresh / "triton")}
+        c = run_cold(f"run {i}", child, args.device, env=env, timeout=900)
         runs.append(c)
         print(f"run {i}: {c.seconds:.1f} s (exit {c.returncode}): {c.describe_phases()}", flush=True)
         if c.returncode != 0:
@@ -44,12 +56,12 @@ def main() -> int:
     (out / "cold_start.json").write_text(json.dumps(
         {"provenance": provenance(), "args": vars(args), "runs": [dataclasses.asdict(c) for c in runs]}, indent=1))
     names = list(dict.fromkeys(k for c in runs for k in (c.phases or {})))
-    md = ["| run | seconds | " + " | ".join(names) + " | device peak GiB |",
+    md = ["| run | seconds | " + "".join(f"{n} | " for n in names) + "device peak GiB |",
           "|---|---:|" + "---:|" * len(names) + "---:|"]
     for c in runs:
         ph = c.phases or {}
-        md.append(f"| {c.name} | {c.seconds:.1f} | " + " | ".join(f"{ph[n]:.2f}" if n in ph else "–" for n in names)
-                  + f" | {'–' if c.device_peak_gib is None else f'{c.device_peak_gib:.1f}'} |")
+        md.append(f"| {c.name} | {c.seconds:.1f} | " + "".join(f"{ph[n]:.2f} | " if n in ph else "– | " for n in names)
+                  + f"{'–' if c.device_peak_gib is None else f'{c.device_peak_gib:.1f}'} |")
     (out / "cold_start.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if runs and all(c.returncode == 0 for c in runs) else 1
