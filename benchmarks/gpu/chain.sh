@@ -15,6 +15,7 @@
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
+#   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
@@ -60,6 +61,8 @@ step() {  # the command line of one step
     engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
       --size 2048x2048 --variants engines:aoti,compiled --direct-for none --engine-dir /tmp/mf-aoti-sdxl --compile-cache /tmp/mf-cc \
       --repeats 3 --warmup 1 --output $RES/engines-sdxl" ;;
+    lora-fused) echo "timeout 900 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
+      --engine-dir /tmp/mf-aoti-sdxl --fused-engine-dir /tmp/mf-aoti-sdxl --output $RES/lora-fused" ;;
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
