@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.background import BUILDS, Job, build_engines_cmd, python_cmd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
@@ -32,6 +35,87 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The slow builds, each named by the fixture that needs it (tests/background.py runs them beside the tests).
+TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", "flux_aoti": "flux_aoti",
+            "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
+            "compile_cache_first": "compile_cache_first"}
+DEPENDS = {"sd15_control_aoti": "sd15_aoti"}
+REPO = Path(__file__).resolve().parents[1]
+
+CONTROL_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+from megafusion.core.loading import load_model
+from tests.runtime.test_controlnet import save_tiny_controlnet
+src, root, stages = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+shutil.copytree(src, root / "engines")
+cn = save_tiny_controlnet(load_model("tiny-sd15").unet, root / "edges", 5)
+sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--controlnet",
+               str(cn), "--networks", "controlnet,unet_controlled", "--output", str(root / "engines")]))
+"""
+
+
+def _job(builds, name: str) -> Job:
+    f = builds.folder
+    if name == "sd15_aoti":
+        return Job(name, build_engines_cmd("--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti",
+                                           "--dynamic", "--device", "cpu", "--output", str(f("sd15-aoti"))))
+    if name == "sd15_control_aoti":
+        return Job(name, python_cmd(CONTROL_DRIVER) + [str(f("sd15-aoti")), str(f("control-aoti")), AOTI_STAGES],
+                   cwd=REPO)
+    if name in ("flux_aoti", "sd3_aoti"):
+        model, stages = ("tiny-flux", FLUX_AOTI_STAGES) if name == "flux_aoti" else ("tiny-sd3", SD3_AOTI_STAGES)
+        return Job(name, build_engines_cmd("--model", model, "--backend", "aoti", "--stages", stages, "--device",
+                                           "cpu", "--output", str(f(name) / "e")))
+    if name == "aoti_static":
+        from tests.engine.test_aoti_static import PLAN
+
+        return Job(name, build_engines_cmd("--model", "tiny-sd15", "--stages", PLAN, "--backend", "aoti",
+                                           "--no-dilation", "--networks", "text_encoder,unet,vae_decoder", "--device",
+                                           "cpu", "--output", str(f("aoti-static"))))
+    if name == "cpp":  # configured without engines: the fixture names them after (a quick reconfigure)
+        build = shlex.quote(str(f("cpp-build")))
+        script = (f"set -eo pipefail; cmake -S {shlex.quote(str(REPO))} -B {build} -DCMAKE_BUILD_TYPE=Release "
+                  f"-DPython3_EXECUTABLE={shlex.quote(sys.executable)} -DMEGAFUSION_TEST_MODEL=tiny-sd15 | tee {build}.log; "
+                  f"grep -q 'skipping libmegafusion' {build}.log && exit 0; "
+                  f"cmake --build {build} --target mf-generate-cpp megafusion_c_api_test -j2")
+        return Job(name, ["bash", "-c", script])
+    if name == "compile_cache_first":  # the first of test_compile_cache's two processes
+        from tests.engine.test_compile_cache import DRIVER
+
+        root = f("compile-cache")
+        return Job(name, python_cmd(DRIVER) + [str(root / "cc"), str(root / "a.pt")],
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor-a")})
+    raise KeyError(name)
+
+
+BUILDS.factory = _job
+
+
+def pytest_collection_finish(session):
+    """Queue the builds the selected tests need, the first needed first (a dependency before its user)."""
+    if session.config.option.collectonly:
+        return
+    first: dict[str, int] = {}
+    for i, item in enumerate(session.items):
+        if item.get_closest_marker("skip") is None:
+            for job, fixture in TRIGGERS.items():
+                if fixture in getattr(item, "fixturenames", ()):
+                    first.setdefault(job, i)
+    if shutil.which("cmake") is None:
+        first.pop("cpp", None)
+    order: list[str] = []
+    for name in sorted(first, key=first.get):
+        order += [n for n in (DEPENDS.get(name), name) if n and n not in order]
+    if order:
+        BUILDS.start([_job(BUILDS, n) for n in order])
+
+
+def pytest_sessionfinish(session):
+    BUILDS.stop()
 
 
 @pytest.fixture(scope="module")
@@ -62,34 +146,21 @@ AOTI_STAGES = "128x128:2,256x256:2"
 
 
 @pytest.fixture(scope="session")
-def sd15_aoti(tmp_path_factory):
+def sd15_aoti():
     """tiny-sd15 range packages from `mf-build-engines --backend aoti --dynamic` (engine and C++ library tests
     share them); tests/engine/test_aoti_static.py builds the default static ones."""
-    from megafusion.cli.build_engines import main as build_main
-
-    out = tmp_path_factory.mktemp("engines-aoti")
-    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--dynamic",
-                       "--device", "cpu", "--output", str(out)]) == 0
-    return out
+    BUILDS.get("sd15_aoti")
+    return BUILDS.folder("sd15-aoti")
 
 
 @pytest.fixture(scope="session")
-def sd15_control_aoti(sd15_aoti, tmp_path_factory) -> tuple[Path, Path]:
+def sd15_control_aoti(sd15_aoti) -> tuple[Path, Path]:
     """(engine folder, ControlNet folder): the session's tiny-sd15 packages plus a tiny ControlNet's static
     AOTInductor packages of AOTI_STAGES (controlnet and unet_controlled, standard and dilated: four compiles, minutes
     on 2 cores), built once for the C API tests (tests/cpp) and the engine tests (tests/engine)."""
-    from megafusion.cli.build_engines import main as build_main
-    from megafusion.core.loading import load_model
-    from tests.runtime.test_controlnet import save_tiny_controlnet
-
-    root = tmp_path_factory.mktemp("control-aoti")
-    out = root / "engines"
-    shutil.copytree(sd15_aoti, out)
-    cn = save_tiny_controlnet(load_model("tiny-sd15").unet, root / "edges", 5)
-    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cpu",
-                       "--controlnet", str(cn), "--networks", "controlnet,unet_controlled",
-                       "--output", str(out)]) == 0
-    return out, cn
+    BUILDS.get("sd15_control_aoti")
+    root = BUILDS.folder("control-aoti")
+    return root / "engines", root / "edges"
 
 
 FLUX_AOTI_STAGES = "128x128:2,160x160:1"
@@ -98,34 +169,24 @@ SD3_AOTI_STAGES = "128x128:2,192x160:2"
 """The plan of the session's tiny-sd3 packages (non-square second stage: the token grid's two sides differ)."""
 
 
-def _dit_aoti(tmp_path_factory, model: str, stages: str) -> tuple[Path, str]:
-    import contextlib
-    import io
-
-    from megafusion.cli.build_engines import main as build_main
-
-    out = tmp_path_factory.mktemp(f"{model}-aoti") / "e"
-    said = io.StringIO()
-    with contextlib.redirect_stdout(said):
-        assert build_main(["--model", model, "--backend", "aoti", "--stages", stages, "--device", "cpu",
-                           "--output", str(out)]) == 0
-    return out, said.getvalue()
+def _dit_aoti(name: str) -> tuple[Path, str]:
+    return BUILDS.folder(name) / "e", BUILDS.get(name).stdout
 
 
 @pytest.fixture(scope="session")
-def flux_aoti(tmp_path_factory) -> tuple[Path, str]:
+def flux_aoti() -> tuple[Path, str]:
     """(engine folder, what mf-build-engines printed): tiny-flux's AOTInductor packages of FLUX_AOTI_STAGES, every
     network (transformer, text encoders, VAE: seven compiles, a few minutes on 2 cores), built once for
     tests/cli/test_generate_flow.py, tests/engine/test_dit_engines.py, test_dit_controlnet_engines.py and the C API's
     tests/cpp/test_libmegafusion_flow.py; tests that change the folder copy it."""
-    return _dit_aoti(tmp_path_factory, "tiny-flux", FLUX_AOTI_STAGES)
+    return _dit_aoti("flux_aoti")
 
 
 @pytest.fixture(scope="session")
-def sd3_aoti(tmp_path_factory) -> tuple[Path, str]:
+def sd3_aoti() -> tuple[Path, str]:
     """(engine folder, what mf-build-engines printed): tiny-sd3's AOTInductor packages of SD3_AOTI_STAGES, every
     network, built once for tests/engine/test_dit_engines.py and tests/cpp/test_libmegafusion_flow.py."""
-    return _dit_aoti(tmp_path_factory, "tiny-sd3", SD3_AOTI_STAGES)
+    return _dit_aoti("sd3_aoti")
 
 
 # Engine folders built once per session (tests/engines.py says how).
@@ -183,19 +244,16 @@ def _run_cmd(cmd) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def cpp_build(tmp_path_factory, sd15_aoti) -> Path:
+def cpp_build(sd15_aoti) -> Path:
     """libmegafusion and mf-generate-cpp, built once a session for every test that runs them (tests/cpp,
-    tests/lab): about a minute of CMake on 2 cores, several under load."""
-    cmake = shutil.which("cmake")
-    if cmake is None:
+    tests/lab): about a minute and a half of CMake on 2 cores, beside the tests (tests/background.py)."""
+    if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
-    build = tmp_path_factory.mktemp("cpp-build")
-    cfg = _run_cmd([cmake, "-S", Path(__file__).resolve().parents[1], "-B", build, "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DPython3_EXECUTABLE={sys.executable}", f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}",
-                    "-DMEGAFUSION_TEST_MODEL=tiny-sd15"])
-    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    if "skipping libmegafusion" in cfg.stdout:
+    if "skipping libmegafusion" in BUILDS.get("cpp").stdout:
         pytest.skip("torch's CMake package was not found, so libmegafusion is not configured")
-    b = _run_cmd([cmake, "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test", "-j2"])
+    build = BUILDS.folder("cpp-build")
+    cfg = _run_cmd(["cmake", "-S", REPO, "-B", build, f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}"])  # adds a ctest
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    b = _run_cmd(["cmake", "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test", "-j2"])
     assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
     return build

@@ -20,6 +20,7 @@ from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.runners import ShapeDispatch
 from megafusion.runtime.pipeline import GenerationOptions
 
+from tests.background import BUILDS
 from tests.engines import assert_generation_matches_torch
 
 PLAN = "128x128:3,256x256:2"
@@ -92,11 +93,10 @@ def test_shape_dispatch_runs_the_engine_of_each_shape():
 
 
 @pytest.fixture(scope="module")
-def static_engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines-aoti-static")
-    assert build_main(["--model", "tiny-sd15", "--stages", PLAN, "--backend", "aoti", "--no-dilation",
-                       "--networks", "text_encoder,unet,vae_decoder", "--device", "cpu", "--output", str(out)]) == 0
-    return out
+def static_engines():
+    """The static packages of PLAN, no dilation (tests/conftest.py builds them beside the tests)."""
+    BUILDS.get("aoti_static")
+    return BUILDS.folder("aoti-static")
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ import torch
 
 from megafusion.engine.compile_cache import CompileCache, CompileKey, cacheable
 
+from tests.background import BUILDS
+
 DRIVER = """
 import json, sys, torch
 from megafusion.core.loading import load_model
@@ -41,15 +43,21 @@ def _run(cache_dir, out, inductor_dir):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture
+def compile_cache_first():
+    """The first process's report; tests/conftest.py runs it beside the tests, into BUILDS.folder('compile-cache')."""
+    return json.loads(BUILDS.get("compile_cache_first").stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_second_process_compiles_nothing(tmp_path):
-    first = _run(tmp_path / "cc", tmp_path / "a.pt", tmp_path / "inductor-a")
+def test_second_process_compiles_nothing(compile_cache_first, tmp_path):
+    first, root = compile_cache_first, BUILDS.folder("compile-cache")
     assert first == {"loaded": False, "saved": True, "fxgraph_cache_hit": 0,
                      "fxgraph_cache_miss": first["fxgraph_cache_miss"]} and first["fxgraph_cache_miss"] >= 1
-    second = _run(tmp_path / "cc", tmp_path / "b.pt", tmp_path / "inductor-b")
+    second = _run(root / "cc", tmp_path / "b.pt", tmp_path / "inductor-b")
     assert second["loaded"] and not second["saved"]
     assert second["fxgraph_cache_miss"] == 0 and second["fxgraph_cache_hit"] >= 1
-    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt"))
+    assert torch.equal(torch.load(root / "a.pt"), torch.load(tmp_path / "b.pt"))
 
 
 def _key(**kw) -> CompileKey:
