@@ -304,6 +304,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if args.engines:  # what the first image spent where (benchmarks/cold_start.py reads it back)
+        from ..benchmarks.cold_start import first_image_line
+
+        graphs = pipe.graphs
+        print(first_image_line(result.timings, graphs.captures if graphs else 0,
+                               graphs.capture_seconds if graphs else 0.0))
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
