@@ -170,6 +170,10 @@ class AotiBackend(Backend):
                           kernel_context=cudnn_first if cuda else contextlib.nullcontext,
                           weights_path=staging / WEIGHTS_FILE if job.weights_apart else None)
         log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
+        if job.weights_apart:
+            dropped = keep_package_constants(staging / "model.pt2", staging / WEIGHTS_FILE, torch.device(job.device))
+            log(f"    weights kept apart in {WEIGHTS_FILE}" + (f" ({dropped} tensors the package never reads left out)"
+                                                             if dropped else ""))
         return BuildOutput(res)
 
     def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> AotiRunner:
@@ -245,6 +249,26 @@ def package_constants(runner: AotiRunner, module: torch.nn.Module, prefix: str,
         fmt = torch.channels_last if value.dim() == 4 and prepared else torch.contiguous_format
         out[target] = value.clone(memory_format=fmt)
     return out
+
+
+def keep_package_constants(package: Path, weights: Path, device: torch.device) -> int:
+    """Rewrites the weight file of a --weights-apart package with only the tensors the package reads (the exported
+    program lifts every parameter, also those Inductor found unused, e.g. q/k/v beside their fused QKV); returns
+    how many were left out. Opening the package here also checks that it loads."""
+    from ..export.aoti_weights import read_weights, write_weights
+
+    names = set(load_package(package, device).get_constant_fqns())
+    tensors = read_weights(weights, "cpu")
+    missing = sorted(names - set(tensors))
+    if missing:
+        raise EngineError(f"{package}: the exported program holds no tensor for {len(missing)} of the package's "
+                          f"constants (first: {missing[0]})")
+    if len(names) == len(tensors):
+        return 0
+    kept = weights.with_name(f".{weights.name}.kept")
+    write_weights({n: t for n, t in tensors.items() if n in names}, kept)
+    os.replace(kept, weights)
+    return len(tensors) - len(names)
 
 
 def give_weights(model, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -41,12 +41,15 @@ def test_weights_apart_is_refused_outside_aoti(capsys, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-@pytest.fixture(scope="module")
-def apart_engines(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("aoti-apart") / "e"
-    assert build_main(["--model", "tiny-sdxl", "--stages", PLAN, "--backend", "aoti", "--device", "cpu",
+def _build(out: Path, device: str) -> Path:
+    assert build_main(["--model", "tiny-sdxl", "--stages", PLAN, "--backend", "aoti", "--device", device,
                        "--networks", "unet", "--weights-apart", "--output", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def apart_engines(tmp_path_factory) -> Path:
+    return _build(tmp_path_factory.mktemp("aoti-apart") / "e", "cpu")
 
 
 def _unets(engine_dir: Path) -> dict[str, object]:
@@ -54,33 +57,45 @@ def _unets(engine_dir: Path) -> dict[str, object]:
     return {e.key.variant: e for e in entries if e.key.network == "unet"}
 
 
-@pytest.mark.slow
-def test_both_unets_read_one_file_once_and_share_it(tiny_sdxl, apart_engines):
-    entries = _unets(apart_engines)
+def _check_shared_and_exact(bundle, engine_dir: Path, device: torch.device, atol: float) -> None:
+    entries = _unets(engine_dir)
     assert sorted(entries) == ["dilated", "standard"]
     files = {v: {Path(f.path).name: f for f in e.files} for v, e in entries.items()}
     assert all(sorted(f) == ["model.pt2", "weights.safetensors"] and e.key.constants == "apart"
                for f, e in zip(files.values(), entries.values()))
     # The same weights compiled for two shapes: the same bytes, so the same sha256 (what the open keys on).
     assert files["standard"]["weights.safetensors"].sha256 == files["dilated"]["weights.safetensors"].sha256
-    # The packages hold code only: smaller than the weights they read.
-    assert all(f["model.pt2"].size < 4 * f["weights.safetensors"].size for f in files.values())
 
-    ctx = OpenContext(tiny_sdxl.family, torch.device("cpu"))
+    ctx = OpenContext(bundle.family, device)
     before = aoti_shared.reads
-    runners = {v: open_entry(apart_engines, e, AOTI, ctx) for v, e in entries.items()}
+    runners = {v: open_entry(engine_dir, e, AOTI, ctx) for v, e in entries.items()}
     assert aoti_shared.reads == before + 1
     assert runners["standard"].weights is runners["dilated"].weights
+    assert all(t.device.type == device.type for t in runners["standard"].weights.tensors.values())
     for variant, side, dilation in (("standard", 16, 1), ("dilated", 32, 2)):
         r = runners[variant]
-        axes = r.spec.axes(2, side, side, tiny_sdxl.family.vae_scale)
+        axes = r.spec.axes(2, side, side, bundle.family.vae_scale)
         inputs = dict(zip((t.name for t in r.spec.inputs), r.spec.sample_inputs(axes, seed=5)))
-        got = r.run(inputs)["eps"]
-        with torch.no_grad(), mid_dilation(tiny_sdxl.unet, dilation):
-            ref = wrap(tiny_sdxl.unet, r.spec, True)(*inputs.values())
+        got = r.run({k: v.to(device) for k, v in inputs.items()})["eps"].cpu()
+        with torch.no_grad(), mid_dilation(bundle.unet, dilation):
+            ref = wrap(bundle.unet, r.spec, True)(*inputs.values())
         assert got.shape == ref.shape and ref.abs().max() > 0.1
-        assert (got - ref).abs().max().item() <= ATOL, variant
+        assert (got - ref).abs().max().item() <= atol, variant
     del runners, r
     gc.collect()  # the tensors live as long as a runner holds them: a later open reads the file again
-    open_entry(apart_engines, entries["standard"], AOTI, ctx)
+    open_entry(engine_dir, entries["standard"], AOTI, ctx)
     assert aoti_shared.reads == before + 2
+
+
+@pytest.mark.slow
+def test_both_unets_read_one_file_once_and_share_it(tiny_sdxl, apart_engines):
+    files = [f for e in _unets(apart_engines).values() for f in e.files]
+    weights = max(f.size for f in files if f.path.endswith("weights.safetensors"))
+    assert all(f.size < 4 * weights for f in files)  # packages of code only (tiny weights: same order of size)
+    _check_shared_and_exact(tiny_sdxl, apart_engines, torch.device("cpu"), ATOL)
+
+
+@pytest.mark.gpu
+def test_both_unets_share_one_device_copy_on_cuda(tiny_sdxl, tmp_path):
+    """As on the CPU, with packages built for CUDA (cuDNN attention first): fp32 within 1e-3 of the CPU module."""
+    _check_shared_and_exact(tiny_sdxl, _build(tmp_path / "e", "cuda"), torch.device("cuda"), 1e-3)
