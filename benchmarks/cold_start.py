@@ -86,25 +86,41 @@ def first_image_line(timings: list[tuple[str, float]], captures: int, capture_s:
             + f" ({captures} graph{'s' * (captures != 1)} captured)")
 
 
+_START_PREFIX = "cold-start start: "
+
+
+def start_line(run_age: float | None, estimate_s: float, start_s: float | None) -> str:
+    """The line mf-generate prints beside `phase_line`: its start split into the interpreter, imports and argument
+    parsing (the process's age when its run began), the memory estimate, and the checks between (what is left of
+    start); parts it cannot know ('?' ages) are left out."""
+    parts = {"interpreter and imports": run_age, "memory estimate": estimate_s}
+    if run_age is not None and start_s is not None:
+        parts["checks"] = max(start_s - run_age - estimate_s, 0.0)
+    return _START_PREFIX + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if v is not None)
+
+
 def _seconds(line: str) -> dict[str, float]:
     return {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+?) ([0-9.]+) s", line)}
 
 
 def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
     """The phases from a child's output (`phase_line`), plus `first image`: the rest of its `seconds`; where the
-    child printed `first_image_line`, the first image's parts too (`first image/<part>`, the rest as
-    `first image/png and exit`)."""
+    child printed `start_line` and `first_image_line`, their parts too (`start/<part>`, `first image/<part>`, the
+    rest of the first image as `first image/png and exit`)."""
     lines = output.splitlines()
     line = next((ln for ln in lines if ln.startswith(_PHASE_PREFIX)), None)
     if line is None:
         return None
     phases = _seconds(line.removeprefix(_PHASE_PREFIX))
     phases["first image"] = seconds - sum(phases.values())
-    first = next((ln for ln in lines if ln.startswith(_FIRST_PREFIX)), None)
-    if first is not None:
-        parts = _seconds(first.removeprefix(_FIRST_PREFIX))
-        phases.update({f"first image/{k}": v for k, v in parts.items()})
-        phases["first image/png and exit"] = phases["first image"] - sum(parts.values())
+    for phase, prefix, rest in (("start", _START_PREFIX, None), ("first image", _FIRST_PREFIX, "png and exit")):
+        found = next((ln for ln in lines if ln.startswith(prefix)), None)
+        if found is None or phase not in phases:
+            continue
+        parts = _seconds(found.removeprefix(prefix))
+        phases.update({f"{phase}/{k}": v for k, v in parts.items()})
+        if rest is not None:
+            phases[f"{phase}/{rest}"] = phases[phase] - sum(parts.values())
     return phases
 
 

@@ -36,3 +36,15 @@ def test_first_image_line_splits_the_first_image():
                                    "decode": 1.0, "png and exit": 15.5 - 8.75})
     assert phases["first image"] == pytest.approx(15.5) and sum(first.values()) == pytest.approx(15.5)
     assert list(parse_phases(output.replace(line, ""), 20.0)) == [*PHASES, "first image"]  # no line, no parts
+
+
+def test_start_line_splits_the_start():
+    from megafusion.benchmarks.cold_start import start_line
+
+    line = start_line(4.0, 1.5, 6.0)
+    output = "\n".join([phase_line(6.0, 0.5, {"fingerprint": 0.0, "verify": 0.0, "open": 1.0}), line])
+    phases = parse_phases(output, 20.0)
+    assert {k: v for k, v in phases.items() if k.startswith("start/")} == pytest.approx(
+        {"start/interpreter and imports": 4.0, "start/memory estimate": 1.5, "start/checks": 0.5})
+    unknown = start_line(None, 1.5, None)  # no /proc: the ages are not known
+    assert unknown == "cold-start start: memory estimate 1.50 s"

@@ -1,5 +1,5 @@
-"""mf-generate --engines prints, after the image, what the first image spent where (benchmarks/cold_start.py
-`first_image_line`), and the cold-start parser reads it back as parts of the first image."""
+"""mf-generate --engines prints its start split into parts (benchmarks/cold_start.py `start_line`) and, after the
+image, what the first image spent where (`first_image_line`); the cold-start parser reads both back as parts."""
 from __future__ import annotations
 
 from megafusion.benchmarks.cold_start import parse_phases
@@ -19,3 +19,6 @@ def test_generate_from_engines_prints_the_first_image_parts(sdxl_engines, tmp_pa
     parts = {k.removeprefix("first image/") for k in phases if k.startswith("first image/")}
     assert parts == {"text encoders", "stages", "graph captures", "relays", "decode", "png and exit"}
     assert phases["first image/graph captures"] == 0.0 and phases["first image/stages"] > 0
+    start = {k.removeprefix("start/") for k in phases if k.startswith("start/")}
+    assert start == {"interpreter and imports", "memory estimate", "checks"}  # /proc gives the ages on Linux
+    assert phases["start/interpreter and imports"] <= phases["start"]
