@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..export.aoti_weights import read_weights
+from .cache import EngineError
 
 
 class SharedWeights:
@@ -38,7 +39,10 @@ def shared_weights(path: str | Path, sha256: str, device: torch.device) -> Share
     with _LOCK:
         found = _OPEN.get(key)
         if found is None:
-            found = SharedWeights(read_weights(path, device), sha256)
+            try:
+                found = SharedWeights(read_weights(path, device), sha256)
+            except ValueError as e:
+                raise EngineError(f"{e}; rebuild the entry with mf-build-engines --weights-apart --force") from None
             _OPEN[key] = found
             reads += 1
         return found

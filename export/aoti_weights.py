@@ -21,6 +21,9 @@ import torch
 
 WEIGHTS_FILE = "weights.safetensors"
 """The file of an entry built with --weights-apart."""
+_FORMAT_KEY, FORMAT = "megafusion.aoti_weights", "1"
+"""Metadata naming this layout's version: a file without it (or of another version) is refused, never read as
+tensors of the wrong shape."""
 _LAYOUT_KEY = "megafusion.layout"
 """Metadata: {name: [shape, strides]} of tensors whose strides are not the contiguous ones of their shape."""
 
@@ -55,18 +58,22 @@ def write_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> 
             layout[name] = [list(t.shape), list(t.stride())]
             t = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).reshape(-1)
         out[name] = t.contiguous().to("cpu")  # owns its storage (safetensors refuses shared ones)
-    save_file(out, str(path), metadata={_LAYOUT_KEY: json.dumps(layout, sort_keys=True)})
+    save_file(out, str(path), metadata={_FORMAT_KEY: FORMAT, _LAYOUT_KEY: json.dumps(layout, sort_keys=True)})
     return sum(t.numel() * t.element_size() for t in out.values())
 
 
 def read_weights(path: str | os.PathLike, device: torch.device | str) -> dict[str, torch.Tensor]:
     """The tensors of a file `write_weights` wrote, on `device`, each with the shape and strides it was written
-    with."""
+    with; ValueError naming the file if it is not of this format's version."""
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(Path(path)), framework="pt", device=str(torch.device(device))) as f:
-        layout = json.loads((f.metadata() or {}).get(_LAYOUT_KEY, "{}"))
+        meta = f.metadata() or {}
+        if meta.get(_FORMAT_KEY) != FORMAT:
+            raise ValueError(f"{path}: not a megafusion weight file of format {FORMAT} (found "
+                             f"{meta.get(_FORMAT_KEY)!r})")
+        layout = json.loads(meta.get(_LAYOUT_KEY, "{}"))
         for name in f.keys():
             t = f.get_tensor(name)
             if name in layout:

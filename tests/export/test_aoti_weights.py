@@ -40,3 +40,12 @@ def test_same_tensors_same_bytes(tmp_path):
     other["unet.proj.weight"][0, 0] += 1
     write_weights(other, b)
     assert a.read_bytes() != b.read_bytes()
+
+
+def test_a_file_of_another_format_is_refused(tmp_path):
+    import pytest
+    from safetensors.torch import save_file
+
+    save_file({"unet.conv.weight": torch.zeros(2, 2)}, str(tmp_path / "old.safetensors"))  # no format record
+    with pytest.raises(ValueError, match=r"old\.safetensors: not a megafusion weight file of format 1 \(found None\)"):
+        read_weights(tmp_path / "old.safetensors", "cpu")
