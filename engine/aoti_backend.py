@@ -207,6 +207,14 @@ class AotiBackend(Backend):
         constants = package_constants(runner, module, prefix, weights)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)  # the new tensors are written before the copy reads them
+        if runner.weights is not None:
+            # --weights-apart: the package reads the shared tensors themselves; written in place, so no constant
+            # buffer of the package's full size is made, and the packages sharing them (every shape and dilation
+            # of this network, all of which a swap covers) hold the new weights at once.
+            with torch.no_grad():
+                for name, value in constants.items():
+                    runner.weights.tensors[name].copy_(value)
+            return len(constants)
         try:
             runner.model.load_constants(constants, check_full_update=False)
         except (RuntimeError, TypeError) as e:

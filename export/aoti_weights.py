@@ -21,11 +21,11 @@ import torch
 
 WEIGHTS_FILE = "weights.safetensors"
 """The file of an entry built with --weights-apart."""
-_FORMAT_KEY, FORMAT = "megafusion.aoti_weights", "1"
-"""Metadata naming this layout's version: a file without it (or of another version) is refused, never read as
+_META_KEY, FORMAT = "megafusion.aoti_weights", 1
+"""The one metadata entry: JSON {"format": FORMAT, "layout": {name: [shape, strides]}} for tensors whose strides
+are not the contiguous ones of their shape. One entry, because safetensors writes several in no fixed order (the
+same tensors would then give other bytes); a file without it, or of another format, is refused, never read as
 tensors of the wrong shape."""
-_LAYOUT_KEY = "megafusion.layout"
-"""Metadata: {name: [shape, strides]} of tensors whose strides are not the contiguous ones of their shape."""
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,7 +58,7 @@ def write_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> 
             layout[name] = [list(t.shape), list(t.stride())]
             t = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).reshape(-1)
         out[name] = t.contiguous().to("cpu")  # owns its storage (safetensors refuses shared ones)
-    save_file(out, str(path), metadata={_FORMAT_KEY: FORMAT, _LAYOUT_KEY: json.dumps(layout, sort_keys=True)})
+    save_file(out, str(path), metadata={_META_KEY: json.dumps({"format": FORMAT, "layout": layout}, sort_keys=True)})
     return sum(t.numel() * t.element_size() for t in out.values())
 
 
@@ -69,11 +69,14 @@ def read_weights(path: str | os.PathLike, device: torch.device | str) -> dict[st
 
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(Path(path)), framework="pt", device=str(torch.device(device))) as f:
-        meta = f.metadata() or {}
-        if meta.get(_FORMAT_KEY) != FORMAT:
-            raise ValueError(f"{path}: not a megafusion weight file of format {FORMAT} (found "
-                             f"{meta.get(_FORMAT_KEY)!r})")
-        layout = json.loads(meta.get(_LAYOUT_KEY, "{}"))
+        try:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+            found = meta["format"]
+        except (KeyError, TypeError, ValueError):
+            found = None
+        if found != FORMAT:
+            raise ValueError(f"{path}: not a megafusion weight file of format {FORMAT} (found {found!r})")
+        layout = meta.get("layout", {})
         for name in f.keys():
             t = f.get_tensor(name)
             if name in layout:

@@ -99,3 +99,40 @@ def test_both_unets_read_one_file_once_and_share_it(tiny_sdxl, apart_engines):
 def test_both_unets_share_one_device_copy_on_cuda(tiny_sdxl, tmp_path):
     """As on the CPU, with packages built for CUDA (cuDNN attention first): fp32 within 1e-3 of the CPU module."""
     _check_shared_and_exact(tiny_sdxl, _build(tmp_path / "e", "cuda"), torch.device("cuda"), 1e-3)
+
+
+@pytest.mark.slow
+def test_a_swap_writes_the_shared_weights_in_place(apart_engines):
+    """A LoRA swap (`swap_weights`) into --weights-apart packages writes the shared tensors: both UNets compute
+    with the new weights (no constant buffer of the package's size is made), and swapping back restores them."""
+    from megafusion.core.loading import load_model
+
+    tiny_sdxl = load_model("tiny-sdxl")  # its own: the test changes a weight in place (the session's stays as built)
+    entries = _unets(apart_engines)
+    ctx = OpenContext(tiny_sdxl.family, torch.device("cpu"))
+    runners = {v: open_entry(apart_engines, e, AOTI, ctx) for v, e in entries.items()}
+    name = "conv_in.weight"
+    base = tiny_sdxl.unet.get_parameter(name).detach().clone()
+    shared = runners["standard"].weights.tensors[f"unet.{name}"]
+    ptr = shared.data_ptr()
+
+    def eps(variant, side):
+        r = runners[variant]
+        inputs = dict(zip((t.name for t in r.spec.inputs),
+                          r.spec.sample_inputs(r.spec.axes(2, side, side, tiny_sdxl.family.vae_scale), seed=2)))
+        return r.run(inputs)["eps"], inputs
+
+    before, inputs = eps("dilated", 32)
+    assert AOTI.swap_weights(runners["standard"], tiny_sdxl.unet, "unet", {name: base * 1.5}) == 1
+    assert shared.data_ptr() == ptr and torch.allclose(shared, base * 1.5)
+    got, _ = eps("dilated", 32)  # swapped through the other package: they share the tensors
+    with torch.no_grad():
+        tiny_sdxl.unet.get_parameter(name).mul_(1.5)
+        try:
+            with mid_dilation(tiny_sdxl.unet, 2):
+                want = wrap(tiny_sdxl.unet, runners["dilated"].spec, True)(*inputs.values())
+        finally:
+            tiny_sdxl.unet.get_parameter(name).copy_(base)
+    assert (got - want).abs().max().item() <= ATOL and (got - before).abs().max().item() > 1e-3
+    AOTI.swap_weights(runners["dilated"], tiny_sdxl.unet, "unet", {name: base})
+    assert torch.equal(eps("dilated", 32)[0], before)

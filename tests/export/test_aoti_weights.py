@@ -4,6 +4,9 @@ the same bytes (the open shares one read between files of equal sha256)."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -36,6 +39,13 @@ def test_same_tensors_same_bytes(tmp_path):
     write_weights(_tensors(), a)
     write_weights(dict(reversed(list(_tensors().items()))), b)  # another insertion order
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+    # Another process (safetensors orders several metadata entries differently from one process to the next).
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from test_aoti_weights import _tensors; "
+            "from megafusion.export.aoti_weights import write_weights; write_weights(_tensors(), sys.argv[1])")
+    for n in range(3):
+        c = tmp_path / f"c{n}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(c), str(Path(__file__).parent)], check=True)
+        assert c.read_bytes() == a.read_bytes()
     other = _tensors()
     other["unet.proj.weight"][0, 0] += 1
     write_weights(other, b)
