@@ -5,7 +5,8 @@ counts what the allocator's own peak statistics miss: the CUDA context, cuDNN wo
 
 With `--engines`, the child prints its phases in one line (`phase_line`), which `ColdStart.phases` reads back:
 start (interpreter, imports, argument checks, memory estimate: the process's age when the load begins), model load,
-weights fingerprint check, engine file verification, engine open, and the rest (the first image, its PNG, exit).
+weights fingerprint check, engine file verification, engine open, and the rest (the first image, its PNG, exit);
+after the image, a second line (`first_image_line`) splits the first image into its segments and graph captures.
 """
 from __future__ import annotations
 
@@ -67,14 +68,59 @@ def phase_line(start_s: float | None, load_s: float, engine: dict[str, float]) -
     return _PHASE_PREFIX + ", ".join(f"{name} {'?' if v is None else f'{v:.2f}'} s" for name, v in zip(PHASES, values))
 
 
+_FIRST_PREFIX = "cold-start first image: "
+
+
+def first_image_line(timings: list[tuple[str, float]], captures: int, capture_s: float) -> str:
+    """The line mf-generate prints after its first image from engines: the generation's segments by kind (text
+    encoders, stages, relays, decode, ...), the CUDA graph captures (their warm-up steps included) apart from the
+    stages they ran in, and how many graphs were captured."""
+    kinds: dict[str, float] = {}
+    for name, s in timings:
+        kind = "stages" if name.startswith("stage ") else "relays" if name.startswith("relay ") else name
+        kinds[kind] = kinds.get(kind, 0.0) + s
+    if "stages" in kinds:
+        kinds["stages"] -= capture_s
+        kinds["graph captures"] = capture_s
+    return (_FIRST_PREFIX + ", ".join(f"{k} {v:.2f} s" for k, v in kinds.items())
+            + f" ({captures} graph{'s' * (captures != 1)} captured)")
+
+
+_START_PREFIX = "cold-start start: "
+
+
+def start_line(run_age: float | None, estimate_s: float, start_s: float | None) -> str:
+    """The line mf-generate prints beside `phase_line`: its start split into the interpreter, imports and argument
+    parsing (the process's age when its run began), the memory estimate, and the checks between (what is left of
+    start); parts it cannot know ('?' ages) are left out."""
+    parts = {"interpreter and imports": run_age, "memory estimate": estimate_s}
+    if run_age is not None and start_s is not None:
+        parts["checks"] = max(start_s - run_age - estimate_s, 0.0)
+    return _START_PREFIX + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if v is not None)
+
+
+def _seconds(line: str) -> dict[str, float]:
+    return {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+?) ([0-9.]+) s", line)}
+
+
 def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
-    """The phases from a child's output (`phase_line`), plus `first image`: the rest of its `seconds`."""
-    line = next((ln for ln in output.splitlines() if ln.startswith(_PHASE_PREFIX)), None)
+    """The phases from a child's output (`phase_line`), plus `first image`: the rest of its `seconds`; where the
+    child printed `start_line` and `first_image_line`, their parts too (`start/<part>`, `first image/<part>`, the
+    rest of the first image as `first image/png and exit`)."""
+    lines = output.splitlines()
+    line = next((ln for ln in lines if ln.startswith(_PHASE_PREFIX)), None)
     if line is None:
         return None
-    found = dict(re.findall(r"([a-z ]+?) ([0-9.]+) s", line.removeprefix(_PHASE_PREFIX)))
-    phases = {name.strip(): float(v) for name, v in found.items()}
+    phases = _seconds(line.removeprefix(_PHASE_PREFIX))
     phases["first image"] = seconds - sum(phases.values())
+    for phase, prefix, rest in (("start", _START_PREFIX, None), ("first image", _FIRST_PREFIX, "png and exit")):
+        found = next((ln for ln in lines if ln.startswith(prefix)), None)
+        if found is None or phase not in phases:
+            continue
+        parts = _seconds(found.removeprefix(prefix))
+        phases.update({f"{phase}/{k}": v for k, v in parts.items()})
+        if rest is not None:
+            phases[f"{phase}/{rest}"] = phases[phase] - sum(parts.values())
     return phases
 
 

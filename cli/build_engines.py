@@ -42,6 +42,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="aoti: one package per network over the plan's range of sides (serves other sizes in the "
                         "range, slower) instead of one static package per network and stage shape")
+    p.add_argument("--weights-apart", action="store_true",
+                   help="aoti: packages without their weights, kept in each entry's weights.safetensors; a run "
+                        "reads them once and the standard and dilated UNets share one copy (faster start, 4.9 GB "
+                        "less GPU memory for SDXL); Python runs only, libmegafusion does not load them")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="build the plan's networks in N processes at once, as many as this machine's free RAM "
                         "holds (default: %(default)s)")
@@ -92,8 +96,11 @@ def _default_groups(selectors: dict[str, set[str]]) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.families import pixel_family_names
+    from ..core.families import FAMILIES, pixel_family_names
 
+    fam = FAMILIES.get(args.model)
+    if args.weights_apart and fam is not None and fam.kind not in ("sd15", "sdxl"):
+        raise UsageError(f"--weights-apart: applies to SD1.5 and SDXL models only, not {args.model}")
     if args.model in pixel_family_names():
         from .build_engines_if import run_if_build
 
@@ -138,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             get_backend(args.backend).check_request("fp32", "none", device, dynamic=True)
         except ValueError as e:
             raise UsageError(f"--dynamic: {e}") from None
+    if args.weights_apart and args.backend != "aoti":
+        raise UsageError(f"--weights-apart: applies to the aoti backend only, not {args.backend}")
     vae_choices = get_backend(args.backend).vae_precisions
     if args.vae_precision is not None and args.vae_precision not in vae_choices:
         raise UsageError(f"--vae-precision {args.vae_precision}: backend {args.backend} builds VAEs in "
@@ -181,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
                        dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
                        ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks,
+                       weights_apart=args.weights_apart,
                        remember_hashes=True)  # the first run from the folder then reads no engine file to verify it
     if args.controlnet:  # before build_engines, which releases the UNet's weights as it goes
         from .conditions import build_controlnets

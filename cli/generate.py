@@ -95,7 +95,10 @@ def vae_tile_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..benchmarks.cold_start import process_age
     from ..core.families import pixel_family_names
+
+    run_age = process_age()  # interpreter, imports, argument parsing: the first part of a cold start
 
     if args.model in pixel_family_names():
         from .generate_if import run_if
@@ -161,13 +164,15 @@ def run(args: argparse.Namespace) -> int:
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
+    t_estimate = time.perf_counter()
     tiling = _check_memory(args, family, plan, opts, device, dtype, tile, mode)
+    estimate_s = time.perf_counter() - t_estimate
     if tiling is True:
         return 0  # --dry-run
     if tiling is not None and args.engines:
         raise UsageError(f"this plan needs tiled VAE passes ({tiling.tile}-pixel tiles) to fit, which run on the "
                          "PyTorch VAE, not on --engines; leave out --engines or ask for a smaller --size")
-    from ..benchmarks.cold_start import phase_line, process_age
+    from ..benchmarks.cold_start import phase_line, start_line
 
     # Load and open times are printed: a fresh process's start is mostly these (benchmarks/cold_start.py reads them).
     t_load, started_s = time.perf_counter(), process_age()
@@ -225,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
               f"{phases['verify']:.2f} s, opened in {phases['open']:.1f} s)")
         print(phase_line(started_s, load_s, phases))
+        print(start_line(run_age, estimate_s, started_s))
         if loras:
             _swap_loras(nets, bundle, loras, plan, dilation, args.engines, device)
     elif mode == "compiled":
@@ -304,6 +310,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if args.engines:  # what the first image spent where (benchmarks/cold_start.py reads it back)
+        from ..benchmarks.cold_start import first_image_line
+
+        graphs = pipe.graphs
+        print(first_image_line(result.timings, graphs.captures if graphs else 0,
+                               graphs.capture_seconds if graphs else 0.0))
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")

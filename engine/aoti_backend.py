@@ -21,6 +21,7 @@ from ..core.plan import StagePlan
 from ..core.specs import (UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec, Requirement, ShapeProfile,
                           describe_range, profile_sizes, range_profile)
 from .backend import STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, OpenContext, WeightSwapError
+from .cache import EngineError
 
 
 def version() -> str:
@@ -58,13 +59,17 @@ class AotiRunner:
     """One compiled package: named inputs in spec order, outputs by the spec's names."""
 
     def __init__(self, path: str | os.PathLike, spec: NetworkSpec, profile: ShapeProfile, model: str,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", weights=None):
         self.spec, self.profile = spec, profile
         self.path = Path(path)
         self.device = torch.device(device)
         self.family = get_family(model)
         self.model = load_package(path, self.device)
         self.capturable = True  # loaded single-threaded: see load_package
+        self.weights = weights
+        """The `SharedWeights` (engine/aoti_shared.py) a --weights-apart package reads; held as long as it runs."""
+        if weights is not None:
+            give_weights(self.model, weights.tensors, self.path)
 
     def _check(self, inputs: dict[str, torch.Tensor]) -> None:
         for name, lo, _, hi in self.profile.shapes:
@@ -155,14 +160,20 @@ class AotiBackend(Backend):
 
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from ..export.aoti_export import export_aoti
+        from ..export.aoti_weights import WEIGHTS_FILE
 
         r = job.requirement
         module = job.bundle.module_for(r.spec.network)
         prepare_for_export(module, r.spec.network)
         cuda = torch.device(job.device).type == "cuda"
         res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device,
-                          kernel_context=cudnn_first if cuda else contextlib.nullcontext)
+                          kernel_context=cudnn_first if cuda else contextlib.nullcontext,
+                          weights_path=staging / WEIGHTS_FILE if job.weights_apart else None)
         log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
+        if job.weights_apart:
+            dropped = keep_package_constants(staging / "model.pt2", staging / WEIGHTS_FILE, torch.device(job.device))
+            log(f"    weights kept apart in {WEIGHTS_FILE}" + (f" ({dropped} tensors the package never reads left out)"
+                                                             if dropped else ""))
         return BuildOutput(res)
 
     def open(self, entry, path, spec: NetworkSpec, ctx: OpenContext) -> AotiRunner:
@@ -171,7 +182,20 @@ class AotiBackend(Backend):
             # does (FastOptions.cudnn_benchmark). Without it the H200 ran SDXL 2048 from static packages 14% slower
             # than compiled (3.57 against 3.14 s); whether this closes the gap is not measured yet.
             torch.backends.cudnn.benchmark = True
-        return AotiRunner(path, spec, entry.key.profiles[0], entry.key.model, ctx.device)
+        weights = None
+        if entry.key.constants == "apart":
+            # Only such entries load the weight-file format (export/aoti_weights.py); plain runs import no exporter.
+            from ..export.aoti_weights import WEIGHTS_FILE
+            from .aoti_shared import shared_weights
+
+            rec = next((f for f in entry.files if f.path.endswith("/" + WEIGHTS_FILE)), None)
+            if rec is None:
+                raise EngineError(f"engine {entry.key.describe()} (entry {entry.digest[:16]}) lists no {WEIGHTS_FILE}; "
+                                  "rebuild it with mf-build-engines --weights-apart")
+            # Files are recorded relative to the engine folder as `<entry folder>/<name>`, the model first.
+            root = Path(path).parents[len(Path(entry.files[0].path).parts) - 1]
+            weights = shared_weights(root / rec.path, rec.sha256, ctx.device)
+        return AotiRunner(path, spec, entry.key.profiles[0], entry.key.model, ctx.device, weights)
 
     swap_note = ""
 
@@ -183,6 +207,14 @@ class AotiBackend(Backend):
         constants = package_constants(runner, module, prefix, weights)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)  # the new tensors are written before the copy reads them
+        if runner.weights is not None:
+            # --weights-apart: the package reads the shared tensors themselves; written in place, so no constant
+            # buffer of the package's full size is made, and the packages sharing them (every shape and dilation
+            # of this network, all of which a swap covers) hold the new weights at once.
+            with torch.no_grad():
+                for name, value in constants.items():
+                    runner.weights.tensors[name].copy_(value)
+            return len(constants)
         try:
             runner.model.load_constants(constants, check_full_update=False)
         except (RuntimeError, TypeError) as e:
@@ -225,6 +257,37 @@ def package_constants(runner: AotiRunner, module: torch.nn.Module, prefix: str,
         fmt = torch.channels_last if value.dim() == 4 and prepared else torch.contiguous_format
         out[target] = value.clone(memory_format=fmt)
     return out
+
+
+def keep_package_constants(package: Path, weights: Path, device: torch.device) -> int:
+    """Rewrites the weight file of a --weights-apart package with only the tensors the package reads (the exported
+    program lifts every parameter, also those Inductor found unused, e.g. q/k/v beside their fused QKV); returns
+    how many were left out. Opening the package here also checks that it loads."""
+    from ..export.aoti_weights import read_weights, write_weights
+
+    names = set(load_package(package, device).get_constant_fqns())
+    tensors = read_weights(weights, "cpu")
+    missing = sorted(names - set(tensors))
+    if missing:
+        raise EngineError(f"{package}: the exported program holds no tensor for {len(missing)} of the package's "
+                          f"constants (first: {missing[0]})")
+    if len(names) == len(tensors):
+        return 0
+    kept = weights.with_name(f".{weights.name}.kept")
+    write_weights({n: t for n, t in tensors.items() if n in names}, kept)
+    os.replace(kept, weights)
+    return len(tensors) - len(names)
+
+
+def give_weights(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Hands a --weights-apart package the tensors it reads (`user_managed`: not copied, so packages of the same
+    weights share them); EngineError naming a constant the weight file lacks."""
+    names = model.get_constant_fqns()
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise EngineError(f"{path}: its weight file lacks {len(missing)} of the package's constants (first: "
+                          f"{missing[0]}); rebuild the entry with mf-build-engines --weights-apart --force")
+    model.load_constants({n: tensors[n] for n in names}, check_full_update=True, user_managed=True)
 
 
 def _static(p: ShapeProfile) -> bool:

@@ -56,6 +56,8 @@ class BuildJob:
     value than `none`."""
     check_load: bool = True
     """Open the built engine once before it is committed (where the backend can do so cheaply)."""
+    weights_apart: bool = False
+    """aoti: the package without its weights, written beside it (`BuildRequest.weights_apart`)."""
 
 
 @dataclass(frozen=True)

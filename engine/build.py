@@ -61,6 +61,10 @@ class BuildRequest:
     networks: tuple[str, ...] = ()
     """Build only these networks of the plan (see `select_networks`); empty builds all. Several builds of one
     folder with disjoint selections may run at once (commits and models.json are written under the cache's lock)."""
+    weights_apart: bool = False
+    """aoti: packages hold no weights; each entry keeps them in `weights.safetensors`, read once per process and
+    shared by the packages of the same weights (SDXL's standard and dilated UNets): one read, one device copy.
+    Part of the engine key (`constants`). libmegafusion does not load such entries."""
     remember_hashes: bool = False
     """After the build, wait out the racy window of the files just built (engine/file_hashes.py: at most 2 s) and
     verify them once more, remembering their hashes: the first run from the folder then reads no engine file to
@@ -83,16 +87,18 @@ class BuildReport:
 
 
 def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
-               fingerprint: str, ort_optimize: str = "none") -> EngineKey:
+               fingerprint: str, ort_optimize: str = "none", weights_apart: bool = False) -> EngineKey:
     s = r.spec
     return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision,
-                     r.profiles, backend, version, device, ort_optimize)
+                     r.profiles, backend, version, device, ort_optimize, "apart" if weights_apart else "inside")
 
 
 def check_request(req: BuildRequest) -> Backend:
     """The request's backend, after its options are checked; ValueError naming a bad value."""
     backend = get_backend(req.backend)
     backend.check_request(req.precision, req.ort_optimize, req.device, req.dynamic)
+    if req.weights_apart and backend.name != "aoti":
+        raise ValueError(f"--weights-apart applies to the aoti backend only, not {backend.name}")
     if req.vae_precision is not None and req.vae_precision not in backend.vae_precisions:
         raise ValueError(f"backend {backend.name} builds VAEs in {', '.join(backend.vae_precisions)}, "
                          f"not {req.vae_precision!r}")
@@ -165,7 +171,8 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         _cast_in_place(bundle, reqs, req)
     for n, r in enumerate(reqs, 1):
         module = bundle.module_for(r.spec.network)
-        key = engine_key(bundle, r, backend.name, version, device, fingerprints[id(module)], req.ort_optimize)
+        key = engine_key(bundle, r, backend.name, version, device, fingerprints[id(module)], req.ort_optimize,
+                         req.weights_apart)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
         tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
         entry = None if req.force else cache.lookup(key, hashes)
@@ -177,7 +184,7 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         fused_for = f", ORT-fused for {req.ort_optimize}" if req.ort_optimize != "none" else ""
         log(f"{tag}: building for {backend.name} {version} on {device}{fused_for} ...")
         t0 = time.perf_counter()
-        job = BuildJob(bundle, r, req.device, Path(req.output), req.ort_optimize, req.check_load)
+        job = BuildJob(bundle, r, req.device, Path(req.output), req.ort_optimize, req.check_load, req.weights_apart)
         with cache.staging(key) as tmp:
             out = backend.build(job, tmp, log)
             entry = cache.commit(key, tmp)

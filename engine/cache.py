@@ -79,12 +79,18 @@ class EngineKey:
     """Execution provider ONNX Runtime's transformer optimizer fused the model for (`cpu`, `cuda`), or `none`.
     Left out of the JSON (and so of the digest) when `none`: keys written before this field existed load as
     `none` and keep their digests, and an optimized entry never has a plain entry's address."""
+    constants: str = "inside"
+    """aoti: `inside` (the package holds its weights) or `apart` (`mf-build-engines --weights-apart`: the package
+    holds none, the entry keeps them in `weights.safetensors`, and packages of the same weights share one copy
+    when opened). Left out of the JSON when `inside`, as `ort_optimize` when `none`: older digests stand."""
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["profiles"] = [p.to_json() for p in self.profiles]
         if self.ort_optimize == "none":
             del d["ort_optimize"]
+        if self.constants == "inside":
+            del d["constants"]
         return d
 
     @staticmethod
@@ -93,6 +99,7 @@ class EngineKey:
         fields["profiles"] = tuple(ShapeProfile.from_json(p) for p in d["profiles"])
         fields["dilation"] = int(d["dilation"])
         fields["ort_optimize"] = str(d.get("ort_optimize", "none"))  # absent in manifests before the field
+        fields["constants"] = str(d.get("constants", "inside"))  # absent unless built with --weights-apart
         return EngineKey(**fields)
 
     def digest(self) -> str:
@@ -101,7 +108,8 @@ class EngineKey:
     def describe(self) -> str:
         mid = f" ({self.variant})" if self.network == "unet" else ""
         fused = f" (ORT-fused for {self.ort_optimize})" if self.ort_optimize != "none" else ""
-        return f"{self.network}{mid} {self.precision} {self.backend}{fused}"
+        apart = " (weights apart)" if self.constants != "inside" else ""
+        return f"{self.network}{mid} {self.precision} {self.backend}{fused}{apart}"
 
 
 @dataclass(frozen=True)

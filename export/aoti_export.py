@@ -58,11 +58,13 @@ def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
 
 
 def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, path: str | os.PathLike, *,
-                device: str = "cpu", kernel_context=contextlib.nullcontext) -> ExportResult:
+                device: str = "cpu", kernel_context=contextlib.nullcontext,
+                weights_path: Path | None = None) -> ExportResult:
     """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`).
 
     `kernel_context()` is entered around the compile: kernel choices made there (which SDPA backend an attention
-    call lowers to) are what the package runs."""
+    call lowers to) are what the package runs. `weights_path`: the package holds no weights, they go to this
+    safetensors file instead (export/aoti_weights.py)."""
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
@@ -85,26 +87,33 @@ def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, p
             return torch.export.export(wrapper, args, dynamic_shapes=tuple(ds[t.name] for t in spec.inputs),
                                        strict=False)
 
-    return package_exported(trace, path, spec.name, t0, kernel_context=kernel_context)
+    return package_exported(trace, path, spec.name, t0, kernel_context=kernel_context, weights_path=weights_path)
 
 
 def package_exported(trace: Callable[[], "torch.export.ExportedProgram"], path: Path, what: str, t0: float, *,
-                     kernel_context=contextlib.nullcontext) -> ExportResult:
+                     kernel_context=contextlib.nullcontext, weights_path: Path | None = None) -> ExportResult:
     """`trace()` (no grad, warnings off), then its program compiled into the AOTInductor package `path` inside
     `kernel_context()`: kernel choices made there (which SDPA backend an attention call lowers to) are what the
-    package runs. Timed from `t0`. Any failure is one ExportError naming `what`, its cause chained."""
+    package runs. Timed from `t0`. Any failure is one ExportError naming `what`, its cause chained.
+    `weights_path`: compiled without its weights, which are written to this file (export/aoti_weights.py)."""
+    apart = {"aot_inductor.package_constants_in_so": weights_path is None}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ep = trace()
             path.parent.mkdir(parents=True, exist_ok=True)
-            with kernel_context():
+            with kernel_context(), torch._inductor.config.patch(apart):
                 torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+            if weights_path is not None:
+                from .aoti_weights import program_weights, write_weights
+
+                write_weights(program_weights(ep), weights_path)
     except ExportError:
         raise
     except Exception as e:  # noqa: BLE001 - one message naming the network, cause chained
         raise ExportError(f"AOTInductor export of {what} failed: {type(e).__name__}: {e}") from e
-    return ExportResult((path,), time.perf_counter() - t0, path.stat().st_size)
+    files = (path,) if weights_path is None else (path, weights_path)
+    return ExportResult(files, time.perf_counter() - t0, sum(f.stat().st_size for f in files))
 
 
 def _latent_of(spec: NetworkSpec, shape: tuple[int, ...], vae_scale: int) -> tuple[int, int]:

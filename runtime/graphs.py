@@ -113,6 +113,8 @@ class GraphedDenoiser:
     """Graphs captured so far."""
     replays: int = 0
     """Graph replays so far."""
+    capture_seconds: float = 0.0
+    """Wall time of the captures so far, their warm-up steps included (a first generation's extra cost)."""
     graphs: dict[GraphKey, torch.cuda.CUDAGraph] = field(default_factory=dict)
     buffers: dict[GraphKey, StepBuffers] = field(default_factory=dict)
     pool: object = None
@@ -144,6 +146,7 @@ class GraphedDenoiser:
         return sorted(gpu)[len(gpu) // 2], 1000 * sorted(host)[len(host) // 2]
 
     def _capture(self, key: GraphKey, b: StepBuffers) -> torch.cuda.CUDAGraph:
+        t0 = time.perf_counter()
         cfg = key.batch == 2 * key.images
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -157,6 +160,8 @@ class GraphedDenoiser:
         with torch.cuda.graph(graph, pool=self.pool):
             _step(self.nets, b, cfg, key.dilation)
         self.captures += 1
+        torch.cuda.current_stream(self.device).synchronize()  # the warm-up steps ran: timed whole, once per key
+        self.capture_seconds += time.perf_counter() - t0
         return graph
 
     def run_stage(self, z: torch.Tensor, c: StageCoefficients, cond: Conditioning, time_ids: torch.Tensor | None,

@@ -12,6 +12,9 @@
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
 #   sdxl-build-cc  sdxl-build, and beside it one fresh compiled process (empty caches) filling /tmp/mf-cc (#15)
 #   coldstart   3 fresh mf-generate --engines processes with their phases (#15)
+#   sdxl-build-apart  the UNets again with --weights-apart, in a hard-linked copy of /tmp/mf-aoti-sdxl (#15)
+#   coldstart-apart  3 fresh mf-generate processes from that copy (both UNets read one weight file), then the
+#               first generation against the second in one process, cuDNN's algorithm search on and off (#15)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
@@ -51,6 +54,15 @@ step() {  # the command line of one step
       benchmarks/lab/cold_start_phases.py --runs 1 --fresh-inductor-cache --device cuda --output $RES/cold-compiled-empty \
       -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cc; \
       wait" ;;
+    sdxl-build-apart) echo "rm -rf /tmp/mf-aoti-sdxl-apart && cp -al /tmp/mf-aoti-sdxl /tmp/mf-aoti-sdxl-apart && \
+      timeout 1200 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti --precision fp16 \
+      --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --networks unet --weights-apart --jobs 2; \
+      timeout 600 python3 -m pytest -q -m gpu tests/engine/test_aoti_weights_apart.py" ;;
+    coldstart-apart) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart \
+      --runs 3 --device cuda --output $RES/cold-apart -- --model sdxl --random-weights --size 2048x2048 \
+      --prompt 'a lighthouse'; for b in on off; do timeout 300 python3 benchmarks/lab/first_image.py \
+      --engines /tmp/mf-aoti-sdxl-apart --cudnn-benchmark \$b --output $RES/first-image-\$b -- --model sdxl \
+      --random-weights --size 2048x2048; done" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
       --mode compiled --compile-cache /tmp/mf-cc" ;;

@@ -20,3 +20,31 @@ def test_phase_line_reads_back_with_the_rest_as_first_image():
 def test_process_age_is_this_process():
     age = process_age()
     assert age is None or 0 < age < 24 * 3600
+
+
+def test_first_image_line_splits_the_first_image():
+    from megafusion.benchmarks.cold_start import first_image_line
+
+    timings = [("text encoders", 0.5), ("stage 1 (1024x1024, 40 steps)", 3.0), ("relay 1->2", 0.25),
+               ("stage 2 (2048x2048, 10 steps)", 4.0), ("decode", 1.0)]
+    line = first_image_line(timings, 2, 2.5)
+    assert line.endswith("(2 graphs captured)")
+    output = "\n".join([phase_line(3.0, 0.5, {"fingerprint": 0.0, "verify": 0.0, "open": 1.0}), "wrote x.png", line])
+    phases = parse_phases(output, 20.0)
+    first = {k.removeprefix("first image/"): v for k, v in phases.items() if k.startswith("first image/")}
+    assert first == pytest.approx({"text encoders": 0.5, "stages": 4.5, "relays": 0.25, "graph captures": 2.5,
+                                   "decode": 1.0, "png and exit": 15.5 - 8.75})
+    assert phases["first image"] == pytest.approx(15.5) and sum(first.values()) == pytest.approx(15.5)
+    assert list(parse_phases(output.replace(line, ""), 20.0)) == [*PHASES, "first image"]  # no line, no parts
+
+
+def test_start_line_splits_the_start():
+    from megafusion.benchmarks.cold_start import start_line
+
+    line = start_line(4.0, 1.5, 6.0)
+    output = "\n".join([phase_line(6.0, 0.5, {"fingerprint": 0.0, "verify": 0.0, "open": 1.0}), line])
+    phases = parse_phases(output, 20.0)
+    assert {k: v for k, v in phases.items() if k.startswith("start/")} == pytest.approx(
+        {"start/interpreter and imports": 4.0, "start/memory estimate": 1.5, "start/checks": 0.5})
+    unknown = start_line(None, 1.5, None)  # no /proc: the ages are not known
+    assert unknown == "cold-start start: memory estimate 1.50 s"

@@ -101,6 +101,10 @@ std::unique_ptr<Network> open_network(const std::string& root, const Entry& e, c
 
 AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device& device) : Network(std::move(entry)) {
   const std::string path = root + "/" + entry_.files.front().path;
+  if (entry_.constants != "inside")
+    throw Failure(MF_ERROR_ENGINE, "engine " + path + " (" + entry_.describe() + ") was built with mf-build-engines "
+                                   "--weights-apart, its weights in a file beside it, which libmegafusion does not "
+                                   "load; rebuild it without --weights-apart");
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         // run_single_threaded: no locking or stream synchronization inside run(), so a CUDA graph can capture

@@ -88,6 +88,8 @@ mfjson::Value python_key(const mfjson::Value& k) {
       out.obj[name] = v;
     } else if (name == "ort_optimize") {
       if (typed(v, mfjson::Value::String, "key field 'ort_optimize'").str != "none") out.obj[name] = v;
+    } else if (name == "constants") {  // "apart": mf-build-engines --weights-apart (left out when "inside")
+      if (typed(v, mfjson::Value::String, "key field 'constants'").str != "inside") out.obj[name] = v;
     } else if (name == "profiles") {
       mfjson::Value& profiles = out.obj[name];
       profiles.kind = mfjson::Value::Array;
@@ -155,6 +157,7 @@ Entry parse_entry(const mfjson::Value& e, const std::string& manifest) {
   out.backend = k["backend"].str;
   out.backend_version = k["backend_version"].str;
   out.device = k["device"].str;
+  if (key.has("constants")) out.constants = key["constants"].str;
   out.created = typed(e["created"], mfjson::Value::Number, "its created time").num;
   for (const auto& p : key["profiles"].arr) {
     Profile profile{static_cast<int>(p["stage"].num), {}};

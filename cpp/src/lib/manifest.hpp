@@ -45,6 +45,7 @@ struct Entry {
   std::vector<Profile> profiles;   // every profile, in the manifest's order (profiles[0].shapes == range)
   std::vector<FileRecord> files;
   double created = 0;
+  std::string constants = "inside";  // "apart": the package holds no weights (mf-build-engines --weights-apart)
 
   std::string describe() const;  // e.g. "unet (dilated) fp32 aoti"
 };
