@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 # The slow builds, each named by the fixture that needs it (tests/background.py runs them beside the tests).
 TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", "flux_aoti": "flux_aoti",
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
-            "compile_cache_first": "compile_cache_first"}
+            "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines"}
 DEPENDS = {"sd15_control_aoti": "sd15_aoti"}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,12 @@ def _job(builds, name: str) -> Job:
                   f"grep -q 'skipping libmegafusion' {build}.log && exit 0; "
                   f"cmake --build {build} --target mf-generate-cpp megafusion_c_api_test -j2")
         return Job(name, ["bash", "-c", script])
+    if name == "aoti_apart":
+        from tests.engine.test_aoti_weights_apart import PLAN as APART_PLAN
+
+        return Job(name, build_engines_cmd("--model", "tiny-sdxl", "--stages", APART_PLAN, "--backend", "aoti",
+                                           "--device", "cpu", "--networks", "unet", "--weights-apart", "--output",
+                                           str(f("aoti-apart") / "e")))
     if name == "compile_cache_first":  # the first of test_compile_cache's two processes
         from tests.engine.test_compile_cache import DRIVER
 

@@ -20,6 +20,8 @@ from megafusion.engine.backend import OpenContext
 from megafusion.engine.cache import EngineCache, EngineKey
 from megafusion.engine.load import open_entry
 
+from tests.background import BUILDS
+
 PLAN = "128x128:2,256x256:2"
 ATOL = 1e-4
 
@@ -48,8 +50,10 @@ def _build(out: Path, device: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def apart_engines(tmp_path_factory) -> Path:
-    return _build(tmp_path_factory.mktemp("aoti-apart") / "e", "cpu")
+def apart_engines() -> Path:
+    """The cpu build of _build's command (tests/conftest.py runs it beside the tests)."""
+    BUILDS.get("aoti_apart")
+    return BUILDS.folder("aoti-apart") / "e"
 
 
 def _unets(engine_dir: Path) -> dict[str, object]:
