@@ -1,12 +1,13 @@
 """The session's slow builds (AOTInductor packages of the tiny models, libmegafusion's CMake build) started as soon as
-collection ends, one after another in a `nice`d worker process each, so that they run on the core the tests leave
-idle (the tests are mostly one Python thread; CI has two cores). A fixture that needs a build waits for it; the
-first tests to need a build come first in the queue. Without a scheduled build (a subset of the tests, or `-k`),
-fixtures build in the foreground as they always did: `Builds.wait` returns None and the fixture does the work.
+collection ends, in `nice`d processes, two at a time, so that they run on the cores the tests leave idle (the tests
+are mostly one Python thread; CI has two cores). A fixture that needs a build waits for it; the builds the first
+tests need come first in the queue. A build no selected test was known to need is made in the foreground when a
+fixture asks for it (`Builds.get`).
 """
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -22,19 +23,23 @@ class Job:
     cmd: list[str]
     cwd: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # on top of the session's
+    after: str | None = None  # a job whose output this one needs
     done: threading.Event = field(default_factory=threading.Event)
     result: subprocess.CompletedProcess | None = None
 
 
 class Builds:
-    """A queue of named commands run in order by one thread. `get(name)` waits for a queued one, or runs one that
-    was not queued at once (in the foreground); `factory(builds, name)` makes the job of a name."""
+    """A queue of named commands run in order by `workers` threads (two: while the tests wait for a build, both
+    cores still work). `get(name)` waits for a queued one, or runs one that was not queued at once (in the
+    foreground); `factory(builds, name)` makes the job of a name."""
 
-    def __init__(self):
+    def __init__(self, workers: int = 2):
         self.factory = None
+        self.workers = workers
         self.jobs: dict[str, Job] = {}
         self.root: Path | None = None
-        self._proc: subprocess.Popen | None = None
+        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._procs: list[subprocess.Popen] = []
         self._stop = False
 
     def folder(self, name: str) -> Path:
@@ -45,21 +50,30 @@ class Builds:
     def start(self, jobs: list[Job]) -> None:
         for j in jobs:
             self.jobs[j.name] = j
-        threading.Thread(target=self._run, args=(jobs,), daemon=True).start()
+            self._queue.put(j)
+        for _ in range(min(self.workers, len(jobs))):
+            threading.Thread(target=self._run, daemon=True).start()
 
     def _env(self, job: Job) -> dict[str, str]:
         return {**os.environ, "MEGAFUSION_CACHE": str(self.folder("mf-cache")), "HF_HUB_OFFLINE": "1", **job.env}
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self) -> None:
         nice = ["nice", "-n", "10"] if shutil.which("nice") else []
-        for j in jobs:
+        while True:
+            try:
+                j = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if j.after is not None:
+                self.jobs[j.after].done.wait()
             if self._stop:
                 j.result = subprocess.CompletedProcess(j.cmd, 1, "", "the session ended first")
             else:
-                self._proc = subprocess.Popen(nice + j.cmd, cwd=j.cwd, env=self._env(j), text=True,
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                out, err = self._proc.communicate()
-                j.result = subprocess.CompletedProcess(j.cmd, self._proc.returncode, out, err)
+                proc = subprocess.Popen(nice + j.cmd, cwd=j.cwd, env=self._env(j), text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                self._procs.append(proc)
+                out, err = proc.communicate()
+                j.result = subprocess.CompletedProcess(j.cmd, proc.returncode, out, err)
             j.done.set()
 
     def get(self, name: str) -> subprocess.CompletedProcess:
@@ -76,8 +90,9 @@ class Builds:
 
     def stop(self) -> None:
         self._stop = True
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
         if self.root is not None:
             for j in self.jobs.values():
                 j.done.wait(timeout=30)

@@ -65,7 +65,7 @@ def _job(builds, name: str) -> Job:
                                            "--dynamic", "--device", "cpu", "--output", str(f("sd15-aoti"))))
     if name == "sd15_control_aoti":
         return Job(name, python_cmd(CONTROL_DRIVER) + [str(f("sd15-aoti")), str(f("control-aoti")), AOTI_STAGES],
-                   cwd=REPO)
+                   cwd=REPO, after="sd15_aoti")
     if name in ("flux_aoti", "sd3_aoti"):
         model, stages = ("tiny-flux", FLUX_AOTI_STAGES) if name == "flux_aoti" else ("tiny-sd3", SD3_AOTI_STAGES)
         return Job(name, build_engines_cmd("--model", model, "--backend", "aoti", "--stages", stages, "--device",
@@ -102,9 +102,16 @@ BUILDS.factory = _job
 
 
 def pytest_collection_finish(session):
-    """Queue the builds the selected tests need, the first needed first (a dependency before its user)."""
+    """Queue the builds the selected tests need, and run the test files that need none first, so that the tests
+    keep one core busy while the builds use the other; the first needed build is queued first (a dependency
+    before its user). Files keep their own order of tests."""
     if session.config.option.collectonly:
         return
+    needs = lambda item: item.get_closest_marker("skip") is None and any(
+        fixture in getattr(item, "fixturenames", ()) for fixture in TRIGGERS.values())
+    waiting = {item.nodeid.split("::")[0] for item in session.items if needs(item)}
+    session.items[:] = ([i for i in session.items if i.nodeid.split("::")[0] not in waiting]
+                        + [i for i in session.items if i.nodeid.split("::")[0] in waiting])
     first: dict[str, int] = {}
     for i, item in enumerate(session.items):
         if item.get_closest_marker("skip") is None:
