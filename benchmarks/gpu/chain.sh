@@ -21,6 +21,8 @@
 #   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
+#   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
+#   dit-bench-flux    FLUX eager, graphs and compiled, MegaFusion against direct (#17)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
 #   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
@@ -78,6 +80,10 @@ step() {  # the command line of one step
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
+    dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \
+      --device cuda --dtype bf16 --output $RES/dit-sd3-compiled" ;;
+    dit-bench-flux) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,graphs,compiled \
+      --device cuda --dtype bf16 --output $RES/dit-flux" ;;
     sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \
       benchmarks/lab/dit_ipadapter_bench.py --model sd3 --output $RES/sd3ip --steps 6,3 --repeats 2" ;;
     dit-cn-engines) echo "timeout 420 python3 -m pytest -q -m gpu tests/engine/test_dit_controlnet_engines.py; \
