@@ -41,7 +41,6 @@ def pytest_collection_modifyitems(config, items):
 TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", "flux_aoti": "flux_aoti",
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
             "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines"}
-DEPENDS = {"sd15_control_aoti": "sd15_aoti"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -107,24 +106,23 @@ def pytest_collection_finish(session):
     before its user). Files keep their own order of tests."""
     if session.config.option.collectonly:
         return
-    needs = lambda item: item.get_closest_marker("skip") is None and any(
-        fixture in getattr(item, "fixturenames", ()) for fixture in TRIGGERS.values())
-    waiting = {item.nodeid.split("::")[0] for item in session.items if needs(item)}
+    jobs_of = {item.nodeid: [job for job, fixture in TRIGGERS.items() if fixture in getattr(item, "fixturenames", ())]
+               for item in session.items if item.get_closest_marker("skip") is None}
+    waiting = {nodeid.split("::")[0] for nodeid, jobs in jobs_of.items() if jobs}
     session.items[:] = ([i for i in session.items if i.nodeid.split("::")[0] not in waiting]
                         + [i for i in session.items if i.nodeid.split("::")[0] in waiting])
-    first: dict[str, int] = {}
-    for i, item in enumerate(session.items):
-        if item.get_closest_marker("skip") is None:
-            for job, fixture in TRIGGERS.items():
-                if fixture in getattr(item, "fixturenames", ()):
-                    first.setdefault(job, i)
-    if shutil.which("cmake") is None:
-        first.pop("cpp", None)
-    order: list[str] = []
-    for name in sorted(first, key=first.get):
-        order += [n for n in (DEPENDS.get(name), name) if n and n not in order]
-    if order:
-        BUILDS.start([_job(BUILDS, n) for n in order])
+    queued: dict[str, Job] = {}
+    skip = set() if shutil.which("cmake") else {"cpp"}  # the fixture skips those tests
+    for item in session.items:
+        for name in jobs_of.get(item.nodeid, ()):
+            if name in queued or name in skip:
+                continue
+            job = _job(BUILDS, name)
+            if job.after is not None and job.after not in queued:
+                queued[job.after] = _job(BUILDS, job.after)
+            queued[name] = job
+    if queued:
+        BUILDS.start(list(queued.values()))
 
 
 def pytest_sessionfinish(session):
