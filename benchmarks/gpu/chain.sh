@@ -6,7 +6,11 @@
 # that fails leaves the rest running):
 #   if-tests    DeepFloyd IF GPU tests (#21)            if-bench     IF eager and graphs, fp16 then fp32 (#21)
 #   sdxl4096    SDXL 4096 latent and pixel relay, --max-memory 32, 2 timed runs each (#19)
+#   sdxl4096-latent  the latent relay alone, as sdxl4096 (the baseline of sdxl4096x in the same session)
+#   sdxl4096x   sdxl4096 with PyTorch's expandable segments (PYTORCH_CUDA_ALLOC_CONF), which should keep reserved
+#               memory near allocated under the cap (#19, and #15's 16 GiB)
 #   sdxl8192    SDXL 8192 latent relay, VAE parked, no warm-up (#19)
+#   engines-mem-x  mf-bench engines:aoti alone, expandable segments: peak memory of the packages' path (#15)
 #   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
 #   dit-tests   the flow pipeline GPU tests (#17, #18)
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
@@ -41,6 +45,13 @@ step() {  # the command line of one step
       --output $RES/if --modes eager,graphs --dtypes fp32" ;;
     sdxl4096) echo "timeout 420 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sdxl --size 4096x4096 \
       --runs latent,pixel --max-memory 32 --output $RES/sdxl4096" ;;
+    sdxl4096-latent) echo "timeout 420 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sdxl --size 4096x4096 \
+      --runs latent --max-memory 32 --output $RES/sdxl4096-latent" ;;
+    sdxl4096x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 420 python3 benchmarks/lab/large_sizes.py \
+      --repeats 2 --model sdxl --size 4096x4096 --runs latent,pixel --max-memory 32 --output $RES/sdxl4096x" ;;
+    engines-mem-x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 600 python3 -m megafusion.cli.bench \
+      --model sdxl --random-weights --device cuda --size 2048x2048 --variants engines:aoti --direct-for none \
+      --engine-dir /tmp/mf-aoti-sdxl --repeats 3 --warmup 1 --output $RES/engines-mem-x" ;;
     sdxl8192) echo "timeout 600 python3 benchmarks/lab/large_sizes.py --repeats 1 --warmup 0 --model sdxl \
       --size 8192x8192 --runs latent --max-memory 64 --output $RES/sdxl8192" ;;
     cond-torch) echo "timeout 600 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
