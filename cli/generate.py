@@ -377,7 +377,8 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         if cap is not None:
             print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
         fraction = cap_device_memory(args.max_memory, device)
-        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
+        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory"
+              + ("" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else ", in expandable segments"))
     return tiling
 
 

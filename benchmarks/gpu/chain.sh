@@ -9,6 +9,9 @@
 #   sdxl4096-latent  the latent relay alone, as sdxl4096 (the baseline of sdxl4096x in the same session)
 #   sdxl4096x   sdxl4096 with PyTorch's expandable segments (PYTORCH_CUDA_ALLOC_CONF), which should keep reserved
 #               memory near allocated under the cap (#19, and #15's 16 GiB)
+#   sdxl4096-fast  sdxl4096 in --mode fast-graphs (channels_last, fused QKV, cuDNN attention, no compiling) (#19)
+#   sdxl4096-compiled  the latent relay in --mode compiled (the warm-up compiles three UNet shapes and the VAE) (#19)
+#   sd15-large  SD1.5 2048 and 4096, latent and pixel relay and direct 2048, --mode fast-graphs, --max-memory 32 (#19)
 #   sdxl8192    SDXL 8192 latent relay, VAE parked, no warm-up (#19)
 #   engines-mem-x  mf-bench engines:aoti alone, expandable segments: peak memory of the packages' path (#15)
 #   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
@@ -22,7 +25,8 @@
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
-#   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18)
+#   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18);
+#               without sdxl-build before it, the base and fused packages build side by side (about 10 minutes)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
@@ -52,6 +56,14 @@ step() {  # the command line of one step
     engines-mem-x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 600 python3 -m megafusion.cli.bench \
       --model sdxl --random-weights --device cuda --size 2048x2048 --variants engines:aoti --direct-for none \
       --engine-dir /tmp/mf-aoti-sdxl --repeats 3 --warmup 1 --output $RES/engines-mem-x" ;;
+    sdxl4096-fast) echo "timeout 420 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sdxl --size 4096x4096 \
+      --mode fast-graphs --runs latent,pixel --max-memory 32 --output $RES/sdxl4096-fast" ;;
+    sdxl4096-compiled) echo "timeout 900 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sdxl --size 4096x4096 \
+      --mode compiled --runs latent --max-memory 32 --output $RES/sdxl4096-compiled" ;;
+    sd15-large) echo "timeout 300 python3 benchmarks/lab/large_sizes.py --repeats 2 --model sd15 --size 2048x2048 \
+      --mode fast-graphs --runs latent,pixel,direct --max-memory 32 --output $RES/sd15-2048; timeout 420 python3 \
+      benchmarks/lab/large_sizes.py --repeats 2 --model sd15 --size 4096x4096 --mode fast-graphs --runs latent,pixel \
+      --max-memory 32 --output $RES/sd15-4096" ;;
     sdxl8192) echo "timeout 600 python3 benchmarks/lab/large_sizes.py --repeats 1 --warmup 0 --model sdxl \
       --size 8192x8192 --runs latent --max-memory 64 --output $RES/sdxl8192" ;;
     cond-torch) echo "timeout 600 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
@@ -86,7 +98,7 @@ step() {  # the command line of one step
     engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
       --size 2048x2048 --variants engines:aoti,compiled --direct-for none --engine-dir /tmp/mf-aoti-sdxl --compile-cache /tmp/mf-cc \
       --repeats 3 --warmup 1 --output $RES/engines-sdxl" ;;
-    lora-fused) echo "timeout 900 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
+    lora-fused) echo "timeout 1500 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
       --engine-dir /tmp/mf-aoti-sdxl --fused-engine-dir /tmp/mf-aoti-sdxl --output $RES/lora-fused" ;;
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \

@@ -12,6 +12,11 @@ recorded as skipped, with the estimate.
 SDXL 8192 on the H200 (the VAE parked in host memory, chosen by the budget):
 python benchmarks/lab/large_sizes.py --model sdxl --size 8192x8192 --runs latent,pixel --max-memory 64 --warmup 0 \
     --output DIR
+
+--mode: `graphs` (plain torch modules in whole-step CUDA graphs, as mf-generate --mode graphs), `fast-graphs` (the
+same graphs over the compiled path's module changes without compiling: channels_last, fused QKV, cuDNN attention
+in the UNet, blockwise VAE attention), `compiled` (those modules compiled, as mf-generate --mode compiled: the
+warm-up compiles every stage shape, minutes at real size), `eager`.
 """
 from __future__ import annotations
 
@@ -47,10 +52,25 @@ def _plan(family, name: str, width: int, height: int):
     return default_plan(family, width, height)
 
 
-def _one(bundle, name, plan, args, dev, vae_dtype, limit):
+MODES_RUN = ("graphs", "fast-graphs", "compiled", "eager")
+
+
+def _networks(bundle, mode: str, vae_dtype, dev):
+    """The stages' networks for --mode; the fast ones change the modules in place, so they are made once."""
+    if mode in ("graphs", "eager"):
+        return TorchNetworks(bundle, vae_dtype)
+    from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+
+    compiled = mode == "compiled"
+    return FastTorchNetworks(bundle, FastOptions(compile_unet=compiled, compile_vae=compiled,
+                                                 unet_attention="cudnn" if dev.type == "cuda" and not compiled else "sdpa"),
+                             vae_dtype=vae_dtype)
+
+
+def _one(bundle, base, name, plan, args, dev, vae_dtype, limit):
     relay = "latent" if name == "latent" else "pixel"
     memory = plan_memory(bundle.family, plan, bundle.unet.dtype, vae_dtype, limit, args.guidance > 1, relay,
-                         args.vae_tile, VaeTiling(args.tile_size), graph_pool=args.mode == "graphs")
+                         args.vae_tile, VaeTiling(args.tile_size), graph_pool=args.mode != "eager")
     row = {"run": name, "plan": plan.describe(), "relay": relay, "estimate_lines": memory.describe(),
            "estimated_peak_gib": memory.estimate.peak_bytes / GiB,
            "estimated_segments": [(n, p / GiB) for n, p in memory.estimate.stage_peaks()],
@@ -61,10 +81,10 @@ def _one(bundle, name, plan, args, dev, vae_dtype, limit):
         row["skipped"] = f"estimate {row['estimated_peak_gib']:.1f} GiB exceeds the budget {limit / GiB:.1f} GiB"
         print(f"{name}: skipped, {row['skipped']}")
         return row, None
-    nets = TorchNetworks(bundle, vae_dtype)
+    nets = base if args.mode != "graphs" else TorchNetworks(bundle, vae_dtype)
     if memory.tiling:
         nets = TiledVaeNetworks(nets, bundle.vae, memory.tiling)
-    pipe = (MegaFusionPipeline.fast(bundle, nets, dev) if args.mode == "graphs"
+    pipe = (MegaFusionPipeline.fast(bundle, nets, dev) if args.mode != "eager"
             else MegaFusionPipeline(bundle, nets, dev))
     opts = GenerationOptions(args.prompt, guidance=args.guidance, seed=args.seed, relay=relay)
     try:
@@ -140,7 +160,7 @@ def main():
     p.add_argument("--model", default="sdxl")
     p.add_argument("--size", default="4096x4096", help="WIDTHxHEIGHT")
     p.add_argument("--runs", default="pixel,latent,direct", help=f"comma-separated, of {', '.join(RUNS)}")
-    p.add_argument("--mode", choices=("graphs", "eager"), default="graphs")
+    p.add_argument("--mode", choices=MODES_RUN, default="graphs")
     p.add_argument("--vae-tile", choices=MODES, default="auto",
                    help="auto: untiled, tiled, or tiled with parking, the first that fits the budget")
     p.add_argument("--tile-size", type=int, default=2048)
@@ -173,8 +193,9 @@ def main():
     vae_dtype = default_vae_dtype(bundle.family, bundle.vae.config, dtype, dev)
 
     rows, first = [], None
+    base = _networks(bundle, args.mode, vae_dtype, dev)
     for name in runs:
-        row, image = _one(bundle, name, _plan(bundle.family, name, width, height), args, dev, vae_dtype, limit)
+        row, image = _one(bundle, base, name, _plan(bundle.family, name, width, height), args, dev, vae_dtype, limit)
         if image is not None:
             from PIL import Image
 

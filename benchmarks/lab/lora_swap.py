@@ -59,19 +59,41 @@ def write_lora(bundle, path: Path, rank: int, std: float, seed: int) -> int:
     return len(state) // 2
 
 
-def build(args, folder: Path, lora: str | None) -> float:
+def build_command(args, folder: Path, lora: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "megafusion.cli.build_engines", "--model", args.model, "--backend", "aoti",
            "--precision", args.precision, "--device", args.device, "--jobs", str(args.jobs), "--output", str(folder)]
     if args.stages:
         cmd += ["--stages", args.stages]
     if not args.model.startswith("tiny-"):
         cmd.append("--random-weights")
-    if lora:
-        cmd += ["--lora", lora]
+    if lora:  # only the UNet takes the LoRA: the other networks are the base build's
+        cmd += ["--lora", lora, "--networks", "unet"]
+    return cmd
+
+
+def build(args, folder: Path, lora: str | None) -> float:
+    cmd = build_command(args, folder, lora)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t0
+
+
+def build_both(args, base: Path, fused: Path, lora: str) -> tuple[float, float]:
+    """The base and the LoRA-fused packages built side by side (the cache's lock keeps a shared folder's
+    manifest whole): the two builds are CPU-bound compiles, so together they take less than one after the other."""
+    cmds = [build_command(args, base, None), build_command(args, fused, lora)]
+    t0 = time.perf_counter()
+    procs = []
+    for cmd in cmds:
+        print("$ " + " ".join(cmd), flush=True)
+        procs.append(subprocess.Popen(cmd))
+    took = []
+    for proc, cmd in zip(procs, cmds):
+        if proc.wait() != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        took.append(time.perf_counter() - t0)
+    return took[0], took[1]
 
 
 def levels(a: np.ndarray, b: np.ndarray) -> dict:
@@ -95,9 +117,11 @@ def run(args) -> dict:
     report["lora_mib"] = lora_path.stat().st_size / 2 ** 20
     engine_dir = Path(args.engine_dir or out / "engines")
     if not args.no_build:
-        report["build_s"] = build(args, engine_dir, None)
         if args.fused_engine_dir:
-            report["fused_build_s"] = build(args, Path(args.fused_engine_dir), lora_arg)
+            report["build_s"], report["fused_build_s"] = build_both(args, engine_dir, Path(args.fused_engine_dir),
+                                                                    lora_arg)
+        else:
+            report["build_s"] = build(args, engine_dir, None)
     if args.build_only:
         print(json.dumps(report), flush=True)
         return report

@@ -98,6 +98,24 @@ def test_max_memory_bounds_what_pytorch_reserves(monkeypatch):
     assert cap_device_memory(35, torch.device("cuda")) == 0.25 and seen[-1] == (0.25, 0)
 
 
+def test_the_cap_asks_for_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    import torch
+
+    from megafusion.cli.common import ALLOCATOR_ENV, cap_device_memory
+
+    settings = []
+    props = type("Props", (), {"total_memory": 140 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: None)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", settings.append)
+    monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
+    cap_device_memory(32, "cuda:0")
+    assert settings == ["expandable_segments:True"]
+    monkeypatch.setenv(ALLOCATOR_ENV, "max_split_size_mb:512")  # the user's choice stands
+    cap_device_memory(32, "cuda:0")
+    assert settings == ["expandable_segments:True"]
+
+
 def test_vae_tile_park_is_said_in_a_dry_run_and_in_a_refusal(tmp_path, capsys):
     args = ["--model", "tiny-sdxl", *PROMPT, "--stages", "128x128:1,384x256:1", "--vae-tile", "park",
             "--vae-tile-size", "128", "--output", str(tmp_path / "a.png")]
