@@ -25,6 +25,7 @@
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
+#   sd15-engines  SD1.5 1024 static aoti packages built, then mf-bench engines:aoti beside compiled (#15: <= 0.6 s)
 #   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18);
 #               without sdxl-build before it, the base and fused packages build side by side (about 10 minutes)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
@@ -98,6 +99,10 @@ step() {  # the command line of one step
     engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
       --size 2048x2048 --variants engines:aoti,compiled --direct-for none --engine-dir /tmp/mf-aoti-sdxl --compile-cache /tmp/mf-cc \
       --repeats 3 --warmup 1 --output $RES/engines-sdxl" ;;
+    sd15-engines) echo "timeout 900 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 3 && timeout 900 python3 -m \
+      megafusion.cli.bench --model sd15 --random-weights --device cuda --size 1024x1024 --variants engines:aoti,compiled \
+      --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 --warmup 1 --output $RES/engines-sd15" ;;
     lora-fused) echo "timeout 1500 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
       --engine-dir /tmp/mf-aoti-sdxl --fused-engine-dir /tmp/mf-aoti-sdxl --output $RES/lora-fused" ;;
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
