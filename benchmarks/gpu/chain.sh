@@ -34,6 +34,8 @@
 #   dit-bench-flux    FLUX eager, graphs and compiled, MegaFusion against direct (#17)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
+#   capi-sdxl   libmegafusion built with CUDA, then C++ graphed, C++ without graphs and Python graphed on the static
+#               SDXL packages of sdxl-build (or lora-fused): #15's "within 3% of Python"
 #   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
 source benchmarks/gpu/env.sh
@@ -117,6 +119,11 @@ step() {  # the command line of one step
     dit-cn-engines) echo "timeout 420 python3 -m pytest -q -m gpu tests/engine/test_dit_controlnet_engines.py; \
       timeout 900 python3 benchmarks/lab/dit_controlnet_engines_bench.py --model sd3 --engines /tmp/mf-dit-cn \
       --output $RES/dit-cn-engines --build --steps 6,3" ;;
+    capi-sdxl) echo "timeout 600 bash -c 'cmake -S . -B /tmp/mfbuild -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=OFF \
+      -DPython3_EXECUTABLE=\$(command -v python3) -DCMAKE_CUDA_COMPILER=\$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) \
+      && cmake --build /tmp/mfbuild --target mf-generate-cpp -j 12' && timeout 900 python3 benchmarks/lab/cpp_vs_python.py \
+      --model sdxl --engines /tmp/mf-aoti-sdxl --size 2048x2048 --cpp-bin /tmp/mfbuild/cpp/mf-generate-cpp \
+      --output $RES/capi-sdxl --repeats 3 --modes cpp,cpp-no-graphs,python-aoti-graphs" ;;
     capi-flow) echo "mkdir -p $RES/capi-flow; OUT=$RES/capi-flow timeout 900 bash benchmarks/gpu/libmegafusion_flow.sh fp32" ;;
     *) echo "false unknown-step-$1" ;;
   esac
