@@ -22,6 +22,8 @@
 #   sdxl-build-apart  the UNets again with --weights-apart, in a hard-linked copy of /tmp/mf-aoti-sdxl (#15)
 #   coldstart-apart  3 fresh mf-generate processes from that copy (both UNets read one weight file), then the
 #               first generation against the second in one process, cuDNN's algorithm search on and off (#15)
+#   coldstart-apart-x  3 fresh mf-generate processes from that copy with expandable segments: the whole process's
+#               device peak against #15's 16 GiB
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
@@ -91,6 +93,9 @@ step() {  # the command line of one step
       --prompt 'a lighthouse'; for b in on off; do timeout 300 python3 benchmarks/lab/first_image.py \
       --engines /tmp/mf-aoti-sdxl-apart --cudnn-benchmark \$b --output $RES/first-image-\$b -- --model sdxl \
       --random-weights --size 2048x2048; done" ;;
+    coldstart-apart-x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 600 python3 \
+      benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart --runs 3 --device cuda --output $RES/cold-apart-x \
+      -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
       --mode compiled --compile-cache /tmp/mf-cc" ;;
