@@ -14,7 +14,8 @@
 #   sd15-large  SD1.5 2048 and 4096, latent and pixel relay and direct 2048, --mode fast-graphs, --max-memory 32 (#19)
 #   sdxl8192    SDXL 8192 latent relay, VAE parked, no warm-up (#19)
 #   engines-mem-x  mf-bench engines:aoti alone, expandable segments: peak memory of the packages' path (#15)
-#   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18)
+#   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18; the compiles take
+#               over 10 minutes)
 #   dit-tests   the flow pipeline GPU tests (#17, #18)
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
 #   sdxl-build-cc  sdxl-build, and beside it one fresh compiled process (empty caches) filling /tmp/mf-cc (#15)
@@ -71,7 +72,7 @@ step() {  # the command line of one step
       --max-memory 32 --output $RES/sd15-4096" ;;
     sdxl8192) echo "timeout 600 python3 benchmarks/lab/large_sizes.py --repeats 1 --warmup 0 --model sdxl \
       --size 8192x8192 --runs latent --max-memory 64 --output $RES/sdxl8192" ;;
-    cond-torch) echo "timeout 600 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
+    cond-torch) echo "timeout 1500 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
       --size 1024x1024 --output /tmp/mf-cond-inputs && python3 benchmarks/lab/controlnet_bench.py --model sdxl \
       --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \
       --size 2048x2048 --device cuda --repeats 3 --variants graphs,compiled --lora /tmp/mf-cond-inputs/lora.safetensors:0.8 \
