@@ -10,7 +10,7 @@ at most 1 level, the relay's bicubic resize as in test_libmegafusion.py); both U
 read of the file (cpp/tests/test_aoti_weights.cpp); the weights come from the file (a weight changed there, its
 manifest record updated, changes the image, as Python's does: what a LoRA-fused --weights-apart build writes is
 served as written); a missing, damaged, foreign or incomplete weight file is one line naming the file and the
-entry (MF_ERROR_ENGINE, exit status 3), and no image is written.
+entry (MF_ERROR_ENGINE, exit status 3), and no image is written; so is an entry that lists no weight file.
 
 The apart UNets are built once per session beside the tests (tests/conftest.py `sd15_apart_aoti`).
 """
@@ -152,7 +152,9 @@ def _incomplete(p: Path) -> None:
                 "rebuild the entry with mf-build-engines --weights-apart --force"),
     ("incomplete", "(unet (standard) fp32 aoti, entry {digest}) lacks 1 of the package's constants (first: {first}); "
                    "rebuild the entry with mf-build-engines --weights-apart --force"),
-], ids=["missing", "flipped", "foreign", "incomplete"])
+    ("unlisted", "unet (standard) fp32 aoti, entry {digest} in {folder} was built with --weights-apart but lists no "
+                 "weights.safetensors; rebuild the entry with mf-build-engines --weights-apart --force"),
+], ids=["missing", "flipped", "foreign", "incomplete", "unlisted"])
 def test_a_bad_weight_file_is_one_line(cpp_build, sd15_apart_aoti, tmp_path, damage, said):
     folder = _copy(sd15_apart_aoti, tmp_path)
     first = sorted(read_weights(_weight_files(folder)[0], "cpu"))[0]
@@ -164,11 +166,16 @@ def test_a_bad_weight_file_is_one_line(cpp_build, sd15_apart_aoti, tmp_path, dam
             data = bytearray(p.read_bytes())
             data[-1] ^= 0xFF
             p.write_bytes(bytes(data))
+    elif damage == "unlisted":  # the manifest names no weight file (the entry's digest covers its key only)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for e in manifest["entries"]:
+            e["files"] = [f for f in e["files"] if not f["path"].endswith("/weights.safetensors")]
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     else:
         _replace_weights(folder, _foreign if damage == "foreign" else _incomplete)
     err = _refusal(cpp_build, folder, tmp_path)
     standard = next(e for e in _unet_entries(folder) if e["key"]["variant"] == "standard")
-    assert said.format(digest=standard["digest"][:16], first=first) in err, err
+    assert said.format(digest=standard["digest"][:16], first=first, folder=folder) in err, err
     if damage in ("foreign", "incomplete"):
         assert f"weight file {folder}/" in err, err
 
