@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(config, items):
 # The slow builds, each named by the fixture that needs it (tests/background.py runs them beside the tests).
 TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", "flux_aoti": "flux_aoti",
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
-            "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines"}
+            "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines",
+            "sd15_apart_aoti": "sd15_apart_aoti"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -56,6 +57,21 @@ sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", 
                str(cn), "--networks", "controlnet,unet_controlled", "--output", str(root / "engines")]))
 """
 
+# A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
+# the packages with their weights inside are dropped from the copy's manifest, so every reader runs the apart ones.
+APART_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+from tests.cpp.test_libmegafusion_apart import drop_inside_unets
+src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+shutil.copytree(src, out)
+if main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--dynamic", "--device", "cpu",
+         "--networks", "unet", "--weights-apart", "--output", str(out)]) != 0:
+    sys.exit(1)
+drop_inside_unets(out)
+"""
+
 
 def _job(builds, name: str) -> Job:
     f = builds.folder
@@ -64,6 +80,9 @@ def _job(builds, name: str) -> Job:
                                            "--dynamic", "--device", "cpu", "--output", str(f("sd15-aoti"))))
     if name == "sd15_control_aoti":
         return Job(name, python_cmd(CONTROL_DRIVER) + [str(f("sd15-aoti")), str(f("control-aoti")), AOTI_STAGES],
+                   cwd=REPO, after="sd15_aoti")
+    if name == "sd15_apart_aoti":
+        return Job(name, python_cmd(APART_DRIVER) + [str(f("sd15-aoti")), str(f("sd15-apart") / "e"), AOTI_STAGES],
                    cwd=REPO, after="sd15_aoti")
     if name in ("flux_aoti", "sd3_aoti"):
         model, stages = ("tiny-flux", FLUX_AOTI_STAGES) if name == "flux_aoti" else ("tiny-sd3", SD3_AOTI_STAGES)
@@ -80,7 +99,8 @@ def _job(builds, name: str) -> Job:
         script = (f"set -eo pipefail; cmake -S {shlex.quote(str(REPO))} -B {build} -DCMAKE_BUILD_TYPE=Release "
                   f"-DPython3_EXECUTABLE={shlex.quote(sys.executable)} -DMEGAFUSION_TEST_MODEL=tiny-sd15 | tee {build}.log; "
                   f"grep -q 'skipping libmegafusion' {build}.log && exit 0; "
-                  f"cmake --build {build} --target mf-generate-cpp megafusion_c_api_test -j2")
+                  f"cmake --build {build} --target mf-generate-cpp megafusion_c_api_test "
+                  "megafusion_aoti_weights_test -j2")
         return Job(name, ["bash", "-c", script])
     if name == "aoti_apart":
         from tests.engine.test_aoti_weights_apart import PLAN as APART_PLAN
@@ -174,6 +194,15 @@ def sd15_control_aoti(sd15_aoti) -> tuple[Path, Path]:
     return root / "engines", root / "edges"
 
 
+@pytest.fixture(scope="session")
+def sd15_apart_aoti(sd15_aoti) -> Path:
+    """The session's tiny-sd15 folder with its UNets rebuilt by `mf-build-engines --weights-apart` (standard and
+    dilated: two compiles, a few minutes on 2 cores) and the UNets with their weights inside dropped, built once for
+    the C API tests (tests/cpp/test_libmegafusion_apart.py); tests that change the folder copy it."""
+    BUILDS.get("sd15_apart_aoti")
+    return BUILDS.folder("sd15-apart") / "e"
+
+
 FLUX_AOTI_STAGES = "128x128:2,160x160:1"
 """The plan of the session's tiny-flux packages (one static package per network and stage shape)."""
 SD3_AOTI_STAGES = "128x128:2,192x160:2"
@@ -265,6 +294,7 @@ def cpp_build(sd15_aoti) -> Path:
     build = BUILDS.folder("cpp-build")
     cfg = _run_cmd(["cmake", "-S", REPO, "-B", build, f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}"])  # adds a ctest
     assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    b = _run_cmd(["cmake", "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test", "-j2"])
+    b = _run_cmd(["cmake", "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test",
+                  "megafusion_aoti_weights_test", "-j2"])
     assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
     return build

@@ -69,7 +69,9 @@ void mf_generate_params_init(mf_generate_params* params);
  * of its work; a plan size no package covers is MF_ERROR_UNSUPPORTED_SIZE naming the sizes built). MF_ERROR_ENGINE, naming the file or entry, when manifest.json is not a valid
  * manifest (an entry's digest not the sha256 of its key, JSON nested deeper than 64 levels), or an engine
  * file lies outside the folder (absolute path, '..', a symbolic link), is not a regular file, or differs
- * from the size or sha256 its entry records. On failure *out is set to NULL. */
+ * from the size or sha256 its entry records. Entries built with --weights-apart get the tensors of their
+ * weights.safetensors, read once per process and device per distinct file; MF_ERROR_ENGINE naming the file
+ * when it is not a megafusion weight file or lacks a constant the package reads. On failure *out is set to NULL. */
 mf_status mf_context_create(const mf_context_options* options, mf_context** out);
 
 /* Frees the context and its engines; NULL is allowed. */

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "aoti_weights.hpp"
 #include "megafusion/bicubic.hpp"
 #include "megafusion/flow_schedule.hpp"
 #include "megafusion/schedule.hpp"
@@ -101,10 +102,11 @@ std::unique_ptr<Network> open_network(const std::string& root, const Entry& e, c
 
 AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device& device) : Network(std::move(entry)) {
   const std::string path = root + "/" + entry_.files.front().path;
-  if (entry_.constants != "inside")
-    throw Failure(MF_ERROR_ENGINE, "engine " + path + " (" + entry_.describe() + ") was built with mf-build-engines "
-                                   "--weights-apart, its weights in a file beside it, which libmegafusion does not "
-                                   "load; rebuild it without --weights-apart");
+  if (entry_.constants != "inside" && entry_.constants != "apart")
+    throw Failure(MF_ERROR_ENGINE, "engine " + path + " (" + entry_.describe() + ") keeps its constants '" +
+                                       entry_.constants + "', which libmegafusion does not know; rebuild it");
+  // --weights-apart: the weight file is read (or found shared) before the package is, so a bad file fails first.
+  if (entry_.constants == "apart") weights_ = shared_weights(root, entry_, device);
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         // run_single_threaded: no locking or stream synchronization inside run(), so a CUDA graph can capture
@@ -113,6 +115,7 @@ AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device&
   } catch (const std::exception& e) {
     throw Failure(MF_ERROR_ENGINE, "cannot load engine " + path + " (" + entry_.describe() + "): " + e.what());
   }
+  if (weights_) give_weights(*loader_, *weights_, root, entry_);
 }
 
 AotiNetwork::~AotiNetwork() = default;

@@ -32,6 +32,8 @@ class AOTIModelPackageLoader;
 
 namespace megafusion::lib {
 
+struct SharedWeights;  // aoti_weights.hpp
+
 // The C API's device text ("cpu", "cuda", "cuda:N"; NULL: cpu), and its name as manifests record it.
 at::Device parse_device(const char* text);
 std::string device_name(const at::Device& d);
@@ -50,7 +52,8 @@ class Network {
   Entry entry_;
 };
 
-// An AOTInductor package: one range per input, checked before each run.
+// An AOTInductor package: one range per input, checked before each run. A --weights-apart package reads the
+// tensors of its entry's weight file, shared with every package of the same file (aoti_weights.hpp).
 class AotiNetwork final : public Network {
  public:
   AotiNetwork(const std::string& root, Entry entry, const at::Device& device);
@@ -59,6 +62,7 @@ class AotiNetwork final : public Network {
   bool covers(size_t index, const std::vector<long long>& shape) const override;
 
  private:
+  std::shared_ptr<const SharedWeights> weights_;  // declared first: outlives the package that reads it
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
 };
 
