@@ -8,7 +8,7 @@ import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                      add_plan_arguments, run_main)
-from .conditions import add_control_arguments, add_image_arguments
+from .conditions import add_control_arguments, add_image_arguments, add_ip_adapter_arguments
 
 
 def build_parser() -> ArgumentParser:
@@ -24,9 +24,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default: %(default)s)")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="(default: %(default)r)")
     p.add_argument("--negative-prompt", default="", help="(default: none)")
-    p.add_argument("--guidance", default="7.0", metavar="W",
-                   help="classifier-free guidance weight, a finite number >= 0 (default: %(default)s); "
-                        "at 1 or below CFG is off")
+    p.add_argument("--guidance", metavar="W",
+                   help="classifier-free guidance weight, a finite number >= 0 (default: 7.0; the family's for "
+                        "sd3 and flux, whose value FLUX takes as its guidance embedding); at 1 or below CFG is off")
     p.add_argument("--seed", default="0", metavar="N", help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
     p.add_argument("--dilation", type=int, metavar="D",
                    help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
@@ -52,6 +52,7 @@ def build_parser() -> ArgumentParser:
                         "cache the first run filled)")
     add_image_arguments(p)
     add_control_arguments(p)
+    add_ip_adapter_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="also time each variant with this LoRA (.safetensors) times SCALE (default 1): fused on the "
                         "torch variants, swapped into the engines (the swap timed apart); repeatable")
@@ -66,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model in pixel_family_names():  # DeepFloyd IF: cli/bench_if.py
         from .bench_if import run_if_bench
 
-        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--image", args.image))
-                 if v]
+        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--image", args.image),
+                                ("--ip-adapter", args.ip_adapter)) if v]
         if given:
             raise UsageError(f"{' and '.join(given)}: mf-bench takes the extra conditions for the latent families "
-                             f"(SD1.5, SDXL), not {args.model}")
+                             f"(SD1.5, SDXL, SD3, FLUX), not {args.model}")
         return run_if_bench(args, build_parser())
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
@@ -84,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.timing import environment
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
+    if family.kind in ("sd3", "flux"):  # the flow-matching transformers: cli/bench_dit.py
+        from .bench_dit import run_dit_bench
+
+        return run_dit_bench(args, family)
+    if args.ip_adapter is not None:
+        raise UsageError(f"--ip-adapter: mf-bench takes it for sd3 and flux, not {family.name} yet")
     # Every check of the user's input comes before the model load and the runs.
     if args.engines is not None:
         raise UsageError(f"--engines {args.engines}: mf-bench names the variants to time with --variants "
                          f"(--variants {args.engines}); mf-generate's --engines is an engine folder")
     weights_seed = weights_seed_from_args("mf-bench", family, args)
-    guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)
+    guidance, seed = parse_guidance(args.guidance if args.guidance is not None else "7.0"), parse_seed(args.seed)
     dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     if args.repeats < 1 or args.warmup < 0:
@@ -237,8 +244,6 @@ def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
         raise UsageError(f"--lora with --variants {','.join(engines)} and --controlnet: the ControlNet engines hold "
                          "the base UNet; build them from the LoRA's weights (mf-build-engines --lora ... "
                          "--controlnet ...) and leave out --lora here")
-    if (loras or controls or image) and family.kind in ("sd3", "flux"):
-        raise UsageError(f"--lora, --controlnet and --image: mf-bench takes them for SD1.5 and SDXL, not {family.name}")
     return Conditions(tuple(loras), tuple(controls), image)
 
 
