@@ -153,3 +153,24 @@ def test_conditioned_cost_without_conditions_is_the_plain_one():
         counter, plan = DiTCostCounter(FAMILIES[name]), _plan(name)
         for cfg in (True, False):
             assert dit_conditioned_plan_cost(counter, plan, cfg) == dit_plan_cost(counter, plan, cfg)
+
+
+@pytest.mark.gpu
+def test_gpu_every_variant_with_its_controlnet_row(inputs, tmp_path, ran):
+    """torch, graphs and compiled on CUDA, each with its conditioned row (ControlNet + image to image) on the
+    variant's own networks, every segment timed, the rows against the measured peak."""
+    assert main(["--model", "tiny-sd3", "--device", "cuda", "--stages", STAGES, "--repeats", "2", "--warmup", "1",
+                 "--controlnet", inputs["cn-tiny-sd3"], "--control-image", inputs["edges"], "--image",
+                 inputs["photo"], "--strength", "0.5", "--output", str(tmp_path)]) == 0
+    data, rows = _rows(tmp_path)
+    label = "controlnet cn-tiny-sd3 + image to image"
+    assert [v["name"] for v in data["variants"]] == [
+        "direct", "engine: torch", f"engine: torch + {label}", "direct (graphs)", "engine: graphs",
+        f"engine: graphs + {label}", "direct (compiled)", "engine: compiled", f"engine: compiled + {label}"]
+    for kind in ("torch", "graphs", "compiled"):
+        cond, plain = rows[f"engine: {kind} + {label}"], rows[f"engine: {kind}"]
+        assert cond["true_tflop"] == pytest.approx(rows[f"engine: torch + {label}"]["true_tflop"], rel=1e-12)
+        assert cond["median_s"] > 0 and all(s["median_s"] is not None for s in cond["segments"])
+        assert 0 < cond["fraction_of_peak"] < 1 and plain["steady_peak_gib"] is not None
+    assert {r[0] for r in ran if r[2]} == {"ControlledFlowNetworks"}  # every conditioned generation controlled
+    assert [s["over"] for s in data["speedups"] if s["engine"] == "engine: graphs"] == ["direct (graphs)"]
