@@ -170,7 +170,8 @@ def _conditioned_networks(nets, bundle, conds: DiTConditions, embeds, modules, d
         from ..runtime.controlnet import Control
         from ..runtime.flow_controlnet import ControlledFlowNetworks
 
-        made = [Control(m, image, scale, start, end) for m, (_, image, scale, start, end) in zip(modules, conds.controls)]
+        made = [Control(m, image, scale, start, end)
+                for m, (_, image, scale, start, end) in zip(modules, conds.controls)]
         nets = ControlledFlowNetworks(nets, made, device)
     return nets
 

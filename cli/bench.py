@@ -25,8 +25,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="(default: %(default)r)")
     p.add_argument("--negative-prompt", default="", help="(default: none)")
     p.add_argument("--guidance", metavar="W",
-                   help="classifier-free guidance weight, a finite number >= 0 (default: 7.0; the family's for "
-                        "sd3 and flux, whose value FLUX takes as its guidance embedding); at 1 or below CFG is off")
+                   help="classifier-free guidance weight, a finite number >= 0 (default: 7.0); at 1 or below CFG is "
+                        "off; sd3 and flux default to their family's (FLUX takes it as its guidance embedding)")
     p.add_argument("--seed", default="0", metavar="N", help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
     p.add_argument("--dilation", type=int, metavar="D",
                    help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")

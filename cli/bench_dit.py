@@ -153,6 +153,7 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
         "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
         "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
         "dilation": None, "reschedule": not args.no_reschedule, "relay": opts.relay, "cost_only": args.cost_only,
+        "denoiser": "transformer", "cfg_batch": 2 if cfg and family.cfg else 1,
     }
     extra = list(DIT_NOTES) + ([SD3_NOTE] if family.kind == "sd3" and not family.tiny else [])
     if conds:

@@ -35,7 +35,8 @@ def files(tmp_path_factory):
     (d / "bad.safetensors").write_bytes(b"")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "photo.png")
     return {"SD3CN": sd3cn, "UNETCN": str(d / "unetcn"), "CLIP": str(d / "clip"), "ULORA": str(d / "unet.safetensors"),
-            "IP": str(d / "ip.safetensors"), "BADIP": str(d / "bad.safetensors"), "PHOTO": str(d / "photo.png"), "DIR": str(d)}
+            "IP": str(d / "ip.safetensors"), "BADIP": str(d / "bad.safetensors"), "PHOTO": str(d / "photo.png"),
+            "DIR": str(d)}
 
 
 @pytest.mark.parametrize("model, extra, needles", [
@@ -56,7 +57,8 @@ def files(tmp_path_factory):
      ["--ip-adapter", "bad.safetensors': not a readable safetensors file"]),
     ("tiny-sd15", ["--ip-adapter", "IP", "--ip-adapter-image", "PHOTO", "--ip-adapter-encoder", "CLIP"],
      ["--ip-adapter: mf-bench takes it for sd3 and flux, not tiny-sd15"]),
-    ("tiny-sd3", ["--variants", "compiled-fp8"], ["--variants compiled-fp8: 'compiled-fp8' not available for tiny-sd3"]),
+    ("tiny-sd3", ["--variants", "compiled-fp8"],
+     ["--variants compiled-fp8: 'compiled-fp8' not available for tiny-sd3"]),
     ("tiny-flux", ["--variants", "torch,graphs"], ["graphs needs a CUDA device (got cpu)"]),
     ("tiny-sd3", ["--engine-dir", "DIR"], ["--engine-dir: mf-bench does not take it for tiny-sd3 yet"]),
     ("tiny-sd3", ["--dilation", "2"], ["--dilation 2: tiny-sd3 is a transformer"]),
