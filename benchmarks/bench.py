@@ -212,13 +212,14 @@ def cost_variants(family: ModelFamily, plan: StagePlan, conditions=None, relay: 
     out = [Variant("direct", "direct", direct_plan(family, plan), nothing, "one stage at the target size"),
            Variant("MegaFusion", "engine", plan, nothing, "the stage plan")]
     if conditions:
-        from .conditions import conditioned_cost, controlnet_counters
+        from .conditions import conditioned_cost, controlnet_counters, ip_adapter_counter
 
         cns = controlnet_counters(family, conditions.controls)
+        ip = ip_adapter_counter(family, conditions)
         label = conditions.label()
         out.append(Variant(f"MegaFusion + {label}", "conditioned", plan, nothing, f"the stage plan with {label}",
                            pair="MegaFusion", cost=lambda counter, cfg, dil: conditioned_cost(
-                               conditions, counter, plan, cfg, relay, dil, cns)))
+                               conditions, counter, plan, cfg, relay, dil, cns, ip)))
     return out
 
 

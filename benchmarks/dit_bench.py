@@ -25,6 +25,7 @@ import torch
 from ..core.plan import StagePlan
 from ..runtime.img2img import ImageStart
 
+from .conditions import IPAdapterInput
 from .dit_conditions import (DiTIPAdapterCostCounter, dit_conditioned_plan_cost, dit_controlnet_counters)
 from .dit_flops import DiTCostCounter, dit_plan_cost
 from .variants import Variant, direct_plan
@@ -35,16 +36,6 @@ DIT_VARIANTS = {
     "compiled": ("compiled", "CUDA graphs around the torch.compile'd transformer"),
 }
 """mf-bench's variant names for the transformer families -> (FlowMegaFusionPipeline mode, description)."""
-
-
-@dataclass(frozen=True)
-class IPAdapterInput:
-    """--ip-adapter FILE, its encoder folder, its scale, and the reference image (PIL), as read before any load."""
-
-    path: str
-    encoder: str
-    scale: float
-    image: object
 
 
 @dataclass(frozen=True)

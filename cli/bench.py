@@ -89,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
         from .bench_dit import run_dit_bench
 
         return run_dit_bench(args, family)
-    if args.ip_adapter is not None:
-        raise UsageError(f"--ip-adapter: mf-bench takes it for sd3 and flux, not {family.name} yet")
     # Every check of the user's input comes before the model load and the runs.
     if args.engines is not None:
         raise UsageError(f"--engines {args.engines}: mf-bench names the variants to time with --variants "
@@ -167,10 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cost_only:
         peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
         from ..runtime.controlnet import ControlInputError
+        from ..runtime.ipadapter import IPAdapterError
 
         try:
             variants = cost_variants(family, plan, conditions)
-        except ControlInputError as e:
+        except (ControlInputError, IPAdapterError) as e:
             raise UsageError(str(e)) from None
     else:
         from ..core.loading import load_model
@@ -179,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         from ..benchmarks.variants import default_variants
         from ..core.lora import LoraError
         from ..runtime.controlnet import ControlInputError
+        from ..runtime.ipadapter import IPAdapterError
 
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
                                         compile_cache, engine_bundle, conditions)
-        except (LoraError, ControlInputError) as e:  # a LoRA or ControlNet that does not fit the model
+        except (LoraError, ControlInputError, IPAdapterError) as e:  # a file that does not fit the model
             raise UsageError(str(e)) from None
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
                            cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
@@ -231,10 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
-    """The --lora, --controlnet and --image inputs, checked as mf-generate checks them (cli/conditions.py), before
-    any load; the combinations mf-generate refuses are refused here too."""
-    from ..benchmarks.conditions import Conditions
-    from .conditions import controls_from_args, image_start_from_args, loras_from_args
+    """The --lora, --controlnet, --ip-adapter and --image inputs, checked as mf-generate checks them
+    (cli/conditions.py), before any load; the combinations mf-generate refuses are refused here too."""
+    from ..benchmarks.conditions import Conditions, IPAdapterInput
+    from .conditions import controls_from_args, image_start_from_args, ip_adapter_from_args, loras_from_args
 
     image = image_start_from_args(args, plan)
     loras = loras_from_args(args.lora)
@@ -244,7 +244,13 @@ def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
         raise UsageError(f"--lora with --variants {','.join(engines)} and --controlnet: the ControlNet engines hold "
                          "the base UNet; build them from the LoRA's weights (mf-build-engines --lora ... "
                          "--controlnet ...) and leave out --lora here")
-    return Conditions(tuple(loras), tuple(controls), image)
+    ip_image = ip_adapter_from_args(args)
+    if ip_image is not None and engines:
+        raise UsageError(f"--ip-adapter with --variants {','.join(engines)}: the IP-Adapter runs on the torch "
+                         "variants only (torch, graphs, compiled), as mf-generate's; leave out the engines")
+    ip = None if ip_image is None else IPAdapterInput(args.ip_adapter, args.ip_adapter_encoder,
+                                                      args.ip_adapter_scale, ip_image)
+    return Conditions(tuple(loras), tuple(controls), image, ip)
 
 
 def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[str, ...]:

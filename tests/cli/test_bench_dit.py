@@ -55,8 +55,6 @@ def files(tmp_path_factory):
      ["--ip-adapter-encoder", "SD3's IP-Adapter takes a SigLIP vision model folder"]),
     ("tiny-sd3", ["--ip-adapter", "BADIP", "--ip-adapter-image", "PHOTO", "--ip-adapter-encoder", "CLIP"],
      ["--ip-adapter", "bad.safetensors': not a readable safetensors file"]),
-    ("tiny-sd15", ["--ip-adapter", "IP", "--ip-adapter-image", "PHOTO", "--ip-adapter-encoder", "CLIP"],
-     ["--ip-adapter: mf-bench takes it for sd3 and flux, not tiny-sd15"]),
     ("tiny-sd3", ["--variants", "compiled-fp8"],
      ["--variants compiled-fp8: 'compiled-fp8' not available for tiny-sd3"]),
     ("tiny-flux", ["--variants", "torch,graphs"], ["graphs needs a CUDA device (got cpu)"]),
