@@ -179,7 +179,9 @@ CONDITIONS_NOTE = (
     "Conditioned rows ('<row> + <conditions>') run right after their plain row, in the same process. A LoRA is fused "
     "into a copy of the UNet and text encoders made before any row runs (both rows then hold both copies), or "
     "swapped into the opened engines after their plain row (the set-up column; not in the times); ControlNet "
-    "forwards are counted in every step's cost, image to image counts the photo's encode and only the steps run.")
+    "forwards are counted in every step's cost, image to image counts the photo's encode and only the steps run. "
+    "An IP-Adapter is put into a copy of the UNet (torch variants), its image encoded once outside the times and its "
+    "image attention counted in every step.")
 
 
 def run_variants(variants: list[Variant], family: ModelFamily, device: torch.device, repeats: int,
