@@ -36,6 +36,7 @@ def inputs(tmp_path_factory):
     for name in ("tiny-sd3", "tiny-flux"):
         out[f"cn-{name}"] = str(save_tiny_flow_controlnet(FAMILIES[name], d / f"cn-{name}", seed=1))
         out[f"lora-{name}"] = str(_dit_lora(name, d / f"style-{name}.safetensors"))
+    out["cn-xlabs"] = str(save_tiny_flow_controlnet(FAMILIES["tiny-flux"], d / "cn-xlabs", seed=2, xlabs=True))
     out["ip-tiny-sd3"] = str(save_tiny_sd3_ip_adapter(FAMILIES["tiny-sd3"].transformer, d / "ip-sd3.safetensors"))
     out["enc-tiny-sd3"] = str(save_tiny_siglip(d / "siglip"))
     out["ip-tiny-flux"] = str(save_tiny_flux_ip_adapter(FAMILIES["tiny-flux"].transformer, d / "ip-flux.safetensors"))
@@ -174,3 +175,75 @@ def test_gpu_every_variant_with_its_controlnet_row(inputs, tmp_path, ran):
         assert 0 < cond["fraction_of_peak"] < 1 and plain["steady_peak_gib"] is not None
     assert {r[0] for r in ran if r[2]} == {"ControlledFlowNetworks"}  # every conditioned generation controlled
     assert [s["over"] for s in data["speedups"] if s["engine"] == "engine: graphs"] == ["direct (graphs)"]
+
+
+@pytest.mark.parametrize("name, cn", [("tiny-sd3", "cn-tiny-sd3"), ("tiny-flux", "cn-tiny-flux"),
+                                      ("tiny-flux", "cn-xlabs")])
+def test_counted_step_is_what_a_controlled_step_runs(inputs, name, cn):
+    """The meta count of one step (transformer + ControlNet) equals FlopCounterMode around the runtime's own
+    controlled velocity on real tensors: the same inputs (text tokens, CFG batch, packed FLUX tokens, an XLabs-kind
+    net's pixels) are counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megafusion.benchmarks.flops import _extra_formulas
+    from megafusion.core.loading import load_model
+    from megafusion.engine.flow_networks import FlowTorchNetworks
+    from megafusion.runtime.controlnet import Control
+    from megafusion.runtime.flow_conditioning import encode_flow
+    from megafusion.runtime.flow_controlnet import ControlledFlowNetworks, load_flow_controlnet
+
+    bundle, plan = load_model(name), _plan(name)
+    fam = bundle.family
+    nets = FlowTorchNetworks(bundle)
+    cond = encode_flow(nets, bundle, "a kite", "", fam.default_guidance, "cpu")
+    module = load_flow_controlnet(inputs[cn], bundle.transformer, fam, "cpu", torch.float32)
+    controlled = ControlledFlowNetworks(nets, [Control(module, torch.rand(1, 3, 64, 64))], "cpu")
+    controlled.prepare_plan(plan)
+    st = plan.stages[0]
+    batch = 2 if cond.cfg else 1
+    z = torch.randn(batch, fam.latent_channels, st.height // fam.vae_scale, st.width // fam.vae_scale)
+    with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as ran:
+        controlled.velocity(z, torch.full((batch,), 500.0), cond.states, cond.pooled, fam.default_guidance,
+                            step=torch.tensor(0))
+    counter = DiTCostCounter(fam)
+    net = DiTControlNetCostCounter(counter, inputs[cn])
+    counted = counter.transformer(st.height, st.width, batch).flops + net.step(st.height, st.width, batch).flops
+    assert ran.get_total_flops() == counted
+    # its control image: VAE-encoded per stage, except for a net that takes the pixels
+    assert (net.control_image_encode(st.height, st.width).flops == 0) == (cn == "cn-xlabs")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_counted_ip_adapter_step_is_what_the_adapted_step_runs(inputs, name):
+    """The same for the IP-Adapter: the meta count of the adapted transformer against the runtime's IP-Adapter
+    networks on real tensors (embeddings of the encoder's shape)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megafusion.benchmarks.dit_conditions import ip_image_embeds_shape
+    from megafusion.benchmarks.flops import _extra_formulas
+    from megafusion.core.loading import load_model
+    from megafusion.engine.flow_networks import FlowTorchNetworks
+    from megafusion.runtime.flow_conditioning import encode_flow
+
+    bundle = load_model(name)
+    fam = bundle.family
+    if fam.kind == "sd3":
+        from megafusion.runtime.flow_ipadapter_sd3 import (SD3IPAdapterNetworks as IPNets, load_sd3_ip_adapter,
+                                                           read_sd3_ip_adapter as read)
+        load = load_sd3_ip_adapter
+    else:
+        from megafusion.runtime.flow_ipadapter import (FlowIPAdapterNetworks as IPNets, load_flux_ip_adapter as load,
+                                                       read_flux_ip_adapter as read)
+    load(bundle.transformer, read(inputs[f"ip-{name}"], bundle.transformer), 0.7)
+    embeds = torch.randn(1, *ip_image_embeds_shape(fam, inputs[f"enc-{name}"]))
+    nets = IPNets(FlowTorchNetworks(bundle), embeds)
+    cond = encode_flow(nets, bundle, "a kite", "", fam.default_guidance, "cpu")
+    batch = 2 if cond.cfg else 1
+    z = torch.randn(batch, fam.latent_channels, 128 // fam.vae_scale, 160 // fam.vae_scale)
+    with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as ran:
+        nets.velocity(z, torch.full((batch,), 500.0), cond.states, cond.pooled, fam.default_guidance)
+    ip = DiTIPAdapterCostCounter(fam, inputs[f"ip-{name}"], inputs[f"enc-{name}"])
+    assert ran.get_total_flops() == ip.transformer(128, 160, batch).flops
+    assert ip.transformer(128, 160, batch).flops > DiTCostCounter(fam).transformer(128, 160, batch).flops

@@ -37,6 +37,7 @@ def _ip(inputs):
             "--ip-adapter-scale", "0.6"]
 
 
+@pytest.mark.slow  # 20-30 s here: the diffusers eager row and direct run beside it
 def test_ip_adapter_row_on_a_copy_of_the_unet(inputs, tmp_path, monkeypatch):
     seen = []
     original = MegaFusionPipeline.generate
@@ -81,3 +82,26 @@ def test_cost_only_and_refusals(inputs, tmp_path, capsys):
     refused("mf-bench", ["--model", "tiny-if", "--output", str(tmp_path / "o"), *_ip(inputs)], capsys,
             "--ip-adapter: mf-bench takes the extra conditions for the latent families")
     assert not (tmp_path / "o").exists()
+
+
+def test_counted_step_is_what_the_adapted_unet_runs(inputs):
+    """The meta count of one adapted UNet step (dilated, CFG batch 2) equals FlopCounterMode around the runtime's
+    IPAdapterNetworks on real tensors."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megafusion.benchmarks.flops import _extra_formulas
+    from megafusion.core.loading import load_model
+    from megafusion.engine.networks import TorchNetworks
+    from megafusion.runtime.ipadapter import IPAdapterNetworks, load_ip_adapter, read_ip_adapter
+
+    bundle = load_model("tiny-sd15")
+    load_ip_adapter(bundle.unet, read_ip_adapter(inputs["ip"], bundle.unet), 0.6)
+    nets = IPAdapterNetworks(TorchNetworks(bundle), torch.randn(1, 1, 24))  # the tiny encoder's projection width
+    fam = bundle.family
+    sample = torch.randn(2, 4, 192 // fam.vae_scale, 128 // fam.vae_scale)
+    states = torch.randn(2, 77, fam.unet["cross_attention_dim"])
+    with FlopCounterMode(display=False, custom_mapping=_extra_formulas()) as ran:
+        nets.unet(sample, torch.tensor(981), states, None, None, 2)
+    ip = IPAdapterCostCounter(fam, inputs["ip"], inputs["enc"])
+    assert ran.get_total_flops() == ip.unet(192, 128, 2, 2).flops > MetaCostCounter(fam).unet(192, 128, 2, 2).flops
