@@ -179,7 +179,9 @@ CONDITIONS_NOTE = (
     "Conditioned rows ('<row> + <conditions>') run right after their plain row, in the same process. A LoRA is fused "
     "into a copy of the UNet and text encoders made before any row runs (both rows then hold both copies), or "
     "swapped into the opened engines after their plain row (the set-up column; not in the times); ControlNet "
-    "forwards are counted in every step's cost, image to image counts the photo's encode and only the steps run.")
+    "forwards are counted in every step's cost, image to image counts the photo's encode and only the steps run. "
+    "An IP-Adapter is put into a copy of the UNet (torch variants), its image encoded once outside the times and its "
+    "image attention counted in every step.")
 
 
 def run_variants(variants: list[Variant], family: ModelFamily, device: torch.device, repeats: int,
@@ -212,13 +214,14 @@ def cost_variants(family: ModelFamily, plan: StagePlan, conditions=None, relay: 
     out = [Variant("direct", "direct", direct_plan(family, plan), nothing, "one stage at the target size"),
            Variant("MegaFusion", "engine", plan, nothing, "the stage plan")]
     if conditions:
-        from .conditions import conditioned_cost, controlnet_counters
+        from .conditions import conditioned_cost, controlnet_counters, ip_adapter_counter
 
         cns = controlnet_counters(family, conditions.controls)
+        ip = ip_adapter_counter(family, conditions)
         label = conditions.label()
         out.append(Variant(f"MegaFusion + {label}", "conditioned", plan, nothing, f"the stage plan with {label}",
                            pair="MegaFusion", cost=lambda counter, cfg, dil: conditioned_cost(
-                               conditions, counter, plan, cfg, relay, dil, cns)))
+                               conditions, counter, plan, cfg, relay, dil, cns, ip)))
     return out
 
 

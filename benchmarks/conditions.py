@@ -28,11 +28,21 @@ from ..core.plan import StagePlan
 from ..runtime.img2img import ImageStart
 from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
-from .flops import ControlNetCostCounter, MetaCostCounter, PlanCost, conditioned_plan_cost
+from .flops import ControlNetCostCounter, ForwardCost, MetaCostCounter, PlanCost, conditioned_plan_cost
 from .variants import ENGINE_FOLDER_PREFIX, Variant
 
 ControlInput = tuple[str, torch.Tensor, float, float, float]
 """(ControlNet folder, control image (1, 3, H, W) in [0, 1], scale, start, end), as cli/conditions.py reads them."""
+
+
+@dataclass(frozen=True)
+class IPAdapterInput:
+    """--ip-adapter FILE, its image encoder folder, its scale, and the reference image (PIL), read before any load."""
+
+    path: str
+    encoder: str
+    scale: float
+    image: object
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,11 @@ class Conditions:
     loras: tuple[LoraSpec, ...] = ()
     controls: tuple[ControlInput, ...] = ()
     image: ImageStart | None = None
+    ip_adapter: IPAdapterInput | None = None
+    """Torch variants only: put into a copy of the UNet, made before anything runs (as a LoRA's fuse)."""
 
     def __bool__(self) -> bool:
-        return bool(self.loras or self.controls or self.image)
+        return bool(self.loras or self.controls or self.image or self.ip_adapter)
 
     def label(self) -> str:
         """A short name for the rows, e.g. "lora style x0.8 + controlnet canny + image to image"."""
@@ -53,6 +65,8 @@ class Conditions:
             parts.append("lora " + ", ".join(f"{Path(s.path).stem} x{s.scale:g}" for s in self.loras))
         if self.controls:
             parts.append("controlnet " + ", ".join(Path(c[0]).name for c in self.controls))
+        if self.ip_adapter:
+            parts.append(f"ip-adapter {Path(self.ip_adapter.path).stem} x{self.ip_adapter.scale:g}")
         if self.image is not None:
             parts.append("image to image")
         return " + ".join(parts)
@@ -63,6 +77,8 @@ class Conditions:
         return {
             "lora": [{"path": str(s.path), "scale": s.scale} for s in self.loras],
             "controlnet": [{"path": c[0], "scale": c[2], "start": c[3], "end": c[4]} for c in self.controls],
+            "ip_adapter": None if self.ip_adapter is None else {
+                "path": self.ip_adapter.path, "encoder": self.ip_adapter.encoder, "scale": self.ip_adapter.scale},
             "image": None if entry is None else {"strength": self.image.strength, "start_stage": entry.stage + 1,
                                                  "steps_run": plan.total_steps - entry.global_step},
         }
@@ -83,10 +99,51 @@ def controlnet_counters(family, controls: tuple[ControlInput, ...]) -> tuple[Con
     return tuple(out)
 
 
+class IPAdapterCostCounter(MetaCostCounter):
+    """The UNet with an IP-Adapter's image projection and attention processors, built on the meta device (the file
+    read only for its shapes); `unet(...)` is one adapted forward, the image's 4 tokens in every cross-attention."""
+
+    def __init__(self, family, adapter_file: str, encoder_folder: str):
+        import warnings
+
+        from ..runtime.ipadapter import read_ip_adapter
+        from .dit_conditions import ip_image_embeds_shape
+
+        super().__init__(family)
+        state = read_ip_adapter(adapter_file, self.unet_module)  # IPAdapterError names a file that does not fit
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": meant
+            self.unet_module._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+        self.embeds_shape = ip_image_embeds_shape(family, encoder_folder)
+
+    def _count_unet(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
+        from ..core.dilation import set_mid_dilation
+        from .flops import count_forward, unet_meta_inputs
+
+        sample, t, states, added = unet_meta_inputs(self.family, height, width, batch)
+        with torch.device("meta"):
+            added = {**(added or {}), "image_embeds": [torch.empty(batch, *self.embeds_shape)]}
+        set_mid_dilation(self.unet_module, dilation)
+        try:
+            return count_forward(self.unet_module, lambda: self.unet_module(
+                sample, t, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False))
+        finally:
+            set_mid_dilation(self.unet_module, 1)
+
+
+def ip_adapter_counter(family, conds: Conditions) -> IPAdapterCostCounter | None:
+    ip = conds.ip_adapter
+    return None if ip is None else IPAdapterCostCounter(family, ip.path, ip.encoder)
+
+
 def conditioned_cost(conds: Conditions, counter: MetaCostCounter, plan: StagePlan, cfg: bool, relay: str,
-                     dilation: int, controlnets: tuple[ControlNetCostCounter, ...] | None = None) -> PlanCost:
+                     dilation: int, controlnets: tuple[ControlNetCostCounter, ...] | None = None,
+                     ip_counter: IPAdapterCostCounter | None = None) -> PlanCost:
+    """`ip_counter`: with an IP-Adapter, its counter (`ip_adapter_counter`), whose adapted UNet prices the steps."""
     cns = controlnets if controlnets is not None else controlnet_counters(counter.family, conds.controls)
     entry = conds.image.entry(plan) if conds.image is not None else None
+    if conds.ip_adapter is not None:
+        counter = ip_counter or ip_adapter_counter(counter.family, conds)
     return conditioned_plan_cost(counter, plan, cfg, relay, dilation, cns, entry)
 
 
@@ -104,6 +161,22 @@ def fused_copy(bundle: ModelBundle, loras: tuple[LoraSpec, ...]) -> tuple[ModelB
     if copied.unet.device.type == "cuda":
         torch.cuda.synchronize(copied.unet.device)
     return copied, time.perf_counter() - t0
+
+
+def ip_adapter_copy(bundle: ModelBundle, ip: IPAdapterInput, device, copied: ModelBundle | None = None):
+    """(a bundle whose UNet is a copy with the IP-Adapter put in, the reference image's embeddings), as mf-generate
+    puts it in (cli/generate.py); `copied`: a copy made already (a LoRA's), which gets it. IPAdapterError names a
+    file that does not fit, before anything is changed."""
+    from ..runtime.ipadapter import encode_ip_image, load_image_encoder, load_ip_adapter, read_ip_adapter
+
+    state = read_ip_adapter(ip.path, bundle.unet)
+    encoder, processor = load_image_encoder(ip.encoder, device, bundle.unet.dtype)
+    if copied is None:
+        copied = dataclasses.replace(bundle, unet=copy.deepcopy(bundle.unet), loaded_state=dict(bundle.loaded_state))
+    load_ip_adapter(copied.unet, state, ip.scale)
+    embeds = encode_ip_image(encoder, processor, ip.image, device)
+    encoder.to(device="meta")  # the embeddings are all the steps need
+    return copied, embeds
 
 
 def _torch_controlled(nets, modules: list[torch.nn.Module], controls: tuple[ControlInput, ...], device):
@@ -182,7 +255,22 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
     modules = [load_controlnet(c[0], bundle.unet, device, bundle.unet.dtype) for c in conds.controls] \
         if torch_kinds else []
     cns = controlnet_counters(bundle.family, conds.controls)
+    ip_counter = ip_adapter_counter(bundle.family, conds)  # the adapter's file checked against the UNet's shapes
+    if conds.ip_adapter is not None and len(torch_kinds) < len(kinds):
+        from ..runtime.ipadapter import IPAdapterError
+
+        raise IPAdapterError("--ip-adapter runs on the torch variants only (torch, graphs, compiled); leave out "
+                             "the engines:<backend> variants")
     copied, fuse_s = fused_copy(bundle, conds.loras) if conds.loras and torch_kinds else (bundle, None)
+    embeds = None
+    if conds.ip_adapter is not None and torch_kinds:
+        copied, embeds = ip_adapter_copy(bundle, conds.ip_adapter, device, copied if conds.loras else None)
+
+    def wrap_torch(nets):  # the IP-Adapter's embeddings on every UNet call, then the ControlNets on the step
+        from ..runtime.ipadapter import IPAdapterNetworks
+
+        nets = IPAdapterNetworks(nets, embeds) if embeds is not None else nets
+        return _torch_controlled(nets, modules, conds.controls, device) if conds.controls else nets
     if conds.loras and any(k.startswith(ENGINE_FOLDER_PREFIX) for k in kinds):
         from ..core.lora import check_loras
 
@@ -201,11 +289,11 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
                 what = "LoRA swapped into the engines"
             else:
                 get = plain[kind]
-        elif conds.loras:
-            wrap = (lambda nets: _torch_controlled(nets, modules, conds.controls, device)) if conds.controls \
-                else None
+        elif conds.loras or conds.ip_adapter:
+            wrap = wrap_torch if conds.controls or embeds is not None else None
             get = _eager(copied, wrap, device) if kind == "torch" else lazy_torch(kind, copied, wrap)
-            setup, what = (lambda s=fuse_s: s), "LoRA fused into a copy of the weights, once"
+            if conds.loras:
+                setup, what = (lambda s=fuse_s: s), "LoRA fused into a copy of the weights, once"
         elif conds.controls:
             get = _wrapped(plain[kind], bundle, modules, conds.controls, device, kind)
         else:
@@ -215,7 +303,7 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
                            lambda g=get: g().generate(plan, opts, image=conds.image).timings,
                            f"'{name}' with {label}", pair=name, setup=setup, setup_label=what,
                            cost=lambda counter, cfg, dil: conditioned_cost(conds, counter, plan, cfg, opts.relay, dil,
-                                                                           cns)))
+                                                                           cns, ip_counter)))
     return out
 
 

@@ -103,11 +103,12 @@ def markdown(result: BenchResult) -> str:
         f"| device | {env.device_name} ({env.device}), driver {env.driver or '–'}, CUDA {env.cuda or '–'} |",
         f"| libraries | torch {env.torch}, diffusers {env.diffusers}, transformers {env.transformers}, "
         f"Python {env.python} |",
-        f"| precision | UNet {st.get('dtype')}, VAE {st.get('vae_dtype')} |" if not st.get("cost_only") else
-        "| precision | – (costs only) |",
+        f"| precision | {st.get('denoiser', 'UNet')} {st.get('dtype')}, VAE {st.get('vae_dtype')} |"
+        if not st.get("cost_only") else "| precision | – (costs only) |",
         f"| timing | {st.get('repeats')} timed runs after {st.get('warmup')} warm-up, median |"
         if not st.get("cost_only") else "| timing | not timed (--cost-only) |",
-        f"| guidance, seed | {st.get('guidance')}, {st.get('seed')} (CFG batch 2) |",
+        f"| guidance, seed | {st.get('guidance')}, {st.get('seed')} "
+        f"({'CFG batch 2' if st.get('cfg_batch', 2) == 2 else 'one pass per step'}) |",
         f"| peak | {peak} |", "",
         "## Summary", "", *summary_table(result), "",
     ]

@@ -8,7 +8,7 @@ import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
                      add_plan_arguments, run_main)
-from .conditions import add_control_arguments, add_image_arguments
+from .conditions import add_control_arguments, add_image_arguments, add_ip_adapter_arguments
 
 
 def build_parser() -> ArgumentParser:
@@ -24,9 +24,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default: %(default)s)")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="(default: %(default)r)")
     p.add_argument("--negative-prompt", default="", help="(default: none)")
-    p.add_argument("--guidance", default="7.0", metavar="W",
-                   help="classifier-free guidance weight, a finite number >= 0 (default: %(default)s); "
-                        "at 1 or below CFG is off")
+    p.add_argument("--guidance", metavar="W",
+                   help="classifier-free guidance weight, a finite number >= 0 (default: 7.0); at 1 or below CFG is "
+                        "off; sd3 and flux default to their family's (FLUX takes it as its guidance embedding)")
     p.add_argument("--seed", default="0", metavar="N", help="noise seed, an integer 0 <= N < 2^64 (default: %(default)s)")
     p.add_argument("--dilation", type=int, metavar="D",
                    help="mid-block dilation at stages after the first, 1 to 8 (default: 2, the paper's)")
@@ -52,6 +52,7 @@ def build_parser() -> ArgumentParser:
                         "cache the first run filled)")
     add_image_arguments(p)
     add_control_arguments(p)
+    add_ip_adapter_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="also time each variant with this LoRA (.safetensors) times SCALE (default 1): fused on the "
                         "torch variants, swapped into the engines (the swap timed apart); repeatable")
@@ -66,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model in pixel_family_names():  # DeepFloyd IF: cli/bench_if.py
         from .bench_if import run_if_bench
 
-        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--image", args.image))
-                 if v]
+        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet), ("--image", args.image),
+                                ("--ip-adapter", args.ip_adapter)) if v]
         if given:
             raise UsageError(f"{' and '.join(given)}: mf-bench takes the extra conditions for the latent families "
-                             f"(SD1.5, SDXL), not {args.model}")
+                             f"(SD1.5, SDXL, SD3, FLUX), not {args.model}")
         return run_if_bench(args, build_parser())
     from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
@@ -84,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.timing import environment
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
+    if family.kind in ("sd3", "flux"):  # the flow-matching transformers: cli/bench_dit.py
+        from .bench_dit import run_dit_bench
+
+        return run_dit_bench(args, family)
     # Every check of the user's input comes before the model load and the runs.
     if args.engines is not None:
         raise UsageError(f"--engines {args.engines}: mf-bench names the variants to time with --variants "
                          f"(--variants {args.engines}); mf-generate's --engines is an engine folder")
     weights_seed = weights_seed_from_args("mf-bench", family, args)
-    guidance, seed = parse_guidance(args.guidance), parse_seed(args.seed)
+    guidance, seed = parse_guidance(args.guidance if args.guidance is not None else "7.0"), parse_seed(args.seed)
     dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     if args.repeats < 1 or args.warmup < 0:
@@ -160,10 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cost_only:
         peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
         from ..runtime.controlnet import ControlInputError
+        from ..runtime.ipadapter import IPAdapterError
 
         try:
             variants = cost_variants(family, plan, conditions)
-        except ControlInputError as e:
+        except (ControlInputError, IPAdapterError) as e:
             raise UsageError(str(e)) from None
     else:
         from ..core.loading import load_model
@@ -172,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         from ..benchmarks.variants import default_variants
         from ..core.lora import LoraError
         from ..runtime.controlnet import ControlInputError
+        from ..runtime.ipadapter import IPAdapterError
 
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
@@ -190,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             variants = default_variants(bundle, plan, opts, device, variant_names, args.engine_dir, direct_for,
                                         compile_cache, engine_bundle, conditions)
-        except (LoraError, ControlInputError) as e:  # a LoRA or ControlNet that does not fit the model
+        except (LoraError, ControlInputError, IPAdapterError) as e:  # a file that does not fit the model
             raise UsageError(str(e)) from None
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter,
                            cfg=guidance > 1.0, dilation=dilation, time_them=not args.cost_only)
@@ -224,10 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
-    """The --lora, --controlnet and --image inputs, checked as mf-generate checks them (cli/conditions.py), before
-    any load; the combinations mf-generate refuses are refused here too."""
-    from ..benchmarks.conditions import Conditions
-    from .conditions import controls_from_args, image_start_from_args, loras_from_args
+    """The --lora, --controlnet, --ip-adapter and --image inputs, checked as mf-generate checks them
+    (cli/conditions.py), before any load; the combinations mf-generate refuses are refused here too."""
+    from ..benchmarks.conditions import Conditions, IPAdapterInput
+    from .conditions import controls_from_args, image_start_from_args, ip_adapter_from_args, loras_from_args
 
     image = image_start_from_args(args, plan)
     loras = loras_from_args(args.lora)
@@ -237,9 +244,13 @@ def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
         raise UsageError(f"--lora with --variants {','.join(engines)} and --controlnet: the ControlNet engines hold "
                          "the base UNet; build them from the LoRA's weights (mf-build-engines --lora ... "
                          "--controlnet ...) and leave out --lora here")
-    if (loras or controls or image) and family.kind in ("sd3", "flux"):
-        raise UsageError(f"--lora, --controlnet and --image: mf-bench takes them for SD1.5 and SDXL, not {family.name}")
-    return Conditions(tuple(loras), tuple(controls), image)
+    ip_image = ip_adapter_from_args(args)
+    if ip_image is not None and engines:
+        raise UsageError(f"--ip-adapter with --variants {','.join(engines)}: the IP-Adapter runs on the torch "
+                         "variants only (torch, graphs, compiled), as mf-generate's; leave out the engines")
+    ip = None if ip_image is None else IPAdapterInput(args.ip_adapter, args.ip_adapter_encoder,
+                                                      args.ip_adapter_scale, ip_image)
+    return Conditions(tuple(loras), tuple(controls), image, ip)
 
 
 def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[str, ...]:

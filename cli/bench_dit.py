@@ -1,0 +1,170 @@
+"""`mf-bench --model sd3 | flux | tiny-sd3 | tiny-flux`: the flow pipeline's variants beside direct, with costs,
+and the extra conditions (--lora, --controlnet, --ip-adapter, --image) as a conditioned row per variant
+(benchmarks/dit_bench.py). Every check of the user's input comes before the model load, as mf-generate's."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from .common import UsageError
+
+_NOT_FOR_DIT = (("--engine-dir", "engine_dir"), ("--cold-start", "cold_start"), ("--compile-cache", "compile_cache"))
+
+
+def _refusals(args: argparse.Namespace, family) -> None:
+    name = family.name
+    if args.dilation is not None:
+        raise UsageError(f"--dilation {args.dilation}: {name} is a transformer; it has no convolution whose receptive "
+                         "field a dilated mid block would widen")
+    if family.kind == "flux" and args.negative_prompt:
+        raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
+                         "no negative prompt")
+    for flag, attr in _NOT_FOR_DIT:
+        if getattr(args, attr) is not None:
+            raise UsageError(f"{flag}: mf-bench does not take it for {name} yet (its variants are torch, graphs "
+                             "and compiled)")
+
+
+def _variants(args: argparse.Namespace, family, device) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from ..benchmarks.dit_bench import DIT_VARIANTS
+
+    names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())
+    if args.variants is not None and not names:
+        raise UsageError(f"--variants {args.variants!r}: name at least one variant (torch, graphs, compiled)")
+    if not args.cost_only:
+        names = names or (("torch", "graphs", "compiled") if device.type == "cuda" else ("torch",))
+        unknown = [n for n in names if n not in DIT_VARIANTS]
+        if unknown:
+            raise UsageError(f"--variants {args.variants}: {', '.join(map(repr, unknown))} not available for "
+                             f"{family.name}; choose from {', '.join(DIT_VARIANTS)}")
+        gpu = [n for n in names if n != "torch"]
+        if gpu and device.type != "cuda":
+            raise UsageError(f"--variants {args.variants}: {' and '.join(gpu)} "
+                             f"{'needs' if len(gpu) == 1 else 'need'} a CUDA device (got {device}); on the CPU only "
+                             "torch runs")
+    from .bench import _list_arg
+
+    direct_for = _list_arg(args.direct_for, names, "--direct-for")
+    if not args.cost_only and set(direct_for) - set(names):
+        raise UsageError(f"--direct-for {args.direct_for}: {', '.join(sorted(set(direct_for) - set(names)))} "
+                         f"is not among the variants timed ({', '.join(names)})")
+    return names, direct_for
+
+
+def dit_conditions_from_args(args: argparse.Namespace, family, plan):
+    """--lora, --controlnet, --ip-adapter and --image checked as mf-generate checks them for these families
+    (cli/generate_flow.py), before any load."""
+    from ..benchmarks.dit_bench import DiTConditions, IPAdapterInput
+    from ..core.dit_lora import check_dit_lora_file
+    from ..core.lora import LoraError
+    from ..runtime.controlnet import ControlInputError
+    from ..runtime.flow_controlnet import check_flow_controlnet_folder
+    from ..runtime.flow_img2img import flow_entry_point
+    from .conditions import controls_from_args, image_start_from_args, ip_adapter_from_args, loras_from_args
+
+    controls = controls_from_args(args)
+    loras = loras_from_args(args.lora)
+    try:
+        for c in controls:
+            check_flow_controlnet_folder(c[0], family)
+        for spec in loras:
+            check_dit_lora_file(spec, family)
+    except (ControlInputError, LoraError) as e:
+        raise UsageError(str(e)) from None
+    ip_image = ip_adapter_from_args(args)
+    if ip_image is not None and family.kind == "sd3":
+        from .generate_flow import _check_sd3_ip_adapter
+
+        _check_sd3_ip_adapter(args)
+    image = image_start_from_args(args, plan, flow_entry_point)
+    ip = None if ip_image is None else IPAdapterInput(args.ip_adapter, args.ip_adapter_encoder,
+                                                      args.ip_adapter_scale, ip_image)
+    return DiTConditions(tuple(loras), tuple(controls), image, ip)
+
+
+def run_dit_bench(args: argparse.Namespace, family) -> int:
+    import torch
+
+    from ..benchmarks.bench import BenchResult, notes, resolve_peak, run_variants, speedups
+    from ..benchmarks.dit_bench import DIT_CONDITIONS_NOTE, DIT_NOTES, dit_cost, dit_cost_variants, dit_variants
+    from ..benchmarks.dit_flops import SD3_NOTE, DiTCostCounter
+    from ..benchmarks.report import summary_table, write_reports
+    from ..benchmarks.timing import environment
+    from ..core.lora import LoraError
+    from ..runtime.controlnet import ControlInputError
+    from ..runtime.flow_pipeline import FlowGenerationOptions
+    from ..runtime.ipadapter import IPAdapterError
+    from .common import (DTYPES, output_folder_from_args, parse_guidance, parse_seed, plan_from_args,
+                         resolve_device, warn_truncated_prompts, weights_seed_from_args)
+
+    _refusals(args, family)
+    weights_seed = weights_seed_from_args("mf-bench", family, args, takes_dit=True)
+    guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
+    seed = parse_seed(args.seed)
+    plan = plan_from_args(family, args.size, args.stages, args.steps)
+    if args.repeats < 1 or args.warmup < 0:
+        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
+    out_dir = output_folder_from_args("--output", args.output)
+    device = resolve_device("cpu" if args.cost_only else args.device)
+    kinds, direct_for = _variants(args, family, device)
+    conds = dit_conditions_from_args(args, family, plan)
+    opts = FlowGenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule)
+    counter = DiTCostCounter(family)
+    cfg = guidance > 1.0
+    cond_cost = None
+    if conds:  # the ControlNets' and the IP-Adapter's counters, from their files: a bad one is refused now
+        cond_cost = dit_cost(plan, conds, opts.relay)
+        try:
+            cond_cost(counter, cfg, 1)
+        except (ControlInputError, IPAdapterError) as e:
+            raise UsageError(str(e)) from None
+    # bf16 on CUDA, as mf-generate: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range.
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    vae = DTYPES[args.vae_dtype] if args.vae_dtype else None
+    print(f"plan: {plan.describe()}")
+    if conds:
+        print(f"conditions: {conds.label()} (each variant timed with them too)")
+    if args.cost_only:
+        peak, source = (args.peak_tflops, "given on the command line") if args.peak_tflops else (None, None)
+        variants = dit_cost_variants(family, plan, conds, opts.relay, cond_cost)
+    else:
+        from ..core.loading import load_model
+
+        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
+                            seed=weights_seed)
+        warn_truncated_prompts("mf-bench", bundle.tokenizers[:-1],
+                               {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt})
+        print(f"model {family.name} ({bundle.source}) on {device}, transformer "
+              f"{str(bundle.transformer.dtype).removeprefix('torch.')}")
+        peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
+        try:
+            variants = dit_variants(bundle, plan, opts, device, kinds, direct_for, conds, vae, cond_cost)
+        except (LoraError, ControlInputError, IPAdapterError) as e:  # a file that does not fit the model
+            raise UsageError(str(e)) from None
+        vae = bundle.vae.dtype
+    results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter, cfg=cfg,
+                           dilation=1, time_them=not args.cost_only)
+    settings = {
+        "output": f"{plan.output_width}x{plan.output_height}", "plan": plan.describe(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
+        "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
+        "dilation": None, "reschedule": not args.no_reschedule, "relay": opts.relay, "cost_only": args.cost_only,
+        "denoiser": "transformer", "cfg_batch": 2 if cfg and family.cfg else 1,
+    }
+    extra = list(DIT_NOTES) + ([SD3_NOTE] if family.kind == "sd3" and not family.tiny else [])
+    if conds:
+        settings["conditions"] = conds.describe(plan)
+        extra.append(DIT_CONDITIONS_NOTE)
+    general = [n for n in notes(family) if "UNet" not in n]  # timing, direct rows, memory
+    result = BenchResult(family.name, settings, environment(device), peak, source, results,
+                         speedups(results) if not args.cost_only else [], [], general + extra, [])
+    paths = write_reports(result, out_dir)
+    print("\n".join(summary_table(result)))
+    for s in result.speedups:
+        print(f"{s.engine} over {s.over}: {s.factor:.2f}x")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
