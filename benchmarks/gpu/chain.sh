@@ -39,6 +39,8 @@
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
 #   capi-sdxl   libmegafusion built with CUDA, then C++ graphed, C++ without graphs and Python graphed on the static
 #               SDXL packages of sdxl-build (or lora-fused): #15's "within 3% of Python"
+#   dit-bench-cn  mf-bench SD3 2048 torch and graphs, plain and with a real-size random ControlNet; then the GPU
+#               test of mf-bench's DiT rows (#18 item 5)
 #   capi-apart  the GPU test of libmegafusion on --weights-apart tiny-sd15 UNets (CUDA graphs on) (#15)
 #   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
@@ -131,6 +133,7 @@ step() {  # the command line of one step
       && cmake --build /tmp/mfbuild --target mf-generate-cpp -j 12' && timeout 900 python3 benchmarks/lab/cpp_vs_python.py \
       --model sdxl --engines /tmp/mf-aoti-sdxl --size 2048x2048 --cpp-bin /tmp/mfbuild/cpp/mf-generate-cpp \
       --output $RES/capi-sdxl --repeats 3 --modes cpp,cpp-no-graphs,python-aoti-graphs" ;;
+    dit-bench-cn) echo "OUT=$RES bash benchmarks/gpu/dit_bench_cond.sh sd3; OUT=$RES bash benchmarks/gpu/dit_bench_cond.sh tests" ;;
     capi-apart) echo "timeout 600 python3 -m pytest -q -m gpu tests/cpp/test_libmegafusion_apart.py -p no:cacheprovider" ;;
     capi-flow) echo "mkdir -p $RES/capi-flow; OUT=$RES/capi-flow timeout 900 bash benchmarks/gpu/libmegafusion_flow.sh fp32" ;;
     *) echo "false unknown-step-$1" ;;
