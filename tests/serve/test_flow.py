@@ -191,3 +191,43 @@ def test_served_conditions_are_mf_generates_bytes(model, condition_files, tmp_pa
     assert served(server) == plain  # nothing of the last request stays behind
     info = server.describe()
     assert info["controlnets"] == 1 and info["ip_adapter"] and info["loras"] == [f"{f['lora']} x0.7"]
+
+
+@pytest.mark.slow
+def test_served_from_onnxruntime_engines_is_mf_generates_bytes(tmp_path, capsys):
+    """--engines with a tiny-sd3 ONNX Runtime transformer engine: chosen before the load for the served size, and
+    each request's PNG is mf-generate --engines' (same engine, same bytes); a LoRA on engines that take none is
+    refused in one line."""
+    from megafusion.cli.build_engines import main as build
+    from megafusion.serve.flow_model import FlowModelServer
+
+    from megafusion.serve.preflight import preflight
+
+    stages = "128x128:2,160x192:1"
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--stages", stages, "--device", "cpu",
+                  "--output", str(tmp_path / "narrow")]) == 0
+    with pytest.raises(ConfigError) as e:  # the served size's default plan starts at 112x144, outside the engine
+        preflight(check_config(ServeConfig("tiny-sd3", engines=str(tmp_path / "narrow"), sizes=((160, 192),))))
+    assert "serves 128x128 to 192x192 at batch 1 to 2, not this plan's stages 112x144, 160x192" in str(e.value)
+    assert "mf-build-engines --model tiny-sd3 --backend onnxruntime" in str(e.value) and "\n" not in str(e.value)
+    assert build(["--model", "tiny-sd3", "--backend", "onnxruntime", "--stages", "112x144:2,160x192:1", "--device",
+                  "cpu", "--output", str(tmp_path / "e")]) == 0
+    server = FlowModelServer(check_config(ServeConfig("tiny-sd3", engines=str(tmp_path / "e"), sizes=((160, 192),))))
+    assert server.describe()["engines"] == f"onnxruntime engine in {tmp_path / 'e'}"
+    server.warm_up()
+    got = server.generate(parse_request({"prompt": "a fox", "stages": stages, "seed": 3}, server.family,
+                                        server.cfg.served_sizes)).png
+    from megafusion.cli.generate import main
+
+    capsys.readouterr()
+    assert main(["--model", "tiny-sd3", "--device", "cpu", "--no-progress", "--prompt", "a fox", "--stages", stages,
+                 "--seed", "3", "--engines", str(tmp_path / "e"), "--output", str(tmp_path / "ref.png")]) == 0
+    assert "transformer from the onnxruntime engine" in capsys.readouterr().out
+    assert got == (tmp_path / "ref.png").read_bytes()
+    lora = tmp_path / "l.safetensors"
+    from tests.core.test_dit_lora import _random_lora, save_diffusers
+
+    save_diffusers(_random_lora(server.bundle), lora)
+    with pytest.raises(ConfigError, match="--lora with --engines: onnxruntime transformer engines take no LoRA"):
+        preflight(check_config(ServeConfig("tiny-sd3", engines=str(tmp_path / "e"), sizes=((160, 192),),
+                                           loras=(str(lora),))))
