@@ -136,6 +136,16 @@ def test_plain_requests_are_mf_generates_bytes(model, tmp_path):
     assert served(server, **extra) == mf_generate(tmp_path, model, flags)
     assert served(server) == mf_generate(tmp_path, model, [])  # the family's default guidance on both sides
     assert server.batch_limit(parse_request({"prompt": "x"}, server.family)) == 1
+    asked = []
+
+    def stop_at_third():
+        asked.append(1)
+        return len(asked) >= 3  # once before the request, then after each step
+
+    from megafusion.serve.model import Cancelled
+
+    with pytest.raises(Cancelled, match="stage 1, step 2"):
+        server.generate(parse_request({"prompt": "x", "stages": "128x128:50"}, server.family), stop_at_third)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +241,28 @@ def test_served_from_onnxruntime_engines_is_mf_generates_bytes(tmp_path, capsys)
     with pytest.raises(ConfigError, match="--lora with --engines: onnxruntime transformer engines take no LoRA"):
         preflight(check_config(ServeConfig("tiny-sd3", engines=str(tmp_path / "e"), sizes=((160, 192),),
                                            loras=(str(lora),))))
+
+
+@pytest.mark.slow
+def test_served_from_aoti_packages_is_mf_generates_image(flux_aoti, tmp_path, capsys):
+    """--engines with the session's tiny-flux aoti packages (tests/conftest.py `flux_aoti`, read only): the served
+    image is mf-generate --engines' (same packages; bytes equal); a request whose stage shape has no package is
+    refused naming it (a 400 through the app)."""
+    from megafusion.cli.generate import main
+    from megafusion.serve.flow_model import FlowModelServer
+    from megafusion.serve.model import ServeModelError
+    from tests.conftest import FLUX_AOTI_STAGES as stages
+
+    engines = str(flux_aoti[0])
+    server = FlowModelServer(check_config(ServeConfig("tiny-flux", engines=engines, sizes=((160, 160),))))
+    assert server.describe()["engines"] == f"aoti packages in {engines}"
+    server.warm_up()
+    got = server.generate(parse_request({"prompt": "a fox", "stages": stages, "seed": 3}, server.family,
+                                        server.cfg.served_sizes)).png
+    assert main(["--model", "tiny-flux", "--device", "cpu", "--no-progress", "--prompt", "a fox", "--stages", stages,
+                 "--seed", "3", "--engines", engines, "--output", str(tmp_path / "ref.png")]) == 0
+    assert "aoti packages" in capsys.readouterr().out
+    assert got == (tmp_path / "ref.png").read_bytes()
+    with pytest.raises(ServeModelError, match="no tiny-flux transformer package for the 144x144 stage"):
+        server.generate(parse_request({"prompt": "a fox", "stages": "144x144:1,160x160:1"}, server.family,
+                                      server.cfg.served_sizes))
