@@ -3,9 +3,10 @@ them for these families (cli/generate_flow.py), before Ray starts. No model load
 
 What the flow runtime has and serves: image to image, ControlNet (torch), IP-Adapter (FLUX: CLIP vision encoder;
 SD3: SigLIP), LoRA (fused; with --engines swapped by engines that take one) and transformer engines
-(engine/dit_engines.py). What it does not: --precision fp8, and, here, ControlNets with --engines (mf-generate
-runs those from aoti ControlNet packages; the server does not open them yet). Each refusal is a ConfigError
-naming the flag and the value.
+(engine/dit_engines.py). With --engines and --controlnet, plain requests
+run from the transformer engines and controlled ones from the aoti ControlNet and controlled-transformer packages
+(engine/dit_controlnet_engines.py), both checked for every served size before Ray starts. What it does not:
+--precision fp8. Each refusal is a ConfigError naming the flag and the value.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def check_dit_flags(cfg: ServeConfig, family) -> None:
             check_flow_controlnet_folder(path, family)
     except ControlInputError as e:
         raise ConfigError(str(e)) from None
-    if cfg.controlnets and cfg.engines is not None:
-        raise ConfigError(f"--controlnet with --engines: mf-serve runs {name}'s ControlNets in torch only (mf-generate "
-                          "--engines --controlnet runs the aoti ControlNet packages); leave out --engines")
+    if cfg.controlnets and cfg.engines is not None and cfg.loras:  # as the UNet server refuses it
+        raise ConfigError("--lora with --engines and --controlnet: the controlled-transformer packages hold the "
+                          "weights they were built from; build them with the LoRA (mf-build-engines --lora ... "
+                          "--controlnet ...) and leave out --lora here")
     if cfg.ip_adapter is not None and family.kind == "sd3":
         from ..runtime.flow_ipadapter_sd3 import check_sd3_ip_adapter_file, check_siglip_folder
         from ..runtime.ipadapter import IPAdapterError
@@ -81,7 +83,35 @@ def choose_served_engines(cfg: ServeConfig, family):
                                          dit_precision(cfg.device), cfg_batch(family), cfg.device == "cuda")
         except EngineError as e:
             raise ConfigError(f"--engines {cfg.engines!r}: {e}") from None
+        if cfg.controlnets:
+            check_served_control_engines(cfg, family, default_plan(family, w, h))
     if cfg.loras and not kind.takes_lora:
         raise ConfigError(f"--lora with --engines: {kind.backend} transformer engines take no LoRA yet; build aoti "
                           f"packages (mf-build-engines --model {family.name} --backend aoti ...) and use those")
     return kind
+
+
+def dit_source(cfg: ServeConfig, family) -> str:
+    """The weights' source as the loader records it (`DiTBundle.source`), known before the load."""
+    from pathlib import Path
+
+    if cfg.model_path is not None:
+        return str(Path(cfg.model_path).expanduser())
+    return "random:0" if family.tiny or cfg.random_weights else family.hub_id
+
+
+def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | None = None) -> None:
+    """--engines with --controlnet: the folder holds a controlled-transformer package for every stage shape of
+    `plan` at the transformer batch (default: the default guidance's), else an EngineError naming the build command
+    (as mf-generate --engines --controlnet checks it; the ControlNets' own packages are checked when opened)."""
+    from ..engine.cache import EngineError
+    from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
+
+    batch = cfg_batch(family) if batch is None else batch
+    precision = dit_precision(cfg.device)
+    command = dit_controlnet_build_command(family, dit_source(cfg, family), plan, precision, cfg.engines, cfg.device,
+                                           batch, cfg.controlnets)
+    try:
+        check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command)
+    except EngineError as e:
+        raise ConfigError(f"--engines {cfg.engines!r} with --controlnet: {e}") from None

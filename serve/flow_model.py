@@ -21,7 +21,7 @@ from ..core.plan import StagePlan
 from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
 
 from .conditions import Offered
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig
 from .flow_config import cfg_batch, choose_served_engines, dit_mode, dit_precision
 from .model import Cancelled, Generated, ServeModelError, _generated, log, warmup_plan
 from .request import GenerateRequest, size_text
@@ -60,7 +60,14 @@ class FlowModelServer:
         self.nets = nets
         self.conditions = None
         self.control_pipe = None
-        if cfg.controlnets or cfg.ip_adapter:
+        self.control_modules: list = []
+        self._control_engines: dict[tuple, FlowMegaFusionPipeline] = {}
+        if kind is not None and cfg.controlnets:  # their packages open per plan (controlled_engines_for)
+            from ..runtime.flow_controlnet import load_flow_controlnet
+
+            self.control_modules = [load_flow_controlnet(p, self.bundle.transformer, self.family, self.device, dtype)
+                                    for p in cfg.controlnets]
+        elif cfg.controlnets or cfg.ip_adapter:
             from .flow_conditioned import FlowServerConditions
 
             self.conditions = FlowServerConditions(cfg, self.bundle, nets, self.device)
@@ -89,15 +96,51 @@ class FlowModelServer:
             raise ServeModelError(str(e)) from None
         self._checked.add(key)
 
+    def controlled_engines_for(self, plan: StagePlan, guidance: float) -> FlowMegaFusionPipeline:
+        """With --engines and --controlnet: the ControlNet and controlled-transformer packages for the plan's stage
+        shapes (engine/dit_controlnet_engines.py), as mf-generate --engines --controlnet opens them; kept per shapes
+        and transformer batch. Missing or stale packages are a ServeModelError with the build command."""
+        from ..engine.cache import EngineError
+        from ..engine.dit_controlnet_engines import open_dit_controlnet_engines
+        from ..runtime.controlnet import Control
+        from ..runtime.flow_controlnet_engines import EngineControlledFlowNetworks
+
+        from .flow_config import check_served_control_engines
+
+        batch = 2 if self.family.cfg and guidance > 1.0 else 1
+        key = (tuple((s.height, s.width) for s in plan.stages), batch)
+        pipe = self._control_engines.get(key)
+        if pipe is None:
+            try:
+                check_served_control_engines(self.cfg, self.family, plan, batch)
+                runners, transformer = open_dit_controlnet_engines(self.cfg.engines, self.bundle, plan,
+                                                                   self.control_modules, list(self.cfg.controlnets),
+                                                                   self.device, self.precision, batch)
+            except (ConfigError, EngineError) as e:
+                raise ServeModelError(str(e)) from None
+            blank = torch.zeros(1, 3, 8, 8)  # each request's images are set by generate, encoded by prepare_plan
+            nets = EngineControlledFlowNetworks(self.nets, [Control(m, blank) for m in self.control_modules],
+                                                self.device, runners, transformer)
+            mode = self.mode if nets.capturable else "eager"
+            pipe = self._control_engines[key] = FlowMegaFusionPipeline(self.bundle, nets, self.device, mode)
+        return pipe
+
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once with the default plan's stage shapes, one step each: graphs and compiled
-        code depend on the shapes and the transformer batch, not on the step count; (size, seconds)."""
+        code depend on the shapes and the transformer batch, not on the step count; (size, seconds). With
+        ControlNets, once more with a blank control image each (their own graphs; with --engines their packages
+        opened and verified at start)."""
+        from .conditions import Conditions, ControlInput
+
+        controlled = Conditions(controls=tuple(ControlInput(torch.zeros(1, 3, 64, 64)) for _ in self.cfg.controlnets))
         out = []
         for w, h in self.cfg.served_sizes:
             plan = warmup_plan(self.family, w, h)
             t0 = time.perf_counter()
             opts = FlowGenerationOptions("warm-up", guidance=self.family.default_guidance)
             self.generate(GenerateRequest(plan, opts))
+            if controlled.controls:
+                self.generate(GenerateRequest(plan, opts, controlled))
             out.append((size_text(w, h), time.perf_counter() - t0))
         return out
 
@@ -114,6 +157,12 @@ class FlowModelServer:
             pipe = self.pipe
             if self.conditions is not None and self.conditions.networks_for(req.conditions) is not self.conditions.plain:
                 pipe = self.control_pipe
+            elif req.conditions.controls:  # engines: the ControlNet packages opened for the plan's shapes
+                from ..runtime.controlnet import Control
+
+                pipe = self.controlled_engines_for(req.plan, req.options.guidance)
+                pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
+                                      for m, c in zip(self.control_modules, req.conditions.controls)]
             result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None,
                                    image=req.conditions.image)
         return _generated(result, req.options.seed)

@@ -76,8 +76,8 @@ def flags(tmp_path_factory):
     ("tiny-flux", {"precision": "fp8"}, "--precision fp8: not available for tiny-flux yet"),
     ("tiny-sd3", {"controlnets": ("{d}/unetcn",)}, "a ControlNetModel folder; tiny-sd3 takes a SD3ControlNetModel"),
     ("tiny-flux", {"controlnets": ("{d}/sd3cn",)}, "a SD3ControlNetModel folder; tiny-flux takes a FluxControlNetModel"),
-    ("tiny-sd3", {"controlnets": ("{d}/sd3cn",), "engines": "{d}/empty"},
-     "--controlnet with --engines: mf-serve runs tiny-sd3's ControlNets in torch only"),
+    ("tiny-sd3", {"controlnets": ("{d}/sd3cn",), "engines": "{d}/empty", "loras": ("{d}/unet_lora.safetensors",)},
+     "--lora with --engines and --controlnet"),
     ("tiny-sd3", {"loras": ("{d}/unet_lora.safetensors",)}, "unknown key 'unet.down_blocks.0"),
 ])
 def test_bad_flags_refused_in_one_line(model, kw, needle, flags):
@@ -266,3 +266,45 @@ def test_served_from_aoti_packages_is_mf_generates_image(flux_aoti, tmp_path, ca
     with pytest.raises(ServeModelError, match="no tiny-flux transformer package for the 144x144 stage"):
         server.generate(parse_request({"prompt": "a fox", "stages": "144x144:1,160x160:1"}, server.family,
                                       server.cfg.served_sizes))
+
+
+@pytest.mark.slow
+def test_controlnet_served_from_aoti_packages_is_mf_generates_image(flux_aoti, tmp_path, capsys):
+    """--engines --controlnet: plain requests from the session's tiny-flux transformer packages, controlled ones from
+    the ControlNet and controlled-transformer packages built here into a copy of that folder (one stage shape); each
+    is mf-generate --engines' image (bytes equal); a folder without them is refused before Ray in one line."""
+    import shutil
+
+    from megafusion.cli.build_engines import main as build
+    from megafusion.cli.generate import main
+    from megafusion.core.families import FAMILIES
+    from megafusion.serve.flow_model import FlowModelServer
+    from megafusion.serve.preflight import preflight
+    from tests.runtime.test_flow_controlnet import save_tiny_flow_controlnet
+
+    cn = str(save_tiny_flow_controlnet(FAMILIES["tiny-flux"], tmp_path / "cn", seed=1))
+    cfg = ServeConfig("tiny-flux", engines=str(flux_aoti[0]), sizes=((128, 128),), controlnets=(cn,))
+    with pytest.raises(ConfigError) as e:
+        preflight(check_config(cfg))
+    assert "with --controlnet: " in str(e.value) and "--controlnet " + cn in str(e.value), str(e.value)
+    eng = tmp_path / "eng"
+    shutil.copytree(flux_aoti[0], eng)
+    assert build(["--model", "tiny-flux", "--backend", "aoti", "--stages", "128x128:2,128x128:2", "--device", "cpu",
+                  "--networks", "transformer", "--controlnet", cn, "--output", str(eng)]) == 0
+    cfg = preflight(check_config(ServeConfig("tiny-flux", engines=str(eng), sizes=((128, 128),), controlnets=(cn,))))
+    server = FlowModelServer(cfg)
+    server.warm_up()  # opens and verifies the ControlNet packages too
+    (tmp_path / "c.png").write_bytes(png_bytes(2, (128, 128)))
+    stages = "128x128:2,128x128:2"
+    common = ["--model", "tiny-flux", "--device", "cpu", "--no-progress", "--prompt", "a fox", "--stages", stages,
+              "--seed", "3", "--engines", str(eng)]
+    body = {"prompt": "a fox", "stages": stages, "seed": 3}
+    for fields, flags in (({}, []), ({"control_images": [b64(png_bytes(2, (128, 128)))], "control_scale": 0.8},
+                                     ["--controlnet", cn, "--control-image", str(tmp_path / "c.png"),
+                                      "--control-scale", "0.8"])):
+        got = server.generate(parse_request({**body, **fields}, server.family, cfg.served_sizes, server.offered)).png
+        out = tmp_path / "ref.png"
+        out.unlink(missing_ok=True)
+        assert main([*common, *flags, "--output", str(out)]) == 0
+        assert got == out.read_bytes(), fields.keys()
+    assert "controlnet: 1 from the aoti packages" in capsys.readouterr().out
