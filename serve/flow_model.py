@@ -154,8 +154,8 @@ class FlowModelServer:
             if should_stop is not None and should_stop():
                 raise Cancelled("stopped before it started")
             self._check_engines(req.plan, req.options.guidance)
-            pipe = self.pipe
-            if self.conditions is not None and self.conditions.networks_for(req.conditions) is not self.conditions.plain:
+            pipe, c = self.pipe, self.conditions
+            if c is not None and c.networks_for(req.conditions) is not c.plain:  # sets the IP-Adapter's image too
                 pipe = self.control_pipe
             elif req.conditions.controls:  # engines: the ControlNet packages opened for the plan's shapes
                 from ..runtime.controlnet import Control

@@ -75,7 +75,8 @@ def flags(tmp_path_factory):
 @pytest.mark.parametrize("model,kw,needle", [
     ("tiny-flux", {"precision": "fp8"}, "--precision fp8: not available for tiny-flux yet"),
     ("tiny-sd3", {"controlnets": ("{d}/unetcn",)}, "a ControlNetModel folder; tiny-sd3 takes a SD3ControlNetModel"),
-    ("tiny-flux", {"controlnets": ("{d}/sd3cn",)}, "a SD3ControlNetModel folder; tiny-flux takes a FluxControlNetModel"),
+    ("tiny-flux", {"controlnets": ("{d}/sd3cn",)},
+     "a SD3ControlNetModel folder; tiny-flux takes a FluxControlNetModel"),
     ("tiny-sd3", {"controlnets": ("{d}/sd3cn",), "engines": "{d}/empty", "loras": ("{d}/unet_lora.safetensors",)},
      "--lora with --engines and --controlnet"),
     ("tiny-sd3", {"loras": ("{d}/unet_lora.safetensors",)}, "unknown key 'unet.down_blocks.0"),
