@@ -26,7 +26,7 @@ class _Stop(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Serve MegaFusion over HTTP (POST /v1/generate, GET /v1/health, "
                                        "GET /v1/models) on Ray Serve.")
-    p.add_argument("--model", required=True, help="sd15, sdxl, tiny-sd15 or tiny-sdxl")
+    p.add_argument("--model", required=True, help="sd15, sdxl, sd3, flux, or tiny-sd15, tiny-sdxl, tiny-sd3, tiny-flux")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--model-path", help="a local diffusers folder (at this path on every node)")
     weights.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")

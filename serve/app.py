@@ -199,14 +199,14 @@ class Generator:
 
     def __init__(self, cfg: dict):
         from . import __file__ as package_file
-        from .model import ModelServer
+        from .flow_model import open_model_server
 
         self.cfg = ServeConfig.from_dict(cfg)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id
         here = os.path.dirname(os.path.realpath(package_file))
         log.info("replica %s: megafusion.serve from %s, pid %d", self.replica, here, os.getpid())
-        self.server = ModelServer(self.cfg)
+        self.server = open_model_server(self.cfg)  # SD3 / FLUX: the flow runtime (serve/flow_model.py)
         log.info("replica %s: %s loaded (%s) on %s in %.1f s, mode %s; %s", self.replica, self.cfg.model,
                  self.server.bundle.source, self.server.device, self.server.load_s, self.server.mode,
                  _loaded_line(self.server.describe()))

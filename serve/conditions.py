@@ -124,7 +124,7 @@ def rgb_tensor(im) -> torch.Tensor:
     return torch.from_numpy(rgb / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def _image_start(body: dict, plan: StagePlan) -> ImageStart | None:
+def _image_start(body: dict, plan: StagePlan, entry_rule=None) -> ImageStart | None:
     strength, start = body.get("strength"), body.get("start_stage")
     if body.get("image") is None:
         if strength is not None or start is not None:
@@ -139,7 +139,7 @@ def _image_start(body: dict, plan: StagePlan) -> ImageStart | None:
     if start is not None and (isinstance(start, bool) or not isinstance(start, int)):
         raise ConditionError("start_stage", f"start_stage {_show(start)}: expected a stage number (1-based)")
     try:  # the plan's own rules: a strength that runs no step, a stage outside the plan, or the two disagreeing
-        entry_point(plan, strength, start)
+        (entry_rule or entry_point)(plan, strength, start)
     except ImageInputError as e:
         text = str(e).replace("--start-stage", "start_stage").replace("--strength", "strength")
         raise ConditionError("start_stage" if text.startswith("start_stage") else "strength", text) from None
@@ -202,10 +202,11 @@ def _ip(body: dict, offered: Offered) -> tuple[object | None, float]:
     return decode_image("ip_adapter_image", image), s
 
 
-def parse_conditions(body: dict, plan: StagePlan, offered: Offered) -> Conditions:
+def parse_conditions(body: dict, plan: StagePlan, offered: Offered, entry_rule=None) -> Conditions:
     """The condition fields of a request body (the plan is already checked); the cheap checks come before any
-    image is decoded."""
-    image = _image_start(body, plan)
+    image is decoded. `entry_rule(plan, strength, start_stage)`: where a photo enters (default the UNet families'
+    `entry_point`; SD3 / FLUX take runtime/flow_img2img.flow_entry_point, as mf-generate does)."""
+    image = _image_start(body, plan, entry_rule)
     controls = _controls(body, offered)
     ip_image, ip_scale = _ip(body, offered)
     return Conditions(image, controls, ip_image, ip_scale)

@@ -26,7 +26,7 @@ class ServeConfig:
     """One server: the model and how it runs, the sizes it serves, and its limits."""
 
     model: str
-    """`sd15`, `sdxl`, `tiny-sd15` or `tiny-sdxl`."""
+    """`sd15`, `sdxl`, `sd3`, `flux` or a tiny one (`tiny-sd15`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`)."""
     model_path: str | None = None
     """A local diffusers folder (every node of the cluster must have it at this path)."""
     random_weights: bool = False
@@ -103,9 +103,6 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     """Refuses what cannot start (naming the flag and the value); returns `cfg` unchanged."""
     try:
         family = get_family(cfg.model)
-        from ..core.dit_families import refuse_dit
-
-        refuse_dit(family, "mf-serve")
     except UnknownModelError as e:
         raise ConfigError(str(e)) from None
     if cfg.model_path is not None:
@@ -150,6 +147,12 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
     if not math.isfinite(cfg.batch_wait_s) or cfg.batch_wait_s < 0:
         raise ConfigError(f"batch wait {cfg.batch_wait_s}: needs a number of seconds >= 0")
     check_conditions(cfg)
+    from ..core.dit_families import is_dit
+
+    if is_dit(family):  # SD3 / FLUX: what the flow runtime refuses or checks by file (serve/flow_config.py)
+        from .flow_config import check_dit_flags
+
+        check_dit_flags(cfg, family)
     return cfg
 
 

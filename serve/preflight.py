@@ -73,7 +73,18 @@ def check_controlnet(path: str, unet_config) -> None:
 
 
 def preflight(cfg: ServeConfig) -> ServeConfig:
-    """Every check above; returns `cfg` unchanged."""
+    """Every check above; returns `cfg` unchanged. SD3 / FLUX: their flags were checked by file
+    (serve/flow_config.py; the replicas check them against the loaded model), and --engines must serve every size."""
+    from ..core.dit_families import is_dit
+    from ..core.loading import resolve_family
+
+    family = resolve_family(cfg.model, cfg.model_path)
+    if is_dit(family):
+        if cfg.engines is not None:
+            from .flow_config import choose_served_engines
+
+            choose_served_engines(cfg, family)
+        return cfg
     check_fp8(cfg)
     check_against_model(cfg)
     return cfg

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..core.dit_families import is_dit
 from ..core.families import ModelFamily
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
 from ..runtime.pipeline import MAX_DILATION, SEED_LIMIT, GenerationOptions
@@ -47,7 +48,8 @@ class GenerateRequest:
     plan: StagePlan
     """The stage plan, validated for the model."""
     options: GenerationOptions
-    """Prompt, negative prompt, guidance, seed, re-scheduling, dilation, relay."""
+    """Prompt, negative prompt, guidance, seed, re-scheduling, dilation, relay (SD3 / FLUX: the flow runtime's
+    FlowGenerationOptions, which have no dilation)."""
     conditions: Conditions = Conditions()
     """Image to image, ControlNet images, IP-Adapter image (serve/conditions.py); empty for text to image."""
 
@@ -56,6 +58,8 @@ class GenerateRequest:
         conditions runs alone (its key is its own): the batched loop takes no per-request photo, control image
         or IP-Adapter image."""
         o = self.options
+        if not isinstance(o, GenerationOptions):
+            return ("alone", id(self))  # SD3 / FLUX: the flow runtime has no batched loop (serve/flow_model.py)
         key = (self.plan, o.guidance, o.reschedule, o.dilation, o.relay)
         return key if self.conditions.empty else key + ("alone", id(self))
 
@@ -147,7 +151,10 @@ def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, in
     if steps is not None and not _is_int(steps):
         raise RequestError("steps", f"steps {_show(steps)}: expected a whole number >= 1")
 
-    value = body.get("guidance", DEFAULTS["guidance"])
+    dit = is_dit(family)
+    if dit:  # mf-generate's refusals for the transformer families (cli/generate_flow.py), as request fields
+        _refuse_for_dit(body, family, negative)
+    value = body.get("guidance", family.default_guidance if dit else DEFAULTS["guidance"])
     try:
         guidance = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
     except OverflowError:  # an integer beyond any float
@@ -179,14 +186,33 @@ def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, in
         raise RequestError("size", f"size {size_text(plan.output_width, plan.output_height)}{given} is not served "
                                    f"here; this server serves {served}")
     try:
-        opts = GenerationOptions(prompt, negative, guidance, seed, reschedule, dilation, relay)
+        if dit:
+            from ..runtime.flow_pipeline import FlowGenerationOptions
+
+            opts = FlowGenerationOptions(prompt, negative, guidance, seed, reschedule, relay)
+        else:
+            opts = GenerationOptions(prompt, negative, guidance, seed, reschedule, dilation, relay)
     except ValueError as e:  # the runtime's own rules, should they ever be stricter than the ones above
         raise RequestError("options", str(e)) from None
+    entry_rule = None
+    if dit:  # a photo enters the flow plan by diffusers' flow rule (runtime/flow_img2img.py)
+        from ..runtime.flow_img2img import flow_entry_point as entry_rule
     try:
-        conditions = parse_conditions(body, plan, offered)
+        conditions = parse_conditions(body, plan, offered, entry_rule)
     except ConditionError as e:
         raise RequestError(e.field, str(e)) from None
     return GenerateRequest(plan, opts, conditions)
+
+
+def _refuse_for_dit(body: dict, family: ModelFamily, negative: str) -> None:
+    """`dilation` for SD3 / FLUX and a negative prompt for FLUX, refused as mf-generate refuses the flags."""
+    if body.get("dilation") is not None:
+        raise RequestError("dilation", f"dilation {_show(body['dilation'])}: {family.name} is a transformer; it has "
+                                       "no convolution a dilated mid block would widen (leave dilation out)")
+    if family.kind == "flux" and negative:
+        raise RequestError("negative_prompt", f"negative_prompt {_show(negative)}: {family.name} is "
+                                              "guidance-distilled (one pass, no CFG batch), so it takes no negative "
+                                              "prompt; guidance sets its guidance embedding")
 
 
 def wants_json(accept: str | None) -> bool:

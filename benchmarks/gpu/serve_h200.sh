@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu/serve_h200.sh sd15     SD1.5 1024 through mf-serve: --max-batch 8 at concurrency 1 and 16,
 #                                              then --max-batch 1 at concurrency 16 (the same load, no batching)
 #   bash benchmarks/gpu/serve_h200.sh sdxl     SDXL 2048 through mf-serve at concurrency 1 (8 requests)
+#   bash benchmarks/gpu/serve_h200.sh sd3      SD3 (Medium's layout, random weights, bf16, graphs) 2048 through
+#                                              mf-serve at concurrency 1 (6 requests; in process: RESULTS.md, 4.44 s)
 #   bash benchmarks/gpu/serve_h200.sh inproc   the same work in process, no Ray: SDXL 2048 batch 1 (5 repeats)
 #                                              and SD1.5 1024 batches 1, 4, 8 (needs only .whl; any order)
 # Results go under $OUT (load.md / inprocess.md with the commands and commit).
@@ -73,6 +75,7 @@ load() {  # load NAME CONCURRENCIES REQUESTS BODY
 
 SD15='{"prompt": "a lighthouse at dusk", "size": "1024x1024"}'
 SDXL='{"prompt": "a lighthouse at dusk", "size": "2048x2048"}'
+SD3='{"prompt": "a lighthouse at dusk", "size": "2048x2048"}'
 case "$1" in
   part) install_ray ;;
   sd15)
@@ -91,10 +94,16 @@ case "$1" in
     load sdxl-warm 1 2 "$SDXL"
     load sdxl 1 8 "$SDXL"
     serve_down ;;
+  sd3)
+    install_ray || exit 1
+    serve_up sd3 --model sd3 --random-weights --sizes 2048x2048 --max-batch 1 || exit 1
+    load sd3-warm 1 2 "$SD3"
+    load sd3 1 6 "$SD3"
+    serve_down ;;
   inproc)
     timeout 280 python3 benchmarks/lab/serve_inprocess.py --model sdxl --random-weights --device cuda \
       --size 2048x2048 --batches 1 --repeats 5 --output "$OUT/inproc-sdxl"
     timeout 280 python3 benchmarks/lab/serve_inprocess.py --model sd15 --random-weights --device cuda \
       --size 1024x1024 --batches 1,4,8 --repeats 3 --output "$OUT/inproc-sd15" ;;
-  *) echo "usage: bash benchmarks/gpu/serve_h200.sh part|sd15|sdxl|inproc"; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu/serve_h200.sh part|sd15|sdxl|sd3|inproc"; exit 2 ;;
 esac
