@@ -71,9 +71,13 @@ class Conditions:
             parts.append("image to image")
         return " + ".join(parts)
 
+    def entry(self, plan: StagePlan):
+        """Where the photo enters the plan (image to image), or None."""
+        return self.image.entry(plan) if self.image is not None else None
+
     def describe(self, plan: StagePlan) -> dict:
         """For results.json's settings."""
-        entry = self.image.entry(plan) if self.image is not None else None
+        entry = self.entry(plan)
         return {
             "lora": [{"path": str(s.path), "scale": s.scale} for s in self.loras],
             "controlnet": [{"path": c[0], "scale": c[2], "start": c[3], "end": c[4]} for c in self.controls],

@@ -18,14 +18,12 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.plan import StagePlan
-from ..runtime.img2img import ImageStart
 
-from .conditions import IPAdapterInput
+from .conditions import Conditions, IPAdapterInput
 from .dit_conditions import (DiTIPAdapterCostCounter, dit_conditioned_plan_cost, dit_controlnet_counters)
 from .dit_flops import DiTCostCounter, dit_plan_cost
 from .variants import Variant, direct_plan
@@ -39,48 +37,13 @@ DIT_VARIANTS = {
 
 
 @dataclass(frozen=True)
-class DiTConditions:
-    """The extra conditions of one SD3 / FLUX mf-bench run."""
-
-    loras: tuple = ()
-    """core.lora.LoraSpec per --lora."""
-    controls: tuple = ()
-    """(folder, control image, scale, start, end) per --controlnet, as cli/conditions.py reads them."""
-    image: ImageStart | None = None
-    ip_adapter: IPAdapterInput | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.loras or self.controls or self.image or self.ip_adapter)
-
-    def label(self) -> str:
-        """e.g. "lora style x0.8 + controlnet canny + ip-adapter ip x0.7 + image to image"."""
-        parts = []
-        if self.loras:
-            parts.append("lora " + ", ".join(f"{Path(s.path).stem} x{s.scale:g}" for s in self.loras))
-        if self.controls:
-            parts.append("controlnet " + ", ".join(Path(c[0]).name for c in self.controls))
-        if self.ip_adapter:
-            parts.append(f"ip-adapter {Path(self.ip_adapter.path).stem} x{self.ip_adapter.scale:g}")
-        if self.image is not None:
-            parts.append("image to image")
-        return " + ".join(parts)
+class DiTConditions(Conditions):
+    """The extra conditions of one SD3 / FLUX mf-bench run: mf-bench's, the photo entering by the flow rule."""
 
     def entry(self, plan: StagePlan):
         from ..runtime.flow_img2img import flow_entry_point
 
         return None if self.image is None else flow_entry_point(plan, self.image.strength, self.image.start_stage)
-
-    def describe(self, plan: StagePlan) -> dict:
-        """For results.json's settings."""
-        e = self.entry(plan)
-        ip = self.ip_adapter
-        return {
-            "lora": [{"path": str(s.path), "scale": s.scale} for s in self.loras],
-            "controlnet": [{"path": c[0], "scale": c[2], "start": c[3], "end": c[4]} for c in self.controls],
-            "ip_adapter": None if ip is None else {"path": ip.path, "encoder": ip.encoder, "scale": ip.scale},
-            "image": None if e is None else {"strength": self.image.strength, "start_stage": e.stage + 1,
-                                             "steps_run": plan.total_steps - e.global_step},
-        }
 
 
 def dit_cost(plan: StagePlan, conds: DiTConditions | None = None, relay: str = "pixel") -> Callable:

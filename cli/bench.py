@@ -103,22 +103,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
     out_dir = output_folder_from_args("--output", args.output)
     device = resolve_device("cpu" if args.cost_only else args.device)
-    variant_names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())
-    if args.variants is not None and not variant_names:
-        raise UsageError(f"--variants {args.variants!r}: name at least one variant (torch, graphs, compiled)")
-    if not args.cost_only:
-        from ..benchmarks.variants import ENGINES
+    from ..benchmarks.variants import ENGINES
 
-        variant_names = variant_names or (("torch", "graphs", "compiled") if device.type == "cuda" else ("torch",))
-        unknown = [n for n in variant_names if n not in ENGINES]
-        if unknown:
-            raise UsageError(f"--variants {args.variants}: unknown variant(s) {', '.join(map(repr, unknown))}; "
-                             f"choose from {', '.join(ENGINES)}")
-        on_gpu_only = [n for n in variant_names if n in ("graphs", "compiled", "compiled-fp8")]
-        if on_gpu_only and device.type != "cuda":  # they would run (eagerly) under a label they do not earn
-            raise UsageError(f"--variants {args.variants}: {' and '.join(on_gpu_only)} "
-                             f"{'needs' if len(on_gpu_only) == 1 else 'need'} a CUDA device (got {device}); "
-                             "on the CPU only torch runs")
+    variant_names = variant_list(args, device, ENGINES, "unknown variant(s)")
+    if not args.cost_only:
         if "compiled-fp8" in variant_names:
             from ..engine.fp8 import fp8_unavailable
 
@@ -251,6 +239,28 @@ def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
     ip = None if ip_image is None else IPAdapterInput(args.ip_adapter, args.ip_adapter_encoder,
                                                       args.ip_adapter_scale, ip_image)
     return Conditions(tuple(loras), tuple(controls), image, ip)
+
+
+def variant_list(args: argparse.Namespace, device, known, unknown_said: str,
+                 gpu_only=("graphs", "compiled", "compiled-fp8")) -> tuple[str, ...]:
+    """--variants as names (default: torch, graphs, compiled on CUDA, torch on CPU), each one of `known`, and
+    the GPU-only ones refused on a CPU, where they would run eagerly under a label they do not earn."""
+    names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())
+    if args.variants is not None and not names:
+        raise UsageError(f"--variants {args.variants!r}: name at least one variant (torch, graphs, compiled)")
+    if args.cost_only:
+        return names
+    names = names or (("torch", "graphs", "compiled") if device.type == "cuda" else ("torch",))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--variants {args.variants}: {unknown_said} {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(known)}")
+    gpu = [n for n in names if n in gpu_only]
+    if gpu and device.type != "cuda":
+        raise UsageError(f"--variants {args.variants}: {' and '.join(gpu)} "
+                         f"{'needs' if len(gpu) == 1 else 'need'} a CUDA device (got {device}); on the CPU only "
+                         "torch runs")
+    return names
 
 
 def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[str, ...]:

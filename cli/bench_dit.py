@@ -28,21 +28,9 @@ def _refusals(args: argparse.Namespace, family) -> None:
 def _variants(args: argparse.Namespace, family, device) -> tuple[tuple[str, ...], tuple[str, ...]]:
     from ..benchmarks.dit_bench import DIT_VARIANTS
 
-    names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())
-    if args.variants is not None and not names:
-        raise UsageError(f"--variants {args.variants!r}: name at least one variant (torch, graphs, compiled)")
-    if not args.cost_only:
-        names = names or (("torch", "graphs", "compiled") if device.type == "cuda" else ("torch",))
-        unknown = [n for n in names if n not in DIT_VARIANTS]
-        if unknown:
-            raise UsageError(f"--variants {args.variants}: {', '.join(map(repr, unknown))} not available for "
-                             f"{family.name}; choose from {', '.join(DIT_VARIANTS)}")
-        gpu = [n for n in names if n != "torch"]
-        if gpu and device.type != "cuda":
-            raise UsageError(f"--variants {args.variants}: {' and '.join(gpu)} "
-                             f"{'needs' if len(gpu) == 1 else 'need'} a CUDA device (got {device}); on the CPU only "
-                             "torch runs")
-    from .bench import _list_arg
+    from .bench import _list_arg, variant_list
+
+    names = variant_list(args, device, DIT_VARIANTS, f"not available for {family.name}:")
 
     direct_for = _list_arg(args.direct_for, names, "--direct-for")
     if not args.cost_only and set(direct_for) - set(names):

@@ -56,7 +56,7 @@ def files(tmp_path_factory):
     ("tiny-sd3", ["--ip-adapter", "BADIP", "--ip-adapter-image", "PHOTO", "--ip-adapter-encoder", "CLIP"],
      ["--ip-adapter", "bad.safetensors': not a readable safetensors file"]),
     ("tiny-sd3", ["--variants", "compiled-fp8"],
-     ["--variants compiled-fp8: 'compiled-fp8' not available for tiny-sd3"]),
+     ["--variants compiled-fp8: not available for tiny-sd3: 'compiled-fp8'"]),
     ("tiny-flux", ["--variants", "torch,graphs"], ["graphs needs a CUDA device (got cpu)"]),
     ("tiny-sd3", ["--engine-dir", "DIR"], ["--engine-dir: mf-bench does not take it for tiny-sd3 yet"]),
     ("tiny-sd3", ["--dilation", "2"], ["--dilation 2: tiny-sd3 is a transformer"]),
