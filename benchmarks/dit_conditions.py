@@ -17,7 +17,7 @@ import torch
 
 from ..core.plan import Stage, StagePlan
 from .dit_flops import DiTCostCounter
-from .flops import ZERO, ForwardCost, PlanCost, SegmentCost, _tera, count_forward, plan_segments
+from .flops import ZERO, ForwardCost, PlanCost, SegmentCost, _tera, count_forward, entered_segments, plan_segments
 
 
 class DiTControlNetCostCounter:
@@ -120,20 +120,7 @@ def dit_conditioned_plan_cost(counter: DiTCostCounter, plan: StagePlan, cfg: boo
         head.append(SegmentCost("control images", "encode", 0.0, *_tera(enc)))
     if entry is None:
         return PlanCost(fam.name, plan.describe(), batch == 2, tuple(head + segs[1:]))
-    out = head
-    for k, st in enumerate(plan.stages):
-        if k < entry.stage:
-            continue
-        if k == entry.stage:
-            out.append(SegmentCost("encode image", "encode", 0.0, *_tera(counter.vae_encode(st.height, st.width))))
-            steps = st.steps - entry.step
-            cost = step(k, st) * steps
-            out.append(SegmentCost(f"stage {k + 1} ({st.width}x{st.height}, {steps} steps)", "stage",
-                                   cost.macs / 1e9, *_tera(cost)))
-            continue
-        out += [s for s in segs if s.name == f"relay {k}->{k + 1}" or s.name.startswith(f"stage {k + 1} (")]
-    out.append(segs[-1])
-    return PlanCost(fam.name, plan.describe(), batch == 2, tuple(out))
+    return PlanCost(fam.name, plan.describe(), batch == 2, entered_segments(counter, plan, segs, entry, step, head))
 
 
 def ip_image_embeds_shape(family, encoder_folder: str) -> tuple[int, int]:

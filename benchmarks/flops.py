@@ -422,7 +422,13 @@ def conditioned_plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool =
     segs = list(plan_segments(counter, plan, counter.text_encoders() * text_passes, step, relay))
     if entry is None:
         return PlanCost(fam.name, plan.describe(), cfg, tuple(segs))
-    out = [segs[0]]
+    return PlanCost(fam.name, plan.describe(), cfg, entered_segments(counter, plan, segs, entry, step, [segs[0]]))
+
+
+def entered_segments(counter, plan: StagePlan, segs: list, entry, step, head: list) -> tuple:
+    """An image-to-image run's segments: `head`, the photo's encode at the entry stage and the steps run there
+    (`step(k, stage)` is one step's cost), the later relays and stages of the plan's `segs`, and its decode."""
+    out = list(head)
     for k, st in enumerate(plan.stages):
         if k < entry.stage:
             continue
@@ -435,4 +441,4 @@ def conditioned_plan_cost(counter: MetaCostCounter, plan: StagePlan, cfg: bool =
             continue
         out += [s for s in segs if s.name == f"relay {k}->{k + 1}" or s.name.startswith(f"stage {k + 1} (")]
     out.append(segs[-1])
-    return PlanCost(fam.name, plan.describe(), cfg, tuple(out))
+    return tuple(out)

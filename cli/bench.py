@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{' and '.join(given)}: mf-bench takes the extra conditions for the latent families "
                              f"(SD1.5, SDXL, SD3, FLUX), not {args.model}")
         return run_if_bench(args, build_parser())
-    from .common import (dilation_from_args, model_dtype, output_folder_from_args, parse_guidance, parse_seed,
-                     plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
+    from .common import (dilation_from_args, model_dtype, parse_guidance, parse_seed, plan_from_args, vae_dtype,
+                         warn_truncated_prompts, weights_seed_from_args)
     from ..core.families import SD15, SDXL
     from ..core.loading import resolve_family
 
@@ -97,12 +97,7 @@ def run(args: argparse.Namespace) -> int:
     guidance, seed = parse_guidance(args.guidance if args.guidance is not None else "7.0"), parse_seed(args.seed)
     dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
-    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
-        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
-    out_dir = output_folder_from_args("--output", args.output)
-    device = resolve_device("cpu" if args.cost_only else args.device)
+    out_dir, device = timing_args(args)
     from ..benchmarks.variants import ENGINES
 
     variant_names = variant_list(args, device, ENGINES, "unknown variant(s)")
@@ -239,6 +234,19 @@ def _conditions_from_args(args, plan, variant_names: tuple[str, ...], family):
     ip = None if ip_image is None else IPAdapterInput(args.ip_adapter, args.ip_adapter_encoder,
                                                       args.ip_adapter_scale, ip_image)
     return Conditions(tuple(loras), tuple(controls), image, ip)
+
+
+def timing_args(args: argparse.Namespace):
+    """--repeats, --warmup and --peak-tflops checked; the --output folder and the device (the CPU for --cost-only)."""
+    from .common import output_folder_from_args, resolve_device
+
+    if args.repeats < 1 or args.warmup < 0:
+        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
+    out_dir = output_folder_from_args("--output", args.output)
+    device = resolve_device("cpu" if args.cost_only else args.device)
+    return out_dir, device
 
 
 def variant_list(args: argparse.Namespace, device, known, unknown_said: str,

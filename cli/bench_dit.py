@@ -4,7 +4,6 @@ and the extra conditions (--lora, --controlnet, --ip-adapter, --image) as a cond
 from __future__ import annotations
 
 import argparse
-import math
 
 from .common import UsageError
 
@@ -82,20 +81,16 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
     from ..runtime.controlnet import ControlInputError
     from ..runtime.flow_pipeline import FlowGenerationOptions
     from ..runtime.ipadapter import IPAdapterError
-    from .common import (DTYPES, output_folder_from_args, parse_guidance, parse_seed, plan_from_args,
-                         resolve_device, warn_truncated_prompts, weights_seed_from_args)
+    from .bench import timing_args
+    from .common import (DTYPES, parse_guidance, parse_seed, plan_from_args, warn_truncated_prompts,
+                         weights_seed_from_args)
 
     _refusals(args, family)
     weights_seed = weights_seed_from_args("mf-bench", family, args, takes_dit=True)
     guidance = parse_guidance(args.guidance if args.guidance is not None else str(family.default_guidance))
     seed = parse_seed(args.seed)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UsageError("--repeats must be at least 1 and --warmup at least 0")
-    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
-        raise UsageError(f"--peak-tflops {args.peak_tflops:g}: must be a finite number > 0 (TFLOP/s)")
-    out_dir = output_folder_from_args("--output", args.output)
-    device = resolve_device("cpu" if args.cost_only else args.device)
+    out_dir, device = timing_args(args)
     kinds, direct_for = _variants(args, family, device)
     conds = dit_conditions_from_args(args, family, plan)
     opts = FlowGenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule)
