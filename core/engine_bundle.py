@@ -1,6 +1,7 @@
 """A `ModelBundle` for runs whose every network is an engine (`mf-generate --engines`): each component's config
 read as JSON, the tokenizers, and where the weights came from (which the engines' keys are checked against); no
-torch module is built and no diffusers or transformers model class is imported.
+torch module is built and no diffusers or transformers model class is imported. With random weights the tokenizer is
+core/clip_tokenizer.py's, so transformers is not imported at all; a folder's tokenizers are still transformers'.
 
 `load_model(skip=...)` builds the components engines run on the meta device, which imports diffusers' UNet and VAE
 and transformers' CLIP modules and constructs them: about 9 s of an SDXL cold start on the H200 (issue #15). The
@@ -20,7 +21,7 @@ import torch
 
 from .families import ModelFamily, get_family
 from .loading import (COMPONENTS, ModelBundle, WeightsError, WeightsOrigin, _check_folder, _read_config,
-                      builtin_tokenizer, family_for_config, library_version, named_random_origin, state_signature,
+                      family_for_config, library_version, named_random_origin, state_signature,
                       weights_source)
 
 
@@ -116,7 +117,9 @@ def engines_bundle(name: str, model_path: str | None = None, random_weights: boo
 
 
 def _random_bundle(family: ModelFamily, seed: int) -> ModelBundle:
-    tok = builtin_tokenizer()
+    from .clip_tokenizer import builtin_clip_tokenizer
+
+    tok = builtin_clip_tokenizer()  # builtin_tokenizer's, without importing transformers where it can
     vocab = family.vocab_size or len(tok)  # as build_random sizes the text encoders
     values = {"unet": family.unet, "vae": family.vae}
     values.update({n: te.transformers_config(vocab) for n, te in zip(COMPONENTS[2:], family.text_encoders)})
