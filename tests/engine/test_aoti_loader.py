@@ -66,3 +66,37 @@ def test_opening_a_package_imports_no_inductor(package):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.gpu
+def test_a_cuda_package_runs_as_torch_loads_it_and_inside_a_cuda_graph(tmp_path):
+    """On CUDA the runtime replays packages inside its CUDA graphs (runtime/graphs.py): loaded single-threaded, a
+    package run captures, and its replays follow new inputs written in place."""
+    from megafusion.engine.aoti_backend import load_package
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    module = Two().to(dev).eval()
+    inputs = (torch.randn(2, 8, device=dev), torch.randn(2, 4, device=dev))
+    path = tmp_path / "model.pt2"
+    torch._inductor.aoti_compile_and_package(torch.export.export(module, inputs), package_path=str(path))
+    ours = load_package(path, dev)
+    theirs = torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=dev.index or 0)
+    assert isinstance(ours, type(open_package(path, True, 0)))
+    assert all(torch.equal(a, b) for a, b in zip(ours(*inputs), theirs(*inputs)))
+
+    static = tuple(t.clone() for t in inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ours(*static)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ours(*static)
+    fresh = (torch.randn(2, 8, device=dev), torch.randn(2, 4, device=dev))
+    for s, f in zip(static, fresh):
+        s.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(out, theirs(*fresh)))
