@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     # Load and open times are printed: a fresh process's start is mostly these (benchmarks/cold_start.py reads them).
     t_load, started_s = time.perf_counter(), process_age()
     if args.engines:  # the engines were built from (and are checked against) fp32 CPU weights
-        from ..core.loading import component_modules
+        from ..core.loading import COMPONENTS, component_modules
         from ..engine.cache import EngineError
         from ..engine.load import select_engines
 
@@ -193,8 +193,14 @@ def run(args: argparse.Namespace) -> int:
                                         precision=args.dtype).modules_served()
             except EngineError as e:
                 raise UsageError(str(e)) from None
-        bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed,
-                            skip=served)
+        bundle = None
+        if served >= set(COMPONENTS):  # every network from engines: configs and tokenizers, no torch module
+            from ..core.engine_bundle import engines_bundle
+
+            bundle = engines_bundle(args.model, args.model_path, args.random_weights, weights_seed, args.allow_pickle)
+        if bundle is None:
+            bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle,
+                                seed=weights_seed, skip=served)
         torch_side = [n for n in component_modules(bundle) if n not in bundle.skipped]
         print(f"model loaded in {time.perf_counter() - t_load:.1f} s (weights in torch: "
               f"{', '.join(torch_side) or 'none'}; engines run the rest)")

@@ -138,11 +138,33 @@ def random_origin(family: ModelFamily, component: str, cls: type, config: Mappin
     import transformers
 
     lib = diffusers if cls.__module__.startswith("diffusers") else transformers
-    facts = {"init_recipe": INIT_RECIPE, "family": family.name, "component": component, "class": cls.__name__,
+    return named_random_origin(family, component, cls.__name__, lib.__name__, lib.__version__, config, seed, device)
+
+
+def named_random_origin(family: ModelFamily, component: str, class_name: str, library: str, version: str,
+                        config: Mapping[str, Any], seed: int, device: str | torch.device) -> WeightsOrigin:
+    """`random_origin` from the class's and library's names and the library's version, without importing either
+    (core/engine_bundle.py: a run whose networks are all engines builds no module)."""
+    facts = {"init_recipe": INIT_RECIPE, "family": family.name, "component": component, "class": class_name,
              "config": dict(config), "seed": component_seed(seed, component),
              "init_device": torch.device(device).type, "init_dtype": str(torch.get_default_dtype()),
-             "torch": torch.__version__, lib.__name__: lib.__version__}
+             "torch": torch.__version__, library: version}
     return WeightsOrigin("random", json.dumps(facts, sort_keys=True, default=str))
+
+
+def library_version(name: str) -> str:
+    """`name.__version__` (diffusers, transformers) without importing the library where it is not imported yet:
+    importing diffusers alone took 4-9 s of a cold start here (it imports torch._dynamo). Then the installed
+    distribution's metadata says it, which for a released wheel is the same string (tests/core/test_engine_bundle.py
+    checks both libraries)."""
+    import sys
+
+    module = sys.modules.get(name)
+    if module is not None:
+        return module.__version__
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def state_signature(module: torch.nn.Module) -> tuple:

@@ -1,5 +1,5 @@
 """AOTInductor backend: runs the `.pt2` packages that `mf-build-engines --backend aoti` writes
-(export/aoti_export.py), loaded with `torch._inductor.aoti_load_package`; nothing is compiled at start-up.
+(export/aoti_export.py), loaded by libtorch's package loader (engine/aoti_loader.py); nothing is compiled at start-up.
 
 By default one static package per network and stage shape, each its own cache entry (the shape is in the key, so
 another plan reuses the shapes it shares), exported from the modules as the compiled path prepares them (fused
@@ -52,7 +52,9 @@ def load_package(path: str | os.PathLike, device: torch.device):
     index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
     # Single-threaded runs: no locking or stream synchronization inside run(), so a CUDA graph can capture it
     # (the runtime's graphed denoise step); a runner is used from one thread at a time.
-    return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=index)
+    from .aoti_loader import open_package  # torch._inductor's loader, without importing torch._inductor
+
+    return open_package(path, run_single_threaded=True, device_index=index)
 
 
 class AotiRunner:

@@ -56,8 +56,7 @@ def _estimator_digest() -> str:
 def estimate_key(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtype, vae_dtype: torch.dtype, cfg: bool,
                  relay: str, tiling: VaeTiling | None, graph_pool: bool) -> str:
     """A digest of everything `estimate_memory` reads."""
-    import diffusers
-    import transformers
+    from ..core.loading import library_version  # not the libraries themselves: a start from engines imports neither
 
     vocab = family.vocab_size or 514  # as estimate_memory builds the text encoders
     parts = {
@@ -67,7 +66,7 @@ def estimate_key(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtype, 
         "shapes": [(s.height, s.width) for s in plan.stages],
         "dtypes": (str(unet_dtype), str(vae_dtype)), "cfg": cfg, "relay": relay,
         "tiling": None if tiling is None else (tiling.tile, tiling.park), "graph_pool": graph_pool,
-        "versions": (torch.__version__, diffusers.__version__, transformers.__version__),
+        "versions": (torch.__version__, library_version("diffusers"), library_version("transformers")),
         "estimator": _estimator_digest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -20,6 +20,8 @@
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
 #   sdxl-build-cc  sdxl-build, and beside it one fresh compiled process (empty caches) filling /tmp/mf-cc (#15)
 #   coldstart   3 fresh mf-generate --engines processes with their phases (#15)
+#   coldimport  the plan's memory estimate kept first (--dry-run), then one fresh mf-generate --engines under
+#               -X importtime and 3 fresh ones with their phases: every start imports no diffusers (#15)
 #   sdxl-build-apart  the UNets again with --weights-apart, in a hard-linked copy of /tmp/mf-aoti-sdxl (#15)
 #   coldstart-apart  3 fresh mf-generate processes from that copy (both UNets read one weight file), then the
 #               first generation against the second in one process, cuDNN's algorithm search on and off (#15)
@@ -106,6 +108,12 @@ step() {  # the command line of one step
       --mode compiled --compile-cache /tmp/mf-cc" ;;
     coldstart) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl --runs 3 \
       --device cuda --output $RES/cold -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
+    coldimport) echo "timeout 300 python3 -m megafusion.cli.generate --model sdxl --random-weights --device cuda \
+      --engines /tmp/mf-aoti-sdxl --size 2048x2048 --prompt 'a lighthouse' --dry-run; timeout 300 python3 -X importtime \
+      -m megafusion.cli.generate --model sdxl --random-weights --device cuda --engines /tmp/mf-aoti-sdxl --size 2048x2048 \
+      --prompt 'a lighthouse' --no-progress --output $RES/coldimport.png 2> $RES/coldimport-importtime.txt; timeout 600 \
+      python3 benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl --runs 3 --device cuda \
+      --output $RES/cold-light -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
     lora-swap) echo "timeout 600 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
       --engine-dir /tmp/mf-aoti-sdxl --no-build --output $RES/lora-swap" ;;
     engines-bench) echo "timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
