@@ -42,5 +42,11 @@ class PackageModel:
 def open_package(path: str | os.PathLike, run_single_threaded: bool, device_index: int) -> PackageModel:
     """The package's default model ("model"), as `torch._inductor.aoti_load_package(path, run_single_threaded,
     device_index)` loads it (one runner)."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(os.fspath(path), "model", run_single_threaded, 1, device_index)
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(os.fspath(path), "model", run_single_threaded, 1,
+                                                       device_index)
+    except TypeError:  # a torch whose loader takes other arguments: its own wrapper knows them
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(os.fspath(path), run_single_threaded=run_single_threaded, device_index=device_index)
     return PackageModel(loader)
