@@ -44,6 +44,8 @@
 #   dit-bench-cn  mf-bench SD3 2048 torch and graphs, plain and with a real-size random ControlNet; then the GPU
 #               test of mf-bench's DiT rows (#18 item 5)
 #   serve-flow  the GPU test of mf-serve's SD3 / FLUX replica (graphs, bf16, ControlNet per request) (#17, #18)
+#   loader-gpu  the GPU tests of the direct package loader and of --weights-apart packages (a minute; run it first:
+#               every engines step after it opens packages through that loader)
 #   capi-apart  the GPU test of libmegafusion on --weights-apart tiny-sd15 UNets (CUDA graphs on) (#15)
 #   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
@@ -144,6 +146,8 @@ step() {  # the command line of one step
       --output $RES/capi-sdxl --repeats 3 --modes cpp,cpp-no-graphs,python-aoti-graphs" ;;
     dit-bench-cn) echo "OUT=$RES bash benchmarks/gpu/dit_bench_cond.sh sd3; OUT=$RES bash benchmarks/gpu/dit_bench_cond.sh tests" ;;
     serve-flow) echo "timeout 600 python3 -m pytest -q -m gpu tests/serve/test_flow_gpu.py -p no:cacheprovider" ;;
+    loader-gpu) echo "timeout 420 python3 -m pytest -q -m gpu tests/engine/test_aoti_loader.py \
+      tests/engine/test_aoti_weights_apart.py -p no:cacheprovider" ;;
     capi-apart) echo "timeout 600 python3 -m pytest -q -m gpu tests/cpp/test_libmegafusion_apart.py -p no:cacheprovider" ;;
     capi-flow) echo "mkdir -p $RES/capi-flow; OUT=$RES/capi-flow timeout 900 bash benchmarks/gpu/libmegafusion_flow.sh fp32" ;;
     *) echo "false unknown-step-$1" ;;
