@@ -28,7 +28,7 @@ from ..core.plan import StagePlan
 from ..runtime.img2img import ImageStart
 from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
-from .flops import ControlNetCostCounter, ForwardCost, MetaCostCounter, PlanCost, conditioned_plan_cost
+from .flops import ControlNetCostCounter, MetaCostCounter, PlanCost, conditioned_plan_cost
 from .variants import ENGINE_FOLDER_PREFIX, Variant
 
 ControlInput = tuple[str, torch.Tensor, float, float, float]
@@ -120,19 +120,13 @@ class IPAdapterCostCounter(MetaCostCounter):
             self.unet_module._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
         self.embeds_shape = ip_image_embeds_shape(family, encoder_folder)
 
-    def _count_unet(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
-        from ..core.dilation import set_mid_dilation
-        from .flops import count_forward, unet_meta_inputs
+    def _unet_inputs(self, height: int, width: int, batch: int):
+        from .flops import unet_meta_inputs
 
         sample, t, states, added = unet_meta_inputs(self.family, height, width, batch)
         with torch.device("meta"):
             added = {**(added or {}), "image_embeds": [torch.empty(batch, *self.embeds_shape)]}
-        set_mid_dilation(self.unet_module, dilation)
-        try:
-            return count_forward(self.unet_module, lambda: self.unet_module(
-                sample, t, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False))
-        finally:
-            set_mid_dilation(self.unet_module, 1)
+        return sample, t, states, added
 
 
 def ip_adapter_counter(family, conds: Conditions) -> IPAdapterCostCounter | None:

@@ -163,8 +163,12 @@ class MetaCostCounter(VaeCostCounter):
         return self._cached(("unet", height, width, batch, dilation),
                             lambda: self._count_unet(height, width, batch, dilation))
 
+    def _unet_inputs(self, height: int, width: int, batch: int):
+        """(sample, timestep, text states, added conditions) on meta for one UNet call."""
+        return unet_meta_inputs(self.family, height, width, batch)
+
     def _count_unet(self, height: int, width: int, batch: int, dilation: int) -> ForwardCost:
-        sample, t, states, added = unet_meta_inputs(self.family, height, width, batch)
+        sample, t, states, added = self._unet_inputs(height, width, batch)
         set_mid_dilation(self.unet_module, dilation)
         try:
             return count_forward(self.unet_module, lambda: self.unet_module(
