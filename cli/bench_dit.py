@@ -11,13 +11,13 @@ _NOT_FOR_DIT = (("--engine-dir", "engine_dir"), ("--cold-start", "cold_start"), 
 
 
 def _refusals(args: argparse.Namespace, family) -> None:
+    from ..core.dit_families import no_dilation_why, no_negative_prompt_why
+
     name = family.name
     if args.dilation is not None:
-        raise UsageError(f"--dilation {args.dilation}: {name} is a transformer; it has no convolution whose receptive "
-                         "field a dilated mid block would widen")
+        raise UsageError(f"--dilation {args.dilation}: {no_dilation_why(family)}")
     if family.kind == "flux" and args.negative_prompt:
-        raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
-                         "no negative prompt")
+        raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}")
     for flag, attr in _NOT_FOR_DIT:
         if getattr(args, attr) is not None:
             raise UsageError(f"{flag}: mf-bench does not take it for {name} yet (its variants are torch, graphs "

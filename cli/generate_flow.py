@@ -12,13 +12,15 @@ from .common import UsageError, finish_generation
 
 
 def _refuse_unsupported(args: argparse.Namespace, family) -> None:
+    from ..core.dit_families import no_dilation_why, no_negative_prompt_why
+
     name = family.name
     if args.dilation is not None:
-        raise UsageError(f"--dilation {args.dilation}: {name} is a transformer; it has no convolution whose receptive "
-                         "field a dilated mid block would widen, and its attention already spans the whole image")
+        raise UsageError(f"--dilation {args.dilation}: {no_dilation_why(family)}, and its attention already spans "
+                         "the whole image")
     if family.kind == "flux" and args.negative_prompt:
-        raise UsageError(f"--negative-prompt: {name} is guidance-distilled (one pass, no CFG batch), so it takes "
-                         "no negative prompt; --guidance sets its guidance embedding")
+        raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}; --guidance sets its guidance "
+                         "embedding")
     conditions = (("--precision", args.precision if args.precision == "fp8" else None),)
     for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
         if value:

@@ -151,6 +151,17 @@ def is_dit(family: ModelFamily) -> bool:
     return family.kind in DIT_KINDS
 
 
+def no_dilation_why(family: ModelFamily) -> str:
+    """Why `dilation` is refused for a transformer family (mf-generate, mf-bench and mf-serve say it alike)."""
+    return (f"{family.name} is a transformer; it has no convolution whose receptive field a dilated mid block "
+            "would widen")
+
+
+def no_negative_prompt_why(family: ModelFamily) -> str:
+    """Why FLUX refuses a negative prompt (mf-generate, mf-bench and mf-serve say it alike)."""
+    return f"{family.name} is guidance-distilled (one pass, no CFG batch), so it takes no negative prompt"
+
+
 def refuse_dit(family: ModelFamily, tool: str) -> None:
     """One clear line for the tools that take the UNet families only (engines, benchmarks, serving, tokens)."""
     if is_dit(family):

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..core.dit_families import is_dit
+from ..core.dit_families import is_dit, no_dilation_why, no_negative_prompt_why
 from ..core.families import ModelFamily
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
 from ..runtime.pipeline import MAX_DILATION, SEED_LIMIT, GenerationOptions
@@ -207,12 +207,11 @@ def parse_request(body: dict, family: ModelFamily, sizes: Sequence[tuple[int, in
 def _refuse_for_dit(body: dict, family: ModelFamily, negative: str) -> None:
     """`dilation` for SD3 / FLUX and a negative prompt for FLUX, refused as mf-generate refuses the flags."""
     if body.get("dilation") is not None:
-        raise RequestError("dilation", f"dilation {_show(body['dilation'])}: {family.name} is a transformer; it has "
-                                       "no convolution a dilated mid block would widen (leave dilation out)")
+        raise RequestError("dilation", f"dilation {_show(body['dilation'])}: {no_dilation_why(family)} (leave "
+                                       "dilation out)")
     if family.kind == "flux" and negative:
-        raise RequestError("negative_prompt", f"negative_prompt {_show(negative)}: {family.name} is "
-                                              "guidance-distilled (one pass, no CFG batch), so it takes no negative "
-                                              "prompt; guidance sets its guidance embedding")
+        raise RequestError("negative_prompt", f"negative_prompt {_show(negative)}: {no_negative_prompt_why(family)}; "
+                                              "guidance sets its guidance embedding")
 
 
 def wants_json(accept: str | None) -> bool:
