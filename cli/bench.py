@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.bench import BenchResult, cost_variants, notes, resolve_peak, run_variants, speedups
     from ..benchmarks.flops import MetaCostCounter
     from ..benchmarks.paper import table1_rows
-    from ..benchmarks.report import summary_table, write_reports
     from ..benchmarks.timing import environment
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
@@ -188,15 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if family.name in (SD15.name, SDXL.name):
         sd15 = counter if family.name == SD15.name else MetaCostCounter(SD15)
         paper = table1_rows(sd15, counter if family.name == SDXL.name else None)
-    settings = {
-        "output": f"{plan.output_width}x{plan.output_height}", "plan": plan.describe(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
-        "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
-        "dilation": dilation, "reschedule": not args.no_reschedule, "relay": "pixel",
-        "cost_only": args.cost_only,
-    }
+    settings = bench_settings(args, plan, dtype, vae, guidance, seed, dilation, "pixel")
     extra_notes = []
     if conditions:
         from ..benchmarks.bench import CONDITIONS_NOTE
@@ -205,6 +196,27 @@ def run(args: argparse.Namespace) -> int:
         extra_notes.append(CONDITIONS_NOTE)
     result = BenchResult(family.name, settings, environment(device), peak, source, results,
                          speedups(results) if not args.cost_only else [], paper, notes(family) + extra_notes, colds)
+    return report(result, out_dir)
+
+
+def bench_settings(args: argparse.Namespace, plan, dtype, vae, guidance: float, seed: int, dilation,
+                   relay: str) -> dict:
+    """results.json's settings: what a run was asked for."""
+    return {
+        "output": f"{plan.output_width}x{plan.output_height}", "plan": plan.describe(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
+        "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
+        "dilation": dilation, "reschedule": not args.no_reschedule, "relay": relay,
+        "cost_only": args.cost_only,
+    }
+
+
+def report(result, out_dir) -> int:
+    """The JSON and markdown reports written, the summary and speed-ups printed."""
+    from ..benchmarks.report import summary_table, write_reports
+
     paths = write_reports(result, out_dir)
     print("\n".join(summary_table(result)))
     for s in result.speedups:

@@ -75,13 +75,12 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
     from ..benchmarks.bench import BenchResult, notes, resolve_peak, run_variants, speedups
     from ..benchmarks.dit_bench import DIT_CONDITIONS_NOTE, DIT_NOTES, dit_cost, dit_cost_variants, dit_variants
     from ..benchmarks.dit_flops import SD3_NOTE, DiTCostCounter
-    from ..benchmarks.report import summary_table, write_reports
     from ..benchmarks.timing import environment
     from ..core.lora import LoraError
     from ..runtime.controlnet import ControlInputError
     from ..runtime.flow_pipeline import FlowGenerationOptions
     from ..runtime.ipadapter import IPAdapterError
-    from .bench import timing_args
+    from .bench import bench_settings, report, timing_args
     from .common import (DTYPES, parse_guidance, parse_seed, plan_from_args, warn_truncated_prompts,
                          weights_seed_from_args)
 
@@ -129,15 +128,8 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
         vae = bundle.vae.dtype
     results = run_variants(variants, family, device, args.repeats, args.warmup, peak, counter, cfg=cfg,
                            dilation=1, time_them=not args.cost_only)
-    settings = {
-        "output": f"{plan.output_width}x{plan.output_height}", "plan": plan.describe(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "vae_dtype": str(vae).removeprefix("torch.") if vae else None,
-        "repeats": args.repeats, "warmup": args.warmup, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "guidance": guidance, "seed": seed,
-        "dilation": None, "reschedule": not args.no_reschedule, "relay": opts.relay, "cost_only": args.cost_only,
-        "denoiser": "transformer", "cfg_batch": 2 if cfg and family.cfg else 1,
-    }
+    settings = {**bench_settings(args, plan, dtype, vae, guidance, seed, None, opts.relay),
+                "denoiser": "transformer", "cfg_batch": 2 if cfg and family.cfg else 1}
     extra = list(DIT_NOTES) + ([SD3_NOTE] if family.kind == "sd3" and not family.tiny else [])
     if conds:
         settings["conditions"] = conds.describe(plan)
@@ -145,9 +137,4 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
     general = [n for n in notes(family) if "UNet" not in n]  # timing, direct rows, memory
     result = BenchResult(family.name, settings, environment(device), peak, source, results,
                          speedups(results) if not args.cost_only else [], [], general + extra, [])
-    paths = write_reports(result, out_dir)
-    print("\n".join(summary_table(result)))
-    for s in result.speedups:
-        print(f"{s.engine} over {s.over}: {s.factor:.2f}x")
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return report(result, out_dir)
