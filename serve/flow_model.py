@@ -23,7 +23,7 @@ from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipelin
 from .conditions import Offered
 from .config import ConfigError, ServeConfig
 from .flow_config import cfg_batch, choose_served_engines, dit_mode, dit_precision
-from .model import Cancelled, Generated, ServeModelError, _generated, log, warmup_plan
+from .model import Cancelled, Generated, ServeModelError, _generated, log, stop_checks, warmup_plan
 from .request import GenerateRequest, size_text
 
 
@@ -146,10 +146,7 @@ class FlowModelServer:
 
     def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:
         """Runs one request; `should_stop` is asked before it and after every step (every stage under graphs)."""
-        def on_step(k: int, i: int):
-            if should_stop():
-                raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
-
+        on_step = stop_checks(should_stop)
         with self._lock:
             if should_stop is not None and should_stop():
                 raise Cancelled("stopped before it started")
@@ -163,8 +160,7 @@ class FlowModelServer:
                 pipe = self.controlled_engines_for(req.plan, req.options.guidance)
                 pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
                                       for m, c in zip(self.control_modules, req.conditions.controls)]
-            result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None,
-                                   image=req.conditions.image)
+            result = pipe.generate(req.plan, req.options, on_step=on_step, image=req.conditions.image)
         return _generated(result, req.options.seed)
 
     def batch_limit(self, req: GenerateRequest) -> int:

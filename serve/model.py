@@ -225,10 +225,7 @@ class ModelServer:
     def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:
         """Runs one request; `should_stop` is asked before the request and after every step (after every stage
         under CUDA graphs): when it says so, the work stops there and `Cancelled` is raised."""
-        def on_step(k: int, i: int):
-            if should_stop():
-                raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
-
+        on_step = stop_checks(should_stop)
         with self._lock:
             if should_stop is not None and should_stop():
                 raise Cancelled("stopped before it started")
@@ -240,8 +237,7 @@ class ModelServer:
                 pipe = self.controlled_engines_for(req.plan, req.options.dilation, req.options.relay)
                 pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
                                       for m, c in zip(self.control_modules, req.conditions.controls)]
-            result = pipe.generate(req.plan, req.options, on_step=on_step if should_stop is not None else None,
-                                   image=req.conditions.image)
+            result = pipe.generate(req.plan, req.options, on_step=on_step, image=req.conditions.image)
         return _generated(result, req.options.seed)
 
     def batch_limit(self, req: GenerateRequest) -> int:
@@ -265,18 +261,14 @@ class ModelServer:
         def all_stop() -> bool:
             return should_stop is not None and all(stop() for stop in should_stop)
 
-        def on_step(k: int, i: int):
-            if all_stop():
-                raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
-
+        on_step = stop_checks(all_stop if should_stop is not None else None)
         req = reqs[0]
         with self._lock:
             if all_stop():
                 raise Cancelled("stopped before it started")
             pipe = self.pipeline_for(req.plan, req.options.dilation, req.options.relay)
             try:
-                results = pipe.generate_batch(req.plan, [r.options for r in reqs],
-                                              on_step=on_step if should_stop is not None else None)
+                results = pipe.generate_batch(req.plan, [r.options for r in reqs], on_step=on_step)
             except BatchError as e:
                 raise ServeModelError(str(e)) from None
         return [_generated(res, r.options.seed) for res, r in zip(results, reqs)]
@@ -334,6 +326,18 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
         served = sel.modules_served() if served is None else served & sel.modules_served()
     return served or frozenset()
+
+
+def stop_checks(should_stop: Callable[[], bool] | None) -> Callable[[int, int], None] | None:
+    """The pipelines' `on_step` that raises `Cancelled` when `should_stop` says so; None when nothing asks."""
+    if should_stop is None:
+        return None
+
+    def on_step(k: int, i: int):
+        if should_stop():
+            raise Cancelled(f"stopped at stage {k + 1}, step {i + 1}")
+
+    return on_step
 
 
 def _generated(result: GenerationResult, seed: int) -> Generated:
