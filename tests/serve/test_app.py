@@ -20,7 +20,8 @@ from megafusion.serve.config import ServeConfig  # noqa: E402
 
 from .conftest import descendants, free_port, get, post, wait_gone  # noqa: E402
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 10.0
+"""Long enough that queued batches end well within it on a busy CI machine; the 504 test waits it out once."""
 SHORT = {"prompt": "a red cube", "stages": "128x128:1,256x256:1"}
 """A request of about half a second on one CPU thread."""
 
@@ -241,33 +242,33 @@ def _pixels(png: bytes):
 
 
 def test_full_queue_is_429(server):
-    # max_batch 2 running + max_queue 4 waiting; the rest are refused at once. Few steps: the last of three
-    # batches must still end within the server's 5 s timeout on a busy CI machine (10 steps gave a 504 there).
-    body = {"prompt": "x", "stages": "128x128:2,256x256:2"}
+    # max_batch 2 running + max_queue 4 waiting; the rest are refused at once. SHORT requests: the last of three
+    # batches ends far within the server's timeout even on a busy CI machine (10 steps each once gave a 504 there).
     t0 = time.monotonic()
 
     def one(i):
-        code, headers, raw = post(server.url + "/v1/generate", {**body, "seed": i}, timeout=60)
+        code, headers, raw = post(server.url + "/v1/generate", {**SHORT, "seed": i}, timeout=60)
         return code, headers, raw, time.monotonic() - t0
 
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(one, range(12)))
     codes = sorted(c for c, *_ in results)
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2, codes
+    last_done = max(when for code, *_, when in results if code == 200)
     for code, headers, raw, when in results:
         if code == 429:
             assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
-            assert when < 3  # refused at once, not after waiting
+            assert when < last_done  # refused at once, not after waiting for a slot
 
 
 def test_timeout_is_504_and_the_work_stops(server):
     t0 = time.monotonic()
     code, _, raw = post(server.url + "/v1/generate", {"prompt": "x", "stages": "256x256:998"}, timeout=60)
     took = time.monotonic() - t0
-    assert code == 504 and "--timeout 5 s" in json.loads(raw)["error"], raw
+    assert code == 504 and f"--timeout {TIMEOUT_S:g} s" in json.loads(raw)["error"], raw
     assert TIMEOUT_S - 0.5 < took < TIMEOUT_S + 5
-    # 998 steps at 256x256 take about 17 s on this machine (10 ms a step at the very least); a short request right
-    # after is answered at once, so the replica stopped that work at the timeout instead of finishing it
+    # 998 steps at 256x256 take about 17 s on this machine (10 ms a step at the very least), 7 s past the timeout;
+    # a short request right after is answered at once, so the replica stopped that work instead of finishing it
     t1 = time.monotonic()
     code, _, _ = post(server.url + "/v1/generate", SHORT, timeout=60)
     assert code == 200 and time.monotonic() - t1 < 3
@@ -283,8 +284,8 @@ def test_a_client_that_goes_away_cancels_the_work(server):
         time.sleep(1.0)  # the replica is running it
     t1 = time.monotonic()
     code, _, _ = post(server.url + "/v1/generate", SHORT, timeout=60)
-    # answered long before the 5 s deadline would have stopped the abandoned 998 steps
-    assert code == 200 and time.monotonic() - t1 < 2.5
+    # answered long before the deadline would have stopped the abandoned 998 steps (about 9 s from here)
+    assert code == 200 and time.monotonic() - t1 < TIMEOUT_S / 2
 
 
 def test_load_generator_against_the_server(server):
