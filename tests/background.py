@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class Job:
     after: str | None = None  # a job whose output this one needs
     done: threading.Event = field(default_factory=threading.Event)
     result: subprocess.CompletedProcess | None = None
+    seconds: float | None = None  # how long the build ran
+    waited: float = 0.0  # how long the tests stood waiting for it
 
 
 class Builds:
@@ -69,24 +72,35 @@ class Builds:
             if self._stop:
                 j.result = subprocess.CompletedProcess(j.cmd, 1, "", "the session ended first")
             else:
+                t0 = time.monotonic()
                 proc = subprocess.Popen(nice + j.cmd, cwd=j.cwd, env=self._env(j), text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 self._procs.append(proc)
                 out, err = proc.communicate()
                 j.result = subprocess.CompletedProcess(j.cmd, proc.returncode, out, err)
+                j.seconds = time.monotonic() - t0
             j.done.set()
 
     def get(self, name: str) -> subprocess.CompletedProcess:
         """The finished build `name`: the queued one when it is done, else built now."""
         job = self.jobs.get(name)
+        t0 = time.monotonic()
         if job is None:
             job = self.jobs[name] = self.factory(self, name)
             job.result = subprocess.run(job.cmd, cwd=job.cwd, env=self._env(job), text=True, capture_output=True)
+            job.seconds = time.monotonic() - t0
             job.done.set()
         job.done.wait()
+        job.waited += time.monotonic() - t0
         assert job.result.returncode == 0, (f"{name}: {' '.join(job.cmd)} exited {job.result.returncode}\n"
                                             + job.result.stdout[-3000:] + job.result.stderr[-3000:])
         return job.result
+
+    def summary(self) -> list[str]:
+        """A line per build that ran: how long it took and how long the tests waited for it (where CI's time
+        goes: the builds, two at a time, are its longest path)."""
+        return [f"{j.name}: built in {j.seconds:.0f} s, tests waited {j.waited:.0f} s"
+                for j in self.jobs.values() if j.seconds is not None]
 
     def stop(self) -> None:
         self._stop = True

@@ -149,6 +149,14 @@ def pytest_sessionfinish(session):
     BUILDS.stop()
 
 
+def pytest_terminal_summary(terminalreporter):
+    lines = BUILDS.summary()
+    if lines:
+        terminalreporter.write_sep("-", "background builds (tests/background.py)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (restored afterwards): on 2 shared cores it keeps small UNets from thrashing."""
