@@ -1,7 +1,8 @@
 // The C API's inputs without libtorch (cpp/src/lib/inputs.hpp, control_entries.hpp): every refusal of
 // mf_inputs_set_init_image / mf_inputs_add_control is Failure(MF_ERROR_INVALID_ARGUMENT) naming the value;
 // where a photo enters a plan is runtime/img2img.py entry_point's answer (the expected values below are
-// Python's); a ControlNet is found by its recorded name or fingerprint prefix, else refused naming it.
+// Python's; flow_entry_point's are runtime/flow_img2img.py's); a ControlNet is found by its recorded name or
+// fingerprint prefix, else refused naming it.
 #include <cmath>
 #include <iostream>
 #include <limits>
@@ -89,6 +90,26 @@ int main() {
   expect_failure("strength outside its start stage",
                  "strength 0.5 starts at step 26 of 50, in stage 1, not start_stage 2; stage 2 takes strengths 0.22 to 0.4",
                  [&] { entry_point(p, 0.5, 2); });
+
+  // flow_entry_point (SD3 / FLUX) against runtime/flow_img2img.py's: skip int(max(N - min(N s, N), 0)) steps.
+  e = flow_entry_point(p, 0.8, 0);
+  check(e.stage == 0 && e.step == 10 && e.global_step == 10, "flow strength 0.8 of 50: stage 1, step 10");
+  e = flow_entry_point(p, 0.31, 0);  // int(50 - 15.5) = 34 (the UNet rule runs int(15.5) = 15: first 35)
+  check(e.stage == 1 && e.step == 4 && e.global_step == 34, "flow strength 0.31 of 50: stage 2, step 4");
+  e = flow_entry_point(p, as_typed(0.7f), 0);
+  check(e.global_step == 15, "flow strength 0.7f reads as 0.7: first step 15");
+  e = flow_entry_point(p, 0.01, 0);  // the UNet rule refuses it; the flow rule runs the last step
+  check(e.stage == 2 && e.step == 9 && e.global_step == 49, "flow strength 0.01 runs the last step");
+  e = flow_entry_point(p, 0, 3);
+  check(e.stage == 2 && e.step == 0 && e.global_step == 40, "flow start_stage 3, strength 0: stage 3's first step");
+  expect_failure("flow start_stage 4 of 3", "start_stage 4: the plan has stages 1 to 3",
+                 [&] { flow_entry_point(p, 0.5, 4); });
+  expect_failure("flow strength outside its start stage",
+                 "strength 0.5 starts at step 26 of 50, in stage 1, not start_stage 2; stage 2 takes strengths above "
+                 "0.2 up to 0.4",
+                 [&] { flow_entry_point(p, 0.5, 2); });
+  expect_failure("flow strength that vanishes beside N", "strength 1e-300: runs none of the plan's 50 steps",
+                 [&] { flow_entry_point(p, 1e-300, 0); });
 
   check(control_keep(0, 10, 0.0, 1.0) == 1 && control_keep(9, 10, 0.0, 1.0) == 1, "keep over the whole schedule");
   check(control_keep(0, 10, 0.1, 1.0) == 0 && control_keep(1, 10, 0.1, 1.0) == 1, "keep from start");

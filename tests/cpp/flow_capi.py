@@ -1,5 +1,6 @@
-"""ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py): the
-context, the params, the token setters; one generation into an RGB array, or (status, message)."""
+"""ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py,
+test_libmegafusion_flow_img2img.py): the context, the params, the token setters, the photo and ControlNet setters;
+one generation into an RGB array, or (status, message)."""
 from __future__ import annotations
 
 import ctypes
@@ -20,6 +21,12 @@ class Params(ctypes.Structure):
                 ("reschedule", ctypes.c_int), ("dilation", ctypes.c_int), ("relay", ctypes.c_char_p)]
 
 
+def _pixels(image: np.ndarray) -> tuple:
+    """(pointer, width, height) of an (H, W, 3) uint8 image; the pointer keeps the array alive."""
+    px = np.ascontiguousarray(image, dtype=np.uint8)
+    return px.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), px.shape[1], px.shape[0]
+
+
 class Library:
     def __init__(self, path: Path):
         self.lib = lib = ctypes.CDLL(str(path))
@@ -32,6 +39,11 @@ class Library:
         lib.mf_inputs_destroy.argtypes = [ctypes.c_void_p]
         for f in (lib.mf_inputs_set_tokens, lib.mf_inputs_set_negative_tokens):
             f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_size_t]
+        lib.mf_inputs_set_init_image.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int,
+                                                 ctypes.c_int, ctypes.c_float, ctypes.c_int]
+        lib.mf_inputs_add_control.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint8),
+                                              ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+                                              ctypes.c_float]
         lib.mf_generate_with.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
         lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
@@ -47,7 +59,10 @@ class Library:
 
     def generate(self, ctx, stages: str, seed: int, guidance: float, tokens: dict[str, list[int]],
                  negative: dict[str, list[int]] | None = None, relay: str = "pixel",
+                 init: tuple[np.ndarray, float, int] | None = None,
+                 controls: tuple[tuple[str, np.ndarray, float, float, float], ...] = (),
                  **fields) -> tuple[int, np.ndarray | str]:
+        """`init`: (photo (H, W, 3) uint8, strength, start_stage); `controls`: (name, image, scale, start, end)."""
         p = Params()
         self.lib.mf_generate_params_init(ctypes.byref(p))
         p.stages, p.seed, p.guidance, p.relay = stages.encode(), seed, guidance, relay.encode()
@@ -63,6 +78,14 @@ class Library:
                     rc = setter(inputs, enc.encode(), arr, len(ids))
                     if rc != 0:
                         return rc, self.error()
+            if init is not None:
+                rc = self.lib.mf_inputs_set_init_image(inputs, *_pixels(init[0]), init[1], init[2])
+                if rc != 0:
+                    return rc, self.error()
+            for name, image, scale, start, end in controls:
+                rc = self.lib.mf_inputs_add_control(inputs, name.encode(), *_pixels(image), scale, start, end)
+                if rc != 0:
+                    return rc, self.error()
             w, h = ctypes.c_int(), ctypes.c_int()
             rc = self.lib.mf_output_size(ctx, ctypes.byref(p), ctypes.byref(w), ctypes.byref(h))
             if rc != 0:

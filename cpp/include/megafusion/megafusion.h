@@ -132,8 +132,15 @@ mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const
  * (SD3 256, FLUX 512), each padded as the Python tokenizers pad (the Python side tokenizes). SD3 with guidance > 1
  * runs CFG and needs the negative prompt's ids for every encoder (the empty prompt's ids for none); FLUX is
  * guidance-distilled: `guidance` feeds its guidance embedding and it takes no negative prompt. Dilation does not
- * apply (a transformer has no convolution to dilate). Image to image and ControlNets are not yet supported on
- * these models (MF_ERROR_INVALID_ARGUMENT). The steps run one by one: no CUDA graphs yet (counters stay 0).
+ * apply (a transformer has no convolution to dilate). Image to image (mf_inputs_set_init_image) runs as
+ * diffusers' flow img2img pipelines enter their schedule (docs/ALGORITHM.md §18.1, runtime/flow_img2img.py): the
+ * first int(max(N - min(N * strength, N), 0)) of the plan's N steps are skipped (not the UNet rule above), the
+ * photo is resized to the entry stage's size as the pixel relay resizes, encoded with the folder's VAE encoder
+ * package ((mean - shift) * scaling) and noised z = (1 - sigma) x0 + sigma noise to the first kept sigma; a
+ * strength outside start_stage names that stage's range. The entry stage needs a vae_encoder package of its size
+ * (MF_ERROR_UNSUPPORTED_SIZE otherwise; `mf-build-engines` builds them only for the stages after the first).
+ * ControlNets are not yet supported on these models (MF_ERROR_INVALID_ARGUMENT). The steps run one by one: no
+ * CUDA graphs yet (counters stay 0).
  * The lengths are checked by mf_generate_with (MF_ERROR_INVALID_ARGUMENT naming the encoder). */
 mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
 

@@ -1,6 +1,6 @@
 // runtime/flow_pipeline.py (eager mode) and runtime/flow_conditioning.py on packages, in their notation and with
 // their float32 rounding: each arithmetic step is the same ATen op on the same dtypes, so a CPU run gives the
-// Python run's latent. Not yet here: image to image, ControlNets, CUDA graphs of the step.
+// Python run's latent; image to image as runtime/flow_img2img.py. Not yet here: ControlNets, CUDA graphs of the step.
 #include "flow_context.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -38,6 +38,16 @@ at::Tensor unpack(const at::Tensor& x, int64_t h, int64_t w) {
 at::Tensor resize_clamped(const at::Tensor& image, int64_t height, int64_t width) {
   return at::upsample_bicubic2d(image.clamp(-1.0, 1.0), {height, width}, false, std::nullopt, std::nullopt)
       .clamp(-1.0, 1.0);
+}
+
+// (1, 3, H, W) float32 in [-1, 1]: runtime/img2img.py read_image (numpy float32 x / 255, then * 2 - 1).
+at::Tensor photo_pixels(const RgbImage& im) {
+  at::Tensor out = at::empty({1, 3, im.height, im.width}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  const size_t plane = static_cast<size_t>(im.width) * im.height;
+  for (size_t i = 0; i < plane; ++i)
+    for (int ch = 0; ch < 3; ++ch) o[ch * plane + i] = static_cast<float>(im.rgb[i * 3 + ch]) / 255.0f;
+  return out * 2.0 - 1.0;
 }
 
 }  // namespace
@@ -82,7 +92,8 @@ const std::vector<Entry>& FlowContext::entries(const std::string& network) {
   return entries_.emplace(network, std::move(chosen.at({network, 1}))).first->second;
 }
 
-Network& FlowContext::net(const std::string& network, const std::vector<long long>& first, const std::string& what) {
+Network& FlowContext::net(const std::string& network, const std::vector<long long>& first, const std::string& what,
+                          const std::string& hint) {
   const std::vector<Entry>& candidates = entries(network);
   const Entry* e = nullptr;
   std::string built;
@@ -93,7 +104,8 @@ Network& FlowContext::net(const std::string& network, const std::vector<long lon
   if (!e)
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "no " + family_->base.name + " " + network + " package in " +
                                                  folder_.root + " takes " + what + " (input " + shape_text(first) +
-                                                 "; built: " + built + "). Build them with: " + hint_);
+                                                 "; built: " + built + "). Build them with: " +
+                                                 (hint.empty() ? hint_ : hint));
   auto it = nets_.find(e->digest);
   if (it != nets_.end()) return *it->second;
   verify_files(folder_.root, *e);
@@ -116,14 +128,14 @@ std::string FlowContext::encoder_network(const std::string& encoder) const {
   return "text_encoder_" + std::to_string(num_text_encoders());  // t5: the last
 }
 
-void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch) {
+void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first, bool photo) {
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
   hint_ = plan_build_hint(folder_, family_->base.name, device_name_, "aoti", precision_, stages);
   if (family_->cfg() && batch == 1) hint_ += " --guidance 1";
   const int vs = family_->base.vae_scale;
   const size_t last = plan.stages.size() - 1;
-  for (size_t k = 0; k <= last; ++k) {
+  for (size_t k = first; k <= last; ++k) {  // image to image: the stages before the photo's do not run
     const StageSize& s = plan.stages[k];
     const long long h = s.height / vs, w = s.width / vs;
     const std::string at = "the " + std::to_string(s.width) + "x" + std::to_string(s.height) + " stage";
@@ -132,7 +144,17 @@ void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_
         : std::vector<long long>{batch, family_->latent_channels, h, w};
     net("transformer", sample, at + " at batch " + std::to_string(batch));
     if (k == last || pixel_relay) net("vae_decoder", {1, family_->latent_channels, h, w}, at);
-    if (k > 0 && pixel_relay) net("vae_encoder", {1, 3, s.height, s.width}, at);
+    if (k > first && pixel_relay) net("vae_encoder", {1, 3, s.height, s.width}, at);
+    if (k == first && photo) {
+      // mf-build-engines builds VAE encoders for the pixel relay's stages after the first; for a photo entering
+      // the first stage (or under the latent relay) the command to name builds one at this size: the stage twice.
+      const StageSize once{s.height, s.width, 1};
+      const std::string hint = pixel_relay && k > 0
+                                   ? hint_
+                                   : plan_build_hint(folder_, family_->base.name, device_name_, "aoti", precision_,
+                                                     stage_str(once) + "," + stage_str(once)) + " --networks vae";
+      net("vae_encoder", {1, 3, s.height, s.width}, at + " (the photo's entry stage)", hint);
+    }
   }
 }
 
@@ -231,9 +253,11 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     if (p.prompt_ids[i] || p.negative_ids[i])
       throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " takes its token ids through mf_inputs_set_tokens, not "
                                                       "params->prompt_ids / negative_ids");
-  if (inputs && (inputs->init || !inputs->controls.empty()))
-    throw Failure(MF_ERROR_INVALID_ARGUMENT, std::string(inputs->init ? "image to image" : "ControlNets") +
-                                                 " on " + name + " is not supported by libmegafusion yet");
+  if (inputs && !inputs->controls.empty())
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "ControlNets on " + name + " are not supported by libmegafusion yet");
+  // Image to image (docs/ALGORITHM.md §18.1): the stage and step the photo enters at, under the flow rule.
+  const InitImage* photo = inputs && inputs->init ? &*inputs->init : nullptr;
+  const EntryPoint entry = photo ? flow_entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};
   const bool cfg = family_->cfg() && p.guidance > 1.0f;
   std::vector<std::string> encoders = family_->cfg() ? std::vector<std::string>{"clip_l", "clip_g", "t5"}
                                                      : std::vector<std::string>{"clip_l", "t5"};
@@ -257,7 +281,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
                                                             : name + " is guidance-distilled: it takes no negative prompt");
   if (cfg) check_tokens(inputs->negative_tokens, "negative ");
   if (scaling_ <= 0) throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " has no VAE scaling factor");
-  check_coverage(plan, relay == "pixel", cfg ? 2 : 1);
+  check_coverage(plan, relay == "pixel", cfg ? 2 : 1, entry.stage, photo != nullptr);
 
   c10::InferenceMode guard;
   Conditioning cond = encode(inputs->tokens);
@@ -277,11 +301,13 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
   at::Tensor z, x0;
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
+    if (photo && k < entry.stage) continue;  // image to image: the photo enters at a later stage
     const StageSize& st = plan.stages[k];
     const FlowStageSchedule& c = schedules[k];
-    // FlowStageSchedule.tensors: float32 sigmas, d_sigma = sigma_s - sigma_t and timestep = 1000 sigma_t in float32.
+    // FlowStageSchedule.tensors: float32 sigmas, d_sigma = sigma_s - sigma_t and timestep = 1000 sigma_t in float32;
+    // at the photo's stage without its first entry.step steps (runtime/flow_img2img.py skip_flow_steps).
     std::vector<float> sigma_t, d_sigma, timestep;
-    for (size_t i = 0; i < c.sigma_t.size(); ++i) {
+    for (size_t i = photo && k == entry.stage ? entry.step : 0; i < c.sigma_t.size(); ++i) {
       const float t32 = static_cast<float>(c.sigma_t[i]), s32 = static_cast<float>(c.sigma_s[i]);
       sigma_t.push_back(t32);
       d_sigma.push_back(s32 - t32);
@@ -289,7 +315,13 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     }
     const int64_t h = st.height / vs, wd = st.width / vs;
     at::Tensor noise = draw_noise(h, wd);
-    if (k == 0) {
+    if (photo && k == entry.stage) {
+      // The photo as this stage's x0 ((posterior mean - shift) c at the stage's size, resized as the pixel relay
+      // resizes), noised to its first kept sigma, in the latent dtype as diffusers' prepare_latents leaves it.
+      at::Tensor pixels = resize_clamped(photo_pixels(photo->image).to(device_), st.height, st.width);
+      at::Tensor x0_photo = (encode_image(pixels) - shift_) * scaling_;
+      z = (x0_photo * (1.0f - sigma_t[0]) + noise * sigma_t[0]).to(f).to(at::kFloat);
+    } else if (k == 0) {
       z = noise;
     } else {  // relay the truncated x0 to this stage's size, re-noise z = (1 - sigma') x0_up + sigma' noise
       at::Tensor x0_up;

@@ -48,10 +48,12 @@ class FlowContext {
 
   const std::vector<Entry>& entries(const std::string& network);
   // The network's package whose first input holds `first` (static packages: one per shape), opened and verified;
-  // MF_ERROR_UNSUPPORTED_SIZE naming what is built and the command otherwise.
-  Network& net(const std::string& network, const std::vector<long long>& first, const std::string& what);
+  // MF_ERROR_UNSUPPORTED_SIZE naming what is built and the command (`hint`, else the plan's) otherwise.
+  Network& net(const std::string& network, const std::vector<long long>& first, const std::string& what,
+               const std::string& hint = "");
   std::string encoder_network(const std::string& encoder) const;
-  void check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch);
+  // Opens every package the plan's stages from `first` on run (`photo`: the VAE encoder at stage `first` too).
+  void check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first = 0, bool photo = false);
   Conditioning encode(const std::map<std::string, std::vector<int32_t>>& tokens);
   at::Tensor velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance);
   const std::pair<at::Tensor, at::Tensor>& rotary(int64_t h, int64_t w);

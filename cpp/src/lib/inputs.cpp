@@ -1,5 +1,6 @@
 #include "inputs.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -114,6 +115,39 @@ EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage) 
                                                  ", not start_stage " + std::to_string(start_stage) + "; stage " +
                                                  std::to_string(start_stage) + " takes strengths " + g(lo, "%.4g") + " to " +
                                                  g(hi, "%.4g"));
+  }
+  return EntryPoint{static_cast<size_t>(k), first - starts[k], first};
+}
+
+EntryPoint flow_entry_point(const StagePlan& plan, double strength, int start_stage) {
+  const int n_stages = static_cast<int>(plan.stages.size()), total = plan.total_steps();
+  if (start_stage != 0 && !(1 <= start_stage && start_stage <= n_stages))
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "start_stage " + std::to_string(start_stage) + ": the plan has stages 1 to " +
+                                                 std::to_string(n_stages));
+  std::vector<int> starts;  // first global step of each stage
+  for (int k = 0, s = 0; k < n_stages; s += plan.stages[k].steps, ++k) starts.push_back(s);
+  auto stop = [&](int k) { return starts[k] + plan.stages[k].steps; };
+  int first;
+  if (strength == 0 && start_stage != 0) {
+    first = starts[start_stage - 1];  // counted, not via a float that int() could round down
+  } else {                            // diffusers' flow get_timesteps, double for Python's float
+    const double n = static_cast<double>(total);
+    first = static_cast<int>(std::max(n - std::min(n * strength, n), 0.0));
+  }
+  if (first >= total)  // a strength so small that N * strength vanishes beside N
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "strength " + g(strength) + ": runs none of the plan's " +
+                                                 std::to_string(total) + " steps; give at least " +
+                                                 g(1.0 / total, "%.4g"));
+  int k = 0;
+  while (!(starts[k] <= first && first < stop(k))) ++k;
+  if (start_stage != 0 && k != start_stage - 1) {
+    const int s = start_stage - 1;
+    const double lo = static_cast<double>(total - stop(s)) / total, hi = static_cast<double>(total - starts[s]) / total;
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "strength " + g(strength) + " starts at step " + std::to_string(first + 1) +
+                                                 " of " + std::to_string(total) + ", in stage " + std::to_string(k + 1) +
+                                                 ", not start_stage " + std::to_string(start_stage) + "; stage " +
+                                                 std::to_string(start_stage) + " takes strengths above " +
+                                                 g(lo, "%.4g") + " up to " + g(hi, "%.4g"));
   }
   return EntryPoint{static_cast<size_t>(k), first - starts[k], first};
 }

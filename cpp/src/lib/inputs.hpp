@@ -61,6 +61,11 @@ struct EntryPoint {
 // Failure(MF_ERROR_INVALID_ARGUMENT) naming the strength or start_stage that does not fit the plan.
 EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage);
 
+// runtime/flow_img2img.py flow_entry_point with the C API's names (SD3 / FLUX, diffusers' flow rule): the first
+// int(max(N - min(N * strength, N), 0)) of the plan's N steps are skipped; strength 0 with a start stage is
+// Python's None (that stage's first step). Failure(MF_ERROR_INVALID_ARGUMENT) as entry_point.
+EntryPoint flow_entry_point(const StagePlan& plan, double strength, int start_stage);
+
 // runtime/controlnet.py keep: 1 while global step i of `total` lies in [start, end) of the schedule, else 0.
 float control_keep(int i, int total, double start, double end);
 
