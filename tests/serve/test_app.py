@@ -18,7 +18,7 @@ pytest.importorskip("ray.serve")
 
 from megafusion.serve.config import ServeConfig  # noqa: E402
 
-from .conftest import descendants, free_port, get, post, wait_gone  # noqa: E402
+from .conftest import cmdline, descendants, free_port, get, post, wait_gone  # noqa: E402
 
 TIMEOUT_S = 10.0
 """Long enough that queued batches end well within it on a busy CI machine; the 504 test waits it out once."""
@@ -85,7 +85,7 @@ def server(tiny_sd15, tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         left = wait_gone(started)
-        assert not left, f"processes left behind after ray.shutdown: {sorted(left)}"
+        assert not left, f"processes left behind after ray.shutdown: {[(p, cmdline(p)) for p in sorted(left)]}"
 
 
 def _reference_png(tmp_path, args: list[str]) -> bytes:
