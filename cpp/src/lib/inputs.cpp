@@ -85,13 +85,20 @@ void Inputs::add_control(const char* controlnet, const uint8_t* rgb, int width, 
                                   scale, as_typed(start), as_typed(end)});
 }
 
-EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage) {
-  const int n_stages = static_cast<int>(plan.stages.size()), total = plan.total_steps();
+// The first global step of each stage, after checking that start_stage (0, or 1-based) names one of them.
+static std::vector<int> stage_starts(const StagePlan& plan, int start_stage) {
+  const int n_stages = static_cast<int>(plan.stages.size());
   if (start_stage != 0 && !(1 <= start_stage && start_stage <= n_stages))
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "start_stage " + std::to_string(start_stage) + ": the plan has stages 1 to " +
                                                  std::to_string(n_stages));
-  std::vector<int> starts;  // first global step of each stage
+  std::vector<int> starts;
   for (int k = 0, s = 0; k < n_stages; s += plan.stages[k].steps, ++k) starts.push_back(s);
+  return starts;
+}
+
+EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage) {
+  const int total = plan.total_steps();
+  const std::vector<int> starts = stage_starts(plan, start_stage);
   auto stop = [&](int k) { return starts[k] + plan.stages[k].steps; };
   int n;
   if (strength == 0 && start_stage != 0) {
@@ -120,12 +127,8 @@ EntryPoint entry_point(const StagePlan& plan, double strength, int start_stage) 
 }
 
 EntryPoint flow_entry_point(const StagePlan& plan, double strength, int start_stage) {
-  const int n_stages = static_cast<int>(plan.stages.size()), total = plan.total_steps();
-  if (start_stage != 0 && !(1 <= start_stage && start_stage <= n_stages))
-    throw Failure(MF_ERROR_INVALID_ARGUMENT, "start_stage " + std::to_string(start_stage) + ": the plan has stages 1 to " +
-                                                 std::to_string(n_stages));
-  std::vector<int> starts;  // first global step of each stage
-  for (int k = 0, s = 0; k < n_stages; s += plan.stages[k].steps, ++k) starts.push_back(s);
+  const int total = plan.total_steps();
+  const std::vector<int> starts = stage_starts(plan, start_stage);
   auto stop = [&](int k) { return starts[k] + plan.stages[k].steps; };
   int first;
   if (strength == 0 && start_stage != 0) {
