@@ -75,6 +75,10 @@ StagePlan plan_from_params(const mf_generate_params& p, const PlanCheck& validat
 // Returns the bytes the output takes.
 size_t check_rgb_buffer(const uint8_t* rgb, size_t rgb_bytes, const StagePlan& plan);
 
+// (1, 3, H, W) float32 in [0, 1], as runtime/image_files.py read_rgb divides (numpy float32: x / 255); the photo
+// of image to image is this * 2 - 1 (runtime/img2img.py read_image), for the UNet and flow contexts alike.
+at::Tensor unit_rgb(const RgbImage& im);
+
 class Context {
  public:
   explicit Context(const mf_context_options& options);

@@ -14,7 +14,14 @@ at::ScalarType unet_dtype(const std::string& precision) {
   return precision == "fp16" ? at::kHalf : precision == "bf16" ? at::kBFloat16 : at::kFloat;
 }
 
-// (1, 3, H, W) float32 in [0, 1], as runtime/image_files.py read_rgb divides (numpy float32: x / 255).
+// runtime/controlnet.py resize_control: bicubic to the stage's size, clamped to [0, 1]; the same size as is.
+at::Tensor resize_control(const at::Tensor& image, int height, int width) {
+  if (image.size(2) == height && image.size(3) == width) return image;
+  return at::upsample_bicubic2d(image, {height, width}, false, std::nullopt, std::nullopt).clamp(0.0, 1.0);
+}
+
+}  // namespace
+
 at::Tensor unit_rgb(const RgbImage& im) {
   at::Tensor out = at::empty({1, 3, im.height, im.width}, at::kFloat);
   float* o = out.data_ptr<float>();
@@ -23,14 +30,6 @@ at::Tensor unit_rgb(const RgbImage& im) {
     for (int ch = 0; ch < 3; ++ch) o[ch * plane + i] = static_cast<float>(im.rgb[i * 3 + ch]) / 255.0f;
   return out;
 }
-
-// runtime/controlnet.py resize_control: bicubic to the stage's size, clamped to [0, 1]; the same size as is.
-at::Tensor resize_control(const at::Tensor& image, int height, int width) {
-  if (image.size(2) == height && image.size(3) == width) return image;
-  return at::upsample_bicubic2d(image, {height, width}, false, std::nullopt, std::nullopt).clamp(0.0, 1.0);
-}
-
-}  // namespace
 
 at::Tensor Context::photo_latent(const RgbImage& photo, const StageSize& stage) {
   // runtime/img2img.py read_image (* 2 - 1, as diffusers' image processor) and encode_image: the pixel relay's

@@ -40,16 +40,6 @@ at::Tensor resize_clamped(const at::Tensor& image, int64_t height, int64_t width
       .clamp(-1.0, 1.0);
 }
 
-// (1, 3, H, W) float32 in [-1, 1]: runtime/img2img.py read_image (numpy float32 x / 255, then * 2 - 1).
-at::Tensor photo_pixels(const RgbImage& im) {
-  at::Tensor out = at::empty({1, 3, im.height, im.width}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  const size_t plane = static_cast<size_t>(im.width) * im.height;
-  for (size_t i = 0; i < plane; ++i)
-    for (int ch = 0; ch < 3; ++ch) o[ch * plane + i] = static_cast<float>(im.rgb[i * 3 + ch]) / 255.0f;
-  return out * 2.0 - 1.0;
-}
-
 }  // namespace
 
 FlowContext::FlowContext(const mf_context_options& o) : device_(at::kCPU) {
@@ -318,7 +308,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     if (photo && k == entry.stage) {
       // The photo as this stage's x0 ((posterior mean - shift) c at the stage's size, resized as the pixel relay
       // resizes), noised to its first kept sigma, in the latent dtype as diffusers' prepare_latents leaves it.
-      at::Tensor pixels = resize_clamped(photo_pixels(photo->image).to(device_), st.height, st.width);
+      at::Tensor pixels = resize_clamped((unit_rgb(photo->image) * 2.0 - 1.0).to(device_), st.height, st.width);
       at::Tensor x0_photo = (encode_image(pixels) - shift_) * scaling_;
       z = (x0_photo * (1.0f - sigma_t[0]) + noise * sigma_t[0]).to(f).to(at::kFloat);
     } else if (k == 0) {
