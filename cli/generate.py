@@ -39,8 +39,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", default="megafusion.png", metavar="FILE.png",
                    help="PNG file to write (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--mode", choices=("eager", "graphs", "compiled"),
-                   help="eager loop; one CUDA graph per stage shape (default on CUDA); or graphs around "
+    p.add_argument("--mode", choices=("eager", "graphs", "fast-graphs", "compiled"),
+                   help="eager loop; one CUDA graph per stage shape (default on CUDA); fast-graphs: those graphs "
+                        "over the compiled path's module changes, not compiled (SD1.5/SDXL); or graphs around "
                         "torch.compile'd modules (fastest, compiles for minutes at first use)")
     p.add_argument("--inductor", metavar="SET",
                    help="with --mode compiled: a named Inductor option set (engine.torch_fast.INDUCTOR_SETS), e.g. "
@@ -100,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
     run_age = process_age()  # interpreter, imports, argument parsing: the first part of a cold start
 
+    if args.mode == "fast-graphs" and (args.model in pixel_family_names() or args.engines):
+        raise UsageError("--mode fast-graphs changes the torch modules of SD1.5/SDXL-layout models; " +
+                         ("with --engines use --mode graphs" if args.engines else
+                          f"for {args.model} use --mode graphs or compiled"))
     if args.model in pixel_family_names():
         from .generate_if import run_if
 
@@ -114,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     if family.kind in ("sd3", "flux"):  # diffusion transformers: the flow-matching stage loop
+        if args.mode == "fast-graphs":
+            raise UsageError(f"--mode fast-graphs changes the torch modules of SD1.5/SDXL-layout models; for "
+                             f"{family.name} use --mode graphs or compiled")
         from .generate_flow import run_flow
 
         return run_flow(args, family)
@@ -250,6 +258,15 @@ def run(args: argparse.Namespace) -> int:
         fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"), unet_fp8=fp8)
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
         compile_cache = _warm_start(args, nets, device, plan, opts)
+    elif mode == "fast-graphs":
+        from ..engine.torch_fast import FastTorchNetworks, fast_graphs_options
+
+        fp8 = None
+        if args.precision == "fp8":
+            from ..engine.fp8 import Fp8Policy
+
+            fp8 = Fp8Policy()
+        nets = FastTorchNetworks(bundle, fast_graphs_options(device, fp8), vae_dtype=vae)
     else:
         if args.precision == "fp8":
             from ..engine.fp8 import quantize_unet

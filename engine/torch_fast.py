@@ -77,6 +77,16 @@ class FastOptions:
     """FP8 (e4m3) GEMMs for the UNet's transformer projections (engine/fp8.py), on a bf16 UNet; None: none."""
 
 
+def fast_graphs_options(device, unet_fp8: Fp8Policy | None = None) -> FastOptions:
+    """`--mode fast-graphs`: the compiled path's module changes (fused QKV, channels_last, cuDNN attention in the
+    UNet, chunked VAE attention) without compiling, so a process starts in seconds. SDXL 4096 under
+    `--max-memory 32` on the H200: 11.12 s against 12.13 s in graphs mode, mostly the tiled decode (1.03 s
+    against 2.45 s); the UNet stages ran 4% slower (benchmarks/RESULTS.md, ninth session)."""
+    cuda = torch.device(device).type == "cuda"
+    return FastOptions(compile_unet=False, compile_vae=False, unet_attention="cudnn" if cuda else "sdpa",
+                       unet_fp8=unet_fp8)
+
+
 def prepare_module(module: torch.nn.Module, attention: str, options: FastOptions) -> None:
     """Fused QKV, the attention kernel `attention` and channels_last on one UNet or VAE, as `options` ask."""
     if options.fuse_qkv:

@@ -59,12 +59,10 @@ def _networks(bundle, mode: str, vae_dtype, dev):
     """The stages' networks for --mode; the fast ones change the modules in place, so they are made once."""
     if mode in ("graphs", "eager"):
         return TorchNetworks(bundle, vae_dtype)
-    from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+    from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks, fast_graphs_options
 
-    compiled = mode == "compiled"
-    return FastTorchNetworks(bundle, FastOptions(compile_unet=compiled, compile_vae=compiled,
-                                                 unet_attention="cudnn" if dev.type == "cuda" and not compiled else "sdpa"),
-                             vae_dtype=vae_dtype)
+    options = FastOptions() if mode == "compiled" else fast_graphs_options(dev)  # as mf-generate --mode ...
+    return FastTorchNetworks(bundle, options, vae_dtype=vae_dtype)
 
 
 def _one(bundle, base, name, plan, args, dev, vae_dtype, limit):

@@ -54,6 +54,10 @@ def test_one_stage_from_saved_folder_reproduces_diffusers(tiny_sd15, tmp_path):
     (["--dilation", "0"], "--dilation 0: must be at least 1"),
     (["--mode", "compiled", "--inductor", "fastest"], "unknown Inductor set 'fastest'"),
     (["--inductor", "tuned"], "--inductor tuned needs --mode compiled"),
+    (["--mode", "fast-graphs", "--device", "cpu"], "--mode fast-graphs needs a CUDA device"),
+    (["--mode", "fast-graphs", "--engines", "/no/such/dir"], "with --engines use --mode graphs"),
+    (["--mode", "fast-graphs", "--model", "tiny-sd3"], "for tiny-sd3 use --mode graphs or compiled"),
+    (["--mode", "fast-graphs", "--model", "tiny-if"], "for tiny-if use --mode graphs or compiled"),
 ])
 def test_bad_input_one_clear_line(args, needle, capsys):
     rc = main(["--prompt", "x", "--no-progress", *args])

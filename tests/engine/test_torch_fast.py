@@ -50,6 +50,19 @@ def test_fused_qkv_channels_last_same_function_cpu(name):
     _check(name, "cpu", FastOptions(compile_unet=False, compile_vae=False, cudnn_benchmark=False), 1e-5)
 
 
+def test_fast_graphs_options_same_function_cpu():
+    """`--mode fast-graphs`'s networks (fast_graphs_options: no compiling; cuDNN attention on CUDA, torch's SDPA
+    here) compute what the plain modules do."""
+    from dataclasses import replace
+
+    from megafusion.engine.torch_fast import fast_graphs_options
+
+    options = fast_graphs_options("cpu")
+    assert not options.compile_unet and not options.compile_vae and options.unet_attention == "sdpa"
+    assert fast_graphs_options("cuda").unet_attention == "cudnn"
+    _check("tiny-sdxl", "cpu", replace(options, cudnn_benchmark=False), 1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_unet_honours_dilation_cpu():
     _check("tiny-sdxl", "cpu", FastOptions(compile_vae=False, cudnn_benchmark=False), 1e-4)
@@ -70,3 +83,10 @@ def no_tf32():
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_compiled_same_function_gpu(name, no_tf32):
     _check(name, "cuda", FastOptions(), 1e-4)
+
+
+@pytest.mark.gpu
+def test_fast_graphs_options_same_function_gpu(no_tf32):
+    from megafusion.engine.torch_fast import fast_graphs_options
+
+    _check("tiny-sdxl", "cuda", fast_graphs_options("cuda"), 1e-4)
