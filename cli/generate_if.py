@@ -125,9 +125,9 @@ def run_if(args: argparse.Namespace) -> int:
     print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        from PIL import Image
+        from ..runtime.pipeline import encode_png
 
-        Image.fromarray(result.image).save(tmp, format="PNG")
+        tmp.write_bytes(encode_png(result.image))
         os.replace(tmp, out)  # never leave a half-written PNG under the requested name
     finally:
         tmp.unlink(missing_ok=True)

@@ -84,11 +84,23 @@ class GenerationResult:
 
     def png_bytes(self) -> bytes:
         """The image as PNG: what mf-generate writes and mf-serve answers, byte for byte."""
-        import io
+        return encode_png(self.image)
 
-        buf = io.BytesIO()
-        self.to_pil().save(buf, format="PNG")
-        return buf.getvalue()
+
+PNG_COMPRESS_LEVEL = 1
+"""zlib level of the PNGs written and served. PIL's default, 6, took 163 ms for a 1024 image and 668 ms for a 2048
+one on the CI CPU; level 1 took 79 and 344 ms for files 12% larger: on a request's latency, not a size budget."""
+
+
+def encode_png(image) -> bytes:
+    """An RGB8 array as PNG bytes (PNG_COMPRESS_LEVEL)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
 
 
 def draw_noise(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
