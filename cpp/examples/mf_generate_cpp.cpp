@@ -5,7 +5,8 @@
 //   ... --image photo.ppm --strength 0.6                       (image to image)
 //   ... --controlnet canny --control-image edges.ppm           (ControlNet engines built from folder .../canny)
 //
-// The last line of output gives the timings and the CUDA graph counters ("graphs on|off, C captures, R replays").
+// The last line of output gives the timings and the CUDA graph counters ("graphs on|off, C captures, R replays");
+// the line before it, how the engine files were verified ("N hashed, M by file-hashes.json").
 //
 // Exit status: 0 on success, 2 on a usage error (one line naming the flag and the value; the rules are in
 // args.hpp), else the mf_status of the failing call.
@@ -79,8 +80,9 @@ int main(int argc, char** argv) {
     s = mf_generate_with(ctx, &params, inputs, rgb.data(), rgb.size());
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  uint64_t captures = 0, replays = 0;
+  uint64_t captures = 0, replays = 0, hashed = 0, remembered = 0;
   if (s == MF_OK) s = mf_graph_counters(ctx, &captures, &replays);
+  if (s == MF_OK) s = mf_engine_file_counters(&hashed, &remembered);
   if (s != MF_OK) {
     std::cerr << "mf-generate-cpp: " << mf_last_error() << "\n";
     mf_context_destroy(ctx);
@@ -95,6 +97,8 @@ int main(int argc, char** argv) {
     std::cerr << "mf-generate-cpp: " << e.what() << "\n";
     return 1;
   }
+  std::printf("engine files verified: %llu hashed, %llu by file-hashes.json\n", static_cast<unsigned long long>(hashed),
+              static_cast<unsigned long long>(remembered));
   std::printf("%dx%d -> %s; engines loaded in %.2f s; generate", width, height, output.c_str(), load_s);
   for (double t : times) std::printf(" %.3f", t);
   std::printf(" s; graphs %s, %llu captures, %llu replays\n", cl.graphs ? "on" : "off",

@@ -102,6 +102,10 @@ int main(int argc, char** argv) {
             (unsigned long long)replays);
     ++failures;
   }
+  uint64_t hashed = 7, remembered = 7;
+  expect("engine file counters, null pointer", mf_engine_file_counters(&hashed, NULL), MF_ERROR_INVALID_ARGUMENT,
+         "NULL");
+  expect("engine file counters", mf_engine_file_counters(&hashed, &remembered), MF_OK, NULL);
   /* mf_inputs: the setters refuse at once; what needs the plan or the folder is refused by mf_generate_with. */
   mf_inputs* in = NULL;
   expect("inputs, null out", mf_inputs_create(NULL), MF_ERROR_INVALID_ARGUMENT, "mf_inputs**");

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -123,6 +124,21 @@ int main(int argc, char** argv) {
   check(sha256_bytes("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
         "sha256 of 448 bits (two blocks of padding)");
+  {  // the CPU's SHA extensions (where it has them) against the portable code, every length near a block edge
+    std::string data;
+    uint32_t x = 12345;
+    for (int i = 0; i < 5000; ++i) data += static_cast<char>((x = x * 1103515245u + 12345u) >> 24);
+    bool same = true;
+    for (size_t n : {0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 4999, 5000}) {
+      const std::string part = data.substr(0, n);
+      sha256_portable_only(true);
+      const std::string portable = sha256_bytes(part);
+      sha256_portable_only(false);
+      same = same && sha256_bytes(part) == portable;
+    }
+    check(same, std::string("sha256: the accelerated path equals the portable one (accelerated here: ") +
+                    (sha256_accelerated() ? "yes" : "no") + ")");
+  }
 
   expect_failure("missing folder", dir + "/nope", [&] { read_engine_folder(dir + "/nope"); });
   expect_failure("missing manifest", "manifest.json is missing", [&] { read_engine_folder(dir); });
@@ -358,6 +374,20 @@ int main(int argc, char** argv) {
     check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1, "cache: first open hashes");
     check(error_of([&] { verify_files(dir, a); }) == "" && files_hashed() == before + 1,
           "cache: second open of the unchanged file hashes nothing");
+    {  // kept for the next process as Python keeps it (engine/file_hashes.py reads this file)
+      std::ifstream in(dir + "/file-hashes.json");
+      std::stringstream ss;
+      ss << in.rdbuf();
+      std::string got;
+      try {
+        const mfjson::Value v = mfjson::parse(ss.str());
+        got = v["format"].as_int() == 1 ? v["files"][dir + "/old/a.pt2"]["sha256"].str : "format";
+      } catch (const std::exception& e) {
+        got = e.what();
+      }
+      check(got == sha256_bytes("old-a"), "cache: the hash of a settled file is written to file-hashes.json (" +
+                                              got + ")");
+    }
     struct stat ast {};
     stat((dir + "/old/a.pt2").c_str(), &ast);
     std::system(("cp '" + dir + "/old/b.pt2' '" + dir + "/old/a.pt2'").c_str());
@@ -366,6 +396,51 @@ int main(int argc, char** argv) {
     expect_failure("cache: same-size swap with the mtime put back",
                    "old/a.pt2 does not match its sha256 in the manifest", [&] { verify_files(dir, a); });
     check(files_hashed() == before + 2, "cache: the swapped file was hashed again");
+  }
+
+  // Hashes Python remembered (engine/file_hashes.py writes file-hashes.json so): a record whose stat is the
+  // file's gives its hash without a read, and is trusted as Python trusts it; a record of other facts, another
+  // format or a malformed file is ignored and the file is read.
+  {
+    const std::string rr = dir + "/remembered";
+    std::system(("mkdir -p '" + rr + "'").c_str());
+    for (const char* n : {"a", "b", "c", "d", "e"}) write(rr + "/" + n + ".bin", std::string("bytes of ") + n);
+    auto sig = [&](const std::string& name, long long mtime_shift) {
+      struct stat s {};
+      stat((rr + "/" + name).c_str(), &s);
+      auto t = [](const struct timespec& ts) { return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec; };
+      return "[" + std::to_string(s.st_size) + ", " + std::to_string(t(s.st_mtim) + mtime_shift) + ", " +
+             std::to_string(t(s.st_ctim)) + ", " + std::to_string(s.st_ino) + ", " + std::to_string(s.st_dev) + "]";
+    };
+    auto record = [&](const std::string& name, const std::string& stat_json, const std::string& sha) {
+      return "\"" + rr + "/" + name + "\": {\"stat\": " + stat_json + ", \"sha256\": \"" + sha + "\"}";
+    };
+    auto entry_of = [&](const std::string& name) {
+      Entry e = f.entries.at(0);
+      e.files = {{name, sha256_bytes("bytes of " + name.substr(0, 1)), 10}};
+      return e;
+    };
+    write(rr + "/file-hashes.json",
+          "{\"format\": 1, \"files\": {" + record("a.bin", sig("a.bin", 0), sha256_bytes("bytes of a")) + ", " +
+              record("b.bin", sig("b.bin", 1), sha256_bytes("bytes of b")) + ", " +
+              record("c.bin", sig("c.bin", 0), sha256_bytes("not c")) + "}}");
+    const size_t hashed = files_hashed(), remembered = files_remembered();
+    check(error_of([&] { verify_files(rr, entry_of("a.bin")); }) == "" && files_hashed() == hashed &&
+              files_remembered() == remembered + 1,
+          "remembered: a matching record answers without a read");
+    check(error_of([&] { verify_files(rr, entry_of("b.bin")); }) == "" && files_hashed() == hashed + 1 &&
+              files_remembered() == remembered + 1,
+          "remembered: a record with another mtime is ignored, the file read");
+    expect_failure("remembered: a matching record's hash is the one checked",
+                   "c.bin does not match its sha256 in the manifest", [&] { verify_files(rr, entry_of("c.bin")); });
+    check(error_of([&] { verify_files(rr, entry_of("d.bin")); }) == "" && files_hashed() == hashed + 2,
+          "remembered: a file without a record is read");
+    write(rr + "/file-hashes.json", "{\"format\": 2, \"files\": {" +
+                                        record("e.bin", sig("e.bin", 0), sha256_bytes("bytes of e")) + "}}");
+    check(error_of([&] { verify_files(rr, entry_of("e.bin")); }) == "" && files_hashed() == hashed + 3,
+          "remembered: records of another format are ignored");
+    write(rr + "/file-hashes.json", "{not json");
+    check(error_of([&] { verify_files(rr, entry_of("a.bin")); }) == "", "remembered: a malformed file is ignored");
   }
 
   // TensorRT: all profiles kept, range still the first.

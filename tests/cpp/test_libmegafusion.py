@@ -12,9 +12,11 @@ cores, so it runs with MEGAFUSION_TEST_SDXL_AOTI=1.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,37 @@ def test_cpp_graph_counters_on_cpu(cpp_build, sd15_aoti, tmp_path):
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert "graphs on, 0 captures, 0 replays" in on.stdout  # nothing is captured on the CPU
     assert "graphs off, 0 captures, 0 replays" in off.stdout
+
+
+FILES = re.compile(r"engine files verified: (\d+) hashed, (\d+) by file-hashes.json")
+
+
+def test_cpp_verifies_built_files_by_remembered_hashes(cpp_build, sd15_aoti, tmp_path):
+    """mf-build-engines remembers each file's sha256 with its stat (engine/file_hashes.py): libmegafusion takes
+    the hash from that record instead of reading the file. A copy of the folder (new inodes and times, records
+    keyed by the old paths) is read and hashed whole, and libmegafusion then keeps the records itself: its next
+    start from the copy reads nothing."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), "a red cube", "blurry"))
+    copy = tmp_path / "copy"
+    shutil.copytree(sd15_aoti, copy)
+    time.sleep(2.1)  # a file changed within 2 s of its hash is not remembered (file_hashes.RACY_NS)
+    counts = []
+    for folder in (sd15_aoti, copy, copy):
+        r = _run([cpp_build / "cpp" / "mf-generate-cpp", "--engines", folder, "--model", "tiny-sd15", "--ids", ids,
+                  "--stages", AOTI_STAGES, "--output", tmp_path / "a.png"])
+        assert r.returncode == 0, r.stderr
+        m = FILES.search(r.stdout)
+        assert m is not None, r.stdout
+        counts.append((int(m.group(1)), int(m.group(2))))
+    (hashed, remembered), (copy_hashed, copy_remembered), again = counts
+    assert hashed == 0 and remembered >= 3  # text encoder, UNets, VAE: none read
+    assert copy_remembered == 0 and copy_hashed == remembered
+    assert again == (0, remembered)
+    from megafusion.engine.file_hashes import HASHES, FileHashes
+
+    records = FileHashes(copy / HASHES)  # what libmegafusion kept, as Python reads it
+    assert sum(records.lookup(p, p.stat()) is not None for p in copy.rglob("*") if p.is_file()) >= remembered
 
 
 def test_cpp_refuses_size_no_package_covers(cpp_build, sd15_aoti, tmp_path):

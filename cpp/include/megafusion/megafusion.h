@@ -164,6 +164,13 @@ mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
  * created (a generation of N steps replays N times; captures grow only with new descriptors). */
 mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t* replays);
 
+/* Engine files this process has verified against their manifest sha256 since it started, all contexts
+ * together: `hashed` read whole, `remembered` answered by the record kept in the folder's file-hashes.json (the
+ * file's size, times, inode and device unchanged since it was hashed; mf-build-engines writes them, and so does
+ * the library for a file it hashed where the folder can be written), so a start from a built folder reads none
+ * of its gigabytes. */
+mf_status mf_engine_file_counters(uint64_t* hashed, uint64_t* remembered);
+
 /* The message of this thread's last failed call ("" if none); valid until the thread's next call. */
 const char* mf_last_error(void);
 

@@ -168,6 +168,14 @@ mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t*
   });
 }
 
+mf_status mf_engine_file_counters(uint64_t* hashed, uint64_t* remembered) {
+  return guarded([&] {
+    if (!hashed || !remembered) throw Failure(MF_ERROR_INVALID_ARGUMENT, "hashed or remembered pointer is NULL");
+    *hashed = megafusion::lib::files_hashed();
+    *remembered = megafusion::lib::files_remembered();
+  });
+}
+
 const char* mf_last_error(void) { return g_last_error.c_str(); }
 
 }  // extern "C"

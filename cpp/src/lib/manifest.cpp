@@ -1,6 +1,7 @@
 #include "manifest.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
 #include <set>
@@ -459,6 +461,10 @@ namespace {
 
 // Hashes verify_files has computed (tests: a second open of unchanged files computes none).
 size_t g_files_hashed = 0;
+// Files whose hash came from Python's records (file-hashes.json) instead.
+size_t g_files_remembered = 0;
+constexpr const char* kFileHashes = "file-hashes.json";  // engine/file_hashes.py HASHES
+constexpr int kFileHashesFormat = 1;                      // engine/file_hashes.py FORMAT
 
 // The sha256 of each file verify_files hashed, with the stat facts it had then; a file whose facts are all
 // unchanged is not hashed again. In memory, per process: nothing is written, and the cache is never more
@@ -501,14 +507,111 @@ std::string real_path(const std::string& p) {
   return out;
 }
 
-// The sha256 of the regular file `p` (lstat facts `st`), from the cache when its facts are unchanged. Opened
-// without following links and checked to be the file lstat saw, and unchanged while it was read.
-std::string file_sha256(const std::string& p, const std::string& canonical, const struct stat& st,
-                        const std::string& who) {
+// The sha256 that Python's FileHashes remembered for the file `p` (engine/file_hashes.py: `file-hashes.json` in
+// the engine folder, keyed by os.path.abspath, each record's stat [size, mtime_ns, ctime_ns, inode, device]) when
+// that record's stat is `st`'s, else "". Python remembers a hash only for a file last changed well before it was
+// read, and any later write or replacement changes ctime or the inode, so a matching record is this file's hash:
+// a built SDXL folder's 10 GB are not read again by every process (they took most of a 68 s first generation on
+// the H200). The records are a cache: missing, unreadable or malformed, they count as empty.
+std::string remembered_sha256(const std::string& root, const std::string& p, const struct stat& st) {
+  std::ifstream f(root + "/" + kFileHashes);
+  if (!f) return "";
+  std::stringstream ss;
+  ss << f.rdbuf();
+  try {
+    const mfjson::Value records = mfjson::parse(ss.str());
+    if (!records.has("format") || records["format"].as_int() != kFileHashesFormat) return "";
+    const std::string key = std::filesystem::absolute(p).lexically_normal().string();
+    if (!records["files"].has(key)) return "";
+    const mfjson::Value& rec = records["files"][key];
+    const mfjson::Value& sig = rec["stat"];
+    // Integers compared as written: nanosecond times exceed a double's exact range.
+    const long long want[] = {static_cast<long long>(st.st_size), ns(st.st_mtim), ns(st.st_ctim),
+                              static_cast<long long>(st.st_ino), static_cast<long long>(st.st_dev)};
+    if (sig.kind != mfjson::Value::Array || sig.size() != 5) return "";
+    for (size_t i = 0; i < 5; ++i)
+      if (!sig[i].integer || sig[i].literal != std::to_string(want[i])) return "";
+    const mfjson::Value& sha = rec["sha256"];
+    return sha.kind == mfjson::Value::String && sha.str.size() == 64 ? sha.str : "";
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
+mfjson::Value integer(long long x) {
+  mfjson::Value v;
+  v.kind = mfjson::Value::Number;
+  v.integer = true;
+  v.literal = std::to_string(x);
+  v.num = static_cast<double>(x);
+  return v;
+}
+
+// Adds the record of `p` (hashed as `sha`, its stat `st`) to root's file-hashes.json as Python's FileHashes.save
+// does: under the same lock file, merged with the records there (those of files gone dropped), written to a temp
+// file and renamed over, so Python and every process read the old records or the new ones. A C++-only server
+// then reads no engine file at its next start either. A folder that cannot be written keeps nothing.
+void remember_sha256(const std::string& root, const std::string& p, const struct stat& st, const std::string& sha) {
+  const std::string path = root + "/" + kFileHashes;
+  const int lock = ::open((root + "/." + kFileHashes + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock < 0) return;
+  if (flock(lock, LOCK_EX) != 0) {
+    ::close(lock);
+    return;
+  }
+  mfjson::Value records;
+  records.kind = mfjson::Value::Object;
+  mfjson::Value files;
+  files.kind = mfjson::Value::Object;
+  try {
+    std::ifstream in(path);
+    std::stringstream ss;
+    if (in) ss << in.rdbuf();
+    const mfjson::Value old = in ? mfjson::parse(ss.str()) : mfjson::Value{};
+    if (old.has("format") && old["format"].as_int() == kFileHashesFormat && old.has("files"))
+      for (const auto& [k, v] : old["files"].obj)
+        if (v.kind == mfjson::Value::Object && access(k.c_str(), F_OK) == 0) files.obj[k] = v;
+  } catch (const std::exception&) {  // unreadable or malformed: a cache, rewritten from this record
+  }
+  mfjson::Value rec;
+  rec.kind = mfjson::Value::Object;
+  rec.obj["stat"].kind = mfjson::Value::Array;
+  for (long long x : {static_cast<long long>(st.st_size), ns(st.st_mtim), ns(st.st_ctim),
+                      static_cast<long long>(st.st_ino), static_cast<long long>(st.st_dev)})
+    rec.obj["stat"].arr.push_back(integer(x));
+  rec.obj["sha256"].kind = mfjson::Value::String;
+  rec.obj["sha256"].str = sha;
+  files.obj[std::filesystem::absolute(p).lexically_normal().string()] = rec;
+  records.obj["format"] = integer(kFileHashesFormat);
+  records.obj["files"] = files;
+  const std::string text = mfjson::python_dumps(records);
+  const std::string tmp = root + "/." + kFileHashes + "." + std::to_string(getpid()) + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  bool ok = fd >= 0;
+  if (ok) {
+    ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && fsync(fd) == 0;
+    ::close(fd);
+    ok = ok && std::rename(tmp.c_str(), path.c_str()) == 0;
+  }
+  if (!ok) ::unlink(tmp.c_str());
+  flock(lock, LOCK_UN);
+  ::close(lock);
+}
+
+// The sha256 of the regular file `p` (lstat facts `st`) in the engine folder `root`: from this process's cache
+// or Python's records when the facts are unchanged, else read. Opened without following links and checked to be
+// the file lstat saw, and unchanged while it was read.
+std::string file_sha256(const std::string& root, const std::string& p, const std::string& canonical,
+                        const struct stat& st, const std::string& who) {
   {
     std::lock_guard<std::mutex> lock(g_verified_mutex);
     auto it = g_verified.find(canonical);
     if (it != g_verified.end() && same_facts(it->second, st)) return it->second.sha256;
+  }
+  if (std::string known = remembered_sha256(root, p, st); !known.empty()) {
+    std::lock_guard<std::mutex> lock(g_verified_mutex);
+    ++g_files_remembered;
+    return known;
   }
   struct timespec now {};
   clock_gettime(CLOCK_REALTIME, &now);
@@ -533,12 +636,16 @@ std::string file_sha256(const std::string& p, const std::string& canonical, cons
     throw Failure(MF_ERROR_ENGINE, "engine file " + p + " cannot be read (" + e.what() + ") (" + who + ")");
   }
   ::close(fd);
-  std::lock_guard<std::mutex> lock(g_verified_mutex);
-  ++g_files_hashed;
-  if (std::max(ns(after.st_mtim), ns(after.st_ctim)) + kRacyNs <= ns(now))
-    g_verified[canonical] = {after.st_dev, after.st_ino, after.st_size, ns(after.st_mtim), ns(after.st_ctim), sha};
-  else
-    g_verified.erase(canonical);
+  const bool settled = std::max(ns(after.st_mtim), ns(after.st_ctim)) + kRacyNs <= ns(now);
+  {
+    std::lock_guard<std::mutex> lock(g_verified_mutex);
+    ++g_files_hashed;
+    if (settled)
+      g_verified[canonical] = {after.st_dev, after.st_ino, after.st_size, ns(after.st_mtim), ns(after.st_ctim), sha};
+    else
+      g_verified.erase(canonical);
+  }
+  if (settled) remember_sha256(root, p, after, sha);
   return sha;
 }
 
@@ -547,6 +654,11 @@ std::string file_sha256(const std::string& p, const std::string& canonical, cons
 size_t files_hashed() {
   std::lock_guard<std::mutex> lock(g_verified_mutex);
   return g_files_hashed;
+}
+
+size_t files_remembered() {
+  std::lock_guard<std::mutex> lock(g_verified_mutex);
+  return g_files_remembered;
 }
 
 void verify_files(const std::string& root, const Entry& e) {
@@ -591,7 +703,7 @@ void verify_files(const std::string& root, const Entry& e) {
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + std::to_string(st.st_size) +
                                          " bytes, the manifest says " + std::to_string(f.size) +
                                          " (truncated or replaced) (" + who + ")");
-    if (file_sha256(p, real, st, who) != f.sha256)
+    if (file_sha256(root, p, real, st, who) != f.sha256)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest (" + who +
                                          "): replaced or corrupt; rebuild with mf-build-engines");
   }

@@ -130,11 +130,17 @@ size_t select_profile(const std::vector<Profile>& profiles,
 // Checks each of the entry's files: its path stays inside `root` (relative, no '..', no symbolic link on the
 // way, its canonical path under root's), it is a regular file of the recorded size and sha256. Hashes are
 // always checked; a file whose (canonical path, device, inode, size, mtime, ctime) are those it had when
-// this process last hashed it is not read again. Failure(MF_ERROR_ENGINE) names the file and the entry.
+// this process last hashed it, or those of its record in root's file-hashes.json (engine/file_hashes.py's
+// format: mf-build-engines, Python's runs and this reader keep them), is not read again; a file it reads and
+// hashes gets a record there, where the folder can be written.
+// Failure(MF_ERROR_ENGINE) names the file and the entry.
 void verify_files(const std::string& root, const Entry& e);
 
 // How many files verify_files has hashed in this process (not answered from its cache); for tests.
 size_t files_hashed();
+
+// How many files verify_files took the hash of from file-hashes.json; for tests.
+size_t files_remembered();
 
 // "2.13.0+cpu" -> "2.13.0": packages are tied to the torch release, the local suffix names the wheel.
 std::string base_version(const std::string& v);

@@ -12,6 +12,11 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
 namespace megafusion::lib {
 
 namespace {
@@ -27,6 +32,56 @@ constexpr std::array<uint32_t, 64> kK = {
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
 
 uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// One block through the SHA extensions (Intel SHA-NI, on most x86 server CPUs since 2017): about 4x the portable
+// code, which took most of a 68 s first generation reading 10 GB of SDXL packages. The state is kept in the
+// instructions' ABEF/CDGH lane order between the round pairs; each 4-word group of the message schedule is
+// W[g] = msg2(msg1(W[g-4], W[g-3]) + (W[g-2], W[g-1]) shifted by one word, W[g-1]), FIPS 180-4's recurrence.
+__attribute__((target("sha,sse4.1,ssse3"))) void compress_ni(uint32_t* state, const unsigned char* block) {
+  const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);  // big-endian words
+  __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state)), 0xB1);
+  __m128i cdgh = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), 0x1B);
+  __m128i abef = _mm_alignr_epi8(tmp, cdgh, 8);
+  cdgh = _mm_blend_epi16(cdgh, tmp, 0xF0);
+  const __m128i abef0 = abef, cdgh0 = cdgh;
+  __m128i w[4];
+  for (int g = 0; g < 16; ++g) {
+    if (g < 4) {
+      w[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * g)), swap);
+    } else {
+      __m128i x = _mm_sha256msg1_epu32(w[g % 4], w[(g - 3) % 4]);
+      x = _mm_add_epi32(x, _mm_alignr_epi8(w[(g - 1) % 4], w[(g - 2) % 4], 4));
+      w[g % 4] = _mm_sha256msg2_epu32(x, w[(g - 1) % 4]);
+    }
+    __m128i msg = _mm_add_epi32(w[g % 4], _mm_loadu_si128(reinterpret_cast<const __m128i*>(kK.data() + 4 * g)));
+    cdgh = _mm_sha256rnds2_epu32(cdgh, abef, msg);
+    msg = _mm_shuffle_epi32(msg, 0x0E);
+    abef = _mm_sha256rnds2_epu32(abef, cdgh, msg);
+  }
+  abef = _mm_add_epi32(abef, abef0);
+  cdgh = _mm_add_epi32(cdgh, cdgh0);
+  tmp = _mm_shuffle_epi32(abef, 0x1B);
+  cdgh = _mm_shuffle_epi32(cdgh, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), _mm_blend_epi16(tmp, cdgh, 0xF0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(cdgh, tmp, 8));
+}
+
+bool cpu_has_sha_ni() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & bit_SHA);
+}
+#else
+void compress_ni(uint32_t*, const unsigned char*) {}
+bool cpu_has_sha_ni() { return false; }
+#endif
+
+bool g_portable_only = false;  // tests: the portable code on a CPU with the extensions
+bool use_sha_ni() {
+  static const bool have = cpu_has_sha_ni();
+  return have && !g_portable_only;
+}
 
 class Sha256 {
  public:
@@ -76,6 +131,7 @@ class Sha256 {
   uint64_t bits_ = 0;
 
   void compress(const unsigned char* block) {
+    if (use_sha_ni()) return compress_ni(h_.data(), block);
     uint32_t w[64];
     for (int i = 0; i < 16; ++i)
       w[i] = (uint32_t(block[4 * i]) << 24) | (uint32_t(block[4 * i + 1]) << 16) |
@@ -96,6 +152,10 @@ class Sha256 {
 };
 
 }  // namespace
+
+bool sha256_accelerated() { return use_sha_ni(); }
+
+void sha256_portable_only(bool on) { g_portable_only = on; }
 
 std::string sha256_bytes(const std::string& data) {
   Sha256 s;

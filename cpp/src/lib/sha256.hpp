@@ -16,6 +16,12 @@ std::string sha256_fd(int fd);
 // Of a byte string (tests).
 std::string sha256_bytes(const std::string& data);
 
+// Whether blocks go through the CPU's SHA extensions (x86 SHA-NI) rather than the portable code.
+bool sha256_accelerated();
+
+// Tests: true makes every later hash use the portable code (not thread-safe; set before hashing).
+void sha256_portable_only(bool on);
+
 }  // namespace megafusion::lib
 
 #endif  // MEGAFUSION_LIB_SHA256_HPP_
