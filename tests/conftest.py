@@ -123,14 +123,16 @@ BUILDS.factory = _job
 def pytest_collection_finish(session):
     """Queue the builds the selected tests need, and run the test files that need none first, so that the tests
     keep one core busy while the builds use the other; the first needed build is queued first (a dependency
-    before its user). Files keep their own order of tests."""
+    before its user). The files that need builds then run in the order of the last build each needs, so that the
+    ones the first builds serve run while the later builds are made. Files keep their own order of tests."""
     if session.config.option.collectonly:
         return
     jobs_of = {item.nodeid: [job for job, fixture in TRIGGERS.items() if fixture in getattr(item, "fixturenames", ())]
                for item in session.items if item.get_closest_marker("skip") is None}
+    file_of = lambda item: item.nodeid.split("::")[0]
     waiting = {nodeid.split("::")[0] for nodeid, jobs in jobs_of.items() if jobs}
-    session.items[:] = ([i for i in session.items if i.nodeid.split("::")[0] not in waiting]
-                        + [i for i in session.items if i.nodeid.split("::")[0] in waiting])
+    session.items[:] = ([i for i in session.items if file_of(i) not in waiting]
+                        + [i for i in session.items if file_of(i) in waiting])
     queued: dict[str, Job] = {}
     skip = set() if shutil.which("cmake") else {"cpp"}  # the fixture skips those tests
     for item in session.items:
@@ -141,6 +143,12 @@ def pytest_collection_finish(session):
             if job.after is not None and job.after not in queued:
                 queued[job.after] = _job(BUILDS, job.after)
             queued[name] = job
+    position = {name: n for n, name in enumerate(queued)}
+    last: dict[str, int] = {}  # file -> queue position of the last build it needs
+    for item in session.items:
+        for name in jobs_of.get(item.nodeid, ()):
+            last[file_of(item)] = max(last.get(file_of(item), -1), position.get(name, -1))
+    session.items.sort(key=lambda i: (file_of(i) in waiting, last.get(file_of(i), -1)))  # stable: files stay whole
     if queued:
         BUILDS.start(list(queued.values()))
 
