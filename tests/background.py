@@ -7,7 +7,6 @@ fixture asks for it (`Builds.get`).
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,8 @@ class Builds:
         self.workers = workers
         self.jobs: dict[str, Job] = {}
         self.root: Path | None = None
-        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._pending: list[Job] = []  # queued, not yet taken by a worker
+        self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._stop = False
         self._t0 = time.monotonic()
@@ -57,7 +57,7 @@ class Builds:
         self._t0 = time.monotonic()
         for j in jobs:
             self.jobs[j.name] = j
-            self._queue.put(j)
+            self._pending.append(j)
         for _ in range(min(self.workers, len(jobs))):
             threading.Thread(target=self._run, daemon=True).start()
 
@@ -66,11 +66,7 @@ class Builds:
 
     def _run(self) -> None:
         nice = ["nice", "-n", "10"] if shutil.which("nice") else []
-        while True:
-            try:
-                j = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        while (j := self._take()) is not None:
             if j.after is not None:
                 self.jobs[j.after].done.wait()
             if self._stop:
@@ -85,6 +81,16 @@ class Builds:
                 j.result = subprocess.CompletedProcess(j.cmd, proc.returncode, out, err)
                 j.seconds = time.monotonic() - t0
             j.done.set()
+
+    def _take(self) -> Job | None:
+        """The first queued job whose `after` is done, else the first queued one (a worker stands idle behind a
+        dependency only when no other job can run); None when none is left."""
+        with self._lock:
+            ready = [j for j in self._pending if j.after is None or self.jobs[j.after].done.is_set()]
+            j = (ready or self._pending or [None])[0]
+            if j is not None:
+                self._pending.remove(j)
+            return j
 
     def get(self, name: str) -> subprocess.CompletedProcess:
         """The finished build `name`: the queued one when it is done, else built now."""
