@@ -16,9 +16,13 @@ def test_after_waits_and_the_summary_gives_the_timeline(tmp_path):
     second = python_cmd(f"import os, sys; sys.exit(0 if os.path.exists({mark!r}) else 3)")
     builds = Builds(workers=2)
     builds.factory = lambda b, name: Job(name, python_cmd("pass"))
-    builds.start([Job("first", first), Job("second", second, after="first"), Job("third", python_cmd("pass"))])
-    assert builds.get("second").returncode == 0  # it began only once "first" had ended
-    builds.get("unqueued")  # not queued: built in the foreground
+    try:
+        builds.start([Job("first", first), Job("second", second, after="first"), Job("third", python_cmd("pass"))])
+        assert builds.get("second").returncode == 0  # it began only once "first" had ended
+        builds.get("unqueued")  # not queued: built in the foreground
+    finally:
+        builds.stop()  # removes its folder (the builds' MEGAFUSION_CACHE)
+    assert builds.root is not None and not builds.root.exists()
     got = {m[0]: m[1:] for m in (re.fullmatch(LINE, line).groups() for line in builds.summary())}
     assert sorted(got) == ["first", "second", "third", "unqueued"]
     assert int(got["third"][1]) == 0  # the other worker took it at once instead of waiting behind "first"
