@@ -7,7 +7,6 @@ fixture asks for it (`Builds.get`).
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,9 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: subprocess.CompletedProcess | None = None
     seconds: float | None = None  # how long the build ran
+    began: float | None = None  # when it began, in seconds after the queue started
     waited: float = 0.0  # how long the tests stood waiting for it
+    asked: float | None = None  # when a test first asked for it, in seconds after the queue started
 
 
 class Builds:
@@ -41,9 +42,11 @@ class Builds:
         self.workers = workers
         self.jobs: dict[str, Job] = {}
         self.root: Path | None = None
-        self._queue: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._pending: list[Job] = []  # queued, not yet taken by a worker
+        self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._stop = False
+        self._t0 = time.monotonic()
 
     def folder(self, name: str) -> Path:
         if self.root is None:
@@ -51,9 +54,10 @@ class Builds:
         return self.root / name
 
     def start(self, jobs: list[Job]) -> None:
+        self._t0 = time.monotonic()
         for j in jobs:
             self.jobs[j.name] = j
-            self._queue.put(j)
+            self._pending.append(j)
         for _ in range(min(self.workers, len(jobs))):
             threading.Thread(target=self._run, daemon=True).start()
 
@@ -62,17 +66,14 @@ class Builds:
 
     def _run(self) -> None:
         nice = ["nice", "-n", "10"] if shutil.which("nice") else []
-        while True:
-            try:
-                j = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        while (j := self._take()) is not None:
             if j.after is not None:
                 self.jobs[j.after].done.wait()
             if self._stop:
                 j.result = subprocess.CompletedProcess(j.cmd, 1, "", "the session ended first")
             else:
                 t0 = time.monotonic()
+                j.began = t0 - self._t0
                 proc = subprocess.Popen(nice + j.cmd, cwd=j.cwd, env=self._env(j), text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 self._procs.append(proc)
@@ -81,25 +82,40 @@ class Builds:
                 j.seconds = time.monotonic() - t0
             j.done.set()
 
+    def _take(self) -> Job | None:
+        """The first queued job whose `after` is done, else the first queued one (a worker stands idle behind a
+        dependency only when no other job can run); None when none is left."""
+        with self._lock:
+            ready = [j for j in self._pending if j.after is None or self.jobs[j.after].done.is_set()]
+            j = (ready or self._pending or [None])[0]
+            if j is not None:
+                self._pending.remove(j)
+            return j
+
     def get(self, name: str) -> subprocess.CompletedProcess:
         """The finished build `name`: the queued one when it is done, else built now."""
         job = self.jobs.get(name)
         t0 = time.monotonic()
+        asked = t0 - self._t0
         if job is None:
             job = self.jobs[name] = self.factory(self, name)
+            job.began = t0 - self._t0
             job.result = subprocess.run(job.cmd, cwd=job.cwd, env=self._env(job), text=True, capture_output=True)
             job.seconds = time.monotonic() - t0
             job.done.set()
         job.done.wait()
         job.waited += time.monotonic() - t0
+        job.asked = asked if job.asked is None else job.asked
         assert job.result.returncode == 0, (f"{name}: {' '.join(job.cmd)} exited {job.result.returncode}\n"
                                             + job.result.stdout[-3000:] + job.result.stderr[-3000:])
         return job.result
 
     def summary(self) -> list[str]:
         """A line per build that ran: how long it took and how long the tests waited for it (where CI's time
-        goes: the builds, two at a time, are its longest path)."""
-        return [f"{j.name}: built in {j.seconds:.0f} s, tests waited {j.waited:.0f} s"
+        goes: the builds, two at a time, are its longest path), with when it ran and when a test first asked for it,
+        in seconds after the queue started (the timeline says which build a waiting test stood behind)."""
+        return [f"{j.name}: built in {j.seconds:.0f} s (from {j.began:.0f} to {j.began + j.seconds:.0f} s), first "
+                f"asked for at {'-' if j.asked is None else f'{j.asked:.0f}'} s, tests waited {j.waited:.0f} s"
                 for j in self.jobs.values() if j.seconds is not None]
 
     def stop(self) -> None:
