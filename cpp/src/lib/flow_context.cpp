@@ -134,10 +134,11 @@ void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_
         ? std::vector<long long>{batch, (h / 2) * (w / 2), family_->latent_channels * 4LL}
         : std::vector<long long>{batch, family_->latent_channels, h, w};
     const std::string at_batch = at + " at batch " + std::to_string(batch);
-    if (!controls) net("transformer", sample, at_batch);
     if (controls) {
       for (const FlowControl& c : controls->nets) control_net(*controls, &c, sample, at_batch);
       control_net(*controls, nullptr, sample, at_batch);
+    } else {
+      net("transformer", sample, at_batch);
     }
     if (k == last || pixel_relay) net("vae_decoder", {1, family_->latent_channels, h, w}, at);
     if (k > first && (pixel_relay || controls)) net("vae_encoder", {1, 3, s.height, s.width}, at);
