@@ -13,7 +13,9 @@ ControlNet and controlled-transformer packages (two compiles per family, in the 
 """
 from __future__ import annotations
 
+import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,26 @@ def test_stage_without_control_packages_names_the_build(lib, flux_control_aoti, 
     assert command[:3] == ["mf-build-engines", "--model", "tiny-flux"], command
     assert command[command.index("--stages") + 1] == "128x128:2,160x160:2", command
     assert command[command.index("--controlnet") + 1] == str(cn.resolve()), command
+
+
+@pytest.mark.parametrize("change, code, message", [
+    (lambda rec: rec.update(hint_block=True), MF_ERROR_INVALID_ARGUMENT,
+     "controlnet 'edges' has a pixel hint block (XLabs' FLUX kind), which libmegafusion does not run yet"),
+    (lambda rec: rec.pop("outputs"), MF_ERROR_ENGINE,
+     "records no outputs of controlnet 'edges' (built before it recorded them); rebuild with: mf-build-engines"),
+])
+def test_controlnet_record_it_cannot_run_is_one_line(lib, flux_control_aoti, control, tmp_path, change, code, message):
+    """models.json's record of the net, changed in a copy of the folder's two JSON files (the refusal comes before
+    any package is opened): an XLabs-kind net, and a record without the outputs (a folder built before them)."""
+    folder, _ = flux_control_aoti
+    rgb, _ = control
+    for name in ("manifest.json", "models.json"):
+        shutil.copy(folder / name, tmp_path / name)
+    facts = json.loads((tmp_path / "models.json").read_text())
+    change(facts["models"]["tiny-flux"]["controlnets"]["edges"])
+    (tmp_path / "models.json").write_text(json.dumps(facts))
+    rc, err = _generate(lib, tmp_path, "tiny-flux", controls=(("edges", rgb, 1.0, 0.0, 1.0),))
+    assert rc == code and message in err and "\n" not in err, err
 
 
 @pytest.mark.gpu
