@@ -144,8 +144,10 @@ at::Tensor FlowContext::controlled_velocity(const at::Tensor& z, float timestep,
     in["hidden_states"] = pack(z).to(f).contiguous();
     in["timestep"] = (t.to(f) / 1000).contiguous();
     in["guidance"] = at::full({b}, guidance, fp32);
-    const auto& [cos, sin] = rotary(h, w);  // each net's own position embedding: the family's axes, as its
-    in["rotary_cos"] = cos;                 // transformer's (load_flow_controlnet checks the width)
+    // The nets' position embedding as the transformer's: the family's rope axes (a net with axes_dims_rope of
+    // its own would differ; diffusers' FLUX nets share the transformer's).
+    const auto& [cos, sin] = rotary(h, w);
+    in["rotary_cos"] = cos;
     in["rotary_sin"] = sin;
   }
   in["encoder_hidden_states"] = c.states.to(f).contiguous();
