@@ -117,7 +117,30 @@ def build_dit_controlnet_engines(bundle: DiTBundle, plan: StagePlan, controlnets
             entry = cache.commit(key, tmp)
         built += 1
         log(f"{tag}: done in {res.seconds:.1f} s, {sum(f.size for f in entry.files) / 2**20:.1f} MiB")
+    record_flow_controlnets(cache, bundle.family, controlnets)
     return built
+
+
+def record_flow_controlnets(cache: EngineCache, family: DiTFamily, controlnets: Sequence[torch.nn.Module]) -> None:
+    """models.json's names of the ControlNets (their folders' last component) with what libmegafusion needs beyond
+    the packages (cpp/src/lib/flow_control.cpp): the names of their outputs, in order (`control_layout`'s, which the
+    controlled transformer's inputs carry), whether the net takes zero pooled projections and the unshifted latent
+    (InstantX's SD3 kind, runtime/flow_controlnet.py) and whether it has a pixel hint block (XLabs' FLUX kind)."""
+    from ..export.dit_controlnet_aoti import control_layout, has_hint_block
+    from .model_facts import record_controlnets
+
+    named, facts = {}, {}
+    for cn in controlnets:
+        src = str(getattr(cn, "config", {}).get("_name_or_path", "") or "")
+        if not src:  # loaded from no folder: no name to record
+            continue
+        name = Path(src).name or src
+        named[name] = (module_fingerprint(cn), str(Path(src).resolve()))
+        zero = family.kind == "sd3" and bool(getattr(cn.config, "force_zeros_for_pooled_projection", False))
+        facts[name] = {"outputs": list(control_layout([cn]).names()), "zero_pooled": zero,
+                       "hint_block": has_hint_block(cn)}
+    if named:
+        record_controlnets(cache, family.name, named, facts)
 
 
 def dit_controlnet_build_command(family: DiTFamily, source: str, plan: StagePlan, precision: str, folder,

@@ -55,15 +55,18 @@ def record_model(cache: EngineCache, bundle: ModelBundle, weights: dict[str, str
     return rec
 
 
-def record_controlnets(cache: EngineCache, model: str, controlnets: dict[str, tuple[str, str]]) -> None:
+def record_controlnets(cache: EngineCache, model: str, controlnets: dict[str, tuple[str, str]],
+                       facts: dict[str, dict] | None = None) -> None:
     """Records ControlNets built into `cache` for `model` (name -> (weights fingerprint, source folder)) under the
     model's "controlnets", so the C API can take a ControlNet by its folder's name (cpp/src/lib/control_entries.hpp).
-    A name built again with other weights points at the latest."""
+    `facts`: name -> more fields of its record (SD3 / FLUX nets: what the C API cannot read from the packages,
+    engine/dit_controlnet_engines.py). A name built again with other weights points at the latest."""
     with cache.locked():
         models = read_models(cache.root)
         rec = dict(models.get(model, {}))
         known = dict(rec.get("controlnets", {}))
-        known.update({name: {"weights": fp, "source": src} for name, (fp, src) in controlnets.items()})
+        known.update({name: {"weights": fp, "source": src, **(facts or {}).get(name, {})}
+                      for name, (fp, src) in controlnets.items()})
         rec["controlnets"] = known
         models[model] = rec
         cache.write_json(MODELS, {"format": FORMAT, "models": models})

@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
 TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", "flux_aoti": "flux_aoti",
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
             "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines",
-            "sd15_apart_aoti": "sd15_apart_aoti"}
+            "sd15_apart_aoti": "sd15_apart_aoti", "flux_control_aoti": "flux_control_aoti",
+            "sd3_control_aoti": "sd3_control_aoti"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -55,6 +56,21 @@ shutil.copytree(src, root / "engines")
 cn = save_tiny_controlnet(load_model("tiny-sd15").unet, root / "edges", 5)
 sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--controlnet",
                str(cn), "--networks", "controlnet,unet_controlled", "--output", str(root / "engines")]))
+"""
+
+# A copy of a session's SD3 / FLUX folder plus a tiny flow ControlNet's packages and the controlled transformer's
+# for a plan of one stage shape the copy's plain transformer already serves: two compiles.
+FLOW_CONTROL_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+from megafusion.core.loading import load_model
+from tests.runtime.test_flow_controlnet import save_tiny_flow_controlnet
+model, src, root, stages = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+shutil.copytree(src, root / "e")
+cn = save_tiny_flow_controlnet(load_model(model).family, root / "edges", seed=1)
+sys.exit(main(["--model", model, "--backend", "aoti", "--stages", stages, "--device", "cpu", "--networks",
+               "transformer", "--controlnet", str(cn), "--output", str(root / "e")]))
 """
 
 # A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
@@ -105,6 +121,11 @@ def _job(builds, name: str) -> Job:
         model, stages = ("tiny-flux", FLUX_AOTI_STAGES) if name == "flux_aoti" else ("tiny-sd3", SD3_AOTI_STAGES)
         return Job(name, build_engines_cmd("--model", model, "--backend", "aoti", "--stages", stages, "--device",
                                            "cpu", "--output", str(f(name) / "e")))
+    if name in ("flux_control_aoti", "sd3_control_aoti"):
+        base = name.replace("_control", "")
+        model, stages = ("tiny-flux", FLUX_CONTROL_STAGES) if base == "flux_aoti" else ("tiny-sd3", SD3_CONTROL_STAGES)
+        return Job(name, python_cmd(FLOW_CONTROL_DRIVER) + [model, str(f(base) / "e"), str(f(name)), stages],
+                   cwd=REPO, after=base)
     if name == "aoti_static":
         from tests.engine.test_aoti_static import PLAN
 
@@ -241,6 +262,13 @@ SD3_AOTI_STAGES = "128x128:2,192x160:2"
 """The plan of the session's tiny-sd3 packages (non-square second stage: the token grid's two sides differ)."""
 
 
+FLUX_CONTROL_STAGES = "160x160:2,160x160:2"
+"""The plan of the session's tiny-flux ControlNet packages: FLUX_AOTI_STAGES' second shape twice (its plain
+transformer, VAE encoder and decoder are in the folder copied)."""
+SD3_CONTROL_STAGES = "192x160:2,192x160:2"
+"""Likewise for tiny-sd3 (SD3_AOTI_STAGES' second shape)."""
+
+
 def _dit_aoti(name: str) -> tuple[Path, str]:
     return BUILDS.folder(name) / "e", BUILDS.get(name).stdout
 
@@ -259,6 +287,27 @@ def sd3_aoti() -> tuple[Path, str]:
     """(engine folder, what mf-build-engines printed): tiny-sd3's AOTInductor packages of SD3_AOTI_STAGES, every
     network, built once for tests/engine/test_dit_engines.py and tests/cpp/test_libmegafusion_flow.py."""
     return _dit_aoti("sd3_aoti")
+
+
+def _flow_control(name: str) -> tuple[Path, Path]:
+    BUILDS.get(name)
+    root = BUILDS.folder(name)
+    return root / "e", root / "edges"
+
+
+@pytest.fixture(scope="session")
+def flux_control_aoti(flux_aoti) -> tuple[Path, Path]:
+    """(engine folder, ControlNet folder): a copy of the session's tiny-flux folder plus a tiny FluxControlNetModel's
+    (seed 1, named "edges" in models.json) and the controlled transformer's packages for FLUX_CONTROL_STAGES (two
+    compiles), built once for the C API test tests/cpp/test_libmegafusion_flow_control.py."""
+    return _flow_control("flux_control_aoti")
+
+
+@pytest.fixture(scope="session")
+def sd3_control_aoti(sd3_aoti) -> tuple[Path, Path]:
+    """The same for tiny-sd3 (an SD3ControlNetModel: zero pooled projections, unshifted latent) and
+    SD3_CONTROL_STAGES."""
+    return _flow_control("sd3_control_aoti")
 
 
 # Engine folders built once per session (tests/engines.py says how).

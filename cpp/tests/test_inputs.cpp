@@ -143,6 +143,17 @@ int main() {
                  [&] { control_entries(f, "tiny-sd15", "controlnet", 1, std::string(64, 'a'), "fp32", "cpu", "2.13.0",
                                        "controlnet 'edges' (standard) fp32 aoti", "HINT"); }, MF_ERROR_ENGINE);
 
+  // SD3 / FLUX block samples summed as export/dit_controlnet_aoti.py control_layout sums them (its numbers in
+  // tests/engine/test_dit_controlnet_engines.py test_layout_sums_over_the_shorter_list, and SD3's zip).
+  using Names = std::vector<std::string>;
+  const Names one = {"block_0", "single_0"}, no_singles = {"block_0"};
+  check(flow_control_residuals(true, {one}) == one, "flux: one net's samples");
+  check(flow_control_residuals(true, {one, no_singles}) == one, "flux: a net without singles keeps the sum's");
+  check(flow_control_residuals(true, {no_singles, one}) == no_singles, "flux: a first net without singles: none");
+  check(flow_control_residuals(false, {{"block_0", "block_1", "block_2"}, {"block_0", "block_1"}}) ==
+            Names{"block_0", "block_1"},
+        "sd3: the shorter list");
+
   std::cout << (g_failures ? "FAILED " : "passed ") << g_failures << " failures\n";
   return g_failures ? 1 : 0;
 }

@@ -2,7 +2,7 @@
 with mf_inputs_set_init_image enters the plan as `mf-generate --engines DIR --image photo.png --strength S
 [--start-stage K]` enters it (runtime/flow_img2img.py: diffusers' flow rule for the first step, the photo resized
 as the pixel relay resizes, (mean - shift) * c, noised to the first kept sigma); the C API's image is within 1 level
-of 255 of Python's. Bad values are one line naming them; ControlNets stay refused.
+of 255 of Python's. Bad values are one line naming them (ControlNets: test_libmegafusion_flow_control.py).
 
 On the session's folders (tests/conftest.py flux_aoti, sd3_aoti): they hold VAE encoder packages for the stages after
 the first only (the pixel relay's), so a photo entering stage 1 is refused naming the command that builds one.
@@ -102,8 +102,6 @@ def test_bad_flow_img2img_input_is_one_line(lib, flux_aoti, photo):
         (dict(init=(rgb, 0.9, 2)), MF_ERROR_INVALID_ARGUMENT,  # int(4 - 3.6) = 0: step 1
          "strength 0.9 starts at step 1 of 4, in stage 1, not start_stage 2; stage 2 takes strengths above 0 "
          "up to 0.5"),
-        (dict(controls=(("edges", rgb, 1.0, 0.0, 1.0),)), MF_ERROR_INVALID_ARGUMENT,
-         "ControlNets on tiny-flux are not supported by libmegafusion yet"),
     ]
     for kw, code, message in cases:
         rc, err = _generate(lib, flux_aoti[0], "tiny-flux", **kw)

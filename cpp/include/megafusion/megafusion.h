@@ -120,7 +120,11 @@ mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int wi
  * `mf-build-engines --controlnet DIR` was given (DIR's last component, as models.json records it), or the
  * weights fingerprint of its entries in manifest.json ("mf2:tensors:<sha256>" whole, or a unique prefix of 12
  * or more of its sha256's hex digits).
- * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel). */
+ * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel).
+ * SD3 / FLUX contexts take SD3ControlNetModel / FluxControlNetModel packages (`mf-build-engines --model sd3|flux
+ * --backend aoti --controlnet DIR`): the control image is resized to each stage's size and VAE-encoded there (the
+ * folder needs a vae_encoder package at every stage size that runs); not yet FLUX nets with a pixel hint block
+ * (XLabs' kind), refused naming the net (docs/ALGORITHM.md §21). */
 mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
                                 float scale, float start, float end);
 

@@ -78,6 +78,8 @@ size_t check_rgb_buffer(const uint8_t* rgb, size_t rgb_bytes, const StagePlan& p
 // (1, 3, H, W) float32 in [0, 1], as runtime/image_files.py read_rgb divides (numpy float32: x / 255); the photo
 // of image to image is this * 2 - 1 (runtime/img2img.py read_image), for the UNet and flow contexts alike.
 at::Tensor unit_rgb(const RgbImage& im);
+// runtime/controlnet.py resize_control: bicubic to (height, width), clamped to [0, 1]; the same size as is.
+at::Tensor resize_control(const at::Tensor& image, int height, int width);
 
 class Context {
  public:

@@ -14,13 +14,12 @@ at::ScalarType unet_dtype(const std::string& precision) {
   return precision == "fp16" ? at::kHalf : precision == "bf16" ? at::kBFloat16 : at::kFloat;
 }
 
-// runtime/controlnet.py resize_control: bicubic to the stage's size, clamped to [0, 1]; the same size as is.
+}  // namespace
+
 at::Tensor resize_control(const at::Tensor& image, int height, int width) {
   if (image.size(2) == height && image.size(3) == width) return image;
   return at::upsample_bicubic2d(image, {height, width}, false, std::nullopt, std::nullopt).clamp(0.0, 1.0);
 }
-
-}  // namespace
 
 at::Tensor unit_rgb(const RgbImage& im) {
   at::Tensor out = at::empty({1, 3, im.height, im.width}, at::kFloat);

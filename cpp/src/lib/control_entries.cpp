@@ -75,4 +75,25 @@ std::vector<Entry> control_entries(const EngineFolder& folder, const std::string
   return out;
 }
 
+std::vector<std::string> flow_control_residuals(bool flux, const std::vector<std::vector<std::string>>& outputs) {
+  size_t blocks = 0, singles = 0;
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    const auto& o = outputs[j];
+    const size_t b = std::count_if(o.begin(), o.end(), [](const std::string& n) { return n.rfind("block_", 0) == 0; });
+    const size_t s = o.size() - b;
+    if (j == 0) {
+      blocks = b, singles = s;
+    } else if (!flux) {
+      blocks = std::min(blocks, b);
+    } else {
+      blocks = !b || !blocks ? blocks : std::min(blocks, b);
+      singles = !s || !singles ? singles : std::min(singles, s);
+    }
+  }
+  std::vector<std::string> out;
+  for (size_t i = 0; i < blocks; ++i) out.push_back("block_" + std::to_string(i));
+  for (size_t i = 0; i < singles; ++i) out.push_back("single_" + std::to_string(i));
+  return out;
+}
+
 }  // namespace megafusion::lib

@@ -32,6 +32,11 @@ std::vector<Entry> control_entries(const EngineFolder& folder, const std::string
                                    const std::string& device, const std::string& version, const std::string& what,
                                    const std::string& hint);
 
+// SD3 / FLUX: the block samples the controlled transformer takes from ControlNets whose outputs are named
+// `outputs` (each net's "block_i".. then "single_i"..), as export/dit_controlnet_aoti.py control_layout sums
+// them: over the shorter list; for FLUX (`flux`) a net without samples of a kind leaves the running sum's.
+std::vector<std::string> flow_control_residuals(bool flux, const std::vector<std::vector<std::string>>& outputs);
+
 }  // namespace megafusion::lib
 
 #endif  // MEGAFUSION_LIB_CONTROL_ENTRIES_HPP_

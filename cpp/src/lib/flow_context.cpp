@@ -1,6 +1,7 @@
 // runtime/flow_pipeline.py (eager mode) and runtime/flow_conditioning.py on packages, in their notation and with
 // their float32 rounding: each arithmetic step is the same ATen op on the same dtypes, so a CPU run gives the
-// Python run's latent; image to image as runtime/flow_img2img.py. Not yet here: ControlNets, CUDA graphs of the step.
+// Python run's latent; image to image as runtime/flow_img2img.py; ControlNets in flow_control.cpp. Not yet here:
+// CUDA graphs of the step.
 #include "flow_context.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -17,13 +18,10 @@
 
 namespace megafusion::lib {
 
-namespace {
-
-at::ScalarType dtype_of(const std::string& precision) {
+at::ScalarType flow_dtype(const std::string& precision) {
   return precision == "fp16" ? at::kHalf : precision == "bf16" ? at::kBFloat16 : at::kFloat;
 }
 
-// FLUX's 2x2 packing of latent cells into tokens (engine/flow_networks.py pack / unpack).
 at::Tensor pack(const at::Tensor& z) {
   const int64_t b = z.size(0), c = z.size(1), h = z.size(2), w = z.size(3);
   return z.view({b, c, h / 2, 2, w / 2, 2}).permute({0, 2, 4, 1, 3, 5}).reshape({b, (h / 2) * (w / 2), c * 4});
@@ -33,6 +31,8 @@ at::Tensor unpack(const at::Tensor& x, int64_t h, int64_t w) {
   const int64_t b = x.size(0), d = x.size(2);
   return x.view({b, h / 2, w / 2, d / 4, 2, 2}).permute({0, 3, 1, 4, 2, 5}).reshape({b, d / 4, h, w});
 }
+
+namespace {
 
 // runtime/relay.py resize_clamped, with torch's own bicubic (what the Python CPU path runs).
 at::Tensor resize_clamped(const at::Tensor& image, int64_t height, int64_t width) {
@@ -118,7 +118,8 @@ std::string FlowContext::encoder_network(const std::string& encoder) const {
   return "text_encoder_" + std::to_string(num_text_encoders());  // t5: the last
 }
 
-void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first, bool photo) {
+void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first, bool photo,
+                                 const FlowControls* controls) {
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
   hint_ = plan_build_hint(folder_, family_->base.name, device_name_, "aoti", precision_, stages);
@@ -132,18 +133,26 @@ void FlowContext::check_coverage(const StagePlan& plan, bool pixel_relay, int64_
     const std::vector<long long> sample = family_->flux()
         ? std::vector<long long>{batch, (h / 2) * (w / 2), family_->latent_channels * 4LL}
         : std::vector<long long>{batch, family_->latent_channels, h, w};
-    net("transformer", sample, at + " at batch " + std::to_string(batch));
+    const std::string at_batch = at + " at batch " + std::to_string(batch);
+    if (controls) {
+      for (const FlowControl& c : controls->nets) control_net(*controls, &c, sample, at_batch);
+      control_net(*controls, nullptr, sample, at_batch);
+    } else {
+      net("transformer", sample, at_batch);
+    }
     if (k == last || pixel_relay) net("vae_decoder", {1, family_->latent_channels, h, w}, at);
-    if (k > first && pixel_relay) net("vae_encoder", {1, 3, s.height, s.width}, at);
-    if (k == first && photo) {
-      // mf-build-engines builds VAE encoders for the pixel relay's stages after the first; for a photo entering
-      // the first stage (or under the latent relay) the command to name builds one at this size: the stage twice.
+    if (k > first && (pixel_relay || controls)) net("vae_encoder", {1, 3, s.height, s.width}, at);
+    if (k == first && (photo || controls)) {
+      // mf-build-engines builds VAE encoders for the pixel relay's stages after the first; for a photo or control
+      // image at the first stage (or under the latent relay) the command to name builds one at this size: the
+      // stage twice.
       const StageSize once{s.height, s.width, 1};
       const std::string hint = pixel_relay && k > 0
                                    ? hint_
                                    : plan_build_hint(folder_, family_->base.name, device_name_, "aoti", precision_,
                                                      stage_str(once) + "," + stage_str(once)) + " --networks vae";
-      net("vae_encoder", {1, 3, s.height, s.width}, at + " (the photo's entry stage)", hint);
+      net("vae_encoder", {1, 3, s.height, s.width},
+          at + (photo ? " (the photo's entry stage)" : " (the control image's encode)"), hint);
     }
   }
 }
@@ -181,7 +190,7 @@ const std::pair<at::Tensor, at::Tensor>& FlowContext::rotary(int64_t h, int64_t 
   if (it != rotary_.end()) return it->second;
   // FLUX's position ids in the transformer's dtype: text tokens (0, 0, 0), then image tokens (0, row, column);
   // FluxPosEmbed on them (theta 10000, float64 frequencies, cos and sin each interleaved with itself).
-  const auto f = dtype_of(precision_);
+  const auto f = flow_dtype(precision_);
   at::Tensor img = at::zeros({h / 2, w / 2, 3});
   img.select(2, 1).add_(at::arange(h / 2, at::kFloat).unsqueeze(1));
   img.select(2, 2).add_(at::arange(w / 2, at::kFloat).unsqueeze(0));
@@ -199,8 +208,10 @@ const std::pair<at::Tensor, at::Tensor>& FlowContext::rotary(int64_t h, int64_t 
       .first->second;
 }
 
-at::Tensor FlowContext::velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance) {
-  const auto f = dtype_of(precision_);
+at::Tensor FlowContext::velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance,
+                                 int64_t step) {
+  if (controls_) return controlled_velocity(z, timestep, c, guidance, step);
+  const auto f = flow_dtype(precision_);
   const int64_t b = z.size(0), h = z.size(2), w = z.size(3);
   const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device_);
   at::Tensor t = at::full({b}, timestep, fp32);  // 1000 sigma_t, float32
@@ -243,8 +254,6 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     if (p.prompt_ids[i] || p.negative_ids[i])
       throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " takes its token ids through mf_inputs_set_tokens, not "
                                                       "params->prompt_ids / negative_ids");
-  if (inputs && !inputs->controls.empty())
-    throw Failure(MF_ERROR_INVALID_ARGUMENT, "ControlNets on " + name + " are not supported by libmegafusion yet");
   // Image to image (docs/ALGORITHM.md §18.1): the stage and step the photo enters at, under the flow rule.
   const InitImage* photo = inputs && inputs->init ? &*inputs->init : nullptr;
   const EntryPoint entry = photo ? flow_entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};
@@ -271,7 +280,10 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
                                                             : name + " is guidance-distilled: it takes no negative prompt");
   if (cfg) check_tokens(inputs->negative_tokens, "negative ");
   if (scaling_ <= 0) throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " has no VAE scaling factor");
-  check_coverage(plan, relay == "pixel", cfg ? 2 : 1, entry.stage, photo != nullptr);
+  // ControlNets (§18 "ControlNet"): named, their packages found for every stage that runs, before any work.
+  const bool controlled = inputs && !inputs->controls.empty();
+  FlowControls controls = controlled ? resolve_controls(inputs->controls, plan, cfg ? 2 : 1) : FlowControls{};
+  check_coverage(plan, relay == "pixel", cfg ? 2 : 1, entry.stage, photo != nullptr, controlled ? &controls : nullptr);
 
   c10::InferenceMode guard;
   Conditioning cond = encode(inputs->tokens);
@@ -280,9 +292,15 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     cond = {at::cat({neg.states, cond.states}), at::cat({neg.pooled, cond.pooled})};
   }
   const std::vector<FlowStageSchedule> schedules = plan_flow_schedule(plan, *family_, p.reschedule != 0);
+  if (controlled) prepare_controls(controls, plan, entry.stage);
+  struct Unset {  // the plain transformer again after this generation, however it ends
+    const FlowControls*& p;
+    ~Unset() { p = nullptr; }
+  } unset{controls_};
+  controls_ = controlled ? &controls : nullptr;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(p.seed);
   // Noise as diffusers draws it with a CPU generator, in the transformer's dtype (runtime/pipeline.py draw_noise).
-  const auto f = dtype_of(precision_);
+  const auto f = flow_dtype(precision_);
   auto draw_noise = [&](int64_t h, int64_t w) {
     return at::randn({1, family_->latent_channels, h, w}, gen, f).to(at::kFloat).to(device_);
   };
@@ -290,7 +308,8 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
   const float w = p.guidance;
   at::Tensor z, x0;
   const size_t last = plan.stages.size() - 1;
-  for (size_t k = 0; k <= last; ++k) {
+  int64_t first_step = 0;  // global index of this stage's first step (skipped steps keep their places)
+  for (size_t k = 0; k <= last; first_step += plan.stages[k].steps, ++k) {
     if (photo && k < entry.stage) continue;  // image to image: the photo enters at a later stage
     const StageSize& st = plan.stages[k];
     const FlowStageSchedule& c = schedules[k];
@@ -324,8 +343,9 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
       z = x0_up * (1.0f - sigma_t[0]) + noise * sigma_t[0];
     }
     const size_t steps = sigma_t.size();
+    const int64_t skipped = static_cast<int64_t>(c.sigma_t.size() - steps);
     for (size_t i = 0; i < steps; ++i) {
-      at::Tensor v = velocity(cfg ? at::cat({z, z}) : z, timestep[i], cond, w);
+      at::Tensor v = velocity(cfg ? at::cat({z, z}) : z, timestep[i], cond, w, first_step + skipped + i);
       if (cfg) {
         auto parts = v.chunk(2);
         v = parts[0] + (parts[1] - parts[0]) * w;

@@ -14,12 +14,19 @@
 #include <vector>
 
 #include "context.hpp"
+#include "control_entries.hpp"
 #include "inputs.hpp"
 #include "manifest.hpp"
 #include "megafusion/flow_schedule.hpp"
 #include "megafusion/megafusion.h"
 
 namespace megafusion::lib {
+
+// The transformer's dtype for a precision ("fp16", "bf16", else float32).
+at::ScalarType flow_dtype(const std::string& precision);
+// FLUX's 2x2 packing of latent cells into tokens and back (engine/flow_networks.py pack / unpack).
+at::Tensor pack(const at::Tensor& z);
+at::Tensor unpack(const at::Tensor& x, int64_t h, int64_t w);
 
 class FlowContext {
  public:
@@ -33,6 +40,18 @@ class FlowContext {
   struct Conditioning {
     at::Tensor states, pooled;  // (B, L, D), (B, P) float32; B = 2 ([negative, prompt]) under CFG
   };
+  // ControlNets (docs/ALGORITHM.md §18 "ControlNet"; runtime/flow_controlnet_engines.py), flow_control.cpp.
+  struct FlowControl {
+    ControlNetId id;
+    ModelFacts::FlowControlFacts facts;
+    const ControlInput* input;
+    std::map<std::pair<int64_t, int64_t>, at::Tensor> images;  // (latent h, w) -> encoded control image, batch 1
+  };
+  struct FlowControls {
+    std::vector<FlowControl> nets;
+    std::vector<std::string> residuals;  // the controlled transformer's block-sample inputs (control_layout)
+    at::Tensor scales;                   // (nets, plan steps) float32: scale * keep at each global step
+  };
 
   const FlowFamily* family_;
   at::Device device_;
@@ -45,6 +64,9 @@ class FlowContext {
   std::map<std::string, std::vector<Entry>> entries_;      // per network, every valid entry
   std::map<std::string, std::unique_ptr<Network>> nets_;   // by entry digest
   std::map<std::pair<int64_t, int64_t>, std::pair<at::Tensor, at::Tensor>> rotary_;  // FLUX, per latent size
+  std::map<std::pair<std::string, std::string>, std::vector<Entry>> control_entries_;  // (network, weights)
+  const FlowControls* controls_ = nullptr;  // the running generation's, else NULL: the plain transformer runs
+  std::string control_hint_;                // the plan's build command with its --controlnet folders
 
   const std::vector<Entry>& entries(const std::string& network);
   // The network's package whose first input holds `first` (static packages: one per shape), opened and verified;
@@ -53,9 +75,24 @@ class FlowContext {
                const std::string& hint = "");
   std::string encoder_network(const std::string& encoder) const;
   // Opens every package the plan's stages from `first` on run (`photo`: the VAE encoder at stage `first` too).
-  void check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first = 0, bool photo = false);
+  // With `controls`: their packages and the controlled transformer instead of the transformer, and the VAE
+  // encoder at every stage that runs (the control image's encode).
+  void check_coverage(const StagePlan& plan, bool pixel_relay, int64_t batch, size_t first = 0, bool photo = false,
+                      const FlowControls* controls = nullptr);
   Conditioning encode(const std::map<std::string, std::vector<int32_t>>& tokens);
-  at::Tensor velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance);
+  // `step`: the global step index (the ControlNets' scale table reads it).
+  at::Tensor velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance, int64_t step);
+  // The ControlNets named in `in`, resolved and checked (flow_control.cpp), before any work.
+  FlowControls resolve_controls(const std::vector<ControlInput>& in, const StagePlan& plan, int64_t batch);
+  // The controlnet package of `c` (NULL: the controlled transformer, taking `all`'s block samples) whose first
+  // input holds `sample`, opened and verified; MF_ERROR_UNSUPPORTED_SIZE naming what is built and the command.
+  Network& control_net(const FlowControls& all, const FlowControl* c, const std::vector<long long>& sample,
+                       const std::string& what);
+  // runtime/flow_controlnet.py prepare_plan: the scale table, and each control image encoded at the sizes of the
+  // stages from `first` on.
+  void prepare_controls(FlowControls& c, const StagePlan& plan, size_t first);
+  at::Tensor controlled_velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance,
+                                 int64_t step);
   const std::pair<at::Tensor, at::Tensor>& rotary(int64_t h, int64_t w);
   at::Tensor decode(const at::Tensor& latent);
   at::Tensor encode_image(const at::Tensor& image);

@@ -294,7 +294,14 @@ EngineFolder read_engine_folder(const std::string& dir) {
       for (const auto& n : v["vocab_sizes"].arr) facts.vocab_sizes.push_back(static_cast<long long>(n.num));
       if (v.obj.count("source") && v["source"].kind == mfjson::Value::String) facts.source = v["source"].str;
       if (v.obj.count("controlnets"))
-        for (const auto& [cn, rec] : v["controlnets"].obj) facts.controlnets[cn] = {rec["weights"].str, rec["source"].str};
+        for (const auto& [cn, rec] : v["controlnets"].obj) {
+          facts.controlnets[cn] = {rec["weights"].str, rec["source"].str};
+          if (!rec.has("outputs")) continue;  // a UNet family's ControlNet, or one recorded before the facts
+          ModelFacts::FlowControlFacts& fc = facts.flow_controls[rec["weights"].str];
+          for (const auto& o : rec["outputs"].arr) fc.outputs.push_back(o.str);
+          fc.zero_pooled = rec.has("zero_pooled") && rec["zero_pooled"].b;
+          fc.hint_block = rec.has("hint_block") && rec["hint_block"].b;
+        }
       out.models[name] = facts;
     }
   } catch (const Failure&) {

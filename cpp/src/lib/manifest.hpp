@@ -59,6 +59,13 @@ struct ModelFacts {
   // ControlNets `mf-build-engines --controlnet DIR` built here: DIR's last component -> {weights fingerprint,
   // DIR} (engine/model_facts.py record_controlnets; absent in folders built before it).
   std::map<std::string, std::pair<std::string, std::string>> controlnets;
+  // What an SD3 / FLUX ControlNet's record adds (engine/dit_controlnet_engines.py record_flow_controlnets), by
+  // weights fingerprint: its outputs' names in order, zero pooled projections and unshifted latent, a hint block.
+  struct FlowControlFacts {
+    std::vector<std::string> outputs;
+    bool zero_pooled = false, hint_block = false;
+  };
+  std::map<std::string, FlowControlFacts> flow_controls;
 };
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
