@@ -76,9 +76,17 @@ def _python(model: str, folder: Path, cn: Path, image: Path, out: Path, *flags) 
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
-def test_flow_controlnet_equals_python(lib, request, control, tmp_path, model):
-    folder, cn = request.getfixturevalue({"tiny-flux": "flux_control_aoti", "tiny-sd3": "sd3_control_aoti"}[model])
+# One test per family, each naming its build as a fixture: tests/conftest.py queues the builds the collected
+# tests name (a build looked up inside a test is made only when asked for, and the test waits for it).
+def test_flux_controlnet_equals_python(lib, flux_control_aoti, control, tmp_path):
+    _check_equals_python(lib, "tiny-flux", *flux_control_aoti, control, tmp_path)
+
+
+def test_sd3_controlnet_equals_python(lib, sd3_control_aoti, control, tmp_path):
+    _check_equals_python(lib, "tiny-sd3", *sd3_control_aoti, control, tmp_path)
+
+
+def _check_equals_python(lib, model, folder, cn, control, tmp_path):
     rgb, path = control
     rc, cpp = _generate(lib, folder, model, controls=(("edges", rgb, SCALE, START, END),))
     assert rc == 0, cpp
