@@ -118,6 +118,10 @@ class Builds:
                 f"asked for at {'-' if j.asked is None else f'{j.asked:.0f}'} s, tests waited {j.waited:.0f} s"
                 for j in self.jobs.values() if j.seconds is not None]
 
+    def pids(self) -> set[int]:
+        """The build processes running now (tests that check what they leave behind leave these out)."""
+        return {p.pid for p in list(self._procs) if p.poll() is None}
+
     def stop(self) -> None:
         self._stop = True
         for proc in self._procs:

@@ -30,3 +30,26 @@ def test_after_waits_and_the_summary_gives_the_timeline(tmp_path):
     assert int(got["second"][1]) >= int(got["first"][2]) - 1  # whole seconds, rounded
     assert int(got["second"][3]) <= 1 and int(got["second"][4]) >= 1  # asked at once, waited for "first"
     assert int(got["unqueued"][3]) >= 1  # asked for after "second" was done
+
+
+def test_a_running_build_is_not_a_process_a_test_left_behind(monkeypatch):
+    """The server tests check that nothing they started outlives them (tests/serve/conftest.py started_here); a
+    session build running beside them is not theirs (CI once failed on one that outlived a server test)."""
+    import os
+    import time
+
+    from tests import background
+    from tests.serve.conftest import descendants, started_here
+
+    builds = Builds(workers=1)
+    try:
+        builds.start([Job("sleeper", python_cmd("import time; time.sleep(60)"))])
+        end = time.monotonic() + 30
+        while not builds.pids() and time.monotonic() < end:
+            time.sleep(0.05)
+        (pid,) = builds.pids()
+        assert pid in descendants(os.getpid())
+        monkeypatch.setattr(background, "BUILDS", builds)
+        assert pid not in started_here()
+    finally:
+        builds.stop()

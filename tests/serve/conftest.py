@@ -60,6 +60,17 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def started_here() -> set[int]:
+    """Every live process below this one but the session's background builds (tests/background.py) and theirs,
+    which run beside the tests and are not a test's to leave behind."""
+    from tests.background import BUILDS
+
+    builds = set()
+    for pid in BUILDS.pids():
+        builds |= {pid} | descendants(pid)
+    return descendants(os.getpid()) - builds
+
+
 def alive(pids: set[int]) -> set[int]:
     """Those of `pids` still running (a zombie, dead but not yet reaped, does not count)."""
     out = set()

@@ -18,7 +18,7 @@ pytest.importorskip("ray.serve")
 
 from megafusion.serve.config import ServeConfig  # noqa: E402
 
-from .conftest import cmdline, descendants, free_port, get, post, wait_gone  # noqa: E402
+from .conftest import cmdline, free_port, get, post, started_here, wait_gone  # noqa: E402
 
 TIMEOUT_S = 10.0
 """Long enough that queued batches end well within it on a busy CI machine; the 504 test waits it out once."""
@@ -52,7 +52,7 @@ def server(tiny_sd15, tmp_path_factory):
     s = Server(f"http://127.0.0.1:{port}", cfg)
     s.files = files
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    started = descendants(os.getpid())
+    started = started_here()
     stop = threading.Event()
 
     def poll_health():  # bounded: stops when deploy returns, at most 600 polls
@@ -81,7 +81,7 @@ def server(tiny_sd15, tmp_path_factory):
         yield s
     finally:
         stop.set()
-        started |= descendants(os.getpid())
+        started |= started_here()
         serve.shutdown()
         ray.shutdown()
         left = wait_gone(started)

@@ -13,7 +13,7 @@ pytest.importorskip("ray.serve")
 
 from megafusion.serve.config import ServeConfig  # noqa: E402
 
-from .conftest import descendants, free_port, get, post, wait_gone  # noqa: E402
+from .conftest import free_port, get, post, started_here, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STAGES = "128x128:2,160x160:1"
@@ -36,12 +36,12 @@ def server(tmp_path_factory):
     cfg = ServeConfig("tiny-flux", device="cpu", sizes=((160, 160),), max_batch=2, timeout_s=60.0, port=port,
                       controlnets=(str(cn),))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    started = descendants(os.getpid())
+    started = started_here()
     try:
         deploy(cfg, lambda text: None)
         yield f"http://127.0.0.1:{port}", files
     finally:
-        started |= descendants(os.getpid())
+        started |= started_here()
         serve.shutdown()
         ray.shutdown()
         left = wait_gone(started)

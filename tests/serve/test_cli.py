@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from .conftest import descendants, free_port, get, post, wait_gone  # noqa: E402
+from .conftest import descendants, free_port, get, post, started_here, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SHORT = {"prompt": "a red cube", "stages": "128x128:1,256x256:1"}
@@ -90,7 +90,7 @@ def test_several_replicas_on_a_running_cluster():
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    started = descendants(os.getpid())
+    started = started_here()
     try:
         address = ray.get_runtime_context().gcs_address
         port = free_port()
@@ -113,7 +113,7 @@ def test_several_replicas_on_a_running_cluster():
         apps = serve.status().applications
         assert "megafusion" not in apps and "megafusion-model" not in apps  # undeployed; Serve itself stays
     finally:
-        started |= descendants(os.getpid())
+        started |= started_here()
         serve.shutdown()
         ray.shutdown()
     assert not wait_gone(started)

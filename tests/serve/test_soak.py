@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from .conftest import descendants, wait_gone
+from .conftest import started_here, wait_gone
 
 
 def test_bad_arguments_are_one_line_and_exit_2(capsys):
@@ -25,7 +25,7 @@ def test_a_short_soak_runs_and_leaves_nothing_behind(tmp_path):
     pytest.importorskip("ray.serve")
     from megafusion.benchmarks.soak import SoakConfig, markdown, soak
 
-    before = descendants(os.getpid())
+    before = started_here()
     res = soak(SoakConfig(requests=6, warmup=2, concurrency=2, sample_s=0.5), say=lambda s: None)
     assert res.statuses == {"200": 6}
     assert sum(res.batch_sizes.values()) == 6 and set(res.batch_sizes) <= {"1", "2", "3", "4"}
@@ -36,5 +36,5 @@ def test_a_short_soak_runs_and_leaves_nothing_behind(tmp_path):
     assert res.p50_s is not None and res.p50_s <= res.p95_s
     text = markdown(res)
     assert "growth, end against baseline" in text and res.provenance["commit"] in text
-    left = wait_gone(descendants(os.getpid()) - before)
+    left = wait_gone(started_here() - before)
     assert not left, f"processes left behind: {sorted(left)}"
