@@ -95,16 +95,20 @@ def vae_tile_from_args(args: argparse.Namespace):
     return (args.vae_tile or ("off" if args.no_vae_tile else "auto")), tiling
 
 
+def _fast_graphs_refused(instead: str) -> UsageError:
+    return UsageError(f"--mode fast-graphs changes the torch modules of SD1.5/SDXL-layout models; {instead}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..benchmarks.cold_start import process_age
     from ..core.families import pixel_family_names
 
     run_age = process_age()  # interpreter, imports, argument parsing: the first part of a cold start
 
-    if args.mode == "fast-graphs" and (args.model in pixel_family_names() or args.engines):
-        raise UsageError("--mode fast-graphs changes the torch modules of SD1.5/SDXL-layout models; " +
-                         ("with --engines use --mode graphs" if args.engines else
-                          f"for {args.model} use --mode graphs or compiled"))
+    if args.mode == "fast-graphs" and args.engines:
+        raise _fast_graphs_refused("with --engines use --mode graphs")
+    if args.mode == "fast-graphs" and args.model in pixel_family_names():
+        raise _fast_graphs_refused(f"for {args.model} use --mode graphs or compiled")
     if args.model in pixel_family_names():
         from .generate_if import run_if
 
@@ -120,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     if family.kind in ("sd3", "flux"):  # diffusion transformers: the flow-matching stage loop
         if args.mode == "fast-graphs":
-            raise UsageError(f"--mode fast-graphs changes the torch modules of SD1.5/SDXL-layout models; for "
-                             f"{family.name} use --mode graphs or compiled")
+            raise _fast_graphs_refused(f"for {family.name} use --mode graphs or compiled")
         from .generate_flow import run_flow
 
         return run_flow(args, family)
@@ -247,26 +250,21 @@ def run(args: argparse.Namespace) -> int:
         print(start_line(run_age, estimate_s, started_s))
         if loras:
             _swap_loras(nets, bundle, loras, plan, dilation, args.engines, device)
-    elif mode == "compiled":
-        from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
+    elif mode in ("compiled", "fast-graphs"):
+        from ..engine.torch_fast import FastOptions, FastTorchNetworks, fast_graphs_options, inductor_set
 
         fp8 = None
         if args.precision == "fp8":
             from ..engine.fp8 import Fp8Policy
 
             fp8 = Fp8Policy()
-        fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"), unet_fp8=fp8)
+        if mode == "compiled":
+            fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"), unet_fp8=fp8)
+        else:
+            fast = fast_graphs_options(device, fp8)
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
-        compile_cache = _warm_start(args, nets, device, plan, opts)
-    elif mode == "fast-graphs":
-        from ..engine.torch_fast import FastTorchNetworks, fast_graphs_options
-
-        fp8 = None
-        if args.precision == "fp8":
-            from ..engine.fp8 import Fp8Policy
-
-            fp8 = Fp8Policy()
-        nets = FastTorchNetworks(bundle, fast_graphs_options(device, fp8), vae_dtype=vae)
+        if mode == "compiled":
+            compile_cache = _warm_start(args, nets, device, plan, opts)
     else:
         if args.precision == "fp8":
             from ..engine.fp8 import quantize_unet
