@@ -19,7 +19,6 @@ from megafusion.cli import generate as gen_cli
 from megafusion.core.loading import load_model
 from megafusion.runtime.flow_tokens import flow_token_ids
 
-from .flow_capi import Library
 from tests.conftest import SD3_AOTI_STAGES
 from .test_libmegafusion import IMAGE_TOL
 
@@ -41,11 +40,6 @@ def _ids(model: str, text: str) -> dict[str, list[int]]:
 def flow_folders(flux_aoti, sd3_aoti) -> dict[str, Path]:
     """The session's folders: mf-build-engines --backend aoti writes every network for these families."""
     return {"tiny-flux": flux_aoti[0], "tiny-sd3": sd3_aoti[0]}
-
-
-@pytest.fixture(scope="module")
-def lib(cpp_build) -> Library:
-    return Library(next(cpp_build.rglob("libmegafusion.so")))
 
 
 def _python(model: str, folder: Path, tmp: Path, *flags) -> np.ndarray:

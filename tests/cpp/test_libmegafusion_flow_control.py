@@ -40,11 +40,6 @@ SCALE, START, END = 0.8, 0.0, 0.75
 
 
 @pytest.fixture(scope="module")
-def lib(cpp_build) -> Library:
-    return Library(next(cpp_build.rglob("libmegafusion.so")))
-
-
-@pytest.fixture(scope="module")
 def control(tmp_path_factory) -> tuple[np.ndarray, Path]:
     """Edges-like stripes at 112x96 (WxH), neither stage's size nor aspect (each stage's resize does work), as an
     array and as the PNG mf-generate reads (lossless: the same bytes)."""

@@ -30,11 +30,6 @@ MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE = 1, 2
 
 
 @pytest.fixture(scope="module")
-def lib(cpp_build) -> Library:
-    return Library(next(cpp_build.rglob("libmegafusion.so")))
-
-
-@pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> tuple[np.ndarray, Path]:
     """A smooth 112x96 (WxH) picture, neither stage's size nor aspect (the entry stage's resize does work), as an
     array and as the PNG mf-generate reads (lossless: the same bytes)."""
