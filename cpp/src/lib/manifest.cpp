@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <climits>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -468,14 +470,14 @@ namespace {
 
 // Hashes verify_files has computed (tests: a second open of unchanged files computes none).
 size_t g_files_hashed = 0;
-// Files whose hash came from Python's records (file-hashes.json) instead.
+// Files whose hash came from the folder's records (file-hashes.json) instead.
 size_t g_files_remembered = 0;
 constexpr const char* kFileHashes = "file-hashes.json";  // engine/file_hashes.py HASHES
 constexpr int kFileHashesFormat = 1;                      // engine/file_hashes.py FORMAT
 
 // The sha256 of each file verify_files hashed, with the stat facts it had then; a file whose facts are all
-// unchanged is not hashed again. In memory, per process: nothing is written, and the cache is never more
-// trusted than this process's own earlier reading.
+// unchanged is not hashed again. In memory, per process (the records kept across processes are the folder's
+// file-hashes.json, below).
 struct Verified {
   dev_t dev;
   ino_t ino;
@@ -514,35 +516,53 @@ std::string real_path(const std::string& p) {
   return out;
 }
 
-// The sha256 that Python's FileHashes remembered for the file `p` (engine/file_hashes.py: `file-hashes.json` in
-// the engine folder, keyed by os.path.abspath, each record's stat [size, mtime_ns, ctime_ns, inode, device]) when
-// that record's stat is `st`'s, else "". Python remembers a hash only for a file last changed well before it was
-// read, and any later write or replacement changes ctime or the inode, so a matching record is this file's hash:
-// a built SDXL folder's 10 GB are not read again by every process (they took most of a 68 s first generation on
-// the H200). The records are a cache: missing, unreadable or malformed, they count as empty.
-std::string remembered_sha256(const std::string& root, const std::string& p, const struct stat& st) {
-  std::ifstream f(root + "/" + kFileHashes);
-  if (!f) return "";
+// Records of hashes across processes, in the engine folder's file-hashes.json (engine/file_hashes.py's format,
+// which mf-build-engines and Python's runs write too): path (os.path.abspath) -> {"stat": [size, mtime_ns,
+// ctime_ns, inode, device], "sha256"}. A record is kept only for a file last changed well before it was read, and
+// any later write or replacement changes ctime or the inode, so a record whose stat matches is the file's hash: a
+// built SDXL folder's 10.5 GB are not read again by every process (C++ read them all on the H200, where its first
+// generation took 68 s against Python's 9 s). The records are a cache: missing, unreadable or malformed, they
+// count as empty.
+std::string record_key(const std::string& p) { return std::filesystem::absolute(p).lexically_normal().string(); }
+
+std::array<long long, 5> record_stat(const struct stat& st) {
+  return {static_cast<long long>(st.st_size), ns(st.st_mtim), ns(st.st_ctim), static_cast<long long>(st.st_ino),
+          static_cast<long long>(st.st_dev)};
+}
+
+// The records of root's file-hashes.json (an empty object when it is missing, malformed or of another format).
+mfjson::Value read_records(const std::string& root) {
+  mfjson::Value files;
+  files.kind = mfjson::Value::Object;
+  std::ifstream in(root + "/" + kFileHashes);
+  if (!in) return files;
   std::stringstream ss;
-  ss << f.rdbuf();
+  ss << in.rdbuf();
   try {
-    const mfjson::Value records = mfjson::parse(ss.str());
-    if (!records.has("format") || records["format"].as_int() != kFileHashesFormat) return "";
-    const std::string key = std::filesystem::absolute(p).lexically_normal().string();
-    if (!records["files"].has(key)) return "";
-    const mfjson::Value& rec = records["files"][key];
-    const mfjson::Value& sig = rec["stat"];
-    // Integers compared as written: nanosecond times exceed a double's exact range.
-    const long long want[] = {static_cast<long long>(st.st_size), ns(st.st_mtim), ns(st.st_ctim),
-                              static_cast<long long>(st.st_ino), static_cast<long long>(st.st_dev)};
-    if (sig.kind != mfjson::Value::Array || sig.size() != 5) return "";
-    for (size_t i = 0; i < 5; ++i)
-      if (!sig[i].integer || sig[i].literal != std::to_string(want[i])) return "";
-    const mfjson::Value& sha = rec["sha256"];
-    return sha.kind == mfjson::Value::String && sha.str.size() == 64 ? sha.str : "";
+    mfjson::Value all = mfjson::parse(ss.str());
+    if (all.has("format") && all["format"].as_int() == kFileHashesFormat && all.has("files") &&
+        all["files"].kind == mfjson::Value::Object)
+      return std::move(all.obj["files"]);
   } catch (const std::exception&) {
-    return "";
   }
+  return files;
+}
+
+// The remembered sha256 of the file `p` when its record's stat is `st`'s, else "". `records`: root's records,
+// read at the first call of a verify_files and kept for its other files.
+std::string remembered_sha256(const std::string& root, const std::string& p, const struct stat& st,
+                              std::optional<mfjson::Value>& records) {
+  if (!records) records = read_records(root);
+  const mfjson::Value& files = *records;
+  const std::string key = record_key(p);
+  if (!files.has(key) || !files[key].has("stat") || !files[key].has("sha256")) return "";
+  const mfjson::Value& sig = files[key]["stat"];
+  const std::array<long long, 5> want = record_stat(st);
+  if (sig.kind != mfjson::Value::Array || sig.size() != want.size()) return "";
+  for (size_t i = 0; i < want.size(); ++i)  // integers compared as written: nanosecond times exceed a double's
+    if (!sig[i].integer || sig[i].literal != std::to_string(want[i])) return "";
+  const mfjson::Value& sha = files[key]["sha256"];
+  return sha.kind == mfjson::Value::String && sha.str.size() == 64 ? sha.str : "";
 }
 
 mfjson::Value integer(long long x) {
@@ -559,39 +579,29 @@ mfjson::Value integer(long long x) {
 // file and renamed over, so Python and every process read the old records or the new ones. A C++-only server
 // then reads no engine file at its next start either. A folder that cannot be written keeps nothing.
 void remember_sha256(const std::string& root, const std::string& p, const struct stat& st, const std::string& sha) {
-  const std::string path = root + "/" + kFileHashes;
   const int lock = ::open((root + "/." + kFileHashes + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock < 0) return;
   if (flock(lock, LOCK_EX) != 0) {
     ::close(lock);
     return;
   }
-  mfjson::Value records;
-  records.kind = mfjson::Value::Object;
   mfjson::Value files;
   files.kind = mfjson::Value::Object;
-  try {
-    std::ifstream in(path);
-    std::stringstream ss;
-    if (in) ss << in.rdbuf();
-    const mfjson::Value old = in ? mfjson::parse(ss.str()) : mfjson::Value{};
-    if (old.has("format") && old["format"].as_int() == kFileHashesFormat && old.has("files"))
-      for (const auto& [k, v] : old["files"].obj)
-        if (v.kind == mfjson::Value::Object && access(k.c_str(), F_OK) == 0) files.obj[k] = v;
-  } catch (const std::exception&) {  // unreadable or malformed: a cache, rewritten from this record
-  }
-  mfjson::Value rec;
+  for (auto& [k, v] : read_records(root).obj)
+    if (v.kind == mfjson::Value::Object && access(k.c_str(), F_OK) == 0) files.obj[k] = std::move(v);
+  mfjson::Value& rec = files.obj[record_key(p)];
+  rec = mfjson::Value{};
   rec.kind = mfjson::Value::Object;
   rec.obj["stat"].kind = mfjson::Value::Array;
-  for (long long x : {static_cast<long long>(st.st_size), ns(st.st_mtim), ns(st.st_ctim),
-                      static_cast<long long>(st.st_ino), static_cast<long long>(st.st_dev)})
-    rec.obj["stat"].arr.push_back(integer(x));
+  for (long long x : record_stat(st)) rec.obj["stat"].arr.push_back(integer(x));
   rec.obj["sha256"].kind = mfjson::Value::String;
   rec.obj["sha256"].str = sha;
-  files.obj[std::filesystem::absolute(p).lexically_normal().string()] = rec;
+  mfjson::Value records;
+  records.kind = mfjson::Value::Object;
   records.obj["format"] = integer(kFileHashesFormat);
-  records.obj["files"] = files;
+  records.obj["files"] = std::move(files);
   const std::string text = mfjson::python_dumps(records);
+  const std::string path = root + "/" + kFileHashes;
   const std::string tmp = root + "/." + kFileHashes + "." + std::to_string(getpid()) + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   bool ok = fd >= 0;
@@ -606,16 +616,16 @@ void remember_sha256(const std::string& root, const std::string& p, const struct
 }
 
 // The sha256 of the regular file `p` (lstat facts `st`) in the engine folder `root`: from this process's cache
-// or Python's records when the facts are unchanged, else read. Opened without following links and checked to be
+// or the folder's records when the facts are unchanged, else read (and recorded). Opened without following links and checked to be
 // the file lstat saw, and unchanged while it was read.
 std::string file_sha256(const std::string& root, const std::string& p, const std::string& canonical,
-                        const struct stat& st, const std::string& who) {
+                        const struct stat& st, const std::string& who, std::optional<mfjson::Value>& records) {
   {
     std::lock_guard<std::mutex> lock(g_verified_mutex);
     auto it = g_verified.find(canonical);
     if (it != g_verified.end() && same_facts(it->second, st)) return it->second.sha256;
   }
-  if (std::string known = remembered_sha256(root, p, st); !known.empty()) {
+  if (std::string known = remembered_sha256(root, p, st, records); !known.empty()) {
     std::lock_guard<std::mutex> lock(g_verified_mutex);
     ++g_files_remembered;
     return known;
@@ -673,6 +683,7 @@ void verify_files(const std::string& root, const Entry& e) {
   const std::string who = entry_name(e);
   const std::string root_real = real_path(root);
   if (root_real.empty()) throw Failure(MF_ERROR_ENGINE, "engine folder '" + root + "' does not exist");
+  std::optional<mfjson::Value> records;  // file-hashes.json, read once for all the entry's files
   for (const FileRecord& f : e.files) {
     if (const std::string why = path_problem(f.path); !why.empty())
       throw Failure(MF_ERROR_ENGINE, "engine " + e.describe() + " (entry " + short_digest(e.digest) +
@@ -710,7 +721,7 @@ void verify_files(const std::string& root, const Entry& e) {
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " is " + std::to_string(st.st_size) +
                                          " bytes, the manifest says " + std::to_string(f.size) +
                                          " (truncated or replaced) (" + who + ")");
-    if (file_sha256(root, p, real, st, who) != f.sha256)
+    if (file_sha256(root, p, real, st, who, records) != f.sha256)
       throw Failure(MF_ERROR_ENGINE, "engine file " + p + " does not match its sha256 in the manifest (" + who +
                                          "): replaced or corrupt; rebuild with mf-build-engines");
   }
