@@ -6,7 +6,9 @@ counts what the allocator's own peak statistics miss: the CUDA context, cuDNN wo
 With `--engines`, the child prints its phases in one line (`phase_line`), which `ColdStart.phases` reads back:
 start (interpreter, imports, argument checks, memory estimate: the process's age when the load begins), model load,
 weights fingerprint check, engine file verification, engine open, and the rest (the first image, its PNG, exit);
-after the image, a second line (`first_image_line`) splits the first image into its segments and graph captures.
+after the image, a second line (`first_image_line`) splits the first image into its segments and graph captures,
+and a third (`saved_line`) gives the PNG's own seconds and the process's age once it is on disk, so the exit
+(interpreter and CUDA teardown, after the image exists) is reported apart from the time to the image.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class ColdStart:
     phases: dict[str, float] | None = None
     """Seconds per phase as the child printed them (`phase_line`), the rest of `seconds` as `first image`; None when
     it printed none (runs without engines)."""
+    image_on_disk_s: float | None = None
+    """Spawn to the PNG renamed into place (the child's age then, `saved_line`); None when it printed none."""
 
     def describe_phases(self) -> str:
         """'start 3.1 s, model load 0.2 s, ...' ('' without phases)."""
@@ -103,10 +107,27 @@ def _seconds(line: str) -> dict[str, float]:
     return {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+?) ([0-9.]+) s", line)}
 
 
+_SAVED_PREFIX = "cold-start saved: "
+
+
+def saved_line(png_s: float, age: float | None) -> str:
+    """The line mf-generate prints once its PNG is on disk: the PNG's encode and write, and the process's age then
+    ('?' where /proc cannot tell it)."""
+    return _SAVED_PREFIX + f"png {png_s:.2f} s, age {'?' if age is None else f'{age:.2f}'} s"
+
+
+def image_on_disk(output: str) -> float | None:
+    """The child's age when its PNG was on disk (`saved_line`), None if it printed none or could not tell."""
+    line = next((ln for ln in output.splitlines() if ln.startswith(_SAVED_PREFIX)), None)
+    return None if line is None else _seconds(line.removeprefix(_SAVED_PREFIX)).get("age")
+
+
 def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
     """The phases from a child's output (`phase_line`), plus `first image`: the rest of its `seconds`; where the
     child printed `start_line` and `first_image_line`, their parts too (`start/<part>`, `first image/<part>`, the
-    rest of the first image as `first image/png and exit`)."""
+    rest of the first image as `first image/png and exit`). With `saved_line` too, that rest is split into
+    `first image/png` (encode and write), `first image/exit` (`seconds` less the age at the save) and
+    `first image/other` (what is left: printing, the rename)."""
     lines = output.splitlines()
     line = next((ln for ln in lines if ln.startswith(_PHASE_PREFIX)), None)
     if line is None:
@@ -121,6 +142,15 @@ def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
         phases.update({f"{phase}/{k}": v for k, v in parts.items()})
         if rest is not None:
             phases[f"{phase}/{rest}"] = phases[phase] - sum(parts.values())
+    saved = next((ln for ln in lines if ln.startswith(_SAVED_PREFIX)), None)
+    rest = phases.get("first image/png and exit")
+    if saved is not None and rest is not None:
+        parts = _seconds(saved.removeprefix(_SAVED_PREFIX))
+        if "age" in parts:
+            del phases["first image/png and exit"]
+            phases["first image/png"] = parts["png"]
+            phases["first image/exit"] = seconds - parts["age"]
+            phases["first image/other"] = rest - parts["png"] - phases["first image/exit"]
     return phases
 
 
@@ -161,4 +191,5 @@ def run_cold(name: str, args: list[str], device, env: dict[str, str] | None = No
         sampler.join()
     tail = "\n".join(line for line in out.splitlines()[-12:] if "\r" not in line)
     phases = parse_phases(out, seconds) if rc == 0 else None
-    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases)
+    on_disk = image_on_disk(out) if rc == 0 else None
+    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases, on_disk)

@@ -45,7 +45,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--weights-apart", action="store_true",
                    help="aoti: packages without their weights, kept in each entry's weights.safetensors; a run "
                         "reads them once and the standard and dilated UNets share one copy (faster start, 4.9 GB "
-                        "less GPU memory for SDXL); Python runs only, libmegafusion does not load them")
+                        "less GPU memory for SDXL); Python and libmegafusion both open them")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="build the plan's networks in N processes at once, as many as this machine's free RAM "
                         "holds (default: %(default)s)")

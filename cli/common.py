@@ -329,10 +329,12 @@ def check_backend(backend: str, device: str) -> None:
         raise UsageError(f"--backend {backend}: {e}") from None
 
 
-def finish_generation(result, out, segments_printed: bool) -> None:
+def finish_generation(result, out, segments_printed: bool) -> float:
     """What mf-generate prints after a generation (segment times unless the progress bar printed them, the total,
-    the peak) and the PNG, written under a temporary name and renamed: never a half-written file at `out`."""
+    the peak) and the PNG, written under a temporary name and renamed: never a half-written file at `out`. Returns
+    the seconds the PNG took (encode, write, rename)."""
     import os
+    import time
 
     for name, seconds in result.timings if not segments_printed else ():
         print(f"  {name:<40} {seconds * 1000:10.1f} ms")
@@ -340,9 +342,12 @@ def finish_generation(result, out, segments_printed: bool) -> None:
     if result.peak_memory_bytes is not None:
         print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
     try:
         tmp.write_bytes(result.png_bytes())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    png_s = time.perf_counter() - t0
     print(f"wrote {out} ({result.plan.output_width}x{result.plan.output_height})")
+    return png_s

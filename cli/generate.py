@@ -340,7 +340,11 @@ def run(args: argparse.Namespace) -> int:
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
-    finish_generation(result, out, segments_printed=bar is not None)
+    png_s = finish_generation(result, out, segments_printed=bar is not None)
+    if args.engines:  # the image is on disk: what is left of the process is its exit
+        from ..benchmarks.cold_start import process_age, saved_line
+
+        print(saved_line(png_s, process_age()))
     return 0
 
 

@@ -64,7 +64,7 @@ class BuildRequest:
     weights_apart: bool = False
     """aoti: packages hold no weights; each entry keeps them in `weights.safetensors`, read once per process and
     shared by the packages of the same weights (SDXL's standard and dilated UNets): one read, one device copy.
-    Part of the engine key (`constants`). libmegafusion does not load such entries."""
+    Part of the engine key (`constants`). libmegafusion opens them too (`cpp/src/lib/aoti_weights.cpp`)."""
     remember_hashes: bool = False
     """After the build, wait out the racy window of the files just built (engine/file_hashes.py: at most 2 s) and
     verify them once more, remembering their hashes: the first run from the folder then reads no engine file to

@@ -25,8 +25,13 @@
 #   sdxl-build-apart  the UNets again with --weights-apart, in a hard-linked copy of /tmp/mf-aoti-sdxl (#15)
 #   coldstart-apart  3 fresh mf-generate processes from that copy (both UNets read one weight file), then the
 #               first generation against the second in one process, cuDNN's algorithm search on and off (#15)
-#   coldstart-apart-x  3 fresh mf-generate processes from that copy with expandable segments: the whole process's
-#               device peak against #15's 16 GiB
+#   coldstart-apart-x  2 fresh mf-generate processes from that copy with expandable segments: the whole process's
+#               device peak against #15's 16 GiB; then one more in --mode eager (no graph captures)
+#   builds-apart  SDXL 2048 static aoti packages, every network --weights-apart, into /tmp/mf-aoti-sdxl-apart (the
+#               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
+#               /tmp/mf-aoti-sd15 (one process: RAM for both builds at once)
+#   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
+#   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
@@ -102,9 +107,21 @@ step() {  # the command line of one step
       --prompt 'a lighthouse'; for b in on off; do timeout 300 python3 benchmarks/lab/first_image.py \
       --engines /tmp/mf-aoti-sdxl-apart --cudnn-benchmark \$b --output $RES/first-image-\$b -- --model sdxl \
       --random-weights --size 2048x2048; done" ;;
+    builds-apart) echo "timeout 1200 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3 & \
+      timeout 1200 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti --precision fp16 \
+      --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 1; wait" ;;
+    sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
+      --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
+      --warmup 1 --output $RES/engines-sd15" ;;
+    capi-apart-sdxl) echo "$(step capi-sdxl | sed -e 's#/tmp/mf-aoti-sdxl #/tmp/mf-aoti-sdxl-apart #' \
+      -e 's#/capi-sdxl --repeats#/capi-apart-sdxl --repeats#')" ;;
     coldstart-apart-x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 600 python3 \
-      benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart --runs 3 --device cuda --output $RES/cold-apart-x \
-      -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'" ;;
+      benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart --runs 2 --device cuda --output $RES/cold-apart-x \
+      -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'; \
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 300 python3 benchmarks/lab/cold_start_phases.py \
+      --engines /tmp/mf-aoti-sdxl-apart --runs 1 --device cuda --output $RES/cold-apart-x-eager -- --model sdxl \
+      --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode eager" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
       --mode compiled --compile-cache /tmp/mf-cc" ;;

@@ -49,18 +49,21 @@ def main() -> int:
             env = {"TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"), "TRITON_CACHE_DIR": str(fresh / "triton")}
         c = run_cold(f"run {i}", child, args.device, env=env, timeout=900)
         runs.append(c)
-        print(f"run {i}: {c.seconds:.1f} s (exit {c.returncode}): {c.describe_phases()}", flush=True)
+        on_disk = "" if c.image_on_disk_s is None else f", image on disk at {c.image_on_disk_s:.1f} s"
+        print(f"run {i}: {c.seconds:.1f} s (exit {c.returncode}{on_disk}): {c.describe_phases()}", flush=True)
         if c.returncode != 0:
             print(c.tail, file=sys.stderr)
             break
     (out / "cold_start.json").write_text(json.dumps(
         {"provenance": provenance(), "args": vars(args), "runs": [dataclasses.asdict(c) for c in runs]}, indent=1))
     names = list(dict.fromkeys(k for c in runs for k in (c.phases or {})))
-    md = ["| run | seconds | " + "".join(f"{n} | " for n in names) + "device peak GiB |",
-          "|---|---:|" + "---:|" * len(names) + "---:|"]
+    md = ["| run | seconds (to exit) | image on disk | " + "".join(f"{n} | " for n in names) + "device peak GiB |",
+          "|---|---:|---:|" + "---:|" * len(names) + "---:|"]
     for c in runs:
         ph = c.phases or {}
-        md.append(f"| {c.name} | {c.seconds:.1f} | " + "".join(f"{ph[n]:.2f} | " if n in ph else "– | " for n in names)
+        on_disk = "–" if c.image_on_disk_s is None else f"{c.image_on_disk_s:.1f}"
+        md.append(f"| {c.name} | {c.seconds:.1f} | {on_disk} | "
+                  + "".join(f"{ph[n]:.2f} | " if n in ph else "– | " for n in names)
                   + f"{'–' if c.device_peak_gib is None else f'{c.device_peak_gib:.1f}'} |")
     (out / "cold_start.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -48,3 +48,18 @@ def test_start_line_splits_the_start():
         {"start/interpreter and imports": 4.0, "start/memory estimate": 1.5, "start/checks": 0.5})
     unknown = start_line(None, 1.5, None)  # no /proc: the ages are not known
     assert unknown == "cold-start start: memory estimate 1.50 s"
+
+
+def test_saved_line_splits_png_and_exit():
+    from megafusion.benchmarks.cold_start import first_image_line, image_on_disk, saved_line
+
+    line = first_image_line([("stage 1 (1024x1024, 40 steps)", 3.0), ("decode", 1.0)], 1, 1.0)
+    head = phase_line(3.0, 0.5, {"fingerprint": 0.0, "verify": 0.0, "open": 1.0})
+    output = "\n".join([head, line, "wrote x.png", saved_line(0.25, 17.5)])
+    phases = parse_phases(output, 20.0)  # first image 15.5: 4.0 in its segments, 11.5 left
+    assert phases["first image/png"] == pytest.approx(0.25) and phases["first image/exit"] == pytest.approx(2.5)
+    assert phases["first image/other"] == pytest.approx(11.5 - 0.25 - 2.5)
+    assert "first image/png and exit" not in phases and image_on_disk(output) == pytest.approx(17.5)
+    unknown = "\n".join([head, line, saved_line(0.25, None)])  # no /proc age: the rest stays whole
+    assert "first image/png and exit" in parse_phases(unknown, 20.0) and image_on_disk(unknown) is None
+    assert image_on_disk(head) is None

@@ -1,8 +1,11 @@
 """mf-generate --engines prints its start split into parts (benchmarks/cold_start.py `start_line`) and, after the
-image, what the first image spent where (`first_image_line`); the cold-start parser reads both back as parts."""
+image, what the first image spent where (`first_image_line`), and once the PNG is on disk its
+seconds and the process age (`saved_line`); the cold-start parser reads them back as parts."""
 from __future__ import annotations
 
-from megafusion.benchmarks.cold_start import parse_phases
+import pytest
+
+from megafusion.benchmarks.cold_start import image_on_disk, parse_phases
 from megafusion.cli import generate as gen_cli
 
 STAGES = "128x128:2,256x256:2"
@@ -17,8 +20,12 @@ def test_generate_from_engines_prints_the_first_image_parts(sdxl_engines, tmp_pa
     assert line.endswith("(0 graphs captured)")  # CPU: the stages run eagerly
     phases = parse_phases(out, 1000.0)
     parts = {k.removeprefix("first image/") for k in phases if k.startswith("first image/")}
-    assert parts == {"text encoders", "stages", "graph captures", "relays", "decode", "png and exit"}
+    # the saved line splits the rest into the PNG, the exit (1000 s less the age at the save) and what is left
+    assert parts == {"text encoders", "stages", "graph captures", "relays", "decode", "png", "exit", "other"}
     assert phases["first image/graph captures"] == 0.0 and phases["first image/stages"] > 0
+    assert 0 < phases["first image/png"] < phases["first image"]
+    age = image_on_disk(out)
+    assert age is not None and phases["first image/exit"] == pytest.approx(1000.0 - age)
     start = {k.removeprefix("start/") for k in phases if k.startswith("start/")}
     assert start == {"interpreter and imports", "memory estimate", "checks"}  # /proc gives the ages on Linux
     assert phases["start/interpreter and imports"] <= phases["start"]
