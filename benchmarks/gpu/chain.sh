@@ -30,6 +30,7 @@
 #   builds-apart  SDXL 2048 static aoti packages, every network --weights-apart, into /tmp/mf-aoti-sdxl-apart (the
 #               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
 #               /tmp/mf-aoti-sd15 (one process: RAM for both builds at once)
+#   sdxl-apart  the SDXL half of builds-apart alone (7 minutes)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
@@ -111,6 +112,8 @@ step() {  # the command line of one step
       --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3 & \
       timeout 1200 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti --precision fp16 \
       --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 1; wait" ;;
+    sdxl-apart) echo "timeout 480 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;
