@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..engine.backend import backend_names, get_backend
@@ -176,8 +177,11 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs > 1:
         from .parallel_build import build_in_parallel
 
-        return build_in_parallel(sys.argv[1:] if args.argv is None else args.argv, family, plan,
-                                 networks or _default_groups(network_selectors(reqs)), args.jobs)
+        worst = build_in_parallel(sys.argv[1:] if args.argv is None else args.argv, family, plan,
+                                  networks or _default_groups(network_selectors(reqs)), args.jobs)
+        if worst == 0 and not networks:
+            keep_memory_estimates(family, plan, args.precision, args.vae_precision, device, out)
+        return worst
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     if loras:
         from ..core.lora import LoraError, fuse_loras
@@ -200,7 +204,38 @@ def run(args: argparse.Namespace) -> int:
             return 0
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
+    if not networks and not control_networks:  # a --networks part is one child of a parallel build, or a top-up
+        keep_memory_estimates(family, plan, args.precision, args.vae_precision, device, out)
     return 0
+
+
+def keep_memory_estimates(family, plan, precision: str, vae_precision: str | None, device: str, out) -> None:
+    """Computes the plan's memory estimates as `mf-generate --engines OUT` asks for them by default (pixel relay,
+    CFG, untiled, with and without the CUDA-graph pool), into OUT's memory-estimates.json
+    (runtime/memory_cache.py): a fresh machine's first run then reads them instead of spending about 13 s (SDXL
+    2048, measured on the H200's host) on the meta-device estimate. Another relay, guidance or tiling is computed
+    and kept by the first run that asks for it."""
+    import time
+
+    import torch
+
+    from ..runtime.memory_cache import EstimateCache, default_path
+    from ..runtime.memory_plan import plan_memory
+    from .common import DTYPES, model_dtype, vae_dtype
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    unet = model_dtype(dev, precision if precision in DTYPES else None)
+    vae = vae_dtype(family, family.vae, unet, vae_precision, dev)
+    if dev.type == "cuda":
+        limit = torch.cuda.get_device_properties(dev).total_memory
+    else:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cache = EstimateCache(default_path(out))
+    for graph_pool in (True, False) if dev.type == "cuda" else (False,):  # graphs mode, eager mode
+        plan_memory(family, plan, unet, vae, int(limit), True, "pixel", graph_pool=graph_pool, cache=cache)
+    print(f"memory estimates for mf-generate: {cache.computed} computed, {cache.reused} already kept, in "
+          f"{cache.path} ({time.perf_counter() - t0:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,6 +203,22 @@ def test_networks_builds_only_the_named_ones_then_the_rest(tmp_path, capsys):
     assert set(facts) == {"unet", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2"}
 
 
+def test_a_whole_build_keeps_the_memory_estimate_the_first_run_asks_for(tmp_path, capsys):
+    """mf-build-engines leaves the plan's estimate in the folder (a fresh machine's first run spent 13 s on it);
+    a --networks part leaves none, and mf-generate --engines then reuses the kept one instead of computing it."""
+    assert build_cli.main(_torch_build(tmp_path, "--networks", "unet")) == 0
+    assert not (tmp_path / "memory-estimates.json").exists()
+    capsys.readouterr()
+    assert build_cli.main(_torch_build(tmp_path)) == 0
+    assert "memory estimates for mf-generate: 1 computed, 0 already kept" in capsys.readouterr().out
+    assert gen_cli.main(["--model", "tiny-sdxl", "--stages", STAGES, "--prompt", "x", "--engines", str(tmp_path),
+                         "--dry-run"]) == 0
+    assert "memory estimates: 1 reused, 0 computed" in capsys.readouterr().out
+    assert gen_cli.main(["--model", "tiny-sdxl", "--stages", STAGES, "--prompt", "x", "--engines", str(tmp_path),
+                         "--dry-run", "--relay", "latent"]) == 0  # another relay: not kept by the build
+    assert "memory estimates: 0 reused, 1 computed" in capsys.readouterr().out
+
+
 def test_disjoint_network_builds_run_at_once_into_one_folder(tmp_path):
     """Two processes commit into one manifest under the cache's lock; neither loses the other's entries."""
     import subprocess
