@@ -312,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
         pipe = MegaFusionPipeline.fast(bundle, nets, device)
+    if args.engines:  # one image per process: the text encoders' engines go after the prompt (#15's 16 GiB)
+        pipe.one_shot = True
     print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
 
     print(f"model {family.name} ({bundle.source}) on {device}, UNet {str(nets.unet_dtype).removeprefix('torch.')}, "

@@ -74,6 +74,8 @@ class EngineNetworks:
         self.weights: dict[str, str] = {}
         """Fingerprint of the weights each network's engines hold, by network name: their entries' (set by
         `open_engines`), or after a LoRA swap the swap's (engine/lora_swap.py)."""
+        self.released: set[str] = set()
+        """Networks whose runners `release_text_encoders` dropped (a one-shot run past its prompt)."""
 
     def _input_dtype(self, network: str, name: str) -> torch.dtype:
         runner = next(r for (n, _), r in sorted(self.runners.items()) if n == network)
@@ -94,8 +96,24 @@ class EngineNetworks:
         """Every runner may be captured in a CUDA graph."""
         return all(r.capturable for r in self.runners.values())
 
+    def release_text_encoders(self) -> int:
+        """Drops the text encoders' runners, and with them their device weights (a `--weights-apart` file's
+        tensors go once no runner holds them), then returns the freed blocks to the device: a process that
+        generates once (mf-generate) needs no text encoder after its prompt, and SDXL's are 1.5 GiB of fp16
+        weights held through every stage and the decode. Returns how many runners were dropped."""
+        names = {n for n, _ in self.runners if n.startswith("text_encoder")}
+        for key in [k for k in self.runners if k[0] in names]:
+            del self.runners[key]
+        self.released |= names
+        if names and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return len(names)
+
     def _call(self, network: str, dilation: int, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         runner = self.runners.get((network, dilation))
+        if runner is None and network in self.released:
+            raise RuntimeError(f"{network}'s engine was released after this one-shot run's prompt; a pipeline that "
+                               "generates more than once keeps its text encoders (one_shot=False)")
         if runner is None:
             built = sorted(f"{n} (dilation {d})" for n, d in self.runners)
             raise KeyError(f"no engine for {network} at dilation {dilation}; built: {', '.join(built)}")

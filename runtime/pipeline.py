@@ -149,6 +149,10 @@ class MegaFusionPipeline:
         self.noise_dtype = self.nets.unet_dtype
         self.graphs = graphs
         """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
+        self.one_shot = False
+        """The process generates once (mf-generate --engines): networks whose part is done are released, the
+        text encoders after the prompt (`Networks` that can, `EngineNetworks.release_text_encoders`); a second
+        `generate` then stops at its prompt, naming the released engine."""
 
     @classmethod
     def fast(cls, bundle: ModelBundle, networks: Networks | None = None, device=None) -> MegaFusionPipeline:
@@ -190,6 +194,9 @@ class MegaFusionPipeline:
         mark, timings = clock.mark, clock.timings
 
         cond = encode(self.nets, self.bundle, opts.prompt, opts.negative_prompt, opts.guidance, dev)
+        release = getattr(self.nets, "release_text_encoders", None) if self.one_shot else None
+        if release is not None:  # the only prompt is encoded: its encoders' memory goes to the stages and decode
+            release()
         schedules = plan_schedule(plan, fam.scheduler, opts.reschedule)
         prepare = getattr(self.nets, "prepare_plan", None)
         if prepare is not None:  # networks with per-plan state: ControlNet scales and images (runtime/controlnet.py)
