@@ -31,6 +31,8 @@
 #               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
 #               /tmp/mf-aoti-sd15 (one process: RAM for both builds at once)
 #   sdxl-apart  the SDXL half of builds-apart alone (7 minutes)
+#   sdpa-sd15   torch's SDPA backends, head dim 40 as is and padded to 64, at SD1.5's top-level attention at 1024,
+#               2048 and 4096 (262,144 tokens: 4.1 s of each SD1.5 4096 step, #19)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
@@ -54,6 +56,8 @@
 #               every engines step after it opens packages through that loader)
 #   capi-apart  the GPU test of libmegafusion on --weights-apart tiny-sd15 UNets (CUDA graphs on) (#15)
 #   capi-flow   libmegafusion with CUDA on tiny-flux / tiny-sd3 packages against Python, both relays (#17)
+# A machine can be released between two calls (2026-12-02: `wait` found a fresh one and the builds were lost):
+# a call's steps should not need an earlier call's files unless losing them costs little.
 # Results: $OUT/chain.tar.gz (each step's log, JSON and markdown; the GPU and the commit).
 source benchmarks/gpu/env.sh
 source benchmarks/gpu/detached.sh
@@ -114,6 +118,8 @@ step() {  # the command line of one step
       --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 1; wait" ;;
     sdxl-apart) echo "timeout 480 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
       --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3" ;;
+    sdpa-sd15) echo "timeout 300 python3 benchmarks/lab/sdpa_backends.py --shapes sd15-1024-l1,sd15-2048-l1,sd15-4096-l1 \
+      --output $RES/sdpa-sd15" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;
