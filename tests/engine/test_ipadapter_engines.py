@@ -1,0 +1,152 @@
+"""IP-Adapter UNet engines (engine/ipadapter_engines.py, export/ipadapter_export.py, core/ipadapter_specs.py).
+
+Reference: the torch path (runtime/ipadapter.py `IPAdapterNetworks`, itself checked against diffusers' IP-Adapter
+pipelines in tests/runtime/test_ipadapter.py). Tolerances: a whole plan's latent within tests.engines.LATENT_ATOL,
+the image within one level (fp32 CPU, ONNX Runtime), as the ControlNet engine tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from megafusion.core.families import get_family
+from megafusion.core.ipadapter_specs import UNET_IP, ip_unet_spec
+from megafusion.core.plan import parse_stages, validate_plan
+from megafusion.core.specs import Requirement
+from megafusion.engine.build import BuildRequest
+from megafusion.engine.cache import EngineCache
+from megafusion.engine.fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
+from megafusion.engine.ipadapter_engines import build_ip_engines, ip_key, open_ip_runners
+from megafusion.engine.load import CoverageError, open_engines
+from megafusion.engine.networks import TorchNetworks
+from megafusion.export.ipadapter_export import IPUNetWrapper, ip_unet
+from megafusion.runtime.ipadapter import EngineIPAdapterNetworks, IPAdapterNetworks, read_ip_adapter
+from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
+from tests.conftest import IP_SCALE
+from tests.engines import LATENT_ATOL, STAGES
+from tests.runtime.test_ipadapter import CLIP_DIM, save_ip_adapter, tiny_ip_adapter
+
+
+def _embeds(seed: int) -> torch.Tensor:
+    return torch.randn((1, 1, CLIP_DIM), generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_ip(bundle, path, scale):
+    """A bundle whose UNet is a copy with the IP-Adapter loaded (the session's bundle keeps its own UNet)."""
+    return dataclasses.replace(bundle, unet=ip_unet(bundle.unet, read_ip_adapter(path, bundle.unet), scale))
+
+
+def _engine_nets(bundle, folder, plan, path, scale, embeds):
+    base, _ = open_engines(folder, bundle, plan, 2, unopened=frozenset({"unet"}))
+    runners = open_ip_runners(folder, bundle, plan, CLIP_DIM, path, scale, base.backend, "fp32", 2, "cpu",
+                              base.weights["unet"])
+    return EngineIPAdapterNetworks(base, embeds, runners, "cpu")
+
+
+def _plan(bundle):
+    return validate_plan(bundle.family, parse_stages(STAGES))
+
+
+def test_spec_is_what_the_ip_unet_takes(tiny_sd15, tiny_sdxl):
+    for bundle in (tiny_sd15, tiny_sdxl):
+        unet = ip_unet(bundle.unet, tiny_ip_adapter(bundle.unet), 0.5)
+        spec = ip_unet_spec(bundle.family, CLIP_DIM, dilation=2)
+        assert (spec.name, [t.name for t in spec.inputs][-1]) == ("unet_ip-dilated-fp32", "image_embeds")
+        axes = spec.axes(2, 16, 24, bundle.family.vae_scale)
+        with torch.no_grad():
+            eps = IPUNetWrapper(unet, bundle.family.is_xl)(*spec.sample_inputs(axes))
+        assert tuple(eps.shape) == spec.outputs[0].concrete(axes)
+        assert bundle.unet.config.get("encoder_hid_dim_type") is None  # the session's UNet is left as loaded
+
+
+def test_keys_hold_the_ip_adapter_and_scale(sd15_ip_ort, tiny_sd15, tmp_path):
+    folder, path, said = sd15_ip_ort
+    assert "ip-adapter: 2 built, 0 up to date" in said and "0 built, 5 up to date" in said
+    cache = EngineCache(folder)
+    mine = [e for e in cache.entries().values() if e.key.network == UNET_IP]
+    assert sorted(e.key.dilation for e in mine) == [1, 2]  # standard at stage 1, dilated after
+    base = network_fingerprint(tiny_sd15, "unet")
+    want = ip_adapter_fingerprint(base, path, IP_SCALE)
+    assert {e.key.weights for e in mine} == {want}
+    assert ip_adapter_parts(want) == (base, hashlib.sha256(path.read_bytes()).hexdigest(), IP_SCALE)
+    other = save_ip_adapter(tiny_ip_adapter(tiny_sd15.unet, seed=9), tmp_path / "other.safetensors")
+    e = mine[0]
+    for weights in (ip_adapter_fingerprint(base, path, 0.5), ip_adapter_fingerprint(base, other, IP_SCALE)):
+        key = dataclasses.replace(e.key, weights=weights)  # another scale or file: another address, no entry
+        assert key.digest() != e.digest and cache.lookup(key) is None
+    assert cache.lookup(ip_key(tiny_sd15, _requirement(e), e.key.backend, e.key.backend_version, e.key.device,
+                               want)) is not None
+
+
+def _requirement(e):
+    """The requirement an entry was built for, as build_ip_engines keys it."""
+    return Requirement(ip_unet_spec(get_family(e.key.model), CLIP_DIM, e.key.precision, e.key.dilation),
+                       e.key.profiles)
+
+
+def test_plan_on_engines_matches_torch_path(sd15_ip_ort, tiny_sd15):
+    folder, path, _ = sd15_ip_ort
+    plan, embeds = _plan(tiny_sd15), _embeds(1)
+    opts = GenerationOptions("a teapot", seed=1)
+    got = MegaFusionPipeline(tiny_sd15, _engine_nets(tiny_sd15, folder, plan, path, IP_SCALE, embeds),
+                             "cpu").generate(plan, opts)
+    ip_bundle = _torch_ip(tiny_sd15, path, IP_SCALE)
+    ref = MegaFusionPipeline(ip_bundle, IPAdapterNetworks(TorchNetworks(ip_bundle), embeds), "cpu").generate(plan,
+                                                                                                           opts)
+    plain = MegaFusionPipeline(tiny_sd15).generate(plan, opts)
+    assert (got.latent - ref.latent).abs().max() <= LATENT_ATOL
+    assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
+    assert (ref.latent - plain.latent).abs().max() > 10 * LATENT_ATOL  # the IP-Adapter acts
+    assert np.abs(got.image.astype(int) - plain.image.astype(int)).max() > 10
+    # The buffered step (what the CUDA graphs capture; eager on CPU) gives the same latent.
+    fast = MegaFusionPipeline.fast(tiny_sd15, _engine_nets(tiny_sd15, folder, plan, path, IP_SCALE, embeds), "cpu")
+    assert (fast.generate(plan, opts).latent - got.latent).abs().max() <= 1e-5
+
+
+def test_missing_entries_and_other_scale_refused(sd15_ip_ort, tiny_sd15, tmp_path):
+    folder, path, _ = sd15_ip_ort
+    plan = _plan(tiny_sd15)
+    other = save_ip_adapter(tiny_ip_adapter(tiny_sd15.unet, seed=4), tmp_path / "other.safetensors")
+    with pytest.raises(CoverageError, match=r"no unet_ip \(standard, fp32\) of --ip-adapter .*other.safetensors at "
+                                            r"128x128; build them with: mf-build-engines .* --ip-adapter "
+                                            r".*other.safetensors --ip-adapter-scale 0.7$"):
+        open_ip_runners(folder, tiny_sd15, plan, CLIP_DIM, other, IP_SCALE, "onnxruntime", "fp32", 2)
+    with pytest.raises(CoverageError, match=r"built with --ip-adapter-scale 0.7, not 0.5: run with "
+                                            r"--ip-adapter-scale 0.7, or build this scale with: .*-scale 0.5$"):
+        open_ip_runners(folder, tiny_sd15, plan, CLIP_DIM, path, 0.5, "onnxruntime", "fp32", 2)
+    with pytest.raises(CoverageError, match="runs on aoti or onnxruntime engines"):
+        open_ip_runners(folder, tiny_sd15, plan, CLIP_DIM, path, IP_SCALE, "tensorrt", "fp16", 2)
+
+
+def test_build_refuses_other_backends_and_dynamic(tiny_sd15, tmp_path):
+    plan, state = _plan(tiny_sd15), tiny_ip_adapter(tiny_sd15.unet)
+    with pytest.raises(ValueError, match="built for aoti and onnxruntime, not torch"):
+        build_ip_engines(tiny_sd15, state, tmp_path / "x", 1.0, BuildRequest(plan, "torch", "fp32", tmp_path))
+    with pytest.raises(ValueError, match="leave out --dynamic"):
+        build_ip_engines(tiny_sd15, state, tmp_path / "x", 1.0,
+                         BuildRequest(plan, "aoti", "fp32", tmp_path, dynamic=True))
+
+
+@pytest.mark.slow
+def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(sdxl_engines, out)
+    path = save_ip_adapter(tiny_ip_adapter(tiny_sdxl.unet, seed=5), tmp_path / "ip.safetensors")
+    plan, embeds = _plan(tiny_sdxl), _embeds(2)
+    state = read_ip_adapter(path, tiny_sdxl.unet)
+    assert len(build_ip_engines(tiny_sdxl, state, path, 0.6, BuildRequest(plan, "onnxruntime", "fp32", out)).built) == 2
+    opts = GenerationOptions("a teapot", seed=2)
+    got = MegaFusionPipeline(tiny_sdxl, _engine_nets(tiny_sdxl, out, plan, path, 0.6, embeds),
+                             "cpu").generate(plan, opts)
+    ip_bundle = _torch_ip(tiny_sdxl, path, 0.6)
+    ref = MegaFusionPipeline(ip_bundle, IPAdapterNetworks(TorchNetworks(ip_bundle), embeds), "cpu").generate(plan,
+                                                                                                           opts)
+    assert (got.latent - ref.latent).abs().max() <= LATENT_ATOL
+    assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
+    plain = MegaFusionPipeline(tiny_sdxl).generate(plan, opts)
+    assert (ref.latent - plain.latent).abs().max() > 10 * LATENT_ATOL
