@@ -26,10 +26,6 @@ class IPSpec(NetworkSpec):
     def name(self) -> str:
         return f"{self.network}-{self.variant}-{self.precision}"
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.inputs[-1].shape[-1])
-
 
 def ip_unet_spec(family: ModelFamily, embed_dim: int, precision: str = "fp32", dilation: int = 1) -> IPSpec:
     """eps = UNet with IP-Adapter(sample, timestep, encoder states[, text_embeds, time_ids], image_embeds)."""

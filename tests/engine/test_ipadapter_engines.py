@@ -139,7 +139,12 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
     path = save_ip_adapter(tiny_ip_adapter(tiny_sdxl.unet, seed=5), tmp_path / "ip.safetensors")
     plan, embeds = _plan(tiny_sdxl), _embeds(2)
     state = read_ip_adapter(path, tiny_sdxl.unet)
-    assert len(build_ip_engines(tiny_sdxl, state, path, 0.6, BuildRequest(plan, "onnxruntime", "fp32", out)).built) == 2
+    said: list[str] = []
+    report = build_ip_engines(tiny_sdxl, state, path, 0.6, BuildRequest(plan, "onnxruntime", "fp32", out,
+                                                                         ort_optimize="cpu"), log=said.append)
+    # ORT's attention fusion does not take the IP attention: exported unfused, and the key says so.
+    assert [e.key.ort_optimize for e, _ in report.built] == ["none", "none"]
+    assert "unet_ip is exported unfused (--ort-optimize cpu" in said[0]
     opts = GenerationOptions("a teapot", seed=2)
     got = MegaFusionPipeline(tiny_sdxl, _engine_nets(tiny_sdxl, out, plan, path, 0.6, embeds),
                              "cpu").generate(plan, opts)
