@@ -155,3 +155,40 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
     assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
     plain = MegaFusionPipeline(tiny_sdxl).generate(plan, opts)
     assert (ref.latent - plain.latent).abs().max() > 10 * LATENT_ATOL
+
+
+@pytest.mark.gpu
+def test_aoti_ip_engines_captured_in_the_step_graph_on_cuda(tmp_path):
+    """On CUDA, static aoti packages of the plan with unet_ip (built as mf-build-engines builds them, from its own
+    fp32 CPU load): the graphed loop captures one step graph per stage shape (2, replayed on the next run) and gives
+    the eager engine loop's latent; that one is within the engine tolerance of the torch IP path on CUDA (fp32)."""
+    from megafusion.cli.build_engines import main as build_main
+    from megafusion.core.loading import load_model
+
+    bundle = load_model("tiny-sd15")  # fp32 on the CPU: what the build hashed, as mf-generate --engines loads it
+    path = save_ip_adapter(tiny_ip_adapter(bundle.unet, seed=8), tmp_path / "ip.safetensors")
+    out = tmp_path / "engines"
+    assert build_main(["--model", "tiny-sd15", "--stages", STAGES, "--backend", "aoti", "--device", "cuda",
+                       "--ip-adapter", str(path), "--ip-adapter-scale", "0.8", "--output", str(out)]) == 0
+    plan, embeds, opts = _plan(bundle), _embeds(3), GenerationOptions("a teapot", seed=3)
+
+    def nets():
+        base, _ = open_engines(out, bundle, plan, 2, device="cuda", unopened=frozenset({"unet"}))
+        runners = open_ip_runners(out, bundle, plan, CLIP_DIM, path, 0.8, "aoti", "fp32", 2, "cuda",
+                                  base.weights["unet"])
+        return EngineIPAdapterNetworks(base, embeds, runners, "cuda")
+
+    eager = MegaFusionPipeline(bundle, nets(), "cuda")
+    fast_nets = nets()
+    assert fast_nets.capturable
+    fast = MegaFusionPipeline.fast(bundle, fast_nets, "cuda")
+    x = eager.generate(plan, opts).latent
+    y = fast.generate(plan, opts).latent
+    assert fast.graphs.captures == 2
+    assert float((y - x).norm() / x.norm()) < 1e-3
+    assert fast.generate(plan, opts).latent.sub(y).abs().max() < 1e-5 and fast.graphs.captures == 2
+    gpu = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
+    ip_bundle = dataclasses.replace(gpu, unet=ip_unet(gpu.unet, read_ip_adapter(path, gpu.unet), 0.8))
+    ref = MegaFusionPipeline(ip_bundle, IPAdapterNetworks(TorchNetworks(ip_bundle), embeds.cuda()),
+                             "cuda").generate(plan, opts).latent
+    assert (x.cpu() - ref.cpu()).abs().max() <= LATENT_ATOL
