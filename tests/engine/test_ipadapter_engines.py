@@ -98,7 +98,7 @@ def test_plan_on_engines_matches_torch_path(sd15_ip_ort, tiny_sd15):
     ip_bundle = _torch_ip(tiny_sd15, path, IP_SCALE)
     ref = MegaFusionPipeline(ip_bundle, IPAdapterNetworks(TorchNetworks(ip_bundle), embeds), "cpu").generate(plan,
                                                                                                            opts)
-    plain = MegaFusionPipeline(tiny_sd15).generate(plan, opts)
+    plain = MegaFusionPipeline(tiny_sd15, open_engines(folder, tiny_sd15, plan, 2)[0], "cpu").generate(plan, opts)
     assert (got.latent - ref.latent).abs().max() <= LATENT_ATOL
     assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
     assert (ref.latent - plain.latent).abs().max() > 10 * LATENT_ATOL  # the IP-Adapter acts
@@ -153,7 +153,7 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
                                                                                                            opts)
     assert (got.latent - ref.latent).abs().max() <= LATENT_ATOL
     assert np.abs(got.image.astype(int) - ref.image.astype(int)).max() <= 1
-    plain = MegaFusionPipeline(tiny_sdxl).generate(plan, opts)
+    plain = MegaFusionPipeline(tiny_sdxl, open_engines(out, tiny_sdxl, plan, 2)[0], "cpu").generate(plan, opts)
     assert (ref.latent - plain.latent).abs().max() > 10 * LATENT_ATOL
 
 
