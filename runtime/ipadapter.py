@@ -133,19 +133,19 @@ class EngineIPAdapterNetworks(WrappedNetworks):
 
     def __init__(self, base, image_embeds: torch.Tensor, runners: dict[int, object], device):
         super().__init__(base)
-        self.runners = runners
-        """{dilation: unet_ip runner}."""
+        self.ip_runners = runners
+        """{dilation: unet_ip runner} (not `runners`: that name is the base's, keyed by (network, dilation))."""
         dtype = next(iter(runners.values())).spec.inputs[-1].torch_dtype
         e = image_embeds.to(device, dtype)
         self.embeds = {b: cfg_image_embeds(e, b == 2).contiguous() for b in (1, 2)}
 
     @property
     def capturable(self) -> bool:
-        return self.base.capturable and all(r.capturable for r in self.runners.values())
+        return self.base.capturable and all(r.capturable for r in self.ip_runners.values())
 
     @torch.inference_mode()
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
-        runner = self.runners[dilation]
+        runner = self.ip_runners[dilation]
         given = {"sample": sample, "timestep": timestep.reshape(1).float(),
                  "encoder_hidden_states": encoder_hidden_states, "image_embeds": self.embeds[sample.shape[0]]}
         if text_embeds is not None:
