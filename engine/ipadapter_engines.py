@@ -71,8 +71,8 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     version, device = backend.version(), device_name(req.device)
     fam = bundle.family
     fp = ip_adapter_fingerprint(network_fingerprint(bundle, "unet"), path, scale)
-    # ORT's attention fusion (export/ort_optimize.py) mis-fuses the IP attention's 4-token keys and values (the
-    # CPU EP refused the fused graph): these entries are exported unfused, and their key says so.
+    # Fused (export/ort_optimize.py), an IP attention became a MultiHeadAttention node that the CPU EP refused at
+    # run time (key and value shapes): these entries are exported unfused, and their key says so.
     if req.ort_optimize != "none" and backend.name == "onnxruntime":
         log(f"ip-adapter: unet_ip is exported unfused (--ort-optimize {req.ort_optimize} does not fuse its IP "
             "attention yet)")
