@@ -59,6 +59,9 @@ def build_parser() -> ArgumentParser:
                         "(aoti or onnxruntime; repeatable: each ControlNet its own entries); sd3/flux: an "
                         "SD3ControlNetModel / FluxControlNetModel and the transformer that takes its block samples "
                         "(aoti)")
+    from .conditions import add_ip_build_arguments
+
+    add_ip_build_arguments(p)
     p.add_argument("--output", required=True, help="engine folder, created if missing (required)")
     # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/build_engines_if.py).
     p.add_argument("--stages-2", metavar="PLAN", help="IF only: stage II's plan (--stages is stage I's)")
@@ -107,12 +110,16 @@ def run(args: argparse.Namespace) -> int:
 
         if args.controlnet:
             raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5, SDXL, SD3 and FLUX models only)")
+        if args.ip_adapter:
+            raise UsageError(f"--ip-adapter: {args.model} has no IP-Adapter engines (SD1.5 and SDXL models only)")
         return run_if_build(args)
     from ..core.dit_families import DIT_FAMILIES
 
     if args.model in DIT_FAMILIES:
         from .build_engines_dit import run_dit_build
 
+        if args.ip_adapter:
+            raise UsageError(f"--ip-adapter: {args.model} has no IP-Adapter engines (SD1.5 and SDXL models only)")
         return run_dit_build(args, DIT_FAMILIES[args.model])
     if args.stages_2 is not None or args.stage_2_path is not None:
         raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")
@@ -160,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     # --networks may name ControlNet networks (engine/controlnet_engines.py CONTROL_SELECTORS): split off here.
     networks, control_networks = controlnet_build_args(args.controlnet, args.backend, args.dynamic, args.jobs,
                                                        networks)
+    from .conditions import ip_build_args
+
+    networks, ip_networks = ip_build_args(args, args.backend, args.dynamic, args.jobs, networks)
     from .conditions import loras_from_args
 
     loras = loras_from_args(args.lora)
@@ -200,11 +210,15 @@ def run(args: argparse.Namespace) -> int:
         from .conditions import build_controlnets
 
         build_controlnets(bundle, args.controlnet, req, control_networks, bool(control_networks and not networks))
-        if control_networks and not networks:  # --networks named ControlNet networks only
-            return 0
+    if args.ip_adapter:  # before build_engines too; the bundle's UNet stays as loaded
+        from .conditions import build_ip_adapter
+
+        build_ip_adapter(bundle, args, req, ip_networks)
+    if (control_networks or ip_networks) and not networks:  # --networks named only these
+        return 0
     report = build_engines(bundle, req, log=lambda msg: print(msg, flush=True))
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
-    if not networks and not control_networks:  # a --networks part is one child of a parallel build, or a top-up
+    if not (networks or control_networks or ip_networks):  # a --networks part: a child of a parallel build, or a top-up
         keep_memory_estimates(family, plan, args.precision, args.vae_precision, device, out)
     return 0
 

@@ -226,3 +226,90 @@ def image_start_from_args(args: argparse.Namespace, plan, entry_rule=None):
         warn("mf-generate", f"--image {args.image!r} is {pw}x{ph}; it is resized to stage {entry.stage + 1}'s "
                             f"{stage.width}x{stage.height}, which changes its aspect ratio")
     return ImageStart(photo, args.strength, args.start_stage)
+
+
+def add_ip_build_arguments(p: argparse.ArgumentParser) -> None:
+    """mf-build-engines' --ip-adapter and --ip-adapter-scale (engine/ipadapter_engines.py)."""
+    p.add_argument("--ip-adapter", metavar="FILE",
+                   help="also build the UNet with this IP-Adapter (.safetensors) loaded, its image projection and "
+                        "IP attention inside (network unet_ip; aoti or onnxruntime); the CLIP image encoder is not "
+                        "built: mf-generate runs it in torch, once per image")
+    p.add_argument("--ip-adapter-scale", type=float, metavar="S",
+                   help="with --ip-adapter: the scale baked into those engines (default: 1.0); mf-generate --engines "
+                        "runs them at this scale only")
+
+
+def ip_build_args(args: argparse.Namespace, backend: str, dynamic: bool, jobs: int,
+                  networks: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """mf-build-engines --ip-adapter: file and options checked before the model load. Returns --networks split into
+    (the others, the IP-Adapter networks)."""
+    from ..engine.ipadapter_engines import IP_BACKENDS, IP_SELECTORS
+
+    ip = tuple(n for n in networks if n in IP_SELECTORS)
+    if args.ip_adapter is None:
+        if ip:
+            raise UsageError(f"--networks {','.join(ip)}: IP-Adapter networks need --ip-adapter FILE")
+        if args.ip_adapter_scale is not None:
+            raise UsageError("--ip-adapter-scale needs --ip-adapter")
+        return networks, ()
+    if not Path(args.ip_adapter).is_file():
+        raise UsageError(f"--ip-adapter {args.ip_adapter!r}: no such file")
+    if args.ip_adapter_scale is not None and not math.isfinite(args.ip_adapter_scale):
+        raise UsageError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number")
+    if backend not in IP_BACKENDS:
+        raise UsageError(f"--ip-adapter: IP-Adapter engines are built for {' and '.join(IP_BACKENDS)}, not "
+                         f"--backend {backend}")
+    if dynamic:
+        raise UsageError("--ip-adapter: IP-Adapter engines are static per stage shape; leave out --dynamic")
+    if jobs > 1:
+        raise UsageError(f"--ip-adapter with --jobs {jobs}: build the IP-Adapter engines with --jobs 1")
+    return tuple(n for n in networks if n not in IP_SELECTORS), ip
+
+
+def build_ip_adapter(bundle, args: argparse.Namespace, req, networks: tuple[str, ...] = ()) -> None:
+    """mf-build-engines --ip-adapter: the file read and checked against the UNet, its unet_ip engines built into
+    the request's folder (`networks`: only those)."""
+    from ..engine.ipadapter_engines import build_ip_engines
+    from ..runtime.ipadapter import IPAdapterError, read_ip_adapter
+
+    try:
+        state = read_ip_adapter(args.ip_adapter, bundle.unet)
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
+    scale = 1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale
+    report = build_ip_engines(bundle, state, args.ip_adapter, scale, req, networks,
+                              log=lambda msg: print(msg, flush=True))
+    print(f"ip-adapter: {len(report.built)} built, {len(report.skipped)} up to date")
+
+
+def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dilation: int, device):
+    """mf-generate --engines --ip-adapter: `nets` whose UNet step runs the unet_ip engines built beside the plan's
+    (`mf-build-engines --ip-adapter`), with the image embeddings computed once by the torch CLIP vision encoder.
+    Missing entries, another scale, or an encoder whose projection does not fit the IP-Adapter end in one line."""
+    import torch
+
+    from ..engine.cache import EngineError
+    from ..engine.ipadapter_engines import embed_dim, open_ip_runners
+    from ..runtime.ipadapter import (EngineIPAdapterNetworks, IPAdapterError, encode_ip_image, load_image_encoder,
+                                     read_ip_adapter)
+
+    try:
+        state = read_ip_adapter(args.ip_adapter, bundle.unet)  # checked against the UNet's layout (no weights needed)
+    except IPAdapterError as e:
+        raise UsageError(str(e)) from None
+    dim = embed_dim(state)
+    del state  # the engines hold the IP-Adapter's weights
+    precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+    try:
+        runners = open_ip_runners(args.engines, bundle, plan, dim, args.ip_adapter, args.ip_adapter_scale,
+                                  nets.backend, precision, dilation, device, nets.weights.get("unet"))
+        encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, nets.unet_dtype)  # as the torch path
+    except (EngineError, IPAdapterError) as e:
+        raise UsageError(str(e)) from None
+    got = int(encoder.config.projection_dim)
+    if got != dim:
+        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: projects to {got} features; the "
+                         f"IP-Adapter {args.ip_adapter!r} takes {dim}")
+    embeds = encode_ip_image(encoder, processor, image, device)
+    del encoder  # the embeddings are all the stages need
+    return EngineIPAdapterNetworks(nets, embeds, runners, device)

@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
                          "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
                          "--lora here")
     ip_image = ip_adapter_from_args(args)
-    if ip_image is not None and args.engines:
-        raise UsageError("--ip-adapter runs on the torch path only; leave out --engines")
+    if ip_image is not None and args.engines and (controls or loras):  # no engine takes both yet
+        raise UsageError(f"--ip-adapter with --engines and {'--controlnet' if controls else '--lora'}: the IP-Adapter "
+                         "engines hold the base UNet alone; leave out --engines (the torch path runs both)")
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -239,9 +240,11 @@ def run(args: argparse.Namespace) -> int:
 
         phases: dict[str, float] = {}
         try:
-            # With --controlnet the controlled-UNet engines run every UNet step: the plain ones stay closed.
+            # With --controlnet (--ip-adapter) the controlled-UNet (unet_ip) engines run every UNet step: the plain
+            # ones stay closed.
             nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype,
-                                      timings=phases, unopened=frozenset({"unet"} if controls else ()))
+                                      timings=phases,
+                                      unopened=frozenset({"unet"} if controls or ip_image is not None else ()))
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "
@@ -290,7 +293,13 @@ def run(args: argparse.Namespace) -> int:
         nets = TiledVaeNetworks(nets, bundle.vae, tiling)
         print(f"VAE tiled: passes larger than {tiling.tile}x{tiling.tile} pixels run in tiles"
               + (", waiting tiles parked in host memory" if tiling.park else ""))
-    if ip_image is not None:
+    if ip_image is not None and args.engines:
+        from .conditions import ip_adapter_engines
+
+        nets = ip_adapter_engines(nets, bundle, plan, args, ip_image, dilation, device)
+        print(f"ip-adapter: {args.ip_adapter} x{args.ip_adapter_scale:g}, image {args.ip_adapter_image} (unet_ip "
+              f"{nets.backend} engines; image encoder in torch)")
+    elif ip_image is not None:
         from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
                                          load_ip_adapter, read_ip_adapter)
 

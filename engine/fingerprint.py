@@ -78,3 +78,25 @@ def lora_fingerprint(base: str, loras: Sequence[tuple[str | Path, float]], hashe
     hashes = hashes if hashes is not None else FileHashes(None)
     parts = [base] + [f"{hashes.sha256(path)}\0{float(scale).hex()}" for path, scale in loras]
     return f"{_PREFIX}lora:{_sha(chr(10).join(parts))}"
+
+
+_IP_RE = re.compile(r"^(?P<base>.+)\+ip-adapter:sha256:(?P<file>[0-9a-f]{64})@scale:(?P<scale>\S+)$")
+
+
+def ip_adapter_fingerprint(base: str, path: str | Path, scale: float, hashes: FileHashes | None = None) -> str:
+    """The weights of a `unet_ip` engine (core/ipadapter_specs.py): the UNet's fingerprint `base`, the IP-Adapter
+    file's sha256 and the scale baked in, readable (`ip_adapter_parts`), so a refusal can name the built scale and
+    another file or scale is another key. The scale is written as Python's repr: exact, and read back exactly."""
+    hashes = hashes if hashes is not None else FileHashes(None)
+    return f"{base}+ip-adapter:sha256:{hashes.sha256(Path(path))}@scale:{float(scale)!r}"
+
+
+def ip_adapter_parts(fingerprint: str) -> tuple[str, str, float] | None:
+    """(UNet fingerprint, IP-Adapter file sha256, scale) of an `ip_adapter_fingerprint`; None for any other."""
+    m = _IP_RE.match(fingerprint)
+    if m is None:
+        return None
+    try:
+        return m["base"], m["file"], float(m["scale"])
+    except ValueError:
+        return None

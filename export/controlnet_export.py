@@ -60,7 +60,10 @@ class ControlledUNetWrapper(torch.nn.Module):
                          return_dict=False)[0]
 
 
-def _wrapper(module: torch.nn.Module, spec: ControlSpec, xl: bool) -> torch.nn.Module:
+def _wrapper(module: torch.nn.Module, spec: ControlSpec, xl: bool, wrap=None) -> torch.nn.Module:
+    """`wrap(module, xl)`: another network's flat-tensor wrapper (export/ipadapter_export.py), exported alike."""
+    if wrap is not None:
+        return wrap(module, xl).eval()
     return (ControlNetWrapper if spec.network == CONTROLNET else ControlledUNetWrapper)(module, xl).eval()
 
 
@@ -73,7 +76,7 @@ def _module_on(module: torch.nn.Module, spec: ControlSpec, device: str) -> tuple
 
 
 def export_control_onnx(module: torch.nn.Module, family: ModelFamily, spec: ControlSpec, path: str | os.PathLike,
-                        *, device: str = "cpu", clean: bool = True) -> ExportResult:
+                        *, device: str = "cpu", clean: bool = True, wrap=None) -> ExportResult:
     """Exports `module` (a diffusers ControlNetModel, or the UNet for `unet_controlled`) to the `.onnx` file `path`:
     batch and spatial axes dynamic, traced at the smallest legal latent on CPU (as export_onnx does, for the same
     reason), at the native size on a GPU."""
@@ -85,7 +88,7 @@ def export_control_onnx(module: torch.nn.Module, family: ModelFamily, spec: Cont
     args = tuple(a.to(device) for a in spec.sample_inputs(spec.axes(spec.batch_range[1], h, w, family.vae_scale)))
     module, owned = _module_on(module, spec, device)
     try:
-        wrapper = _wrapper(module, spec, family.is_xl)
+        wrapper = _wrapper(module, spec, family.is_xl, wrap)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{spec.name}-") as tmp:
             raw = Path(tmp) / "raw.onnx"
             with torch.no_grad(), warnings.catch_warnings(), mid_dilation(module, spec.dilation):
@@ -105,7 +108,7 @@ def export_control_onnx(module: torch.nn.Module, family: ModelFamily, spec: Cont
 
 def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: ControlSpec, profile, path,
                         *, device: str = "cpu", kernel_context=contextlib.nullcontext,
-                        prepare: Callable[[torch.nn.Module], None] | None = None) -> ExportResult:
+                        prepare: Callable[[torch.nn.Module], None] | None = None, wrap=None) -> ExportResult:
     """A static AOTInductor package (`.pt2`) for the one stage shape of `profile` (batch over the spec's range).
     `prepare`: applied in place to a copy of the module before the export (the caller's module is left as it is,
     so its weights fingerprint stays that of the loaded weights)."""
@@ -125,7 +128,7 @@ def export_control_aoti(module: torch.nn.Module, family: ModelFamily, spec: Cont
         prepare(module)
 
     def trace():
-        wrapper = _wrapper(module, spec, family.is_xl)
+        wrapper = _wrapper(module, spec, family.is_xl, wrap)
         per_input = [dynamic_shapes(family, spec, profile)[t.name] for t in spec.inputs]
         with mid_dilation(module, spec.dilation):
             # The wrappers take (sample, timestep, encoder states, *rest): torch.export wants that structure.

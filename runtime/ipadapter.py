@@ -124,3 +124,31 @@ class IPAdapterNetworks(WrappedNetworks):
             out = self.base.unet_fn(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
                                     added_cond_kwargs=added, return_dict=False, **extra)[0]
         return out.float()
+
+
+class EngineIPAdapterNetworks(WrappedNetworks):
+    """Built engines whose UNet step runs the `unet_ip` engine (engine/ipadapter_engines.py) with the image
+    embeddings; every other call goes to `base` (whose plain UNet engines stay unopened). The embeddings live in one
+    device buffer per UNet batch, made once, so the step stays capturable where the runners are."""
+
+    def __init__(self, base, image_embeds: torch.Tensor, runners: dict[int, object], device):
+        super().__init__(base)
+        self.ip_runners = runners
+        """{dilation: unet_ip runner} (not `runners`: that name is the base's, keyed by (network, dilation))."""
+        dtype = next(iter(runners.values())).spec.inputs[-1].torch_dtype
+        e = image_embeds.to(device, dtype)
+        self.embeds = {b: cfg_image_embeds(e, b == 2).contiguous() for b in (1, 2)}
+
+    @property
+    def capturable(self) -> bool:
+        return self.base.capturable and all(r.capturable for r in self.ip_runners.values())
+
+    @torch.inference_mode()
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
+        runner = self.ip_runners[dilation]
+        given = {"sample": sample, "timestep": timestep.reshape(1).float(),
+                 "encoder_hidden_states": encoder_hidden_states, "image_embeds": self.embeds[sample.shape[0]]}
+        if text_embeds is not None:
+            given.update(text_embeds=text_embeds, time_ids=time_ids)
+        feeds = {t.name: given[t.name].to(sample.device, t.torch_dtype).contiguous() for t in runner.spec.inputs}
+        return runner.run(feeds)["eps"].float()

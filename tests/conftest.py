@@ -352,6 +352,34 @@ def sd15_control_ort(tiny_sd15, sd15_engines, tmp_path_factory) -> tuple[Path, P
     return out, cn, said.getvalue()
 
 
+IP_SCALE = 0.7
+"""The scale the session's IP-Adapter engines (`sd15_ip_ort`) are built with."""
+
+
+@pytest.fixture(scope="session")
+def sd15_ip_ort(tiny_sd15, sd15_engines, tmp_path_factory) -> tuple[Path, Path, str]:
+    """(engine folder, IP-Adapter file, what mf-build-engines printed): the session's tiny-sd15 ONNX Runtime engines
+    plus a tiny random IP-Adapter's unet_ip engines (seed 3, IP_SCALE), built by `mf-build-engines --ip-adapter`
+    once for tests/engine/test_ipadapter_engines.py and tests/cli/test_ipadapter_engines_cli.py (two ONNX exports,
+    seconds); tests that change the folder copy it first."""
+    import contextlib
+    import io
+
+    from megafusion.cli import build_engines as build_cli
+    from tests.engines import STAGES
+    from tests.runtime.test_ipadapter import save_ip_adapter, tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("ip-ort")
+    out = root / "engines"
+    shutil.copytree(sd15_engines, out)  # the plain engines are there: only the unet_ip ones are built
+    ip = save_ip_adapter(tiny_ip_adapter(tiny_sd15.unet, seed=3), root / "ip.safetensors")
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        assert build_cli.main(["--model", "tiny-sd15", "--stages", STAGES, "--device", "cpu", "--ip-adapter", str(ip),
+                               "--ip-adapter-scale", str(IP_SCALE), "--output", str(out)]) == 0
+    return out, ip, said.getvalue()
+
+
 @pytest.fixture
 def sdxl_copy(sdxl_engines, tmp_path):
     """A private copy of the built folder, for tests that damage it."""

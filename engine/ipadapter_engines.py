@@ -1,0 +1,179 @@
+"""IP-Adapter UNet engines (issue #18 items 2 and 5): build the `unet_ip` networks of a plan (core/ipadapter_specs.py)
+into an engine folder, and open them for a run.
+
+Entries sit in the same content-addressed cache as the plan's other engines. Their key's weights field holds the
+UNet's fingerprint, the IP-Adapter file's sha256 and the scale baked in (`ip_adapter_fingerprint`), so another file
+or scale is another entry. The image encoder stays in torch: its embeddings are computed once per generation. The
+aoti backend builds one static package per stage shape (as for the UNet), onnxruntime one model over the plan's
+stage profiles, as the ControlNet engines (engine/controlnet_engines.py, whose helpers this module reuses).
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..core.ipadapter_specs import UNET_IP, ip_requirements
+from ..core.loading import ModelBundle
+from ..core.plan import StagePlan
+from ..core.specs import Requirement, profile_sizes
+from .backend import get_backend
+from .build import BuildReport, BuildRequest, check_request
+from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
+from .controlnet_engines import CONTROL_BACKENDS, _open_entry
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
+from .load import CoverageError, _covers, _span, build_command
+from .runners import Runner, ShapeDispatch
+
+IP_BACKENDS = CONTROL_BACKENDS
+"""Backends that build IP-Adapter engines."""
+
+IP_SELECTORS = frozenset({UNET_IP, f"{UNET_IP}-standard", f"{UNET_IP}-dilated"})
+"""What `mf-build-engines --networks` takes for these networks."""
+
+
+def check_ip_request(req: BuildRequest) -> None:
+    """ValueError naming an option the IP-Adapter engines do not take."""
+    if req.backend not in IP_BACKENDS:
+        raise ValueError(f"--ip-adapter engines are built for {' and '.join(IP_BACKENDS)}, not {req.backend}")
+    if req.dynamic:
+        raise ValueError("--ip-adapter engines are static per stage shape; leave out --dynamic")
+
+
+def embed_dim(state: dict) -> int:
+    """D of `image_embeds`: the columns of the IP-Adapter's image projection (runtime/ipadapter.read_ip_adapter
+    has checked that it is there)."""
+    return int(state["image_proj"]["proj.weight"].shape[1])
+
+
+def ip_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str, fingerprint: str,
+           ort_optimize: str = "none") -> EngineKey:
+    s = r.spec
+    return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision, r.profiles,
+                     backend, version, device, ort_optimize)
+
+
+def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: float, req: BuildRequest,
+                     networks=(), log: Callable[[str], None] = lambda msg: None) -> BuildReport:
+    """Builds the unet_ip engines of `req.plan` for the IP-Adapter `state` read from the file `path`, at `scale`,
+    into `req.output` (entries present and valid are skipped); `networks` (IP_SELECTORS; empty: all). Runs before
+    `build_engines` where that one releases the bundle's weights; the bundle's UNet is left as it was."""
+    from ..export.ipadapter_export import ip_unet
+
+    check_ip_request(req)
+    backend = check_request(req)
+    cache = EngineCache(req.output)
+    cache.entries()  # a corrupt manifest stops the build before any work
+    version, device = backend.version(), device_name(req.device)
+    fam = bundle.family
+    fp = ip_adapter_fingerprint(network_fingerprint(bundle, "unet"), path, scale)
+    # Fused (export/ort_optimize.py), an IP attention became a MultiHeadAttention node that the CPU EP refused at
+    # run time (key and value shapes): these entries are exported unfused, and their key says so.
+    if req.ort_optimize != "none" and backend.name == "onnxruntime":
+        log(f"ip-adapter: unet_ip is exported unfused (--ort-optimize {req.ort_optimize} does not fuse its IP "
+            "attention yet)")
+    jobs = [one for r in ip_requirements(fam, req.plan, embed_dim(state), req.precision, req.dilation)
+            if not networks or r.spec.network in networks or f"{r.spec.network}-{r.spec.variant}" in networks
+            for one in backend.requirements(fam, r, req.plan, False)]
+    report, module = BuildReport(), None
+    for n, r in enumerate(jobs, 1):
+        key = ip_key(bundle, r, backend.name, version, device, fp)
+        sizes = ", ".join(profile_sizes(UNET_IP, r.profiles, fam.vae_scale))
+        tag = f"[ip-adapter {n}/{len(jobs)}] {r.spec.name} ({sizes}, scale {scale:g})"
+        entry = None if req.force else cache.lookup(key)
+        if entry is not None:
+            report.skipped.append(entry)
+            log(f"{tag}: up to date, skipped")
+            continue
+        log(f"{tag}: building for {backend.name} {version} on {device} ...")
+        t0 = time.perf_counter()
+        if module is None:
+            module = ip_unet(bundle.unet, state, scale)
+        with cache.staging(key) as tmp:
+            res = _export(module, bundle, r, backend.name, req.device, tmp)
+            entry = cache.commit(key, tmp)
+        report.built.append((entry, time.perf_counter() - t0))
+        report.exports[entry.digest] = res
+        log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
+    return report
+
+
+def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path):
+    import contextlib
+
+    from ..export.ipadapter_export import export_ip_aoti, export_ip_onnx
+
+    if backend == "aoti":
+        from .aoti_backend import cudnn_first
+
+        ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
+        return export_ip_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2", device=device,
+                              kernel_context=ctx)
+    return export_ip_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
+
+
+def ip_build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,
+                     engine_dir: Path, device: str, path: str | Path, scale: float) -> str:
+    """`build_command` with the IP-Adapter: what builds every engine an IP-Adapter run needs."""
+    cmd = build_command(bundle, plan, backend, precision, dilation, engine_dir, device)
+    return cmd + f" --ip-adapter {shlex.quote(str(path))} --ip-adapter-scale {float(scale)!r}"
+
+
+def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dim: int, path: str | Path,
+                    scale: float, backend: str, precision: str, dilation: int = 2,
+                    device: torch.device | str = "cpu", unet_fingerprint: str | None = None) -> dict[int, Runner]:
+    """{dilation: unet_ip runner} from `engine_dir` for the IP-Adapter file `path` at `scale` (image embeddings of
+    `dim` features), for the backend and precision the plan's other engines were opened with. A stage shape
+    without a valid entry is refused with the command that builds it; entries of this file at another scale only
+    are refused naming the scale they were built with. `unet_fingerprint`: the UNet's, as `open_engines` hashed it."""
+    engine_dir, device = Path(engine_dir), torch.device(device)
+    if backend not in IP_BACKENDS:
+        raise CoverageError(f"--ip-adapter runs on {' or '.join(IP_BACKENDS)} engines; the engines in "
+                            f"{engine_dir} are {backend}")
+    cache = EngineCache(engine_dir)
+    hashes = FileHashes(engine_dir / HASHES)
+    base = unet_fingerprint or network_fingerprint(bundle, "unet", hashes)
+    fp = ip_adapter_fingerprint(base, path, scale, hashes)
+    _, file_sha, _ = ip_adapter_parts(fp)
+    entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend
+               and e.key.network == UNET_IP]
+    installed, here = get_backend(backend).version(), device_name(device)
+    cmd = ip_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, path, scale)
+    out: dict[int, Runner] = {}
+    for r in ip_requirements(bundle.family, plan, dim, precision, dilation):
+        s = r.spec
+        ours = [e for e in entries if (e.key.dilation, e.key.precision) == (s.dilation, s.precision)]
+        same = [e for e in ours if e.key.weights == fp]
+        what = f"{UNET_IP} ({s.variant}, {s.precision}) of --ip-adapter {path}"
+        picked: list[Entry] = []
+        for p in r.profiles:
+            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+            if not fits:
+                st = plan.stages[p.stage]
+                other = sorted({parts[2] for e in ours if _covers(e, p) and (parts := ip_adapter_parts(e.key.weights))
+                                and parts[:2] == (base, file_sha)})
+                if other:
+                    built = ", ".join(f"{x!r}" for x in other)
+                    raise CoverageError(f"the engines in {engine_dir} hold {what} built with --ip-adapter-scale "
+                                        f"{built}, not {float(scale)!r}: run with --ip-adapter-scale {other[0]!r}, or "
+                                        f"build this scale with: {cmd}")
+                raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
+                                    f"build them with: {cmd}")
+            valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
+            if not valid:
+                e = fits[0]
+                why = (f"{backend} {e.key.backend_version} (installed: {installed})"
+                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
+                raise StaleEngineError(f"engine {what} in {engine_dir} was built for {why}; rebuild with: {cmd}")
+            if valid[0] not in picked:
+                cache.verify(valid[0], hashes)
+                picked.append(valid[0])
+        runners = [_open_entry(engine_dir, e, s, bundle.family.vae_scale, device) for e in picked]
+        out[s.dilation] = runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
+                                                                                   for e, x in zip(picked, runners)))
+    hashes.save()
+    return out
