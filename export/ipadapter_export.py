@@ -35,7 +35,7 @@ def ip_unet(unet: torch.nn.Module, state: dict, scale: float) -> torch.nn.Module
     """A copy of `unet` with the IP-Adapter `state` (runtime/ipadapter.read_ip_adapter) loaded at `scale`; the copy
     shares the UNet's tensors (no second set of weights) and the caller's UNet keeps its own processors, so its
     weights fingerprint and the plain UNet's export stay as loaded."""
-    from ..runtime.ipadapter import load_ip_adapter
+    from ..core.ipadapter import load_ip_adapter
 
     shared = {id(t): t for t in (*unet.parameters(), *unet.buffers())}
     out = copy.deepcopy(unet, shared)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..core.dilation import mid_dilation
+from ..core.ipadapter import load_ip_adapter  # noqa: F401  (runtime's API; core holds it for export)
 from ..engine.networks import TorchNetworks, WrappedNetworks
 
 
@@ -84,15 +85,6 @@ def encode_ip_image(encoder, processor, image, device) -> torch.Tensor:
     """(1, 1, D) image embeddings of a PIL image, as diffusers' `encode_image` computes them."""
     pixels = processor(image, return_tensors="pt").pixel_values.to(device=device, dtype=encoder.dtype)
     return encoder(pixels).image_embeds.float()[None]
-
-
-def load_ip_adapter(unet: torch.nn.Module, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0) -> None:
-    """diffusers' `_load_ip_adapter_weights` (what `pipe.load_ip_adapter` calls), then the scale on every
-    IP-Adapter processor (what `pipe.set_ip_adapter_scale` sets)."""
-    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
-    for proc in unet.attn_processors.values():
-        if hasattr(proc, "to_k_ip"):
-            proc.scale = [scale]
 
 
 def cfg_image_embeds(image_embeds: torch.Tensor, cfg: bool) -> torch.Tensor:
