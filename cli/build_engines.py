@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
                                   networks or _default_groups(network_selectors(reqs)), args.jobs)
         if worst == 0 and not networks:
             keep_memory_estimates(family, plan, args.precision, args.vae_precision, device, out)
+            compile_relay_kernel(device)
         return worst
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, seed=weights_seed)
     if loras:
@@ -220,7 +221,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(report.built)} built, {len(report.skipped)} up to date; manifest {out / 'manifest.json'}")
     if not (networks or control_networks or ip_networks):  # a --networks part: a child of a parallel build, or a top-up
         keep_memory_estimates(family, plan, args.precision, args.vae_precision, device, out)
+        compile_relay_kernel(device)
     return 0
+
+
+def compile_relay_kernel(device: str) -> None:
+    """On CUDA, compiles the fused relay kernel (runtime/fused_relay.py, NVRTC) into its on-disk cache now, on the
+    machine that will run the engines: otherwise a fresh machine's first relay compiles it (the H200's first
+    process there spent 4.6 s in its relays against 1.5 s in the next one)."""
+    import time
+
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return
+    from ..runtime import fused_relay
+
+    if not fused_relay.nvrtc_available():
+        print("relay kernel: NVRTC (cuda-python) not available: relays will run torch's resize")
+        return
+    t0 = time.perf_counter()
+    fused_relay.load(torch.device(device))
+    print(f"relay kernel ready in {fused_relay.cache_dir()} ({time.perf_counter() - t0:.1f} s)")
 
 
 def keep_memory_estimates(family, plan, precision: str, vae_precision: str | None, device: str, out) -> None:
