@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .families import ModelFamily
 from .plan import StagePlan
-from .specs import NetworkSpec, Requirement, TensorSpec, _profile, unet_spec
+from .specs import NetworkSpec, Requirement, TensorSpec, unet_spec, unet_stage_requirements
 
 CONTROLNET, UNET_CONTROLLED = "controlnet", "unet_controlled"
 
@@ -86,20 +86,6 @@ def controlnet_requirements(family: ModelFamily, plan: StagePlan, config, precis
     """The ControlNet (config: its diffusers config) and controlled-UNet networks a plan runs: standard at stage 1,
     dilated (unless dilation is 1) later, one profile per distinct stage size, as `plan_requirements` gives the
     UNet's."""
-    vs = family.vae_scale
-    by_dilation: dict[int, list[int]] = {}
-    for k in range(len(plan.stages)):
-        by_dilation.setdefault(1 if k == 0 else dilation, []).append(k)
-    out = []
-    for d, stages in by_dilation.items():
-        for spec in (controlnet_spec(family, config, precision, d), controlled_unet_spec(family, precision, d)):
-            profiles, seen = [], set()
-            for k in stages:
-                s = plan.stages[k]
-                p = _profile(spec, k, s.height // vs, s.width // vs, vs)
-                if p.shapes not in seen:
-                    seen.add(p.shapes)
-                    profiles.append(p)
-            out.append(Requirement(spec, tuple(profiles)))
-    return tuple(out)
+    return unet_stage_requirements(family, plan, dilation, lambda d: (
+        controlnet_spec(family, config, precision, d), controlled_unet_spec(family, precision, d)))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .families import ModelFamily
 from .plan import StagePlan
-from .specs import NetworkSpec, Requirement, TensorSpec, _profile, unet_spec
+from .specs import NetworkSpec, Requirement, TensorSpec, unet_spec, unet_stage_requirements
 
 UNET_IP = "unet_ip"
 
@@ -39,19 +39,4 @@ def ip_requirements(family: ModelFamily, plan: StagePlan, embed_dim: int, precis
                     dilation: int = 2) -> tuple[Requirement, ...]:
     """The unet_ip networks a plan runs: standard at stage 1, dilated (unless dilation is 1) later, one profile per
     distinct stage size, as `plan_requirements` gives the UNet's."""
-    vs = family.vae_scale
-    by_dilation: dict[int, list[int]] = {}
-    for k in range(len(plan.stages)):
-        by_dilation.setdefault(1 if k == 0 else dilation, []).append(k)
-    out = []
-    for d, stages in by_dilation.items():
-        spec = ip_unet_spec(family, embed_dim, precision, d)
-        profiles, seen = [], set()
-        for k in stages:
-            s = plan.stages[k]
-            p = _profile(spec, k, s.height // vs, s.width // vs, vs)
-            if p.shapes not in seen:
-                seen.add(p.shapes)
-                profiles.append(p)
-        out.append(Requirement(spec, tuple(profiles)))
-    return tuple(out)
+    return unet_stage_requirements(family, plan, dilation, lambda d: (ip_unet_spec(family, embed_dim, precision, d),))

@@ -7,6 +7,7 @@ stage that uses a network, the min/opt/max shape of every input; stages pin the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -266,16 +267,31 @@ def plan_requirements(family: ModelFamily, plan: StagePlan, precision: str = "fp
     needs += [(dec, list(range(len(lat))) if pixel else [len(lat) - 1])]
     if len(lat) > 1 and pixel:
         needs += [(enc, list(range(1, len(lat))))]
-    out = []
-    for spec, stages in needs:
-        profiles, seen = [], set()
-        for k in stages:
-            p = _profile(spec, k, *lat[k], vs)
-            if p.shapes not in seen:  # text encoders, and repeated stage sizes, need one profile
-                seen.add(p.shapes)
-                profiles.append(p)
-        out.append(Requirement(spec, tuple(profiles)))
-    return tuple(out)
+    return tuple(_requirement(spec, stages, lat, vs) for spec, stages in needs)
+
+
+def _requirement(spec: NetworkSpec, stages: list[int], lat: list[tuple[int, int]], vs: int) -> Requirement:
+    """`spec` at the given stages' latent sizes, one profile per distinct shape."""
+    profiles, seen = [], set()
+    for k in stages:
+        p = _profile(spec, k, *lat[k], vs)
+        if p.shapes not in seen:  # text encoders, and repeated stage sizes, need one profile
+            seen.add(p.shapes)
+            profiles.append(p)
+    return Requirement(spec, tuple(profiles))
+
+
+def unet_stage_requirements(family: ModelFamily, plan: StagePlan, dilation: int,
+                            specs_for: Callable[[int], Iterable[NetworkSpec]]) -> tuple[Requirement, ...]:
+    """Networks that run where the UNet runs (ControlNets, controlled and IP-Adapter UNets): `specs_for(d)` gives
+    their specs at dilation d; standard at stage 1, dilated (unless dilation is 1) later, one profile per distinct
+    stage size, as `plan_requirements` gives the UNet's."""
+    vs = family.vae_scale
+    lat = [(s.height // vs, s.width // vs) for s in plan.stages]
+    by_dilation: dict[int, list[int]] = {}
+    for k in range(len(plan.stages)):
+        by_dilation.setdefault(1 if k == 0 else dilation, []).append(k)
+    return tuple(_requirement(spec, stages, lat, vs) for d, stages in by_dilation.items() for spec in specs_for(d))
 
 
 # Range profiles: one engine serving every side between a plan's smallest and largest (AOTInductor packages).

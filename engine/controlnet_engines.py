@@ -186,6 +186,37 @@ def _open_entry(engine_dir: Path, e: Entry, spec: ControlSpec, vae_scale: int, d
     return ControlOrtRunner(path, spec, vae_scale, device)
 
 
+def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan: StagePlan, what: str, cmd: str,
+                  backend: str, device: torch.device, vae_scale: int, verify: Callable[[Entry], object],
+                  missing: Callable[[int], None] | None = None) -> Runner:
+    """One runner over `r`'s profiles from the candidate entries `same` (the right network, variant, precision and
+    weights): per profile the tightest entry covering it, of this backend version and device, verified once
+    (`verify`). A profile no entry covers is refused naming its stage size and `cmd` (after `missing(stage)`,
+    which may raise a more precise refusal); a stale one naming what it was built for."""
+    installed, here = get_backend(backend).version(), device_name(device)
+    picked: list[Entry] = []
+    for p in r.profiles:
+        fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
+        if not fits:
+            if missing is not None:
+                missing(p.stage)
+            st = plan.stages[p.stage]
+            raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
+                                f"build them with: {cmd}")
+        valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
+        if not valid:
+            e = fits[0]
+            why = (f"{backend} {e.key.backend_version} (installed: {installed})"
+                   if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
+            raise StaleEngineError(f"engine {what} in {engine_dir} was built for {why}; rebuild with: {cmd}")
+        if valid[0] not in picked:
+            verify(valid[0])
+            picked.append(valid[0])
+    runners = [_open_entry(engine_dir, e, r.spec, vae_scale, device) for e in picked]
+    return runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
+                                                                    for e, x in zip(picked, runners)))
+
+
 def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,
                             controlnets: Sequence[torch.nn.Module], paths: Sequence[str], backend: str,
                             precision: str, dilation: int = 2, device: torch.device | str = "cpu",
@@ -200,7 +231,6 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
                             f"{engine_dir} are {backend}")
     cache = EngineCache(engine_dir)
     entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend]
-    installed, here = get_backend(backend).version(), device_name(device)
     cmd = controlnet_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, paths)
     nets: dict[int, list[Runner]] = {}
     unets: dict[int, Runner] = {}
@@ -212,25 +242,8 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
         what = f"{s.network} ({s.variant}, {s.precision})"
         if s.network == CONTROLNET:
             what += f" of --controlnet {paths[where[id(module)]]}"
-        picked: list[Entry] = []
-        for p in r.profiles:
-            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
-            if not fits:
-                st = plan.stages[p.stage]
-                raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
-                                    f"build them with: {cmd}")
-            valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
-            if not valid:
-                e = fits[0]
-                why = (f"{backend} {e.key.backend_version} (installed: {installed})"
-                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
-                raise StaleEngineError(f"engine {what} in {engine_dir} was built for {why}; rebuild with: {cmd}")
-            if valid[0] not in picked:
-                cache.verify(valid[0])
-                picked.append(valid[0])
-        runners = [_open_entry(engine_dir, e, s, bundle.family.vae_scale, device) for e in picked]
-        runner = runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
-                                                                           for e, x in zip(picked, runners)))
+        runner = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device, bundle.family.vae_scale,
+                               cache.verify)
         if s.network == CONTROLNET:
             nets.setdefault(s.dilation, []).append(runner)
         else:

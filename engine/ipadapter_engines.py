@@ -20,14 +20,13 @@ from ..core.ipadapter_specs import UNET_IP, ip_requirements
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
-from .backend import get_backend
 from .build import BuildReport, BuildRequest, check_request
-from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
-from .controlnet_engines import CONTROL_BACKENDS, _open_entry
+from .cache import EngineCache, EngineKey, device_name
+from .controlnet_engines import CONTROL_BACKENDS, open_profiles
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
-from .load import CoverageError, _covers, _span, build_command
-from .runners import Runner, ShapeDispatch
+from .load import CoverageError, _covers, build_command
+from .runners import Runner
 
 IP_BACKENDS = CONTROL_BACKENDS
 """Backends that build IP-Adapter engines."""
@@ -141,7 +140,6 @@ def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan
     _, file_sha, _ = ip_adapter_parts(fp)
     entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend
                and e.key.network == UNET_IP]
-    installed, here = get_backend(backend).version(), device_name(device)
     cmd = ip_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, path, scale)
     out: dict[int, Runner] = {}
     for r in ip_requirements(bundle.family, plan, dim, precision, dilation):
@@ -149,31 +147,18 @@ def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan
         ours = [e for e in entries if (e.key.dilation, e.key.precision) == (s.dilation, s.precision)]
         same = [e for e in ours if e.key.weights == fp]
         what = f"{UNET_IP} ({s.variant}, {s.precision}) of --ip-adapter {path}"
-        picked: list[Entry] = []
-        for p in r.profiles:
-            fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
-            if not fits:
-                st = plan.stages[p.stage]
-                other = sorted({parts[2] for e in ours if _covers(e, p) and (parts := ip_adapter_parts(e.key.weights))
-                                and parts[:2] == (base, file_sha)})
-                if other:
-                    built = ", ".join(f"{x!r}" for x in other)
-                    raise CoverageError(f"the engines in {engine_dir} hold {what} built with --ip-adapter-scale "
-                                        f"{built}, not {float(scale)!r}: run with --ip-adapter-scale {other[0]!r}, or "
-                                        f"build this scale with: {cmd}")
-                raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
-                                    f"build them with: {cmd}")
-            valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
-            if not valid:
-                e = fits[0]
-                why = (f"{backend} {e.key.backend_version} (installed: {installed})"
-                       if e.key.backend_version != installed else f"device {e.key.device!r} (this one: {here!r})")
-                raise StaleEngineError(f"engine {what} in {engine_dir} was built for {why}; rebuild with: {cmd}")
-            if valid[0] not in picked:
-                cache.verify(valid[0], hashes)
-                picked.append(valid[0])
-        runners = [_open_entry(engine_dir, e, s, bundle.family.vae_scale, device) for e in picked]
-        out[s.dilation] = runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
-                                                                                   for e, x in zip(picked, runners)))
+
+        def other_scale(stage: int, r=r, ours=ours, what=what) -> None:  # this file built at another scale only
+            p = next(q for q in r.profiles if q.stage == stage)
+            other = sorted({parts[2] for e in ours if _covers(e, p) and (parts := ip_adapter_parts(e.key.weights))
+                            and parts[:2] == (base, file_sha)})
+            if other:
+                built = ", ".join(f"{x!r}" for x in other)
+                raise CoverageError(f"the engines in {engine_dir} hold {what} built with --ip-adapter-scale "
+                                    f"{built}, not {float(scale)!r}: run with --ip-adapter-scale {other[0]!r}, or "
+                                    f"build this scale with: {cmd}")
+
+        out[s.dilation] = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device,
+                                        bundle.family.vae_scale, lambda e: cache.verify(e, hashes), other_scale)
     hashes.save()
     return out
