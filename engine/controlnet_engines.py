@@ -89,22 +89,31 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
     for n, (module, fp, r) in enumerate(jobs, 1):
         key = control_key(bundle, r, backend.name, version, device, fp, req.ort_optimize)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, fam.vae_scale))
-        tag = f"[controlnet {n}/{len(jobs)}] {r.spec.name} ({sizes}, weights {fp[:12]})"
-        entry = None if req.force else cache.lookup(key)
-        if entry is not None:
-            report.skipped.append(entry)
-            log(f"{tag}: up to date, skipped")
-            continue
-        log(f"{tag}: building for {backend.name} {version} on {device} ...")
-        t0 = time.perf_counter()
-        with cache.staging(key) as tmp:
-            res = _export(module, bundle, r, backend.name, req.device, tmp, req.ort_optimize)
-            entry = cache.commit(key, tmp)
-        report.built.append((entry, time.perf_counter() - t0))
-        report.exports[entry.digest] = res
-        log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
+        build_entry(cache, key, f"[controlnet {n}/{len(jobs)}] {r.spec.name} ({sizes}, weights {fp[:12]})", req,
+                    f"{backend.name} {version} on {device}", report, log,
+                    lambda tmp, module=module, r=r: _export(module, bundle, r, backend.name, req.device, tmp,
+                                                            req.ort_optimize))
     _record_names(cache, fam.name, controlnets)
     return report
+
+
+def build_entry(cache: EngineCache, key: EngineKey, tag: str, req: BuildRequest, where: str, report: BuildReport,
+                log: Callable[[str], None], export: Callable[[Path], object]) -> None:
+    """One entry: skipped when a valid one is present (unless `req.force`), else `export(staging folder)` and
+    committed whole (a failed export leaves nothing); logged under `tag`, recorded in `report`."""
+    entry = None if req.force else cache.lookup(key)
+    if entry is not None:
+        report.skipped.append(entry)
+        log(f"{tag}: up to date, skipped")
+        return
+    log(f"{tag}: building for {where} ...")
+    t0 = time.perf_counter()
+    with cache.staging(key) as tmp:
+        res = export(tmp)
+        entry = cache.commit(key, tmp)
+    report.built.append((entry, time.perf_counter() - t0))
+    report.exports[entry.digest] = res
+    log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
 
 
 def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn.Module]) -> None:

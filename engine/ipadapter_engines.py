@@ -10,7 +10,6 @@ stage profiles, as the ControlNet engines (engine/controlnet_engines.py, whose h
 from __future__ import annotations
 
 import shlex
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
 from .build import BuildReport, BuildRequest, check_request
 from .cache import EngineCache, EngineKey, device_name
-from .controlnet_engines import CONTROL_BACKENDS, open_profiles
+from .controlnet_engines import CONTROL_BACKENDS, build_entry, open_profiles
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
 from .load import CoverageError, _covers, build_command
@@ -78,26 +77,18 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     jobs = [one for r in ip_requirements(fam, req.plan, embed_dim(state), req.precision, req.dilation)
             if not networks or r.spec.network in networks or f"{r.spec.network}-{r.spec.variant}" in networks
             for one in backend.requirements(fam, r, req.plan, False)]
-    report, module = BuildReport(), None
+    report, modules = BuildReport(), []
+
+    def export(tmp: Path, r: Requirement):
+        if not modules:  # made once, and only when an entry is missing
+            modules.append(ip_unet(bundle.unet, state, scale))
+        return _export(modules[0], bundle, r, backend.name, req.device, tmp)
+
     for n, r in enumerate(jobs, 1):
         key = ip_key(bundle, r, backend.name, version, device, fp)
         sizes = ", ".join(profile_sizes(UNET_IP, r.profiles, fam.vae_scale))
-        tag = f"[ip-adapter {n}/{len(jobs)}] {r.spec.name} ({sizes}, scale {scale:g})"
-        entry = None if req.force else cache.lookup(key)
-        if entry is not None:
-            report.skipped.append(entry)
-            log(f"{tag}: up to date, skipped")
-            continue
-        log(f"{tag}: building for {backend.name} {version} on {device} ...")
-        t0 = time.perf_counter()
-        if module is None:
-            module = ip_unet(bundle.unet, state, scale)
-        with cache.staging(key) as tmp:
-            res = _export(module, bundle, r, backend.name, req.device, tmp)
-            entry = cache.commit(key, tmp)
-        report.built.append((entry, time.perf_counter() - t0))
-        report.exports[entry.digest] = res
-        log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
+        build_entry(cache, key, f"[ip-adapter {n}/{len(jobs)}] {r.spec.name} ({sizes}, scale {scale:g})", req,
+                    f"{backend.name} {version} on {device}", report, log, lambda tmp, r=r: export(tmp, r))
     return report
 
 
