@@ -63,3 +63,19 @@ def test_saved_line_splits_png_and_exit():
     unknown = "\n".join([head, line, saved_line(0.25, None)])  # no /proc age: the rest stays whole
     assert "first image/png and exit" in parse_phases(unknown, 20.0) and image_on_disk(unknown) is None
     assert image_on_disk(head) is None
+
+
+def test_bench_report_gives_the_image_on_disk_beside_the_exit():
+    import torch
+
+    from megafusion.benchmarks.bench import BenchResult
+    from megafusion.benchmarks.timing import environment
+    from megafusion.benchmarks.cold_start import ColdStart
+    from megafusion.benchmarks.report import markdown
+
+    runs = [ColdStart("engines:aoti", "mf-generate ...", 17.5, 0, 17.1, "", None, 16.8),
+            ColdStart("compiled", "mf-generate ...", 40.0, 0, None, "", None, None)]  # printed no saved line
+    result = BenchResult("sdxl", {}, environment(torch.device("cpu")), None, None, [], [])
+    result.cold_starts = runs
+    md = markdown(result)
+    assert "| engines:aoti | 17.5 | 16.8 | 0 | 17.1 |" in md and "| compiled | 40.0 | – | 0 | – |" in md
