@@ -121,11 +121,22 @@ def controlled_networks(nets, bundle, plan, controls: list[tuple], engines: str 
     return EngineControlledNetworks(nets, bundle, made, device, cns, unets)
 
 
+def _check_static_engines(flag: str, kind: str, backend: str, dynamic: bool) -> None:
+    """The options the engines of `flag` (ControlNet, IP-Adapter: static per stage shape) are not built with."""
+    from ..engine.controlnet_engines import CONTROL_BACKENDS
+
+    if backend not in CONTROL_BACKENDS:
+        raise UsageError(f"{flag}: {kind} engines are built for {' and '.join(CONTROL_BACKENDS)}, "
+                         f"not --backend {backend}")
+    if dynamic:
+        raise UsageError(f"{flag}: {kind} engines are static per stage shape; leave out --dynamic")
+
+
 def controlnet_build_args(paths: list[str], backend: str, dynamic: bool, jobs: int,
                           networks: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """mf-build-engines --controlnet: folders and options checked before the model load. Returns --networks split
     into (the plan's networks, the ControlNet networks)."""
-    from ..engine.controlnet_engines import CONTROL_BACKENDS, CONTROL_SELECTORS
+    from ..engine.controlnet_engines import CONTROL_SELECTORS
 
     control = tuple(n for n in networks if n in CONTROL_SELECTORS)
     if control and not paths:
@@ -133,11 +144,8 @@ def controlnet_build_args(paths: list[str], backend: str, dynamic: bool, jobs: i
     for path in paths:
         if not (Path(path) / "config.json").is_file():
             raise UsageError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
-    if paths and backend not in CONTROL_BACKENDS:
-        raise UsageError(f"--controlnet: ControlNet engines are built for {' and '.join(CONTROL_BACKENDS)}, "
-                         f"not --backend {backend}")
-    if paths and dynamic:
-        raise UsageError("--controlnet: ControlNet engines are static per stage shape; leave out --dynamic")
+    if paths:
+        _check_static_engines("--controlnet", "ControlNet", backend, dynamic)
     if paths and jobs > 1:
         raise UsageError(f"--controlnet with --jobs {jobs}: build the ControlNets with --jobs 1 (or in parallel "
                          f"processes, each with its own --networks among {', '.join(sorted(CONTROL_SELECTORS))})")
@@ -243,7 +251,7 @@ def ip_build_args(args: argparse.Namespace, backend: str, dynamic: bool, jobs: i
                   networks: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """mf-build-engines --ip-adapter: file and options checked before the model load. Returns --networks split into
     (the others, the IP-Adapter networks)."""
-    from ..engine.ipadapter_engines import IP_BACKENDS, IP_SELECTORS
+    from ..engine.ipadapter_engines import IP_SELECTORS
 
     ip = tuple(n for n in networks if n in IP_SELECTORS)
     if args.ip_adapter is None:
@@ -256,11 +264,7 @@ def ip_build_args(args: argparse.Namespace, backend: str, dynamic: bool, jobs: i
         raise UsageError(f"--ip-adapter {args.ip_adapter!r}: no such file")
     if args.ip_adapter_scale is not None and not math.isfinite(args.ip_adapter_scale):
         raise UsageError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number")
-    if backend not in IP_BACKENDS:
-        raise UsageError(f"--ip-adapter: IP-Adapter engines are built for {' and '.join(IP_BACKENDS)}, not "
-                         f"--backend {backend}")
-    if dynamic:
-        raise UsageError("--ip-adapter: IP-Adapter engines are static per stage shape; leave out --dynamic")
+    _check_static_engines("--ip-adapter", "IP-Adapter", backend, dynamic)
     if jobs > 1:
         raise UsageError(f"--ip-adapter with --jobs {jobs}: build the IP-Adapter engines with --jobs 1")
     return tuple(n for n in networks if n not in IP_SELECTORS), ip

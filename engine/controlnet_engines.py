@@ -40,12 +40,23 @@ def selected(spec, networks: Sequence[str]) -> bool:
     return not networks or spec.network in networks or f"{spec.network}-{spec.variant}" in networks
 
 
-def check_control_request(req: BuildRequest) -> None:
-    """ValueError naming an option the ControlNet engines do not take."""
+def check_control_request(req: BuildRequest, flag: str = "--controlnet") -> None:
+    """ValueError naming an option the engines of `flag` (ControlNet, IP-Adapter: static per stage shape, aoti or
+    onnxruntime) do not take."""
     if req.backend not in CONTROL_BACKENDS:
-        raise ValueError(f"--controlnet engines are built for {' and '.join(CONTROL_BACKENDS)}, not {req.backend}")
+        raise ValueError(f"{flag} engines are built for {' and '.join(CONTROL_BACKENDS)}, not {req.backend}")
     if req.dynamic:
-        raise ValueError("--controlnet engines are static per stage shape; leave out --dynamic")
+        raise ValueError(f"{flag} engines are static per stage shape; leave out --dynamic")
+
+
+def start_build(req: BuildRequest, flag: str) -> tuple[object, EngineCache, str, str]:
+    """(backend, cache, backend version, device name) for a build of `flag`'s engines, its request checked and the
+    folder's manifest read first (a corrupt one stops the build before any work)."""
+    check_control_request(req, flag)
+    backend = check_request(req)
+    cache = EngineCache(req.output)
+    cache.entries()
+    return backend, cache, backend.version(), device_name(req.device)
 
 
 def _jobs(bundle: ModelBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module], precision: str,
@@ -77,11 +88,7 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
     """Builds the ControlNet and controlled-UNet engines of `req.plan` into `req.output` (entries present and valid
     are skipped); `networks` (CONTROL_SELECTORS) builds only those, so several processes may share the work. Runs
     before `build_engines` where that one releases the bundle's weights."""
-    check_control_request(req)
-    backend = check_request(req)
-    cache = EngineCache(req.output)
-    cache.entries()  # a corrupt manifest stops the build before any work
-    version, device = backend.version(), device_name(req.device)
+    backend, cache, version, device = start_build(req, "--controlnet")
     fam = bundle.family
     jobs = [(m, fp, one) for m, fp, r in _jobs(bundle, req.plan, controlnets, req.precision, req.dilation)
             if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]

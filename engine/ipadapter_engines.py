@@ -19,9 +19,10 @@ from ..core.ipadapter_specs import UNET_IP, ip_requirements
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
-from .build import BuildReport, BuildRequest, check_request
-from .cache import EngineCache, EngineKey, device_name
-from .controlnet_engines import CONTROL_BACKENDS, build_entry, open_profiles
+from .build import BuildReport, BuildRequest
+from .cache import EngineCache
+from .controlnet_engines import (CONTROL_BACKENDS, build_entry, control_key, open_profiles, selected,
+                                 start_build)
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
 from .load import CoverageError, _covers, build_command
@@ -34,25 +35,10 @@ IP_SELECTORS = frozenset({UNET_IP, f"{UNET_IP}-standard", f"{UNET_IP}-dilated"})
 """What `mf-build-engines --networks` takes for these networks."""
 
 
-def check_ip_request(req: BuildRequest) -> None:
-    """ValueError naming an option the IP-Adapter engines do not take."""
-    if req.backend not in IP_BACKENDS:
-        raise ValueError(f"--ip-adapter engines are built for {' and '.join(IP_BACKENDS)}, not {req.backend}")
-    if req.dynamic:
-        raise ValueError("--ip-adapter engines are static per stage shape; leave out --dynamic")
-
-
 def embed_dim(state: dict) -> int:
     """D of `image_embeds`: the columns of the IP-Adapter's image projection (runtime/ipadapter.read_ip_adapter
     has checked that it is there)."""
     return int(state["image_proj"]["proj.weight"].shape[1])
-
-
-def ip_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str, fingerprint: str,
-           ort_optimize: str = "none") -> EngineKey:
-    s = r.spec
-    return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision, r.profiles,
-                     backend, version, device, ort_optimize)
 
 
 def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: float, req: BuildRequest,
@@ -62,11 +48,7 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     `build_engines` where that one releases the bundle's weights; the bundle's UNet is left as it was."""
     from ..export.ipadapter_export import ip_unet
 
-    check_ip_request(req)
-    backend = check_request(req)
-    cache = EngineCache(req.output)
-    cache.entries()  # a corrupt manifest stops the build before any work
-    version, device = backend.version(), device_name(req.device)
+    backend, cache, version, device = start_build(req, "--ip-adapter")
     fam = bundle.family
     fp = ip_adapter_fingerprint(network_fingerprint(bundle, "unet"), path, scale)
     # Fused (export/ort_optimize.py), an IP attention became a MultiHeadAttention node that the CPU EP refused at
@@ -75,8 +57,7 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
         log(f"ip-adapter: unet_ip is exported unfused (--ort-optimize {req.ort_optimize} does not fuse its IP "
             "attention yet)")
     jobs = [one for r in ip_requirements(fam, req.plan, embed_dim(state), req.precision, req.dilation)
-            if not networks or r.spec.network in networks or f"{r.spec.network}-{r.spec.variant}" in networks
-            for one in backend.requirements(fam, r, req.plan, False)]
+            if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]
     report, modules = BuildReport(), []
 
     def export(tmp: Path, r: Requirement):
@@ -85,7 +66,7 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
         return _export(modules[0], bundle, r, backend.name, req.device, tmp)
 
     for n, r in enumerate(jobs, 1):
-        key = ip_key(bundle, r, backend.name, version, device, fp)
+        key = control_key(bundle, r, backend.name, version, device, fp)
         sizes = ", ".join(profile_sizes(UNET_IP, r.profiles, fam.vae_scale))
         build_entry(cache, key, f"[ip-adapter {n}/{len(jobs)}] {r.spec.name} ({sizes}, scale {scale:g})", req,
                     f"{backend.name} {version} on {device}", report, log, lambda tmp, r=r: export(tmp, r))

@@ -20,8 +20,9 @@ from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.core.specs import Requirement
 from megafusion.engine.build import BuildRequest
 from megafusion.engine.cache import EngineCache
+from megafusion.engine.controlnet_engines import control_key
 from megafusion.engine.fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
-from megafusion.engine.ipadapter_engines import build_ip_engines, ip_key, open_ip_runners
+from megafusion.engine.ipadapter_engines import build_ip_engines, open_ip_runners
 from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.networks import TorchNetworks
 from megafusion.export.ipadapter_export import IPUNetWrapper, ip_unet
@@ -79,7 +80,7 @@ def test_keys_hold_the_ip_adapter_and_scale(sd15_ip_ort, tiny_sd15, tmp_path):
     for weights in (ip_adapter_fingerprint(base, path, 0.5), ip_adapter_fingerprint(base, other, IP_SCALE)):
         key = dataclasses.replace(e.key, weights=weights)  # another scale or file: another address, no entry
         assert key.digest() != e.digest and cache.lookup(key) is None
-    assert cache.lookup(ip_key(tiny_sd15, _requirement(e), e.key.backend, e.key.backend_version, e.key.device,
+    assert cache.lookup(control_key(tiny_sd15, _requirement(e), e.key.backend, e.key.backend_version, e.key.device,
                                want)) is not None
 
 
