@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..engine.backend import backend_names, get_backend
@@ -105,21 +104,20 @@ def run(args: argparse.Namespace) -> int:
     fam = FAMILIES.get(args.model)
     if args.weights_apart and fam is not None and fam.kind not in ("sd15", "sdxl"):
         raise UsageError(f"--weights-apart: applies to SD1.5 and SDXL models only, not {args.model}")
+    unet_family = args.model not in pixel_family_names() and (fam is None or fam.kind in ("sd15", "sdxl"))
+    if args.ip_adapter and not unet_family:
+        raise UsageError(f"--ip-adapter: {args.model} has no IP-Adapter engines (SD1.5 and SDXL models only)")
     if args.model in pixel_family_names():
         from .build_engines_if import run_if_build
 
         if args.controlnet:
             raise UsageError(f"--controlnet: {args.model} has no ControlNet engines (SD1.5, SDXL, SD3 and FLUX models only)")
-        if args.ip_adapter:
-            raise UsageError(f"--ip-adapter: {args.model} has no IP-Adapter engines (SD1.5 and SDXL models only)")
         return run_if_build(args)
     from ..core.dit_families import DIT_FAMILIES
 
     if args.model in DIT_FAMILIES:
         from .build_engines_dit import run_dit_build
 
-        if args.ip_adapter:
-            raise UsageError(f"--ip-adapter: {args.model} has no IP-Adapter engines (SD1.5 and SDXL models only)")
         return run_dit_build(args, DIT_FAMILIES[args.model])
     if args.stages_2 is not None or args.stage_2_path is not None:
         raise UsageError("--stages-2 and --stage-2-path apply to IF models (tiny-if, if) only")
@@ -257,16 +255,13 @@ def keep_memory_estimates(family, plan, precision: str, vae_precision: str | Non
 
     from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
-    from .common import DTYPES, model_dtype, vae_dtype
+    from .common import DTYPES, device_memory, model_dtype, vae_dtype
 
     t0 = time.perf_counter()
     dev = torch.device(device)
     unet = model_dtype(dev, precision if precision in DTYPES else None)
     vae = vae_dtype(family, family.vae, unet, vae_precision, dev)
-    if dev.type == "cuda":
-        limit = torch.cuda.get_device_properties(dev).total_memory
-    else:
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, _ = device_memory(dev)
     cache = EstimateCache(default_path(out))
     for graph_pool in (True, False) if dev.type == "cuda" else (False,):  # graphs mode, eager mode
         plan_memory(family, plan, unet, vae, int(limit), True, "pixel", graph_pool=graph_pool, cache=cache)

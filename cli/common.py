@@ -250,6 +250,14 @@ def model_dtype(device: torch.device, name: str | None) -> torch.dtype:
     return DTYPES[name] if name else default_dtype(device)
 
 
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are): a CUDA device's memory, else this machine's RAM: the budget a plan's memory estimate
+    is held against when no --max-memory is given."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
 def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None,
               device: torch.device) -> torch.dtype:
     """--vae-dtype, by default core/specs' `default_vae_dtype` rule on the loaded VAE's config."""

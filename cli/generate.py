@@ -366,20 +366,16 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
     import math
     import os
 
-    import torch
-
-    from ..core.memory import GiB, estimate_memory
-    from .common import vae_dtype
+    from ..core.memory import GiB
+    from .common import device_memory, vae_dtype
 
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
     vae = vae_dtype(family, family.vae, dtype, args.vae_dtype, device)  # the loaded VAE's config may still differ
     if args.max_memory is not None:
         limit, what = args.max_memory * GiB, "--max-memory"
-    elif device.type == "cuda":
-        limit, what = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
-        limit, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+        limit, what = device_memory(device)
     from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
 

@@ -12,7 +12,7 @@ import torch
 
 from ..core.dilation import mid_dilation
 from ..core.if_loading import IFBundle
-from .runners import Runner
+from .runners import Runner, run_spec
 from .torch_fast import FastOptions, compile_with
 
 IF_FAST = FastOptions(fuse_qkv=False, compile_vae=False)
@@ -109,5 +109,4 @@ class IFEngineNetworks:
         runner = self._runner(cascade, dilation)
         given = {"sample": sample, "timestep": timestep.reshape(1), "encoder_hidden_states": states,
                  "class_labels": class_labels}
-        feeds = {t.name: given[t.name].to(self.device, t.torch_dtype).contiguous() for t in runner.spec.inputs}
-        return runner.run(feeds)[runner.spec.outputs[0].name].float()
+        return run_spec(runner, given, self.device)[runner.spec.outputs[0].name].float()

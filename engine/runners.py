@@ -42,6 +42,14 @@ class ShapeDispatch:
                          f"{len(self.engines)} engines serve other shapes")
 
 
+def run_spec(runner: Runner, given: dict[str, torch.Tensor],
+             device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """`runner` on the tensors of `given` that its spec names, each in the spec's dtype, contiguous, and on `device`
+    (None: where it is)."""
+    return runner.run({t.name: given[t.name].to(device=device, dtype=t.torch_dtype).contiguous()
+                       for t in runner.spec.inputs})
+
+
 def infer_axes(spec: NetworkSpec, inputs: dict[str, torch.Tensor], vae_scale: int) -> dict[str, int]:
     """Values of the dynamic axes, read off the inputs (pixel axes derived from latent ones and back)."""
     axes: dict[str, int] = {}
@@ -117,8 +125,7 @@ class EngineNetworks:
         if runner is None:
             built = sorted(f"{n} (dilation {d})" for n, d in self.runners)
             raise KeyError(f"no engine for {network} at dilation {dilation}; built: {', '.join(built)}")
-        feeds = {t.name: inputs[t.name].to(self.device, t.torch_dtype).contiguous() for t in runner.spec.inputs}
-        return runner.run(feeds)
+        return run_spec(runner, inputs, self.device)
 
     def unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation):
         extra = {} if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.flow_networks import pack, unpack
+from ..engine.runners import run_spec
 from .flow_controlnet import ControlledFlowNetworks
 
 
@@ -24,10 +25,6 @@ class EngineControlledFlowNetworks(ControlledFlowNetworks):
     @property
     def capturable(self) -> bool:
         return all(r.capturable for r in (*self.controlnet_runners, self.transformer_runner))
-
-    @staticmethod
-    def _run(runner, given: dict) -> dict:
-        return runner.run({t.name: given[t.name].to(t.torch_dtype).contiguous() for t in runner.spec.inputs})
 
     @torch.inference_mode()
     def velocity(self, z, timestep, states, pooled, guidance, step=None):
@@ -51,10 +48,10 @@ class EngineControlledFlowNetworks(ControlledFlowNetworks):
                 own["pooled_projections"] = torch.zeros_like(pooled)
             if "rotary_cos" in own:  # each net's own position embedding, as it computes it in torch
                 own["rotary_cos"], own["rotary_sin"] = c.model.pos_embed(torch.cat([txt_ids, img_ids]))
-            out = self._run(runner, {**own, "controlnet_cond": images[j].expand(b, *images[j].shape[1:]),
+            out = run_spec(runner, {**own, "controlnet_cond": images[j].expand(b, *images[j].shape[1:]),
                                      "conditioning_scale": scales[j]})
             total = out if j == 0 else {**total, **{k: total[k] + out[k] for k in total.keys() & out.keys()}}
         want = {t.name for t in self.transformer_runner.spec.inputs}
-        v = self._run(self.transformer_runner, {**common, **{k: x for k, x in total.items() if k in want}})
+        v = run_spec(self.transformer_runner, {**common, **{k: x for k, x in total.items() if k in want}})
         v = v[self.transformer_runner.spec.outputs[0].name].float()
         return v if self.bundle.family.kind == "sd3" else unpack(v, h, w)

@@ -15,6 +15,7 @@ import torch
 from ..core.dilation import mid_dilation
 from ..core.ipadapter import load_ip_adapter  # noqa: F401  (runtime's API; core holds it for export)
 from ..engine.networks import TorchNetworks, WrappedNetworks
+from ..engine.runners import run_spec
 
 
 class IPAdapterError(ValueError):
@@ -142,5 +143,4 @@ class EngineIPAdapterNetworks(WrappedNetworks):
                  "encoder_hidden_states": encoder_hidden_states, "image_embeds": self.embeds[sample.shape[0]]}
         if text_embeds is not None:
             given.update(text_embeds=text_embeds, time_ids=time_ids)
-        feeds = {t.name: given[t.name].to(sample.device, t.torch_dtype).contiguous() for t in runner.spec.inputs}
-        return runner.run(feeds)["eps"].float()
+        return run_spec(runner, given, sample.device)["eps"].float()
