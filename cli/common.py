@@ -348,7 +348,8 @@ def finish_generation(result, out, segments_printed: bool) -> float:
         print(f"  {name:<40} {seconds * 1000:10.1f} ms")
     print(f"  {'total':<40} {sum(s for _, s in result.timings) * 1000:10.1f} ms")
     if result.peak_memory_bytes is not None:
-        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB")
+        detail = f" ({result.peak_detail})" if result.peak_detail else ""
+        print(f"  peak GPU memory {result.peak_memory_bytes / 2**30:.2f} GiB{detail}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     try:

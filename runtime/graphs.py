@@ -187,6 +187,16 @@ class GraphedDenoiser:
         self.replays += steps
         return b.z.clone(), b.x0.clone()
 
+    def release(self) -> None:
+        """Drops the graphs, their buffers and the pool they share. A one-shot run (one image a process) replays no
+        stage's graph again, and the pool's memory, which nothing outside the graphs can use while they live, then
+        serves the relay and the decode."""
+        self.graphs.clear()
+        self.buffers.clear()
+        self.pool = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @staticmethod
     def _load(b: StepBuffers, z, c: StageCoefficients, cond: Conditioning, time_ids, guidance: float, steps: int):
         b.z.copy_(z)

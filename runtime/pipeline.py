@@ -76,6 +76,8 @@ class GenerationResult:
     """Peak device memory allocated during the generation (CUDA only)."""
     latent: torch.Tensor | None = None
     """The final latent z (before decoding), float32."""
+    peak_detail: str = ""
+    """Where the memory peaks were reached (`SegmentClock.peak_detail`; '' off CUDA)."""
 
     def to_pil(self):
         from PIL import Image
@@ -151,8 +153,9 @@ class MegaFusionPipeline:
         """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
         self.one_shot = False
         """The process generates once (mf-generate --engines): networks whose part is done are released, the
-        text encoders after the prompt (`Networks` that can, `EngineNetworks.release_text_encoders`); a second
-        `generate` then stops at its prompt, naming the released engine."""
+        text encoders after the prompt (`Networks` that can, `EngineNetworks.release_text_encoders`), each stage's
+        CUDA graph after the stage (`GraphedDenoiser.release`); a second `generate` then stops at its prompt,
+        naming the released engine."""
 
     @classmethod
     def fast(cls, bundle: ModelBundle, networks: Networks | None = None, device=None) -> MegaFusionPipeline:
@@ -237,6 +240,8 @@ class MegaFusionPipeline:
                 z, x0 = self.graphs.run_stage(z, c, cond, time_ids, delta, opts.guidance, steps)
                 for i in range(steps if on_step is not None else 0):
                     on_step(k, i)
+                if self.one_shot:  # this stage's graph is not replayed again: its pool goes to the relay, decode
+                    self.graphs.release()
             else:
                 z, x0 = self._eager_stage(z, c, cond, time_ids, delta, opts.guidance, steps,
                                           k < last_k, lambda i, k=k: on_step and on_step(k, i))
@@ -250,7 +255,7 @@ class MegaFusionPipeline:
         out = pixels.cpu().numpy()
         mark("decode")
         peak = clock.peak_memory()
-        return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z)
+        return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z, clock.peak_detail())
 
     def generate_batch(self, plan: StagePlan, options: list[GenerationOptions],
                        on_step: Callable[[int, int], None] | None = None,

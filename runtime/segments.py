@@ -16,6 +16,9 @@ class SegmentClock:
         self.on_segment = on_segment
         self.timings: list[tuple[str, float]] = []
         """(segment, seconds) in the order they ended."""
+        self.peaks: dict[str, tuple[int, str]] = {}
+        """CUDA: 'allocated' and 'reserved' -> (peak bytes, the segment in which it was reached), so a report can say
+        where the generation's memory peak is (the stages' graph pool, a relay, the decode)."""
         if self.device.type == "cuda":  # the generation's own peak (GenerationResult.peak_memory_bytes)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
@@ -23,6 +26,10 @@ class SegmentClock:
     def mark(self, name: str) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            for kind, peak in (("allocated", torch.cuda.max_memory_allocated(self.device)),
+                               ("reserved", torch.cuda.max_memory_reserved(self.device))):
+                if peak > self.peaks.get(kind, (-1, ""))[0]:
+                    self.peaks[kind] = (peak, name)
         now = time.perf_counter()
         self.timings.append((name, now - self._t0))
         if self.on_segment is not None:
@@ -32,3 +39,11 @@ class SegmentClock:
     def peak_memory(self) -> int | None:
         """Peak device memory allocated since the clock was made (CUDA only)."""
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    def peak_detail(self) -> str:
+        """Where the peaks were reached, e.g. 'allocated peak in decode; reserved 15.20 GiB, peak in stage 2 (...)'
+        ('' off CUDA)."""
+        if not self.peaks:
+            return ""
+        (_, a_seg), (r, r_seg) = self.peaks["allocated"], self.peaks["reserved"]
+        return f"allocated peak in {a_seg}; reserved {r / 2**30:.2f} GiB, peak in {r_seg}"

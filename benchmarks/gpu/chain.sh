@@ -34,6 +34,7 @@
 #   sdpa-sd15   torch's SDPA backends, head dim 40 as is and padded to 64, at SD1.5's top-level attention at 1024,
 #               2048 and 4096 (262,144 tokens: 4.1 s of each SD1.5 4096 step, #19)
 #   sd15-build  SD1.5 1024 static aoti packages, --jobs 3, into /tmp/mf-aoti-sd15 (sd15-aoti reads them)
+#   builds-11   sdxl-apart (which now ends with a warm-up run) beside sd15-build at --jobs 2, niced
 #   gpu-tests-11  GPU tests not run before: IP-Adapter engines in the step graph, --weights-apart packages, fast path
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
@@ -124,6 +125,10 @@ step() {  # the command line of one step
       --output $RES/sdpa-sd15" ;;
     sd15-build) echo "timeout 600 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti \
       --precision fp16 --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 3" ;;
+    builds-11) echo "timeout 480 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3 & \
+      nice -n 10 timeout 480 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti \
+      --precision fp16 --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 2; wait" ;;
     gpu-tests-11) echo "timeout 400 python3 -m pytest -q -m gpu tests/engine/test_ipadapter_engines.py \
       tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py -p no:cacheprovider" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \

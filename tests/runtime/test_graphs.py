@@ -34,6 +34,24 @@ def test_no_cfg_batch_one(tiny_sd15):
     assert _relerr(fast.latent, eager.latent) < 1e-5
 
 
+def test_one_shot_drops_each_stage_graph_state_after_the_stage(tiny_sd15):
+    """A one-shot pipeline (mf-generate: one image a process) releases each stage's step state after the stage,
+    so the graphs' pool serves the relay and decode; the image is the kept-state pipeline's."""
+    plan = validate_plan(tiny_sd15.family, [Stage(128, 128, 3), Stage(256, 256, 2)])
+    opts = GenerationOptions("a fox", seed=3)
+    kept = MegaFusionPipeline.fast(tiny_sd15, device="cpu")
+    ref = kept.generate(plan, opts)
+    assert len(kept.graphs.buffers) == 2
+    pipe = MegaFusionPipeline.fast(tiny_sd15, device="cpu")
+    pipe.one_shot = True
+    released = []
+    release = pipe.graphs.release
+    pipe.graphs.release = lambda: (released.append(len(pipe.graphs.buffers)), release())
+    got = pipe.generate(plan, opts)
+    assert released == [1, 1] and pipe.graphs.buffers == {} and pipe.graphs.pool is None
+    assert torch.equal(got.latent, ref.latent)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_graphs_captured_once_per_shape_and_replayed_every_step(name):
