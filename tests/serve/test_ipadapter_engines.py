@@ -110,3 +110,36 @@ def test_flow_families_have_no_ip_engines(tmp_path):
     with pytest.raises(ConfigError, match="--ip-adapter with --engines: tiny-flux has no IP-Adapter engines"):
         check_config(ServeConfig("tiny-flux", engines=str(tmp_path), ip_adapter=str(tmp_path / "ip.safetensors"),
                                  ip_adapter_encoder=str(tmp_path / "enc")))
+
+
+def test_sdxl_ip_request_on_engines_is_mf_generates_bytes(sdxl_engines, tiny_sdxl, encoder, tmp_path, capsys):
+    """SDXL's folder serves every component, where mf-generate used to take a bundle without modules, which the
+    IP-Adapter's check cannot read: the same bytes from both here."""
+    import shutil
+
+    from tests.engines import STAGES
+    from tests.runtime.test_ipadapter import save_ip_adapter, tiny_ip_adapter
+
+    from megafusion.cli import build_engines as build_cli
+    from megafusion.cli.generate import main
+    from megafusion.serve.model import ModelServer
+    from megafusion.serve.request import parse_request
+
+    out = tmp_path / "engines"
+    shutil.copytree(sdxl_engines, out)  # the session's folder stays as built
+    ip = save_ip_adapter(tiny_ip_adapter(tiny_sdxl.unet, seed=3), tmp_path / "ip.safetensors")
+    base = ["--model", "tiny-sdxl", "--stages", STAGES, "--device", "cpu"]
+    assert build_cli.main([*base, "--ip-adapter", str(ip), "--ip-adapter-scale", "0.6", "--output", str(out)]) == 0
+    server = ModelServer(ServeConfig("tiny-sdxl", engines=str(out), sizes=((256, 256),), ip_adapter=str(ip),
+                                     ip_adapter_encoder=str(encoder), ip_adapter_scale=0.6))
+    body = {"prompt": "a kite", "stages": STAGES, "seed": 2}
+    (tmp_path / "ref.png").write_bytes(png_bytes(3))
+    got = server.generate(parse_request({**body, "ip_adapter_image": b64(png_bytes(3))}, server.family,
+                                        offered=server.offered)).png
+    capsys.readouterr()
+    assert main([*base, "--engines", str(out), "--prompt", "a kite", "--seed", "2", "--no-progress", "--ip-adapter",
+                 str(ip), "--ip-adapter-encoder", str(encoder), "--ip-adapter-image", str(tmp_path / "ref.png"),
+                 "--ip-adapter-scale", "0.6", "--output", str(tmp_path / "out.png")]) == 0
+    assert "weights in torch: none" in capsys.readouterr().out
+    assert got == (tmp_path / "out.png").read_bytes()
+    assert got != server.generate(parse_request(body, server.family)).png
