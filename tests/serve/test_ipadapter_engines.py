@@ -5,6 +5,7 @@ unet_ip entries at this scale for every served size, in one line with the build 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megafusion.serve.config import ServeConfig
 
@@ -61,6 +62,16 @@ def test_ip_requests_on_engines_are_mf_generates_bytes(sd15_ip_ort, encoder, tmp
     other = serve(ip_adapter_image=b64(png_bytes(7)), ip_adapter_scale=IP_SCALE)
     assert other not in (got, plain)  # each request's embeddings reach the engines
     assert serve(ip_adapter_image=b64(png_bytes(3))) == got and serve() == plain  # nothing stays behind
+    # IP and plain are pipelines of their own (their own captured steps on CUDA); a request's embeddings are copied
+    # into the buffers made at start, which a captured step reads
+    plan = parse_request({"prompt": "x", "stages": STAGES}, server.family).plan
+    ip_pipe = server.ip_engines_for(plan, 2, "pixel")
+    assert ip_pipe is not server.pipeline_for(plan, 2, "pixel") and ip_pipe.nets.base is server.pipeline_for(
+        plan, 2, "pixel").nets
+    buffers = {b: (t.data_ptr(), t.clone()) for b, t in ip_pipe.nets.embeds.items()}
+    serve(ip_adapter_image=b64(png_bytes(7)))
+    for b, (ptr, before) in buffers.items():
+        assert ip_pipe.nets.embeds[b].data_ptr() == ptr and not torch.equal(ip_pipe.nets.embeds[b], before)
     assert server.describe()["ip_adapter_scale"] == IP_SCALE
 
 
