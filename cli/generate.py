@@ -206,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
             except EngineError as e:
                 raise UsageError(str(e)) from None
         bundle = None
-        if served >= set(COMPONENTS):  # every network from engines: configs and tokenizers, no torch module
+        # every network from engines: configs and tokenizers, no torch module (the IP-Adapter's check reads the
+        # UNet's layers: with it the UNet is built on the meta device instead)
+        if served >= set(COMPONENTS) and ip_image is None:
             from ..core.engine_bundle import engines_bundle
 
             bundle = engines_bundle(args.model, args.model_path, args.random_weights, weights_seed, args.allow_pickle)

@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a diffusers ControlNetModel folder, loaded at start; repeatable. Requests give one "
                         "control image per ControlNet (control_images)")
     p.add_argument("--ip-adapter", metavar="FILE",
-                   help="an IP-Adapter (.safetensors), loaded at start; requests may give ip_adapter_image")
+                   help="an IP-Adapter (.safetensors), loaded at start (with --engines: its unet_ip engines, "
+                        "mf-build-engines --ip-adapter); requests may give ip_adapter_image")
     p.add_argument("--ip-adapter-encoder", metavar="DIR", help="with --ip-adapter: the CLIP vision model folder")
+    p.add_argument("--ip-adapter-scale", type=float, metavar="S",
+                   help="with --engines --ip-adapter: the scale the unet_ip engines were built with (default 1.0); "
+                        "requests take that scale only")
     return p
 
 
@@ -87,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                       timeout_s=args.timeout, host=args.host, port=args.port,
                       loras=tuple(_absolute_lora(v) for v in args.lora), precision=args.precision,
                       controlnets=tuple(absolute(p) for p in args.controlnet), ip_adapter=absolute(args.ip_adapter),
-                      ip_adapter_encoder=absolute(args.ip_adapter_encoder))
+                      ip_adapter_encoder=absolute(args.ip_adapter_encoder), ip_adapter_scale=args.ip_adapter_scale)
     from ..serve.preflight import preflight
 
     return preflight(check_config(cfg))

@@ -202,6 +202,19 @@ def _open_entry(engine_dir: Path, e: Entry, spec: ControlSpec, vae_scale: int, d
     return ControlOrtRunner(path, spec, vae_scale, device)
 
 
+def check_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan: StagePlan, what: str, cmd: str,
+                   missing: Callable[[int], None] | None = None) -> None:
+    """`open_profiles`' coverage refusal alone, opening nothing (mf-serve checks a folder before Ray starts): a
+    profile of `r` that no entry of `same` covers is refused naming its stage size and `cmd`, after `missing`."""
+    for p in r.profiles:
+        if not any(_covers(e, p) for e in same):
+            if missing is not None:
+                missing(p.stage)
+            st = plan.stages[p.stage]
+            raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
+                                f"build them with: {cmd}")
+
+
 def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan: StagePlan, what: str, cmd: str,
                   backend: str, device: torch.device, vae_scale: int, verify: Callable[[Entry], object],
                   missing: Callable[[int], None] | None = None) -> Runner:
@@ -209,16 +222,11 @@ def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan:
     weights): per profile the tightest entry covering it, of this backend version and device, verified once
     (`verify`). A profile no entry covers is refused naming its stage size and `cmd` (after `missing(stage)`,
     which may raise a more precise refusal); a stale one naming what it was built for."""
+    check_profiles(engine_dir, r, same, plan, what, cmd, missing)
     installed, here = get_backend(backend).version(), device_name(device)
     picked: list[Entry] = []
     for p in r.profiles:
         fits = sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
-        if not fits:
-            if missing is not None:
-                missing(p.stage)
-            st = plan.stages[p.stage]
-            raise CoverageError(f"the engines in {engine_dir} have no {what} at {st.width}x{st.height}; "
-                                f"build them with: {cmd}")
         valid = [e for e in fits if e.key.backend_version == installed and e.key.device == here]
         if not valid:
             e = fits[0]

@@ -21,8 +21,8 @@ from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
 from .build import BuildReport, BuildRequest
 from .cache import EngineCache
-from .controlnet_engines import (CONTROL_BACKENDS, build_entry, control_key, open_profiles, selected,
-                                 start_build)
+from .controlnet_engines import (CONTROL_BACKENDS, build_entry, check_profiles, control_key, open_profiles,
+                                 selected, start_build)
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import ip_adapter_fingerprint, ip_adapter_parts, network_fingerprint
 from .load import CoverageError, _covers, build_command
@@ -94,26 +94,21 @@ def ip_build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precisi
     return cmd + f" --ip-adapter {shlex.quote(str(path))} --ip-adapter-scale {float(scale)!r}"
 
 
-def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dim: int, path: str | Path,
-                    scale: float, backend: str, precision: str, dilation: int = 2,
-                    device: torch.device | str = "cpu", unet_fingerprint: str | None = None) -> dict[int, Runner]:
-    """{dilation: unet_ip runner} from `engine_dir` for the IP-Adapter file `path` at `scale` (image embeddings of
-    `dim` features), for the backend and precision the plan's other engines were opened with. A stage shape
-    without a valid entry is refused with the command that builds it; entries of this file at another scale only
-    are refused naming the scale they were built with. `unet_fingerprint`: the UNet's, as `open_engines` hashed it."""
-    engine_dir, device = Path(engine_dir), torch.device(device)
+def _ip_needs(engine_dir: Path, bundle: ModelBundle, plan: StagePlan, dim: int, path: str | Path, scale: float,
+              backend: str, precision: str, dilation: int, device: torch.device, unet_fingerprint: str | None,
+              hashes: FileHashes):
+    """Per unet_ip requirement of the plan: (requirement, entries of this file and scale, what to call it, the build
+    command, the refusal of a stage this file was built for at another scale only)."""
     if backend not in IP_BACKENDS:
         raise CoverageError(f"--ip-adapter runs on {' or '.join(IP_BACKENDS)} engines; the engines in "
                             f"{engine_dir} are {backend}")
     cache = EngineCache(engine_dir)
-    hashes = FileHashes(engine_dir / HASHES)
     base = unet_fingerprint or network_fingerprint(bundle, "unet", hashes)
     fp = ip_adapter_fingerprint(base, path, scale, hashes)
     _, file_sha, _ = ip_adapter_parts(fp)
     entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend
                and e.key.network == UNET_IP]
     cmd = ip_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, path, scale)
-    out: dict[int, Runner] = {}
     for r in ip_requirements(bundle.family, plan, dim, precision, dilation):
         s = r.spec
         ours = [e for e in entries if (e.key.dilation, e.key.precision) == (s.dilation, s.precision)]
@@ -130,7 +125,36 @@ def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan
                                     f"{built}, not {float(scale)!r}: run with --ip-adapter-scale {other[0]!r}, or "
                                     f"build this scale with: {cmd}")
 
-        out[s.dilation] = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device,
-                                        bundle.family.vae_scale, lambda e: cache.verify(e, hashes), other_scale)
+        yield r, same, what, cmd, other_scale, cache
+
+
+def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dim: int, path: str | Path,
+                    scale: float, backend: str, precision: str, dilation: int = 2,
+                    device: torch.device | str = "cpu", unet_fingerprint: str | None = None) -> dict[int, Runner]:
+    """{dilation: unet_ip runner} from `engine_dir` for the IP-Adapter file `path` at `scale` (image embeddings of
+    `dim` features), for the backend and precision the plan's other engines were opened with. A stage shape
+    without a valid entry is refused with the command that builds it; entries of this file at another scale only
+    are refused naming the scale they were built with. `unet_fingerprint`: the UNet's, as `open_engines` hashed it."""
+    engine_dir, device = Path(engine_dir), torch.device(device)
+    hashes = FileHashes(engine_dir / HASHES)
+    out: dict[int, Runner] = {}
+    for r, same, what, cmd, other_scale, cache in _ip_needs(engine_dir, bundle, plan, dim, path, scale, backend,
+                                                            precision, dilation, device, unet_fingerprint, hashes):
+        out[r.spec.dilation] = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device,
+                                             bundle.family.vae_scale, lambda e: cache.verify(e, hashes), other_scale)
     hashes.save()
     return out
+
+
+def check_ip_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dim: int, path: str | Path,
+                     scale: float, backend: str, precision: str, dilation: int = 2,
+                     device: torch.device | str = "cpu") -> None:
+    """`open_ip_runners`' refusals of a missing stage, another file or another scale, opening and verifying nothing
+    (mf-serve's start, before Ray: the bundle may hold no weights, its fingerprint comes from their origin). The
+    backend version and device are left to the replicas, which open the entries."""
+    engine_dir, device = Path(engine_dir), torch.device(device)
+    hashes = FileHashes(engine_dir / HASHES)
+    for r, same, what, cmd, other_scale, _ in _ip_needs(engine_dir, bundle, plan, dim, path, scale, backend,
+                                                        precision, dilation, device, None, hashes):
+        check_profiles(engine_dir, r, same, plan, what, cmd, other_scale)
+    hashes.save()

@@ -132,6 +132,12 @@ class EngineIPAdapterNetworks(WrappedNetworks):
         e = image_embeds.to(device, dtype)
         self.embeds = {b: cfg_image_embeds(e, b == 2).contiguous() for b in (1, 2)}
 
+    def set_image_embeds(self, image_embeds: torch.Tensor) -> None:
+        """Another image's embeddings (mf-serve: one per request), copied into the buffers made at start, which a
+        captured step reads."""
+        for b, buf in self.embeds.items():
+            buf.copy_(cfg_image_embeds(image_embeds.to(buf.device, buf.dtype), b == 2))
+
     @property
     def capturable(self) -> bool:
         return self.base.capturable and all(r.capturable for r in self.ip_runners.values())

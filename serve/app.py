@@ -89,7 +89,7 @@ class Ingress:
         self.cfg = ServeConfig.from_dict(cfg)
         self.family = resolve_family(self.cfg.model, self.cfg.model_path)
         self.sizes = self.cfg.served_sizes
-        self.offered = Offered(len(self.cfg.controlnets), self.cfg.ip_adapter is not None)
+        self.offered = Offered.of(self.cfg)
         self._handle = None
         self._ready_at = 0.0
         self._deaths: dict[object, float] = {}  # replica actor -> when this ingress saw it die (monotonic)
@@ -132,7 +132,8 @@ class Ingress:
                            "engines": c.engines, "mode": "engines" if c.engines else mode, "device": c.device,
                            "replicas": c.replicas, "max_batch": c.max_batch, "max_queue": c.max_queue,
                            "timeout_s": c.timeout_s, "loras": list(c.loras), "precision": c.precision,
-                           "controlnets": len(c.controlnets), "ip_adapter": c.ip_adapter is not None})
+                           "controlnets": len(c.controlnets), "ip_adapter": c.ip_adapter is not None,
+                           "ip_adapter_scale": c.engines_ip_scale})
 
     @api.post("/v1/generate")
     async def generate(self, request: Request) -> Response:
@@ -314,7 +315,8 @@ def _loaded_line(info: dict) -> str:
     if info["controlnets"]:
         parts.append(f"{info['controlnets']} ControlNet(s)")
     if info["ip_adapter"]:
-        parts.append("IP-Adapter")
+        scale = info.get("ip_adapter_scale")
+        parts.append("IP-Adapter" + (f" (unet_ip engines at scale {scale!r})" if scale is not None else ""))
     if info["precision"] == "fp8":
         parts.append("UNet projections in FP8")
     return "; ".join(parts)

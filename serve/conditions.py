@@ -48,6 +48,14 @@ class Offered:
     """ControlNets (`--controlnet`, in order): a request gives one control image each, or none."""
     ip_adapter: bool = False
     """An IP-Adapter (`--ip-adapter`): a request may give `ip_adapter_image`."""
+    ip_scale: float | None = None
+    """With --engines, the scale baked into the unet_ip engines: the only `ip_adapter_scale` taken, and the
+    default (None: any scale, default 1.0)."""
+
+    @classmethod
+    def of(cls, cfg) -> Offered:
+        """What a ServeConfig's server offers."""
+        return cls(len(cfg.controlnets), cfg.ip_adapter is not None, cfg.engines_ip_scale)
 
 
 @dataclass(frozen=True)
@@ -196,9 +204,14 @@ def _ip(body: dict, offered: Offered) -> tuple[object | None, float]:
     if not offered.ip_adapter:
         raise ConditionError("ip_adapter_image", "ip_adapter_image: this server has no IP-Adapter (start mf-serve "
                                                  "with --ip-adapter FILE --ip-adapter-encoder DIR)")
-    s = 1.0 if scale is None else _number(scale)
+    default = 1.0 if offered.ip_scale is None else offered.ip_scale
+    s = default if scale is None else _number(scale)
     if s is None or not math.isfinite(s):
         raise ConditionError("ip_adapter_scale", f"ip_adapter_scale {_show(scale)}: expected a finite number")
+    if offered.ip_scale is not None and s != offered.ip_scale:  # baked into the engines: refused before any work
+        raise ConditionError("ip_adapter_scale", f"ip_adapter_scale {_show(scale)}: this server's IP-Adapter engines "
+                                                 f"were built with scale {offered.ip_scale!r}; give that or leave "
+                                                 "the field out (mf-build-engines --ip-adapter-scale builds another)")
     return decode_image("ip_adapter_image", image), s
 
 

@@ -66,6 +66,16 @@ class ServeConfig:
     """An IP-Adapter file, loaded at start; a request may give `ip_adapter_image`."""
     ip_adapter_encoder: str | None = None
     """The IP-Adapter's CLIP vision model folder."""
+    ip_adapter_scale: float | None = None
+    """With --engines: the scale baked into the unet_ip engines (None: 1.0, mf-build-engines' default); requests
+    take no other."""
+
+    @property
+    def engines_ip_scale(self) -> float | None:
+        """The one IP-Adapter scale requests may ask for: the engines' (None on the torch path: any)."""
+        if self.engines is None or self.ip_adapter is None:
+            return None
+        return 1.0 if self.ip_adapter_scale is None else float(self.ip_adapter_scale)
 
     @property
     def served_sizes(self) -> tuple[tuple[int, int], ...]:
@@ -180,8 +190,9 @@ def check_conditions(cfg: ServeConfig) -> None:
                           "them from the LoRA's weights (mf-build-engines --lora ... --controlnet ...) and leave out "
                           "--lora here")
     if cfg.ip_adapter is None:
-        if cfg.ip_adapter_encoder is not None:
-            raise ConfigError("--ip-adapter-encoder needs --ip-adapter")
+        if cfg.ip_adapter_encoder is not None or cfg.ip_adapter_scale is not None:
+            flag = "--ip-adapter-encoder" if cfg.ip_adapter_encoder is not None else "--ip-adapter-scale"
+            raise ConfigError(f"{flag} needs --ip-adapter")
         return
     if not Path(cfg.ip_adapter).is_file():
         raise ConfigError(f"--ip-adapter {cfg.ip_adapter!r}: no such file")
@@ -190,8 +201,16 @@ def check_conditions(cfg: ServeConfig) -> None:
     if not Path(cfg.ip_adapter_encoder, "config.json").is_file():
         raise ConfigError(f"--ip-adapter-encoder {cfg.ip_adapter_encoder!r}: not a CLIP vision model folder "
                           "(no config.json)")
-    if cfg.engines is not None:
-        raise ConfigError("--ip-adapter runs on the torch path only; leave out --engines")
+    if cfg.ip_adapter_scale is not None:
+        if cfg.engines is None:
+            raise ConfigError(f"--ip-adapter-scale {cfg.ip_adapter_scale}: the scale of --engines' unet_ip engines; "
+                              "on the torch path each request gives ip_adapter_scale")
+        if not math.isfinite(cfg.ip_adapter_scale):
+            raise ConfigError(f"--ip-adapter-scale {cfg.ip_adapter_scale}: must be a finite number")
+    if cfg.engines is not None and (cfg.controlnets or cfg.loras):  # as mf-generate refuses it
+        raise ConfigError(f"--ip-adapter with --engines and {'--controlnet' if cfg.controlnets else '--lora'}: the "
+                          "IP-Adapter engines hold the base UNet alone; leave out --engines (the torch path runs "
+                          "both)")
     if cfg.mode not in (None, "eager"):
         raise ConfigError(f"--ip-adapter with --mode {cfg.mode}: the IP-Adapter's image and scale change with each "
                           "request, which a captured graph would not see; the server runs it eager")

@@ -57,6 +57,9 @@ def check_dit_flags(cfg: ServeConfig, family) -> None:
         raise ConfigError("--lora with --engines and --controlnet: the controlled-transformer packages hold the "
                           "weights they were built from; build them with the LoRA (mf-build-engines --lora ... "
                           "--controlnet ...) and leave out --lora here")
+    if cfg.ip_adapter is not None and cfg.engines is not None:  # mf-build-engines builds none for these families
+        raise ConfigError(f"--ip-adapter with --engines: {name} has no IP-Adapter engines; the IP-Adapter runs on "
+                          "the torch path only (leave out --engines)")
     if cfg.ip_adapter is not None and family.kind == "sd3":
         from ..runtime.flow_ipadapter_sd3 import check_sd3_ip_adapter_file, check_siglip_folder
         from ..runtime.ipadapter import IPAdapterError

@@ -173,7 +173,7 @@ class FlowModelServer:
 
     @property
     def offered(self) -> Offered:
-        return Offered(len(self.cfg.controlnets), self.cfg.ip_adapter is not None)
+        return Offered.of(self.cfg)
 
     def describe(self) -> dict:
         # with engines too: mf-generate's flow path loads the whole bundle (engines stand in for the transformer call)

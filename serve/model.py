@@ -28,7 +28,7 @@ from ..runtime.controlnet import Control
 from ..runtime.pipeline import GenerationOptions, GenerationResult, MegaFusionPipeline
 
 from .conditioned import ServerConditions
-from .conditions import Offered
+from .conditions import Conditions, Offered
 from .config import ServeConfig
 from .request import GenerateRequest, size_text, stages_text
 
@@ -117,6 +117,12 @@ class ModelServer:
 
                 self.control_modules = [load_controlnet(p, self.bundle.unet, torch.device("cpu"), torch.float32)
                                         for p in cfg.controlnets]
+            if cfg.ip_adapter:  # the unet_ip engines hold its weights: only their input width is read here
+                from ..engine.ipadapter_engines import embed_dim
+                from ..runtime.ipadapter import read_ip_adapter
+
+                self.ip_dim = embed_dim(read_ip_adapter(cfg.ip_adapter, self.bundle.unet))
+                self._ip_encoder = None  # (encoder, processor), loaded with the first unet_ip engines, in their dtype
         else:
             # the IP-Adapter's image and scale change per request, outside anything a captured graph would see
             eager = self.device.type != "cuda" or cfg.ip_adapter is not None
@@ -212,6 +218,41 @@ class ModelServer:
         self._engines.move_to_end(key)
         return pipe
 
+    def ip_engines_for(self, plan: StagePlan, dilation: int, relay: str) -> MegaFusionPipeline:
+        """With --engines and --ip-adapter: the plan's engines with the unet_ip engines on their UNet step
+        (engine/ipadapter_engines.py), as mf-generate --engines --ip-adapter opens them; kept beside the plain ones,
+        a pipeline of its own (under CUDA graphs its own captured steps, reading the embeddings' buffers). Missing
+        entries, or entries of another scale, are a ServeModelError with the build command."""
+        from ..engine.cache import EngineError
+        from ..engine.ipadapter_engines import open_ip_runners
+        from ..runtime.ipadapter import EngineIPAdapterNetworks, IPAdapterError, load_image_encoder
+
+        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
+               dilation, relay, "ip-adapter")
+        pipe = self._engines.get(key)
+        if pipe is None:
+            nets = self.pipeline_for(plan, dilation, relay).nets
+            precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
+            try:
+                runners = open_ip_runners(self.cfg.engines, self.bundle, plan, self.ip_dim, self.cfg.ip_adapter,
+                                          self.cfg.engines_ip_scale, nets.backend, precision, dilation, self.device,
+                                          nets.weights.get("unet"))
+                if self._ip_encoder is None:  # as mf-generate loads it: on the device, in the UNet engines' dtype
+                    self._ip_encoder = load_image_encoder(self.cfg.ip_adapter_encoder, self.device, nets.unet_dtype)
+            except (EngineError, IPAdapterError) as e:
+                raise ServeModelError(str(e)) from None
+            got = int(self._ip_encoder[0].config.projection_dim)
+            if got != self.ip_dim:
+                raise ServeModelError(f"--ip-adapter-encoder {self.cfg.ip_adapter_encoder!r}: projects to {got} "
+                                      f"features; the IP-Adapter {self.cfg.ip_adapter!r} takes {self.ip_dim}")
+            blank = torch.zeros(1, 1, self.ip_dim)  # each request's embeddings are copied in (set_image_embeds)
+            pipe = self._pipeline(EngineIPAdapterNetworks(nets, blank, runners, self.device))
+            self._engines[key] = pipe
+            while len(self._engines) > ENGINE_CACHE:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        return pipe
+
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds)."""
         out = []
@@ -219,6 +260,11 @@ class ModelServer:
             plan = warmup_plan(self.family, w, h)
             t0 = time.perf_counter()
             self.generate(GenerateRequest(plan, GenerationOptions("warm-up")))
+            if self.cfg.engines and self.cfg.ip_adapter:  # opens the unet_ip engines and captures their steps too
+                from PIL import Image
+
+                ip = Conditions(ip_image=Image.new("RGB", (224, 224)), ip_scale=self.cfg.engines_ip_scale)
+                self.generate(GenerateRequest(plan, GenerationOptions("warm-up"), conditions=ip))
             out.append((size_text(w, h), time.perf_counter() - t0))
         return out
 
@@ -233,6 +279,11 @@ class ModelServer:
             if self.conditions is not None:  # the server's ControlNets and IP-Adapter, set for this request
                 if self.conditions.networks_for(req.conditions) is self.conditions.controlled:
                     pipe = self.control_pipe
+            elif req.conditions.ip_image is not None:  # engines: the unet_ip engines, the embeddings made once
+                from ..runtime.ipadapter import encode_ip_image
+
+                pipe = self.ip_engines_for(req.plan, req.options.dilation, req.options.relay)
+                pipe.nets.set_image_embeds(encode_ip_image(*self._ip_encoder, req.conditions.ip_image, self.device))
             elif req.conditions.controls:  # engines: the ControlNet engines opened for the plan's shapes
                 pipe = self.controlled_engines_for(req.plan, req.options.dilation, req.options.relay)
                 pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)
@@ -276,7 +327,7 @@ class ModelServer:
     @property
     def offered(self) -> Offered:
         """The ControlNets and IP-Adapter requests may use here."""
-        return Offered(len(self.cfg.controlnets), self.cfg.ip_adapter is not None)
+        return Offered.of(self.cfg)
 
     @property
     def torch_side(self) -> list[str]:
@@ -307,7 +358,8 @@ class ModelServer:
                 "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes],
                 "weights_in_torch": self.torch_side, "loras": [f"{s.path} x{s.scale:g}" for s in self.loras],
                 "precision": self.cfg.precision or str(self.nets.unet_dtype if self.nets else "engines"),
-                "controlnets": len(self.cfg.controlnets), "ip_adapter": self.cfg.ip_adapter is not None}
+                "controlnets": len(self.cfg.controlnets), "ip_adapter": self.cfg.ip_adapter is not None,
+                "ip_adapter_scale": self.cfg.engines_ip_scale}
 
 
 def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:

@@ -1,6 +1,7 @@
 """The checks of `mf-serve`'s flags that need the device or the model's shapes, run in the driver before Ray starts:
 --precision fp8 on this machine's GPU, and each --lora, --controlnet and --ip-adapter against the model's
-architecture, read from a copy of the model built on the meta device (no weights: seconds, not the load).
+architecture, read from a copy of the model built on the meta device (no weights: seconds, not the load); with
+--engines --ip-adapter, the unet_ip entries every served size needs (by the weights' origin, nothing opened).
 
 A refusal is a `ConfigError` naming the flag and the value, as serve/config.py's; mf-serve prints one line and
 exits 2. The replicas run the same checks again when they load (a cluster's nodes may differ from the driver).
@@ -52,9 +53,41 @@ def check_against_model(cfg: ServeConfig) -> None:
         from ..runtime.ipadapter import IPAdapterError, read_ip_adapter
 
         try:
-            read_ip_adapter(cfg.ip_adapter, bundle.unet)
+            state = read_ip_adapter(cfg.ip_adapter, bundle.unet)
         except IPAdapterError as e:
             raise ConfigError(str(e)) from None
+        if cfg.engines is not None:
+            check_ip_engines(cfg, bundle, state)
+
+
+def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:
+    """--engines --ip-adapter: the folder holds unet_ip entries of this file and scale for every --sizes entry's
+    default plan (dilation 2, pixel relay, the plain engines' backend and precision), and the encoder projects to the
+    IP-Adapter's width; else one line naming what is missing and the mf-build-engines command."""
+    from transformers import CLIPVisionConfig
+
+    from ..core.plan import default_plan
+    from ..engine.cache import EngineError
+    from ..engine.ipadapter_engines import check_ip_engines as check, embed_dim
+    from ..engine.load import select_engines
+
+    dim = embed_dim(state)
+    try:
+        got = int(CLIPVisionConfig.from_pretrained(cfg.ip_adapter_encoder).projection_dim)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--ip-adapter-encoder {cfg.ip_adapter_encoder!r}: cannot be read "
+                          f"({str(e).splitlines()[0]})") from None
+    if got != dim:
+        raise ConfigError(f"--ip-adapter-encoder {cfg.ip_adapter_encoder!r}: projects to {got} features; the "
+                          f"IP-Adapter {cfg.ip_adapter!r} takes {dim}")
+    for w, h in cfg.served_sizes:
+        plan = default_plan(bundle.family, w, h)
+        try:
+            sel = select_engines(cfg.engines, bundle.family, bundle.source, plan, 2, "pixel", cfg.device)
+            check(cfg.engines, bundle, plan, dim, cfg.ip_adapter, cfg.engines_ip_scale, sel.backend.name,
+                  sel.precision, 2, cfg.device)
+        except EngineError as e:
+            raise ConfigError(f"--sizes {w}x{h}: {e}") from None
 
 
 def check_controlnet(path: str, unet_config) -> None:

@@ -51,6 +51,10 @@ def test_fields_read():
     assert [(x.scale, x.start, x.end) for x in c.controls] == [(0.5, 0.0, 0.7), (2.0, 0.0, 0.7)]
     assert c.ip_image.size == (96, 80) and c.ip_scale == 0.3 and not c.empty
     assert parse_request({"prompt": "x"}, SD15, offered=Offered(2, True)).conditions.empty
+    ip = {"prompt": "x", "ip_adapter_image": b64(png_bytes(5))}  # engines: the built scale is the default
+    assert parse_request(ip, SD15, offered=Offered(0, True, 0.7)).conditions.ip_scale == 0.7
+    assert parse_request({**ip, "ip_adapter_scale": 0.7}, SD15, offered=Offered(0, True, 0.7)).conditions.ip_scale \
+        == 0.7
 
 
 def test_requests_with_conditions_run_alone():
@@ -88,6 +92,8 @@ GOOD = b64(png_bytes(0))
     ({"ip_adapter_scale": 0.5}, Offered(0, True), "ip_adapter_scale", "ip_adapter_scale needs ip_adapter_image"),
     ({"ip_adapter_image": GOOD, "ip_adapter_scale": True}, Offered(0, True), "ip_adapter_scale",
      "ip_adapter_scale true: expected a finite number"),
+    ({"ip_adapter_image": GOOD, "ip_adapter_scale": 0.5}, Offered(0, True, 0.7), "ip_adapter_scale",
+     "ip_adapter_scale 0.5: this server's IP-Adapter engines were built with scale 0.7; give that or leave"),
 ])
 def test_each_bad_field_refused_naming_it(extra, offered, field, needle):
     with pytest.raises(RequestError) as e:
