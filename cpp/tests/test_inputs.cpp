@@ -74,8 +74,10 @@ int main() {
 
   const std::vector<float> embeds = {0.5f, -1.25f, nan};
   expect_failure("embeds NULL", "IP-Adapter embeds are NULL", [&] { in.set_ip_embeds(nullptr, 3); });
-  expect_failure("embeds 0 floats", "IP-Adapter embeds: 0 floats (1 to 65536)", [&] { in.set_ip_embeds(embeds.data(), 0); });
-  expect_failure("embeds nan", "IP-Adapter embeds: value nan at position 2", [&] { in.set_ip_embeds(embeds.data(), 3); });
+  expect_failure("embeds 0 floats", "IP-Adapter embeds: 0 floats (1 to 65536)",
+                 [&] { in.set_ip_embeds(embeds.data(), 0); });
+  expect_failure("embeds nan", "IP-Adapter embeds: value nan at position 2",
+                 [&] { in.set_ip_embeds(embeds.data(), 3); });
   check(in.ip_embeds.empty(), "no embeds kept after refusals");
   in.set_ip_embeds(embeds.data(), 2);
   check(in.ip_embeds == std::vector<float>{0.5f, -1.25f}, "embeds kept");
@@ -159,7 +161,8 @@ int main() {
   ip1.backend = ip2.backend = other_unet.backend = "aoti";
   ip1.weights = unet_fp + "+ip-adapter:sha256:" + std::string(64, 'd') + "@scale:0.7";
   ip2.weights = unet_fp + "+ip-adapter:sha256:" + std::string(64, 'e') + "@scale:1.0";
-  other_unet.weights = "mf2:tensors:" + std::string(64, 'v') + "+ip-adapter:sha256:" + std::string(64, 'f') + "@scale:1.0";
+  other_unet.weights =
+      "mf2:tensors:" + std::string(64, 'v') + "+ip-adapter:sha256:" + std::string(64, 'f') + "@scale:1.0";
   ip1.range = ip2.range = other_unet.range = {TensorRange{"sample", {2, 4, 16, 16}, {2, 4, 16, 16}, {2, 4, 16, 16}},
                                               TensorRange{"image_embeds", {1, 1, 24}, {1, 1, 24}, {2, 1, 24}}};
   f.entries = {a, ip1, other_unet};

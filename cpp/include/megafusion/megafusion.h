@@ -173,7 +173,8 @@ mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, co
 /* CUDA graphs of the denoise step: nonzero (the default) captures each stage's whole step (UNet on the CFG
  * batch, guidance, x0, DDIM update) once per stage descriptor (latent size, dilation, CFG on or off, UNet
  * dtype, which ControlNets run: their scales, schedule windows and images are buffers the graph reads, refilled
- * for each generation; which IP-Adapter runs: its embeddings are such a buffer too) and replays it for every step; 0 runs the steps one by one, as before. On the CPU, or in a library
+ * for each generation; which IP-Adapter runs: its embeddings are such a buffer too) and replays it for every
+ * step; 0 runs the steps one by one, as before. On the CPU, or in a library
  * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). */
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
 

@@ -401,8 +401,9 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
   const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
   if ((controlled || with_ip) && backend_ != "aoti")
-    throw Failure(MF_ERROR_ENGINE, std::string(controlled ? "ControlNets" : "IP-Adapters") + " run on aoti packages; the " +
-                                       family_->name + " engines in " + folder_.root + " this context runs are " + backend_);
+    throw Failure(MF_ERROR_ENGINE, std::string(controlled ? "ControlNets" : "IP-Adapters") +
+                                       " run on aoti packages; the " + family_->name + " engines in " + folder_.root +
+                                       " this context runs are " + backend_);
   // IP-Adapter: the folder's one adapter for this UNet, its embedding length checked, before any work.
   IpAdapterId ip;
   if (with_ip) {
@@ -519,7 +520,8 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
         if (family_->is_xl) inputs.push_back(sb.pooled), inputs.push_back(sb.time_ids);
         return run_unet(std::move(inputs), d);
       };
-      std::tie(z, x0) = graphs_->run_stage(StepKey{h, wd, delta, cfg, f, controls.key, with_ip ? ip.fingerprint : ""}, in, steps, call);
+      const StepKey key{h, wd, delta, cfg, f, controls.key, with_ip ? ip.fingerprint : ""};
+      std::tie(z, x0) = graphs_->run_stage(key, in, steps, call);
       continue;  // a truncated stage keeps its last x0; its updated z is not used
     }
     for (size_t i = 0; i < steps; ++i) {

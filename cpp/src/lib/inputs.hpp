@@ -1,5 +1,6 @@
 // What a generation takes beyond mf_generate_params (the C API's mf_inputs): a photo to start from,
-// ControlNets and IP-Adapter image embeddings, each checked when set; and where a photo enters a plan (runtime/img2img.py entry_point).
+// ControlNets and IP-Adapter image embeddings, each checked when set; and where a photo enters a plan
+// (runtime/img2img.py entry_point).
 // Plain C++ (no libtorch), so ctest checks the refusals quickly.
 #ifndef MEGAFUSION_LIB_INPUTS_HPP_
 #define MEGAFUSION_LIB_INPUTS_HPP_

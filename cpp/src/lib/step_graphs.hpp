@@ -1,5 +1,6 @@
 // Whole-step CUDA graphs for libmegafusion: the C++ twin of runtime/graphs.py. One graph per stage descriptor
-// (latent size, dilation, CFG on/off, UNet dtype, ControlNets, IP-Adapter) serves every step of every stage with that descriptor.
+// (latent size, dilation, CFG on/off, UNet dtype, ControlNets, IP-Adapter) serves every step of every stage with
+// that descriptor.
 //
 // The captured step is docs/ALGORITHM.md §6 whole: UNet on the CFG batch, the guidance combine, x0 and the DDIM
 // update. Its timestep and coefficients are gathered from device tables by a device step counter that the graph
