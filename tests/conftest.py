@@ -42,7 +42,7 @@ TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", 
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
             "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines",
             "sd15_apart_aoti": "sd15_apart_aoti", "flux_control_aoti": "flux_control_aoti",
-            "sd3_control_aoti": "sd3_control_aoti"}
+            "sd3_control_aoti": "sd3_control_aoti", "sd15_ip_aoti": "sd15_ip_aoti"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -71,6 +71,22 @@ shutil.copytree(src, root / "e")
 cn = save_tiny_flow_controlnet(load_model(model).family, root / "edges", seed=1)
 sys.exit(main(["--model", model, "--backend", "aoti", "--stages", stages, "--device", "cpu", "--networks",
                "transformer", "--controlnet", str(cn), "--output", str(root / "e")]))
+"""
+
+# A copy of the session's tiny-sd15 folder plus a tiny IP-Adapter's (seed 3) and tiny image encoder's unet_ip
+# static packages (standard and dilated: two compiles) for the C API test tests/cpp/test_libmegafusion_ip.py.
+IP_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+from megafusion.core.loading import load_model
+from tests.runtime.test_ipadapter import save_ip_adapter, save_tiny_image_encoder, tiny_ip_adapter
+src, root, stages, scale = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+shutil.copytree(src, root / "engines")
+ip = save_ip_adapter(tiny_ip_adapter(load_model("tiny-sd15").unet, seed=3), root / "ip.safetensors")
+save_tiny_image_encoder(root / "encoder")
+sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--ip-adapter",
+               str(ip), "--ip-adapter-scale", scale, "--networks", "unet_ip", "--output", str(root / "engines")]))
 """
 
 # A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
@@ -113,6 +129,9 @@ def _job(builds, name: str) -> Job:
                                            "--dynamic", "--device", "cpu", "--output", str(f("sd15-aoti"))))
     if name == "sd15_control_aoti":
         return Job(name, python_cmd(CONTROL_DRIVER) + [str(f("sd15-aoti")), str(f("control-aoti")), AOTI_STAGES],
+                   cwd=REPO, after="sd15_aoti")
+    if name == "sd15_ip_aoti":
+        return Job(name, python_cmd(IP_DRIVER) + [str(f("sd15-aoti")), str(f("ip-aoti")), AOTI_STAGES, str(IP_SCALE)],
                    cwd=REPO, after="sd15_aoti")
     if name == "sd15_apart_aoti":
         return Job(name, python_cmd(APART_DRIVER) + [str(f("sd15-aoti")), str(f("sd15-apart") / "e"), AOTI_STAGES],
@@ -245,6 +264,16 @@ def sd15_control_aoti(sd15_aoti) -> tuple[Path, Path]:
     BUILDS.get("sd15_control_aoti")
     root = BUILDS.folder("control-aoti")
     return root / "engines", root / "edges"
+
+
+@pytest.fixture(scope="session")
+def sd15_ip_aoti(sd15_aoti) -> tuple[Path, Path, Path]:
+    """(engine folder, IP-Adapter file, image encoder folder): the session's tiny-sd15 packages plus a tiny
+    IP-Adapter's unet_ip static packages of AOTI_STAGES at IP_SCALE (standard and dilated: two compiles), built once
+    for the C API test tests/cpp/test_libmegafusion_ip.py."""
+    BUILDS.get("sd15_ip_aoti")
+    root = BUILDS.folder("ip-aoti")
+    return root / "engines", root / "ip.safetensors", root / "encoder"
 
 
 @pytest.fixture(scope="session")

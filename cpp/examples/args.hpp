@@ -9,6 +9,7 @@
 //   --strength  a number in (0, 1] (default 0.8, or the --start-stage's first step); needs --image
 //   --start-stage  an integer >= 1; needs --image
 //   --controlnet NAME / --control-image FILE  pairwise; --control-scale/-start/-end once or once per ControlNet
+//   --ip-adapter-embeds  a file of float32 values (raw or .npy); not with --controlnet
 //   --ids       lines "prompt I id..." / "negative I id..." of MF_TOKEN_LENGTH ids each, ids 0 <= id < 2^31
 #ifndef MEGAFUSION_EXAMPLES_ARGS_HPP_
 #define MEGAFUSION_EXAMPLES_ARGS_HPP_
@@ -41,6 +42,8 @@ struct CommandLine {
   // once per ControlNet (mf-generate's rule).
   std::vector<std::string> controlnets, control_images;
   std::vector<float> control_scales, control_starts, control_ends;
+  // IP-Adapter: --ip-adapter-embeds FILE, the image encoder's image_embeds (examples/embeds.hpp reads it).
+  std::string ip_embeds;
 };
 
 // A finite float, whole text; false with `error` naming `flag` otherwise.

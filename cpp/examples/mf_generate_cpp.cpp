@@ -4,6 +4,7 @@
 //   mf-generate-cpp --engines DIR --model sdxl --ids ids.txt --size 2048x2048 --seed 0 --output fox.png
 //   ... --image photo.ppm --strength 0.6                       (image to image)
 //   ... --controlnet canny --control-image edges.ppm           (ControlNet engines built from folder .../canny)
+//   ... --ip-adapter-embeds embeds.npy                          (unet_ip engines of mf-build-engines --ip-adapter)
 //
 // The last line of output gives the timings and the CUDA graph counters ("graphs on|off, C captures, R replays");
 // the line before it, how the engine files were verified ("N hashed, M by file-hashes.json").
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "args.hpp"
+#include "embeds.hpp"
 #include "megafusion/megafusion.h"
 #include "png.hpp"
 #include "ppm.hpp"
@@ -41,7 +43,7 @@ int main(int argc, char** argv) {
 
   // The photo and control images, read before the engines load (a bad file is a usage error).
   mf_inputs* inputs = nullptr;
-  if (!cl.image.empty() || !cl.controlnets.empty()) {
+  if (!cl.image.empty() || !cl.controlnets.empty() || !cl.ip_embeds.empty()) {
     if (mf_status s = mf_inputs_create(&inputs); s != MF_OK) return std::cerr << "mf-generate-cpp: " << mf_last_error() << "\n", s;
     try {
       mf_status s = MF_OK;
@@ -53,6 +55,10 @@ int main(int argc, char** argv) {
         const mfppm::Image im = mfppm::read("--control-image", cl.control_images[j]);
         s = mf_inputs_add_control(inputs, cl.controlnets[j].c_str(), im.rgb.data(), im.width, im.height,
                                   cl.control_scales[j], cl.control_starts[j], cl.control_ends[j]);
+      }
+      if (s == MF_OK && !cl.ip_embeds.empty()) {
+        const std::vector<float> e = mfembeds::read("--ip-adapter-embeds", cl.ip_embeds);
+        s = mf_inputs_set_ip_adapter_embeds(inputs, e.data(), e.size());
       }
       if (s != MF_OK) throw std::runtime_error(mf_last_error());
     } catch (const std::exception& e) {

@@ -133,6 +133,16 @@ int main(int argc, char** argv) {
   expect("unknown controlnet", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_ENGINE,
          "no ControlNet 'no-such-controlnet'");
   mf_inputs_destroy(in);
+  expect("inputs for an IP-Adapter", mf_inputs_create(&in), MF_OK, NULL);
+  const float embeds[4] = {0.5f, -1.0f, 0.25f, 2.0f};
+  expect("ip embeds, null inputs", mf_inputs_set_ip_adapter_embeds(NULL, embeds, 4), MF_ERROR_INVALID_ARGUMENT,
+         "inputs is NULL");
+  expect("ip embeds, null values", mf_inputs_set_ip_adapter_embeds(in, NULL, 4), MF_ERROR_INVALID_ARGUMENT,
+         "IP-Adapter embeds are NULL");
+  expect("ip embeds", mf_inputs_set_ip_adapter_embeds(in, embeds, 4), MF_OK, NULL);
+  expect("no unet_ip engines", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_ENGINE,
+         "no unet_ip (IP-Adapter) aoti engines");
+  mf_inputs_destroy(in);
   mf_inputs_destroy(NULL);
   expect("graphs off, null ctx", mf_set_cuda_graphs(NULL, 0), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
   expect("graphs off", mf_set_cuda_graphs(ctx, 0), MF_OK, NULL);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "args.hpp"
+#include "embeds.hpp"
 
 namespace {
 
@@ -123,6 +124,38 @@ int main(int argc, char** argv) {
           "--control-start given 2 times for 1 --controlnet; give it once or once per ControlNet");
   refused({"--controlnet", "a", "--control-image", "a.ppm", "--control-scale", "inf"},
           "--control-scale 'inf': expected a finite number");
+
+  // --ip-adapter-embeds: a file of float32 values (raw or .npy), not with a ControlNet.
+  p = parse({"--ip-adapter-embeds", "e.npy"});
+  check(p.rc == 0 && p.cl.ip_embeds == "e.npy", "--ip-adapter-embeds kept");
+  refused({"--ip-adapter-embeds", "e.npy", "--controlnet", "a", "--control-image", "a.ppm"},
+          "--ip-adapter-embeds with --controlnet: the IP-Adapter engines take no ControlNet; give one or the other");
+  auto embeds_error = [](const std::string& path) {
+    try {
+      mfembeds::read("--ip-adapter-embeds", path);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("read");
+  };
+  const float values[3] = {0.5f, -2.0f, 3.25f};
+  const std::string raw = write("e.f32", std::string(reinterpret_cast<const char*>(values), sizeof values));
+  check(mfembeds::read("f", raw) == std::vector<float>(values, values + 3), "raw float32 embeds read");
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 3), }";
+  header += std::string(128 - 10 - header.size() - 1, ' ') + "\n";  // numpy pads the whole to 64-byte blocks
+  const std::string npy = std::string("\x93NUMPY\x01\x00", 8) + char(header.size()) + '\0' + header;
+  const std::string good = write("e.npy", npy + std::string(reinterpret_cast<const char*>(values), sizeof values));
+  check(mfembeds::read("f", good) == std::vector<float>(values, values + 3), ".npy float32 embeds read");
+  std::string f8 = npy;
+  f8.replace(f8.find("<f4"), 3, "<f8");
+  const std::string doubles = write("d.npy", f8 + std::string(24, '\0'));
+  check(embeds_error(doubles) == "--ip-adapter-embeds '" + doubles + "': the .npy array is not float32 little-endian "
+                                 "('<f4'); save embeds.astype('<f4')", "float64 .npy refused");
+  const std::string odd = write("odd.f32", "abcde");
+  check(embeds_error(odd) == "--ip-adapter-embeds '" + odd + "': 5 bytes of values, not a positive multiple of 4 "
+                             "(float32)", "5 bytes refused");
+  check(embeds_error(dir + "/none.f32") == "--ip-adapter-embeds '" + dir + "/none.f32': cannot open the file",
+        "missing embeds file refused");
 
   // --seed: an integer 0 <= seed < 2^64.
   refused({"--seed", "abc"}, "--seed 'abc': must be an integer 0 <= seed < 2^64");

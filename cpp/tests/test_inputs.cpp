@@ -72,6 +72,16 @@ int main() {
   in.add_control("edges", px.data(), 4, 3, 0.9f, 0.1f, 0.8f);
   check(in.controls.size() == 1 && in.controls[0].start == 0.1 && in.controls[0].end == 0.8, "control kept");
 
+  const std::vector<float> embeds = {0.5f, -1.25f, nan};
+  expect_failure("embeds NULL", "IP-Adapter embeds are NULL", [&] { in.set_ip_embeds(nullptr, 3); });
+  expect_failure("embeds 0 floats", "IP-Adapter embeds: 0 floats (1 to 65536)",
+                 [&] { in.set_ip_embeds(embeds.data(), 0); });
+  expect_failure("embeds nan", "IP-Adapter embeds: value nan at position 2",
+                 [&] { in.set_ip_embeds(embeds.data(), 3); });
+  check(in.ip_embeds.empty(), "no embeds kept after refusals");
+  in.set_ip_embeds(embeds.data(), 2);
+  check(in.ip_embeds == std::vector<float>{0.5f, -1.25f}, "embeds kept");
+
   // entry_point against Python's: plan 30+10+10 steps.
   const StagePlan p = plan_of({30, 10, 10});
   auto e = entry_point(p, 0.8, 0);  // n = 40, first = 10
@@ -142,6 +152,32 @@ int main() {
   expect_failure("no entries for a fingerprint", "no aoti engine for controlnet 'edges' (standard) fp32 aoti in /engines; build it with: HINT",
                  [&] { control_entries(f, "tiny-sd15", "controlnet", 1, std::string(64, 'a'), "fp32", "cpu", "2.13.0",
                                        "controlnet 'edges' (standard) fp32 aoti", "HINT"); }, MF_ERROR_ENGINE);
+
+  // IP-Adapters: the one whose unet_ip entries build on this UNet, none, or several (refused, each named).
+  const std::string unet_fp = "mf2:tensors:" + std::string(64, 'u');
+  Entry ip1, ip2, other_unet;
+  ip1.model = ip2.model = other_unet.model = "tiny-sd15";
+  ip1.network = ip2.network = other_unet.network = "unet_ip";
+  ip1.backend = ip2.backend = other_unet.backend = "aoti";
+  ip1.weights = unet_fp + "+ip-adapter:sha256:" + std::string(64, 'd') + "@scale:0.7";
+  ip2.weights = unet_fp + "+ip-adapter:sha256:" + std::string(64, 'e') + "@scale:1.0";
+  other_unet.weights =
+      "mf2:tensors:" + std::string(64, 'v') + "+ip-adapter:sha256:" + std::string(64, 'f') + "@scale:1.0";
+  ip1.range = ip2.range = other_unet.range = {TensorRange{"sample", {2, 4, 16, 16}, {2, 4, 16, 16}, {2, 4, 16, 16}},
+                                              TensorRange{"image_embeds", {1, 1, 24}, {1, 1, 24}, {2, 1, 24}}};
+  f.entries = {a, ip1, other_unet};
+  IpAdapterId ip = resolve_ip_adapter(f, "tiny-sd15", unet_fp, "HINT");
+  check(ip.fingerprint == ip1.weights && ip.file_sha256 == std::string(64, 'd') && ip.scale == "0.7" && ip.dim == 24,
+        "the IP-Adapter of this UNet, its scale and embedding length");
+  expect_failure("no unet_ip for this UNet",
+                 "no unet_ip (IP-Adapter) aoti engines for tiny-sd15's UNet in /engines; build them with: HINT "
+                 "--ip-adapter <IP-Adapter file> --ip-adapter-scale <S>",
+                 [&] { resolve_ip_adapter(f, "tiny-sd15", "mf2:tensors:" + std::string(64, 'w'), "HINT"); },
+                 MF_ERROR_ENGINE);
+  f.entries.push_back(ip2);
+  expect_failure("two IP-Adapters", "hold unet_ip engines of 2 IP-Adapters (file sha256 dddddddddddd at scale 0.7, "
+                 "eeeeeeeeeeee at scale 1.0)",
+                 [&] { resolve_ip_adapter(f, "tiny-sd15", unet_fp, "HINT"); }, MF_ERROR_ENGINE);
 
   // SD3 / FLUX block samples summed as export/dit_controlnet_aoti.py control_layout sums them (its numbers in
   // tests/engine/test_dit_controlnet_engines.py test_layout_sums_over_the_shorter_list, and SD3's zip).

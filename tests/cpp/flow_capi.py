@@ -1,6 +1,6 @@
 """ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py,
 test_libmegafusion_flow_img2img.py): the context, the params, the token setters, the photo and ControlNet setters;
-one generation into an RGB array, or (status, message)."""
+IP-Adapter embeddings; one generation into an RGB array, or (status, message)."""
 from __future__ import annotations
 
 import ctypes
@@ -44,6 +44,8 @@ class Library:
         lib.mf_inputs_add_control.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint8),
                                               ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
                                               ctypes.c_float]
+        lib.mf_inputs_set_ip_adapter_embeds.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                                                        ctypes.c_size_t]
         lib.mf_generate_with.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
         lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
@@ -61,8 +63,9 @@ class Library:
                  negative: dict[str, list[int]] | None = None, relay: str = "pixel",
                  init: tuple[np.ndarray, float, int] | None = None,
                  controls: tuple[tuple[str, np.ndarray, float, float, float], ...] = (),
-                 **fields) -> tuple[int, np.ndarray | str]:
-        """`init`: (photo (H, W, 3) uint8, strength, start_stage); `controls`: (name, image, scale, start, end)."""
+                 ip_embeds: np.ndarray | None = None, **fields) -> tuple[int, np.ndarray | str]:
+        """`init`: (photo (H, W, 3) uint8, strength, start_stage); `controls`: (name, image, scale, start, end);
+        `ip_embeds`: IP-Adapter image embeddings (float32)."""
         p = Params()
         self.lib.mf_generate_params_init(ctypes.byref(p))
         p.stages, p.seed, p.guidance, p.relay = stages.encode(), seed, guidance, relay.encode()
@@ -84,6 +87,12 @@ class Library:
                     return rc, self.error()
             for name, image, scale, start, end in controls:
                 rc = self.lib.mf_inputs_add_control(inputs, name.encode(), *_pixels(image), scale, start, end)
+                if rc != 0:
+                    return rc, self.error()
+            if ip_embeds is not None:
+                e = np.ascontiguousarray(ip_embeds, dtype=np.float32)
+                rc = self.lib.mf_inputs_set_ip_adapter_embeds(inputs, e.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                              e.size)
                 if rc != 0:
                     return rc, self.error()
             w, h = ctypes.c_int(), ctypes.c_int()

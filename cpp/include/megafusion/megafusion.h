@@ -128,6 +128,19 @@ mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int wi
 mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const uint8_t* rgb, int width, int height,
                                 float scale, float start, float end);
 
+/* IP-Adapter (SD1.5 / SDXL): `embeds` holds the reference image's image embeddings, n floats: the CLIP vision
+ * encoder's `image_embeds` (CLIPVisionModelWithProjection; runtime/ipadapter.py encode_ip_image computes them), which
+ * the caller computes: libmegafusion runs no image encoder. A generation with them runs the folder's `unet_ip`
+ * packages (`mf-build-engines --backend aoti --ip-adapter FILE --ip-adapter-scale S`; the scale is built in) in the
+ * UNet's place, standard or dilated per stage as the UNet, with [zeros, embeds] on the CFG batch, inside the same
+ * step graphs (the adapter is part of a graph's descriptor). mf_generate_with refuses, before any network runs: a
+ * folder without unet_ip packages for its UNet or the plan's stage sizes (MF_ERROR_ENGINE / MF_ERROR_UNSUPPORTED_SIZE,
+ * naming the mf-build-engines command), a folder holding several IP-Adapters or scales (MF_ERROR_ENGINE: one per
+ * folder), n other than the packages' embedding length (MF_ERROR_INVALID_ARGUMENT naming both), and ControlNets
+ * with it (no unet_ip package takes their residuals). Values are copied; a non-finite one is refused here.
+ * Replaces earlier embeds. */
+mf_status mf_inputs_set_ip_adapter_embeds(mf_inputs* inputs, const float* embeds, size_t n);
+
 /* ---- SD3 and FLUX (docs/ALGORITHM.md §18): token ids per encoder --------------------------------------------
  * A context opened with model "sd3", "flux", "tiny-sd3" or "tiny-flux" runs the flow-matching stage loop on the
  * folder `mf-build-engines --model M --backend aoti` wrote (transformer, text encoder and VAE packages). Its prompt
@@ -160,7 +173,8 @@ mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, co
 /* CUDA graphs of the denoise step: nonzero (the default) captures each stage's whole step (UNet on the CFG
  * batch, guidance, x0, DDIM update) once per stage descriptor (latent size, dilation, CFG on or off, UNet
  * dtype, which ControlNets run: their scales, schedule windows and images are buffers the graph reads, refilled
- * for each generation) and replays it for every step; 0 runs the steps one by one, as before. On the CPU, or in a library
+ * for each generation; which IP-Adapter runs: its embeddings are such a buffer too) and replays it for every
+ * step; 0 runs the steps one by one, as before. On the CPU, or in a library
  * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). */
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
 

@@ -138,6 +138,13 @@ mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const
   });
 }
 
+mf_status mf_inputs_set_ip_adapter_embeds(mf_inputs* inputs, const float* embeds, size_t n) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.set_ip_embeds(embeds, n);
+  });
+}
+
 mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n) {
   return guarded([&] {
     if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");

@@ -259,7 +259,7 @@ StagePlan Context::plan_of(const mf_generate_params& p) const {
 }
 
 void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch, size_t first,
-                             bool photo, const Controls* controls) {
+                             bool photo, const Controls* controls, const IpAdapterId* ip) {
   const int vs = family_->vae_scale;
   std::string stages;
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
@@ -267,6 +267,9 @@ void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_rel
   control_hint_ = hint_;
   if (controls)
     for (const ControlNetId& id : controls->ids) control_hint_ += " --controlnet " + id.source;
+  if (ip)  // the file is known by its sha256 only
+    ip_hint_ = hint_ + " --ip-adapter <the IP-Adapter file of sha256 " + ip->file_sha256.substr(0, 12) +
+               "...> --ip-adapter-scale " + ip->scale;
   // Opens the package each call of the plan runs (pick_entry refuses a size no entry covers, naming those built).
   auto need = [&](const std::string& network, int d, const StageSize& s, long long b) {
     const bool image = network == "vae_encoder";
@@ -278,7 +281,10 @@ void Context::check_coverage(const StagePlan& plan, int dilation, bool pixel_rel
   for (size_t k = first; k <= last; ++k) {
     const StageSize& s = plan.stages[k];
     const int d = k == 0 ? 1 : dilation;
-    if (!controls) need("unet", d, s, batch);
+    if (ip)
+      ip_net(*ip, d, {batch, 4, s.height / vs, s.width / vs});
+    else if (!controls)
+      need("unet", d, s, batch);
     for (const ControlNetId* id = controls ? controls->ids.data() : nullptr;
          controls && id != controls->ids.data() + controls->ids.size(); ++id)
       control_net(id, d, {batch, 4, s.height / vs, s.width / vs}, s.height, s.width);
@@ -321,6 +327,7 @@ at::Tensor Context::unet(const at::Tensor& sample, int64_t t, const at::Tensor& 
 
 at::Tensor Context::run_unet(std::vector<at::Tensor> inputs, int dilation) {
   if (controls_) return run_controlled(std::move(inputs), dilation);
+  if (ip_) return run_ip(std::move(inputs), dilation);
   return net("unet", dilation, inputs).run(inputs).at(0).to(at::kFloat);
 }
 
@@ -389,21 +396,38 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   const EntryPoint entry = photo ? entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};
   // ControlNets (§16): named, their engines found for every stage that runs, before any work.
   const bool controlled = inputs && !inputs->controls.empty();
+  const bool with_ip = inputs && !inputs->ip_embeds.empty();
+  std::string stages;  // the plan, for the command that builds a missing ControlNet's or IP-Adapter's engines
+  for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
+  const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
+  if ((controlled || with_ip) && backend_ != "aoti")
+    throw Failure(MF_ERROR_ENGINE, std::string(controlled ? "ControlNets" : "IP-Adapters") +
+                                       " run on aoti packages; the " + family_->name + " engines in " + folder_.root +
+                                       " this context runs are " + backend_);
+  // IP-Adapter: the folder's one adapter for this UNet, its embedding length checked, before any work.
+  IpAdapterId ip;
+  if (with_ip) {
+    if (controlled)  // as mf-generate --engines: no unet_ip engine takes ControlNet residuals
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds with ControlNets: the unet_ip engines take no "
+                                               "ControlNet residuals; give one or the other");
+    auto facts = folder_.models.find(family_->name);
+    const std::string unet_fp = facts != folder_.models.end() && facts->second.weights.count("unet")
+                                    ? facts->second.weights.at("unet") : "";
+    ip = resolve_ip_adapter(folder_, family_->name, unet_fp, hint);
+    if (static_cast<long long>(inputs->ip_embeds.size()) != ip.dim)
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: " + std::to_string(inputs->ip_embeds.size()) +
+                                                   " floats given, the unet_ip engines in " + folder_.root + " take " +
+                                                   std::to_string(ip.dim) + " (the image encoder's projection dim)");
+  }
   Controls controls;
   if (controlled) {
-    if (backend_ != "aoti")
-      throw Failure(MF_ERROR_ENGINE, "ControlNets run on aoti packages; the " + family_->name + " engines in " +
-                                         folder_.root + " this context runs are " + backend_);
-    std::string stages;  // the plan, for the command that builds a missing ControlNet's engines
-    for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
-    const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
     for (const ControlInput& c : inputs->controls) {
       controls.ids.push_back(resolve_controlnet(folder_, family_->name, c.controlnet, hint));
       controls.key += (controls.key.empty() ? "" : ",") + controls.ids.back().fingerprint;
     }
   }
   check_coverage(plan, p.dilation, relay == "pixel", cfg ? 2 : 1, entry.stage, photo != nullptr,
-                 controlled ? &controls : nullptr);
+                 controlled ? &controls : nullptr, with_ip ? &ip : nullptr);
 
   c10::InferenceMode guard;
   // Conditioning, CFG batch [uncond, cond] (runtime/conditioning.py).
@@ -424,11 +448,14 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   if (controlled) {
     prepare_controls(controls, inputs->controls, plan, schedules, batch);
   }
+  if (with_ip) prepare_ip(ip, inputs->ip_embeds, batch);
   struct Unset {  // the plain UNet again after this generation, however it ends
     const Controls*& p;
-    ~Unset() { p = nullptr; }
-  } unset{controls_};
+    const IpAdapterId*& q;
+    ~Unset() { p = nullptr, q = nullptr; }
+  } unset{controls_, ip_};
   controls_ = controlled ? &controls : nullptr;
+  ip_ = with_ip ? &ip : nullptr;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(p.seed);
   // Noise as diffusers draws it with a CPU generator: on the CPU in the UNet's dtype (the Python runtime's rule:
   // fp16 and fp32 draws differ by rounding, enough to change a random-weight SDXL image), then moved.
@@ -493,7 +520,8 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
         if (family_->is_xl) inputs.push_back(sb.pooled), inputs.push_back(sb.time_ids);
         return run_unet(std::move(inputs), d);
       };
-      std::tie(z, x0) = graphs_->run_stage(StepKey{h, wd, delta, cfg, f, controls.key}, in, steps, call);
+      const StepKey key{h, wd, delta, cfg, f, controls.key, with_ip ? ip.fingerprint : ""};
+      std::tie(z, x0) = graphs_->run_stage(key, in, steps, call);
       continue;  // a truncated stage keeps its last x0; its updated z is not used
     }
     for (size_t i = 0; i < steps; ++i) {

@@ -92,7 +92,7 @@ class Context {
   uint64_t graph_captures() const { return graphs_ ? graphs_->captures() : 0; }
   uint64_t graph_replays() const { return graphs_ ? graphs_->replays() : 0; }
   StagePlan plan_of(const mf_generate_params& p) const;
-  // `inputs` (may be NULL): a photo to start from and ControlNets (mf_inputs).
+  // `inputs` (may be NULL): a photo to start from, ControlNets, IP-Adapter embeddings (mf_inputs).
   void generate(const mf_generate_params& p, const Inputs* inputs, uint8_t* rgb, size_t rgb_bytes);
 
  private:
@@ -128,6 +128,18 @@ class Context {
   const Controls* controls_ = nullptr;  // the running generation's, else NULL: run_unet runs the plain UNet
   std::string control_hint_;            // hint_ with the generation's --controlnet folders
 
+  // IP-Adapter (runtime/ipadapter.py EngineIPAdapterNetworks): the folder's unet_ip engines run in the UNet's place
+  // with the image embeddings, [zeros, embeds] on the CFG batch, read from one buffer per (adapter, batch) that keeps
+  // its identity across generations (a captured step reads this generation's); the adapter is in the step key.
+  std::map<std::pair<std::string, int64_t>, at::Tensor> ip_buffers_;
+  const IpAdapterId* ip_ = nullptr;  // the running generation's, else NULL
+  std::string ip_hint_;              // hint_ with the adapter's --ip-adapter flags
+  // The unet_ip package of `ip` whose sample input holds `sample`, opened; MF_ERROR_UNSUPPORTED_SIZE naming the sizes
+  // built and the command otherwise.
+  Network& ip_net(const IpAdapterId& ip, int dilation, const std::vector<long long>& sample);
+  void prepare_ip(const IpAdapterId& ip, const std::vector<float>& embeds, int64_t batch);
+  at::Tensor run_ip(std::vector<at::Tensor> inputs, int dilation);
+
   // runtime/controlnet.py prepare_plan: fills c's buffers (found or made by c.key) for this plan and batch.
   void prepare_controls(Controls& c, const std::vector<ControlInput>& in, const StagePlan& plan,
                         const std::vector<StageSchedule>& schedules, int64_t batch);
@@ -144,7 +156,7 @@ class Context {
   Network& net(const std::string& network, int dilation, const std::vector<at::Tensor>& inputs);
   // `first`: the first stage that runs (image to image), whose photo the VAE encoder takes when `photo`.
   void check_coverage(const StagePlan& plan, int dilation, bool pixel_relay, int64_t batch, size_t first = 0,
-                      bool photo = false, const Controls* controls = nullptr);
+                      bool photo = false, const Controls* controls = nullptr, const IpAdapterId* ip = nullptr);
   at::Tensor run_unet(std::vector<at::Tensor> inputs, int dilation);
   std::pair<at::Tensor, at::Tensor> encode_prompt(const int32_t* const* ids);
   at::Tensor unet(const at::Tensor& sample, int64_t t, const at::Tensor& hidden, const at::Tensor& pooled,

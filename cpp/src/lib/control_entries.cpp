@@ -1,6 +1,7 @@
 #include "control_entries.hpp"
 
 #include <algorithm>
+#include <map>
 #include <set>
 
 namespace megafusion::lib {
@@ -73,6 +74,38 @@ std::vector<Entry> control_entries(const EngineFolder& folder, const std::string
   std::vector<Entry> out;
   for (const Entry* e : valid) out.push_back(*e);
   return out;
+}
+
+IpAdapterId resolve_ip_adapter(const EngineFolder& folder, const std::string& model, const std::string& unet_weights,
+                               const std::string& plan_hint) {
+  const std::string prefix = unet_weights + "+ip-adapter:sha256:";
+  std::map<std::string, IpAdapterId> found;  // by fingerprint
+  for (const Entry& e : folder.entries) {
+    if (e.model != model || e.network != "unet_ip" || e.backend != "aoti" || unet_weights.empty() ||
+        e.weights.compare(0, prefix.size(), prefix) != 0)
+      continue;
+    const std::string rest = e.weights.substr(prefix.size());  // "<sha256>@scale:<S>"
+    const size_t at = rest.find("@scale:");
+    if (at == std::string::npos) continue;
+    IpAdapterId id{e.weights, rest.substr(0, at), rest.substr(at + 7), 0};
+    for (const TensorRange& r : e.range)
+      if (r.name == "image_embeds" && !r.max.empty()) id.dim = r.max.back();
+    if (id.dim > 0) found.emplace(e.weights, id);
+  }
+  const std::string build = plan_hint + " --ip-adapter <IP-Adapter file> --ip-adapter-scale <S>";
+  if (found.empty())
+    throw Failure(MF_ERROR_ENGINE, "no unet_ip (IP-Adapter) aoti engines for " + model + "'s UNet in " + folder.root +
+                                       "; build them with: " + build);
+  if (found.size() > 1) {
+    std::string list;
+    for (const auto& [fp, id] : found)
+      list += (list.empty() ? "" : ", ") + id.file_sha256.substr(0, 12) + " at scale " + id.scale;
+    throw Failure(MF_ERROR_ENGINE, "the engines in " + folder.root + " hold unet_ip engines of " +
+                                       std::to_string(found.size()) + " IP-Adapters (file sha256 " + list +
+                                       "); libmegafusion takes a folder with one: build each into its own folder "
+                                       "with: " + build);
+  }
+  return found.begin()->second;
 }
 
 std::vector<std::string> flow_control_residuals(bool flux, const std::vector<std::vector<std::string>>& outputs) {

@@ -32,6 +32,20 @@ std::vector<Entry> control_entries(const EngineFolder& folder, const std::string
                                    const std::string& device, const std::string& version, const std::string& what,
                                    const std::string& hint);
 
+// The IP-Adapter whose `unet_ip` engines (engine/ipadapter_engines.py) the folder holds for `model`'s UNet of
+// fingerprint `unet_weights`: their weights field "<unet>+ip-adapter:sha256:<file>@scale:<S>" (engine/fingerprint.py
+// ip_adapter_fingerprint) and the image embeddings' length D (the last axis of their `image_embeds` input).
+struct IpAdapterId {
+  std::string fingerprint, file_sha256, scale;
+  long long dim = 0;
+};
+
+// Failure(MF_ERROR_ENGINE) naming `plan_hint` with --ip-adapter when the folder has no aoti unet_ip entries for that
+// UNet, or naming each IP-Adapter (file sha256 and scale) when it has entries of several: the C API takes no file to
+// choose by, so such a folder is refused rather than one picked silently.
+IpAdapterId resolve_ip_adapter(const EngineFolder& folder, const std::string& model, const std::string& unet_weights,
+                               const std::string& plan_hint);
+
 // SD3 / FLUX: the block samples the controlled transformer takes from ControlNets whose outputs are named
 // `outputs` (each net's "block_i".. then "single_i"..), as export/dit_controlnet_aoti.py control_layout sums
 // them: over the shorter list; for FLUX (`flux`) a net without samples of a kind leaves the running sum's.

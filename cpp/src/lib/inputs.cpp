@@ -14,6 +14,7 @@ namespace megafusion::lib {
 namespace {
 
 constexpr long long kMaxPixels = 1LL << 28;  // 16384 x 16384: core/plan.py's largest side, squared
+constexpr size_t kMaxEmbeds = 1 << 16;        // far above any CLIP projection (768, 1024, 1280)
 
 // "%g" as Python prints a float in messages (0.7, 1e-05).
 std::string g(double v, const char* format = "%g") {
@@ -67,6 +68,18 @@ void Inputs::set_tokens(const char* encoder, const int32_t* ids, size_t n, bool 
       throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " token id " + std::to_string(ids[j]) + " at position " +
                                                    std::to_string(j) + " is negative");
   (negative ? negative_tokens : tokens)[name].assign(ids, ids + n);
+}
+
+void Inputs::set_ip_embeds(const float* embeds, size_t n) {
+  if (!embeds) throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds are NULL");
+  if (n == 0 || n > kMaxEmbeds)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: " + std::to_string(n) + " floats (1 to " +
+                                                 std::to_string(kMaxEmbeds) + ")");
+  for (size_t j = 0; j < n; ++j)
+    if (!std::isfinite(embeds[j]))
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: value " + g(embeds[j]) + " at position " +
+                                                   std::to_string(j) + " is not a finite number");
+  ip_embeds.assign(embeds, embeds + n);
 }
 
 void Inputs::add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,

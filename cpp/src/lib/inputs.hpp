@@ -1,5 +1,6 @@
-// What a generation takes beyond mf_generate_params (the C API's mf_inputs): a photo to start from and
-// ControlNets, each checked when set; and where a photo enters a plan (runtime/img2img.py entry_point).
+// What a generation takes beyond mf_generate_params (the C API's mf_inputs): a photo to start from,
+// ControlNets and IP-Adapter image embeddings, each checked when set; and where a photo enters a plan
+// (runtime/img2img.py entry_point).
 // Plain C++ (no libtorch), so ctest checks the refusals quickly.
 #ifndef MEGAFUSION_LIB_INPUTS_HPP_
 #define MEGAFUSION_LIB_INPUTS_HPP_
@@ -40,6 +41,11 @@ struct Inputs {
   void set_init_image(const uint8_t* rgb, int width, int height, float strength, int start_stage);
   void add_control(const char* controlnet, const uint8_t* rgb, int width, int height, float scale, float start,
                    float end);
+
+  // IP-Adapter (docs/ENGINES.md "The C API"): the image encoder's image_embeds of the reference image, D floats
+  // (D is checked against the folder's unet_ip engines when a generation runs); empty: none.
+  std::vector<float> ip_embeds;
+  void set_ip_embeds(const float* embeds, size_t n);
 
   // SD3 / FLUX prompts: ids per encoder ("clip_l", "clip_g", "t5"), the negative prompt's apart.
   std::map<std::string, std::vector<int32_t>> tokens, negative_tokens;

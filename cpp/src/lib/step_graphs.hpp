@@ -1,5 +1,6 @@
 // Whole-step CUDA graphs for libmegafusion: the C++ twin of runtime/graphs.py. One graph per stage descriptor
-// (latent size, dilation, CFG on/off, UNet dtype) serves every step of every stage with that descriptor.
+// (latent size, dilation, CFG on/off, UNet dtype, ControlNets, IP-Adapter) serves every step of every stage with
+// that descriptor.
 //
 // The captured step is docs/ALGORITHM.md §6 whole: UNet on the CFG batch, the guidance combine, x0 and the DDIM
 // update. Its timestep and coefficients are gathered from device tables by a device step counter that the graph
@@ -35,9 +36,12 @@ struct StepKey {
   // Which ControlNets the step runs (their fingerprints; "" none). Their scales and images are not in the key:
   // they are buffers the step reads, refilled in place for each generation.
   std::string controls;
+  // The IP-Adapter whose unet_ip engines the step runs (its fingerprint; "" the plain UNet). Its embeddings are a
+  // buffer the step reads, as the ControlNets' images.
+  std::string ip;
   bool operator<(const StepKey& o) const {
-    return std::tie(latent_h, latent_w, dilation, cfg, dtype, controls) <
-           std::tie(o.latent_h, o.latent_w, o.dilation, o.cfg, o.dtype, o.controls);
+    return std::tie(latent_h, latent_w, dilation, cfg, dtype, controls, ip) <
+           std::tie(o.latent_h, o.latent_w, o.dilation, o.cfg, o.dtype, o.controls, o.ip);
   }
 };
 

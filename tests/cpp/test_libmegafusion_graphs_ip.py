@@ -1,0 +1,77 @@
+"""libmegafusion's IP-Adapter inside the whole-step CUDA graph (GPU): one capture per stage descriptor over two
+generations (the embeddings are a buffer the graph reads), and the graphed image within 2 levels of the same library
+with graphs off and of Python's `mf-generate --engines --ip-adapter` on the same packages and embeddings.
+
+Builds libmegafusion with CUDA, tiny-sd15 AOTInductor packages on the GPU and a tiny IP-Adapter's unet_ip ones;
+skipped without CUDA (tests/conftest.py) or nvcc.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megafusion.runtime.tokens import format_ids, load_tokenizers
+
+from ..conftest import AOTI_STAGES, IP_SCALE
+from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run, cuda_build, sd15_aoti_cuda  # noqa: F401
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ip_cuda(sd15_aoti_cuda, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """(engine folder, IP-Adapter file, image encoder folder, reference image)."""
+    from megafusion.cli.build_engines import main as build_main
+    from megafusion.core.loading import load_model
+    from tests.runtime.test_ipadapter import save_ip_adapter, save_tiny_image_encoder, tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("cuda-ip")
+    out = root / "engines"
+    shutil.copytree(sd15_aoti_cuda, out)
+    ip = save_ip_adapter(tiny_ip_adapter(load_model("tiny-sd15").unet, seed=3), root / "ip.safetensors")
+    enc = save_tiny_image_encoder(root / "encoder")
+    ref = root / "ref.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref)
+    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cuda",
+                       "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE), "--networks", "unet_ip",
+                       "--output", str(out)]) == 0
+    return out, ip, enc, ref
+
+
+def _cpp(build: Path, engines: Path, embeds: Path, tmp: Path, *flags) -> tuple[np.ndarray, tuple]:
+    ids = tmp / "ids.txt"
+    ids.write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), "a red cube", "blurry"))
+    png = tmp / "cpp.png"
+    r = _run([build / "cpp" / "mf-generate-cpp", "--engines", engines, "--model", "tiny-sd15", "--ids", ids,
+              "--stages", AOTI_STAGES, "--seed", 3, "--device", "cuda", "--repeats", 2, "--output", png,
+              "--ip-adapter-embeds", embeds, *flags])
+    assert r.returncode == 0, r.stderr
+    m = COUNTERS.search(r.stdout)
+    return np.asarray(Image.open(png).convert("RGB")), (m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def test_ip_graphs_count_and_match(cuda_build, ip_cuda, tmp_path):
+    import torch
+
+    from megafusion.cli import generate as gen_cli
+    from megafusion.runtime.ipadapter import encode_ip_image, load_image_encoder
+
+    out, ip, enc, ref = ip_cuda
+    encoder, proc = load_image_encoder(enc, "cuda", torch.float32)
+    embeds = encode_ip_image(encoder, proc, Image.open(ref).convert("RGB"), "cuda").reshape(-1).cpu().numpy()
+    np.save(tmp_path / "e.npy", embeds.astype("<f4"))
+    graphed, (on, captures, replays) = _cpp(cuda_build, out, tmp_path / "e.npy", tmp_path)
+    plain, (off, _, _) = _cpp(cuda_build, out, tmp_path / "e.npy", tmp_path, "--no-graphs")
+    assert (on, captures, replays) == ("on", 2, 2 * 4)  # two stage descriptors, captured once for two generations
+    assert off == "off" and graphed.std() > 5
+    assert _max_diff(graphed, plain) <= GRAPH_TOL
+    py = tmp_path / "py.png"
+    assert gen_cli.main(["--model", "tiny-sd15", "--engines", str(out), "--stages", AOTI_STAGES, "--prompt",
+                         "a red cube", "--negative-prompt", "blurry", "--seed", "3", "--device", "cuda",
+                         "--no-progress", "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE),
+                         "--ip-adapter-image", str(ref), "--ip-adapter-encoder", str(enc), "--output", str(py)]) == 0
+    assert _max_diff(graphed, np.asarray(Image.open(py).convert("RGB"))) <= GRAPH_TOL
