@@ -9,8 +9,8 @@ CUDA (the @gpu test, not run on the CPU CI) within 2 levels, as the UNet's graph
 (tests/cpp/test_libmegafusion_graphs.py GRAPH_TOL), and the counters: one capture per stage descriptor, one replay
 per step.
 
-On the session's folders and library (tests/conftest.py flux_aoti, sd3_aoti, cpp_build), as
-test_libmegafusion_flow.py: no build of its own.
+On the session's folders and library (tests/conftest.py flux_aoti, sd3_aoti, flux_control_aoti, cpp_build), as
+test_libmegafusion_flow.py and test_libmegafusion_flow_control.py: no build of its own.
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ from megafusion.cli import build_engines as build_cli
 from megafusion.core.loading import load_model
 from megafusion.core.plan import parse_stages
 
+from tests.conftest import FLUX_CONTROL_STAGES
+
 from .test_libmegafusion_flow import PROMPT, SEED, STAGES, _ids, flow_folders  # noqa: F401 (fixture)
+from .test_libmegafusion_flow_control import END, START, control  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +60,29 @@ def test_flow_graphs_on_equal_off_on_cpu(lib, flow_folders, model):
             images[relay] = on
         assert _max_diff(images["pixel"], images["latent"]) > 10  # the relays differ: the buffers were reloaded
         assert lib.counters(ctx) == (0, 0)  # the CPU captures nothing
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
+def test_flow_controlled_graphs_on_equal_off_on_cpu(lib, flux_control_aoti, control):
+    """A ControlNet's scale table and images are buffers kept across generations: a second scale in the same
+    context gives its own image (refilled, not stale), graphs on equal to off for each."""
+    ids = _ids("tiny-flux", PROMPT)
+    rc, ctx = lib.open(flux_control_aoti[0], "tiny-flux")
+    assert rc == 0, lib.error()
+    try:
+        images = []
+        for scale in (0.8, 0.3):
+            pair = []
+            for graphs in (True, False):
+                lib.set_graphs(ctx, graphs)
+                rc, image = lib.generate(ctx, FLUX_CONTROL_STAGES, SEED, 3.5, ids,
+                                         controls=(("edges", control[0], scale, START, END),))
+                assert rc == 0, image
+                pair.append(image)
+            assert _max_diff(*pair) == 0, scale
+            images.append(pair[0])
+        assert _max_diff(*images) > 0  # the second scale was read
     finally:
         lib.lib.mf_context_destroy(ctx)
 
