@@ -1,7 +1,8 @@
 # libmegafusion on SD3 / FLUX (issue #17 item 4) on the lent GPU machine, from the repository root (carry .whl with
 # the diffusers wheel): builds libmegafusion with CUDA, the tiny-flux and tiny-sd3 AOTInductor folders for a 2-stage
 # plan on cuda (transformer, text encoders, VAE), then benchmarks/lab/flow_capi_parity.py on each: the C API's image
-# against mf-generate --engines' from the same folder, ids and seed (max difference in levels of 255, wall times).
+# against mf-generate --engines' from the same folder, ids and seed (max difference in levels of 255, wall times),
+# and the C API with its CUDA graphs off against on (the json's "graphs": counters, difference, plain wall time).
 #   bash benchmarks/gpu/libmegafusion_flow.sh [PRECISION]     (fp32 by default; fp16 or bf16 also build)
 # Results under $OUT: cmake.log, build logs, parity logs, flow_capi_<model>_<precision>_<relay>.json. Compiles take minutes: one call of
 # up to 600 s builds; if it runs out, call again (the CMake build dir and engine folders in /tmp are kept warm).

@@ -1,6 +1,6 @@
 """ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py,
 test_libmegafusion_flow_img2img.py): the context, the params, the token setters, the photo and ControlNet setters;
-IP-Adapter embeddings; one generation into an RGB array, or (status, message)."""
+IP-Adapter embeddings; one generation into an RGB array, or (status, message); the CUDA graph switch and counters."""
 from __future__ import annotations
 
 import ctypes
@@ -50,9 +50,21 @@ class Library:
                                          ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
         lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
                                        ctypes.POINTER(ctypes.c_int)]
+        lib.mf_set_cuda_graphs.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.mf_graph_counters.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
+                                          ctypes.POINTER(ctypes.c_uint64)]
 
     def error(self) -> str:
         return self.lib.mf_last_error().decode()
+
+    def set_graphs(self, ctx, on: bool) -> None:
+        assert self.lib.mf_set_cuda_graphs(ctx, int(on)) == 0, self.error()
+
+    def counters(self, ctx) -> tuple[int, int]:
+        """(graphs captured, replays) since the context was created."""
+        captures, replays = ctypes.c_uint64(), ctypes.c_uint64()
+        assert self.lib.mf_graph_counters(ctx, ctypes.byref(captures), ctypes.byref(replays)) == 0, self.error()
+        return captures.value, replays.value
 
     def open(self, engines: Path, model: str, device: str = "cpu") -> tuple[int, ctypes.c_void_p]:
         ctx = ctypes.c_void_p()

@@ -156,8 +156,8 @@ mf_status mf_inputs_set_ip_adapter_embeds(mf_inputs* inputs, const float* embeds
  * package ((mean - shift) * scaling) and noised z = (1 - sigma) x0 + sigma noise to the first kept sigma; a
  * strength outside start_stage names that stage's range. The entry stage needs a vae_encoder package of its size
  * (MF_ERROR_UNSUPPORTED_SIZE otherwise; `mf-build-engines` builds them only for the stages after the first).
- * ControlNets are not yet supported on these models (MF_ERROR_INVALID_ARGUMENT). The steps run one by one: no
- * CUDA graphs yet (counters stay 0).
+ * ControlNets are not yet supported on these models (MF_ERROR_INVALID_ARGUMENT). The whole Euler step runs in
+ * CUDA graphs as the UNet's step does (mf_set_cuda_graphs).
  * The lengths are checked by mf_generate_with (MF_ERROR_INVALID_ARGUMENT naming the encoder). */
 mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
 
@@ -175,7 +175,8 @@ mf_status mf_generate_with(mf_context* ctx, const mf_generate_params* params, co
  * dtype, which ControlNets run: their scales, schedule windows and images are buffers the graph reads, refilled
  * for each generation; which IP-Adapter runs: its embeddings are such a buffer too) and replays it for every
  * step; 0 runs the steps one by one, as before. On the CPU, or in a library
- * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). */
+ * built without CUDA, "on" runs the same buffered step without capturing (the counters stay 0). SD3 and FLUX
+ * contexts capture their whole Euler step alike, per batch, latent size, CFG and ControlNets. */
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled);
 
 /* How many step graphs the context has captured and how many times it has replayed one, since it was

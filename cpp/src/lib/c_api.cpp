@@ -162,7 +162,8 @@ mf_status mf_inputs_set_negative_tokens(mf_inputs* inputs, const char* encoder, 
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled) {
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
-    if (ctx->unet) ctx->unet->set_graphs(enabled != 0);  // flow contexts run their steps one by one
+    if (ctx->unet) ctx->unet->set_graphs(enabled != 0);
+    if (ctx->flow) ctx->flow->set_graphs(enabled != 0);
   });
 }
 
@@ -170,8 +171,8 @@ mf_status mf_graph_counters(const mf_context* ctx, uint64_t* captures, uint64_t*
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
     if (!captures || !replays) throw Failure(MF_ERROR_INVALID_ARGUMENT, "captures or replays pointer is NULL");
-    *captures = ctx->unet ? ctx->unet->graph_captures() : 0;
-    *replays = ctx->unet ? ctx->unet->graph_replays() : 0;
+    *captures = ctx->unet ? ctx->unet->graph_captures() : ctx->flow->graph_captures();
+    *replays = ctx->unet ? ctx->unet->graph_replays() : ctx->flow->graph_replays();
   });
 }
 

@@ -1,7 +1,7 @@
 // runtime/flow_pipeline.py (eager mode) and runtime/flow_conditioning.py on packages, in their notation and with
 // their float32 rounding: each arithmetic step is the same ATen op on the same dtypes, so a CPU run gives the
-// Python run's latent; image to image as runtime/flow_img2img.py; ControlNets in flow_control.cpp. Not yet here:
-// CUDA graphs of the step.
+// Python run's latent; image to image as runtime/flow_img2img.py; ControlNets in flow_control.cpp; the buffered
+// step and its CUDA graphs in flow_steps.cpp.
 #include "flow_context.hpp"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #ifndef MEGAFUSION_TORCH_VERSION
 #error "MEGAFUSION_TORCH_VERSION must name the torch the library is built against (CMake sets it)"
@@ -208,20 +209,18 @@ const std::pair<at::Tensor, at::Tensor>& FlowContext::rotary(int64_t h, int64_t 
       .first->second;
 }
 
-at::Tensor FlowContext::velocity(const at::Tensor& z, float timestep, const Conditioning& c, float guidance,
-                                 int64_t step) {
-  if (controls_) return controlled_velocity(z, timestep, c, guidance, step);
+at::Tensor FlowContext::velocity(const at::Tensor& z, const at::Tensor& t, const Conditioning& c,
+                                 const at::Tensor& guidance, const at::Tensor& step) {
+  if (controls_) return controlled_velocity(z, t, c, guidance, step);
   const auto f = flow_dtype(precision_);
   const int64_t b = z.size(0), h = z.size(2), w = z.size(3);
-  const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-  at::Tensor t = at::full({b}, timestep, fp32);  // 1000 sigma_t, float32
   if (!family_->flux()) {
     std::vector<at::Tensor> in = {z.to(f).contiguous(), t, c.states.to(f).contiguous(), c.pooled.to(f).contiguous()};
     return net("transformer", {b, z.size(1), h, w}, "this latent").run(in).at(0).to(at::kFloat);
   }
   at::Tensor tokens = pack(z).to(f).contiguous();
   std::vector<at::Tensor> in = {tokens, (t.to(f) / 1000).contiguous()};
-  if (family_->guidance_embeds) in.push_back(at::full({b}, guidance, fp32));
+  if (family_->guidance_embeds) in.push_back(guidance);
   const auto& [cos, sin] = rotary(h, w);
   in.insert(in.end(), {c.states.to(f).contiguous(), c.pooled.to(f).contiguous(), cos, sin});
   std::vector<long long> shape(tokens.sizes().begin(), tokens.sizes().end());
@@ -344,8 +343,17 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     }
     const size_t steps = sigma_t.size();
     const int64_t skipped = static_cast<int64_t>(c.sigma_t.size() - steps);
+    if (graphs_on_) {  // the same step, buffered: captured once per descriptor on CUDA, replayed every step
+      std::tie(z, x0) = run_stage(z, sigma_t, d_sigma, timestep, cond, w, cfg, first_step + skipped);
+      continue;  // a truncated stage keeps its last x0; its updated z is not used
+    }
+    const int64_t batch = cfg ? 2 : 1;
+    const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device_);
+    const at::Tensor guidance = at::full({batch}, w, fp32);
     for (size_t i = 0; i < steps; ++i) {
-      at::Tensor v = velocity(cfg ? at::cat({z, z}) : z, timestep[i], cond, w, first_step + skipped + i);
+      const at::Tensor t = at::full({batch}, timestep[i], fp32);  // 1000 sigma_t, float32
+      const at::Tensor step = at::full({1}, first_step + skipped + static_cast<int64_t>(i), fp32.dtype(at::kLong));
+      at::Tensor v = velocity(cfg ? at::cat({z, z}) : z, t, cond, guidance, step);
       if (cfg) {
         auto parts = v.chunk(2);
         v = parts[0] + (parts[1] - parts[0]) * w;

@@ -3,6 +3,7 @@
 // controlled transformer's, engine/dit_controlnet_engines.py), with runtime/flow_controlnet.py's scale table and
 // control images: resized to each stage's size, VAE-encoded there, (mean - shift) c, FLUX's packed into tokens.
 #include <algorithm>
+#include <set>
 
 #include "flow_context.hpp"
 
@@ -42,8 +43,9 @@ FlowContext::FlowControls FlowContext::resolve_controls(const std::vector<Contro
   FlowControls out;
   control_hint_ = hint;
   for (const ControlInput& c : in) {
-    FlowControl fc{resolve_controlnet(folder_, name, c.controlnet, hint), {}, &c, {}};
+    FlowControl fc{resolve_controlnet(folder_, name, c.controlnet, hint), {}, &c};
     control_hint_ += " --controlnet " + fc.id.source;
+    out.key += (out.key.empty() ? "" : ",") + fc.id.fingerprint;
     const bool known = facts != folder_.models.end() && facts->second.flow_controls.count(fc.id.fingerprint);
     if (!known)
       throw Failure(MF_ERROR_ENGINE, "models.json in " + folder_.root + " records no outputs of controlnet '" +
@@ -103,38 +105,50 @@ Network& FlowContext::control_net(const FlowControls& all, const FlowControl* c,
 }
 
 void FlowContext::prepare_controls(FlowControls& c, const StagePlan& plan, size_t first) {
-  // scale * keep over the plan's global steps (all stages, before an image-to-image skip).
+  // scale * keep over the plan's global steps (all stages, before an image-to-image skip); the rest stays 0.
   const int total = plan.total_steps();
   const int64_t n = static_cast<int64_t>(c.nets.size());
-  at::Tensor table = at::zeros({n, total}, at::kFloat);
+  static_assert(kMaxTotalSteps <= kMaxStageSteps, "the scale table holds every global step of a plan");
+  at::Tensor table = at::zeros({n, kMaxStageSteps}, at::kFloat);
   float* t = table.data_ptr<float>();
   for (int64_t j = 0; j < n; ++j) {
     const ControlInput& in = *c.nets[j].input;
-    for (int i = 0; i < total; ++i) t[j * total + i] = in.scale * control_keep(i, total, in.start, in.end);
+    for (int i = 0; i < total; ++i) t[j * kMaxStageSteps + i] = in.scale * control_keep(i, total, in.start, in.end);
   }
-  c.scales = table.to(device_);
+  // The buffers of this list of nets, kept across generations: refilled in place (a captured step reads them).
+  FlowControlBuffers& buf = control_buffers_[c.key];
+  c.buffers = &buf;
+  if (!buf.scales.defined()) buf.scales = at::zeros({n, kMaxStageSteps}, at::TensorOptions().device(device_));
+  buf.scales.copy_(table);
+  buf.images.resize(static_cast<size_t>(n));
   const auto f = flow_dtype(precision_);
   const int vs = family_->base.vae_scale;
-  for (FlowControl& fc : c.nets) {
+  for (int64_t j = 0; j < n; ++j) {
+    const FlowControl& fc = c.nets[j];
     const at::Tensor image = unit_rgb(fc.input->image).to(device_);
     // InstantX's SD3 nets (zero pooled projection) were trained without the VAE's shift.
     const double shift = fc.facts.zero_pooled ? 0.0 : shift_;
+    std::set<std::pair<int64_t, int64_t>> done;  // sizes encoded for this generation
     for (size_t k = first; k < plan.stages.size(); ++k) {
       const StageSize& st = plan.stages[k];
       const auto key = std::make_pair(static_cast<int64_t>(st.height / vs), static_cast<int64_t>(st.width / vs));
-      if (fc.images.count(key)) continue;
+      if (!done.insert(key).second) continue;
       at::Tensor latent = (encode_image(resize_control(image, st.height, st.width) * 2 - 1) - shift) * scaling_;
-      fc.images.emplace(key, (family_->flux() ? pack(latent) : latent).to(f));
+      at::Tensor encoded = (family_->flux() ? pack(latent) : latent).to(f);
+      auto& images = buf.images[static_cast<size_t>(j)];
+      auto it = images.find(key);
+      if (it == images.end())
+        images.emplace(key, encoded.contiguous());
+      else
+        it->second.copy_(encoded);
     }
   }
 }
 
-at::Tensor FlowContext::controlled_velocity(const at::Tensor& z, float timestep, const Conditioning& c,
-                                            float guidance, int64_t step) {
+at::Tensor FlowContext::controlled_velocity(const at::Tensor& z, const at::Tensor& t, const Conditioning& c,
+                                            const at::Tensor& guidance, const at::Tensor& step) {
   const auto f = flow_dtype(precision_);
   const int64_t b = z.size(0), h = z.size(2), w = z.size(3);
-  const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(device_);
-  at::Tensor t = at::full({b}, timestep, fp32);  // 1000 sigma_t, float32
   // The transformer's inputs by name (export/dit_aoti.py dit_spec), as velocity() hands them to the plain one.
   std::map<std::string, at::Tensor> in;
   if (!family_->flux()) {
@@ -143,7 +157,7 @@ at::Tensor FlowContext::controlled_velocity(const at::Tensor& z, float timestep,
   } else {
     in["hidden_states"] = pack(z).to(f).contiguous();
     in["timestep"] = (t.to(f) / 1000).contiguous();
-    in["guidance"] = at::full({b}, guidance, fp32);
+    in["guidance"] = guidance;
     // The nets' position embedding as the transformer's: the family's rope axes (a net with axes_dims_rope of
     // its own would differ; diffusers' FLUX nets share the transformer's).
     const auto& [cos, sin] = rotary(h, w);
@@ -159,11 +173,11 @@ at::Tensor FlowContext::controlled_velocity(const at::Tensor& z, float timestep,
     const FlowControl& fc = controls_->nets[j];
     std::map<std::string, at::Tensor> own = in;
     if (fc.facts.zero_pooled) own["pooled_projections"] = at::zeros_like(in["pooled_projections"]);
-    const at::Tensor& image = fc.images.at({h, w});
+    const at::Tensor& image = controls_->buffers->images.at(j).at({h, w});
     std::vector<int64_t> sizes(image.sizes().begin(), image.sizes().end());
     sizes[0] = b;
     own["controlnet_cond"] = image.expand(sizes).contiguous();
-    own["conditioning_scale"] = controls_->scales[static_cast<int64_t>(j)].narrow(0, step, 1).to(f).contiguous();
+    own["conditioning_scale"] = controls_->buffers->scales[static_cast<int64_t>(j)].index_select(0, step).to(f).contiguous();
     Network& net = control_net(*controls_, &fc, shape, "this latent");
     std::vector<at::Tensor> out = net.run(by_name(net, own));
     if (out.size() != fc.facts.outputs.size())

@@ -100,7 +100,7 @@ StepBuffers& StepGraphs::buffers_for(const StepKey& key, const StageInputs& in) 
   return buffers_.emplace(key, std::move(b)).first->second;
 }
 
-std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const StepKey& key, StepBuffers& b, const UnetCall& unet) {
+std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const std::function<void()>& step) {
 #ifdef MEGAFUSION_WITH_CUDA
   const c10::DeviceIndex index = device_.has_index() ? device_.index() : c10::cuda::current_device();
   c10::cuda::CUDAGuard device_guard(index);
@@ -110,7 +110,7 @@ std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const StepKey& key, StepB
   wait_stream(side, current);
   {
     c10::cuda::CUDAStreamGuard on_side(side);
-    for (int i = 0; i < warmup_steps_; ++i) denoise_step(b, key.cfg, key.dilation, unet);
+    for (int i = 0; i < warmup_steps_; ++i) step();
   }
   wait_stream(current, side);
   C10_CUDA_CHECK(cudaDeviceSynchronize());
@@ -120,7 +120,7 @@ std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const StepKey& key, StepB
     using Pool = decltype(g->graph.pool());  // MempoolId_t, whichever namespace this torch declares it in
     g->graph.capture_begin(Pool{pool_.first, pool_.second});
     try {
-      denoise_step(b, key.cfg, key.dilation, unet);
+      step();
     } catch (const std::exception& e) {
       try {
         g->graph.capture_end();
@@ -136,8 +136,27 @@ std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const StepKey& key, StepB
   ++captures_;
   return g;
 #else
-  (void)key, (void)b, (void)unet;
+  (void)step;
   throw Failure(MF_ERROR_RUNTIME, "this libmegafusion was built without CUDA: it captures no CUDA graphs");
+#endif
+}
+
+void StepGraphs::run_steps(const std::string& key, size_t steps, const std::function<void()>& step,
+                           const std::function<void()>& reload) {
+  if (!capture_) {
+    for (size_t i = 0; i < steps; ++i) step();
+    return;
+  }
+#ifdef MEGAFUSION_WITH_CUDA
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    it = graphs_.emplace(key, capture(step)).first;
+    reload();  // the warm-up and capture moved the latent and the counter
+  }
+  for (size_t i = 0; i < steps; ++i) it->second->graph.replay();
+  replays_ += steps;
+#else
+  (void)key, (void)reload;
 #endif
 }
 
@@ -148,19 +167,11 @@ std::pair<at::Tensor, at::Tensor> StepGraphs::run_stage(const StepKey& key, cons
                                                  std::to_string(kMaxStageSteps));
   StepBuffers& b = buffers_for(key, in);
   load_stage(b, in, steps);
-  if (!capture_) {
-    for (size_t i = 0; i < steps; ++i) denoise_step(b, key.cfg, key.dilation, unet);
-    return {b.z.clone(), b.x0.clone()};
-  }
-#ifdef MEGAFUSION_WITH_CUDA
-  auto it = graphs_.find(key);
-  if (it == graphs_.end()) {
-    it = graphs_.emplace(key, capture(key, b, unet)).first;
-    load_stage(b, in, steps);  // the warm-up and capture moved the latent and the counter
-  }
-  for (size_t i = 0; i < steps; ++i) it->second->graph.replay();
-  replays_ += steps;
-#endif
+  // Every StepKey field: the adapter's too, so an IP-Adapter step never replays a plain UNet's graph.
+  const std::string text = "unet " + std::to_string(key.latent_h) + "x" + std::to_string(key.latent_w) + " d" +
+                           std::to_string(key.dilation) + (key.cfg ? " cfg " : " ") +
+                           c10::toString(key.dtype) + " [" + key.controls + "] ip [" + key.ip + "]";
+  run_steps(text, steps, [&] { denoise_step(b, key.cfg, key.dilation, unet); }, [&] { load_stage(b, in, steps); });
   return {b.z.clone(), b.x0.clone()};
 }
 

@@ -10,6 +10,9 @@
 //
 // On the CPU (or in a library built without CUDA) the same buffered step runs eagerly, counting neither
 // captures nor replays: the step's arithmetic is checked there against the plain loop.
+//
+// The capture and replay themselves (run_steps) take any step on buffers of its own: the flow contexts' Euler
+// step uses them too (flow_steps.cpp), with its own descriptor.
 #ifndef MEGAFUSION_LIB_STEP_GRAPHS_HPP_
 #define MEGAFUSION_LIB_STEP_GRAPHS_HPP_
 
@@ -27,7 +30,8 @@ namespace megafusion::lib {
 
 constexpr int64_t kMaxStageSteps = 1000;  // capacity of the coefficient tables (DDIM over 1000 training steps)
 
-// What a captured step depends on: one graph per distinct descriptor.
+// What a captured step depends on: one graph per distinct descriptor (StepGraphs::run_stage names every field in
+// the graph's descriptor text).
 struct StepKey {
   int64_t latent_h = 0, latent_w = 0;
   int dilation = 1;
@@ -81,6 +85,12 @@ class StepGraphs {
   std::pair<at::Tensor, at::Tensor> run_stage(const StepKey& key, const StageInputs& in, size_t steps,
                                               const UnetCall& unet);
 
+  // The generic core: `step` (reading and writing only buffers that outlive it) run `steps` times: eagerly
+  // without capture; else replays of the graph captured for `key` (any text naming the descriptor) on its first
+  // use, after which `reload` restores what the warm-up and capture moved.
+  void run_steps(const std::string& key, size_t steps, const std::function<void()>& step,
+                 const std::function<void()>& reload);
+
   uint64_t captures() const { return captures_; }
   uint64_t replays() const { return replays_; }
 
@@ -91,11 +101,11 @@ class StepGraphs {
   int warmup_steps_;
   uint64_t captures_ = 0, replays_ = 0;
   std::map<StepKey, StepBuffers> buffers_;
-  std::map<StepKey, std::unique_ptr<Graph>> graphs_;
+  std::map<std::string, std::unique_ptr<Graph>> graphs_;  // by descriptor text (UNet and flow keys differ)
   std::pair<unsigned long long, unsigned long long> pool_{0, 0};  // the graphs' shared memory pool (MempoolId_t), once captured
 
   StepBuffers& buffers_for(const StepKey& key, const StageInputs& in);
-  std::unique_ptr<Graph> capture(const StepKey& key, StepBuffers& b, const UnetCall& unet);
+  std::unique_ptr<Graph> capture(const std::function<void()>& step);
 };
 
 // One denoise step on the buffers, in docs/ALGORITHM.md's notation; every operation is capturable.
