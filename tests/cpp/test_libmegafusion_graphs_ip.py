@@ -18,6 +18,7 @@ from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES, IP_SCALE
 from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run, cuda_build, sd15_aoti_cuda  # noqa: F401
+from .test_libmegafusion_ip import plain_then_ip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -54,15 +55,21 @@ def _cpp(build: Path, engines: Path, embeds: Path, tmp: Path, *flags) -> tuple[n
     return np.asarray(Image.open(png).convert("RGB")), (m.group(1), int(m.group(2)), int(m.group(3)))
 
 
-def test_ip_graphs_count_and_match(cuda_build, ip_cuda, tmp_path):
+def _embeds(enc: Path, ref: Path) -> np.ndarray:
+    """The reference image's image embeddings from the tiny encoder on the GPU, flat float32."""
     import torch
 
-    from megafusion.cli import generate as gen_cli
     from megafusion.runtime.ipadapter import encode_ip_image, load_image_encoder
 
-    out, ip, enc, ref = ip_cuda
     encoder, proc = load_image_encoder(enc, "cuda", torch.float32)
-    embeds = encode_ip_image(encoder, proc, Image.open(ref).convert("RGB"), "cuda").reshape(-1).cpu().numpy()
+    return encode_ip_image(encoder, proc, Image.open(ref).convert("RGB"), "cuda").reshape(-1).cpu().numpy()
+
+
+def test_ip_graphs_count_and_match(cuda_build, ip_cuda, tmp_path):
+    from megafusion.cli import generate as gen_cli
+
+    out, ip, enc, ref = ip_cuda
+    embeds = _embeds(enc, ref)
     np.save(tmp_path / "e.npy", embeds.astype("<f4"))
     graphed, (on, captures, replays) = _cpp(cuda_build, out, tmp_path / "e.npy", tmp_path)
     plain, (off, _, _) = _cpp(cuda_build, out, tmp_path / "e.npy", tmp_path, "--no-graphs")
@@ -75,3 +82,17 @@ def test_ip_graphs_count_and_match(cuda_build, ip_cuda, tmp_path):
                          "--no-progress", "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE),
                          "--ip-adapter-image", str(ref), "--ip-adapter-encoder", str(enc), "--output", str(py)]) == 0
     assert _max_diff(graphed, np.asarray(Image.open(py).convert("RGB"))) <= GRAPH_TOL
+
+
+def test_plain_then_ip_in_one_context_capture_apart(cuda_build, ip_cuda):
+    """One context runs the plain UNet, then the IP-Adapter: the adapter's fingerprint is part of the stage
+    descriptor's text (StepGraphs::run_stage), so the IP generation captures graphs of its own instead of replaying
+    the plain ones, and gives the same context's graphs-off IP image."""
+    from .flow_capi import Library
+
+    out, _, enc, ref = ip_cuda
+    lib = Library(next(cuda_build.rglob("libmegafusion.so")))
+    plain, graphed, off, counters = plain_then_ip(lib, out, "cuda", _embeds(enc, ref))
+    assert counters == (4, 2 * 4)  # two stage descriptors each for plain and IP, one generation each
+    assert _max_diff(graphed, off) <= GRAPH_TOL
+    assert _max_diff(graphed, plain) > 10  # a replayed plain graph would have given the plain image

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from megafusion.cli import generate as gen_cli
+from megafusion.runtime.conditioning import token_ids
 from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES, IP_SCALE
@@ -116,3 +117,37 @@ def test_ip_with_a_controlnet_refused_through_the_c_api(lib, ip_case):
                                        "residuals; give one or the other"), msg
     finally:
         lib.lib.mf_context_destroy(ctx)
+
+
+def plain_then_ip(lib, engines: Path, device: str, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                tuple[int, int]]:
+    """One context, graphs on, PROMPT / NEGATIVE / SEED at guidance 7: (the plain image, then the IP image, then
+    the IP image with graphs off; the graph counters before graphs went off)."""
+    tok = load_tokenizers("tiny-sd15")[0]
+    ids = [(ctypes.c_int32 * 77)(*(int(t) for t in token_ids(tok, text, "cpu")[0])) for text in (PROMPT, NEGATIVE)]
+    ptr = lambda a: (ctypes.POINTER(ctypes.c_int32) * 2)(ctypes.cast(a, ctypes.POINTER(ctypes.c_int32)), None)
+    status, ctx = lib.open(engines, "tiny-sd15", device)
+    assert status == 0, lib.error()
+    try:
+        def run(e=None) -> np.ndarray:
+            rc, img = lib.generate(ctx, AOTI_STAGES, SEED, 7.0, {}, ip_embeds=e, prompt_ids=ptr(ids[0]),
+                                   negative_ids=ptr(ids[1]))
+            assert rc == 0, img
+            return img.astype(int)
+
+        plain, ip = run(), run(embeds)
+        counters = lib.counters(ctx)
+        lib.set_graphs(ctx, False)
+        return plain, ip, run(embeds), counters
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
+def test_plain_then_ip_in_one_context(lib, ip_case):
+    """The IP generation after a plain one in the same context is Python's IP image (its own step buffers, not the
+    plain UNet's); on the CPU nothing is captured (tests/cpp/test_libmegafusion_graphs_ip.py counts captures)."""
+    plain, ip, ip_off, counters = plain_then_ip(lib, ip_case["engines"], "cpu", ip_case["embeds"])
+    assert counters == (0, 0)
+    py = ip_case["py"].astype(int)
+    assert np.abs(ip - py).max() <= IMAGE_TOL and np.abs(ip_off - py).max() <= IMAGE_TOL
+    assert np.abs(ip - plain).max() > 10  # the IP-Adapter acts
