@@ -190,7 +190,14 @@ class GraphedDenoiser:
     def release(self) -> None:
         """Drops the graphs, their buffers and the pool they share. A one-shot run (one image a process) replays no
         stage's graph again, and the pool's memory, which nothing outside the graphs can use while they live, then
-        serves the relay and the decode."""
+        serves the relay and the decode.
+
+        The device is synchronized first: the pool's memory was allocated on the capture stream but the graphs
+        replay on the current one, and with expandable segments PyTorch unmaps a freed segment after waiting for
+        its allocation stream only, so replays still in flight read unmapped pages (H200, SDXL 2048 from
+        --weights-apart packages under expandable segments: an illegal memory access in 1 of 2 runs without it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.graphs.clear()
         self.buffers.clear()
         self.pool = None

@@ -52,6 +52,26 @@ def test_one_shot_drops_each_stage_graph_state_after_the_stage(tiny_sd15):
     assert torch.equal(got.latent, ref.latent)
 
 
+def test_release_waits_for_the_replays_before_freeing_the_pool(monkeypatch):
+    """On CUDA, release synchronizes the device while the graphs still hold their pool, then empties the cache: the
+    replays run on the current stream, the pool's segments belong to the capture stream, and expandable segments
+    unmap a freed segment after waiting for its own stream only (the H200 crash this guards against)."""
+    from megafusion.runtime.graphs import GraphedDenoiser
+
+    class Nets:
+        capturable = True
+
+    den = GraphedDenoiser(Nets(), torch.device("cuda"), capture=False)
+    den.graphs[GraphKey(2, 8, 8, 1)] = object()
+    den.pool = object()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", len(den.graphs))))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache", len(den.graphs))))
+    den.release()
+    assert calls == [("synchronize", 1), ("empty_cache", 0)]
+    assert den.pool is None and den.buffers == {}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_graphs_captured_once_per_shape_and_replayed_every_step(name):
