@@ -25,7 +25,7 @@
 #   sdxl-build-apart  the UNets again with --weights-apart, in a hard-linked copy of /tmp/mf-aoti-sdxl (#15)
 #   coldstart-apart  3 fresh mf-generate processes from that copy (both UNets read one weight file), then the
 #               first generation against the second in one process, cuDNN's algorithm search on and off (#15)
-#   coldstart-apart-x  2 fresh mf-generate processes from that copy with expandable segments: the whole process's
+#   coldstart-apart-x  3 fresh mf-generate processes from that copy with expandable segments: the whole process's
 #               device peak against #15's 16 GiB; then one more in --mode eager (no graph captures)
 #   builds-apart  SDXL 2048 static aoti packages, every network --weights-apart, into /tmp/mf-aoti-sdxl-apart (the
 #               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
@@ -137,7 +137,7 @@ step() {  # the command line of one step
     capi-apart-sdxl) echo "$(step capi-sdxl | sed -e 's#/tmp/mf-aoti-sdxl #/tmp/mf-aoti-sdxl-apart #' \
       -e 's#/capi-sdxl --repeats#/capi-apart-sdxl --repeats#')" ;;
     coldstart-apart-x) echo "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 600 python3 \
-      benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart --runs 2 --device cuda --output $RES/cold-apart-x \
+      benchmarks/lab/cold_start_phases.py --engines /tmp/mf-aoti-sdxl-apart --runs 3 --device cuda --output $RES/cold-apart-x \
       -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse'; \
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 300 python3 benchmarks/lab/cold_start_phases.py \
       --engines /tmp/mf-aoti-sdxl-apart --runs 1 --device cuda --output $RES/cold-apart-x-eager -- --model sdxl \
