@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     estimate_s = time.perf_counter() - t_estimate
     if tiling is True:
         return 0  # --dry-run
+    one_shot_allocator(args, device)
     if tiling is not None and args.engines:
         raise UsageError(f"this plan needs tiled VAE passes ({tiling.tile}-pixel tiles) to fit, which run on the "
                          "PyTorch VAE, not on --engines; leave out --engines or ask for a smaller --size")
@@ -414,6 +415,19 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
         print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory"
               + ("" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else ", in expandable segments"))
     return tiling
+
+
+def one_shot_allocator(args, device) -> bool:
+    """`--engines` on CUDA (one image a process): PyTorch's allocator in expandable segments unless the user set
+    PYTORCH_CUDA_ALLOC_CONF, so each stage's freed graph pool goes back whole to the next stage, the relay and the
+    decode. H200, SDXL 2048 from --weights-apart packages (benchmarks/RESULTS.md, twelfth session): device peak of the
+    whole process 15.9 GiB (#15's 16 GiB). Returns whether it was set (--max-memory sets it on its own)."""
+    from .common import expandable_segments
+
+    if not args.engines or device.type != "cuda" or args.max_memory is not None or not expandable_segments():
+        return False
+    print("allocator: expandable segments (one image a process; PYTORCH_CUDA_ALLOC_CONF chooses otherwise)")
+    return True
 
 
 def _swap_loras(nets, bundle, loras, plan, dilation, engine_dir, device) -> None:
