@@ -91,6 +91,25 @@ def test_graphs_captured_once_per_shape_and_replayed_every_step(name):
     assert _relerr(second.latent, first.latent) > 1e-3
 
 
+@pytest.mark.gpu
+def test_one_shot_release_on_cuda_gives_the_kept_state_image():
+    """On CUDA a one-shot run frees each stage's graphs and pool (device synchronized first) and still gives the
+    image of a pipeline that keeps them: the same captures, replays and latent."""
+    from megafusion.core.loading import load_model
+
+    bundle = load_model("tiny-sdxl", device="cuda", dtype=torch.float32)
+    plan = validate_plan(bundle.family, [Stage(128, 128, 5), Stage(256, 256, 3)])
+    opts = GenerationOptions("a fox", seed=4)
+    kept = MegaFusionPipeline.fast(bundle)
+    ref = kept.generate(plan, opts)
+    pipe = MegaFusionPipeline.fast(bundle)
+    pipe.one_shot = True
+    got = pipe.generate(plan, opts)
+    assert pipe.graphs.captures == kept.graphs.captures == 2 and pipe.graphs.replays == 8
+    assert pipe.graphs.graphs == {} and pipe.graphs.pool is None and len(kept.graphs.graphs) == 2
+    assert torch.equal(got.latent, ref.latent)
+
+
 @pytest.mark.parametrize(("field", "value"), [("guidance", float("nan")), ("guidance", float("inf")),
                                               ("guidance", -1.0), ("seed", -1), ("seed", 2**64), ("seed", 1.5)])
 def test_options_refuse_what_the_tools_refuse(field, value):
