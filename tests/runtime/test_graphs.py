@@ -107,7 +107,7 @@ def test_one_shot_release_on_cuda_gives_the_kept_state_image():
     got = pipe.generate(plan, opts)
     assert pipe.graphs.captures == kept.graphs.captures == 2 and pipe.graphs.replays == 8
     assert pipe.graphs.graphs == {} and pipe.graphs.pool is None and len(kept.graphs.graphs) == 2
-    assert torch.equal(got.latent, ref.latent)
+    assert _relerr(got.latent, ref.latent) < 1e-6  # same kernels, same order: equal but for cuDNN's choices
 
 
 @pytest.mark.parametrize(("field", "value"), [("guidance", float("nan")), ("guidance", float("inf")),
