@@ -103,6 +103,16 @@ def start_line(run_age: float | None, estimate_s: float, start_s: float | None) 
     return _START_PREFIX + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items() if v is not None)
 
 
+_COMPILE_PREFIX = "cold-start compile: "
+
+
+def compile_line(seconds: dict[str, float], counts: dict[str, int]) -> str:
+    """The line mf-generate --mode compiled prints after its first image: where torch.compile's time went
+    (`engine.compile_cache.compile_profile`), inside the first image's stages and captures, and the caches' hits."""
+    return (_COMPILE_PREFIX + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+            + " (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+
+
 def _seconds(line: str) -> dict[str, float]:
     return {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+?) ([0-9.]+) s", line)}
 
@@ -142,6 +152,10 @@ def parse_phases(output: str, seconds: float) -> dict[str, float] | None:
         phases.update({f"{phase}/{k}": v for k, v in parts.items()})
         if rest is not None:
             phases[f"{phase}/{rest}"] = phases[phase] - sum(parts.values())
+    compiled = next((ln for ln in lines if ln.startswith(_COMPILE_PREFIX)), None)
+    if compiled is not None:  # inside the first image's stages: reported beside them, not subtracted
+        parts = _seconds(compiled.removeprefix(_COMPILE_PREFIX).split(" (")[0])
+        phases.update({f"compile/{k}": v for k, v in parts.items()})
     saved = next((ln for ln in lines if ln.startswith(_SAVED_PREFIX)), None)
     rest = phases.get("first image/png and exit")
     if saved is not None and rest is not None:

@@ -270,7 +270,12 @@ def run(args: argparse.Namespace) -> int:
             fast = fast_graphs_options(device, fp8)
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
         if mode == "compiled":
+            t_warm = time.perf_counter()
             compile_cache = _warm_start(args, nets, device, plan, opts)
+            # the engines' phases, the compile cache's load as `open`: cold_start_phases.py reads compiled runs too
+            print(phase_line(started_s, load_s, {"fingerprint": 0.0, "verify": 0.0,
+                                                 "open": time.perf_counter() - t_warm}))
+            print(start_line(run_age, estimate_s, started_s))
     else:
         if args.precision == "fp8":
             from ..engine.fp8 import quantize_unet
@@ -345,12 +350,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if args.engines:  # what the first image spent where (benchmarks/cold_start.py reads it back)
-        from ..benchmarks.cold_start import first_image_line
+    if args.engines or mode == "compiled":  # what the first image spent where (benchmarks/cold_start.py reads it)
+        from ..benchmarks.cold_start import compile_line, first_image_line
 
         graphs = pipe.graphs
         print(first_image_line(result.timings, graphs.captures if graphs else 0,
                                graphs.capture_seconds if graphs else 0.0))
+        if mode == "compiled":
+            from ..engine.compile_cache import compile_profile
+
+            print(compile_line(*compile_profile()))
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")

@@ -112,3 +112,32 @@ def inductor_counts() -> dict[str, int]:
 
     c = counters["inductor"]
     return {"fxgraph_cache_hit": int(c["fxgraph_cache_hit"]), "fxgraph_cache_miss": int(c["fxgraph_cache_miss"])}
+
+
+# torch._dynamo.utils.compile_times' function names -> the parts a cold start report names (missing ones count 0)
+_COMPILE_PARTS = {"dynamo": "_compile.compile_inner", "backend": "OutputGraph.call_user_compiler",
+                  "guards": "build_guards", "kernel waits": "async_compile.wait", "c++ builds": "compile_file",
+                  "module loads": "PyCodeCache.load_by_key_path"}
+
+
+def compile_profile() -> tuple[dict[str, float], dict[str, int]]:
+    """Where this process's torch.compile time went, from Dynamo's own timers and Inductor's counters: seconds of
+    tracing (Dynamo, less its backend and guards), the backend (AOTAutograd and Inductor, cache lookups and loads
+    included), guards, waits on kernel compiles (Triton; C++ builds on the CPU) and compiled-module loads; and the
+    FX graph and AOTAutograd cache hits and misses. A warm start should show misses 0 and little backend time: what
+    remains is tracing, which no cache of compiled code skips (#15's compiled warm start)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    try:
+        names, values = compile_times(repr="csv", aggregate=True)
+        times = {n: float(v) for n, v in zip(names, values)}
+    except (TypeError, ValueError):  # another release's format: report counts only
+        times = {}
+    got = {part: times.get(name, 0.0) for part, name in _COMPILE_PARTS.items()}
+    seconds = {"tracing": max(got["dynamo"] - got["backend"] - got["guards"], 0.0), "backend": got["backend"],
+               "guards": got["guards"], "kernel waits": got["kernel waits"] + got["c++ builds"],
+               "module loads": got["module loads"]}
+    aot, ind = counters["aot_autograd"], counters["inductor"]
+    counts = {"fx graph hit": int(ind["fxgraph_cache_hit"]), "fx graph miss": int(ind["fxgraph_cache_miss"]),
+              "aot autograd hit": int(aot["autograd_cache_hit"]), "aot autograd miss": int(aot["autograd_cache_miss"])}
+    return seconds, counts

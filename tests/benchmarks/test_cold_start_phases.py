@@ -79,3 +79,18 @@ def test_bench_report_gives_the_image_on_disk_beside_the_exit():
     result.cold_starts = runs
     md = markdown(result)
     assert "| engines:aoti | 17.5 | 16.8 | 0 | 17.1 |" in md and "| compiled | 40.0 | – | 0 | – |" in md
+
+
+def test_compile_line_reads_back_beside_the_first_image_parts():
+    """--mode compiled's compile line gives `compile/<part>` phases, which overlap the first image's stages and so are
+    not subtracted from its rest; the cache counts stay out of the seconds."""
+    from megafusion.benchmarks.cold_start import compile_line, first_image_line
+
+    seconds = {"tracing": 21.5, "backend": 3.25, "guards": 0.5, "kernel waits": 0.0, "module loads": 1.75}
+    line = compile_line(seconds, {"fx graph hit": 3, "fx graph miss": 0, "aot autograd hit": 3, "aot autograd miss": 0})
+    first = first_image_line([("stage 1 (1024x1024, 40 steps)", 30.0), ("decode", 1.0)], 1, 28.0)
+    base = "\n".join([phase_line(3.0, 0.5, {"fingerprint": 0.0, "verify": 0.0, "open": 2.0}), first])
+    without = parse_phases(base, 40.0)
+    phases = parse_phases(base + "\n" + line, 40.0)
+    assert {k.removeprefix("compile/"): v for k, v in phases.items() if k.startswith("compile/")} == seconds
+    assert {k: v for k, v in phases.items() if not k.startswith("compile/")} == without

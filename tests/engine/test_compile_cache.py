@@ -20,7 +20,7 @@ DRIVER = """
 import json, sys, torch
 from megafusion.core.loading import load_model
 from megafusion.core.plan import parse_stages, validate_plan
-from megafusion.engine.compile_cache import CompileCache, compile_key, inductor_counts
+from megafusion.engine.compile_cache import CompileCache, compile_key, compile_profile, inductor_counts
 from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 bundle = load_model("tiny-sd15")
@@ -31,7 +31,7 @@ loaded = cache.load(key)
 result = MegaFusionPipeline(bundle, nets, "cpu").generate(plan, GenerationOptions("a red cube", seed=1))
 saved = None if loaded else cache.save(key)
 torch.save(result.latent, sys.argv[2])
-print(json.dumps({"loaded": loaded, "saved": saved is not None, **inductor_counts()}))
+print(json.dumps({"loaded": loaded, "saved": saved is not None, **inductor_counts(), "profile": compile_profile()}))
 """
 
 
@@ -52,11 +52,17 @@ def compile_cache_first():
 @pytest.mark.slow
 def test_second_process_compiles_nothing(compile_cache_first, tmp_path):
     first, root = compile_cache_first, BUILDS.folder("compile-cache")
+    first_seconds, first_counts = first.pop("profile")
     assert first == {"loaded": False, "saved": True, "fxgraph_cache_hit": 0,
                      "fxgraph_cache_miss": first["fxgraph_cache_miss"]} and first["fxgraph_cache_miss"] >= 1
     second = _run(root / "cc", tmp_path / "b.pt", tmp_path / "inductor-b")
+    seconds, counts = second.pop("profile")
     assert second["loaded"] and not second["saved"]
     assert second["fxgraph_cache_miss"] == 0 and second["fxgraph_cache_hit"] >= 1
+    # compile_profile tells the same story from Dynamo's timers: both trace; only the first builds kernels
+    assert first_counts["fx graph miss"] == first["fxgraph_cache_miss"] and counts["fx graph miss"] == 0
+    assert counts["fx graph hit"] == second["fxgraph_cache_hit"]
+    assert first_seconds["tracing"] > 0 and seconds["tracing"] > 0 and first_seconds["kernel waits"] > 0
     assert torch.equal(torch.load(root / "a.pt"), torch.load(tmp_path / "b.pt"))
 
 
