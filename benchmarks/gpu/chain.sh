@@ -39,6 +39,8 @@
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
+#   compiled-warm  one fresh --mode compiled process with every cache empty fills /tmp/mf-cc, then 2 fresh ones
+#               from it with empty Inductor/Triton caches; each prints where torch.compile's time went (#15)
 #   lora-swap   a random LoRA swapped into those packages: time and image against torch (#18)
 #   engines-bench  mf-bench engines:aoti beside the compiled path, same run (#15)
 #   sd15-engines  SD1.5 1024 static aoti packages built, then mf-bench engines:aoti beside compiled (#15: <= 0.6 s)
@@ -142,6 +144,9 @@ step() {  # the command line of one step
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 300 python3 benchmarks/lab/cold_start_phases.py \
       --engines /tmp/mf-aoti-sdxl-apart --runs 1 --device cuda --output $RES/cold-apart-x-eager -- --model sdxl \
       --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode eager" ;;
+    compiled-warm) echo "timeout 420 python3 benchmarks/lab/cold_start_phases.py --runs 1 --fresh-inductor-cache \
+      --device cuda --output $RES/cold-compiled-empty -- --model sdxl --random-weights --size 2048x2048 \
+      --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cc; $(step coldstart-compiled)" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
       --mode compiled --compile-cache /tmp/mf-cc" ;;
