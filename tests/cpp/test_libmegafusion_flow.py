@@ -8,6 +8,8 @@ takes 7-8 AOTInductor compiles (about 3 minutes on two cores), built once per mo
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from megafusion.core.loading import load_model
 from megafusion.runtime.flow_tokens import flow_token_ids
 
 from tests.conftest import SD3_AOTI_STAGES
+from .flow_capi import ids_text
 from .test_libmegafusion import IMAGE_TOL
 
 pytestmark = pytest.mark.slow
@@ -71,6 +74,29 @@ def test_flow_generation_equals_python(lib, flow_folders, tmp_path, model):
         assert np.abs(images["pixel"].astype(int) - images["latent"].astype(int)).max() > 10
     finally:
         lib.lib.mf_context_destroy(ctx)
+
+
+def test_c_driver_gives_the_ctypes_image(lib, cpp_build, flow_folders, tmp_path):
+    """cpp/tests/flow_run.c (no Python in its process: what ASan and compute-sanitizer run on) given the ids file
+    flow_capi.ids_text writes gives the ctypes caller's bytes; tiny-sd3, so its negative ids go through it too."""
+    model, fam = "tiny-sd3", load_model("tiny-sd3").family
+    tokens, neg = _ids(model, PROMPT), _ids(model, "")
+    rc, ctx = lib.open(flow_folders[model], model)
+    assert rc == 0, lib.error()
+    try:
+        rc, want = lib.generate(ctx, STAGES[model], SEED, fam.default_guidance, tokens, neg)
+        assert rc == 0, want
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+    (tmp_path / "ids.txt").write_text(ids_text(tokens, neg))
+    r = subprocess.run([str(next(cpp_build.rglob("megafusion_flow_run"))), str(flow_folders[model]), model, "cpu",
+                        STAGES[model], str(SEED), str(fam.default_guidance), "pixel", "1", str(tmp_path / "ids.txt"),
+                        str(tmp_path / "out.rgb")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    h, w = SIZE[model]
+    assert r.stdout.split()[:3] == [f"{w}x{h}", "graphs", "on,"], r.stdout
+    got = np.fromfile(tmp_path / "out.rgb", dtype=np.uint8).reshape(want.shape)
+    assert want.std() > 5 and np.array_equal(got, want)
 
 
 def test_bad_flow_input_is_one_line(lib, flow_folders):
