@@ -99,6 +99,43 @@ def test_c_driver_gives_the_ctypes_image(lib, cpp_build, flow_folders, tmp_path)
     assert want.std() > 5 and np.array_equal(got, want)
 
 
+# A fresh Python process as benchmarks/lab/flow_capi_parity.py is: torch imported (its libraries loaded RTLD_LOCAL),
+# libmegafusion through ctypes (RTLD_LOCAL too). Prints whether libtorch's AOTI shims are in the global symbol scope
+# before and after a generation (the flow context loads its packages in mf_generate_with).
+_LOCAL_HOST = r"""
+import ctypes, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[3])
+from flow_capi import Library
+from megafusion.core.loading import load_model
+from megafusion.runtime.flow_tokens import flow_token_ids
+ids = flow_token_ids(load_model("tiny-flux"), "a red fox")
+lib = Library(Path(sys.argv[1]))
+shims = lambda: hasattr(ctypes.CDLL(None), "aoti_torch_empty_strided")
+print("before", shims())
+rc, ctx = lib.open(Path(sys.argv[2]), "tiny-flux")
+assert rc == 0, lib.error()
+rc, img = lib.generate(ctx, "128x128:2,160x160:2", 3, 3.5, ids)
+assert rc == 0, img
+print("after", shims())
+"""
+
+
+def test_packages_load_with_libtorch_global_in_a_python_host(lib, flux_aoti):
+    """A package's wrapper.so finds libtorch's shims in the global scope; Python loads libtorch RTLD_LOCAL, where a
+    CUDA package crashed (torch 2.11, SIGSEGV: the flow C API's H200 runs through ctypes). The library promotes the
+    loaded libtorch to RTLD_GLOBAL before it loads a package; the CPU can check that it did, not the crash."""
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", _LOCAL_HOST, lib.lib._name, str(flux_aoti[0]), str(here)],
+                       capture_output=True, text=True, cwd=here.parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.split()
+    if lines[:2] != ["before", "False"]:
+        pytest.skip(f"this torch already puts its libraries in the global scope ({r.stdout.strip()})")
+    assert lines[2:] == ["after", "True"], r.stdout
+
+
 def test_bad_flow_input_is_one_line(lib, flow_folders):
     ids = _ids("tiny-flux", PROMPT)
     rc, ctx = lib.open(flow_folders["tiny-flux"], "tiny-flux")
