@@ -11,6 +11,7 @@ step). Fails where C++ and Python differ by more than 1 level or graphs on and o
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from megafusion.runtime.flow_tokens import flow_token_ids as ids  # noqa: E402
 
 
 def main(argv=None) -> int:
+    faulthandler.enable()  # a crash inside the library prints the Python line that called it
     p = argparse.ArgumentParser()
     p.add_argument("--lib", required=True)
     p.add_argument("--model", required=True)
