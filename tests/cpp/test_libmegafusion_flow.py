@@ -114,7 +114,7 @@ ids = flow_token_ids(load_model("tiny-flux"), "a red fox")
 lib = Library(Path(sys.argv[1]))
 shims = lambda: hasattr(ctypes.CDLL(None), "aoti_torch_empty_strided")
 print("before", shims())
-rc, ctx = lib.open(Path(sys.argv[2]), "tiny-flux")
+rc, ctx = lib.open(Path(sys.argv[2]), "tiny-flux", sys.argv[4])
 assert rc == 0, lib.error()
 rc, img = lib.generate(ctx, "128x128:2,160x160:2", 3, 3.5, ids)
 assert rc == 0, img
@@ -126,14 +126,29 @@ def test_packages_load_with_libtorch_global_in_a_python_host(lib, flux_aoti):
     """A package's wrapper.so finds libtorch's shims in the global scope; Python loads libtorch RTLD_LOCAL, where a
     CUDA package crashed (torch 2.11, SIGSEGV: the flow C API's H200 runs through ctypes). The library promotes the
     loaded libtorch to RTLD_GLOBAL before it loads a package; the CPU can check that it did, not the crash."""
-    here = Path(__file__).resolve().parent
-    r = subprocess.run([sys.executable, "-c", _LOCAL_HOST, lib.lib._name, str(flux_aoti[0]), str(here)],
-                       capture_output=True, text=True, cwd=here.parents[1])
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.split()
+    lines = _local_host(lib, flux_aoti[0], "cpu")
     if lines[:2] != ["before", "False"]:
-        pytest.skip(f"this torch already puts its libraries in the global scope ({r.stdout.strip()})")
-    assert lines[2:] == ["after", "True"], r.stdout
+        pytest.skip(f"this torch already puts its libraries in the global scope ({' '.join(lines)})")
+    assert lines[2:] == ["after", "True"], lines
+
+
+def _local_host(lib, folder: Path, device: str) -> list[str]:
+    here = Path(__file__).resolve().parent
+    r = subprocess.run([sys.executable, "-c", _LOCAL_HOST, lib.lib._name, str(folder), str(here), device],
+                       capture_output=True, text=True, cwd=here.parents[1])
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])  # -11: the crash (SIGSEGV)
+    return r.stdout.split()
+
+
+@pytest.mark.gpu
+def test_flow_generation_on_cuda_in_a_fresh_python_host(lib, tmp_path):
+    """The H200 crash's setting (torch 2.11, benchmarks/lab/flow_capi_parity.py): CUDA packages, libmegafusion through
+    ctypes in a process whose only torch is `import torch` (no Python package load made libtorch global first, as
+    one may have in this pytest process). Written without a GPU; not run yet."""
+    folder = tmp_path / "engines"
+    assert build_cli.main(["--model", "tiny-flux", "--backend", "aoti", "--stages", STAGES["tiny-flux"], "--device",
+                           "cuda", "--precision", "fp32", "--output", str(folder)]) == 0
+    assert _local_host(lib, folder, "cuda")[2:] == ["after", "True"]
 
 
 def test_bad_flow_input_is_one_line(lib, flow_folders):
