@@ -433,6 +433,6 @@ def cpp_build(sd15_aoti) -> Path:
     cfg = _run_cmd(["cmake", "-S", REPO, "-B", build, f"-DMEGAFUSION_TEST_ENGINES={sd15_aoti}"])  # adds a ctest
     assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
     b = _run_cmd(["cmake", "--build", build, "--target", "mf-generate-cpp", "megafusion_c_api_test",
-                  "megafusion_aoti_weights_test", "-j2"])
+                  "megafusion_aoti_weights_test", "megafusion_flow_run", "-j2"])
     assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
     return build

@@ -11,6 +11,7 @@ step). Fails where C++ and Python differ by more than 1 level or graphs on and o
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "cpp"))
-from flow_capi import Library  # noqa: E402
+from flow_capi import Library, ids_text  # noqa: E402
 
 from megafusion.cli import generate as gen_cli  # noqa: E402
 from megafusion.core.loading import load_model  # noqa: E402
@@ -28,6 +29,7 @@ from megafusion.runtime.flow_tokens import flow_token_ids as ids  # noqa: E402
 
 
 def main(argv=None) -> int:
+    faulthandler.enable()  # a crash inside the library prints the Python line that called it
     p = argparse.ArgumentParser()
     p.add_argument("--lib", required=True)
     p.add_argument("--model", required=True)
@@ -39,11 +41,15 @@ def main(argv=None) -> int:
     p.add_argument("--relay", default="pixel")
     p.add_argument("--dtype", default="fp32", help="the folder's precision (mf-generate loads the model in it)")
     p.add_argument("--output", required=True)
+    p.add_argument("--ids-out", help="write the token ids for cpp/tests/flow_run.c there and stop")
     a = p.parse_args(argv)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_model(a.model)
     fam = bundle.family
+    if a.ids_out:  # the same ids, for the C driver (no Python in its process: sanitizers see only the library)
+        Path(a.ids_out).write_text(ids_text(ids(bundle, a.prompt), ids(bundle, "") if fam.cfg else None))
+        return 0
     lib = Library(Path(a.lib))
     rc, ctx = lib.open(Path(a.engines), a.model, a.device)
     if rc != 0:

@@ -21,6 +21,12 @@ class Params(ctypes.Structure):
                 ("reschedule", ctypes.c_int), ("dilation", ctypes.c_int), ("relay", ctypes.c_char_p)]
 
 
+def ids_text(tokens: dict[str, list[int]], negative: dict[str, list[int]] | None = None) -> str:
+    """The ids file cpp/tests/flow_run.c reads: one line per encoder, "prompt|negative ENCODER id id ..."."""
+    return "".join(f"{which} {enc} {' '.join(map(str, ids))}\n"
+                   for which, given in (("prompt", tokens), ("negative", negative or {})) for enc, ids in given.items())
+
+
 def _pixels(image: np.ndarray) -> tuple:
     """(pointer, width, height) of an (H, W, 3) uint8 image; the pointer keeps the array alive."""
     px = np.ascontiguousarray(image, dtype=np.uint8)

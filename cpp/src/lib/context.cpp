@@ -5,9 +5,12 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 
 #include "aoti_weights.hpp"
 #include "megafusion/bicubic.hpp"
@@ -89,6 +92,18 @@ std::vector<std::vector<long long>> call_shapes(const Entry& e, const std::vecto
   return out;
 }
 
+// A package's wrapper.so finds libtorch's AOTI shims in the global symbol scope. A host that loaded libtorch
+// RTLD_LOCAL (Python: `import torch`, then this library through ctypes) leaves them out of it, and with torch 2.11
+// a CUDA package then crashed inside wrapper.so (SIGSEGV; Python's own loader hit it: engine/aoti_backend.py
+// _libtorch_global). So the libtorch libraries already loaded are made global before the first package loads.
+void libtorch_global() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (const char* name : {"libc10.so", "libtorch_cpu.so", "libtorch.so", "libc10_cuda.so", "libtorch_cuda.so"})
+      dlopen(name, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);  // NULL where not loaded (no CUDA): nothing to promote
+  });
+}
+
 std::unique_ptr<Network> open_network(const std::string& root, const Entry& e, const at::Device& device) {
 #ifdef MEGAFUSION_WITH_TENSORRT
   if (e.backend == "tensorrt") return std::make_unique<TrtNetwork>(root, e, device);
@@ -107,6 +122,7 @@ AotiNetwork::AotiNetwork(const std::string& root, Entry entry, const at::Device&
                                        entry_.constants + "', which libmegafusion does not know; rebuild it");
   // --weights-apart: the weight file is read (or found shared) before the package is, so a bad file fails first.
   if (entry_.constants == "apart") weights_ = shared_weights(root, entry_, device);
+  libtorch_global();
   try {
     loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
         // run_single_threaded: no locking or stream synchronization inside run(), so a CUDA graph can capture
