@@ -137,7 +137,7 @@ def compile_profile() -> tuple[dict[str, float], dict[str, int]]:
     seconds = {"tracing": max(got["dynamo"] - got["backend"] - got["guards"], 0.0), "backend": got["backend"],
                "guards": got["guards"], "kernel waits": got["kernel waits"] + got["c++ builds"],
                "module loads": got["module loads"]}
-    aot, ind = counters["aot_autograd"], counters["inductor"]
-    counts = {"fx graph hit": int(ind["fxgraph_cache_hit"]), "fx graph miss": int(ind["fxgraph_cache_miss"]),
+    fx, aot = inductor_counts(), counters["aot_autograd"]
+    counts = {"fx graph hit": fx["fxgraph_cache_hit"], "fx graph miss": fx["fxgraph_cache_miss"],
               "aot autograd hit": int(aot["autograd_cache_hit"]), "aot autograd miss": int(aot["autograd_cache_miss"])}
     return seconds, counts
