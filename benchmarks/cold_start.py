@@ -46,6 +46,9 @@ class ColdStart:
     it printed none (runs without engines)."""
     image_on_disk_s: float | None = None
     """Spawn to the PNG renamed into place (the child's age then, `saved_line`); None when it printed none."""
+    cache_lines: tuple[str, ...] = ()
+    """The child's lines about its compile cache (`compile cache: ...`, `compiled functions: ...`): whether it
+    started warm, and how many compiled functions it loaded against traced."""
 
     def describe_phases(self) -> str:
         """'start 3.1 s, model load 0.2 s, ...' ('' without phases)."""
@@ -206,4 +209,6 @@ def run_cold(name: str, args: list[str], device, env: dict[str, str] | None = No
     tail = "\n".join(line for line in out.splitlines()[-12:] if "\r" not in line)
     phases = parse_phases(out, seconds) if rc == 0 else None
     on_disk = image_on_disk(out) if rc == 0 else None
-    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases, on_disk)
+    cache = tuple(ln for ln in out.splitlines() if ln.startswith(("compile cache:", "compiled functions:")))
+    return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases, on_disk,
+                     cache)

@@ -102,8 +102,10 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                     from ..engine.compile_cache import CompileCache, cacheable, compile_key
 
                     if not cacheable(nets):
-                        CompileCache(compile_cache).load(compile_key(nets, device, plan, opts.relay,
-                                                                     opts.guidance > 1.0))
+                        cache = CompileCache(compile_cache)
+                        key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
+                        cache.load(key)
+                        nets.keep_compiled(cache.functions(key))
                 made.append(fast(nets))
         return made[0]
 

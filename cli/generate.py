@@ -360,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
             from ..engine.compile_cache import compile_profile
 
             print(compile_line(*compile_profile()))
+            print(precompile_line(nets))
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
@@ -454,10 +455,20 @@ def _swap_loras(nets, bundle, loras, plan, dilation, engine_dir, device) -> None
           f"{report.seconds:.2f} s, without recompiling")
 
 
+def precompile_line(nets) -> str:
+    """What the compiled functions did in this process: traced (and saved) or loaded without tracing."""
+    missing = next((site.missing for site in nets.precompiled if site.missing), "")
+    if missing:
+        return f"compiled functions: not kept ({missing}); Dynamo traces in every process"
+    c = nets.precompile_counters()
+    return (f"compiled functions: {c['loaded']} loaded, {c['traced']} traced, {c['saved']} saved, "
+            f"{c['rejected']} rejected")
+
+
 def _warm_start(args, nets, device, plan, opts):
     """--mode compiled: load the compiled code an earlier process saved for this model, plan and device
     (engine/compile_cache.py); returns (cache, key, loaded), or None when the cache is off."""
-    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
+    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root, keep_inductor_caches
 
     if args.no_compile_cache:
         return None
@@ -466,9 +477,11 @@ def _warm_start(args, nets, device, plan, opts):
         print(f"compile cache: off ({why})")
         return None
     cache = CompileCache(args.compile_cache or default_root())
+    keep_inductor_caches(cache.root)
     key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
     loaded = cache.load(key)
     print(f"compile cache: {'warm start from' if loaded else 'nothing yet for this model and plan in'} {cache.root}")
+    nets.keep_compiled(cache.functions(key))
     return cache, key, loaded
 
 

@@ -1,8 +1,9 @@
 """Warm start for the compiled path: what `torch.compile` produced in one process (Inductor's FX graph,
 AOTAutograd and autotuning caches, serialized by `torch.compiler.save_cache_artifacts`) is kept in a
 content-addressed folder and loaded by the next process before it compiles, so that its first generation
-reuses the compiled kernels instead of compiling them again. Dynamo still traces the modules in each new
-process; that part is seconds.
+reuses the compiled kernels instead of compiling them again. Dynamo would still trace the modules in each new
+process (28-30 s for SDXL 2048 on the H200); the compiled functions themselves are kept beside the artifacts
+(`functions`, engine/precompiled.py) so that it does not.
 
 The key holds everything the compiled code depends on: the model's architecture (the configs, not the
 weights: parameters are graph inputs, except under Inductor's `freezing`, which this cache refuses), the
@@ -74,6 +75,10 @@ class CompileCache:
         stem = self.root / f"compiled-{key.digest()[:32]}"
         return stem.with_suffix(".bin"), stem.with_suffix(".json")
 
+    def functions(self, key: CompileKey) -> Path:
+        """The folder of `key`'s compiled functions (engine/precompiled.py): with them a process skips tracing."""
+        return self.root / f"compiled-{key.digest()[:32]}-functions"
+
     def load(self, key: CompileKey) -> bool:
         """Hot-loads the artifacts of `key` into this process's compile caches; False if there are none valid."""
         data_path, meta_path = self._paths(key)
@@ -100,6 +105,18 @@ class CompileCache:
         return data_path
 
 
+def keep_inductor_caches(root: str | os.PathLike) -> dict[str, str]:
+    """Inductor's own disk cache inside the compile cache (`<root>/inductor`; Triton's goes under it unless
+    TRITON_CACHE_DIR is set) unless the user set TORCHINDUCTOR_CACHE_DIR: a loaded compiled function still builds
+    its kernels (C++ on the CPU, Triton on CUDA) unless that cache holds them, and the system's temporary folder
+    may not outlive the machine. Sets this process's environment (call it from a CLI, before compiling); returns
+    what it set."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return {}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root).resolve() / "inductor")
+    return {"TORCHINDUCTOR_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+
+
 def default_root() -> Path:
     """$MEGAFUSION_CACHE/compiled, else ~/.cache/megafusion/compiled."""
     base = os.environ.get("MEGAFUSION_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "megafusion")
@@ -124,8 +141,8 @@ def compile_profile() -> tuple[dict[str, float], dict[str, int]]:
     """Where this process's torch.compile time went, from Dynamo's own timers and Inductor's counters: seconds of
     tracing (Dynamo, less its backend and guards), the backend (AOTAutograd and Inductor, cache lookups and loads
     included), guards, waits on kernel compiles (Triton; C++ builds on the CPU) and compiled-module loads; and the
-    FX graph and AOTAutograd cache hits and misses. A warm start should show misses 0 and little backend time: what
-    remains is tracing, which no cache of compiled code skips (#15's compiled warm start)."""
+    FX graph and AOTAutograd cache hits and misses. Calls served by kept compiled functions (engine/precompiled.py)
+    show none of these: they are neither traced nor compiled in this process."""
     from torch._dynamo.utils import compile_times, counters
 
     try:

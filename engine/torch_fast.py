@@ -1,9 +1,9 @@
 """The torch backend made fast: channels_last, fused QKV, attention kernels per module, optional torch.compile.
 
 Compilation is explicit (never at import) and per call site; static shapes, so each stage shape and each
-UNet variant compiles once (the dilated variant differs in conv attributes that dynamo guards on).
-Inductor's on-disk caches make a second process start faster; where they live is up to the caller
-(TORCHINDUCTOR_CACHE_DIR).
+UNet variant compiles once (the dilated variant differs in conv attributes that dynamo guards on). Each call
+site is a `Precompiled` (engine/precompiled.py): given a folder (`keep_compiled`), it saves what it compiles and
+a later process loads it without tracing; Inductor's own disk cache (TORCHINDUCTOR_CACHE_DIR) holds the kernels.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import torch
 from ..core.loading import ModelBundle
 
 from .attention import set_attention
+from ..core.dilation import mid_dilation_of
 from .fp8 import Fp8Policy, quantize_unet
 from .networks import TorchNetworks
+from .precompiled import Precompiled, call_module, portable_guards
 
 InductorOptions = tuple[tuple[str, object], ...]
 
@@ -96,11 +98,23 @@ def prepare_module(module: torch.nn.Module, attention: str, options: FastOptions
         module.to(memory_format=torch.channels_last)
 
 
-def compile_with(fn, options: FastOptions):
-    """torch.compile as the fast backend does: static shapes, one graph; `inductor_options` replace the mode."""
-    if options.inductor_options:
-        return torch.compile(fn, options=dict(options.inductor_options), fullgraph=True, dynamic=False)
+def compile_with(fn, options: FastOptions, guard_filter=None):
+    """torch.compile as the fast backend does: static shapes, one graph; `inductor_options` replace the mode.
+    `guard_filter` (a Dynamo guard_filter_fn) goes with the options, so not with a mode other than default."""
+    opts = dict(options.inductor_options)
+    if guard_filter is not None and (opts or options.compile_mode == "default"):
+        opts["guard_filter_fn"] = guard_filter
+    if opts:
+        return torch.compile(fn, options=opts, fullgraph=True, dynamic=False)
     return torch.compile(fn, mode=options.compile_mode, fullgraph=True, dynamic=False)
+
+
+def vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def vae_encode(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return vae.encode(images).latent_dist.mean
 
 
 class FastTorchNetworks(TorchNetworks):
@@ -115,9 +129,26 @@ class FastTorchNetworks(TorchNetworks):
         prepare_module(bundle.vae, options.vae_attention, options)
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
-        if options.compile_unet:
-            self.unet_fn = compile_with(bundle.unet, options)
+        compile = lambda fn: compile_with(fn, options, portable_guards)  # noqa: E731
+        self.precompiled: list[Precompiled] = []
+        if options.compile_unet:  # the mid-block dilation changes the traced code (conv attributes)
+            self.unet_fn = Precompiled("unet", call_module, bundle.unet, compile, lambda: mid_dilation_of(bundle.unet))
+            self.precompiled.append(self.unet_fn)
         if options.compile_vae:
-            self.decode_fn = compile_with(self._decode, options)
-            self.encode_fn = compile_with(self._encode, options)
+            self.decode_fn = Precompiled("vae-decode", vae_decode, bundle.vae, compile)
+            self.encode_fn = Precompiled("vae-encode", vae_encode, bundle.vae, compile)
+            self.precompiled += [self.decode_fn, self.encode_fn]
+
+    def keep_compiled(self, folder) -> None:
+        """Save each compiled function in `folder` and reuse the ones there (engine/precompiled.py)."""
+        for site in self.precompiled:
+            site.attach(folder)
+
+    def precompile_counters(self) -> dict[str, int]:
+        """traced / loaded / saved / rejected, summed over the call sites."""
+        total = {"traced": 0, "loaded": 0, "saved": 0, "rejected": 0}
+        for site in self.precompiled:
+            for k, v in site.counters.items():
+                total[k] += v
+        return total
 

@@ -38,6 +38,10 @@
 #   gpu-tests-11  GPU tests not run before: IP-Adapter engines in the step graph, --weights-apart packages, fast path
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
+#   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
+#               cache (engine/precompiled.py; env.sh's TORCHINDUCTOR_CACHE_DIR dropped, so mf-generate puts Inductor's
+#               cache there too): one fresh --mode compiled process from nothing into /tmp/mf-cck, then 2
+#   load-profile  cProfile of building the random SDXL model on the GPU (the compiled path's model-load phase)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   compiled-warm  one fresh --mode compiled process with every cache empty fills /tmp/mf-cc, then 2 fresh ones
 #               from it with empty Inductor/Triton caches; each prints where torch.compile's time went (#15)
@@ -147,6 +151,13 @@ step() {  # the command line of one step
     compiled-warm) echo "timeout 420 python3 benchmarks/lab/cold_start_phases.py --runs 1 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled-empty -- --model sdxl --random-weights --size 2048x2048 \
       --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cc; $(step coldstart-compiled)" ;;
+    compiled-kept) echo "rm -rf /tmp/mf-cck; (unset TORCHINDUCTOR_CACHE_DIR; timeout 480 python3 \
+      benchmarks/lab/cold_start_phases.py --runs 1 --device cuda --output $RES/cold-kept-empty -- --model sdxl \
+      --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cck; \
+      du -sh /tmp/mf-cck/*; timeout 300 python3 benchmarks/lab/cold_start_phases.py --runs 2 --device cuda \
+      --output $RES/cold-kept -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled \
+      --compile-cache /tmp/mf-cck)" ;;
+    load-profile) echo "timeout 120 python3 benchmarks/lab/load_profile.py --model sdxl --device cuda" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
       --mode compiled --compile-cache /tmp/mf-cc" ;;
