@@ -102,3 +102,13 @@ def test_freezing_is_not_cached(tiny_sd15):
     assert "freezing" in cacheable(Nets())
     Nets.options = FastOptions()
     assert cacheable(Nets()) == ""
+
+
+def test_inductor_cache_lives_in_the_compile_cache_unless_the_user_chose(tmp_path, monkeypatch):
+    from megafusion.engine.compile_cache import keep_inductor_caches
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert keep_inductor_caches(tmp_path) == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path.resolve() / "inductor")}
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path.resolve() / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert keep_inductor_caches(tmp_path) == {} and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
