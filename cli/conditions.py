@@ -318,8 +318,8 @@ def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dila
     """mf-generate --engines --ip-adapter: `nets` whose UNet step runs the unet_ip engines built beside the plan's
     (`mf-build-engines --ip-adapter`), with the image embeddings computed once: by the folder's image encoder engine
     when it holds one for --ip-adapter-encoder (`mf-build-engines ... --ip-adapter-encoder DIR`), else by the torch
-    CLIP vision encoder. Missing entries, another scale, or an encoder whose projection does not fit the IP-Adapter
-    end in one line."""
+    CLIP vision encoder; also returns which of the two ran, for the run's line. Missing entries, another scale, or an
+    encoder whose projection does not fit the IP-Adapter end in one line."""
     import torch
 
     from ..core.image_encoder import read_encoder_config
@@ -345,6 +345,7 @@ def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dila
                              f"IP-Adapter {args.ip_adapter!r} takes {dim}")
         engine = open_image_encoder(args.engines, bundle.family.name, args.ip_adapter_encoder, nets.backend,
                                     precision, device)
+        where = f"image encoder {nets.backend} engine" if engine is not None else "image encoder in torch"
         if engine is not None:
             embeds = encode_with_engine(engine, load_image_processor(args.ip_adapter_encoder), image, device)
         else:  # as the torch path
@@ -352,4 +353,4 @@ def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dila
             embeds = encode_ip_image(encoder, processor, image, device)
     except (EngineError, IPAdapterError) as e:
         raise UsageError(str(e)) from None
-    return EngineIPAdapterNetworks(nets, embeds, runners, device)
+    return EngineIPAdapterNetworks(nets, embeds, runners, device), where
