@@ -49,7 +49,8 @@ def export_image_encoder_aoti(encoder: torch.nn.Module, spec: NetworkSpec, path,
     return package_exported(trace, Path(path), spec.name, t0, kernel_context=kernel_context)
 
 
-def export_image_encoder_onnx(encoder: torch.nn.Module, spec: NetworkSpec, path, *, device: str = "cpu") -> ExportResult:
+def export_image_encoder_onnx(encoder: torch.nn.Module, spec: NetworkSpec, path, *,
+                              device: str = "cpu") -> ExportResult:
     """`encoder` to the `.onnx` file `path` at the spec's one shape (eager attention while tracing, as the text
     encoders are exported)."""
     t0 = time.perf_counter()
