@@ -93,13 +93,16 @@ def open_image_encoder(engine_dir: str | Path, model: str, folder: str | Path, b
     from .backend import get_backend
 
     engine_dir, device = Path(engine_dir), torch.device(device)
-    if backend not in ("aoti", "onnxruntime"):
-        return None
+    cache = EngineCache(engine_dir)
+    if backend not in ("aoti", "onnxruntime") or not any(
+            (e.key.model, e.key.network, e.key.backend) == (model, IMAGE_ENCODER, backend)
+            for e in cache.entries().values()):
+        return None  # without hashing the encoder's folder (gigabytes for a real one) for nothing
     hashes = FileHashes(engine_dir / HASHES)
     spec = spec_of_config(read_encoder_config(folder), precision)
     key = encoder_key(model, spec, backend, get_backend(backend).version(), device_name(device),
                       encoder_fingerprint(folder, hashes))
-    entry = EngineCache(engine_dir).lookup(key, hashes)
+    entry = cache.lookup(key, hashes)
     hashes.save()
     if entry is None:
         return None
