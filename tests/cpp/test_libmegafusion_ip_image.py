@@ -32,9 +32,9 @@ from .test_libmegafusion import IMAGE_TOL, _run
 
 pytestmark = pytest.mark.slow
 
-EMBED_ATOL = 0.02
-"""Largest allowed difference per embedding value (tiny random encoder, values of magnitude about 2.6); measured
-on the images below: at most 0.0 (the images need no resize or their resizes agree), see the test's message."""
+EMBED_ATOL = 5e-3
+"""Largest allowed difference per embedding value (tiny random encoder, values of magnitude about 2.6); measured on
+the images below: 0.0016 (the pixels' 1-2 level differences; the package itself is within 5e-7 of torch)."""
 
 
 def _ids():
@@ -104,8 +104,8 @@ def _refused(lib, ctx, code: int, needle: str, **inputs) -> None:
 def test_refusals(lib, ctx, ip_case, tmp_path):
     ref, n = ip_case["ref"], ip_case["embeds"].size
     _refused(lib, ctx, 1, "IP-Adapter image: size 0x40", ip_image=ref[:, :0])
-    _refused(lib, ctx, 1, "IP-Adapter embeds: these inputs hold an IP-Adapter image already; give the image or the "
-                          "embeds, not both", ip_image=ref, ip_embeds=ip_case["embeds"])
+    _refused(lib, ctx, 1, "IP-Adapter image: these inputs hold IP-Adapter embeds already; give the image or the "
+                          "embeds, not both", ip_image=ref, ip_embeds=ip_case["embeds"])  # embeds set first
     _refused(lib, ctx, 1, "IP-Adapter image with ControlNets: the unet_ip engines take no ControlNet residuals",
              ip_image=ref, controls=(("edges", ref, 1.0, 0.0, 1.0),))
     rc, msg = lib.image_embeds(ctx, ref, n - 1)
