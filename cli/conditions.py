@@ -237,65 +237,97 @@ def image_start_from_args(args: argparse.Namespace, plan, entry_rule=None):
 
 
 def add_ip_build_arguments(p: argparse.ArgumentParser) -> None:
-    """mf-build-engines' --ip-adapter and --ip-adapter-scale (engine/ipadapter_engines.py)."""
+    """mf-build-engines' --ip-adapter, --ip-adapter-scale and --ip-adapter-encoder (engine/ipadapter_engines.py,
+    engine/image_encoder_engines.py)."""
     p.add_argument("--ip-adapter", metavar="FILE",
                    help="also build the UNet with this IP-Adapter (.safetensors) loaded, its image projection and "
-                        "IP attention inside (network unet_ip; aoti or onnxruntime); the CLIP image encoder is not "
-                        "built: mf-generate runs it in torch, once per image")
+                        "IP attention inside (network unet_ip; aoti or onnxruntime)")
     p.add_argument("--ip-adapter-scale", type=float, metavar="S",
                    help="with --ip-adapter: the scale baked into those engines (default: 1.0); mf-generate --engines "
                         "runs them at this scale only")
+    p.add_argument("--ip-adapter-encoder", metavar="DIR",
+                   help="with --ip-adapter: also build this CLIP vision model folder's image encoder (network "
+                        "image_encoder), which mf-generate --engines then runs instead of torch and the C API needs "
+                        "for mf_inputs_set_ip_adapter_image; its image processor's steps go to models.json")
 
 
 def ip_build_args(args: argparse.Namespace, backend: str, dynamic: bool, jobs: int,
                   networks: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """mf-build-engines --ip-adapter: file and options checked before the model load. Returns --networks split into
-    (the others, the IP-Adapter networks)."""
+    (the others, the IP-Adapter networks: unet_ip selectors and image_encoder)."""
+    from ..core.image_encoder_specs import IMAGE_ENCODER
     from ..engine.ipadapter_engines import IP_SELECTORS
 
-    ip = tuple(n for n in networks if n in IP_SELECTORS)
+    ip = tuple(n for n in networks if n in IP_SELECTORS or n == IMAGE_ENCODER)
     if args.ip_adapter is None:
         if ip:
             raise UsageError(f"--networks {','.join(ip)}: IP-Adapter networks need --ip-adapter FILE")
-        if args.ip_adapter_scale is not None:
-            raise UsageError("--ip-adapter-scale needs --ip-adapter")
+        if args.ip_adapter_scale is not None or args.ip_adapter_encoder is not None:
+            raise UsageError(f"{'--ip-adapter-scale' if args.ip_adapter_scale is not None else '--ip-adapter-encoder'}"
+                             " needs --ip-adapter")
         return networks, ()
     if not Path(args.ip_adapter).is_file():
         raise UsageError(f"--ip-adapter {args.ip_adapter!r}: no such file")
     if args.ip_adapter_scale is not None and not math.isfinite(args.ip_adapter_scale):
         raise UsageError(f"--ip-adapter-scale {args.ip_adapter_scale}: must be a finite number")
+    if args.ip_adapter_encoder is not None and not Path(args.ip_adapter_encoder, "config.json").is_file():
+        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: not a CLIP vision model folder "
+                         "(no config.json)")
+    if IMAGE_ENCODER in ip and args.ip_adapter_encoder is None:
+        raise UsageError(f"--networks {IMAGE_ENCODER}: the image encoder engine needs --ip-adapter-encoder DIR")
     _check_static_engines("--ip-adapter", "IP-Adapter", backend, dynamic)
     if jobs > 1:
         raise UsageError(f"--ip-adapter with --jobs {jobs}: build the IP-Adapter engines with --jobs 1")
-    return tuple(n for n in networks if n not in IP_SELECTORS), ip
+    return tuple(n for n in networks if n not in ip), ip
 
 
 def build_ip_adapter(bundle, args: argparse.Namespace, req, networks: tuple[str, ...] = ()) -> None:
     """mf-build-engines --ip-adapter: the file read and checked against the UNet, its unet_ip engines built into
-    the request's folder (`networks`: only those)."""
-    from ..engine.ipadapter_engines import build_ip_engines
+    the request's folder, and with --ip-adapter-encoder the image encoder's engine (`networks`: only those)."""
+    from ..core.image_encoder import read_encoder_config
+    from ..core.image_encoder_specs import IMAGE_ENCODER
+    from ..engine.image_encoder_engines import build_image_encoder_engine
+    from ..engine.ipadapter_engines import build_ip_engines, embed_dim
     from ..runtime.ipadapter import IPAdapterError, read_ip_adapter
 
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
         state = read_ip_adapter(args.ip_adapter, bundle.unet)
+        config = None if args.ip_adapter_encoder is None else read_encoder_config(args.ip_adapter_encoder)
     except IPAdapterError as e:
         raise UsageError(str(e)) from None
+    if config is not None and int(config.projection_dim) != embed_dim(state):
+        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: projects to {config.projection_dim} "
+                         f"features; the IP-Adapter {args.ip_adapter!r} takes {embed_dim(state)}")
     scale = 1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale
-    report = build_ip_engines(bundle, state, args.ip_adapter, scale, req, networks,
-                              log=lambda msg: print(msg, flush=True))
-    print(f"ip-adapter: {len(report.built)} built, {len(report.skipped)} up to date")
+    unet_ip = tuple(n for n in networks if n != IMAGE_ENCODER)
+    built = skipped = 0
+    if unet_ip or not networks:
+        report = build_ip_engines(bundle, state, args.ip_adapter, scale, req, unet_ip, log=log)
+        built, skipped = len(report.built), len(report.skipped)
+    if config is not None and (IMAGE_ENCODER in networks or not networks):
+        try:
+            report = build_image_encoder_engine(bundle.family, args.ip_adapter_encoder, req, log=log)
+        except IPAdapterError as e:
+            raise UsageError(str(e)) from None
+        built, skipped = built + len(report.built), skipped + len(report.skipped)
+    print(f"ip-adapter: {built} built, {skipped} up to date")
 
 
 def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dilation: int, device):
     """mf-generate --engines --ip-adapter: `nets` whose UNet step runs the unet_ip engines built beside the plan's
-    (`mf-build-engines --ip-adapter`), with the image embeddings computed once by the torch CLIP vision encoder.
-    Missing entries, another scale, or an encoder whose projection does not fit the IP-Adapter end in one line."""
+    (`mf-build-engines --ip-adapter`), with the image embeddings computed once: by the folder's image encoder engine
+    when it holds one for --ip-adapter-encoder (`mf-build-engines ... --ip-adapter-encoder DIR`), else by the torch
+    CLIP vision encoder; also returns which of the two ran, for the run's line. Missing entries, another scale, or an
+    encoder whose projection does not fit the IP-Adapter end in one line."""
     import torch
 
+    from ..core.image_encoder import read_encoder_config
     from ..engine.cache import EngineError
+    from ..engine.image_encoder_engines import encode_with_engine, open_image_encoder
     from ..engine.ipadapter_engines import embed_dim, open_ip_runners
     from ..runtime.ipadapter import (EngineIPAdapterNetworks, IPAdapterError, encode_ip_image, load_image_encoder,
-                                     read_ip_adapter)
+                                     load_image_processor, read_ip_adapter)
 
     try:
         state = read_ip_adapter(args.ip_adapter, bundle.unet)  # checked against the UNet's layout (no weights needed)
@@ -307,13 +339,18 @@ def ip_adapter_engines(nets, bundle, plan, args: argparse.Namespace, image, dila
     try:
         runners = open_ip_runners(args.engines, bundle, plan, dim, args.ip_adapter, args.ip_adapter_scale,
                                   nets.backend, precision, dilation, device, nets.weights.get("unet"))
-        encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, nets.unet_dtype)  # as the torch path
+        got = int(read_encoder_config(args.ip_adapter_encoder).projection_dim)
+        if got != dim:
+            raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: projects to {got} features; the "
+                             f"IP-Adapter {args.ip_adapter!r} takes {dim}")
+        engine = open_image_encoder(args.engines, bundle.family.name, args.ip_adapter_encoder, nets.backend,
+                                    precision, device)
+        where = f"image encoder {nets.backend} engine" if engine is not None else "image encoder in torch"
+        if engine is not None:
+            embeds = encode_with_engine(engine, load_image_processor(args.ip_adapter_encoder), image, device)
+        else:  # as the torch path
+            encoder, processor = load_image_encoder(args.ip_adapter_encoder, device, nets.unet_dtype)
+            embeds = encode_ip_image(encoder, processor, image, device)
     except (EngineError, IPAdapterError) as e:
         raise UsageError(str(e)) from None
-    got = int(encoder.config.projection_dim)
-    if got != dim:
-        raise UsageError(f"--ip-adapter-encoder {args.ip_adapter_encoder!r}: projects to {got} features; the "
-                         f"IP-Adapter {args.ip_adapter!r} takes {dim}")
-    embeds = encode_ip_image(encoder, processor, image, device)
-    del encoder  # the embeddings are all the stages need
-    return EngineIPAdapterNetworks(nets, embeds, runners, device)
+    return EngineIPAdapterNetworks(nets, embeds, runners, device), where

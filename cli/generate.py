@@ -304,9 +304,9 @@ def run(args: argparse.Namespace) -> int:
     if ip_image is not None and args.engines:
         from .conditions import ip_adapter_engines
 
-        nets = ip_adapter_engines(nets, bundle, plan, args, ip_image, dilation, device)
+        nets, encoder = ip_adapter_engines(nets, bundle, plan, args, ip_image, dilation, device)
         print(f"ip-adapter: {args.ip_adapter} x{args.ip_adapter_scale:g}, image {args.ip_adapter_image} (unet_ip "
-              f"{nets.backend} engines; image encoder in torch)")
+              f"{nets.backend} engines; {encoder})")
     elif ip_image is not None:
         from ..runtime.ipadapter import (IPAdapterError, IPAdapterNetworks, encode_ip_image, load_image_encoder,
                                          load_ip_adapter, read_ip_adapter)

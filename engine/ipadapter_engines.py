@@ -3,9 +3,11 @@ into an engine folder, and open them for a run.
 
 Entries sit in the same content-addressed cache as the plan's other engines. Their key's weights field holds the
 UNet's fingerprint, the IP-Adapter file's sha256 and the scale baked in (`ip_adapter_fingerprint`), so another file
-or scale is another entry. The image encoder stays in torch: its embeddings are computed once per generation. The
-aoti backend builds one static package per stage shape (as for the UNet), onnxruntime one model over the plan's
-stage profiles, as the ControlNet engines (engine/controlnet_engines.py, whose helpers this module reuses).
+or scale is another entry. The image encoder's embeddings are computed once per generation: by its own engine when
+`mf-build-engines ... --ip-adapter-encoder DIR` built one (engine/image_encoder_engines.py; the C API needs it to
+take an image), else by the torch encoder. The aoti backend builds one static package per stage shape (as for the
+UNet), onnxruntime one model over the plan's stage profiles, as the ControlNet engines (engine/controlnet_engines.py,
+whose helpers this module reuses).
 """
 from __future__ import annotations
 

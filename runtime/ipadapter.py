@@ -13,13 +13,10 @@ from pathlib import Path
 import torch
 
 from ..core.dilation import mid_dilation
+from ..core.image_encoder import IPAdapterError, load_image_encoder, load_image_processor  # noqa: F401  (runtime's API)
 from ..core.ipadapter import load_ip_adapter  # noqa: F401  (runtime's API; core holds it for export)
 from ..engine.networks import TorchNetworks, WrappedNetworks
 from ..engine.runners import run_spec
-
-
-class IPAdapterError(ValueError):
-    """An IP-Adapter, its image or image encoder that cannot be used; the message names it."""
 
 
 def read_ip_adapter(path: str | Path, unet: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -61,24 +58,6 @@ def read_ip_adapter(path: str | Path, unet: torch.nn.Module) -> dict[str, dict[s
         raise IPAdapterError(f"--ip-adapter {str(path)!r}: {len(out['ip_adapter'])} ip_adapter tensors for the "
                              f"UNet's {len(layers)} cross-attention layers (an IP-Adapter for another architecture?)")
     return out
-
-
-def load_image_encoder(folder: str | Path, device, dtype):
-    """(CLIPVisionModelWithProjection, CLIPImageProcessor) from a folder; the processor's own config when the
-    folder has one (preprocessor_config.json), CLIP's defaults otherwise."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    p = Path(folder)
-    if not (p / "config.json").is_file():
-        raise IPAdapterError(f"--ip-adapter-encoder {str(folder)!r}: not a CLIP vision model folder (no config.json)")
-    try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(str(p))
-    except (OSError, ValueError) as e:
-        raise IPAdapterError(f"--ip-adapter-encoder {str(folder)!r}: cannot be loaded "
-                             f"({str(e).splitlines()[0]})") from None
-    processor = (CLIPImageProcessor.from_pretrained(str(p)) if (p / "preprocessor_config.json").is_file()
-                 else CLIPImageProcessor())
-    return encoder.to(device=device, dtype=dtype).eval(), processor
 
 
 @torch.inference_mode()

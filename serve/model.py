@@ -122,7 +122,7 @@ class ModelServer:
                 from ..runtime.ipadapter import read_ip_adapter
 
                 self.ip_dim = embed_dim(read_ip_adapter(cfg.ip_adapter, self.bundle.unet))
-                self._ip_encoder = None  # (encoder, processor), loaded with the first unet_ip engines, in their dtype
+                self._ip_encode = None  # image -> embeddings, made with the first unet_ip engines (`_ip_encoder`)
         else:
             # the IP-Adapter's image and scale change per request, outside anything a captured graph would see
             eager = self.device.type != "cuda" or cfg.ip_adapter is not None
@@ -225,7 +225,7 @@ class ModelServer:
         entries, or entries of another scale, are a ServeModelError with the build command."""
         from ..engine.cache import EngineError
         from ..engine.ipadapter_engines import open_ip_runners
-        from ..runtime.ipadapter import EngineIPAdapterNetworks, IPAdapterError, load_image_encoder
+        from ..runtime.ipadapter import EngineIPAdapterNetworks, IPAdapterError
 
         key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
                dilation, relay, "ip-adapter")
@@ -237,14 +237,10 @@ class ModelServer:
                 runners = open_ip_runners(self.cfg.engines, self.bundle, plan, self.ip_dim, self.cfg.ip_adapter,
                                           self.cfg.engines_ip_scale, nets.backend, precision, dilation, self.device,
                                           nets.weights.get("unet"))
-                if self._ip_encoder is None:  # as mf-generate loads it: on the device, in the UNet engines' dtype
-                    self._ip_encoder = load_image_encoder(self.cfg.ip_adapter_encoder, self.device, nets.unet_dtype)
+                if self._ip_encode is None:
+                    self._ip_encode = self._ip_encoder(nets.backend, precision, nets.unet_dtype)
             except (EngineError, IPAdapterError) as e:
                 raise ServeModelError(str(e)) from None
-            got = int(self._ip_encoder[0].config.projection_dim)
-            if got != self.ip_dim:
-                raise ServeModelError(f"--ip-adapter-encoder {self.cfg.ip_adapter_encoder!r}: projects to {got} "
-                                      f"features; the IP-Adapter {self.cfg.ip_adapter!r} takes {self.ip_dim}")
             blank = torch.zeros(1, 1, self.ip_dim)  # each request's embeddings are copied in (set_image_embeds)
             pipe = self._pipeline(EngineIPAdapterNetworks(nets, blank, runners, self.device))
             self._engines[key] = pipe
@@ -252,6 +248,25 @@ class ModelServer:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(key)
         return pipe
+
+    def _ip_encoder(self, backend: str, precision: str, dtype: torch.dtype):
+        """image -> embeddings, as mf-generate --engines makes them: the folder's image encoder engine when it holds
+        one for --ip-adapter-encoder, else the torch encoder on the device in the UNet engines' dtype."""
+        from ..core.image_encoder import read_encoder_config
+        from ..engine.image_encoder_engines import encode_with_engine, open_image_encoder
+        from ..runtime.ipadapter import encode_ip_image, load_image_encoder, load_image_processor
+
+        folder = self.cfg.ip_adapter_encoder
+        got = int(read_encoder_config(folder).projection_dim)
+        if got != self.ip_dim:
+            raise ServeModelError(f"--ip-adapter-encoder {folder!r}: projects to {got} features; the IP-Adapter "
+                                  f"{self.cfg.ip_adapter!r} takes {self.ip_dim}")
+        engine = open_image_encoder(self.cfg.engines, self.family.name, folder, backend, precision, self.device)
+        if engine is not None:
+            processor = load_image_processor(folder)
+            return lambda image: encode_with_engine(engine, processor, image, self.device)
+        encoder, processor = load_image_encoder(folder, self.device, dtype)
+        return lambda image: encode_ip_image(encoder, processor, image, self.device)
 
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds)."""
@@ -280,10 +295,8 @@ class ModelServer:
                 if self.conditions.networks_for(req.conditions) is self.conditions.controlled:
                     pipe = self.control_pipe
             elif req.conditions.ip_image is not None:  # engines: the unet_ip engines, the embeddings made once
-                from ..runtime.ipadapter import encode_ip_image
-
                 pipe = self.ip_engines_for(req.plan, req.options.dilation, req.options.relay)
-                pipe.nets.set_image_embeds(encode_ip_image(*self._ip_encoder, req.conditions.ip_image, self.device))
+                pipe.nets.set_image_embeds(self._ip_encode(req.conditions.ip_image))
             elif req.conditions.controls:  # engines: the ControlNet engines opened for the plan's shapes
                 pipe = self.controlled_engines_for(req.plan, req.options.dilation, req.options.relay)
                 pipe.nets.controls = [Control(m, c.image, c.scale, c.start, c.end)

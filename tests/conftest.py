@@ -73,8 +73,9 @@ sys.exit(main(["--model", model, "--backend", "aoti", "--stages", stages, "--dev
                "transformer", "--controlnet", str(cn), "--output", str(root / "e")]))
 """
 
-# A copy of the session's tiny-sd15 folder plus a tiny IP-Adapter's (seed 3) and tiny image encoder's unet_ip
-# static packages (standard and dilated: two compiles) for the C API test tests/cpp/test_libmegafusion_ip.py.
+# A copy of the session's tiny-sd15 folder plus a tiny IP-Adapter's (seed 3) unet_ip static packages (standard and
+# dilated: two compiles) and the tiny image encoder's package (a third, about 10 s) for the C API tests
+# tests/cpp/test_libmegafusion_ip*.py and tests/engine/test_image_encoder_engines.py.
 IP_DRIVER = """
 import shutil, sys
 from pathlib import Path
@@ -86,7 +87,8 @@ shutil.copytree(src, root / "engines")
 ip = save_ip_adapter(tiny_ip_adapter(load_model("tiny-sd15").unet, seed=3), root / "ip.safetensors")
 save_tiny_image_encoder(root / "encoder")
 sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--ip-adapter",
-               str(ip), "--ip-adapter-scale", scale, "--networks", "unet_ip", "--output", str(root / "engines")]))
+               str(ip), "--ip-adapter-scale", scale, "--ip-adapter-encoder", str(root / "encoder"), "--networks",
+               "unet_ip,image_encoder", "--output", str(root / "engines")]))
 """
 
 # A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
@@ -269,8 +271,8 @@ def sd15_control_aoti(sd15_aoti) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def sd15_ip_aoti(sd15_aoti) -> tuple[Path, Path, Path]:
     """(engine folder, IP-Adapter file, image encoder folder): the session's tiny-sd15 packages plus a tiny
-    IP-Adapter's unet_ip static packages of AOTI_STAGES at IP_SCALE (standard and dilated: two compiles), built once
-    for the C API test tests/cpp/test_libmegafusion_ip.py."""
+    IP-Adapter's unet_ip static packages of AOTI_STAGES at IP_SCALE (standard and dilated: two compiles) and the
+    tiny image encoder's package, built once for the C API tests and tests/engine/test_image_encoder_engines.py."""
     BUILDS.get("sd15_ip_aoti")
     root = BUILDS.folder("ip-aoti")
     return root / "engines", root / "ip.safetensors", root / "encoder"
@@ -388,15 +390,17 @@ IP_SCALE = 0.7
 @pytest.fixture(scope="session")
 def sd15_ip_ort(tiny_sd15, sd15_engines, tmp_path_factory) -> tuple[Path, Path, str]:
     """(engine folder, IP-Adapter file, what mf-build-engines printed): the session's tiny-sd15 ONNX Runtime engines
-    plus a tiny random IP-Adapter's unet_ip engines (seed 3, IP_SCALE), built by `mf-build-engines --ip-adapter`
-    once for tests/engine/test_ipadapter_engines.py and tests/cli/test_ipadapter_engines_cli.py (two ONNX exports,
-    seconds); tests that change the folder copy it first."""
+    plus a tiny random IP-Adapter's unet_ip engines (seed 3, IP_SCALE) and the tiny image encoder's engine (saved in
+    the folder's parent as `encoder`: `ip_encoder`), built by `mf-build-engines --ip-adapter --ip-adapter-encoder`
+    once for tests/engine/test_ipadapter_engines.py, tests/engine/test_image_encoder_engines.py and
+    tests/cli/test_ipadapter_engines_cli.py (three ONNX exports, seconds); tests that change the folder copy it
+    first."""
     import contextlib
     import io
 
     from megafusion.cli import build_engines as build_cli
     from tests.engines import STAGES
-    from tests.runtime.test_ipadapter import save_ip_adapter, tiny_ip_adapter
+    from tests.runtime.test_ipadapter import save_ip_adapter, save_tiny_image_encoder, tiny_ip_adapter
 
     root = tmp_path_factory.mktemp("ip-ort")
     out = root / "engines"
@@ -405,8 +409,16 @@ def sd15_ip_ort(tiny_sd15, sd15_engines, tmp_path_factory) -> tuple[Path, Path, 
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
         assert build_cli.main(["--model", "tiny-sd15", "--stages", STAGES, "--device", "cpu", "--ip-adapter", str(ip),
-                               "--ip-adapter-scale", str(IP_SCALE), "--output", str(out)]) == 0
+                               "--ip-adapter-scale", str(IP_SCALE), "--ip-adapter-encoder",
+                               str(save_tiny_image_encoder(root / "encoder")), "--output", str(out)]) == 0
     return out, ip, said.getvalue()
+
+
+@pytest.fixture(scope="session")
+def ip_encoder(sd15_ip_ort) -> Path:
+    """The tiny image encoder folder (tests/runtime/test_ipadapter.py save_tiny_image_encoder) whose engine
+    `sd15_ip_ort` holds."""
+    return sd15_ip_ort[0].parent / "encoder"
 
 
 @pytest.fixture

@@ -16,11 +16,13 @@ const char* const kUsage =
     "                       [--relay pixel|latent] [--device cpu|cuda[:N]] [--repeats N] [--no-graphs]\n"
     "                       [--image PPM [--strength S] [--start-stage K]]\n"
     "                       [--controlnet NAME --control-image PPM ... [--control-scale F] [--control-start F]\n"
-    "                        [--control-end F]] [--ip-adapter-embeds FILE]\n"
+    "                        [--control-end F]] [--ip-adapter-embeds FILE | --ip-adapter-image PPM]\n"
     "--image: start from this photo (binary PPM, P6); --strength: fraction of the steps that run (default 0.8)\n"
     "--controlnet: a ControlNet whose engines the folder holds, by its folder's name or weights fingerprint\n"
     "--ip-adapter-embeds: the IP-Adapter image's CLIP image_embeds, float32 little-endian (raw or .npy), run\n"
     "  with the folder's unet_ip engines (mf-build-engines --ip-adapter FILE)\n"
+    "--ip-adapter-image: the IP-Adapter image itself (binary PPM), encoded by the folder's image encoder package\n"
+    "  (mf-build-engines --ip-adapter FILE --ip-adapter-encoder DIR)\n"
     "--no-graphs: run the denoise steps one by one instead of replaying one CUDA graph per stage descriptor\n"
     "engine files are always checked against their sha256 (--verify-hashes is accepted and does nothing)\n";
 
@@ -207,7 +209,7 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
                                          "--relay", "--device", "--steps", "--seed", "--guidance", "--dilation",
                                          "--repeats", "--image", "--strength", "--start-stage", "--controlnet",
                                          "--control-image", "--control-scale", "--control-start", "--control-end",
-                                         "--ip-adapter-embeds"};
+                                         "--ip-adapter-embeds", "--ip-adapter-image"};
     bool known = false;
     for (const char* v : valued) known = known || a == v;
     if (!known) return error = "unknown argument " + quoted(a) + " (see --help)", kUsageError;
@@ -242,6 +244,7 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
     else if (a == "--controlnet") cl.controlnets.push_back(v);
     else if (a == "--control-image") cl.control_images.push_back(v);
     else if (a == "--ip-adapter-embeds") cl.ip_embeds = v;
+    else if (a == "--ip-adapter-image") cl.ip_image = v;
     else {  // --control-scale, --control-start, --control-end
       float f = 0;
       ok = parse_float(a, v, f, error);
@@ -272,9 +275,14 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
              kUsageError;
     v->resize(n, v->empty() ? fallback : v->front());
   }
-  if (!cl.ip_embeds.empty() && n != 0)  // as mf-generate --engines: no unet_ip engine takes ControlNet residuals
-    return error = "--ip-adapter-embeds with --controlnet: the IP-Adapter engines take no ControlNet; give one or "
-                   "the other",
+  for (const auto& [flag, v] : {std::make_pair("--ip-adapter-embeds", &cl.ip_embeds),
+                                std::make_pair("--ip-adapter-image", &cl.ip_image)})
+    if (!v->empty() && n != 0)  // as mf-generate --engines: no unet_ip engine takes ControlNet residuals
+      return error = std::string(flag) + " with --controlnet: the IP-Adapter engines take no ControlNet; give one "
+                     "or the other",
+             kUsageError;
+  if (!cl.ip_embeds.empty() && !cl.ip_image.empty())
+    return error = "--ip-adapter-image and --ip-adapter-embeds exclude each other (the image gives the embeddings)",
            kUsageError;
   if (!read_ids("--ids", cl.ids, cl.prompt, cl.negative, error)) return kUsageError;
   return 0;

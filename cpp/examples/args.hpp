@@ -10,6 +10,7 @@
 //   --start-stage  an integer >= 1; needs --image
 //   --controlnet NAME / --control-image FILE  pairwise; --control-scale/-start/-end once or once per ControlNet
 //   --ip-adapter-embeds  a file of float32 values (raw or .npy); not with --controlnet
+//   --ip-adapter-image  a binary PPM; not with --controlnet or --ip-adapter-embeds
 //   --ids       lines "prompt I id..." / "negative I id..." of MF_TOKEN_LENGTH ids each, ids 0 <= id < 2^31
 #ifndef MEGAFUSION_EXAMPLES_ARGS_HPP_
 #define MEGAFUSION_EXAMPLES_ARGS_HPP_
@@ -42,8 +43,9 @@ struct CommandLine {
   // once per ControlNet (mf-generate's rule).
   std::vector<std::string> controlnets, control_images;
   std::vector<float> control_scales, control_starts, control_ends;
-  // IP-Adapter: --ip-adapter-embeds FILE, the image encoder's image_embeds (examples/embeds.hpp reads it).
-  std::string ip_embeds;
+  // IP-Adapter: --ip-adapter-embeds FILE, the image encoder's image_embeds (examples/embeds.hpp reads it), or
+  // --ip-adapter-image FILE (PPM), which the folder's image encoder package encodes.
+  std::string ip_embeds, ip_image;
 };
 
 // A finite float, whole text; false with `error` naming `flag` otherwise.

@@ -5,6 +5,7 @@
 //   ... --image photo.ppm --strength 0.6                       (image to image)
 //   ... --controlnet canny --control-image edges.ppm           (ControlNet engines built from folder .../canny)
 //   ... --ip-adapter-embeds embeds.npy                          (unet_ip engines of mf-build-engines --ip-adapter)
+//   ... --ip-adapter-image ref.ppm                              (and its image encoder: --ip-adapter-encoder DIR)
 //
 // The last line of output gives the timings and the CUDA graph counters ("graphs on|off, C captures, R replays");
 // the line before it, how the engine files were verified ("N hashed, M by file-hashes.json").
@@ -43,7 +44,7 @@ int main(int argc, char** argv) {
 
   // The photo and control images, read before the engines load (a bad file is a usage error).
   mf_inputs* inputs = nullptr;
-  if (!cl.image.empty() || !cl.controlnets.empty() || !cl.ip_embeds.empty()) {
+  if (!cl.image.empty() || !cl.controlnets.empty() || !cl.ip_embeds.empty() || !cl.ip_image.empty()) {
     if (mf_status s = mf_inputs_create(&inputs); s != MF_OK) return std::cerr << "mf-generate-cpp: " << mf_last_error() << "\n", s;
     try {
       mf_status s = MF_OK;
@@ -59,6 +60,10 @@ int main(int argc, char** argv) {
       if (s == MF_OK && !cl.ip_embeds.empty()) {
         const std::vector<float> e = mfembeds::read("--ip-adapter-embeds", cl.ip_embeds);
         s = mf_inputs_set_ip_adapter_embeds(inputs, e.data(), e.size());
+      }
+      if (s == MF_OK && !cl.ip_image.empty()) {
+        const mfppm::Image im = mfppm::read("--ip-adapter-image", cl.ip_image);
+        s = mf_inputs_set_ip_adapter_image(inputs, im.rgb.data(), im.width, im.height);
       }
       if (s != MF_OK) throw std::runtime_error(mf_last_error());
     } catch (const std::exception& e) {

@@ -142,6 +142,28 @@ int main(int argc, char** argv) {
   expect("ip embeds", mf_inputs_set_ip_adapter_embeds(in, embeds, 4), MF_OK, NULL);
   expect("no unet_ip engines", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_ENGINE,
          "no unet_ip (IP-Adapter) aoti engines");
+  expect("ip image after embeds", mf_inputs_set_ip_adapter_image(in, photo, 8, 8), MF_ERROR_INVALID_ARGUMENT,
+         "these inputs hold IP-Adapter embeds already");
+  mf_inputs_destroy(in);
+  expect("inputs for an IP-Adapter image", mf_inputs_create(&in), MF_OK, NULL);
+  expect("ip image, null inputs", mf_inputs_set_ip_adapter_image(NULL, photo, 8, 8), MF_ERROR_INVALID_ARGUMENT,
+         "inputs is NULL");
+  expect("ip image, null pixels", mf_inputs_set_ip_adapter_image(in, NULL, 8, 8), MF_ERROR_INVALID_ARGUMENT,
+         "IP-Adapter image: rgb is NULL");
+  expect("ip image, width 0", mf_inputs_set_ip_adapter_image(in, photo, 0, 8), MF_ERROR_INVALID_ARGUMENT,
+         "IP-Adapter image: size 0x8");
+  expect("ip image", mf_inputs_set_ip_adapter_image(in, photo, 8, 8), MF_OK, NULL);
+  expect("ip image, no unet_ip engines", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_ENGINE,
+         "no unet_ip (IP-Adapter) aoti engines");
+  float out[4];
+  expect("image embeds, null ctx", mf_ip_adapter_image_embeds(NULL, photo, 8, 8, out, 4), MF_ERROR_INVALID_ARGUMENT,
+         "ctx is NULL");
+  expect("image embeds, null out", mf_ip_adapter_image_embeds(ctx, photo, 8, 8, NULL, 4), MF_ERROR_INVALID_ARGUMENT,
+         "embeds (the output) is NULL");
+  expect("image embeds, null pixels", mf_ip_adapter_image_embeds(ctx, NULL, 8, 8, out, 4),
+         MF_ERROR_INVALID_ARGUMENT, "IP-Adapter image: rgb is NULL");
+  expect("image embeds, no unet_ip engines", mf_ip_adapter_image_embeds(ctx, photo, 8, 8, out, 4), MF_ERROR_ENGINE,
+         "no unet_ip (IP-Adapter) aoti engines");
   mf_inputs_destroy(in);
   mf_inputs_destroy(NULL);
   expect("graphs off, null ctx", mf_set_cuda_graphs(NULL, 0), MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");

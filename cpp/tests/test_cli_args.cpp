@@ -130,6 +130,13 @@ int main(int argc, char** argv) {
   check(p.rc == 0 && p.cl.ip_embeds == "e.npy", "--ip-adapter-embeds kept");
   refused({"--ip-adapter-embeds", "e.npy", "--controlnet", "a", "--control-image", "a.ppm"},
           "--ip-adapter-embeds with --controlnet: the IP-Adapter engines take no ControlNet; give one or the other");
+  // --ip-adapter-image: a PPM, not with a ControlNet nor with embeds.
+  p = parse({"--ip-adapter-image", "ref.ppm"});
+  check(p.rc == 0 && p.cl.ip_image == "ref.ppm" && p.cl.ip_embeds.empty(), "--ip-adapter-image kept");
+  refused({"--ip-adapter-image", "ref.ppm", "--controlnet", "a", "--control-image", "a.ppm"},
+          "--ip-adapter-image with --controlnet: the IP-Adapter engines take no ControlNet; give one or the other");
+  refused({"--ip-adapter-image", "ref.ppm", "--ip-adapter-embeds", "e.npy"},
+          "--ip-adapter-image and --ip-adapter-embeds exclude each other (the image gives the embeddings)");
   auto embeds_error = [](const std::string& path) {
     try {
       mfembeds::read("--ip-adapter-embeds", path);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../src/lib/control_entries.hpp"
+#include "../src/lib/image_encoder.hpp"
 #include "../src/lib/inputs.hpp"
 
 #include "check.hpp"
@@ -81,6 +82,20 @@ int main() {
   check(in.ip_embeds.empty(), "no embeds kept after refusals");
   in.set_ip_embeds(embeds.data(), 2);
   check(in.ip_embeds == std::vector<float>{0.5f, -1.25f}, "embeds kept");
+  expect_failure("image after embeds", "IP-Adapter image: these inputs hold IP-Adapter embeds already; give the image "
+                 "or the embeds, not both", [&] { in.set_ip_image(px.data(), 4, 3); });
+  check(!in.ip_image && in.ip_embeds.size() == 2, "the embeds stay, no image kept");
+  Inputs by_image;
+  expect_failure("ip image NULL", "IP-Adapter image: rgb is NULL", [&] { by_image.set_ip_image(nullptr, 4, 3); });
+  expect_failure("ip image 0x3", "IP-Adapter image: size 0x3", [&] { by_image.set_ip_image(px.data(), 0, 3); });
+  expect_failure("ip image too large", "IP-Adapter image: size 70000x70000",
+                 [&] { by_image.set_ip_image(px.data(), 70000, 70000); });
+  by_image.set_ip_image(px.data(), 4, 3);
+  check(by_image.ip_image && by_image.ip_image->width == 4 && by_image.ip_image->rgb.size() == 36, "ip image kept");
+  expect_failure("embeds after image", "IP-Adapter embeds: these inputs hold an IP-Adapter image already",
+                 [&] { by_image.set_ip_embeds(embeds.data(), 2); });
+  by_image.set_ip_image(px.data(), 2, 3);
+  check(by_image.ip_image->width == 2 && by_image.ip_embeds.empty(), "a second image replaces the first");
 
   // entry_point against Python's: plan 30+10+10 steps.
   const StagePlan p = plan_of({30, 10, 10});
@@ -178,6 +193,49 @@ int main() {
   expect_failure("two IP-Adapters", "hold unet_ip engines of 2 IP-Adapters (file sha256 dddddddddddd at scale 0.7, "
                  "eeeeeeeeeeee at scale 1.0)",
                  [&] { resolve_ip_adapter(f, "tiny-sd15", unet_fp, "HINT"); }, MF_ERROR_ENGINE);
+
+  // IP-Adapter image encoders: the one of the IP-Adapter's length the folder has entries and a record of.
+  Entry enc_a, enc_b;
+  enc_a.model = enc_b.model = "tiny-sd15";
+  enc_a.network = enc_b.network = "image_encoder";
+  enc_a.backend = enc_b.backend = "aoti";
+  enc_a.weights = "mf2:files:" + std::string(64, 'a'), enc_b.weights = "mf2:files:" + std::string(64, 'b');
+  ImageEncoderFacts clip;
+  clip.source = "/enc/a", clip.image_size = 224, clip.projection_dim = 24, clip.shortest_edge = 224;
+  clip.crop_height = clip.crop_width = 224;
+  f.models["tiny-sd15"].image_encoders[enc_a.weights] = clip;
+  const std::string build = "HINT --ip-adapter-encoder <folder>";
+  expect_failure("no image encoder entries", "no image_encoder (IP-Adapter image encoder) aoti engine of 24 features "
+                 "for tiny-sd15 in /engines; build it with: HINT --ip-adapter-encoder <folder>",
+                 [&] { resolve_image_encoder(f, "tiny-sd15", 24, build); }, MF_ERROR_ENGINE);
+  f.entries.push_back(enc_a);
+  ImageEncoderId enc = resolve_image_encoder(f, "tiny-sd15", 24, build);
+  check(enc.fingerprint == enc_a.weights && enc.facts.source == "/enc/a", "the recorded encoder with entries");
+  expect_failure("an encoder of another length", "no image_encoder (IP-Adapter image encoder) aoti engine of 32",
+                 [&] { resolve_image_encoder(f, "tiny-sd15", 32, build); }, MF_ERROR_ENGINE);
+  ImageEncoderFacts clip_b = clip;
+  clip_b.source = "/enc/b";
+  f.models["tiny-sd15"].image_encoders[enc_b.weights] = clip_b;
+  f.entries.push_back(enc_b);
+  expect_failure("two encoders", "hold 2 IP-Adapter image encoders of 24 features (from /enc/a, /enc/b)",
+                 [&] { resolve_image_encoder(f, "tiny-sd15", 24, build); }, MF_ERROR_ENGINE);
+  // clip_steps against transformers' (get_resize_output_image_size, center_crop; values from Python).
+  ClipSteps s = clip_steps(clip, 640, 480);  // height the shorter: 224 x int(224 * 640 / 480) = 298
+  check(s.resize_h == 224 && s.resize_w == 298 && s.top == 0 && s.left == 37 && s.crop_h == 224, "640x480");
+  s = clip_steps(clip, 40, 48);  // width the shorter: int(224 * 48 / 40) = 268 (268.8)
+  check(s.resize_w == 224 && s.resize_h == 268 && s.top == 22 && s.left == 0, "40x48");
+  s = clip_steps(clip, 300, 300);
+  check(s.resize_w == 224 && s.resize_h == 224 && s.top == 0 && s.left == 0, "square");
+  ImageEncoderFacts odd = clip;
+  odd.resample = 1;
+  expect_failure("resample lanczos", "resizes with PIL resample 1; libmegafusion reproduces bilinear (2) and bicubic "
+                 "(3) only", [&] { clip_steps(odd, 64, 64); }, MF_ERROR_ENGINE);
+  odd = clip, odd.do_resize = false;
+  expect_failure("image smaller than the crop", "IP-Adapter image 100x300 is 100x300 after the resize, smaller than "
+                 "the encoder's crop 224x224", [&] { clip_steps(odd, 100, 300); });
+  odd = clip, odd.crop_height = odd.crop_width = 200;
+  expect_failure("crop not the engine's side", "makes 200x200 pixel values of a 64x64 image; its engine takes 224x224",
+                 [&] { clip_steps(odd, 64, 64); }, MF_ERROR_ENGINE);
 
   // SD3 / FLUX block samples summed as export/dit_controlnet_aoti.py control_layout sums them (its numbers in
   // tests/engine/test_dit_controlnet_engines.py test_layout_sums_over_the_shorter_list, and SD3's zip).

@@ -25,7 +25,7 @@ def _image(path, seed=2):
     return path
 
 
-def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_ip_ort, tmp_path, capsys):
+def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_ip_ort, ip_encoder, tmp_path, capsys):
     built, ip, _ = sd15_ip_ort
     out = tmp_path / "engines"
     shutil.copytree(built, out)
@@ -34,13 +34,13 @@ def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_ip_or
     said = capsys.readouterr().out  # that network alone, and none of the plan's others
     assert "ip-adapter: 0 built, 1 up to date" in said and "manifest" not in said
 
-    enc, ref = save_tiny_image_encoder(tmp_path / "enc"), _image(tmp_path / "ref.png")
+    enc, ref = ip_encoder, _image(tmp_path / "ref.png")  # the folder holds this encoder's engine
     gen = [*BASE, "--prompt", "a teapot", "--no-progress", "--ip-adapter", str(ip), "--ip-adapter-image", str(ref),
            "--ip-adapter-encoder", str(enc)]
     paths = {k: tmp_path / f"{k}.png" for k in ("engines", "torch", "plain")}
     assert gen_cli.main([*gen, "--ip-adapter-scale", str(IP_SCALE), "--engines", str(out), "--output",
                          str(paths["engines"])]) == 0
-    assert "(unet_ip onnxruntime engines; image encoder in torch)" in capsys.readouterr().out
+    assert "(unet_ip onnxruntime engines; image encoder onnxruntime engine)" in capsys.readouterr().out
     assert gen_cli.main([*gen, "--ip-adapter-scale", str(IP_SCALE), "--output", str(paths["torch"])]) == 0
     assert gen_cli.main([*BASE, "--prompt", "a teapot", "--no-progress", "--engines", str(out), "--output",
                          str(paths["plain"])]) == 0
@@ -48,6 +48,14 @@ def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_ip_or
     assert np.abs(a - b).max() <= 1  # as tests.engines asks of every engine run
     assert np.abs(a - plain).max() > 10  # the IP-Adapter acts
     capsys.readouterr()
+
+    unbuilt = save_tiny_image_encoder(tmp_path / "unbuilt")  # same weights, but its own folder: not built here
+    (unbuilt / "note.txt").write_text("another folder fingerprint")
+    enc_at = gen.index("--ip-adapter-encoder") + 1
+    assert gen_cli.main([*gen[:enc_at], str(unbuilt), *gen[enc_at + 1:], "--ip-adapter-scale", str(IP_SCALE),
+                         "--engines", str(out), "--output", str(paths["plain"])]) == 0
+    assert "(unet_ip onnxruntime engines; image encoder in torch)" in capsys.readouterr().out
+    assert np.abs(np.asarray(Image.open(paths["plain"])).astype(int) - a).max() <= 1  # the same encoder, in torch
 
     bad = tmp_path / "bad.png"
     assert gen_cli.main([*gen, "--ip-adapter-scale", "0.5", "--engines", str(out), "--output", str(bad)]) == 2
@@ -66,11 +74,9 @@ def test_build_then_generate_on_engines_matches_torch_path(tiny_sd15, sd15_ip_or
                                                    num_hidden_layers=1, num_attention_heads=4, image_size=32,
                                                    patch_size=8)).save_pretrained(str(wide))
     capsys.readouterr()
-    enc_at = gen.index("--ip-adapter-encoder") + 1
     assert gen_cli.main([*gen[:enc_at], str(wide), "--ip-adapter-scale", str(IP_SCALE), "--engines", str(out),
                          "--output", str(bad)]) == 2
-    err = capsys.readouterr().err  # the encoder's load prints its progress bar first
-    _one_line(err[err.index("mf-generate: error:"):], "projects to 16 features; the IP-Adapter")
+    _one_line(capsys.readouterr().err, "projects to 16 features; the IP-Adapter")  # before loading the encoder
     assert not bad.exists()
 
 
@@ -123,3 +129,36 @@ def test_build_refuses_ip_adapter_for_other_families(tmp_path, capsys):
         assert build_cli.main(["--model", model, "--ip-adapter", str(tmp_path / "x"), "--output",
                                str(tmp_path / "o")]) == 2
         _one_line(capsys.readouterr().err, f"--ip-adapter: {model} has no IP-Adapter engines")
+
+
+def test_build_refuses_encoder_flags_before_the_load(tmp_path, capsys, monkeypatch):
+    """--ip-adapter-encoder: needs --ip-adapter, a CLIP vision folder; --networks image_encoder needs the folder."""
+    monkeypatch.setattr("megafusion.core.loading.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    ip = tmp_path / "ip.safetensors"
+    ip.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    args = [*BASE, "--output", str(tmp_path / "o")]
+    for extra, needle in (
+            (["--ip-adapter-encoder", str(tmp_path)], "--ip-adapter-encoder needs --ip-adapter"),
+            (["--networks", "image_encoder"], "--networks image_encoder: IP-Adapter networks need --ip-adapter FILE"),
+            (["--ip-adapter", str(ip), "--ip-adapter-encoder", str(tmp_path / "empty")],
+             f"--ip-adapter-encoder {str(tmp_path / 'empty')!r}: not a CLIP vision model folder (no config.json)"),
+            (["--ip-adapter", str(ip), "--networks", "unet_ip,image_encoder"],
+             "--networks image_encoder: the image encoder engine needs --ip-adapter-encoder DIR")):
+        assert build_cli.main([*args, *extra]) == 2
+        _one_line(capsys.readouterr().err, needle)
+
+
+def test_build_refuses_an_encoder_of_another_width(tiny_sd15, sd15_ip_ort, tmp_path, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    wide = tmp_path / "wide"  # projects to 16 features, the IP-Adapter takes 24
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=16,
+                                                   num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                                                   patch_size=8)).save_pretrained(str(wide))
+    _, ip, _ = sd15_ip_ort
+    capsys.readouterr()  # the save's progress bar
+    assert build_cli.main([*BASE, "--ip-adapter", str(ip), "--ip-adapter-encoder", str(wide), "--networks",
+                           "image_encoder", "--output", str(tmp_path / "o")]) == 2
+    _one_line(capsys.readouterr().err, "projects to 16 features; the IP-Adapter")
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -1,6 +1,7 @@
 """ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py,
 test_libmegafusion_flow_img2img.py): the context, the params, the token setters, the photo and ControlNet setters;
-IP-Adapter embeddings; one generation into an RGB array, or (status, message); the CUDA graph switch and counters."""
+IP-Adapter embeddings or image, and an image's embeddings; one generation into an RGB array, or (status, message);
+the CUDA graph switch and counters."""
 from __future__ import annotations
 
 import ctypes
@@ -52,6 +53,10 @@ class Library:
                                               ctypes.c_float]
         lib.mf_inputs_set_ip_adapter_embeds.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
                                                         ctypes.c_size_t]
+        lib.mf_inputs_set_ip_adapter_image.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int,
+                                                       ctypes.c_int]
+        lib.mf_ip_adapter_image_embeds.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int,
+                                                   ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t]
         lib.mf_generate_with.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
         lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
@@ -72,6 +77,13 @@ class Library:
         assert self.lib.mf_graph_counters(ctx, ctypes.byref(captures), ctypes.byref(replays)) == 0, self.error()
         return captures.value, replays.value
 
+    def image_embeds(self, ctx, image: np.ndarray, n: int) -> tuple[int, np.ndarray | str]:
+        """mf_ip_adapter_image_embeds: (0, n float32 embeddings) or (status, message)."""
+        out = np.zeros(n, dtype=np.float32)
+        ptr = out.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self.lib.mf_ip_adapter_image_embeds(ctx, *_pixels(image), ptr, n)
+        return rc, (out if rc == 0 else self.error())
+
     def open(self, engines: Path, model: str, device: str = "cpu") -> tuple[int, ctypes.c_void_p]:
         ctx = ctypes.c_void_p()
         opts = Options(str(engines).encode(), model.encode(), device.encode(), 0)
@@ -81,9 +93,10 @@ class Library:
                  negative: dict[str, list[int]] | None = None, relay: str = "pixel",
                  init: tuple[np.ndarray, float, int] | None = None,
                  controls: tuple[tuple[str, np.ndarray, float, float, float], ...] = (),
-                 ip_embeds: np.ndarray | None = None, **fields) -> tuple[int, np.ndarray | str]:
+                 ip_embeds: np.ndarray | None = None, ip_image: np.ndarray | None = None,
+                 **fields) -> tuple[int, np.ndarray | str]:
         """`init`: (photo (H, W, 3) uint8, strength, start_stage); `controls`: (name, image, scale, start, end);
-        `ip_embeds`: IP-Adapter image embeddings (float32)."""
+        `ip_embeds`: IP-Adapter image embeddings (float32); `ip_image`: the IP-Adapter image, (H, W, 3) uint8."""
         p = Params()
         self.lib.mf_generate_params_init(ctypes.byref(p))
         p.stages, p.seed, p.guidance, p.relay = stages.encode(), seed, guidance, relay.encode()
@@ -111,6 +124,10 @@ class Library:
                 e = np.ascontiguousarray(ip_embeds, dtype=np.float32)
                 rc = self.lib.mf_inputs_set_ip_adapter_embeds(inputs, e.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                                               e.size)
+                if rc != 0:
+                    return rc, self.error()
+            if ip_image is not None:
+                rc = self.lib.mf_inputs_set_ip_adapter_image(inputs, *_pixels(ip_image))
                 if rc != 0:
                     return rc, self.error()
             w, h = ctypes.c_int(), ctypes.c_int()

@@ -2,8 +2,9 @@
 generations (the embeddings are a buffer the graph reads), and the graphed image within 2 levels of the same library
 with graphs off and of Python's `mf-generate --engines --ip-adapter` on the same packages and embeddings.
 
-Builds libmegafusion with CUDA, tiny-sd15 AOTInductor packages on the GPU and a tiny IP-Adapter's unet_ip ones;
-skipped without CUDA (tests/conftest.py) or nvcc.
+Builds libmegafusion with CUDA, tiny-sd15 AOTInductor packages on the GPU, a tiny IP-Adapter's unet_ip ones and the
+tiny image encoder's (the image path, mf_inputs_set_ip_adapter_image); skipped without CUDA (tests/conftest.py) or
+nvcc. Written without a GPU: not run yet.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def ip_cuda(sd15_aoti_cuda, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
     ref = root / "ref.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref)
     assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cuda",
-                       "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE), "--networks", "unet_ip",
-                       "--output", str(out)]) == 0
+                       "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE), "--ip-adapter-encoder",
+                       str(enc), "--networks", "unet_ip,image_encoder", "--output", str(out)]) == 0
     return out, ip, enc, ref
 
 
@@ -96,3 +97,20 @@ def test_plain_then_ip_in_one_context_capture_apart(cuda_build, ip_cuda):
     assert counters == (4, 2 * 4)  # two stage descriptors each for plain and IP, one generation each
     assert _max_diff(graphed, off) <= GRAPH_TOL
     assert _max_diff(graphed, plain) > 10  # a replayed plain graph would have given the plain image
+
+
+def test_ip_image_in_graphs_equals_embeds(cuda_build, ip_cuda, tmp_path):
+    """mf-generate-cpp --ip-adapter-image on CUDA: the image encoder package runs before the graphs (the same two
+    captures), and the image is the embeddings' within GRAPH_TOL (the C++ pixels within 2 levels of transformers')."""
+    out, _, enc, ref = ip_cuda
+    np.save(tmp_path / "e.npy", _embeds(enc, ref).astype("<f4"))
+    by_embeds, _ = _cpp(cuda_build, out, tmp_path / "e.npy", tmp_path)
+    Image.open(ref).convert("RGB").save(tmp_path / "ref.ppm")
+    png = tmp_path / "image.png"
+    r = _run([cuda_build / "cpp" / "mf-generate-cpp", "--engines", out, "--model", "tiny-sd15", "--ids",
+              tmp_path / "ids.txt", "--stages", AOTI_STAGES, "--seed", 3, "--device", "cuda", "--repeats", 2,
+              "--output", png, "--ip-adapter-image", tmp_path / "ref.ppm"])
+    assert r.returncode == 0, r.stderr
+    m = COUNTERS.search(r.stdout)
+    assert (m.group(1), int(m.group(2)), int(m.group(3))) == ("on", 2, 2 * 4)
+    assert _max_diff(np.asarray(Image.open(png).convert("RGB")), by_embeds) <= GRAPH_TOL

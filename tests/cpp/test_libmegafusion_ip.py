@@ -5,7 +5,9 @@ the unet_ip packages do not serve is one line naming it and the command that bui
 
 The caller computes the embeddings (here with the tiny image encoder, as mf-generate does) and mf-generate-cpp reads
 them (--ip-adapter-embeds, .npy or raw float32). The unet_ip packages (standard and dilated: two compiles, about a
-minute on two cores) are built into a copy of the session's tiny-sd15 folder (tests/conftest.py `sd15_ip_aoti`).
+minute on two cores) are built into a copy of the session's tiny-sd15 folder (tests/conftest.py `sd15_ip_aoti`),
+and the case (`ip_case`) is tests/cpp/conftest.py's. The image path (mf_inputs_set_ip_adapter_image) is
+tests/cpp/test_libmegafusion_ip_image.py's.
 """
 from __future__ import annotations
 
@@ -16,41 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megafusion.cli import generate as gen_cli
 from megafusion.runtime.conditioning import token_ids
-from megafusion.runtime.tokens import format_ids, load_tokenizers
+from megafusion.runtime.tokens import load_tokenizers
 
-from ..conftest import AOTI_STAGES, IP_SCALE
+from ..conftest import AOTI_STAGES
+from .conftest import NEGATIVE, PROMPT, SEED  # ip_case's generation (tests/cpp/conftest.py)
 from .test_libmegafusion import IMAGE_TOL, _run
 
 pytestmark = pytest.mark.slow
-
-PROMPT, NEGATIVE, SEED = "a red cube", "blurry", 3
-
-
-@pytest.fixture(scope="module")
-def ip_case(sd15_ip_aoti, tmp_path_factory) -> dict:
-    """The reference image, its embeddings as .npy and raw float32, the ids file and Python's IP image."""
-    import torch
-
-    from megafusion.runtime.ipadapter import encode_ip_image, load_image_encoder
-
-    engines, ip, encoder = sd15_ip_aoti
-    tmp = tmp_path_factory.mktemp("cpp-ip")
-    ref = tmp / "ref.png"
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(ref)
-    enc, proc = load_image_encoder(encoder, "cpu", torch.float32)
-    embeds = encode_ip_image(enc, proc, Image.open(ref).convert("RGB"), "cpu").reshape(-1).numpy()
-    np.save(tmp / "e.npy", embeds.astype("<f4"))
-    (tmp / "e.f32").write_bytes(embeds.astype("<f4").tobytes())
-    (tmp / "ids.txt").write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), PROMPT, NEGATIVE))
-    py = tmp / "py.png"
-    assert gen_cli.main(["--model", "tiny-sd15", "--engines", str(engines), "--stages", AOTI_STAGES, "--prompt",
-                         PROMPT, "--negative-prompt", NEGATIVE, "--seed", str(SEED), "--device", "cpu",
-                         "--no-progress", "--ip-adapter", str(ip), "--ip-adapter-scale", str(IP_SCALE),
-                         "--ip-adapter-image", str(ref), "--ip-adapter-encoder", str(encoder), "--output",
-                         str(py)]) == 0
-    return {"engines": engines, "tmp": tmp, "embeds": embeds, "py": np.asarray(Image.open(py).convert("RGB"))}
 
 
 def _cpp(build: Path, case: dict, *flags, engines: Path | None = None):

@@ -67,7 +67,7 @@ def test_spec_is_what_the_ip_unet_takes(tiny_sd15, tiny_sdxl):
 
 def test_keys_hold_the_ip_adapter_and_scale(sd15_ip_ort, tiny_sd15, tmp_path):
     folder, path, said = sd15_ip_ort
-    assert "ip-adapter: 2 built, 0 up to date" in said and "0 built, 5 up to date" in said
+    assert "ip-adapter: 3 built, 0 up to date" in said and "0 built, 5 up to date" in said  # 2 unet_ip, encoder
     cache = EngineCache(folder)
     mine = [e for e in cache.entries().values() if e.key.network == UNET_IP]
     assert sorted(e.key.dilation for e in mine) == [1, 2]  # standard at stage 1, dilated after

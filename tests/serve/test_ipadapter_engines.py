@@ -56,7 +56,8 @@ def test_ip_requests_on_engines_are_mf_generates_bytes(sd15_ip_ort, encoder, tmp
                  "a kite", "--seed", "2", "--no-progress", "--ip-adapter", str(ip), "--ip-adapter-encoder",
                  str(encoder), "--ip-adapter-image", str(tmp_path / "ref.png"), "--ip-adapter-scale", str(IP_SCALE),
                  "--output", str(ref)]) == 0
-    assert "(unet_ip onnxruntime engines; image encoder in torch)" in capsys.readouterr().out
+    # the folder holds this encoder's engine (the same files as sd15_ip_ort's encoder): server and CLI both run it
+    assert "(unet_ip onnxruntime engines; image encoder onnxruntime engine)" in capsys.readouterr().out
     assert got == ref.read_bytes()
     assert got != plain  # a plain request runs the plain engines, without the IP-Adapter
     other = serve(ip_adapter_image=b64(png_bytes(7)), ip_adapter_scale=IP_SCALE)

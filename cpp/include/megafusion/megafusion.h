@@ -130,16 +130,39 @@ mf_status mf_inputs_add_control(mf_inputs* inputs, const char* controlnet, const
 
 /* IP-Adapter (SD1.5 / SDXL): `embeds` holds the reference image's image embeddings, n floats: the CLIP vision
  * encoder's `image_embeds` (CLIPVisionModelWithProjection; runtime/ipadapter.py encode_ip_image computes them), which
- * the caller computes: libmegafusion runs no image encoder. A generation with them runs the folder's `unet_ip`
- * packages (`mf-build-engines --backend aoti --ip-adapter FILE --ip-adapter-scale S`; the scale is built in) in the
- * UNet's place, standard or dilated per stage as the UNet, with [zeros, embeds] on the CFG batch, inside the same
- * step graphs (the adapter is part of a graph's descriptor). mf_generate_with refuses, before any network runs: a
+ * the caller computes (or libmegafusion from the image: mf_inputs_set_ip_adapter_image below). A generation with
+ * them runs the folder's `unet_ip` packages (`mf-build-engines --backend aoti --ip-adapter FILE --ip-adapter-scale
+ * S`; the scale is built in) in the UNet's place, standard or dilated per stage as the UNet, with [zeros, embeds] on
+ * the CFG batch, inside the same step graphs (the adapter is part of a graph's descriptor). mf_generate_with
+ * refuses, before any network runs: a
  * folder without unet_ip packages for its UNet or the plan's stage sizes (MF_ERROR_ENGINE / MF_ERROR_UNSUPPORTED_SIZE,
  * naming the mf-build-engines command), a folder holding several IP-Adapters or scales (MF_ERROR_ENGINE: one per
  * folder), n other than the packages' embedding length (MF_ERROR_INVALID_ARGUMENT naming both), and ControlNets
  * with it (no unet_ip package takes their residuals). Values are copied; a non-finite one is refused here.
  * Replaces earlier embeds. */
 mf_status mf_inputs_set_ip_adapter_embeds(mf_inputs* inputs, const float* embeds, size_t n);
+
+/* IP-Adapter from the reference image itself: `rgb` holds height rows of width * 3 bytes (RGB8), any size. The
+ * folder's image encoder package (`mf-build-engines --backend aoti --ip-adapter FILE --ip-adapter-encoder DIR`, the
+ * CLIP vision model DIR built beside the unet_ip packages) turns it into the embeddings once per generation, then
+ * the generation runs as with mf_inputs_set_ip_adapter_embeds. The image is first made into the encoder's
+ * pixel_values as its CLIPImageProcessor does (the steps models.json records: shortest side resized to the crop size,
+ * bicubic, on the 8-bit image; center crop; scaled to [0, 1]; normalized with the processor's mean and std), within
+ * 2 levels of 255 of transformers' pixels (PIL's bicubic against torch's antialiased one). mf_generate_with refuses,
+ * before any network runs, besides the embeds' refusals: a folder without an image_encoder package whose
+ * embeddings have the unet_ip packages' length (MF_ERROR_ENGINE naming the mf-build-engines command), or with
+ * several (MF_ERROR_ENGINE naming their folders: one per folder), or one built by another torch or for another
+ * device (MF_ERROR_ENGINE), and an image smaller than the encoder's crop after its resize (MF_ERROR_INVALID_ARGUMENT).
+ * Here: NULL, a side < 1 or more than 2^28 pixels (MF_ERROR_INVALID_ARGUMENT). An image and embeds are one or the
+ * other: setting either while the other is set is MF_ERROR_INVALID_ARGUMENT and changes nothing (use another
+ * mf_inputs). The pixels are copied; an image replaces an earlier image. */
+mf_status mf_inputs_set_ip_adapter_image(mf_inputs* inputs, const uint8_t* rgb, int width, int height);
+
+/* The embeddings mf_inputs_set_ip_adapter_image's path computes for an image, into `embeds` (n floats: the unet_ip
+ * packages' length, else MF_ERROR_INVALID_ARGUMENT naming it), with the same refusals: for a server that keeps them
+ * per reference image and passes them with mf_inputs_set_ip_adapter_embeds. */
+mf_status mf_ip_adapter_image_embeds(mf_context* ctx, const uint8_t* rgb, int width, int height, float* embeds,
+                                     size_t n);
 
 /* ---- SD3 and FLUX (docs/ALGORITHM.md §18): token ids per encoder --------------------------------------------
  * A context opened with model "sd3", "flux", "tiny-sd3" or "tiny-flux" runs the flow-matching stage loop on the

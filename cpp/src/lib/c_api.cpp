@@ -145,6 +145,26 @@ mf_status mf_inputs_set_ip_adapter_embeds(mf_inputs* inputs, const float* embeds
   });
 }
 
+mf_status mf_inputs_set_ip_adapter_image(mf_inputs* inputs, const uint8_t* rgb, int width, int height) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.set_ip_image(rgb, width, height);
+  });
+}
+
+mf_status mf_ip_adapter_image_embeds(mf_context* ctx, const uint8_t* rgb, int width, int height, float* embeds,
+                                     size_t n) {
+  return guarded([&] {
+    if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");
+    if (!embeds) throw Failure(MF_ERROR_INVALID_ARGUMENT, "embeds (the output) is NULL");
+    if (ctx->flow)
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, "SD3 and FLUX contexts have no IP-Adapter image encoder in the C API");
+    megafusion::lib::Inputs in;  // the same checks of the pixels as mf_inputs_set_ip_adapter_image
+    in.set_ip_image(rgb, width, height);
+    ctx->unet->ip_image_embeds(*in.ip_image, embeds, n);
+  });
+}
+
 mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n) {
   return guarded([&] {
     if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");

@@ -412,7 +412,7 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   const EntryPoint entry = photo ? entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};
   // ControlNets (§16): named, their engines found for every stage that runs, before any work.
   const bool controlled = inputs && !inputs->controls.empty();
-  const bool with_ip = inputs && !inputs->ip_embeds.empty();
+  const bool with_ip = inputs && (!inputs->ip_embeds.empty() || inputs->ip_image);
   std::string stages;  // the plan, for the command that builds a missing ControlNet's or IP-Adapter's engines
   for (const StageSize& s : plan.stages) stages += (stages.empty() ? "" : ",") + stage_str(s);
   const std::string hint = plan_build_hint(folder_, family_->name, device_name_, backend_, precision_, stages);
@@ -420,17 +420,18 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
     throw Failure(MF_ERROR_ENGINE, std::string(controlled ? "ControlNets" : "IP-Adapters") +
                                        " run on aoti packages; the " + family_->name + " engines in " + folder_.root +
                                        " this context runs are " + backend_);
-  // IP-Adapter: the folder's one adapter for this UNet, its embedding length checked, before any work.
+  // IP-Adapter: the folder's one adapter for this UNet, its embedding length (or its image encoder package and the
+  // image's sizes) checked, before any work.
   IpAdapterId ip;
   if (with_ip) {
     if (controlled)  // as mf-generate --engines: no unet_ip engine takes ControlNet residuals
-      throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds with ControlNets: the unet_ip engines take no "
-                                               "ControlNet residuals; give one or the other");
-    auto facts = folder_.models.find(family_->name);
-    const std::string unet_fp = facts != folder_.models.end() && facts->second.weights.count("unet")
-                                    ? facts->second.weights.at("unet") : "";
-    ip = resolve_ip_adapter(folder_, family_->name, unet_fp, hint);
-    if (static_cast<long long>(inputs->ip_embeds.size()) != ip.dim)
+      throw Failure(MF_ERROR_INVALID_ARGUMENT, std::string("IP-Adapter ") + (inputs->ip_image ? "image" : "embeds") +
+                                                   " with ControlNets: the unet_ip engines take no ControlNet "
+                                                   "residuals; give one or the other");
+    ip = folder_ip_adapter(hint);
+    if (inputs->ip_image)
+      ip_encoder(ip, *inputs->ip_image, hint);
+    else if (static_cast<long long>(inputs->ip_embeds.size()) != ip.dim)
       throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: " + std::to_string(inputs->ip_embeds.size()) +
                                                    " floats given, the unet_ip engines in " + folder_.root + " take " +
                                                    std::to_string(ip.dim) + " (the image encoder's projection dim)");
@@ -464,7 +465,8 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   if (controlled) {
     prepare_controls(controls, inputs->controls, plan, schedules, batch);
   }
-  if (with_ip) prepare_ip(ip, inputs->ip_embeds, batch);
+  if (with_ip)
+    prepare_ip(ip, inputs->ip_image ? encode_ip_image(ip, *inputs->ip_image, hint) : inputs->ip_embeds, batch);
   struct Unset {  // the plain UNet again after this generation, however it ends
     const Controls*& p;
     const IpAdapterId*& q;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "control_entries.hpp"
+#include "image_encoder.hpp"
 #include "inputs.hpp"
 #include "manifest.hpp"
 #include "megafusion/family.hpp"
@@ -78,6 +79,9 @@ size_t check_rgb_buffer(const uint8_t* rgb, size_t rgb_bytes, const StagePlan& p
 // (1, 3, H, W) float32 in [0, 1], as runtime/image_files.py read_rgb divides (numpy float32: x / 255); the photo
 // of image to image is this * 2 - 1 (runtime/img2img.py read_image), for the UNet and flow contexts alike.
 at::Tensor unit_rgb(const RgbImage& im);
+// The IP-Adapter image's (1, 3, S, S) float32 pixel_values, as the encoder's CLIPImageProcessor makes them
+// (clip_image.cpp; image_encoder.hpp clip_steps' refusals).
+at::Tensor clip_pixel_values(const RgbImage& im, const ImageEncoderFacts& f);
 // runtime/controlnet.py resize_control: bicubic to (height, width), clamped to [0, 1]; the same size as is.
 at::Tensor resize_control(const at::Tensor& image, int height, int width);
 
@@ -92,8 +96,11 @@ class Context {
   uint64_t graph_captures() const { return graphs_ ? graphs_->captures() : 0; }
   uint64_t graph_replays() const { return graphs_ ? graphs_->replays() : 0; }
   StagePlan plan_of(const mf_generate_params& p) const;
-  // `inputs` (may be NULL): a photo to start from, ControlNets, IP-Adapter embeddings (mf_inputs).
+  // `inputs` (may be NULL): a photo to start from, ControlNets, an IP-Adapter image or embeddings (mf_inputs).
   void generate(const mf_generate_params& p, const Inputs* inputs, uint8_t* rgb, size_t rgb_bytes);
+  // mf_ip_adapter_image_embeds: the embeddings the folder's image encoder engine gives `image`, into `out` (n
+  // floats, the IP-Adapter's length).
+  void ip_image_embeds(const RgbImage& image, float* out, size_t n);
 
  private:
   const Family* family_;
@@ -138,6 +145,14 @@ class Context {
   // built and the command otherwise.
   Network& ip_net(const IpAdapterId& ip, int dilation, const std::vector<long long>& sample);
   void prepare_ip(const IpAdapterId& ip, const std::vector<float>& embeds, int64_t batch);
+  // The folder's one IP-Adapter for this context's UNet (control_entries.hpp resolve_ip_adapter).
+  IpAdapterId folder_ip_adapter(const std::string& plan_hint) const;
+  // The image encoder engine for `ip` (image_encoder.hpp resolve_image_encoder), its entry checked and opened, and
+  // the image's sizes checked against its processor's steps: the refusals, before any network runs.
+  Network& ip_encoder(const IpAdapterId& ip, const RgbImage& image, const std::string& plan_hint,
+                      ImageEncoderFacts* facts = nullptr);
+  // The image's embeddings, ip.dim floats, from that engine.
+  std::vector<float> encode_ip_image(const IpAdapterId& ip, const RgbImage& image, const std::string& plan_hint);
   at::Tensor run_ip(std::vector<at::Tensor> inputs, int dilation);
 
   // runtime/controlnet.py prepare_plan: fills c's buffers (found or made by c.key) for this plan and batch.

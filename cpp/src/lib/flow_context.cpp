@@ -253,6 +253,9 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     if (p.prompt_ids[i] || p.negative_ids[i])
       throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " takes its token ids through mf_inputs_set_tokens, not "
                                                       "params->prompt_ids / negative_ids");
+  if (inputs && (inputs->ip_image || !inputs->ip_embeds.empty()))  // their IP-Adapters run in torch only
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, name + " takes no IP-Adapter image or embeds through the C API (its "
+                                                    "IP-Adapters run in Python, torch only); SD1.5 and SDXL do");
   // Image to image (docs/ALGORITHM.md §18.1): the stage and step the photo enters at, under the flow rule.
   const InitImage* photo = inputs && inputs->init ? &*inputs->init : nullptr;
   const EntryPoint entry = photo ? flow_entry_point(plan, photo->strength, photo->start_stage) : EntryPoint{};

@@ -70,7 +70,17 @@ void Inputs::set_tokens(const char* encoder, const int32_t* ids, size_t n, bool 
   (negative ? negative_tokens : tokens)[name].assign(ids, ids + n);
 }
 
+void Inputs::set_ip_image(const uint8_t* rgb, int width, int height) {
+  if (!ip_embeds.empty())
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter image: these inputs hold IP-Adapter embeds already; give "
+                                             "the image or the embeds, not both (a new mf_inputs for the other)");
+  ip_image = copy_image("IP-Adapter image", rgb, width, height);
+}
+
 void Inputs::set_ip_embeds(const float* embeds, size_t n) {
+  if (ip_image)
+    throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: these inputs hold an IP-Adapter image already; give "
+                                             "the image or the embeds, not both (a new mf_inputs for the other)");
   if (!embeds) throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds are NULL");
   if (n == 0 || n > kMaxEmbeds)
     throw Failure(MF_ERROR_INVALID_ARGUMENT, "IP-Adapter embeds: " + std::to_string(n) + " floats (1 to " +

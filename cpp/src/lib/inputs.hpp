@@ -1,5 +1,5 @@
 // What a generation takes beyond mf_generate_params (the C API's mf_inputs): a photo to start from,
-// ControlNets and IP-Adapter image embeddings, each checked when set; and where a photo enters a plan
+// ControlNets and an IP-Adapter image or its embeddings, each checked when set; and where a photo enters a plan
 // (runtime/img2img.py entry_point).
 // Plain C++ (no libtorch), so ctest checks the refusals quickly.
 #ifndef MEGAFUSION_LIB_INPUTS_HPP_
@@ -46,6 +46,10 @@ struct Inputs {
   // (D is checked against the folder's unet_ip engines when a generation runs); empty: none.
   std::vector<float> ip_embeds;
   void set_ip_embeds(const float* embeds, size_t n);
+  // Or the reference image itself (RGB8, any size), which the folder's image encoder engine turns into them
+  // (image_encoder.hpp). One or the other: setting one while the other is set is refused (nothing changes).
+  std::optional<RgbImage> ip_image;
+  void set_ip_image(const uint8_t* rgb, int width, int height);
 
   // SD3 / FLUX prompts: ids per encoder ("clip_l", "clip_g", "t5"), the negative prompt's apart.
   std::map<std::string, std::vector<int32_t>> tokens, negative_tokens;

@@ -239,6 +239,26 @@ bool same_release(const std::string& backend, const std::string& recorded, const
   return base_version(recorded) == base_version(library);
 }
 
+// One record of models.json's image_encoders (engine/image_encoder_engines.py record_image_encoder).
+ModelFacts::ImageEncoderFacts image_encoder_facts(const mfjson::Value& rec) {
+  ModelFacts::ImageEncoderFacts f;
+  f.source = rec["source"].str;
+  f.image_size = static_cast<long long>(rec["image_size"].num);
+  f.projection_dim = static_cast<long long>(rec["projection_dim"].num);
+  const mfjson::Value& p = rec["preprocess"];
+  f.do_resize = p["do_resize"].b, f.do_center_crop = p["do_center_crop"].b;
+  f.do_rescale = p["do_rescale"].b, f.do_normalize = p["do_normalize"].b;
+  const mfjson::Value& size = p["size"];
+  auto num = [](const mfjson::Value& o, const char* k) { return o.has(k) ? static_cast<long long>(o[k].num) : 0LL; };
+  f.shortest_edge = num(size, "shortest_edge");
+  f.resize_height = num(size, "height"), f.resize_width = num(size, "width");
+  f.crop_height = num(p["crop_size"], "height"), f.crop_width = num(p["crop_size"], "width");
+  f.resample = static_cast<int>(p["resample"].num);
+  f.rescale_factor = p["rescale_factor"].num;
+  for (int c = 0; c < 3; ++c) f.mean[c] = p["image_mean"].arr.at(c).num, f.std[c] = p["image_std"].arr.at(c).num;
+  return f;
+}
+
 }  // namespace
 
 std::string shape_text(const std::vector<long long>& s) {
@@ -304,6 +324,8 @@ EngineFolder read_engine_folder(const std::string& dir) {
           fc.zero_pooled = rec.has("zero_pooled") && rec["zero_pooled"].b;
           fc.hint_block = rec.has("hint_block") && rec["hint_block"].b;
         }
+      if (v.has("image_encoders"))
+        for (const auto& [fp, rec] : v["image_encoders"].obj) facts.image_encoders[fp] = image_encoder_facts(rec);
       out.models[name] = facts;
     }
   } catch (const Failure&) {

@@ -66,6 +66,20 @@ struct ModelFacts {
     bool zero_pooled = false, hint_block = false;
   };
   std::map<std::string, FlowControlFacts> flow_controls;
+  // IP-Adapter image encoders `mf-build-engines --ip-adapter-encoder DIR` built here, by weights fingerprint
+  // (engine/image_encoder_engines.py record_image_encoder): their sizes and the image processor's steps
+  // (CLIPImageProcessor: resize, center crop, rescale, normalize) that turn an RGB8 image into pixel_values.
+  struct ImageEncoderFacts {
+    std::string source;  // the folder it was built from
+    long long image_size = 0, projection_dim = 0;
+    bool do_resize = true, do_center_crop = true, do_rescale = true, do_normalize = true;
+    long long shortest_edge = 0, resize_height = 0, resize_width = 0;  // shortest_edge, else height x width
+    long long crop_height = 0, crop_width = 0;
+    int resample = 3;  // PIL's code: 2 bilinear, 3 bicubic
+    double rescale_factor = 1.0 / 255;
+    double mean[3] = {0, 0, 0}, std[3] = {1, 1, 1};
+  };
+  std::map<std::string, ImageEncoderFacts> image_encoders;
 };
 
 // Reads DIR/manifest.json and DIR/models.json; Failure(MF_ERROR_ENGINE) naming the file when either is
