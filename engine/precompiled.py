@@ -149,8 +149,8 @@ class Precompiled:
         self.counters["traced"] += 1
         data_path, sum_path = self._paths(sig)
         self.folder.mkdir(parents=True, exist_ok=True)
-        fn.save_compiled_function(str(data_path))  # torch writes it atomically
-        # the record after the data: a record never names a file that is not complete
-        atomic_write(sum_path, hashlib.sha256(data_path.read_bytes()).hexdigest().encode())
+        data = type(fn).serialize(fn).serialized_data  # what save_compiled_function writes (2.11: not atomically)
+        atomic_write(data_path, data)  # the data first: a record never names a file that is not complete
+        atomic_write(sum_path, hashlib.sha256(data).hexdigest().encode())
         self.counters["saved"] += 1
         return fn
