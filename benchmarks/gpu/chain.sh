@@ -52,6 +52,7 @@
 #   lora-fused  packages built from the LoRA-fused weights into the same folder, compared with the swapped ones (#18);
 #               without sdxl-build before it, the base and fused packages build side by side (about 10 minutes)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
+#   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
 #   dit-bench-flux    FLUX eager, graphs and compiled, MegaFusion against direct (#17)
@@ -185,6 +186,8 @@ step() {  # the command line of one step
     lora-fused) echo "timeout 1500 python3 benchmarks/lab/lora_swap.py --model sdxl --device cuda \
       --engine-dir /tmp/mf-aoti-sdxl --fused-engine-dir /tmp/mf-aoti-sdxl --output $RES/lora-fused" ;;
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
+    fp8-compiled) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts compiled --budget-s 540 \
+      --output $RES/fp8-compiled" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \
