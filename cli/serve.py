@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("eager", "graphs", "compiled"),
                      help="eager; one CUDA graph per stage shape (default on CUDA); or graphs around torch.compile'd "
                           "modules (compiles at warm-up, minutes on real-size models)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="--mode compiled: keep what the replicas compile here for the next start (default: "
+                        "~/.cache/megafusion/compiled on each node)")
+    p.add_argument("--no-compile-cache", action="store_true", help="--mode compiled: keep nothing")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if this machine has it, else cpu")
     p.add_argument("--sizes", help="output sizes served and warmed up at start, e.g. 1024x1024,2048x2048 "
                                    "(default: the model's default output size)")
@@ -91,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                       timeout_s=args.timeout, host=args.host, port=args.port,
                       loras=tuple(_absolute_lora(v) for v in args.lora), precision=args.precision,
                       controlnets=tuple(absolute(p) for p in args.controlnet), ip_adapter=absolute(args.ip_adapter),
-                      ip_adapter_encoder=absolute(args.ip_adapter_encoder), ip_adapter_scale=args.ip_adapter_scale)
+                      ip_adapter_encoder=absolute(args.ip_adapter_encoder), ip_adapter_scale=args.ip_adapter_scale,
+                      compile_cache=absolute(args.compile_cache), no_compile_cache=args.no_compile_cache)
     from ..serve.preflight import preflight
 
     return preflight(check_config(cfg))

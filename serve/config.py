@@ -70,6 +70,12 @@ class ServeConfig:
     """With --engines: the scale baked into the unet_ip engines (None: 1.0, mf-build-engines' default); requests
     take no other."""
 
+    compile_cache: str | None = None
+    """--mode compiled: the folder that keeps what the replicas compile for the next start (engine/compile_cache.py:
+    the compiled functions, Inductor's artifacts and disk cache); None: each node's default folder."""
+    no_compile_cache: bool = False
+    """--mode compiled: keep nothing; every start compiles (and traces) again."""
+
     @property
     def engines_ip_scale(self) -> float | None:
         """The one IP-Adapter scale requests may ask for: the engines' (None on the torch path: any)."""
@@ -132,6 +138,16 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
         if cfg.mode != "eager" and cfg.device != "cuda":
             raise ConfigError(f"--mode {cfg.mode} needs --device cuda (got {cfg.device})")
+    if cfg.compile_cache is not None or cfg.no_compile_cache:
+        flag = "--compile-cache" if cfg.compile_cache is not None else "--no-compile-cache"
+        if cfg.compile_cache is not None and cfg.no_compile_cache:
+            raise ConfigError("--compile-cache and --no-compile-cache exclude each other")
+        if cfg.mode != "compiled":
+            raise ConfigError(f"{flag}: only with --mode compiled (got {'--engines' if cfg.engines else cfg.mode})")
+        from ..core.dit_families import is_dit
+
+        if is_dit(family):
+            raise ConfigError(f"{flag}: the compiled SD3 / FLUX transformer is not kept between starts yet")
     if cfg.model_path is not None:
         from ..core.loading import WeightsError
 

@@ -108,6 +108,7 @@ class ModelServer:
         self.conditions: ServerConditions | None = None
         self.control_pipe: MegaFusionPipeline | None = None
         self.control_modules: list = []
+        self.compile_cache = None  # --mode compiled: (cache, key, loaded) of engine/compile_cache.py
         if cfg.engines:
             self.mode = "eager" if self.device.type != "cuda" else "graphs"
             self.nets = None
@@ -138,6 +139,7 @@ class ModelServer:
                     policy = Fp8Policy()
                 self.nets = FastTorchNetworks(self.bundle, FastOptions(inductor_options=inductor_set("default"),
                                                                        unet_fp8=policy), vae_dtype=vae)
+                self.compile_cache = self._keep_compiled()
             else:
                 if fp8:
                     from ..engine.fp8 import quantize_unet
@@ -268,6 +270,27 @@ class ModelServer:
         encoder, processor = load_image_encoder(folder, self.device, dtype)
         return lambda image: encode_ip_image(encoder, processor, image, self.device)
 
+    def _keep_compiled(self):
+        """--mode compiled: this replica's compile cache, loaded before the warm-up compiles, so that a restart
+        reuses the compiled functions instead of tracing again (as mf-generate --mode compiled); one key for
+        the served sizes together. (cache, key, loaded), or None when off."""
+        from dataclasses import replace
+
+        from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root, keep_inductor_caches
+
+        why = "--no-compile-cache" if self.cfg.no_compile_cache else cacheable(self.nets)
+        if why:
+            log.info("compile cache: off (%s)", why)
+            return None
+        cache = CompileCache(self.cfg.compile_cache or default_root())
+        keep_inductor_caches(cache.root)  # this replica's process: before anything compiles
+        keys = [compile_key(self.nets, self.device, warmup_plan(self.family, w, h)) for w, h in self.cfg.served_sizes]
+        key = replace(keys[0], shapes="served " + "; ".join(k.shapes for k in keys))
+        loaded = cache.load(key)
+        self.nets.keep_compiled(cache.functions(key))
+        log.info("compile cache: %s %s", "warm start from" if loaded else "nothing yet for these sizes in", cache.root)
+        return cache, key, loaded
+
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds)."""
         out = []
@@ -281,6 +304,11 @@ class ModelServer:
                 ip = Conditions(ip_image=Image.new("RGB", (224, 224)), ip_scale=self.cfg.engines_ip_scale)
                 self.generate(GenerateRequest(plan, GenerationOptions("warm-up"), conditions=ip))
             out.append((size_text(w, h), time.perf_counter() - t0))
+        if self.compile_cache is not None:
+            cache, key, loaded = self.compile_cache
+            if not loaded:
+                cache.save(key)
+            log.info("compiled functions: %s", self.nets.precompile_counters())
         return out
 
     def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:

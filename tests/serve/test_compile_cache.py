@@ -1,0 +1,51 @@
+"""mf-serve --mode compiled keeps what its replicas compile (serve/model.py `_keep_compiled`, engine/precompiled.py):
+a restarted replica loads the compiled functions of its served sizes instead of tracing them, and the flags are
+refused where they mean nothing. The replica runs on the CPU here with a cheap backend in place of Inductor
+(tests/engine/test_precompiled.py `_backend`); the key, the folder and the counters are what is tested."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megafusion.engine import torch_fast
+from megafusion.engine.precompiled import precompile_missing
+from megafusion.serve.config import ConfigError, ServeConfig, check_config
+from megafusion.serve.model import ModelServer
+
+from tests.engine.test_precompiled import _backend
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"compile_cache": "/tmp/cc", "mode": "graphs", "device": "cuda"}, "--compile-cache: only with --mode compiled"),
+    ({"no_compile_cache": True}, "--no-compile-cache: only with --mode compiled"),
+    ({"compile_cache": "/tmp/cc", "no_compile_cache": True, "mode": "compiled", "device": "cuda"}, "exclude each other"),
+])
+def test_flags_without_compiled_mode_are_refused(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        check_config(ServeConfig("tiny-sd15", **kw))
+
+
+def test_transformer_families_refuse_the_flag():
+    with pytest.raises(ConfigError, match="SD3 / FLUX"):
+        check_config(ServeConfig("tiny-flux", mode="compiled", device="cuda", compile_cache="/tmp/cc"))
+
+
+@pytest.mark.skipif(bool(precompile_missing()), reason=precompile_missing() or "")
+def test_a_restarted_replica_loads_instead_of_tracing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the test process's, restored after
+    monkeypatch.setattr(torch_fast, "compile_with", lambda fn, options, guard_filter=None: torch.compile(
+        fn, fullgraph=True, dynamic=False, backend=_backend(), options={"guard_filter_fn": guard_filter}))
+    cfg = ServeConfig("tiny-sd15", mode="compiled", sizes=((256, 256),), compile_cache=str(tmp_path / "cc"))
+    first = ModelServer(cfg)
+    first.warm_up()
+    traced = first.nets.precompile_counters()["traced"]
+    assert traced >= 5 and first.compile_cache[2] is False  # the UNet per stage shape, VAE decodes and encodes
+    assert len(list((tmp_path / "cc").glob("compiled-*-functions/*.bin"))) == traced
+
+    again = ModelServer(cfg)  # a restart: new modules, new call sites, the same folder
+    again.warm_up()
+    assert again.compile_cache[2] is True
+    assert again.nets.precompile_counters() == {"traced": 0, "loaded": traced, "saved": 0, "rejected": 0}
+
+    off = ModelServer(ServeConfig("tiny-sd15", mode="compiled", sizes=((128, 128),), no_compile_cache=True))
+    assert off.compile_cache is None
