@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 
 from .cache import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def precompile_missing() -> str:
@@ -134,7 +137,8 @@ class Precompiled:
                 raise RuntimeError("guards reject this call")
         except Exception as exc:  # another torch's format, a changed module: compile again, replace the file
             self.counters["rejected"] += 1
-            print(f"compile cache: {data_path.name} not usable ({type(exc).__name__}: {str(exc)[:160]}); compiling")
+            log.warning("compile cache: %s not usable (%s: %s); compiling", data_path.name, type(exc).__name__,
+                        str(exc)[:160])
             return None
         self.counters["loaded"] += 1
         return fn
@@ -144,7 +148,7 @@ class Precompiled:
             fn = self.compiled.aot_compile((args, kwargs))
         except Exception as exc:  # a guard or an object precompile cannot keep: trace as torch.compile does
             self.missing = f"precompile failed: {type(exc).__name__}: {str(exc)[:200]}"
-            print(f"compile cache: {self.name} not kept ({self.missing})")
+            log.warning("compile cache: %s not kept (%s)", self.name, self.missing)
             return lambda *a, **k: self.compiled(*a, **k)
         self.counters["traced"] += 1
         data_path, sum_path = self._paths(sig)
