@@ -11,9 +11,9 @@ the compiled function, so its parameters are graph inputs and no weight goes int
 (the shapes, strides and dtypes of its tensors, its other arguments, the module's `state`) is traced once, saved
 as `<name>-<signature>.bin` in the compile-cache entry's folder with a `.sha256` record, and loaded by later
 processes on their first call of that signature. A loaded function runs only after its own guards accept the
-call; a file that is damaged, foreign or rejected is compiled again and replaced (two processes writing one file at once
-can leave a record of the other's data: the next reader rejects it and writes it again). Where torch lacks precompile,
-the call site is plain `torch.compile` (Dynamo traces in every process) and `available` says why.
+call; a file that is damaged, foreign or rejected is compiled again and replaced (two processes writing one file
+at once can leave a record of the other's data: the next reader rejects it and writes it again). Where torch lacks
+precompile, the call site is plain `torch.compile` (Dynamo traces in every process) and `missing` says why.
 """
 from __future__ import annotations
 
