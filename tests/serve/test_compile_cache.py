@@ -18,7 +18,8 @@ from tests.engine.test_precompiled import _backend
 @pytest.mark.parametrize("kw, words", [
     ({"compile_cache": "/tmp/cc", "mode": "graphs", "device": "cuda"}, "--compile-cache: only with --mode compiled"),
     ({"no_compile_cache": True}, "--no-compile-cache: only with --mode compiled"),
-    ({"compile_cache": "/tmp/cc", "no_compile_cache": True, "mode": "compiled", "device": "cuda"}, "exclude each other"),
+    ({"compile_cache": "/tmp/cc", "no_compile_cache": True, "mode": "compiled", "device": "cuda"},
+     "exclude each other"),
 ])
 def test_flags_without_compiled_mode_are_refused(kw, words):
     with pytest.raises(ConfigError, match=words):
