@@ -178,6 +178,12 @@ def _used(device) -> int:
     return total - free
 
 
+def cache_lines(output: str) -> tuple[str, ...]:
+    """A child's lines about its compile cache (mf-generate --mode compiled: `compile cache: ...`, and
+    `compiled functions: N loaded, M traced, ...`, cli/generate.py `precompile_line`)."""
+    return tuple(ln for ln in output.splitlines() if ln.startswith(("compile cache:", "compiled functions:")))
+
+
 def run_cold(name: str, args: list[str], device, env: dict[str, str] | None = None,
              timeout: float | None = None) -> ColdStart:
     """`python -m megafusion.cli.generate ARGS` in a fresh process, timed and its device memory sampled."""
@@ -209,6 +215,5 @@ def run_cold(name: str, args: list[str], device, env: dict[str, str] | None = No
     tail = "\n".join(line for line in out.splitlines()[-12:] if "\r" not in line)
     phases = parse_phases(out, seconds) if rc == 0 else None
     on_disk = image_on_disk(out) if rc == 0 else None
-    cache = tuple(ln for ln in out.splitlines() if ln.startswith(("compile cache:", "compiled functions:")))
     return ColdStart(name, shlex.join(cmd), seconds, rc, peak[0] / GiB if cuda else None, tail, phases, on_disk,
-                     cache)
+                     cache_lines(out))

@@ -51,6 +51,8 @@ def main() -> int:
         runs.append(c)
         on_disk = "" if c.image_on_disk_s is None else f", image on disk at {c.image_on_disk_s:.1f} s"
         print(f"run {i}: {c.seconds:.1f} s (exit {c.returncode}{on_disk}): {c.describe_phases()}", flush=True)
+        for line in c.cache_lines:  # compiled runs: warm or not, functions loaded against traced
+            print(f"run {i}: {line}", flush=True)
         if c.returncode != 0:
             print(c.tail, file=sys.stderr)
             break
@@ -65,6 +67,7 @@ def main() -> int:
         md.append(f"| {c.name} | {c.seconds:.1f} | {on_disk} | "
                   + "".join(f"{ph[n]:.2f} | " if n in ph else "– | " for n in names)
                   + f"{'–' if c.device_peak_gib is None else f'{c.device_peak_gib:.1f}'} |")
+    md += [f"\n{c.name}: {line}" for c in runs for line in c.cache_lines]
     (out / "cold_start.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if runs and all(c.returncode == 0 for c in runs) else 1

@@ -94,3 +94,19 @@ def test_compile_line_reads_back_beside_the_first_image_parts():
     phases = parse_phases(base + "\n" + line, 40.0)
     assert {k.removeprefix("compile/"): v for k, v in phases.items() if k.startswith("compile/")} == seconds
     assert {k: v for k, v in phases.items() if not k.startswith("compile/")} == without
+
+
+def test_cache_lines_are_what_the_compiled_path_printed():
+    from types import SimpleNamespace
+
+    from megafusion.benchmarks.cold_start import cache_lines
+    from megafusion.cli.generate import precompile_line
+
+    site = SimpleNamespace(missing="", counters={"traced": 0, "loaded": 5, "saved": 0, "rejected": 0})
+    nets = SimpleNamespace(precompiled=[site], precompile_counters=lambda: site.counters)
+    printed = precompile_line(nets)
+    assert printed == "compiled functions: 5 loaded, 0 traced, 0 saved, 0 rejected"
+    out = f"model loaded in 3.0 s\ncompile cache: warm start from /c\n{printed}\ncold-start phases: start 1.00 s"
+    assert cache_lines(out) == ("compile cache: warm start from /c", printed)
+    site.missing = "torch 2.9 has no aot_compile on compiled functions"
+    assert precompile_line(nets).startswith("compiled functions: not kept (torch 2.9")
