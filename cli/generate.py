@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
+    keep_compiled_kernels(args, mode)  # before anything imports Inductor, which fixes its cache folder
     t_estimate = time.perf_counter()
     tiling = _check_memory(args, family, plan, opts, device, dtype, tile, mode)
     estimate_s = time.perf_counter() - t_estimate
@@ -427,6 +428,17 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
     return tiling
 
 
+def keep_compiled_kernels(args, mode: str) -> dict[str, str]:
+    """--mode compiled with its compile cache: Inductor's disk cache inside it (engine/compile_cache.py
+    `keep_inductor_caches`), set before the model load, whose imports make Inductor fix its folder for the process
+    (from TORCHINDUCTOR_CACHE_DIR, else the system's temporary folder). Returns what it set."""
+    from ..engine.compile_cache import default_root, keep_inductor_caches
+
+    if mode != "compiled" or args.no_compile_cache:
+        return {}
+    return keep_inductor_caches(args.compile_cache or default_root())
+
+
 def one_shot_allocator(args, device) -> bool:
     """`--engines` on CUDA (one image a process): PyTorch's allocator in expandable segments unless the user set
     PYTORCH_CUDA_ALLOC_CONF, so each stage's freed graph pool goes back whole to the next stage, the relay and the
@@ -468,7 +480,7 @@ def precompile_line(nets) -> str:
 def _warm_start(args, nets, device, plan, opts):
     """--mode compiled: load the compiled code an earlier process saved for this model, plan and device
     (engine/compile_cache.py); returns (cache, key, loaded), or None when the cache is off."""
-    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root, keep_inductor_caches
+    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
 
     if args.no_compile_cache:
         return None
@@ -477,7 +489,6 @@ def _warm_start(args, nets, device, plan, opts):
         print(f"compile cache: off ({why})")
         return None
     cache = CompileCache(args.compile_cache or default_root())
-    keep_inductor_caches(cache.root)
     key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
     loaded = cache.load(key)
     print(f"compile cache: {'warm start from' if loaded else 'nothing yet for this model and plan in'} {cache.root}")

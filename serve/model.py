@@ -89,6 +89,13 @@ class ModelServer:
         self.device = torch.device(cfg.device)
         dtype = torch.bfloat16 if cfg.precision == "fp8" else default_dtype(self.device)  # mf-generate's rule
         loras = [parse_lora(v) for v in cfg.loras]
+        from ..core.dit_families import is_dit
+
+        if cfg.mode == "compiled" and not cfg.no_compile_cache and not is_dit(self.family):
+            from ..engine.compile_cache import default_root, keep_inductor_caches
+
+            # this replica's process, before the model's imports make Inductor fix its cache folder
+            keep_inductor_caches(cfg.compile_cache or default_root())
         t0 = time.perf_counter()
         if cfg.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
             # What engines run at every served size needs no weights in torch (built on the meta device), as
@@ -276,14 +283,13 @@ class ModelServer:
         the served sizes together. (cache, key, loaded), or None when off."""
         from dataclasses import replace
 
-        from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root, keep_inductor_caches
+        from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
 
         why = "--no-compile-cache" if self.cfg.no_compile_cache else cacheable(self.nets)
         if why:
             log.info("compile cache: off (%s)", why)
             return None
         cache = CompileCache(self.cfg.compile_cache or default_root())
-        keep_inductor_caches(cache.root)  # this replica's process: before anything compiles
         keys = [compile_key(self.nets, self.device, warmup_plan(self.family, w, h)) for w, h in self.cfg.served_sizes]
         key = replace(keys[0], shapes="served " + "; ".join(k.shapes for k in keys))
         loaded = cache.load(key)
