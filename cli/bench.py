@@ -296,8 +296,6 @@ def _list_arg(value: str | None, default: tuple[str, ...], flag: str) -> tuple[s
 
 def _cold_commands(args, modes, plan, guidance, seed, out_dir):
     """(row name, mf-generate arguments, extra environment) per fresh process to time."""
-    import tempfile
-
     base = ["--model", args.model, "--stages", ",".join(str(s) for s in plan.stages), "--device", args.device,
             "--prompt", args.prompt, "--negative-prompt", args.negative_prompt, "--guidance", str(guidance),
             "--seed", str(seed), "--no-progress"]
@@ -317,12 +315,13 @@ def _cold_commands(args, modes, plan, guidance, seed, out_dir):
         if mode.startswith("engines:"):
             out.append((mode, [*base, "--engines", args.engine_dir, *png], {}))
             continue
-        cache = str(out_dir / "compile-cache")  # emptied by the caller
+        cache = out_dir / "compile-cache"  # emptied by the caller
         for label in ("compiled, empty caches", "compiled, warm compile cache"):
-            # Fresh Inductor and Triton caches per process: only megafusion's compile cache carries work over.
-            inductor = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="mf-inductor-"),
-                        "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="mf-triton-")}
-            out.append((label, [*base, "--mode", "compiled", "--compile-cache", cache, *png], inductor))
+            # Only megafusion's compile cache carries work over: Inductor's and Triton's caches inside it, where
+            # mf-generate puts them when the user's environment names none (engine/compile_cache.py).
+            inductor = {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+                        "TRITON_CACHE_DIR": str(cache / "inductor" / "triton" / "0")}
+            out.append((label, [*base, "--mode", "compiled", "--compile-cache", str(cache), *png], inductor))
     return out
 
 

@@ -4,6 +4,7 @@ compiled call site on the key's functions folder, and the line printed after the
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 from megafusion.cli.generate import _warm_start, keep_compiled_kernels, precompile_line
@@ -37,3 +38,18 @@ def test_warm_start_attaches_every_call_site(tmp_path, monkeypatch):
     assert precompile_line(nets) == "compiled functions: 0 loaded, 0 traced, 0 saved, 0 rejected"
     assert _warm_start(SimpleNamespace(no_compile_cache=True, compile_cache=None), nets, "cpu", plan,
                        GenerationOptions("a red cube")) is None
+
+
+def test_bench_cold_starts_carry_work_over_only_in_the_compile_cache(tmp_path):
+    from megafusion.cli.bench import _cold_commands
+    from megafusion.core.families import get_family
+    from megafusion.core.plan import default_plan
+
+    args = SimpleNamespace(model="tiny-sd15", device="cpu", prompt="p", negative_prompt="", model_path=None,
+                           random_weights=False, weights_seed=None, dtype=None, vae_dtype=None, engine_dir=None)
+    rows = _cold_commands(args, ["compiled"], default_plan(get_family("tiny-sd15"), 256, 256), 7.0, 0, tmp_path)
+    assert [name for name, _, _ in rows] == ["compiled, empty caches", "compiled, warm compile cache"]
+    cache = tmp_path / "compile-cache"
+    for _, argv, env in rows:
+        assert argv[argv.index("--compile-cache") + 1] == str(cache)
+        assert all(Path(v).is_relative_to(cache) for v in env.values()) and "TORCHINDUCTOR_CACHE_DIR" in env
