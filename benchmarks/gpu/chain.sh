@@ -139,7 +139,7 @@ step() {  # the command line of one step
       --precision fp16 --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 2; wait" ;;
     gpu-tests-11) echo "timeout 400 python3 -m pytest -q -m gpu tests/engine/test_ipadapter_engines.py \
       tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py -p no:cacheprovider" ;;
-    gpu-tests-13) echo "timeout 560 python3 -m pytest -q -m gpu tests/runtime/test_graphs.py \
+    gpu-tests-13) echo "timeout 560 python3 -m pytest -q -m gpu tests/runtime/test_graphs.py tests/engine/test_precompiled.py \
       tests/engine/test_ipadapter_engines.py tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py \
       tests/cpp/test_libmegafusion_graphs_ip.py tests/cpp/test_libmegafusion_flow_graphs.py -p no:cacheprovider" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \

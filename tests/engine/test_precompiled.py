@@ -101,3 +101,30 @@ def test_signature_covers_shape_stride_dtype_and_state():
             call_signature((x,), {}, state=(2, 2)), call_signature((x,), {"scale": 2.0})}
     assert len(sigs) == 6
     assert call_signature((x,), {}) == call_signature((torch.randn(1, 3, 8, 8),), {})  # values do not count
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_functions_load_and_replay_in_a_graph(tmp_path):
+    """On CUDA with Inductor (Triton kernels), as the compiled path runs: a loaded function gives the traced one's
+    output and is captured and replayed inside a CUDA graph."""
+    from megafusion.engine.torch_fast import FastOptions, compile_with
+
+    module = Dilated().cuda().eval()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    compile = lambda fn: compile_with(fn, FastOptions(), portable_guards)  # noqa: E731
+    with torch.no_grad():
+        first = Precompiled("net", call_module, module, compile, lambda: module.conv.dilation)
+        first.attach(tmp_path)
+        got = first(x)
+        again = Precompiled("net", call_module, module, compile, lambda: module.conv.dilation)
+        again.attach(tmp_path)
+        assert torch.allclose(again(x), got, atol=1e-5)
+        assert again.counters["loaded"] == 1 and again.counters["traced"] == 0
+        static_x, graph = x.clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = again(static_x)
+        static_x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(out, module(static_x), atol=1e-3)
