@@ -102,10 +102,8 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                     from ..engine.compile_cache import CompileCache, cacheable, compile_key
 
                     if not cacheable(nets):
-                        cache = CompileCache(compile_cache)
-                        key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
-                        cache.load(key)
-                        nets.keep_compiled(cache.functions(key))
+                        CompileCache(compile_cache).attach(nets, compile_key(nets, device, plan, opts.relay,
+                                                                             opts.guidance > 1.0))
                 made.append(fast(nets))
         return made[0]
 

@@ -490,9 +490,8 @@ def _warm_start(args, nets, device, plan, opts):
         return None
     cache = CompileCache(args.compile_cache or default_root())
     key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
-    loaded = cache.load(key)
+    loaded = cache.attach(nets, key)
     print(f"compile cache: {'warm start from' if loaded else 'nothing yet for this model and plan in'} {cache.root}")
-    nets.keep_compiled(cache.functions(key))
     return cache, key, loaded
 
 

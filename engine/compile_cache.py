@@ -91,6 +91,13 @@ class CompileCache:
             return False  # another key under a colliding name, or a damaged file: compile, then replace it
         return torch.compiler.load_cache_artifacts(data) is not None
 
+    def attach(self, nets, key: CompileKey) -> bool:
+        """Loads `key`'s artifacts (`load`) and puts the compiled call sites of `nets` (a FastTorchNetworks) on its
+        functions folder, as every warm start must; whether the artifacts loaded."""
+        loaded = self.load(key)
+        nets.keep_compiled(self.functions(key))
+        return loaded
+
     def save(self, key: CompileKey) -> Path | None:
         """Writes what this process compiled so far under `key`; None if torch had nothing to save."""
         got = torch.compiler.save_cache_artifacts()

@@ -18,6 +18,7 @@ precompile, the call site is plain `torch.compile` (Dynamo traces in every proce
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -33,6 +34,7 @@ from .cache import atomic_write
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def precompile_missing() -> str:
     """'' if this torch can save and load compiled functions, else what is missing."""
     if not hasattr(torch.compiler, "load_compiled_function"):
@@ -96,7 +98,7 @@ class Precompiled:
 
     def __init__(self, name: str, fn: Callable, module: torch.nn.Module, compile: Callable[[Callable], Callable],
                  state: Callable[[], object] = lambda: None):
-        self.name, self.fn, self.module, self.state = name, fn, module, state
+        self.name, self.module, self.state = name, module, state
         with aot_compile_enabled():
             self.compiled = compile(fn)
         self.folder: Path | None = None

@@ -144,10 +144,6 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError("--compile-cache and --no-compile-cache exclude each other")
         if cfg.mode != "compiled":
             raise ConfigError(f"{flag}: only with --mode compiled (got {'--engines' if cfg.engines else cfg.mode})")
-        from ..core.dit_families import is_dit
-
-        if is_dit(family):
-            raise ConfigError(f"{flag}: the compiled SD3 / FLUX transformer is not kept between starts yet")
     if cfg.model_path is not None:
         from ..core.loading import WeightsError
 

@@ -89,9 +89,7 @@ class ModelServer:
         self.device = torch.device(cfg.device)
         dtype = torch.bfloat16 if cfg.precision == "fp8" else default_dtype(self.device)  # mf-generate's rule
         loras = [parse_lora(v) for v in cfg.loras]
-        from ..core.dit_families import is_dit
-
-        if cfg.mode == "compiled" and not cfg.no_compile_cache and not is_dit(self.family):
+        if cfg.mode == "compiled" and not cfg.no_compile_cache:
             from ..engine.compile_cache import default_root, keep_inductor_caches
 
             # this replica's process, before the model's imports make Inductor fix its cache folder
@@ -292,8 +290,7 @@ class ModelServer:
         cache = CompileCache(self.cfg.compile_cache or default_root())
         keys = [compile_key(self.nets, self.device, warmup_plan(self.family, w, h)) for w, h in self.cfg.served_sizes]
         key = replace(keys[0], shapes="served " + "; ".join(k.shapes for k in keys))
-        loaded = cache.load(key)
-        self.nets.keep_compiled(cache.functions(key))
+        loaded = cache.attach(self.nets, key)
         log.info("compile cache: %s %s", "warm start from" if loaded else "nothing yet for these sizes in", cache.root)
         return cache, key, loaded
 
