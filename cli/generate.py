@@ -164,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--inductor {args.inductor} needs --mode compiled (and no --engines)")
     if (args.compile_cache or args.no_compile_cache) and args.mode != "compiled":
         raise UsageError("--compile-cache and --no-compile-cache apply to --mode compiled only")
+    if args.compile_cache is not None:  # written after minutes of compiling: a folder that can be, checked first
+        from .common import output_folder_from_args
+
+        output_folder_from_args("--compile-cache", args.compile_cache)
     device = resolve_device(args.device)
     mode = args.mode or ("graphs" if device.type == "cuda" else "eager")
     if mode != "eager" and device.type != "cuda":

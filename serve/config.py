@@ -144,6 +144,8 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             raise ConfigError("--compile-cache and --no-compile-cache exclude each other")
         if cfg.mode != "compiled":
             raise ConfigError(f"{flag}: only with --mode compiled (got {'--engines' if cfg.engines else cfg.mode})")
+        if cfg.compile_cache is not None and Path(cfg.compile_cache).exists() and not Path(cfg.compile_cache).is_dir():
+            raise ConfigError(f"--compile-cache {cfg.compile_cache!r} exists and is not a folder")
     if cfg.model_path is not None:
         from ..core.loading import WeightsError
 

@@ -133,6 +133,13 @@ def test_build_engines_output_under_a_file_unwritable_or_empty(tmp_path, capsys,
              f"--output {str(tmp_path / 'e')!r}: cannot write in {str(tmp_path)!r} (Permission denied)")
 
 
+def test_generate_compile_cache_that_is_a_file(tmp_path, capsys):
+    bad = tmp_path / "cc"
+    bad.write_text("a file")
+    argv = [*GEN, "--mode", "compiled", "--compile-cache", str(bad), "--output", str(tmp_path / "o.png")]
+    _refused("mf-generate", argv, capsys, f"--compile-cache {str(bad)!r} exists and is not a folder")
+
+
 def test_generate_engines_folder_that_does_not_exist(tmp_path, capsys):
     missing = str(tmp_path / "no-engines")
     _refused("mf-generate", [*GEN, "--engines", missing, "--output", str(tmp_path / "o.png")], capsys,

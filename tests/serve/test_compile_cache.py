@@ -26,6 +26,13 @@ def test_flags_without_compiled_mode_are_refused(kw, words):
         check_config(ServeConfig("tiny-sd15", **kw))
 
 
+def test_a_compile_cache_that_is_a_file_is_refused(tmp_path):
+    bad = tmp_path / "cc"
+    bad.write_text("a file")
+    with pytest.raises(ConfigError, match="exists and is not a folder"):
+        check_config(ServeConfig("tiny-sd15", mode="compiled", device="cuda", compile_cache=str(bad)))
+
+
 def test_transformer_families_refuse_the_flag():
     with pytest.raises(ConfigError, match="SD3 / FLUX"):
         check_config(ServeConfig("tiny-flux", mode="compiled", device="cuda", compile_cache="/tmp/cc"))
