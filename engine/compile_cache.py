@@ -2,8 +2,8 @@
 AOTAutograd and autotuning caches, serialized by `torch.compiler.save_cache_artifacts`) is kept in a
 content-addressed folder and loaded by the next process before it compiles, so that its first generation
 reuses the compiled kernels instead of compiling them again. Dynamo would still trace the modules in each new
-process (28-30 s for SDXL 2048 on the H200); the compiled functions themselves are kept beside the artifacts
-(`functions`, engine/precompiled.py) so that it does not.
+process (28-30 s for SDXL 2048 on the H200, benchmarks/RESULTS.md, thirteenth session); the compiled functions
+themselves are kept beside the artifacts (`functions`, engine/precompiled.py) so that it does not.
 
 The key holds everything the compiled code depends on: the model's architecture (the configs, not the
 weights: parameters are graph inputs, except under Inductor's `freezing`, which this cache refuses), the
