@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
     png_s = finish_generation(result, out, segments_printed=bar is not None)
-    if args.engines:  # the image is on disk: what is left of the process is its exit
+    if args.engines or mode == "compiled":  # the image is on disk: what is left of the process is its exit
         from ..benchmarks.cold_start import process_age, saved_line
 
         print(saved_line(png_s, process_age()))

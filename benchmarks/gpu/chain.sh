@@ -42,6 +42,8 @@
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
 #               cache (engine/precompiled.py; env.sh's TORCHINDUCTOR_CACHE_DIR dropped, so mf-generate puts Inductor's
 #               cache there too): one fresh --mode compiled process from nothing into /tmp/mf-cck, then 2
+#   compiled-prof  compiled-kept with one warm run, then two warm processes under cProfile (benchmarks/lab/warm_profile.py),
+#               the second with peft hidden from diffusers: where the 37-40 s warm start goes (#15)
 #   load-profile  cProfile of building the random SDXL model on the GPU (the compiled path's model-load phase)
 #   coldstart-compiled  2 fresh mf-generate --mode compiled processes from /tmp/mf-cc, empty Inductor caches (#15)
 #   compiled-warm  one fresh --mode compiled process with every cache empty fills /tmp/mf-cc, then 2 fresh ones
@@ -162,6 +164,11 @@ step() {  # the command line of one step
       du -sh /tmp/mf-cck/*; timeout 300 python3 benchmarks/lab/cold_start_phases.py --runs 2 --device cuda \
       --output $RES/cold-kept -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled \
       --compile-cache /tmp/mf-cck)" ;;
+    compiled-prof) echo "$(step compiled-kept | sed -e 's/--runs 2/--runs 1/' -e 's/)$//'); \
+      A='--model sdxl --random-weights --size 2048x2048 --prompt a-lighthouse --mode compiled --compile-cache /tmp/mf-cck \
+      --device cuda --no-progress --output /tmp/prof.png'; timeout 200 python3 benchmarks/lab/warm_profile.py \
+      --output $RES/warm-prof -- \$A; timeout 200 python3 benchmarks/lab/warm_profile.py --hide-peft --name no-peft \
+      --output $RES/warm-prof -- \$A)" ;;
     load-profile) echo "timeout 120 python3 benchmarks/lab/load_profile.py --model sdxl --device cuda" ;;
     coldstart-compiled) echo "timeout 600 python3 benchmarks/lab/cold_start_phases.py --runs 2 --fresh-inductor-cache \
       --device cuda --output $RES/cold-compiled -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' \
