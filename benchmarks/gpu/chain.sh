@@ -224,6 +224,7 @@ step() {  # the command line of one step
 case "$1" in
   start)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    python3 -c 'import os, sys, torch; print("bytecode: prefix", sys.pycache_prefix, "dont_write", sys.flags.dont_write_bytecode, "torch folder writable", os.access(os.path.dirname(torch.__file__), os.W_OK))' | tee $RES/bytecode.txt
     wait_for=$2; shift 2
     chain=""
     for s in "$@"; do chain="$chain echo '== $s' \$(date +%T); { $(step $s); } > $RES/$s.log 2>&1; echo \"== $s exit \$?\" \$(date +%T);"; done

@@ -13,4 +13,9 @@ rm -rf build
 # The package runs from /tmp/site, outside any checkout: results take the commit from here (benchmarks/timing.py).
 export MEGAFUSION_COMMIT="$(git rev-parse HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)"
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUCTOR_CACHE_DIR=/tmp/inductor MEGAFUSION_CACHE=/tmp/mfcache PYTHONUNBUFFERED=1
+# The machine's torch environment has no bytecode and Python wrote none there: every process compiled 2,588 modules
+# from source, 9.2 s of a warm mf-generate start (fourteenth session, benchmarks/RESULTS.md). A pip install has
+# bytecode; so that timings measure that, Python keeps bytecode for every source under /tmp/pycache.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 set +e
