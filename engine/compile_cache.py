@@ -7,11 +7,13 @@ themselves are kept beside the artifacts (`functions`, engine/precompiled.py) so
 
 The key holds everything the compiled code depends on: the model's architecture (the configs, not the
 weights: parameters are graph inputs, except under Inductor's `freezing`, which this cache refuses), the
-dtypes, the fast-path options, the torch version and the device. Files are written atomically and verified
+dtypes, the fast-path options, the torch version, the device, and the versions of the code traced (diffusers,
+transformers, peft, triton, megafusion's own sources). Files are written atomically and verified
 by sha256 before they are loaded; a foreign or damaged file is ignored and replaced after the next compile.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,9 +43,37 @@ class CompileKey:
     """torch version: artifacts of another release are not loadable."""
     device: str
     """'cpu' or the GPU's name: kernels are tuned for one GPU."""
+    code: str = ""
+    """The code traced into the compiled functions (`traced_code`): a loaded function runs the code it was traced
+    from, and its guards do not check that code."""
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+TRACED_PACKAGES = ("diffusers", "transformers", "peft", "triton")
+"""Packages whose code runs inside the compiled call sites (peft through diffusers' LoRA hooks: a cache filled
+with peft installed was rejected without it on the H200, fourteenth session)."""
+
+
+@functools.cache
+def traced_code() -> str:
+    """The versions of TRACED_PACKAGES ('-' where absent) and a sha256 of megafusion's engine and core sources (the
+    module changes of the fast path are traced too, and an edited checkout keeps its version string)."""
+    from importlib import metadata
+
+    versions = []
+    for name in TRACED_PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} -")
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for sub in ("core", "engine"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f"{sub}/{f.name}\0".encode() + f.read_bytes())
+    return ", ".join(versions) + f", megafusion {h.hexdigest()[:16]}"
 
 
 def compile_key(nets, device: torch.device | str, plan, relay: str = "pixel", cfg: bool = True) -> CompileKey:
@@ -55,7 +85,8 @@ def compile_key(nets, device: torch.device | str, plan, relay: str = "pixel", cf
     configs = json.dumps(arch, sort_keys=True, default=str)
     shapes = f"{','.join(str(s) for s in plan.stages)} relay {relay} batch {2 if cfg else 1}"
     return CompileKey(b.family.name, hashlib.sha256(configs.encode()).hexdigest(), str(nets.unet_dtype),
-                      str(nets.vae_dtype), repr(nets.options), shapes, torch.__version__, device_name(device))
+                      str(nets.vae_dtype), repr(nets.options), shapes, torch.__version__, device_name(device),
+                      traced_code())
 
 
 def cacheable(nets) -> str:

@@ -75,8 +75,28 @@ def _key(**kw) -> CompileKey:
 def test_key_covers_what_the_code_depends_on():
     digests = {_key().digest(), _key(unet_dtype="torch.float16").digest(), _key(options="other").digest(),
                _key(torch="2.11.0").digest(), _key(device="NVIDIA H200").digest(), _key(architecture="cd" * 32).digest(),
-               _key(shapes="128x128:40 relay pixel batch 1").digest()}
-    assert len(digests) == 7
+               _key(shapes="128x128:40 relay pixel batch 1").digest(), _key(code="diffusers 0.1").digest()}
+    assert len(digests) == 8
+
+
+def test_key_names_the_traced_code_versions(monkeypatch):
+    from importlib import metadata
+
+    from megafusion.engine import compile_cache
+
+    real = metadata.version
+    compile_cache.traced_code.cache_clear()
+    code = compile_cache.traced_code()
+    assert f"diffusers {real('diffusers')}" in code and "megafusion " in code
+    # another environment (here: diffusers reported as another release, peft as absent) is another key
+    monkeypatch.setattr(metadata, "version", lambda n: "9.9" if n == "diffusers" else
+                        (_ for _ in ()).throw(metadata.PackageNotFoundError(n)) if n == "peft" else real(n))
+    compile_cache.traced_code.cache_clear()
+    try:
+        other = compile_cache.traced_code()
+    finally:
+        compile_cache.traced_code.cache_clear()
+    assert "diffusers 9.9" in other and "peft -" in other and other != code
 
 
 def test_missing_foreign_or_damaged_artifacts_are_not_loaded(tmp_path):
