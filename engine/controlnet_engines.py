@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 
 from ..core.controlnet_specs import CONTROLNET, UNET_CONTROLLED, ControlSpec, controlnet_requirements
+from ..core.families import ModelFamily
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
-from .backend import get_backend
+from .backend import OpenContext, get_backend
 from .build import BuildReport, BuildRequest, check_request
 from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
 from .fingerprint import module_fingerprint, network_fingerprint
-from .onnxruntime_backend import OrtRunner
 from .load import CoverageError, _covers, _span, build_command
-from .runners import Runner, ShapeDispatch, infer_axes
+from .runners import Runner, ShapeDispatch
 
 CONTROL_BACKENDS = ("aoti", "onnxruntime")
 """Backends that build ControlNet engines."""
@@ -181,27 +181,6 @@ def controlnet_build_command(bundle: ModelBundle, plan: StagePlan, backend: str,
     return cmd + "".join(f" --controlnet {shlex.quote(str(p))}" for p in paths)
 
 
-class ControlOrtRunner(OrtRunner):
-    """An OrtRunner whose output buffers (on CUDA) take the residual axes from the latent sides."""
-
-    def _output_buffers(self, inputs):
-        axes = infer_axes(self.spec, inputs, self.vae_scale)
-        axes = {**self.spec.axes(axes["batch"], axes["height"], axes["width"], self.vae_scale), **axes}
-        return {t.name: torch.empty(t.concrete(axes), dtype=t.torch_dtype, device=self.device)
-                for t in self.spec.outputs}
-
-
-def _open_entry(engine_dir: Path, e: Entry, spec: ControlSpec, vae_scale: int, device: torch.device) -> Runner:
-    path = engine_dir / e.files[0].path
-    if e.key.backend == "aoti":
-        from .aoti_backend import AotiRunner
-
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # as AotiBackend.open does for the UNet's packages
-        return AotiRunner(path, spec, e.key.profiles[0], e.key.model, device)
-    return ControlOrtRunner(path, spec, vae_scale, device)
-
-
 def check_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan: StagePlan, what: str, cmd: str,
                    missing: Callable[[int], None] | None = None) -> None:
     """`open_profiles`' coverage refusal alone, opening nothing (mf-serve checks a folder before Ray starts): a
@@ -216,7 +195,7 @@ def check_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan
 
 
 def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan: StagePlan, what: str, cmd: str,
-                  backend: str, device: torch.device, vae_scale: int, verify: Callable[[Entry], object],
+                  backend: str, device: torch.device, family: ModelFamily, verify: Callable[[Entry], object],
                   missing: Callable[[int], None] | None = None) -> Runner:
     """One runner over `r`'s profiles from the candidate entries `same` (the right network, variant, precision and
     weights): per profile the tightest entry covering it, of this backend version and device, verified once
@@ -236,7 +215,8 @@ def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan:
         if valid[0] not in picked:
             verify(valid[0])
             picked.append(valid[0])
-    runners = [_open_entry(engine_dir, e, r.spec, vae_scale, device) for e in picked]
+    opener, ctx = get_backend(backend), OpenContext(family, device)
+    runners = [opener.open(e, engine_dir / e.files[0].path, r.spec, ctx) for e in picked]
     return runners[0] if len(runners) == 1 else ShapeDispatch(tuple((e.key.profiles, x)
                                                                     for e, x in zip(picked, runners)))
 
@@ -266,8 +246,7 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
         what = f"{s.network} ({s.variant}, {s.precision})"
         if s.network == CONTROLNET:
             what += f" of --controlnet {paths[where[id(module)]]}"
-        runner = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device, bundle.family.vae_scale,
-                               cache.verify)
+        runner = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device, bundle.family, cache.verify)
         if s.network == CONTROLNET:
             nets.setdefault(s.dilation, []).append(runner)
         else:

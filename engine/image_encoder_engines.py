@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.families import ModelFamily
+from ..core.families import ModelFamily, get_family
 from ..core.image_encoder import load_image_encoder, load_image_processor, read_encoder_config
 from ..core.image_encoder_specs import (IMAGE_ENCODER, image_encoder_requirement, preprocess_facts,
                                         spec_of_config)
@@ -90,7 +90,7 @@ def open_image_encoder(engine_dir: str | Path, model: str, folder: str | Path, b
     """The folder's encoder engine for the encoder in `folder` (its fingerprint), of `backend` and `precision`,
     for this backend version and device, verified; None when there is none (the caller runs the encoder in
     torch)."""
-    from .backend import get_backend
+    from .backend import OpenContext, get_backend
 
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
@@ -106,14 +106,8 @@ def open_image_encoder(engine_dir: str | Path, model: str, folder: str | Path, b
     hashes.save()
     if entry is None:
         return None
-    path = engine_dir / entry.files[0].path
-    if backend == "aoti":
-        from .aoti_backend import AotiRunner
-
-        return AotiRunner(path, spec, key.profiles[0], model, device)
-    from .onnxruntime_backend import OrtRunner
-
-    return OrtRunner(path, spec, 1, device)
+    return get_backend(backend).open(entry, engine_dir / entry.files[0].path, spec,
+                                     OpenContext(get_family(model), device))
 
 
 @torch.inference_mode()

@@ -143,7 +143,7 @@ def open_ip_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan
     for r, same, what, cmd, other_scale, cache in _ip_needs(engine_dir, bundle, plan, dim, path, scale, backend,
                                                             precision, dilation, device, unet_fingerprint, hashes):
         out[r.spec.dilation] = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device,
-                                             bundle.family.vae_scale, lambda e: cache.verify(e, hashes), other_scale)
+                                             bundle.family, lambda e: cache.verify(e, hashes), other_scale)
     hashes.save()
     return out
 

@@ -68,6 +68,9 @@ def infer_axes(spec: NetworkSpec, inputs: dict[str, torch.Tensor], vae_scale: in
             axes.setdefault(img, axes[lat] * vae_scale)
         elif img in axes:
             axes[lat] = axes[img] // vae_scale
+    if {"batch", "height", "width"} <= axes.keys():  # axes the spec derives from the latent sides (a ControlNet's
+        for k, v in spec.axes(axes["batch"], axes["height"], axes["width"], vae_scale).items():  # residual sides)
+            axes.setdefault(k, v)
     return axes
 
 
