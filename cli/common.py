@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core.loading import WeightsError
+from ..core.startup import share_distribution_scan
 from ..core.families import ModelFamily, UnknownModelError
 from ..core.specs import default_dtype, default_vae_dtype
 from ..core.plan import PlanError, StagePlan, default_plan, parse_size, parse_stages, validate_plan
@@ -266,6 +267,7 @@ def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | N
 
 def run_main(prog: str, run: Callable[[], int], fatal: tuple[type[BaseException], ...] = ()) -> int:
     """Runs a tool: bad input is one line and status 2, `fatal` errors one line and status 1."""
+    share_distribution_scan()
     try:
         return run()
     except INPUT_ERRORS as e:

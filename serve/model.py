@@ -22,6 +22,7 @@ from ..core.loading import component_modules, load_model, resolve_family
 from ..core.lora import check_loras, fuse_loras, parse_lora
 from ..core.plan import Stage, StagePlan, default_plan, validate_plan
 from ..core.specs import UNET, default_dtype, default_vae_dtype
+from ..core.startup import share_distribution_scan
 from ..engine.networks import TorchNetworks
 from ..runtime.batch import BatchError, max_batch
 from ..runtime.controlnet import Control
@@ -89,6 +90,7 @@ class ModelServer:
         self.device = torch.device(cfg.device)
         dtype = torch.bfloat16 if cfg.precision == "fp8" else default_dtype(self.device)  # mf-generate's rule
         loras = [parse_lora(v) for v in cfg.loras]
+        share_distribution_scan()  # this replica's process, before the model's imports
         if cfg.mode == "compiled" and not cfg.no_compile_cache:
             from ..engine.compile_cache import default_root, keep_inductor_caches
 
