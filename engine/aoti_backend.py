@@ -20,7 +20,8 @@ from ..core.families import ModelFamily, get_family
 from ..core.plan import StagePlan
 from ..core.specs import (UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec, Requirement, ShapeProfile,
                           describe_range, profile_sizes, range_profile)
-from .backend import STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, OpenContext, WeightSwapError
+from .backend import (STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, NetworkExport, OpenContext,
+                      WeightSwapError)
 from .cache import EngineError
 
 
@@ -159,6 +160,11 @@ class AotiBackend(Backend):
     def served_sizes(self, family: ModelFamily, spec: NetworkSpec, profiles: tuple[ShapeProfile, ...]) -> list[str]:
         ranged = [d for p in profiles if (d := describe_range(family, spec, p)) and not _static(p)]
         return ranged + profile_sizes(spec.network, tuple(p for p in profiles if _static(p)), family.vae_scale)
+
+    def export(self, how: NetworkExport, staging: Path, device: str):
+        # cuDNN's attention first where the GPU has it, as the UNet's packages are made
+        ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
+        return how.aoti(Path(staging) / "model.pt2", ctx)
 
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from ..export.aoti_export import export_aoti

@@ -86,6 +86,17 @@ class OpenContext:
     """ONNX Runtime CUDA EP: capture one ORT CUDA graph per UNet input shape (inside the session)."""
 
 
+@dataclass(frozen=True)
+class NetworkExport:
+    """One network's export in each file format a backend builds, the module, spec and shapes bound by the caller
+    (the condition networks: ControlNet, controlled UNet, IP UNet, image encoder); `Backend.export` picks one."""
+
+    aoti: Callable[[Path, Callable], object]
+    """(package path, kernel context) -> ExportResult: a static AOTInductor package."""
+    onnx: Callable[[Path], object]
+    """(model path) -> ExportResult: an ONNX model."""
+
+
 class Backend:
     """Base class of the backends; each subclass is one registered instance."""
 
@@ -150,6 +161,10 @@ class Backend:
     def build(self, job: BuildJob, staging: Path, log: Log) -> BuildOutput:
         """Writes the engine's files into `staging` (committed by the cache afterwards)."""
         raise NotImplementedError
+
+    def export(self, how: NetworkExport, staging: Path, device: str):
+        """Writes `how`'s export in this backend's format into `staging` (an entry's files); ExportResult."""
+        raise BackendUnavailable(f"backend {self.name} builds no condition networks (ControlNet, IP-Adapter)")
 
     def open(self, entry: Entry, path: Path | None, spec: NetworkSpec, ctx: OpenContext) -> Runner:
         """A runner for a verified entry; `path` is its first file (None for a backend without files)."""

@@ -8,7 +8,6 @@ stage shape (as for the UNet), onnxruntime one model over the plan's stage profi
 """
 from __future__ import annotations
 
-import contextlib
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from ..core.families import ModelFamily
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
-from .backend import OpenContext, get_backend
+from .backend import Backend, NetworkExport, OpenContext, get_backend
 from .build import BuildReport, BuildRequest, check_request
 from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
 from .fingerprint import module_fingerprint, network_fingerprint
@@ -98,7 +97,7 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, fam.vae_scale))
         build_entry(cache, key, f"[controlnet {n}/{len(jobs)}] {r.spec.name} ({sizes}, weights {fp[:12]})", req,
                     f"{backend.name} {version} on {device}", report, log,
-                    lambda tmp, module=module, r=r: _export(module, bundle, r, backend.name, req.device, tmp,
+                    lambda tmp, module=module, r=r: _export(module, bundle, r, backend, req.device, tmp,
                                                             req.ort_optimize))
     _record_names(cache, fam.name, controlnets)
     return report
@@ -137,22 +136,24 @@ def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn
         record_controlnets(cache, model, named)
 
 
-def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path,
+def _export(module, bundle: ModelBundle, r: Requirement, backend: Backend, device: str, staging: Path,
             ort_optimize: str = "none"):
+    from ..core.specs import UNET
     from ..export.controlnet_export import export_control_aoti, export_control_onnx
+    from .aoti_backend import prepare_for_export
 
-    if backend == "aoti":
-        from ..core.specs import UNET
-        from .aoti_backend import cudnn_first, prepare_for_export
+    def onnx(path: Path):
+        if ort_optimize == "none":
+            return export_control_onnx(module, bundle.family, r.spec, path, device=device)
+        return _export_fused(module, bundle, r.spec, device, path.parent, ort_optimize)
 
-        ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
-        # As the UNet's packages are made (fused QKV, attention kernel, channels_last): the ControlNet's encoder
-        # and mid block are the UNet's, so they take the same preparation.
-        return export_control_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2",
-                                   device=device, kernel_context=ctx, prepare=lambda m: prepare_for_export(m, UNET))
-    if ort_optimize == "none":
-        return export_control_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
-    return _export_fused(module, bundle, r.spec, device, staging, ort_optimize)
+    # As the UNet's packages are made (fused QKV, attention kernel, channels_last): the ControlNet's encoder and mid
+    # block are the UNet's, so they take the same preparation.
+    return backend.export(NetworkExport(
+        aoti=lambda path, ctx: export_control_aoti(module, bundle.family, r.spec, r.profiles[0], path, device=device,
+                                                   kernel_context=ctx,
+                                                   prepare=lambda m: prepare_for_export(m, UNET)),
+        onnx=onnx), staging, device)
 
 
 def _export_fused(module, bundle: ModelBundle, spec: ControlSpec, device: str, staging: Path, target: str):

@@ -8,7 +8,6 @@ embedding length, the input side and the image processor's steps and constants (
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..core.image_encoder_specs import (IMAGE_ENCODER, image_encoder_requirement
                                         spec_of_config)
 from ..core.loading import WeightsOrigin
 from ..core.specs import NetworkSpec
+from .backend import NetworkExport, OpenContext, get_backend
 from .build import BuildReport, BuildRequest
 from .cache import EngineCache, EngineKey, device_name
 from .controlnet_engines import build_entry, start_build
@@ -55,12 +55,10 @@ def build_image_encoder_engine(family: ModelFamily, folder: str | Path, req: Bui
         from ..export.image_encoder_export import export_image_encoder_aoti, export_image_encoder_onnx
 
         encoder, _ = load_image_encoder(folder, "cpu", torch.float32)  # only when the entry is missing
-        if backend.name == "aoti":
-            from .aoti_backend import cudnn_first
-
-            ctx = cudnn_first if torch.device(req.device).type == "cuda" else contextlib.nullcontext
-            return export_image_encoder_aoti(encoder, spec, tmp / "model.pt2", device=req.device, kernel_context=ctx)
-        return export_image_encoder_onnx(encoder, spec, tmp / "model.onnx", device=req.device)
+        return backend.export(NetworkExport(
+            aoti=lambda path, ctx: export_image_encoder_aoti(encoder, spec, path, device=req.device,
+                                                             kernel_context=ctx),
+            onnx=lambda path: export_image_encoder_onnx(encoder, spec, path, device=req.device)), tmp, req.device)
 
     build_entry(cache, key, f"[ip-adapter encoder] {spec.name} ({side}x{side} -> {dim}, weights {fp[-12:]})", req,
                 f"{backend.name} {version} on {device}", report, log, export)
@@ -90,8 +88,6 @@ def open_image_encoder(engine_dir: str | Path, model: str, folder: str | Path, b
     """The folder's encoder engine for the encoder in `folder` (its fingerprint), of `backend` and `precision`,
     for this backend version and device, verified; None when there is none (the caller runs the encoder in
     torch)."""
-    from .backend import OpenContext, get_backend
-
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
     if backend not in ("aoti", "onnxruntime") or not any(

@@ -21,6 +21,7 @@ from ..core.ipadapter_specs import UNET_IP, ip_requirements
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, profile_sizes
+from .backend import Backend, NetworkExport
 from .build import BuildReport, BuildRequest
 from .cache import EngineCache
 from .controlnet_engines import (CONTROL_BACKENDS, build_entry, check_profiles, control_key, open_profiles,
@@ -65,7 +66,7 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     def export(tmp: Path, r: Requirement):
         if not modules:  # made once, and only when an entry is missing
             modules.append(ip_unet(bundle.unet, state, scale))
-        return _export(modules[0], bundle, r, backend.name, req.device, tmp)
+        return _export(modules[0], bundle, r, backend, req.device, tmp)
 
     for n, r in enumerate(jobs, 1):
         key = control_key(bundle, r, backend.name, version, device, fp)
@@ -75,18 +76,13 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     return report
 
 
-def _export(module, bundle: ModelBundle, r: Requirement, backend: str, device: str, staging: Path):
-    import contextlib
-
+def _export(module, bundle: ModelBundle, r: Requirement, backend: Backend, device: str, staging: Path):
     from ..export.ipadapter_export import export_ip_aoti, export_ip_onnx
 
-    if backend == "aoti":
-        from .aoti_backend import cudnn_first
-
-        ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
-        return export_ip_aoti(module, bundle.family, r.spec, r.profiles[0], staging / "model.pt2", device=device,
-                              kernel_context=ctx)
-    return export_ip_onnx(module, bundle.family, r.spec, staging / "model.onnx", device=device)
+    return backend.export(NetworkExport(
+        aoti=lambda path, ctx: export_ip_aoti(module, bundle.family, r.spec, r.profiles[0], path, device=device,
+                                              kernel_context=ctx),
+        onnx=lambda path: export_ip_onnx(module, bundle.family, r.spec, path, device=device)), staging, device)
 
 
 def ip_build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,

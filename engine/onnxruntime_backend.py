@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..core.specs import UNET, VAE_DECODER, VAE_ENCODER, NetworkSpec
-from .backend import Backend, BackendUnavailable, BuildJob, BuildOutput, Log, OpenContext, WeightSwapError
+from .backend import (Backend, BackendUnavailable, BuildJob, BuildOutput, Log, NetworkExport, OpenContext,
+                      WeightSwapError)
 from .runners import infer_axes
 
 NAME = "onnxruntime"
@@ -230,6 +231,9 @@ class OnnxRuntimeBackend(Backend):
 
     def default_ort_optimize(self, device: str) -> str:
         return "cuda" if torch.device(device).type == "cuda" else "none"  # 2048 px needs fused attention there
+
+    def export(self, how: NetworkExport, staging: Path, device: str):
+        return how.onnx(Path(staging) / "model.onnx")
 
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from .onnx_build import export_model
