@@ -22,7 +22,7 @@ from ..core.if_loading import IFBundle
 from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile
 from .aoti_backend import StaticPackage
-from .backend import get_backend
+from .backend import NetworkExport, get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .if_networks import IFEngineNetworks
 from .runners import ShapeDispatch
@@ -115,19 +115,18 @@ def build_if_engines(bundle: IFBundle, plans: dict[int, StagePlan], backend: str
 
 
 def _build_one(bundle: IFBundle, r: IFRequirement, backend: str, staging: Path, device: str):
-    if backend == "onnxruntime":
+    def aoti(path: Path, ctx):
+        from ..export.if_aoti import export_if_aoti
+
+        _, lo, _, _ = r.profiles[0].shapes[0]  # the package's sample: (batch, channels, height, width)
+        return export_if_aoti(bundle, r.spec, path, lo[0], lo[2], lo[3], device=device, kernel_context=ctx)
+
+    def onnx(path: Path):
         from ..export.if_onnx import export_if_unet
 
-        return export_if_unet(bundle, r.spec, staging / "model.onnx", device=device)
-    import contextlib
+        return export_if_unet(bundle, r.spec, path, device=device)
 
-    from ..export.if_aoti import export_if_aoti
-    from .aoti_backend import cudnn_first
-
-    _, lo, _, _ = r.profiles[0].shapes[0]  # the sample: (batch, channels, height, width)
-    ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
-    return export_if_aoti(bundle, r.spec, staging / "model.pt2", lo[0], lo[2], lo[3], device=device,
-                          kernel_context=ctx)
+    return get_backend(backend).export(NetworkExport(aoti=aoti, onnx=onnx), staging, device)
 
 
 def open_if_engines(folder, bundle: IFBundle, device, precision: str | None = None,
