@@ -504,5 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_main("mf-generate", lambda: run(args))
 
 
+def console_main() -> None:
+    """`mf-generate` and `python -m megafusion.cli.generate`: one image, then the process ends at once (exit_now)."""
+    from .common import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

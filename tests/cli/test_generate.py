@@ -73,6 +73,20 @@ def test_no_traceback_from_the_console_entry():
     assert "Traceback" not in r.stderr and "malformed size '1920'" in r.stderr
 
 
+def test_console_entry_ends_after_a_complete_image_and_output(tmp_path):
+    """`python -m megafusion.cli.generate` ends the process at once after the image (cli/common.py exit_now): the
+    PNG is whole, no temporary file is left, and the output was flushed to its last line."""
+    from PIL import Image
+
+    out = tmp_path / "o.png"
+    r = subprocess.run([sys.executable, "-m", "megafusion.cli.generate", "--model", "tiny-sd15", "--stages",
+                        "128x128:2,256x256:2", "--prompt", "a cat", "--no-progress", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().splitlines()[-1] == f"wrote {out} (256x256)"
+    assert Image.open(out).size == (256, 256) and [p.name for p in tmp_path.iterdir()] == ["o.png"]
+
+
 def test_segments_are_shown_as_they_end(tmp_path, capsys, monkeypatch):
     """The relays and the decode take seconds with no step to count: each segment is printed when it ends, so
     the relay's line is out before the final decode starts."""
