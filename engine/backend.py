@@ -164,7 +164,7 @@ class Backend:
 
     def export(self, how: NetworkExport, staging: Path, device: str):
         """Writes `how`'s export in this backend's format into `staging` (an entry's files); ExportResult."""
-        raise BackendUnavailable(f"backend {self.name} builds no condition networks (ControlNet, IP-Adapter)")
+        raise BackendUnavailable(f"backend {self.name} builds no ControlNet, IP-Adapter, image encoder or IF engines")
 
     def open(self, entry: Entry, path: Path | None, spec: NetworkSpec, ctx: OpenContext) -> Runner:
         """A runner for a verified entry; `path` is its first file (None for a backend without files)."""
