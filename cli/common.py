@@ -276,6 +276,12 @@ def exit_now(rc: int) -> NoReturn:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    try:  # what native libraries printed through C stdio (buffered on a pipe)
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(rc)
 
 
