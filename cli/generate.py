@@ -334,8 +334,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = MegaFusionPipeline(bundle, nets, device)
     else:
         pipe = MegaFusionPipeline.fast(bundle, nets, device)
-    if args.engines:  # one image per process: the text encoders' engines go after the prompt (#15's 16 GiB)
-        pipe.one_shot = True
+    # One image per process: the text encoders go after the prompt, each stage's graphs after the stage (#15's 16 GiB)
+    pipe.one_shot = True
     print(f"mode {mode}" + (" (the first run compiles: minutes on real-size models)" if mode == "compiled" else ""))
 
     print(f"model {family.name} ({bundle.source}) on {device}, UNet {str(nets.unet_dtype).removeprefix('torch.')}, "
@@ -444,13 +444,14 @@ def keep_compiled_kernels(args, mode: str) -> dict[str, str]:
 
 
 def one_shot_allocator(args, device) -> bool:
-    """`--engines` on CUDA (one image a process): PyTorch's allocator in expandable segments unless the user set
+    """mf-generate on CUDA (one image a process): PyTorch's allocator in expandable segments unless the user set
     PYTORCH_CUDA_ALLOC_CONF, so each stage's freed graph pool goes back whole to the next stage, the relay and the
     decode. H200, SDXL 2048 from --weights-apart packages (benchmarks/RESULTS.md, twelfth session): device peak of the
-    whole process 15.9 GiB (#15's 16 GiB). Returns whether it was set (--max-memory sets it on its own)."""
+    whole process 15.9 GiB (#15's 16 GiB); the torch modes' peak with it is not measured yet. Returns whether it was
+    set (--max-memory sets it on its own)."""
     from .common import expandable_segments
 
-    if not args.engines or device.type != "cuda" or args.max_memory is not None or not expandable_segments():
+    if device.type != "cuda" or args.max_memory is not None or not expandable_segments():
         return False
     print("allocator: expandable segments (one image a process; PYTORCH_CUDA_ALLOC_CONF chooses otherwise)")
     return True

@@ -66,6 +66,20 @@ class TorchNetworks:
         self.decode_fn = self._decode
         self.encode_fn = self._encode
 
+    def release_text_encoders(self) -> int:
+        """Moves the text encoders' weights to the meta device: a one-shot run (mf-generate: one image per process)
+        needs no text encoder after its prompt, and SDXL's are 1.6 GiB of fp16 weights held through every stage and
+        the decode. The bundle cannot encode another prompt afterwards. Returns how many were released."""
+        released = 0
+        for enc in self.bundle.text_encoders:
+            if enc.device.type != "meta":
+                enc.to("meta")
+                released += 1
+        self.text_released = True
+        if released and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return released
+
     def _decode(self, latents):
         return self.bundle.vae.decode(latents, return_dict=False)[0]
 
@@ -102,6 +116,9 @@ class TorchNetworks:
 
     @torch.inference_mode()
     def encode_text(self, index, input_ids):
+        if getattr(self, "text_released", False):
+            raise RuntimeError("the text encoders were released after this one-shot run's prompt; a pipeline that "
+                               "generates more than once keeps them (one_shot=False)")
         enc = self.bundle.text_encoders[index]
         if not self.bundle.family.is_xl:
             return enc(input_ids)[0].float(), None  # SD1.5: last hidden state

@@ -116,9 +116,10 @@ def test_the_cap_asks_for_expandable_segments_unless_the_user_configured_the_all
     assert settings == ["expandable_segments:True"]
 
 
-def test_one_shot_engine_runs_on_cuda_ask_for_expandable_segments(monkeypatch, capsys):
-    """mf-generate --engines on CUDA sets expandable segments (the freed graph pools serve the next stage, #15's
-    16 GiB), unless the user configured the allocator, --max-memory did it already, or the run is not --engines."""
+def test_one_shot_runs_on_cuda_ask_for_expandable_segments(monkeypatch, capsys):
+    """mf-generate on CUDA, engines or torch modules, sets expandable segments (the freed graph pools serve the next
+    stage, #15's 16 GiB), unless the user configured the allocator, --max-memory did it already, or the run is not
+    on CUDA."""
     import argparse
 
     import torch
@@ -131,14 +132,15 @@ def test_one_shot_engine_runs_on_cuda_ask_for_expandable_segments(monkeypatch, c
     monkeypatch.delenv(ALLOCATOR_ENV, raising=False)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     engines = argparse.Namespace(engines="/e", max_memory=None)
-    assert not one_shot_allocator(argparse.Namespace(engines=None, max_memory=None), cuda)
     assert not one_shot_allocator(engines, cpu)
     assert not one_shot_allocator(argparse.Namespace(engines="/e", max_memory=32.0), cuda)
     assert settings == []
     assert one_shot_allocator(engines, cuda) and settings == ["expandable_segments:True"]
     assert "expandable segments" in capsys.readouterr().out
+    assert one_shot_allocator(argparse.Namespace(engines=None, max_memory=None), cuda)  # the torch modes too
+    settings.clear()
     monkeypatch.setenv(ALLOCATOR_ENV, "max_split_size_mb:512")  # the user's choice stands
-    assert not one_shot_allocator(engines, cuda) and settings == ["expandable_segments:True"]
+    assert not one_shot_allocator(engines, cuda) and settings == []
 
 
 def test_vae_tile_park_is_said_in_a_dry_run_and_in_a_refusal(tmp_path, capsys):

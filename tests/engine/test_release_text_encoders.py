@@ -37,3 +37,23 @@ def test_one_shot_releases_the_text_encoders_after_the_prompt(tiny_sdxl, torch_e
     assert {n for n, _ in nets.runners} == {"unet", "vae_decoder", "vae_encoder"}
     with pytest.raises(RuntimeError, match="text_encoder's engine was released after this one-shot run's prompt"):
         pipe.generate(plan, opts)
+
+
+def test_one_shot_torch_modules_release_the_text_encoders_after_the_prompt():
+    """mf-generate's torch modes (eager, graphs, compiled) are one-shot too: the text encoders' weights go to the
+    meta device after the prompt, the image is the one a pipeline that keeps them makes."""
+    from megafusion.core.loading import load_model
+    from megafusion.engine.networks import TorchNetworks
+
+    bundle = load_model("tiny-sdxl")  # its own: the release changes the bundle
+    plan = validate_plan(bundle.family, parse_stages(STAGES))
+    opts = GenerationOptions("a red cube", seed=5)
+    ref = MegaFusionPipeline(bundle, TorchNetworks(bundle), "cpu").generate(plan, opts)
+    pipe = MegaFusionPipeline(bundle, TorchNetworks(bundle), "cpu")
+    pipe.one_shot = True
+    got = pipe.generate(plan, opts)
+    assert np.array_equal(got.image, ref.image) and ref.image.std() > 0
+    assert all(p.is_meta for enc in bundle.text_encoders for p in enc.parameters())
+    assert not any(p.is_meta for p in bundle.unet.parameters())
+    with pytest.raises(RuntimeError, match="text encoders were released after this one-shot run's prompt"):
+        pipe.generate(plan, opts)
