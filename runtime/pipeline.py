@@ -152,10 +152,11 @@ class MegaFusionPipeline:
         self.graphs = graphs
         """Runs each stage's steps as replays of one captured step; None runs the eager loop."""
         self.one_shot = False
-        """The process generates once (mf-generate --engines): networks whose part is done are released, the
-        text encoders after the prompt (`Networks` that can, `EngineNetworks.release_text_encoders`), each stage's
-        CUDA graph after the stage (`GraphedDenoiser.release`); a second `generate` then stops at its prompt,
-        naming the released engine."""
+        """The process generates once (mf-generate, every mode): networks whose part is done are released, the
+        text encoders after the prompt (`Networks` that can: `EngineNetworks.release_text_encoders` drops their
+        engines, `TorchNetworks.release_text_encoders` sends the bundle's modules to the meta device, so give it a
+        bundle nothing else uses), each stage's CUDA graph after the stage (`GraphedDenoiser.release`); a second
+        `generate` then stops at its prompt, naming what was released."""
 
     @classmethod
     def fast(cls, bundle: ModelBundle, networks: Networks | None = None, device=None) -> MegaFusionPipeline:

@@ -37,12 +37,15 @@ def test_no_cfg_batch_one(tiny_sd15):
 def test_one_shot_drops_each_stage_graph_state_after_the_stage(tiny_sd15):
     """A one-shot pipeline (mf-generate: one image a process) releases each stage's step state after the stage,
     so the graphs' pool serves the relay and decode; the image is the kept-state pipeline's."""
+    from megafusion.core.loading import load_model
+
     plan = validate_plan(tiny_sd15.family, [Stage(128, 128, 3), Stage(256, 256, 2)])
     opts = GenerationOptions("a fox", seed=3)
     kept = MegaFusionPipeline.fast(tiny_sd15, device="cpu")
     ref = kept.generate(plan, opts)
     assert len(kept.graphs.buffers) == 2
-    pipe = MegaFusionPipeline.fast(tiny_sd15, device="cpu")
+    own = load_model("tiny-sd15")  # one-shot also sends the bundle's text encoders to the meta device
+    pipe = MegaFusionPipeline.fast(own, device="cpu")
     pipe.one_shot = True
     released = []
     release = pipe.graphs.release
@@ -50,6 +53,7 @@ def test_one_shot_drops_each_stage_graph_state_after_the_stage(tiny_sd15):
     got = pipe.generate(plan, opts)
     assert released == [1, 1] and pipe.graphs.buffers == {} and pipe.graphs.pool is None
     assert torch.equal(got.latent, ref.latent)
+    assert all(p.is_meta for enc in own.text_encoders for p in enc.parameters())
 
 
 def test_release_waits_for_the_replays_before_freeing_the_pool(monkeypatch):
