@@ -10,8 +10,8 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 

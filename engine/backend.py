@@ -89,7 +89,7 @@ class OpenContext:
 @dataclass(frozen=True)
 class NetworkExport:
     """One network's export in each file format a backend builds, the module, spec and shapes bound by the caller
-    (the condition networks: ControlNet, controlled UNet, IP UNet, image encoder); `Backend.export` picks one."""
+    (ControlNet, controlled UNet, IP UNet, image encoder, IF UNet); `Backend.export` picks one."""
 
     aoti: Callable[[Path, Callable], object]
     """(package path, kernel context) -> ExportResult: a static AOTInductor package."""

@@ -22,7 +22,7 @@ from ..core.specs import NetworkSpec
 from .backend import NetworkExport, OpenContext, get_backend
 from .build import BuildReport, BuildRequest
 from .cache import EngineCache, EngineKey, device_name
-from .controlnet_engines import build_entry, start_build
+from .controlnet_engines import CONTROL_BACKENDS, build_entry, start_build
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import origin_fingerprint
 from .runners import Runner, run_spec
@@ -90,7 +90,7 @@ def open_image_encoder(engine_dir: str | Path, model: str, folder: str | Path, b
     torch)."""
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
-    if backend not in ("aoti", "onnxruntime") or not any(
+    if backend not in CONTROL_BACKENDS or not any(
             (e.key.model, e.key.network, e.key.backend) == (model, IMAGE_ENCODER, backend)
             for e in cache.entries().values()):
         return None  # without hashing the encoder's folder (gigabytes for a real one) for nothing

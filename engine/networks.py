@@ -65,6 +65,7 @@ class TorchNetworks:
         self.unet_fn = bundle.unet
         self.decode_fn = self._decode
         self.encode_fn = self._encode
+        self.text_released = False  # a one-shot run's text encoders are gone after its prompt
 
     def release_text_encoders(self) -> int:
         """Moves the text encoders' weights to the meta device: a one-shot run (mf-generate: one image per process)
@@ -116,7 +117,7 @@ class TorchNetworks:
 
     @torch.inference_mode()
     def encode_text(self, index, input_ids):
-        if getattr(self, "text_released", False):
+        if self.text_released:
             raise RuntimeError("the text encoders were released after this one-shot run's prompt; a pipeline that "
                                "generates more than once keeps them (one_shot=False)")
         enc = self.bundle.text_encoders[index]
