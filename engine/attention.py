@@ -43,6 +43,10 @@ def _cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, h, n, d = q.shape
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        # cuDNN's attention has kernels for CUDA fp16/bf16 only; forcing it elsewhere (an fp32 model in
+        # --mode fast-graphs) found no kernel at all. The kernel is a speed choice: torch's own one here.
+        return sdpa(q, k, v).contiguous()
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         o = F.scaled_dot_product_attention(q, k, v)
     return o.transpose(1, 2).reshape(b, n, h * d).contiguous()
@@ -55,7 +59,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def cudnn() -> Attend:
-    """cuDNN's fused attention, opaque to the compiler."""
+    """cuDNN's fused attention (CUDA fp16/bf16; torch's SDPA choice for other inputs), opaque to the compiler."""
     return _opaque("megafusion::cudnn_sdpa", _cudnn_sdpa)
 
 

@@ -68,8 +68,8 @@ class FastOptions:
     `INDUCTOR_SETS` names the measured ones."""
     unet_attention: str = "sdpa"
     """UNet attention kernel (engine/attention.py): `sdpa` (torch's choice: cuDNN under compile on Hopper),
-    `cudnn` (cuDNN forced, also in eager), `fa4` (FlashAttention 4, optional package; measured no faster than
-    cuDNN at SDXL's shapes), `chunked`."""
+    `cudnn` (cuDNN forced, also in eager, where it has kernels: CUDA fp16/bf16), `fa4` (FlashAttention 4,
+    optional package; measured no faster than cuDNN at SDXL's shapes), `chunked`."""
     vae_attention: str = "chunked"
     """VAE attention kernel: `chunked` by default, since no fused kernel takes its 512-dim head and torch's
     memory-efficient fallback ran at 107 TFLOP/s against 340-360 for chunked (65536 tokens)."""

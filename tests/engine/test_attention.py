@@ -68,3 +68,13 @@ def test_fa4_without_package_says_what_is_missing():
             attend_fn("fa4")
     else:
         pytest.skip("flash-attn-4 is installed here: the missing-package error cannot be shown")
+
+
+def test_cudnn_kernel_falls_back_where_cudnn_has_none():
+    """cuDNN's attention takes CUDA fp16/bf16 only: forced on fp32 (an fp32 model in --mode fast-graphs) it found
+    no kernel at all and the run failed; the `cudnn` kernel gives torch's SDPA result there instead."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 10, 16, generator=g) for _ in range(3))
+    out = attend_fn("cudnn")(q, k, v)
+    assert out.shape == (2, 10, 48) and out.is_contiguous()
+    assert _relerr(out, sdpa(q, k, v)) < 1e-6
