@@ -68,17 +68,6 @@ def test_compiled_unet_honours_dilation_cpu():
     _check("tiny-sdxl", "cpu", FastOptions(compile_vae=False, cudnn_benchmark=False), 1e-4)
 
 
-@pytest.fixture
-def no_tf32():
-    """cuDNN's TF32 convolutions round differently per algorithm (channels_last, compiled or not): measured
-    1.6e-3 relative on the tiny VAE decode with TF32 on, 2e-6 with it off, whatever the attention kernel. The
-    test is about the function, so it compares with TF32 off."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_compiled_same_function_gpu(name, no_tf32):
