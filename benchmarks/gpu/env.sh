@@ -18,4 +18,7 @@ export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUC
 # bytecode; so that timings measure that, Python keeps bytecode for every source under /tmp/pycache.
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=/tmp/pycache
+# GPU test runs: torch's structured-trace logger emits DEBUG records that pytest's log capture printed by the
+# thousand under a failure, pushing the failure itself out of the call's output tail (fifteenth session).
+export PYTEST_ADDOPTS="-p no:logging --tb=short"
 set +e

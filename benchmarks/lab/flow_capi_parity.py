@@ -89,7 +89,10 @@ def main(argv=None) -> int:
            "graphs": {"captures": captures, "replays": replays, "max_diff_off": graphs_diff, "cpp_off_s": off_s}}
     (out / f"flow_capi_{a.model}_{a.dtype}_{a.relay}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
-    return 0 if diff.max() <= 1 and graphs_diff <= 2 else 1
+    # On CUDA the Python pixel relay runs the fused relay kernel, the C API ATen's bicubic: 2 levels there, as the
+    # C API GPU tests allow (tests/cpp GRAPH_TOL); on the CPU both run ATen's.
+    tol = 2 if a.device == "cuda" else 1
+    return 0 if diff.max() <= tol and graphs_diff <= 2 else 1
 
 
 if __name__ == "__main__":
