@@ -112,8 +112,9 @@ class AttnProcessor:
     norm); anything else is refused, not silently computed differently.
     """
 
-    def __init__(self, attend: Attend):
-        self.attend = attend
+    def __init__(self, attend: Attend | None = None):
+        # diffusers' IP-Adapter loader makes each self-attention's processor anew with no arguments
+        self.attend = attend or sdpa
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):

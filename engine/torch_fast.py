@@ -117,6 +117,33 @@ def vae_encode(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latent_dist.mean
 
 
+def share_fused_parts(module: torch.nn.Module) -> int:
+    """After `fuse_qkv_projections`, each attention keeps its separate projections beside the fused one (Q, K, V
+    beside `to_qkv`; a cross-attention's K, V beside `to_kv`), unused unless a processor set later reads them
+    (IP-Adapter's). Their weights become views of the fused weight, which holds the same rows in that order: same
+    values, no copies (1.21 GiB of SDXL's fp16 UNet, 0.11 GiB of SD1.5's). Returns the bytes released."""
+    released = 0
+    for attn in module.modules():
+        if not getattr(attn, "fused_projections", False):
+            continue
+        if attn.is_cross_attention:
+            fused, parts = attn.to_kv, (attn.to_k, attn.to_v)
+        else:
+            fused, parts = attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v)
+        for name in ("weight", "bias"):
+            whole, row = getattr(fused, name), 0
+            if whole is None:
+                continue
+            for part in parts:
+                old = getattr(part, name)
+                released += old.numel() * old.element_size()
+                setattr(part, name, torch.nn.Parameter(whole.detach()[row:row + old.shape[0]], requires_grad=False))
+                row += old.shape[0]
+            if row != whole.shape[0]:  # diffusers changed how it fuses: refuse rather than alias wrong rows
+                raise RuntimeError(f"fused {name} of {tuple(whole.shape)} is not its parts' {row} rows")
+    return released
+
+
 class FastTorchNetworks(TorchNetworks):
     """`TorchNetworks` over optimised modules; same function, same interface."""
 
@@ -124,9 +151,13 @@ class FastTorchNetworks(TorchNetworks):
         super().__init__(bundle, vae_dtype)
         self.options = options
         prepare_module(bundle.unet, options.unet_attention, options)
+        prepare_module(bundle.vae, options.vae_attention, options)
+        self.released_bytes = share_fused_parts(bundle.unet) + share_fused_parts(bundle.vae)
+        """What the fused projections' separate copies held (the allocator's cache is emptied of it on CUDA)."""
         if options.unet_fp8 is not None:  # after QKV fusion (which reads float weights), before compile
             quantize_unet(bundle.unet, options.unet_fp8)
-        prepare_module(bundle.vae, options.vae_attention, options)
+        if self.released_bytes and next(bundle.unet.parameters()).device.type == "cuda":
+            torch.cuda.empty_cache()  # the device peak counts reserved memory: give the released blocks back
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         compile = lambda fn: compile_with(fn, options, portable_guards)  # noqa: E731
