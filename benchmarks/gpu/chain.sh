@@ -1,6 +1,7 @@
 # One GPU session's runs as one detached chain, one after another (one timed job on the GPU at a time), so that
 # they outlive each 10-minute call; from the repository root, one warm machine (carry .whl on the first call):
 #   bash benchmarks/gpu/chain.sh start S STEP...   starts the steps in order, waits S seconds, packs what is done
+#                                                  (S <= 570 in a 600 s call: `start 590` left the pack no time)
 #   bash benchmarks/gpu/chain.sh wait S            more time; packs again (every call packs everything so far)
 # Steps (each under its own `timeout`, so one that hangs cannot take the others' time; `;` between them, so one
 # that fails leaves the rest running):
