@@ -39,7 +39,8 @@
 #   gpu-tests-11  GPU tests not run before: IP-Adapter engines in the step graph, --weights-apart packages, fast path
 #   gpu-tests-13  gpu-tests-11's files, the one-shot graph release, the C API's IP-Adapter image and flow CUDA graphs
 #   gpu-tests-15  what gpu-tests-13 failed or did not reach: the IP engines' step graph (TF32 off now), fast-graphs
-#               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs
+#               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs;
+#               each file under its own limit (about 23 minutes at most: start it with two waits to follow)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
@@ -147,9 +148,11 @@ step() {  # the command line of one step
     gpu-tests-13) echo "timeout 560 python3 -m pytest -q -m gpu tests/runtime/test_graphs.py tests/engine/test_precompiled.py \
       tests/engine/test_ipadapter_engines.py tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py \
       tests/cpp/test_libmegafusion_graphs_ip.py tests/cpp/test_libmegafusion_flow_graphs.py -p no:cacheprovider" ;;
-    gpu-tests-15) echo "timeout 560 python3 -m pytest -q -m gpu tests/engine/test_ipadapter_engines.py \
-      tests/engine/test_torch_fast.py::test_fast_graphs_options_same_function_gpu tests/cpp/test_libmegafusion_graphs_ip.py \
-      tests/cpp/test_libmegafusion_flow_graphs.py -p no:cacheprovider" ;;
+    gpu-tests-15) printf 'rc=0; '; for t in "240 tests/engine/test_torch_fast.py" "360 tests/engine/test_ipadapter_engines.py" \
+        "420 tests/cpp/test_libmegafusion_graphs_ip.py" "360 tests/cpp/test_libmegafusion_flow_graphs.py"; do
+        # one limit per file (gpu-tests-13's single limit left its last files unrun)
+        printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
+      done; echo '(exit $rc)' ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;
