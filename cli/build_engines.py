@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..engine.backend import backend_names, get_backend
+from ..engine.backend import apart_backends, backend_names, get_backend
 from .common import ArgumentParser, UsageError, add_model_arguments, check_backend, run_main
 
 
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
             get_backend(args.backend).check_request("fp32", "none", device, dynamic=True)
         except ValueError as e:
             raise UsageError(f"--dynamic: {e}") from None
-    if args.weights_apart and args.backend != "aoti":
-        raise UsageError(f"--weights-apart: applies to the aoti backend only, not {args.backend}")
+    if args.weights_apart and not get_backend(args.backend).weights_apart:
+        raise UsageError(f"--weights-apart: applies to {apart_backends()} engines only, not {args.backend}")
     vae_choices = get_backend(args.backend).vae_precisions
     if args.vae_precision is not None and args.vae_precision not in vae_choices:
         raise UsageError(f"--vae-precision {args.vae_precision}: backend {args.backend} builds VAEs in "

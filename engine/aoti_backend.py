@@ -138,6 +138,7 @@ class AotiBackend(Backend):
     profile_kind = STAGE_PROFILES
     preference = {"cuda": 2, "cpu": 1}
     dynamic_option = True
+    weights_apart = True
 
     def version(self) -> str:
         return version()

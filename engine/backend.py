@@ -113,6 +113,9 @@ class Backend:
     capture_note: str = ""
     """Why its runners cannot be captured in the runtime's CUDA graphs ('' when they can; each runner declares
     the same as its `capturable`)."""
+    weights_apart: bool = False
+    """Whether `mf-build-engines --weights-apart` applies: engines that read their weights from one file of their
+    entry, which every shape and dilation of a network shares at run time."""
     dynamic_option: bool = False
     """Whether `mf-build-engines --dynamic` applies: one engine per network over the plan's range of sides
     instead of static engines per stage shape."""
@@ -143,6 +146,10 @@ class Backend:
     def default_ort_optimize(self, device: str) -> str:
         """The ONNX Runtime fusion target a build uses unless told otherwise."""
         return "none"
+
+    def rebuild_args(self, ort_optimize: str) -> list[str]:
+        """The build options of this backend a rebuild command names besides model, plan and precision."""
+        return []
 
     def profiles(self, family: ModelFamily, r: Requirement, plan: StagePlan,
                  dynamic: bool = False) -> tuple[ShapeProfile, ...]:
@@ -198,6 +205,11 @@ def registry() -> dict[str, Backend]:
         found = [importlib.import_module(f"{__package__}.{m}").BACKEND for m in _BUILTIN]
         _registry = {b.name: b for b in found}
     return _registry
+
+
+def apart_backends() -> str:
+    """The backends `--weights-apart` applies to, named for messages."""
+    return " or ".join(name for name, b in registry().items() if b.weights_apart)
 
 
 def backend_names() -> tuple[str, ...]:

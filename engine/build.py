@@ -15,7 +15,7 @@ from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import Requirement, default_vae_precision, plan_requirements, profile_sizes
 from ..export.onnx_export import ExportResult
-from .backend import Backend, BuildJob, get_backend
+from .backend import Backend, BuildJob, apart_backends, get_backend
 from .cache import EngineCache, EngineKey, Entry, device_name
 from . import file_hashes
 from .file_hashes import HASHES, FileHashes
@@ -97,8 +97,8 @@ def check_request(req: BuildRequest) -> Backend:
     """The request's backend, after its options are checked; ValueError naming a bad value."""
     backend = get_backend(req.backend)
     backend.check_request(req.precision, req.ort_optimize, req.device, req.dynamic)
-    if req.weights_apart and backend.name != "aoti":
-        raise ValueError(f"--weights-apart applies to the aoti backend only, not {backend.name}")
+    if req.weights_apart and not backend.weights_apart:
+        raise ValueError(f"--weights-apart applies to {apart_backends()} engines only, not {backend.name}")
     if req.vae_precision is not None and req.vae_precision not in backend.vae_precisions:
         raise ValueError(f"backend {backend.name} builds VAEs in {', '.join(backend.vae_precisions)}, "
                          f"not {req.vae_precision!r}")

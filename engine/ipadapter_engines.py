@@ -56,7 +56,7 @@ def build_ip_engines(bundle: ModelBundle, state: dict, path: str | Path, scale: 
     fp = ip_adapter_fingerprint(network_fingerprint(bundle, "unet"), path, scale)
     # Fused (export/ort_optimize.py), an IP attention became a MultiHeadAttention node that the CPU EP refused at
     # run time (key and value shapes): these entries are exported unfused, and their key says so.
-    if req.ort_optimize != "none" and backend.name == "onnxruntime":
+    if req.ort_optimize != "none":  # only a backend with ORT fusions takes another level (check_request)
         log(f"ip-adapter: unet_ip is exported unfused (--ort-optimize {req.ort_optimize} does not fuse its IP "
             "attention yet)")
     jobs = [one for r in ip_requirements(fam, req.plan, embed_dim(state), req.precision, req.dilation)

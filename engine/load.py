@@ -55,8 +55,8 @@ def _build_command(fam: ModelFamily, source: str, plan: StagePlan, backend: str,
     elif dilation != 2:
         args += ["--dilation", str(dilation)]
     args += ["--device", torch.device(device).type]
-    if backend == "onnxruntime":
-        args += ["--ort-optimize", ort_optimize]
+    if backend in registry():
+        args += get_backend(backend).rebuild_args(ort_optimize)
     args += ["--output", str(engine_dir)]
     return "mf-build-engines " + shlex.join(args)
 

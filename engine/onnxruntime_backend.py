@@ -232,6 +232,9 @@ class OnnxRuntimeBackend(Backend):
     def default_ort_optimize(self, device: str) -> str:
         return "cuda" if torch.device(device).type == "cuda" else "none"  # 2048 px needs fused attention there
 
+    def rebuild_args(self, ort_optimize: str) -> list[str]:
+        return ["--ort-optimize", ort_optimize]
+
     def export(self, how: NetworkExport, staging: Path, device: str):
         return how.onnx(Path(staging) / "model.onnx")
 

@@ -39,7 +39,7 @@ def test_an_inside_key_keeps_its_digest():
 def test_weights_apart_is_refused_outside_aoti(capsys, tmp_path):
     assert build_main(["--model", "tiny-sd15", "--backend", "onnxruntime", "--weights-apart", "--device", "cpu",
                        "--output", str(tmp_path / "e")]) == 2
-    assert "--weights-apart: applies to the aoti backend only, not onnxruntime" in capsys.readouterr().err
+    assert "--weights-apart: applies to aoti engines only, not onnxruntime" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 
