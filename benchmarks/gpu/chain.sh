@@ -41,6 +41,8 @@
 #   gpu-tests-15  what gpu-tests-13 failed or did not reach: the IP engines' step graph (TF32 off now), fast-graphs
 #               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs;
 #               each file under its own limit (about 23 minutes at most: start it with two waits to follow)
+#   pkg-check   after sdxl-apart: each SDXL 2048 package against its module (relative difference, #15: <= 0.5%), and the
+#               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
@@ -153,6 +155,8 @@ step() {  # the command line of one step
         # one limit per file (gpu-tests-13's single limit left its last files unrun)
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
+    pkg-check) echo "timeout 600 python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines /tmp/mf-aoti-sdxl-apart \
+      --size 2048x2048 --modes networks,python-aoti-graphs,python-eager --repeats 1 --output $RES/pkg-check" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;

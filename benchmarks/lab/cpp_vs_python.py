@@ -11,7 +11,8 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
 - `python-aoti`: `open_engines(..., backend="aoti")` on the same packages, the plain Python stage loop;
 - `python-aoti-graphs`: the same packages under the runtime's CUDA-graphed denoise step (CUDA only);
 - `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
-  precision (the reference the engines are checked against);
+  precision, the VAE as the engines hold it (the reference the engines are checked against; with it, every
+  other mode's image difference against it);
 - `python-compiled`: the compiled fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
 `networks` (no timing) first runs each package once against its torch module on the same inputs, at every
 stage size, and records the largest difference: it says which network an image difference comes from.
@@ -233,7 +234,13 @@ def run(args) -> dict:
     if "python-eager" in modes:
         from megafusion.engine.networks import TorchNetworks
 
-        entry, res = time_pipeline(MegaFusionPipeline(bundle, TorchNetworks(bundle), dev), plan, opts, args.repeats, dev)
+        from megafusion.core.specs import default_vae_precision
+
+        # The VAE in the precision the engines hold it in (SDXL's bf16 on a GPU), as mf-generate runs it
+        vae = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+            default_vae_precision(bundle.family, "fp16" if dev.type == "cuda" else "fp32", bf16=dev.type == "cuda")]
+        nets = TorchNetworks(bundle, vae)
+        entry, res = time_pipeline(MegaFusionPipeline(bundle, nets, dev), plan, opts, args.repeats, dev)
         record("python-eager", entry, res.image)
     if "python-compiled" in modes:
         from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
@@ -246,6 +253,10 @@ def run(args) -> dict:
     for e in report["modes"].values():
         if base:
             e["ratio_to_cpp"] = e["median_s"] / base
+    if "python-eager" in images:  # #15's image check: every path against the torch modules run eagerly
+        for mode, image in images.items():
+            if mode != "python-eager":
+                report["modes"][mode]["image_diff_vs_eager"] = image_diff(image, images["python-eager"])
     _save(report, out)
     return report
 
@@ -253,13 +264,14 @@ def run(args) -> dict:
 def _save(report: dict, out: Path) -> None:
     (out / "cpp_vs_python.json").write_text(json.dumps(provenance() | report, indent=2))
     lines = [f"# libmegafusion vs Python, {report['gpu']}, torch {report['torch']}", "", report["plan"], "",
-             "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) | graphs captured/replayed |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) | image vs Python eager "
+             "| graphs captured/replayed |",
+             "|---|---|---|---|---|---|---|---|"]
     for mode, e in report["modes"].items():
-        d = e.get("image_diff_vs_cpp", {})
+        d, q = e.get("image_diff_vs_cpp", {}), e.get("image_diff_vs_eager", {})
         lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
                      f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
-                     f"{d.get('max', '-')}/{d.get('mean', 0):.3f} | "
+                     f"{d.get('max', '-')}/{d.get('mean', 0):.3f} | {q.get('max', '-')}/{q.get('mean', 0):.3f} | "
                      f"{str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
     if report.get("networks"):
         lines += ["", "Each package against its torch module, same inputs:", "",
@@ -273,7 +285,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python3 benchmarks/lab/cpp_vs_python.py")
     p.add_argument("--model", default="sdxl")
     p.add_argument("--engines", required=True, help="folder of mf-build-engines --backend aoti")
-    p.add_argument("--cpp-bin", required=True, help="the mf-generate-cpp executable")
+    p.add_argument("--cpp-bin", help="the mf-generate-cpp executable (for the cpp modes)")
     p.add_argument("--output", required=True)
     p.add_argument("--size")
     p.add_argument("--stages")
@@ -284,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--prompt", default="a photo of a red fox in the snow, highly detailed")
     args = p.parse_args(argv)
+    if args.cpp_bin is None and {"cpp", "cpp-no-graphs"} & set(args.modes.split(",")):
+        p.error("--modes cpp and cpp-no-graphs need --cpp-bin")
     run(args)
     return 0
 
