@@ -198,8 +198,9 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 def add_precision_argument(p: argparse.ArgumentParser) -> None:
     """--precision fp8 (read back by `fp8_dtype_from_args`)."""
     p.add_argument("--precision", choices=("fp8",),
-                   help="fp8: the UNet's transformer projections as FP8 (e4m3) GEMMs, the rest in bf16; CUDA GPUs "
-                        "of compute capability 8.9 or newer (Ada, Hopper), torch modules only (no --engines)")
+                   help="fp8: the UNet's transformer projections (SD3, FLUX: the transformer blocks' image-stream "
+                        "projections) as FP8 (e4m3) GEMMs, the rest in bf16; CUDA GPUs of compute capability 8.9 or "
+                        "newer (Ada, Hopper), torch modules only (no --engines)")
 
 
 def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: str | None) -> torch.dtype:
@@ -213,8 +214,8 @@ def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: s
     if why:
         raise UsageError(why)
     if dtype_name not in (None, "bf16"):
-        raise UsageError(f"--precision fp8 with --dtype {dtype_name}: the FP8 UNet computes in bf16 (row-wise FP8 "
-                         "GEMMs write bf16); leave --dtype out or give bf16")
+        raise UsageError(f"--precision fp8 with --dtype {dtype_name}: the FP8 network computes in bf16 (row-wise "
+                         "FP8 GEMMs write bf16); leave --dtype out or give bf16")
     return torch.bfloat16
 
 

@@ -21,10 +21,6 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}; --guidance sets its guidance "
                          "embedding")
-    conditions = (("--precision", args.precision if args.precision == "fp8" else None),)
-    for flag, value in conditions:  # refused rather than ignored: ignoring them would give a silently wrong image
-        if value:
-            raise UsageError(f"{flag}: not available for {name} yet (it runs for the UNet families)")
     for flag, value in (("--inductor", args.inductor),
                         ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
         if value is not None:
@@ -166,6 +162,10 @@ def run_flow(args: argparse.Namespace, family) -> int:
         raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.precision == "fp8":
+        from .common import fp8_dtype_from_args
+
+        dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
     kind = None
     if args.engines and controls:  # ControlNet packages (aoti) for every stage shape, before the model load
         from .flow_controlnet_engines import check_controlled_engines
@@ -216,6 +216,11 @@ def run_flow(args: argparse.Namespace, family) -> int:
                                                                    "--negative-prompt": args.negative_prompt})
     from ..engine.flow_networks import FlowTorchNetworks
 
+    if args.precision == "fp8":  # after a LoRA's fuse (which reads float weights), before compile or capture
+        from ..engine.fp8_dit import quantize_transformer
+
+        n = len(quantize_transformer(bundle.transformer))
+        print(f"precision fp8: {n} transformer projections as FP8 (e4m3) GEMMs, the rest bf16")
     ip_embeds = None if ip_image is None else _ip_adapter_embeds(args, bundle, ip_image, device, dtype)
     vae_dtype = DTYPES[args.vae_dtype] if args.vae_dtype else None
     if kind is not None:

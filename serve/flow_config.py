@@ -44,8 +44,8 @@ def check_dit_flags(cfg: ServeConfig, family) -> None:
         flag = "--compile-cache" if cfg.compile_cache is not None else "--no-compile-cache"
         raise ConfigError(f"{flag}: the compiled SD3 / FLUX transformer is not kept between starts yet")
     if cfg.precision is not None:
-        raise ConfigError(f"--precision {cfg.precision}: not available for {name} yet (it runs for the UNet "
-                          "families)")
+        raise ConfigError(f"--precision {cfg.precision}: mf-serve does not run it for {name} yet (mf-generate does; "
+                          "the serving loop quantizes the UNet families only)")
     try:
         for value in cfg.loras:
             check_dit_lora_file(parse_lora(value), family)

@@ -63,6 +63,7 @@
 #   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
+#   dit-fp8-sd3 SD3 eager, compiled and compiled with FP8 projections (engine/fp8_dit.py), same plans (#17, #20)
 #   dit-bench-flux    FLUX eager, graphs and compiled, MegaFusion against direct (#17)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
@@ -212,6 +213,8 @@ step() {  # the command line of one step
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \
       --device cuda --dtype bf16 --output $RES/dit-sd3-compiled" ;;
+    dit-fp8-sd3) echo "timeout 900 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled,compiled-fp8 \
+      --output $RES/dit-fp8-sd3" ;;
     dit-bench-flux) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,graphs,compiled \
       --device cuda --dtype bf16 --output $RES/dit-flux" ;;
     sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \

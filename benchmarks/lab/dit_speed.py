@@ -38,8 +38,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT = "a lighthouse on a rocky coast at dawn, highly detailed"
 
 
-LAB_MODES = (*FLOW_MODES, "engines")
-"""Run order: compiled wraps the VAE halves in place, so it runs after eager and graphs."""
+LAB_MODES = (*FLOW_MODES, "engines", "compiled-fp8")
+"""Run order: compiled wraps the VAE halves in place, so it runs after eager and graphs; compiled-fp8 (compiled with
+the transformer blocks' image-stream projections as FP8 GEMMs, engine/fp8_dit.py; bf16 only) quantizes the
+transformer in place, so it runs last."""
 
 
 def networks(bundle, mode: str, compile_vae: bool, engines: str | None = None, dtype: str = "") -> FlowTorchNetworks:
@@ -47,8 +49,12 @@ def networks(bundle, mode: str, compile_vae: bool, engines: str | None = None, d
         from megafusion.engine.dit_engines import engine_networks
 
         return engine_networks(bundle, engines, bundle.transformer.device, dtype)
-    nets = FlowTorchNetworks(bundle, compiled=mode == "compiled")
-    if mode == "compiled" and compile_vae:
+    if mode == "compiled-fp8":
+        from megafusion.engine.fp8_dit import quantize_transformer
+
+        print(f"compiled-fp8: {len(quantize_transformer(bundle.transformer))} projections as FP8", flush=True)
+    nets = FlowTorchNetworks(bundle, compiled=mode.startswith("compiled"))
+    if mode.startswith("compiled") and compile_vae:
         vae = bundle.vae
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
         vae.encoder = torch.compile(vae.encoder, dynamic=False)
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in modes if m not in LAB_MODES]
     if bad:
         p.error(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(LAB_MODES)}")
+    if "compiled-fp8" in modes and args.device != "cpu" and args.dtype != "bf16":
+        p.error(f"--modes compiled-fp8 with --dtype {args.dtype}: FP8 GEMMs write bf16 on CUDA; use --dtype bf16")
     if ("engines" in modes) != (args.engines is not None):
         p.error("--modes engines and --engines DIR go together")
     out = Path(args.output)
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
     for mode in sorted(modes, key=LAB_MODES.index):
         nets = networks(bundle, mode, args.compile_vae, args.engines, args.dtype)
-        pipe = FlowMegaFusionPipeline(bundle, nets, dev, "graphs" if mode == "engines" else mode)
+        pipe = FlowMegaFusionPipeline(bundle, nets, dev, {"engines": "graphs", "compiled-fp8": "compiled"}.get(mode, mode))
         r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
                                                                                      ("direct", direct))}
         r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
     m = result["modes"]
-    for fast in ("graphs", "compiled", "engines"):
+    for fast in ("graphs", "compiled", "engines", "compiled-fp8"):
         if "eager" in m and fast in m:  # speed-up of the mode over eager, on each plan
             result[f"{fast}_over_eager"] = {k: m["eager"][k]["total_s"] / m[fast][k]["total_s"]
                                             for k in ("megafusion", "direct")}

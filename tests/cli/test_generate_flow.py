@@ -80,14 +80,17 @@ def test_engines_built_then_used_by_mf_generate(flux_aoti, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("flags,flag", [(["--precision", "fp8"], "--precision")])
-def test_conditions_not_yet_for_transformers_are_refused(flags, flag, capsys):
-    """A flag the flow loop would ignore is refused before the model load (no silently wrong image)."""
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("flags,said", [([], "--precision fp8 needs a CUDA GPU"),
+                                        (["--engines", "."], "--precision fp8 with --engines")])
+def test_fp8_for_transformers_refused_where_it_cannot_run(model, flags, said, capsys):
+    """--precision fp8 (engine/fp8_dit.py) runs on a GPU with FP8 tensor cores, from the torch modules: on the CPU
+    or with --engines it is refused in one line before the model load."""
     from megafusion.cli.generate import main
 
-    assert main(["--model", "tiny-sd3", "--prompt", "x", *flags]) == 2
+    assert main(["--model", model, "--prompt", "x", "--device", "cpu", "--precision", "fp8", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("mf-generate: error: " + flag), err
+    assert err.count("\n") == 1 and err.startswith("mf-generate: error: " + said), err
 
 
 def test_onnxruntime_engine_built_then_used_by_mf_generate(tmp_path, capsys):
