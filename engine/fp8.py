@@ -118,6 +118,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", ws.reshape(1, n).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(weight.dtype))
 
+    def _apply(self, fn, recurse=True):
+        # A whole-model `.to(dtype)` (diffusers' adapter loaders cast the model they load into) would turn the e4m3
+        # weights into another float type, which `_scaled_mm` refuses: this layer follows devices, keeps its dtypes.
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                self._buffers[name] = buf.to(fn(torch.empty(0, dtype=buf.dtype, device=buf.device)).device)
+        return self
+
     @classmethod
     def from_linear(cls, layer: nn.Linear, fast_accum: bool = True) -> "Fp8Linear":
         return cls(layer.weight, layer.bias, fast_accum)

@@ -93,6 +93,46 @@ def test_fp8_linear_equals_emulation_and_meets_e4m3_bound(out_dtype):
     assert 1e-3 < rel < 0.05, rel  # really quantized, and within a few percent
 
 
+def test_fp8_linear_keeps_its_dtypes_under_a_model_cast():
+    """diffusers' adapter loaders cast the whole model they load into to its own dtype (`model.to(dtype=...)`): an
+    FP8 layer inside keeps its e4m3 weights and float32 scales (cast ones made `_scaled_mm` refuse the call) and
+    computes what it did; the rest of the model follows the cast."""
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 16))
+    model[0] = Fp8Linear.from_linear(model[0])
+    x = torch.randn(5, 32, generator=g)
+    before = model(x)
+    model.to(dtype=torch.float32)
+    model.to("cpu")
+    fp8 = model[0]
+    assert (fp8.weight_fp8.dtype, fp8.weight_scale.dtype, fp8.bias.dtype) == (FP8, torch.float32, torch.float32)
+    assert torch.equal(model(x), before)
+    model.to(dtype=torch.float64)
+    assert fp8.weight_fp8.dtype == FP8 and model[1].weight.dtype == torch.float64
+
+
+def test_ip_adapter_loads_into_an_fp8_unet():
+    """mf-generate loads an IP-Adapter after the fast path quantized the UNet (--precision fp8 --ip-adapter): its
+    loader's model cast leaves the FP8 layers whole, and the IP eps stays within 5% of the float IP UNet's."""
+    from megafusion.core.loading import load_model
+    from megafusion.engine.attention import set_attention
+    from megafusion.engine.networks import TorchNetworks
+    from megafusion.runtime.ipadapter import IPAdapterNetworks, load_ip_adapter
+    from tests.runtime.test_ipadapter import CLIP_DIM, tiny_ip_adapter
+
+    ref, bundle = load_model("tiny-sdxl"), load_model("tiny-sdxl")
+    bundle.unet.fuse_qkv_projections()
+    set_attention(bundle.unet, "sdpa")
+    quantize_unet(bundle.unet)
+    state = tiny_ip_adapter(ref.unet, seed=3)
+    for b in (ref, bundle):
+        load_ip_adapter(b.unet, state, scale=0.8)
+    embeds = torch.randn((1, 1, CLIP_DIM), generator=torch.Generator().manual_seed(6))
+    want, got = (_eps(b, IPAdapterNetworks(TorchNetworks(b), embeds)) for b in (ref, bundle))
+    rel = float((got.double() - want.double()).norm() / want.double().norm())
+    assert 1e-4 < rel < 0.05, rel
+
+
 def test_fp8_conv1x1_is_the_per_pixel_gemm_in_any_memory_format():
     g = torch.Generator().manual_seed(2)
     conv = torch.nn.Conv2d(32, 48, 1)
@@ -182,10 +222,10 @@ def test_policy_without_a_role_leaves_it():
     assert swapped and all(layer_role(n) in ("ff_in", "ff_out") for n in swapped)
 
 
-def _eps(bundle, nets_cls=None):
+def _eps(bundle, nets=None):
     from megafusion.engine.networks import TorchNetworks
 
-    nets = TorchNetworks(bundle)
+    nets = nets or TorchNetworks(bundle)
     g = torch.Generator().manual_seed(0)
     fam = bundle.family
     x = torch.randn(2, 4, 16, 24, generator=g)

@@ -55,6 +55,32 @@ def test_quantized_transformer_velocity_within_five_percent(name, roles):
     assert 1e-5 < rel < 0.05, rel  # quantized (not exact), within the bound
 
 
+def test_flux_ip_adapter_on_an_fp8_transformer(tmp_path):
+    """mf-generate loads a FLUX IP-Adapter after quantizing (its loader casts the model): a two-stage relay stays
+    within 5% of the float transformer's with the same adapter, and the image embeddings still act."""
+    from megafusion.core.plan import Stage, validate_plan
+    from megafusion.runtime.flow_ipadapter import FlowIPAdapterNetworks, load_flux_ip_adapter, read_flux_ip_adapter
+    from megafusion.runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
+    from tests.runtime.test_flow_ipadapter import CLIP_DIM, save_tiny_flux_ip_adapter
+
+    ref, fp8 = load_model("tiny-flux"), load_model("tiny-flux")
+    ip = save_tiny_flux_ip_adapter(ref.family.transformer, tmp_path / "ip.safetensors")
+    quantize_transformer(fp8.transformer)
+    for b in (ref, fp8):
+        load_flux_ip_adapter(b.transformer, read_flux_ip_adapter(ip, b.transformer), 0.8)
+    embeds = torch.randn((1, 1, CLIP_DIM), generator=torch.Generator().manual_seed(1))
+    plan = validate_plan(ref.family, [Stage(128, 128, 2), Stage(160, 160, 1)])
+    opts = FlowGenerationOptions("a teapot", guidance=3.5, seed=1)
+
+    def run(b, e):
+        return FlowMegaFusionPipeline(b, FlowIPAdapterNetworks(FlowTorchNetworks(b), e)).generate(plan, opts).latent
+
+    want, got = run(ref, embeds), run(fp8, embeds)
+    rel = float((got - want).norm() / want.norm())
+    assert 1e-5 < rel < 0.05, rel
+    assert float((run(fp8, -embeds) - got).norm() / got.norm()) > 0.1
+
+
 def test_policy_roles_checked_and_chosen():
     with pytest.raises(ValueError, match="unknown FP8 layer role.*'?qkv_all"):
         DiTFp8Policy(roles=("qkv_all",))
