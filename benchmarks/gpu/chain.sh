@@ -40,7 +40,8 @@
 #   gpu-tests-13  gpu-tests-11's files, the one-shot graph release, the C API's IP-Adapter image and flow CUDA graphs
 #   gpu-tests-15  what gpu-tests-13 failed or did not reach: the IP engines' step graph (TF32 off now), fast-graphs
 #               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs;
-#               each file under its own limit (about 23 minutes at most: start it with two waits to follow)
+#               the FP8 GPU tests (UNet layers that keep their dtypes, the SD3 transformer in FP8); each file under its
+#               own limit (about 28 minutes at most: start it with three waits to follow)
 #   pkg-check   after sdxl-apart: each SDXL 2048 package against its module (relative difference, #15: <= 0.5%), and the
 #               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
@@ -152,7 +153,8 @@ step() {  # the command line of one step
       tests/engine/test_ipadapter_engines.py tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py \
       tests/cpp/test_libmegafusion_graphs_ip.py tests/cpp/test_libmegafusion_flow_graphs.py -p no:cacheprovider" ;;
     gpu-tests-15) printf 'rc=0; '; for t in "240 tests/engine/test_torch_fast.py" "360 tests/engine/test_ipadapter_engines.py" \
-        "420 tests/cpp/test_libmegafusion_graphs_ip.py" "360 tests/cpp/test_libmegafusion_flow_graphs.py"; do
+        "420 tests/cpp/test_libmegafusion_graphs_ip.py" "360 tests/cpp/test_libmegafusion_flow_graphs.py" \
+        "300 tests/engine/test_fp8.py tests/engine/test_fp8_dit.py"; do
         # one limit per file (gpu-tests-13's single limit left its last files unrun)
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
