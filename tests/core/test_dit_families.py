@@ -106,9 +106,9 @@ def test_tools_that_take_unet_families_only_refuse_in_one_line(tmp_path, capsys)
     assert build(["--model", "tiny-sd3", "--backend", "tensorrt", "--output", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "tiny-sd3 engines are built by aoti or onnxruntime" in err and len(err.strip().splitlines()) == 1
-    cfg = ServeConfig(model="tiny-flux")  # mf-serve takes them (serve/flow_model.py); fp8 it refuses, as mf-generate
+    cfg = ServeConfig(model="tiny-flux")  # mf-serve takes them (serve/flow_model.py), but not fp8
     assert check_config(cfg) is cfg
-    with pytest.raises(ConfigError, match="--precision fp8: not available for tiny-flux yet"):
+    with pytest.raises(ConfigError, match="--precision fp8: mf-serve does not run it for tiny-flux yet"):
         check_config(ServeConfig(model="tiny-flux", precision="fp8"))
 
 
