@@ -38,7 +38,8 @@
 #   builds-11   sdxl-apart (which now ends with a warm-up run) beside sd15-build at --jobs 2, niced
 #   gpu-tests-11  GPU tests not run before: IP-Adapter engines in the step graph, --weights-apart packages, fast path
 #   gpu-tests-13  gpu-tests-11's files, the one-shot graph release, the C API's IP-Adapter image and flow CUDA graphs
-#   gpu-tests-15  what gpu-tests-13 failed or did not reach: the IP engines' step graph (TF32 off now), fast-graphs
+#   gpu-tests-15  what gpu-tests-13 failed or did not reach: the IP engines' step graph (its reference now on the
+#               engines' weights; the ControlNet engines' test had the same fault), fast-graphs
 #               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs;
 #               the FP8 GPU tests (UNet layers that keep their dtypes, the SD3 transformer in FP8); each file under its
 #               own limit (about 28 minutes at most: start it with three waits to follow)
@@ -152,7 +153,7 @@ step() {  # the command line of one step
     gpu-tests-13) echo "timeout 560 python3 -m pytest -q -m gpu tests/runtime/test_graphs.py tests/engine/test_precompiled.py \
       tests/engine/test_ipadapter_engines.py tests/engine/test_aoti_weights_apart.py tests/engine/test_torch_fast.py \
       tests/cpp/test_libmegafusion_graphs_ip.py tests/cpp/test_libmegafusion_flow_graphs.py -p no:cacheprovider" ;;
-    gpu-tests-15) printf 'rc=0; '; for t in "240 tests/engine/test_torch_fast.py" "360 tests/engine/test_ipadapter_engines.py" \
+    gpu-tests-15) printf 'rc=0; '; for t in "240 tests/engine/test_torch_fast.py" "600 tests/engine/test_ipadapter_engines.py tests/engine/test_controlnet_engines.py" \
         "420 tests/cpp/test_libmegafusion_graphs_ip.py" "360 tests/cpp/test_libmegafusion_flow_graphs.py" \
         "300 tests/engine/test_fp8.py tests/engine/test_fp8_dit.py"; do
         # one limit per file (gpu-tests-13's single limit left its last files unrun)

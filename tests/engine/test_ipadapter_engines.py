@@ -162,10 +162,11 @@ def test_sdxl_plan_on_engines_matches_torch_path(tiny_sdxl, sdxl_engines, tmp_pa
 def test_aoti_ip_engines_captured_in_the_step_graph_on_cuda(tmp_path, no_tf32):
     """On CUDA, static aoti packages of the plan with unet_ip (built as mf-build-engines builds them, from its own
     fp32 CPU load): the graphed loop captures one step graph per stage shape (2, replayed on the next run) and gives
-    the eager engine loop's latent; that one is within the engine tolerance of the torch IP path on CUDA (fp32,
-    TF32 off: the package's convolutions and the module's may take other cuDNN algorithms)."""
+    the eager engine loop's latent; that one is within the engine tolerance of the torch IP path on CUDA, run on
+    the same weights moved there (fp32, TF32 off: the package's convolutions and the module's may take other cuDNN
+    algorithms)."""
     from megafusion.cli.build_engines import main as build_main
-    from megafusion.core.loading import load_model
+    from megafusion.core.loading import load_model, to_device
 
     bundle = load_model("tiny-sd15")  # fp32 on the CPU: what the build hashed, as mf-generate --engines loads it
     path = save_ip_adapter(tiny_ip_adapter(bundle.unet, seed=8), tmp_path / "ip.safetensors")
@@ -191,7 +192,8 @@ def test_aoti_ip_engines_captured_in_the_step_graph_on_cuda(tmp_path, no_tf32):
     assert rel < 1e-3, rel
     again = float(fast.generate(plan, opts).latent.sub(y).abs().max())
     assert again < 1e-5 and fast.graphs.captures == 2, (again, fast.graphs.captures)
-    gpu = load_model("tiny-sd15", device="cuda", dtype=torch.float32)
+    # The engines' weights, moved: a model initialised on CUDA has other random weights than a CPU one
+    gpu = to_device(load_model("tiny-sd15"), torch.device("cuda"), torch.float32)
     ip_bundle = dataclasses.replace(gpu, unet=ip_unet(gpu.unet, read_ip_adapter(path, gpu.unet), 0.8))
     ref = MegaFusionPipeline(ip_bundle, IPAdapterNetworks(TorchNetworks(ip_bundle), embeds.cuda()),
                              "cuda").generate(plan, opts).latent
