@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megafusion.engine.fp8 import (FP8, FP8_MAX, Fp8Conv1x1, Fp8Linear, Fp8Policy, dequantize_rows,
-                                   emulated_scaled_mm, fp8_candidates, fp8_unavailable, layer_role,
+                                   emulated_scaled_mm, fp8_unavailable, layer_role,
                                    quantize_rows, quantize_unet, unet_dtype_unfit)
 
 HALF_STEP = 2.0 ** -4
