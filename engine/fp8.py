@@ -66,11 +66,11 @@ def fp8_unavailable(device: torch.device | str, subject: str = "precision fp8") 
     return ""
 
 
-def unet_dtype_unfit(dtype: torch.dtype, device: torch.device | str) -> str:
-    """'' if an FP8 UNet may compute in `dtype` on `device`, else why not: on CUDA, row-wise `_scaled_mm` writes
-    bf16 only, so the UNet around the FP8 layers runs in bf16."""
+def fp8_dtype_unfit(dtype: torch.dtype, device: torch.device | str, network: str = "UNet") -> str:
+    """'' if a network with FP8 layers may compute in `dtype` on `device`, else why not: on CUDA, row-wise
+    `_scaled_mm` writes bf16 only, so the network around the FP8 layers runs in bf16."""
     if torch.device(device).type == "cuda" and dtype != torch.bfloat16:
-        return f"precision fp8 runs the UNet in bfloat16 (row-wise FP8 GEMMs write bf16 on CUDA), not {dtype}"
+        return f"precision fp8 runs the {network} in bfloat16 (row-wise FP8 GEMMs write bf16 on CUDA), not {dtype}"
     return ""
 
 
@@ -221,16 +221,21 @@ def quantize_unet(unet: nn.Module, policy: Fp8Policy = Fp8Policy()) -> list[str]
     """Replaces, in place, the policy's layers by FP8 ones (weights quantized now, once); returns their names.
     On CUDA the UNet must be bf16 (row-wise `_scaled_mm` writes bf16 only). Run after `fuse_qkv_projections`
     (which reads the projections' float weights) and before torch.compile or CUDA-graph capture."""
-    p = next(unet.parameters())
-    why = unet_dtype_unfit(p.dtype, p.device)
+    return swap_in_fp8(unet, fp8_candidates(unet, policy), policy.fast_accum, "UNet")
+
+
+def swap_in_fp8(module: nn.Module, names: list[str], fast_accum: bool, network: str) -> list[str]:
+    """Replaces, in place, the linear and 1x1 convolution layers `names` of `module` (the `network`) by FP8 ones;
+    returns `names`. ValueError (`fp8_dtype_unfit`) if the module's dtype cannot hold them on its device."""
+    p = next(module.parameters())
+    why = fp8_dtype_unfit(p.dtype, p.device, network)
     if why:
         raise ValueError(why)
-    names = fp8_candidates(unet, policy)
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
+        parent = module.get_submodule(parent_name) if parent_name else module
         layer = getattr(parent, child)
-        new = (Fp8Linear.from_linear(layer, policy.fast_accum) if isinstance(layer, nn.Linear)
-               else Fp8Conv1x1.from_conv(layer, policy.fast_accum))
+        new = (Fp8Linear.from_linear(layer, fast_accum) if isinstance(layer, nn.Linear)
+               else Fp8Conv1x1.from_conv(layer, fast_accum))
         setattr(parent, child, new)
     return names

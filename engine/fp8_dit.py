@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .fp8 import Fp8Linear
+from .fp8 import swap_in_fp8
 
 DIT_ROLES = ("attn_qkv", "attn_out", "ff_in", "ff_out", "single_mlp_in", "single_out", "context_qkv", "context_out",
              "context_ff_in", "context_ff_out", "modulation", "other")
@@ -78,12 +77,4 @@ def dit_fp8_candidates(transformer: nn.Module, policy: DiTFp8Policy = DiTFp8Poli
 def quantize_transformer(transformer: nn.Module, policy: DiTFp8Policy = DiTFp8Policy()) -> list[str]:
     """Replaces, in place, the policy's layers by FP8 ones (weights quantized once); returns their names. On CUDA
     the transformer must be bf16 (row-wise `_scaled_mm` writes bf16 only). Run before torch.compile or capture."""
-    p = next(transformer.parameters())
-    if p.device.type == "cuda" and p.dtype != torch.bfloat16:
-        raise ValueError(f"FP8 runs the transformer in bfloat16 (row-wise FP8 GEMMs write bf16 on CUDA), not {p.dtype}")
-    names = dit_fp8_candidates(transformer, policy)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = transformer.get_submodule(parent_name)
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), policy.fast_accum))
-    return names
+    return swap_in_fp8(transformer, dit_fp8_candidates(transformer, policy), policy.fast_accum, "transformer")

@@ -234,11 +234,12 @@ def run(args) -> dict:
     if "python-eager" in modes:
         from megafusion.engine.networks import TorchNetworks
 
+        from megafusion.cli.common import DTYPES
         from megafusion.core.specs import default_vae_precision
 
         # The VAE in the precision the engines hold it in (SDXL's bf16 on a GPU), as mf-generate runs it
-        vae = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-            default_vae_precision(bundle.family, "fp16" if dev.type == "cuda" else "fp32", bf16=dev.type == "cuda")]
+        vae = DTYPES[default_vae_precision(bundle.family, "fp16" if dev.type == "cuda" else "fp32",
+                                           bf16=dev.type == "cuda")]
         nets = TorchNetworks(bundle, vae)
         entry, res = time_pipeline(MegaFusionPipeline(bundle, nets, dev), plan, opts, args.repeats, dev)
         record("python-eager", entry, res.image)

@@ -14,7 +14,7 @@ import torch
 
 from megafusion.engine.fp8 import (FP8, FP8_MAX, Fp8Conv1x1, Fp8Linear, Fp8Policy, dequantize_rows,
                                    emulated_scaled_mm, fp8_unavailable, layer_role,
-                                   quantize_rows, quantize_unet, unet_dtype_unfit)
+                                   quantize_rows, quantize_unet, fp8_dtype_unfit)
 
 HALF_STEP = 2.0 ** -4
 """e4m3 rounding error, relative, in the normal range (3 mantissa bits: half a step of 2^-3)."""
@@ -256,9 +256,9 @@ def test_fp8_unet_eps_within_five_percent_of_float(name):
 
 def test_fp8_unet_dtype_is_bf16_on_cuda():
     """On CUDA the row-wise GEMM writes bf16 only: another UNet dtype is refused before anything is swapped."""
-    assert "bfloat16" in unet_dtype_unfit(torch.float16, "cuda:0")
-    assert unet_dtype_unfit(torch.bfloat16, "cuda:0") == ""
-    assert unet_dtype_unfit(torch.float32, "cpu") == ""  # the CPU's _scaled_mm writes any float dtype (tests)
+    assert "bfloat16" in fp8_dtype_unfit(torch.float16, "cuda:0")
+    assert fp8_dtype_unfit(torch.bfloat16, "cuda:0") == ""
+    assert fp8_dtype_unfit(torch.float32, "cpu") == ""  # the CPU's _scaled_mm writes any float dtype (tests)
 
 
 def test_refusals_before_loading(monkeypatch):
