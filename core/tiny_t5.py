@@ -11,9 +11,9 @@ import string
 from typing import Any
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+_RESERVED_TOKENS = ("<pad>", "</s>", "<unk>")
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
-_PIECES = _SPECIAL_TOKENS + ("\u2581",) + tuple("\u2581" + c for c in _CHARS) + tuple(_CHARS)
+_PIECES = _RESERVED_TOKENS + ("\u2581",) + tuple("\u2581" + c for c in _CHARS) + tuple(_CHARS)
 
 TINY_T5_VOCAB_SIZE = len(_PIECES)
 """Ids the built-in tokenizer gives: 0 .. TINY_T5_VOCAB_SIZE - 1."""
@@ -25,7 +25,7 @@ def tiny_t5_tokenizer(model_max_length: int):
     from transformers import PreTrainedTokenizerFast
 
     # Word-start pieces score above bare characters, so "▁a" is one token rather than "▁" + "a".
-    vocab = [(p, 0.0) for p in _SPECIAL_TOKENS] + [(p, -1.0) for p in _PIECES[len(_SPECIAL_TOKENS):]]
+    vocab = [(p, 0.0) for p in _RESERVED_TOKENS] + [(p, -1.0) for p in _PIECES[len(_RESERVED_TOKENS):]]
     tok = Tokenizer(models.Unigram(vocab, unk_id=UNK_ID, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
