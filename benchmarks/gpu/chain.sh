@@ -43,6 +43,10 @@
 #               on an fp32 model (cuDNN attention's fallback), the C API's IP-Adapter graphs and flow graphs;
 #               the FP8 GPU tests (UNet layers that keep their dtypes, the SD3 transformer in FP8); each file under its
 #               own limit (about 28 minutes at most: start it with three waits to follow)
+#   kept-apart  compiled-kept's filling process beside sdxl-apart (device time: the two ran 5 and 7 minutes apart), then
+#               compiled-kept's two warm processes alone (their device peak is the figure; the fill's peak and both
+#               fill and build times are perturbed by running together)
+#   gpu-tests-16  gpu-tests-15's files, the FP8 ones first
 #   pkg-check   after sdxl-apart: each SDXL 2048 package against its module (relative difference, #15: <= 0.5%), and the
 #               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
@@ -157,6 +161,18 @@ step() {  # the command line of one step
         "420 tests/cpp/test_libmegafusion_graphs_ip.py" "360 tests/cpp/test_libmegafusion_flow_graphs.py" \
         "300 tests/engine/test_fp8.py tests/engine/test_fp8_dit.py"; do
         # one limit per file (gpu-tests-13's single limit left its last files unrun)
+        printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
+      done; echo '(exit $rc)' ;;
+    kept-apart) echo "rm -rf /tmp/mf-cck; { (unset TORCHINDUCTOR_CACHE_DIR; timeout 480 python3 \
+      benchmarks/lab/cold_start_phases.py --runs 1 --device cuda --output $RES/cold-kept-empty -- --model sdxl \
+      --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cck) \
+      > $RES/kept-fill.log 2>&1 & }; $(step sdxl-apart); wait; du -sh /tmp/mf-cck/*; (unset TORCHINDUCTOR_CACHE_DIR; \
+      timeout 300 python3 benchmarks/lab/cold_start_phases.py --runs 2 --device cuda --output $RES/cold-kept -- \
+      --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cck)" ;;
+    gpu-tests-16) printf 'rc=0; '; for t in "300 tests/engine/test_fp8.py tests/engine/test_fp8_dit.py" \
+        "600 tests/engine/test_ipadapter_engines.py tests/engine/test_controlnet_engines.py" \
+        "240 tests/engine/test_torch_fast.py" "420 tests/cpp/test_libmegafusion_graphs_ip.py" \
+        "360 tests/cpp/test_libmegafusion_flow_graphs.py"; do
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     pkg-check) echo "timeout 600 python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines /tmp/mf-aoti-sdxl-apart \
