@@ -139,6 +139,7 @@ class AotiBackend(Backend):
     preference = {"cuda": 2, "cpu": 1}
     dynamic_option = True
     weights_apart = True
+    one_engine_per_shape = True  # without --dynamic; the IF builds have no --dynamic
 
     def version(self) -> str:
         return version()
@@ -166,6 +167,9 @@ class AotiBackend(Backend):
         # cuDNN's attention first where the GPU has it, as the UNet's packages are made
         ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
         return how.aoti(Path(staging) / "model.pt2", ctx)
+
+    def open_file(self, path: Path, spec: NetworkSpec, device: torch.device) -> StaticPackage:
+        return StaticPackage(path, spec, device)
 
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from ..export.aoti_export import export_aoti

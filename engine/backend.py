@@ -116,6 +116,9 @@ class Backend:
     weights_apart: bool = False
     """Whether `mf-build-engines --weights-apart` applies: engines that read their weights from one file of their
     entry, which every shape and dilation of a network shares at run time."""
+    one_engine_per_shape: bool = False
+    """Whether each engine is compiled for one input shape (a static package, chosen by shape at run time) rather
+    than one engine serving all of a requirement's profiles."""
     dynamic_option: bool = False
     """Whether `mf-build-engines --dynamic` applies: one engine per network over the plan's range of sides
     instead of static engines per stage shape."""
@@ -176,6 +179,11 @@ class Backend:
     def open(self, entry: Entry, path: Path | None, spec: NetworkSpec, ctx: OpenContext) -> Runner:
         """A runner for a verified entry; `path` is its first file (None for a backend without files)."""
         raise NotImplementedError
+
+    def open_file(self, path: Path, spec: NetworkSpec, device: torch.device) -> Runner:
+        """A runner for the file `export` wrote, opened without an entry's context (the IF UNets: no latent family);
+        it checks no profile, the caller picks it by shape."""
+        raise BackendUnavailable(f"backend {self.name} opens no ControlNet, IP-Adapter, image encoder or IF engines")
 
     def swap_weights(self, runner: Runner, module: torch.nn.Module, prefix: str,
                      weights: dict[str, torch.Tensor]) -> int:

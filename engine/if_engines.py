@@ -21,7 +21,6 @@ from ..core.if_family import IFFamily
 from ..core.if_loading import IFBundle
 from ..core.plan import StagePlan
 from ..core.specs import NetworkSpec, ShapeProfile
-from .aoti_backend import StaticPackage
 from .backend import NetworkExport, get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .if_networks import IFEngineNetworks
@@ -50,9 +49,10 @@ def _shapes(spec: NetworkSpec, batch: int, h: int, w: int) -> dict[str, tuple[in
 def if_requirements(family: IFFamily, plans: dict[int, StagePlan], precision: str, dilation: int, backend: str,
                     batch: int = 2) -> tuple[IFRequirement, ...]:
     """The engines `plans` (cascade stage -> plan) need at UNet batch `batch` (2: CFG): per cascade and dilation,
-    one profile per stage shape (onnxruntime: one engine over them; aoti: one engine each)."""
+    one profile per stage shape (one engine over them, or one each where the backend compiles per shape: aoti)."""
     from ..export.if_onnx import if_unet_spec
 
+    per_shape = get_backend(backend).one_engine_per_shape
     out = []
     for cascade, plan in sorted(plans.items()):
         by_dilation: dict[int, list[ShapeProfile]] = {}
@@ -60,12 +60,13 @@ def if_requirements(family: IFFamily, plans: dict[int, StagePlan], precision: st
             d = 1 if k == 0 else dilation
             spec = if_unet_spec(family, cascade, precision, d)
             shapes = _shapes(spec, batch, s.height, s.width)
-            profile = ShapeProfile(0 if backend == "aoti" else k, tuple((n, x, x, x) for n, x in shapes.items()))
+            # Stage index 0 for a static package: it serves its shape in any plan, so the key is the shape.
+            profile = ShapeProfile(0 if per_shape else k, tuple((n, x, x, x) for n, x in shapes.items()))
             if all(p.shapes != profile.shapes for p in by_dilation.setdefault(d, [])):
                 by_dilation[d].append(profile)
         for d, profiles in sorted(by_dilation.items()):
             spec = if_unet_spec(family, cascade, precision, d)
-            if backend == "aoti":
+            if per_shape:
                 out += [IFRequirement(cascade, spec, (p,)) for p in profiles]
             else:
                 out.append(IFRequirement(cascade, spec, tuple(profiles)))
@@ -161,13 +162,9 @@ def open_if_engines(folder, bundle: IFBundle, device, precision: str | None = No
         cache.verify(e)
         spec = if_unet_spec(fam, networks[e.key.network], e.key.precision, e.key.dilation)
         path = cache.root / e.files[0].path
-        if chosen == "onnxruntime":
-            from .onnxruntime_backend import OrtRunner
-
-            runner = OrtRunner(path, spec, 1, device)
-        else:
-            runner = StaticPackage(path, spec, device)
+        runner = get_backend(chosen).open_file(path, spec, device)
         runners.setdefault((e.key.network, e.key.dilation), []).append((e.key.profiles, runner))
-    # An ONNX engine's sides are dynamic: any one serves every shape; static packages are chosen by shape.
-    one = {k: v[0][1] if chosen == "onnxruntime" else ShapeDispatch(tuple(v)) for k, v in runners.items()}
+    # An engine over all shapes (ONNX's dynamic sides) serves every stage; static packages are chosen by shape.
+    per_shape = get_backend(chosen).one_engine_per_shape
+    one = {k: ShapeDispatch(tuple(v)) if per_shape else v[0][1] for k, v in runners.items()}
     return IFEngineNetworks(one, device, chosen)

@@ -238,6 +238,9 @@ class OnnxRuntimeBackend(Backend):
     def export(self, how: NetworkExport, staging: Path, device: str):
         return how.onnx(Path(staging) / "model.onnx")
 
+    def open_file(self, path: Path, spec: NetworkSpec, device: torch.device) -> OrtRunner:
+        return OrtRunner(path, spec, 1, device)  # scale 1: the only such ORT engines are IF's, whose UNets see pixels
+
     def build(self, job: BuildJob, staging, log: Log) -> BuildOutput:
         from .onnx_build import export_model
 

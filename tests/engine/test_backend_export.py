@@ -29,3 +29,15 @@ def test_a_backend_without_condition_exports_says_so(tmp_path):
     for name in others:
         with pytest.raises(BackendUnavailable, match=name):
             get_backend(name).export(_recording([]), tmp_path, "cpu")
+
+
+def test_a_backend_without_exports_opens_none_and_says_so(tmp_path):
+    for name in (n for n in backend_names() if n not in ("aoti", "onnxruntime")):
+        assert not get_backend(name).one_engine_per_shape
+        with pytest.raises(BackendUnavailable, match=name):
+            get_backend(name).open_file(tmp_path / "model", None, "cpu")
+
+
+def test_static_packages_are_one_engine_per_shape():
+    # the IF builds split their profiles on this, and open a dispatch by shape over what they built
+    assert get_backend("aoti").one_engine_per_shape and not get_backend("onnxruntime").one_engine_per_shape
