@@ -1,4 +1,4 @@
-"""`--precision fp8` (mf-generate, mf-build-engines) and `--variants compiled-fp8` (mf-bench)
+"""`--precision fp8` (mf-generate, mf-build-engines) and `--variants compiled-fp8` / `engines:aoti-fp8` (mf-bench)
 are refused in one line, exit status 2, before any model load, where FP8 cannot run: the torch modules on the CPU, a
 GPU without FP8 tensor cores, a backend that builds no FP8 engines, a folder without FP8 engines for the plan, a
 non-bf16 dtype, conditions the FP8 packages do not take. FP8 aoti packages themselves: tests/engine/test_aoti_fp8.py."""
@@ -89,6 +89,13 @@ def test_build_engines_fp8_for_transformers_refused(capsys, tmp_path):
                                   "fp8", "--output", str(tmp_path / "e")], capsys, "--precision fp8")
 
 
+def test_bench_fp8_engines_with_a_lora_refused(capsys, tmp_path):
+    (tmp_path / "e").mkdir()
+    _refused("mf-bench", ["--model", "tiny-sd15", "--device", "cpu", "--steps", "4", "--variants", "engines:aoti-fp8",
+                          "--engine-dir", str(tmp_path / "e"), "--lora", str(tmp_path / "l.safetensors"),
+                          "--output", str(tmp_path / "o")], capsys, "--lora with --variants engines:aoti-fp8")
+
+
 def test_bench_compiled_fp8_on_cpu_refused(capsys, tmp_path):
     _refused("mf-bench", ["--model", "tiny-sd15", "--device", "cpu", "--steps", "4", "--variants", "compiled-fp8",
                           "--output", str(tmp_path)], capsys, "compiled-fp8", "needs a CUDA device")
@@ -116,6 +123,15 @@ def test_fp8_dtype_is_bf16_and_other_dtypes_refused(gpu):
     assert fp8_dtype_from_args(dev, "bf16", None) == torch.bfloat16
     with pytest.raises(UsageError, match="--precision fp8 with --dtype fp16"):
         fp8_dtype_from_args(dev, "fp16", None)
+
+
+def test_bench_fp8_engines_on_a_gpu_without_fp8_refused(capsys, tmp_path, gpu, monkeypatch):
+    gpu((8, 6), "NVIDIA RTX A6000")
+    monkeypatch.setattr("megafusion.cli.common.resolve_device", lambda name: torch.device("cuda", 0))
+    (tmp_path / "e").mkdir()
+    _refused("mf-bench", ["--model", "tiny-sd15", "--device", "cuda", "--steps", "4", "--variants",
+                          "engines:aoti,engines:aoti-fp8", "--engine-dir", str(tmp_path / "e"), "--output",
+                          str(tmp_path / "o")], capsys, "--variants engines:aoti-fp8 needs compute capability 8.9")
 
 
 def test_bench_compiled_fp8_on_a_gpu_without_fp8_refused(capsys, tmp_path, gpu, monkeypatch):

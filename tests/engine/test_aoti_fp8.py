@@ -236,3 +236,18 @@ def test_fp8_package_built_on_cuda_against_the_torch_fp8_module(tmp_path):
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
         assert _rel(got, want8) < 0.05, t
         assert 1e-3 < _rel(got, want16) < 0.05, t
+
+
+@pytest.mark.slow
+def test_mf_bench_times_fp8_engines(fp8_engines, tmp_path):
+    """`--variants engines:aoti-fp8` opens the folder's FP8 packages (the CPU runs them; a GPU needs FP8 tensor
+    cores, tests/cli/test_precision_fp8.py)."""
+    import json
+
+    from megafusion.cli.bench import main
+
+    assert main(["--model", "tiny-sd15", "--device", "cpu", "--stages", PLAN, "--variants", "engines:aoti-fp8",
+                 "--direct-for", "none", "--engine-dir", str(fp8_engines), "--repeats", "1", "--warmup", "0",
+                 "--no-peak", "--output", str(tmp_path)]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["variants"]}
+    assert rows["engine: engines:aoti-fp8"]["median_s"] > 0  # the folder holds no other UNet: these were the FP8
