@@ -29,7 +29,7 @@ from ..runtime.img2img import ImageStart
 from ..runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 from .flops import ControlNetCostCounter, MetaCostCounter, PlanCost, conditioned_plan_cost
-from .variants import ENGINE_FOLDER_PREFIX, Variant
+from .variants import ENGINE_FOLDER_PREFIX, Variant, engine_folder_variant
 
 ControlInput = tuple[str, torch.Tensor, float, float, float]
 """(ControlNet folder, control image (1, 3, H, W) in [0, 1], scale, start, end), as cli/conditions.py reads them."""
@@ -278,7 +278,7 @@ def conditioned_variants(bundle: ModelBundle, plan: StagePlan, opts: GenerationO
         setup, what = None, ""
         if kind.startswith(ENGINE_FOLDER_PREFIX):
             src = engine_bundle or bundle
-            backend = kind.removeprefix(ENGINE_FOLDER_PREFIX)
+            backend, _ = engine_folder_variant(kind)  # fp8 ones are refused with conditions (cli/bench.py)
             if conds.controls:  # opened now: missing ControlNet engines are refused before anything is timed
                 pipe = _engine_controlled(backend, src, plan, opts, conds.controls, engine_dir, device)
                 get = lambda p=pipe: p  # noqa: E731

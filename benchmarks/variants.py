@@ -57,6 +57,8 @@ ENGINES = {
     "torch": "MegaFusionPipeline + TorchNetworks, eager loop",
     "graphs": "one CUDA graph per stage shape (UNet, CFG, DDIM update), torch modules",
     "engines:aoti": "AOTInductor packages from mf-build-engines (--engine-dir), CUDA-graphed where capturable",
+    "engines:aoti-fp8": "the FP8 AOTInductor packages in --engine-dir (mf-build-engines --precision fp8: UNet "
+                        "projections as FP8 GEMMs, the rest bf16), CUDA-graphed",
     "engines:onnxruntime": "ONNX Runtime engines from mf-build-engines (--engine-dir), stages run eagerly",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
     "compiled-fp8": "compiled, with the UNet in bf16 and its transformer projections as FP8 (e4m3) GEMMs",
@@ -66,6 +68,15 @@ ENGINES = {
 
 ENGINE_FOLDER_PREFIX = "engines:"
 """Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
+FP8_SUFFIX = "-fp8"
+"""`engines:<backend>-fp8` runs the folder's FP8 engines of that backend."""
+
+
+def engine_folder_variant(kind: str) -> tuple[str, str | None]:
+    """(backend, precision) an `engines:<backend>[-fp8]` variant opens: fp8, or None for the device's default
+    among those built (FP8 ones only when asked for)."""
+    name = kind.removeprefix(ENGINE_FOLDER_PREFIX)
+    return (name.removesuffix(FP8_SUFFIX), "fp8") if name.endswith(FP8_SUFFIX) else (name, None)
 
 
 def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None = None,
@@ -82,8 +93,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
             if kind == "graphs":
                 made.append(fast(TorchNetworks(bundle)))
             elif kind.startswith(ENGINE_FOLDER_PREFIX):
-                made.append(_engine_pipeline(kind.removeprefix(ENGINE_FOLDER_PREFIX), bundle, device, plan, opts,
-                                             engine_dir))
+                made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir))
             elif kind == "compiled-fp8":  # quantizes the shared UNet in place: the last variant to run
                 import torch
 
@@ -110,15 +120,16 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
     return get
 
 
-def _engine_pipeline(backend: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
-                     engine_dir) -> MegaFusionPipeline:
-    """The built engines of `backend` that run `plan`, CUDA-graphed where they can be captured."""
+def _engine_pipeline(backend: str, precision: str | None, bundle: ModelBundle, device, plan: StagePlan,
+                     opts: GenerationOptions, engine_dir) -> MegaFusionPipeline:
+    """The built engines of `backend` (in `precision`, None: the device's default) that run `plan`, CUDA-graphed
+    where they can be captured."""
     import torch
 
     from ..engine.load import open_engines
 
     dilation = opts.dilation if len(plan.stages) > 1 else 1  # a one-stage (direct) plan runs no dilated UNet
-    nets, _ = open_engines(engine_dir, bundle, plan, dilation, opts.relay, device, backend)
+    nets, _ = open_engines(engine_dir, bundle, plan, dilation, opts.relay, device, backend, precision)
     if torch.device(device).type == "cuda" and nets.capturable:
         return MegaFusionPipeline.fast(bundle, nets, device)
     return MegaFusionPipeline(bundle, nets, device)

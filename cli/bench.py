@@ -35,8 +35,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
     p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled, "
-                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper), engines:aoti, engines:onnxruntime (the "
-                                      "last two from --engine-dir) "
+                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper), engines:aoti, engines:aoti-fp8 (the "
+                                      "folder's --precision fp8 packages), engines:onnxruntime (the last three from "
+                                      "--engine-dir) "
                                       "(default: torch, graphs, compiled on CUDA, torch on CPU)")
     p.add_argument("--engine-dir", help="engine folder of mf-build-engines for the engines:<backend> variants (the "
                                         "direct rows need the direct plan's shapes built there too)")
@@ -97,16 +98,24 @@ def run(args: argparse.Namespace) -> int:
     dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     out_dir, device = timing_args(args)
-    from ..benchmarks.variants import ENGINES
+    from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, ENGINES, engine_folder_variant
 
     variant_names = variant_list(args, device, ENGINES, "unknown variant(s)")
     if not args.cost_only:
-        if "compiled-fp8" in variant_names:
-            from ..engine.fp8 import fp8_unavailable
+        from ..engine.fp8 import fp8_unavailable
 
-            why = fp8_unavailable(device, "--variants compiled-fp8")
-            if why:
-                raise UsageError(why)
+        fp8_engines = [n for n in variant_names if n.startswith(ENGINE_FOLDER_PREFIX)
+                       and engine_folder_variant(n)[1] == "fp8"]
+        # FP8 engines run on the CPU too (the tiny models' tests); a GPU needs FP8 tensor cores, as compiled-fp8
+        fp8 = [n for n in variant_names if n == "compiled-fp8" or (n in fp8_engines and device.type == "cuda")]
+        why = fp8_unavailable(device, f"--variants {fp8[0]}") if fp8 else ""
+        if why:
+            raise UsageError(why)
+        given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet),
+                                ("--ip-adapter", args.ip_adapter)) if v]
+        if fp8_engines and given:
+            raise UsageError(f"{given[0]} with --variants {fp8_engines[0]}: FP8 packages are built for the plain UNet "
+                             "and take no weight swap; time the conditions on the other variants")
     direct_for = _list_arg(args.direct_for, variant_names, "--direct-for")
     if not args.cost_only and set(direct_for) - set(variant_names):
         raise UsageError(f"--direct-for {args.direct_for}: {', '.join(sorted(set(direct_for) - set(variant_names)))} "

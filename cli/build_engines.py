@@ -22,8 +22,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--backend", choices=backend_names(), default="onnxruntime",
                    help="engine backend (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "fp16", "fp8", "bf16"), default="fp32",
-                   help="UNet and text encoder precision (default: %(default)s); fp8 is refused: no backend builds "
-                        "FP8 engines yet (mf-generate --precision fp8 runs it from the torch modules)")
+                   help="UNet and text encoder precision (default: %(default)s); fp8 (aoti, SD1.5 and SDXL): the "
+                        "UNets' transformer projections as FP8 (e4m3) GEMMs and the rest of them in bf16, the text "
+                        "encoders and VAE as for fp16; a CUDA device needs FP8 tensor cores (compute capability 8.9 "
+                        "or newer); run them with mf-generate --engines DIR --precision fp8")
     p.add_argument("--vae-precision", choices=("fp32", "fp16", "bf16"),
                    help="default: --precision, except SDXL's VAE (overflows in fp16) under fp16: bf16 for a CUDA "
                         "device where the backend builds it (aoti, torch), else fp32")
@@ -139,15 +141,19 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         raise UsageError(f"--seed {args.seed}: the seed of random weights is --weights-seed (--weights-seed "
                          f"{args.seed}), as in mf-generate and mf-bench, whose --seed is the noise seed")
-    if args.precision == "fp8":  # every backend's check_request would refuse it too, but after the model load
-        raise UsageError(f"--precision fp8: no backend builds FP8 engines yet ({args.backend} included); FP8 runs "
-                         "from the torch modules: mf-generate --precision fp8 --mode compiled")
+    if args.precision == "fp8" and (args.controlnet or args.ip_adapter):
+        raise UsageError(f"--precision fp8 with {'--controlnet' if args.controlnet else '--ip-adapter'}: FP8 "
+                         "packages are built for the plain UNet only; build these at fp16")
     weights_seed = weights_seed_from_args("mf-build-engines", family, args)
     dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages)
     out = output_folder_from_args("--output", args.output)
     device = str(resolve_device(args.device))
     check_backend(args.backend, device)
+    try:  # the backend's precisions (and for fp8 the GPU's FP8 tensor cores), before the model load
+        get_backend(args.backend).check_request(args.precision, "none", device)
+    except ValueError as e:
+        raise UsageError(f"--precision {args.precision}: {e}") from None
     ort_optimize = ort_optimize_level(args.ort_optimize, args.backend, device)
     if args.dynamic:
         try:
@@ -234,7 +240,7 @@ def warm_up_command(args: argparse.Namespace, device: str, out) -> list[str]:
            "--device", device, "--prompt", "warm-up", "--no-progress"]
     for flag, value in (("--model-path", args.model_path), ("--size", args.size), ("--stages", args.stages),
                         ("--dilation", args.dilation), ("--dtype", args.precision if args.precision != "fp8" else None),
-                        ("--vae-dtype", args.vae_precision)):
+                        ("--precision", "fp8" if args.precision == "fp8" else None), ("--vae-dtype", args.vae_precision)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.random_weights:
@@ -305,7 +311,7 @@ def keep_memory_estimates(family, plan, precision: str, vae_precision: str | Non
 
     t0 = time.perf_counter()
     dev = torch.device(device)
-    unet = model_dtype(dev, precision if precision in DTYPES else None)
+    unet = torch.bfloat16 if precision == "fp8" else model_dtype(dev, precision if precision in DTYPES else None)
     vae = vae_dtype(family, family.vae, unet, vae_precision, dev)
     limit, _ = device_memory(dev)
     cache = EstimateCache(default_path(out))

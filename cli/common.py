@@ -200,17 +200,21 @@ def add_precision_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp8",),
                    help="fp8: the UNet's transformer projections (SD3, FLUX: the transformer blocks' image-stream "
                         "projections) as FP8 (e4m3) GEMMs, the rest in bf16; CUDA GPUs of compute capability 8.9 or "
-                        "newer (Ada, Hopper), torch modules only (no --engines)")
+                        "newer (Ada, Hopper); with --engines (SD1.5, SDXL): the folder's FP8 packages "
+                        "(mf-build-engines --backend aoti --precision fp8), which the CPU runs too")
 
 
-def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: str | None) -> torch.dtype:
-    """--precision fp8 checked before any load (device, --dtype, --engines); the dtype the networks load in."""
+def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: str | None,
+                        fp8_engines: bool = False) -> torch.dtype:
+    """--precision fp8 checked before any load (device, --dtype, --engines); the dtype the networks load in.
+    `fp8_engines`: the model family has FP8 engines (SD1.5, SDXL), which run on the CPU too (torch's `_scaled_mm`
+    without tensor cores: slow, but what the tiny models' tests run); the torch modules' FP8 needs a GPU."""
     from ..engine.fp8 import fp8_unavailable
 
-    if engines is not None:
-        raise UsageError(f"--precision fp8 with --engines {engines!r}: FP8 runs from the torch modules (--mode eager, "
-                         "graphs or compiled); engines are built at fp32 or fp16")
-    why = fp8_unavailable(device, "--precision fp8")
+    if engines is not None and not fp8_engines:
+        raise UsageError(f"--precision fp8 with --engines {engines!r}: this model's FP8 runs from the torch modules "
+                         "(--mode eager, graphs or compiled); FP8 engines are SD1.5 and SDXL UNets")
+    why = fp8_unavailable(device, "--precision fp8") if engines is None or device.type == "cuda" else ""
     if why:
         raise UsageError(why)
     if dtype_name not in (None, "bf16"):

@@ -150,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
     if ip_image is not None and args.engines and (controls or loras):  # no engine takes both yet
         raise UsageError(f"--ip-adapter with --engines and {'--controlnet' if controls else '--lora'}: the IP-Adapter "
                          "engines hold the base UNet alone; leave out --engines (the torch path runs both)")
+    if args.engines and args.precision == "fp8" and (loras or controls or ip_image is not None):
+        given = "--lora" if loras else "--controlnet" if controls else "--ip-adapter"
+        raise UsageError(f"{given} with --engines and --precision fp8: FP8 packages are built for the plain UNet "
+                         "and take no weight swap; leave out --engines (the torch path runs both)"
+                         + (" or build them from the LoRA's weights (mf-build-engines --precision fp8 --lora ...)"
+                            if loras else ""))
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 
@@ -176,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if args.precision == "fp8":
         from .common import fp8_dtype_from_args
 
-        dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
+        dtype = fp8_dtype_from_args(device, args.dtype, args.engines, fp8_engines=True)
+    precision = "fp8" if args.precision == "fp8" else args.dtype  # the engines' (their key's precision)
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
@@ -208,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         if not loras:
             try:
                 served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
-                                        precision=args.dtype).modules_served()
+                                        precision=precision).modules_served()
             except EngineError as e:
                 raise UsageError(str(e)) from None
         bundle = None
@@ -250,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # With --controlnet (--ip-adapter) the controlled-UNet (unet_ip) engines run every UNet step: the plain
             # ones stay closed.
-            nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=args.dtype,
+            nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=precision,
                                       timings=phases,
                                       unopened=frozenset({"unet"} if controls or ip_image is not None else ()))
         except EngineError as e:
@@ -287,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
 
             quantize_unet(bundle.unet)
         nets = TorchNetworks(bundle, vae)
-    if args.precision == "fp8":
+    if args.precision == "fp8" and not args.engines:  # engines: the build said so, and `desc` says fp8
         from ..engine.fp8 import Fp8Linear
 
         n = sum(isinstance(m, Fp8Linear) for m in bundle.unet.modules())

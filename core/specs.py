@@ -27,6 +27,10 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 PRECISIONS = ("fp32", "fp16")
 """Precisions of UNet and text encoder engines."""
 
+FP8 = "fp8"
+"""A build precision for the UNet only: its transformer projections as FP8 (e4m3) GEMMs (engine/fp8.py), the rest
+in bf16; its text encoders and VAE take fp16's rules (`network_precision`)."""
+
 VAE_PRECISIONS = ("fp32", "fp16", "bf16")
 """Precisions of VAE engines: bf16 keeps fp32's exponent range where SDXL's VAE overflows fp16."""
 
@@ -74,7 +78,7 @@ class NetworkSpec:
     dilation: int
     """Mid-block dilation baked into the export (1 for every network but the dilated UNet)."""
     precision: str
-    """`fp32` or `fp16`: the dtype of the module when exported."""
+    """`fp32` or `fp16`: the dtype of the module when exported; `fp8` (UNet only): bf16 with FP8 projections."""
     inputs: tuple[TensorSpec, ...]
     """Inputs, in the wrapper module's argument order."""
     outputs: tuple[TensorSpec, ...]
@@ -144,7 +148,8 @@ def _text_dim(family: ModelFamily) -> int:
 
 def unet_spec(family: ModelFamily, precision: str = "fp32", dilation: int = 1) -> NetworkSpec:
     """eps = UNet(sample, timestep, encoder_hidden_states[, text_embeds, time_ids]) at mid dilation `dilation`."""
-    f = "float16" if precision == "fp16" else "float32"
+    # fp8: the UNet around the FP8 GEMMs computes in bf16 (row-wise `_scaled_mm` writes bf16 on CUDA).
+    f = {"fp16": "float16", FP8: "bfloat16"}.get(precision, "float32")
     lat = ("batch", LATENT_CHANNELS, "height", "width")
     inputs = [TensorSpec("sample", f, lat),
               # float32 even at fp16: integer timesteps up to 999 and sizes in time ids stay exact.
@@ -229,9 +234,19 @@ def default_vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, devic
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def network_precision(precision: str) -> str:
+    """The precision a build of `precision` gives a network other than the UNet: fp16 under fp8, whose FP8 GEMMs are
+    the UNet's. fp16 rather than bf16 for the text encoders: CLIP runs in fp16 in every fp16 pipeline, fp16 keeps
+    three more mantissa bits, and the entries are then the fp16 build's own (one folder holding both builds shares
+    them)."""
+    return "fp16" if precision == FP8 else precision
+
+
 def default_vae_precision(family: ModelFamily, precision: str, bf16: bool = False) -> str:
-    """For a VAE that overflows in fp16 (SDXL's `force_upcast`) under fp16 engines: bf16 where the backend builds it
-    for a GPU (`bf16`; as `default_vae_dtype` runs it), else fp32. Other VAEs take the engines' precision."""
+    """For a VAE that overflows in fp16 (SDXL's `force_upcast`) under fp16 (or fp8) engines: bf16 where the backend
+    builds it for a GPU (`bf16`; as `default_vae_dtype` runs it), else fp32. Other VAEs take the engines' precision
+    (`network_precision`)."""
+    precision = network_precision(precision)
     if precision == "fp16" and family.vae.get("force_upcast", False):
         return "bf16" if bf16 else "fp32"
     return precision
@@ -261,7 +276,8 @@ def plan_requirements(family: ModelFamily, plan: StagePlan, precision: str = "fp
     for k in range(len(plan.stages)):
         unets.setdefault(1 if k == 0 else dilation, []).append(k)
     enc, dec = vae_specs(family, vae_precision or default_vae_precision(family, precision))
-    needs: list[tuple[NetworkSpec, list[int]]] = [(s, [0]) for s in text_encoder_specs(family, precision)]
+    needs: list[tuple[NetworkSpec, list[int]]] = [(s, [0]) for s in
+                                                  text_encoder_specs(family, network_precision(precision))]
     needs += [(unet_spec(family, precision, d), ks) for d, ks in unets.items()]
     pixel = relay == "pixel"
     needs += [(dec, list(range(len(lat))) if pixel else [len(lat) - 1])]

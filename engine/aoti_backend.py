@@ -18,8 +18,8 @@ import torch
 
 from ..core.families import ModelFamily, get_family
 from ..core.plan import StagePlan
-from ..core.specs import (UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec, Requirement, ShapeProfile,
-                          describe_range, profile_sizes, range_profile)
+from ..core.specs import (FP8, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, VAE_PRECISIONS, NetworkSpec,
+                          Requirement, ShapeProfile, describe_range, profile_sizes, range_profile)
 from .backend import (STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, NetworkExport, OpenContext,
                       WeightSwapError)
 from .cache import EngineError
@@ -120,6 +120,19 @@ def prepare_for_export(module: torch.nn.Module, network: str) -> None:
     module._megafusion_prepared = True
 
 
+def fp8_unet(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    """A bf16 copy on `device` of the UNet `module` (prepared by `prepare_for_export`) with the projections
+    `quantize_unet` swaps for FP8 GEMMs (default policy): the torch path's --precision fp8 UNet
+    (engine/torch_fast.FastTorchNetworks: prepared, then quantized). A copy, so the bundle keeps its float weights,
+    which the other UNet variant and the entry's fingerprint read."""
+    from ..export.onnx_export import cast_copy
+    from .fp8 import Fp8Policy, quantize_unet
+
+    copy = cast_copy(module, torch.bfloat16).to(device)  # bf16 first: an Fp8Linear keeps the dtype it is made in
+    quantize_unet(copy, Fp8Policy())
+    return copy
+
+
 def cudnn_first():
     """SDPA calls compiled for CUDA lower to cuDNN's attention where it takes the shape (1.6x flash's speed at the
     SDXL UNet's head dim 64 on Hopper: engine/attention.py), else flash, efficient, math as torch orders them."""
@@ -134,6 +147,7 @@ class AotiBackend(Backend):
     shape, or with `--dynamic` one per network over a range of sides."""
 
     name = "aoti"
+    precisions = (*PRECISIONS, FP8)
     vae_precisions = VAE_PRECISIONS
     profile_kind = STAGE_PROFILES
     preference = {"cuda": 2, "cpu": 1}
@@ -178,10 +192,17 @@ class AotiBackend(Backend):
         r = job.requirement
         module = job.bundle.module_for(r.spec.network)
         prepare_for_export(module, r.spec.network)
+        quantized = fp8_unet(module, job.device) if r.spec.precision == FP8 else None
+        if quantized is not None:
+            from .fp8 import Fp8Linear
+
+            n = sum(isinstance(m, Fp8Linear) for m in quantized.modules())
+            log(f"    {n} UNet projections as FP8 (e4m3) GEMMs, the rest bf16")
         cuda = torch.device(job.device).type == "cuda"
         res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device,
                           kernel_context=cudnn_first if cuda else contextlib.nullcontext,
-                          weights_path=staging / WEIGHTS_FILE if job.weights_apart else None)
+                          weights_path=staging / WEIGHTS_FILE if job.weights_apart else None, module=quantized)
+        del quantized  # its device copy freed before the weights check below opens the package
         log(f"    exported and compiled with AOTInductor in {res.seconds:.1f} s")
         if job.weights_apart:
             dropped = keep_package_constants(staging / "model.pt2", staging / WEIGHTS_FILE, torch.device(job.device))
@@ -216,7 +237,12 @@ class AotiBackend(Backend):
                      weights: dict[str, torch.Tensor]) -> int:
         """The package's constants replaced in place (`load_constants`: copied into the buffers the compiled code
         reads, so nothing is recompiled and the addresses stay). A constant gets exactly what a build from these
-        weights would hold: fused QKV as `prepare_for_export` concatenates it, the engine's dtype, channels_last."""
+        weights would hold: fused QKV as `prepare_for_export` concatenates it, the engine's dtype, channels_last.
+        An FP8 package is refused: its projections hold e4m3 weights with their scales, not these tensors."""
+        if runner.spec.precision == FP8:
+            raise WeightSwapError(f"{runner.path}: an FP8 package holds its projections quantized, so it cannot "
+                                  "take new weights; build one from the LoRA-fused weights (mf-build-engines "
+                                  "--precision fp8 --lora PATH)")
         constants = package_constants(runner, module, prefix, weights)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)  # the new tensors are written before the copy reads them

@@ -17,7 +17,7 @@ import torch
 
 from ..core.families import ModelFamily
 from ..core.plan import StagePlan
-from ..core.specs import PRECISIONS, NetworkSpec, Requirement, ShapeProfile, profile_sizes
+from ..core.specs import FP8, PRECISIONS, NetworkSpec, Requirement, ShapeProfile, profile_sizes
 
 if TYPE_CHECKING:
     from ..core.loading import ModelBundle
@@ -142,6 +142,13 @@ class Backend:
                              f"their profiles' ranges")
         if precision not in self.precisions:
             raise ValueError(f"backend {self.name} builds {', '.join(self.precisions)}, not {precision!r}")
+        if precision == FP8 and torch.device(device).type == "cuda":
+            # The CPU runs `_scaled_mm` without tensor cores (the tiny models' tests); a GPU needs FP8 ones.
+            from .fp8 import fp8_unavailable
+
+            why = fp8_unavailable(device, "--precision fp8")
+            if why:
+                raise ValueError(why)
         if ort_optimize != "none":
             raise ValueError(f"ORT optimization {ort_optimize!r} applies to the onnxruntime backend only, "
                              f"not {self.name!r}")

@@ -17,7 +17,7 @@ import torch
 from ..core.families import ModelFamily, get_family
 from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
-from ..core.specs import VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, network_spec, plan_requirements
+from ..core.specs import FP8, VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, network_spec, plan_requirements
 from .backend import Backend, OpenContext, get_backend, registry
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name
 from .file_hashes import HASHES, FileHashes
@@ -98,8 +98,8 @@ def _choose_backend(entries: list[Entry], device: torch.device, backend: str | N
     pairs = {(e.key.backend, e.key.precision) for e in entries if e.key.network == "unet"}  # VAEs may be fp32
     if backend:
         pairs = {p for p in pairs if p[0] == backend}
-    if precision:
-        pairs = {p for p in pairs if p[1] == precision}
+    # FP8 engines only when asked for (--precision fp8 checks the GPU for FP8 tensor cores first)
+    pairs = {p for p in pairs if p[1] == precision} if precision else {p for p in pairs if p[1] != FP8}
     if not pairs:
         return None
     known = registry()
@@ -146,8 +146,14 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
     entries = [e for e in cache.entries().values() if e.key.model == fam.name]
     chosen_pair = _choose_backend(entries, device, backend, precision)
     if chosen_pair is None:
+        if not precision and any(e.key.network == "unet" and e.key.precision == FP8
+                                 and e.key.backend == (backend or e.key.backend) for e in entries):
+            raise CoverageError(f"the {fam.name} UNet engines in {engine_dir} are FP8 ones: run them with "
+                                "--precision fp8")
         asked = " ".join(x for x in (backend, precision) if x)
-        name = backend or "onnxruntime"
+        # the first registered backend that builds the precision asked for
+        name = backend or next((n for n, b in registry().items() if (precision or "fp32") in b.precisions),
+                               "onnxruntime")
         cmd = _build_command(fam, source, plan, name, precision or "fp32", dilation, engine_dir, device.type,
                              _ort_optimize_hint(entries, name, device))
         raise CoverageError(f"no {fam.name} {asked + ' ' if asked else ''}engines in {engine_dir}; "
@@ -161,7 +167,7 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
         s = r.spec
         same = [e for e in entries if e.key.backend == backend_name and e.key.network == s.network
                 and e.key.dilation == s.dilation
-                and (e.key.precision == precision or s.network in (VAE_DECODER, VAE_ENCODER))]
+                and (e.key.precision == s.precision or s.network in (VAE_DECODER, VAE_ENCODER))]
         missing = [p for p in r.profiles if not any(_covers(e, p) for e in same)]
         if missing:
             have = sorted({px for e in same for px in backend.served_sizes(fam, s, e.key.profiles)})

@@ -59,16 +59,17 @@ def dynamic_shapes(family: ModelFamily, spec: NetworkSpec,
 
 def export_aoti(bundle: ModelBundle, spec: NetworkSpec, profile: ShapeProfile, path: str | os.PathLike, *,
                 device: str = "cpu", kernel_context=contextlib.nullcontext,
-                weights_path: Path | None = None) -> ExportResult:
+                weights_path: Path | None = None, module: torch.nn.Module | None = None) -> ExportResult:
     """Exports `spec`'s network over `profile`'s range and compiles it into the package `path` (`.pt2`).
 
     `kernel_context()` is entered around the compile: kernel choices made there (which SDPA backend an attention
     call lowers to) are what the package runs. `weights_path`: the package holds no weights, they go to this
-    safetensors file instead (export/aoti_weights.py)."""
+    safetensors file instead (export/aoti_weights.py). `module`: exported instead of the bundle's (an FP8 UNet,
+    already in the spec's dtype on `device`)."""
     t0 = time.perf_counter()
     path = Path(path)
     fam = bundle.family
-    module = bundle.module_for(spec.network)
+    module = bundle.module_for(spec.network) if module is None else module
     dtype = spec.outputs[0].torch_dtype
     # Trace at the largest batch (a batch of 1 would be specialised) and stage 1's size.
     opt = profile.shapes[0][2]

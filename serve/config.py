@@ -194,8 +194,8 @@ def check_conditions(cfg: ServeConfig) -> None:
     if cfg.precision not in (None, "fp8"):
         raise ConfigError(f"--precision {cfg.precision!r}: use fp8 (or leave it out)")
     if cfg.precision == "fp8" and cfg.engines is not None:
-        raise ConfigError(f"--precision fp8 with --engines {cfg.engines!r}: FP8 runs from the torch modules; "
-                          "engines are built at fp32 or fp16")
+        raise ConfigError(f"--precision fp8 with --engines {cfg.engines!r}: mf-serve runs FP8 from the torch "
+                          "modules; FP8 packages run in mf-generate --engines DIR --precision fp8")
     for path in cfg.controlnets:
         if not Path(path, "config.json").is_file():
             raise ConfigError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")

@@ -53,7 +53,7 @@ TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", 
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
             "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines",
             "sd15_apart_aoti": "sd15_apart_aoti", "flux_control_aoti": "flux_control_aoti",
-            "sd3_control_aoti": "sd3_control_aoti", "sd15_ip_aoti": "sd15_ip_aoti"}
+            "sd3_control_aoti": "sd3_control_aoti", "sd15_ip_aoti": "sd15_ip_aoti", "aoti_fp8": "fp8_engines"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -134,6 +134,24 @@ sys.exit(main(["--model", "tiny-sd15", "--stages", plan, "--backend", "aoti", "-
                "text_encoder,unet,vae_decoder", "--device", "cpu", "--output", str(out)]))
 """
 
+# tests/engine/test_aoti_fp8.py's folder: the FP8 UNet's static package (the one new compile that matters, about 40 s
+# on 2 cores) and the fp16 text encoder an fp8 build pairs with it (about 10 s), beside the session's fp32 VAE decoder
+# (a range package over 128 to 256 px, copied: a run takes any VAE precision).
+FP8_DRIVER = """
+import json, shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+src, out, plan = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+manifest = json.loads((src / "manifest.json").read_text())
+manifest["entries"] = [e for e in manifest["entries"] if e["key"]["network"] == "vae_decoder"]
+for e in manifest["entries"]:
+    folder = Path(e["files"][0]["path"]).parent
+    shutil.copytree(src / folder, out / folder)
+(out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+sys.exit(main(["--model", "tiny-sd15", "--stages", plan, "--backend", "aoti", "--precision", "fp8", "--no-dilation",
+               "--networks", "text_encoder,unet", "--device", "cpu", "--output", str(out)]))
+"""
+
 
 def _job(builds, name: str) -> Job:
     f = builds.folder
@@ -162,6 +180,11 @@ def _job(builds, name: str) -> Job:
         from tests.engine.test_aoti_static import PLAN
 
         return Job(name, python_cmd(STATIC_DRIVER) + [str(f("sd15-aoti")), str(f("aoti-static")), PLAN], cwd=REPO,
+                   after="sd15_aoti")
+    if name == "aoti_fp8":
+        from tests.engine.test_aoti_fp8 import PLAN as FP8_PLAN
+
+        return Job(name, python_cmd(FP8_DRIVER) + [str(f("sd15-aoti")), str(f("aoti-fp8")), FP8_PLAN], cwd=REPO,
                    after="sd15_aoti")
     if name == "cpp":  # configured without engines: the fixture names them after (a quick reconfigure)
         build = shlex.quote(str(f("cpp-build")))

@@ -67,6 +67,11 @@
 #               without sdxl-build before it, the base and fused packages build side by side (about 10 minutes)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
+#   fp8-engines  SDXL 2048 static aoti packages with FP8 UNet projections (--precision fp8 --weights-apart) into
+#               /tmp/mf-aoti-sdxl-fp8, a hard-linked copy of sdxl-apart's /tmp/mf-aoti-sdxl-apart where that exists (its
+#               fp16 text encoders and bf16 VAE are the fp8 build's: only the UNets compile), then the FP8 GPU test of
+#               a tiny package and mf-bench engines:aoti-fp8, beside engines:aoti's fp16 packages in the same run when
+#               the copy holds them (#20 item 1)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
 #   dit-fp8-sd3 SD3 eager, compiled and compiled with FP8 projections (engine/fp8_dit.py), same plans (#17, #20)
@@ -228,6 +233,13 @@ step() {  # the command line of one step
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     fp8-compiled) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts compiled --budget-s 540 \
       --output $RES/fp8-compiled" ;;
+    fp8-engines) echo "rm -rf /tmp/mf-aoti-sdxl-fp8; V=engines:aoti-fp8; if [ -f /tmp/mf-aoti-sdxl-apart/manifest.json ]; \
+      then cp -al /tmp/mf-aoti-sdxl-apart /tmp/mf-aoti-sdxl-fp8 && V=engines:aoti,engines:aoti-fp8; fi; \
+      timeout 480 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti --precision fp8 \
+      --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-fp8 --weights-apart --jobs 3; \
+      timeout 300 python3 -m pytest -q -m gpu tests/engine/test_aoti_fp8.py -p no:cacheprovider; \
+      timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda --size 2048x2048 \
+      --variants \$V --direct-for none --engine-dir /tmp/mf-aoti-sdxl-fp8 --repeats 3 --warmup 1 --output $RES/fp8-engines" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \

@@ -26,6 +26,13 @@ def test_the_warm_up_runs_the_built_plan_with_the_built_weights_and_dtypes():
     assert plan_from_args(family, gen.size, gen.stages) == plan_from_args(family, args.size, args.stages)
 
 
+def test_the_warm_up_of_an_fp8_build_runs_the_fp8_engines():
+    """--precision fp8 (not a --dtype): mf-generate then picks the folder's FP8 UNets, in bf16."""
+    _, gen = _generate_args(["--model", "sdxl", "--random-weights", "--size", "2048x2048", "--precision", "fp8",
+                             "--backend", "aoti", "--output", "/engines"])
+    assert (gen.precision, gen.dtype, gen.vae_dtype) == ("fp8", None, None)
+
+
 def test_the_warm_up_keeps_an_explicit_plan_a_model_folder_and_no_dilation():
     _, gen = _generate_args(["--model", "sd15", "--model-path", "/models/sd15", "--stages",
                              "512x512:30,1024x1024:10", "--no-dilation", "--output", "/engines"])
