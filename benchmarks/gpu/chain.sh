@@ -48,7 +48,9 @@
 #               fill and build times are perturbed by running together)
 #   gpu-tests-16  gpu-tests-15's files, the FP8 ones first
 #   pkg-check   after sdxl-apart: each SDXL 2048 package against its module (relative difference, #15: <= 0.5%), and the
-#               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process
+#               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process;
+#               since the sixteenth session also each 16-bit package and module against float32, the final latents,
+#               and the eager image in float32 (how far 16-bit eager itself is from full precision)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
@@ -181,7 +183,7 @@ step() {  # the command line of one step
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     pkg-check) echo "timeout 600 python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines /tmp/mf-aoti-sdxl-apart \
-      --size 2048x2048 --modes networks,python-aoti-graphs,python-eager --repeats 1 --output $RES/pkg-check" ;;
+      --size 2048x2048 --modes networks,python-aoti-graphs,python-eager,python-eager-fp32 --repeats 1 --output $RES/pkg-check" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;

@@ -13,15 +13,22 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
 - `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
   precision, the VAE as the engines hold it (the reference the engines are checked against; with it, every
   other mode's image difference against it);
-- `python-compiled`: the compiled fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only).
+- `python-compiled`: the compiled fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only);
+- `python-eager-fp32`: the plain Python runtime on the same modules in float32, TF32 off (CUDA only): how far the
+  16-bit eager image itself is from full precision, the scale an engine's image difference is read against.
 `networks` (no timing) first runs each package once against its torch module on the same inputs, at every
-stage size, and records the largest difference: it says which network an image difference comes from.
+stage size, and records the largest difference (and the relative L2 one): it says which network an image
+difference comes from. A 16-bit package is also held against the module in float32, beside the module in the
+package's own dtype: a package that rounds differently from eager, not worse, is as far from float32 as eager is.
+Each mode's final latent is compared with eager's too (relative L2), which splits an image difference into the
+denoising (the latent) and the decode.
 Python times are wall time around `generate` (prompt to uint8 image, synchronized), median of R after one
 warm-up. Image differences are against the C++ image. Writes cpp_vs_python.json and .md into OUT.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -33,8 +40,9 @@ import numpy as np
 import torch
 from megafusion.benchmarks.timing import provenance
 
-MODES = ("networks", "cpp", "cpp-no-graphs", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled")
-GPU_ONLY = ("python-aoti-graphs", "python-compiled")
+MODES = ("networks", "cpp", "cpp-no-graphs", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled",
+         "python-eager-fp32")
+GPU_ONLY = ("python-aoti-graphs", "python-compiled", "python-eager-fp32")
 
 
 def parse_cpp_output(text: str) -> tuple[float, list[float]]:
@@ -57,6 +65,23 @@ def image_diff(a: np.ndarray, b: np.ndarray) -> dict:
         return {"shape_mismatch": [list(a.shape), list(b.shape)]}
     d = np.abs(a.astype(int) - b.astype(int))
     return {"max": int(d.max()), "mean": float(d.mean())}
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 products in float32 (torch's default for matmuls, not for cuDNN convolutions)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _sync(dev: torch.device) -> None:
@@ -116,23 +141,33 @@ def check_networks(engines, bundle, plan, dev: torch.device) -> list[dict]:
             runner = runners[e.digest]
             spec = runner.spec
             dtype = spec.outputs[0].torch_dtype
-            if dtype not in refs:
-                module = cast_copy(bundle.module_for(spec.network), dtype).to(dev)
-                refs[dtype] = (module, wrap(module, spec, bundle.family.is_xl).eval())
-            module, ref_fn = refs[dtype]
+            dtypes = (dtype,) if dtype == torch.float32 else (dtype, torch.float32)
+            for dt in dtypes:
+                if dt not in refs:
+                    module = cast_copy(bundle.module_for(spec.network), dt).to(dev)
+                    refs[dt] = (module, wrap(module, spec, bundle.family.is_xl).eval())
             axes = spec.axes(spec.batch_range[2], st.height // vs, st.width // vs, vs)
             feeds = {t.name: x.to(dev) for t, x in zip(spec.inputs, spec.sample_inputs(axes))}
-            with torch.inference_mode():
+            outs = {}
+            with torch.inference_mode(), no_tf32():
                 got = runner.run(feeds)
-                ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else torch.no_grad()
-                with ctx:
-                    ref = ref_fn(*feeds.values())
-            ref = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
-            for t, y in zip(spec.outputs, ref):
-                a, b = got[t.name].float(), y.float()
+                for dt in dtypes:
+                    module, ref_fn = refs[dt]
+                    ctx = mid_dilation(module, spec.dilation) if spec.network == UNET else torch.no_grad()
+                    with ctx:
+                        # the package's own inputs; the float32 module gets them widened (exactly)
+                        y = ref_fn(*(x.float() if dt == torch.float32 and x.is_floating_point() else x
+                                     for x in feeds.values()))
+                    outs[dt] = (y,) if isinstance(y, torch.Tensor) else tuple(y)
+            for i, t in enumerate(spec.outputs):
+                a, b = got[t.name].float(), outs[dtype][i].float()
                 d = (a - b).abs().max().item()
-                rows.append({"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
-                             "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12)})
+                row = {"network": spec.name, "size": f"{st.width}x{st.height}", "output": t.name,
+                       "max_abs": d, "rel": d / max(b.abs().max().item(), 1e-12), "rel_l2": rel_l2(a, b)}
+                if dtype != torch.float32:  # both 16-bit computations against float32
+                    full = outs[torch.float32][i].float()
+                    row |= {"package_vs_fp32_rel_l2": rel_l2(a, full), "module_vs_fp32_rel_l2": rel_l2(b, full)}
+                rows.append(row)
                 print(f"[networks] {rows[-1]}", flush=True)
         del runners, refs
         if dev.type == "cuda":
@@ -187,7 +222,11 @@ def run(args) -> dict:
     print(f"{gpu}  torch {torch.__version__}  plan {plan.describe()}", flush=True)
     images: dict[str, np.ndarray] = {}
 
-    def record(mode: str, entry: dict, image: np.ndarray | None) -> None:
+    latents: dict[str, torch.Tensor] = {}
+
+    def record(mode: str, entry: dict, image: np.ndarray | None, latent: torch.Tensor | None = None) -> None:
+        if latent is not None:
+            latents[mode] = latent.detach().float().cpu()
         if image is not None:
             images[mode] = image
             if "cpp" in images and mode != "cpp":
@@ -224,7 +263,7 @@ def run(args) -> dict:
             entry["engines"], entry["engine_open_s"] = desc, open_s
             if pipe.graphs is not None:
                 entry["captures"], entry["replays"] = pipe.graphs.captures, pipe.graphs.replays
-            record(mode, entry, res.image)
+            record(mode, entry, res.image, res.latent)
             del pipe, res
         del nets
         torch.cuda.empty_cache() if dev.type == "cuda" else None
@@ -242,14 +281,24 @@ def run(args) -> dict:
                                            bf16=dev.type == "cuda")]
         nets = TorchNetworks(bundle, vae)
         entry, res = time_pipeline(MegaFusionPipeline(bundle, nets, dev), plan, opts, args.repeats, dev)
-        record("python-eager", entry, res.image)
+        record("python-eager", entry, res.image, res.latent)
     if "python-compiled" in modes:
         from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 
         pipe = MegaFusionPipeline.fast(bundle, FastTorchNetworks(bundle, FastOptions(), torch.float16), dev)
         entry, res = time_pipeline(pipe, plan, opts, args.repeats, dev)
         entry["note"] = "first run includes torch.compile of every shape"
-        record("python-compiled", entry, res.image)
+        record("python-compiled", entry, res.image, res.latent)
+        del pipe, res
+    if "python-eager-fp32" in modes:  # last: it casts the shared modules to float32 in place
+        from megafusion.engine.networks import TorchNetworks
+
+        to_device(bundle, dev, torch.float32)
+        with no_tf32():
+            entry, res = time_pipeline(MegaFusionPipeline(bundle, TorchNetworks(bundle, torch.float32), dev), plan,
+                                       opts, args.repeats, dev)
+        entry["note"] = "float32 modules, TF32 off: the 16-bit eager image's own distance from full precision"
+        record("python-eager-fp32", entry, res.image, res.latent)
     base = report["modes"].get("cpp", {}).get("median_s")
     for e in report["modes"].values():
         if base:
@@ -258,26 +307,34 @@ def run(args) -> dict:
         for mode, image in images.items():
             if mode != "python-eager":
                 report["modes"][mode]["image_diff_vs_eager"] = image_diff(image, images["python-eager"])
+                if mode in latents and "python-eager" in latents:
+                    report["modes"][mode]["latent_rel_l2_vs_eager"] = rel_l2(latents[mode], latents["python-eager"])
     _save(report, out)
     return report
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def _save(report: dict, out: Path) -> None:
     (out / "cpp_vs_python.json").write_text(json.dumps(provenance() | report, indent=2))
     lines = [f"# libmegafusion vs Python, {report['gpu']}, torch {report['torch']}", "", report["plan"], "",
              "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) | image vs Python eager "
-             "| graphs captured/replayed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| final latent vs eager (rel L2) | graphs captured/replayed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode, e in report["modes"].items():
         d, q = e.get("image_diff_vs_cpp", {}), e.get("image_diff_vs_eager", {})
         lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
                      f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
                      f"{d.get('max', '-')}/{d.get('mean', 0):.3f} | {q.get('max', '-')}/{q.get('mean', 0):.3f} | "
-                     f"{str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
+                     f"{_g(e.get('latent_rel_l2_vs_eager'))} | {str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
     if report.get("networks"):
         lines += ["", "Each package against its torch module, same inputs:", "",
-                  "| network | size | output | max abs diff | relative to max abs |", "|---|---|---|---|---|"]
-        lines += [f"| {r['network']} | {r['size']} | {r['output']} | {r['max_abs']:.3g} | {r['rel']:.3g} |"
+                  "| network | size | output | max abs diff | relative to max abs | relative L2 | package vs fp32 "
+                  "(rel L2) | module vs fp32 (rel L2) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['network']} | {r['size']} | {r['output']} | {r['max_abs']:.3g} | {r['rel']:.3g} | "
+                  f"{_g(r.get('rel_l2'))} | {_g(r.get('package_vs_fp32_rel_l2'))} | {_g(r.get('module_vs_fp32_rel_l2'))} |"
                   for r in report["networks"]]
     (out / "cpp_vs_python.md").write_text("\n".join(lines) + "\n")
 

@@ -32,5 +32,7 @@ def test_cpu_report_has_both_paths_and_equal_images(cpp_build, sd15_aoti, tmp_pa
     assert report["modes"]["python-eager"]["image_diff_vs_cpp"]["max"] <= 1  # fp32: engines equal the modules
     nets = {(r["network"], r["size"]) for r in report["networks"]}  # every package at every size it runs
     assert ("unet-standard-fp32", "128x128") in nets and ("vae_decoder-fp32", "256x256") in nets
-    assert all(r["rel"] < 1e-3 for r in report["networks"])
+    assert all(r["rel"] < 1e-3 and r["rel_l2"] < 1e-3 for r in report["networks"])
+    assert all("package_vs_fp32_rel_l2" not in r for r in report["networks"])  # fp32 packages: no second reference
+    assert report["modes"]["python-aoti"]["latent_rel_l2_vs_eager"] < 1e-4  # fp32 engines denoise as the modules
     assert "python-aoti" in (out / "cpp_vs_python.md").read_text()
