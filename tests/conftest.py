@@ -117,39 +117,24 @@ if main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--dyn
 drop_inside_unets(out)
 """
 
-# The static packages of test_aoti_static's PLAN, no dilation. The text encoder has no spatial axes, so its static
-# package is the one in the session's tiny-sd15 folder (same key): that entry is copied in and not compiled again.
-STATIC_DRIVER = """
+# A build into a folder that first receives one network's entries of the session's tiny-sd15 folder (copied, not
+# compiled again): argv is the source folder, the output folder, the network copied, then mf-build-engines' options.
+# test_aoti_static: its PLAN's static packages, no dilation; the text encoder has no spatial axes, so its static
+# package is the session folder's (same key). test_aoti_fp8: the FP8 UNet's static package (the one new compile that
+# matters, about 40 s on 2 cores) and the fp16 text encoder an fp8 build pairs with it (about 10 s), beside the
+# session's fp32 VAE decoder (a range package over 128 to 256 px: a run takes any VAE precision).
+COPY_THEN_BUILD_DRIVER = """
 import json, shutil, sys
 from pathlib import Path
 from megafusion.cli.build_engines import main
-src, out, plan = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+src, out, network = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 manifest = json.loads((src / "manifest.json").read_text())
-manifest["entries"] = [e for e in manifest["entries"] if e["key"]["network"] == "text_encoder"]
+manifest["entries"] = [e for e in manifest["entries"] if e["key"]["network"] == network]
 for e in manifest["entries"]:
     folder = Path(e["files"][0]["path"]).parent
     shutil.copytree(src / folder, out / folder)
 (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-sys.exit(main(["--model", "tiny-sd15", "--stages", plan, "--backend", "aoti", "--no-dilation", "--networks",
-               "text_encoder,unet,vae_decoder", "--device", "cpu", "--output", str(out)]))
-"""
-
-# tests/engine/test_aoti_fp8.py's folder: the FP8 UNet's static package (the one new compile that matters, about 40 s
-# on 2 cores) and the fp16 text encoder an fp8 build pairs with it (about 10 s), beside the session's fp32 VAE decoder
-# (a range package over 128 to 256 px, copied: a run takes any VAE precision).
-FP8_DRIVER = """
-import json, shutil, sys
-from pathlib import Path
-from megafusion.cli.build_engines import main
-src, out, plan = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-manifest = json.loads((src / "manifest.json").read_text())
-manifest["entries"] = [e for e in manifest["entries"] if e["key"]["network"] == "vae_decoder"]
-for e in manifest["entries"]:
-    folder = Path(e["files"][0]["path"]).parent
-    shutil.copytree(src / folder, out / folder)
-(out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-sys.exit(main(["--model", "tiny-sd15", "--stages", plan, "--backend", "aoti", "--precision", "fp8", "--no-dilation",
-               "--networks", "text_encoder,unet", "--device", "cpu", "--output", str(out)]))
+sys.exit(main(["--model", "tiny-sd15", "--backend", "aoti", "--device", "cpu", "--output", str(out), *sys.argv[4:]]))
 """
 
 
@@ -179,13 +164,15 @@ def _job(builds, name: str) -> Job:
     if name == "aoti_static":
         from tests.engine.test_aoti_static import PLAN
 
-        return Job(name, python_cmd(STATIC_DRIVER) + [str(f("sd15-aoti")), str(f("aoti-static")), PLAN], cwd=REPO,
-                   after="sd15_aoti")
+        return Job(name, python_cmd(COPY_THEN_BUILD_DRIVER) + [
+            str(f("sd15-aoti")), str(f("aoti-static")), "text_encoder", "--stages", PLAN, "--no-dilation",
+            "--networks", "text_encoder,unet,vae_decoder"], cwd=REPO, after="sd15_aoti")
     if name == "aoti_fp8":
         from tests.engine.test_aoti_fp8 import PLAN as FP8_PLAN
 
-        return Job(name, python_cmd(FP8_DRIVER) + [str(f("sd15-aoti")), str(f("aoti-fp8")), FP8_PLAN], cwd=REPO,
-                   after="sd15_aoti")
+        return Job(name, python_cmd(COPY_THEN_BUILD_DRIVER) + [
+            str(f("sd15-aoti")), str(f("aoti-fp8")), "vae_decoder", "--stages", FP8_PLAN, "--precision", "fp8",
+            "--no-dilation", "--networks", "text_encoder,unet"], cwd=REPO, after="sd15_aoti")
     if name == "cpp":  # configured without engines: the fixture names them after (a quick reconfigure)
         build = shlex.quote(str(f("cpp-build")))
         script = (f"set -eo pipefail; cmake -S {shlex.quote(str(REPO))} -B {build} -DCMAKE_BUILD_TYPE=Release "

@@ -2,7 +2,7 @@
 GEMMs (engine/fp8.py's `quantize_unet`, on a bf16 copy prepared as the compiled path prepares it), the rest bf16; the
 text encoders fp16 and the VAE by fp16's rules. What the plan needs, the keys, and the runtime that opens them.
 
-The session builds one tiny-sd15 FP8 UNet package on the CPU (tests/conftest.py FP8_DRIVER; torch 2.13's CPU
+The session builds one tiny-sd15 FP8 UNet package on the CPU (tests/conftest.py COPY_THEN_BUILD_DRIVER; torch 2.13's CPU
 `_scaled_mm` takes e4m3 with row scales and writes bf16). Tolerances, relative L2 of eps (measured on this machine over
 timesteps 981, 500, 21): package against the eager FP8 module it was exported from 2.0-2.5%, against the bf16 module
 2.3-2.6%, against fp32 2.1-2.5%; bounds 5%. The package and the eager module are not closer because Inductor rounds to
