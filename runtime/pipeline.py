@@ -248,15 +248,17 @@ class MegaFusionPipeline:
                                           k < last_k, lambda i, k=k: on_step and on_step(k, i))
             mark(f"stage {k + 1} ({stage.width}x{stage.height}, {steps} steps)")
 
-        image = self.nets.vae_decode(z / scaling)
-        pixels = to_uint8(image)
-        top = (pixels.shape[0] - plan.output_height) // 2
-        left = (pixels.shape[1] - plan.output_width) // 2
-        pixels = pixels[top:top + plan.output_height, left:left + plan.output_width]
-        out = pixels.cpu().numpy()
+        out = self.decode_image(z, plan)
         mark("decode")
         peak = clock.peak_memory()
-        return GenerationResult(np.ascontiguousarray(out), plan, timings, peak, z, clock.peak_detail())
+        return GenerationResult(out, plan, timings, peak, z, clock.peak_detail())
+
+    def decode_image(self, z: torch.Tensor, plan: StagePlan) -> np.ndarray:
+        """The final latent z as the plan's (H, W, 3) uint8 image: decoded, rounded, cropped to the output size."""
+        pixels = to_uint8(self.nets.vae_decode(z / float(self.bundle.vae.config.scaling_factor)))
+        top = (pixels.shape[0] - plan.output_height) // 2
+        left = (pixels.shape[1] - plan.output_width) // 2
+        return np.ascontiguousarray(pixels[top:top + plan.output_height, left:left + plan.output_width].cpu().numpy())
 
     def generate_batch(self, plan: StagePlan, options: list[GenerationOptions],
                        on_step: Callable[[int, int], None] | None = None,

@@ -20,8 +20,8 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
 stage size, and records the largest difference (and the relative L2 one): it says which network an image
 difference comes from. A 16-bit package is also held against the module in float32, beside the module in the
 package's own dtype: a package that rounds differently from eager, not worse, is as far from float32 as eager is.
-Each mode's final latent is compared with eager's too (relative L2), which splits an image difference into the
-denoising (the latent) and the decode.
+Each mode's final latent is compared with eager's too (relative L2), and decoded by eager's VAE and compared with
+eager's image, which splits an image difference into the denoising and the decode.
 Python times are wall time around `generate` (prompt to uint8 image, synchronized), median of R after one
 warm-up. Image differences are against the C++ image. Writes cpp_vs_python.json and .md into OUT.
 """
@@ -280,8 +280,14 @@ def run(args) -> dict:
         vae = DTYPES[default_vae_precision(bundle.family, "fp16" if dev.type == "cuda" else "fp32",
                                            bf16=dev.type == "cuda")]
         nets = TorchNetworks(bundle, vae)
-        entry, res = time_pipeline(MegaFusionPipeline(bundle, nets, dev), plan, opts, args.repeats, dev)
+        eager = MegaFusionPipeline(bundle, nets, dev)
+        entry, res = time_pipeline(eager, plan, opts, args.repeats, dev)
         record("python-eager", entry, res.image, res.latent)
+        with torch.inference_mode():  # the engines' latents through eager's decode: the denoising's share alone
+            for mode in [m for m in latents if m != "python-eager"]:
+                report["modes"][mode]["image_diff_vs_eager_eager_decode"] = image_diff(
+                    eager.decode_image(latents[mode].to(dev), plan), res.image)
+        _save(report, out)
     if "python-compiled" in modes:
         from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 
@@ -321,14 +327,16 @@ def _save(report: dict, out: Path) -> None:
     (out / "cpp_vs_python.json").write_text(json.dumps(provenance() | report, indent=2))
     lines = [f"# libmegafusion vs Python, {report['gpu']}, torch {report['torch']}", "", report["plan"], "",
              "| mode | median s | runs s | first run s | vs C++ | image vs C++ (max/mean levels) | image vs Python eager "
-             "| final latent vs eager (rel L2) | graphs captured/replayed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| final latent vs eager (rel L2) | its latent through eager's decode, vs eager | graphs captured/replayed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, e in report["modes"].items():
         d, q = e.get("image_diff_vs_cpp", {}), e.get("image_diff_vs_eager", {})
+        v = e.get("image_diff_vs_eager_eager_decode", {})
         lines.append(f"| {mode} | {e['median_s']:.3f} | {' '.join(f'{t:.3f}' for t in e['all_s'])} | "
                      f"{e['first_run_s']:.2f} | {e.get('ratio_to_cpp', 1.0):.3f} | "
                      f"{d.get('max', '-')}/{d.get('mean', 0):.3f} | {q.get('max', '-')}/{q.get('mean', 0):.3f} | "
-                     f"{_g(e.get('latent_rel_l2_vs_eager'))} | {str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
+                     f"{_g(e.get('latent_rel_l2_vs_eager'))} | {v.get('max', '-')}/{v.get('mean', 0):.3f} | "
+                     f"{str(e['captures']) + '/' + str(e['replays']) if 'captures' in e else '-'} |")
     if report.get("networks"):
         lines += ["", "Each package against its torch module, same inputs:", "",
                   "| network | size | output | max abs diff | relative to max abs | relative L2 | package vs fp32 "

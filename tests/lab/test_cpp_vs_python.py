@@ -35,4 +35,5 @@ def test_cpu_report_has_both_paths_and_equal_images(cpp_build, sd15_aoti, tmp_pa
     assert all(r["rel"] < 1e-3 and r["rel_l2"] < 1e-3 for r in report["networks"])
     assert all("package_vs_fp32_rel_l2" not in r for r in report["networks"])  # fp32 packages: no second reference
     assert report["modes"]["python-aoti"]["latent_rel_l2_vs_eager"] < 1e-4  # fp32 engines denoise as the modules
+    assert report["modes"]["python-aoti"]["image_diff_vs_eager_eager_decode"]["max"] <= 1
     assert "python-aoti" in (out / "cpp_vs_python.md").read_text()
