@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse this LoRA into the weights at start, times SCALE (default 1); with --engines swapped "
                         "into them; repeatable")
     p.add_argument("--precision", choices=("fp8",),
-                   help="fp8: the UNet's projections as FP8 GEMMs (a GPU with FP8 tensor cores; not with --engines)")
+                   help="fp8: the UNet's projections as FP8 GEMMs (a GPU with FP8 tensor cores); with --engines, the "
+                        "folder's FP8 packages (mf-build-engines --backend aoti --precision fp8)")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="a diffusers ControlNetModel folder, loaded at start; repeatable. Requests give one "
                         "control image per ControlNet (control_images)")

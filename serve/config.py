@@ -59,7 +59,14 @@ class ServeConfig:
     loras: tuple[str, ...] = ()
     """`--lora PATH[:SCALE]` values: fused into the weights at start (with engines: swapped into them)."""
     precision: str | None = None
-    """None (the device's dtype) or `fp8` (the UNet's projections as FP8 GEMMs, as mf-generate --precision fp8)."""
+    """None (the device's dtype) or `fp8` (the UNet's projections as FP8 GEMMs, as mf-generate --precision fp8; with
+    --engines, the folder's FP8 packages)."""
+
+    @property
+    def engines_precision(self) -> str | None:
+        """The precision of the UNet engines to open: fp8 when asked for, else the device's choice among those
+        built (FP8 ones only when asked for)."""
+        return "fp8" if self.precision == "fp8" else None
     controlnets: tuple[str, ...] = ()
     """ControlNet folders, loaded at start; a request gives one control image each (`control_images`)."""
     ip_adapter: str | None = None
@@ -193,9 +200,10 @@ def check_conditions(cfg: ServeConfig) -> None:
             raise ConfigError(f"--lora {value!r}: the scale must be a finite number")
     if cfg.precision not in (None, "fp8"):
         raise ConfigError(f"--precision {cfg.precision!r}: use fp8 (or leave it out)")
-    if cfg.precision == "fp8" and cfg.engines is not None:
-        raise ConfigError(f"--precision fp8 with --engines {cfg.engines!r}: mf-serve runs FP8 from the torch "
-                          "modules; FP8 packages run in mf-generate --engines DIR --precision fp8")
+    if cfg.precision == "fp8" and cfg.engines is not None and (cfg.loras or cfg.controlnets or cfg.ip_adapter):
+        given = "--lora" if cfg.loras else "--controlnet" if cfg.controlnets else "--ip-adapter"
+        raise ConfigError(f"{given} with --engines and --precision fp8: FP8 packages are built for the plain UNet "
+                          "and take no weight swap (as mf-generate refuses it); leave out --engines")
     for path in cfg.controlnets:
         if not Path(path, "config.json").is_file():
             raise ConfigError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")

@@ -184,7 +184,8 @@ class ModelServer:
         pipe = self._engines.get(key)
         if pipe is None:
             try:
-                nets, desc = open_engines(self.cfg.engines, self.bundle, plan, dilation, relay, self.device)
+                nets, desc = open_engines(self.cfg.engines, self.bundle, plan, dilation, relay, self.device,
+                                          precision=self.cfg.engines_precision)
             except EngineError as e:
                 raise ServeModelError(str(e)) from None
             self.engines_desc = desc
@@ -419,7 +420,8 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
     served = None
     for w, h in cfg.served_sizes:
         try:
-            sel = select_engines(cfg.engines, family, source, default_plan(family, w, h), 2, "pixel", cfg.device)
+            sel = select_engines(cfg.engines, family, source, default_plan(family, w, h), 2, "pixel", cfg.device,
+                                 precision=cfg.engines_precision)
         except EngineError:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
         served = sel.modules_served() if served is None else served & sel.modules_served()

@@ -15,8 +15,8 @@ CONTROLNET_FIELDS = ("block_out_channels", "cross_attention_dim", "addition_embe
 
 
 def check_fp8(cfg: ServeConfig) -> None:
-    """--precision fp8 where mf-generate takes it: a CUDA GPU with FP8 tensor cores (engine/fp8.py). A driver
-    without CUDA deploying onto a cluster (--address) leaves the check to the replicas."""
+    """--precision fp8 where mf-generate takes it: a CUDA GPU with FP8 tensor cores (engine/fp8.py), or the CPU for
+    FP8 engines. A driver without CUDA deploying onto a cluster (--address) leaves the check to the replicas."""
     if cfg.precision != "fp8":
         return
     import torch
@@ -24,6 +24,8 @@ def check_fp8(cfg: ServeConfig) -> None:
     from ..engine.fp8 import fp8_unavailable
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
+        return
+    if cfg.engines is not None and cfg.device == "cpu":  # FP8 packages run on the CPU too, as in mf-generate
         return
     why = fp8_unavailable(torch.device(cfg.device), "--precision fp8")
     if why:

@@ -91,6 +91,27 @@ def test_engines_png_bytes_are_mf_generates(sd15_engines, tmp_path):
                                       server.family))
 
 
+@pytest.mark.slow
+def test_fp8_engines_png_bytes_are_mf_generates(tmp_path):
+    """--engines with --precision fp8: the folder's FP8 UNet package (tests/conftest.py builds it; the CPU runs it),
+    and the PNG is mf-generate --engines --precision fp8's."""
+    from megafusion.cli.generate import main
+
+    from tests.background import BUILDS
+
+    BUILDS.get("aoti_fp8")
+    folder = BUILDS.folder("aoti-fp8")
+    server = ModelServer(ServeConfig("tiny-sd15", engines=str(folder), precision="fp8", sizes=((128, 128),)))
+    req = parse_request({"prompt": "a cube", "stages": "128x128:2", "seed": 5}, server.family)
+    got = server.generate(req)
+    out = tmp_path / "ref.png"
+    assert main(["--model", "tiny-sd15", "--engines", str(folder), "--precision", "fp8", "--prompt", "a cube",
+                 "--stages", "128x128:2", "--seed", "5", "--device", "cpu", "--no-progress", "--output",
+                 str(out)]) == 0
+    assert got.png == out.read_bytes()
+    assert "aoti engines (fp8)" in server.describe()["engines"] and server.describe()["precision"] == "fp8"
+
+
 def _req(server, **over):
     return parse_request({"prompt": "a cube", "stages": "128x128:2,256x256:1", **over}, server.family)
 

@@ -55,7 +55,8 @@ def test_files_and_combinations_refused(foreign, capsys):
          "--ip-adapter-scale nan: must be a finite number"),
         (["--engines", str(d), "--ip-adapter", ip, "--ip-adapter-encoder", enc, "--controlnet", cn],
          "--ip-adapter with --engines and --controlnet: the IP-Adapter engines hold the base UNet alone"),
-        (["--engines", str(d), "--precision", "fp8"], "--precision fp8 with --engines"),
+        (["--engines", str(d), "--precision", "fp8", "--controlnet", cn],
+         "--controlnet with --engines and --precision fp8: FP8 packages are built for the plain UNet"),
         (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     ]:
         _refused(args, needle, capsys)
