@@ -150,12 +150,12 @@ def run(args: argparse.Namespace) -> int:
     if ip_image is not None and args.engines and (controls or loras):  # no engine takes both yet
         raise UsageError(f"--ip-adapter with --engines and {'--controlnet' if controls else '--lora'}: the IP-Adapter "
                          "engines hold the base UNet alone; leave out --engines (the torch path runs both)")
-    if args.engines and args.precision == "fp8" and (loras or controls or ip_image is not None):
-        given = "--lora" if loras else "--controlnet" if controls else "--ip-adapter"
-        raise UsageError(f"{given} with --engines and --precision fp8: FP8 packages are built for the plain UNet "
-                         "and take no weight swap; leave out --engines (the torch path runs both)"
-                         + (" or build them from the LoRA's weights (mf-build-engines --precision fp8 --lora ...)"
-                            if loras else ""))
+    if args.engines and args.precision == "fp8":
+        from ..engine.fp8 import fp8_engines_conflict
+
+        why = fp8_engines_conflict(bool(loras), bool(controls), ip_image is not None)
+        if why:
+            raise UsageError(why)
     if args.engines is not None and not Path(args.engines).is_dir():
         raise UsageError(f"--engines {args.engines!r}: no such folder; build one with mf-build-engines --output DIR")
 

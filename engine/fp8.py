@@ -74,6 +74,18 @@ def fp8_dtype_unfit(dtype: torch.dtype, device: torch.device | str, network: str
     return ""
 
 
+def fp8_engines_conflict(lora: bool, controlnet: bool, ip_adapter: bool) -> str:
+    """'' if FP8 engines (`--engines` with `--precision fp8`) can run with these conditions, else the one line
+    mf-generate and mf-serve refuse them with: the FP8 packages hold the plain UNet's projections quantized, so
+    they take no weight swap and have no ControlNet or IP-Adapter variants."""
+    given = "--lora" if lora else "--controlnet" if controlnet else "--ip-adapter" if ip_adapter else ""
+    if not given:
+        return ""
+    return (f"{given} with --engines and --precision fp8: FP8 packages are built for the plain UNet and take no "
+            "weight swap; leave out --engines (the torch path runs both)"
+            + (" or build them from the LoRA's weights (mf-build-engines --precision fp8 --lora ...)" if lora else ""))
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): q = x / scale in float8_e4m3fn, one float32 scale per row (shape (rows, 1)) mapping the row's
     largest magnitude onto 448, so q * scale == x up to e4m3 rounding. x is 2-D (rows, columns)."""

@@ -200,10 +200,12 @@ def check_conditions(cfg: ServeConfig) -> None:
             raise ConfigError(f"--lora {value!r}: the scale must be a finite number")
     if cfg.precision not in (None, "fp8"):
         raise ConfigError(f"--precision {cfg.precision!r}: use fp8 (or leave it out)")
-    if cfg.precision == "fp8" and cfg.engines is not None and (cfg.loras or cfg.controlnets or cfg.ip_adapter):
-        given = "--lora" if cfg.loras else "--controlnet" if cfg.controlnets else "--ip-adapter"
-        raise ConfigError(f"{given} with --engines and --precision fp8: FP8 packages are built for the plain UNet "
-                          "and take no weight swap (as mf-generate refuses it); leave out --engines")
+    if cfg.precision == "fp8" and cfg.engines is not None:  # as mf-generate refuses it
+        from ..engine.fp8 import fp8_engines_conflict
+
+        why = fp8_engines_conflict(bool(cfg.loras), bool(cfg.controlnets), cfg.ip_adapter is not None)
+        if why:
+            raise ConfigError(why)
     for path in cfg.controlnets:
         if not Path(path, "config.json").is_file():
             raise ConfigError(f"--controlnet {path!r}: not a diffusers ControlNetModel folder (no config.json)")
