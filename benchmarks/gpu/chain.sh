@@ -18,6 +18,7 @@
 #   cond-torch  mf-bench SDXL 2048 graphs and compiled, plain and with a LoRA + ControlNet (#18; the compiles take
 #               over 10 minutes)
 #   dit-tests   the flow pipeline GPU tests (#17, #18)
+#   torch-fast  the fast path's GPU tests alone (fast-graphs on an fp32 model: cuDNN attention's fallback)
 #   sdxl-build  SDXL 2048 static aoti packages into /tmp/mf-aoti-sdxl (#15; the next three need them)
 #   sdxl-build-cc  sdxl-build, and beside it one fresh compiled process (empty caches) filling /tmp/mf-cc (#15)
 #   coldstart   3 fresh mf-generate --engines processes with their phases (#15)
@@ -31,7 +32,7 @@
 #   builds-apart  SDXL 2048 static aoti packages, every network --weights-apart, into /tmp/mf-aoti-sdxl-apart (the
 #               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
 #               /tmp/mf-aoti-sd15 (one process: RAM for both builds at once)
-#   sdxl-apart  the SDXL half of builds-apart alone (7 minutes)
+#   sdxl-apart  the SDXL half of builds-apart alone (7 minutes on 2026-12-03; the seventeenth session's ran past 8: limit 10)
 #   sdpa-sd15   torch's SDPA backends, head dim 40 as is and padded to 64, at SD1.5's top-level attention at 1024,
 #               2048 and 4096 (262,144 tokens: 4.1 s of each SD1.5 4096 step, #19)
 #   sd15-build  SD1.5 1024 static aoti packages, --jobs 3, into /tmp/mf-aoti-sd15 (sd15-aoti reads them)
@@ -129,6 +130,7 @@ step() {  # the command line of one step
       --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \
       --size 2048x2048 --device cuda --repeats 3 --variants graphs,compiled --lora /tmp/mf-cond-inputs/lora.safetensors:0.8 \
       --controlnet /tmp/mf-controlnet-sdxl --control-image /tmp/mf-cond-inputs/control.png --output $RES/cond-torch'" ;;
+    torch-fast) echo "timeout 240 python3 -m pytest -q -m gpu tests/engine/test_torch_fast.py -p no:cacheprovider" ;;
     dit-tests) echo "timeout 420 python3 -m pytest -q -m gpu tests/runtime/test_flow_graphs.py \
       tests/runtime/test_flow_controlnet.py tests/runtime/test_flow_ipadapter.py tests/runtime/test_flow_img2img.py" ;;
     sdxl-build) echo "timeout 1500 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
@@ -150,7 +152,7 @@ step() {  # the command line of one step
       --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3 & \
       timeout 1200 python3 -m megafusion.cli.build_engines --model sd15 --random-weights --backend aoti --precision fp16 \
       --device cuda --size 1024x1024 --output /tmp/mf-aoti-sd15 --jobs 1; wait" ;;
-    sdxl-apart) echo "timeout 480 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
+    sdxl-apart) echo "timeout 600 python3 -m megafusion.cli.build_engines --model sdxl --random-weights --backend aoti \
       --precision fp16 --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-apart --weights-apart --jobs 3" ;;
     sdpa-sd15) echo "timeout 300 python3 benchmarks/lab/sdpa_backends.py --shapes sd15-1024-l1,sd15-2048-l1,sd15-4096-l1 \
       --output $RES/sdpa-sd15" ;;
