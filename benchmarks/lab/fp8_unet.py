@@ -34,7 +34,7 @@ from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.plan import default_plan
 from megafusion.core.specs import default_vae_dtype
-from megafusion.engine.fp8 import Fp8Linear, Fp8Policy, fp8_unavailable, quantize_unet
+from megafusion.engine.fp8 import ROLES, Fp8Linear, Fp8Policy, fp8_unavailable, quantize_unet
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.conditioning import encode
 from megafusion.runtime.graphs import GraphKey
@@ -184,7 +184,8 @@ def run(args) -> dict:
     dev = torch.device(args.device)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     check_device(dev, parts)
-    policy = Fp8Policy(fast_accum=not args.no_fast_accum)
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip()) if args.roles else Fp8Policy().roles
+    policy = Fp8Policy(roles=roles, fast_accum=not args.no_fast_accum)
     bundle = load_model(args.model, args.model_path, random_weights=args.model_path is None, device=dev,
                         dtype=torch.float32, seed=args.weights_seed)
     plan = default_plan(bundle.family)
@@ -271,6 +272,8 @@ def main(argv=None) -> int:
                    help="compiled variants, in the order they run (default: %(default)s); fp8 first when the budget "
                         "may not hold both")
     p.add_argument("--compile-vae", action="store_true", help="compile the VAE too (more compile time)")
+    p.add_argument("--roles", help="layer roles in FP8, comma-separated (default: Fp8Policy's; "
+                                   "benchmarks/lab/fp8_roles.py measures each role's share of the error)")
     p.add_argument("--no-fast-accum", action="store_true", help="_scaled_mm without Hopper's fast accumulation")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the run (default: %(default)s)")
     p.add_argument("--compile-reserve-s", type=float, default=240.0,
@@ -280,6 +283,10 @@ def main(argv=None) -> int:
     unknown = [x for x in args.parts.split(",") if x.strip() and x.strip() not in PARTS]
     if unknown:
         p.error(f"--parts {args.parts}: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    bad_roles = [r for r in (args.roles or "").split(",") if r.strip() and r.strip() not in ROLES]
+    if bad_roles or (args.roles is not None and not args.roles.strip()):
+        p.error(f"--roles {args.roles}: unknown role(s) {', '.join(bad_roles) or '(none given)'}; "
+                f"choose from {', '.join(ROLES)}")
     bad = [x for x in args.compiled.split(",") if x not in ("fp16", "fp8")]
     if bad or not args.compiled:
         p.error(f"--compiled {args.compiled}: give fp16, fp8 or both, comma-separated")

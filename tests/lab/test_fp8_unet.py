@@ -21,6 +21,22 @@ def test_unknown_part_refused(tmp_path, capsys):
     assert "unknown part(s) speed" in capsys.readouterr().err
 
 
+def test_unknown_role_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy", "--roles", "ff_in,qkv",
+                       "--output", str(tmp_path)])
+    assert "--roles ff_in,qkv: unknown role(s) qkv" in capsys.readouterr().err
+
+
+def test_roles_choose_the_fp8_layers(tmp_path):
+    """--roles narrows the policy: fewer FP8 layers than the default, recorded in the report."""
+    fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy", "--timesteps", "21",
+                   "--roles", "ff_in,ff_out", "--output", str(tmp_path / "ff")])
+    data = json.loads((tmp_path / "ff" / "fp8-tiny-sd15.json").read_text())
+    assert "roles=('ff_in', 'ff_out')" in data["policy"]
+    assert data["fp8_layers"] == 8  # tiny-sd15: 4 transformer blocks, one ff_in and one ff_out each
+
+
 def test_table_names_a_skipped_variant():
     report = {"gpu": "g", "model": "m", "plan": "p", "fp8_layers": 3, "torch": "t",
               "compiled": [{"variant": "compiled fp8", "skipped": "10 s of --budget-s left"}]}
