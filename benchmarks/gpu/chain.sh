@@ -32,7 +32,7 @@
 #   builds-apart  SDXL 2048 static aoti packages, every network --weights-apart, into /tmp/mf-aoti-sdxl-apart (the
 #               coldstart-apart steps and capi-apart-sdxl read them), beside SD1.5 1024 static packages into
 #               /tmp/mf-aoti-sd15 (one process: RAM for both builds at once)
-#   sdxl-apart  the SDXL half of builds-apart alone (7 minutes on 2026-12-03; the seventeenth session's ran past 8: limit 10)
+#   sdxl-apart  the SDXL half of builds-apart alone (7 minutes, once past 8: limit 10)
 #   sdpa-sd15   torch's SDPA backends, head dim 40 as is and padded to 64, at SD1.5's top-level attention at 1024,
 #               2048 and 4096 (262,144 tokens: 4.1 s of each SD1.5 4096 step, #19)
 #   sd15-build  SD1.5 1024 static aoti packages, --jobs 3, into /tmp/mf-aoti-sd15 (sd15-aoti reads them)
@@ -71,8 +71,8 @@
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
 #   fp8-compiled-sd15  the same for SD1.5 1024 (#20: <= 0.45 s), with its accuracy per stage against fp16
-#   fp8-compiled-sd15-noproj  fp8-compiled-sd15 with proj_in and proj_out left in bf16 (on the CPU, fp8_roles.py: SD1.5's
-#               16 + 16 1x1 convolutions make 3.7% and 4.2% of eps error alone, the other 128 layers about 2.5%)
+#   fp8-compiled-sd15-noproj  fp8-compiled-sd15 with proj_in and proj_out left in bf16 (on the CPU, fp8_roles.py:
+#               SD1.5's 16 + 16 1x1 convolutions make 3.7% and 4.2% of eps error alone, the other 128 layers 2.5%)
 #   fp8-engines  SDXL 2048 static aoti packages with FP8 UNet projections (--precision fp8 --weights-apart) into
 #               /tmp/mf-aoti-sdxl-fp8, a hard-linked copy of sdxl-apart's /tmp/mf-aoti-sdxl-apart where that exists (its
 #               fp16 text encoders and bf16 VAE are the fp8 build's: only the UNets compile), then the FP8 GPU test of
