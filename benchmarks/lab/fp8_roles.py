@@ -13,8 +13,6 @@ Writes DIR/fp8-roles-<model>.json and .md.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import sys
 import time
@@ -65,17 +63,27 @@ def run(args) -> dict:
               "torch": torch.__version__, "timesteps": timesteps, "rows": [], **provenance()}
     print(f"{args.model} {width}x{height} on {dev}: float32 reference in {time.perf_counter() - t0:.1f} s", flush=True)
     for label, roles in variants(bundle.unet, policy).items():
-        unet = copy.deepcopy(bundle.unet)
-        names = quantize_unet(unet, Fp8Policy(roles=roles))
-        nets = TorchNetworks(dataclasses.replace(bundle, unet=unet))
-        with torch.inference_mode():
-            errs = [relerr(nets.unet(x, torch.tensor(t, device=dev), *args_of), ref[t]) for t in timesteps]
+        # In place, the float layers put back after: no second UNet in memory (SDXL's is 10 GiB in float32).
+        names = fp8_candidates(bundle.unet, Fp8Policy(roles=roles))
+        kept = {n: bundle.unet.get_submodule(n) for n in names}
+        quantize_unet(bundle.unet, Fp8Policy(roles=roles))
+        try:
+            with torch.inference_mode():
+                errs = [relerr(nets32.unet(x, torch.tensor(t, device=dev), *args_of), ref[t]) for t in timesteps]
+        finally:
+            for n, layer in kept.items():
+                parent, _, child = n.rpartition(".")
+                setattr(bundle.unet.get_submodule(parent) if parent else bundle.unet, child, layer)
         row = {"variant": label, "roles": list(roles), "layers": len(names), "rel_l2_per_timestep": errs,
                "rel_l2_max": max(errs)}
         report["rows"].append(row)
         print(f"  {label:>16}: {len(names):3d} layers, eps rel L2 vs float32 max {max(errs):.4f} "
               f"({', '.join(f'{e:.4f}' for e in errs)})", flush=True)
-        del unet, nets
+    with torch.inference_mode():  # every float layer back in place: the reference again, bit for bit
+        t = timesteps[0]
+        report["restored"] = bool(torch.equal(nets32.unet(x, torch.tensor(t, device=dev), *args_of), ref[t]))
+    if not report["restored"]:
+        raise SystemExit("fp8_roles.py: the float32 UNet did not come back after the FP8 variants")
     report["wall_s"] = time.perf_counter() - t0
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ def test_bad_size_refused(tmp_path, capsys):
 def test_roles_one_at_a_time_on_tiny_sd15(tmp_path):
     fp8_roles.main(["--model", "tiny-sd15", "--timesteps", "999,21", "--output", str(tmp_path)])
     data = json.loads((tmp_path / "fp8-roles-tiny-sd15.json").read_text())
+    assert data["restored"]  # the float layers went back after each variant
     rows = {r["variant"]: r for r in data["rows"]}
     default = rows.pop("default policy")
     assert set(rows) <= set(Fp8Policy().roles) and rows
