@@ -3,11 +3,12 @@
 python3 benchmarks/lab/fp8_roles.py --model sd15 --output DIR [--size 512x512] [--timesteps 999,601,201,21]
 
 For the model's native stage (no dilation; random weights unless --model-path), at each timestep: eps of the
-float32 UNet, of copies with only one role's layers in FP8 (engine/fp8.py's `Fp8Policy(roles=(role,))`), and
-of the default policy (every role it quantizes); relative L2 against float32, max over the timesteps.
+float32 UNet, of the UNet with only one role's layers in FP8 (engine/fp8.py's `Fp8Policy(roles=(role,))`,
+swapped in place and back), and with the default policy's (every role it quantizes); relative L2 against
+float32, max over the timesteps.
 Around the FP8 layers the network stays float32, so the figures are FP8's own share (the GPU's FP8 UNet runs
 in bf16 around them: bf16's own ~1.3-1.5% comes on top, in quadrature if independent).
-Runs on the CPU (torch's `_scaled_mm` has a CPU kernel): the real-size SD1.5 UNet takes a few seconds a call.
+Runs on the CPU (torch's `_scaled_mm` has a CPU kernel): the real-size SD1.5 UNet at 512 takes about 10 s a call (2 cores).
 Writes DIR/fp8-roles-<model>.json and .md.
 """
 from __future__ import annotations
