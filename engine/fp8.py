@@ -10,10 +10,15 @@ CUDA). K and N must be multiples of 16, A row-major, B column-major (a row-major
 Attention itself (softmax(QK^T)V) stays in bf16: only the projections around it are FP8.
 
 Which layers (`Fp8Policy`, by role, see `layer_role`): the transformer blocks' projections that see every image
-token. Left in bf16: cross-attention keys and values (they read the 77 text tokens: 154 rows, too few for FP8
-to pay), the time and added-condition embeddings and the resnets' `time_emb_proj` (one row per image), every
-3x3 convolution (no FP8 convolution in torch) and the resnets' 1x1 shortcuts (few, and outside the blocks
-the issue targets).
+token. Left in bf16:
+- each transformer's proj_in and proj_out: their FP8 error reaches eps out of proportion to their FLOPs (about
+  2% of SDXL's FP8 FLOPs, 10% of SD1.5's). SD1.5's 16 + 16 made 3.7% and 4.2% of eps error alone, more than the
+  other 128 layers together (2.5%); SDXL's 11 proj_in and 11 proj_out 1.7% and 2.0%, as much as its 140
+  attention outputs (1.7%) (`benchmarks/lab/fp8_roles.py`, random weights, CPU, 2026-12-03);
+- cross-attention keys and values (they read the 77 text tokens: 154 rows, too few for FP8 to pay);
+- the time and added-condition embeddings and the resnets' `time_emb_proj` (one row per image);
+- every 3x3 convolution (no FP8 convolution in torch) and the resnets' 1x1 shortcuts (few, and outside the blocks
+  the issue targets).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ ROLES = ("self_attn_qkv", "cross_attn_q", "cross_attn_kv", "attn_out", "ff_in", 
 class Fp8Policy:
     """Which UNet layers become FP8 GEMMs, and how they compute."""
 
-    roles: tuple[str, ...] = ("self_attn_qkv", "cross_attn_q", "attn_out", "ff_in", "ff_out", "proj_in", "proj_out")
+    roles: tuple[str, ...] = ("self_attn_qkv", "cross_attn_q", "attn_out", "ff_in", "ff_out")
     """Roles (see ROLES) quantized; a layer of another role keeps its dtype. A tuple, not a set: the compile
     cache keys on the repr, which must not change with the process's string hash seed."""
     fast_accum: bool = True

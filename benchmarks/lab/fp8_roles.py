@@ -4,8 +4,10 @@ python3 benchmarks/lab/fp8_roles.py --model sd15 --output DIR [--size 512x512] [
 
 For the model's native stage (no dilation; random weights unless --model-path), at each timestep: eps of the
 float32 UNet, of the UNet with only one role's layers in FP8 (engine/fp8.py's `Fp8Policy(roles=(role,))`,
-swapped in place and back), and with the default policy's (every role it quantizes); relative L2 against
-float32, max over the timesteps.
+swapped in place and back; the default policy's roles, and proj_in and proj_out, which it leaves out), and with
+the default policy's layers; relative L2 against float32, max over the timesteps. The figures of
+benchmarks/results/cpu-2026-12-03 are from before that default left proj_in and proj_out out (its row
+"default policy" is all seven roles).
 Around the FP8 layers the network stays float32, so the figures are FP8's own share (the GPU's FP8 UNet runs
 in bf16 around them: bf16's own ~1.3-1.5% comes on top, in quadrature if independent).
 Runs on the CPU (torch's `_scaled_mm` has a CPU kernel): the real-size SD1.5 UNet at 512 takes about 10 s a call (2 cores).
@@ -34,10 +36,14 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+MEASURED = Fp8Policy().roles + tuple(r for r in ("proj_in", "proj_out") if r not in Fp8Policy().roles)
+"""The default policy's roles and the two it leaves out for their error (engine/fp8.py's docstring)."""
+
+
 def variants(unet: torch.nn.Module, policy: Fp8Policy) -> dict[str, tuple[str, ...]]:
-    """Label -> roles in FP8: each of the policy's roles that has layers in this UNet alone, then all of them."""
+    """Label -> roles in FP8: each of MEASURED that has layers in this UNet alone, then the policy's."""
     out = {}
-    for role in policy.roles:
+    for role in MEASURED:
         if fp8_candidates(unet, Fp8Policy(roles=(role,))):
             out[role] = (role,)
     out["default policy"] = policy.roles

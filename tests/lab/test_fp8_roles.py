@@ -22,10 +22,12 @@ def test_roles_one_at_a_time_on_tiny_sd15(tmp_path):
     assert data["restored"]  # the float layers went back after each variant
     rows = {r["variant"]: r for r in data["rows"]}
     default = rows.pop("default policy")
-    assert set(rows) <= set(Fp8Policy().roles) and rows
-    # each role's layers are its own: together they are the default policy's
-    assert sum(r["layers"] for r in rows.values()) == default["layers"]
-    for r in rows.values():
-        assert 0 < r["rel_l2_max"] < default["rel_l2_max"] < 0.05, (r, default)
+    assert set(rows) == set(fp8_roles.MEASURED)  # tiny-sd15 has layers of each
+    # each role's layers are its own: the default policy's roles together are the default policy
+    assert sum(r["layers"] for k, r in rows.items() if k in Fp8Policy().roles) == default["layers"]
+    for k, r in rows.items():
+        assert 0 < r["rel_l2_max"] < 0.05, (k, r)
+        if k in Fp8Policy().roles:  # one role alone moves eps less than all of them
+            assert r["rel_l2_max"] < default["rel_l2_max"], (k, r, default)
     md = (tmp_path / "fp8-roles-tiny-sd15.md").read_text()
     assert f"| default policy | {default['layers']} | {default['rel_l2_max']:.4f} |" in md
