@@ -20,6 +20,7 @@ from .cache import EngineCache, EngineKey, Entry, device_name
 from . import file_hashes
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import network_fingerprint
+from .fp8 import key_quantization
 from .model_facts import record_model
 from .onnx_build import exported_spec
 
@@ -90,7 +91,8 @@ def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, 
                fingerprint: str, ort_optimize: str = "none", weights_apart: bool = False) -> EngineKey:
     s = r.spec
     return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision,
-                     r.profiles, backend, version, device, ort_optimize, "apart" if weights_apart else "inside")
+                     r.profiles, backend, version, device, ort_optimize, "apart" if weights_apart else "inside",
+                     key_quantization(s.network, s.precision))
 
 
 def check_request(req: BuildRequest) -> Backend:

@@ -83,6 +83,10 @@ class EngineKey:
     """aoti: `inside` (the package holds its weights) or `apart` (`mf-build-engines --weights-apart`: the package
     holds none, the entry keeps them in `weights.safetensors`, and packages of the same weights share one copy
     when opened). Left out of the JSON when `inside`, as `ort_optimize` when `none`: older digests stand."""
+    quantization: str = "none"
+    """Which layers an fp8 UNet holds in FP8, and how (engine/fp8.py's `fp8_scheme`), so a package of another policy
+    has another address and is rebuilt, not opened. Left out of the JSON when `none` (every other entry): older
+    digests stand; FP8 entries from before the field have none and are stale."""
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -91,6 +95,8 @@ class EngineKey:
             del d["ort_optimize"]
         if self.constants == "inside":
             del d["constants"]
+        if self.quantization == "none":
+            del d["quantization"]
         return d
 
     @staticmethod
@@ -100,6 +106,7 @@ class EngineKey:
         fields["dilation"] = int(d["dilation"])
         fields["ort_optimize"] = str(d.get("ort_optimize", "none"))  # absent in manifests before the field
         fields["constants"] = str(d.get("constants", "inside"))  # absent unless built with --weights-apart
+        fields["quantization"] = str(d.get("quantization", "none"))  # absent unless an FP8 UNet
         return EngineKey(**fields)
 
     def digest(self) -> str:

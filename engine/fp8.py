@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.specs import FP8 as FP8_PRECISION, UNET
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 """448: the largest finite e4m3fn value; a row's largest magnitude is scaled onto it."""
@@ -55,6 +57,17 @@ class Fp8Policy:
         unknown = sorted(set(self.roles) - set(ROLES))
         if unknown:
             raise ValueError(f"unknown FP8 layer role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")
+
+
+def fp8_scheme(policy: Fp8Policy = Fp8Policy()) -> str:
+    """The policy as an engine key records it (EngineKey.quantization): the roles in FP8 and the accumulation."""
+    return f"e4m3 rows: {','.join(policy.roles)}" + ("; fast accum" if policy.fast_accum else "")
+
+
+def key_quantization(network: str, precision: str) -> str:
+    """EngineKey.quantization of a `network` engine at `precision`: the default policy's scheme for an fp8 UNet
+    (what `mf-build-engines --precision fp8` builds), else `none`."""
+    return fp8_scheme() if (network, precision) == (UNET, FP8_PRECISION) else "none"
 
 
 def fp8_unavailable(device: torch.device | str, subject: str = "precision fp8") -> str:

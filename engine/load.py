@@ -19,6 +19,7 @@ from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import FP8, VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, network_spec, plan_requirements
 from .backend import Backend, OpenContext, get_backend, registry
+from .fp8 import key_quantization
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import WEIGHTS_SCHEME, network_fingerprint, scheme_of
@@ -191,7 +192,10 @@ def _stale(e: Entry, fingerprint: str, installed: str, here: str) -> str:
         return "other weights"
     if e.key.backend_version != installed:
         return f"{e.key.backend} {e.key.backend_version} (installed: {installed})"
-    return f"device {e.key.device!r} (this one: {here!r})"
+    if e.key.device != here:
+        return f"device {e.key.device!r} (this one: {here!r})"
+    want = key_quantization(e.key.network, e.key.precision)
+    return f"FP8 layers {e.key.quantization!r} (this megafusion builds {want!r})"
 
 
 def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, dilation: int = 2,
@@ -230,7 +234,7 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         picked: list[Entry] = []
         for fits in per_profile:
             valid = [e for e in fits if e.key.weights == fingerprint and e.key.backend_version == installed
-                     and e.key.device == here]
+                     and e.key.device == here and e.key.quantization == key_quantization(s.network, s.precision)]
             if not valid:
                 e = fits[0]
                 raise StaleEngineError(f"engine {e.key.describe()} (entry {e.digest[:16]}) in {engine_dir} was built "

@@ -60,6 +60,7 @@ std::string replace_once(std::string s, const std::string& from, const std::stri
 // digests Python computes for the keys below (EngineKey.from_json(key).digest(), engine/cache.py)
 const char* kDigestAoti = "2c7824045f781f359d87b2ab61f58b2888a520ae289981cb85c68f6bb642a2d0";
 const char* kDigestAotiOrtCpu = "3383f5e043f7a7f691b10699c60804852974067b60b8194bcc993b16a251fa94";
+const char* kDigestAotiFp8Scheme = "a863d2fbdfd3e8a99ab34b17f274b1416ffdfbcf06c9f60804cc1d7b8b5ab81c";
 const char* kDigestTrt = "ccd56512f66d9d033c9bb051ed6f750501cbb58aeb8556ce74127da9f1a2a752";
 
 // An AOTInductor UNet entry (key digest kDigestAoti); `extra_key` adds key fields, `path` names its file.
@@ -279,6 +280,13 @@ int main(int argc, char** argv) {
     write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("ort_optimize": "cpu", )")));
     expect_failure("ort_optimize cpu added without a new digest", "entry 2c7824045f781f35 (unet (standard) fp32 aoti) "
                    "does not match its key (the key hashes to 3383f5e043f7a7f6)", [&] { read_engine_folder(py); });
+    // quantization (an fp8 UNet's FP8 layers): "none" left out, any other value in the digest (entry_json's key is
+    // fp32: the C API opens no FP8 UNet, but reads a folder that also holds them).
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("quantization": "none", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "quantization none: the digest of the key without it");
+    write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAotiFp8Scheme,
+                                                        R"("quantization": "e4m3 rows: ff_in", )")));
+    check(error_of([&] { read_engine_folder(py); }) == "", "quantization e4m3 rows: ff_in: in the digest");
     write(py + "/manifest.json", manifest_of(entry_json(sha, 3, "e1/model.pt2", kDigestAoti, R"("color": "red", )")));
     expect_failure("a key field EngineKey does not have", "its key has an unknown field 'color'",
                    [&] { read_engine_folder(py); });

@@ -19,6 +19,7 @@ from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.core.specs import plan_requirements
 from megafusion.engine.build import BuildRequest, engine_key, vae_precision
 from megafusion.engine.cache import EngineCache
+from megafusion.engine.fp8 import Fp8Policy, fp8_scheme
 from megafusion.engine.load import CoverageError, open_engines
 
 from tests.background import BUILDS
@@ -80,6 +81,11 @@ def test_fp8_unet_key_is_its_own_and_the_text_encoder_is_the_fp16_builds(tiny_sd
     from dataclasses import replace
 
     assert replace(k8, precision="bf16").digest() != k8.digest()
+    # the FP8 layers are in the key: a package of another policy has another address
+    assert k8.quantization == fp8_scheme() and "ff_in" in k8.quantization and "proj_in" not in k8.quantization
+    assert replace(k8, quantization=fp8_scheme(Fp8Policy(roles=("ff_in",)))).digest() != k8.digest()
+    t = next(r for r in plan_requirements(fam, plan, "fp8", 2) if r.spec.network == "text_encoder")
+    assert engine_key(tiny_sd15, t, "aoti", "2.13.0", "cpu", "mf2:random:x").quantization == "none"
 
 
 def test_only_aoti_packages_take_fp8():
@@ -175,6 +181,29 @@ def test_generation_from_fp8_engines(tiny_sd15, fp8_engines):
     assert 1e-4 < _rel(got.latent, ref.latent) < 0.10
     with pytest.raises(CoverageError, match=r"UNet engines in .* are FP8 ones: run them with --precision fp8"):
         open_engines(fp8_engines, tiny_sd15, plan, dilation=1, relay="latent")
+
+
+@pytest.mark.slow
+def test_fp8_unet_of_another_policy_is_stale(tiny_sd15, fp8_engines, tmp_path):
+    """A folder whose FP8 UNet holds other layers in FP8 (an older megafusion's default, or another policy) is
+    refused in one line naming both schemes and the build command, not opened."""
+    import json
+    import shutil
+
+    from megafusion.engine.cache import EngineKey, StaleEngineError
+
+    folder = tmp_path / "other-policy"
+    shutil.copytree(fp8_engines, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for e in manifest["entries"]:
+        if e["key"]["network"] == "unet":
+            e["key"]["quantization"] = "e4m3 rows: ff_in"
+            e["digest"] = EngineKey.from_json(e["key"]).digest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _, plan = _plan()
+    with pytest.raises(StaleEngineError, match=r"built for FP8 layers 'e4m3 rows: ff_in' \(this megafusion builds "
+                                               r"'e4m3 rows: self_attn_qkv,.*'\); rebuild with: mf-build-engines"):
+        open_engines(folder, tiny_sd15, plan, dilation=1, relay="latent", precision="fp8")
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ std::vector<long long> dims(const mfjson::Value& v, const std::string& what) {
 
 // EngineKey.from_json(k).to_json() (engine/cache.py): the value whose json.dumps(..., sort_keys=True) the
 // entry's digest is the sha256 of. Every field EngineKey has, no other (from_json refuses unknown fields);
-// ort_optimize left out when "none"; of each profile only stage and shapes, each shape [name, min, opt, max].
+// ort_optimize left out when "none" (constants when "inside", quantization when "none"); of each profile only stage and shapes, each shape [name, min, opt, max].
 // Stricter than Python only where no Python build writes otherwise: names must be strings, dilation and stage
 // integers, dimensions integral numbers (written back as they were: 16 as 16, 16.0 as 16.0, as Python does).
 mfjson::Value python_key(const mfjson::Value& k) {
@@ -94,6 +94,8 @@ mfjson::Value python_key(const mfjson::Value& k) {
       if (typed(v, mfjson::Value::String, "key field 'ort_optimize'").str != "none") out.obj[name] = v;
     } else if (name == "constants") {  // "apart": mf-build-engines --weights-apart (left out when "inside")
       if (typed(v, mfjson::Value::String, "key field 'constants'").str != "inside") out.obj[name] = v;
+    } else if (name == "quantization") {  // an fp8 UNet's FP8 layers (engine/fp8.py fp8_scheme; left out when "none")
+      if (typed(v, mfjson::Value::String, "key field 'quantization'").str != "none") out.obj[name] = v;
     } else if (name == "profiles") {
       mfjson::Value& profiles = out.obj[name];
       profiles.kind = mfjson::Value::Array;
