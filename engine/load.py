@@ -19,10 +19,10 @@ from ..core.loading import ModelBundle
 from ..core.plan import StagePlan
 from ..core.specs import FP8, VAE_DECODER, VAE_ENCODER, NetworkSpec, ShapeProfile, network_spec, plan_requirements
 from .backend import Backend, OpenContext, get_backend, registry
-from .fp8 import key_quantization
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import WEIGHTS_SCHEME, network_fingerprint, scheme_of
+from .fp8 import key_quantization
 from .runners import EngineNetworks, Runner, ShapeDispatch
 
 

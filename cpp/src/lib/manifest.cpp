@@ -71,7 +71,8 @@ std::vector<long long> dims(const mfjson::Value& v, const std::string& what) {
 
 // EngineKey.from_json(k).to_json() (engine/cache.py): the value whose json.dumps(..., sort_keys=True) the
 // entry's digest is the sha256 of. Every field EngineKey has, no other (from_json refuses unknown fields);
-// ort_optimize left out when "none" (constants when "inside", quantization when "none"); of each profile only stage and shapes, each shape [name, min, opt, max].
+// ort_optimize left out when "none" (constants when "inside", quantization when "none"); of each profile only
+// stage and shapes, each shape [name, min, opt, max].
 // Stricter than Python only where no Python build writes otherwise: names must be strings, dilation and stage
 // integers, dimensions integral numbers (written back as they were: 16 as 16, 16.0 as 16.0, as Python does).
 mfjson::Value python_key(const mfjson::Value& k) {
