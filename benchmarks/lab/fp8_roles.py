@@ -10,7 +10,8 @@ benchmarks/results/cpu-2026-12-03 are from before that default left proj_in and 
 "default policy" is all seven roles).
 Around the FP8 layers the network stays float32, so the figures are FP8's own share (the GPU's FP8 UNet runs
 in bf16 around them: bf16's own ~1.3-1.5% comes on top, in quadrature if independent).
-Runs on the CPU (torch's `_scaled_mm` has a CPU kernel): the real-size SD1.5 UNet at 512 takes about 10 s a call (2 cores).
+Runs on the CPU only (torch's `_scaled_mm` has a CPU kernel): the real-size SD1.5 UNet at 512 takes about 10 s a
+call on 2 cores, SDXL's at 512 about 40 s.
 Writes DIR/fp8-roles-<model>.json and .md.
 """
 from __future__ import annotations
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python3 benchmarks/lab/fp8_roles.py")
     p.add_argument("--model", default="sd15", help="sd15, sdxl (random weights), or a tiny model")
     p.add_argument("--model-path", help="a local diffusers folder (real weights) instead of random weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu only (float32 around the FP8 layers: CUDA's FP8 GEMMs write bf16 only)")
     p.add_argument("--size", help="WxH (default: the model's native size)")
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
     p.add_argument("--seed", type=int, default=0)
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a photo of a lighthouse on a cliff at dusk, highly detailed")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
+    if args.device != "cpu":
+        p.error(f"--device {args.device}: this measure runs on the cpu (float32 around the FP8 layers; on CUDA the "
+                "FP8 GEMMs write bf16 only: benchmarks/lab/fp8_unet.py --roles measures a policy there)")
     if args.size and not (args.size.count("x") == 1 and all(v.isdigit() for v in args.size.split("x"))):
         p.error(f"--size {args.size}: give WxH, for example 512x512")
     run(args)

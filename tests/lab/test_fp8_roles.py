@@ -15,6 +15,12 @@ def test_bad_size_refused(tmp_path, capsys):
     assert "--size 128by128" in capsys.readouterr().err
 
 
+def test_cuda_refused_naming_the_gpu_measure(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8_roles.main(["--model", "tiny-sd15", "--device", "cuda", "--output", str(tmp_path)])
+    assert "--device cuda: this measure runs on the cpu" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_roles_one_at_a_time_on_tiny_sd15(tmp_path):
     fp8_roles.main(["--model", "tiny-sd15", "--timesteps", "999,21", "--output", str(tmp_path)])
