@@ -61,12 +61,6 @@ class ServeConfig:
     precision: str | None = None
     """None (the device's dtype) or `fp8` (the UNet's projections as FP8 GEMMs, as mf-generate --precision fp8; with
     --engines, the folder's FP8 packages)."""
-
-    @property
-    def engines_precision(self) -> str | None:
-        """The precision of the UNet engines to open: fp8 when asked for, else the device's choice among those
-        built (FP8 ones only when asked for)."""
-        return "fp8" if self.precision == "fp8" else None
     controlnets: tuple[str, ...] = ()
     """ControlNet folders, loaded at start; a request gives one control image each (`control_images`)."""
     ip_adapter: str | None = None
@@ -82,6 +76,12 @@ class ServeConfig:
     the compiled functions, Inductor's artifacts and disk cache); None: each node's default folder."""
     no_compile_cache: bool = False
     """--mode compiled: keep nothing; every start compiles (and traces) again."""
+
+    @property
+    def engines_precision(self) -> str | None:
+        """The precision of the UNet engines to open: fp8 when asked for, else the device's choice among those
+        built (FP8 ones only when asked for)."""
+        return "fp8" if self.precision == "fp8" else None
 
     @property
     def engines_ip_scale(self) -> float | None:

@@ -26,16 +26,11 @@ import torch
 
 from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
-from megafusion.engine.fp8 import Fp8Policy, fp8_candidates, quantize_unet
+from megafusion.engine.fp8 import Fp8Policy, fp8_candidates, swap_in_fp8
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.conditioning import encode
 
-TIMESTEPS = (999, 601, 201, 21)
-
-
-def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
+from fp8_unet import TIMESTEPS, relerr
 
 MEASURED = Fp8Policy().roles + tuple(r for r in ("proj_in", "proj_out") if r not in Fp8Policy().roles)
 """The default policy's roles and the two it leaves out for their error (engine/fp8.py's docstring)."""
@@ -74,7 +69,7 @@ def run(args) -> dict:
         # In place, the float layers put back after: no second UNet in memory (SDXL's is 10 GiB in float32).
         names = fp8_candidates(bundle.unet, Fp8Policy(roles=roles))
         kept = {n: bundle.unet.get_submodule(n) for n in names}
-        quantize_unet(bundle.unet, Fp8Policy(roles=roles))
+        swap_in_fp8(bundle.unet, names, policy.fast_accum, "UNet")
         try:
             with torch.inference_mode():
                 errs = [relerr(nets32.unet(x, torch.tensor(t, device=dev), *args_of), ref[t]) for t in timesteps]
