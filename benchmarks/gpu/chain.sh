@@ -52,6 +52,8 @@
 #               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process;
 #               since the sixteenth session also each 16-bit package and module against float32, the final latents,
 #               and the eager image in float32 (how far 16-bit eager itself is from full precision)
+#   pkg-image   pkg-check without its network rows (all measured by the eighteenth session): the image check alone, so
+#               that `sdxl-apart pkg-image` can finish in one call (two machine releases cut pkg-check off there)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
 #   capi-apart-sdxl  capi-sdxl on /tmp/mf-aoti-sdxl-apart: C++ from the weights-apart packages (#15)
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
@@ -188,6 +190,7 @@ step() {  # the command line of one step
       done; echo '(exit $rc)' ;;
     pkg-check) echo "timeout 600 python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines /tmp/mf-aoti-sdxl-apart \
       --size 2048x2048 --modes networks,python-aoti-graphs,python-eager,python-eager-fp32 --repeats 1 --output $RES/pkg-check" ;;
+    pkg-image) echo "$(step pkg-check | sed -e 's/--modes networks,/--modes /' -e 's#/pkg-check#/pkg-image#')" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \
       --warmup 1 --output $RES/engines-sd15" ;;
