@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                      "projected_fp8_s": proj, "fp8_layers_free_s": zero})
     res = {"model": fam.name, "plan": variant["plan"], "variant": a.variant, "results": str(path), "rates": rates,
            "measured_s": measured, "floor_fp16_s": fp16_floor, "floor_fp8_s": fp8_floor,
-           "projected_fp8_s": projected, "fp8_layers_free_s": free, "target_s": a.target, "segments": rows, "provenance": provenance()}
+           "projected_fp8_s": projected, "fp8_layers_free_s": free, "target_s": a.target, "segments": rows,
+           "provenance": provenance()}
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"fp8_floor_{fam.name}.json").write_text(json.dumps(res, indent=1))
