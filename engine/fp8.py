@@ -147,6 +147,11 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_fp8", wq.contiguous())
         self.register_buffer("weight_scale", ws.reshape(1, n).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(weight.dtype))
+        # Static activation scale (None: one scale per token, computed on every call). A float32 scalar fixed by
+        # `calibrate_input_scales`: the quantization is then a multiply and a cast, no amax reduction.
+        self.register_buffer("input_scale", None)
+        self.calibrating = False
+        self.seen_amax = 0.0
 
     def _apply(self, fn, recurse=True):
         # A whole-model `.to(dtype)` (diffusers' adapter loaders cast the model they load into) would turn the e4m3
@@ -162,7 +167,14 @@ class Fp8Linear(nn.Module):
 
     def gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N)."""
-        xq, xs = quantize_rows(x2)
+        if self.calibrating:  # eager only: the largest input magnitude seen, over the calibration runs
+            self.seen_amax = max(self.seen_amax, float(x2.abs().max()))
+        if self.input_scale is None:
+            xq, xs = quantize_rows(x2)
+        else:
+            xq = (x2 * (1.0 / self.input_scale)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+            # `_scaled_mm`'s row-wise form (kept for the weights' per-channel scales) takes one scale per row of x
+            xs = self.input_scale.expand(x2.shape[0], 1).contiguous()
         return torch._scaled_mm(xq.contiguous(), self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
                                 bias=self.bias, out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
 
@@ -171,7 +183,8 @@ class Fp8Linear(nn.Module):
         return self.gemm(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 row scales"
+        x = "per token" if self.input_scale is None else "static"
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 row scales, input {x}"
 
 
 class Fp8Conv1x1(Fp8Linear):
@@ -269,3 +282,39 @@ def swap_in_fp8(module: nn.Module, names: list[str], fast_accum: bool, network: 
                else Fp8Conv1x1.from_conv(layer, fast_accum))
         setattr(parent, child, new)
     return names
+
+
+def calibrate_input_scales(module: nn.Module, run, margin: float = 1.0) -> dict[str, float]:
+    """Static activation scales: calls `run()` (eager forward passes of `module` on calibration inputs), then fixes
+    each FP8 layer's input scale at the largest input magnitude it saw, times `margin`, over 448 (inputs beyond
+    it saturate at 448). Returns {layer name: scale}. ValueError if a layer saw no input."""
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    for m in layers.values():
+        m.calibrating, m.seen_amax, m.input_scale = True, 0.0, None
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for m in layers.values():
+            m.calibrating = False
+    unseen = [n for n, m in layers.items() if m.seen_amax <= 0.0]
+    if unseen:
+        raise ValueError(f"calibration gave no input to {len(unseen)} FP8 layer(s), e.g. {unseen[0]}")
+    scales = {n: m.seen_amax * margin / FP8_MAX for n, m in layers.items()}
+    set_input_scales(module, scales)
+    return scales
+
+
+def set_input_scales(module: nn.Module, scales: dict[str, float]) -> None:
+    """Gives each FP8 layer of `module` its static input scale (as `calibrate_input_scales` returns them);
+    ValueError naming a layer without one, or a name that is no FP8 layer."""
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    missing, foreign = sorted(set(layers) - set(scales)), sorted(set(scales) - set(layers))
+    if missing or foreign:
+        raise ValueError(f"static FP8 scales do not match the module's FP8 layers: "
+                         f"{len(missing)} without a scale (e.g. {(missing or ['-'])[0]}), "
+                         f"{len(foreign)} unknown (e.g. {(foreign or ['-'])[0]})")
+    for n, m in layers.items():
+        if not scales[n] > 0.0:
+            raise ValueError(f"static FP8 scale of {n}: {scales[n]!r}, must be > 0")
+        m.input_scale = torch.tensor(float(scales[n]), dtype=torch.float32, device=m.weight_fp8.device)

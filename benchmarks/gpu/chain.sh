@@ -72,6 +72,8 @@
 #               without sdxl-build before it, the base and fused packages build side by side (about 10 minutes)
 #   fp8         FP8 UNet accuracy per stage and graphs-mode speed against fp16 (#20)
 #   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
+#   fp8-static  SDXL 2048: FP8 with static activation scales (calibrated eagerly on another prompt) against fp16,
+#               eps per stage, then both compiled in the same run (#20: <= 2.5 s, <= 5%)
 #   fp8-compiled-sd15  the same for SD1.5 1024 (#20: <= 0.45 s), with its accuracy per stage against fp16 (run on
 #               bd7bad4, whose default policy still put proj_in and proj_out in FP8: 7.1%, 1.054x slower)
 #   fp8-engines  SDXL 2048 static aoti packages with FP8 UNet projections (--precision fp8 --weights-apart) into
@@ -242,6 +244,8 @@ step() {  # the command line of one step
     fp8) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,graphs --output $RES/fp8" ;;
     fp8-compiled) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts compiled --budget-s 540 \
       --output $RES/fp8-compiled" ;;
+    fp8-static) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,compiled \
+      --compiled fp16,fp8s --timesteps 999,201 --budget-s 560 --compile-reserve-s 200 --output $RES/fp8-static" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
       --budget-s 540 --output $RES/fp8-compiled-sd15" ;;
     fp8-engines) echo "rm -rf /tmp/mf-aoti-sdxl-fp8; V=engines:aoti-fp8; if [ -f /tmp/mf-aoti-sdxl-apart/manifest.json ]; \

@@ -10,7 +10,9 @@ PNG) as soon as it ends:
   time, GPU time of one graphed step per stage shape (UNet at the CFG batch + DDIM update), the image's
   difference to fp16's (uint8 levels, PSNR) and the final latent's relative L2;
 - compiled: the compiled path (torch.compile fullgraph, default mode) with fp16 and FP8 (`--compiled`): first generation
-  (compile + capture) time, median, per-stage step time, image difference. A compiled variant whose turn comes
+  (compile + capture) time, median, per-stage step time, image difference. `fp8s` is FP8 with static activation
+  scales (engine/fp8.py `calibrate_input_scales`), calibrated eagerly at every stage shape on another prompt, seed
+  and timesteps (CALIBRATION) before the compile; the accuracy part then measures it too. A compiled variant whose turn comes
   when less than --compile-reserve-s is left of --budget-s is skipped and recorded as such.
 `--compile-vae` compiles the VAE too (the mf-generate compiled path); off by default, to leave the time to the
 UNet compiles (the VAE is the same eager module for every variant, so the comparison is the UNet's).
@@ -34,7 +36,7 @@ from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.plan import default_plan
 from megafusion.core.specs import default_vae_dtype
-from megafusion.engine.fp8 import ROLES, Fp8Linear, Fp8Policy, fp8_unavailable, quantize_unet
+from megafusion.engine.fp8 import ROLES, Fp8Linear, Fp8Policy, calibrate_input_scales, fp8_unavailable, quantize_unet
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.conditioning import encode
 from megafusion.runtime.graphs import GraphKey
@@ -43,6 +45,8 @@ from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 PARTS = ("accuracy", "graphs", "compiled")
 TIMESTEPS = (999, 601, 201, 21)
 """Where eps is compared: early (pure noise) to late steps."""
+CALIBRATION = {"prompt": "an old stone bridge over a river in autumn", "seed": 1234, "timesteps": (981, 801, 501, 301, 101, 1)}
+"""Where static FP8 scales are calibrated: not the measured prompt, seed or timesteps."""
 
 
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,6 +70,26 @@ def make_unets(unet32: torch.nn.Module, policy: Fp8Policy) -> dict[str, torch.nn
     return {"fp16": u16, "bf16": ubf, "fp8": u8}
 
 
+def calibrate(bundle, unet: torch.nn.Module, plan, dev, dilation: int) -> dict:
+    """Static input scales for `unet`'s FP8 layers from eager runs at every stage shape (CALIBRATION)."""
+    t0 = time.perf_counter()
+    nets = TorchNetworks(dataclasses.replace(bundle, unet=unet))
+    cond = encode(nets, bundle, CALIBRATION["prompt"], "", 7.0, dev)
+    vs = bundle.family.vae_scale
+
+    def runs():
+        for k, st in enumerate(plan.stages):
+            g = torch.Generator("cpu").manual_seed(CALIBRATION["seed"] + k)
+            x = torch.randn(cond.batch, 4, st.height // vs, st.width // vs, generator=g).to(dev)
+            for t in CALIBRATION["timesteps"]:
+                nets.unet(x, torch.tensor(t, device=dev), cond.hidden_states, cond.pooled,
+                          cond.time_ids(st.height, st.width), 1 if k == 0 else dilation)
+
+    scales = calibrate_input_scales(unet, runs)
+    return {"layers": len(scales), "seconds": time.perf_counter() - t0, **CALIBRATION,
+            "scale_range": [min(scales.values()), max(scales.values())]}
+
+
 def accuracy(bundle, unets: dict, plan, dev, prompt: str, dilation: int, timesteps=TIMESTEPS) -> list[dict]:
     nets = {name: TorchNetworks(dataclasses.replace(bundle, unet=u)) for name, u in unets.items()}
     cond = encode(nets["fp32"], bundle, prompt, "", 7.0, dev)
@@ -79,14 +103,16 @@ def accuracy(bundle, unets: dict, plan, dev, prompt: str, dilation: int, timeste
             tt = torch.tensor(t, device=dev)
             eps = {n: net.unet(x, tt, cond.hidden_states, cond.pooled, cond.time_ids(st.height, st.width), d)
                    for n, net in nets.items()}
-            per_t.append({"timestep": t, **{f"{n}_vs_fp32": relerr(eps[n], eps["fp32"]) for n in ("fp16", "bf16", "fp8")},
-                          "fp8_vs_fp16": relerr(eps["fp8"], eps["fp16"]), "bf16_vs_fp16": relerr(eps["bf16"], eps["fp16"]),
+            lowp = [n for n in ("fp16", "bf16", "fp8", "fp8s") if n in eps]
+            per_t.append({"timestep": t, **{f"{n}_vs_fp32": relerr(eps[n], eps["fp32"]) for n in lowp},
+                          **{f"{n}_vs_fp16": relerr(eps[n], eps["fp16"]) for n in lowp if n != "fp16"},
                           "fp8_vs_bf16": relerr(eps["fp8"], eps["bf16"])})
         keys = [k_ for k_ in per_t[0] if k_ != "timestep"]
         rows.append({"stage": k, "size": f"{st.width}x{st.height}", "dilation": d, "per_timestep": per_t,
                      "max": {k_: max(r[k_] for r in per_t) for k_ in keys}})
+        static = f", static {rows[-1]['max']['fp8s_vs_fp16']:.4f}" if "fp8s" in eps else ""
         print(f"  stage {k} {st.width}x{st.height} d{d}: eps rel L2 fp8 vs fp16 max "
-              f"{rows[-1]['max']['fp8_vs_fp16']:.4f} (bf16 vs fp16 {rows[-1]['max']['bf16_vs_fp16']:.4f}, "
+              f"{rows[-1]['max']['fp8_vs_fp16']:.4f}{static} (bf16 vs fp16 {rows[-1]['max']['bf16_vs_fp16']:.4f}, "
               f"fp16 vs fp32 {rows[-1]['max']['fp16_vs_fp32']:.4f})", flush=True)
     return rows
 
@@ -141,11 +167,12 @@ def table(report: dict) -> str:
     lines = [f"# FP8 UNet projections, {report['gpu']}, {report['model']}", "", f"plan {report['plan']}; "
              f"{report['fp8_layers']} projections in FP8; torch {report['torch']}", ""]
     if report.get("accuracy"):
-        lines += ["| stage | size | dilation | eps rel L2 fp8 vs fp16 (max over t) | bf16 vs fp16 | fp16 vs fp32 | "
-                  "fp8 vs fp32 |", "|---|---|---|---|---|---|---|"]
+        lines += ["| stage | size | dilation | eps rel L2 fp8 vs fp16 (max over t) | fp8 static scales vs fp16 | "
+                  "bf16 vs fp16 | fp16 vs fp32 | fp8 vs fp32 |", "|---|---|---|---|---|---|---|---|"]
         for r in report["accuracy"]:
             m = r["max"]
-            lines.append(f"| {r['stage']} | {r['size']} | {r['dilation']} | {m['fp8_vs_fp16']:.4f} | "
+            st = f"{m['fp8s_vs_fp16']:.4f}" if "fp8s_vs_fp16" in m else "-"
+            lines.append(f"| {r['stage']} | {r['size']} | {r['dilation']} | {m['fp8_vs_fp16']:.4f} | {st} | "
                          f"{m['bf16_vs_fp16']:.4f} | {m['fp16_vs_fp32']:.4f} | {m['fp8_vs_fp32']:.4f} |")
         lines.append("")
     rows = [e for part in ("graphs", "compiled") for e in report.get(part, [])]
@@ -199,7 +226,12 @@ def run(args) -> dict:
     out = Path(args.output)
     if "accuracy" in parts:
         timesteps = tuple(int(t) for t in args.timesteps.split(","))
-        report["accuracy"] = accuracy(bundle, {"fp32": bundle.unet, **unets}, plan, dev, args.prompt, 2, timesteps)
+        measured = {"fp32": bundle.unet, **unets}
+        if "fp8s" in args.compiled.split(","):
+            measured["fp8s"] = copy.deepcopy(unets["fp8"])
+            report["static_calibration_accuracy"] = calibrate(bundle, measured["fp8s"], plan, dev, 2)
+        report["accuracy"] = accuracy(bundle, measured, plan, dev, args.prompt, 2, timesteps)
+        measured.pop("fp8s", None)
         save(report, out)
     bundle.unet = None  # the fp32 UNet is no longer needed
     if dev.type == "cuda":
@@ -226,9 +258,11 @@ def run(args) -> dict:
 
         report["compiled"] = []
         # The graphed modules are modified in place now (fused QKV, channels_last): compiled runs come last.
-        variants = {"fp16": (unets["fp16"], None), "fp8": (unets["bf16"], policy)}
+        variants = {"fp16": (unets["fp16"], None), "fp8": (unets["bf16"], policy), "fp8s": (None, policy)}
         for name in args.compiled.split(","):
             unet, fp8 = variants[name]
+            if name == "fp8s":  # its own bf16 copy: "fp8" quantizes unets["bf16"] in place
+                unet = copy.deepcopy(unets["bf16"]) if "fp8" in args.compiled.split(",") else unets["bf16"]
             left = args.budget_s - (time.perf_counter() - t_start)
             if left < args.compile_reserve_s:
                 report["compiled"].append({"variant": f"compiled {name}", "skipped":
@@ -240,6 +274,10 @@ def run(args) -> dict:
             b = dataclasses.replace(bundle, unet=unet)
             fast = FastOptions(compile_vae=args.compile_vae, unet_fp8=fp8)
             pipe = MegaFusionPipeline.fast(b, FastTorchNetworks(b, fast, vae), dev)
+            if name == "fp8s":  # eager, on the prepared and quantized module, before its compile
+                report["static_calibration"] = calibrate(bundle, unet, plan, dev, 2)
+                print(f"  [compiled fp8s] {report['static_calibration']['layers']} static scales calibrated in "
+                      f"{report['static_calibration']['seconds']:.1f} s", flush=True)
             e = run_pipeline(f"compiled {name}", pipe, plan, opts, args.repeats, ref)
             save_image(e, out)
             if ref is None and name == "fp16":  # no graphed fp16 image: the compiled one is the reference
@@ -269,8 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="a photo of a lighthouse on a cliff at dusk, highly detailed")
     p.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)), help="where eps is compared (default: %(default)s)")
     p.add_argument("--compiled", default="fp16,fp8",
-                   help="compiled variants, in the order they run (default: %(default)s); fp8 first when the budget "
-                        "may not hold both")
+                   help="compiled variants, in the order they run (default: %(default)s): fp16, fp8 (per-token "
+                        "activation scales), fp8s (static scales); fp8 first when the budget may not hold both")
     p.add_argument("--compile-vae", action="store_true", help="compile the VAE too (more compile time)")
     p.add_argument("--roles", help="layer roles in FP8, comma-separated (default: Fp8Policy's; "
                                    "benchmarks/lab/fp8_roles.py measures each role's share of the error)")
@@ -287,9 +325,10 @@ def main(argv=None) -> int:
     if bad_roles or (args.roles is not None and not args.roles.strip()):
         p.error(f"--roles {args.roles}: unknown role(s) {', '.join(bad_roles) or '(none given)'}; "
                 f"choose from {', '.join(ROLES)}")
-    bad = [x for x in args.compiled.split(",") if x not in ("fp16", "fp8")]
+    bad = [x for x in args.compiled.split(",") if x not in ("fp16", "fp8", "fp8s")]
     if bad or not args.compiled:
-        p.error(f"--compiled {args.compiled}: give fp16, fp8 or both, comma-separated")
+        p.error(f"--compiled {args.compiled}: give fp16, fp8 (per-token activation scales), fp8s (static ones) or "
+                "several, comma-separated")
     run(args)
     return 0
 

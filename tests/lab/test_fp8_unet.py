@@ -56,3 +56,25 @@ def test_accuracy_part_on_tiny_sd15(tmp_path):
         assert s["max"]["fp16_vs_fp32"] < s["max"]["fp8_vs_fp32"]  # FP8 moves eps more than fp16 does
     md = (tmp_path / "fp8-tiny-sd15.md").read_text()
     assert f"| 0 | {stages[0]['size']} | 1 | {stages[0]['max']['fp8_vs_fp16']:.4f} |" in md
+
+
+@pytest.mark.slow
+def test_static_scales_measured_in_the_accuracy_part(tmp_path):
+    """--compiled with fp8s: the accuracy part calibrates a copy of the FP8 UNet on the calibration inputs and
+    measures its eps beside the per-token FP8's (CPU here; the compiled fp8s run itself is GPU-only)."""
+    fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy", "--timesteps", "601",
+                   "--compiled", "fp16,fp8s", "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "fp8-tiny-sd15.json").read_text())
+    cal = data["static_calibration_accuracy"]
+    assert cal["layers"] == data["fp8_layers"] and 0 < cal["scale_range"][0] <= cal["scale_range"][1]
+    for s in data["accuracy"]:
+        assert 1e-4 < s["max"]["fp8s_vs_fp16"] < 0.05, s["max"]
+        assert s["max"]["fp8s_vs_fp16"] != s["max"]["fp8_vs_fp16"]  # really another quantization
+    assert "| fp8 static scales vs fp16 |" in (tmp_path / "fp8-tiny-sd15.md").read_text()
+
+
+def test_unknown_compiled_variant_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8_unet.main(["--model", "tiny-sd15", "--device", "cpu", "--parts", "accuracy", "--compiled", "fp8,int8",
+                       "--output", str(tmp_path)])
+    assert "--compiled fp8,int8: give fp16, fp8" in capsys.readouterr().err
