@@ -245,7 +245,7 @@ step() {  # the command line of one step
     fp8-compiled) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts compiled --budget-s 540 \
       --output $RES/fp8-compiled" ;;
     fp8-static) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,compiled \
-      --compiled fp16,fp8s --timesteps 999,201 --budget-s 560 --compile-reserve-s 200 --output $RES/fp8-static" ;;
+      --compiled fp8s,fp16 --timesteps 999,201 --budget-s 560 --compile-reserve-s 200 --output $RES/fp8-static" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
       --budget-s 540 --output $RES/fp8-compiled-sd15" ;;
     fp8-engines) echo "rm -rf /tmp/mf-aoti-sdxl-fp8; V=engines:aoti-fp8; if [ -f /tmp/mf-aoti-sdxl-apart/manifest.json ]; \
