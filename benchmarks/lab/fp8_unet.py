@@ -12,8 +12,8 @@ PNG) as soon as it ends:
 - compiled: the compiled path (torch.compile fullgraph, default mode) with fp16 and FP8 (`--compiled`): first generation
   (compile + capture) time, median, per-stage step time, image difference. `fp8s` is FP8 with static activation
   scales (engine/fp8.py `calibrate_input_scales`), calibrated eagerly at every stage shape on another prompt, seed
-  and timesteps (CALIBRATION) before the compile; the accuracy part then measures it too. A compiled variant whose turn comes
-  when less than --compile-reserve-s is left of --budget-s is skipped and recorded as such.
+  and timesteps (CALIBRATION) before the compile; the accuracy part then measures it too. A compiled variant whose
+  turn comes when less than --compile-reserve-s is left of --budget-s is skipped and recorded as such.
 `--compile-vae` compiles the VAE too (the mf-generate compiled path); off by default, to leave the time to the
 UNet compiles (the VAE is the same eager module for every variant, so the comparison is the UNet's).
 On the CPU (tiny models), only `accuracy` runs: the smoke test of tests/lab.
@@ -45,7 +45,8 @@ from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 PARTS = ("accuracy", "graphs", "compiled")
 TIMESTEPS = (999, 601, 201, 21)
 """Where eps is compared: early (pure noise) to late steps."""
-CALIBRATION = {"prompt": "an old stone bridge over a river in autumn", "seed": 1234, "timesteps": (981, 801, 501, 301, 101, 1)}
+CALIBRATION = {"prompt": "an old stone bridge over a river in autumn", "seed": 1234,
+               "timesteps": (981, 801, 501, 301, 101, 1)}
 """Where static FP8 scales are calibrated: not the measured prompt, seed or timesteps."""
 
 
