@@ -22,6 +22,7 @@ token. Left in bf16:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -314,7 +315,8 @@ def set_input_scales(module: nn.Module, scales: dict[str, float]) -> None:
         raise ValueError(f"static FP8 scales do not match the module's FP8 layers: "
                          f"{len(missing)} without a scale (e.g. {(missing or ['-'])[0]}), "
                          f"{len(foreign)} unknown (e.g. {(foreign or ['-'])[0]})")
+    bad = next((n for n in layers if not 0.0 < scales[n] < math.inf), None)  # all checked before any is set
+    if bad is not None:
+        raise ValueError(f"static FP8 scale of {bad}: {scales[bad]!r}, must be a finite number > 0")
     for n, m in layers.items():
-        if not scales[n] > 0.0:
-            raise ValueError(f"static FP8 scale of {n}: {scales[n]!r}, must be > 0")
         m.input_scale = torch.tensor(float(scales[n]), dtype=torch.float32, device=m.weight_fp8.device)

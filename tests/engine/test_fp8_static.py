@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafusion.engine.fp8 import (FP8, FP8_MAX, Fp8Linear, calibrate_input_scales, emulated_scaled_mm,
-                                   quantize_unet, set_input_scales)
+from megafusion.engine.fp8 import (FP8, FP8_MAX, Fp8Linear, calibrate_input_scales, dequantize_rows,
+                                   emulated_scaled_mm, quantize_unet, set_input_scales)
 
 
 def _layer(seed=0, n_in=64, n_out=48, dtype=torch.float32):
@@ -30,13 +30,9 @@ def test_static_layer_equals_per_tensor_emulation():
     xq = (x / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     emu = emulated_scaled_mm(xq, torch.full((70, 1), s), fp8.weight_fp8, fp8.weight_scale, fp8.bias, torch.float32)
     torch.testing.assert_close(y, emu, rtol=1e-5, atol=1e-4)
-    ref = x.double() @ dequant_weight(fp8).t() + fp8.bias.double()
+    ref = x.double() @ dequantize_rows(fp8.weight_fp8, fp8.weight_scale.reshape(-1, 1)).double().t() + fp8.bias.double()
     rel = float((y.double() - ref).norm() / ref.norm())
     assert 1e-3 < rel < 0.05, rel  # really quantized, and within a few percent
-
-
-def dequant_weight(fp8: Fp8Linear) -> torch.Tensor:
-    return fp8.weight_fp8.double() * fp8.weight_scale.double().reshape(-1, 1)
 
 
 def test_beyond_the_calibrated_range_saturates():
@@ -79,8 +75,11 @@ def test_set_input_scales_refusals():
         set_input_scales(m, {"0": 0.1})
     with pytest.raises(ValueError, match=r"1 unknown \(e.g. 5\)"):
         set_input_scales(m, {"0": 0.1, "2": 0.1, "5": 0.1})
-    with pytest.raises(ValueError, match=r"scale of 2: 0.0, must be > 0"):
+    with pytest.raises(ValueError, match=r"scale of 2: 0.0, must be a finite number > 0"):
         set_input_scales(m, {"0": 0.1, "2": 0.0})
+    with pytest.raises(ValueError, match=r"scale of 0: inf, must be a finite number > 0"):
+        set_input_scales(m, {"0": float("inf"), "2": 0.1})
+    assert m[0].input_scale is None and m[2].input_scale is None  # a refused set leaves no layer half-set
     with pytest.raises(ValueError, match="no input to 1 FP8 layer"):
         calibrate_input_scales(m, lambda: m[0](torch.randn(4, 64)))
     assert all(layer.calibrating is False for layer in (m[0], m[2]))
