@@ -232,7 +232,7 @@ def run(args) -> dict:
             measured["fp8s"] = copy.deepcopy(unets["fp8"])
             report["static_calibration_accuracy"] = calibrate(bundle, measured["fp8s"], plan, dev, 2)
         report["accuracy"] = accuracy(bundle, measured, plan, dev, args.prompt, 2, timesteps)
-        measured.pop("fp8s", None)
+        del measured  # it holds the fp32 UNet, which `bundle.unet = None` below is meant to free
         save(report, out)
     bundle.unet = None  # the fp32 UNet is no longer needed
     if dev.type == "cuda":
