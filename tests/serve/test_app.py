@@ -245,7 +245,7 @@ def test_full_queue_is_429(server):
     # Two long requests hold the replica (max_batch 2), so the queue (max_queue 4) fills whatever the machine's
     # load: of 10 short requests sent meanwhile, at least 6 are refused, each at once (before the holders end).
     # The holders may run into the server's timeout on a busy machine (504): they are only the gate.
-    hold = {"prompt": "x", "stages": "256x256:150"}
+    hold = {"prompt": "x", "stages": "256x256:250"}  # about 2.5 s here: long past the 1 s wait and the posts
     with ThreadPoolExecutor(12) as pool:
         holders = [pool.submit(lambda i=i: post(server.url + "/v1/generate", {**hold, "seed": i}, timeout=60)[0])
                    for i in range(2)]
@@ -259,7 +259,7 @@ def test_full_queue_is_429(server):
         held = [h.result() for h in holders]
     assert set(held) <= {200, 504}, held
     codes = sorted(c for c, *_ in results)
-    assert set(codes) <= {200, 429, 504} and codes.count(429) >= 6, codes
+    assert set(codes) <= {200, 429} and codes.count(429) >= 6 and codes.count(200) >= 2, codes  # queued ones run
     for code, headers, raw, holders_done in results:
         if code == 429:
             assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
