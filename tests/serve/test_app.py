@@ -241,29 +241,61 @@ def _pixels(png: bytes):
     return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
+def _hold(port: int, seed: int):
+    """A raw connection running a 998-step request: the replica works on it until the test closes the socket
+    (the server then cancels the work) or the timeout stops it."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = json.dumps({"prompt": "x", "stages": "256x256:998", "seed": seed}).encode()
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def _answered(sock) -> bool:
+    """Whether the server has sent anything on this connection yet (without waiting)."""
+    import socket
+
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # bytes, or b"" when the server closed it: answered either way
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
 def test_full_queue_is_429(server):
-    # Two long requests hold the replica (max_batch 2), so the queue (max_queue 4) fills whatever the machine's
-    # load: of 10 short requests sent meanwhile, at least 6 are refused, each at once (before the holders end).
-    # The holders may run into the server's timeout on a busy machine (504): they are only the gate.
-    hold = {"prompt": "x", "stages": "256x256:250"}  # about 2.5 s here: long past the 1 s wait and the posts
-    with ThreadPoolExecutor(12) as pool:
-        holders = [pool.submit(lambda i=i: post(server.url + "/v1/generate", {**hold, "seed": i}, timeout=60)[0])
-                   for i in range(2)]
+    # Two held requests fill the replica (max_batch 2) for as long as the test keeps their connections open, so
+    # the queue (max_queue 4) fills whatever the machine's speed: of 10 short requests sent meanwhile, at least 6
+    # are refused at once, while both holders are still unanswered. Then the test lets the holders go (the server
+    # cancels their work) and the queued requests run: each gets its image, none waits into the timeout.
+    from concurrent.futures import as_completed
+
+    holders = [_hold(server.cfg.port, i) for i in range(2)]
+    try:
         time.sleep(1.0)  # both are running
-
-        def one(i):
-            code, headers, raw = post(server.url + "/v1/generate", {**SHORT, "seed": i}, timeout=60)
-            return code, headers, raw, holders[0].done() and holders[1].done()
-
-        results = list(pool.map(one, range(10)))
-        held = [h.result() for h in holders]
-    assert set(held) <= {200, 504}, held
-    codes = sorted(c for c, *_ in results)
-    assert set(codes) <= {200, 429} and codes.count(429) >= 6 and codes.count(200) >= 2, codes  # queued ones run
-    for code, headers, raw, holders_done in results:
-        if code == 429:
-            assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
-            assert not holders_done  # refused at once, not after waiting for a slot
+        with ThreadPoolExecutor(10) as pool:
+            futures = [pool.submit(post, server.url + "/v1/generate", {**SHORT, "seed": i}, timeout=60)
+                       for i in range(10)]
+            refused = []
+            for f in as_completed(futures, timeout=30):
+                code, headers, raw = f.result()
+                assert code == 429, (code, raw[:200])  # nothing else can end while the replica is held
+                assert json.loads(raw)["error"].startswith("the queue is full") and headers["retry-after"] == "5"
+                refused.append(f)
+                if len(refused) == 6:
+                    break
+            assert not any(_answered(h) for h in holders)  # refused at once, not after waiting for a slot
+            for h in holders:
+                h.close()
+            codes = sorted(f.result()[0] for f in futures)
+    finally:
+        for h in holders:
+            h.close()
+    assert codes.count(429) >= 6 and codes.count(200) >= 2 and set(codes) <= {200, 429}, codes  # queued ones run
 
 
 def test_timeout_is_504_and_the_work_stops(server):
