@@ -62,9 +62,13 @@ ENGINES = {
     "engines:onnxruntime": "ONNX Runtime engines from mf-build-engines (--engine-dir), stages run eagerly",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
     "compiled-fp8": "compiled, with the UNet in bf16 and its transformer projections as FP8 (e4m3) GEMMs",
+    "compiled-fp8-static": "compiled-fp8 with static input scales (calibrated at the plan's stage shapes, kept in "
+                           "--compile-cache)",
 }
-"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it runs after the others but
-`compiled-fp8`, which quantizes them."""
+"""Engine variants mf-bench knows; `compiled` changes the shared modules, so it runs after the others but the
+FP8 ones, which quantize them."""
+FP8_COMPILED = ("compiled-fp8", "compiled-fp8-static")
+"""Variants that quantize the shared UNet in place: at most one per run, the last."""
 
 ENGINE_FOLDER_PREFIX = "engines:"
 """Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
@@ -77,6 +81,33 @@ def engine_folder_variant(kind: str) -> tuple[str, str | None]:
     among those built (FP8 ones only when asked for)."""
     name = kind.removeprefix(ENGINE_FOLDER_PREFIX)
     return (name.removesuffix(FP8_SUFFIX), "fp8") if name.endswith(FP8_SUFFIX) else (name, None)
+
+
+def _fp8_networks(kind: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
+                  compile_cache=None):
+    """The compiled networks of an FP8 variant (FP8_COMPILED): the shared UNet cast to bf16 (row-wise FP8 GEMMs write
+    bf16) and quantized; static scales from the scale store in `compile_cache`, or calibrated and saved there."""
+    import torch
+
+    from ..engine.fingerprint import network_fingerprint
+    from ..engine.fp8 import Fp8Policy
+    from ..engine.fp8_scales import ScaleStore
+    from ..engine.torch_fast import FastOptions, FastTorchNetworks
+    from ..runtime.fp8_calibration import static_scales
+
+    policy = Fp8Policy(activations="static" if kind == "compiled-fp8-static" else "token")
+    weights = network_fingerprint(bundle, "unet") if policy.activations == "static" else ""  # before any change
+    store = ScaleStore(compile_cache) if compile_cache is not None else None
+
+    def scales(b):
+        got = static_scales(b, weights, policy, plan, opts.dilation, opts.guidance > 1.0, device, store)
+        print(f"{kind}: {got.line()}", flush=True)
+        return got
+
+    # nn.Module.to, since diffusers' .to warns about fp32 modules.
+    torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
+    return FastTorchNetworks(bundle, FastOptions(unet_fp8=policy),
+                             fp8_scales=scales if policy.activations == "static" else None)
 
 
 def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None = None,
@@ -94,16 +125,8 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                 made.append(fast(TorchNetworks(bundle)))
             elif kind.startswith(ENGINE_FOLDER_PREFIX):
                 made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir))
-            elif kind == "compiled-fp8":  # quantizes the shared UNet in place: the last variant to run
-                import torch
-
-                from ..engine.fp8 import Fp8Policy
-                from ..engine.torch_fast import FastOptions, FastTorchNetworks
-
-                # Row-wise FP8 GEMMs write bf16; nn.Module.to, since diffusers' .to warns about fp32 modules.
-                torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
-                nets = FastTorchNetworks(bundle, FastOptions(unet_fp8=Fp8Policy()))
-                made.append(fast(nets))
+            elif kind in FP8_COMPILED:  # quantizes the shared UNet in place: the last variant to run
+                made.append(fast(_fp8_networks(kind, bundle, device, plan, opts, compile_cache)))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 

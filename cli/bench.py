@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     dilation = dilation_from_args(args.dilation)
     plan = plan_from_args(family, args.size, args.stages, args.steps)
     out_dir, device = timing_args(args)
-    from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, ENGINES, engine_folder_variant
+    from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, ENGINES, FP8_COMPILED, engine_folder_variant
 
     variant_names = variant_list(args, device, ENGINES, "unknown variant(s)")
     if not args.cost_only:
@@ -107,10 +107,14 @@ def run(args: argparse.Namespace) -> int:
         fp8_engines = [n for n in variant_names if n.startswith(ENGINE_FOLDER_PREFIX)
                        and engine_folder_variant(n)[1] == "fp8"]
         # FP8 engines run on the CPU too (the tiny models' tests); a GPU needs FP8 tensor cores, as compiled-fp8
-        fp8 = [n for n in variant_names if n == "compiled-fp8" or (n in fp8_engines and device.type == "cuda")]
+        fp8_compiled = [n for n in variant_names if n in FP8_COMPILED]
+        fp8 = [n for n in variant_names if n in fp8_compiled or (n in fp8_engines and device.type == "cuda")]
         why = fp8_unavailable(device, f"--variants {fp8[0]}") if fp8 else ""
         if why:
             raise UsageError(why)
+        if len(fp8_compiled) > 1 or (fp8_compiled and variant_names[-1] != fp8_compiled[0]):
+            raise UsageError(f"--variants {args.variants}: {' and '.join(fp8_compiled)} quantize the shared UNet in "
+                             "place, so one of them runs per mf-bench, as the last variant")
         given = [f for f, v in (("--lora", args.lora), ("--controlnet", args.controlnet),
                                 ("--ip-adapter", args.ip_adapter)) if v]
         if fp8_engines and given:
@@ -271,7 +275,7 @@ def timing_args(args: argparse.Namespace):
 
 
 def variant_list(args: argparse.Namespace, device, known, unknown_said: str,
-                 gpu_only=("graphs", "compiled", "compiled-fp8")) -> tuple[str, ...]:
+                 gpu_only=("graphs", "compiled", "compiled-fp8", "compiled-fp8-static")) -> tuple[str, ...]:
     """--variants as names (default: torch, graphs, compiled on CUDA, torch on CPU), each one of `known`, and
     the GPU-only ones refused on a CPU, where they would run eagerly under a label they do not earn."""
     names = tuple(n.strip() for n in (args.variants or "").split(",") if n.strip())

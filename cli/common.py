@@ -202,6 +202,27 @@ def add_precision_argument(p: argparse.ArgumentParser) -> None:
                         "projections) as FP8 (e4m3) GEMMs, the rest in bf16; CUDA GPUs of compute capability 8.9 or "
                         "newer (Ada, Hopper); with --engines (SD1.5, SDXL): the folder's FP8 packages "
                         "(mf-build-engines --backend aoti --precision fp8), which the CPU runs too")
+    p.add_argument("--fp8-scales", choices=("token", "static"),
+                   help="with --precision fp8 on the torch modules (SD1.5, SDXL): the FP8 layers' input scales, one per "
+                        "token computed on every call (token, the default) or one per layer fixed by calibration runs "
+                        "at the plan's stage shapes (static: no amax reduction per call; calibrated once and kept "
+                        "with the compile cache under --mode compiled)")
+
+
+def fp8_policy_from_args(args: argparse.Namespace):
+    """The `Fp8Policy` --precision fp8 and --fp8-scales ask for (None without --precision fp8), checked before any
+    load: --fp8-scales needs --precision fp8, and static scales run on the torch modules, not on --engines."""
+    scales = getattr(args, "fp8_scales", None)
+    if args.precision != "fp8":
+        if scales is not None:
+            raise UsageError(f"--fp8-scales {scales} needs --precision fp8")
+        return None
+    if scales == "static" and getattr(args, "engines", None):
+        raise UsageError("--fp8-scales static with --engines: FP8 packages scale their inputs per token; static "
+                         "scales run on the torch modules (leave out --engines)")
+    from ..engine.fp8 import Fp8Policy
+
+    return Fp8Policy(activations=scales or "token")
 
 
 def fp8_dtype_from_args(device: torch.device, dtype_name: str | None, engines: str | None,

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
-                     add_plan_arguments, add_precision_argument, finish_generation, run_main)
+                     add_plan_arguments, add_precision_argument, finish_generation, fp8_policy_from_args,
+                     run_main)
 from .conditions import (add_condition_arguments, controls_from_args, image_start_from_args, ip_adapter_from_args,
                          loras_from_args)
 
@@ -109,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise _fast_graphs_refused("with --engines use --mode graphs")
     if args.mode == "fast-graphs" and args.model in pixel_family_names():
         raise _fast_graphs_refused(f"for {args.model} use --mode graphs or compiled")
+    if args.fp8_scales is not None and args.model in pixel_family_names():
+        raise UsageError(f"--fp8-scales is for the SD1.5 and SDXL UNets, not {args.model}")
     if args.model in pixel_family_names():
         from .generate_if import run_if
 
@@ -123,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
 
     family = resolve_family(args.model, args.model_path)  # a local folder's config gives the native size
     if family.kind in ("sd3", "flux"):  # diffusion transformers: the flow-matching stage loop
+        if args.fp8_scales is not None:
+            raise UsageError(f"--fp8-scales is for the SD1.5 and SDXL UNets; {family.name}'s FP8 transformer "
+                             "scales its inputs per token")
         if args.mode == "fast-graphs":
             raise _fast_graphs_refused(f"for {family.name} use --mode graphs or compiled")
         from .generate_flow import run_flow
@@ -184,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
         dtype = fp8_dtype_from_args(device, args.dtype, args.engines, fp8_engines=True)
     precision = "fp8" if args.precision == "fp8" else args.dtype  # the engines' (their key's precision)
+    fp8_policy = fp8_policy_from_args(args)
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)  # the loaded VAE's config decides
 
     compile_cache = None
+    static_scales = _static_scales(args, bundle, fp8_policy, plan, dilation, opts, device, mode)
     if args.engines:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
@@ -271,16 +279,12 @@ def run(args: argparse.Namespace) -> int:
     elif mode in ("compiled", "fast-graphs"):
         from ..engine.torch_fast import FastOptions, FastTorchNetworks, fast_graphs_options, inductor_set
 
-        fp8 = None
-        if args.precision == "fp8":
-            from ..engine.fp8 import Fp8Policy
-
-            fp8 = Fp8Policy()
+        fp8 = fp8_policy
         if mode == "compiled":
             fast = FastOptions(inductor_options=inductor_set(args.inductor or "default"), unet_fp8=fp8)
         else:
             fast = fast_graphs_options(device, fp8)
-        nets = FastTorchNetworks(bundle, fast, vae_dtype=vae)
+        nets = FastTorchNetworks(bundle, fast, vae_dtype=vae, fp8_scales=static_scales)
         if mode == "compiled":
             t_warm = time.perf_counter()
             compile_cache = _warm_start(args, nets, device, plan, opts)
@@ -289,10 +293,12 @@ def run(args: argparse.Namespace) -> int:
                                                  "open": time.perf_counter() - t_warm}))
             print(start_line(run_age, estimate_s, started_s))
     else:
-        if args.precision == "fp8":
+        if fp8_policy is not None:
             from ..engine.fp8 import quantize_unet
 
-            quantize_unet(bundle.unet)
+            quantize_unet(bundle.unet, fp8_policy)
+            if static_scales is not None:
+                static_scales(bundle)
         nets = TorchNetworks(bundle, vae)
     if args.precision == "fp8" and not args.engines:  # engines: the build said so, and `desc` says fp8
         from ..engine.fp8 import Fp8Linear
@@ -487,6 +493,29 @@ def precompile_line(nets) -> str:
     c = nets.precompile_counters()
     return (f"compiled functions: {c['loaded']} loaded, {c['traced']} traced, {c['saved']} saved, "
             f"{c['rejected']} rejected")
+
+
+def _static_scales(args, bundle, policy, plan, dilation, opts, device, mode):
+    """With --fp8-scales static: the callable that sets the quantized UNet's input scales (loaded from the
+    compile cache's folder under --mode compiled, else calibrated in this process), printing where they came from;
+    else None. The weights fingerprint is taken now, before the UNet is changed for speed."""
+    if policy is None or policy.activations != "static":
+        return None
+    from ..engine.compile_cache import default_root
+    from ..engine.fingerprint import network_fingerprint
+    from ..engine.fp8_scales import ScaleStore
+    from ..runtime.fp8_calibration import static_scales
+
+    weights = network_fingerprint(bundle, "unet")
+    keep = mode == "compiled" and not args.no_compile_cache
+    store = ScaleStore(args.compile_cache or default_root()) if keep else None
+
+    def provide(b):
+        got = static_scales(b, weights, policy, plan, dilation, opts.guidance > 1.0, device, store)
+        print(got.line())
+        return got
+
+    return provide
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -53,16 +53,28 @@ class Fp8Policy:
     fast_accum: bool = True
     """`_scaled_mm`'s `use_fast_accum` (Hopper's faster, less often promoted accumulator; what torchao's
     float8 inference uses for the forward pass)."""
+    activations: str = "token"
+    """How inputs are scaled (ACTIVATION_SCALES): `token`, one scale per token computed on every call; `static`,
+    one fixed scale per layer from calibration runs (`calibrate_input_scales`; runtime/fp8_calibration.py runs a
+    plan's), so quantizing is a multiply and a cast with no amax reduction."""
 
     def __post_init__(self):
         unknown = sorted(set(self.roles) - set(ROLES))
         if unknown:
             raise ValueError(f"unknown FP8 layer role(s) {', '.join(unknown)}; choose from {', '.join(ROLES)}")
+        if self.activations not in ACTIVATION_SCALES:
+            raise ValueError(f"FP8 activation scales {self.activations!r}: choose from {', '.join(ACTIVATION_SCALES)}")
+
+
+ACTIVATION_SCALES = ("token", "static")
+"""`Fp8Policy.activations`: per-token scales computed on every call, or static per-layer scales from calibration."""
 
 
 def fp8_scheme(policy: Fp8Policy = Fp8Policy()) -> str:
-    """The policy as an engine key records it (EngineKey.quantization): the roles in FP8 and the accumulation."""
-    return f"e4m3 rows: {','.join(policy.roles)}" + ("; fast accum" if policy.fast_accum else "")
+    """The policy as an engine key records it (EngineKey.quantization): the roles in FP8, the accumulation and,
+    when static, the input scaling (a per-token key keeps its old spelling, so its cached entries stay valid)."""
+    return (f"e4m3 rows: {','.join(policy.roles)}" + ("; fast accum" if policy.fast_accum else "")
+            + ("; static inputs" if policy.activations == "static" else ""))
 
 
 def key_quantization(network: str, precision: str) -> str:

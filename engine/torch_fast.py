@@ -7,7 +7,9 @@ a later process loads it without tracing; Inductor's own disk cache (TORCHINDUCT
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -147,7 +149,12 @@ def share_fused_parts(module: torch.nn.Module) -> int:
 class FastTorchNetworks(TorchNetworks):
     """`TorchNetworks` over optimised modules; same function, same interface."""
 
-    def __init__(self, bundle: ModelBundle, options: FastOptions = FastOptions(), vae_dtype=None):
+    def __init__(self, bundle: ModelBundle, options: FastOptions = FastOptions(), vae_dtype=None,
+                 fp8_scales: Callable[[ModelBundle], Any] | None = None):
+        """`fp8_scales`: with a static FP8 policy, sets the quantized UNet's input scales (runtime/fp8_calibration.py
+        `static_scales`), called before anything is compiled; its result is kept as `fp8_static`."""
+        if options.unet_fp8 is not None and options.unet_fp8.activations == "static" and fp8_scales is None:
+            raise ValueError("a static FP8 policy needs fp8_scales (the calibration that fixes the input scales)")
         super().__init__(bundle, vae_dtype)
         self.options = options
         prepare_module(bundle.unet, options.unet_attention, options)
@@ -156,6 +163,7 @@ class FastTorchNetworks(TorchNetworks):
         """What the fused projections' separate copies held (the allocator's cache is emptied of it on CUDA)."""
         if options.unet_fp8 is not None:  # after QKV fusion (which reads float weights), before compile
             quantize_unet(bundle.unet, options.unet_fp8)
+        self.fp8_static = fp8_scales(bundle) if fp8_scales is not None and options.unet_fp8 is not None else None
         if self.released_bytes and next(bundle.unet.parameters()).device.type == "cuda":
             torch.cuda.empty_cache()  # the device peak counts reserved memory: give the released blocks back
         if options.cudnn_benchmark:

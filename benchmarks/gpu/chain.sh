@@ -74,6 +74,9 @@
 #   fp8-compiled  the compiled path with fp16 and with FP8 UNet projections, same run (#20's compiled row)
 #   fp8-static  SDXL 2048: FP8 with static activation scales (calibrated eagerly on another prompt) against fp16,
 #               eps per stage, then both compiled in the same run (#20: <= 2.5 s, <= 5%)
+#   fp8-bench-static  mf-bench SDXL 2048: compiled (fp16) and compiled-fp8-static (FP8, static input scales calibrated
+#               at the plan's stage shapes and kept in the compile cache) in the same run (#20: <= 2.5 s)
+#   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
 #   fp8-compiled-sd15  the same for SD1.5 1024 (#20: <= 0.45 s), with its accuracy per stage against fp16 (run on
 #               bd7bad4, whose default policy still put proj_in and proj_out in FP8: 7.1%, 1.054x slower)
 #   fp8-engines  SDXL 2048 static aoti packages with FP8 UNet projections (--precision fp8 --weights-apart) into
@@ -246,6 +249,11 @@ step() {  # the command line of one step
       --output $RES/fp8-compiled" ;;
     fp8-static) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sdxl --parts accuracy,compiled \
       --compiled fp8s,fp16 --timesteps 999,201 --budget-s 560 --compile-reserve-s 200 --output $RES/fp8-static" ;;
+    fp8-bench-static) echo "timeout 1000 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
+      --size 2048x2048 --variants compiled,compiled-fp8-static --direct-for none --compile-cache /tmp/mf-ccf \
+      --repeats 3 --warmup 1 --output $RES/fp8-bench-static" ;;
+    gpu-tests-20) echo "timeout 420 python3 -m pytest -q -m gpu tests/cli/test_generate_fp8_static.py \
+      tests/engine/test_fp8_static.py -p no:cacheprovider" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
       --budget-s 540 --output $RES/fp8-compiled-sd15" ;;
     fp8-engines) echo "rm -rf /tmp/mf-aoti-sdxl-fp8; V=engines:aoti-fp8; if [ -f /tmp/mf-aoti-sdxl-apart/manifest.json ]; \

@@ -36,18 +36,21 @@ from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.plan import default_plan
 from megafusion.core.specs import default_vae_dtype
-from megafusion.engine.fp8 import ROLES, Fp8Linear, Fp8Policy, calibrate_input_scales, fp8_unavailable, quantize_unet
+from megafusion.engine.fp8 import ROLES, Fp8Linear, Fp8Policy, fp8_unavailable, quantize_unet
+from megafusion.engine.fp8_scales import Fp8Calibration
 from megafusion.engine.networks import TorchNetworks
 from megafusion.runtime.conditioning import encode
+from megafusion.runtime.fp8_calibration import calibrate_for_plan
 from megafusion.runtime.graphs import GraphKey
 from megafusion.runtime.pipeline import GenerationOptions, MegaFusionPipeline
 
 PARTS = ("accuracy", "graphs", "compiled")
 TIMESTEPS = (999, 601, 201, 21)
 """Where eps is compared: early (pure noise) to late steps."""
-CALIBRATION = {"prompt": "an old stone bridge over a river in autumn", "seed": 1234,
-               "timesteps": (981, 801, 501, 301, 101, 1)}
-"""Where static FP8 scales are calibrated: not the measured prompt, seed or timesteps."""
+RECIPE = Fp8Calibration()
+CALIBRATION = dataclasses.asdict(RECIPE)
+"""Where static FP8 scales are calibrated (mf-generate --fp8-scales static's recipe): not the measured prompt, seed
+or timesteps."""
 
 
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,21 +75,9 @@ def make_unets(unet32: torch.nn.Module, policy: Fp8Policy) -> dict[str, torch.nn
 
 
 def calibrate(bundle, unet: torch.nn.Module, plan, dev, dilation: int) -> dict:
-    """Static input scales for `unet`'s FP8 layers from eager runs at every stage shape (CALIBRATION)."""
+    """Static input scales for `unet`'s FP8 layers from eager runs at every stage shape (the runtime's recipe)."""
     t0 = time.perf_counter()
-    nets = TorchNetworks(dataclasses.replace(bundle, unet=unet))
-    cond = encode(nets, bundle, CALIBRATION["prompt"], "", 7.0, dev)
-    vs = bundle.family.vae_scale
-
-    def runs():
-        for k, st in enumerate(plan.stages):
-            g = torch.Generator("cpu").manual_seed(CALIBRATION["seed"] + k)
-            x = torch.randn(cond.batch, 4, st.height // vs, st.width // vs, generator=g).to(dev)
-            for t in CALIBRATION["timesteps"]:
-                nets.unet(x, torch.tensor(t, device=dev), cond.hidden_states, cond.pooled,
-                          cond.time_ids(st.height, st.width), 1 if k == 0 else dilation)
-
-    scales = calibrate_input_scales(unet, runs)
+    scales = calibrate_for_plan(dataclasses.replace(bundle, unet=unet), plan, dilation, True, dev, RECIPE)
     return {"layers": len(scales), "seconds": time.perf_counter() - t0, **CALIBRATION,
             "scale_range": [min(scales.values()), max(scales.values())]}
 

@@ -140,3 +140,35 @@ def test_bench_compiled_fp8_on_a_gpu_without_fp8_refused(capsys, tmp_path, gpu, 
     _refused("mf-bench", ["--model", "tiny-sd15", "--device", "cuda", "--steps", "4", "--variants",
                           "compiled,compiled-fp8", "--output", str(tmp_path)], capsys,
              "--variants compiled-fp8 needs compute capability 8.9", "RTX A6000", "8.6")
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--fp8-scales", "static"], "--fp8-scales static needs --precision fp8"),
+    (["--fp8-scales", "token", "--device", "cpu"], "--fp8-scales token needs --precision fp8"),
+])
+def test_generate_fp8_scales_without_fp8_refused(capsys, tmp_path, flags, said):
+    _refused("mf-generate", GEN + flags + ["--output", str(tmp_path / "a.png")], capsys, said)
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_static_scales_with_engines_refused(capsys, tmp_path):
+    (tmp_path / "e").mkdir()
+    _refused("mf-generate", GEN + ["--device", "cpu", "--precision", "fp8", "--fp8-scales", "static", "--engines",
+                                   str(tmp_path / "e"), "--output", str(tmp_path / "a.png")], capsys,
+             "--fp8-scales static with --engines", "scale their inputs per token")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-if"])
+def test_generate_static_scales_for_other_families_refused(capsys, tmp_path, model):
+    _refused("mf-generate", ["--model", model, "--prompt", "x", "--no-progress", "--fp8-scales", "static",
+                             "--output", str(tmp_path / "a.png")], capsys, "--fp8-scales is for the SD1.5 and SDXL")
+
+
+@pytest.mark.parametrize("variants", ["compiled-fp8,compiled-fp8-static", "compiled-fp8-static,compiled"])
+def test_bench_fp8_compiled_variants_one_and_last(capsys, tmp_path, gpu, monkeypatch, variants):
+    gpu((9, 0), "NVIDIA H200")
+    monkeypatch.setattr("megafusion.cli.common.resolve_device", lambda name: torch.device("cuda", 0))
+    _refused("mf-bench", ["--model", "tiny-sd15", "--device", "cuda", "--steps", "4", "--variants", variants,
+                          "--output", str(tmp_path / "o")], capsys,
+             "quantize the shared UNet in place, so one of them runs per mf-bench, as the last variant")
+
