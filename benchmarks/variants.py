@@ -59,6 +59,8 @@ ENGINES = {
     "engines:aoti": "AOTInductor packages from mf-build-engines (--engine-dir), CUDA-graphed where capturable",
     "engines:aoti-fp8": "the FP8 AOTInductor packages in --engine-dir (mf-build-engines --precision fp8: UNet "
                         "projections as FP8 GEMMs, the rest bf16), CUDA-graphed",
+    "engines:aoti-fp8-static": "the FP8 AOTInductor packages with static input scales in --engine-dir "
+                               "(mf-build-engines --precision fp8 --fp8-scales static: calibrated per stage shape)",
     "engines:onnxruntime": "ONNX Runtime engines from mf-build-engines (--engine-dir), stages run eagerly",
     "compiled": "CUDA graphs around torch.compile'd UNet and VAE, channels_last, fused QKV, fused relay kernel",
     "compiled-fp8": "compiled, with the UNet in bf16 and its transformer projections as FP8 (e4m3) GEMMs",
@@ -74,13 +76,23 @@ ENGINE_FOLDER_PREFIX = "engines:"
 """Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
 FP8_SUFFIX = "-fp8"
 """`engines:<backend>-fp8` runs the folder's FP8 engines of that backend."""
+FP8_STATIC_SUFFIX = "-fp8-static"
+"""`engines:<backend>-fp8-static` runs its FP8 engines with static input scales."""
 
 
 def engine_folder_variant(kind: str) -> tuple[str, str | None]:
-    """(backend, precision) an `engines:<backend>[-fp8]` variant opens: fp8, or None for the device's default
-    among those built (FP8 ones only when asked for)."""
+    """(backend, precision) an `engines:<backend>[-fp8[-static]]` variant opens: fp8, or None for the device's
+    default among those built (FP8 ones only when asked for)."""
     name = kind.removeprefix(ENGINE_FOLDER_PREFIX)
-    return (name.removesuffix(FP8_SUFFIX), "fp8") if name.endswith(FP8_SUFFIX) else (name, None)
+    for suffix in (FP8_STATIC_SUFFIX, FP8_SUFFIX):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), "fp8"
+    return name, None
+
+
+def engine_folder_scales(kind: str) -> str:
+    """Which FP8 packages an `engines:` variant opens: `static` for `-fp8-static`, else `token`."""
+    return "static" if kind.endswith(FP8_STATIC_SUFFIX) else "token"
 
 
 def _fp8_networks(kind: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
@@ -124,7 +136,8 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
             if kind == "graphs":
                 made.append(fast(TorchNetworks(bundle)))
             elif kind.startswith(ENGINE_FOLDER_PREFIX):
-                made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir))
+                made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir,
+                                             engine_folder_scales(kind)))
             elif kind in FP8_COMPILED:  # quantizes the shared UNet in place: the last variant to run
                 made.append(fast(_fp8_networks(kind, bundle, device, plan, opts, compile_cache)))
             else:
@@ -144,7 +157,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
 
 
 def _engine_pipeline(backend: str, precision: str | None, bundle: ModelBundle, device, plan: StagePlan,
-                     opts: GenerationOptions, engine_dir) -> MegaFusionPipeline:
+                     opts: GenerationOptions, engine_dir, fp8_scales: str = "token") -> MegaFusionPipeline:
     """The built engines of `backend` (in `precision`, None: the device's default) that run `plan`, CUDA-graphed
     where they can be captured."""
     import torch
@@ -152,7 +165,8 @@ def _engine_pipeline(backend: str, precision: str | None, bundle: ModelBundle, d
     from ..engine.load import open_engines
 
     dilation = opts.dilation if len(plan.stages) > 1 else 1  # a one-stage (direct) plan runs no dilated UNet
-    nets, _ = open_engines(engine_dir, bundle, plan, dilation, opts.relay, device, backend, precision)
+    nets, _ = open_engines(engine_dir, bundle, plan, dilation, opts.relay, device, backend, precision,
+                           fp8_scales=fp8_scales)
     if torch.device(device).type == "cuda" and nets.capturable:
         return MegaFusionPipeline.fast(bundle, nets, device)
     return MegaFusionPipeline(bundle, nets, device)

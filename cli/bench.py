@@ -35,10 +35,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-peak", action="store_true", help="do not measure the 8192^3 fp16 matmul peak")
     p.add_argument("--cost-only", action="store_true", help="count costs only: build nothing, time nothing")
     p.add_argument("--variants", help="engine variants to time, comma-separated: torch, graphs, compiled, "
-                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper), engines:aoti, engines:aoti-fp8 (the "
-                                      "folder's --precision fp8 packages), engines:onnxruntime (the last three from "
-                                      "--engine-dir) "
-                                      "(default: torch, graphs, compiled on CUDA, torch on CPU)")
+                                      "compiled-fp8 (FP8 UNet projections; Ada or Hopper), compiled-fp8-static (with "
+                                      "static input scales; one FP8 compiled variant per run, the last), engines:aoti, "
+                                      "engines:aoti-fp8 (the folder's --precision fp8 packages), engines:aoti-fp8-static "
+                                      "(--fp8-scales static ones), engines:onnxruntime (the engines: ones from "
+                                      "--engine-dir) (default: torch, graphs, compiled on CUDA, torch on CPU)")
     p.add_argument("--engine-dir", help="engine folder of mf-build-engines for the engines:<backend> variants (the "
                                         "direct rows need the direct plan's shapes built there too)")
     p.add_argument("--direct-for", metavar="VARIANTS",

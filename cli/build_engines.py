@@ -48,6 +48,10 @@ def build_parser() -> ArgumentParser:
                    help="aoti: packages without their weights, kept in each entry's weights.safetensors; a run "
                         "reads them once and the standard and dilated UNets share one copy (faster start, 4.9 GB "
                         "less GPU memory for SDXL); Python and libmegafusion both open them")
+    p.add_argument("--fp8-scales", choices=("token", "static"), default="token",
+                   help="with --precision fp8: the UNet packages' input scales, one per token computed at run time "
+                        "(default) or one per layer fixed in each stage shape's package by calibration runs at that "
+                        "shape (static; run them with mf-generate --precision fp8 --fp8-scales static)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="build the plan's networks in N processes at once, as many as this machine's free RAM "
                         "holds (default: %(default)s)")
@@ -144,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
     if args.precision == "fp8" and (args.controlnet or args.ip_adapter):
         raise UsageError(f"--precision fp8 with {'--controlnet' if args.controlnet else '--ip-adapter'}: FP8 "
                          "packages are built for the plain UNet only; build these at fp16")
+    if args.fp8_scales == "static" and args.precision != "fp8":
+        raise UsageError(f"--fp8-scales static needs --precision fp8, not --precision {args.precision}")
+    if args.fp8_scales == "static" and args.dynamic:
+        raise UsageError("--fp8-scales static with --dynamic: static scales are calibrated per stage shape, one "
+                         "package each; leave out --dynamic")
     weights_seed = weights_seed_from_args("mf-build-engines", family, args)
     dilation = dilation_from_args(args.dilation, args.no_dilation)
     plan = plan_from_args(family, args.size, args.stages)
@@ -213,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
                        dilation, device, args.force,
                        release_weights=True,  # the bundle is not used after the build: let it shrink as it goes
                        ort_optimize=ort_optimize, dynamic=args.dynamic, networks=networks,
-                       weights_apart=args.weights_apart,
+                       weights_apart=args.weights_apart, fp8_scales=args.fp8_scales,
+                       fp8_calibrate=_fp8_calibrate(args, bundle),
                        remember_hashes=True)  # the first run from the folder then reads no engine file to verify it
     if args.controlnet:  # before build_engines, which releases the UNet's weights as it goes
         from .conditions import build_controlnets
@@ -234,13 +244,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fp8_calibrate(args: argparse.Namespace, bundle):
+    """--fp8-scales static: the calibration each FP8 UNet package gets at its shape (the recipe's prompt encoded
+    now, before the build frees the text encoders); else None."""
+    if args.fp8_scales != "static":
+        return None
+    from ..runtime.fp8_calibration import package_calibrator
+
+    return package_calibrator(bundle)
+
+
 def warm_up_command(args: argparse.Namespace, device: str, out) -> list[str]:
     """The mf-generate command line that runs the built plan once from `out` (the build's model, plan, dtypes)."""
     cmd = [sys.executable, "-m", "megafusion.cli.generate", "--model", args.model, "--engines", str(out),
            "--device", device, "--prompt", "warm-up", "--no-progress"]
     for flag, value in (("--model-path", args.model_path), ("--size", args.size), ("--stages", args.stages),
                         ("--dilation", args.dilation), ("--dtype", args.precision if args.precision != "fp8" else None),
-                        ("--precision", "fp8" if args.precision == "fp8" else None), ("--vae-dtype", args.vae_precision)):
+                        ("--precision", "fp8" if args.precision == "fp8" else None), ("--vae-dtype", args.vae_precision),
+                        ("--fp8-scales", "static" if args.fp8_scales == "static" else None)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.random_weights:

@@ -206,20 +206,19 @@ def add_precision_argument(p: argparse.ArgumentParser) -> None:
                    help="with --precision fp8 on the torch modules (SD1.5, SDXL): the FP8 layers' input scales, one per "
                         "token computed on every call (token, the default) or one per layer fixed by calibration runs "
                         "at the plan's stage shapes (static: no amax reduction per call; calibrated once and kept "
-                        "with the compile cache under --mode compiled)")
+                        "with the compile cache under --mode compiled; with --engines, the packages of "
+                        "mf-build-engines --precision fp8 --fp8-scales static, calibrated per stage shape)")
 
 
 def fp8_policy_from_args(args: argparse.Namespace):
     """The `Fp8Policy` --precision fp8 and --fp8-scales ask for (None without --precision fp8), checked before any
-    load: --fp8-scales needs --precision fp8, and static scales run on the torch modules, not on --engines."""
+    load: --fp8-scales needs --precision fp8. With --engines its `activations` say which FP8 packages to open
+    (those of `mf-build-engines --fp8-scales static` hold their scales)."""
     scales = getattr(args, "fp8_scales", None)
     if args.precision != "fp8":
         if scales is not None:
             raise UsageError(f"--fp8-scales {scales} needs --precision fp8")
         return None
-    if scales == "static" and getattr(args, "engines", None):
-        raise UsageError("--fp8-scales static with --engines: FP8 packages scale their inputs per token; static "
-                         "scales run on the torch modules (leave out --engines)")
     from ..engine.fp8 import Fp8Policy
 
     return Fp8Policy(activations=scales or "token")

@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         dtype = fp8_dtype_from_args(device, args.dtype, args.engines, fp8_engines=True)
     precision = "fp8" if args.precision == "fp8" else args.dtype  # the engines' (their key's precision)
     fp8_policy = fp8_policy_from_args(args)
+    fp8_scales = fp8_policy.activations if fp8_policy is not None else "token"  # which FP8 packages --engines opens
     tile = vae_tile_from_args(args)
     if args.engines and tile[0] in ("on", "park"):
         raise UsageError("--vae-tile runs on the PyTorch VAE, not on --engines")
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         if not loras:
             try:
                 served = select_engines(args.engines, family, source, plan, dilation, args.relay, device,
-                                        precision=precision).modules_served()
+                                        precision=precision, fp8_scales=fp8_scales).modules_served()
             except EngineError as e:
                 raise UsageError(str(e)) from None
         bundle = None
@@ -256,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
     vae = vae_dtype(family, bundle.vae.config, dtype, args.vae_dtype, device)  # the loaded VAE's config decides
 
     compile_cache = None
-    static_scales = _static_scales(args, bundle, fp8_policy, plan, dilation, opts, device, mode)
+    static_scales = None if args.engines else _static_scales(args, bundle, fp8_policy, plan, dilation, opts, device,
+                                                             mode)
     if args.engines:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
@@ -267,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
             # ones stay closed.
             nets, desc = open_engines(args.engines, bundle, plan, dilation, args.relay, device, precision=precision,
                                       timings=phases,
-                                      unopened=frozenset({"unet"} if controls or ip_image is not None else ()))
+                                      unopened=frozenset({"unet"} if controls or ip_image is not None else ()),
+                                      fp8_scales=fp8_scales)
         except EngineError as e:
             raise UsageError(str(e)) from None
         print(f"engines: {desc} (weights checked in {phases['fingerprint']:.2f} s, files verified in "

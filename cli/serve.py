@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp8",),
                    help="fp8: the UNet's projections as FP8 GEMMs (a GPU with FP8 tensor cores); with --engines, the "
                         "folder's FP8 packages (mf-build-engines --backend aoti --precision fp8)")
+    p.add_argument("--fp8-scales", choices=("token", "static"), default="token",
+                   help="with --engines and --precision fp8: the folder's FP8 packages with per-token input scales "
+                        "(default) or with static ones calibrated per stage shape (mf-build-engines --fp8-scales "
+                        "static)")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="a diffusers ControlNetModel folder, loaded at start; repeatable. Requests give one "
                         "control image per ControlNet (control_images)")
@@ -95,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                       replicas=args.replicas, max_batch=args.max_batch, max_queue=args.max_queue,
                       timeout_s=args.timeout, host=args.host, port=args.port,
                       loras=tuple(_absolute_lora(v) for v in args.lora), precision=args.precision,
+                      fp8_scales=args.fp8_scales,
                       controlnets=tuple(absolute(p) for p in args.controlnet), ip_adapter=absolute(args.ip_adapter),
                       ip_adapter_encoder=absolute(args.ip_adapter_encoder), ip_adapter_scale=args.ip_adapter_scale,
                       compile_cache=absolute(args.compile_cache), no_compile_cache=args.no_compile_cache)

@@ -11,7 +11,9 @@ code checks lower bounds only, so the runner refuses a shape outside it, naming 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from ..core.specs import (FP8, PRECISIONS, UNET, VAE_DECODER, VAE_ENCODER, VAE_P
 from .backend import (STAGE_PROFILES, Backend, BuildJob, BuildOutput, Log, NetworkExport, OpenContext,
                       WeightSwapError)
 from .cache import EngineError
+from .fp8 import key_quantization
 
 
 def version() -> str:
@@ -120,6 +123,11 @@ def prepare_for_export(module: torch.nn.Module, network: str) -> None:
     module._megafusion_prepared = True
 
 
+FP8_SCALES_FILE = "static_scales.json"
+"""In a static-scale FP8 UNet entry: the input scales compiled into its package, by layer (its calibration's); the
+name sorts after model.pt2, which must stay an entry's first file."""
+
+
 def fp8_unet(module: torch.nn.Module, device: str) -> torch.nn.Module:
     """A bf16 copy on `device` of the UNet `module` (prepared by `prepare_for_export`) with the projections
     `quantize_unet` swaps for FP8 GEMMs (default policy): the torch path's --precision fp8 UNet
@@ -198,6 +206,14 @@ class AotiBackend(Backend):
 
             n = sum(isinstance(m, Fp8Linear) for m in quantized.modules())
             log(f"    {n} UNet projections as FP8 (e4m3) GEMMs, the rest bf16")
+            if job.fp8_calibrate is not None:  # Inductor folds the scales into the package's code
+                t0 = time.perf_counter()
+                scales = job.fp8_calibrate(quantized, r.spec, r.profiles[0])
+                # ... where nothing can read them back: the entry keeps them beside it, for inspection and tests
+                (Path(staging) / FP8_SCALES_FILE).write_text(json.dumps(
+                    {"quantization": key_quantization(UNET, FP8, "static"), "scales": scales}, indent=1))
+                log(f"    static input scales of {len(scales)} layers calibrated at this shape in "
+                    f"{time.perf_counter() - t0:.1f} s")
         cuda = torch.device(job.device).type == "cuda"
         res = export_aoti(job.bundle, r.spec, r.profiles[0], staging / "model.pt2", device=job.device,
                           kernel_context=cudnn_first if cuda else contextlib.nullcontext,

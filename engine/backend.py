@@ -58,6 +58,9 @@ class BuildJob:
     """Open the built engine once before it is committed (where the backend can do so cheaply)."""
     weights_apart: bool = False
     """aoti: the package without its weights, written beside it (`BuildRequest.weights_apart`)."""
+    fp8_calibrate: Callable | None = None
+    """An FP8 UNet with static input scales: sets them on the quantized copy before export
+    (`BuildRequest.fp8_calibrate`); None: per-token scales."""
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ class BuildRequest:
     """aoti: packages hold no weights; each entry keeps them in `weights.safetensors`, read once per process and
     shared by the packages of the same weights (SDXL's standard and dilated UNets): one read, one device copy.
     Part of the engine key (`constants`). libmegafusion opens them too (`cpp/src/lib/aoti_weights.cpp`)."""
+    fp8_scales: str = "token"
+    """aoti at precision fp8: the UNet packages' input scales, per token at run time (`token`) or fixed per package
+    by calibration runs at its stage shape (`static`, which needs `fp8_calibrate`). Part of the engine key."""
+    fp8_calibrate: Callable | None = None
+    """(quantized UNet copy, spec, profile) -> {layer: scale}: sets static scales on the copy before its export
+    (runtime/fp8_calibration.py `package_calibrator`, made by the caller, which can encode the recipe's prompt)."""
     remember_hashes: bool = False
     """After the build, wait out the racy window of the files just built (engine/file_hashes.py: at most 2 s) and
     verify them once more, remembering their hashes: the first run from the folder then reads no engine file to
@@ -88,17 +94,28 @@ class BuildReport:
 
 
 def engine_key(bundle: ModelBundle, r: Requirement, backend: str, version: str, device: str,
-               fingerprint: str, ort_optimize: str = "none", weights_apart: bool = False) -> EngineKey:
+               fingerprint: str, ort_optimize: str = "none", weights_apart: bool = False,
+               fp8_scales: str = "token") -> EngineKey:
     s = r.spec
     return EngineKey(bundle.family.name, fingerprint, s.network, s.variant, s.dilation, s.precision,
                      r.profiles, backend, version, device, ort_optimize, "apart" if weights_apart else "inside",
-                     key_quantization(s.network, s.precision))
+                     key_quantization(s.network, s.precision, fp8_scales))
 
 
 def check_request(req: BuildRequest) -> Backend:
     """The request's backend, after its options are checked; ValueError naming a bad value."""
     backend = get_backend(req.backend)
     backend.check_request(req.precision, req.ort_optimize, req.device, req.dynamic)
+    if req.fp8_scales != "token":
+        if req.fp8_scales != "static":
+            raise ValueError(f"--fp8-scales {req.fp8_scales!r}: choose token or static")
+        if req.precision != "fp8":
+            raise ValueError(f"--fp8-scales static needs --precision fp8, not {req.precision}")
+        if req.dynamic:
+            raise ValueError("--fp8-scales static with --dynamic: static scales are calibrated per stage shape, one "
+                             "package each; leave out --dynamic")
+        if req.fp8_calibrate is None:
+            raise ValueError("--fp8-scales static needs a calibration (BuildRequest.fp8_calibrate)")
     if req.weights_apart and not backend.weights_apart:
         raise ValueError(f"--weights-apart applies to {apart_backends()} engines only, not {backend.name}")
     if req.vae_precision is not None and req.vae_precision not in backend.vae_precisions:
@@ -174,7 +191,7 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
     for n, r in enumerate(reqs, 1):
         module = bundle.module_for(r.spec.network)
         key = engine_key(bundle, r, backend.name, version, device, fingerprints[id(module)], req.ort_optimize,
-                         req.weights_apart)
+                         req.weights_apart, req.fp8_scales)
         sizes = ", ".join(profile_sizes(r.spec.network, r.profiles, bundle.family.vae_scale)) or "fixed shape"
         tag = f"[{n}/{len(reqs)}] {r.spec.name} ({sizes})"
         entry = None if req.force else cache.lookup(key, hashes)
@@ -186,7 +203,8 @@ def build_engines(bundle: ModelBundle, req: BuildRequest,
         fused_for = f", ORT-fused for {req.ort_optimize}" if req.ort_optimize != "none" else ""
         log(f"{tag}: building for {backend.name} {version} on {device}{fused_for} ...")
         t0 = time.perf_counter()
-        job = BuildJob(bundle, r, req.device, Path(req.output), req.ort_optimize, req.check_load, req.weights_apart)
+        job = BuildJob(bundle, r, req.device, Path(req.output), req.ort_optimize, req.check_load, req.weights_apart,
+                       req.fp8_calibrate if req.fp8_scales == "static" else None)
         with cache.staging(key) as tmp:
             out = backend.build(job, tmp, log)
             entry = cache.commit(key, tmp)

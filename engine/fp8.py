@@ -77,10 +77,18 @@ def fp8_scheme(policy: Fp8Policy = Fp8Policy()) -> str:
             + ("; static inputs" if policy.activations == "static" else ""))
 
 
-def key_quantization(network: str, precision: str) -> str:
-    """EngineKey.quantization of a `network` engine at `precision`: the default policy's scheme for an fp8 UNet
-    (what `mf-build-engines --precision fp8` builds), else `none`."""
-    return fp8_scheme() if (network, precision) == (UNET, FP8_PRECISION) else "none"
+def key_quantization(network: str, precision: str, fp8_scales: str = "token") -> str:
+    """EngineKey.quantization of a `network` engine at `precision`: for an fp8 UNet the default policy's scheme with
+    `fp8_scales` input scaling (what `mf-build-engines --precision fp8 [--fp8-scales static]` builds; static ones
+    name the calibration recipe too, whose inputs fix the scales inside the package), else `none`."""
+    if (network, precision) != (UNET, FP8_PRECISION):
+        return "none"
+    scheme = fp8_scheme(Fp8Policy(activations=fp8_scales))
+    if fp8_scales == "static":
+        from .fp8_scales import Fp8Calibration, recipe_digest
+
+        scheme += f" (calibration {recipe_digest(Fp8Calibration())[:12]})"
+    return scheme
 
 
 def fp8_unavailable(device: torch.device | str, subject: str = "precision fp8") -> str:

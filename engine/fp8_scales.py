@@ -64,6 +64,12 @@ def recipe_text(recipe: Fp8Calibration) -> str:
     return json.dumps(asdict(recipe), sort_keys=True)
 
 
+def recipe_digest(recipe: Fp8Calibration) -> str:
+    """sha256 of the recipe and SCALES_VERSION: what a static FP8 package's key names (engine/fp8.py
+    `key_quantization`), so a package calibrated another way is another entry."""
+    return hashlib.sha256(f"{SCALES_VERSION}\0{recipe_text(recipe)}".encode()).hexdigest()
+
+
 class ScaleStore:
     """`<root>/fp8-scales-<digest>.json`: {"key": ScalesKey, "scales": {layer: scale}, "seconds": calibration}."""
 

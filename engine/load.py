@@ -40,7 +40,7 @@ def build_command(bundle: ModelBundle, plan: StagePlan, backend: str, precision:
 
 
 def _build_command(fam: ModelFamily, source: str, plan: StagePlan, backend: str, precision: str, dilation: int,
-                   engine_dir: Path, device: str = "cpu", ort_optimize: str = "none") -> str:
+                   engine_dir: Path, device: str = "cpu", ort_optimize: str = "none", fp8_scales: str = "token") -> str:
     args = ["--model", fam.name]
     if source.startswith("random:"):  # `random:<seed>`, as build_random records it
         if not fam.tiny:  # tiny models are always random
@@ -51,6 +51,8 @@ def _build_command(fam: ModelFamily, source: str, plan: StagePlan, backend: str,
     elif source != fam.hub_id:  # a folder (or another hub id) given with --model-path
         args += ["--model-path", source]
     args += ["--stages", ",".join(str(s) for s in plan.stages), "--backend", backend, "--precision", precision]
+    if precision == FP8 and fp8_scales != "token":
+        args += ["--fp8-scales", fp8_scales]
     if dilation == 1:
         args.append("--no-dilation")
     elif dilation != 2:
@@ -137,10 +139,11 @@ class EngineSelection:
 
 def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, plan: StagePlan, dilation: int = 2,
                    relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
-                   precision: str | None = None) -> EngineSelection:
+                   precision: str | None = None, fp8_scales: str = "token") -> EngineSelection:
     """The entries of `engine_dir` that cover every network and stage shape of `plan`, chosen as `open_engines`
     chooses them; CoverageError naming what is missing and the build command (for weights from `source`, a
-    bundle's `source`) before anything is loaded."""
+    bundle's `source`) before anything is loaded. `fp8_scales`: which FP8 UNet packages count (per-token or
+    static input scales: the two are built apart, `mf-build-engines --fp8-scales`)."""
     engine_dir, device = Path(engine_dir), torch.device(device)
     cache = EngineCache(engine_dir)
     fam = family
@@ -156,24 +159,26 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
         name = backend or next((n for n, b in registry().items() if (precision or "fp32") in b.precisions),
                                "onnxruntime")
         cmd = _build_command(fam, source, plan, name, precision or "fp32", dilation, engine_dir, device.type,
-                             _ort_optimize_hint(entries, name, device))
+                             _ort_optimize_hint(entries, name, device), fp8_scales)
         raise CoverageError(f"no {fam.name} {asked + ' ' if asked else ''}engines in {engine_dir}; "
                             f"build them with: {cmd}")
     backend_name, precision = chosen_pair
     backend = get_backend(backend_name)
     cmd = _build_command(fam, source, plan, backend_name, precision, dilation, engine_dir, device.type,
-                         _ort_optimize_hint(entries, backend_name, device))
+                         _ort_optimize_hint(entries, backend_name, device), fp8_scales)
     sel = EngineSelection(engine_dir, cache, backend, precision, cmd)
     for r in plan_requirements(fam, plan, precision, dilation, relay=relay):
         s = r.spec
         same = [e for e in entries if e.key.backend == backend_name and e.key.network == s.network
                 and e.key.dilation == s.dilation
-                and (e.key.precision == s.precision or s.network in (VAE_DECODER, VAE_ENCODER))]
+                and (e.key.precision == s.precision or s.network in (VAE_DECODER, VAE_ENCODER))
+                and _scaling_of(e) == (fp8_scales if e.key.precision == FP8 else "token")]
         missing = [p for p in r.profiles if not any(_covers(e, p) for e in same)]
         if missing:
             have = sorted({px for e in same for px in backend.served_sizes(fam, s, e.key.profiles)})
             need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in missing))
-            what = f"{s.network} ({s.variant}, {s.precision})"
+            static = ", static input scales" if s.precision == FP8 and fp8_scales == "static" else ""
+            what = f"{s.network} ({s.variant}, {s.precision}{static})"
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
             raise CoverageError(f"the engines in {engine_dir} do not cover {what} at {need}; {covered}. "
                                 f"Build them with: {cmd}")
@@ -183,7 +188,12 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
     return sel
 
 
-def _stale(e: Entry, fingerprint: str, installed: str, here: str) -> str:
+def _scaling_of(e: Entry) -> str:
+    """How an entry's FP8 layers scale their inputs: `static` (calibrated into the package) or `token`."""
+    return "static" if "static inputs" in e.key.quantization else "token"
+
+
+def _stale(e: Entry, fingerprint: str, installed: str, here: str, fp8_scales: str = "token") -> str:
     """Why entry `e` does not fit, for the refusal."""
     if e.key.weights != fingerprint:
         if scheme_of(e.key.weights) != WEIGHTS_SCHEME:
@@ -194,7 +204,7 @@ def _stale(e: Entry, fingerprint: str, installed: str, here: str) -> str:
         return f"{e.key.backend} {e.key.backend_version} (installed: {installed})"
     if e.key.device != here:
         return f"device {e.key.device!r} (this one: {here!r})"
-    want = key_quantization(e.key.network, e.key.precision)
+    want = key_quantization(e.key.network, e.key.precision, fp8_scales)
     return f"FP8 layers {e.key.quantization!r} (this megafusion builds {want!r})"
 
 
@@ -202,7 +212,7 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
                  relay: str = "pixel", device: torch.device | str = "cpu", backend: str | None = None,
                  precision: str | None = None, conv_algo_search: str = "EXHAUSTIVE",
                  ort_unet_graphs: bool = False, timings: dict[str, float] | None = None,
-                 unopened: frozenset[str] = frozenset()) -> tuple[EngineNetworks, str]:
+                 unopened: frozenset[str] = frozenset(), fp8_scales: str = "token") -> tuple[EngineNetworks, str]:
     """Networks that run `plan` from the engines in `engine_dir`, and a one-line description of them.
 
     Each entry's weights fingerprint must be the bundle's (engine/fingerprint.py: from the weights' origin, so
@@ -217,7 +227,7 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     t0 = time.perf_counter()
     device = torch.device(device)
     sel = select_engines(engine_dir, bundle.family, bundle.source, plan, dilation, relay, device, backend,
-                         precision)
+                         precision, fp8_scales)
     engine_dir, backend = sel.engine_dir, sel.backend
     installed, here = backend.version(), device_name(device)
     hashes = FileHashes(engine_dir / HASHES)
@@ -234,11 +244,13 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
         picked: list[Entry] = []
         for fits in per_profile:
             valid = [e for e in fits if e.key.weights == fingerprint and e.key.backend_version == installed
-                     and e.key.device == here and e.key.quantization == key_quantization(s.network, s.precision)]
+                     and e.key.device == here
+                     and e.key.quantization == key_quantization(s.network, s.precision, fp8_scales)]
             if not valid:
                 e = fits[0]
                 raise StaleEngineError(f"engine {e.key.describe()} (entry {e.digest[:16]}) in {engine_dir} was built "
-                                       f"for {_stale(e, fingerprint, installed, here)}; rebuild with: {sel.command}")
+                                       f"for {_stale(e, fingerprint, installed, here, fp8_scales)}; rebuild with: "
+                                       f"{sel.command}")
             if valid[0] not in picked:
                 sel.cache.verify(valid[0], hashes)
                 picked.append(valid[0])
@@ -255,7 +267,8 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     # The controlled UNet's engines are keyed by the plain UNet's fingerprint: hashed once, here.
     networks.weights.update({s.network: by_component[bundle.component(s.network)] for s, _ in sel.needs
                              if s.network in unopened})
-    return networks, f"{backend.name} engines ({sel.precision}) from {engine_dir}"
+    what = f"{sel.precision}, static input scales" if sel.precision == FP8 and fp8_scales == "static" else sel.precision
+    return networks, f"{backend.name} engines ({what}) from {engine_dir}"
 
 
 def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:

@@ -83,3 +83,34 @@ def static_scales(bundle: ModelBundle, weights: str, policy: Fp8Policy, plan: St
     if store is not None:
         store.save(key, scales, seconds)
     return StaticScales(scales, False, seconds, key)
+
+
+def package_calibrator(bundle: ModelBundle, recipe: Fp8Calibration = Fp8Calibration()):
+    """The static-scale calibration of FP8 UNet packages (BuildRequest.fp8_calibrate): a callable (quantized UNet
+    copy, spec, profile) -> scales that runs the copy eagerly at the package's one shape (batch, latent size,
+    dilation of its spec) on the recipe's inputs and sets the scales on it, so that the export bakes them in. Each
+    package gets the scales of its own stage shape. The recipe's prompt is encoded now, on the text encoders'
+    device, while they are loaded (a build may free them before the UNet's turn)."""
+    import dataclasses
+
+    text_nets, where = TorchNetworks(bundle), next(bundle.text_encoders[0].parameters()).device
+    conds = {cfg: encode(text_nets, bundle, recipe.prompt, "", 7.0 if cfg else 1.0, where) for cfg in (True, False)}
+    vs = bundle.family.vae_scale
+
+    def calibrate(module: torch.nn.Module, spec, profile) -> dict[str, float]:
+        b, c, h, w = next(opt for name, _, opt, _ in profile.shapes if name == "sample")
+        cond, dev = conds[b == 2], next(module.parameters()).device
+        nets = TorchNetworks(dataclasses.replace(bundle, unet=module))
+        hidden = cond.hidden_states.to(dev)
+        pooled = None if cond.pooled is None else cond.pooled.to(dev)
+        time_ids = None if cond.pooled is None else cond.time_ids(h * vs, w * vs).to(dev)
+
+        def runs():
+            g = torch.Generator("cpu").manual_seed(recipe.seed)
+            x = torch.randn(b, c, h, w, generator=g).to(dev)
+            for t in recipe.timesteps:
+                nets.unet(x, torch.tensor(t, device=dev), hidden, pooled, time_ids, spec.dilation)
+
+        return calibrate_input_scales(module, runs, recipe.margin)
+
+    return calibrate

@@ -185,7 +185,7 @@ class ModelServer:
         if pipe is None:
             try:
                 nets, desc = open_engines(self.cfg.engines, self.bundle, plan, dilation, relay, self.device,
-                                          precision=self.cfg.engines_precision)
+                                          precision=self.cfg.engines_precision, fp8_scales=self.cfg.fp8_scales)
             except EngineError as e:
                 raise ServeModelError(str(e)) from None
             self.engines_desc = desc
@@ -421,7 +421,7 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
     for w, h in cfg.served_sizes:
         try:
             sel = select_engines(cfg.engines, family, source, default_plan(family, w, h), 2, "pixel", cfg.device,
-                                 precision=cfg.engines_precision)
+                                 precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
         except EngineError:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
         served = sel.modules_served() if served is None else served & sel.modules_served()

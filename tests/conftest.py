@@ -53,7 +53,8 @@ TRIGGERS = {"sd15_aoti": "sd15_aoti", "sd15_control_aoti": "sd15_control_aoti", 
             "sd3_aoti": "sd3_aoti", "aoti_static": "static_engines", "cpp": "cpp_build",
             "compile_cache_first": "compile_cache_first", "aoti_apart": "apart_engines",
             "sd15_apart_aoti": "sd15_apart_aoti", "flux_control_aoti": "flux_control_aoti",
-            "sd3_control_aoti": "sd3_control_aoti", "sd15_ip_aoti": "sd15_ip_aoti", "aoti_fp8": "fp8_engines"}
+            "sd3_control_aoti": "sd3_control_aoti", "sd15_ip_aoti": "sd15_ip_aoti", "aoti_fp8": "fp8_engines",
+            "aoti_fp8_static": "fp8_static_engines"}
 REPO = Path(__file__).resolve().parents[1]
 
 CONTROL_DRIVER = """
@@ -104,6 +105,20 @@ sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", 
 
 # A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
 # the packages with their weights inside are dropped from the copy's manifest, so every reader runs the apart ones.
+# test_aoti_fp8_static: the FP8 folder copied whole, then its UNet again with static input scales (calibrated into the
+# package) and its weights apart (the scales are then readable in weights.safetensors): argv is the source folder,
+# the output folder, the plan.
+FP8_STATIC_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+shutil.copytree(src, out)
+sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--precision",
+               "fp8", "--fp8-scales", "static", "--weights-apart", "--no-dilation", "--networks", "unet",
+               "--output", str(out)]))
+"""
+
 APART_DRIVER = """
 import shutil, sys
 from pathlib import Path
@@ -173,6 +188,11 @@ def _job(builds, name: str) -> Job:
         return Job(name, python_cmd(COPY_THEN_BUILD_DRIVER) + [
             str(f("sd15-aoti")), str(f("aoti-fp8")), "vae_decoder", "--stages", FP8_PLAN, "--precision", "fp8",
             "--no-dilation", "--networks", "text_encoder,unet"], cwd=REPO, after="sd15_aoti")
+    if name == "aoti_fp8_static":
+        from tests.engine.test_aoti_fp8 import PLAN as FP8_PLAN
+
+        return Job(name, python_cmd(FP8_STATIC_DRIVER) + [str(f("aoti-fp8")), str(f("aoti-fp8-static")), FP8_PLAN],
+                   cwd=REPO, after="aoti_fp8")
     if name == "cpp":  # configured without engines: the fixture names them after (a quick reconfigure)
         build = shlex.quote(str(f("cpp-build")))
         script = (f"set -eo pipefail; cmake -S {shlex.quote(str(REPO))} -B {build} -DCMAKE_BUILD_TYPE=Release "
@@ -214,14 +234,18 @@ def pytest_collection_finish(session):
                         + [i for i in session.items if file_of(i) in waiting])
     queued: dict[str, Job] = {}
     skip = set() if shutil.which("cmake") else {"cpp"}  # the fixture skips those tests
+
+    def queue(name: str) -> None:  # a build's dependencies first, however deep (aoti_fp8_static needs two)
+        if name in queued or name in skip:
+            return
+        job = _job(BUILDS, name)
+        if job.after is not None:
+            queue(job.after)
+        queued[name] = job
+
     for item in session.items:
         for name in jobs_of.get(item.nodeid, ()):
-            if name in queued or name in skip:
-                continue
-            job = _job(BUILDS, name)
-            if job.after is not None and job.after not in queued:
-                queued[job.after] = _job(BUILDS, job.after)
-            queued[name] = job
+            queue(name)
     position = {name: n for n, name in enumerate(queued)}
     last: dict[str, int] = {}  # file -> queue position of the last build it needs
     for item in session.items:

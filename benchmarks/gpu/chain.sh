@@ -84,6 +84,9 @@
 #               fp16 text encoders and bf16 VAE are the fp8 build's: only the UNets compile), then the FP8 GPU test of
 #               a tiny package and mf-bench engines:aoti-fp8, beside engines:aoti's fp16 packages in the same run when
 #               the copy holds them (#20 item 1)
+#   fp8-engines-static  after fp8-engines: the SDXL 2048 FP8 UNets again with static input scales (--fp8-scales
+#               static, calibrated per stage shape) into the same folder, their GPU test, then mf-bench of the fp16,
+#               per-token FP8 and static FP8 packages in one run (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
 #   dit-fp8-sd3 SD3 eager, compiled and compiled with FP8 projections (engine/fp8_dit.py), same plans (#17, #20)
@@ -263,6 +266,13 @@ step() {  # the command line of one step
       timeout 300 python3 -m pytest -q -m gpu tests/engine/test_aoti_fp8.py -p no:cacheprovider; \
       timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda --size 2048x2048 \
       --variants \$V --direct-for none --engine-dir /tmp/mf-aoti-sdxl-fp8 --repeats 3 --warmup 1 --output $RES/fp8-engines" ;;
+    fp8-engines-static) echo "timeout 600 python3 -m megafusion.cli.build_engines --model sdxl --random-weights \
+      --backend aoti --precision fp8 --fp8-scales static --device cuda --size 2048x2048 --output /tmp/mf-aoti-sdxl-fp8 \
+      --weights-apart --jobs 2 --networks unet; timeout 300 python3 -m pytest -q -m gpu tests/engine/test_aoti_fp8_static.py \
+      -p no:cacheprovider; V=engines:aoti-fp8,engines:aoti-fp8-static; [ -f /tmp/mf-aoti-sdxl-apart/manifest.json ] && \
+      V=engines:aoti,\$V; timeout 900 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
+      --size 2048x2048 --variants \$V --direct-for none --engine-dir /tmp/mf-aoti-sdxl-fp8 --repeats 3 --warmup 1 \
+      --output $RES/fp8-engines-static" ;;
     dit-bench-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,graphs --diffusers \
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \

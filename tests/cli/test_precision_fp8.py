@@ -151,11 +151,11 @@ def test_generate_fp8_scales_without_fp8_refused(capsys, tmp_path, flags, said):
     assert not list(tmp_path.iterdir())
 
 
-def test_generate_static_scales_with_engines_refused(capsys, tmp_path):
+def test_generate_static_scales_engines_missing_names_the_build(capsys, tmp_path):
     (tmp_path / "e").mkdir()
     _refused("mf-generate", GEN + ["--device", "cpu", "--precision", "fp8", "--fp8-scales", "static", "--engines",
                                    str(tmp_path / "e"), "--output", str(tmp_path / "a.png")], capsys,
-             "--fp8-scales static with --engines", "scale their inputs per token")
+             "no tiny-sdxl fp8 engines in", "--backend aoti --precision fp8 --fp8-scales static --device cpu")
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-if"])
@@ -172,3 +172,13 @@ def test_bench_fp8_compiled_variants_one_and_last(capsys, tmp_path, gpu, monkeyp
                           "--output", str(tmp_path / "o")], capsys,
              "quantize the shared UNet in place, so one of them runs per mf-bench, as the last variant")
 
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["--precision", "fp16", "--fp8-scales", "static"], "--fp8-scales static needs --precision fp8, not --precision fp16"),
+    (["--precision", "fp8", "--fp8-scales", "static", "--dynamic"], "--fp8-scales static with --dynamic"),
+])
+def test_build_engines_static_scales_refusals(capsys, tmp_path, flags, said):
+    _refused("mf-build-engines", ["--model", "tiny-sd15", "--device", "cpu", "--stages", "128x128:1", "--backend",
+                                  "aoti", *flags, "--output", str(tmp_path / "e")], capsys, said)
+    assert not (tmp_path / "e").exists()
