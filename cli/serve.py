@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the UNet's projections as FP8 GEMMs (a GPU with FP8 tensor cores); with --engines, the "
                         "folder's FP8 packages (mf-build-engines --backend aoti --precision fp8)")
     p.add_argument("--fp8-scales", choices=("token", "static"), default="token",
-                   help="with --engines and --precision fp8: the folder's FP8 packages with per-token input scales "
-                        "(default) or with static ones calibrated per stage shape (mf-build-engines --fp8-scales "
-                        "static)")
+                   help="with --precision fp8: the FP8 layers' input scales, per token (default) or static: with "
+                        "--engines the folder's packages of mf-build-engines --fp8-scales static, on the torch "
+                        "modules calibrated at start over the served sizes")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
                    help="a diffusers ControlNetModel folder, loaded at start; repeatable. Requests give one "
                         "control image per ControlNet (control_images)")

@@ -1,11 +1,12 @@
-"""Static FP8 input scales for a plan: eager UNet calls on the calibration recipe's inputs at every stage shape,
-then each FP8 layer's scale is fixed at the largest input magnitude it saw (engine/fp8.py
+"""Static FP8 input scales for a plan (or a server's plans): eager UNet calls on the calibration recipe's inputs at
+every stage shape, then each FP8 layer's scale is fixed at the largest input magnitude it saw (engine/fp8.py
 `calibrate_input_scales`). One set of scales serves all stages (the compiled and graphed UNets are shared by the
 stages), so it is the maximum over them. Kept in a `ScaleStore` when a folder is given.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,37 +36,45 @@ class StaticScales:
         return f"FP8 static input scales: {len(self.scales)} layers, {how}"
 
 
-def scales_key(weights: str, policy: Fp8Policy, recipe: Fp8Calibration, plan: StagePlan, dilation: int,
-               cfg: bool, dtype: torch.dtype, device) -> ScalesKey:
-    shapes = f"{','.join(str(s) for s in plan.stages)} dilation {dilation} batch {2 if cfg else 1}"
+def _plans(plan: StagePlan | Sequence[StagePlan]) -> tuple[StagePlan, ...]:
+    return (plan,) if isinstance(plan, StagePlan) else tuple(plan)
+
+
+def scales_key(weights: str, policy: Fp8Policy, recipe: Fp8Calibration, plan: StagePlan | Sequence[StagePlan],
+               dilation: int, cfg: bool, dtype: torch.dtype, device) -> ScalesKey:
+    stages = "; ".join(",".join(str(s) for s in p.stages) for p in _plans(plan))
+    shapes = f"{stages} dilation {dilation} batch {2 if cfg else 1}"
     return ScalesKey(weights, fp8_scheme(policy), recipe_text(recipe), shapes, str(dtype), device_name(device))
 
 
-def calibrate_for_plan(bundle: ModelBundle, plan: StagePlan, dilation: int, cfg: bool, device,
+def calibrate_for_plan(bundle: ModelBundle, plan: StagePlan | Sequence[StagePlan], dilation: int, cfg: bool, device,
                        recipe: Fp8Calibration = Fp8Calibration()) -> dict[str, float]:
     """Sets and returns static scales for `bundle.unet`'s FP8 layers (quantized already, not yet compiled or
     captured): the recipe's prompt, random latents per stage (seed + stage index) at each recipe timestep, the
-    plan's stage sizes, the mid-block dilated after stage 1 as the plan runs it."""
+    plan's stage sizes, the mid-block dilated after stage 1 as the plan runs it; over several plans, all of
+    their stages."""
     nets = TorchNetworks(bundle)  # the eager modules, whatever faster callables the caller's networks use
     cond = encode(nets, bundle, recipe.prompt, "", 7.0 if cfg else 1.0, device)
     vs, channels = bundle.family.vae_scale, bundle.unet.config.in_channels
 
     def runs():
-        for k, st in enumerate(plan.stages):
-            g = torch.Generator("cpu").manual_seed(recipe.seed + k)
-            x = torch.randn(cond.batch, channels, st.height // vs, st.width // vs, generator=g).to(device)
-            for t in recipe.timesteps:
-                nets.unet(x, torch.tensor(t, device=device), cond.hidden_states, cond.pooled,
-                          cond.time_ids(st.height, st.width), 1 if k == 0 else dilation)
+        for p in _plans(plan):
+            for k, st in enumerate(p.stages):
+                g = torch.Generator("cpu").manual_seed(recipe.seed + k)
+                x = torch.randn(cond.batch, channels, st.height // vs, st.width // vs, generator=g).to(device)
+                for t in recipe.timesteps:
+                    nets.unet(x, torch.tensor(t, device=device), cond.hidden_states, cond.pooled,
+                              cond.time_ids(st.height, st.width), 1 if k == 0 else dilation)
 
     return calibrate_input_scales(bundle.unet, runs, recipe.margin)
 
 
-def static_scales(bundle: ModelBundle, weights: str, policy: Fp8Policy, plan: StagePlan, dilation: int, cfg: bool,
-                  device, store: ScaleStore | None = None,
+def static_scales(bundle: ModelBundle, weights: str, policy: Fp8Policy, plan: StagePlan | Sequence[StagePlan],
+                  dilation: int, cfg: bool, device, store: ScaleStore | None = None,
                   recipe: Fp8Calibration = Fp8Calibration()) -> StaticScales:
-    """The static scales of `bundle.unet` (FP8 layers in place) for this plan: from `store` when it holds them for
-    this key, else calibrated now (and saved there). Either way they are set on the UNet's layers."""
+    """The static scales of `bundle.unet` (FP8 layers in place) for this plan (or these plans: a server's sizes):
+    from `store` when it holds them for this key, else calibrated now (and saved there). Either way they are set on
+    the UNet's layers."""
     from ..engine.fp8 import set_input_scales
 
     key = scales_key(weights, policy, recipe, plan, dilation, cfg, bundle.unet.dtype, device)

@@ -132,6 +132,7 @@ class Ingress:
                            "engines": c.engines, "mode": "engines" if c.engines else mode, "device": c.device,
                            "replicas": c.replicas, "max_batch": c.max_batch, "max_queue": c.max_queue,
                            "timeout_s": c.timeout_s, "loras": list(c.loras), "precision": c.precision,
+                           "fp8_scales": c.fp8_scales if c.precision == "fp8" else None,
                            "controlnets": len(c.controlnets), "ip_adapter": c.ip_adapter is not None,
                            "ip_adapter_scale": c.engines_ip_scale})
 

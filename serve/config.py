@@ -62,8 +62,9 @@ class ServeConfig:
     """None (the device's dtype) or `fp8` (the UNet's projections as FP8 GEMMs, as mf-generate --precision fp8; with
     --engines, the folder's FP8 packages)."""
     fp8_scales: str = "token"
-    """With --engines and --precision fp8: which FP8 packages to open, those scaling inputs per token (`token`) or
-    those with static scales calibrated into them (`static`, mf-build-engines --fp8-scales static)."""
+    """With --precision fp8: the FP8 layers' input scales, per token (`token`) or static (`static`): with --engines
+    the folder's packages of mf-build-engines --fp8-scales static, on the torch modules calibrated at start over
+    the served sizes' default plans (kept with the compile cache under --mode compiled)."""
     controlnets: tuple[str, ...] = ()
     """ControlNet folders, loaded at start; a request gives one control image each (`control_images`)."""
     ip_adapter: str | None = None
@@ -205,9 +206,9 @@ def check_conditions(cfg: ServeConfig) -> None:
         raise ConfigError(f"--precision {cfg.precision!r}: use fp8 (or leave it out)")
     if cfg.fp8_scales not in ("token", "static"):
         raise ConfigError(f"--fp8-scales {cfg.fp8_scales!r}: choose token or static")
-    if cfg.fp8_scales == "static" and (cfg.precision != "fp8" or cfg.engines is None):
-        raise ConfigError("--fp8-scales static serves the static-scale FP8 packages of a folder: give --engines DIR "
-                          "and --precision fp8 (build them with mf-build-engines --precision fp8 --fp8-scales static)")
+    if cfg.fp8_scales == "static" and cfg.precision != "fp8":
+        raise ConfigError("--fp8-scales static needs --precision fp8 (with --engines, the folder's packages of "
+                          "mf-build-engines --precision fp8 --fp8-scales static)")
     if cfg.precision == "fp8" and cfg.engines is not None:  # as mf-generate refuses it
         from ..engine.fp8 import fp8_engines_conflict
 

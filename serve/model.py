@@ -135,23 +135,28 @@ class ModelServer:
             # the IP-Adapter's image and scale change per request, outside anything a captured graph would see
             eager = self.device.type != "cuda" or cfg.ip_adapter is not None
             self.mode = cfg.mode or ("eager" if eager else "graphs")
-            fp8 = cfg.precision == "fp8"
+            policy = None
+            if cfg.precision == "fp8":
+                from ..engine.fp8 import Fp8Policy
+
+                policy = Fp8Policy(activations=cfg.fp8_scales)
+            scales = self._static_scales(policy)
+            self.fp8_static = None
+            """Where the static FP8 scales came from (runtime/fp8_calibration.py `StaticScales`), if any."""
             if self.mode == "compiled":
                 from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
-                policy = None
-                if fp8:
-                    from ..engine.fp8 import Fp8Policy
-
-                    policy = Fp8Policy()
                 self.nets = FastTorchNetworks(self.bundle, FastOptions(inductor_options=inductor_set("default"),
-                                                                       unet_fp8=policy), vae_dtype=vae)
+                                                                       unet_fp8=policy), vae_dtype=vae,
+                                              fp8_scales=scales)
+                self.fp8_static = self.nets.fp8_static
                 self.compile_cache = self._keep_compiled()
             else:
-                if fp8:
+                if policy is not None:
                     from ..engine.fp8 import quantize_unet
 
-                    quantize_unet(self.bundle.unet)
+                    quantize_unet(self.bundle.unet, policy)
+                    self.fp8_static = scales(self.bundle) if scales is not None else None
                 self.nets = TorchNetworks(self.bundle, vae)
             nets = self.nets
             if cfg.controlnets or cfg.ip_adapter:
@@ -277,6 +282,30 @@ class ModelServer:
             return lambda image: encode_with_engine(engine, processor, image, self.device)
         encoder, processor = load_image_encoder(folder, self.device, dtype)
         return lambda image: encode_ip_image(encoder, processor, image, self.device)
+
+    def _static_scales(self, policy):
+        """With --fp8-scales static on the torch modules: the callable that sets the quantized UNet's input scales,
+        calibrated over the served sizes' default plans (what the warm-up runs; a request's other stages reuse
+        them) and, under --mode compiled, kept with the compile cache; else None. The weights fingerprint is taken
+        now, before the UNet is changed for speed."""
+        if policy is None or policy.activations != "static":
+            return None
+        from ..engine.compile_cache import default_root
+        from ..engine.fingerprint import network_fingerprint
+        from ..engine.fp8_scales import ScaleStore
+        from ..runtime.fp8_calibration import static_scales
+
+        weights = network_fingerprint(self.bundle, "unet")
+        plans = [default_plan(self.family, w, h) for w, h in self.cfg.served_sizes]
+        keep = self.mode == "compiled" and not self.cfg.no_compile_cache
+        store = ScaleStore(self.cfg.compile_cache or default_root()) if keep else None
+
+        def provide(bundle):
+            got = static_scales(bundle, weights, policy, plans, 2, True, self.device, store)
+            log.info("%s", got.line())
+            return got
+
+        return provide
 
     def _keep_compiled(self):
         """--mode compiled: this replica's compile cache, loaded before the warm-up compiles, so that a restart
@@ -405,6 +434,7 @@ class ModelServer:
                 "sizes": [size_text(w, h) for w, h in self.cfg.served_sizes],
                 "weights_in_torch": self.torch_side, "loras": [f"{s.path} x{s.scale:g}" for s in self.loras],
                 "precision": self.cfg.precision or str(self.nets.unet_dtype if self.nets else "engines"),
+                "fp8_scales": self.cfg.fp8_scales if self.cfg.precision == "fp8" else None,
                 "controlnets": len(self.cfg.controlnets), "ip_adapter": self.cfg.ip_adapter is not None,
                 "ip_adapter_scale": self.cfg.engines_ip_scale}
 

@@ -98,7 +98,10 @@ class Builds:
         t0 = time.monotonic()
         asked = t0 - self._t0
         if job is None:
-            job = self.jobs[name] = self.factory(self, name)
+            job = self.factory(self, name)
+            if job.after is not None:  # a build asked for outside the queue builds what it needs first
+                self.get(job.after)
+            self.jobs[name] = job
             job.began = t0 - self._t0
             job.result = subprocess.run(job.cmd, cwd=job.cwd, env=self._env(job), text=True, capture_output=True)
             job.seconds = time.monotonic() - t0

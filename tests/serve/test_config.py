@@ -29,8 +29,7 @@ def test_sizes_and_defaults():
     ({"timeout_s": 0.0}, "--timeout 0.0"),
     ({"timeout_s": float("nan")}, "--timeout nan"),
     ({"port": 70000}, "--port 70000"),
-    ({"fp8_scales": "static"}, "--fp8-scales static serves the static-scale FP8 packages of a folder: give --engines"),
-    ({"fp8_scales": "static", "precision": "fp8"}, "give --engines DIR and --precision fp8"),
+    ({"fp8_scales": "static"}, "--fp8-scales static needs --precision fp8"),
     ({"fp8_scales": "rows"}, "--fp8-scales 'rows': choose token or static"),
 ])
 def test_config_refusals_name_the_flag(kw, needle):
@@ -53,7 +52,7 @@ def test_config_refusals_name_the_flag(kw, needle):
     (["--model", "tiny-sd15", "--random-weights", "--model-path", "/tmp"], "not allowed with argument"),
     (["--model", "tiny-sd15", "--engines", "/no/such/dir"], "--engines '/no/such/dir': no such folder"),
     (["--model", "tiny-sd15", "--port", "0"], "--port 0"),
-    (["--model", "tiny-sd15", "--fp8-scales", "static"], "--fp8-scales static serves the static-scale FP8 packages"),
+    (["--model", "tiny-sd15", "--fp8-scales", "static"], "--fp8-scales static needs --precision fp8"),
 ])
 def test_bad_flags_one_line_status_2_no_ray(args, needle, capsys):
     from megafusion.cli.serve import main

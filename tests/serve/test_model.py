@@ -162,3 +162,26 @@ def test_a_group_stops_only_when_every_request_would(server):
     # one request that would stop does not stop the work its batch-mate still wants
     short = [_req(server, stages="128x128:2"), _req(server, stages="128x128:2", seed=1)]
     assert len(server.generate_group(short, [lambda: True, lambda: False])) == 2
+
+
+def test_static_fp8_scales_on_the_torch_modules():
+    """--precision fp8 --fp8-scales static without engines: the replica quantizes its UNet and calibrates the
+    scales over the served sizes' default plans (the CPU runs the FP8 layers; a GPU's check is preflight's), as
+    the runtime's calibration of those plans gives them."""
+    from megafusion.core.loading import load_model
+    from megafusion.core.plan import default_plan
+    from megafusion.engine.fp8 import Fp8Linear, Fp8Policy, quantize_unet
+    from megafusion.runtime.fp8_calibration import calibrate_for_plan
+
+    server = ModelServer(ServeConfig("tiny-sd15", precision="fp8", fp8_scales="static", sizes=((128, 128), (192, 128))))
+    layers = [m for m in server.bundle.unet.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.input_scale is not None for m in layers)
+    assert not server.fp8_static.loaded and len(server.fp8_static.scales) == len(layers)
+    assert server.describe()["fp8_scales"] == "static" and server.describe()["precision"] == "fp8"
+    ref = load_model("tiny-sd15", dtype=torch.bfloat16)  # as the replica loads it for FP8
+    quantize_unet(ref.unet, Fp8Policy(activations="static"))
+    want = calibrate_for_plan(ref, [default_plan(server.family, w, h) for w, h in server.cfg.served_sizes], 2, True,
+                              "cpu")
+    assert server.fp8_static.scales == pytest.approx(want, rel=1e-6)
+    got = server.generate(parse_request({"prompt": "a cube", "stages": "128x128:2", "seed": 5}, server.family))
+    assert got.png[:8] == b"\x89PNG\r\n\x1a\n"
