@@ -70,7 +70,7 @@ ENGINES = {
 """Engine variants mf-bench knows; `compiled` changes the shared modules, so it runs after the others but the
 FP8 ones, which quantize them."""
 FP8_COMPILED = ("compiled-fp8", "compiled-fp8-static")
-"""Variants that quantize the shared UNet in place: at most one per run, the last."""
+"""Variants that quantize the shared UNet in place: at most one per run (the order of ENGINES runs it last)."""
 
 ENGINE_FOLDER_PREFIX = "engines:"
 """Variants named `engines:<backend>` run the built engines of that backend from `--engine-dir`."""
@@ -96,19 +96,18 @@ def engine_folder_scales(kind: str) -> str:
 
 
 def _fp8_networks(kind: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
-                  compile_cache=None):
+                  compile_cache=None, weights: str = ""):
     """The compiled networks of an FP8 variant (FP8_COMPILED): the shared UNet cast to bf16 (row-wise FP8 GEMMs write
-    bf16) and quantized; static scales from the scale store in `compile_cache`, or calibrated and saved there."""
+    bf16) and quantized; static scales from the scale store in `compile_cache`, or calibrated and saved there.
+    `weights`: the UNet's fingerprint, taken before any variant changed the module."""
     import torch
 
-    from ..engine.fingerprint import network_fingerprint
     from ..engine.fp8 import Fp8Policy
     from ..engine.fp8_scales import ScaleStore
     from ..engine.torch_fast import FastOptions, FastTorchNetworks
     from ..runtime.fp8_calibration import static_scales
 
     policy = Fp8Policy(activations="static" if kind == "compiled-fp8-static" else "token")
-    weights = network_fingerprint(bundle, "unet") if policy.activations == "static" else ""  # before any change
     store = ScaleStore(compile_cache) if compile_cache is not None else None
 
     def scales(b):
@@ -127,6 +126,11 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                  compile_cache=None, wrap=None) -> Callable[[], MegaFusionPipeline]:
     """`wrap(nets)`: networks around the variant's (ControlNets), for conditioned rows; torch variants only."""
     made: list[MegaFusionPipeline] = []
+    weights = ""
+    if kind == "compiled-fp8-static":  # now, while the module is as loaded (its origin's fingerprint, no hashing)
+        from ..engine.fingerprint import network_fingerprint
+
+        weights = network_fingerprint(bundle, "unet")
 
     def fast(nets) -> MegaFusionPipeline:
         return MegaFusionPipeline.fast(bundle, wrap(nets) if wrap else nets, device)
@@ -139,7 +143,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                 made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir,
                                              engine_folder_scales(kind)))
             elif kind in FP8_COMPILED:  # quantizes the shared UNet in place: the last variant to run
-                made.append(fast(_fp8_networks(kind, bundle, device, plan, opts, compile_cache)))
+                made.append(fast(_fp8_networks(kind, bundle, device, plan, opts, compile_cache, weights)))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 

@@ -255,7 +255,7 @@ step() {  # the command line of one step
     fp8-bench-static) echo "timeout 1000 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
       --size 2048x2048 --variants compiled,compiled-fp8-static --direct-for none --compile-cache /tmp/mf-ccf \
       --repeats 3 --warmup 1 --output $RES/fp8-bench-static" ;;
-    gpu-tests-20) echo "timeout 420 python3 -m pytest -q -m gpu tests/cli/test_generate_fp8_static.py \
+    gpu-tests-20) echo "timeout 420 python3 -m pytest -q -m gpu tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py \
       tests/engine/test_fp8_static.py -p no:cacheprovider" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
       --budget-s 540 --output $RES/fp8-compiled-sd15" ;;
