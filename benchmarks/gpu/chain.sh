@@ -76,6 +76,8 @@
 #               eps per stage, then both compiled in the same run (#20: <= 2.5 s, <= 5%)
 #   fp8-bench-static  mf-bench SDXL 2048: compiled (fp16) and compiled-fp8-static (FP8, static input scales calibrated
 #               at the plan's stage shapes and kept in the compile cache) in the same run (#20: <= 2.5 s)
+#   fp8-gemm-modes  SDXL's FP8 GEMM shapes per step as bf16, FP8 row-wise (today's) and FP8 per-tensor (cuBLASLt,
+#               fp16 out): what per-tensor weight scales would be worth before building them (#20; about a minute)
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
 #   fp8-compiled-sd15  the same for SD1.5 1024 (#20: <= 0.45 s), with its accuracy per stage against fp16 (run on
 #               bd7bad4, whose default policy still put proj_in and proj_out in FP8: 7.1%, 1.054x slower)
@@ -255,6 +257,8 @@ step() {  # the command line of one step
     fp8-bench-static) echo "timeout 1000 python3 -m megafusion.cli.bench --model sdxl --random-weights --device cuda \
       --size 2048x2048 --variants compiled,compiled-fp8-static --direct-for none --compile-cache /tmp/mf-ccf \
       --repeats 3 --warmup 1 --output $RES/fp8-bench-static" ;;
+    fp8-gemm-modes) echo "timeout 300 python3 benchmarks/lab/fp8_gemm_modes.py --model sdxl --device cuda \
+      --output $RES/fp8-gemm-modes" ;;
     gpu-tests-20) echo "timeout 420 python3 -m pytest -q -m gpu tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py \
       tests/engine/test_fp8_static.py -p no:cacheprovider" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
