@@ -116,6 +116,7 @@ class ModelServer:
         self.control_pipe: MegaFusionPipeline | None = None
         self.control_modules: list = []
         self.compile_cache = None  # --mode compiled: (cache, key, loaded) of engine/compile_cache.py
+        self.fp8_static = None  # torch path, --fp8-scales static: runtime/fp8_calibration.py's `StaticScales`
         if cfg.engines:
             self.mode = "eager" if self.device.type != "cuda" else "graphs"
             self.nets = None
@@ -141,8 +142,6 @@ class ModelServer:
 
                 policy = Fp8Policy(activations=cfg.fp8_scales)
             scales = self._static_scales(policy)
-            self.fp8_static = None
-            """Where the static FP8 scales came from (runtime/fp8_calibration.py `StaticScales`), if any."""
             if self.mode == "compiled":
                 from ..engine.torch_fast import FastOptions, FastTorchNetworks, inductor_set
 
