@@ -95,30 +95,23 @@ def engine_folder_scales(kind: str) -> str:
     return "static" if kind.endswith(FP8_STATIC_SUFFIX) else "token"
 
 
-def _fp8_networks(kind: str, bundle: ModelBundle, device, plan: StagePlan, opts: GenerationOptions,
-                  compile_cache=None, weights: str = ""):
+def _fp8_policy(kind: str):
+    from ..engine.fp8 import Fp8Policy
+
+    return Fp8Policy(activations="static" if kind == "compiled-fp8-static" else "token")
+
+
+def _fp8_networks(kind: str, bundle: ModelBundle, scales=None):
     """The compiled networks of an FP8 variant (FP8_COMPILED): the shared UNet cast to bf16 (row-wise FP8 GEMMs write
-    bf16) and quantized; static scales from the scale store in `compile_cache`, or calibrated and saved there.
-    `weights`: the UNet's fingerprint, taken before any variant changed the module."""
+    bf16) and quantized; `scales`: the static variant's provider (runtime/fp8_calibration.py
+    `static_scales_provider`, made when the row was set up, before any variant changed the module)."""
     import torch
 
-    from ..engine.fp8 import Fp8Policy
-    from ..engine.fp8_scales import ScaleStore
     from ..engine.torch_fast import FastOptions, FastTorchNetworks
-    from ..runtime.fp8_calibration import static_scales
-
-    policy = Fp8Policy(activations="static" if kind == "compiled-fp8-static" else "token")
-    store = ScaleStore(compile_cache) if compile_cache is not None else None
-
-    def scales(b):
-        got = static_scales(b, weights, policy, plan, opts.dilation, opts.guidance > 1.0, device, store)
-        print(f"{kind}: {got.line()}", flush=True)
-        return got
 
     # nn.Module.to, since diffusers' .to warns about fp32 modules.
     torch.nn.Module.to(bundle.unet, dtype=torch.bfloat16)
-    return FastTorchNetworks(bundle, FastOptions(unet_fp8=policy),
-                             fp8_scales=scales if policy.activations == "static" else None)
+    return FastTorchNetworks(bundle, FastOptions(unet_fp8=_fp8_policy(kind)), fp8_scales=scales)
 
 
 def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None = None,
@@ -126,11 +119,14 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                  compile_cache=None, wrap=None) -> Callable[[], MegaFusionPipeline]:
     """`wrap(nets)`: networks around the variant's (ControlNets), for conditioned rows; torch variants only."""
     made: list[MegaFusionPipeline] = []
-    weights = ""
+    scales = None
     if kind == "compiled-fp8-static":  # now, while the module is as loaded (its origin's fingerprint, no hashing)
-        from ..engine.fingerprint import network_fingerprint
+        from ..engine.fp8_scales import ScaleStore
+        from ..runtime.fp8_calibration import static_scales_provider
 
-        weights = network_fingerprint(bundle, "unet")
+        store = ScaleStore(compile_cache) if compile_cache is not None else None
+        scales = static_scales_provider(bundle, _fp8_policy(kind), plan, opts.dilation, opts.guidance > 1.0, device,
+                                        store, lambda line: print(f"{kind}: {line}", flush=True))
 
     def fast(nets) -> MegaFusionPipeline:
         return MegaFusionPipeline.fast(bundle, wrap(nets) if wrap else nets, device)
@@ -143,7 +139,7 @@ def _lazy_engine(kind: str, bundle: ModelBundle, device, plan: StagePlan | None 
                 made.append(_engine_pipeline(*engine_folder_variant(kind), bundle, device, plan, opts, engine_dir,
                                              engine_folder_scales(kind)))
             elif kind in FP8_COMPILED:  # quantizes the shared UNet in place: the last variant to run
-                made.append(fast(_fp8_networks(kind, bundle, device, plan, opts, compile_cache, weights)))
+                made.append(fast(_fp8_networks(kind, bundle, scales)))
             else:
                 from ..engine.torch_fast import FastTorchNetworks
 

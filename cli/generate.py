@@ -502,23 +502,13 @@ def _static_scales(args, bundle, policy, plan, dilation, opts, device, mode):
     """With --fp8-scales static: the callable that sets the quantized UNet's input scales (loaded from the
     compile cache's folder under --mode compiled, else calibrated in this process), printing where they came from;
     else None. The weights fingerprint is taken now, before the UNet is changed for speed."""
-    if policy is None or policy.activations != "static":
-        return None
     from ..engine.compile_cache import default_root
-    from ..engine.fingerprint import network_fingerprint
     from ..engine.fp8_scales import ScaleStore
-    from ..runtime.fp8_calibration import static_scales
+    from ..runtime.fp8_calibration import static_scales_provider
 
-    weights = network_fingerprint(bundle, "unet")
     keep = mode == "compiled" and not args.no_compile_cache
     store = ScaleStore(args.compile_cache or default_root()) if keep else None
-
-    def provide(b):
-        got = static_scales(b, weights, policy, plan, dilation, opts.guidance > 1.0, device, store)
-        print(got.line())
-        return got
-
-    return provide
+    return static_scales_provider(bundle, policy, plan, dilation, opts.guidance > 1.0, device, store)
 
 
 def _warm_start(args, nets, device, plan, opts):

@@ -6,7 +6,7 @@ stages), so it is the maximum over them. Kept in a `ScaleStore` when a folder is
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,27 @@ def static_scales(bundle: ModelBundle, weights: str, policy: Fp8Policy, plan: St
     if store is not None:
         store.save(key, scales, seconds)
     return StaticScales(scales, False, seconds, key)
+
+
+def static_scales_provider(bundle: ModelBundle, policy: Fp8Policy | None, plan: StagePlan | Sequence[StagePlan],
+                           dilation: int, cfg: bool, device, store: ScaleStore | None = None,
+                           say=print) -> Callable[[ModelBundle], StaticScales] | None:
+    """What `FastTorchNetworks(fp8_scales=)` and the eager paths call once the UNet is quantized: `static_scales`
+    for these plans, saying where the scales came from; None unless `policy` is static. The weights fingerprint is
+    taken now, while the UNet is as loaded (its origin's fingerprint, no tensor hashing), before anything changes
+    it for speed."""
+    if policy is None or policy.activations != "static":
+        return None
+    from ..engine.fingerprint import network_fingerprint
+
+    weights = network_fingerprint(bundle, "unet")
+
+    def provide(b: ModelBundle) -> StaticScales:
+        got = static_scales(b, weights, policy, plan, dilation, cfg, device, store)
+        say(got.line())
+        return got
+
+    return provide
 
 
 def package_calibrator(bundle: ModelBundle, recipe: Fp8Calibration = Fp8Calibration()):

@@ -287,24 +287,14 @@ class ModelServer:
         calibrated over the served sizes' default plans (what the warm-up runs; a request's other stages reuse
         them) and, under --mode compiled, kept with the compile cache; else None. The weights fingerprint is taken
         now, before the UNet is changed for speed."""
-        if policy is None or policy.activations != "static":
-            return None
         from ..engine.compile_cache import default_root
-        from ..engine.fingerprint import network_fingerprint
         from ..engine.fp8_scales import ScaleStore
-        from ..runtime.fp8_calibration import static_scales
+        from ..runtime.fp8_calibration import static_scales_provider
 
-        weights = network_fingerprint(self.bundle, "unet")
         plans = [default_plan(self.family, w, h) for w, h in self.cfg.served_sizes]
         keep = self.mode == "compiled" and not self.cfg.no_compile_cache
         store = ScaleStore(self.cfg.compile_cache or default_root()) if keep else None
-
-        def provide(bundle):
-            got = static_scales(bundle, weights, policy, plans, 2, True, self.device, store)
-            log.info("%s", got.line())
-            return got
-
-        return provide
+        return static_scales_provider(self.bundle, policy, plans, 2, True, self.device, store, log.info)
 
     def _keep_compiled(self):
         """--mode compiled: this replica's compile cache, loaded before the warm-up compiles, so that a restart
