@@ -68,13 +68,20 @@ class Fp8Policy:
 
 ACTIVATION_SCALES = ("token", "static")
 """`Fp8Policy.activations`: per-token scales computed on every call, or static per-layer scales from calibration."""
+STATIC_INPUTS = "; static inputs"
+"""What `fp8_scheme` adds for static scales, and how a key's quantization says it (`is_static_scheme`)."""
+
+
+def is_static_scheme(quantization: str) -> bool:
+    """Whether an EngineKey.quantization (or `fp8_scheme`) is that of static input scales."""
+    return STATIC_INPUTS in quantization
 
 
 def fp8_scheme(policy: Fp8Policy = Fp8Policy()) -> str:
     """The policy as an engine key records it (EngineKey.quantization): the roles in FP8, the accumulation and,
     when static, the input scaling (a per-token key keeps its old spelling, so its cached entries stay valid)."""
     return (f"e4m3 rows: {','.join(policy.roles)}" + ("; fast accum" if policy.fast_accum else "")
-            + ("; static inputs" if policy.activations == "static" else ""))
+            + (STATIC_INPUTS if policy.activations == "static" else ""))
 
 
 def key_quantization(network: str, precision: str, fp8_scales: str = "token") -> str:

@@ -22,7 +22,7 @@ from .backend import Backend, OpenContext, get_backend, registry
 from .cache import EngineCache, EngineError, Entry, StaleEngineError, device_name
 from .file_hashes import HASHES, FileHashes
 from .fingerprint import WEIGHTS_SCHEME, network_fingerprint, scheme_of
-from .fp8 import key_quantization
+from .fp8 import is_static_scheme, key_quantization
 from .runners import EngineNetworks, Runner, ShapeDispatch
 
 
@@ -190,7 +190,7 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
 
 def _scaling_of(e: Entry) -> str:
     """How an entry's FP8 layers scale their inputs: `static` (calibrated into the package) or `token`."""
-    return "static" if "static inputs" in e.key.quantization else "token"
+    return "static" if is_static_scheme(e.key.quantization) else "token"
 
 
 def _stale(e: Entry, fingerprint: str, installed: str, here: str, fp8_scales: str = "token") -> str:

@@ -15,6 +15,7 @@ import torch
 from megafusion.core.families import get_family
 from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.engine.cache import EngineCache
+from megafusion.engine.fp8 import is_static_scheme
 from megafusion.engine.load import CoverageError, open_engines
 
 from tests.background import BUILDS
@@ -35,8 +36,8 @@ def fp8_static_engines():
 
 def _unets(folder):
     entries = [e for e in EngineCache(folder).entries().values() if e.key.network == "unet"]
-    static = [e for e in entries if "static inputs" in e.key.quantization]
-    token = [e for e in entries if "static inputs" not in e.key.quantization]
+    static = [e for e in entries if is_static_scheme(e.key.quantization)]
+    token = [e for e in entries if not is_static_scheme(e.key.quantization)]
     return static, token
 
 
