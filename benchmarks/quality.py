@@ -48,6 +48,11 @@ def paired_differences(a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, fl
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))}
 
 
+def scores_of(image_features: torch.Tensor, text_features: torch.Tensor) -> list[float]:
+    """CLIP score of each (image, text) row pair of unit-norm embeddings: 100 * max(cos, 0)."""
+    return [float(100 * max(c, 0.0)) for c in (image_features * text_features).sum(-1)]
+
+
 def _projected(out) -> torch.Tensor:
     """The projected embeddings: transformers 4 returns them, 5 an output whose pooler_output holds them."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -100,5 +105,4 @@ class ClipJudge:
         """100 * max(cos(image, its prompt), 0) per image."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        cos = (self.image_features(images) * self.text_features(prompts)).sum(-1)
-        return [float(100 * max(c, 0.0)) for c in cos]
+        return scores_of(self.image_features(images), self.text_features(prompts))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megafusion.benchmarks.quality import ClipJudge, frechet_distance, paired_differences
+from megafusion.benchmarks.quality import ClipJudge, frechet_distance, paired_differences, scores_of
 from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model, resolve_family
 from megafusion.core.plan import PlanError, default_plan, parse_size, parse_stages, validate_plan
@@ -83,14 +83,13 @@ def report(runs: dict[str, dict], prompts: list[str], judge: ClipJudge) -> list[
     ref = names[0]
     feats = {n: judge.image_features(r["images"]) for n, r in runs.items()}
     text = judge.text_features(prompts)
+    scores = {n: scores_of(f, text) for n, f in feats.items()}
     rows = []
     for n in names:
-        scores = [float(100 * max(c, 0.0)) for c in (feats[n] * text).sum(-1)]
-        row = {"variant": n, "images": len(scores), "clip_score": statistics.fmean(scores),
-               "clip_score_sd": statistics.pstdev(scores), "seconds": runs[n]["seconds"]}
+        row = {"variant": n, "images": len(scores[n]), "clip_score": statistics.fmean(scores[n]),
+               "clip_score_sd": statistics.pstdev(scores[n]), "seconds": runs[n]["seconds"]}
         if n != ref:
-            ref_scores = [float(100 * max(c, 0.0)) for c in (feats[ref] * text).sum(-1)]
-            row["clip_score_change"] = row["clip_score"] - statistics.fmean(ref_scores)
+            row["clip_score_change"] = row["clip_score"] - statistics.fmean(scores[ref])
             row["fd_clip_to_reference"] = frechet_distance(feats[n], feats[ref])
             row["paired"] = paired_differences(runs[n]["images"], runs[ref]["images"])
         rows.append(row)
