@@ -105,20 +105,6 @@ sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", 
 
 # A copy of the session's tiny-sd15 folder whose UNets are --weights-apart packages (the same --dynamic range):
 # the packages with their weights inside are dropped from the copy's manifest, so every reader runs the apart ones.
-# test_aoti_fp8_static: the FP8 folder copied whole, then its UNet again with static input scales (calibrated into the
-# package) and its weights apart (the scales are then readable in weights.safetensors): argv is the source folder,
-# the output folder, the plan.
-FP8_STATIC_DRIVER = """
-import shutil, sys
-from pathlib import Path
-from megafusion.cli.build_engines import main
-src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-shutil.copytree(src, out)
-sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--precision",
-               "fp8", "--fp8-scales", "static", "--weights-apart", "--no-dilation", "--networks", "unet",
-               "--output", str(out)]))
-"""
-
 APART_DRIVER = """
 import shutil, sys
 from pathlib import Path
@@ -130,6 +116,20 @@ if main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--dyn
          "--networks", "unet", "--weights-apart", "--output", str(out)]) != 0:
     sys.exit(1)
 drop_inside_unets(out)
+"""
+
+# test_aoti_fp8_static: the FP8 folder copied whole, then its UNet again with static input scales (calibrated into the
+# package, recorded in the entry's static_scales.json) and its weights apart: argv is the source folder, the output
+# folder, the plan.
+FP8_STATIC_DRIVER = """
+import shutil, sys
+from pathlib import Path
+from megafusion.cli.build_engines import main
+src, out, stages = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+shutil.copytree(src, out)
+sys.exit(main(["--model", "tiny-sd15", "--stages", stages, "--backend", "aoti", "--device", "cpu", "--precision",
+               "fp8", "--fp8-scales", "static", "--weights-apart", "--no-dilation", "--networks", "unet",
+               "--output", str(out)]))
 """
 
 # A build into a folder that first receives one network's entries of the session's tiny-sd15 folder (copied, not

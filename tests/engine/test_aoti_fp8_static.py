@@ -1,8 +1,8 @@
 """FP8 AOTInductor packages with static input scales (`mf-build-engines --precision fp8 --fp8-scales static`): each
-stage shape's UNet package is calibrated at that shape (runtime/fp8_calibration.py `package_calibrator`) and holds
-its scales as constants. The session copies test_aoti_fp8's folder (per-token FP8 UNet, fp16 text encoder, fp32 VAE)
-and builds the same UNet with static scales beside it, its weights apart, so the scales are readable in its
-weights.safetensors (tests/conftest.py FP8_STATIC_DRIVER, about 45 s on 2 cores).
+stage shape's UNet package is calibrated at that shape (runtime/fp8_calibration.py `package_calibrator`); Inductor
+folds the scales into the package's code and the entry records them in static_scales.json. The session copies
+test_aoti_fp8's folder (per-token FP8 UNet, fp16 text encoder, fp32 VAE) and builds the same UNet with static scales
+beside it, its weights apart (tests/conftest.py FP8_STATIC_DRIVER, about 40-65 s on 2 cores).
 
 Tolerances: package against the eager FP8 module with the same static scales, relative L2 of eps, bound 5% as in
 test_aoti_fp8 (Inductor rounds to bf16 elsewhere than eager does; measured there 1.3-1.4% for per-token packages).
