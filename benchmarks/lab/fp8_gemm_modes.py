@@ -23,7 +23,7 @@ from torch import nn
 
 from megafusion.benchmarks.timing import provenance
 from megafusion.core.families import get_family
-from megafusion.core.plan import parse_size
+from megafusion.core.plan import PlanError, parse_size
 
 FORMS = ("bf16", "fp8-rows", "fp8-tensor")
 FP8 = torch.float8_e4m3fn
@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     family = get_family(args.model)
-    sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
+    try:
+        sizes = [parse_size(s.strip()) for s in args.sizes.split(",") if s.strip()]
+    except PlanError as e:
+        p.error(f"--sizes {args.sizes}: {e}")
     device = torch.device(args.device)
     if device.type == "cuda":
         from megafusion.engine.fp8 import fp8_unavailable

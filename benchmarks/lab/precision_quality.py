@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(fp8_unavailable(device))
     if args.count < 2:
         p.error(f"--count {args.count}: at least 2 (a covariance needs two images)")
-    prompts = ([ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()] if args.prompts
-               else list(PROMPTS))
+    try:
+        prompts = ([ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()] if args.prompts
+                   else list(PROMPTS))
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"--prompts {args.prompts}: cannot be read ({e.__class__.__name__})")
     if not prompts:
         p.error(f"--prompts {args.prompts}: no prompt in the file")
     prompts = [prompts[i % len(prompts)] for i in range(args.count)]
@@ -145,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                 else default_plan(fam, *(parse_size(args.size) if args.size else (None, None))))
     except PlanError as e:
         p.error(str(e))
-    judge = ClipJudge(args.clip, device)  # before the model: a bad folder costs no generation
+    try:  # before the model: a bad folder costs no generation
+        judge = ClipJudge(args.clip, device)
+    except (OSError, ValueError) as e:
+        p.error(f"--clip {args.clip}: not a CLIP model folder with its tokenizer ({str(e).splitlines()[0]})")
     bundle = load_model(args.model, args.model_path, random_weights=args.model_path is None, device=device,
                         dtype=DTYPES[variants[0]] if variants[0] in DTYPES else torch.float32)
     opts = [GenerationOptions(pr, seed=args.seed + i) for i, pr in enumerate(prompts)]

@@ -39,3 +39,9 @@ def test_main_writes_its_report(tmp_path):
     assert data["device"] == "cpu" and data["totals"][0]["layers"] == 24  # tiny-sd15's FP8 layers, once each
     assert set(data["rows"][0]["ms"]) == set(fp8_gemm_modes.FORMS)
     assert "| 128x128 | 24 |" in (tmp_path / "fp8_gemm_modes_tiny-sd15.md").read_text()
+
+
+def test_bad_size_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8_gemm_modes.main(["--model", "tiny-sd15", "--sizes", "128x", "--device", "cpu", "--output", str(tmp_path)])
+    assert "--sizes 128x: malformed size" in capsys.readouterr().err

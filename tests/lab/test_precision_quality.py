@@ -44,3 +44,13 @@ def test_refusals(tmp_path, clip, capsys, flags, said):
         precision_quality.main(["--model", "tiny-sd15", "--clip", str(clip), "--device", "cpu", *flags,
                                 "--output", str(tmp_path)])
     assert said in capsys.readouterr().err
+
+
+def test_unreadable_inputs_refused_in_one_line(tmp_path, clip, capsys):
+    for flags, said in ((["--prompts", str(tmp_path / "none.txt")], "--prompts"),
+                        (["--clip", str(tmp_path)], "not a CLIP model folder")):
+        args = ["--model", "tiny-sd15", "--clip", str(clip), "--device", "cpu", "--output", str(tmp_path / "o")]
+        with pytest.raises(SystemExit):
+            precision_quality.main(args + flags)
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
