@@ -78,6 +78,10 @@
 #               at the plan's stage shapes and kept in the compile cache) in the same run (#20: <= 2.5 s)
 #   fp8-gemm-modes  SDXL's FP8 GEMM shapes per step as bf16, FP8 row-wise (today's) and FP8 per-tensor (cuBLASLt,
 #               fp16 out): what per-tensor weight scales would be worth before building them (#20; about a minute)
+#   gpu-tests-21  #18's GPU tests never passed on a GPU: the ControlNet engines (UNet and SD3/FLUX packages) in the step
+#               graph, the C API's ControlNet and IP-Adapter graphs, the flow C API's graphs and ControlNet (#17)
+#   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
+#               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
 #   fp8-compiled-sd15  the same for SD1.5 1024 (#20: <= 0.45 s), with its accuracy per stage against fp16 (run on
 #               bd7bad4, whose default policy still put proj_in and proj_out in FP8: 7.1%, 1.054x slower)
@@ -259,6 +263,15 @@ step() {  # the command line of one step
       --repeats 3 --warmup 1 --output $RES/fp8-bench-static" ;;
     fp8-gemm-modes) echo "timeout 300 python3 benchmarks/lab/fp8_gemm_modes.py --model sdxl --device cuda \
       --output $RES/fp8-gemm-modes" ;;
+    gpu-tests-21) printf 'rc=0; '; for t in "420 tests/engine/test_controlnet_engines.py tests/engine/test_dit_controlnet_engines.py" \
+        "600 tests/cpp/test_libmegafusion_graphs_control.py tests/cpp/test_libmegafusion_graphs_ip.py tests/cpp/test_libmegafusion_flow_graphs.py tests/cpp/test_libmegafusion_flow_control.py"; do
+        printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
+      done; echo '(exit $rc)' ;;
+    cond-compiled) echo "timeout 1100 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
+      --size 1024x1024 --output /tmp/mf-cond-inputs && python3 benchmarks/lab/controlnet_bench.py --model sdxl \
+      --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \
+      --size 2048x2048 --device cuda --repeats 3 --variants graphs,compiled --direct-for none \
+      --controlnet /tmp/mf-controlnet-sdxl --control-image /tmp/mf-cond-inputs/control.png --output $RES/cond-compiled'" ;;
     gpu-tests-20) echo "timeout 420 python3 -m pytest -q -m gpu tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py \
       tests/engine/test_fp8_static.py -p no:cacheprovider" ;;
     fp8-compiled-sd15) echo "timeout 600 python3 benchmarks/lab/fp8_unet.py --model sd15 --parts accuracy,compiled \
