@@ -1,6 +1,11 @@
 """Fixtures of the C API tests that go through ctypes (tests/cpp/flow_capi.py)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +15,8 @@ from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES, IP_SCALE
 from .flow_capi import Library
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROMPT, NEGATIVE, SEED = "a red cube", "blurry", 3
 """The IP-Adapter C API tests' generation (`ip_case`)."""
@@ -47,3 +54,33 @@ def ip_case(sd15_ip_aoti, tmp_path_factory) -> dict:
                          str(py)]) == 0
     return {"engines": engines, "ip": ip, "encoder": encoder, "tmp": tmp, "embeds": embeds,
             "ref": np.asarray(Image.open(ref).convert("RGB")), "py": np.asarray(Image.open(py).convert("RGB"))}
+
+
+@pytest.fixture(scope="session")
+def cuda_build(tmp_path_factory) -> Path:
+    """libmegafusion built with CUDA, once per session: each GPU test module rebuilt it (and the packages below)
+    when these were module fixtures, minutes per module on the lent GPU."""
+    cmake, nvcc = shutil.which("cmake"), shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if cmake is None or not Path(nvcc).exists():
+        pytest.skip("cmake or nvcc is not installed")
+    build = tmp_path_factory.mktemp("cpp-build-cuda")
+    cfg = _quiet([cmake, "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_TESTING=OFF",
+                f"-DPython3_EXECUTABLE={sys.executable}", f"-DCMAKE_CUDA_COMPILER={nvcc}"])
+    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
+    b = _quiet([cmake, "--build", build, "--target", "mf-generate-cpp", "-j8"])
+    assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
+    return build
+
+
+@pytest.fixture(scope="session")
+def sd15_aoti_cuda(tmp_path_factory) -> Path:
+    from megafusion.cli.build_engines import main as build_main
+
+    out = tmp_path_factory.mktemp("engines-aoti-cuda")
+    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cuda",
+                       "--output", str(out)]) == 0
+    return out
+
+
+def _quiet(cmd) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True)

@@ -30,7 +30,7 @@ from megafusion.runtime.pipeline import GenerationOptions
 
 from ..conftest import AOTI_STAGES
 from .test_libmegafusion import IMAGE_TOL, _cpp_image, _python_image, _run
-from .test_libmegafusion_graphs import GRAPH_TOL, _cpp as _cpp_cuda, cuda_build  # noqa: F401 (a fixture)
+from .test_libmegafusion_graphs import GRAPH_TOL, _cpp as _cpp_cuda
 
 pytestmark = pytest.mark.slow
 

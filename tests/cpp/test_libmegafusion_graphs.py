@@ -8,9 +8,7 @@ without CUDA (tests/conftest.py) or without nvcc.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,6 @@ from ..conftest import AOTI_STAGES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 GRAPH_TOL = 2
 """Largest allowed difference per channel between graphed and plain runs, in levels of 255."""
 COUNTERS = re.compile(r"graphs (on|off), (\d+) captures, (\d+) replays")
@@ -30,30 +27,6 @@ COUNTERS = re.compile(r"graphs (on|off), (\d+) captures, (\d+) replays")
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def cuda_build(tmp_path_factory) -> Path:
-    cmake, nvcc = shutil.which("cmake"), shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if cmake is None or not Path(nvcc).exists():
-        pytest.skip("cmake or nvcc is not installed")
-    build = tmp_path_factory.mktemp("cpp-build-cuda")
-    cfg = _run([cmake, "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_TESTING=OFF",
-                f"-DPython3_EXECUTABLE={sys.executable}", f"-DCMAKE_CUDA_COMPILER={nvcc}"])
-    assert cfg.returncode == 0, cfg.stdout[-2000:] + cfg.stderr[-2000:]
-    b = _run([cmake, "--build", build, "--target", "mf-generate-cpp", "-j8"])
-    assert b.returncode == 0, b.stdout[-4000:] + b.stderr[-2000:]
-    return build
-
-
-@pytest.fixture(scope="module")
-def sd15_aoti_cuda(tmp_path_factory) -> Path:
-    from megafusion.cli.build_engines import main as build_main
-
-    out = tmp_path_factory.mktemp("engines-aoti-cuda")
-    assert build_main(["--model", "tiny-sd15", "--stages", AOTI_STAGES, "--backend", "aoti", "--device", "cuda",
-                       "--output", str(out)]) == 0
-    return out
 
 
 def _cpp(build: Path, engines: Path, opts: GenerationOptions, tmp: Path, *flags: str) -> tuple[np.ndarray, tuple]:

@@ -17,7 +17,7 @@ from PIL import Image
 from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES
-from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run, cuda_build, sd15_aoti_cuda  # noqa: F401
+from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from PIL import Image
 from megafusion.runtime.tokens import format_ids, load_tokenizers
 
 from ..conftest import AOTI_STAGES, IP_SCALE
-from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run, cuda_build, sd15_aoti_cuda  # noqa: F401
+from .test_libmegafusion_graphs import COUNTERS, GRAPH_TOL, _max_diff, _run
 from .test_libmegafusion_ip import plain_then_ip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
