@@ -81,6 +81,7 @@
 #   gpu-tests-21  #18's GPU tests never passed on a GPU: the ControlNet engines (UNet and SD3/FLUX packages) in the step
 #               graph, the C API's ControlNet and IP-Adapter graphs, the flow C API's graphs and ControlNet (#17)
 #   gpu-tests-22  what gpu-tests-21 left (the flow C API's graphs on tiny-sd3 and its ControlNet on CUDA, #17 and #18),
+#               the compiled UNet under a ControlNet (tiny-sd15, tiny-sdxl: #18),
 #               then gpu-tests-20's files (#20), each under its own limit
 #   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
 #               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
@@ -270,6 +271,7 @@ step() {  # the command line of one step
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     gpu-tests-22) printf 'rc=0; '; for t in "420 tests/cpp/test_libmegafusion_flow_graphs.py tests/cpp/test_libmegafusion_flow_control.py" \
+        "300 tests/runtime/test_controlnet.py" \
         "420 tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py tests/engine/test_fp8_static.py"; do
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
