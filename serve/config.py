@@ -101,6 +101,13 @@ class ServeConfig:
         plan = default_plan(resolve_family(self.model, self.model_path))
         return ((plan.output_width, plan.output_height),)
 
+    def weights_source(self, family) -> str:
+        """The weights' origin as the loader records it (a bundle's `source`), known before the load: what the
+        engine folders' build commands name."""
+        if self.model_path is not None:
+            return str(Path(self.model_path).expanduser())
+        return "random:0" if family.tiny or self.random_weights else family.hub_id
+
     def to_dict(self) -> dict:
         return asdict(self)
 

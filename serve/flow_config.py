@@ -97,15 +97,6 @@ def choose_served_engines(cfg: ServeConfig, family):
     return kind
 
 
-def dit_source(cfg: ServeConfig, family) -> str:
-    """The weights' source as the loader records it (`DiTBundle.source`), known before the load."""
-    from pathlib import Path
-
-    if cfg.model_path is not None:
-        return str(Path(cfg.model_path).expanduser())
-    return "random:0" if family.tiny or cfg.random_weights else family.hub_id
-
-
 def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | None = None) -> None:
     """--engines with --controlnet: the folder holds a controlled-transformer package for every stage shape of
     `plan` at the transformer batch (default: the default guidance's), else an EngineError naming the build command
@@ -115,7 +106,7 @@ def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | No
 
     batch = cfg_batch(family) if batch is None else batch
     precision = dit_precision(cfg.device)
-    command = dit_controlnet_build_command(family, dit_source(cfg, family), plan, precision, cfg.engines, cfg.device,
+    command = dit_controlnet_build_command(family, cfg.weights_source(family), plan, precision, cfg.engines, cfg.device,
                                            batch, cfg.controlnets)
     try:
         check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command)

@@ -435,11 +435,10 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
     from ..engine.cache import EngineError
     from ..engine.load import select_engines
 
-    source = cfg.model_path or ("random:0" if family.tiny or cfg.random_weights else family.hub_id)
     served = None
     for w, h in cfg.served_sizes:
         try:
-            sel = select_engines(cfg.engines, family, source, default_plan(family, w, h), 2, "pixel", cfg.device,
+            sel = select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2, "pixel", cfg.device,
                                  precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
         except EngineError:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before

@@ -1,7 +1,8 @@
 """The checks of `mf-serve`'s flags that need the device or the model's shapes, run in the driver before Ray starts:
 --precision fp8 on this machine's GPU, and each --lora, --controlnet and --ip-adapter against the model's
 architecture, read from a copy of the model built on the meta device (no weights: seconds, not the load); with
---engines --ip-adapter, the unet_ip entries every served size needs (by the weights' origin, nothing opened).
+--engines, the entries every served size needs, and with --ip-adapter its unet_ip entries (by the weights' origin,
+nothing opened).
 
 A refusal is a `ConfigError` naming the flag and the value, as serve/config.py's; mf-serve prints one line and
 exits 2. The replicas run the same checks again when they load (a cluster's nodes may differ from the driver).
@@ -60,6 +61,23 @@ def check_against_model(cfg: ServeConfig) -> None:
             raise ConfigError(str(e)) from None
         if cfg.engines is not None:
             check_ip_engines(cfg, bundle, state)
+
+
+def check_served_engines(cfg: ServeConfig, family) -> None:
+    """--engines: the folder covers every --sizes entry's default plan (dilation 2, pixel relay) in the precision
+    the replicas open, chosen by the weights' origin (nothing loaded, as SD3 / FLUX's `choose_served_engines`);
+    else one line naming the size, what is missing and the mf-build-engines command, before Ray starts rather than
+    as a replica that does not start."""
+    from ..core.plan import default_plan
+    from ..engine.cache import EngineError
+    from ..engine.load import select_engines
+
+    for w, h in cfg.served_sizes:
+        try:
+            select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2, "pixel",
+                           cfg.device, precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
+        except EngineError as e:
+            raise ConfigError(f"--engines {cfg.engines!r}, --sizes {w}x{h}: {e}") from None
 
 
 def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:
@@ -121,5 +139,7 @@ def preflight(cfg: ServeConfig) -> ServeConfig:
             choose_served_engines(cfg, family)
         return cfg
     check_fp8(cfg)
+    if cfg.engines is not None:
+        check_served_engines(cfg, family)
     check_against_model(cfg)
     return cfg

@@ -119,16 +119,23 @@ def test_several_replicas_on_a_running_cluster():
     assert not wait_gone(started)
 
 
-def test_a_model_that_cannot_start_is_one_line_status_1(tmp_path):
-    empty = tmp_path / "engines"
-    empty.mkdir()
-    proc = Proc(["--model", "tiny-sd15", "--device", "cpu", "--sizes", "256x256", "--port", str(free_port()),
-                 "--engines", str(empty)])
+def test_a_model_that_cannot_start_is_one_line_status_1(tiny_sd15, tmp_path):
+    """Flags every check before Ray passes (an --engines folder that serves no size is one of those now), and a
+    model its replica then fails to load: a damaged weights file, which nothing reads before the load."""
+    from tests.core.test_loading import _save
+
+    folder = tmp_path / "model"
+    _save(tiny_sd15, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = Proc(["--model", "tiny-sd15", "--model-path", str(folder), "--device", "cpu", "--sizes", "256x256",
+                 "--port", str(free_port())])
     try:
         proc.wait_for("mf-serve: error:", 240)
     finally:
         rc = proc.stop()
     assert rc == 1
     errors = [ln for ln in proc.ours() if ln.startswith("mf-serve: error:")]
-    assert len(errors) == 1 and "the model did not start" in errors[0] and "no tiny-sd15" in errors[0], proc.lines[-30:]
+    assert len(errors) == 1 and "the model did not start" in errors[0] and "could not load tiny-sd15 weights" \
+        in errors[0] and "diffusion_pytorch_model.safetensors" in errors[0], proc.lines[-30:]
     assert not wait_gone(proc.seen)

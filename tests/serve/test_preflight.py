@@ -75,6 +75,17 @@ def test_another_architecture_refused_before_the_load(foreign, capsys):
              "--ip-adapter '", capsys)
 
 
+def test_engines_that_serve_no_size_refused_before_ray(tmp_path, capsys):
+    """--engines is held against every --sizes entry's default plan before Ray starts (as SD3 / FLUX's are), by the
+    weights' origin: the line names the folder, the size and the command that builds what is missing."""
+    empty = tmp_path / "engines"
+    empty.mkdir()
+    _refused(["--engines", str(empty), "--sizes", "256x256"],
+             f"--engines '{empty}', --sizes 256x256: no tiny-sd15 engines in {empty}; build them with: "
+             "mf-build-engines --model tiny-sd15 --stages", capsys)
+    _refused(["--engines", str(empty), "--precision", "fp8"], f"no tiny-sd15 fp8 engines in {empty}", capsys)
+
+
 def test_lora_path_made_absolute_keeping_its_scale(tmp_path, monkeypatch):
     from megafusion.cli.serve import _absolute_lora
 
