@@ -271,7 +271,7 @@ step() {  # the command line of one step
         printf 'echo "-- %s"; timeout %s python3 -m pytest -q -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     gpu-tests-22) printf 'rc=0; '; for t in "420 tests/cpp/test_libmegafusion_flow_graphs.py tests/cpp/test_libmegafusion_flow_control.py" \
-        "300 tests/runtime/test_controlnet.py" \
+        "420 tests/runtime/test_controlnet.py" \
         "420 tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py tests/engine/test_fp8_static.py"; do
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
