@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         from ..runtime.controlnet import ControlInputError
         from ..runtime.ipadapter import IPAdapterError
 
+        check_engine_folder(args, family, plan, variant_names, direct_for, weights_seed, dilation, device)
         bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                             seed=weights_seed)
         warn_truncated_prompts("mf-bench", bundle.tokenizers,
@@ -225,6 +226,34 @@ def bench_settings(args: argparse.Namespace, plan, dtype, vae, guidance: float, 
         "dilation": dilation, "reschedule": not args.no_reschedule, "relay": relay,
         "cost_only": args.cost_only,
     }
+
+
+def check_engine_folder(args, family, plan, variant_names, direct_for, weights_seed: int, dilation: int,
+                        device) -> None:
+    """The --engine-dir entries each engines: variant opens (and, with --direct-for, those of the direct plan), chosen
+    by the weights' origin as mf-generate --engines chooses them: a folder that lacks some is one line with the
+    build command before the model loads, not after."""
+    from pathlib import Path
+
+    from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, direct_plan, engine_folder_scales, engine_folder_variant
+    from ..engine.cache import EngineError
+    from ..engine.load import select_engines
+
+    source = (str(Path(args.model_path).expanduser()) if args.model_path else
+              f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
+    for kind in variant_names:
+        if not kind.startswith(ENGINE_FOLDER_PREFIX):
+            continue
+        backend, precision = engine_folder_variant(kind)
+        plans = [(plan, dilation if len(plan.stages) > 1 else 1)]  # a one-stage plan runs no dilated UNet
+        if kind in direct_for:
+            plans.append((direct_plan(family, plan), 1))
+        for p, d in plans:
+            try:
+                select_engines(args.engine_dir, family, source, p, d, "pixel", device, backend, precision,
+                               fp8_scales=engine_folder_scales(kind))
+            except EngineError as e:
+                raise UsageError(f"--variants {kind}: {e}") from None
 
 
 def report(result, out_dir) -> int:

@@ -181,6 +181,24 @@ def test_cli_rejects_bad_input(argv, tmp_path, capsys):
     assert "mf-bench: error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variant,said", [("engines:aoti", "no tiny-sd15 aoti engines in"),
+                                           ("engines:aoti-fp8-static", "no tiny-sd15 aoti fp8 engines in")])
+def test_engine_folder_without_the_plan_refused_before_the_load(variant, said, tmp_path, capsys, monkeypatch):
+    """An --engine-dir that lacks what a variant opens: one line naming the variant and the build command, before
+    the model loads (as mf-generate --engines refuses), and no report written."""
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the engine folder was checked")
+
+    monkeypatch.setattr("megafusion.core.loading.load_model", no_load)
+    (tmp_path / "e").mkdir()
+    assert main(["--model", "tiny-sd15", "--device", "cpu", "--output", str(tmp_path / "out"), "--variants", variant,
+                 "--engine-dir", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mf-bench: error: --variants {variant}: {said}"), err
+    assert "build them with: mf-build-engines --model tiny-sd15 --stages" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.gpu
 def test_gpu_bench_measures_peak_and_fraction(tmp_path):
     rc = main(["--model", "tiny-sdxl", "--device", "cuda", "--repeats", "2", "--warmup", "1", "--output",
