@@ -7,7 +7,7 @@ import os
 import sys
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
-                     add_plan_arguments, run_main)
+                     add_plan_arguments, run_main, weights_source_from_args)
 from .conditions import add_control_arguments, add_image_arguments, add_ip_adapter_arguments
 
 
@@ -233,14 +233,11 @@ def check_engine_folder(args, family, plan, variant_names, direct_for, weights_s
     """The --engine-dir entries each engines: variant opens (and, with --direct-for, those of the direct plan), chosen
     by the weights' origin as mf-generate --engines chooses them: a folder that lacks some is one line with the
     build command before the model loads, not after."""
-    from pathlib import Path
-
     from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, direct_plan, engine_folder_scales, engine_folder_variant
     from ..engine.cache import EngineError
     from ..engine.load import select_engines
 
-    source = (str(Path(args.model_path).expanduser()) if args.model_path else
-              f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
+    source = weights_source_from_args(args, family, weights_seed)
     for kind in variant_names:
         if not kind.startswith(ENGINE_FOLDER_PREFIX):
             continue

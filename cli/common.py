@@ -79,6 +79,14 @@ def weights_seed_from_args(prog: str, family: ModelFamily, args: argparse.Namesp
     return seed
 
 
+def weights_source_from_args(args: argparse.Namespace, family: ModelFamily, weights_seed: int) -> str:
+    """The weights' origin as the loader will record it (a bundle's `source`), known before the load: what engine
+    folders are chosen by and their build commands name."""
+    if args.model_path is not None:
+        return str(Path(args.model_path).expanduser())
+    return f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id
+
+
 def warn(prog: str, message: str) -> None:
     """One line on standard error; the run goes on."""
     print(f"{prog}: warning: {message}", file=sys.stderr)

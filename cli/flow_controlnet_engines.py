@@ -5,16 +5,8 @@ line with the command that builds it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import UsageError
-
-
-def _source(args: argparse.Namespace, family, weights_seed: int) -> str:
-    """The weights' source as the loader will record it (`DiTBundle.source`), known before the load."""
-    if args.model_path is not None:
-        return str(Path(args.model_path).expanduser())
-    return f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id
+from .common import UsageError, weights_source_from_args
 
 
 def refuse_controlnet_kind(kind, family, command: str) -> None:
@@ -33,7 +25,7 @@ def check_controlled_engines(args: argparse.Namespace, family, plan, device, pre
     from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
     from ..engine.dit_engines import dit_engine_kinds, lora_flags
 
-    command = dit_controlnet_build_command(family, _source(args, family, weights_seed), plan, precision,
+    command = dit_controlnet_build_command(family, weights_source_from_args(args, family, weights_seed), plan, precision,
                                            args.engines, device, batch, args.controlnet) + lora_flags(loras)
     try:
         check_dit_controlnet_engines(args.engines, family, plan, device, precision, batch, command)

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         return run_if(args)
     from ..engine.networks import TorchNetworks
     from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
-                     plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args)
+                     plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args,
+                     weights_source_from_args)
     from ..core.loading import load_model
     from ..core.loading import resolve_family
 
@@ -214,8 +215,7 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.cache import EngineError
         from ..engine.load import select_engines
 
-        source = (str(Path(args.model_path).expanduser()) if args.model_path else
-                  f"random:{weights_seed}" if family.tiny or args.random_weights else family.hub_id)
+        source = weights_source_from_args(args, family, weights_seed)
         # Which engines run the plan, before the load: what they run needs no weights in torch. With --lora the model
         # loads whole: the files are checked against it before any engine is looked at, and the swap reads its
         # base weights.

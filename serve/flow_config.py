@@ -106,8 +106,8 @@ def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | No
 
     batch = cfg_batch(family) if batch is None else batch
     precision = dit_precision(cfg.device)
-    command = dit_controlnet_build_command(family, cfg.weights_source(family), plan, precision, cfg.engines, cfg.device,
-                                           batch, cfg.controlnets)
+    command = dit_controlnet_build_command(family, cfg.weights_source(family), plan, precision, cfg.engines,
+                                           cfg.device, batch, cfg.controlnets)
     try:
         check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command)
     except EngineError as e:

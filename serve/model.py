@@ -438,8 +438,8 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
     served = None
     for w, h in cfg.served_sizes:
         try:
-            sel = select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2, "pixel", cfg.device,
-                                 precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
+            sel = select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2,
+                                 "pixel", cfg.device, precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
         except EngineError:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
         served = sel.modules_served() if served is None else served & sel.modules_served()
