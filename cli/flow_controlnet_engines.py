@@ -25,8 +25,9 @@ def check_controlled_engines(args: argparse.Namespace, family, plan, device, pre
     from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
     from ..engine.dit_engines import dit_engine_kinds, lora_flags
 
-    command = dit_controlnet_build_command(family, weights_source_from_args(args, family, weights_seed), plan, precision,
-                                           args.engines, device, batch, args.controlnet) + lora_flags(loras)
+    source = weights_source_from_args(args, family, weights_seed)
+    command = dit_controlnet_build_command(family, source, plan, precision, args.engines, device, batch,
+                                           args.controlnet) + lora_flags(loras)
     try:
         check_dit_controlnet_engines(args.engines, family, plan, device, precision, batch, command)
     except EngineError as e:
