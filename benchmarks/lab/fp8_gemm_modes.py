@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from megafusion.benchmarks.timing import provenance
+from megafusion.benchmarks.flops import unet_meta_inputs
+from megafusion.benchmarks.timing import provenance, time_call
 from megafusion.core.families import get_family
 from megafusion.core.plan import PlanError, parse_size
 
@@ -53,15 +53,8 @@ def gemm_shapes(family, height: int, width: int, batch: int = 2) -> Counter:
     for name, m in unet.named_modules():
         if name in names:
             m.register_forward_hook(hook(name))
-    vs = family.vae_scale
-    with torch.device("meta"):
-        x = torch.zeros(batch, unet.config.in_channels, height // vs, width // vs)
-        ehs = torch.zeros(batch, 77, unet.config.cross_attention_dim)
-        added = None
-        if unet.config.addition_embed_type == "text_time":
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            added = {"text_embeds": torch.zeros(batch, pooled), "time_ids": torch.zeros(batch, 6)}
-        unet(x, torch.zeros(()), encoder_hidden_states=ehs, added_cond_kwargs=added)
+    sample, t, states, added = unet_meta_inputs(family, height, width, batch)
+    unet(sample, t, encoder_hidden_states=states, added_cond_kwargs=added)
     return shapes
 
 
@@ -90,26 +83,12 @@ def forms(m: int, k: int, n: int, device) -> dict:
 
 def time_forms(m: int, k: int, n: int, device, warmup: int, repeats: int) -> dict[str, float]:
     """Median milliseconds of each form (CUDA events on a GPU; wall time on the CPU)."""
-    calls = forms(m, k, n, device)
-    cuda = torch.device(device).type == "cuda"
+    calls, dev = forms(m, k, n, device), torch.device(device)
     out = {}
     for name, fn in calls.items():
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        out[name] = statistics.median(times)
+        out[name] = statistics.median(time_call(fn, dev)[0] * 1e3 for _ in range(repeats))
     return out
 
 
