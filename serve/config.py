@@ -108,6 +108,15 @@ class ServeConfig:
             return str(Path(self.model_path).expanduser())
         return "random:0" if family.tiny or self.random_weights else family.hub_id
 
+    def served_selection(self, family, width: int, height: int):
+        """The --engines entries that serve one --sizes entry's default plan (dilation 2, pixel relay) in the
+        precision the replicas open, chosen by the weights' origin before any load (engine/load.py
+        `select_engines`: an EngineError names what is missing and the build command)."""
+        from ..engine.load import select_engines
+
+        return select_engines(self.engines, family, self.weights_source(family), default_plan(family, width, height),
+                              2, "pixel", self.device, precision=self.engines_precision, fp8_scales=self.fp8_scales)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

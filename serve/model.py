@@ -433,13 +433,11 @@ def engine_modules(cfg: ServeConfig, family: ModelFamily) -> frozenset[str]:
     load without weights. A request needing a skipped component on engines that do not cover it is refused by
     `open_engines` (a 400 naming the build command), as it would be with the weights loaded."""
     from ..engine.cache import EngineError
-    from ..engine.load import select_engines
 
     served = None
     for w, h in cfg.served_sizes:
         try:
-            sel = select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2,
-                                 "pixel", cfg.device, precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
+            sel = cfg.served_selection(family, w, h)
         except EngineError:
             return frozenset()  # the warm-up refuses it by name, with the weights loaded as before
         served = sel.modules_served() if served is None else served & sel.modules_served()

@@ -68,14 +68,11 @@ def check_served_engines(cfg: ServeConfig, family) -> None:
     the replicas open, chosen by the weights' origin (nothing loaded, as SD3 / FLUX's `choose_served_engines`);
     else one line naming the size, what is missing and the mf-build-engines command, before Ray starts rather than
     as a replica that does not start."""
-    from ..core.plan import default_plan
     from ..engine.cache import EngineError
-    from ..engine.load import select_engines
 
     for w, h in cfg.served_sizes:
         try:
-            select_engines(cfg.engines, family, cfg.weights_source(family), default_plan(family, w, h), 2, "pixel",
-                           cfg.device, precision=cfg.engines_precision, fp8_scales=cfg.fp8_scales)
+            cfg.served_selection(family, w, h)
         except EngineError as e:
             raise ConfigError(f"--engines {cfg.engines!r}, --sizes {w}x{h}: {e}") from None
 
@@ -89,7 +86,6 @@ def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:
     from ..core.plan import default_plan
     from ..engine.cache import EngineError
     from ..engine.ipadapter_engines import check_ip_engines as check, embed_dim
-    from ..engine.load import select_engines
 
     dim = embed_dim(state)
     try:
@@ -103,7 +99,7 @@ def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:
     for w, h in cfg.served_sizes:
         plan = default_plan(bundle.family, w, h)
         try:
-            sel = select_engines(cfg.engines, bundle.family, bundle.source, plan, 2, "pixel", cfg.device)
+            sel = cfg.served_selection(bundle.family, w, h)
             check(cfg.engines, bundle, plan, dim, cfg.ip_adapter, cfg.engines_ip_scale, sel.backend.name,
                   sel.precision, 2, cfg.device)
         except EngineError as e:
