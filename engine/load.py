@@ -177,8 +177,7 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
         if missing:
             have = sorted({px for e in same for px in backend.served_sizes(fam, s, e.key.profiles)})
             need = ", ".join(f"{st.width}x{st.height}" for st in (plan.stages[p.stage] for p in missing))
-            static = ", static input scales" if s.precision == FP8 and fp8_scales == "static" else ""
-            what = f"{s.network} ({s.variant}, {s.precision}{static})"
+            what = f"{s.network} ({s.variant}, {_precision_text(s.precision, fp8_scales)})"
             covered = f"they cover {', '.join(have)}" if have else f"there is no {what} engine"
             raise CoverageError(f"the engines in {engine_dir} do not cover {what} at {need}; {covered}. "
                                 f"Build them with: {cmd}")
@@ -186,6 +185,11 @@ def select_engines(engine_dir: str | Path, family: ModelFamily, source: str, pla
         sel.needs.append((s, [sorted((e for e in same if _covers(e, p)), key=lambda e: (_span(e, p), -e.created))
                               for p in r.profiles]))
     return sel
+
+
+def _precision_text(precision: str, fp8_scales: str) -> str:
+    """A precision as refusals and descriptions name it: FP8 with static input scales says so."""
+    return f"{precision}, static input scales" if precision == FP8 and fp8_scales == "static" else precision
 
 
 def _scaling_of(e: Entry) -> str:
@@ -267,8 +271,7 @@ def open_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, d
     # The controlled UNet's engines are keyed by the plain UNet's fingerprint: hashed once, here.
     networks.weights.update({s.network: by_component[bundle.component(s.network)] for s, _ in sel.needs
                              if s.network in unopened})
-    what = f"{sel.precision}, static input scales" if sel.precision == FP8 and fp8_scales == "static" else sel.precision
-    return networks, f"{backend.name} engines ({what}) from {engine_dir}"
+    return networks, f"{backend.name} engines ({_precision_text(sel.precision, fp8_scales)}) from {engine_dir}"
 
 
 def open_entry(engine_dir: Path, e: Entry, backend: Backend, ctx: OpenContext) -> Runner:
