@@ -41,18 +41,15 @@ PROMPTS = ("a lighthouse on a cliff at dusk, waves below", "a bowl of ramen on a
            "a snowy mountain village at night, warm windows", "a hummingbird drinking from a purple flower",
            "an astronaut reading a newspaper on a park bench", "a watercolor map of an imaginary island")
 """Built-in prompts (cycled): subjects with fine detail, faces, text-free scenes."""
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The UNet's dtype per variant; the FP8 variants hold a bf16 UNet around their FP8 layers."""
 
 
 def _variant_nets(name: str, bundle, plan, dilation: int, device) -> TorchNetworks:
     """The UNet set up for `name` (in place; ORDER says why the order is fixed)."""
     unet = bundle.unet
-    if name in ("fp32", "fp16"):
-        torch.nn.Module.to(unet, dtype=DTYPES[name])
-    elif name == "bf16":
-        torch.nn.Module.to(unet, dtype=torch.bfloat16)
-    else:
-        torch.nn.Module.to(unet, dtype=torch.bfloat16)
+    torch.nn.Module.to(unet, dtype=DTYPES.get(name, torch.bfloat16))
+    if name not in DTYPES:
         layers = [m for m in unet.modules() if isinstance(m, Fp8Linear)]
         if not layers:
             quantize_unet(unet, Fp8Policy())
