@@ -42,18 +42,11 @@ def _unets(folder):
 
 
 def _runner(folder, e):
-    from megafusion.core.specs import network_spec
-    from megafusion.engine.aoti_backend import AotiRunner
-    from megafusion.export.aoti_weights import WEIGHTS_FILE, read_weights
+    """The entry opened as the runtime opens it (its weights apart read by the backend)."""
+    from megafusion.engine.backend import OpenContext, get_backend
+    from megafusion.engine.load import open_entry
 
-    spec = network_spec(get_family("tiny-sd15"), "unet", e.key.precision, e.key.dilation)
-    weights = None
-    if e.key.constants == "apart":
-        from megafusion.engine.aoti_shared import SharedWeights
-
-        rec = next(f for f in e.files if f.path.endswith("/" + WEIGHTS_FILE))
-        weights = SharedWeights(read_weights(folder / rec.path, "cpu"), rec.sha256)
-    return AotiRunner(folder / e.files[0].path, spec, e.key.profiles[0], "tiny-sd15", torch.device("cpu"), weights)
+    return open_entry(folder, e, get_backend("aoti"), OpenContext(get_family("tiny-sd15"), torch.device("cpu")))
 
 
 def _eager_static(profile, spec):
