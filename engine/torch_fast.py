@@ -7,6 +7,8 @@ a later process loads it without tracing; Inductor's own disk cache (TORCHINDUCT
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,10 +93,22 @@ def fast_graphs_options(device, unet_fp8: Fp8Policy | None = None) -> FastOption
                        unet_fp8=unet_fp8)
 
 
+def fuse_qkv(module: torch.nn.Module) -> None:
+    """Every diffusers `Attention` of `module` with its projections fused, as the UNet's and VAE's
+    `fuse_qkv_projections` do (the processor they also set is replaced by `set_attention`). ControlNetModel's
+    method (diffusers 0.42) looks only for the newer attention classes and fuses none of its blocks, silently."""
+    from diffusers.models.attention_processor import Attention
+
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.fuse_projections(fuse=True)
+
+
 def prepare_module(module: torch.nn.Module, attention: str, options: FastOptions) -> None:
-    """Fused QKV, the attention kernel `attention` and channels_last on one UNet or VAE, as `options` ask."""
+    """Fused QKV, the attention kernel `attention` and channels_last on one UNet, VAE or ControlNet, as `options`
+    ask."""
     if options.fuse_qkv:
-        module.fuse_qkv_projections()
+        fuse_qkv(module)
     set_attention(module, attention)
     if options.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -169,6 +183,7 @@ class FastTorchNetworks(TorchNetworks):
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         compile = lambda fn: compile_with(fn, options, portable_guards)  # noqa: E731
+        self._compile, self.folder = compile, None
         self.precompiled: list[Precompiled] = []
         if options.compile_unet:  # the mid-block dilation changes the traced code (conv attributes)
             self.unet_fn = Precompiled("unet", call_module, bundle.unet, compile, lambda: mid_dilation_of(bundle.unet))
@@ -180,8 +195,30 @@ class FastTorchNetworks(TorchNetworks):
 
     def keep_compiled(self, folder) -> None:
         """Save each compiled function in `folder` and reuse the ones there (engine/precompiled.py)."""
+        self.folder = folder
         for site in self.precompiled:
             site.attach(folder)
+
+    def controlnet_call(self, model: torch.nn.Module) -> Callable:
+        """What runs a ControlNet of this UNet in its step (runtime/controlnet.py): the module prepared as the UNet
+        is (fused QKV, the UNet's attention kernel, channels_last) and, when the UNet is compiled, compiled at a
+        call site of its own. Left eager inside the compiled UNet's graph, a ControlNet's FLOPs ran at 315 TFLOP/s
+        against the plain compiled plan's 425 (SDXL 2048, H200, benchmarks/RESULTS.md, twenty-second session).
+        Its functions are kept beside the UNet's under a name from its configuration, so ControlNets of two
+        architectures never replace each other's files."""
+        prepare_module(model, self.options.unet_attention, self.options)
+        released = share_fused_parts(model)
+        self.released_bytes += released
+        if released and next(model.parameters()).device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self.options.compile_unet:
+            return model
+        config = json.dumps(dict(model.config), sort_keys=True, default=str)
+        name = f"controlnet-{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+        site = Precompiled(name, call_module, model, self._compile, lambda: mid_dilation_of(model))
+        site.attach(self.folder)
+        self.precompiled.append(site)
+        return site
 
     def precompile_counters(self) -> dict[str, int]:
         """traced / loaded / saved / rejected, summed over the call sites."""

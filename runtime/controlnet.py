@@ -92,6 +92,9 @@ class ControlledNetworks(WrappedNetworks):
     def __init__(self, base: TorchNetworks | IPAdapterNetworks, controls: list[Control], device):
         super().__init__(base)
         self.controls, self.device = controls, torch.device(device)
+        prepare = getattr(base, "controlnet_call", None)  # the fast backend's: prepared, compiled with the UNet
+        self.calls = [prepare(c.model) if prepare is not None else c.model for c in controls]
+        """What runs ControlNet j: its module, or the fast backend's call site over it."""
         self.scales = torch.zeros(len(controls), 1000, device=self.device)
         """scale * keep of ControlNet j at timestep t: indexed by t on the device, so no host value enters a step."""
         self.images: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -128,9 +131,9 @@ class ControlledNetworks(WrappedNetworks):
         for j, c in enumerate(self.controls):
             scale = self.scales[j].index_select(0, timestep.view(1)).squeeze(0)
             with mid_dilation(c.model, dilation):  # the ControlNet's mid block is the UNet's copy: dilated alike
-                d, m = c.model(sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
-                               controlnet_cond=images[j], conditioning_scale=scale.to(dt),
-                               added_cond_kwargs=added, return_dict=False)
+                d, m = self.calls[j](sample.to(dt), timestep, encoder_hidden_states=encoder_hidden_states.to(dt),
+                                     controlnet_cond=images[j], conditioning_scale=scale.to(dt),
+                                     added_cond_kwargs=added, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return self.base.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, dilation, (down, mid))

@@ -132,19 +132,77 @@ def test_controlnet_captured_in_the_step_graph_on_cuda(tmp_path):
     fast = MegaFusionPipeline.fast(bundle, ControlledNetworks(TorchNetworks(bundle), controls, "cuda"), "cuda")
     x = eager.generate(plan, opts).latent
     y = fast.generate(plan, opts).latent
-    assert fast.graphs.captures == 2
+    assert fast.graphs.captures == 2 and fast.nets.calls[0].counters["traced"] == 2
     assert _relerr(y, x) < 1e-3
     y2 = fast.generate(plan, GenerationOptions(PROMPT, seed=3)).latent  # replayed, not recaptured
     assert fast.graphs.captures == 2 and _relerr(y2, y) < 1e-6
+
+
+def test_fast_backend_prepares_the_controlnet_as_its_unet(tmp_path):
+    """--mode fast-graphs (nothing compiled): the ControlNet gets the UNet's changes (fused QKV, its attention kernel,
+    channels_last) and runs as the module itself, with the plain modules' latent (1e-5, float32 CPU)."""
+    from megafusion.core.loading import load_model
+    from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+
+    ref_bundle, fast_bundle = load_model("tiny-sd15"), load_model("tiny-sd15")
+    path = save_tiny_controlnet(ref_bundle.unet, tmp_path / "cn")
+    ref_cn, fast_cn = (load_controlnet(path, b.unet, "cpu", torch.float32) for b in (ref_bundle, fast_bundle))
+    plan = validate_plan(ref_bundle.family, [Stage(128, 128, 2), Stage(192, 192, 1)])
+    opts = GenerationOptions(PROMPT, seed=3)
+    nets = FastTorchNetworks(fast_bundle, FastOptions(compile_unet=False, compile_vae=False, cudnn_benchmark=False))
+    before = nets.released_bytes
+    fast = ControlledNetworks(nets, [Control(fast_cn, control_image(128, 128), 0.8)], "cpu")
+    assert fast.calls == [fast_cn] and nets.precompiled == []
+    assert any(getattr(m, "fused_projections", False) for m in fast_cn.modules())
+    assert nets.released_bytes > before  # its separate Q, K, V are views of the fused weights now
+    ref = ControlledNetworks(TorchNetworks(ref_bundle), [Control(ref_cn, control_image(128, 128), 0.8)], "cpu")
+    x = MegaFusionPipeline(ref_bundle, ref, "cpu").generate(plan, opts).latent
+    y = MegaFusionPipeline(fast_bundle, fast, "cpu").generate(plan, opts).latent
+    assert _relerr(y, x) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_controlnet_kept_and_loaded_cpu(tmp_path):
+    """--mode compiled: the ControlNet compiled at a call site of its own, one function per stage shape and
+    dilation, kept in the compile cache's folder under its configuration's name; networks made anew (a warm start)
+    load those functions and trace nothing; both give the eager loop's latent (1e-4: Inductor reorders float32
+    reductions)."""
+    from megafusion.core.loading import load_model
+    from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+
+    plan = validate_plan(load_model("tiny-sd15").family, [Stage(128, 128, 2), Stage(192, 192, 1)])
+    opts = GenerationOptions(PROMPT, seed=3)
+    path = save_tiny_controlnet(load_model("tiny-sd15").unet, tmp_path / "cn")
+
+    def run(fast: bool):
+        bundle = load_model("tiny-sd15")
+        cn = load_controlnet(path, bundle.unet, "cpu", torch.float32)
+        nets = TorchNetworks(bundle)
+        if fast:
+            nets = FastTorchNetworks(bundle, FastOptions(compile_vae=False, cudnn_benchmark=False))
+            nets.keep_compiled(tmp_path / "functions")
+        controlled = ControlledNetworks(nets, [Control(cn, control_image(128, 128), 0.8)], "cpu")
+        return MegaFusionPipeline(bundle, controlled, "cpu").generate(plan, opts).latent, controlled
+
+    eager, _ = run(False)
+    first, controlled = run(True)
+    site = controlled.calls[0]
+    assert site.name.startswith("controlnet-") and site.counters == {"traced": 2, "loaded": 0, "saved": 2,
+                                                                      "rejected": 0}
+    assert len(list((tmp_path / "functions").glob(f"{site.name}-*.bin"))) == 2  # 128x128 standard, 192x192 dilated
+    second, controlled = run(True)
+    assert controlled.calls[0].counters == {"traced": 0, "loaded": 2, "saved": 0, "rejected": 0}
+    assert _relerr(first, eager) < 1e-4 and _relerr(second, eager) < 1e-4
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
 def test_cuda_compiled_mode_with_controlnet_matches_eager(name, tmp_path, no_tf32):
     """--mode compiled as mf-generate builds it (FastTorchNetworks under ControlledNetworks, the fast pipeline): the
-    UNet compiled taking the ControlNet's residuals as inputs, the ControlNet eager, both in one graph per stage
-    shape; the latent within 1e-3 of the eager loop's (fp32: Inductor reorders the reductions). cuDNN's TF32 off, as
-    in every GPU test comparing two implementations: with it on, the H200 gave 1.3e-3 (tiny-sd15) and 2.0e-3."""
+    UNet compiled taking the ControlNet's residuals as inputs, the ControlNet compiled at its own call site, both in
+    one graph per stage shape; the latent within 1e-3 of the eager loop's (fp32: Inductor reorders the
+    reductions). cuDNN's TF32 off, as in every GPU test comparing two implementations: with it on, the H200 gave
+    1.3e-3 (tiny-sd15) and 2.0e-3 (with the ControlNet eager, d434125)."""
     from megafusion.core.loading import load_model
     from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 
