@@ -45,7 +45,7 @@ class FlowTorchNetworks:
         batch; the VAE and text encoders stay eager."""
         self.bundle = bundle
         self.capturable = True  # plain torch ops on the current stream
-        self.compiled = compiled
+        self.compiled, self.options = compiled, options
         self.kind = bundle.family.kind
         self.transformer_dtype = bundle.transformer.dtype
         if vae_dtype is not None and vae_dtype != bundle.vae.dtype:
@@ -59,6 +59,12 @@ class FlowTorchNetworks:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.transformer_fn = compile_with(bundle.transformer, options)
         self._ids: dict[tuple, torch.Tensor] = {}  # FLUX position ids per latent size: no host copy per step
+
+    def controlnet_call(self, model: torch.nn.Module):
+        """What runs a ControlNet in the velocity step (runtime/flow_controlnet.py): compiled as the transformer is
+        when `compiled` (one compile per token grid and batch; eager inside the compiled step otherwise), else the
+        module."""
+        return compile_with(model, self.options) if self.compiled else model
 
     @torch.inference_mode()
     def velocity(self, z: torch.Tensor, timestep: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor,

@@ -88,6 +88,9 @@ class ControlledFlowNetworks(WrappedNetworks):
         if not controls:
             raise ValueError("ControlledFlowNetworks needs at least one Control")
         self.controls, self.device = controls, torch.device(device)
+        prepare = getattr(base, "controlnet_call", None)  # compiled with the transformer under --mode compiled
+        self.calls = [prepare(c.model) if prepare is not None else c.model for c in controls]
+        """What runs ControlNet j: its module, or the compiled module."""
         hints = {getattr(c.model, "input_hint_block", None) is not None for c in controls}
         if len(hints) > 1:
             raise ControlInputError("--controlnet: FLUX ControlNets with and without a pixel-space hint block "
@@ -154,7 +157,7 @@ class ControlledFlowNetworks(WrappedNetworks):
         total = None
         for j, c in enumerate(self.controls):
             cfg = c.model.config
-            (samples,) = c.model(
+            (samples,) = self.calls[j](
                 hidden_states=z.to(dt), timestep=timestep,
                 encoder_hidden_states=states.to(dt) if cfg.joint_attention_dim is not None else None,
                 pooled_projections=(torch.zeros_like(pooled) if cfg.force_zeros_for_pooled_projection
@@ -172,8 +175,8 @@ class ControlledFlowNetworks(WrappedNetworks):
         for j, c in enumerate(self.controls):
             g = self.base.flux_guidance(guidance, b, z.device) if c.model.config.guidance_embeds else None
             image = images[j].expand(b, *images[j].shape[1:])
-            d, s = c.model(**common, controlnet_cond=image, conditioning_scale=scales[j], guidance=g,
-                           return_dict=False)
+            d, s = self.calls[j](**common, controlnet_cond=image, conditioning_scale=scales[j], guidance=g,
+                                 return_dict=False)
             # FluxMultiControlNetModel's merge: where either side has no such blocks, the running sum stays.
             blocks = d if j == 0 else blocks if d is None or blocks is None else [x + y for x, y in zip(blocks, d)]
             singles = s if j == 0 else singles if s is None or singles is None else [

@@ -249,9 +249,9 @@ def test_cuda_graph_holds_the_controlnet_and_matches_eager(name, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
-def test_cuda_compiled_mode_with_controlnet_matches_eager(name):
-    """--mode compiled: the transformer compiled (taking the block samples as inputs), the ControlNet eager, both
-    inside the stage's graph."""
+def test_cuda_compiled_mode_with_controlnet_matches_eager(name, no_tf32):
+    """--mode compiled: the transformer compiled (taking the block samples as inputs) and the ControlNet compiled,
+    both inside the stage's graph."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     b = load_model(name, device="cuda", dtype=torch.float32)
@@ -262,6 +262,7 @@ def test_cuda_compiled_mode_with_controlnet_matches_eager(name):
     eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, "cuda")).generate(
         plan, opts).latent
     nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, "cuda")
+    assert nets.calls[0] is not net and nets.calls[0]._orig_mod is net  # torch.compile's wrapper of the module
     pipe = FlowMegaFusionPipeline(b, nets, mode="compiled")
     assert _relerr(pipe.generate(plan, opts).latent, eager) < 1e-3  # Inductor reorders fp32 reductions
     assert pipe.graphs.captures == 2
