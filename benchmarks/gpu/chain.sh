@@ -83,6 +83,9 @@
 #   gpu-tests-22  what gpu-tests-21 left (the flow C API's graphs on tiny-sd3 and its ControlNet on CUDA, #17 and #18),
 #               the compiled UNet under a ControlNet (tiny-sd15, tiny-sdxl: #18),
 #               then gpu-tests-20's files (#20), each under its own limit
+#   gpu-tests-23  what gpu-tests-22 left (the flow C API's ControlNet on CUDA, alone: at 420 s after the flow graphs it
+#               had not ended), then the compiled ControlNets' GPU tests (UNet and flow families: the ControlNet
+#               compiled at its own call site since e981fc4 / 92d9363), each under its own limit
 #   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
 #               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
@@ -273,6 +276,10 @@ step() {  # the command line of one step
     gpu-tests-22) printf 'rc=0; '; for t in "420 tests/cpp/test_libmegafusion_flow_graphs.py tests/cpp/test_libmegafusion_flow_control.py" \
         "420 tests/runtime/test_controlnet.py" \
         "420 tests/cli/test_generate_fp8_static.py tests/engine/test_aoti_fp8_static.py tests/engine/test_fp8_static.py"; do
+        printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
+      done; echo '(exit $rc)' ;;
+    gpu-tests-23) printf 'rc=0; '; for t in "560 tests/cpp/test_libmegafusion_flow_control.py" \
+        "420 tests/runtime/test_controlnet.py tests/runtime/test_flow_controlnet.py"; do
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     cond-compiled) echo "timeout 1100 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
