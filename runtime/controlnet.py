@@ -110,9 +110,12 @@ class ControlledNetworks(WrappedNetworks):
                 table[j, int(t)] = c.scale * keep(i, total, c.start, c.end)
         self.scales.copy_(table)
         vs = self.bundle.family.vae_scale
+        # Resized and expanded to the batch on the device: with the resize on the host, the set-up before SDXL 2048's
+        # stage 1 took 53-81 ms longer than the plain plan's (H200).
+        images = [c.image.to(self.device, torch.float32) for c in self.controls]
         for stage in plan.stages:
-            imgs = torch.stack([resize_control(c.image, stage.height, stage.width)[0] for c in self.controls])
-            imgs = imgs.unsqueeze(1).expand(-1, batch, -1, -1, -1).to(self.device, self.unet_dtype)
+            imgs = torch.stack([resize_control(im, stage.height, stage.width)[0] for im in images])
+            imgs = imgs.to(self.unet_dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
             key = (batch, stage.height // vs, stage.width // vs)
             buf = self.images.get(key)
             if buf is None:
