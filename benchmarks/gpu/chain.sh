@@ -85,7 +85,8 @@
 #               then gpu-tests-20's files (#20), each under its own limit
 #   gpu-tests-23  what gpu-tests-22 left (the flow C API's ControlNet on CUDA, alone: at 420 s after the flow graphs it
 #               had not ended), then the compiled ControlNets' GPU tests (UNet and flow families: the ControlNet
-#               compiled at its own call site since e981fc4 / 92d9363), each under its own limit
+#               compiled at its own call site since e981fc4 / 92d9363) and the SD3 IP-Adapter's (never run), each
+#               under its own limit
 #   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
 #               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
@@ -279,7 +280,7 @@ step() {  # the command line of one step
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     gpu-tests-23) printf 'rc=0; '; for t in "560 tests/cpp/test_libmegafusion_flow_control.py" \
-        "420 tests/runtime/test_controlnet.py tests/runtime/test_flow_controlnet.py"; do
+        "420 tests/runtime/test_controlnet.py tests/runtime/test_flow_controlnet.py tests/runtime/test_flow_ipadapter_sd3.py"; do
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     cond-compiled) echo "timeout 1100 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
