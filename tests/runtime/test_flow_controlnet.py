@@ -247,6 +247,24 @@ def test_cuda_graph_holds_the_controlnet_and_matches_eager(name, tmp_path):
     assert pipe.graphs.captures == 2 and _relerr(second, eager) < 1e-4  # replayed with the counters reset
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_compiled_controlnet_matches_eager_cpu(name):
+    """--mode compiled's networks on the CPU: the ControlNet compiles whole (fullgraph) beside the transformer, and
+    the latent is the eager one (1e-4: Inductor reorders float32 reductions; 8e-6 and 7e-7 measured)."""
+    b = load_model(name)
+    net = tiny_flow_controlnet(b.family, 1).eval()
+    plan = validate_plan(b.family, [Stage(128, 128, 2), Stage(160, 128, 1)])
+    controls = [Control(net, control_image(128, 128), 0.9, 0.0, 0.8)]
+    opts = FlowGenerationOptions(PROMPT, guidance=b.family.default_guidance, seed=3)
+    eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, "cpu"), "cpu").generate(
+        plan, opts).latent
+    nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, "cpu")
+    assert nets.calls[0]._orig_mod is net
+    got = FlowMegaFusionPipeline(b, nets, "cpu").generate(plan, opts).latent
+    assert _relerr(got, eager) < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_cuda_compiled_mode_with_controlnet_matches_eager(name, no_tf32):
