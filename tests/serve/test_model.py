@@ -39,6 +39,19 @@ def test_warm_up_runs_each_size_with_the_default_shapes(server):
     assert [s for s, _ in sizes] == ["256x256"]
 
 
+def test_warm_up_runs_the_served_controlnets_at_each_size(tiny_sd15, tmp_path):
+    """A server with a ControlNet warms its controlled step too (graphs and compiled code of its own): after the
+    warm-up the ControlNet's image buffers exist for every stage shape of each size's default plan."""
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    cn = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "cn")
+    server = ModelServer(ServeConfig("tiny-sd15", sizes=((256, 256),), controlnets=(str(cn),)))
+    controlled = server.conditions.controlled
+    assert controlled.images == {}
+    assert [s for s, _ in server.warm_up()] == ["256x256"]
+    assert set(controlled.images) == {(2, 16, 16), (2, 24, 24), (2, 32, 32)}  # CFG batch, latent h, w per stage
+
+
 def test_work_stops_between_steps(server):
     asked = []
 
