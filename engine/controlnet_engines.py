@@ -222,6 +222,41 @@ def open_profiles(engine_dir: Path, r: Requirement, same: Sequence[Entry], plan:
                                                                     for e, x in zip(picked, runners)))
 
 
+def _folder(engine_dir: Path, bundle: ModelBundle, plan: StagePlan, backend: str, precision: str, dilation: int,
+            device: torch.device, paths: Sequence[str]) -> tuple[EngineCache, list[Entry], str]:
+    """(the folder's cache, its entries of this model and backend, the command that builds a controlled run's
+    engines); a backend that takes no ControlNet is refused by name."""
+    if backend not in CONTROL_BACKENDS:
+        raise CoverageError(f"--controlnet runs on {' or '.join(CONTROL_BACKENDS)} engines; the engines in "
+                            f"{engine_dir} are {backend}")
+    cache = EngineCache(engine_dir)
+    entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend]
+    cmd = controlnet_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, paths)
+    return cache, entries, cmd
+
+
+def _what(spec, path: str) -> str:
+    what = f"{spec.network} ({spec.variant}, {spec.precision})"
+    return what + (f" of --controlnet {path}" if spec.network == CONTROLNET else "")
+
+
+def check_controlnet_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, configs: Sequence,
+                             paths: Sequence[str], backend: str, precision: str, dilation: int = 2,
+                             device: torch.device | str = "cpu") -> None:
+    """`open_controlnet_runners`' coverage refusal before any weights are read (mf-serve checks a folder before Ray
+    starts): every controlnet and unet_controlled profile of `plan`, for the ControlNets of these diffusers
+    `configs`, covered by an entry of this backend, precision and dilation. Whose weights the entries hold (the
+    fingerprints) is checked when they are opened."""
+    engine_dir = Path(engine_dir)
+    _, entries, cmd = _folder(engine_dir, bundle, plan, backend, precision, dilation, torch.device(device), paths)
+    for path, config in zip(paths, configs):
+        for r in controlnet_requirements(bundle.family, plan, config, precision, dilation):
+            s = r.spec
+            same = [e for e in entries
+                    if (e.key.network, e.key.dilation, e.key.precision) == (s.network, s.dilation, s.precision)]
+            check_profiles(engine_dir, r, same, plan, _what(s, path), cmd)
+
+
 def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,
                             controlnets: Sequence[torch.nn.Module], paths: Sequence[str], backend: str,
                             precision: str, dilation: int = 2, device: torch.device | str = "cpu",
@@ -231,12 +266,7 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
     entry is refused with the command that builds it (`paths`: the ControlNets' folders, for that command).
     `unet_fingerprint`: the UNet's, as `open_engines` hashed it (saves hashing it again)."""
     engine_dir, device = Path(engine_dir), torch.device(device)
-    if backend not in CONTROL_BACKENDS:
-        raise CoverageError(f"--controlnet runs on {' or '.join(CONTROL_BACKENDS)} engines; the engines in "
-                            f"{engine_dir} are {backend}")
-    cache = EngineCache(engine_dir)
-    entries = [e for e in cache.entries().values() if e.key.model == bundle.family.name and e.key.backend == backend]
-    cmd = controlnet_build_command(bundle, plan, backend, precision, dilation, engine_dir, device.type, paths)
+    cache, entries, cmd = _folder(engine_dir, bundle, plan, backend, precision, dilation, device, paths)
     nets: dict[int, list[Runner]] = {}
     unets: dict[int, Runner] = {}
     where = {id(cn): i for i, cn in enumerate(controlnets)}
@@ -244,9 +274,7 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
         s = r.spec
         same = [e for e in entries if (e.key.network, e.key.dilation, e.key.precision, e.key.weights)
                 == (s.network, s.dilation, s.precision, fp)]
-        what = f"{s.network} ({s.variant}, {s.precision})"
-        if s.network == CONTROLNET:
-            what += f" of --controlnet {paths[where[id(module)]]}"
+        what = _what(s, paths[where[id(module)]] if s.network == CONTROLNET else "")
         runner = open_profiles(engine_dir, r, same, plan, what, cmd, backend, device, bundle.family, cache.verify)
         if s.network == CONTROLNET:
             nets.setdefault(s.dilation, []).append(runner)

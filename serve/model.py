@@ -317,14 +317,13 @@ class ModelServer:
 
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds). With
-        ControlNets on the torch modules, once more with a blank control image each: the controlled step has graphs
-        and compiled code of its own (--mode compiled: the first SDXL 2048 generation with a ControlNet took 182 s
-        on an H200), which a first request would otherwise wait for. ControlNet engines still open at the first controlled request of a plan:
-        no check before Ray starts covers them yet, so a folder without them must not stop the replica."""
+        ControlNets, once more with a blank control image each: the controlled step has graphs and compiled code of
+        its own (--mode compiled: the first SDXL 2048 generation with a ControlNet took 182 s on an H200), which a
+        first request would otherwise wait for; with --engines, the ControlNet engines are opened and verified at
+        start (mf-serve checked before Ray started that the folder covers every size: serve/preflight.py)."""
         from .conditions import ControlInput
 
-        blank = ControlInput(torch.zeros(1, 3, 64, 64))
-        controlled = Conditions(controls=() if self.cfg.engines else (blank,) * len(self.cfg.controlnets))
+        controlled = Conditions(controls=tuple(ControlInput(torch.zeros(1, 3, 64, 64)) for _ in self.cfg.controlnets))
         out = []
         for w, h in self.cfg.served_sizes:
             plan = warmup_plan(self.family, w, h)

@@ -1,8 +1,8 @@
 """The checks of `mf-serve`'s flags that need the device or the model's shapes, run in the driver before Ray starts:
 --precision fp8 on this machine's GPU, and each --lora, --controlnet and --ip-adapter against the model's
 architecture, read from a copy of the model built on the meta device (no weights: seconds, not the load); with
---engines, the entries every served size needs, and with --ip-adapter its unet_ip entries (by the weights' origin,
-nothing opened).
+--engines, the entries every served size needs, with --controlnet its controlnet and unet_controlled entries, and
+with --ip-adapter its unet_ip entries (by the weights' origin, nothing opened).
 
 A refusal is a `ConfigError` naming the flag and the value, as serve/config.py's; mf-serve prints one line and
 exits 2. The replicas run the same checks again when they load (a cluster's nodes may differ from the driver).
@@ -52,6 +52,8 @@ def check_against_model(cfg: ServeConfig) -> None:
             raise ConfigError(str(e)) from None
     for path in cfg.controlnets:
         check_controlnet(path, bundle.unet.config)
+    if cfg.controlnets and cfg.engines is not None:
+        check_control_engines(cfg, bundle)
     if cfg.ip_adapter:
         from ..runtime.ipadapter import IPAdapterError, read_ip_adapter
 
@@ -75,6 +77,28 @@ def check_served_engines(cfg: ServeConfig, family) -> None:
             cfg.served_selection(family, w, h)
         except EngineError as e:
             raise ConfigError(f"--engines {cfg.engines!r}, --sizes {w}x{h}: {e}") from None
+
+
+def check_control_engines(cfg: ServeConfig, bundle) -> None:
+    """--engines --controlnet: the folder holds controlnet and unet_controlled entries for every --sizes entry's
+    default plan (dilation 2, the plain engines' backend and precision), as the warm-up opens them; else one line
+    naming the size, what is missing and the mf-build-engines command. Whose weights they hold is checked when the
+    replicas open them (hashing the ControlNets here would read their weights twice)."""
+    import json
+    from pathlib import Path
+
+    from ..core.plan import default_plan
+    from ..engine.cache import EngineError
+    from ..engine.controlnet_engines import check_controlnet_engines
+
+    configs = [json.loads((Path(p) / "config.json").read_text()) for p in cfg.controlnets]  # read by check_controlnet
+    for w, h in cfg.served_sizes:
+        try:
+            sel = cfg.served_selection(bundle.family, w, h)
+            check_controlnet_engines(cfg.engines, bundle, default_plan(bundle.family, w, h), configs, cfg.controlnets,
+                                     sel.backend.name, sel.precision, 2, cfg.device)
+        except EngineError as e:
+            raise ConfigError(f"--sizes {w}x{h}: {e}") from None
 
 
 def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:

@@ -34,3 +34,40 @@ def test_control_images_on_controlnet_engines_are_mf_generates_bytes(sd15_contro
     assert got == ref.read_bytes()
     assert server.generate(parse_request({k: v for k, v in body.items() if not k.startswith("control")},
                                          server.family)).png != got  # a plain request runs on the plain engines
+
+
+def test_startup_checks_the_controlnet_engines_and_warms_them(sd15_engines, sd15_control_ort, tiny_sd15, tmp_path,
+                                                               capsys):
+    """Before Ray starts, a folder without controlnet / unet_controlled entries for every --sizes entry's default
+    plan (128x128: one stage, which the session's engines cover) is refused in one line with the build command; a
+    folder with them passes, and the warm-up opens the controlled engines (checked against the ControlNet's weights)
+    beside the plain ones."""
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    from megafusion.serve.config import check_config
+    from megafusion.serve.model import ModelServer
+    from megafusion.serve.preflight import preflight
+
+    from .test_preflight import _refused
+
+    out, cn, _ = sd15_control_ort
+    build = ("build them with: mf-build-engines --model tiny-sd15 --stages 128x128:50 --backend onnxruntime "
+             "--precision fp32 --device cpu --ort-optimize none --output")
+    _refused(["--sizes", "128x128", "--engines", str(sd15_engines), "--controlnet", str(cn)],
+             f"--sizes 128x128: the engines in {sd15_engines} have no controlnet (standard, fp32) of --controlnet "
+             f"{cn} at 128x128; {build} {sd15_engines} --controlnet {cn}", capsys)
+    cfg = preflight(check_config(ServeConfig("tiny-sd15", engines=str(out), sizes=((128, 128),),
+                                             controlnets=(str(cn),))))
+    server = ModelServer(cfg)
+    assert not any("controlnet" in key for key in server._engines)
+    assert [size for size, _ in server.warm_up()] == ["128x128"]
+    assert sum("controlnet" in key for key in server._engines) == 1  # the 128x128 plan's controlled engines
+    # another ControlNet of the same architecture passes the check (no weights read before Ray) and is refused
+    # when the warm-up opens its engines, naming it
+    other = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "other", 9)
+    cfg = preflight(check_config(ServeConfig("tiny-sd15", engines=str(out), sizes=((128, 128),),
+                                             controlnets=(str(other),))))
+    from megafusion.serve.model import ServeModelError
+
+    with pytest.raises(ServeModelError, match=f"no controlnet \\(standard, fp32\\) of --controlnet {other} at"):
+        ModelServer(cfg).warm_up()
