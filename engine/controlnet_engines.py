@@ -236,6 +236,7 @@ def _folder(engine_dir: Path, bundle: ModelBundle, plan: StagePlan, backend: str
 
 
 def _what(spec, path: str) -> str:
+    """The network as a refusal names it (a ControlNet's with its folder)."""
     what = f"{spec.network} ({spec.variant}, {spec.precision})"
     return what + (f" of --controlnet {path}" if spec.network == CONTROLNET else "")
 

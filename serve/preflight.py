@@ -91,7 +91,7 @@ def check_control_engines(cfg: ServeConfig, bundle) -> None:
     from ..engine.cache import EngineError
     from ..engine.controlnet_engines import check_controlnet_engines
 
-    configs = [json.loads((Path(p) / "config.json").read_text()) for p in cfg.controlnets]  # read by check_controlnet
+    configs = [json.loads((Path(p) / "config.json").read_text()) for p in cfg.controlnets]  # check_controlnet read them
     for w, h in cfg.served_sizes:
         try:
             sel = cfg.served_selection(bundle.family, w, h)

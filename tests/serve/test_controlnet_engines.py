@@ -45,7 +45,7 @@ def test_startup_checks_the_controlnet_engines_and_warms_them(sd15_engines, sd15
     from tests.runtime.test_controlnet import save_tiny_controlnet
 
     from megafusion.serve.config import check_config
-    from megafusion.serve.model import ModelServer
+    from megafusion.serve.model import ModelServer, ServeModelError
     from megafusion.serve.preflight import preflight
 
     from .test_preflight import _refused
@@ -67,7 +67,5 @@ def test_startup_checks_the_controlnet_engines_and_warms_them(sd15_engines, sd15
     other = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "other", 9)
     cfg = preflight(check_config(ServeConfig("tiny-sd15", engines=str(out), sizes=((128, 128),),
                                              controlnets=(str(other),))))
-    from megafusion.serve.model import ServeModelError
-
     with pytest.raises(ServeModelError, match=f"no controlnet \\(standard, fp32\\) of --controlnet {other} at"):
         ModelServer(cfg).warm_up()
