@@ -50,10 +50,9 @@ def check_against_model(cfg: ServeConfig) -> None:
             check_loras(bundle, [parse_lora(v) for v in cfg.loras])
         except LoraError as e:
             raise ConfigError(str(e)) from None
-    for path in cfg.controlnets:
-        check_controlnet(path, bundle.unet.config)
-    if cfg.controlnets and cfg.engines is not None:
-        check_control_engines(cfg, bundle)
+    configs = [check_controlnet(path, bundle.unet.config) for path in cfg.controlnets]
+    if configs and cfg.engines is not None:
+        check_control_engines(cfg, bundle, configs)
     if cfg.ip_adapter:
         from ..runtime.ipadapter import IPAdapterError, read_ip_adapter
 
@@ -79,19 +78,16 @@ def check_served_engines(cfg: ServeConfig, family) -> None:
             raise ConfigError(f"--engines {cfg.engines!r}, --sizes {w}x{h}: {e}") from None
 
 
-def check_control_engines(cfg: ServeConfig, bundle) -> None:
+def check_control_engines(cfg: ServeConfig, bundle, configs: list[dict]) -> None:
     """--engines --controlnet: the folder holds controlnet and unet_controlled entries for every --sizes entry's
     default plan (dilation 2, the plain engines' backend and precision), as the warm-up opens them; else one line
-    naming the size, what is missing and the mf-build-engines command. Whose weights they hold is checked when the
-    replicas open them (hashing the ControlNets here would read their weights twice)."""
-    import json
-    from pathlib import Path
-
+    naming the size, what is missing and the mf-build-engines command. `configs`: each ControlNet's, as
+    `check_controlnet` read it. Whose weights the entries hold is checked when the replicas open them (hashing the
+    ControlNets here would read their weights twice)."""
     from ..core.plan import default_plan
     from ..engine.cache import EngineError
     from ..engine.controlnet_engines import check_controlnet_engines
 
-    configs = [json.loads((Path(p) / "config.json").read_text()) for p in cfg.controlnets]  # check_controlnet read them
     for w, h in cfg.served_sizes:
         try:
             sel = cfg.served_selection(bundle.family, w, h)
@@ -130,8 +126,8 @@ def check_ip_engines(cfg: ServeConfig, bundle, state: dict) -> None:
             raise ConfigError(f"--sizes {w}x{h}: {e}") from None
 
 
-def check_controlnet(path: str, unet_config) -> None:
-    """A ControlNet folder's config against the UNet's (another architecture is refused by name)."""
+def check_controlnet(path: str, unet_config) -> dict:
+    """A ControlNet folder's config, checked against the UNet's (another architecture is refused by name)."""
     from diffusers import ControlNetModel
 
     try:
@@ -143,6 +139,7 @@ def check_controlnet(path: str, unet_config) -> None:
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             raise ConfigError(f"--controlnet {path!r}: {field} {a} does not match the UNet's {b} (a ControlNet "
                               "for another architecture)")
+    return theirs
 
 
 def preflight(cfg: ServeConfig) -> ServeConfig:
