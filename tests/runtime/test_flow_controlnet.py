@@ -247,22 +247,28 @@ def test_cuda_graph_holds_the_controlnet_and_matches_eager(name, tmp_path):
     assert pipe.graphs.captures == 2 and _relerr(second, eager) < 1e-4  # replayed with the counters reset
 
 
+def _compiled_and_eager(name: str, device: str, stages: list[Stage]):
+    """(bundle, plan, options, --mode compiled's controlled networks, the eager loop's latent) for a tiny flow model
+    with one tiny ControlNet; the compiled networks run the ControlNet through torch.compile's wrapper of it."""
+    b = load_model(name, device=device, dtype=torch.float32)
+    net = tiny_flow_controlnet(b.family, 1).to(device).eval()
+    plan = validate_plan(b.family, stages)
+    controls = [Control(net, control_image(128, 128).to(device), 0.9, 0.0, 0.8)]
+    opts = FlowGenerationOptions(PROMPT, guidance=b.family.default_guidance, seed=3)
+    eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, device), device).generate(
+        plan, opts).latent
+    nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, device)
+    assert nets.calls[0] is not net and nets.calls[0]._orig_mod is net
+    return b, plan, opts, nets, eager
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
 def test_compiled_controlnet_matches_eager_cpu(name):
     """--mode compiled's networks on the CPU: the ControlNet compiles whole (fullgraph) beside the transformer, and
     the latent is the eager one (1e-4: Inductor reorders float32 reductions; 8e-6 and 7e-7 measured)."""
-    b = load_model(name)
-    net = tiny_flow_controlnet(b.family, 1).eval()
-    plan = validate_plan(b.family, [Stage(128, 128, 2), Stage(160, 128, 1)])
-    controls = [Control(net, control_image(128, 128), 0.9, 0.0, 0.8)]
-    opts = FlowGenerationOptions(PROMPT, guidance=b.family.default_guidance, seed=3)
-    eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, "cpu"), "cpu").generate(
-        plan, opts).latent
-    nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, "cpu")
-    assert nets.calls[0]._orig_mod is net
-    got = FlowMegaFusionPipeline(b, nets, "cpu").generate(plan, opts).latent
-    assert _relerr(got, eager) < 1e-4
+    b, plan, opts, nets, eager = _compiled_and_eager(name, "cpu", [Stage(128, 128, 2), Stage(160, 128, 1)])
+    assert _relerr(FlowMegaFusionPipeline(b, nets, "cpu").generate(plan, opts).latent, eager) < 1e-4
 
 
 @pytest.mark.gpu
@@ -272,15 +278,7 @@ def test_cuda_compiled_mode_with_controlnet_matches_eager(name, no_tf32):
     both inside the stage's graph."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    b = load_model(name, device="cuda", dtype=torch.float32)
-    net = tiny_flow_controlnet(b.family, 1).to("cuda").eval()
-    plan = validate_plan(b.family, [Stage(128, 128, 3), Stage(192, 160, 2)])
-    controls = [Control(net, control_image(128, 128).cuda(), 0.9, 0.0, 0.8)]
-    opts = FlowGenerationOptions(PROMPT, guidance=b.family.default_guidance, seed=3)
-    eager = FlowMegaFusionPipeline(b, ControlledFlowNetworks(FlowTorchNetworks(b), controls, "cuda")).generate(
-        plan, opts).latent
-    nets = ControlledFlowNetworks(FlowTorchNetworks(b, compiled=True), controls, "cuda")
-    assert nets.calls[0] is not net and nets.calls[0]._orig_mod is net  # torch.compile's wrapper of the module
+    b, plan, opts, nets, eager = _compiled_and_eager(name, "cuda", [Stage(128, 128, 3), Stage(192, 160, 2)])
     pipe = FlowMegaFusionPipeline(b, nets, mode="compiled")
     assert _relerr(pipe.generate(plan, opts).latent, eager) < 1e-3  # Inductor reorders fp32 reductions
     assert pipe.graphs.captures == 2
