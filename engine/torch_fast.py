@@ -160,6 +160,13 @@ def share_fused_parts(module: torch.nn.Module) -> int:
     return released
 
 
+def give_back(released: int, module: torch.nn.Module) -> None:
+    """After `released` bytes of `module`'s copies were dropped on CUDA, the allocator's cache is emptied: the device
+    peak counts reserved memory, so the released blocks go back."""
+    if released and next(module.parameters()).device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class FastTorchNetworks(TorchNetworks):
     """`TorchNetworks` over optimised modules; same function, same interface."""
 
@@ -178,8 +185,7 @@ class FastTorchNetworks(TorchNetworks):
         if options.unet_fp8 is not None:  # after QKV fusion (which reads float weights), before compile
             quantize_unet(bundle.unet, options.unet_fp8)
         self.fp8_static = fp8_scales(bundle) if fp8_scales is not None and options.unet_fp8 is not None else None
-        if self.released_bytes and next(bundle.unet.parameters()).device.type == "cuda":
-            torch.cuda.empty_cache()  # the device peak counts reserved memory: give the released blocks back
+        give_back(self.released_bytes, bundle.unet)
         if options.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         compile = lambda fn: compile_with(fn, options, portable_guards)  # noqa: E731
@@ -209,8 +215,7 @@ class FastTorchNetworks(TorchNetworks):
         prepare_module(model, self.options.unet_attention, self.options)
         released = share_fused_parts(model)
         self.released_bytes += released
-        if released and next(model.parameters()).device.type == "cuda":
-            torch.cuda.empty_cache()
+        give_back(released, model)
         if not self.options.compile_unet:
             return model
         config = json.dumps(dict(model.config), sort_keys=True, default=str)
