@@ -111,7 +111,7 @@ class ControlledNetworks(WrappedNetworks):
         self.scales.copy_(table)
         vs = self.bundle.family.vae_scale
         # Resized and expanded to the batch on the device: with the resize on the host, the set-up before SDXL 2048's
-        # stage 1 took 53-81 ms longer than the plain plan's (H200).
+        # stage 1 took 53-81 ms longer than the plain plan's (H200, benchmarks/RESULTS.md, 2026-12-04, 742e616).
         images = [c.image.to(self.device, torch.float32) for c in self.controls]
         for stage in plan.stages:
             imgs = torch.stack([resize_control(im, stage.height, stage.width)[0] for im in images])

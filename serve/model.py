@@ -318,9 +318,10 @@ class ModelServer:
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds). With
         ControlNets, once more with a blank control image each: the controlled step has graphs and compiled code of
-        its own (--mode compiled: the first SDXL 2048 generation with a ControlNet took 182 s on an H200), which a
-        first request would otherwise wait for; with --engines, the ControlNet engines are opened and verified at
-        start (mf-serve checked before Ray started that the folder covers every size: serve/preflight.py)."""
+        its own (--mode compiled: the first SDXL 2048 generation with a ControlNet took 182 s on an H200,
+        benchmarks/RESULTS.md, 2026-12-04), which a first request would otherwise wait for; with --engines, the
+        ControlNet engines are opened and verified at start (mf-serve checked before Ray started that the folder
+        covers every size: serve/preflight.py)."""
         from .conditions import ControlInput
 
         controlled = Conditions(controls=tuple(ControlInput(torch.zeros(1, 3, 64, 64)) for _ in self.cfg.controlnets))
