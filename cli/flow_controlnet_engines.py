@@ -29,7 +29,8 @@ def check_controlled_engines(args: argparse.Namespace, family, plan, device, pre
     command = dit_controlnet_build_command(family, source, plan, precision, args.engines, device, batch,
                                            args.controlnet) + lora_flags(loras)
     try:
-        check_dit_controlnet_engines(args.engines, family, plan, device, precision, batch, command)
+        check_dit_controlnet_engines(args.engines, family, plan, device, precision, batch, command,
+                                     args.controlnet)
     except EngineError as e:
         kinds = dit_engine_kinds()
         held = {e.key.backend for e in EngineCache(args.engines).entries().values()

@@ -175,6 +175,24 @@ def state_signature(module: torch.nn.Module) -> tuple:
     return tuple((n, tuple(t.shape), t._version) for n, t in sorted(tensors.items()))
 
 
+_ORIGIN_ATTR = "_megafusion_origin"
+
+
+def mark_origin(module: torch.nn.Module, origin: WeightsOrigin) -> None:
+    """Records where a module loaded apart from a bundle (a ControlNet) got its weights, with its state now, so
+    that `module_origin` can tell later whether it is still as loaded."""
+    setattr(module, _ORIGIN_ATTR, (origin, state_signature(module)))
+
+
+def module_origin(module: torch.nn.Module) -> WeightsOrigin | None:
+    """The origin `mark_origin` recorded, if the module is still as it was then (else None: only its tensors say
+    what it computes)."""
+    mark = getattr(module, _ORIGIN_ATTR, None)
+    if mark is None or mark[1] != state_signature(module):
+        return None
+    return mark[0]
+
+
 def component_modules(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
     """The bundle's modules by component name (`COMPONENTS`)."""
     return dict(zip(COMPONENTS, (bundle.unet, bundle.vae, *bundle.text_encoders)))

@@ -23,7 +23,8 @@ from ..core.specs import Requirement, profile_sizes
 from .backend import Backend, NetworkExport, OpenContext, get_backend
 from .build import BuildReport, BuildRequest, check_request
 from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
-from .fingerprint import module_fingerprint, network_fingerprint
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import folder_fingerprint, loaded_fingerprint, network_fingerprint
 from .load import CoverageError, _covers, _span, build_command
 from .runners import Runner, ShapeDispatch
 
@@ -59,13 +60,14 @@ def start_build(req: BuildRequest, flag: str) -> tuple[object, EngineCache, str,
 
 
 def _jobs(bundle: ModelBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module], precision: str,
-          dilation: int, unet_fp: str | None = None) -> list[tuple[torch.nn.Module, str, Requirement]]:
+          dilation: int, hashes: FileHashes, unet_fp: str | None = None,
+          ) -> list[tuple[torch.nn.Module, str, Requirement]]:
     """(module, weights fingerprint, requirement) per network: each ControlNet's, then the controlled UNet's
     (`unet_fp`: the UNet's fingerprint where the caller has it)."""
     fam, out = bundle.family, []
-    unet_fp = unet_fp or network_fingerprint(bundle, "unet")  # the key the plain UNet engines get
+    unet_fp = unet_fp or network_fingerprint(bundle, "unet", hashes)  # the key the plain UNet engines get
     for i, cn in enumerate(controlnets):
-        fp = module_fingerprint(cn)
+        fp = loaded_fingerprint(cn, hashes)
         for r in controlnet_requirements(fam, plan, cn.config, precision, dilation):
             if r.spec.network == CONTROLNET:
                 out.append((cn, fp, r))
@@ -89,7 +91,8 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
     before `build_engines` where that one releases the bundle's weights."""
     backend, cache, version, device = start_build(req, "--controlnet")
     fam = bundle.family
-    jobs = [(m, fp, one) for m, fp, r in _jobs(bundle, req.plan, controlnets, req.precision, req.dilation)
+    hashes = FileHashes(cache.root / HASHES)  # the ControlNets' files, hashed here, are not read again by runs
+    jobs = [(m, fp, one) for m, fp, r in _jobs(bundle, req.plan, controlnets, req.precision, req.dilation, hashes)
             if selected(r.spec, networks) for one in backend.requirements(fam, r, req.plan, False)]
     report = BuildReport()
     for n, (module, fp, r) in enumerate(jobs, 1):
@@ -99,7 +102,8 @@ def build_controlnet_engines(bundle: ModelBundle, controlnets: Sequence[torch.nn
                     f"{backend.name} {version} on {device}", report, log,
                     lambda tmp, module=module, r=r: _export(module, bundle, r, backend, req.device, tmp,
                                                             req.ort_optimize))
-    _record_names(cache, fam.name, controlnets)
+    _record_names(cache, fam.name, controlnets, hashes)
+    hashes.save()
     return report
 
 
@@ -122,7 +126,8 @@ def build_entry(cache: EngineCache, key: EngineKey, tag: str, req: BuildRequest,
     log(f"{tag}: done in {time.perf_counter() - t0:.1f} s, {res.bytes / 2**20:.1f} MiB")
 
 
-def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn.Module]) -> None:
+def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn.Module],
+                  hashes: FileHashes) -> None:
     """models.json's names of the ControlNets (their folders' last component, from the config diffusers loaded
     them with), for the C API (engine/model_facts.py record_controlnets); those loaded from no folder are left out."""
     from .model_facts import record_controlnets
@@ -131,7 +136,7 @@ def _record_names(cache: EngineCache, model: str, controlnets: Sequence[torch.nn
     for cn in controlnets:
         src = str(getattr(cn, "config", {}).get("_name_or_path", "") or "")
         if src:
-            named[Path(src).name or src] = (module_fingerprint(cn), str(Path(src).resolve()))
+            named[Path(src).name or src] = (loaded_fingerprint(cn, hashes), str(Path(src).resolve()))
     if named:
         record_controlnets(cache, model, named)
 
@@ -244,18 +249,23 @@ def _what(spec, path: str) -> str:
 def check_controlnet_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, configs: Sequence,
                              paths: Sequence[str], backend: str, precision: str, dilation: int = 2,
                              device: torch.device | str = "cpu") -> None:
-    """`open_controlnet_runners`' coverage refusal before any weights are read (mf-serve checks a folder before Ray
-    starts): every controlnet and unet_controlled profile of `plan`, for the ControlNets of these diffusers
-    `configs`, covered by an entry of this backend, precision and dilation. Whose weights the entries hold (the
-    fingerprints) is checked when they are opened."""
+    """`open_controlnet_runners`' coverage refusal before any module is loaded (mf-serve checks a folder before Ray
+    starts): every controlnet and unet_controlled profile of `plan`, for the ControlNets in `paths` (their diffusers
+    `configs`), covered by an entry of this backend, precision and dilation; a ControlNet's entries hold its
+    folder's fingerprint (its files, hashed once and remembered in the folder's file-hashes.json). The controlled
+    UNet's weights are checked when it is opened."""
     engine_dir = Path(engine_dir)
     _, entries, cmd = _folder(engine_dir, bundle, plan, backend, precision, dilation, torch.device(device), paths)
+    hashes = FileHashes(engine_dir / HASHES)
     for path, config in zip(paths, configs):
+        fp = folder_fingerprint(path, hashes)
         for r in controlnet_requirements(bundle.family, plan, config, precision, dilation):
             s = r.spec
             same = [e for e in entries
-                    if (e.key.network, e.key.dilation, e.key.precision) == (s.network, s.dilation, s.precision)]
+                    if (e.key.network, e.key.dilation, e.key.precision) == (s.network, s.dilation, s.precision)
+                    and (s.network != CONTROLNET or e.key.weights == fp)]
             check_profiles(engine_dir, r, same, plan, _what(s, path), cmd)
+    hashes.save()
 
 
 def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,
@@ -271,7 +281,10 @@ def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: S
     nets: dict[int, list[Runner]] = {}
     unets: dict[int, Runner] = {}
     where = {id(cn): i for i, cn in enumerate(controlnets)}
-    for module, fp, r in _jobs(bundle, plan, controlnets, precision, dilation, unet_fingerprint):
+    hashes = FileHashes(engine_dir / HASHES)
+    jobs = _jobs(bundle, plan, controlnets, precision, dilation, hashes, unet_fingerprint)
+    hashes.save()
+    for module, fp, r in jobs:
         s = r.spec
         same = [e for e in entries if (e.key.network, e.key.dilation, e.key.precision, e.key.weights)
                 == (s.network, s.dilation, s.precision, fp)]

@@ -10,6 +10,7 @@ samples it takes, so ControlNets of another layout get packages of their own.
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from .aoti_backend import StaticPackage
 from .backend import get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .dit_engines import check_entry
-from .fingerprint import module_fingerprint
+from .file_hashes import HASHES, FileHashes
+from .fingerprint import folder_fingerprint, loaded_fingerprint
 from .load import _build_command
 from .runners import ShapeDispatch
 
@@ -62,16 +64,17 @@ def _shapes(family: DiTFamily, plan: StagePlan) -> list[tuple[int, int]]:
 
 
 def dit_control_requirements(bundle: DiTBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module],
-                             precision: str, batch: int,
+                             precision: str, batch: int, hashes: FileHashes | None = None,
                              transformer_weights: str | None = None) -> tuple[ControlRequirement, ...]:
     """Per distinct stage shape of `plan` at transformer batch `batch`: each ControlNet's package, then the
-    controlled transformer's (`transformer_weights`: its fingerprint where the caller has it)."""
+    controlled transformer's (`transformer_weights`: its fingerprint where the caller has it; `hashes`: the
+    engine folder's remembered file hashes, for the ControlNets' folders)."""
     from ..export.dit_controlnet_aoti import control_axes, control_layout, controlled_dit_spec, controlnet_dit_spec
 
     fam = bundle.family
     guidance = bool(getattr(bundle.transformer.config, "guidance_embeds", False))
     controlled = controlled_dit_spec(fam, control_layout(controlnets), precision, guidance)
-    specs = [(cn, module_fingerprint(cn), controlnet_dit_spec(fam, cn, precision), j)
+    specs = [(cn, loaded_fingerprint(cn, hashes), controlnet_dit_spec(fam, cn, precision), j)
              for j, cn in enumerate(controlnets)]
     specs.append((bundle.transformer, transformer_weights or weights_fingerprint(bundle.transformer), controlled, -1))
     out = []
@@ -91,15 +94,15 @@ def build_dit_controlnet_engines(bundle: DiTBundle, plan: StagePlan, controlnets
                                  precision: str, output, batch: int, device: str = "cpu", force: bool = False,
                                  log: Log = lambda m: None) -> int:
     """Builds every ControlNet and controlled-transformer package `plan` needs into `output` (present, valid entries
-    are kept); returns how many were built. The ControlNets as loaded for the run (their dtype and device: the
-    fingerprint hashes them so)."""
+    are kept); returns how many were built. The ControlNets as loaded for the run (their dtype and device)."""
     from ..export.dit_controlnet_aoti import control_layout, export_dit_control_aoti
     from .aoti_backend import cudnn_first
 
     get_backend("aoti").check_available(device)
     cache = EngineCache(output)
     cache.entries()  # a corrupt manifest stops the build before any work
-    reqs = dit_control_requirements(bundle, plan, controlnets, precision, batch)
+    hashes = FileHashes(cache.root / HASHES)  # the ControlNets' files, hashed here, are not read again by runs
+    reqs = dit_control_requirements(bundle, plan, controlnets, precision, batch, hashes)
     layout = control_layout(controlnets)
     ctx = cudnn_first if torch.device(device).type == "cuda" else contextlib.nullcontext
     built = 0
@@ -117,11 +120,13 @@ def build_dit_controlnet_engines(bundle: DiTBundle, plan: StagePlan, controlnets
             entry = cache.commit(key, tmp)
         built += 1
         log(f"{tag}: done in {res.seconds:.1f} s, {sum(f.size for f in entry.files) / 2**20:.1f} MiB")
-    record_flow_controlnets(cache, bundle.family, controlnets)
+    record_flow_controlnets(cache, bundle.family, controlnets, hashes)
+    hashes.save()
     return built
 
 
-def record_flow_controlnets(cache: EngineCache, family: DiTFamily, controlnets: Sequence[torch.nn.Module]) -> None:
+def record_flow_controlnets(cache: EngineCache, family: DiTFamily, controlnets: Sequence[torch.nn.Module],
+                            hashes: FileHashes | None = None) -> None:
     """models.json's names of the ControlNets (their folders' last component) with what libmegafusion needs beyond
     the packages (cpp/src/lib/flow_control.cpp): the names of their outputs, in order (`control_layout`'s, which the
     controlled transformer's inputs carry), whether the net takes zero pooled projections and the unshifted latent
@@ -135,7 +140,7 @@ def record_flow_controlnets(cache: EngineCache, family: DiTFamily, controlnets: 
         if not src:  # loaded from no folder: no name to record
             continue
         name = Path(src).name or src
-        named[name] = (module_fingerprint(cn), str(Path(src).resolve()))
+        named[name] = (loaded_fingerprint(cn, hashes), str(Path(src).resolve()))
         zero = family.kind == "sd3" and bool(getattr(cn.config, "force_zeros_for_pooled_projection", False))
         facts[name] = {"outputs": list(control_layout([cn]).names()), "zero_pooled": zero,
                        "hint_block": has_hint_block(cn)}
@@ -153,23 +158,47 @@ def dit_controlnet_build_command(family: DiTFamily, source: str, plan: StagePlan
 
 
 def check_dit_controlnet_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int,
-                                 command: str) -> None:
+                                 command: str, paths: Sequence[str] = ()) -> None:
     """Before any model load: EngineError naming `command` unless `folder` holds a controlled-transformer package
-    for every stage shape of `plan` at transformer batch `batch` (the ControlNets' packages need their weights'
-    fingerprints: checked when they are opened)."""
+    for every stage shape of `plan` at transformer batch `batch`, and a package of each ControlNet in `paths` built
+    from its folder's files (`folder_weights`; one that shares the transformer's patch embedding is checked when
+    opened)."""
     from ..export.dit_aoti import dit_spec
     from ..export.dit_controlnet_aoti import CONTROLLED_TRANSFORMER, control_axes
 
     device = torch.device(device)
     sample = dit_spec(family, precision).inputs[0]
-    held = {p.shapes[0][1] for e in EngineCache(folder).entries().values()
-            if e.key.model == family.name and e.key.network == CONTROLLED_TRANSFORMER and e.key.backend == "aoti"
-            and e.key.device == device_name(device) and e.key.precision == precision for p in e.key.profiles}
-    for s in plan.stages:
-        shape = sample.concrete(control_axes(family, batch, s.height // family.vae_scale, s.width // family.vae_scale))
-        if shape not in held:
-            raise EngineError(f"{folder} holds no {family.name} controlled-transformer package for the "
-                              f"{s.width}x{s.height} stage at batch {batch} in {precision}; build it with: {command}")
+    entries = [e for e in EngineCache(folder).entries().values()
+               if e.key.model == family.name and e.key.backend == "aoti" and e.key.device == device_name(device)
+               and e.key.precision == precision]
+    hashes = FileHashes(Path(folder) / HASHES)
+    wanted = [(CONTROLLED_TRANSFORMER, None, "controlled-transformer package")]
+    wanted += [(CONTROLNET, fp, f"ControlNet package of --controlnet {p}") for p in paths
+               if (fp := folder_weights(family, p, hashes)) is not None]
+    hashes.save()
+    for network, weights, what in wanted:
+        held = {p.shapes[0][1] for e in entries if e.key.network == network
+                and weights in (None, e.key.weights) for p in e.key.profiles}
+        for s in plan.stages:
+            shape = sample.concrete(control_axes(family, batch, s.height // family.vae_scale,
+                                                 s.width // family.vae_scale))
+            if shape not in held:
+                raise EngineError(f"{folder} holds no {family.name} {what} for the {s.width}x{s.height} stage at "
+                                  f"batch {batch} in {precision}; build it with: {command}")
+
+
+def folder_weights(family: DiTFamily, path, hashes: FileHashes | None = None) -> str | None:
+    """The fingerprint the ControlNet in folder `path` has once loaded (runtime/flow_controlnet.py marks where it
+    was read from), without loading it; None for an SD3.5 ControlNet that shares the transformer's patch embedding
+    (only its tensors say what it computes)."""
+    if family.kind == "sd3":
+        try:
+            config = json.loads(Path(path, "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # the loader refuses it in one line
+        if not (config.get("use_pos_embed", True) if isinstance(config, dict) else True):
+            return None
+    return folder_fingerprint(path, hashes)
 
 
 def open_dit_controlnet_engines(folder, bundle: DiTBundle, plan: StagePlan, controlnets: Sequence[torch.nn.Module],
@@ -187,7 +216,10 @@ def open_dit_controlnet_engines(folder, bundle: DiTBundle, plan: StagePlan, cont
     entries = [e for e in cache.entries().values() if e.key.model == fam.name and e.key.backend == "aoti"
                and e.key.device == device_name(device) and e.key.precision == precision]
     engines: dict[int, list] = {}
-    for r in dit_control_requirements(bundle, plan, controlnets, precision, batch):
+    hashes = FileHashes(cache.root / HASHES)
+    reqs = dit_control_requirements(bundle, plan, controlnets, precision, batch, hashes)
+    hashes.save()
+    for r in reqs:
         what = (f"ControlNet package of --controlnet {paths[r.index]}" if r.spec.network == CONTROLNET
                 else f"controlled-transformer package ({r.spec.variant})")
         where = f"at latent {r.latent_w}x{r.latent_h}, batch {r.batch}"

@@ -7,7 +7,10 @@ Scheme 2 (`WEIGHTS_SCHEME`), one string per network, `mf2:<kind>:<sha256>`:
 - `random`: `build_random`'s weights, over the recipe that determines them (`core.loading.random_origin`: recipe
   version, family, class and config, seed, init device and dtype, library versions); nothing is materialised.
 - `tensors`: any other module (a hub id's download, weights changed in place since loading such as a fused
-  LoRA), over every tensor as scheme 1 hashed them (`cache.weights_fingerprint`).
+  LoRA, an SD3.5 ControlNet that shares the transformer's patch embedding), over every tensor as scheme 1 hashed
+  them (`cache.weights_fingerprint`).
+A ControlNet read from a local folder is `files` over that folder (`loaded_fingerprint`), so mf-serve checks its
+engines before any replica loads it.
 - `lora`: a base fingerprint with LoRA files fused in at scales (`lora_fingerprint`), for code that knows which.
 Scheme 1 was the bare tensor hash: entries built with it are refused as stale, naming the rebuild command.
 """
@@ -18,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.loading import ModelBundle, WeightsOrigin
+from ..core.loading import ModelBundle, WeightsOrigin, module_origin
 from .cache import EngineError, weights_fingerprint
 from .file_hashes import FileHashes
 
@@ -67,9 +70,24 @@ def network_fingerprint(bundle: ModelBundle, network: str, hashes: FileHashes | 
 
 
 def module_fingerprint(module) -> str:
-    """A module's weights by their tensors (`tensors`): for weights with no origin to go by (a ControlNet, a model
-    changed since loading)."""
+    """A module's weights by their tensors (`tensors`): for weights with no origin to go by (a model changed since
+    loading)."""
     return f"{_PREFIX}tensors:{weights_fingerprint(module)}"
+
+
+def loaded_fingerprint(module, hashes: FileHashes | None = None) -> str:
+    """A module loaded apart from a bundle (a ControlNet): from the folder it was read from while it is as read
+    (`core.loading.mark_origin`), else from its tensors."""
+    origin = module_origin(module)
+    if origin is None:
+        return module_fingerprint(module)
+    return origin_fingerprint(origin, hashes if hashes is not None else FileHashes(None))
+
+
+def folder_fingerprint(folder: str | Path, hashes: FileHashes | None = None) -> str:
+    """What `loaded_fingerprint` gives a module read from `folder` and left as read, without loading it."""
+    return origin_fingerprint(WeightsOrigin("files", folder=str(Path(folder).resolve())),
+                              hashes if hashes is not None else FileHashes(None))
 
 
 def lora_fingerprint(base: str, loras: Sequence[tuple[str | Path, float]], hashes: FileHashes | None = None) -> str:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.dilation import mid_dilation
+from ..core.loading import WeightsOrigin, mark_origin
 from ..core.plan import StagePlan
 from ..engine.networks import TorchNetworks, WrappedNetworks
 from .image_files import read_rgb
@@ -83,7 +84,9 @@ def load_controlnet(path: str | Path, unet: torch.nn.Module, device, dtype) -> t
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             raise ControlInputError(f"--controlnet {str(path)!r}: {field} {a} does not match the UNet's {b} "
                                     "(a ControlNet for another architecture)")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    mark_origin(model, WeightsOrigin("files", folder=str(p.resolve())))  # its engines' key: the folder's files
+    return model
 
 
 class ControlledNetworks(WrappedNetworks):

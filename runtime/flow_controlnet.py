@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core.dit_families import DiTFamily
+from ..core.loading import WeightsOrigin, mark_origin
 from ..core.plan import StagePlan
 from ..engine.flow_networks import FlowTorchNetworks, pack
 from ..engine.networks import WrappedNetworks
@@ -71,10 +72,13 @@ def load_flow_controlnet(path: str | Path, transformer: torch.nn.Module, family:
     if family.kind == "flux" and theirs.num_mode is not None:
         raise ControlInputError(f"--controlnet {str(path)!r}: a union ControlNet ({theirs.num_mode} modes) needs a "
                                 "control mode per image, which mf-generate does not take yet")
-    if family.kind == "sd3" and not theirs.use_pos_embed:
-        # SD3.5's 8B ControlNets share the transformer's patch embedding, as the diffusers pipeline sets it up.
+    shared = family.kind == "sd3" and not theirs.use_pos_embed
+    if shared:  # SD3.5's 8B ControlNets share the transformer's patch embedding, as the diffusers pipeline sets it up
         model.pos_embed = model._get_pos_embed_from_transformer(transformer)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if not shared:  # its packages' key: the folder's files (a shared embedding leaves only its tensors to say)
+        mark_origin(model, WeightsOrigin("files", folder=str(Path(path).resolve())))
+    return model
 
 
 class ControlledFlowNetworks(WrappedNetworks):

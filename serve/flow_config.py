@@ -99,8 +99,9 @@ def choose_served_engines(cfg: ServeConfig, family):
 
 def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | None = None) -> None:
     """--engines with --controlnet: the folder holds a controlled-transformer package for every stage shape of
-    `plan` at the transformer batch (default: the default guidance's), else an EngineError naming the build command
-    (as mf-generate --engines --controlnet checks it; the ControlNets' own packages are checked when opened)."""
+    `plan` at the transformer batch (default: the default guidance's) and each ControlNet's package built from its
+    folder's files, else an EngineError naming the build command (as mf-generate --engines --controlnet checks
+    it)."""
     from ..engine.cache import EngineError
     from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
 
@@ -109,6 +110,7 @@ def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | No
     command = dit_controlnet_build_command(family, cfg.weights_source(family), plan, precision, cfg.engines,
                                            cfg.device, batch, cfg.controlnets)
     try:
-        check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command)
+        check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command,
+                                     cfg.controlnets)
     except EngineError as e:
         raise ConfigError(f"--engines {cfg.engines!r} with --controlnet: {e}") from None

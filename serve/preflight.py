@@ -80,10 +80,9 @@ def check_served_engines(cfg: ServeConfig, family) -> None:
 
 def check_control_engines(cfg: ServeConfig, bundle, configs: list[dict]) -> None:
     """--engines --controlnet: the folder holds controlnet and unet_controlled entries for every --sizes entry's
-    default plan (dilation 2, the plain engines' backend and precision), as the warm-up opens them; else one line
-    naming the size, what is missing and the mf-build-engines command. `configs`: each ControlNet's, as
-    `check_controlnet` read it. Whose weights the entries hold is checked when the replicas open them (hashing the
-    ControlNets here would read their weights twice)."""
+    default plan (dilation 2, the plain engines' backend and precision), as the warm-up opens them, the controlnet
+    entries built from each ControlNet folder's files; else one line naming the size, what is missing and the
+    mf-build-engines command. `configs`: each ControlNet's, as `check_controlnet` read it."""
     from ..core.plan import default_plan
     from ..engine.cache import EngineError
     from ..engine.controlnet_engines import check_controlnet_engines

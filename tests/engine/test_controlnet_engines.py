@@ -15,7 +15,7 @@ from megafusion.core.controlnet_specs import CONTROLNET, UNET_CONTROLLED, contro
 from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.engine.build import BuildRequest
 from megafusion.engine.cache import EngineCache
-from megafusion.engine.fingerprint import module_fingerprint, network_fingerprint
+from megafusion.engine.fingerprint import WEIGHTS_SCHEME, folder_fingerprint, loaded_fingerprint, network_fingerprint
 from megafusion.engine.controlnet_engines import build_controlnet_engines, open_controlnet_runners
 from megafusion.engine.load import CoverageError, open_engines
 from megafusion.engine.networks import TorchNetworks
@@ -70,8 +70,10 @@ def test_spec_lists_every_residual_of_the_controlnet(tiny_sd15, tiny_sdxl, tmp_p
 def test_keys_hold_each_controlnets_fingerprint(sd15_controlled, tiny_sd15):
     folder, _, cns = sd15_controlled
     entries = EngineCache(folder).entries().values()
-    for _, cn in cns:
-        mine = [e for e in entries if e.key.network == CONTROLNET and e.key.weights == module_fingerprint(cn)]
+    for path, cn in cns:
+        fp = folder_fingerprint(path)  # its folder's files, known without loading it (mf-serve's check)
+        assert fp == loaded_fingerprint(cn) and fp.startswith(f"mf{WEIGHTS_SCHEME}:files:")
+        mine = [e for e in entries if e.key.network == CONTROLNET and e.key.weights == fp]
         assert sorted(e.key.dilation for e in mine) == [1, 2]  # standard at stage 1, dilated after
     controlled = [e for e in entries if e.key.network == UNET_CONTROLLED]
     assert {e.key.weights for e in controlled} == {network_fingerprint(tiny_sd15, "unet")}  # the plain UNet's key

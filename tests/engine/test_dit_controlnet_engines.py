@@ -208,6 +208,30 @@ def flux_built(tmp_path_factory, flux_aoti):
     return root
 
 
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_controlnet_folder_gives_its_loaded_fingerprint(name, tmp_path):
+    """What mf-serve and mf-generate check before any load (`folder_weights`) is the key the loaded ControlNet's
+    packages get; an SD3.5 ControlNet that takes the transformer's patch embedding has only its tensors to say."""
+    from diffusers import SD3ControlNetModel
+
+    from megafusion.engine.dit_controlnet_engines import folder_weights
+    from megafusion.engine.fingerprint import WEIGHTS_SCHEME, loaded_fingerprint, module_fingerprint
+    from megafusion.runtime.flow_controlnet import load_flow_controlnet
+
+    bundle = load_model(name)
+    fam = bundle.family
+    path = save_tiny_flow_controlnet(fam, tmp_path / "cn", seed=3)
+    fp = folder_weights(fam, path)
+    assert fp.startswith(f"mf{WEIGHTS_SCHEME}:files:")
+    assert loaded_fingerprint(load_flow_controlnet(path, bundle.transformer, fam, "cpu", torch.float32)) == fp
+    if fam.kind == "sd3":
+        SD3ControlNetModel(**{**fam.transformer, "num_layers": 1, "use_pos_embed": False}).save_pretrained(
+            str(tmp_path / "shared"))
+        assert folder_weights(fam, tmp_path / "shared") is None
+        cn = load_flow_controlnet(tmp_path / "shared", bundle.transformer, fam, "cpu", torch.float32)
+        assert loaded_fingerprint(cn) == module_fingerprint(cn)
+
+
 @pytest.mark.slow
 def test_sd3_packages_equal_their_modules_and_the_torch_path(sd3_built):
     bundle, cn, plan, folder, built = sd3_built
@@ -274,6 +298,14 @@ def test_missing_package_is_one_line_with_the_build_command(flux_built, capsys):
     assert "no tiny-flux controlled-transformer package for the 192x192 stage" in err
     assert (f"mf-build-engines --model tiny-flux --stages 128x128:2,192x192:2 --backend aoti --precision fp32 "
             f"--device cpu --output {root / 'eng'} --controlnet {root / 'cn'}") in err
+    # another ControlNet of the same architecture: its folder's fingerprint keys no package, refused before the load
+    other = save_tiny_flow_controlnet(load_model("tiny-flux").family, root / "other", seed=5)
+    rc = generate(["--model", "tiny-flux", "--stages", "128x128:2,128x128:2", "--prompt", "x", "--controlnet",
+                   str(other), "--control-image", str(root / "ctl.png"), "--engines", str(root / "eng"),
+                   "--output", str(root / "x.png"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not (root / "x.png").exists()
+    assert f"no tiny-flux ControlNet package of --controlnet {other} for the 128x128 stage" in err
 
 
 @pytest.mark.gpu

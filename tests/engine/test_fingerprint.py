@@ -16,8 +16,8 @@ from megafusion.core.loading import WeightsOrigin, load_model
 from megafusion.engine import file_hashes
 from megafusion.engine.cache import EngineError, weights_fingerprint
 from megafusion.engine.file_hashes import FileHashes
-from megafusion.engine.fingerprint import (WEIGHTS_SCHEME, lora_fingerprint, network_fingerprint,
-                                           origin_fingerprint, scheme_of)
+from megafusion.engine.fingerprint import (WEIGHTS_SCHEME, folder_fingerprint, loaded_fingerprint, lora_fingerprint,
+                                           module_fingerprint, network_fingerprint, origin_fingerprint, scheme_of)
 
 from tests.core.test_loading import _save
 
@@ -144,6 +144,30 @@ def test_weights_changed_in_place_get_their_own_fingerprint(tmp_path):
         next(empty.unet.parameters()).add_(1.0)  # meta: no values, yet changed since loading
     with pytest.raises(EngineError, match="unet: the module was built without weights"):
         network_fingerprint(empty, "unet")
+
+
+def test_controlnet_read_from_a_folder_is_keyed_by_its_files(tiny_sd15, tmp_path):
+    """A ControlNet loaded from a folder has the folder's `files` fingerprint, which mf-serve computes without
+    loading it: a copy of the folder or another dtype gives the same, other weights another, and a change in place
+    its tensors'."""
+    import shutil
+
+    from tests.runtime.test_controlnet import save_tiny_controlnet
+
+    from megafusion.runtime.controlnet import load_controlnet
+
+    a = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "a", 1)
+    b = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "b", 2)
+    shutil.copytree(a, tmp_path / "copy")
+    cn = load_controlnet(a, tiny_sd15.unet, "cpu", torch.float32)
+    fp = loaded_fingerprint(cn)
+    assert fp.startswith(f"mf{WEIGHTS_SCHEME}:files:")
+    assert fp == folder_fingerprint(a) == folder_fingerprint(tmp_path / "copy")
+    assert loaded_fingerprint(load_controlnet(a, tiny_sd15.unet, "cpu", torch.float16)) == fp
+    assert folder_fingerprint(b) != fp
+    with torch.no_grad():
+        next(cn.parameters()).add_(1.0)
+    assert loaded_fingerprint(cn) == module_fingerprint(cn) != fp
 
 
 @pytest.mark.gpu

@@ -39,9 +39,9 @@ def test_control_images_on_controlnet_engines_are_mf_generates_bytes(sd15_contro
 def test_startup_checks_the_controlnet_engines_and_warms_them(sd15_engines, sd15_control_ort, tiny_sd15, tmp_path,
                                                                capsys):
     """Before Ray starts, a folder without controlnet / unet_controlled entries for every --sizes entry's default
-    plan (128x128: one stage, which the session's engines cover) is refused in one line with the build command; a
-    folder with them passes, and the warm-up opens the controlled engines (checked against the ControlNet's weights)
-    beside the plain ones."""
+    plan (128x128: one stage, which the session's engines cover) is refused in one line with the build command, as
+    is a folder whose entries hold another ControlNet's weights; a folder with them passes, and the warm-up opens
+    the controlled engines beside the plain ones."""
     from tests.runtime.test_controlnet import save_tiny_controlnet
 
     from megafusion.serve.config import check_config
@@ -62,10 +62,12 @@ def test_startup_checks_the_controlnet_engines_and_warms_them(sd15_engines, sd15
     assert not any("controlnet" in key for key in server._engines)
     assert [size for size, _ in server.warm_up()] == ["128x128"]
     assert sum("controlnet" in key for key in server._engines) == 1  # the 128x128 plan's controlled engines
-    # another ControlNet of the same architecture passes the check (no weights read before Ray) and is refused
-    # when the warm-up opens its engines, naming it
+    # another ControlNet of the same architecture: its folder's fingerprint (its files, no module loaded) keys no
+    # entry, refused before Ray as the warm-up would refuse it
     other = save_tiny_controlnet(tiny_sd15.unet, tmp_path / "other", 9)
-    cfg = preflight(check_config(ServeConfig("tiny-sd15", engines=str(out), sizes=((128, 128),),
-                                             controlnets=(str(other),))))
+    _refused(["--sizes", "128x128", "--engines", str(out), "--controlnet", str(other)],
+             f"--sizes 128x128: the engines in {out} have no controlnet (standard, fp32) of --controlnet {other} at "
+             f"128x128; {build} {out} --controlnet {other}", capsys)
+    cfg = check_config(ServeConfig("tiny-sd15", engines=str(out), sizes=((128, 128),), controlnets=(str(other),)))
     with pytest.raises(ServeModelError, match=f"no controlnet \\(standard, fp32\\) of --controlnet {other} at"):
         ModelServer(cfg).warm_up()

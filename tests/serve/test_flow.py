@@ -273,7 +273,8 @@ def test_served_from_aoti_packages_is_mf_generates_image(flux_aoti, tmp_path, ca
 def test_controlnet_served_from_aoti_packages_is_mf_generates_image(flux_aoti, tmp_path, capsys):
     """--engines --controlnet: plain requests from the session's tiny-flux transformer packages, controlled ones from
     the ControlNet and controlled-transformer packages built here into a copy of that folder (one stage shape); each
-    is mf-generate --engines' image (bytes equal); a folder without them is refused before Ray in one line."""
+    is mf-generate --engines' image (bytes equal); a folder without them, or with another ControlNet's, is refused
+    before Ray in one line."""
     import shutil
 
     from megafusion.cli.build_engines import main as build
@@ -292,6 +293,10 @@ def test_controlnet_served_from_aoti_packages_is_mf_generates_image(flux_aoti, t
     shutil.copytree(flux_aoti[0], eng)
     assert build(["--model", "tiny-flux", "--backend", "aoti", "--stages", "128x128:2,128x128:2", "--device", "cpu",
                   "--networks", "transformer", "--controlnet", cn, "--output", str(eng)]) == 0
+    other = str(save_tiny_flow_controlnet(FAMILIES["tiny-flux"], tmp_path / "other", seed=2))
+    with pytest.raises(ConfigError) as e:  # same architecture, other weights: no package of its folder's key
+        preflight(check_config(ServeConfig("tiny-flux", engines=str(eng), sizes=((128, 128),), controlnets=(other,))))
+    assert f"no tiny-flux ControlNet package of --controlnet {other} for the 128x128 stage" in str(e.value)
     cfg = preflight(check_config(ServeConfig("tiny-flux", engines=str(eng), sizes=((128, 128),), controlnets=(cn,))))
     server = FlowModelServer(cfg)
     server.warm_up()  # opens and verifies the ControlNet packages too

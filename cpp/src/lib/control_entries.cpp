@@ -23,7 +23,7 @@ ControlNetId resolve_controlnet(const EngineFolder& folder, const std::string& m
     if (it != facts->second.controlnets.end()) return {name, it->second.first, it->second.second};
     for (const auto& [n, rec] : facts->second.controlnets) known += (known.empty() ? "" : ", ") + n;
   }
-  // A fingerprint ("mf2:tensors:<sha256>"), whole, or a prefix of its sha256 digits.
+  // A fingerprint ("mf2:files:<sha256>"), whole, or a prefix of its sha256 digits.
   const bool prefix = name.size() >= 12 && name.size() <= 64 && is_hex(name);
   {
     std::set<std::string> matches;
