@@ -62,8 +62,8 @@ def build_parser() -> ArgumentParser:
     # DeepFloyd IF (--model tiny-if or if): the second cascade stage (cli/generate_if.py).
     p.add_argument("--stages-2", metavar="PLAN",
                    help="IF only: stage II's plan (default the paper's 256x256:40,512x512:10; --stages is stage I's)")
-    p.add_argument("--guidance-2", default="4.0", metavar="W",
-                   help="IF only: stage II's guidance weight (default: %(default)s; --guidance is stage I's)")
+    p.add_argument("--guidance-2", metavar="W",
+                   help="IF only: stage II's guidance weight (default: 4.0, the paper's; --guidance is stage I's)")
     p.add_argument("--stage-2-path", metavar="DIR",
                    help="IF only: the IFSuperResolutionPipeline folder (--model-path is the IFPipeline folder)")
     return p
@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
         from .generate_if import run_if
 
         return run_if(args)
+    for flag, value in (("--stages-2", args.stages_2), ("--guidance-2", args.guidance_2),
+                        ("--stage-2-path", args.stage_2_path)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to the IF models (tiny-if, if) only, not {args.model}")
     from ..engine.networks import TorchNetworks
     from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
                      plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args,

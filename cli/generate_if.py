@@ -64,7 +64,8 @@ def run_if(args: argparse.Namespace) -> int:
     try:
         opts = PixelOptions(args.prompt, args.negative_prompt,
                             parse_guidance(args.guidance if args.guidance is not None else "7.0"),
-                            parse_guidance(args.guidance_2, "--guidance-2"), parse_seed(args.seed),
+                            parse_guidance(args.guidance_2 if args.guidance_2 is not None else str(family.guidance_2),
+                                           "--guidance-2"), parse_seed(args.seed),
                             not args.no_reschedule, dilation_from_args(args.dilation, args.no_dilation))
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -58,6 +58,9 @@ def test_one_stage_from_saved_folder_reproduces_diffusers(tiny_sd15, tmp_path):
     (["--mode", "fast-graphs", "--engines", "/no/such/dir"], "with --engines use --mode graphs"),
     (["--mode", "fast-graphs", "--model", "tiny-sd3"], "for tiny-sd3 use --mode graphs or compiled"),
     (["--mode", "fast-graphs", "--model", "tiny-if"], "for tiny-if use --mode graphs or compiled"),
+    (["--guidance-2", "3"], "--guidance-2 applies to the IF models (tiny-if, if) only, not tiny-sdxl"),
+    (["--model", "tiny-sd3", "--stages-2", "128x128:2"], "--stages-2 applies to the IF models"),
+    (["--model", "tiny-sd15", "--stage-2-path", "/tmp"], "--stage-2-path applies to the IF models"),
 ])
 def test_bad_input_one_clear_line(args, needle, capsys):
     rc = main(["--prompt", "x", "--no-progress", *args])
