@@ -266,6 +266,27 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def mode_from_args(mode: str | None, device: torch.device) -> str:
+    """--mode, or its default: one CUDA graph per stage shape on CUDA, the eager loop elsewhere; every mode but
+    eager needs CUDA."""
+    mode = mode or ("graphs" if device.type == "cuda" else "eager")
+    if mode != "eager" and device.type != "cuda":
+        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
+    return mode
+
+
+def generate_with_progress(pipe, plan: StagePlan, opts, steps: int, image, show: bool):
+    """`pipe.generate`'s result, with a bar over its `steps` denoising steps on stderr when `show`; each segment is
+    printed as it ends (the relays and the decode take seconds without a step to count)."""
+    if not show:
+        return pipe.generate(plan, opts, image=image)
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="denoise", unit="step", file=sys.stderr) as bar:
+        return pipe.generate(plan, opts, on_step=lambda k, i: bar.update(1),
+                             on_segment=lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"), image=image)
+
+
 def plan_from_args(family: ModelFamily, size: str | None, stages: str | None, steps: int | None = None) -> StagePlan:
     """`--size`, `--stages` and `--steps` as the tools take them."""
     if steps is not None and steps <= 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import sys
 from pathlib import Path
 
 from .common import (ArgumentParser, UsageError, add_device_arguments, add_model_arguments,
@@ -121,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             raise UsageError(f"{flag} applies to the IF models (tiny-if, if) only, not {args.model}")
     from ..engine.networks import TorchNetworks
-    from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
-                     plan_from_args, resolve_device, vae_dtype, warn_truncated_prompts, weights_seed_from_args,
-                     weights_source_from_args)
+    from .common import (dilation_from_args, generate_with_progress, mode_from_args, model_dtype,
+                         output_file_from_args, parse_guidance, parse_seed, plan_from_args, resolve_device, vae_dtype,
+                         warn_truncated_prompts, weights_seed_from_args, weights_source_from_args)
     from ..core.loading import load_model
     from ..core.loading import resolve_family
 
@@ -186,9 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
         output_folder_from_args("--compile-cache", args.compile_cache)
     device = resolve_device(args.device)
-    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")
-    if mode != "eager" and device.type != "cuda":
-        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
+    mode = mode_from_args(args.mode, device)
     dtype = model_dtype(device, args.dtype)
     if args.precision == "fp8":
         from .common import fp8_dtype_from_args
@@ -361,20 +358,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model {family.name} ({bundle.source}) on {device}, UNet {str(nets.unet_dtype).removeprefix('torch.')}, "
           f"VAE {str(nets.vae_dtype).removeprefix('torch.')}")
     print(f"plan: {plan.describe()}")
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        total = plan.total_steps - (image_start.entry(plan).global_step if image_start else 0)
-        bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
-    try:
-        # Segments are printed as they end: the relays and the decode take seconds without a step to count.
-        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
-                               on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
-                               if bar else None, image=image_start)
-    finally:
-        if bar is not None:
-            bar.close()
+    steps = plan.total_steps - (image_start.entry(plan).global_step if image_start else 0)
+    result = generate_with_progress(pipe, plan, opts, steps, image_start, not args.no_progress)
     if args.engines or mode == "compiled":  # what the first image spent where (benchmarks/cold_start.py reads it)
         from ..benchmarks.cold_start import compile_line, first_image_line
 
@@ -389,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
     if compile_cache is not None and not compile_cache[2]:
         saved = compile_cache[0].save(compile_cache[1])
         print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
-    png_s = finish_generation(result, out, segments_printed=bar is not None)
+    png_s = finish_generation(result, out, segments_printed=not args.no_progress)
     if args.engines or mode == "compiled":  # the image is on disk: what is left of the process is its exit
         from ..benchmarks.cold_start import process_age, saved_line
 

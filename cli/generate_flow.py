@@ -6,7 +6,6 @@ before the model load, as for the UNet families.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .common import UsageError, finish_generation
 
@@ -122,8 +121,8 @@ def run_flow(args: argparse.Namespace, family) -> int:
 
     from ..core.loading import load_model
     from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipeline
-    from .common import (DTYPES, output_file_from_args, parse_guidance, parse_seed, plan_from_args, resolve_device,
-                         warn_truncated_prompts, weights_seed_from_args)
+    from .common import (DTYPES, generate_with_progress, mode_from_args, output_file_from_args, parse_guidance,
+                         parse_seed, plan_from_args, resolve_device, warn_truncated_prompts, weights_seed_from_args)
 
     _refuse_unsupported(args, family)
     controls = _controls_from_args(args, family)
@@ -157,9 +156,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     device = resolve_device(args.device)
-    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")  # as for the latent families
-    if mode != "eager" and device.type != "cuda":
-        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
+    mode = mode_from_args(args.mode, device)
     # bf16 on CUDA: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range (T5 v1.1 was trained in bf16).
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.precision == "fp8":
@@ -260,19 +257,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
     print(f"model {family.name} ({bundle.source}) on {device}, transformer "
           f"{str(nets.transformer_dtype).removeprefix('torch.')}, VAE {str(nets.vae_dtype).removeprefix('torch.')}")
     print(f"plan: {plan.describe()}")
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        skipped = flow_entry_point(plan, image_start.strength, image_start.start_stage).global_step \
-            if image_start else 0
-        bar = tqdm(total=plan.total_steps - skipped, desc="denoise", unit="step", file=sys.stderr)
-    try:
-        result = pipe.generate(plan, opts, on_step=(lambda k, i: bar.update(1)) if bar else None,
-                               on_segment=(lambda name, s: bar.write(f"  {name:<40} {s * 1000:10.1f} ms"))
-                               if bar else None, image=image_start)
-    finally:
-        if bar is not None:
-            bar.close()
-    finish_generation(result, out, segments_printed=bar is not None)
+    skipped = flow_entry_point(plan, image_start.strength, image_start.start_stage).global_step if image_start else 0
+    result = generate_with_progress(pipe, plan, opts, plan.total_steps - skipped, image_start, not args.no_progress)
+    finish_generation(result, out, segments_printed=not args.no_progress)
     return 0

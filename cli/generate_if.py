@@ -43,8 +43,8 @@ def if_weights_seed(args: argparse.Namespace, family) -> int:
 def run_if(args: argparse.Namespace) -> int:
     """Checks every flag before loading anything, then generates and writes the PNG."""
     from ..core.if_family import get_if_family
-    from .common import (dilation_from_args, model_dtype, output_file_from_args, parse_guidance, parse_seed,
-                         resolve_device)
+    from .common import (dilation_from_args, mode_from_args, model_dtype, output_file_from_args, parse_guidance,
+                         parse_seed, resolve_device)
 
     family = get_if_family(args.model)
     for flag, value in (("--size", args.size), ("--steps", args.steps), ("--inductor", args.inductor),
@@ -71,9 +71,7 @@ def run_if(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     out = output_file_from_args("--output", args.output)
     device = resolve_device(args.device)
-    mode = args.mode or ("graphs" if device.type == "cuda" else "eager")  # as for the latent families
-    if mode != "eager" and device.type != "cuda":
-        raise UsageError(f"--mode {mode} needs a CUDA device (got {device})")
+    mode = mode_from_args(args.mode, device)
     if args.engines and mode == "compiled":
         raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
     if args.engines and args.dtype not in (None, "fp32", "fp16"):
