@@ -183,10 +183,7 @@ class ModelServer:
         from ..engine.cache import EngineError
         from ..engine.load import open_engines
 
-        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
-               dilation, relay)
-        pipe = self._engines.get(key)
-        if pipe is None:
+        def make() -> MegaFusionPipeline:
             try:
                 nets, desc = open_engines(self.cfg.engines, self.bundle, plan, dilation, relay, self.device,
                                           precision=self.cfg.engines_precision, fp8_scales=self.cfg.fp8_scales)
@@ -195,8 +192,19 @@ class ModelServer:
             self.engines_desc = desc
             if self.loras:
                 self._swap_loras(nets, plan, dilation)
-            pipe = self._pipeline(nets)
-            self._engines[key] = pipe
+            return self._pipeline(nets)
+
+        return self._kept(plan, dilation, relay, "", make)
+
+    def _kept(self, plan: StagePlan, dilation: int, relay: str, kind: str,
+              make: Callable[[], MegaFusionPipeline]) -> MegaFusionPipeline:
+        """The pipeline kept for the plan's shapes, dilation, relay and `kind` ("" plain, "controlnet",
+        "ip-adapter"), else `make()`'s, kept: the ENGINE_CACHE most recently used."""
+        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
+               dilation, relay, kind)
+        pipe = self._engines.get(key)
+        if pipe is None:
+            pipe = self._engines[key] = make()
             while len(self._engines) > ENGINE_CACHE:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(key)
@@ -210,10 +218,7 @@ class ModelServer:
         from ..engine.controlnet_engines import open_controlnet_runners
         from ..runtime.controlnet import EngineControlledNetworks
 
-        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
-               dilation, relay, "controlnet")
-        pipe = self._engines.get(key)
-        if pipe is None:
+        def make() -> MegaFusionPipeline:
             nets = self.pipeline_for(plan, dilation, relay).nets
             precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
             try:
@@ -225,12 +230,9 @@ class ModelServer:
             blank = torch.zeros(1, 3, 8, 8)  # each request's images are copied in by prepare_plan
             controlled = EngineControlledNetworks(nets, self.bundle, [Control(m, blank) for m in self.control_modules],
                                                   self.device, cns, unets)
-            pipe = self._pipeline(controlled)
-            self._engines[key] = pipe
-            while len(self._engines) > ENGINE_CACHE:
-                self._engines.popitem(last=False)
-        self._engines.move_to_end(key)
-        return pipe
+            return self._pipeline(controlled)
+
+        return self._kept(plan, dilation, relay, "controlnet", make)
 
     def ip_engines_for(self, plan: StagePlan, dilation: int, relay: str) -> MegaFusionPipeline:
         """With --engines and --ip-adapter: the plan's engines with the unet_ip engines on their UNet step
@@ -241,10 +243,7 @@ class ModelServer:
         from ..engine.ipadapter_engines import open_ip_runners
         from ..runtime.ipadapter import EngineIPAdapterNetworks, IPAdapterError
 
-        key = (tuple((s.height, s.width) for s in plan.stages), plan.output_height, plan.output_width,
-               dilation, relay, "ip-adapter")
-        pipe = self._engines.get(key)
-        if pipe is None:
+        def make() -> MegaFusionPipeline:
             nets = self.pipeline_for(plan, dilation, relay).nets
             precision = "fp16" if nets.unet_dtype == torch.float16 else "fp32"
             try:
@@ -256,12 +255,9 @@ class ModelServer:
             except (EngineError, IPAdapterError) as e:
                 raise ServeModelError(str(e)) from None
             blank = torch.zeros(1, 1, self.ip_dim)  # each request's embeddings are copied in (set_image_embeds)
-            pipe = self._pipeline(EngineIPAdapterNetworks(nets, blank, runners, self.device))
-            self._engines[key] = pipe
-            while len(self._engines) > ENGINE_CACHE:
-                self._engines.popitem(last=False)
-        self._engines.move_to_end(key)
-        return pipe
+            return self._pipeline(EngineIPAdapterNetworks(nets, blank, runners, self.device))
+
+        return self._kept(plan, dilation, relay, "ip-adapter", make)
 
     def _ip_encoder(self, backend: str, precision: str, dtype: torch.dtype):
         """image -> embeddings, as mf-generate --engines makes them: the folder's image encoder engine when it holds
