@@ -121,6 +121,9 @@ int main(int argc, char** argv) {
          MF_ERROR_INVALID_ARGUMENT, "controlnet name is NULL");
   expect("control, start >= end", mf_inputs_add_control(in, "edges", photo, 8, 8, 1.0f, 0.6f, 0.2f),
          MF_ERROR_INVALID_ARGUMENT, "control start 0.6 / end 0.2");
+  expect("progress, null inputs", mf_inputs_set_progress(NULL, NULL, NULL), MF_ERROR_INVALID_ARGUMENT,
+         "inputs is NULL");
+  expect("progress off", mf_inputs_set_progress(in, NULL, NULL), MF_OK, NULL);
   expect("photo, strength 0.1", mf_inputs_set_init_image(in, photo, 8, 8, 0.1f, 0), MF_OK, NULL);
   expect("photo runs no step", mf_generate_with(ctx, &p, in, rgb, bytes), MF_ERROR_INVALID_ARGUMENT,
          "strength 0.1: runs int(3 * 0.1) = 0 of the plan's 3 steps");

@@ -1,10 +1,11 @@
 """ctypes binding of libmegafusion's C API for the SD3 / FLUX tests (tests/cpp/test_libmegafusion_flow.py,
 test_libmegafusion_flow_img2img.py): the context, the params, the token setters, the photo and ControlNet setters;
-IP-Adapter embeddings or image, and an image's embeddings; one generation into an RGB array, or (status, message);
-the CUDA graph switch and counters."""
+IP-Adapter embeddings or image, and an image's embeddings; the progress callback; one generation into an RGB array,
+or (status, message); the CUDA graph switch and counters."""
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ class Params(ctypes.Structure):
                 ("width", ctypes.c_int), ("height", ctypes.c_int), ("stages", ctypes.c_char_p),
                 ("total_steps", ctypes.c_int), ("seed", ctypes.c_uint64), ("guidance", ctypes.c_float),
                 ("reschedule", ctypes.c_int), ("dilation", ctypes.c_int), ("relay", ctypes.c_char_p)]
+
+
+PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+"""mf_progress_fn: (user, step, total) -> nonzero to stop."""
 
 
 def ids_text(tokens: dict[str, list[int]], negative: dict[str, list[int]] | None = None) -> str:
@@ -57,6 +62,7 @@ class Library:
                                                        ctypes.c_int]
         lib.mf_ip_adapter_image_embeds.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_int,
                                                    ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t]
+        lib.mf_inputs_set_progress.argtypes = [ctypes.c_void_p, PROGRESS_FN, ctypes.c_void_p]
         lib.mf_generate_with.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.c_void_p,
                                          ctypes.POINTER(ctypes.c_uint8), ctypes.c_size_t]
         lib.mf_output_size.argtypes = [ctypes.c_void_p, ctypes.POINTER(Params), ctypes.POINTER(ctypes.c_int),
@@ -94,9 +100,10 @@ class Library:
                  init: tuple[np.ndarray, float, int] | None = None,
                  controls: tuple[tuple[str, np.ndarray, float, float, float], ...] = (),
                  ip_embeds: np.ndarray | None = None, ip_image: np.ndarray | None = None,
-                 **fields) -> tuple[int, np.ndarray | str]:
+                 progress: Callable[[int, int], int] | None = None, **fields) -> tuple[int, np.ndarray | str]:
         """`init`: (photo (H, W, 3) uint8, strength, start_stage); `controls`: (name, image, scale, start, end);
-        `ip_embeds`: IP-Adapter image embeddings (float32); `ip_image`: the IP-Adapter image, (H, W, 3) uint8."""
+        `ip_embeds`: IP-Adapter image embeddings (float32); `ip_image`: the IP-Adapter image, (H, W, 3) uint8;
+        `progress(step, total)`: the progress callback (nonzero stops the generation)."""
         p = Params()
         self.lib.mf_generate_params_init(ctypes.byref(p))
         p.stages, p.seed, p.guidance, p.relay = stages.encode(), seed, guidance, relay.encode()
@@ -128,6 +135,11 @@ class Library:
                     return rc, self.error()
             if ip_image is not None:
                 rc = self.lib.mf_inputs_set_ip_adapter_image(inputs, *_pixels(ip_image))
+                if rc != 0:
+                    return rc, self.error()
+            callback = PROGRESS_FN(lambda user, step, total: progress(step, total)) if progress else None
+            if callback is not None:
+                rc = self.lib.mf_inputs_set_progress(inputs, callback, None)
                 if rc != 0:
                     return rc, self.error()
             w, h = ctypes.c_int(), ctypes.c_int()

@@ -93,6 +93,38 @@ def test_cpp_graph_counters_on_cpu(cpp_build, sd15_aoti, tmp_path):
     assert "graphs off, 0 captures, 0 replays" in off.stdout
 
 
+def test_progress_callback_on_the_unet_loop(lib, sd15_aoti):
+    """The UNet families' loops call mf_inputs_set_progress's callback as the flow ones do
+    (test_libmegafusion_flow.py): (1, T) .. (T, T) with graphs on (the buffered step on the CPU) and off, the image
+    unchanged; a nonzero return in stage 2's first step (after the relay) ends with MF_ERROR_CANCELLED."""
+    import ctypes
+
+    from megafusion.runtime.conditioning import token_ids
+
+    tok = load_tokenizers("tiny-sd15")[0]
+    ids = [(ctypes.c_int32 * 77)(*(int(t) for t in token_ids(tok, text, "cpu")[0])) for text in ("a red cube", "")]
+    pair = ctypes.POINTER(ctypes.c_int32) * 2
+    fields = dict(prompt_ids=pair(ctypes.cast(ids[0], ctypes.POINTER(ctypes.c_int32))),
+                  negative_ids=pair(ctypes.cast(ids[1], ctypes.POINTER(ctypes.c_int32))))
+    total = sum(s.steps for s in parse_stages(AOTI_STAGES))
+    rc, ctx = lib.open(sd15_aoti, "tiny-sd15")
+    assert rc == 0, lib.error()
+    try:
+        rc, plain = lib.generate(ctx, AOTI_STAGES, 3, 7.0, {}, **fields)
+        assert rc == 0 and plain.std() > 5, plain
+        for graphs in (True, False):
+            lib.set_graphs(ctx, graphs)
+            seen = []
+            rc, img = lib.generate(ctx, AOTI_STAGES, 3, 7.0, {}, progress=lambda s, t: seen.append((s, t)) or 0,
+                                   **fields)
+            assert rc == 0 and np.array_equal(img, plain), img
+            assert seen == [(s, total) for s in range(1, total + 1)], (graphs, seen)
+            rc, err = lib.generate(ctx, AOTI_STAGES, 3, 7.0, {}, progress=lambda s, t: int(s == 3), **fields)
+            assert rc == 6 and err == f"cancelled by the progress callback after step 3 of {total}", (rc, err)
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
 FILES = re.compile(r"engine files verified: (\d+) hashed, (\d+) by file-hashes.json")
 
 

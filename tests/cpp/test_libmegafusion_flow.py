@@ -31,7 +31,7 @@ PROMPT, SEED = "a red fox", 3
 # The plans run on the session's packages (tests/conftest.py flux_aoti / sd3_aoti): the same stage shapes
 STAGES = {"tiny-flux": "128x128:2,160x160:2", "tiny-sd3": SD3_AOTI_STAGES}
 SIZE = {"tiny-flux": (160, 160), "tiny-sd3": (160, 192)}  # (height, width) of the image
-MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE = 1, 2
+MF_ERROR_INVALID_ARGUMENT, MF_ERROR_UNSUPPORTED_SIZE, MF_ERROR_CANCELLED = 1, 2, 6
 
 
 def _ids(model: str, text: str) -> dict[str, list[int]]:
@@ -72,6 +72,36 @@ def test_flow_generation_equals_python(lib, flow_folders, tmp_path, model):
             assert diff.max() <= IMAGE_TOL, (relay, diff.max(), diff.mean())
             images[relay] = cpp
         assert np.abs(images["pixel"].astype(int) - images["latent"].astype(int)).max() > 10
+    finally:
+        lib.lib.mf_context_destroy(ctx)
+
+
+def test_progress_callback_counts_the_steps_and_stops_the_generation(lib, flow_folders):
+    """mf_inputs_set_progress: the callback gets (1, T) .. (T, T) for a plan's T steps, in order, graphs on (the
+    buffered step on the CPU) and off, and leaves the image as it is; a nonzero return stops the generation after
+    that step with MF_ERROR_CANCELLED in one line, and the context then generates as before."""
+    model = "tiny-flux"
+    ids = _ids(model, PROMPT)
+    rc, ctx = lib.open(flow_folders[model], model)
+    assert rc == 0, lib.error()
+    total = sum(int(s.split(":")[1]) for s in STAGES[model].split(","))
+    try:
+        rc, plain = lib.generate(ctx, STAGES[model], SEED, 3.5, ids)
+        assert rc == 0, plain
+        for graphs in (True, False):
+            lib.set_graphs(ctx, graphs)
+            seen = []
+            rc, img = lib.generate(ctx, STAGES[model], SEED, 3.5, ids, progress=lambda s, t: seen.append((s, t)) or 0)
+            assert rc == 0, img
+            assert seen == [(s, total) for s in range(1, total + 1)], (graphs, seen)
+            assert np.array_equal(img, plain)
+            seen.clear()
+            rc, err = lib.generate(ctx, STAGES[model], SEED, 3.5, ids,
+                                   progress=lambda s, t: seen.append((s, t)) or int(s == 3))
+            assert rc == MF_ERROR_CANCELLED and err == f"cancelled by the progress callback after step 3 of {total}"
+            assert seen == [(1, total), (2, total), (3, total)]  # stopped there: step 4 never ran
+        rc, img = lib.generate(ctx, STAGES[model], SEED, 3.5, ids)
+        assert rc == 0 and np.array_equal(img, plain)
     finally:
         lib.lib.mf_context_destroy(ctx)
 

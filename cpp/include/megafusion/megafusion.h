@@ -29,7 +29,8 @@ typedef enum mf_status {
   MF_ERROR_UNSUPPORTED_SIZE = 2, /* a size or plan the model or the built engines do not serve */
   MF_ERROR_ENGINE = 3,           /* engine folder missing, manifest corrupt, engine missing, stale or corrupt */
   MF_ERROR_BUFFER_TOO_SMALL = 4, /* the caller's RGB buffer is smaller than width * height * 3 */
-  MF_ERROR_RUNTIME = 5           /* a failure while running the networks */
+  MF_ERROR_RUNTIME = 5,          /* a failure while running the networks */
+  MF_ERROR_CANCELLED = 6         /* the progress callback asked to stop (mf_inputs_set_progress) */
 } mf_status;
 
 typedef struct mf_context mf_context;
@@ -118,8 +119,8 @@ mf_status mf_inputs_set_init_image(mf_inputs* inputs, const uint8_t* rgb, int wi
  * size), conditioning `scale` (finite) and the fraction [start, end) of the global schedule where it acts
  * (0 <= start < end <= 1). `controlnet` names ControlNet engines in the folder: the name of the folder
  * `mf-build-engines --controlnet DIR` was given (DIR's last component, as models.json records it), or the
- * weights fingerprint of its entries in manifest.json ("mf2:tensors:<sha256>" whole, or a unique prefix of 12
- * or more of its sha256's hex digits).
+ * weights fingerprint of its entries in manifest.json ("mf2:files:<sha256>" whole, over the ControlNet folder's
+ * files, or a unique prefix of 12 or more of its sha256's hex digits).
  * Several calls add several ControlNets, whose residuals add up (diffusers' MultiControlNetModel).
  * SD3 / FLUX contexts take SD3ControlNetModel / FluxControlNetModel packages (`mf-build-engines --model sd3|flux
  * --backend aoti --controlnet DIR`): the control image is resized to each stage's size and VAE-encoded there (the
@@ -179,13 +180,24 @@ mf_status mf_ip_adapter_image_embeds(mf_context* ctx, const uint8_t* rgb, int wi
  * package ((mean - shift) * scaling) and noised z = (1 - sigma) x0 + sigma noise to the first kept sigma; a
  * strength outside start_stage names that stage's range. The entry stage needs a vae_encoder package of its size
  * (MF_ERROR_UNSUPPORTED_SIZE otherwise; `mf-build-engines` builds them only for the stages after the first).
- * ControlNets are not yet supported on these models (MF_ERROR_INVALID_ARGUMENT). The whole Euler step runs in
- * CUDA graphs as the UNet's step does (mf_set_cuda_graphs).
+ * ControlNets: mf_inputs_add_control above. The whole Euler step runs in CUDA graphs as the UNet's step does
+ * (mf_set_cuda_graphs).
  * The lengths are checked by mf_generate_with (MF_ERROR_INVALID_ARGUMENT naming the encoder). */
 mf_status mf_inputs_set_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
 
 /* The negative prompt's ids for `encoder` (SD3 with CFG). */
 mf_status mf_inputs_set_negative_tokens(mf_inputs* inputs, const char* encoder, const int32_t* ids, size_t n);
+
+/* Progress and cancellation, for a server that reports a request's progress or ends it at its deadline or when
+ * its client goes: `fn(user, step, total)` is called on the generating thread after each denoise step that runs,
+ * with the steps done so far (1 to total) and the plan's steps that run (fewer with a photo that enters late).
+ * On CUDA it is called once the step has run on the device (the library waits for it: with a callback set, no
+ * more than one step is queued ahead). A nonzero return ends the generation there: mf_generate_with returns
+ * MF_ERROR_CANCELLED ("cancelled by the progress callback after step S of T") and leaves `rgb` untouched; the
+ * context serves the next generation as usual. The relays and the decode between and after the steps are not
+ * steps: a stop asked for in the last step's call skips the decode. fn NULL: no callback (the default). */
+typedef int (*mf_progress_fn)(void* user, int step, int total);
+mf_status mf_inputs_set_progress(mf_inputs* inputs, mf_progress_fn fn, void* user);
 
 /* mf_generate with inputs (NULL: none, the same as mf_generate). A ControlNet the folder holds no engines
  * for is MF_ERROR_ENGINE, a stage size its packages do not cover MF_ERROR_UNSUPPORTED_SIZE, both naming the

@@ -179,6 +179,14 @@ mf_status mf_inputs_set_negative_tokens(mf_inputs* inputs, const char* encoder, 
   });
 }
 
+mf_status mf_inputs_set_progress(mf_inputs* inputs, mf_progress_fn fn, void* user) {
+  return guarded([&] {
+    if (!inputs) throw Failure(MF_ERROR_INVALID_ARGUMENT, "inputs is NULL");
+    inputs->impl.progress = fn;
+    inputs->impl.progress_user = fn ? user : nullptr;
+  });
+}
+
 mf_status mf_set_cuda_graphs(mf_context* ctx, int enabled) {
   return guarded([&] {
     if (!ctx) throw Failure(MF_ERROR_INVALID_ARGUMENT, "ctx is NULL");

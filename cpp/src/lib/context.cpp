@@ -486,6 +486,8 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   const auto a = sqrt_abar;            // a_t = sqrt(abar'_t), as runtime/pipeline.py
   const auto b = sqrt_one_minus_abar;  // b_t = sqrt(1 - abar'_t)
   at::Tensor z, x0;
+  StepProgress progress(inputs ? inputs->progress : nullptr, inputs ? inputs->progress_user : nullptr,
+                        plan.total_steps() - entry.global_step, device_);
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
     const StageSize& st = plan.stages[k];
@@ -539,7 +541,7 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
         return run_unet(std::move(inputs), d);
       };
       const StepKey key{h, wd, delta, cfg, f, controls.key, with_ip ? ip.fingerprint : ""};
-      std::tie(z, x0) = graphs_->run_stage(key, in, steps, call);
+      std::tie(z, x0) = graphs_->run_stage(key, in, steps, call, progress);
       continue;  // a truncated stage keeps its last x0; its updated z is not used
     }
     for (size_t i = 0; i < steps; ++i) {
@@ -549,6 +551,7 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
         eps = parts[0] + (parts[1] - parts[0]) * w;
       }
       x0 = (z - eps * b(c.abar_t[i])) / a(c.abar_t[i]);
+      progress.step();
       if (k < last && i == steps - 1) break;  // truncate: x0 from the pre-update latent
       z = x0 * a(c.abar_s[i]) + eps * b(c.abar_s[i]);
     }

@@ -309,6 +309,8 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
   const int vs = family_->base.vae_scale;
   const float w = p.guidance;
   at::Tensor z, x0;
+  StepProgress progress(inputs ? inputs->progress : nullptr, inputs ? inputs->progress_user : nullptr,
+                        plan.total_steps() - entry.global_step, device_);
   const size_t last = plan.stages.size() - 1;
   int64_t first_step = 0;  // global index of this stage's first step (skipped steps keep their places)
   for (size_t k = 0; k <= last; first_step += plan.stages[k].steps, ++k) {
@@ -347,7 +349,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
     const size_t steps = sigma_t.size();
     const int64_t skipped = static_cast<int64_t>(c.sigma_t.size() - steps);
     if (graphs_on_) {  // the same step, buffered: captured once per descriptor on CUDA, replayed every step
-      std::tie(z, x0) = run_stage(z, sigma_t, d_sigma, timestep, cond, w, cfg, first_step + skipped);
+      std::tie(z, x0) = run_stage(z, sigma_t, d_sigma, timestep, cond, w, cfg, first_step + skipped, progress);
       continue;  // a truncated stage keeps its last x0; its updated z is not used
     }
     const int64_t batch = cfg ? 2 : 1;
@@ -362,6 +364,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
         v = parts[0] + (parts[1] - parts[0]) * w;
       }
       x0 = z - v * sigma_t[i];
+      progress.step();
       if (k < last && i == steps - 1) break;  // truncate: x0 from the pre-update latent
       z = z + v * d_sigma[i];                  // Euler: z_s = z_t + (sigma_s - sigma_t) v
       z = z.to(f).to(at::kFloat);              // the pipelines keep the latent in the model's dtype

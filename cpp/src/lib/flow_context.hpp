@@ -114,7 +114,8 @@ class FlowContext {
   // global step.
   std::pair<at::Tensor, at::Tensor> run_stage(const at::Tensor& z, const std::vector<float>& sigma_t,
                                               const std::vector<float>& d_sigma, const std::vector<float>& timestep,
-                                              const Conditioning& c, float w, bool cfg, int64_t first);
+                                              const Conditioning& c, float w, bool cfg, int64_t first,
+                                              StepProgress& progress);
   // The ControlNets named in `in`, resolved and checked (flow_control.cpp), before any work.
   FlowControls resolve_controls(const std::vector<ControlInput>& in, const StagePlan& plan, int64_t batch);
   // The controlnet package of `c` (NULL: the controlled transformer, taking `all`'s block samples) whose first

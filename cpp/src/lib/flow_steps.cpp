@@ -34,7 +34,7 @@ void FlowContext::euler_step(FlowStepBuffers& b, bool cfg) {
 std::pair<at::Tensor, at::Tensor> FlowContext::run_stage(const at::Tensor& z, const std::vector<float>& sigma_t,
                                                          const std::vector<float>& d_sigma,
                                                          const std::vector<float>& timestep, const Conditioning& c,
-                                                         float w, bool cfg, int64_t first) {
+                                                         float w, bool cfg, int64_t first, StepProgress& progress) {
   const size_t steps = sigma_t.size();
   if (steps == 0 || static_cast<int64_t>(steps) > kMaxStageSteps)
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "a stage of " + std::to_string(steps) + " steps; the step graphs hold 1 to " +
@@ -70,7 +70,7 @@ std::pair<at::Tensor, at::Tensor> FlowContext::run_stage(const at::Tensor& z, co
     b.pooled.copy_(c.pooled);
   };
   load();
-  graphs_->run_steps(key, steps, [&] { euler_step(b, cfg); }, load);
+  graphs_->run_steps(key, steps, [&] { euler_step(b, cfg); }, load, progress);
   return {b.z.clone(), b.x0.clone()};
 }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "megafusion/megafusion.h"  // mf_progress_fn (a C type, no library code)
 #include "megafusion/plan.hpp"
 
 namespace megafusion::lib {
@@ -50,6 +51,10 @@ struct Inputs {
   // (image_encoder.hpp). One or the other: setting one while the other is set is refused (nothing changes).
   std::optional<RgbImage> ip_image;
   void set_ip_image(const uint8_t* rgb, int width, int height);
+
+  // The progress callback and its user pointer (mf_inputs_set_progress; step_graphs.hpp StepProgress calls it).
+  mf_progress_fn progress = nullptr;
+  void* progress_user = nullptr;
 
   // SD3 / FLUX prompts: ids per encoder ("clip_l", "clip_g", "t5"), the negative prompt's apart.
   std::map<std::string, std::vector<int32_t>> tokens, negative_tokens;

@@ -141,10 +141,27 @@ std::unique_ptr<StepGraphs::Graph> StepGraphs::capture(const std::function<void(
 #endif
 }
 
+void StepProgress::step() {
+  if (!fn_) return;
+  ++done_;
+#ifdef MEGAFUSION_WITH_CUDA
+  if (device_.is_cuda()) {
+    const c10::DeviceIndex index = device_.has_index() ? device_.index() : c10::cuda::current_device();
+    c10::cuda::getCurrentCUDAStream(index).synchronize();
+  }
+#endif
+  if (fn_(user_, done_, total_) != 0)
+    throw Failure(MF_ERROR_CANCELLED, "cancelled by the progress callback after step " + std::to_string(done_) +
+                                          " of " + std::to_string(total_));
+}
+
 void StepGraphs::run_steps(const std::string& key, size_t steps, const std::function<void()>& step,
-                           const std::function<void()>& reload) {
+                           const std::function<void()>& reload, StepProgress& progress) {
   if (!capture_) {
-    for (size_t i = 0; i < steps; ++i) step();
+    for (size_t i = 0; i < steps; ++i) {
+      step();
+      progress.step();
+    }
     return;
   }
 #ifdef MEGAFUSION_WITH_CUDA
@@ -153,15 +170,18 @@ void StepGraphs::run_steps(const std::string& key, size_t steps, const std::func
     it = graphs_.emplace(key, capture(step)).first;
     reload();  // the warm-up and capture moved the latent and the counter
   }
-  for (size_t i = 0; i < steps; ++i) it->second->graph.replay();
-  replays_ += steps;
+  for (size_t i = 0; i < steps; ++i) {
+    it->second->graph.replay();
+    ++replays_;
+    progress.step();
+  }
 #else
   (void)key, (void)reload;
 #endif
 }
 
 std::pair<at::Tensor, at::Tensor> StepGraphs::run_stage(const StepKey& key, const StageInputs& in, size_t steps,
-                                                        const UnetCall& unet) {
+                                                        const UnetCall& unet, StepProgress& progress) {
   if (steps == 0 || static_cast<int64_t>(steps) > kMaxStageSteps)
     throw Failure(MF_ERROR_UNSUPPORTED_SIZE, "a stage of " + std::to_string(steps) + " steps; the step graphs hold 1 to " +
                                                  std::to_string(kMaxStageSteps));
@@ -171,7 +191,8 @@ std::pair<at::Tensor, at::Tensor> StepGraphs::run_stage(const StepKey& key, cons
   const std::string text = "unet " + std::to_string(key.latent_h) + "x" + std::to_string(key.latent_w) + " d" +
                            std::to_string(key.dilation) + (key.cfg ? " cfg " : " ") +
                            c10::toString(key.dtype) + " [" + key.controls + "] ip [" + key.ip + "]";
-  run_steps(text, steps, [&] { denoise_step(b, key.cfg, key.dilation, unet); }, [&] { load_stage(b, in, steps); });
+  run_steps(text, steps, [&] { denoise_step(b, key.cfg, key.dilation, unet); }, [&] { load_stage(b, in, steps); },
+            progress);
   return {b.z.clone(), b.x0.clone()};
 }
 

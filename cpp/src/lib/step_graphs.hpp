@@ -26,6 +26,8 @@
 #include <tuple>
 #include <vector>
 
+#include "megafusion/megafusion.h"  // mf_progress_fn
+
 namespace megafusion::lib {
 
 constexpr int64_t kMaxStageSteps = 1000;  // capacity of the coefficient tables (DDIM over 1000 training steps)
@@ -75,6 +77,23 @@ struct StageInputs {
 using UnetCall = std::function<at::Tensor(const at::Tensor& sample, const at::Tensor& timestep, const StepBuffers& b,
                                           int dilation)>;
 
+// A generation's progress callback (mf_inputs_set_progress): `step()` after each denoise step that runs calls it
+// with the steps done and `total`, on CUDA once the step has run on the device (the current stream is synchronized
+// first, so the count is real time and a stop takes effect at once). A nonzero return throws
+// Failure(MF_ERROR_CANCELLED). Without a callback `step()` does nothing (no synchronization).
+class StepProgress {
+ public:
+  StepProgress(mf_progress_fn fn, void* user, int total, const at::Device& device)
+      : fn_(fn), user_(user), total_(total), device_(device) {}
+  void step();
+
+ private:
+  mf_progress_fn fn_;
+  void* user_;
+  int total_, done_ = 0;
+  at::Device device_;
+};
+
 class StepGraphs {
  public:
   // `capture`: CUDA graphs (device must be CUDA); else the buffered step runs eagerly.
@@ -83,13 +102,14 @@ class StepGraphs {
 
   // Runs `steps` steps from in.z; returns (z after the last update, x0 of the last step), both new tensors.
   std::pair<at::Tensor, at::Tensor> run_stage(const StepKey& key, const StageInputs& in, size_t steps,
-                                              const UnetCall& unet);
+                                              const UnetCall& unet, StepProgress& progress);
 
   // The generic core: `step` (reading and writing only buffers that outlive it) run `steps` times: eagerly
   // without capture; else replays of the graph captured for `key` (any text naming the descriptor) on its first
-  // use, after which `reload` restores what the warm-up and capture moved.
+  // use, after which `reload` restores what the warm-up and capture moved. `progress.step()` after each (not
+  // after the capture's warm-up steps).
   void run_steps(const std::string& key, size_t steps, const std::function<void()>& step,
-                 const std::function<void()>& reload);
+                 const std::function<void()>& reload, StepProgress& progress);
 
   uint64_t captures() const { return captures_; }
   uint64_t replays() const { return replays_; }
