@@ -91,7 +91,9 @@ def test_flow_controlled_graphs_on_equal_off_on_cpu(lib, flux_control_aoti, cont
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_flow_graphs_count_and_match_on_cuda(lib, tmp_path, model):
     """fp32 packages built for the GPU: one capture per stage size (both stages differ), one replay per step,
-    captured once for two generations; the graphed image within GRAPH_TOL of the plain loop's, both relays."""
+    captured once for two generations; the graphed image within GRAPH_TOL of the plain loop's, both relays. Then
+    the progress callback on replays (the stream synchronized before each call): every step in order, the same
+    image (within GRAPH_TOL), and a stop at step 2 (MF_ERROR_CANCELLED)."""
     folder = tmp_path / "engines"
     assert build_cli.main(["--model", model, "--backend", "aoti", "--stages", STAGES[model], "--device", "cuda",
                            "--precision", "fp32", "--output", str(folder)]) == 0
@@ -107,5 +109,14 @@ def test_flow_graphs_count_and_match_on_cuda(lib, tmp_path, model):
             off = _run(lib, ctx, model, relay, False)
             assert lib.counters(ctx) == (descriptors, n * steps), relay  # graphs off: nothing counted
             assert on.std() > 5 and _max_diff(on, off) <= GRAPH_TOL, relay
+        fam, seen = load_model(model).family, []
+        lib.set_graphs(ctx, True)
+        args = (ctx, STAGES[model], SEED, fam.default_guidance, _ids(model, PROMPT), _ids(model, "") if fam.cfg else None,
+                "latent")
+        rc, image = lib.generate(*args, progress=lambda s, t: seen.append((s, t)) or 0)
+        assert rc == 0 and _max_diff(image, on) <= GRAPH_TOL, image  # the same graphs, replayed again
+        assert seen == [(s, steps) for s in range(1, steps + 1)]
+        rc, err = lib.generate(*args, progress=lambda s, t: int(s == 2))
+        assert rc == 6 and "after step 2 of" in err, (rc, err)
     finally:
         lib.lib.mf_context_destroy(ctx)
