@@ -2,7 +2,9 @@
 beside a direct row, and with the extra conditions (issue #18) a conditioned row right after each plain row.
 
 Variants: `torch` (the flow loop step by step, FlowMegaFusionPipeline mode eager), `graphs` (one CUDA graph per
-stage shape) and `compiled` (graphs around the torch.compile'd transformer), as mf-generate --mode runs them.
+stage shape) and `compiled` (graphs around the torch.compile'd transformer), as mf-generate --mode runs them; and
+`engines:aoti` / `engines:onnxruntime`, the transformer from an mf-build-engines folder (--engine-dir) as
+mf-generate --engines runs it: CUDA-graphed where the backend declares its runners capturable, else eagerly.
 How a conditioned row takes the conditions (as mf-generate does, cli/generate_flow.py):
 - a LoRA is fused into a copy of the transformer and text encoders, and an IP-Adapter put into a copy of the
   transformer, made before anything runs (the plain rows keep the base weights; both rows hold both copies, so
@@ -31,9 +33,29 @@ from .variants import Variant, direct_plan
 DIT_VARIANTS = {
     "torch": ("eager", "FlowMegaFusionPipeline + FlowTorchNetworks, eager loop"),
     "graphs": ("graphs", "one CUDA graph of the whole step per stage shape, torch modules"),
+    "engines:aoti": ("graphs", "the transformer's AOTInductor packages in --engine-dir (text encoders and VAE as "
+                     "modules), CUDA-graphed on CUDA"),
+    "engines:onnxruntime": ("graphs", "the transformer's ONNX Runtime engine in --engine-dir (text encoders and VAE "
+                            "as modules); its stages run eagerly (the backend's runners are not capturable)"),
     "compiled": ("compiled", "CUDA graphs around the torch.compile'd transformer"),
 }
-"""mf-bench's variant names for the transformer families -> (FlowMegaFusionPipeline mode, description)."""
+"""mf-bench's variant names for the transformer families -> (FlowMegaFusionPipeline mode, description). An
+engines:<backend> variant runs in graphs mode only on CUDA and where its backend declares no `capture_note`."""
+
+ENGINES = "engines:"
+"""The prefix of the variants whose transformer runs from --engine-dir."""
+
+
+def engine_mode(kind: str, device) -> str:
+    """The pipeline mode a variant runs in on `device`: an engines:<backend> variant eagerly off CUDA or where its
+    backend's runners cannot be captured (declared by the backend, never assumed)."""
+    mode = DIT_VARIANTS[kind][0]
+    if kind.startswith(ENGINES):
+        from ..engine.backend import get_backend
+
+        if torch.device(device).type != "cuda" or get_backend(kind.removeprefix(ENGINES)).capture_note:
+            return "eager"
+    return mode
 
 
 @dataclass(frozen=True)
@@ -143,12 +165,14 @@ def _lazy(make: Callable):
 
 
 def dit_variants(bundle, plan: StagePlan, opts, device, kinds: tuple[str, ...], direct_for: tuple[str, ...] = (),
-                 conds: DiTConditions | None = None, vae_dtype=None, cond_cost: Callable | None = None
-                 ) -> list[Variant]:
+                 conds: DiTConditions | None = None, vae_dtype=None, cond_cost: Callable | None = None,
+                 engine_dir=None, precision: str | None = None) -> list[Variant]:
     """direct (eager, the plan's total steps in one stage at the target size), then per variant in `kinds` (in
     DIT_VARIANTS' order: compiled compiles the shared transformer, so it runs last) its direct row where it is
     in `direct_for`, its row, and with `conds` its conditioned row (role "conditioned", paired with its row).
-    `cond_cost`: the conditioned rows' `dit_cost(plan, conds)`, where the caller has made (and checked) it."""
+    `cond_cost`: the conditioned rows' `dit_cost(plan, conds)`, where the caller has made (and checked) it.
+    engines:<backend> variants open `engine_dir`'s transformer engines in `precision` (the caller has checked that
+    they serve the plan, and the direct plan where asked); conditions do not take them."""
     from ..engine.flow_networks import FlowTorchNetworks
     from ..runtime.flow_pipeline import FlowMegaFusionPipeline
 
@@ -160,7 +184,13 @@ def dit_variants(bundle, plan: StagePlan, opts, device, kinds: tuple[str, ...], 
     eager = FlowMegaFusionPipeline(bundle, FlowTorchNetworks(bundle, vae_dtype), device, "eager")
     pipes: dict[str, Callable] = {"torch": lambda: eager}
     for kind in kinds:
-        if kind != "torch":
+        if kind.startswith(ENGINES):
+            if conds:
+                raise ValueError(f"{kind}: the conditioned rows of {bundle.family.name} run the torch variants only")
+            pipes[kind] = _lazy(lambda k=kind: FlowMegaFusionPipeline(
+                bundle, _engine_networks(bundle, k, engine_dir, device, precision, vae_dtype), device,
+                engine_mode(k, device)))
+        elif kind != "torch":
             mode = DIT_VARIANTS[kind][0]
             pipes[kind] = _lazy(lambda m=mode: FlowMegaFusionPipeline(
                 bundle, FlowTorchNetworks(bundle, compiled=m == "compiled"), device, m))
@@ -181,6 +211,13 @@ def dit_variants(bundle, plan: StagePlan, opts, device, kinds: tuple[str, ...], 
         if name in cond_rows:
             out.append(cond_rows[name])
     return out
+
+
+def _engine_networks(bundle, kind: str, engine_dir, device, precision: str, vae_dtype):
+    """The flow networks whose transformer runs from `engine_dir`'s engines of the variant's backend."""
+    from ..engine.dit_engines import dit_engine_kinds
+
+    return dit_engine_kinds()[kind.removeprefix(ENGINES)].networks(bundle, engine_dir, device, precision, vae_dtype)
 
 
 def _conditioned_rows(bundle, plan, opts, device, kinds, conds: DiTConditions, pipes, cost) -> dict[str, Variant]:

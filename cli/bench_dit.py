@@ -7,7 +7,7 @@ import argparse
 
 from .common import UsageError
 
-_NOT_FOR_DIT = (("--engine-dir", "engine_dir"), ("--cold-start", "cold_start"), ("--compile-cache", "compile_cache"))
+_NOT_FOR_DIT = (("--cold-start", "cold_start"), ("--compile-cache", "compile_cache"))
 
 
 def _refusals(args: argparse.Namespace, family) -> None:
@@ -20,8 +20,7 @@ def _refusals(args: argparse.Namespace, family) -> None:
         raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}")
     for flag, attr in _NOT_FOR_DIT:
         if getattr(args, attr) is not None:
-            raise UsageError(f"{flag}: mf-bench does not take it for {name} yet (its variants are torch, graphs "
-                             "and compiled)")
+            raise UsageError(f"{flag}: mf-bench does not take it for {name} yet")
 
 
 def _variants(args: argparse.Namespace, family, device) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -36,6 +35,38 @@ def _variants(args: argparse.Namespace, family, device) -> tuple[tuple[str, ...]
         raise UsageError(f"--direct-for {args.direct_for}: {', '.join(sorted(set(direct_for) - set(names)))} "
                          f"is not among the variants timed ({', '.join(names)})")
     return names, direct_for
+
+
+def check_engine_variants(args: argparse.Namespace, family, plan, names, direct_for, device, precision: str,
+                          batch: int, conds) -> None:
+    """The engines:<backend> variants: --engine-dir given, the backend usable here, no conditions (their rows run
+    the torch variants), and the folder's transformer engines serving the plan (and the direct plan where
+    --direct-for asks), as mf-generate --engines checks them: one line with the build command, before any load."""
+    from ..benchmarks.dit_bench import ENGINES
+    from ..benchmarks.variants import direct_plan
+    from ..engine.backend import BackendUnavailable, get_backend
+    from ..engine.cache import EngineError
+    from ..engine.dit_engines import dit_engine_kinds
+
+    engines = [n for n in names if n.startswith(ENGINES)]
+    if not engines or args.cost_only:
+        return
+    if not args.engine_dir:
+        raise UsageError(f"--variants {','.join(engines)}: needs --engine-dir (an mf-build-engines folder)")
+    if conds:
+        raise UsageError(f"{conds.label()} with --variants {','.join(engines)}: {family.name}'s conditioned rows run "
+                         "the torch variants only (torch, graphs, compiled); leave out the engines")
+    for kind in engines:
+        backend = kind.removeprefix(ENGINES)
+        try:
+            get_backend(backend).check_available(str(device))
+        except BackendUnavailable as e:
+            raise UsageError(f"--variants {kind}: {e}") from None
+        for p in [plan] + ([direct_plan(family, plan)] if kind in direct_for else []):
+            try:
+                dit_engine_kinds()[backend].check(args.engine_dir, family, p, device, precision, batch)
+            except EngineError as e:
+                raise UsageError(f"--variants {kind}: {e}") from None
 
 
 def dit_conditions_from_args(args: argparse.Namespace, family, plan):
@@ -95,6 +126,11 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
     opts = FlowGenerationOptions(args.prompt, args.negative_prompt, guidance, seed, not args.no_reschedule)
     counter = DiTCostCounter(family)
     cfg = guidance > 1.0
+    # bf16 on CUDA, as mf-generate: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range.
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    precision = next(k for k, v in DTYPES.items() if v == dtype)  # engines are built in the model's dtype
+    check_engine_variants(args, family, plan, kinds, direct_for, device, precision, 2 if cfg and family.cfg else 1,
+                          conds)
     cond_cost = None
     if conds:  # the ControlNets' and the IP-Adapter's counters, from their files: a bad one is refused now
         cond_cost = dit_cost(plan, conds, opts.relay)
@@ -102,8 +138,6 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
             cond_cost(counter, cfg, 1)
         except (ControlInputError, IPAdapterError) as e:
             raise UsageError(str(e)) from None
-    # bf16 on CUDA, as mf-generate: SD3.5 and FLUX ship in bf16, and T5 overflows fp16's range.
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     vae = DTYPES[args.vae_dtype] if args.vae_dtype else None
     print(f"plan: {plan.describe()}")
     if conds:
@@ -122,7 +156,8 @@ def run_dit_bench(args: argparse.Namespace, family) -> int:
               f"{str(bundle.transformer.dtype).removeprefix('torch.')}")
         peak, source = resolve_peak(device, args.peak_tflops, not args.no_peak)
         try:
-            variants = dit_variants(bundle, plan, opts, device, kinds, direct_for, conds, vae, cond_cost)
+            variants = dit_variants(bundle, plan, opts, device, kinds, direct_for, conds, vae, cond_cost,
+                                    args.engine_dir, precision)
         except (LoraError, ControlInputError, IPAdapterError) as e:  # a file that does not fit the model
             raise UsageError(str(e)) from None
         vae = bundle.vae.dtype

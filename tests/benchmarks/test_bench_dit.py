@@ -125,6 +125,50 @@ def test_flux_lora_and_ip_adapter_run_on_a_copy(inputs, tmp_path, ran):
     assert data["settings"]["conditions"]["ip_adapter"]["scale"] == 0.7
 
 
+def test_engines_variant_runs_the_folders_transformer(flux_aoti, inputs, tmp_path, monkeypatch, capsys):
+    """--variants torch,engines:aoti --engine-dir DIR --direct-for engines:aoti: the engines row and its direct row
+    run the folder's transformer packages (the session's tiny-flux folder: 128 and 160 shapes), the torch rows the
+    module; the folder is checked before any load: a stage shape it lacks, conditions with the engines and no
+    --engine-dir are each one line."""
+    from tests.conftest import FLUX_AOTI_STAGES
+
+    seen = []
+    original = FlowMegaFusionPipeline.generate
+
+    def recording(self, plan, opts, *a, **k):
+        seen.append((type(self.nets.transformer_fn).__name__, plan.describe()))
+        return original(self, plan, opts, *a, **k)
+
+    monkeypatch.setattr(FlowMegaFusionPipeline, "generate", recording)
+    base = ["--model", "tiny-flux", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--prompt", "a kite",
+            "--variants", "torch,engines:aoti", "--engine-dir", str(flux_aoti[0])]
+    assert main([*base, "--stages", FLUX_AOTI_STAGES, "--direct-for", "engines:aoti", "--output",
+                 str(tmp_path / "a")]) == 0
+    data, rows = _rows(tmp_path / "a")
+    assert [v["name"] for v in data["variants"]] == ["direct", "engine: torch", "direct (engines:aoti)",
+                                                     "engine: engines:aoti"]
+    assert rows["engine: engines:aoti"]["median_s"] > 0 and rows["direct (engines:aoti)"]["median_s"] > 0
+    direct, plan = _plan_of("160x160:3"), _plan_of(FLUX_AOTI_STAGES)
+    assert [(cls, d) for cls, d in seen] == [("FluxTransformer2DModel", direct), ("FluxTransformer2DModel", plan),
+                                             ("EngineTransformer", direct), ("EngineTransformer", plan)]
+    capsys.readouterr()
+    for args, needle in [
+        (["--stages", "128x128:2,192x192:1"], "--variants engines:aoti: "),
+        (["--stages", FLUX_AOTI_STAGES, "--controlnet", inputs["cn-tiny-flux"], "--control-image", inputs["edges"]],
+         "with --variants engines:aoti: tiny-flux's conditioned rows run the torch variants only"),
+    ]:
+        assert main([*base, *args, "--output", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert main([*base[:-2], "--stages", FLUX_AOTI_STAGES, "--output", str(tmp_path / "b")]) == 2
+    assert "needs --engine-dir" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def _plan_of(stages: str) -> str:
+    return validate_plan(FAMILIES["tiny-flux"], parse_stages(stages)).describe()
+
+
 def test_cost_only_flux_controlnet_and_sd3_ip_adapter(inputs, tmp_path):
     assert main(["--model", "tiny-flux", "--stages", STAGES, "--cost-only", "--controlnet", inputs["cn-tiny-flux"],
                  "--control-image", inputs["edges"], "--output", str(tmp_path / "flux")]) == 0
