@@ -4,6 +4,7 @@ and the extra conditions (--lora, --controlnet, --ip-adapter, --image) as a cond
 from __future__ import annotations
 
 import argparse
+import os
 
 from .common import UsageError
 
@@ -53,6 +54,8 @@ def check_engine_variants(args: argparse.Namespace, family, plan, names, direct_
         return
     if not args.engine_dir:
         raise UsageError(f"--variants {','.join(engines)}: needs --engine-dir (an mf-build-engines folder)")
+    if not os.path.isdir(args.engine_dir):
+        raise UsageError(f"--engine-dir {args.engine_dir!r}: no such folder")
     if conds:
         raise UsageError(f"{conds.label()} with --variants {','.join(engines)}: {family.name}'s conditioned rows run "
                          "the torch variants only (torch, graphs, compiled); leave out the engines")
