@@ -104,6 +104,9 @@
 #               per-token FP8 and static FP8 packages in one run (#20)
 #   dit-bench-sd3  SD3 eager and graphs with diffusers' direct run (#17)
 #   dit-compiled-sd3  SD3 eager against compiled, same plans (#17: the 1.7x target)
+#   dit-engines-sd3  SD3 2048's transformer as static aoti packages (bf16, the default plan's 1024 and 2048 shapes,
+#               CFG batch) into /tmp/mf-dit-sd3, then mf-bench graphs beside engines:aoti, each with its direct row on
+#               the same networks (#17: ">= 2.0x over direct on the same engine", from built engines; about 10 min)
 #   dit-fp8-sd3 SD3 eager, compiled and compiled with FP8 projections (engine/fp8_dit.py), same plans (#17, #20)
 #   dit-bench-flux    FLUX eager, graphs and compiled, MegaFusion against direct (#17)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
@@ -314,6 +317,11 @@ step() {  # the command line of one step
       --device cuda --dtype bf16 --output $RES/dit-sd3" ;;
     dit-compiled-sd3) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled \
       --device cuda --dtype bf16 --output $RES/dit-sd3-compiled" ;;
+    dit-engines-sd3) echo "timeout 1100 bash -c 'python3 -m megafusion.cli.build_engines --model sd3 --random-weights \
+      --backend aoti --precision bf16 --size 2048x2048 --device cuda --networks transformer --output /tmp/mf-dit-sd3 && \
+      python3 -m megafusion.cli.bench --model sd3 --random-weights --size 2048x2048 --device cuda --repeats 3 \
+      --variants graphs,engines:aoti --engine-dir /tmp/mf-dit-sd3 --direct-for graphs,engines:aoti \
+      --output $RES/dit-engines-sd3'" ;;
     dit-fp8-sd3) echo "timeout 900 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled,compiled-fp8 \
       --output $RES/dit-fp8-sd3" ;;
     dit-bench-flux) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,graphs,compiled \
