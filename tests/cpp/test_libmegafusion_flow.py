@@ -106,6 +106,55 @@ def test_progress_callback_counts_the_steps_and_stops_the_generation(lib, flow_f
         lib.lib.mf_context_destroy(ctx)
 
 
+def test_two_contexts_generate_at_once_on_two_threads(lib, flow_folders):
+    """The header's promise to a server that runs one context per worker thread: distinct contexts are
+    independent. Two tiny-flux contexts on one folder generate at the same time (ctypes releases the GIL in the
+    call), each with its own seed and progress callback, and give the images each gives alone. Both are inside
+    the library at once: each one's first callback waits for the other's (a library that ran one context at a time
+    would leave that wait to time out, and the callback then stops its generation)."""
+    import threading
+
+    model, ids = "tiny-flux", _ids("tiny-flux", PROMPT)
+    contexts = []
+    for _ in range(2):
+        rc, ctx = lib.open(flow_folders[model], model)
+        assert rc == 0, lib.error()
+        contexts.append(ctx)
+    try:
+        alone = {}
+        for seed, ctx in zip((3, 4), contexts):
+            rc, alone[seed] = lib.generate(ctx, STAGES[model], seed, 3.5, ids)
+            assert rc == 0, alone[seed]
+        assert not np.array_equal(alone[3], alone[4])
+        together, steps, both_inside = {}, {3: [], 4: []}, threading.Barrier(2, timeout=120)
+
+        def progress(seed, step):
+            steps[seed].append(step)
+            if step == 1:
+                try:
+                    both_inside.wait()
+                except threading.BrokenBarrierError:
+                    return 1
+            return 0
+
+        def work(seed, ctx):
+            together[seed] = lib.generate(ctx, STAGES[model], seed, 3.5, ids,
+                                          progress=lambda s, t: progress(seed, s))
+
+        threads = [threading.Thread(target=work, args=(seed, ctx)) for seed, ctx in zip((3, 4), contexts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for seed in (3, 4):
+            rc, image = together[seed]
+            assert rc == 0 and np.array_equal(image, alone[seed]), (seed, image)
+            assert steps[seed] == list(range(1, len(steps[seed]) + 1)) and steps[seed]
+    finally:
+        for ctx in contexts:
+            lib.lib.mf_context_destroy(ctx)
+
+
 def test_c_driver_gives_the_ctypes_image(lib, cpp_build, flow_folders, tmp_path):
     """cpp/tests/flow_run.c (no Python in its process: what ASan and compute-sanitizer run on) given the ids file
     flow_capi.ids_text writes gives the ctypes caller's bytes; tiny-sd3, so its negative ids go through it too."""
