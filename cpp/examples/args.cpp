@@ -14,6 +14,7 @@ const char* const kUsage =
     "usage: mf-generate-cpp --engines DIR --model NAME --ids FILE --output PNG [--size WxH] [--stages S]\n"
     "                       [--steps N] [--seed N] [--guidance W] [--no-reschedule] [--dilation D]\n"
     "                       [--relay pixel|latent] [--device cpu|cuda[:N]] [--repeats N] [--no-graphs]\n"
+    "                       [--progress] [--deadline SECONDS]\n"
     "                       [--image PPM [--strength S] [--start-stage K]]\n"
     "                       [--controlnet NAME --control-image PPM ... [--control-scale F] [--control-start F]\n"
     "                        [--control-end F]] [--ip-adapter-embeds FILE | --ip-adapter-image PPM]\n"
@@ -24,6 +25,9 @@ const char* const kUsage =
     "--ip-adapter-image: the IP-Adapter image itself (binary PPM), encoded by the folder's image encoder package\n"
     "  (mf-build-engines --ip-adapter FILE --ip-adapter-encoder DIR)\n"
     "--no-graphs: run the denoise steps one by one instead of replaying one CUDA graph per stage descriptor\n"
+    "--progress: print 'step S/T' to stderr after each denoise step (mf_inputs_set_progress)\n"
+    "--deadline: stop a generation still running SECONDS after it began, at the next step (exit status 6,\n"
+    "  MF_ERROR_CANCELLED): how a server ends a request at its deadline\n"
     "engine files are always checked against their sha256 (--verify-hashes is accepted and does nothing)\n";
 
 namespace {
@@ -203,13 +207,14 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
     const std::string a = argv[i];
     if (a == "--no-reschedule") { params.reschedule = 0; continue; }
     if (a == "--no-graphs") { cl.graphs = false; continue; }
+    if (a == "--progress") { cl.progress = true; continue; }
     if (a == "--verify-hashes") continue;  // always checked now; accepted for old command lines
     if (a == "-h" || a == "--help") { cl.help = true; return 0; }
     static const char* const valued[] = {"--engines", "--model", "--ids", "--output", "--size", "--stages",
                                          "--relay", "--device", "--steps", "--seed", "--guidance", "--dilation",
                                          "--repeats", "--image", "--strength", "--start-stage", "--controlnet",
                                          "--control-image", "--control-scale", "--control-start", "--control-end",
-                                         "--ip-adapter-embeds", "--ip-adapter-image"};
+                                         "--ip-adapter-embeds", "--ip-adapter-image", "--deadline"};
     bool known = false;
     for (const char* v : valued) known = known || a == v;
     if (!known) return error = "unknown argument " + quoted(a) + " (see --help)", kUsageError;
@@ -245,6 +250,10 @@ int parse_command_line(int argc, const char* const* argv, CommandLine& cl, mf_ge
     else if (a == "--control-image") cl.control_images.push_back(v);
     else if (a == "--ip-adapter-embeds") cl.ip_embeds = v;
     else if (a == "--ip-adapter-image") cl.ip_image = v;
+    else if (a == "--deadline") {
+      ok = parse_float(a, v, cl.deadline_s, error);
+      if (ok && !(cl.deadline_s >= 0)) ok = false, error = a + " " + v + ": must be a number of seconds >= 0";
+    }
     else {  // --control-scale, --control-start, --control-end
       float f = 0;
       ok = parse_float(a, v, f, error);

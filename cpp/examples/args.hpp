@@ -11,6 +11,7 @@
 //   --controlnet NAME / --control-image FILE  pairwise; --control-scale/-start/-end once or once per ControlNet
 //   --ip-adapter-embeds  a file of float32 values (raw or .npy); not with --controlnet
 //   --ip-adapter-image  a binary PPM; not with --controlnet or --ip-adapter-embeds
+//   --deadline  a number of seconds >= 0 (0: stop at the first step)
 //   --ids       lines "prompt I id..." / "negative I id..." of MF_TOKEN_LENGTH ids each, ids 0 <= id < 2^31
 #ifndef MEGAFUSION_EXAMPLES_ARGS_HPP_
 #define MEGAFUSION_EXAMPLES_ARGS_HPP_
@@ -34,6 +35,8 @@ struct CommandLine {
   int repeats = 1;
   bool help = false;
   bool graphs = true;  // --no-graphs: mf_set_cuda_graphs(ctx, 0)
+  bool progress = false;  // --progress: "step S/T" on stderr after each step
+  float deadline_s = -1;  // --deadline SECONDS (>= 0) from each generation's start; < 0: none
   std::vector<std::vector<int32_t>> prompt, negative;  // per text encoder, from --ids
   // Image to image: --image FILE (binary PPM), --strength S (0: none given), --start-stage K.
   std::string image;

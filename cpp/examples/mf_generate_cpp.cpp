@@ -6,6 +6,7 @@
 //   ... --controlnet canny --control-image edges.ppm           (ControlNet engines built from folder .../canny)
 //   ... --ip-adapter-embeds embeds.npy                          (unet_ip engines of mf-build-engines --ip-adapter)
 //   ... --ip-adapter-image ref.ppm                              (and its image encoder: --ip-adapter-encoder DIR)
+//   ... --progress --deadline 30                                (steps on stderr; stop a generation past 30 s)
 //
 // The last line of output gives the timings and the CUDA graph counters ("graphs on|off, C captures, R replays");
 // the line before it, how the engine files were verified ("N hashed, M by file-hashes.json").
@@ -23,6 +24,24 @@
 #include "megafusion/megafusion.h"
 #include "png.hpp"
 #include "ppm.hpp"
+
+namespace {
+
+// --progress and --deadline through the progress callback: what a server does with a request's deadline.
+struct Watch {
+  bool print = false;
+  double deadline_s = -1;
+  std::chrono::steady_clock::time_point start;
+};
+
+int on_step(void* user, int step, int total) {
+  const Watch& w = *static_cast<const Watch*>(user);
+  if (w.print) std::fprintf(stderr, "step %d/%d\n", step, total);
+  const double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - w.start).count();
+  return w.deadline_s >= 0 && spent >= w.deadline_s;  // nonzero: stop here (MF_ERROR_CANCELLED)
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   mf_generate_params params;
@@ -44,7 +63,9 @@ int main(int argc, char** argv) {
 
   // The photo and control images, read before the engines load (a bad file is a usage error).
   mf_inputs* inputs = nullptr;
-  if (!cl.image.empty() || !cl.controlnets.empty() || !cl.ip_embeds.empty() || !cl.ip_image.empty()) {
+  Watch watch{cl.progress, cl.deadline_s, {}};
+  if (!cl.image.empty() || !cl.controlnets.empty() || !cl.ip_embeds.empty() || !cl.ip_image.empty() ||
+      cl.progress || cl.deadline_s >= 0) {
     if (mf_status s = mf_inputs_create(&inputs); s != MF_OK) return std::cerr << "mf-generate-cpp: " << mf_last_error() << "\n", s;
     try {
       mf_status s = MF_OK;
@@ -65,6 +86,7 @@ int main(int argc, char** argv) {
         const mfppm::Image im = mfppm::read("--ip-adapter-image", cl.ip_image);
         s = mf_inputs_set_ip_adapter_image(inputs, im.rgb.data(), im.width, im.height);
       }
+      if (s == MF_OK && (cl.progress || cl.deadline_s >= 0)) s = mf_inputs_set_progress(inputs, on_step, &watch);
       if (s != MF_OK) throw std::runtime_error(mf_last_error());
     } catch (const std::exception& e) {
       std::cerr << "mf-generate-cpp: " << e.what() << "\n";
@@ -87,7 +109,7 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> rgb(static_cast<size_t>(width) * height * 3);
   std::vector<double> times;
   for (int r = 0; s == MF_OK && r < repeats; ++r) {
-    t0 = std::chrono::steady_clock::now();
+    t0 = watch.start = std::chrono::steady_clock::now();
     s = mf_generate_with(ctx, &params, inputs, rgb.data(), rgb.size());
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }

@@ -102,6 +102,11 @@ int main(int argc, char** argv) {
         "defaults untouched when not given (CUDA graphs on)");
   p = parse({"--no-graphs"});
   check(p.rc == 0 && !p.cl.graphs, "--no-graphs turns the step graphs off");
+  check(!p.cl.progress && p.cl.deadline_s < 0, "no progress lines and no deadline unless asked");
+  p = parse({"--progress", "--deadline", "0"});
+  check(p.rc == 0 && p.cl.progress && p.cl.deadline_s == 0.0f, "--progress; --deadline 0 (stop at the first step)");
+  refused({"--deadline", "-1"}, "--deadline -1: must be a number of seconds >= 0");
+  refused({"--deadline", "soon"}, "--deadline 'soon': expected a finite number");
 
   // --image / --controlnet and their numbers.
   p = parse({"--image", "a.ppm"});

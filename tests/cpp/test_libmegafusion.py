@@ -125,6 +125,24 @@ def test_progress_callback_on_the_unet_loop(lib, sd15_aoti):
         lib.lib.mf_context_destroy(ctx)
 
 
+def test_example_prints_progress_and_stops_at_its_deadline(cpp_build, sd15_aoti, tmp_path):
+    """mf-generate-cpp --progress prints each step through the callback; --deadline 0 stops the generation at its
+    first step: exit status 6 (MF_ERROR_CANCELLED), one line, no PNG."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text(format_ids("tiny-sd15", load_tokenizers("tiny-sd15"), "a red cube", "blurry"))
+    cmd = [cpp_build / "cpp" / "mf-generate-cpp", "--engines", sd15_aoti, "--model", "tiny-sd15", "--ids", ids,
+           "--stages", AOTI_STAGES]
+    total = sum(s.steps for s in parse_stages(AOTI_STAGES))
+    r = _run([*cmd, "--output", tmp_path / "a.png", "--progress"])
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.startswith("step ")] == \
+        [f"step {s}/{total}" for s in range(1, total + 1)]
+    r = _run([*cmd, "--output", tmp_path / "b.png", "--deadline", "0"])
+    assert r.returncode == 6, r.stderr
+    assert r.stderr.strip() == f"mf-generate-cpp: cancelled by the progress callback after step 1 of {total}"
+    assert not (tmp_path / "b.png").exists()
+
+
 FILES = re.compile(r"engine files verified: (\d+) hashed, (\d+) by file-hashes.json")
 
 
