@@ -9,9 +9,9 @@ Scheme 2 (`WEIGHTS_SCHEME`), one string per network, `mf2:<kind>:<sha256>`:
 - `tensors`: any other module (a hub id's download, weights changed in place since loading such as a fused
   LoRA, an SD3.5 ControlNet that shares the transformer's patch embedding), over every tensor as scheme 1 hashed
   them (`cache.weights_fingerprint`).
+- `lora`: a base fingerprint with LoRA files fused in at scales (`lora_fingerprint`), for code that knows which.
 A ControlNet read from a local folder is `files` over that folder (`loaded_fingerprint`), so mf-serve checks its
 engines before any replica loads it.
-- `lora`: a base fingerprint with LoRA files fused in at scales (`lora_fingerprint`), for code that knows which.
 Scheme 1 was the bare tensor hash: entries built with it are refused as stale, naming the rebuild command.
 """
 from __future__ import annotations
