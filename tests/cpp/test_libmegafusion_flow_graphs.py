@@ -111,8 +111,8 @@ def test_flow_graphs_count_and_match_on_cuda(lib, tmp_path, model):
             assert on.std() > 5 and _max_diff(on, off) <= GRAPH_TOL, relay
         fam, seen = load_model(model).family, []
         lib.set_graphs(ctx, True)
-        args = (ctx, STAGES[model], SEED, fam.default_guidance, _ids(model, PROMPT), _ids(model, "") if fam.cfg else None,
-                "latent")
+        neg = _ids(model, "") if fam.cfg else None
+        args = (ctx, STAGES[model], SEED, fam.default_guidance, _ids(model, PROMPT), neg, "latent")
         rc, image = lib.generate(*args, progress=lambda s, t: seen.append((s, t)) or 0)
         assert rc == 0 and _max_diff(image, on) <= GRAPH_TOL, image  # the same graphs, replayed again
         assert seen == [(s, steps) for s in range(1, steps + 1)]
