@@ -19,8 +19,8 @@ struct ControlNetId {
 // `name`: a ControlNet models.json records for `model` (the last component of the folder given to
 // `mf-build-engines --controlnet`), else the weights fingerprint of `model`'s controlnet entries, whole
 // ("mf2:files:<sha256>") or a unique prefix of at least 12 of its sha256's hex digits. Failure(MF_ERROR_ENGINE)
-// naming it, the ControlNets the folder knows and the command that builds its engines (`plan_hint`: the plan's mf-build-engines command); MF_ERROR_INVALID_ARGUMENT
-// for a prefix that more than one ControlNet shares.
+// naming it, the ControlNets the folder knows and the command that builds its engines (`plan_hint`: the plan's
+// mf-build-engines command); MF_ERROR_INVALID_ARGUMENT for a prefix that more than one ControlNet shares.
 ControlNetId resolve_controlnet(const EngineFolder& folder, const std::string& model, const std::string& name,
                                 const std::string& plan_hint);
 
