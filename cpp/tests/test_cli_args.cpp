@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -71,8 +72,14 @@ std::string ids_line(const std::string& head, int n, const std::string& tail = "
 
 int main(int argc, char** argv) {
   if (argc != 2) return std::cerr << "usage: cli_args SCRATCH_DIR\n", 2;
-  const std::string dir = argv[1];
-  std::system(("rm -rf '" + dir + "' && mkdir -p '" + dir + "'").c_str());
+  // A fresh folder of its own inside SCRATCH_DIR: nothing the caller keeps there is touched (it once emptied
+  // SCRATCH_DIR itself, which run by hand with /tmp emptied /tmp).
+  std::error_code ec;
+  std::filesystem::create_directories(argv[1], ec);
+  std::string made = (std::filesystem::path(argv[1]) / "cli-args-XXXXXX").string();
+  if (ec || mkdtemp(made.data()) == nullptr)
+    return std::cerr << "cli_args: cannot make a scratch folder in " << argv[1] << "\n", 2;
+  const std::string dir = made;
   auto write = [&](const std::string& name, const std::string& text) {
     std::ofstream(dir + "/" + name) << text;
     return dir + "/" + name;
@@ -233,5 +240,6 @@ int main(int argc, char** argv) {
   refused({}, "--ids '" + dir + "/missing.txt': cannot read the token file", dir + "/missing.txt");
 
   std::cout << g_failures << " failure(s)\n";
+  std::filesystem::remove_all(dir, ec);
   return g_failures == 0 ? 0 : 1;
 }
