@@ -22,7 +22,8 @@ def check_controlled_engines(args: argparse.Namespace, family, plan, device, pre
     controlled-transformer package for every stage shape; one naming the backend when the folder's transformer
     engines are of a kind that takes no ControlNet."""
     from ..engine.cache import EngineCache, EngineError, device_name
-    from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
+    from ..engine.dit_controlnet_engines import (check_dit_controlnet_engines, dit_controlnet_build_command,
+                                                 dit_folder_weights)
     from ..engine.dit_engines import dit_engine_kinds, lora_flags
 
     source = weights_source_from_args(args, family, weights_seed)
@@ -30,7 +31,7 @@ def check_controlled_engines(args: argparse.Namespace, family, plan, device, pre
                                            args.controlnet) + lora_flags(loras)
     try:
         check_dit_controlnet_engines(args.engines, family, plan, device, precision, batch, command,
-                                     args.controlnet)
+                                     dit_folder_weights(args.engines, family, args.controlnet))
     except EngineError as e:
         kinds = dit_engine_kinds()
         held = {e.key.backend for e in EngineCache(args.engines).entries().values()

@@ -24,7 +24,7 @@ from .backend import Backend, NetworkExport, OpenContext, get_backend
 from .build import BuildReport, BuildRequest, check_request
 from .cache import EngineCache, EngineKey, Entry, StaleEngineError, device_name
 from .file_hashes import HASHES, FileHashes
-from .fingerprint import folder_fingerprint, loaded_fingerprint, network_fingerprint
+from .fingerprint import loaded_fingerprint, network_fingerprint
 from .load import CoverageError, _covers, _span, build_command
 from .runners import Runner, ShapeDispatch
 
@@ -247,25 +247,22 @@ def _what(spec, path: str) -> str:
 
 
 def check_controlnet_engines(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan, configs: Sequence,
-                             paths: Sequence[str], backend: str, precision: str, dilation: int = 2,
-                             device: torch.device | str = "cpu") -> None:
+                             paths: Sequence[str], weights: Sequence[str], backend: str, precision: str,
+                             dilation: int = 2, device: torch.device | str = "cpu") -> None:
     """`open_controlnet_runners`' coverage refusal before any module is loaded (mf-serve checks a folder before Ray
     starts): every controlnet and unet_controlled profile of `plan`, for the ControlNets in `paths` (their diffusers
     `configs`), covered by an entry of this backend, precision and dilation; a ControlNet's entries hold its
-    folder's fingerprint (its files, hashed once and remembered in the folder's file-hashes.json). The controlled
-    UNet's weights are checked when it is opened."""
+    folder's fingerprint (`weights`, in order: `fingerprint.folder_fingerprints`). The controlled UNet's weights
+    are checked when it is opened."""
     engine_dir = Path(engine_dir)
     _, entries, cmd = _folder(engine_dir, bundle, plan, backend, precision, dilation, torch.device(device), paths)
-    hashes = FileHashes(engine_dir / HASHES)
-    for path, config in zip(paths, configs):
-        fp = folder_fingerprint(path, hashes)
+    for path, config, fp in zip(paths, configs, weights):
         for r in controlnet_requirements(bundle.family, plan, config, precision, dilation):
             s = r.spec
             same = [e for e in entries
                     if (e.key.network, e.key.dilation, e.key.precision) == (s.network, s.dilation, s.precision)
                     and (s.network != CONTROLNET or e.key.weights == fp)]
             check_profiles(engine_dir, r, same, plan, _what(s, path), cmd)
-    hashes.save()
 
 
 def open_controlnet_runners(engine_dir: str | Path, bundle: ModelBundle, plan: StagePlan,

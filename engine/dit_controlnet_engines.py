@@ -28,7 +28,7 @@ from .backend import get_backend
 from .cache import EngineCache, EngineError, EngineKey, device_name, weights_fingerprint
 from .dit_engines import check_entry
 from .file_hashes import HASHES, FileHashes
-from .fingerprint import folder_fingerprint, loaded_fingerprint
+from .fingerprint import folder_fingerprint, folder_fingerprints, loaded_fingerprint
 from .load import _build_command
 from .runners import ShapeDispatch
 
@@ -158,11 +158,11 @@ def dit_controlnet_build_command(family: DiTFamily, source: str, plan: StagePlan
 
 
 def check_dit_controlnet_engines(folder, family: DiTFamily, plan: StagePlan, device, precision: str, batch: int,
-                                 command: str, paths: Sequence[str] = ()) -> None:
+                                 command: str, controlnets: Sequence[tuple[str, str | None]] = ()) -> None:
     """Before any model load: EngineError naming `command` unless `folder` holds a controlled-transformer package
-    for every stage shape of `plan` at transformer batch `batch`, and a package of each ControlNet in `paths` built
-    from its folder's files (`folder_weights`; one that shares the transformer's patch embedding is checked when
-    opened)."""
+    for every stage shape of `plan` at transformer batch `batch`, and a package of each ControlNet in `controlnets`
+    ((folder, `dit_folder_weights`' fingerprint)) built from its weights (one without a fingerprint, which shares
+    the transformer's patch embedding, is checked when opened)."""
     from ..export.dit_aoti import dit_spec
     from ..export.dit_controlnet_aoti import CONTROLLED_TRANSFORMER, control_axes
 
@@ -171,11 +171,8 @@ def check_dit_controlnet_engines(folder, family: DiTFamily, plan: StagePlan, dev
     entries = [e for e in EngineCache(folder).entries().values()
                if e.key.model == family.name and e.key.backend == "aoti" and e.key.device == device_name(device)
                and e.key.precision == precision]
-    hashes = FileHashes(Path(folder) / HASHES)
     wanted = [(CONTROLLED_TRANSFORMER, None, "controlled-transformer package")]
-    wanted += [(CONTROLNET, fp, f"ControlNet package of --controlnet {p}") for p in paths
-               if (fp := folder_weights(family, p, hashes)) is not None]
-    hashes.save()
+    wanted += [(CONTROLNET, fp, f"ControlNet package of --controlnet {p}") for p, fp in controlnets if fp is not None]
     for network, weights, what in wanted:
         held = {p.shapes[0][1] for e in entries if e.key.network == network
                 and weights in (None, e.key.weights) for p in e.key.profiles}
@@ -185,6 +182,12 @@ def check_dit_controlnet_engines(folder, family: DiTFamily, plan: StagePlan, dev
             if shape not in held:
                 raise EngineError(f"{folder} holds no {family.name} {what} for the {s.width}x{s.height} stage at "
                                   f"batch {batch} in {precision}; build it with: {command}")
+
+
+def dit_folder_weights(engine_dir, family: DiTFamily, paths: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(folder, `folder_weights`) of each ControlNet folder, its files hashed once with `engine_dir`'s remembered
+    hashes: what `check_dit_controlnet_engines` takes."""
+    return list(zip(paths, folder_fingerprints(engine_dir, paths, lambda p, h: folder_weights(family, p, h))))
 
 
 def folder_weights(family: DiTFamily, path, hashes: FileHashes | None = None) -> str | None:

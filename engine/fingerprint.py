@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..core.loading import ModelBundle, WeightsOrigin, module_origin
 from .cache import EngineError, weights_fingerprint
-from .file_hashes import FileHashes
+from .file_hashes import HASHES, FileHashes
 
 WEIGHTS_SCHEME = 2
 """Version of the fingerprint scheme; entries of another are stale."""
@@ -88,6 +88,15 @@ def folder_fingerprint(folder: str | Path, hashes: FileHashes | None = None) -> 
     """What `loaded_fingerprint` gives a module read from `folder` and left as read, without loading it."""
     return origin_fingerprint(WeightsOrigin("files", folder=str(Path(folder).resolve())),
                               hashes if hashes is not None else FileHashes(None))
+
+
+def folder_fingerprints(engine_dir: str | Path, folders: Sequence[str | Path], of=folder_fingerprint) -> list:
+    """`of(folder, hashes)` for each folder (ControlNets' before any load), their files' sha256 taken from and kept in
+    `engine_dir`'s remembered hashes: each file read at most once here, and not again by a later start."""
+    hashes = FileHashes(Path(engine_dir) / HASHES)
+    prints = [of(f, hashes) for f in folders]
+    hashes.save()
+    return prints
 
 
 def lora_fingerprint(base: str, loras: Sequence[tuple[str | Path, float]], hashes: FileHashes | None = None) -> str:

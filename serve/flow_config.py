@@ -80,9 +80,11 @@ def choose_served_engines(cfg: ServeConfig, family):
     folder lacks and the build command. Also refuses --lora on engines that take none."""
     from ..core.plan import default_plan
     from ..engine.cache import EngineError
+    from ..engine.dit_controlnet_engines import dit_folder_weights
     from ..engine.dit_engines import choose_dit_engines
 
     kind = None
+    controlnets = dit_folder_weights(cfg.engines, family, cfg.controlnets)  # once for every size
     for w, h in cfg.served_sizes:
         try:
             kind, _ = choose_dit_engines(cfg.engines, family, default_plan(family, w, h), cfg.device,
@@ -90,17 +92,19 @@ def choose_served_engines(cfg: ServeConfig, family):
         except EngineError as e:
             raise ConfigError(f"--engines {cfg.engines!r}: {e}") from None
         if cfg.controlnets:
-            check_served_control_engines(cfg, family, default_plan(family, w, h))
+            check_served_control_engines(cfg, family, default_plan(family, w, h), controlnets=controlnets)
     if cfg.loras and not kind.takes_lora:
         raise ConfigError(f"--lora with --engines: {kind.backend} transformer engines take no LoRA yet; build aoti "
                           f"packages (mf-build-engines --model {family.name} --backend aoti ...) and use those")
     return kind
 
 
-def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | None = None) -> None:
+def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | None = None,
+                                 controlnets: tuple = ()) -> None:
     """--engines with --controlnet: the folder holds a controlled-transformer package for every stage shape of
-    `plan` at the transformer batch (default: the default guidance's) and each ControlNet's package built from its
-    folder's files, else an EngineError naming the build command (as mf-generate --engines --controlnet checks
+    `plan` at the transformer batch (default: the default guidance's) and a package of each of `controlnets`
+    ((folder, fingerprint): `dit_folder_weights`; a replica opening a plan passes none, as the open checks them by
+    the loaded nets), else an EngineError naming the build command (as mf-generate --engines --controlnet checks
     it)."""
     from ..engine.cache import EngineError
     from ..engine.dit_controlnet_engines import check_dit_controlnet_engines, dit_controlnet_build_command
@@ -110,7 +114,6 @@ def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | No
     command = dit_controlnet_build_command(family, cfg.weights_source(family), plan, precision, cfg.engines,
                                            cfg.device, batch, cfg.controlnets)
     try:
-        check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command,
-                                     cfg.controlnets)
+        check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command, controlnets)
     except EngineError as e:
         raise ConfigError(f"--engines {cfg.engines!r} with --controlnet: {e}") from None

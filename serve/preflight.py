@@ -86,12 +86,14 @@ def check_control_engines(cfg: ServeConfig, bundle, configs: list[dict]) -> None
     from ..core.plan import default_plan
     from ..engine.cache import EngineError
     from ..engine.controlnet_engines import check_controlnet_engines
+    from ..engine.fingerprint import folder_fingerprints
 
+    weights = folder_fingerprints(cfg.engines, cfg.controlnets)  # once for every size
     for w, h in cfg.served_sizes:
         try:
             sel = cfg.served_selection(bundle.family, w, h)
             check_controlnet_engines(cfg.engines, bundle, default_plan(bundle.family, w, h), configs, cfg.controlnets,
-                                     sel.backend.name, sel.precision, 2, cfg.device)
+                                     weights, sel.backend.name, sel.precision, 2, cfg.device)
         except EngineError as e:
             raise ConfigError(f"--sizes {w}x{h}: {e}") from None
 
