@@ -486,8 +486,7 @@ void Context::generate(const mf_generate_params& p, const Inputs* inputs, uint8_
   const auto a = sqrt_abar;            // a_t = sqrt(abar'_t), as runtime/pipeline.py
   const auto b = sqrt_one_minus_abar;  // b_t = sqrt(1 - abar'_t)
   at::Tensor z, x0;
-  StepProgress progress(inputs ? inputs->progress : nullptr, inputs ? inputs->progress_user : nullptr,
-                        plan.total_steps() - entry.global_step, device_);
+  StepProgress progress(inputs, plan.total_steps() - entry.global_step, device_);
   const size_t last = plan.stages.size() - 1;
   for (size_t k = 0; k <= last; ++k) {
     const StageSize& st = plan.stages[k];

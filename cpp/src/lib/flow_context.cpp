@@ -309,8 +309,7 @@ void FlowContext::generate(const mf_generate_params& p, const Inputs* inputs, ui
   const int vs = family_->base.vae_scale;
   const float w = p.guidance;
   at::Tensor z, x0;
-  StepProgress progress(inputs ? inputs->progress : nullptr, inputs ? inputs->progress_user : nullptr,
-                        plan.total_steps() - entry.global_step, device_);
+  StepProgress progress(inputs, plan.total_steps() - entry.global_step, device_);
   const size_t last = plan.stages.size() - 1;
   int64_t first_step = 0;  // global index of this stage's first step (skipped steps keep their places)
   for (size_t k = 0; k <= last; first_step += plan.stages[k].steps, ++k) {

@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "inputs.hpp"
 #include "megafusion/megafusion.h"  // mf_progress_fn
 
 namespace megafusion::lib {
@@ -77,14 +78,15 @@ struct StageInputs {
 using UnetCall = std::function<at::Tensor(const at::Tensor& sample, const at::Tensor& timestep, const StepBuffers& b,
                                           int dilation)>;
 
-// A generation's progress callback (mf_inputs_set_progress): `step()` after each denoise step that runs calls it
-// with the steps done and `total`, on CUDA once the step has run on the device (the current stream is synchronized
-// first, so the count is real time and a stop takes effect at once). A nonzero return throws
-// Failure(MF_ERROR_CANCELLED). Without a callback `step()` does nothing (no synchronization).
+// A generation's progress callback (mf_inputs_set_progress, held by `inputs`; none when NULL): `step()` after each
+// denoise step that runs calls it with the steps done and `total`, on CUDA once the step has run on the device (the
+// current stream is synchronized first, so the count is real time and a stop takes effect at once). A nonzero
+// return throws Failure(MF_ERROR_CANCELLED). Without a callback `step()` does nothing (no synchronization).
 class StepProgress {
  public:
-  StepProgress(mf_progress_fn fn, void* user, int total, const at::Device& device)
-      : fn_(fn), user_(user), total_(total), device_(device) {}
+  StepProgress(const Inputs* inputs, int total, const at::Device& device)
+      : fn_(inputs ? inputs->progress : nullptr), user_(inputs ? inputs->progress_user : nullptr), total_(total),
+        device_(device) {}
   void step();
 
  private:
