@@ -28,7 +28,7 @@ from ..core.plan import StagePlan
 from .conditions import Conditions, IPAdapterInput
 from .dit_conditions import (DiTIPAdapterCostCounter, dit_conditioned_plan_cost, dit_controlnet_counters)
 from .dit_flops import DiTCostCounter, dit_plan_cost
-from .variants import Variant, direct_plan
+from .variants import ENGINE_FOLDER_PREFIX, Variant, direct_plan
 
 DIT_VARIANTS = {
     "torch": ("eager", "FlowMegaFusionPipeline + FlowTorchNetworks, eager loop"),
@@ -42,18 +42,16 @@ DIT_VARIANTS = {
 """mf-bench's variant names for the transformer families -> (FlowMegaFusionPipeline mode, description). An
 engines:<backend> variant runs in graphs mode only on CUDA and where its backend declares no `capture_note`."""
 
-ENGINES = "engines:"
-"""The prefix of the variants whose transformer runs from --engine-dir."""
-
 
 def engine_mode(kind: str, device) -> str:
     """The pipeline mode a variant runs in on `device`: an engines:<backend> variant eagerly off CUDA or where its
     backend's runners cannot be captured (declared by the backend, never assumed)."""
     mode = DIT_VARIANTS[kind][0]
-    if kind.startswith(ENGINES):
+    if kind.startswith(ENGINE_FOLDER_PREFIX):
         from ..engine.backend import get_backend
 
-        if torch.device(device).type != "cuda" or get_backend(kind.removeprefix(ENGINES)).capture_note:
+        backend = get_backend(kind.removeprefix(ENGINE_FOLDER_PREFIX))
+        if torch.device(device).type != "cuda" or backend.capture_note:
             return "eager"
     return mode
 
@@ -184,7 +182,7 @@ def dit_variants(bundle, plan: StagePlan, opts, device, kinds: tuple[str, ...], 
     eager = FlowMegaFusionPipeline(bundle, FlowTorchNetworks(bundle, vae_dtype), device, "eager")
     pipes: dict[str, Callable] = {"torch": lambda: eager}
     for kind in kinds:
-        if kind.startswith(ENGINES):
+        if kind.startswith(ENGINE_FOLDER_PREFIX):
             if conds:
                 raise ValueError(f"{kind}: the conditioned rows of {bundle.family.name} run the torch variants only")
             pipes[kind] = _lazy(lambda k=kind: FlowMegaFusionPipeline(
@@ -217,7 +215,8 @@ def _engine_networks(bundle, kind: str, engine_dir, device, precision: str, vae_
     """The flow networks whose transformer runs from `engine_dir`'s engines of the variant's backend."""
     from ..engine.dit_engines import dit_engine_kinds
 
-    return dit_engine_kinds()[kind.removeprefix(ENGINES)].networks(bundle, engine_dir, device, precision, vae_dtype)
+    backend = kind.removeprefix(ENGINE_FOLDER_PREFIX)
+    return dit_engine_kinds()[backend].networks(bundle, engine_dir, device, precision, vae_dtype)
 
 
 def _conditioned_rows(bundle, plan, opts, device, kinds, conds: DiTConditions, pipes, cost) -> dict[str, Variant]:

@@ -43,13 +43,12 @@ def check_engine_variants(args: argparse.Namespace, family, plan, names, direct_
     """The engines:<backend> variants: --engine-dir given, the backend usable here, no conditions (their rows run
     the torch variants), and the folder's transformer engines serving the plan (and the direct plan where
     --direct-for asks), as mf-generate --engines checks them: one line with the build command, before any load."""
-    from ..benchmarks.dit_bench import ENGINES
-    from ..benchmarks.variants import direct_plan
+    from ..benchmarks.variants import ENGINE_FOLDER_PREFIX, direct_plan
     from ..engine.backend import BackendUnavailable, get_backend
     from ..engine.cache import EngineError
     from ..engine.dit_engines import dit_engine_kinds
 
-    engines = [n for n in names if n.startswith(ENGINES)]
+    engines = [n for n in names if n.startswith(ENGINE_FOLDER_PREFIX)]
     if not engines or args.cost_only:
         return
     if not args.engine_dir:
@@ -60,7 +59,7 @@ def check_engine_variants(args: argparse.Namespace, family, plan, names, direct_
         raise UsageError(f"{conds.label()} with --variants {','.join(engines)}: {family.name}'s conditioned rows run "
                          "the torch variants only (torch, graphs, compiled); leave out the engines")
     for kind in engines:
-        backend = kind.removeprefix(ENGINES)
+        backend = kind.removeprefix(ENGINE_FOLDER_PREFIX)
         try:
             get_backend(backend).check_available(str(device))
         except BackendUnavailable as e:
