@@ -88,7 +88,9 @@
 #               compiled at its own call site since e981fc4 / 92d9363) and the SD3 IP-Adapter's (never run), each
 #               under its own limit
 #   gpu-tests-24  the flow C API's CUDA graphs test, now also the progress callback on replays (mf_inputs_set_progress:
-#               the stream synchronized per step, a stop at step 2), tiny-flux and tiny-sd3 (about 5 minutes)
+#               the stream synchronized per step, a stop at step 2), tiny-flux and tiny-sd3 (ran past its 420 s on
+#               2026-12-05: tiny-flux passed, tiny-sd3 still running)
+#   gpu-tests-25  gpu-tests-24's tiny-sd3 case alone, 560 s, with each phase's duration
 #   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
 #               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
@@ -289,7 +291,9 @@ step() {  # the command line of one step
         printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu %s -p no:cacheprovider || rc=1; ' "${t#* }" "${t%% *}" "${t#* }"
       done; echo '(exit $rc)' ;;
     gpu-tests-24) echo "timeout 420 python3 -u -m pytest -v -m gpu tests/cpp/test_libmegafusion_flow_graphs.py \
-      -p no:cacheprovider" ;;
+      -p no:cacheprovider --durations 0" ;;
+    gpu-tests-25) echo "timeout 560 python3 -u -m pytest -v -m gpu --durations 0 -p no:cacheprovider \
+      'tests/cpp/test_libmegafusion_flow_graphs.py::test_flow_graphs_count_and_match_on_cuda[tiny-sd3]'" ;;
     cond-compiled) echo "timeout 1100 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
       --size 1024x1024 --output /tmp/mf-cond-inputs && python3 benchmarks/lab/controlnet_bench.py --model sdxl \
       --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \

@@ -76,31 +76,33 @@ def test_flow_generation_equals_python(lib, flow_folders, tmp_path, model):
         lib.lib.mf_context_destroy(ctx)
 
 
-def test_progress_callback_counts_the_steps_and_stops_the_generation(lib, flow_folders):
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_progress_callback_counts_the_steps_and_stops_the_generation(lib, flow_folders, model):
     """mf_inputs_set_progress: the callback gets (1, T) .. (T, T) for a plan's T steps, in order, graphs on (the
     buffered step on the CPU) and off, and leaves the image as it is; a nonzero return stops the generation after
-    that step with MF_ERROR_CANCELLED in one line, and the context then generates as before."""
-    model = "tiny-flux"
-    ids = _ids(model, PROMPT)
+    that step with MF_ERROR_CANCELLED in one line, and the context then generates as before. SD3 too: its CFG
+    batch is one step, counted once."""
+    fam = load_model(model).family
+    ids, neg = _ids(model, PROMPT), (_ids(model, "") if fam.cfg else None)
+    args = (STAGES[model], SEED, fam.default_guidance, ids, neg)
     rc, ctx = lib.open(flow_folders[model], model)
     assert rc == 0, lib.error()
     total = sum(int(s.split(":")[1]) for s in STAGES[model].split(","))
     try:
-        rc, plain = lib.generate(ctx, STAGES[model], SEED, 3.5, ids)
+        rc, plain = lib.generate(ctx, *args)
         assert rc == 0, plain
         for graphs in (True, False):
             lib.set_graphs(ctx, graphs)
             seen = []
-            rc, img = lib.generate(ctx, STAGES[model], SEED, 3.5, ids, progress=lambda s, t: seen.append((s, t)) or 0)
+            rc, img = lib.generate(ctx, *args, progress=lambda s, t: seen.append((s, t)) or 0)
             assert rc == 0, img
             assert seen == [(s, total) for s in range(1, total + 1)], (graphs, seen)
             assert np.array_equal(img, plain)
             seen.clear()
-            rc, err = lib.generate(ctx, STAGES[model], SEED, 3.5, ids,
-                                   progress=lambda s, t: seen.append((s, t)) or int(s == 3))
+            rc, err = lib.generate(ctx, *args, progress=lambda s, t: seen.append((s, t)) or int(s == 3))
             assert rc == MF_ERROR_CANCELLED and err == f"cancelled by the progress callback after step 3 of {total}"
             assert seen == [(1, total), (2, total), (3, total)]  # stopped there: step 4 never ran
-        rc, img = lib.generate(ctx, STAGES[model], SEED, 3.5, ids)
+        rc, img = lib.generate(ctx, *args)
         assert rc == 0 and np.array_equal(img, plain)
     finally:
         lib.lib.mf_context_destroy(ctx)
