@@ -4,7 +4,7 @@ with graphs off and of Python's `mf-generate --engines --ip-adapter` on the same
 
 Builds libmegafusion with CUDA, tiny-sd15 AOTInductor packages on the GPU, a tiny IP-Adapter's unet_ip ones and the
 tiny image encoder's (the image path, mf_inputs_set_ip_adapter_image); skipped without CUDA (tests/conftest.py) or
-nvcc. Written without a GPU: not run yet.
+nvcc. Passed on the H200 (benchmarks/results/h200-2026-12-04b).
 """
 from __future__ import annotations
 
