@@ -90,7 +90,9 @@
 #   gpu-tests-24  the flow C API's CUDA graphs test, now also the progress callback on replays (mf_inputs_set_progress:
 #               the stream synchronized per step, a stop at step 2), tiny-flux and tiny-sd3 (ran past its 420 s on
 #               2026-12-05: tiny-flux passed, tiny-sd3 still running)
-#   gpu-tests-25  gpu-tests-24's tiny-sd3 case alone, 560 s, with each phase's duration
+#   gpu-tests-25  two tiny GPU tests not run since their fixes (the batched fp16 step against alone, bound widened to
+#               the H200's 7 levels; IF's CUDA fp32 against CPU on one model's weights), then gpu-tests-24's tiny-sd3
+#               case alone, 560 s, with each phase's duration
 #   cond-compiled  mf-bench SDXL 2048 graphs and compiled, plain and with one random full-size ControlNet, same run,
 #               no direct rows (#18: "runs graphed and compiled, its cost and time against the plain plan")
 #   gpu-tests-20  the GPU tests of static FP8 scales: mf-generate --mode compiled calibrates, then loads them (#20)
@@ -292,8 +294,11 @@ step() {  # the command line of one step
       done; echo '(exit $rc)' ;;
     gpu-tests-24) echo "timeout 420 python3 -u -m pytest -v -m gpu tests/cpp/test_libmegafusion_flow_graphs.py \
       -p no:cacheprovider --durations 0" ;;
-    gpu-tests-25) echo "timeout 560 python3 -u -m pytest -v -m gpu --durations 0 -p no:cacheprovider \
-      'tests/cpp/test_libmegafusion_flow_graphs.py::test_flow_graphs_count_and_match_on_cuda[tiny-sd3]'" ;;
+    gpu-tests-25) printf 'rc=0; '; for t in "180 tests/runtime/test_batch.py tests/runtime/test_pixel_gpu.py" \
+        "560 tests/cpp/test_libmegafusion_flow_graphs.py -k tiny-sd3"; do
+        printf 'echo "-- %s"; timeout %s python3 -u -m pytest -v -m gpu --durations 0 %s -p no:cacheprovider || rc=1; ' \
+          "${t#* }" "${t%% *}" "${t#* }"
+      done; echo '(exit $rc)' ;;
     cond-compiled) echo "timeout 1100 bash -c 'python3 benchmarks/lab/condition_inputs.py --model sdxl --rank 16 \
       --size 1024x1024 --output /tmp/mf-cond-inputs && python3 benchmarks/lab/controlnet_bench.py --model sdxl \
       --save-controlnet /tmp/mf-controlnet-sdxl && python3 -m megafusion.cli.bench --model sdxl --random-weights \
