@@ -62,8 +62,13 @@ def networks(bundle, mode: str, compile_vae: bool, engines: str | None = None, d
 
 
 def run(pipe, plan, opts, repeats: int, warmup: int) -> dict:
+    first = []  # the warm-up runs: compiled mode's include its compiling
     for _ in range(warmup):
+        _sync()
+        t0 = time.perf_counter()
         pipe.generate(plan, opts)
+        _sync()
+        first.append(time.perf_counter() - t0)
     runs = []
     for _ in range(repeats):
         _sync()
@@ -75,7 +80,8 @@ def run(pipe, plan, opts, repeats: int, warmup: int) -> dict:
     for name, _ in runs[0][1].timings:
         segs[name] = statistics.median(dict(r.timings)[name] for _, r in runs)
     last = runs[-1][1]
-    return {"plan": plan.describe(), "total_s": statistics.median(totals), "totals_s": totals, "segments_s": segs,
+    return {"plan": plan.describe(), "total_s": statistics.median(totals), "totals_s": totals, "warmup_s": first,
+            "segments_s": segs,
             "peak_gib": last.peak_memory_bytes / 2**30 if last.peak_memory_bytes else None,
             "image_mean": float(last.image.mean()), "finite": bool(torch.isfinite(last.latent).all())}
 
@@ -157,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode}: megafusion {r['megafusion']['total_s']:.2f} s, direct {r['direct']['total_s']:.2f} s, "
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
+        write(result, direct, out)  # after each mode: a step cut off by its time limit keeps the modes it finished
+    print("\n".join(write(result, direct, out)))
+    return 0
+
+
+def write(result: dict, direct, out: Path) -> list[str]:
     m = result["modes"]
     for fast in ("graphs", "compiled", "engines", "compiled-fp8"):
         if "eager" in m and fast in m:  # speed-up of the mode over eager, on each plan
@@ -166,15 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         if "diffusers_direct" in result and fast in m:  # our mode on MegaFusion against a diffusers user's run
             result[f"{fast}_megafusion_over_diffusers_direct"] = (result["diffusers_direct"]["total_s"]
                                                                   / m[fast]["megafusion"]["total_s"])
-    (out / f"dit_speed_{fam.name}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# {fam.name} at {direct.stages[0].width}, {args.dtype}, {result['device']}", "",
+    name = result["model"]
+    (out / f"dit_speed_{name}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# {name} at {direct.stages[0].width}, {result['dtype']}, {result['device']}", "",
              "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]
     for mode, r in m.items():
         for k in ("megafusion", "direct"):
             lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} |")
-    (out / f"dit_speed_{fam.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    (out / f"dit_speed_{name}.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":
