@@ -113,7 +113,9 @@
 #               the same networks (#17: ">= 2.0x over direct on the same engine", from built engines; about 10 min)
 #   dit-fp8-sd3 SD3 eager, compiled and compiled with FP8 projections (engine/fp8_dit.py), same plans (#17, #20)
 #   dit-bench-flux    FLUX eager and compiled, MegaFusion against direct (#17; graphs left out: they gained
-#               nothing on SD3's GPU-bound transformer, and FLUX's direct 2048 takes about half a minute a run)
+#               nothing on SD3's GPU-bound transformer, and FLUX's direct 2048 takes about half a minute a run:
+#               11,756 true TFLOP against MegaFusion's 4,918, mf-bench --cost-only); limit 840 s, since
+#               compiling two shapes of a 12B transformer follows the eager runs (written after each mode)
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
 #   capi-sdxl   libmegafusion built with CUDA, then C++ graphed, C++ without graphs and Python graphed on the static
@@ -331,7 +333,7 @@ step() {  # the command line of one step
       --output $RES/dit-engines-sd3'" ;;
     dit-fp8-sd3) echo "timeout 900 python3 benchmarks/lab/dit_speed.py --model sd3 --modes eager,compiled,compiled-fp8 \
       --output $RES/dit-fp8-sd3" ;;
-    dit-bench-flux) echo "timeout 600 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,compiled \
+    dit-bench-flux) echo "timeout 840 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,compiled \
       --device cuda --dtype bf16 --output $RES/dit-flux" ;;
     sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \
       benchmarks/lab/dit_ipadapter_bench.py --model sd3 --output $RES/sd3ip --steps 6,3 --repeats 2" ;;
