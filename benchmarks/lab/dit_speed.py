@@ -163,18 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode}: megafusion {r['megafusion']['total_s']:.2f} s, direct {r['direct']['total_s']:.2f} s, "
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
-        write(result, direct, out)  # after each mode: a step cut off by its time limit keeps the modes it finished
+        write(result, direct, out, quiet=True)  # after each mode: a step cut off by its time limit keeps the modes it finished
     print("\n".join(write(result, direct, out)))
     return 0
 
 
-def write(result: dict, direct, out: Path) -> list[str]:
+def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
     m = result["modes"]
     for fast in ("graphs", "compiled", "engines", "compiled-fp8"):
         if "eager" in m and fast in m:  # speed-up of the mode over eager, on each plan
             result[f"{fast}_over_eager"] = {k: m["eager"][k]["total_s"] / m[fast][k]["total_s"]
                                             for k in ("megafusion", "direct")}
-            print(f"{fast} over eager: {result[f'{fast}_over_eager']}", flush=True)
+            if not quiet:
+                print(f"{fast} over eager: {result[f'{fast}_over_eager']}", flush=True)
         if "diffusers_direct" in result and fast in m:  # our mode on MegaFusion against a diffusers user's run
             result[f"{fast}_megafusion_over_diffusers_direct"] = (result["diffusers_direct"]["total_s"]
                                                                   / m[fast]["megafusion"]["total_s"])
