@@ -10,9 +10,9 @@ FluxPipeline on the direct plan to check that); `graphs` replays one CUDA graph 
 (runtime/flow_graphs.py); `compiled` is graphs around the torch.compile'd transformer (the VAE halves too with
 --compile-vae). These are the pipeline's own modes, `FlowMegaFusionPipeline(mode=...)`; `engines` is graphs
 with the transformer from the AOTInductor packages in `--engines DIR` (mf-build-engines --random-weights
---backend aoti --precision DTYPE --device cuda, both plans' shapes). Prints and writes dit_speed_<model>.json / .md:
-per-segment times (median of the repeats), totals, peak memory and the two ratios of issue #17 (MegaFusion
-over direct on one engine; compiled over eager on one plan).
+--backend aoti --precision DTYPE --device cuda, both plans' shapes). Prints, and writes after each mode,
+dit_speed_<model>.json / .md: per-segment times (median of the repeats), the warm-up runs, totals, peak memory and
+the two ratios of issue #17 (MegaFusion over direct on one engine; compiled over eager on one plan).
 """
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
     for mode in sorted(modes, key=LAB_MODES.index):
         nets = networks(bundle, mode, args.compile_vae, args.engines, args.dtype)
-        pipe = FlowMegaFusionPipeline(bundle, nets, dev, {"engines": "graphs", "compiled-fp8": "compiled"}.get(mode, mode))
+        pipe_mode = {"engines": "graphs", "compiled-fp8": "compiled"}.get(mode, mode)
+        pipe = FlowMegaFusionPipeline(bundle, nets, dev, pipe_mode)
         r = {name: run(pipe, plan, opts, args.repeats, args.warmup) for name, plan in (("megafusion", mf),
                                                                                      ("direct", direct))}
         r["megafusion_speedup"] = r["direct"]["total_s"] / r["megafusion"]["total_s"]
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode}: megafusion {r['megafusion']['total_s']:.2f} s, direct {r['direct']['total_s']:.2f} s, "
               f"{r['megafusion_speedup']:.2f}x; peak {r['megafusion']['peak_gib'] or 0:.1f} / "
               f"{r['direct']['peak_gib'] or 0:.1f} GiB", flush=True)
-        write(result, direct, out, quiet=True)  # after each mode: a step cut off by its time limit keeps the modes it finished
+        write(result, direct, out, quiet=True)  # a step cut off by its time limit keeps the modes it ran
     print("\n".join(write(result, direct, out)))
     return 0
 
@@ -180,14 +181,21 @@ def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
             result[f"{fast}_megafusion_over_diffusers_direct"] = (result["diffusers_direct"]["total_s"]
                                                                   / m[fast]["megafusion"]["total_s"])
     name = result["model"]
-    (out / f"dit_speed_{name}.json").write_text(json.dumps(result, indent=1))
+    _replace(out / f"dit_speed_{name}.json", json.dumps(result, indent=1))
     lines = [f"# {name} at {direct.stages[0].width}, {result['dtype']}, {result['device']}", "",
              "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]
     for mode, r in m.items():
         for k in ("megafusion", "direct"):
             lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} |")
-    (out / f"dit_speed_{name}.md").write_text("\n".join(lines) + "\n")
+    _replace(out / f"dit_speed_{name}.md", "\n".join(lines) + "\n")
     return lines
+
+
+def _replace(path: Path, text: str) -> None:
+    """Whole or not at all: a limit's kill mid-write leaves the previous mode's file, not half of this one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
