@@ -25,3 +25,23 @@ def test_unknown_mode_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         dit_speed.main(["--model", "tiny-sd3", "--device", "cpu", "--modes", "eager,fast", "--output", str(tmp_path)])
     assert e.value.code == 2 and "unknown mode 'fast'" in capsys.readouterr().err
+
+
+def test_a_run_cut_off_in_a_later_mode_keeps_the_modes_it_finished(tmp_path, monkeypatch):
+    import pytest
+
+    real = dit_speed.networks
+
+    def networks(bundle, mode, *args):  # the second mode dies as a time limit's kill would end it
+        if mode == "graphs":
+            raise KeyboardInterrupt
+        return real(bundle, mode, *args)
+
+    monkeypatch.setattr(dit_speed, "networks", networks)
+    with pytest.raises(KeyboardInterrupt):
+        dit_speed.main(["--model", "tiny-flux", "--device", "cpu", "--dtype", "fp32", "--modes", "eager,graphs",
+                        "--warmup", "1", "--output", str(tmp_path)])
+    res = json.loads((tmp_path / "dit_speed_tiny-flux.json").read_text())
+    assert list(res["modes"]) == ["eager"] and "graphs_over_eager" not in res
+    assert [len(res["modes"]["eager"][p]["warmup_s"]) for p in ("megafusion", "direct")] == [1, 1]
+    assert not list(tmp_path.glob("*.tmp"))
