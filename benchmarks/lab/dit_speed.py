@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.engine.flow_networks import FlowTorchNetworks
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     direct = validate_plan(fam, [Stage(mf.stages[-1].height, mf.stages[-1].width, mf.total_steps)])
     opts = FlowGenerationOptions(PROMPT, guidance=fam.default_guidance, seed=0)
     result: dict = {"model": fam.name, "dtype": args.dtype, "device": device_name,
-                    "torch": torch.__version__, "guidance": opts.guidance, "modes": {}}
+                    "torch": torch.__version__, "guidance": opts.guidance, "provenance": provenance(), "modes": {}}
     if args.diffusers:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
@@ -182,7 +183,10 @@ def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
                                                                   / m[fast]["megafusion"]["total_s"])
     name = result["model"]
     _replace(out / f"dit_speed_{name}.json", json.dumps(result, indent=1))
+    prov = result["provenance"]
     lines = [f"# {name} at {direct.stages[0].width}, {result['dtype']}, {result['device']}", "",
+             f"Commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}, {prov['date_utc']}: "
+             f"`{prov['command']}`", "",
              "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]
     for mode, r in m.items():
         for k in ("megafusion", "direct"):
