@@ -219,11 +219,18 @@ def test_batched_equal_alone(server):
         code, headers, png = post(server.url + "/v1/generate", b)
         assert code == 200 and headers["x-megafusion-batch-size"] == "1"
         alone.append(png)
-    with ThreadPoolExecutor(3) as pool:
-        together = list(pool.map(lambda b: post(server.url + "/v1/generate", b), bodies))
-    assert [c for c, _, _ in together] == [200, 200, 200]
-    sizes = [int(h["x-megafusion-batch-size"]) for _, h, _ in together]
-    assert max(sizes) == 2, sizes  # while the first runs, the other two wait and are denoised together
+    # Whether two of three requests sent at once meet in one batch is a race: the replica admits max_batch (2) at
+    # a time, and its batch waits batch_wait_s (50 ms) for company. A loaded CI machine lost it once in 3 requests
+    # (sizes [1, 1, 1], 2026-12-05), so the three are sent again, at most 5 times, until two are denoised together.
+    tries = []
+    for _ in range(5):
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda b: post(server.url + "/v1/generate", b), bodies))
+        assert [c for c, _, _ in together] == [200, 200, 200]
+        tries.append([int(h["x-megafusion-batch-size"]) for _, h, _ in together])
+        if max(tries[-1]) == 2:
+            break
+    assert max(tries[-1]) == 2, tries
     for (_, h, png), ref in zip(together, alone):
         if h["x-megafusion-batch-size"] == "1":
             assert png == ref  # run alone: the same bytes
