@@ -27,6 +27,7 @@ import torch
 from megafusion.benchmarks.timing import provenance
 from megafusion.core.loading import load_model
 from megafusion.core.plan import Stage, default_plan, validate_plan
+from megafusion.engine.cache import atomic_write
 from megafusion.engine.flow_networks import FlowTorchNetworks
 from megafusion.runtime.flow_pipeline import FLOW_MODES, FlowGenerationOptions, FlowMegaFusionPipeline
 
@@ -182,7 +183,8 @@ def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
             result[f"{fast}_megafusion_over_diffusers_direct"] = (result["diffusers_direct"]["total_s"]
                                                                   / m[fast]["megafusion"]["total_s"])
     name = result["model"]
-    _replace(out / f"dit_speed_{name}.json", json.dumps(result, indent=1))
+    # whole or not at all: a limit's kill mid-write leaves the previous mode's files
+    atomic_write(out / f"dit_speed_{name}.json", json.dumps(result, indent=1).encode())
     prov = result["provenance"]
     lines = [f"# {name} at {direct.stages[0].width}, {result['dtype']}, {result['device']}", "",
              f"Commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}, {prov['date_utc']}: "
@@ -191,15 +193,8 @@ def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
     for mode, r in m.items():
         for k in ("megafusion", "direct"):
             lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} |")
-    _replace(out / f"dit_speed_{name}.md", "\n".join(lines) + "\n")
+    atomic_write(out / f"dit_speed_{name}.md", ("\n".join(lines) + "\n").encode())
     return lines
-
-
-def _replace(path: Path, text: str) -> None:
-    """Whole or not at all: a limit's kill mid-write leaves the previous mode's file, not half of this one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
