@@ -116,6 +116,9 @@
 #               nothing on SD3's GPU-bound transformer, and FLUX's direct 2048 takes about half a minute a run:
 #               11,756 true TFLOP against MegaFusion's 4,918, mf-bench --cost-only); limit 840 s, since
 #               compiling two shapes of a 12B transformer follows the eager runs (written after each mode)
+#   vae-spread  the SDXL VAE decoder (alone, random weights) at 1024 and 2048 in float32, bf16, bf16 channels_last,
+#               fp16 and bf16 through torch.compile, against float32 with TF32 off: how far two bf16 decoders are
+#               apart, next to #15's 0.5% (package against module) and 2 levels (image against eager); 2 to 4 minutes
 #   sd3ip       the SD3 IP-Adapter tests (GPU included) and its per-step cost at SD3 Medium's width (#18)
 #   dit-cn-engines  the SD3/FLUX ControlNet engines' GPU test, then SD3 with a real-size ControlNet from packages (#18)
 #   capi-sdxl   libmegafusion built with CUDA, then C++ graphed, C++ without graphs and Python graphed on the static
@@ -335,6 +338,8 @@ step() {  # the command line of one step
       --output $RES/dit-fp8-sd3" ;;
     dit-bench-flux) echo "timeout 840 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,compiled \
       --device cuda --dtype bf16 --output $RES/dit-flux" ;;
+    vae-spread) echo "timeout 420 python3 benchmarks/lab/vae_bf16_spread.py --model sdxl --latent 128,256 --device cuda \
+      --reference fp32 --variants bf16,bf16-cl,fp16,bf16-compiled --output $RES/vae-spread" ;;
     sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \
       benchmarks/lab/dit_ipadapter_bench.py --model sd3 --output $RES/sd3ip --steps 6,3 --repeats 2" ;;
     dit-cn-engines) echo "timeout 420 python3 -m pytest -q -m gpu tests/engine/test_dit_controlnet_engines.py; \
