@@ -51,7 +51,8 @@
 #   pkg-check   after sdxl-apart: each SDXL 2048 package against its module (relative difference, #15: <= 0.5%), and the
 #               graphed packages' image against the torch modules run eagerly (#15: within 2 levels), one process;
 #               since the sixteenth session also each 16-bit package and module against float32, the final latents,
-#               and the eager image in float32 (how far 16-bit eager itself is from full precision)
+#               and the eager image in float32 (how far 16-bit eager itself is from full precision); since the
+#               twenty-sixth, eager again with attention off its default kernel (eager's own spread)
 #   pkg-image   pkg-check without its network rows (all measured by the eighteenth session): the image check alone, so
 #               that `sdxl-apart pkg-image` can finish in one call (two machine releases cut pkg-check off there)
 #   sd15-aoti   mf-bench SD1.5 1024 from those packages beside the graphs mode, same run (#15: <= 0.6 s)
@@ -231,7 +232,8 @@ step() {  # the command line of one step
         "240 tests/engine/test_torch_fast.py" "420 tests/cpp/test_libmegafusion_graphs_ip.py" \
         "360 tests/cpp/test_libmegafusion_flow_graphs.py" ;;
     pkg-check) echo "timeout 600 python3 benchmarks/lab/cpp_vs_python.py --model sdxl --engines /tmp/mf-aoti-sdxl-apart \
-      --size 2048x2048 --modes networks,python-aoti-graphs,python-eager,python-eager-fp32 --repeats 1 --output $RES/pkg-check" ;;
+      --size 2048x2048 --modes networks,python-aoti-graphs,python-eager,python-eager-alt-attention,python-eager-fp32 --repeats 1 \
+      --output $RES/pkg-check" ;;
     pkg-image) echo "$(step pkg-check | sed -e 's/--modes networks,/--modes /' -e 's#/pkg-check#/pkg-image#')" ;;
     sd15-aoti) echo "timeout 600 python3 -m megafusion.cli.bench --model sd15 --random-weights --device cuda \
       --size 1024x1024 --variants engines:aoti,graphs --direct-for none --engine-dir /tmp/mf-aoti-sd15 --repeats 5 \

@@ -13,6 +13,9 @@ the same weights the same way, so the engines' weight fingerprints match). Modes
 - `python-eager`: the plain Python runtime on the torch modules themselves, same weights in the engines'
   precision, the VAE as the engines hold it (the reference the engines are checked against; with it, every
   other mode's image difference against it);
+- `python-eager-alt-attention` (with `python-eager`): the same eager run with torch's attention kept off its default
+  kernel (flash on CUDA: memory-efficient or math instead; math on the CPU): 16-bit eager against itself with one
+  kernel choice changed, the spread a 50-step trajectory gives to any change of rounding;
 - `python-compiled`: the compiled fast path (torch.compile + CUDA graphs) on the same weights, fp16 (CUDA only);
 - `python-eager-fp32`: the plain Python runtime on the same modules in float32, TF32 off (CUDA only): how far the
   16-bit eager image itself is from full precision, the scale an engine's image difference is read against.
@@ -40,8 +43,8 @@ import numpy as np
 import torch
 from megafusion.benchmarks.timing import provenance
 
-MODES = ("networks", "cpp", "cpp-no-graphs", "python-aoti", "python-aoti-graphs", "python-eager", "python-compiled",
-         "python-eager-fp32")
+MODES = ("networks", "cpp", "cpp-no-graphs", "python-aoti", "python-aoti-graphs", "python-eager",
+         "python-eager-alt-attention", "python-compiled", "python-eager-fp32")
 GPU_ONLY = ("python-aoti-graphs", "python-compiled", "python-eager-fp32")
 
 
@@ -76,6 +79,16 @@ def no_tf32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def other_attention(dev: torch.device):
+    """torch's attention (`scaled_dot_product_attention`) kept off the kernel it picks by default: on CUDA the
+    memory-efficient kernel or math where flash would run, on the CPU the math kernel. Returns the context and the
+    backends it allows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    allowed = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if dev.type == "cuda" else [SDPBackend.MATH])
+    return sdpa_kernel(allowed), [b.name for b in allowed]
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -288,6 +301,16 @@ def run(args) -> dict:
                 report["modes"][mode]["image_diff_vs_eager_eager_decode"] = image_diff(
                     eager.decode_image(latents[mode].to(dev), plan), res.image)
         _save(report, out)
+        if "python-eager-alt-attention" in modes:
+            ctx, allowed = other_attention(dev)
+            with ctx:
+                entry, alt = time_pipeline(eager, plan, opts, args.repeats, dev)
+            entry["attention_backends"] = allowed
+            with torch.inference_mode():
+                entry["image_diff_vs_eager_eager_decode"] = image_diff(eager.decode_image(alt.latent.to(dev), plan),
+                                                                       res.image)
+            record("python-eager-alt-attention", entry, alt.image, alt.latent)
+            del alt
     if "python-compiled" in modes:
         from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
 
@@ -362,8 +385,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--prompt", default="a photo of a red fox in the snow, highly detailed")
     args = p.parse_args(argv)
-    if args.cpp_bin is None and {"cpp", "cpp-no-graphs"} & set(args.modes.split(",")):
+    modes = set(args.modes.split(","))
+    if args.cpp_bin is None and {"cpp", "cpp-no-graphs"} & modes:
         p.error("--modes cpp and cpp-no-graphs need --cpp-bin")
+    if "python-eager-alt-attention" in modes and "python-eager" not in modes:
+        p.error("--modes python-eager-alt-attention runs beside python-eager: add it")
     run(args)
     return 0
 

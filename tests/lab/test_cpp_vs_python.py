@@ -26,7 +26,8 @@ def test_cpu_report_has_both_paths_and_equal_images(cpp_build, sd15_aoti, tmp_pa
                  "--device", "cpu", "--repeats", "1"]) == 0
     report = json.loads((out / "cpp_vs_python.json").read_text())
     # CUDA-only modes left out on CPU
-    assert list(report["modes"]) == ["cpp", "cpp-no-graphs", "python-aoti", "python-eager"]
+    assert list(report["modes"]) == ["cpp", "cpp-no-graphs", "python-aoti", "python-eager",
+                                     "python-eager-alt-attention"]
     assert report["modes"]["cpp"]["median_s"] > 0 and len(report["modes"]["python-aoti"]["all_s"]) == 1
     assert report["modes"]["python-aoti"]["image_diff_vs_cpp"]["max"] <= 1
     assert report["modes"]["python-eager"]["image_diff_vs_cpp"]["max"] <= 1  # fp32: engines equal the modules
@@ -37,3 +38,37 @@ def test_cpu_report_has_both_paths_and_equal_images(cpp_build, sd15_aoti, tmp_pa
     assert report["modes"]["python-aoti"]["latent_rel_l2_vs_eager"] < 1e-4  # fp32 engines denoise as the modules
     assert report["modes"]["python-aoti"]["image_diff_vs_eager_eager_decode"]["max"] <= 1
     assert "python-aoti" in (out / "cpp_vs_python.md").read_text()
+
+
+def test_eager_with_another_attention_kernel_is_recorded_beside_eager(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--model", "tiny-sd15", "--engines", str(tmp_path), "--output", str(out), "--stages", AOTI_STAGES,
+                 "--device", "cpu", "--repeats", "1", "--modes", "python-eager,python-eager-alt-attention"]) == 0
+    report = json.loads((out / "cpp_vs_python.json").read_text())
+    alt = report["modes"]["python-eager-alt-attention"]
+    assert list(report["modes"]) == ["python-eager", "python-eager-alt-attention"]
+    assert alt["attention_backends"] == ["MATH"]
+    # float32: another attention kernel moves the trajectory by rounding only
+    assert alt["latent_rel_l2_vs_eager"] < 1e-4 and alt["image_diff_vs_eager"]["max"] <= 1
+    assert alt["image_diff_vs_eager_eager_decode"]["max"] <= 1
+
+
+def test_alt_attention_without_eager_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "tiny-sd15", "--engines", str(tmp_path), "--output", str(tmp_path / "o"), "--device", "cpu",
+              "--modes", "python-aoti,python-eager-alt-attention"])
+    assert e.value.code == 2 and "runs beside python-eager" in capsys.readouterr().err
+
+
+def test_other_attention_changes_the_kernel_on_the_cpu():
+    import torch
+
+    from cpp_vs_python import other_attention
+
+    q = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(0))
+    default = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    ctx, allowed = other_attention(torch.device("cpu"))
+    with ctx:
+        math = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    # the same attention by another kernel: equal within float32 rounding, not bit for bit
+    assert allowed == ["MATH"] and torch.allclose(math, default, atol=1e-5) and not torch.equal(math, default)
