@@ -60,6 +60,9 @@
 #   compiled-kept  #15's compiled warm start with the compiled functions and Inductor's cache kept in the compile
 #               cache (engine/precompiled.py; env.sh's TORCHINDUCTOR_CACHE_DIR dropped, so mf-generate puts Inductor's
 #               cache there too): one fresh --mode compiled process from nothing into /tmp/mf-cck, then 2
+#   compiled-capped  compiled-kept, then 2 more fresh processes from /tmp/mf-cck with --max-memory 15 (PyTorch's
+#               allocator capped at 15 GiB, cuDNN workspaces at 1.5 GiB): #15's whole-process peak <= 16 GiB for the
+#               compiled path (16.8 GiB uncapped, 2026-12-03; allocated peak 13.07 GiB, estimate 12.46 GiB)
 #   compiled-prof  compiled-kept with one warm run, then two warm processes under cProfile (benchmarks/lab/warm_profile.py),
 #               the second with peft hidden from diffusers: where the 37-40 s warm start goes (#15)
 #   load-profile  cProfile of building the random SDXL model on the GPU (the compiled path's model-load phase)
@@ -255,6 +258,9 @@ step() {  # the command line of one step
       du -sh /tmp/mf-cck/*; timeout 300 python3 benchmarks/lab/cold_start_phases.py --runs 2 --device cuda \
       --output $RES/cold-kept -- --model sdxl --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled \
       --compile-cache /tmp/mf-cck)" ;;
+    compiled-capped) echo "$(step compiled-kept | sed -e 's/)$//'); timeout 300 python3 benchmarks/lab/cold_start_phases.py \
+      --runs 2 --device cuda --output $RES/cold-capped -- --model sdxl --random-weights --size 2048x2048 \
+      --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-cck --max-memory 15)" ;;
     compiled-prof) echo "$(step compiled-kept | sed -e 's/--runs 2/--runs 1/' -e 's/)$//'); \
       A='--model sdxl --random-weights --size 2048x2048 --prompt a-lighthouse --mode compiled --compile-cache /tmp/mf-cck \
       --device cuda --no-progress --output /tmp/prof.png'; timeout 200 python3 benchmarks/lab/warm_profile.py \
