@@ -20,11 +20,16 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}; --guidance sets its guidance "
                          "embedding")
-    for flag, value in (("--inductor", args.inductor),
-                        ("--compile-cache", args.compile_cache), ("--max-memory", args.max_memory)):
+    for flag, value in (("--inductor", args.inductor), ("--compile-cache", args.compile_cache)):
         if value is not None:
             raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
                              "their transformer from --engines)")
+    if args.max_memory is not None:
+        beside = [f for f, v in (("--engines", args.engines), ("--controlnet", args.controlnet),
+                                 ("--ip-adapter", args.ip_adapter)) if v]
+        if beside:
+            raise UsageError(f"--max-memory with {beside[0]}: for {name} the memory estimate counts the torch "
+                             "transformer, VAE and text encoders only; leave out one or the other")
     if args.engines is not None and args.ip_adapter:
         raise UsageError(f"--ip-adapter with --engines: for {name} the IP-Adapter runs in torch only (the transformer "
                          "packages have no image attention); leave out --engines")
@@ -36,6 +41,45 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
                              f"{name} --backend aoti|onnxruntime --output DIR")
         if args.mode == "compiled":
             raise UsageError("--mode compiled compiles the torch modules; with --engines use --mode graphs or eager")
+
+
+def _check_flow_memory(args: argparse.Namespace, family, plan, opts, device, dtype, mode: str,
+                       dry_run: bool = False) -> None:
+    """The plan's estimated peak (runtime/flow_memory.py) against --max-memory or the device's memory, before the
+    load: one line when it does not fit; with --dry-run the estimate is printed instead. Under --max-memory on CUDA
+    the allocator and cuDNN's workspaces are capped as for the UNet families."""
+    import math
+
+    from ..core.memory import GiB
+    from ..runtime.flow_memory import estimate_flow_memory
+    from .common import DTYPES, device_memory
+
+    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
+        raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
+    if args.max_memory is not None:
+        limit, what = args.max_memory * GiB, "--max-memory"
+    else:
+        limit, what = device_memory(device)
+    vae = DTYPES[args.vae_dtype] if args.vae_dtype else None
+    estimate = estimate_flow_memory(family, plan, dtype, vae, opts.guidance > 1.0, opts.relay,
+                                    graph_pool=mode != "eager")
+    if dry_run:
+        print("\n".join(estimate.describe()))
+        print(f"  limit: {what}, {limit / GiB:.2f} GiB; the estimate leaves out allocator slack, cuDNN workspaces "
+              "and compile-time autotuning")
+        return
+    if estimate.peak_bytes > limit:
+        parts = estimate.describe()[0].split(": ", 1)[1]
+        raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB ({parts}), "
+                         f"more than {what} ({limit / GiB:.2f} GiB); ask for a smaller --size or --relay latent")
+    if args.max_memory is not None and device.type == "cuda":
+        from .common import cap_cudnn_workspace, cap_device_memory
+
+        cap = cap_cudnn_workspace(args.max_memory)
+        if cap is not None:
+            print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
+        fraction = cap_device_memory(args.max_memory, device)
+        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
 
 
 def _controls_from_args(args: argparse.Namespace, family) -> list[tuple]:
@@ -192,13 +236,18 @@ def run_flow(args: argparse.Namespace, family) -> int:
                 raise UsageError(f"--mode {mode}: {why}; use --mode eager")
             print(f"{why}; running the stages eagerly")
             mode = "eager"
+    counted = not (args.engines or controls or ip_image is not None)  # what the memory estimate covers
     if args.dry_run:
         print(f"plan: {plan.describe()}")
+        if counted:
+            _check_flow_memory(args, family, plan, opts, device, dtype, mode, dry_run=True)
         from ..benchmarks.dit_flops import DiTCostCounter, dit_plan_cost
 
         cost = dit_plan_cost(DiTCostCounter(family), plan, opts.guidance > 1.0 and family.cfg, opts.relay)
         print(f"cost: {cost.true_tflop:,.1f} TFLOP (transformer {cost.unet_tflop:,.1f}), text encoders apart")
         return 0
+    if counted:
+        _check_flow_memory(args, family, plan, opts, device, dtype, mode)
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                         seed=weights_seed)
     if loras:

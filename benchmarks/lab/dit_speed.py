@@ -29,6 +29,7 @@ from megafusion.core.loading import load_model
 from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.engine.cache import atomic_write
 from megafusion.engine.flow_networks import FlowTorchNetworks
+from megafusion.runtime.flow_memory import estimate_flow_memory
 from megafusion.runtime.flow_pipeline import FLOW_MODES, FlowGenerationOptions, FlowMegaFusionPipeline
 
 def _sync():
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = FlowGenerationOptions(PROMPT, guidance=fam.default_guidance, seed=0)
     result: dict = {"model": fam.name, "dtype": args.dtype, "device": device_name,
                     "torch": torch.__version__, "guidance": opts.guidance, "provenance": provenance(), "modes": {}}
+    # runtime/flow_memory.py's estimate of each plan run eagerly, beside the peaks measured below
+    result["estimate_gib"] = {k: estimate_flow_memory(fam, plan, DTYPES[args.dtype], None, opts.guidance > 1.0
+                                                      ).peak_bytes / 2**30 for k, plan in (("megafusion", mf),
+                                                                                           ("direct", direct))}
     if args.diffusers:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)
@@ -189,10 +194,12 @@ def write(result: dict, direct, out: Path, quiet: bool = False) -> list[str]:
     lines = [f"# {name} at {direct.stages[0].width}, {result['dtype']}, {result['device']}", "",
              f"Commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}, {prov['date_utc']}: "
              f"`{prov['command']}`", "",
-             "| mode | plan | total s | peak GiB |", "|---|---|---|---|"]
+             "| mode | plan | total s | peak GiB | estimate GiB (eager) |", "|---|---|---|---|---|"]
+    est = result.get("estimate_gib", {})
     for mode, r in m.items():
         for k in ("megafusion", "direct"):
-            lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} |")
+            lines.append(f"| {mode} | {r[k]['plan']} | {r[k]['total_s']:.2f} | {r[k]['peak_gib'] or 0:.1f} | "
+                         f"{est.get(k, 0):.1f} |")
     atomic_write(out / f"dit_speed_{name}.md", ("\n".join(lines) + "\n").encode())
     return lines
 

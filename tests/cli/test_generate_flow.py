@@ -29,6 +29,9 @@ def test_generates_png_of_exact_size(model, tmp_path, capsys):
     (["--model", "tiny-sd3", "--size", "64x64"], "smaller than tiny-sd3's native"),
     (["--model", "tiny-sd3", "--stages", "128x128:2,136x136:1"], "not a positive multiple of 16"),
     (["--model", "tiny-flux", "--guidance", "nan"], "--guidance 'nan'"),
+    (["--model", "tiny-sd3", "--max-memory", "0.001"], "needs an estimated"),
+    (["--model", "tiny-flux", "--max-memory", "0"], "--max-memory 0.0: must be a number of GiB > 0"),
+    (["--model", "tiny-flux", "--max-memory", "4", "--engines", "."], "--max-memory with --engines"),
 ])
 def test_bad_input_is_one_line_before_any_load(argv, message, tmp_path, capsys):
     rc = main([*argv, "--prompt", "x", "--output", str(tmp_path / "x.png"), "--no-progress"])
@@ -38,9 +41,28 @@ def test_bad_input_is_one_line_before_any_load(argv, message, tmp_path, capsys):
 
 
 def test_dry_run_prints_plan_and_cost(capsys):
-    assert main(["--model", "sd3", "--prompt", "x", "--dry-run"]) == 0
+    assert main(["--model", "sd3", "--prompt", "x", "--dry-run", "--dtype", "bf16", "--max-memory", "24"]) == 0
     text = capsys.readouterr().out
     assert "1024x1024 x20 -> 2048x2048 x8" in text and "TFLOP" in text
+    # the memory estimate of runtime/flow_memory.py, held against the limit
+    assert "estimated peak device memory" in text and "stage 2 transformer 2048x2048, batch 2" in text
+    assert "limit: --max-memory, 24.00 GiB" in text
+
+
+def test_a_plan_over_max_memory_is_refused_before_the_load(tmp_path, capsys, no_model_load):
+    rc = main(["--model", "flux", "--random-weights", "--dtype", "bf16", "--max-memory", "30", "--prompt", "x",
+               "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip()
+    # FLUX.1's layout in bf16 holds about 31 GiB of weights: refused in one line, nothing loaded or written
+    assert rc == 2 and "needs an estimated" in err and "more than --max-memory (30.00 GiB)" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_a_plan_within_max_memory_runs(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["--model", "tiny-sd3", "--max-memory", "2", "--prompt", "x", "--output", str(out),
+                 "--no-progress"]) == 0
+    assert out.is_file()
 
 
 def test_build_engines_refusals_are_one_line(tmp_path, capsys):
