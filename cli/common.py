@@ -16,6 +16,7 @@ from typing import NoReturn
 import torch
 
 from ..core.loading import WeightsError
+from ..core.memory import device_memory  # noqa: F401 - the CLIs' budget, imported from here
 from ..core.startup import share_distribution_scan
 from ..core.families import ModelFamily, UnknownModelError
 from ..core.specs import default_dtype, default_vae_dtype
@@ -304,14 +305,6 @@ def plan_from_args(family: ModelFamily, size: str | None, stages: str | None, st
 def model_dtype(device: torch.device, name: str | None) -> torch.dtype:
     """--dtype, by default core/specs' `default_dtype` (fp16 on CUDA, fp32 on CPU)."""
     return DTYPES[name] if name else default_dtype(device)
-
-
-def device_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they are): a CUDA device's memory, else this machine's RAM: the budget a plan's memory estimate
-    is held against when no --max-memory is given."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
 
 
 def vae_dtype(family: ModelFamily, vae_config, dtype: torch.dtype, name: str | None,

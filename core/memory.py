@@ -12,6 +12,7 @@ the compiled path frees earlier and usually peaks lower.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,11 +118,21 @@ class VaePasses:
     """Host bytes the passes run so far parked at most (tiles parked in host memory; 0 when none are)."""
 
 
-def _bytes(module: torch.nn.Module) -> int:
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are): a CUDA device's memory, else this machine's RAM: the budget a plan's memory estimate
+    is held against when no --max-memory is given."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a module's parameters and buffers at their dtypes (on any device, meta included)."""
     return sum(p.numel() * p.element_size() for p in (*module.parameters(), *module.buffers()))
 
 
-def _peak(fn) -> int:
+def peak_live_bytes(fn) -> int:
+    """The peak bytes of the tensors `fn` creates and holds at once (`LiveBytes`), run under inference mode."""
     counter = LiveBytes()
     with torch.inference_mode(), counter:
         fn()
@@ -147,8 +158,8 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
             CLIPTextConfig(**te.transformers_config(family.vocab_size or 514))) for te in family.text_encoders]
     torch.nn.Module.to(unet, dtype=unet_dtype)  # (diffusers' own .to warns about fp32 modules)
     torch.nn.Module.to(vae, dtype=vae_dtype)
-    text = sum(_bytes(e) // 4 * unet_dtype.itemsize for e in encoders)  # built in fp32, run in the UNet's dtype
-    weights = _bytes(unet) + _bytes(vae) + text
+    text = sum(module_bytes(e) // 4 * unet_dtype.itemsize for e in encoders)  # built in fp32, run in the UNet's dtype
+    weights = module_bytes(unet) + module_bytes(vae) + text
 
     vs, batch = family.vae_scale, 2 if cfg else 1
     width = int(family.unet["cross_attention_dim"])
@@ -161,11 +172,11 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
             p = plan.stages[k - 1]
             lat = torch.zeros(1, 4, p.height // vs, p.width // vs, device=meta, dtype=vae_dtype)
             segments.append((f"relay {k}->{k + 1} decode {p.width}x{p.height}{passes.label(p.height, p.width)}",
-                             _peak(lambda lat=lat: passes.decode(vae, lat))))
+                             peak_live_bytes(lambda lat=lat: passes.decode(vae, lat))))
             held.append(pool)
             img = torch.zeros(1, 3, s.height, s.width, device=meta, dtype=vae_dtype)
             segments.append((f"relay {k}->{k + 1} encode {s.width}x{s.height}{passes.label(s.height, s.width)}",
-                             _peak(lambda img=img: passes.encode(vae, img))))
+                             peak_live_bytes(lambda img=img: passes.encode(vae, img))))
             held.append(pool)
         x = torch.zeros(batch, 4, h, w, device=meta, dtype=unet_dtype)
         ehs = torch.zeros(batch, 77, width, device=meta, dtype=unet_dtype)
@@ -176,13 +187,13 @@ def estimate_memory(family: ModelFamily, plan: StagePlan, unet_dtype: torch.dtyp
                      "time_ids": torch.zeros(batch, 6, device=meta, dtype=unet_dtype)}
         t = torch.tensor(999, device=meta)
         segments.append((f"stage {k + 1} UNet {s.width}x{s.height}, batch {batch}",
-                         _peak(lambda x=x, ehs=ehs, added=added, t=t: unet(
+                         peak_live_bytes(lambda x=x, ehs=ehs, added=added, t=t: unet(
                              x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False))))
         held.append(0)  # a replay runs inside the pool
         pool = max(pool, segments[-1][1]) if graph_pool else 0
     last = plan.stages[-1]
     lat = torch.zeros(1, 4, last.height // vs, last.width // vs, device=meta, dtype=vae_dtype)
     segments.append((f"final decode {last.width}x{last.height}{passes.label(last.height, last.width)}",
-                     _peak(lambda: passes.decode(vae, lat))))
+                     peak_live_bytes(lambda: passes.decode(vae, lat))))
     held.append(pool)
     return MemoryEstimate(weights, tuple(segments), tuple(held) if graph_pool else (), passes.host_peak())

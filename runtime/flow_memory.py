@@ -15,19 +15,8 @@ import torch
 
 from ..core.dit_families import DiTFamily
 from ..core.dit_specs import sd3_text_length
-from ..core.memory import LiveBytes, MemoryEstimate
+from ..core.memory import MemoryEstimate, module_bytes, peak_live_bytes
 from ..core.plan import StagePlan
-
-
-def _peak(fn) -> int:
-    counter = LiveBytes()
-    with torch.inference_mode(), counter:
-        fn()
-    return counter.peak
-
-
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in (*module.parameters(), *module.buffers()))
 
 
 def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype, vae_dtype: torch.dtype | None = None,
@@ -45,7 +34,7 @@ def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype,
         t5 = m is bundle.text_encoders[-1] and dtype == torch.float16
         torch.nn.Module.to(m, dtype=T5_FP16_DTYPE if t5 else vae_dtype if m is bundle.vae and vae_dtype else dtype)
     nets = FlowTorchNetworks(bundle)
-    weights = sum(_bytes(m) for m in bundle.modules())
+    weights = sum(module_bytes(m) for m in bundle.modules())
     batch = 2 if cfg and family.cfg else 1
     t5_tokens = family.t5_max_length
     text = sd3_text_length(family) if family.kind == "sd3" else t5_tokens
@@ -57,7 +46,7 @@ def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype,
     pool = 0
 
     def add(name: str, fn, holds: int) -> None:
-        segments.append((name, _peak(fn)))
+        segments.append((name, peak_live_bytes(fn)))
         held.append(holds)
 
     def encode_prompt():  # one at a time, as the stage loop encodes: each output is small beside the transient

@@ -10,7 +10,12 @@ run from the transformer engines and controlled ones from the aoti ControlNet an
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .config import ConfigError, ServeConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def dit_precision(device: str) -> str:
@@ -117,3 +122,24 @@ def check_served_control_engines(cfg: ServeConfig, family, plan, batch: int | No
         check_dit_controlnet_engines(cfg.engines, family, plan, cfg.device, precision, batch, command, controlnets)
     except EngineError as e:
         raise ConfigError(f"--engines {cfg.engines!r} with --controlnet: {e}") from None
+
+
+def check_served_memory(cfg: ServeConfig, family, device: torch.device, dtype: torch.dtype) -> None:
+    """Before a replica loads: each served size's default plan, estimated as mf-generate estimates it
+    (runtime/flow_memory.py: the torch transformer, VAE and text encoders every replica loads, SD3's CFG batch of
+    2), against the replica's device memory. A size that cannot fit is a ConfigError naming it, not an out-of-memory
+    error after minutes of loading. ControlNets, IP-Adapters and engines add to the estimate, so this refuses only
+    what cannot fit even without them."""
+    from ..core.memory import GiB, device_memory
+    from ..core.plan import default_plan
+    from ..runtime.flow_memory import estimate_flow_memory
+
+    total, what = device_memory(device)
+    for w, h in cfg.served_sizes:
+        plan = default_plan(family, w, h)
+        est = estimate_flow_memory(family, plan, dtype, None, cfg=True, graph_pool=dit_mode(cfg) != "eager")
+        if est.peak_bytes > total:
+            raise ConfigError(f"--sizes {w}x{h}: {family.name}'s plan {plan.describe()} needs an estimated "
+                              f"{est.peak_bytes / GiB:.1f} GiB ({est.describe()[0].split(': ', 1)[1]}), more than "
+                              f"{what} ({total / GiB:.1f} GiB); serve smaller sizes, or on a device with more memory")
+

@@ -22,7 +22,7 @@ from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipelin
 
 from .conditions import Offered
 from .config import ConfigError, ServeConfig
-from .flow_config import cfg_batch, choose_served_engines, dit_mode, dit_precision
+from .flow_config import cfg_batch, check_served_memory, choose_served_engines, dit_mode, dit_precision
 from .model import Cancelled, Generated, ServeModelError, _generated, log, stop_checks, warmup_plan
 from .request import GenerateRequest, size_text
 
@@ -42,6 +42,7 @@ class FlowModelServer:
         self.mode = dit_mode(cfg)
         t0 = time.perf_counter()
         kind = choose_served_engines(cfg, self.family) if cfg.engines else None  # before the load, as mf-generate
+        check_served_memory(cfg, self.family, self.device, dtype)
         self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
         if self.loras:  # engines take them themselves (swapped, or packages built with them): checked only here
             (check_loras if kind is not None else fuse_loras)(self.bundle, self.loras)

@@ -99,10 +99,12 @@ def vae_scale(vae) -> int:
 
 def table(result: dict) -> str:
     prov = result["provenance"]
-    lines = [f"# VAE decoder: bf16 spread ({result['model']}, random weights seed {result['seed']}, {result['device']})",
-             "", f"{prov['date_utc']}, commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}, "
+    lines = [f"# VAE decoder: bf16 spread ({result['model']}, random weights seed {result['seed']}, "
+             f"{result['device']})", "",
+             f"{prov['date_utc']}, commit {prov['commit']}{' (dirty)' if prov['dirty'] else ''}, "
              f"torch {result['torch']}: `{prov['command']}`", "",
-             "| image | a | b | max abs / ref max | rel L2 | levels max | levels mean |", "|---|---|---|---:|---:|---:|---:|"]
+             "| image | a | b | max abs / ref max | rel L2 | levels max | levels mean |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for size in result["sizes"]:
         for p in size["pairs"]:
             lines.append(f"| {size['image']} | {p['a']} | {p['b']} | {p['max_abs_over_ref_max']:.3%} | "

@@ -314,3 +314,21 @@ def test_controlnet_served_from_aoti_packages_is_mf_generates_image(flux_aoti, t
         assert main([*common, *flags, "--output", str(out)]) == 0
         assert got == out.read_bytes(), fields.keys()
     assert "controlnet: 1 from the aoti packages" in capsys.readouterr().out
+
+
+def test_a_replica_refuses_a_size_its_memory_cannot_hold_before_the_load(monkeypatch):
+    # FLUX.1's layout in float32 on the CPU estimates about 75 GiB at 2048 (63 of it weights): a replica on a machine
+    # with 32 GiB says so in one line, naming the size, before loading anything
+    from megafusion.serve.flow_model import FlowModelServer
+
+    def no_load(*a, **kw):
+        raise AssertionError("the replica loaded the model before refusing the size")
+
+    monkeypatch.setattr("megafusion.serve.flow_model.load_model", no_load)
+    monkeypatch.setattr("megafusion.core.memory.device_memory", lambda device: (32 * 2**30, "this machine's memory"))
+    cfg = check_config(ServeConfig("flux", random_weights=True, sizes=((1024, 1024), (2048, 2048))))
+    with pytest.raises(ConfigError) as e:
+        FlowModelServer(cfg)
+    said = str(e.value)
+    assert said.startswith("--sizes 1024x1024: flux's plan") and "more than this machine's memory (32.0 GiB)" in said
+    assert "\n" not in said
