@@ -7,7 +7,9 @@ transformer, the VAE and every text encoder, all on the device for the whole run
 largest transient of any segment.
 
 Not counted: ControlNets, IP-Adapters, engines (a package holds its own copy of the weights), the allocator's
-slack, cuDNN workspaces, CUDA-graph pools beyond the largest transient, compile-time autotuning.
+slack, cuDNN workspaces, CUDA-graph pools beyond the largest transient, compile-time autotuning. The layout is the
+family's (SD3 Medium's, FLUX.1's): a local folder of a larger variant (SD3.5 Large) is counted at that layout, so
+its estimate is low, never high.
 """
 from __future__ import annotations
 
