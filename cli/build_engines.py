@@ -328,7 +328,8 @@ def keep_memory_estimates(family, plan, precision: str, vae_precision: str | Non
 
     from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
-    from .common import DTYPES, device_memory, model_dtype, vae_dtype
+    from ..core.memory import device_memory
+    from .common import DTYPES, model_dtype, vae_dtype
 
     t0 = time.perf_counter()
     dev = torch.device(device)

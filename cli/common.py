@@ -16,7 +16,6 @@ from typing import NoReturn
 import torch
 
 from ..core.loading import WeightsError
-from ..core.memory import device_memory  # noqa: F401 - the CLIs' budget, imported from here
 from ..core.startup import share_distribution_scan
 from ..core.families import ModelFamily, UnknownModelError
 from ..core.specs import default_dtype, default_vae_dtype

@@ -389,8 +389,8 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
     import math
     import os
 
-    from ..core.memory import GiB
-    from .common import device_memory, vae_dtype
+    from ..core.memory import GiB, device_memory
+    from .common import vae_dtype
 
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")

@@ -50,9 +50,9 @@ def _check_flow_memory(args: argparse.Namespace, family, plan, opts, device, dty
     the allocator and cuDNN's workspaces are capped as for the UNet families."""
     import math
 
-    from ..core.memory import GiB
+    from ..core.memory import GiB, device_memory
     from ..runtime.flow_memory import estimate_flow_memory
-    from .common import DTYPES, device_memory
+    from .common import DTYPES
 
     if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
         raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")

@@ -142,4 +142,3 @@ def check_served_memory(cfg: ServeConfig, family, device: torch.device, dtype: t
             raise ConfigError(f"--sizes {w}x{h}: {family.name}'s plan {plan.describe()} needs an estimated "
                               f"{est.peak_bytes / GiB:.1f} GiB ({est.describe()[0].split(': ', 1)[1]}), more than "
                               f"{what} ({total / GiB:.1f} GiB); serve smaller sizes, or on a device with more memory")
-
