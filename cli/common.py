@@ -378,6 +378,33 @@ def cap_device_memory(max_memory_gib: float, device) -> float:
     return fraction
 
 
+def memory_budget(max_memory: float | None, device) -> tuple[float, str]:
+    """The budget a plan's estimate is held against: --max-memory in bytes (refused unless a number of GiB > 0), else
+    the device's memory; and what it is, in words."""
+    import math
+
+    from ..core.memory import GiB, device_memory
+
+    if max_memory is None:
+        return device_memory(device)
+    if not (math.isfinite(max_memory) and max_memory > 0):
+        raise UsageError(f"--max-memory {max_memory}: must be a number of GiB > 0")
+    return max_memory * GiB, "--max-memory"
+
+
+def apply_memory_cap(max_memory: float | None, device) -> None:
+    """--max-memory on CUDA, once the plan fits: cuDNN's workspaces and PyTorch's allocator capped, each said in a
+    line. Process-wide: CLI entry points only."""
+    if max_memory is None or device.type != "cuda":
+        return
+    cap = cap_cudnn_workspace(max_memory)
+    if cap is not None:
+        print(f"--max-memory {max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
+    fraction = cap_device_memory(max_memory, device)
+    print(f"--max-memory {max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory"
+          + ("" if os.environ.get(ALLOCATOR_ENV) else ", in expandable segments"))
+
+
 ALLOCATOR_ENV = "PYTORCH_CUDA_ALLOC_CONF"
 
 

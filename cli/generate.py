@@ -386,19 +386,11 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
     """The plan's estimated peak memory (runtime/memory_plan.py) against --max-memory or the device's memory, before
     any load, choosing the VAE tiling; with --dry-run also prints the plan, the estimate and the cost, and returns
     True (nothing else to do); else the VaeTiling to run with, or None (untiled)."""
-    import math
-    import os
+    from ..core.memory import GiB
+    from .common import apply_memory_cap, memory_budget, vae_dtype
 
-    from ..core.memory import GiB, device_memory
-    from .common import vae_dtype
-
-    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
-        raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
+    limit, what = memory_budget(args.max_memory, device)
     vae = vae_dtype(family, family.vae, dtype, args.vae_dtype, device)  # the loaded VAE's config may still differ
-    if args.max_memory is not None:
-        limit, what = args.max_memory * GiB, "--max-memory"
-    else:
-        limit, what = device_memory(device)
     from ..runtime.memory_cache import EstimateCache, default_path
     from ..runtime.memory_plan import plan_memory
 
@@ -425,15 +417,7 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
                          + (" parked in host memory" if tiling and tiling.park else "")
                          + "; ask for a smaller --size, a 16-bit --vae-dtype or --relay latent"
                          + (", or leave out --no-vae-tile" if tile[0] == "off" else ""))
-    if args.max_memory is not None and device.type == "cuda":
-        from .common import cap_cudnn_workspace, cap_device_memory
-
-        cap = cap_cudnn_workspace(args.max_memory)
-        if cap is not None:
-            print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
-        fraction = cap_device_memory(args.max_memory, device)
-        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory"
-              + ("" if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else ", in expandable segments"))
+    apply_memory_cap(args.max_memory, device)
     return tiling
 
 

@@ -48,18 +48,11 @@ def _check_flow_memory(args: argparse.Namespace, family, plan, opts, device, dty
     """The plan's estimated peak (runtime/flow_memory.py) against --max-memory or the device's memory, before the
     load: one line when it does not fit; with --dry-run the estimate is printed instead. Under --max-memory on CUDA
     the allocator and cuDNN's workspaces are capped as for the UNet families."""
-    import math
-
-    from ..core.memory import GiB, device_memory
+    from ..core.memory import GiB
     from ..runtime.flow_memory import estimate_flow_memory
-    from .common import DTYPES
+    from .common import DTYPES, apply_memory_cap, memory_budget
 
-    if args.max_memory is not None and not (math.isfinite(args.max_memory) and args.max_memory > 0):
-        raise UsageError(f"--max-memory {args.max_memory}: must be a number of GiB > 0")
-    if args.max_memory is not None:
-        limit, what = args.max_memory * GiB, "--max-memory"
-    else:
-        limit, what = device_memory(device)
+    limit, what = memory_budget(args.max_memory, device)
     vae = DTYPES[args.vae_dtype] if args.vae_dtype else None
     estimate = estimate_flow_memory(family, plan, dtype, vae, opts.guidance > 1.0, opts.relay,
                                     graph_pool=mode != "eager")
@@ -72,14 +65,7 @@ def _check_flow_memory(args: argparse.Namespace, family, plan, opts, device, dty
         parts = estimate.describe()[0].split(": ", 1)[1]
         raise UsageError(f"plan {plan.describe()} needs an estimated {estimate.peak_bytes / GiB:.1f} GiB ({parts}), "
                          f"more than {what} ({limit / GiB:.2f} GiB); ask for a smaller --size or --relay latent")
-    if args.max_memory is not None and device.type == "cuda":
-        from .common import cap_cudnn_workspace, cap_device_memory
-
-        cap = cap_cudnn_workspace(args.max_memory)
-        if cap is not None:
-            print(f"--max-memory {args.max_memory:g}: cuDNN convolution workspaces capped at {cap} MiB each")
-        fraction = cap_device_memory(args.max_memory, device)
-        print(f"--max-memory {args.max_memory:g}: PyTorch reserves at most {fraction:.0%} of the device's memory")
+    apply_memory_cap(args.max_memory, device)
 
 
 def _controls_from_args(args: argparse.Namespace, family) -> list[tuple]:
