@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu/chain.sh start S STEP...   starts the steps in order, waits S seconds, packs what is done
 #                                                  (S <= 570 in a 600 s call: `start 590` left the pack no time)
 #   bash benchmarks/gpu/chain.sh wait S            more time; packs again (every call packs everything so far)
+# A second `start` on the same warm machine, once the first chain has ended, runs its steps; the results of both
+# stay in one folder and pack together.
 # Steps (each under its own `timeout`, so one that hangs cannot take the others' time; `;` between them, so one
 # that fails leaves the rest running):
 #   if-tests    DeepFloyd IF GPU tests (#21)            if-bench     IF eager and graphs, fp16 then fp32 (#21)
@@ -373,6 +375,11 @@ case "$1" in
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c 'import os, sys, torch; print("bytecode: prefix", sys.pycache_prefix, "dont_write", sys.flags.dont_write_bytecode, "torch folder writable", os.access(os.path.dirname(torch.__file__), os.W_OK))' | tee $RES/bytecode.txt
     wait_for=$2; shift 2
+    # A chain that has ended makes way for this one (its log kept beside the results); one still running is not
+    # replaced: `detach` says "already started" and this call waits for it.
+    if [ -e $JOBS/chain.rc ]; then
+      cat $JOBS/chain.log >> $RES/chain-earlier.log; rm -f $JOBS/chain.started $JOBS/chain.rc $JOBS/chain.log
+    fi
     chain=""
     for s in "$@"; do chain="$chain echo '== $s' \$(date +%T); { $(step $s); } > $RES/$s.log 2>&1; echo \"== $s exit \$?\" \$(date +%T);"; done
     detach chain "cd $PWD && $chain"
