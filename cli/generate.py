@@ -11,6 +11,7 @@ from .common import (ArgumentParser, UsageError, add_device_arguments, add_model
                      run_main)
 from .conditions import (add_condition_arguments, controls_from_args, image_start_from_args, ip_adapter_from_args,
                          loras_from_args)
+from .warm_start import check_compile_cache_flags, finish_compiled, keep_compiled_kernels, warm_start
 
 
 def build_parser() -> ArgumentParser:
@@ -178,12 +179,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         if args.mode != "compiled" or args.engines:
             raise UsageError(f"--inductor {args.inductor} needs --mode compiled (and no --engines)")
-    if (args.compile_cache or args.no_compile_cache) and args.mode != "compiled":
-        raise UsageError("--compile-cache and --no-compile-cache apply to --mode compiled only")
-    if args.compile_cache is not None:  # written after minutes of compiling: a folder that can be, checked first
-        from .common import output_folder_from_args
-
-        output_folder_from_args("--compile-cache", args.compile_cache)
+    check_compile_cache_flags(args)
     device = resolve_device(args.device)
     mode = mode_from_args(args.mode, device)
     dtype = model_dtype(device, args.dtype)
@@ -291,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         nets = FastTorchNetworks(bundle, fast, vae_dtype=vae, fp8_scales=static_scales)
         if mode == "compiled":
             t_warm = time.perf_counter()
-            compile_cache = _warm_start(args, nets, device, plan, opts)
+            compile_cache = warm_start(args, nets, device, plan, opts.relay, opts.guidance > 1.0)
             # the engines' phases, the compile cache's load as `open`: cold_start_phases.py reads compiled runs too
             print(phase_line(started_s, load_s, {"fingerprint": 0.0, "verify": 0.0,
                                                  "open": time.perf_counter() - t_warm}))
@@ -361,19 +357,13 @@ def run(args: argparse.Namespace) -> int:
     steps = plan.total_steps - (image_start.entry(plan).global_step if image_start else 0)
     result = generate_with_progress(pipe, plan, opts, steps, image_start, not args.no_progress)
     if args.engines or mode == "compiled":  # what the first image spent where (benchmarks/cold_start.py reads it)
-        from ..benchmarks.cold_start import compile_line, first_image_line
+        from ..benchmarks.cold_start import first_image_line
 
         graphs = pipe.graphs
         print(first_image_line(result.timings, graphs.captures if graphs else 0,
                                graphs.capture_seconds if graphs else 0.0))
         if mode == "compiled":
-            from ..engine.compile_cache import compile_profile
-
-            print(compile_line(*compile_profile()))
-            print(precompile_line(nets))
-    if compile_cache is not None and not compile_cache[2]:
-        saved = compile_cache[0].save(compile_cache[1])
-        print(f"compile cache: saved {saved}" if saved else "compile cache: torch had nothing to save")
+            finish_compiled(nets, compile_cache)
     png_s = finish_generation(result, out, segments_printed=not args.no_progress)
     if args.engines or mode == "compiled":  # the image is on disk: what is left of the process is its exit
         from ..benchmarks.cold_start import process_age, saved_line
@@ -421,17 +411,6 @@ def _check_memory(args, family, plan, opts, device, dtype, tile=("auto", None), 
     return tiling
 
 
-def keep_compiled_kernels(args, mode: str) -> dict[str, str]:
-    """--mode compiled with its compile cache: Inductor's disk cache inside it (engine/compile_cache.py
-    `keep_inductor_caches`), set before the model load, whose imports make Inductor fix its folder for the process
-    (from TORCHINDUCTOR_CACHE_DIR, else the system's temporary folder). Returns what it set."""
-    from ..engine.compile_cache import default_root, keep_inductor_caches
-
-    if mode != "compiled" or args.no_compile_cache:
-        return {}
-    return keep_inductor_caches(args.compile_cache or default_root())
-
-
 def one_shot_allocator(args, device) -> bool:
     """mf-generate on CUDA (one image a process): PyTorch's allocator in expandable segments unless the user set
     PYTORCH_CUDA_ALLOC_CONF, so each stage's freed graph pool goes back whole to the next stage, the relay and the
@@ -461,16 +440,6 @@ def _swap_loras(nets, bundle, loras, plan, dilation, engine_dir, device) -> None
           f"{report.seconds:.2f} s, without recompiling")
 
 
-def precompile_line(nets) -> str:
-    """What the compiled functions did in this process: traced (and saved) or loaded without tracing."""
-    missing = next((site.missing for site in nets.precompiled if site.missing), "")
-    if missing:
-        return f"compiled functions: not kept ({missing}); Dynamo traces in every process"
-    c = nets.precompile_counters()
-    return (f"compiled functions: {c['loaded']} loaded, {c['traced']} traced, {c['saved']} saved, "
-            f"{c['rejected']} rejected")
-
-
 def _static_scales(args, bundle, policy, plan, dilation, opts, device, mode):
     """With --fp8-scales static: the callable that sets the quantized UNet's input scales (loaded from the
     compile cache's folder under --mode compiled, else calibrated in this process), printing where they came from;
@@ -482,24 +451,6 @@ def _static_scales(args, bundle, policy, plan, dilation, opts, device, mode):
     keep = mode == "compiled" and not args.no_compile_cache
     store = ScaleStore(args.compile_cache or default_root()) if keep else None
     return static_scales_provider(bundle, policy, plan, dilation, opts.guidance > 1.0, device, store)
-
-
-def _warm_start(args, nets, device, plan, opts):
-    """--mode compiled: load the compiled code an earlier process saved for this model, plan and device
-    (engine/compile_cache.py); returns (cache, key, loaded), or None when the cache is off."""
-    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
-
-    if args.no_compile_cache:
-        return None
-    why = cacheable(nets)
-    if why:
-        print(f"compile cache: off ({why})")
-        return None
-    cache = CompileCache(args.compile_cache or default_root())
-    key = compile_key(nets, device, plan, opts.relay, opts.guidance > 1.0)
-    loaded = cache.attach(nets, key)
-    print(f"compile cache: {'warm start from' if loaded else 'nothing yet for this model and plan in'} {cache.root}")
-    return cache, key, loaded
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .common import UsageError, finish_generation
+from .warm_start import check_compile_cache_flags, finish_compiled, keep_compiled_kernels, warm_start
 
 
 def _refuse_unsupported(args: argparse.Namespace, family) -> None:
@@ -20,10 +21,9 @@ def _refuse_unsupported(args: argparse.Namespace, family) -> None:
     if family.kind == "flux" and args.negative_prompt:
         raise UsageError(f"--negative-prompt: {no_negative_prompt_why(family)}; --guidance sets its guidance "
                          "embedding")
-    for flag, value in (("--inductor", args.inductor), ("--compile-cache", args.compile_cache)):
-        if value is not None:
-            raise UsageError(f"{flag}: not available for {name} yet (the transformer families run in torch, or "
-                             "their transformer from --engines)")
+    if args.inductor is not None:
+        raise UsageError(f"--inductor {args.inductor}: not available for {name} yet (its compiled transformer takes "
+                         "Inductor's default settings)")
     if args.max_memory is not None:
         beside = [f for f, v in (("--engines", args.engines), ("--controlnet", args.controlnet),
                                  ("--ip-adapter", args.ip_adapter)) if v]
@@ -155,6 +155,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
                          parse_seed, plan_from_args, resolve_device, warn_truncated_prompts, weights_seed_from_args)
 
     _refuse_unsupported(args, family)
+    check_compile_cache_flags(args)
     controls = _controls_from_args(args, family)
     from .conditions import ip_adapter_from_args
 
@@ -234,6 +235,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
         return 0
     if counted:
         _check_flow_memory(args, family, plan, opts, device, dtype, mode)
+    keep_compiled_kernels(args, mode)  # before the load imports Inductor, which fixes its cache folder
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                         seed=weights_seed)
     if loras:
@@ -266,6 +268,9 @@ def run_flow(args: argparse.Namespace, family) -> int:
         print(f"transformer from the {kind.backend} {kind.what} in {args.engines} ({precision})")
     else:
         nets = FlowTorchNetworks(bundle, vae_dtype, compiled=mode == "compiled")
+    compiled_nets, compile_cache = nets, None  # before conditions wrap them: their call sites and counters
+    if mode == "compiled":
+        compile_cache = warm_start(args, nets, device, plan, opts.relay, family.cfg and guidance > 1.0)
     if ip_embeds is not None and family.kind == "sd3":
         from ..runtime.flow_ipadapter_sd3 import SD3IPAdapterNetworks
 
@@ -294,5 +299,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
     print(f"plan: {plan.describe()}")
     skipped = flow_entry_point(plan, image_start.strength, image_start.start_stage).global_step if image_start else 0
     result = generate_with_progress(pipe, plan, opts, plan.total_steps - skipped, image_start, not args.no_progress)
+    if mode == "compiled":
+        finish_compiled(compiled_nets, compile_cache)
     finish_generation(result, out, segments_printed=not args.no_progress)
     return 0

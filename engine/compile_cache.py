@@ -32,11 +32,14 @@ class CompileKey:
     model: str
     """Model family name."""
     architecture: str
-    """sha256 of the UNet and VAE configs (the same family with another config compiles other code)."""
+    """sha256 of the UNet's (or transformer's) and VAE's configs (the same family with another config compiles other
+    code)."""
     unet_dtype: str
+    """The denoiser's dtype: the UNet's, or the transformer's (the field keeps its name, so kept entries stay valid)."""
     vae_dtype: str
     options: str
-    """The fast path's options (`FastOptions`), as repr."""
+    """The fast path's options (`FastOptions`), as repr; for a transformer also the kinds of its layers and attention
+    processors (FP8 layers, an IP-Adapter's processors trace other code under the same configs)."""
     shapes: str
     """The plan's stage sizes, relay and CFG batch: compiled with static shapes, a plan's code is its own."""
     torch: str
@@ -77,16 +80,16 @@ def traced_code() -> str:
 
 
 def compile_key(nets, device: torch.device | str, plan, relay: str = "pixel", cfg: bool = True) -> CompileKey:
-    """The key of a `FastTorchNetworks`' compiled code for one plan on `device`."""
-    b = nets.bundle
+    """The key of compiled networks' code for one plan on `device`: `FastTorchNetworks` (the UNet families) or
+    `FlowTorchNetworks` (SD3, FLUX), each naming what its code depends on (`compile_identity`). `cfg`: the
+    denoiser runs the CFG batch of 2."""
+    modules, dtype, vae_dtype, options = nets.compile_identity()
     # Config metadata (`_use_default_values`, `_name_or_path`, ...) is left out: set-ordered, not architecture.
-    arch = {name: {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
-            for name, m in (("unet", b.unet), ("vae", b.vae))}
+    arch = {name: {k: v for k, v in dict(m.config).items() if not k.startswith("_")} for name, m in modules.items()}
     configs = json.dumps(arch, sort_keys=True, default=str)
     shapes = f"{','.join(str(s) for s in plan.stages)} relay {relay} batch {2 if cfg else 1}"
-    return CompileKey(b.family.name, hashlib.sha256(configs.encode()).hexdigest(), str(nets.unet_dtype),
-                      str(nets.vae_dtype), repr(nets.options), shapes, torch.__version__, device_name(device),
-                      traced_code())
+    return CompileKey(nets.bundle.family.name, hashlib.sha256(configs.encode()).hexdigest(), dtype, vae_dtype,
+                      options, shapes, torch.__version__, device_name(device), traced_code())
 
 
 def cacheable(nets) -> str:
@@ -123,8 +126,8 @@ class CompileCache:
         return torch.compiler.load_cache_artifacts(data) is not None
 
     def attach(self, nets, key: CompileKey) -> bool:
-        """Loads `key`'s artifacts (`load`) and puts the compiled call sites of `nets` (a FastTorchNetworks) on its
-        functions folder, as every warm start must; whether the artifacts loaded."""
+        """Loads `key`'s artifacts (`load`) and puts the compiled call sites of `nets` (FastTorchNetworks or
+        FlowTorchNetworks) on its functions folder, as every warm start must; whether the artifacts loaded."""
         loaded = self.load(key)
         nets.keep_compiled(self.functions(key))
         return loaded

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core.dit_loading import DiTBundle
+from .precompiled import Precompiled, call_module, portable_guards, site_counters
 from .torch_fast import FastOptions, compile_with
 
 DIT_FAST = FastOptions(channels_last=False, fuse_qkv=False, compile_vae=False, cudnn_benchmark=False)
@@ -42,7 +43,8 @@ class FlowTorchNetworks:
     def __init__(self, bundle: DiTBundle, vae_dtype: torch.dtype | None = None, compiled: bool = False,
                  options: FastOptions = DIT_FAST):
         """`compiled=True` runs the transformer through torch.compile (`options`), one compile per token grid and
-        batch; the VAE and text encoders stay eager."""
+        batch; the VAE and text encoders stay eager. `keep_compiled` then keeps the compiled transformer across
+        processes."""
         self.bundle = bundle
         self.capturable = True  # plain torch ops on the current stream
         self.compiled, self.options = compiled, options
@@ -58,7 +60,40 @@ class FlowTorchNetworks:
             # default per-code limit (8), past which a fullgraph compile raises; process-wide, as IF sets it.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.transformer_fn = compile_with(bundle.transformer, options)
+        self.precompiled: list[Precompiled] = []
+        """The call sites whose compiled functions a compile cache keeps (`keep_compiled`): the transformer's."""
         self._ids: dict[tuple, torch.Tensor] = {}  # FLUX position ids per latent size: no host copy per step
+
+    def keep_compiled(self, folder) -> None:
+        """Keep the compiled transformer's functions in `folder` and reuse the ones there (engine/precompiled.py), so
+        that a new process traces nothing: its call site becomes a `Precompiled` one, the module an argument of the
+        compiled function (its weights graph inputs, no weight in a file). Only the transformer: the VAE runs eagerly
+        here, and ControlNets (`controlnet_call`) compile in each process."""
+        if not self.compiled:
+            raise ValueError("keep_compiled: these networks are not compiled")
+        if not self.precompiled:
+            site = Precompiled("transformer", call_module, self.bundle.transformer,
+                               lambda fn: compile_with(fn, self.options, portable_guards))
+            self.precompiled.append(site)
+            self.transformer_fn = site
+        for site in self.precompiled:
+            site.attach(folder)
+
+    def precompile_counters(self) -> dict[str, int]:
+        """traced / loaded / saved / rejected of the kept call sites."""
+        return site_counters(self.precompiled)
+
+    def compile_identity(self) -> tuple[dict[str, torch.nn.Module], str, str, str]:
+        """What the compiled transformer's code depends on besides the plan (engine/compile_cache.py
+        `compile_key`): the transformer's and VAE's configs, the dtypes, the options, and the kinds of the
+        transformer's layers and attention processors. The saved functions' portable guards do not check module
+        classes, and FP8 projections (engine/fp8_dit.py) or an IP-Adapter's processors trace other code under the
+        same configs."""
+        t = self.bundle.transformer
+        kinds = {type(m).__name__ for m in t.modules()}
+        kinds |= {type(m.processor).__name__ for m in t.modules() if hasattr(m, "processor")}
+        return ({"transformer": t, "vae": self.bundle.vae}, str(self.transformer_dtype), str(self.vae_dtype),
+                f"{self.options!r}; layers {','.join(sorted(kinds))}")
 
     def controlnet_call(self, model: torch.nn.Module):
         """What runs a ControlNet in the velocity step (runtime/flow_controlnet.py): compiled as the transformer is

@@ -161,3 +161,13 @@ class Precompiled:
         atomic_write(sum_path, hashlib.sha256(data).hexdigest().encode())
         self.counters["saved"] += 1
         return fn
+
+
+def site_counters(sites) -> dict[str, int]:
+    """traced / loaded / saved / rejected, summed over `Precompiled` call sites (what `compiled functions: ...`
+    prints)."""
+    total = {"traced": 0, "loaded": 0, "saved": 0, "rejected": 0}
+    for site in sites:
+        for k, v in site.counters.items():
+            total[k] += v
+    return total

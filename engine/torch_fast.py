@@ -21,7 +21,7 @@ from .attention import set_attention
 from ..core.dilation import mid_dilation_of
 from .fp8 import Fp8Policy, quantize_unet
 from .networks import TorchNetworks
-from .precompiled import Precompiled, call_module, portable_guards
+from .precompiled import Precompiled, call_module, portable_guards, site_counters
 
 InductorOptions = tuple[tuple[str, object], ...]
 
@@ -227,9 +227,11 @@ class FastTorchNetworks(TorchNetworks):
 
     def precompile_counters(self) -> dict[str, int]:
         """traced / loaded / saved / rejected, summed over the call sites."""
-        total = {"traced": 0, "loaded": 0, "saved": 0, "rejected": 0}
-        for site in self.precompiled:
-            for k, v in site.counters.items():
-                total[k] += v
-        return total
+        return site_counters(self.precompiled)
+
+    def compile_identity(self) -> tuple[dict[str, torch.nn.Module], str, str, str]:
+        """What the compiled code depends on besides the plan (engine/compile_cache.py `compile_key`): the modules
+        whose configs are its architecture, the UNet's and the VAE's dtypes, the options."""
+        return {"unet": self.bundle.unet, "vae": self.bundle.vae}, str(self.unet_dtype), str(self.vae_dtype), \
+            repr(self.options)
 

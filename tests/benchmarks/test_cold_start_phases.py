@@ -100,7 +100,7 @@ def test_cache_lines_are_what_the_compiled_path_printed():
     from types import SimpleNamespace
 
     from megafusion.benchmarks.cold_start import cache_lines
-    from megafusion.cli.generate import precompile_line
+    from megafusion.cli.warm_start import precompile_line
 
     site = SimpleNamespace(missing="", counters={"traced": 0, "loaded": 5, "saved": 0, "rejected": 0})
     nets = SimpleNamespace(precompiled=[site], precompile_counters=lambda: site.counters)

@@ -1,5 +1,5 @@
 """mf-generate --mode compiled's warm start, wired without a GPU (the mode itself needs CUDA): Inductor's cache goes
-into the compile cache before the model load (whose imports make Inductor fix its folder), `_warm_start` puts every
+into the compile cache before the model load (whose imports make Inductor fix its folder), `warm_start` puts every
 compiled call site on the key's functions folder, and the line printed after the first image reads their counters."""
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from megafusion.cli.generate import _warm_start, keep_compiled_kernels, precompile_line
+from megafusion.cli.warm_start import keep_compiled_kernels, precompile_line, warm_start
 from megafusion.core.loading import load_model
 from megafusion.core.plan import parse_stages, validate_plan
 from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
-from megafusion.runtime.pipeline import GenerationOptions
 
 
 def test_inductor_cache_is_placed_before_the_model_load(tmp_path, monkeypatch):
@@ -32,12 +31,12 @@ def test_warm_start_attaches_every_call_site(tmp_path, monkeypatch):
     nets = FastTorchNetworks(load_model("tiny-sd15"), FastOptions(cudnn_benchmark=False))
     plan = validate_plan(nets.bundle.family, parse_stages("128x128:2,192x192:1"))
     args = SimpleNamespace(no_compile_cache=False, compile_cache=str(tmp_path / "cc"))
-    cache, key, loaded = _warm_start(args, nets, "cpu", plan, GenerationOptions("a red cube"))
+    cache, key, loaded = warm_start(args, nets, "cpu", plan, "pixel", True)
     assert not loaded and len(nets.precompiled) == 3  # UNet, VAE decode, VAE encode
     assert {site.folder for site in nets.precompiled} == {cache.functions(key)}
     assert precompile_line(nets) == "compiled functions: 0 loaded, 0 traced, 0 saved, 0 rejected"
-    assert _warm_start(SimpleNamespace(no_compile_cache=True, compile_cache=None), nets, "cpu", plan,
-                       GenerationOptions("a red cube")) is None
+    assert warm_start(SimpleNamespace(no_compile_cache=True, compile_cache=None), nets, "cpu", plan, "pixel",
+                      True) is None
 
 
 def test_bench_cold_starts_carry_work_over_only_in_the_compile_cache(tmp_path):

@@ -32,6 +32,10 @@ def test_generates_png_of_exact_size(model, tmp_path, capsys):
     (["--model", "tiny-sd3", "--max-memory", "0.001"], "needs an estimated"),
     (["--model", "tiny-flux", "--max-memory", "0"], "--max-memory 0.0: must be a number of GiB > 0"),
     (["--model", "tiny-flux", "--max-memory", "4", "--engines", "."], "--max-memory with --engines"),
+    (["--model", "tiny-sd3", "--compile-cache", "cc"], "apply to --mode compiled only"),
+    (["--model", "tiny-flux", "--mode", "compiled", "--device", "cpu", "--compile-cache", "/dev/null/cc"],
+     "--compile-cache '/dev/null/cc'"),
+    (["--model", "tiny-flux", "--inductor", "default"], "--inductor default: not available for tiny-flux"),
 ])
 def test_bad_input_is_one_line_before_any_load(argv, message, tmp_path, capsys):
     rc = main([*argv, "--prompt", "x", "--output", str(tmp_path / "x.png"), "--no-progress"])
