@@ -122,6 +122,8 @@
 #               nothing on SD3's GPU-bound transformer, and FLUX's direct 2048 takes about half a minute a run:
 #               11,756 true TFLOP against MegaFusion's 4,918, mf-bench --cost-only); limit 840 s, since
 #               compiling two shapes of a 12B transformer follows the eager runs (written after each mode)
+#   dit-compile-cache  the GPU test of the flow transformer's kept compiled functions, then 2 fresh mf-generate --model
+#               sd3 --mode compiled processes on one compile cache (the first fills it, the second should trace nothing)
 #   vae-spread  the SDXL VAE decoder (alone, random weights) at 1024 and 2048 in float32, bf16, bf16 channels_last,
 #               fp16 and bf16 through torch.compile, against float32 with TF32 off: how far two bf16 decoders are
 #               apart, next to #15's 0.5% (package against module) and 2 levels (image against eager); 2 to 4 minutes
@@ -348,6 +350,10 @@ step() {  # the command line of one step
       --output $RES/dit-fp8-sd3" ;;
     dit-bench-flux) echo "timeout 840 python3 benchmarks/lab/dit_speed.py --model flux --modes eager,compiled \
       --device cuda --dtype bf16 --output $RES/dit-flux" ;;
+    dit-compile-cache) echo "timeout 300 python3 -m pytest -q -m gpu tests/engine/test_flow_networks.py -p no:cacheprovider; \
+      rm -rf /tmp/mf-ccd; TIMEFORMAT='process %R s'; for i in 1 2; do time timeout 420 python3 -m megafusion.cli.generate \
+      --model sd3 --random-weights --size 2048x2048 --prompt 'a lighthouse' --mode compiled --compile-cache /tmp/mf-ccd \
+      --device cuda --no-progress --output /tmp/mf-ccd-\$i.png; done" ;;
     vae-spread) echo "timeout 420 python3 benchmarks/lab/vae_bf16_spread.py --model sdxl --latent 128,256 --device cuda \
       --reference fp32 --variants bf16,bf16-cl,fp16,bf16-compiled --output $RES/vae-spread" ;;
     sd3ip) echo "timeout 600 python3 -m pytest -q tests/runtime/test_flow_ipadapter_sd3.py; timeout 540 python3 \
