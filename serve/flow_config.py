@@ -45,9 +45,6 @@ def check_dit_flags(cfg: ServeConfig, family) -> None:
     from ..runtime.flow_controlnet import check_flow_controlnet_folder
 
     name = family.name
-    if cfg.compile_cache is not None or cfg.no_compile_cache:
-        flag = "--compile-cache" if cfg.compile_cache is not None else "--no-compile-cache"
-        raise ConfigError(f"{flag}: the compiled SD3 / FLUX transformer is not kept between starts yet")
     if cfg.precision is not None:
         raise ConfigError(f"--precision {cfg.precision}: mf-serve does not run it for {name} yet (mf-generate does; "
                           "the serving loop quantizes the UNet families only)")

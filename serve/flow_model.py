@@ -23,7 +23,8 @@ from ..runtime.flow_pipeline import FlowGenerationOptions, FlowMegaFusionPipelin
 from .conditions import Offered
 from .config import ConfigError, ServeConfig
 from .flow_config import cfg_batch, check_served_memory, choose_served_engines, dit_mode, dit_precision
-from .model import Cancelled, Generated, ServeModelError, _generated, log, stop_checks, warmup_plan
+from .model import (Cancelled, Generated, ServeModelError, _generated, keep_served_kernels, log, save_served_compiled,
+                    served_compile_cache, stop_checks, warmup_plan)
 from .request import GenerateRequest, size_text
 
 
@@ -43,6 +44,7 @@ class FlowModelServer:
         t0 = time.perf_counter()
         kind = choose_served_engines(cfg, self.family) if cfg.engines else None  # before the load, as mf-generate
         check_served_memory(cfg, self.family, self.device, dtype)
+        keep_served_kernels(cfg)
         self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
         if self.loras:  # engines take them themselves (swapped, or packages built with them): checked only here
             (check_loras if kind is not None else fuse_loras)(self.bundle, self.loras)
@@ -58,6 +60,10 @@ class FlowModelServer:
                 self.mode = "eager"
         else:
             nets = FlowTorchNetworks(self.bundle, None, compiled=self.mode == "compiled")
+        self.compile_cache = None  # --mode compiled: (cache, key, loaded) of engine/compile_cache.py
+        if self.mode == "compiled":  # the plain networks, before conditions wrap them
+            self.compile_cache = served_compile_cache(cfg, nets, self.device, self.family,
+                                                      cfg_batch(self.family) == 2)
         self.nets = nets
         self.conditions = None
         self.control_pipe = None
@@ -143,6 +149,7 @@ class FlowModelServer:
             if controlled.controls:
                 self.generate(GenerateRequest(plan, opts, controlled))
             out.append((size_text(w, h), time.perf_counter() - t0))
+        save_served_compiled(self.compile_cache, self.nets)
         return out
 
     def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:

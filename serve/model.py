@@ -81,6 +81,46 @@ class Generated:
         return {"stages": stages_text(self.plan), "size": size_text(self.plan.output_width, self.plan.output_height)}
 
 
+def keep_served_kernels(cfg: ServeConfig) -> None:
+    """--mode compiled: Inductor's disk cache inside the compile cache, in this replica's process, before the model's
+    imports make Inductor fix its cache folder (engine/compile_cache.py `keep_inductor_caches`)."""
+    if cfg.mode == "compiled" and not cfg.no_compile_cache:
+        from ..engine.compile_cache import default_root, keep_inductor_caches
+
+        keep_inductor_caches(cfg.compile_cache or default_root())
+
+
+def served_compile_cache(cfg: ServeConfig, nets, device: torch.device, family, cfg_batch: bool = True):
+    """--mode compiled: a replica's compile cache, loaded before the warm-up compiles, so that a restart reuses the
+    compiled functions of `nets` (FastTorchNetworks or FlowTorchNetworks) instead of tracing again, as mf-generate
+    --mode compiled does; one key for the served sizes together (`cfg_batch`: the denoiser's CFG batch of 2).
+    (cache, key, loaded), or None when off."""
+    from dataclasses import replace
+
+    from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
+
+    why = "--no-compile-cache" if cfg.no_compile_cache else cacheable(nets)
+    if why:
+        log.info("compile cache: off (%s)", why)
+        return None
+    cache = CompileCache(cfg.compile_cache or default_root())
+    keys = [compile_key(nets, device, warmup_plan(family, w, h), cfg=cfg_batch) for w, h in cfg.served_sizes]
+    key = replace(keys[0], shapes="served " + "; ".join(k.shapes for k in keys))
+    loaded = cache.attach(nets, key)
+    log.info("compile cache: %s %s", "warm start from" if loaded else "nothing yet for these sizes in", cache.root)
+    return cache, key, loaded
+
+
+def save_served_compiled(compile_cache, nets) -> None:
+    """After the warm-up: what the replica compiled saved under its key, unless it was loaded from it."""
+    if compile_cache is None:
+        return
+    cache, key, loaded = compile_cache
+    if not loaded:
+        cache.save(key)
+    log.info("compiled functions: %s", nets.precompile_counters())
+
+
 class ModelServer:
     """The networks of one replica and the pipelines over them, built as mf-generate builds them."""
 
@@ -91,11 +131,7 @@ class ModelServer:
         dtype = torch.bfloat16 if cfg.precision == "fp8" else default_dtype(self.device)  # mf-generate's rule
         loras = [parse_lora(v) for v in cfg.loras]
         share_distribution_scan()  # this replica's process, before the model's imports
-        if cfg.mode == "compiled" and not cfg.no_compile_cache:
-            from ..engine.compile_cache import default_root, keep_inductor_caches
-
-            # this replica's process, before the model's imports make Inductor fix its cache folder
-            keep_inductor_caches(cfg.compile_cache or default_root())
+        keep_served_kernels(cfg)
         t0 = time.perf_counter()
         if cfg.engines:  # engine weights are checked against fp32 CPU weights, as mf-build-engines hashed them
             # What engines run at every served size needs no weights in torch (built on the meta device), as
@@ -149,7 +185,7 @@ class ModelServer:
                                                                        unet_fp8=policy), vae_dtype=vae,
                                               fp8_scales=scales)
                 self.fp8_static = self.nets.fp8_static
-                self.compile_cache = self._keep_compiled()
+                self.compile_cache = served_compile_cache(cfg, self.nets, self.device, self.family)
             else:
                 if policy is not None:
                     from ..engine.fp8 import quantize_unet
@@ -292,25 +328,6 @@ class ModelServer:
         store = ScaleStore(self.cfg.compile_cache or default_root()) if keep else None
         return static_scales_provider(self.bundle, policy, plans, 2, True, self.device, store, log.info)
 
-    def _keep_compiled(self):
-        """--mode compiled: this replica's compile cache, loaded before the warm-up compiles, so that a restart
-        reuses the compiled functions instead of tracing again (as mf-generate --mode compiled); one key for
-        the served sizes together. (cache, key, loaded), or None when off."""
-        from dataclasses import replace
-
-        from ..engine.compile_cache import CompileCache, cacheable, compile_key, default_root
-
-        why = "--no-compile-cache" if self.cfg.no_compile_cache else cacheable(self.nets)
-        if why:
-            log.info("compile cache: off (%s)", why)
-            return None
-        cache = CompileCache(self.cfg.compile_cache or default_root())
-        keys = [compile_key(self.nets, self.device, warmup_plan(self.family, w, h)) for w, h in self.cfg.served_sizes]
-        key = replace(keys[0], shapes="served " + "; ".join(k.shapes for k in keys))
-        loaded = cache.attach(self.nets, key)
-        log.info("compile cache: %s %s", "warm start from" if loaded else "nothing yet for these sizes in", cache.root)
-        return cache, key, loaded
-
     def warm_up(self) -> list[tuple[str, float]]:
         """Runs every served size once (captures its CUDA graphs, compiles on `compiled`); (size, seconds). With
         ControlNets, once more with a blank control image each: the controlled step has graphs and compiled code of
@@ -334,11 +351,7 @@ class ModelServer:
                 ip = Conditions(ip_image=Image.new("RGB", (224, 224)), ip_scale=self.cfg.engines_ip_scale)
                 self.generate(GenerateRequest(plan, GenerationOptions("warm-up"), conditions=ip))
             out.append((size_text(w, h), time.perf_counter() - t0))
-        if self.compile_cache is not None:
-            cache, key, loaded = self.compile_cache
-            if not loaded:
-                cache.save(key)
-            log.info("compiled functions: %s", self.nets.precompile_counters())
+        save_served_compiled(self.compile_cache, self.nets)
         return out
 
     def generate(self, req: GenerateRequest, should_stop: Callable[[], bool] | None = None) -> Generated:

@@ -1,8 +1,10 @@
-"""mf-serve --mode compiled keeps what its replicas compile (serve/model.py `_keep_compiled`, engine/precompiled.py):
-a restarted replica loads the compiled functions of its served sizes instead of tracing them, and the flags are
-refused where they mean nothing. The replica runs on the CPU here with a cheap backend in place of Inductor
+"""mf-serve --mode compiled keeps what its replicas compile (serve/model.py `served_compile_cache`,
+engine/precompiled.py), SD3 / FLUX replicas too: a restarted replica loads the compiled functions of its served
+sizes instead of tracing them, and the flags are refused where they mean nothing. The replica runs on the CPU here with a cheap backend in place of Inductor
 (tests/engine/test_precompiled.py `_backend`); the key, the folder and the counters are what is tested."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,9 +35,25 @@ def test_a_compile_cache_that_is_a_file_is_refused(tmp_path):
         check_config(ServeConfig("tiny-sd15", mode="compiled", device="cuda", compile_cache=str(bad)))
 
 
-def test_transformer_families_refuse_the_flag():
-    with pytest.raises(ConfigError, match="SD3 / FLUX"):
-        check_config(ServeConfig("tiny-flux", mode="compiled", device="cuda", compile_cache="/tmp/cc"))
+@pytest.mark.skipif(bool(precompile_missing()), reason=precompile_missing() or "")
+def test_a_restarted_flow_replica_loads_its_transformer(tmp_path, monkeypatch):
+    """SD3 / FLUX replicas (serve/flow_model.py) keep their compiled transformer the same way, per served size."""
+    from megafusion.engine import flow_networks
+    from megafusion.serve.flow_model import FlowModelServer
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(flow_networks, "compile_with", lambda fn, options, guard_filter=None: torch.compile(
+        fn, fullgraph=True, dynamic=False, backend=_backend(), options={"guard_filter_fn": guard_filter}))
+    cfg = ServeConfig("tiny-flux", mode="compiled", sizes=((160, 160),), compile_cache=str(tmp_path / "cc"))
+    check_config(replace(cfg, device="cuda"))  # the flag is taken for these families
+    first = FlowModelServer(cfg)
+    first.warm_up()
+    assert first.compile_cache[2] is False
+    assert first.nets.precompile_counters() == {"traced": 2, "loaded": 0, "saved": 2, "rejected": 0}  # 2 stages
+    again = FlowModelServer(cfg)
+    again.warm_up()
+    assert again.compile_cache[2] is True
+    assert again.nets.precompile_counters() == {"traced": 0, "loaded": 2, "saved": 0, "rejected": 0}
 
 
 @pytest.mark.skipif(bool(precompile_missing()), reason=precompile_missing() or "")
