@@ -21,21 +21,30 @@ from ..core.memory import MemoryEstimate, module_bytes, peak_live_bytes
 from ..core.plan import StagePlan
 
 
-def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype, vae_dtype: torch.dtype | None = None,
-                         cfg: bool = True, relay: str = "pixel", graph_pool: bool = False) -> MemoryEstimate:
-    """The estimate for running `plan` with `family`'s architecture: the transformer and text encoders in `dtype`
-    (T5 as `dit_loading.to_device` casts it), the VAE in `vae_dtype` (None: `dtype`). `cfg`: SD3's CFG batch of 2
-    (FLUX has none). `graph_pool`: the stages run as CUDA graphs, whose pool keeps the largest transient captured so
-    far under the later segments."""
+def meta_networks(family: DiTFamily, dtype: torch.dtype, vae_dtype: torch.dtype | None = None):
+    """`family`'s architecture on the `meta` device as `FlowTorchNetworks`, cast as the estimate counts it (the
+    transformer and text encoders in `dtype`, T5 as `dit_loading.to_device` casts it, the VAE in `vae_dtype`, None:
+    `dtype`). Building it is most of an estimate's seconds: estimates of several plans can share one."""
     from ..core.dit_loading import T5_FP16_DTYPE, build_random_dit
     from ..engine.flow_networks import FlowTorchNetworks
 
-    meta = torch.device("meta")
-    bundle = build_random_dit(family, device=meta)  # float32, no cast yet
+    bundle = build_random_dit(family, device=torch.device("meta"))  # float32, no cast yet
     for m in bundle.modules():  # as dit_loading.to_device casts; torch's .to: diffusers' own warns on every cast
         t5 = m is bundle.text_encoders[-1] and dtype == torch.float16
         torch.nn.Module.to(m, dtype=T5_FP16_DTYPE if t5 else vae_dtype if m is bundle.vae and vae_dtype else dtype)
-    nets = FlowTorchNetworks(bundle)
+    return FlowTorchNetworks(bundle)
+
+
+def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype, vae_dtype: torch.dtype | None = None,
+                         cfg: bool = True, relay: str = "pixel", graph_pool: bool = False,
+                         networks=None) -> MemoryEstimate:
+    """The estimate for running `plan` with `family`'s architecture: the transformer and text encoders in `dtype`
+    (T5 as `dit_loading.to_device` casts it), the VAE in `vae_dtype` (None: `dtype`). `cfg`: SD3's CFG batch of 2
+    (FLUX has none). `graph_pool`: the stages run as CUDA graphs, whose pool keeps the largest transient captured so
+    far under the later segments. `networks`: `meta_networks(family, dtype, vae_dtype)` built once for several
+    estimates (None: built here)."""
+    nets = networks if networks is not None else meta_networks(family, dtype, vae_dtype)
+    bundle, meta = nets.bundle, torch.device("meta")
     weights = sum(module_bytes(m) for m in bundle.modules())
     batch = 2 if cfg and family.cfg else 1
     t5_tokens = family.t5_max_length

@@ -129,12 +129,14 @@ def check_served_memory(cfg: ServeConfig, family, device: torch.device, dtype: t
     what cannot fit even without them."""
     from ..core.memory import GiB, device_memory
     from ..core.plan import default_plan
-    from ..runtime.flow_memory import estimate_flow_memory
+    from ..runtime.flow_memory import estimate_flow_memory, meta_networks
 
     total, what = device_memory(device)
+    nets = meta_networks(family, dtype)  # one meta model for every size: building it is most of an estimate
     for w, h in cfg.served_sizes:
         plan = default_plan(family, w, h)
-        est = estimate_flow_memory(family, plan, dtype, None, cfg=True, graph_pool=dit_mode(cfg) != "eager")
+        est = estimate_flow_memory(family, plan, dtype, None, cfg=True, graph_pool=dit_mode(cfg) != "eager",
+                                   networks=nets)
         if est.peak_bytes > total:
             raise ConfigError(f"--sizes {w}x{h}: {family.name}'s plan {plan.describe()} needs an estimated "
                               f"{est.peak_bytes / GiB:.1f} GiB ({est.describe()[0].split(': ', 1)[1]}), more than "

@@ -29,7 +29,7 @@ from megafusion.core.loading import load_model
 from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.engine.cache import atomic_write
 from megafusion.engine.flow_networks import FlowTorchNetworks
-from megafusion.runtime.flow_memory import estimate_flow_memory
+from megafusion.runtime.flow_memory import estimate_flow_memory, meta_networks
 from megafusion.runtime.flow_pipeline import FLOW_MODES, FlowGenerationOptions, FlowMegaFusionPipeline
 
 def _sync():
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"model": fam.name, "dtype": args.dtype, "device": device_name,
                     "torch": torch.__version__, "guidance": opts.guidance, "provenance": provenance(), "modes": {}}
     # runtime/flow_memory.py's estimate of each plan run eagerly, beside the peaks measured below
-    result["estimate_gib"] = {k: estimate_flow_memory(fam, plan, DTYPES[args.dtype], None, opts.guidance > 1.0
-                                                      ).peak_bytes / 2**30 for k, plan in (("megafusion", mf),
-                                                                                           ("direct", direct))}
+    meta = meta_networks(fam, DTYPES[args.dtype])
+    result["estimate_gib"] = {k: estimate_flow_memory(fam, plan, DTYPES[args.dtype], None, opts.guidance > 1.0,
+                                                      networks=meta).peak_bytes / 2**30
+                              for k, plan in (("megafusion", mf), ("direct", direct))}
     if args.diffusers:
         result["diffusers_direct"] = diffusers_direct(bundle, direct, opts, args.repeats)
         print(f"diffusers direct: {result['diffusers_direct']['total_s']:.2f} s", flush=True)

@@ -11,7 +11,7 @@ from megafusion.core.loading import load_model
 from megafusion.core.memory import LiveBytes
 from megafusion.core.plan import Stage, default_plan, validate_plan
 from megafusion.engine.flow_networks import FlowTorchNetworks
-from megafusion.runtime.flow_memory import estimate_flow_memory
+from megafusion.runtime.flow_memory import estimate_flow_memory, meta_networks
 
 
 def _measured(fn) -> int:
@@ -62,7 +62,10 @@ def test_segments_follow_the_plan_and_the_peak_is_weights_plus_the_largest():
     assert est.peak_bytes == est.weights_bytes + max(b for _, b in est.segments)
     # SD3 Medium's layout in bf16: transformer 2.0 B, T5-XXL 4.8 B, CLIP-L and -G 0.8 B, VAE 0.08 B parameters
     assert 14.0 < est.weights_bytes / 2**30 < 14.8
-    no_cfg = estimate_flow_memory(sd3, plan, torch.bfloat16, cfg=False, relay="latent")
+    shared = meta_networks(sd3, torch.bfloat16)  # one meta model for several estimates: the same figures
+    assert estimate_flow_memory(sd3, plan, torch.bfloat16, networks=shared) == est
+    no_cfg = estimate_flow_memory(sd3, plan, torch.bfloat16, cfg=False, relay="latent", networks=shared)
+    assert no_cfg == estimate_flow_memory(sd3, plan, torch.bfloat16, cfg=False, relay="latent")
     assert [n for n, _ in no_cfg.segments] == ["text encoders", "stage 1 transformer 1024x1024, batch 1",
                                                "stage 2 transformer 2048x2048, batch 1", "final decode 2048x2048"]
     flux = get_family("flux")
