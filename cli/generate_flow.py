@@ -194,6 +194,7 @@ def run_flow(args: argparse.Namespace, family) -> int:
         from .common import fp8_dtype_from_args
 
         dtype = fp8_dtype_from_args(device, args.dtype, args.engines)
+    keep_compiled_kernels(args, mode)  # before the memory estimate's and the load's imports fix Inductor's cache folder
     kind = None
     if args.engines and controls:  # ControlNet packages (aoti) for every stage shape, before the model load
         from .flow_controlnet_engines import check_controlled_engines
@@ -235,7 +236,6 @@ def run_flow(args: argparse.Namespace, family) -> int:
         return 0
     if counted:
         _check_flow_memory(args, family, plan, opts, device, dtype, mode)
-    keep_compiled_kernels(args, mode)  # before the load imports Inductor, which fixes its cache folder
     bundle = load_model(args.model, args.model_path, args.random_weights, args.allow_pickle, device, dtype,
                         seed=weights_seed)
     if loras:

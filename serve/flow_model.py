@@ -43,8 +43,8 @@ class FlowModelServer:
         self.mode = dit_mode(cfg)
         t0 = time.perf_counter()
         kind = choose_served_engines(cfg, self.family) if cfg.engines else None  # before the load, as mf-generate
+        keep_served_kernels(cfg)  # before the memory estimate's and the load's imports fix Inductor's cache folder
         check_served_memory(cfg, self.family, self.device, dtype)
-        keep_served_kernels(cfg)
         self.bundle = load_model(cfg.model, cfg.model_path, cfg.random_weights, False, self.device, dtype)
         if self.loras:  # engines take them themselves (swapped, or packages built with them): checked only here
             (check_loras if kind is not None else fuse_loras)(self.bundle, self.loras)
