@@ -136,6 +136,11 @@ class FlowTorchNetworks:
         return (self._cached_ids(("txt", text_tokens), lambda: torch.zeros(text_tokens, 3), device),
                 self._cached_ids(("img", h, w), lambda: image_ids(h, w, "cpu", torch.float32), device))
 
+    def forget_position_ids(self) -> None:
+        """Drops the cached FLUX position ids: runtime/flow_memory.py counts them as a fresh run makes them when one
+        meta model serves several estimates."""
+        self._ids.clear()
+
     def _cached_ids(self, key: tuple, make, device) -> torch.Tensor:
         key = (*key, str(device), self.transformer_dtype)
         if key not in self._ids:

@@ -44,6 +44,7 @@ def estimate_flow_memory(family: DiTFamily, plan: StagePlan, dtype: torch.dtype,
     far under the later segments. `networks`: `meta_networks(family, dtype, vae_dtype)` built once for several
     estimates (None: built here)."""
     nets = networks if networks is not None else meta_networks(family, dtype, vae_dtype)
+    nets.forget_position_ids()  # an earlier estimate's, which a fresh run would still have to make
     bundle, meta = nets.bundle, torch.device("meta")
     weights = sum(module_bytes(m) for m in bundle.modules())
     batch = 2 if cfg and family.cfg else 1

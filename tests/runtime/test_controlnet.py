@@ -162,13 +162,20 @@ def test_fast_backend_prepares_the_controlnet_as_its_unet(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_controlnet_kept_and_loaded_cpu(tmp_path):
+def test_compiled_controlnet_kept_and_loaded_cpu(tmp_path, monkeypatch):
     """--mode compiled: the ControlNet compiled at a call site of its own, one function per stage shape and
     dilation, kept in the compile cache's folder under its configuration's name; networks made anew (a warm start)
-    load those functions and trace nothing; both give the eager loop's latent (1e-4: Inductor reorders float32
-    reductions)."""
+    load those functions and trace nothing; both give the eager loop's latent (1e-4). Compiled with `aot_eager`
+    where this torch precompiles with it (tests/engine/test_precompiled.py `_backend`: Inductor's C++ builds took
+    81 s of CI here); the Inductor round trip is tests/engine/test_compile_cache.py's."""
     from megafusion.core.loading import load_model
+    from megafusion.engine import torch_fast
     from megafusion.engine.torch_fast import FastOptions, FastTorchNetworks
+
+    from tests.engine.test_precompiled import _backend
+
+    monkeypatch.setattr(torch_fast, "compile_with", lambda fn, options, guard_filter=None: torch.compile(
+        fn, fullgraph=True, dynamic=False, backend=_backend(), options={"guard_filter_fn": guard_filter}))
 
     plan = validate_plan(load_model("tiny-sd15").family, [Stage(128, 128, 2), Stage(192, 192, 1)])
     opts = GenerationOptions(PROMPT, seed=3)
